@@ -1,0 +1,1 @@
+"""Triton kernels of megarl, installed as ``megarl.kernels`` (one file per op)."""

@@ -1,0 +1,249 @@
+"""Make megatron-core 0.16 run where it was not written to: without Transformer Engine, and on CPU.
+
+Without Transformer Engine (any machine), :func:`fix_missing_transformer_engine` repairs the two
+places megatron-core 0.16.1 breaks: the MoE router's gating GEMM reads a name, ``te_general_gemm``,
+that is only bound when TE imports; and loading a fully reshardable distributed-optimizer
+checkpoint into torch's Adam (the optimizer used without TE or apex) copies a ``step`` entry that
+the checkpoint keeps elsewhere.
+
+On CPU with gloo, :func:`enable_cpu` does the rest.
+
+megatron-core assumes CUDA throughout: tensors are allocated on ``torch.cuda.current_device()`` or
+``device="cuda"``, the RNG tracker saves and restores CUDA generator states, the MoE dispatcher and
+the DDP buffers open CUDA streams and events, and a few paths call ``.cuda()``. None of this changes
+the maths: on a CPU every op is synchronous, so a stream is a no-op and an event is always done.
+
+:func:`enable_cpu` makes those assumptions true on a machine without CUDA, and is never applied when
+CUDA is available (``megarl.platform`` calls it only then). It does five things:
+
+1. ``torch.cuda.current_device()`` returns the CPU device, so the common
+   ``torch.empty(..., device=torch.cuda.current_device())`` allocates on the CPU.
+2. Streams, events and synchronisation become no-ops (:class:`CpuStream`, :class:`CpuEvent`).
+3. The "CUDA" RNG state that Megatron's tracker forks for dropout and initialisation is the CPU
+   default generator: on a CPU that is the generator those ops draw from.
+4. The MoE all-to-all split sizes become host arrays, as they do after the device-to-host copy
+   on CUDA.
+5. A torch-function mode (:class:`CudaToCpuMode`) rewrites the remaining explicit CUDA placements
+   (``device="cuda"``, ``Tensor.cuda()``, ``pin_memory=True``) to the CPU. This is the only part
+   with a per-op cost: ``tools/bench_megatron_cpu.py`` measures it (see docs/benchmarks.md).
+
+Nothing here touches collectives: gloo (torch >= 2.11) implements every one Megatron issues.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_enabled = False
+_mode: CudaToCpuMode | None = None
+
+
+class CpuEvent:
+    """A CUDA event stand-in: CPU work is synchronous, so an event is complete once recorded."""
+
+    def __init__(self, enable_timing: bool = False, blocking: bool = False, interprocess: bool = False):
+        self._time_ns = 0
+        self._enable_timing = enable_timing
+
+    def record(self, stream: Any = None) -> None:
+        import time
+
+        self._time_ns = time.perf_counter_ns()
+
+    def wait(self, stream: Any = None) -> None:
+        return None
+
+    def query(self) -> bool:
+        return True
+
+    def synchronize(self) -> None:
+        return None
+
+    def elapsed_time(self, end_event: CpuEvent) -> float:
+        """Milliseconds between this event's record and ``end_event``'s."""
+        return (end_event._time_ns - self._time_ns) / 1e6
+
+
+class CpuStream:
+    """A CUDA stream stand-in: every CPU op completes before the next starts, so ordering between
+    streams holds by construction."""
+
+    def __init__(self, device: Any = None, priority: int = 0, **kwargs: Any):
+        self.device = torch.device("cpu")
+        self.priority = priority
+
+    def wait_stream(self, stream: Any) -> None:
+        return None
+
+    def wait_event(self, event: Any) -> None:
+        return None
+
+    def record_event(self, event: CpuEvent | None = None) -> CpuEvent:
+        event = event or CpuEvent()
+        event.record()
+        return event
+
+    def synchronize(self) -> None:
+        return None
+
+    def query(self) -> bool:
+        return True
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, CpuStream)
+
+    def __hash__(self) -> int:
+        return hash(CpuStream)
+
+
+_CPU_STREAM = CpuStream()
+
+
+def _is_cuda_device(device: Any) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    # A bare integer is a CUDA ordinal.
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
+class CudaToCpuMode(TorchFunctionMode):
+    """Redirect explicit CUDA placements to the CPU.
+
+    Rewrites a CUDA ``device=`` argument to ``"cpu"``, makes ``Tensor.cuda()`` return the tensor
+    itself, ``Tensor.to("cuda")`` a no-op move, drops ``pin_memory=True`` (pinning needs CUDA), and
+    reports tensor type names as their CUDA counterparts (``Tensor.type()`` with no argument).
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            # Megatron's optimizer and gradient clipping check ``param.type()`` against the CUDA
+            # type names; on the CPU the same tensor types are named without ``cuda.``.
+            return func(*args).replace("torch.", "torch.cuda.", 1)
+        if kwargs.get("pin_memory"):
+            kwargs["pin_memory"] = False
+        if func is torch.Tensor.pin_memory:
+            return args[0]
+        device = kwargs.get("device")
+        if device is not None and _is_cuda_device(device):
+            kwargs["device"] = "cpu"
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], torch.device("cpu"), *args[2:])
+        return func(*args, **kwargs)
+
+
+def _cpu_rng_state(device: Any = None, clone: bool = False, graph_safe: bool = False) -> torch.Tensor:
+    return torch.get_rng_state()
+
+
+def _set_cpu_rng_state(new_state: torch.Tensor, device: int = -1, graph_safe: bool = False) -> None:
+    torch.set_rng_state(new_state)
+
+
+class _DropForkWarning(logging.Filter):
+    """Megatron warns when the CPU RNG state changes inside a CUDA RNG fork. On CPU the forked
+    state *is* the CPU generator, so the change is expected."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "CPU RNG state changed within GPU RNG context" not in record.getMessage()
+
+
+def _patch_torch_cuda() -> None:
+    cuda = torch.cuda
+    cuda.current_device = lambda: torch.device("cpu")
+    cuda.Stream = CpuStream
+    cuda.Event = CpuEvent
+    cuda.current_stream = lambda device=None: _CPU_STREAM
+    cuda.default_stream = lambda device=None: _CPU_STREAM
+    cuda.stream = lambda stream=None: contextlib.nullcontext()
+    cuda.synchronize = lambda device=None: None
+    cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
+    cuda.set_rng_state = lambda new_state, device="cuda": torch.set_rng_state(new_state)
+    cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(seed)
+    cuda.nvtx.range_push = lambda msg: None
+    cuda.nvtx.range_pop = lambda: None
+
+
+def _tensor_to_host(tensor: Any, as_numpy: bool = False, record_stream: bool = False) -> Any:
+    """CPU version of Megatron's ``maybe_move_tensor_to_cpu``: the original converts only CUDA
+    tensors, so on the CPU the MoE all-to-all split sizes stayed tensors, which
+    ``all_to_all_single`` rejects. Convert them as the CUDA path does."""
+    if as_numpy and torch.is_tensor(tensor):
+        return tensor.numpy()
+    return tensor
+
+
+def _patch_megatron() -> None:
+    from megatron.core.tensor_parallel import random as tp_random
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    tp_random._get_cuda_rng_state = _cpu_rng_state
+    tp_random._set_cuda_rng_state = _set_cpu_rng_state
+    logging.getLogger(tp_random.__name__).addFilter(_DropForkWarning())
+    moe_utils.maybe_move_tensor_to_cpu = _tensor_to_host
+    token_dispatcher.maybe_move_tensor_to_cpu = _tensor_to_host
+
+
+def _keep_adam_step(set_states):
+    """Wrap ``DistributedOptimizer._set_main_param_and_optimizer_states`` so that torch Adam's
+    per-parameter ``step`` (restored separately from the checkpoint's param groups) is kept rather
+    than looked up among the loaded tensors, which do not carry it."""
+
+    @functools.wraps(set_states)
+    def set_states_keeping_step(self, model_param, tensors):
+        if "step" not in tensors:
+            group_index, group_order = self.model_param_group_index_map[model_param]
+            main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+            step = self.optimizer.state[main_param].get("step")
+            if step is not None:
+                tensors = {**tensors, "step": step}
+        return set_states(self, model_param, tensors)
+
+    set_states_keeping_step.megarl_patched = True
+    return set_states_keeping_step
+
+
+def fix_missing_transformer_engine() -> None:
+    """Repair megatron-core's paths without TE (idempotent): bind ``te_general_gemm = None`` in the
+    MoE utilities so the router takes its torch path instead of raising ``NameError``, and keep
+    torch Adam's ``step`` when loading distributed-optimizer checkpoints."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+    set_states = DistributedOptimizer._set_main_param_and_optimizer_states
+    if not getattr(set_states, "megarl_patched", False):
+        DistributedOptimizer._set_main_param_and_optimizer_states = _keep_adam_step(set_states)
+
+
+def enable_cpu() -> None:
+    """Make megatron-core run on the CPU. Idempotent; refuses to run where CUDA is available."""
+    global _enabled, _mode
+    if _enabled:
+        return
+    if torch.cuda.is_available():
+        raise RuntimeError(
+            "megarl.megatron_compat.enable_cpu() is for machines without CUDA; this one has CUDA, "
+            "so Megatron runs natively."
+        )
+    _patch_torch_cuda()
+    _patch_megatron()
+    _mode = CudaToCpuMode()
+    _mode.__enter__()
+    _enabled = True
+
+
+def cpu_enabled() -> bool:
+    """Whether :func:`enable_cpu` has run in this process."""
+    return _enabled

@@ -1,0 +1,1 @@
+"""HuggingFace <-> Megatron: model families, layer specs, and the model builder."""

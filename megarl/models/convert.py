@@ -1,0 +1,158 @@
+"""Checkpoint conversion: HuggingFace directory <-> megarl distributed checkpoint.
+
+``tools/convert_to_hf.py`` and ``tools/convert_from_hf.py`` are thin command-line wrappers around
+:func:`checkpoint_to_hf` and :func:`hf_to_checkpoint`. Both run as one process or under
+``torchrun`` with any parallel layout (the checkpoint reshards on load).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from megarl import parallel, platform
+from megarl.models.builder import build_model, load_hf_config, model_spec
+from megarl.models.exporter import export_hf_tensors
+from megarl.models.loader import load_hf_weights
+from megarl.trainer import checkpoint
+
+DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+"""HF's own default shard size for ``save_pretrained`` (5 GB)."""
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
+
+
+def write_safetensors(tensors: Iterable[tuple[str, torch.Tensor]], out_dir: Path, max_shard_bytes: int) -> list[str]:
+    """Write ``(name, tensor)`` pairs as HF safetensors shards plus ``model.safetensors.index.json``.
+
+    Shards are filled in arrival order up to ``max_shard_bytes`` and named
+    ``model-0000i-of-0000n.safetensors`` (a single shard is ``model.safetensors``, no index).
+
+    Returns:
+        The tensor names written.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    shard_bytes = 0
+    names = []
+    for name, tensor in tqdm(tensors, desc="export", unit="tensor"):
+        size = tensor.numel() * tensor.element_size()
+        if shards[-1] and shard_bytes + size > max_shard_bytes:
+            shards.append({})
+            shard_bytes = 0
+        shards[-1][name] = tensor.contiguous()
+        shard_bytes += size
+        names.append(name)
+    if len(shards) == 1:
+        save_file(shards[0], out_dir / "model.safetensors", metadata={"format": "pt"})
+        return names
+    weight_map, total_size = {}, 0
+    for index, shard in enumerate(shards, start=1):
+        file_name = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, out_dir / file_name, metadata={"format": "pt"})
+        for name, tensor in shard.items():
+            weight_map[name] = file_name
+            total_size += tensor.numel() * tensor.element_size()
+    index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return names
+
+
+def _config_dtype(hf_config) -> torch.dtype:
+    """The dtype a HF config declares (``dtype`` in transformers 5, ``torch_dtype`` before)."""
+    declared = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    if isinstance(declared, str):
+        declared = getattr(torch, declared, None)
+    return declared if declared in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
+
+
+def _layout_and_groups(layout: parallel.Layout):
+    platform_info = platform.init_distributed()
+    pgs = parallel.initialize(layout)
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    model_parallel_cuda_manual_seed(0)
+    return platform_info, pgs
+
+
+def hf_to_checkpoint(hf_dir: str | Path, out_root: str | Path, layout: parallel.Layout, dtype: str = "fp32", step: int = 0) -> Path:
+    """Load a HF checkpoint under ``layout`` and save it as a megarl distributed checkpoint.
+
+    Args:
+        hf_dir: HF model directory (config.json, safetensors, tokenizer).
+        out_root: checkpoint root; the checkpoint is written to ``out_root/step_<step>``.
+        layout: the parallel layout to load under (the world size must match it).
+        dtype: parameter dtype of the checkpoint (``fp32``, ``bf16`` or ``fp16``).
+        step: the step number recorded in the checkpoint.
+    """
+    _, pgs = _layout_and_groups(layout)
+    spec = model_spec(load_hf_config(hf_dir), layout, dtype=_DTYPES[dtype])
+    chunks = build_model(spec, "torch", pgs)
+    load_hf_weights(chunks, spec, pgs, hf_dir)
+    return checkpoint.save_checkpoint(out_root, step, chunks, hf_dir=hf_dir, train_state={"source": str(hf_dir)})
+
+
+def checkpoint_to_hf(
+    checkpoint_path: str | Path,
+    out_dir: str | Path,
+    layout: parallel.Layout = parallel.Layout(),
+    dtype: str | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> Path:
+    """Export a megarl checkpoint as a HF model directory (config, tokenizer, safetensors).
+
+    Args:
+        checkpoint_path: a committed checkpoint (``.../step_NNNNNNNN``) or a checkpoint root (its
+            latest committed checkpoint is used).
+        out_dir: the HF directory to write (created; existing files are overwritten).
+        layout: the layout to load under (world size must match); the default single process.
+        dtype: dtype of the exported tensors (``fp32``, ``bf16``, ``fp16``); default: the dtype
+            the HF config declares, else fp32.
+        max_shard_bytes: largest safetensors shard.
+    """
+    path = Path(checkpoint_path)
+    if not path.name.startswith("step_"):
+        latest = checkpoint.resolve_resume("auto", path)
+        if latest is None:
+            raise checkpoint.CheckpointError(f"{path}: no committed checkpoint (step_NNNNNNNN) in this directory")
+        path = latest
+    hf_files = path / "hf"
+    if not (hf_files / "config.json").exists():
+        raise checkpoint.CheckpointError(
+            f"{path}: hf/config.json is missing; the checkpoint does not record its HF config. "
+            f"Copy the model's config.json (and tokenizer files) into {hf_files}/"
+        )
+    _, pgs = _layout_and_groups(layout)
+    hf_config = load_hf_config(hf_files)
+    export_dtype = _DTYPES[dtype] if dtype else _config_dtype(hf_config)
+    spec = model_spec(hf_config, layout, dtype=torch.float32)
+    chunks = build_model(spec, "torch", pgs)
+    checkpoint.load_checkpoint(path, chunks)
+    out_dir = Path(out_dir)
+    tensors = ((name, tensor.to(export_dtype)) for name, tensor in export_hf_tensors(chunks, spec, pgs, dst=0))
+    if dist.get_rank() != 0:
+        for _ in tensors:
+            pass
+        dist.barrier()
+        return out_dir
+    write_safetensors(tensors, out_dir, max_shard_bytes)
+    for source in hf_files.iterdir():
+        if source.name == "config.json":
+            config = json.loads(source.read_text())
+            config["torch_dtype"] = _dtype_name(export_dtype)
+            (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+        else:
+            shutil.copy2(source, out_dir / source.name)
+    dist.barrier()
+    return out_dir

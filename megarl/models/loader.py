@@ -1,0 +1,180 @@
+"""Load HuggingFace safetensors into Megatron model chunks under any TP/PP/VPP/EP/ETP layout.
+
+Each rank reads only the slices its parameters own (safetensors' lazy ``get_slice``), never the
+whole model: the mapping rules (:mod:`megarl.models.mapping`) say which HF slices form each shard.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import safe_open
+
+from megarl.models.family import family_of
+from megarl.models.mapping import Rule
+
+# Transformer Engine's spec fuses the pre-attention and pre-MLP norms into the following linear
+# layer; its grouped experts name each expert's weight ``weight{j}``. Mapping rules use the
+# portable spec's names; these translate TE's.
+_TE_NAMES = (
+    (re.compile(r"self_attention\.linear_qkv\.layer_norm_weight$"), "input_layernorm.weight"),
+    (re.compile(r"mlp\.linear_fc1\.layer_norm_weight$"), "pre_mlp_layernorm.weight"),
+    (re.compile(r"mlp\.experts\.linear_fc(\d)\.weight(\d+)$"), r"mlp.experts.local_experts.\2.linear_fc\1.weight"),
+)
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+_LOCAL_EXPERT = re.compile(r"\.local_experts\.(\d+)\.")
+
+
+class CheckpointError(ValueError):
+    """A HF checkpoint does not match the model: names the file and the tensor."""
+
+
+def canonical_name(name: str) -> str:
+    """A Megatron parameter name in the portable spec's naming (TE's fused names translated)."""
+    for pattern, replacement in _TE_NAMES:
+        name = pattern.sub(replacement, name)
+    return name
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ParamLocation:
+    """Where a local Megatron parameter sits in the whole model."""
+
+    key: str
+    """Global Megatron name: global layer index, local expert index replaced by ``{expert}``."""
+    layer: int | None
+    """Global layer index (None outside the decoder layers)."""
+    expert: int | None
+    """Global expert id (None for non-expert weights)."""
+
+
+def locate(local_name: str, chunk, ep_rank: int, num_local_experts: int) -> ParamLocation:
+    """Map a parameter name of a model chunk to its global layer and expert.
+
+    Args:
+        local_name: the name in ``chunk.named_parameters()``.
+        chunk: the GPTModel chunk holding it (its layers know their global numbers).
+        ep_rank: this rank in the expert-parallel group.
+        num_local_experts: experts per EP rank.
+    """
+    name = canonical_name(local_name)
+    layer = None
+    layer_match = _LAYER.match(name)
+    if layer_match:
+        layer = chunk.decoder.layers[int(layer_match.group(1))].layer_number - 1
+        name = f"decoder.layers.{layer}." + name[layer_match.end() :]
+    expert = None
+    expert_match = _LOCAL_EXPERT.search(name)
+    if expert_match:
+        expert = ep_rank * num_local_experts + int(expert_match.group(1))
+        name = name[: expert_match.start()] + ".local_experts.{expert}." + name[expert_match.end() :]
+    return ParamLocation(key=name, layer=layer, expert=expert)
+
+
+class HFCheckpoint:
+    """Lazy, slice-level reader of a HF safetensors checkpoint (single file or sharded + index)."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        index = self.directory / "model.safetensors.index.json"
+        single = self.directory / "model.safetensors"
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.files = {name: self.directory / file for name, file in weight_map.items()}
+        elif single.exists():
+            with safe_open(single, framework="pt") as handle:
+                self.files = {name: single for name in handle.keys()}
+        else:
+            raise CheckpointError(
+                f"{self.directory}: no model.safetensors or model.safetensors.index.json; "
+                f"expected a HuggingFace checkpoint directory"
+            )
+        self._handles: dict[Path, object] = {}
+
+    def _handle(self, name: str):
+        if name not in self.files:
+            raise CheckpointError(f"{self.directory}: tensor {name} is missing from the checkpoint")
+        path = self.files[name]
+        if not path.exists():
+            raise CheckpointError(f"{path}: file listed in the index for {name} does not exist")
+        if path not in self._handles:
+            self._handles[path] = safe_open(path, framework="pt")
+        return self._handles[path]
+
+    def names(self) -> set[str]:
+        return set(self.files)
+
+    def read(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        """Entries ``[start, stop)`` of tensor ``name`` along ``dim``, read from disk alone."""
+        tensor_slice = self._handle(name).get_slice(name)
+        shape = tensor_slice.get_shape()
+        if stop > shape[dim]:
+            raise CheckpointError(
+                f"{self.files[name]}: tensor {name} has shape {shape}; the model needs entries "
+                f"{start}:{stop} of dim {dim}. Does the checkpoint match the config?"
+            )
+        index = (slice(None),) * dim + (slice(start, stop),)
+        return tensor_slice[index]
+
+
+def shard_from_hf(checkpoint: HFCheckpoint, rule: Rule, param: torch.Tensor, rank: int, size: int) -> torch.Tensor:
+    """Assemble one rank's shard of ``param`` from the HF slices ``rule`` names."""
+    pieces = []
+    for segment in rule.segments(param.shape[rule.dim], rank, size):
+        if segment.hf_name is None:
+            shape = list(param.shape)
+            shape[rule.dim] = segment.length
+            pieces.append(torch.zeros(shape, dtype=param.dtype))
+        else:
+            pieces.append(checkpoint.read(segment.hf_name, rule.dim, segment.start, segment.stop).to(param.dtype))
+    shard = torch.cat(pieces, dim=rule.dim)
+    if shard.shape != param.shape:
+        names = ", ".join(n for n in rule.hf)
+        raise CheckpointError(
+            f"{checkpoint.directory}: {names} give a {tuple(shard.shape)} shard for {rule.megatron}, "
+            f"which has shape {tuple(param.shape)}. Does the checkpoint match the config?"
+        )
+    return shard
+
+
+def local_parameters(chunks, spec, pg_collection) -> Iterator[tuple[ParamLocation, str, torch.nn.Parameter, Rule]]:
+    """Every parameter of this rank's chunks with its global location and its (filled-in) rule."""
+    rules = {rule.megatron: rule for rule in family_of(spec.hf_config).weight_rules(spec.hf_config)}
+    experts = spec.transformer_config.num_moe_experts or 0
+    num_local_experts = experts // pg_collection.ep.size() if experts else 0
+    for chunk in chunks:
+        for name, param in chunk.named_parameters():
+            location = locate(name, chunk, pg_collection.ep.rank(), num_local_experts)
+            if location.key not in rules:
+                raise KeyError(
+                    f"no mapping rule for Megatron parameter {name} ({location.key}) of "
+                    f"{family_of(spec.hf_config).name}; add it to the family's weight rules"
+                )
+            yield location, name, param, rules[location.key].instantiate(expert=location.expert)
+
+
+def tensor_parallel_coordinates(rule: Rule, pg_collection) -> tuple[int, int]:
+    """(rank, size) of the group that splits ``rule``'s parameter: ETP for experts, else TP."""
+    group = pg_collection.expt_tp if rule.is_expert else pg_collection.tp
+    return group.rank(), group.size()
+
+
+def load_hf_weights(chunks, spec, pg_collection, directory: str | Path) -> None:
+    """Copy a HF checkpoint's weights into this rank's Megatron chunks.
+
+    Args:
+        chunks: the model chunks from :func:`megarl.models.builder.build_model`.
+        spec: their :class:`~megarl.models.builder.ModelSpec`.
+        pg_collection: the process groups.
+        directory: HF checkpoint directory (safetensors).
+    """
+    checkpoint = HFCheckpoint(directory)
+    with torch.no_grad():
+        for _, _, param, rule in local_parameters(chunks, spec, pg_collection):
+            rank, size = tensor_parallel_coordinates(rule, pg_collection)
+            param.copy_(shard_from_hf(checkpoint, rule, param, rank, size))

@@ -1,0 +1,115 @@
+"""Megatron layer specs: Transformer Engine's when TE is usable, portable torch specs otherwise.
+
+The portable spec keeps Megatron's own attention, MLP, MoE and parallel linear layers and swaps in
+:class:`~megarl.models.portable.PortableNorm` and
+:class:`~megarl.models.portable.PortableAttention`, which add the sequence- and context-parallel
+support that Megatron's torch fallbacks lack.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.models.backends import LocalSpecProvider
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_layer_with_transformer_engine_spec,
+    get_mlp_module_spec_for_backend,
+)
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import (
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import (
+    TransformerLayer,
+    TransformerLayerSubmodules,
+    get_transformer_layer_offset,
+)
+
+from megarl.models.portable import PortableAttention, PortableNorm
+
+Backend = Literal["te", "torch"]
+
+
+def portable_layer_spec(num_experts: int | None, moe_grouped_gemm: bool, qk_layernorm: bool) -> ModuleSpec:
+    """A transformer layer built from Megatron's modules plus the portable norm and attention.
+
+    Args:
+        num_experts: experts of this layer's MoE block; None for a dense MLP.
+        moe_grouped_gemm: grouped expert weights (``GroupedMLP``) instead of one module per expert.
+        qk_layernorm: normalise queries and keys per head (Qwen3).
+    """
+    qk_norm = PortableNorm if qk_layernorm else IdentityOp
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=PortableNorm,
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": AttnMaskType.causal},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=ColumnParallelLinear,
+                    core_attention=PortableAttention,
+                    linear_proj=RowParallelLinear,
+                    q_layernorm=qk_norm,
+                    k_layernorm=qk_norm,
+                ),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=PortableNorm,
+            mlp=get_mlp_module_spec_for_backend(
+                backend=LocalSpecProvider(),
+                num_experts=num_experts,
+                moe_grouped_gemm=moe_grouped_gemm,
+            ),
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )
+
+
+def layer_spec(config: TransformerConfig, is_moe: bool, backend: Backend) -> ModuleSpec:
+    """The spec of one decoder layer (dense or MoE) for ``backend``."""
+    num_experts = config.num_moe_experts if is_moe else None
+    if backend == "te":
+        return get_gpt_layer_with_transformer_engine_spec(
+            num_experts=num_experts,
+            moe_grouped_gemm=config.moe_grouped_gemm,
+            qk_layernorm=config.qk_layernorm,
+        )
+    return portable_layer_spec(num_experts, config.moe_grouped_gemm, config.qk_layernorm)
+
+
+def decoder_block_spec(
+    config: TransformerConfig,
+    moe_layers: list[bool],
+    backend: Backend,
+    vp_stage: int | None = None,
+) -> TransformerBlockSubmodules:
+    """The decoder layers this pipeline stage (and virtual stage) builds, plus the final norm.
+
+    Args:
+        config: the model's TransformerConfig (its parallel sizes decide the stage's layers).
+        moe_layers: for every global layer, whether it is an MoE layer.
+        backend: ``"te"`` (Transformer Engine) or ``"torch"`` (portable).
+        vp_stage: the virtual pipeline stage of the chunk being built, None without VPP.
+    """
+    if len(moe_layers) != config.num_layers:
+        raise ValueError(
+            f"moe_layers lists {len(moe_layers)} layers but the model has {config.num_layers}"
+        )
+    specs = [layer_spec(config, is_moe, backend) for is_moe in moe_layers]
+    offset = get_transformer_layer_offset(config, vp_stage=vp_stage)
+    count = get_num_layers_to_build(config, vp_stage=vp_stage)
+    if backend == "te":
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        final_norm = TENorm
+    else:
+        final_norm = PortableNorm
+    return TransformerBlockSubmodules(layer_specs=specs[offset : offset + count], layer_norm=final_norm)

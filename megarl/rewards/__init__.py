@@ -1,0 +1,1 @@
+"""Rewards: rule verifiers, user functions, remote endpoints and reward models."""

@@ -1,0 +1,257 @@
+"""Distributed checkpoints: model, optimizer, LR scheduler, RNG states and the data position.
+
+Weights and optimizer state go through megatron-core's ``dist_checkpointing`` in its fully
+reshardable format, so a checkpoint saved under one parallel layout loads under another. A save
+is atomic: everything is written under ``<root>/.tmp-step_NNNNNNNN`` and renamed to
+``<root>/step_NNNNNNNN`` last, by rank 0, after every rank has finished; only names of that form are
+ever loaded, so a save killed part way leaves the previous checkpoint as the latest. Old
+checkpoints are deleted only after the new one is committed.
+
+Layout of a checkpoint directory::
+
+    step_00000010/
+        weights/           dist_checkpointing: "model" (or "model0", "model1", ... with VPP)
+                           and "optimizer"
+        scheduler.pt       OptimizerParamScheduler.state_dict()
+        rng/rank_<r>.pt    Python, NumPy, torch (and CUDA) generators and Megatron's RNG tracker
+        train_state.json   step, data position and whatever else the trainer records
+        hf/                the HF config and tokenizer files, so conversion needs nothing else
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+_COMMITTED = re.compile(r"^step_(\d{8})$")
+_TEMPORARY_PREFIX = ".tmp-"
+_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
+"""Megatron's optimizer state format that reshards across TP, PP, EP and DP on load."""
+_HF_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing or unusable; the message names the directory and the problem."""
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def committed_checkpoints(root: str | Path) -> list[Path]:
+    """Committed checkpoints under ``root``, oldest first (partial saves are never listed)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _COMMITTED.match(p.name))]
+    return [path for _, path in sorted(found)]
+
+
+def resolve_resume(resume: str, root: str | Path) -> Path | None:
+    """The checkpoint to resume from.
+
+    Args:
+        resume: ``"auto"`` (the latest committed checkpoint under ``root``, or None when there is
+            none), ``"never"``, or the path of a checkpoint directory.
+        root: the run's checkpoint directory.
+    """
+    if resume == "never":
+        return None
+    if resume == "auto":
+        checkpoints = committed_checkpoints(root)
+        return checkpoints[-1] if checkpoints else None
+    path = Path(resume)
+    if not _COMMITTED.match(path.name) or not (path / "weights").is_dir():
+        raise CheckpointError(
+            f"checkpoint.resume = {resume!r} is not a committed megarl checkpoint (a directory "
+            f"named step_NNNNNNNN with a weights/ folder); give one, or 'auto' / 'never'"
+        )
+    return path
+
+
+@contextlib.contextmanager
+def _placeholder_optimizer_state(optimizer):
+    """Give a never-stepped Adam placeholder state while the loading state dict is built.
+
+    Megatron describes what to load from the live optimizer state, which torch's Adam creates only
+    at its first step. The placeholders are removed again before ``load_state_dict``, which
+    allocates the real state itself when it finds none.
+    """
+    filled = []
+    for megatron_optimizer in getattr(optimizer, "chained_optimizers", [optimizer] if optimizer else []):
+        inner = megatron_optimizer.optimizer
+        if not isinstance(inner, torch.optim.Adam) or inner.state:
+            continue
+        for group in inner.param_groups:
+            for param in group["params"]:
+                inner.state[param] = {
+                    "step": torch.zeros((), dtype=torch.float32),
+                    "exp_avg": torch.zeros_like(param),
+                    "exp_avg_sq": torch.zeros_like(param),
+                }
+        filled.append(inner)
+    try:
+        yield
+    finally:
+        for inner in filled:
+            inner.state.clear()
+
+
+def _unwrap(model):
+    """The GPTModel inside Megatron's DDP wrapper: checkpoint keys must not depend on wrapping."""
+    return getattr(model, "module", model)
+
+
+def _sharded_state_dict(models, optimizer, is_loading: bool) -> dict:
+    models = [_unwrap(model) for model in models]
+    state = {}
+    if len(models) == 1:
+        state["model"] = models[0].sharded_state_dict(metadata=_SHARDING)
+    else:
+        for index, model in enumerate(models):
+            state[f"model{index}"] = model.sharded_state_dict(metadata=_SHARDING)
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading, metadata=_SHARDING)
+    return state
+
+
+def _rng_state() -> dict[str, Any]:
+    from megatron.core import tensor_parallel
+
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def save_checkpoint(
+    root: str | Path,
+    step: int,
+    models: list,
+    optimizer=None,
+    scheduler=None,
+    train_state: dict[str, Any] | None = None,
+    hf_dir: str | Path | None = None,
+    keep_last: int = 1,
+) -> Path:
+    """Save a checkpoint atomically and keep the last ``keep_last`` committed ones. Collective.
+
+    Args:
+        root: the run's checkpoint directory (shared by all ranks).
+        step: the training step the checkpoint follows.
+        models: the model chunks (Megatron DDP-wrapped or bare).
+        optimizer: the Megatron optimizer, or None.
+        scheduler: the ``OptimizerParamScheduler``, or None.
+        train_state: JSON-serialisable trainer state (data position, counters).
+        hf_dir: directory whose HF config and tokenizer files are copied into the checkpoint.
+        keep_last: committed checkpoints to keep, this one included.
+
+    Returns:
+        The committed checkpoint directory.
+    """
+    from megatron.core import dist_checkpointing
+
+    root = Path(root)
+    final = root / checkpoint_name(step)
+    temporary = root / f"{_TEMPORARY_PREFIX}{final.name}"
+    rank = dist.get_rank()
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if temporary.exists():
+            shutil.rmtree(temporary)
+        (temporary / "weights").mkdir(parents=True)
+        (temporary / "rng").mkdir()
+    dist.barrier()
+
+    dist_checkpointing.save(_sharded_state_dict(models, optimizer, is_loading=False), str(temporary / "weights"))
+    torch.save(_rng_state(), temporary / "rng" / f"rank_{rank}.pt")
+    if rank == 0:
+        if scheduler is not None:
+            torch.save(scheduler.state_dict(), temporary / "scheduler.pt")
+        state = {"step": step, "world_size": dist.get_world_size(), **(train_state or {})}
+        (temporary / "train_state.json").write_text(json.dumps(state, indent=2))
+        if hf_dir is not None:
+            (temporary / "hf").mkdir()
+            for name in _HF_FILES:
+                if (Path(hf_dir) / name).exists():
+                    shutil.copy2(Path(hf_dir) / name, temporary / "hf" / name)
+    dist.barrier()
+
+    if rank == 0:
+        if final.exists():
+            # Re-saving a step replaces it; the rename below is the commit point.
+            shutil.rmtree(final)
+        temporary.rename(final)
+        for old in committed_checkpoints(root)[:-keep_last]:
+            shutil.rmtree(old)
+        for stale in root.glob(f"{_TEMPORARY_PREFIX}*"):
+            shutil.rmtree(stale, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def load_checkpoint(path: str | Path, models: list, optimizer=None, scheduler=None) -> dict[str, Any]:
+    """Load a checkpoint into this layout's models (resharding as needed). Collective.
+
+    RNG states are restored when the world size matches the save's (each rank its own), and
+    skipped otherwise: a different layout draws different random streams anyway.
+
+    Returns:
+        The saved ``train_state`` (with ``step``).
+    """
+    from megatron.core import dist_checkpointing
+
+    path = Path(path)
+    if not (path / "weights").is_dir() or not (path / "train_state.json").exists():
+        raise CheckpointError(f"{path}: not a committed megarl checkpoint (weights/ or train_state.json missing)")
+    with _placeholder_optimizer_state(optimizer):
+        sharded = _sharded_state_dict(models, optimizer, is_loading=True)
+    state = dist_checkpointing.load(sharded, str(path / "weights"))
+    if len(models) == 1:
+        _unwrap(models[0]).load_state_dict(state["model"])
+    else:
+        for index, model in enumerate(models):
+            _unwrap(model).load_state_dict(state[f"model{index}"])
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+    train_state = json.loads((path / "train_state.json").read_text())
+    rng_file = path / "rng" / f"rank_{dist.get_rank()}.pt"
+    if train_state.get("world_size") == dist.get_world_size() and rng_file.exists():
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+    return train_state

@@ -1,0 +1,158 @@
+"""Load a HF checkpoint into Megatron under a layout, compare logits with transformers, export back.
+
+torchrun worker for tests/models/test_bridge.py. Rank 0 writes a JSON report with the max
+absolute logit difference against transformers (fp32) and the export's comparison with the HF
+safetensors (missing, extra and unequal tensor names).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+
+from megarl import parallel, platform
+from megarl.models.builder import build_model, load_hf_config, model_spec
+from megarl.models.exporter import export_hf_tensors
+from megarl.models.loader import HFCheckpoint, load_hf_weights
+
+BATCH = 2
+SEQ_LENGTH = 16
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--vpp", type=int, default=None)
+    parser.add_argument("--cp", type=int, default=1)
+    parser.add_argument("--ep", type=int, default=1)
+    parser.add_argument("--etp", type=int, default=None)
+    parser.add_argument("--sp", action="store_true")
+    parser.add_argument("--report", required=True)
+    return parser.parse_args(argv)
+
+
+def cp_positions(cp_rank: int, cp_size: int) -> torch.Tensor:
+    chunk = SEQ_LENGTH // (2 * cp_size)
+    return torch.cat(
+        [
+            torch.arange(cp_rank * chunk, (cp_rank + 1) * chunk),
+            torch.arange((2 * cp_size - 1 - cp_rank) * chunk, (2 * cp_size - cp_rank) * chunk),
+        ]
+    )
+
+
+def megatron_logits(chunks, spec, pgs, tokens: torch.Tensor) -> torch.Tensor | None:
+    """Full ``[batch, seq, vocab]`` logits on the last pipeline stage, None elsewhere."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    cp_size = pgs.cp.size()
+    positions = cp_positions(pgs.cp.rank(), cp_size) if cp_size > 1 else torch.arange(SEQ_LENGTH)
+    local_tokens = tokens[:, positions]
+
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator)
+        output = model(batch, positions.expand_as(batch), None)
+
+        def collect(output_tensor, non_loss_data=False):
+            return output_tensor.detach()
+
+        return output, collect
+
+    # One sequence per micro-batch: interleaved pipelines need at least PP micro-batches.
+    micro_batches = list(local_tokens.split(1))
+    iterators = [iter(micro_batches) for _ in chunks]
+    outputs = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iterators if len(chunks) > 1 else iterators[0],
+        model=chunks if len(chunks) > 1 else chunks[0],
+        num_microbatches=len(micro_batches),
+        seq_length=local_tokens.shape[1],
+        micro_batch_size=1,
+        forward_only=True,
+        collect_non_loss_data=True,
+    )
+    if not outputs:
+        return None
+    logits = torch.cat(outputs, dim=0)  # [batch, seq/cp, vocab/tp]
+    shards = [torch.empty_like(logits) for _ in range(pgs.tp.size())]
+    dist.all_gather(shards, logits.contiguous(), group=pgs.tp)
+    logits = torch.cat(shards, dim=-1)[..., : spec.hf_config.vocab_size]
+    if cp_size > 1:
+        pieces = [torch.empty_like(logits) for _ in range(cp_size)]
+        dist.all_gather(pieces, logits.contiguous(), group=pgs.cp)
+        full = torch.empty(BATCH, SEQ_LENGTH, logits.shape[-1])
+        for rank, piece in enumerate(pieces):
+            full[:, cp_positions(rank, cp_size)] = piece
+        logits = full
+    return logits
+
+
+def main(argv):
+    args = parse_args(argv)
+    platform.init_distributed()
+    layout = parallel.Layout(
+        tensor=args.tp, pipeline=args.pp, virtual_pipeline=args.vpp, context=args.cp,
+        expert=args.ep, expert_tensor=args.etp, sequence_parallel=args.sp,
+    )
+    pgs = parallel.initialize(layout)
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    torch.manual_seed(0)
+    model_parallel_cuda_manual_seed(0)
+    spec = model_spec(load_hf_config(args.model), layout)
+    chunks = build_model(spec, "torch", pgs)
+    load_hf_weights(chunks, spec, pgs, args.model)
+    for chunk in chunks:
+        chunk.eval()
+
+    tokens = torch.randint(0, spec.hf_config.vocab_size, (BATCH, SEQ_LENGTH), generator=torch.Generator().manual_seed(5))
+    logits = megatron_logits(chunks, spec, pgs, tokens)
+    # The last pipeline stage's first rank sends its logits to rank 0.
+    last_stage_leader = dist.get_process_group_ranks(pgs.pp)[-1] if pgs.pp.size() > 1 else 0
+    if dist.get_rank() == last_stage_leader and last_stage_leader != 0:
+        dist.send(logits.contiguous(), 0)
+    if dist.get_rank() == 0 and last_stage_leader != 0:
+        logits = torch.empty(BATCH, SEQ_LENGTH, spec.hf_config.vocab_size)
+        dist.recv(logits, last_stage_leader)
+
+    exported = dict(export_hf_tensors(chunks, spec, pgs, dst=0))
+
+    if dist.get_rank() != 0:
+        return
+    from transformers import AutoModelForCausalLM
+
+    reference = AutoModelForCausalLM.from_pretrained(args.model, torch_dtype=torch.float32)
+    reference.eval()
+    with torch.no_grad():
+        expected = reference(tokens).logits
+    checkpoint = HFCheckpoint(args.model)
+    names = checkpoint.names()
+    unequal = []
+    for name in sorted(names & exported.keys()):
+        stored = checkpoint.read(name, 0, 0, checkpoint._handle(name).get_slice(name).get_shape()[0])
+        if stored.dtype != exported[name].dtype or not torch.equal(stored, exported[name]):
+            unequal.append(name)
+    report = {
+        "max_logit_diff": (logits - expected).abs().max().item(),
+        "missing": sorted(names - exported.keys()),
+        "extra": sorted(exported.keys() - names),
+        "unequal": unequal,
+        "exported": len(exported),
+    }
+    with open(args.report, "w") as handle:
+        json.dump(report, handle)
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    finally:
+        parallel.destroy()
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,215 @@
+"""One forward/backward step of a tiny Megatron GPT model under a parallel layout (torchrun worker).
+
+Run once at world size 1 with ``--save-reference`` to record the initial weights, the loss and
+the gradients; then under any layout with ``--reference`` to load the same weights (each rank
+slicing what it owns), run the same global batch through Megatron's ``forward_backward_func``
+(with Megatron's DDP and ``finalize_model_grads``) and compare the loss and every local gradient
+with the reference slice. Rank 0 writes a JSON report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+
+import torch
+import torch.distributed as dist
+
+from megarl import parallel, platform
+from megarl.models.builder import build_model, load_hf_config, model_spec
+
+GLOBAL_BATCH = 8
+SEQ_LENGTH = 16
+MICRO_BATCH = 1
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", required=True, help="HF model directory (config.json is read)")
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--vpp", type=int, default=None)
+    parser.add_argument("--cp", type=int, default=1)
+    parser.add_argument("--ep", type=int, default=1)
+    parser.add_argument("--etp", type=int, default=None)
+    parser.add_argument("--sp", action="store_true")
+    parser.add_argument("--save-reference", help="world size 1: write weights, loss, grads here")
+    parser.add_argument("--reference", help="compare against this reference file")
+    parser.add_argument("--report", help="rank 0 writes the comparison here (JSON)")
+    return parser.parse_args(argv)
+
+
+def global_name(local_name: str, chunk, ep_rank: int, num_local_experts: int) -> str:
+    """Map a parameter name of this rank's chunk to its name in the single-rank model."""
+    layer_match = re.match(r"decoder\.layers\.(\d+)\.", local_name)
+    name = local_name
+    if layer_match:
+        layer = chunk.decoder.layers[int(layer_match.group(1))]
+        name = f"decoder.layers.{layer.layer_number - 1}." + name[layer_match.end() :]
+    expert_match = re.search(r"\.local_experts\.(\d+)\.", name)
+    if expert_match:
+        expert = ep_rank * num_local_experts + int(expert_match.group(1))
+        name = name[: expert_match.start()] + f".local_experts.{expert}." + name[expert_match.end() :]
+    return name
+
+
+def local_slice(full: torch.Tensor, param, name: str, ranks: dict) -> torch.Tensor:
+    """The part of the single-rank tensor ``full`` that this rank's ``param`` holds."""
+    if not getattr(param, "tensor_model_parallel", False):
+        return full
+    rank, size = ranks["etp"] if ".experts." in name else ranks["tp"]
+    dim = param.partition_dim
+    if name.endswith("linear_fc1.weight"):
+        # Gated MLP: Megatron keeps [gate shard; up shard] on each rank.
+        gate, up = full.chunk(2, dim=0)
+        return torch.cat([gate.chunk(size, dim)[rank], up.chunk(size, dim)[rank]], dim=0)
+    return full.chunk(size, dim)[rank]
+
+
+def batch_for_rank(vocab_size: int, dp_rank: int, dp_size: int, cp_rank: int, cp_size: int):
+    """This rank's share of one fixed global batch: sequences split over DP, each sequence split
+    into 2*CP chunks of which CP rank r keeps chunks r and 2*CP-1-r."""
+    generator = torch.Generator().manual_seed(1234)
+    tokens = torch.randint(0, vocab_size, (GLOBAL_BATCH, SEQ_LENGTH + 1), generator=generator)
+    loss_mask = (torch.rand(GLOBAL_BATCH, SEQ_LENGTH, generator=generator) > 0.2).float()
+    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+    per_dp = GLOBAL_BATCH // dp_size
+    rows = slice(dp_rank * per_dp, (dp_rank + 1) * per_dp)
+    inputs, labels, loss_mask = inputs[rows], labels[rows], loss_mask[rows]
+    positions = torch.arange(SEQ_LENGTH).expand_as(inputs)
+    if cp_size > 1:
+        chunks = SEQ_LENGTH // (2 * cp_size)
+        keep = torch.cat(
+            [
+                torch.arange(cp_rank * chunks, (cp_rank + 1) * chunks),
+                torch.arange((2 * cp_size - 1 - cp_rank) * chunks, (2 * cp_size - cp_rank) * chunks),
+            ]
+        )
+        inputs, labels, loss_mask, positions = (t[:, keep] for t in (inputs, labels, loss_mask, positions))
+    return [
+        dict(tokens=inputs[i : i + MICRO_BATCH], labels=labels[i : i + MICRO_BATCH],
+             loss_mask=loss_mask[i : i + MICRO_BATCH], position_ids=positions[i : i + MICRO_BATCH])
+        for i in range(0, per_dp, MICRO_BATCH)
+    ]
+
+
+def forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    per_token_loss = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+
+    def loss_func(output):
+        loss_sum = (output.float() * batch["loss_mask"]).sum()
+        num_tokens = batch["loss_mask"].sum().to(torch.int)
+        return loss_sum, num_tokens, {"loss": torch.stack([loss_sum.detach(), num_tokens.float()])}
+
+    return per_token_loss, loss_func
+
+
+def main(argv):
+    args = parse_args(argv)
+    platform.init_distributed()
+    layout = parallel.Layout(
+        tensor=args.tp, pipeline=args.pp, virtual_pipeline=args.vpp, context=args.cp,
+        expert=args.ep, expert_tensor=args.etp, sequence_parallel=args.sp,
+    )
+    pgs = parallel.initialize(layout)
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    torch.manual_seed(0)
+    model_parallel_cuda_manual_seed(0)
+    spec = model_spec(load_hf_config(args.model), layout)
+    chunks = build_model(spec, "torch", pgs)
+    config = spec.transformer_config
+    ranks = {"tp": (pgs.tp.rank(), pgs.tp.size()), "etp": (pgs.expt_tp.rank(), pgs.expt_tp.size())}
+    ep_rank = pgs.ep.rank()
+    num_local_experts = (config.num_moe_experts or 0) // layout.expert
+
+    named = []  # (global name, local name, parameter)
+    for chunk in chunks:
+        for name, param in chunk.named_parameters():
+            named.append((global_name(name, chunk, ep_rank, num_local_experts), name, param))
+    # Tied embeddings: a later pipeline stage holds its own copy of the embedding as output layer.
+    aliases = {"output_layer.weight": "embedding.word_embeddings.weight"}
+
+    reference = torch.load(args.reference) if args.reference else None
+    if reference is not None:
+        with torch.no_grad():
+            for gname, _, param in named:
+                key = gname if gname in reference["weights"] else aliases[gname]
+                param.copy_(local_slice(reference["weights"][key], param, gname, ranks))
+    initial = {gname: param.detach().clone() for gname, _, param in named}
+
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False)
+    models = [DistributedDataParallel(config, ddp_config, chunk, pg_collection=pgs) for chunk in chunks]
+    config.finalize_model_grads_func = finalize_model_grads
+    for model in models:
+        model.zero_grad_buffer()
+
+    batches = batch_for_rank(
+        spec.hf_config.vocab_size, pgs.dp.rank(), pgs.dp.size(), pgs.cp.rank(), pgs.cp.size()
+    )
+    data_iterators = [iter(batches) for _ in models] if len(models) > 1 else iter(batches)
+    seq_local = SEQ_LENGTH // layout.context
+    losses = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=data_iterators,
+        model=models if len(models) > 1 else models[0],
+        num_microbatches=len(batches),
+        seq_length=seq_local,
+        micro_batch_size=MICRO_BATCH,
+        forward_only=False,
+    )
+    # Sum loss and tokens over the last pipeline stage of each data/context-parallel replica
+    # (TP ranks hold the same values; count TP rank 0 only).
+    totals = torch.zeros(2)
+    if losses and pgs.tp.rank() == 0:
+        totals = torch.stack([item["loss"] for item in losses]).sum(0)
+    dist.all_reduce(totals)
+    loss = (totals[0] / totals[1]).item()
+
+    grads = {gname: param.main_grad.detach().clone() for gname, _, param in named}
+    if args.save_reference:
+        torch.save(
+            {"weights": initial, "grads": grads, "loss": loss,
+             "tied": bool(getattr(spec.hf_config, "tie_word_embeddings", False))},
+            args.save_reference,
+        )
+        return
+    worst_name, worst = "", 0.0
+    for gname, _, param in named:
+        key = gname if gname in reference["grads"] else aliases[gname]
+        expected = local_slice(reference["grads"][key], param, gname, ranks)
+        diff = (grads[gname] - expected).abs().max().item()
+        if diff > worst:
+            worst_name, worst = gname, diff
+    worst_all = [None] * dist.get_world_size()
+    dist.all_gather_object(worst_all, (worst, worst_name, len(named)))
+    if dist.get_rank() == 0 and args.report:
+        with open(args.report, "w") as handle:
+            json.dump(
+                {
+                    "loss": loss,
+                    "reference_loss": reference["loss"],
+                    "max_grad_diff": max(w for w, _, _ in worst_all),
+                    "worst_param": max(worst_all)[1],
+                    "params_per_rank": [n for _, _, n in worst_all],
+                },
+                handle,
+            )
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    finally:
+        parallel.destroy()
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,164 @@
+"""Generate megarl's bundled assets, bit for bit the same on every run.
+
+    python tools/make_assets.py            # writes megarl/assets/{tokenizer,models,data}
+    python tools/make_assets.py --out DIR  # writes the same tree under DIR
+
+- ``tokenizer/``: a word-level HF tokenizer (each digit a token) with a Qwen-style chat template.
+- ``models/tiny-dense`` (Qwen3: GQA, q/k norm, tied embeddings), ``models/tiny-moe`` (Qwen3-MoE:
+  8 experts, top 2) and ``models/tiny-qwen2-moe`` (Qwen2-MoE with a gated shared expert), fp32.
+- ``data/toy/{train,val}.jsonl``: single-digit tasks a random tiny model already solves
+  sometimes (so RL has signal) and a few hundred GRPO steps solve well.
+
+Weights come from one seeded generator filled in a fixed parameter order, not from transformers'
+initialisers, so they do not change with the transformers version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+from pathlib import Path
+
+import torch
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+ASSETS = Path(__file__).resolve().parents[1] / "megarl" / "assets"
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|unk|>"]
+WORDS = (
+    "user assistant system first last max min next answer the is of digit number copy "
+    "what which a an and or to from list in out yes no ok = + - : ? . , ( )"
+).split()
+VOCABULARY = SPECIAL_TOKENS + [str(d) for d in range(10)] + WORDS
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+INIT_STD = 0.02
+"""Weight init std (HF's initializer_range): small random logits, so a fresh model samples tokens
+nearly uniformly."""
+
+
+def build_tokenizer(out: Path) -> transformers.PreTrainedTokenizerFast:
+    vocab = {token: index for index, token in enumerate(VOCABULARY)}
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|unk|>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.Punctuation()]
+    )
+    # Words are separated by single spaces when decoding.
+    tokenizer.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|unk|>",
+        additional_special_tokens=["<|im_start|>"],
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=256,
+    )
+    fast.save_pretrained(out)
+    return fast
+
+
+def fill_deterministically(model: torch.nn.Module, seed: int) -> None:
+    """Norm weights 1, biases and everything else N(0, INIT_STD) from one seeded generator."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            if "norm" in name and name.endswith("weight"):
+                param.fill_(1.0)
+            else:
+                param.copy_(torch.randn(param.shape, generator=generator) * INIT_STD)
+
+
+def model_configs(vocab_size: int, eos: int, pad: int) -> dict[str, transformers.PretrainedConfig]:
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-6,
+        eos_token_id=eos,
+        pad_token_id=pad,
+        bos_token_id=None,
+        initializer_range=INIT_STD,
+    )
+    return {
+        "tiny-dense": transformers.Qwen3Config(
+            **common, num_hidden_layers=4, head_dim=16, intermediate_size=128, rope_theta=10000.0,
+            tie_word_embeddings=True,
+        ),
+        "tiny-moe": transformers.Qwen3MoeConfig(
+            **common, num_hidden_layers=4, head_dim=16, intermediate_size=128, moe_intermediate_size=32,
+            num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1,
+            mlp_only_layers=[], rope_theta=10000.0, tie_word_embeddings=False,
+        ),
+        "tiny-qwen2-moe": transformers.Qwen2MoeConfig(
+            **common, num_hidden_layers=2, intermediate_size=128, moe_intermediate_size=32,
+            shared_expert_intermediate_size=64, num_experts=8, num_experts_per_tok=2,
+            norm_topk_prob=False, rope_theta=10000.0, tie_word_embeddings=False,
+        ),
+    }
+
+
+def build_models(out: Path, tokenizer_dir: Path, tokenizer) -> None:
+    eos, pad = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    for seed, (name, config) in enumerate(model_configs(len(tokenizer), eos, pad).items()):
+        model = transformers.AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+        fill_deterministically(model, seed)
+        model.generation_config = transformers.GenerationConfig(eos_token_id=eos, pad_token_id=pad)
+        directory = out / name
+        model.save_pretrained(directory, safe_serialization=True)
+        for file in tokenizer_dir.iterdir():
+            shutil.copy2(file, directory / file.name)
+
+
+def toy_rows() -> list[dict[str, str]]:
+    """Every prompt of the four tasks, with its answer."""
+    rows = []
+    for a in range(10):
+        for b in range(10):
+            for c in range(10):
+                rows.append({"prompt": f"first {a} {b} {c}", "answer": str(a), "task": "first"})
+                rows.append({"prompt": f"last {a} {b} {c}", "answer": str(c), "task": "last"})
+                rows.append({"prompt": f"max {a} {b} {c}", "answer": str(max(a, b, c)), "task": "max"})
+    for a in range(10):
+        rows.append({"prompt": f"next {a}", "answer": str((a + 1) % 10), "task": "next"})
+    return rows
+
+
+def build_data(out: Path, train_size: int = 2000, val_size: int = 200) -> None:
+    rows = toy_rows()
+    shuffled = random.Random(0).sample(rows, len(rows))
+    # `next` has only 10 prompts: all in train; validation draws from the other tasks.
+    val = [row for row in shuffled if row["task"] != "next"][:val_size]
+    val_prompts = {row["prompt"] for row in val}
+    train = [row for row in shuffled if row["prompt"] not in val_prompts][:train_size]
+    out.mkdir(parents=True, exist_ok=True)
+    for name, split in (("train", train), ("val", val)):
+        with open(out / f"{name}.jsonl", "w") as handle:
+            for row in split:
+                handle.write(json.dumps(row) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=ASSETS, help="assets root (default: megarl/assets)")
+    args = parser.parse_args()
+    for part in ("tokenizer", "models", "data"):
+        shutil.rmtree(args.out / part, ignore_errors=True)
+    tokenizer = build_tokenizer(args.out / "tokenizer")
+    build_models(args.out / "models", args.out / "tokenizer", tokenizer)
+    build_data(args.out / "data" / "toy")
+    print(f"wrote {args.out}: vocabulary {len(tokenizer)} tokens")
+
+
+if __name__ == "__main__":
+    main()
