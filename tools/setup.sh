@@ -10,10 +10,11 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 . .venv/bin/activate
+export PIP_DISABLE_PIP_VERSION_CHECK=1
 python -m pip install --quiet --upgrade pip
 if ! python -c "import torch" 2>/dev/null; then
   python -m pip install --quiet "torch==2.13.0"
 fi
 python -m pip install --quiet "scikit-build-core>=0.10" "cmake>=3.24" ninja
 python -m pip install --quiet --no-build-isolation -e ".[dev]"
-python -c "import megarl._C, torch; print('megarl installed: torch', torch.__version__)"
+python -c "import megarl._C, torch; print('megarl installed: torch', torch.__version__, '| C++ ops:', torch.ops.megarl.built_with_cuda())"
