@@ -8,62 +8,14 @@ Megatron's globals.
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.process_groups_config import ProcessGroupCollection
 
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Layout:
-    """A parallel layout. Data parallelism is what the world size leaves over."""
-
-    tensor: int = 1
-    """TP: ranks that split each layer's weights."""
-    pipeline: int = 1
-    """PP: pipeline stages."""
-    virtual_pipeline: int | None = None
-    """VPP: model chunks per pipeline stage (interleaved 1F1B); None for plain 1F1B."""
-    context: int = 1
-    """CP: ranks that split each sequence."""
-    expert: int = 1
-    """EP: ranks that split the experts of each MoE layer."""
-    expert_tensor: int | None = None
-    """ETP: ranks that split each expert's weights; None means the same as TP (Megatron's default)."""
-    sequence_parallel: bool = False
-    """SP: shard activations outside attention and MLP over the TP group (needs TP > 1)."""
-
-    @classmethod
-    def from_config(cls, parallel) -> Layout:
-        """Build from a ``megarl.config`` parallel section (duck-typed on its field names)."""
-        return cls(
-            tensor=parallel.tensor,
-            pipeline=parallel.pipeline,
-            virtual_pipeline=parallel.virtual_pipeline,
-            context=parallel.context,
-            expert=parallel.expert,
-            expert_tensor=parallel.expert_tensor,
-            sequence_parallel=parallel.sequence_parallel,
-        )
-
-    @property
-    def expert_tensor_size(self) -> int:
-        return self.tensor if self.expert_tensor is None else self.expert_tensor
-
-    def data_parallel(self, world_size: int) -> int:
-        """DP = world size / (TP x PP x CP)."""
-        model_parallel = self.tensor * self.pipeline * self.context
-        if world_size % model_parallel:
-            raise ValueError(
-                f"world size {world_size} is not divisible by TP x PP x CP = {self.tensor} x "
-                f"{self.pipeline} x {self.context} = {model_parallel}: change the parallel layout "
-                f"or the number of processes"
-            )
-        return world_size // model_parallel
+from megarl.config import ParallelConfig
 
 
-def initialize(layout: Layout, timeout_minutes: int = 30) -> ProcessGroupCollection:
+def initialize(layout: ParallelConfig, timeout_minutes: int = 30) -> ProcessGroupCollection:
     """Create Megatron's process groups for ``layout`` over the initialised world.
 
     Requires :func:`megarl.platform.init_distributed` first. Re-initialising with another layout
@@ -74,7 +26,12 @@ def initialize(layout: Layout, timeout_minutes: int = 30) -> ProcessGroupCollect
     """
     if not dist.is_initialized():
         raise RuntimeError("call megarl.platform.init_distributed() before megarl.parallel.initialize()")
-    layout.data_parallel(dist.get_world_size())
+    world_size = dist.get_world_size()
+    if world_size % layout.model_parallel():
+        raise ValueError(
+            f"world size {world_size} is not divisible by TP x PP x CP = {layout.tensor} x "
+            f"{layout.pipeline} x {layout.context}: change the parallel layout or the number of processes"
+        )
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(

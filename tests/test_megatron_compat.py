@@ -52,10 +52,11 @@ def test_enable_cpu_runs_megatron_rng_and_moe_paths():
         """
         import numpy, torch
         from megarl import megatron_compat, parallel, platform
+        from megarl.config import ParallelConfig
         platform.init_distributed()
         assert megatron_compat.cpu_enabled()
         assert torch.cuda.current_device() == torch.device("cpu")
-        parallel.initialize(parallel.Layout())
+        parallel.initialize(ParallelConfig())
         from megatron.core import tensor_parallel
         from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
         from megatron.core.transformer.moe import moe_utils, token_dispatcher

@@ -20,7 +20,7 @@ import torch
 from torch.overrides import _pop_mode_temporarily
 
 from megarl import megatron_compat, parallel, platform
-from megarl.config import resolve_model_path
+from megarl.config import ParallelConfig, resolve_model_path
 from megarl.models.builder import build_model, load_hf_config, model_spec
 
 
@@ -44,13 +44,13 @@ def main() -> None:
     args = parser.parse_args()
 
     platform.init_distributed()
-    pgs = parallel.initialize(parallel.Layout())
+    pgs = parallel.initialize(ParallelConfig())
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     torch.manual_seed(0)
     model_parallel_cuda_manual_seed(0)
     hf_config = load_hf_config(resolve_model_path(args.model))
-    model = build_model(model_spec(hf_config, parallel.Layout()), "torch", pgs)[0]
+    model = build_model(model_spec(hf_config, ParallelConfig()), "torch", pgs)[0]
     tokens = torch.randint(0, hf_config.vocab_size, (args.batch, args.seq))
     positions = torch.arange(args.seq).expand_as(tokens)
     labels = torch.roll(tokens, -1, dims=1)

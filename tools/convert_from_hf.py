@@ -14,7 +14,7 @@ import sys
 
 from megarl.models.convert import hf_to_checkpoint
 from megarl.models.loader import CheckpointError as HFCheckpointError
-from megarl.parallel import Layout
+from megarl.config import ParallelConfig
 
 
 def main(argv: list[str]) -> int:
@@ -28,7 +28,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--ep", type=int, default=1)
     parser.add_argument("--etp", type=int, default=None)
     args = parser.parse_args(argv)
-    layout = Layout(
+    layout = ParallelConfig(
         tensor=args.tp, pipeline=args.pp, virtual_pipeline=args.vpp, expert=args.ep, expert_tensor=args.etp
     )
     try:

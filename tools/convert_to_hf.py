@@ -14,7 +14,7 @@ import argparse
 import sys
 
 from megarl.models.convert import DEFAULT_MAX_SHARD_BYTES, checkpoint_to_hf
-from megarl.parallel import Layout
+from megarl.config import ParallelConfig
 from megarl.trainer.checkpoint import CheckpointError
 
 
@@ -32,7 +32,7 @@ def main(argv: list[str]) -> int:
         out = checkpoint_to_hf(
             args.checkpoint,
             args.out,
-            Layout(tensor=args.tp, pipeline=args.pp, expert=args.ep),
+            ParallelConfig(tensor=args.tp, pipeline=args.pp, expert=args.ep),
             dtype=args.dtype,
             max_shard_bytes=int(args.max_shard_gb * 1024**3),
         )

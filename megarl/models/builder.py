@@ -16,7 +16,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megarl.models.family import family_of, rope_theta
 from megarl.models.specs import Backend, decoder_block_spec
-from megarl.parallel import Layout
+from megarl.config import ParallelConfig
 
 VOCAB_DIVISIBLE_BY = 128
 """Megatron pads the vocabulary so every TP shard has the same size; rounding to a multiple of
@@ -51,7 +51,7 @@ class ModelSpec:
 
 def model_spec(
     hf_config,
-    layout: Layout,
+    layout: ParallelConfig,
     dtype: torch.dtype = torch.float32,
     **overrides: Any,
 ) -> ModelSpec:

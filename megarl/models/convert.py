@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from megarl import parallel, platform
+from megarl.config import ParallelConfig
 from megarl.models.builder import build_model, load_hf_config, model_spec
 from megarl.models.exporter import export_hf_tensors
 from megarl.models.loader import load_hf_weights
@@ -77,7 +78,7 @@ def _config_dtype(hf_config) -> torch.dtype:
     return declared if declared in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
 
 
-def _layout_and_groups(layout: parallel.Layout):
+def _layout_and_groups(layout: ParallelConfig):
     platform_info = platform.init_distributed()
     pgs = parallel.initialize(layout)
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
@@ -86,7 +87,7 @@ def _layout_and_groups(layout: parallel.Layout):
     return platform_info, pgs
 
 
-def hf_to_checkpoint(hf_dir: str | Path, out_root: str | Path, layout: parallel.Layout, dtype: str = "fp32", step: int = 0) -> Path:
+def hf_to_checkpoint(hf_dir: str | Path, out_root: str | Path, layout: ParallelConfig, dtype: str = "fp32", step: int = 0) -> Path:
     """Load a HF checkpoint under ``layout`` and save it as a megarl distributed checkpoint.
 
     Args:
@@ -106,7 +107,7 @@ def hf_to_checkpoint(hf_dir: str | Path, out_root: str | Path, layout: parallel.
 def checkpoint_to_hf(
     checkpoint_path: str | Path,
     out_dir: str | Path,
-    layout: parallel.Layout = parallel.Layout(),
+    layout: ParallelConfig | None = None,
     dtype: str | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
 ) -> Path:
@@ -133,6 +134,7 @@ def checkpoint_to_hf(
             f"{path}: hf/config.json is missing; the checkpoint does not record its HF config. "
             f"Copy the model's config.json (and tokenizer files) into {hf_files}/"
         )
+    layout = layout or ParallelConfig()
     _, pgs = _layout_and_groups(layout)
     hf_config = load_hf_config(hf_files)
     export_dtype = _DTYPES[dtype] if dtype else _config_dtype(hf_config)

@@ -37,6 +37,21 @@ from megarl.models.portable import PortableAttention, PortableNorm
 Backend = Literal["te", "torch"]
 
 
+def choose_backend(requested: str, has_transformer_engine: bool) -> Backend:
+    """The layer implementation for ``model.attention_backend``: ``te``, ``torch``, or ``auto``
+    (Transformer Engine when it imports, else the portable torch specs)."""
+    if requested == "auto":
+        return "te" if has_transformer_engine else "torch"
+    if requested == "te" and not has_transformer_engine:
+        raise ValueError(
+            "model.attention_backend = 'te' but Transformer Engine does not import here; install "
+            "it (pip install -e '.[gpu]' on a CUDA machine) or set model.attention_backend=auto"
+        )
+    if requested not in ("te", "torch"):
+        raise ValueError(f"model.attention_backend = {requested!r}: expected 'auto', 'te' or 'torch'")
+    return requested
+
+
 def portable_layer_spec(num_experts: int | None, moe_grouped_gemm: bool, qk_layernorm: bool) -> ModuleSpec:
     """A transformer layer built from Megatron's modules plus the portable norm and attention.
 

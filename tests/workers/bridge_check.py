@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from megarl import parallel, platform
+from megarl.config import ParallelConfig
 from megarl.models.builder import build_model, load_hf_config, model_spec
 from megarl.models.exporter import export_hf_tensors
 from megarl.models.loader import HFCheckpoint, load_hf_weights
@@ -96,7 +97,7 @@ def megatron_logits(chunks, spec, pgs, tokens: torch.Tensor) -> torch.Tensor | N
 def main(argv):
     args = parse_args(argv)
     platform.init_distributed()
-    layout = parallel.Layout(
+    layout = ParallelConfig(
         tensor=args.tp, pipeline=args.pp, virtual_pipeline=args.vpp, context=args.cp,
         expert=args.ep, expert_tensor=args.etp, sequence_parallel=args.sp,
     )

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from megarl import parallel, platform
+from megarl.config import ParallelConfig
 from megarl.models.builder import build_model, load_hf_config, model_spec
 from megarl.models.exporter import export_hf_tensors
 from megarl.models.loader import load_hf_weights
@@ -78,7 +79,7 @@ def train_one_step(spec, models, optimizer, scheduler):
 def main(argv):
     args = parse_args(argv)
     platform.init_distributed()
-    layout = parallel.Layout(tensor=args.tp, pipeline=args.pp, expert=args.ep, sequence_parallel=args.sp)
+    layout = ParallelConfig(tensor=args.tp, pipeline=args.pp, expert=args.ep, sequence_parallel=args.sp)
     pgs = parallel.initialize(layout)
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from megarl import parallel, platform
+from megarl.config import ParallelConfig
 from megarl.models.builder import build_model, load_hf_config, model_spec
 
 GLOBAL_BATCH = 8
@@ -110,7 +111,7 @@ def forward_step(data_iterator, model):
 def main(argv):
     args = parse_args(argv)
     platform.init_distributed()
-    layout = parallel.Layout(
+    layout = ParallelConfig(
         tensor=args.tp, pipeline=args.pp, virtual_pipeline=args.vpp, context=args.cp,
         expert=args.ep, expert_tensor=args.etp, sequence_parallel=args.sp,
     )
