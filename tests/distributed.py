@@ -18,6 +18,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _run(command: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    """Run ``command`` from the repository root; raise with its output on failure."""
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(command)} failed with exit code {result.returncode}\n"
+            f"--- stdout ---\n{result.stdout[-5000:]}\n--- stderr ---\n{result.stderr[-10000:]}"
+        )
+    return result
+
+
 def run_torchrun(script: Path, args: list[str], nproc: int, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run ``script`` on ``nproc`` local processes with torchrun; raise with its output on failure."""
     command = [
@@ -26,27 +37,12 @@ def run_torchrun(script: Path, args: list[str], nproc: int, timeout: float = 300
         str(script), *args,
     ]
     # One thread per rank: the ranks share the machine's cores.
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    if result.returncode != 0:
-        raise AssertionError(
-            f"{' '.join(command)} failed with exit code {result.returncode}\n"
-            f"--- stdout ---\n{result.stdout[-5000:]}\n--- stderr ---\n{result.stderr[-10000:]}"
-        )
-    return result
+    return _run(command, {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}, timeout)
 
 
 def run_python(script: Path, args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
     """Run ``script`` as a plain single process; raise with its output on failure."""
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    command = [sys.executable, str(script), *args]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    if result.returncode != 0:
-        raise AssertionError(
-            f"{' '.join(command)} failed with exit code {result.returncode}\n"
-            f"--- stdout ---\n{result.stdout[-5000:]}\n--- stderr ---\n{result.stderr[-10000:]}"
-        )
-    return result
+    return _run([sys.executable, str(script), *args], {**os.environ, "PYTHONWARNINGS": "ignore"}, timeout)
 
 
 def run_python_source(source: str, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+import torch.distributed as dist
 from safetensors import safe_open
+from tqdm import tqdm
 
 from megarl.models.family import family_of
 from megarl.models.mapping import Rule
@@ -174,7 +176,10 @@ def load_hf_weights(chunks, spec, pg_collection, directory: str | Path) -> None:
         directory: HF checkpoint directory (safetensors).
     """
     checkpoint = HFCheckpoint(directory)
+    parameters = list(local_parameters(chunks, spec, pg_collection))
+    # One bar, on the first rank; every rank loads its own slices.
+    progress = tqdm(parameters, desc="load HF weights", unit="tensor", disable=dist.get_rank() != 0)
     with torch.no_grad():
-        for _, _, param, rule in local_parameters(chunks, spec, pg_collection):
+        for _, _, param, rule in progress:
             rank, size = tensor_parallel_coordinates(rule, pg_collection)
             param.copy_(shard_from_hf(checkpoint, rule, param, rank, size))

@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 import torch
 import torch.distributed as dist
 
-from megarl import parallel, platform
-from megarl.config import ParallelConfig
+from common import add_layout_arguments, initialize, run
 from megarl.models.builder import build_model, load_hf_config, model_spec
 from megarl.models.exporter import export_hf_tensors
 from megarl.models.loader import HFCheckpoint, load_hf_weights
@@ -27,13 +25,7 @@ SEQ_LENGTH = 16
 def parse_args(argv):
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", required=True)
-    parser.add_argument("--tp", type=int, default=1)
-    parser.add_argument("--pp", type=int, default=1)
-    parser.add_argument("--vpp", type=int, default=None)
-    parser.add_argument("--cp", type=int, default=1)
-    parser.add_argument("--ep", type=int, default=1)
-    parser.add_argument("--etp", type=int, default=None)
-    parser.add_argument("--sp", action="store_true")
+    add_layout_arguments(parser)
     parser.add_argument("--report", required=True)
     return parser.parse_args(argv)
 
@@ -96,16 +88,7 @@ def megatron_logits(chunks, spec, pgs, tokens: torch.Tensor) -> torch.Tensor | N
 
 def main(argv):
     args = parse_args(argv)
-    platform.init_distributed()
-    layout = ParallelConfig(
-        tensor=args.tp, pipeline=args.pp, virtual_pipeline=args.vpp, context=args.cp,
-        expert=args.ep, expert_tensor=args.etp, sequence_parallel=args.sp,
-    )
-    pgs = parallel.initialize(layout)
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
-    torch.manual_seed(0)
-    model_parallel_cuda_manual_seed(0)
+    layout, pgs = initialize(args)
     spec = model_spec(load_hf_config(args.model), layout)
     chunks = build_model(spec, "torch", pgs)
     load_hf_weights(chunks, spec, pgs, args.model)
@@ -151,9 +134,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    finally:
-        parallel.destroy()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    run(main)

@@ -12,13 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 import torch
 import torch.distributed as dist
 
-from megarl import parallel, platform
-from megarl.config import ParallelConfig
+from common import add_layout_arguments, initialize, run
 from megarl.models.builder import build_model, load_hf_config, model_spec
 from megarl.models.exporter import export_hf_tensors
 from megarl.models.loader import load_hf_weights
@@ -35,10 +33,7 @@ def parse_args(argv):
     parser.add_argument("--export", required=True, help="rank 0 writes the exported HF tensors here")
     parser.add_argument("--crash-after-weights", action="store_true")
     parser.add_argument("--model-only", action="store_true", help="load: weights only, no optimizer/scheduler")
-    parser.add_argument("--tp", type=int, default=1)
-    parser.add_argument("--pp", type=int, default=1)
-    parser.add_argument("--ep", type=int, default=1)
-    parser.add_argument("--sp", action="store_true")
+    add_layout_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -78,13 +73,7 @@ def train_one_step(spec, models, optimizer, scheduler):
 
 def main(argv):
     args = parse_args(argv)
-    platform.init_distributed()
-    layout = ParallelConfig(tensor=args.tp, pipeline=args.pp, expert=args.ep, sequence_parallel=args.sp)
-    pgs = parallel.initialize(layout)
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
-    torch.manual_seed(0)
-    model_parallel_cuda_manual_seed(0)
+    layout, pgs = initialize(args)
     spec, chunks, models, optimizer, scheduler = build(args, pgs, layout)
     if args.mode == "save":
         load_hf_weights(chunks, spec, pgs, args.model)
@@ -120,9 +109,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    finally:
-        parallel.destroy()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    run(main)

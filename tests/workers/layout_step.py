@@ -12,13 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 
 import torch
 import torch.distributed as dist
 
-from megarl import parallel, platform
-from megarl.config import ParallelConfig
+from common import add_layout_arguments, initialize, run
 from megarl.models.builder import build_model, load_hf_config, model_spec
 
 GLOBAL_BATCH = 8
@@ -29,13 +27,7 @@ MICRO_BATCH = 1
 def parse_args(argv):
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", required=True, help="HF model directory (config.json is read)")
-    parser.add_argument("--tp", type=int, default=1)
-    parser.add_argument("--pp", type=int, default=1)
-    parser.add_argument("--vpp", type=int, default=None)
-    parser.add_argument("--cp", type=int, default=1)
-    parser.add_argument("--ep", type=int, default=1)
-    parser.add_argument("--etp", type=int, default=None)
-    parser.add_argument("--sp", action="store_true")
+    add_layout_arguments(parser)
     parser.add_argument("--save-reference", help="world size 1: write weights, loss, grads here")
     parser.add_argument("--reference", help="compare against this reference file")
     parser.add_argument("--report", help="rank 0 writes the comparison here (JSON)")
@@ -110,22 +102,14 @@ def forward_step(data_iterator, model):
 
 def main(argv):
     args = parse_args(argv)
-    platform.init_distributed()
-    layout = ParallelConfig(
-        tensor=args.tp, pipeline=args.pp, virtual_pipeline=args.vpp, context=args.cp,
-        expert=args.ep, expert_tensor=args.etp, sequence_parallel=args.sp,
-    )
-    pgs = parallel.initialize(layout)
+    layout, pgs = initialize(args)
     from megatron.core.distributed import (
         DistributedDataParallel,
         DistributedDataParallelConfig,
         finalize_model_grads,
     )
     from megatron.core.pipeline_parallel import get_forward_backward_func
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-    torch.manual_seed(0)
-    model_parallel_cuda_manual_seed(0)
     spec = model_spec(load_hf_config(args.model), layout)
     chunks = build_model(spec, "torch", pgs)
     config = spec.transformer_config
@@ -208,9 +192,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    finally:
-        parallel.destroy()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    run(main)
