@@ -1,0 +1,1 @@
+"""RL algorithms as registries of pure tensor functions (advantages, losses, aggregation, ...)."""
