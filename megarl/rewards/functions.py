@@ -90,11 +90,30 @@ def load_function(spec: str) -> RewardFunction:
     return function
 
 
+def reward_model(path: str) -> RewardFunction:
+    """A HF sequence-classification reward model as a reward function: the score is the first logit
+    of ``prompt + response`` (the usual single-output reward head)."""
+    import torch
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(path).eval()
+
+    def score(prompt: str, response: str, answer: str = "", **row) -> float:
+        inputs = tokenizer(prompt + response, return_tensors="pt")
+        with torch.no_grad():
+            return float(model(**inputs).logits[0, 0])
+
+    return score
+
+
 def resolve(kind: str, target: str) -> RewardFunction:
-    """The function for reward ``kind`` (``rule`` with target ``toy``/``math``, or ``function``
-    with target ``path.py:name``)."""
+    """The function for reward ``kind``: ``rule`` (target ``toy`` or ``math``), ``function``
+    (target ``path.py:name``) or ``model`` (target a HF sequence-classification directory)."""
     if kind == "rule":
         return RULES[target]
     if kind == "function":
         return load_function(target)
-    raise ValueError(f"reward kind {kind!r} does not run as a function; expected 'rule' or 'function'")
+    if kind == "model":
+        return reward_model(target)
+    raise ValueError(f"reward kind {kind!r} does not run in the pool; expected 'rule', 'function' or 'model'")

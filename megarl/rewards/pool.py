@@ -135,7 +135,7 @@ class RewardPool:
                     fail(index, value)
                 else:
                     try:
-                        score, extra = _as_score(value)
+                        score, extra = as_score(value)
                     except (TypeError, ValueError) as error:
                         fail(index, str(error))
                     else:
@@ -157,19 +157,7 @@ class RewardPool:
                     else:
                         fail(worker.index, f"worker died (exit code {worker.process.exitcode})")
                     self._replace(position)
-        batch = ScoredBatch(
-            scores=[float(s) for s in scores],
-            extras={key: sum(values) / len(values) for key, values in extras.items()},
-            failures=failures,
-            timeouts=timeouts,
-            first_error=first_error,
-        )
-        if samples and failures / len(samples) > self.max_failure_rate:
-            raise RewardError(
-                f"{failures} of {len(samples)} samples failed to score (reward.max_failure_rate = "
-                f"{self.max_failure_rate}); first error:\n{first_error}"
-            )
-        return batch
+        return finish_batch(scores, extras, failures, timeouts, first_error, self.max_failure_rate)
 
     def close(self) -> None:
         for worker in self._workers:
@@ -187,7 +175,23 @@ class RewardPool:
         self.close()
 
 
-def _as_score(value: Any) -> tuple[float, dict[str, float]]:
+def finish_batch(scores, extras, failures, timeouts, first_error, max_failure_rate) -> ScoredBatch:
+    """Assemble a :class:`ScoredBatch`; raise :class:`RewardError` above ``max_failure_rate``."""
+    if scores and failures / len(scores) > max_failure_rate:
+        raise RewardError(
+            f"{failures} of {len(scores)} samples failed to score (reward.max_failure_rate = "
+            f"{max_failure_rate}); first error:\n{first_error}"
+        )
+    return ScoredBatch(
+        scores=[float(s) for s in scores],
+        extras={key: sum(values) / len(values) for key, values in extras.items()},
+        failures=failures,
+        timeouts=timeouts,
+        first_error=first_error,
+    )
+
+
+def as_score(value: Any) -> tuple[float, dict[str, float]]:
     """A function's return value -> (score, extra metrics); errors say what was expected."""
     if isinstance(value, dict):
         if "score" not in value:

@@ -94,3 +94,14 @@ def test_math_rejects_wrong_answers(response):
 
 def test_math_gsm8k_final_number():
     assert math_reward("", "She pays 3 * 4 = 12 dollars, so 1,200 cents.", "1200") == 1.0
+
+
+def test_scorer_from_config():
+    from megarl.config import load_config
+    from megarl.rewards.remote import RemoteReward
+    from megarl.rewards.scorer import build_scorer
+
+    remote = build_scorer(load_config(None, ["reward.type=remote", "reward.url=http://127.0.0.1:1/x"]).reward)
+    assert isinstance(remote, RemoteReward) and remote.url == "http://127.0.0.1:1/x"
+    with build_scorer(load_config(None, ["reward.num_workers=1"]).reward) as toy:
+        assert toy.score([{"prompt": "max 1 2 3", "response": "3", "answer": "3"}]).scores == [1.0]
