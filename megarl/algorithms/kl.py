@@ -58,6 +58,15 @@ def kl_penalty(name: str, log_probs: torch.Tensor, ref_log_probs: torch.Tensor) 
     return KL_ESTIMATORS.get(name)(log_probs, ref_log_probs)
 
 
+def kl_loss(log_probs, ref_log_probs, response_mask, estimator: str, coefficient: float) -> torch.Tensor:
+    """KL to the reference as a loss term: per-token coefficient * kl (0 where masked), to add to
+    the policy loss before aggregation (verl: actor.use_kl_loss, kl_loss_type)."""
+    mask = response_mask.bool()
+    zero = torch.zeros((), dtype=log_probs.dtype)
+    estimate = kl_penalty(estimator, torch.where(mask, log_probs, zero), torch.where(mask, ref_log_probs, zero))
+    return torch.where(mask, coefficient * estimate, zero)
+
+
 def apply_kl_penalty(token_rewards, kl, response_mask, coefficient: float) -> torch.Tensor:
     """r_t - beta * kl_t on valid tokens; masked positions are 0 and never read."""
     mask = response_mask.bool()

@@ -7,7 +7,14 @@ import math
 import pytest
 import torch
 
-from megarl.algorithms.kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController, apply_kl_penalty, kl_penalty
+from megarl.algorithms.kl import (
+    KL_ESTIMATORS,
+    AdaptiveKLController,
+    FixedKLController,
+    apply_kl_penalty,
+    kl_loss,
+    kl_penalty,
+)
 from megarl.algorithms.policy_losses import POLICY_LOSSES, entropy_bonus, policy_loss, value_loss
 
 pytestmark = pytest.mark.cpu
@@ -165,3 +172,12 @@ def test_kl_penalty_in_reward_and_controllers():
     assert adaptive.value == pytest.approx(0.1 * (1 + 0.2 * 100 / 1000))
     adaptive.update(0.05, 100)  # on target: unchanged
     assert adaptive.value == pytest.approx(0.1 * 1.02)
+
+
+def test_kl_loss_term_is_masked_and_scaled():
+    inputs = batch(spread=1.0)
+    loss = kl_loss(inputs["log_probs"], inputs["old_log_probs"], inputs["response_mask"], "k3", 0.5)
+    expected = 0.5 * kl_penalty("k3", inputs["log_probs"], inputs["old_log_probs"]) * inputs["response_mask"]
+    assert torch.allclose(loss, expected)
+    dirty = noisy(inputs)
+    assert torch.equal(kl_loss(dirty["log_probs"], dirty["old_log_probs"], inputs["response_mask"], "k3", 0.5), loss)
