@@ -5,9 +5,9 @@ A run is one YAML file plus ``key.sub=value`` overrides::
     python -m megarl.config --config configs/moe_grpo.yaml train.steps=10 --print
 
 Loading is strict: an unknown key is an error that names the nearest valid key, and every value is
-checked against its field's type. :func:`validate` then checks the fields against each other and
-against the model and the world size, before anything is built; every message names the fields,
-their values and the fix.
+checked against its field's type. Each section's ``__post_init__`` checks its own ranges;
+:func:`validate` then checks the sections against each other, the model and the world size before
+anything is built, and lists every violation with its fix.
 """
 
 from __future__ import annotations
@@ -15,11 +15,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import functools
 import json
+import math
 import os
+import re
 import sys
 import types
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -33,9 +37,44 @@ class ConfigError(ValueError):
     """An invalid configuration; the message names the field(s), the value(s) and the fix."""
 
 
+class FieldError(ConfigError):
+    """A field out of range, raised by a section's ``__post_init__``.
+
+    The section does not know where it sits (the optimizer serves ``train`` and ``critic``), so the
+    loader replaces ``key`` with the full dotted key and prefixes the file or override the value
+    came from.
+
+    Attributes:
+        key: the field as its section names it, e.g. ``optimizer.lr``.
+        problem: what is wrong and how to fix it.
+    """
+
+    def __init__(self, key: str, problem: str):
+        super().__init__(f"`{key}` {problem}")
+        self.key = key
+        self.problem = problem
+
+
+def _require(condition: bool, key: str, problem: str) -> None:
+    if not condition:
+        raise FieldError(key, problem)
+
+
+def _require_positive(section: Any, prefix: str, names: Sequence[str]) -> None:
+    for name in names:
+        value = getattr(section, name)
+        _require(value >= 1, f"{prefix}.{name}", f"({value}) must be >= 1")
+
+
 def resolve_model_path(path: str | Path) -> Path:
-    """``bundled:NAME`` -> the bundled model directory ``megarl/assets/models/NAME``; other paths
-    are returned as given."""
+    """The directory a ``model.path``-like value names.
+
+    Args:
+        path: ``bundled:NAME`` for a model shipped in ``megarl/assets/models/NAME``, or a directory.
+
+    Returns:
+        The directory (not checked for existence).
+    """
     text = str(path)
     if text.startswith(BUNDLED_PREFIX):
         return PACKAGE_DIR / "assets" / "models" / text[len(BUNDLED_PREFIX) :]
@@ -43,617 +82,819 @@ def resolve_model_path(path: str | Path) -> Path:
 
 
 def resolve_data_path(path: str | Path) -> Path:
-    """``bundled:NAME`` -> the bundled data file ``megarl/assets/data/NAME``; other paths as given."""
+    """The file a ``data.train_files`` entry names.
+
+    Args:
+        path: ``bundled:NAME`` for a dataset shipped in ``megarl/assets/data/NAME``, or a file path.
+
+    Returns:
+        The file (not checked for existence).
+    """
     text = str(path)
     if text.startswith(BUNDLED_PREFIX):
         return PACKAGE_DIR / "assets" / "data" / text[len(BUNDLED_PREFIX) :]
     return Path(text)
 
 
-def _check(condition: bool, field: str, message: str) -> None:
-    if not condition:
-        raise ConfigError(f"`{field}` {message}")
+# Sections.
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)
 class ModelConfig:
+    """The policy model: where it comes from and how Megatron builds its layers."""
+
     path: str = "bundled:tiny-moe"
-    """HF model directory to start from (config.json + safetensors); ``bundled:NAME`` names a bundled
-    tiny model (verl: actor_rollout_ref.model.path, slime: --hf-checkpoint)."""
+    """HuggingFace model directory the policy starts from (config.json + safetensors);
+    ``bundled:NAME`` is a tiny model shipped in megarl/assets/models (verl:
+    actor_rollout_ref.model.path, slime: --hf-checkpoint)."""
     tokenizer_path: Optional[str] = None
-    """Tokenizer directory; None: the model directory."""
+    """Tokenizer directory; null: the model directory (verl: data.tokenizer)."""
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
-    """Parameter and compute dtype. fp32 keeps CPU runs exact; bf16 on GPUs."""
-    attention_backend: Literal["auto", "torch", "te"] = "auto"
-    """Layer implementation: Transformer Engine's specs (``te``), portable torch specs (``torch``),
-    or TE when it imports (``auto``)."""
+    """Parameter and compute dtype. fp32 keeps CPU runs exact; bf16 is the GPU choice
+    (slime: --bf16 / --fp16)."""
+    attention_backend: Literal["auto", "torch", "te", "flash"] = "auto"
+    """Layer implementation: Transformer Engine specs (``te``), the portable torch specs with SDPA
+    (``torch``), the portable specs with flash-attn kernels (``flash``, CUDA), or TE when it imports,
+    else torch (``auto``) (OpenRLHF: --attn_implementation)."""
     recompute: Literal["none", "selective", "full"] = "none"
-    """Activation recomputation (Megatron's recompute_granularity)."""
+    """Activation recomputation granularity (Megatron/slime: --recompute-granularity; verl:
+    enable_gradient_checkpointing)."""
     moe_grouped_gemm: bool = False
-    """Grouped expert weights and GEMMs (needs TE or the grouped_gemm package on CUDA)."""
+    """Grouped expert weights and GEMMs; needs TE or the grouped_gemm package on CUDA
+    (Megatron/slime: --moe-grouped-gemm)."""
     moe_token_dispatcher: Literal["alltoall", "allgather"] = "alltoall"
-    """MoE token dispatcher (Megatron's moe_token_dispatcher_type)."""
+    """How tokens reach their experts' ranks (Megatron/slime: --moe-token-dispatcher-type)."""
     moe_aux_loss_coeff: float = 0.0
-    """Load-balancing auxiliary loss coefficient; 0 disables it (RL fine-tuning usually does)."""
+    """Load-balancing auxiliary loss coefficient; 0 disables it, as RL fine-tuning usually does
+    (Megatron/slime: --moe-aux-loss-coeff)."""
     seed: int = 1234
-    """Seed for model initialisation and Megatron's RNG tracker."""
+    """Seed of weight initialisation (new heads) and Megatron's RNG tracker (slime: --seed)."""
 
     def __post_init__(self):
-        _check(self.moe_aux_loss_coeff >= 0, "model.moe_aux_loss_coeff", f"({self.moe_aux_loss_coeff}) must be >= 0")
+        _require(bool(self.path), "model.path", "must name a HF model directory or bundled:NAME")
+        _require(self.moe_aux_loss_coeff >= 0, "model.moe_aux_loss_coeff", f"({self.moe_aux_loss_coeff}) must be >= 0")
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)
 class ParallelConfig:
+    """The training layout; data parallel is what the world size leaves: world / (TP x PP x CP)."""
+
     tensor: int = 1
-    """TP: ranks that split each layer's weights (Megatron tensor_model_parallel_size)."""
+    """TP: ranks that split each layer's weights (Megatron/slime: --tensor-model-parallel-size,
+    verl: actor.megatron.tensor_model_parallel_size)."""
     pipeline: int = 1
-    """PP: pipeline stages (pipeline_model_parallel_size)."""
+    """PP: pipeline stages (--pipeline-model-parallel-size)."""
     virtual_pipeline: Optional[int] = None
-    """VPP: model chunks per pipeline stage (interleaved 1F1B); None for plain 1F1B."""
+    """VPP: model chunks per pipeline stage for the interleaved 1F1B schedule; null: plain 1F1B
+    (--virtual-pipeline-model-parallel-size)."""
     context: int = 1
-    """CP: ranks that split each sequence (context_parallel_size)."""
+    """CP: ranks that split each sequence, two load-balanced chunks each (--context-parallel-size)."""
     expert: int = 1
-    """EP: ranks that split the experts of each MoE layer (expert_model_parallel_size)."""
+    """EP: ranks that split the experts of each MoE layer (--expert-model-parallel-size)."""
     expert_tensor: Optional[int] = None
-    """ETP: ranks that split each expert's weights; None: the same as TP (Megatron's default)."""
+    """ETP: ranks that split each expert's weights; null: the same as TP, as in Megatron
+    (--expert-tensor-parallel-size)."""
     sequence_parallel: bool = False
-    """SP: shard activations outside attention/MLP over the TP group (needs TP > 1)."""
+    """SP: shard the activations outside attention and MLP over the TP group; needs TP > 1
+    (--sequence-parallel)."""
 
     def __post_init__(self):
-        for name in ("tensor", "pipeline", "context", "expert"):
+        _require_positive(self, "parallel", ("tensor", "pipeline", "context", "expert"))
+        for name in ("virtual_pipeline", "expert_tensor"):
             value = getattr(self, name)
-            _check(value >= 1, f"parallel.{name}", f"({value}) must be >= 1")
-        if self.virtual_pipeline is not None:
-            _check(self.virtual_pipeline >= 1, "parallel.virtual_pipeline", f"({self.virtual_pipeline}) must be >= 1 or null")
-        if self.expert_tensor is not None:
-            _check(self.expert_tensor >= 1, "parallel.expert_tensor", f"({self.expert_tensor}) must be >= 1 or null")
+            _require(value is None or value >= 1, f"parallel.{name}", f"({value}) must be >= 1 or null")
 
     @property
     def expert_tensor_size(self) -> int:
+        """ETP as Megatron receives it: ``expert_tensor``, or TP when that is null."""
         return self.tensor if self.expert_tensor is None else self.expert_tensor
 
     def model_parallel(self) -> int:
+        """Ranks holding one copy of the dense model: TP x PP x CP."""
         return self.tensor * self.pipeline * self.context
 
     def data_parallel(self, world_size: int) -> int:
-        """DP = world size / (TP x PP x CP)."""
+        """DP = world size // (TP x PP x CP); :func:`validate` checks that the division is exact."""
         return world_size // self.model_parallel()
 
     def min_world_size(self) -> int:
-        """The smallest world size this layout fits: a multiple of TP*PP*CP and of EP*ETP*PP."""
-        multiple = self.model_parallel()
-        expert = self.expert * self.expert_tensor_size * self.pipeline
-        world = multiple
-        while world % expert:
-            world += multiple
-        return world
+        """The smallest world size this layout fits: a multiple of TP x PP x CP (the dense model)
+        and of EP x ETP x PP (the experts)."""
+        return math.lcm(self.model_parallel(), self.expert * self.expert_tensor_size * self.pipeline)
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)
 class DataConfig:
+    """Prompt datasets and length limits."""
+
     train_files: list[str] = dataclasses.field(default_factory=lambda: ["bundled:toy/train.jsonl"])
-    """Prompt datasets (jsonl, json or parquet); ``bundled:NAME`` names a bundled file
-    (verl: data.train_files, slime: --prompt-data)."""
+    """Prompt datasets (jsonl, json or parquet); ``bundled:NAME`` is a file shipped in
+    megarl/assets/data (verl: data.train_files, slime: --prompt-data)."""
     val_files: list[str] = dataclasses.field(default_factory=lambda: ["bundled:toy/val.jsonl"])
-    """Validation datasets (verl: data.val_files)."""
+    """Validation datasets; empty: no validation (verl: data.val_files, slime: --eval-prompt-data)."""
     prompt_key: str = "prompt"
-    """Row field holding the prompt (a string, or a list of chat messages)."""
+    """Row field holding the prompt: a string or a list of chat messages (verl: data.prompt_key,
+    slime: --input-key)."""
     answer_key: str = "answer"
-    """Row field holding the reference answer the reward checks."""
+    """Row field holding the reference answer the reward checks (slime: --label-key)."""
     apply_chat_template: bool = True
-    """Wrap prompts with the tokenizer's chat template."""
+    """Wrap prompts with the tokenizer's chat template (slime/OpenRLHF: --apply-chat-template)."""
     max_prompt_length: int = 64
-    """Prompt tokens at most (verl: data.max_prompt_length)."""
+    """Prompt length limit, tokens (verl: data.max_prompt_length)."""
     max_response_length: int = 16
-    """Generated tokens at most (verl: data.max_response_length, slime: --rollout-max-response-len)."""
+    """Generated length limit, tokens (verl: data.max_response_length, slime:
+    --rollout-max-response-len)."""
     filter_overlong_prompts: bool = True
-    """Drop prompts longer than max_prompt_length instead of failing."""
+    """Drop prompts longer than max_prompt_length; false: fail on them (verl:
+    data.filter_overlong_prompts)."""
     shuffle: bool = True
-    """Shuffle the training prompts every epoch."""
+    """Shuffle the training prompts every epoch (verl: data.shuffle, slime: --rollout-shuffle)."""
     seed: int = 1
     """Shuffling seed."""
 
     def __post_init__(self):
-        _check(bool(self.train_files), "data.train_files", "must list at least one file")
-        _check(self.max_prompt_length >= 1, "data.max_prompt_length", f"({self.max_prompt_length}) must be >= 1")
-        _check(self.max_response_length >= 1, "data.max_response_length", f"({self.max_response_length}) must be >= 1")
+        _require(bool(self.train_files), "data.train_files", "must list at least one file")
+        _require_positive(self, "data", ("max_prompt_length", "max_response_length"))
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)
 class RolloutConfig:
+    """Generation: the engines, sampling, and how new weights reach them."""
+
     engine: Literal["auto", "hf", "sglang"] = "auto"
-    """Rollout engine: SGLang on GPUs, the embedded transformers engine (``hf``) anywhere; ``auto``
-    picks sglang when CUDA and sglang are available, else hf."""
+    """Rollout engine: SGLang on GPUs, the embedded transformers server (``hf``) anywhere; ``auto``
+    is sglang when CUDA is present and sglang imports, else hf (verl: actor_rollout_ref.rollout.name)."""
     num_engines: int = 1
-    """Engine processes (each serves engine_tensor_parallel GPUs)."""
+    """Engine servers to launch, each over engine_tensor_parallel devices; ignored when engine_urls
+    is set (OpenRLHF: --vllm_num_engines)."""
     engine_tensor_parallel: int = 1
-    """Tensor parallel size inside each engine (verl: rollout.tensor_model_parallel_size,
-    slime: --rollout-num-gpus-per-engine)."""
+    """Tensor parallel size inside each engine (verl: rollout.tensor_model_parallel_size, slime:
+    --rollout-num-gpus-per-engine)."""
     batch_size: int = 16
     """Prompts per rollout round (verl: data.train_batch_size, slime: --rollout-batch-size)."""
     n_samples_per_prompt: int = 8
-    """Responses sampled per prompt: the GRPO group size (verl: rollout.n, slime: --n-samples-per-prompt)."""
+    """Responses sampled per prompt: the group of GRPO and RLOO (verl: rollout.n, slime:
+    --n-samples-per-prompt)."""
     temperature: float = 1.0
-    """Sampling temperature (also applied to the trainer's log-probs)."""
+    """Sampling temperature; the trainer divides its logits by it too, so its log-probs match the
+    engine's (verl: rollout.temperature, slime: --rollout-temperature)."""
     top_p: float = 1.0
-    """Nucleus sampling threshold; 1 disables it."""
+    """Nucleus sampling threshold, in (0, 1]; 1 disables it (slime: --rollout-top-p)."""
     top_k: int = -1
-    """Top-k sampling; -1 disables it."""
+    """Top-k sampling; -1 disables it (slime: --rollout-top-k)."""
     stop_token_ids: list[int] = dataclasses.field(default_factory=list)
-    """Extra token ids that end a response (EOS always does)."""
+    """Token ids that end a response besides EOS (slime: --rollout-stop-token-ids)."""
     mem_fraction: float = 0.5
-    """GPU memory fraction SGLang may use for weights and KV cache (mem_fraction_static)."""
+    """Fraction of GPU memory SGLang may hold for weights and KV cache (SGLang: mem_fraction_static,
+    verl: rollout.gpu_memory_utilization, slime: --sglang-mem-fraction-static)."""
     colocate: bool = True
-    """Engines share the training GPUs, releasing memory during the update."""
+    """Engines share the training devices and release their memory during the update (verl: hybrid
+    engine, slime: --colocate)."""
     weight_transport: Literal["tensor", "nccl", "disk"] = "tensor"
-    """How new weights reach the engines: same-host tensor handles, an NCCL group, or safetensors."""
+    """How new weights reach the engines: same-host tensor handles (CUDA IPC, shared-memory files on
+    CPU), an NCCL broadcast group (disaggregated engines), or safetensors files (the fallback)
+    (OpenRLHF: --vllm_sync_backend)."""
     bucket_mb: int = 512
-    """Largest weight-update bucket, MiB. 512 MiB is the measured knee (docs/benchmarks.md)."""
+    """Size cap of one weight-update bucket, MiB. 512 MiB is the measured knee: larger buckets add
+    memory without raising throughput (docs/benchmarks.md, tools/bench_weight_sync.py)
+    (slime: --update-weight-buffer-size)."""
     engine_urls: list[str] = dataclasses.field(default_factory=list)
-    """Connect to running engines at these URLs instead of launching them."""
+    """Connect to engines already running at these URLs instead of launching them."""
     request_timeout_s: float = 600.0
     """Timeout of one engine request, seconds."""
     health_check_interval_s: float = 10.0
     """Seconds between engine health checks."""
     restart_budget: int = 3
-    """Engine restarts allowed before the run stops."""
+    """Engine restarts allowed during the run before it stops."""
     val_temperature: float = 0.0
-    """Sampling temperature for validation (0: greedy)."""
+    """Sampling temperature of validation; 0 is greedy (verl: rollout.val_kwargs.temperature)."""
     val_n_samples: int = 1
-    """Responses per validation prompt."""
+    """Responses per validation prompt (verl: rollout.val_kwargs.n, slime: --n-samples-per-eval-prompt)."""
     seed: int = 1
-    """Sampling seed."""
+    """Sampling seed (slime: --rollout-seed)."""
 
     def __post_init__(self):
-        for name in ("num_engines", "engine_tensor_parallel", "batch_size", "n_samples_per_prompt", "bucket_mb", "val_n_samples"):
-            value = getattr(self, name)
-            _check(value >= 1, f"rollout.{name}", f"({value}) must be >= 1")
-        _check(self.temperature > 0, "rollout.temperature", f"({self.temperature}) must be > 0")
-        _check(self.val_temperature >= 0, "rollout.val_temperature", f"({self.val_temperature}) must be >= 0")
-        _check(0 < self.top_p <= 1, "rollout.top_p", f"({self.top_p}) must be in (0, 1]")
-        _check(self.top_k == -1 or self.top_k >= 1, "rollout.top_k", f"({self.top_k}) must be -1 (off) or >= 1")
-        _check(0 < self.mem_fraction < 1, "rollout.mem_fraction", f"({self.mem_fraction}) must be in (0, 1)")
-        _check(self.request_timeout_s > 0, "rollout.request_timeout_s", f"({self.request_timeout_s}) must be > 0")
+        _require_positive(
+            self, "rollout", ("num_engines", "engine_tensor_parallel", "batch_size", "n_samples_per_prompt", "bucket_mb", "val_n_samples")
+        )
+        _require(self.temperature > 0, "rollout.temperature", f"({self.temperature}) must be > 0")
+        _require(self.val_temperature >= 0, "rollout.val_temperature", f"({self.val_temperature}) must be >= 0 (0 is greedy)")
+        _require(0 < self.top_p <= 1, "rollout.top_p", f"({self.top_p}) must be in (0, 1]")
+        _require(self.top_k == -1 or self.top_k >= 1, "rollout.top_k", f"({self.top_k}) must be -1 (off) or >= 1")
+        _require(all(token >= 0 for token in self.stop_token_ids), "rollout.stop_token_ids", f"({self.stop_token_ids}) must be >= 0")
+        _require(0 < self.mem_fraction < 1, "rollout.mem_fraction", f"({self.mem_fraction}) must be in (0, 1)")
+        _require(self.request_timeout_s > 0, "rollout.request_timeout_s", f"({self.request_timeout_s}) must be > 0")
+        _require(self.health_check_interval_s > 0, "rollout.health_check_interval_s", f"({self.health_check_interval_s}) must be > 0")
+        _require(self.restart_budget >= 0, "rollout.restart_budget", f"({self.restart_budget}) must be >= 0")
+
+
+KLEstimator = Literal["k1", "k2", "k3", "abs"]
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)
 class AlgorithmConfig:
+    """Advantages, the policy loss, KL, train/rollout mismatch corrections, reward shaping and filters."""
+
     advantage_estimator: Literal["grpo", "gae", "rloo", "reinforce_pp", "reinforce_pp_baseline"] = "grpo"
-    """How advantages are computed (verl: algorithm.adv_estimator)."""
+    """How advantages are computed; gae trains a critic (verl: algorithm.adv_estimator, slime:
+    --advantage-estimator)."""
     gamma: float = 1.0
-    """Discount factor (gae, reinforce_pp)."""
+    """Discount factor per token, in [0, 1] (gae, reinforce_pp) (verl: algorithm.gamma)."""
     lam: float = 1.0
-    """GAE lambda."""
+    """GAE lambda, in [0, 1] (verl: algorithm.lam)."""
     norm_adv_by_std: bool = True
-    """GRPO: divide by the group's std; False is Dr. GRPO (verl: norm_adv_by_std_in_grpo)."""
+    """GRPO: divide by the group's reward std; false is Dr. GRPO (verl: algorithm.norm_adv_by_std_in_grpo)."""
     policy_loss: Literal["ppo", "gspo", "cispo"] = "ppo"
-    """Policy objective: token-level PPO clip, GSPO (sequence ratio) or CISPO."""
+    """Policy objective: token-level PPO clip, GSPO (sequence-level ratio) or CISPO (clipped
+    importance weight, gradient through every token) (verl: actor.policy_loss.loss_mode)."""
     clip_ratio_low: float = 0.2
-    """PPO clip below 1 (ratio >= 1 - clip_ratio_low)."""
+    """PPO clip below 1: the ratio is kept >= 1 - clip_ratio_low (verl: actor.clip_ratio_low, slime:
+    --eps-clip)."""
     clip_ratio_high: float = 0.2
-    """PPO clip above 1; larger than clip_ratio_low is DAPO's clip-higher."""
+    """PPO clip above 1: the ratio is kept <= 1 + clip_ratio_high; above clip_ratio_low it is DAPO's
+    clip-higher (verl: actor.clip_ratio_high, slime: --eps-clip-high)."""
     clip_ratio_c: Optional[float] = None
-    """Dual-clip bound for negative advantages (e.g. 3.0); None disables it."""
+    """Dual-clip bound (> 1, e.g. 3.0) for negative advantages; null disables it (verl:
+    actor.clip_ratio_c, slime: --eps-clip-c)."""
     loss_agg_mode: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
-    """How per-token losses are aggregated (verl: actor.loss_agg_mode)."""
+    """How per-token losses become one number (verl: actor.loss_agg_mode)."""
     entropy_coeff: float = 0.0
-    """Entropy bonus coefficient."""
+    """Entropy bonus coefficient (verl: actor.entropy_coeff, slime: --entropy-coef)."""
     use_kl_in_reward: bool = False
-    """Subtract a KL penalty from the token rewards (verl: algorithm.use_kl_in_reward)."""
-    kl_estimator: Literal["k1", "k2", "k3", "abs"] = "k1"
-    """KL estimator for the reward penalty."""
+    """Subtract a KL-to-reference penalty from the token rewards (verl: algorithm.use_kl_in_reward)."""
+    kl_estimator: KLEstimator = "k1"
+    """KL estimator of the reward penalty (verl: algorithm.kl_penalty)."""
     kl_ctrl: Literal["fixed", "adaptive"] = "fixed"
-    """KL coefficient controller for the reward penalty."""
+    """Controller of the reward penalty's coefficient (verl: algorithm.kl_ctrl.type)."""
     kl_coef: float = 0.001
-    """KL coefficient (initial value when adaptive)."""
+    """Reward penalty coefficient; the initial one when adaptive (verl: algorithm.kl_ctrl.kl_coef)."""
     kl_target: float = 0.1
-    """Adaptive controller: target KL."""
+    """Adaptive controller: target KL per token (verl: algorithm.kl_ctrl.target_kl)."""
     kl_horizon: int = 10000
-    """Adaptive controller: horizon, samples."""
+    """Adaptive controller: horizon, samples (verl: algorithm.kl_ctrl.horizon)."""
     use_kl_loss: bool = False
-    """Add KL to the reference policy as a loss term (verl: actor.use_kl_loss)."""
+    """Add KL to the reference policy as a loss term (verl: actor.use_kl_loss, slime: --use-kl-loss)."""
     kl_loss_coef: float = 0.001
-    """Coefficient of the KL loss term."""
-    kl_loss_estimator: Literal["k1", "k2", "k3", "abs"] = "k3"
-    """KL estimator of the loss term (k3 = low_var_kl)."""
+    """Coefficient of the KL loss term (verl: actor.kl_loss_coef, slime: --kl-loss-coef)."""
+    kl_loss_estimator: KLEstimator = "k3"
+    """KL estimator of the loss term; k3 is verl's low_var_kl (verl: actor.kl_loss_type, slime:
+    --kl-loss-type)."""
     tis: bool = False
-    """Truncated importance sampling against the rollout engine's log-probs."""
+    """Truncated importance sampling: weight each token by its train/rollout probability ratio,
+    clipped to [tis_threshold_low, tis_threshold_high] (slime: --use-tis)."""
     tis_threshold_low: float = 0.0
-    """TIS: lower bound of the weight."""
+    """TIS: lower bound of the weight (slime: --tis-clip-low)."""
     tis_threshold_high: float = 2.0
-    """TIS: upper bound (truncation) of the weight."""
+    """TIS: upper bound of the weight (slime: --tis-clip)."""
     icepop: bool = False
-    """ICEPOP: mask tokens whose train/rollout ratio leaves [icepop_low, icepop_high]."""
+    """ICEPOP: mask tokens whose train/rollout probability ratio leaves [icepop_low, icepop_high]
+    (OpenRLHF: --use_icepop)."""
     icepop_low: float = 0.5
-    """ICEPOP lower ratio bound."""
+    """ICEPOP: lower ratio bound."""
     icepop_high: float = 2.0
-    """ICEPOP upper ratio bound."""
+    """ICEPOP: upper ratio bound."""
     reward_clip: Optional[float] = None
-    """Clip rewards to [-reward_clip, reward_clip]; None disables it."""
+    """Clip scores to [-reward_clip, reward_clip]; null disables it (OpenRLHF: --reward_clip)."""
     reward_norm: Literal["none", "batch", "group", "running"] = "none"
-    """Reward normalisation before the advantage estimator."""
+    """Score normalisation before the advantage estimator: over the batch, within each group, or by
+    running moments (OpenRLHF: --reward_running_norm)."""
     overlong_penalty: bool = False
-    """DAPO soft overlong penalty."""
+    """DAPO soft overlong penalty on responses near data.max_response_length."""
     overlong_buffer_length: int = 4
-    """Tokens before the length limit where the penalty ramps up."""
+    """Tokens before the length limit over which the penalty ramps from 0 to overlong_penalty_factor
+    (verl: reward_model.overlong_buffer.len)."""
     overlong_penalty_factor: float = 1.0
-    """Penalty at the length limit."""
+    """Penalty at the length limit (verl: reward_model.overlong_buffer.penalty_factor)."""
     dynamic_sampling: bool = False
-    """DAPO dynamic sampling: drop groups whose rewards are all equal."""
-    dynamic_sampling_mean_range: Optional[list[float]] = None
-    """Also drop groups whose mean reward is outside [low, high]."""
+    """DAPO dynamic sampling: drop groups whose scores are all equal (no signal) and roll out again
+    until the train batch is full (OpenRLHF: --dynamic_filtering, slime: --dynamic-sampling-filter-path)."""
+    dynamic_sampling_mean_range: Optional[tuple[float, float]] = None
+    """With dynamic sampling, also drop groups whose mean score lies outside [low, high]; null keeps
+    them (OpenRLHF: --dynamic_filtering_reward_range)."""
     filter_overlong: bool = False
-    """Mask out responses cut at the length limit."""
+    """Mask out of the loss the responses cut at the length limit (DAPO overlong filtering)."""
 
     def __post_init__(self):
-        _check(0 <= self.gamma <= 1, "algorithm.gamma", f"({self.gamma}) must be in [0, 1]")
-        _check(0 <= self.lam <= 1, "algorithm.lam", f"({self.lam}) must be in [0, 1]")
-        _check(0 <= self.clip_ratio_low < 1, "algorithm.clip_ratio_low", f"({self.clip_ratio_low}) must be in [0, 1)")
-        _check(self.clip_ratio_high >= 0, "algorithm.clip_ratio_high", f"({self.clip_ratio_high}) must be >= 0")
-        if self.clip_ratio_c is not None:
-            _check(self.clip_ratio_c > 1, "algorithm.clip_ratio_c", f"({self.clip_ratio_c}) must be > 1 (or null)")
-        _check(self.kl_coef >= 0 and self.kl_loss_coef >= 0, "algorithm.kl_coef", "and kl_loss_coef must be >= 0")
-        _check(self.tis_threshold_low < self.tis_threshold_high, "algorithm.tis_threshold_low",
-               f"({self.tis_threshold_low}) must be < algorithm.tis_threshold_high ({self.tis_threshold_high})")
-        _check(self.icepop_low < self.icepop_high, "algorithm.icepop_low",
-               f"({self.icepop_low}) must be < algorithm.icepop_high ({self.icepop_high})")
+        for name in ("gamma", "lam"):
+            value = getattr(self, name)
+            _require(0 <= value <= 1, f"algorithm.{name}", f"({value}) must be in [0, 1]")
+        _require(0 <= self.clip_ratio_low < 1, "algorithm.clip_ratio_low", f"({self.clip_ratio_low}) must be in [0, 1)")
+        _require(self.clip_ratio_high >= 0, "algorithm.clip_ratio_high", f"({self.clip_ratio_high}) must be >= 0")
+        _require(self.clip_ratio_c is None or self.clip_ratio_c > 1, "algorithm.clip_ratio_c", f"({self.clip_ratio_c}) must be > 1, or null")
+        _require(
+            self.clip_ratio_c is None or self.policy_loss != "cispo",
+            "algorithm.clip_ratio_c",
+            f"({self.clip_ratio_c}) must be null with algorithm.policy_loss = cispo (CISPO has no dual clip)",
+        )
+        for name in ("entropy_coeff", "kl_coef", "kl_loss_coef", "overlong_penalty_factor", "tis_threshold_low"):
+            value = getattr(self, name)
+            _require(value >= 0, f"algorithm.{name}", f"({value}) must be >= 0")
+        _require(self.kl_target > 0, "algorithm.kl_target", f"({self.kl_target}) must be > 0")
+        _require(self.kl_horizon >= 1, "algorithm.kl_horizon", f"({self.kl_horizon}) must be >= 1")
+        _require(
+            self.tis_threshold_low < self.tis_threshold_high,
+            "algorithm.tis_threshold_low",
+            f"({self.tis_threshold_low}) must be < tis_threshold_high ({self.tis_threshold_high})",
+        )
+        _require(
+            0 < self.icepop_low < self.icepop_high,
+            "algorithm.icepop_low",
+            f"({self.icepop_low}) must be > 0 and < icepop_high ({self.icepop_high})",
+        )
+        _require(self.reward_clip is None or self.reward_clip > 0, "algorithm.reward_clip", f"({self.reward_clip}) must be > 0, or null")
+        _require(self.overlong_buffer_length >= 1, "algorithm.overlong_buffer_length", f"({self.overlong_buffer_length}) must be >= 1")
         if self.dynamic_sampling_mean_range is not None:
-            low_high = self.dynamic_sampling_mean_range
-            _check(len(low_high) == 2 and low_high[0] <= low_high[1], "algorithm.dynamic_sampling_mean_range",
-                   f"({low_high}) must be [low, high] with low <= high")
+            low, high = self.dynamic_sampling_mean_range
+            _require(low <= high, "algorithm.dynamic_sampling_mean_range", f"({[low, high]}) must be [low, high] with low <= high")
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)
 class RewardConfig:
+    """Where scores come from and how scoring is isolated."""
+
     type: Literal["rule", "function", "remote", "model"] = "rule"
-    """Where scores come from: a bundled rule, a user function, a remote URL or a reward model."""
+    """Where scores come from: a bundled rule, a user function, a remote URL or a reward model
+    (verl: reward_model.enable / custom_reward_function, slime: --rm-type)."""
     rule: Literal["toy", "math"] = "toy"
-    """Bundled rule: the toy tasks' verifier or math answers via math-verify."""
+    """Bundled rule (type rule): the toy tasks' checker, or math answers compared with math-verify."""
     function: Optional[str] = None
-    """User reward as ``path/to/file.py:name`` (type=function)."""
+    """User reward as ``path/to/file.py:name`` (type function) (verl: custom_reward_function.path
+    and .name, slime: --custom-rm-path)."""
     url: Optional[str] = None
-    """Remote reward endpoint (type=remote)."""
+    """Remote reward endpoint (type remote) (OpenRLHF: --remote_rm_url, slime: --rm-url)."""
     model_path: Optional[str] = None
-    """HF sequence-classification reward model (type=model)."""
+    """HF sequence-classification reward model directory (type model) (verl: reward_model.model.path)."""
     num_workers: int = 2
-    """Reward worker processes."""
+    """Reward worker processes (rule, function and model)."""
     timeout_s: float = 10.0
-    """Per-sample timeout; a timeout scores 0 and is counted."""
+    """Timeout of one sample's scoring (one request when remote), seconds; a timeout scores 0 and is counted."""
     max_failure_rate: float = 0.5
-    """Stop the run when more than this fraction of a batch fails to score."""
+    """Stop the run when more than this fraction of a batch fails to score, in [0, 1]."""
     remote_batch_size: int = 32
     """Samples per remote request."""
     remote_retries: int = 3
     """Retries of a failed remote request."""
 
     def __post_init__(self):
-        _check(self.type != "function" or bool(self.function), "reward.function",
-               "must be set (path/to/file.py:name) when reward.type is 'function'")
-        _check(self.type != "remote" or bool(self.url), "reward.url", "must be set when reward.type is 'remote'")
-        _check(self.type != "model" or bool(self.model_path), "reward.model_path", "must be set when reward.type is 'model'")
-        _check(self.num_workers >= 1, "reward.num_workers", f"({self.num_workers}) must be >= 1")
-        _check(self.timeout_s > 0, "reward.timeout_s", f"({self.timeout_s}) must be > 0")
-        _check(0 <= self.max_failure_rate <= 1, "reward.max_failure_rate", f"({self.max_failure_rate}) must be in [0, 1]")
+        needed = {
+            "function": ("function", "path/to/file.py:name"),
+            "remote": ("url", "an http(s) URL"),
+            "model": ("model_path", "a HF directory"),
+        }
+        if self.type in needed:
+            name, form = needed[self.type]
+            _require(bool(getattr(self, name)), f"reward.{name}", f"must be set ({form}) when reward.type is '{self.type}'")
+        if self.type == "function":
+            _require(":" in self.function, "reward.function", f"({self.function!r}) must look like path/to/file.py:function_name")
+        _require_positive(self, "reward", ("num_workers", "remote_batch_size"))
+        _require(self.timeout_s > 0, "reward.timeout_s", f"({self.timeout_s}) must be > 0")
+        _require(0 <= self.max_failure_rate <= 1, "reward.max_failure_rate", f"({self.max_failure_rate}) must be in [0, 1]")
+        _require(self.remote_retries >= 0, "reward.remote_retries", f"({self.remote_retries}) must be >= 0")
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)
 class OptimizerConfig:
+    """Adam settings, shared by the policy (``train.optimizer``) and the critic (``critic.optimizer``)."""
+
     lr: float = 1e-6
-    """Peak learning rate."""
+    """Peak learning rate (verl: actor.optim.lr, slime: --lr)."""
     min_lr: float = 0.0
-    """Learning rate at the end of linear or cosine decay."""
+    """Learning rate at the end of linear or cosine decay, in [0, lr] (slime: --min-lr)."""
     weight_decay: float = 0.0
-    """Decoupled weight decay (AdamW)."""
+    """Decoupled (AdamW) weight decay (verl: optim.weight_decay, slime: --weight-decay)."""
     adam_beta1: float = 0.9
-    """Adam beta1."""
+    """Adam beta1 (slime: --adam-beta1)."""
     adam_beta2: float = 0.999
-    """Adam beta2."""
+    """Adam beta2 (slime: --adam-beta2)."""
     adam_eps: float = 1e-8
-    """Adam epsilon."""
+    """Adam epsilon (slime: --adam-eps)."""
     clip_grad: float = 1.0
-    """Gradient clipping by global norm; 0 disables it."""
+    """Gradient clipping by global norm; 0 disables it (verl: actor.grad_clip, slime: --clip-grad)."""
 
     def __post_init__(self):
-        _check(self.lr > 0, "optimizer.lr", f"({self.lr}) must be > 0")
-        _check(0 <= self.min_lr <= self.lr, "optimizer.min_lr", f"({self.min_lr}) must be in [0, optimizer.lr = {self.lr}]")
-        _check(self.clip_grad >= 0, "optimizer.clip_grad", f"({self.clip_grad}) must be >= 0")
+        _require(self.lr > 0, "optimizer.lr", f"({self.lr}) must be > 0")
+        _require(0 <= self.min_lr <= self.lr, "optimizer.min_lr", f"({self.min_lr}) must be in [0, lr] = [0, {self.lr}]")
+        _require(self.weight_decay >= 0, "optimizer.weight_decay", f"({self.weight_decay}) must be >= 0")
+        for name in ("adam_beta1", "adam_beta2"):
+            value = getattr(self, name)
+            _require(0 <= value < 1, f"optimizer.{name}", f"({value}) must be in [0, 1)")
+        _require(self.adam_eps > 0, "optimizer.adam_eps", f"({self.adam_eps}) must be > 0")
+        _require(self.clip_grad >= 0, "optimizer.clip_grad", f"({self.clip_grad}) must be >= 0 (0 disables clipping)")
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)
 class TrainConfig:
+    """The policy update: RL steps, the batch hierarchy, optimizer and schedule."""
+
     steps: int = 200
-    """RL steps (rollout + update) to run."""
+    """RL steps to run; a step rolls out, scores and trains on one train batch (verl:
+    trainer.total_training_steps, slime: --num-rollout)."""
     global_batch_size: int = 128
-    """Samples trained on per RL step (the train batch); it holds at least one rollout round."""
+    """Samples (prompt + response) trained on per RL step: the train batch. It holds at least one
+    rollout round (rollout.batch_size x n_samples_per_prompt) and whole groups; the step rolls out
+    rounds until it is full (LightRFT: --train_batch_size)."""
     mini_batch_size: int = 64
-    """Samples per optimizer step (verl: ppo_mini_batch_size x n)."""
+    """Samples per optimizer step (verl: actor.ppo_mini_batch_size x rollout.n, slime:
+    --global-batch-size)."""
     micro_batch_size: int = 8
-    """Samples per forward/backward on each data-parallel rank (verl: ppo_micro_batch_size_per_gpu)."""
+    """Samples per forward/backward on each data-parallel rank (verl: ppo_micro_batch_size_per_gpu,
+    slime: --micro-batch-size)."""
     dynamic_batch: bool = False
-    """Pack micro-batches up to max_tokens_per_micro_batch tokens instead of a fixed size."""
+    """Fill micro-batches up to max_tokens_per_micro_batch tokens instead of micro_batch_size samples
+    (verl: actor.use_dynamic_bsz, slime: --use-dynamic-batch-size)."""
     max_tokens_per_micro_batch: int = 4096
-    """Token budget of a dynamic micro-batch (verl: ppo_max_token_len_per_gpu)."""
+    """Token budget of one dynamic micro-batch on each data-parallel rank (verl:
+    ppo_max_token_len_per_gpu, slime: --max-tokens-per-gpu)."""
     ppo_epochs: int = 1
-    """Passes over each train batch."""
+    """Passes over each train batch (verl: actor.ppo_epochs)."""
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
-    """Policy optimizer (Adam through Megatron's optimizer)."""
+    """Policy optimizer: Adam through Megatron's optimizer."""
     lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
-    """Decay after warm-up."""
+    """Learning-rate decay after warm-up, from optimizer.lr to optimizer.min_lr over the run
+    (verl: optim.warmup_style, slime: --lr-decay-style)."""
     lr_warmup_steps: int = 0
-    """Optimizer steps of linear warm-up."""
+    """Optimizer steps of linear warm-up from 0 to optimizer.lr (slime: --lr-warmup-iters)."""
     use_distributed_optimizer: bool = True
-    """Shard optimizer state over data-parallel ranks (Megatron's distributed optimizer)."""
+    """Shard the optimizer state over data-parallel ranks (Megatron/slime: --use-distributed-optimizer)."""
     max_consecutive_nan_steps: int = 3
-    """Steps with a NaN/inf gradient are skipped; this many in a row stop the run."""
+    """Optimizer steps with a NaN/inf gradient are skipped; this many in a row stop the run."""
     eval_every: int = 10
-    """Evaluate on the validation set every N steps (0: never)."""
+    """Validate every N RL steps; 0: never (verl: trainer.test_freq, slime: --eval-interval)."""
     seed: int = 42
-    """Training seed."""
+    """Seed of batch shuffling between mini-batches."""
 
     def __post_init__(self):
-        for name in ("steps", "global_batch_size", "mini_batch_size", "micro_batch_size", "max_tokens_per_micro_batch", "ppo_epochs", "max_consecutive_nan_steps"):
+        _require_positive(
+            self, "train", ("steps", "global_batch_size", "mini_batch_size", "micro_batch_size", "max_tokens_per_micro_batch", "ppo_epochs", "max_consecutive_nan_steps")
+        )
+        for name in ("lr_warmup_steps", "eval_every"):
             value = getattr(self, name)
-            _check(value >= 1, f"train.{name}", f"({value}) must be >= 1")
-        _check(self.lr_warmup_steps >= 0, "train.lr_warmup_steps", f"({self.lr_warmup_steps}) must be >= 0")
-        _check(self.eval_every >= 0, "train.eval_every", f"({self.eval_every}) must be >= 0")
+            _require(value >= 0, f"train.{name}", f"({value}) must be >= 0")
+
+    def optimizer_steps(self) -> int:
+        """Optimizer steps in the whole run: steps x ppo_epochs x (global / mini batch)."""
+        return self.steps * self.ppo_epochs * (self.global_batch_size // self.mini_batch_size)
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)
 class CriticConfig:
+    """The value model, trained when ``algorithm.advantage_estimator`` is gae (:attr:`Config.critic_enabled`)."""
+
     path: Optional[str] = None
-    """Critic initialisation (HF directory); None: the policy's weights with a fresh value head."""
+    """Critic initialisation, a HF directory; null: the policy's weights with a fresh value head
+    (verl: critic.model.path, OpenRLHF: --critic_pretrain)."""
     optimizer: OptimizerConfig = dataclasses.field(default_factory=lambda: OptimizerConfig(lr=1e-5))
-    """Critic optimizer."""
+    """Critic optimizer (verl: critic.optim, OpenRLHF: --critic_learning_rate)."""
     value_clip: Optional[float] = 0.5
-    """Value-loss clipping range around the old values; None disables it."""
+    """Value-loss clipping around the old values; null disables it (verl: critic.cliprange_value)."""
     warmup_steps: int = 0
-    """RL steps that train only the critic."""
+    """First RL steps that train only the critic (verl: trainer.critic_warmup)."""
 
     def __post_init__(self):
-        _check(self.warmup_steps >= 0, "critic.warmup_steps", f"({self.warmup_steps}) must be >= 0")
+        _require(self.value_clip is None or self.value_clip > 0, "critic.value_clip", f"({self.value_clip}) must be > 0, or null")
+        _require(self.warmup_steps >= 0, "critic.warmup_steps", f"({self.warmup_steps}) must be >= 0")
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)
 class CheckpointConfig:
+    """Saving and resuming."""
+
     dir: Optional[str] = None
-    """Checkpoint root; None: ``<run dir>/checkpoints``."""
+    """Checkpoint root; null: ``<run dir>/checkpoints`` (verl: trainer.default_local_dir, slime: --save)."""
     save_every: int = 0
-    """Save every N steps (0: only at the end)."""
+    """Save every N RL steps; 0: only at the end (verl: trainer.save_freq, slime: --save-interval)."""
     keep_last: int = 2
-    """Committed checkpoints to keep."""
+    """Committed checkpoints to keep (verl: trainer.max_actor_ckpt_to_keep)."""
     resume: str = "auto"
-    """``auto`` (latest committed checkpoint, if any), ``never``, or a checkpoint path."""
+    """``auto``: the latest committed checkpoint if there is one; ``never``; or a checkpoint path
+    (verl: trainer.resume_mode / resume_from_path, slime: --load)."""
     save_hf: bool = False
-    """Also export the final policy as a HF directory."""
+    """Also export the final policy as a HF directory (OpenRLHF: --save_hf_ckpt)."""
 
     def __post_init__(self):
-        _check(self.save_every >= 0, "checkpoint.save_every", f"({self.save_every}) must be >= 0")
-        _check(self.keep_last >= 1, "checkpoint.keep_last", f"({self.keep_last}) must be >= 1")
+        _require(self.save_every >= 0, "checkpoint.save_every", f"({self.save_every}) must be >= 0")
+        _require(self.keep_last >= 1, "checkpoint.keep_last", f"({self.keep_last}) must be >= 1")
+        _require(bool(self.resume), "checkpoint.resume", "must be 'auto', 'never' or a checkpoint path")
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)
 class LoggingConfig:
+    """The run directory and the metrics sinks."""
+
     name: str = "megarl"
-    """Run name."""
-    run_dir: Optional[str] = None
-    """Where metrics.jsonl, the resolved config and checkpoints go; None: ``runs/<name>``."""
+    """Run name (verl: trainer.experiment_name, slime: --wandb-group)."""
+    run_dir: str = "runs/{name}"
+    """Where metrics.jsonl, the resolved config and (by default) checkpoints go; ``{name}`` is
+    replaced by the run name."""
     console: bool = True
-    """Print a line per step."""
+    """Print a line of metrics every log_every steps."""
     tensorboard: bool = False
-    """Write TensorBoard events."""
+    """Write TensorBoard events under the run directory (OpenRLHF: --use_tensorboard)."""
     wandb: bool = False
-    """Log to Weights & Biases."""
+    """Log to Weights & Biases (slime: --use-wandb)."""
     wandb_project: str = "megarl"
-    """W&B project."""
+    """W&B project (verl: trainer.project_name, slime: --wandb-project)."""
     wandb_mode: Literal["online", "offline", "disabled"] = "offline"
-    """W&B mode; offline works without network."""
+    """W&B mode; offline needs no network (slime: --wandb-mode)."""
     log_every: int = 1
-    """Log every N steps."""
+    """Log every N RL steps (OpenRLHF: --logging_steps)."""
 
     def __post_init__(self):
-        _check(self.log_every >= 1, "logging.log_every", f"({self.log_every}) must be >= 1")
+        _require(bool(self.name) and "/" not in self.name, "logging.name", f"({self.name!r}) must be a non-empty name without '/'")
+        _require(bool(self.run_dir), "logging.run_dir", "must be a directory, e.g. runs/{name}")
+        _require(self.log_every >= 1, "logging.log_every", f"({self.log_every}) must be >= 1")
+
+    def resolved_run_dir(self) -> Path:
+        """``run_dir`` with ``{name}`` replaced by the run name."""
+        return Path(self.run_dir.replace("{name}", self.name))
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)
 class Config:
+    """A whole run: one section per component."""
+
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
-    """The policy model."""
+    """The policy model and how its layers are built."""
     parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
-    """The training layout."""
+    """The training layout (TP, PP, VPP, CP, EP, ETP, SP); DP is derived from the world size."""
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
-    """Prompts."""
+    """Prompt datasets and length limits."""
     rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
-    """Generation."""
+    """Generation: engines, sampling, weight updates."""
     algorithm: AlgorithmConfig = dataclasses.field(default_factory=AlgorithmConfig)
-    """Advantages, losses, KL, filters."""
+    """Advantages, policy loss, KL, mismatch corrections, reward shaping and filters."""
     reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
     """Scoring."""
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
-    """The update."""
+    """The policy update: batch sizes, optimizer, schedule."""
     critic: CriticConfig = dataclasses.field(default_factory=CriticConfig)
-    """The value model (advantage_estimator = gae)."""
+    """The value model; trained only when algorithm.advantage_estimator is gae."""
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     """Saving and resuming."""
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
-    """Metrics."""
+    """Metrics sinks and the run directory."""
+
+    @property
+    def critic_enabled(self) -> bool:
+        """Whether the run trains a critic: derived from the estimator (gae needs values)."""
+        return self.algorithm.advantage_estimator == "gae"
+
+    def resolved_checkpoint_dir(self) -> Path:
+        """``checkpoint.dir``, or ``<run dir>/checkpoints`` when it is null."""
+        if self.checkpoint.dir is not None:
+            return Path(self.checkpoint.dir)
+        return self.logging.resolved_run_dir() / "checkpoints"
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every field, defaults included, as plain YAML-safe values (tuples become lists)."""
+        return _plain(self)
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return {field.name: _plain(getattr(value, field.name)) for field in dataclasses.fields(value)}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value
 
 
 # Loading: YAML and overrides, strictly typed.
 
 
-def _all_keys(cls, prefix: str = "") -> list[str]:
-    keys = []
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    """Field name -> resolved annotation (the module uses postponed annotations)."""
     hints = typing.get_type_hints(cls)
-    for field in dataclasses.fields(cls):
-        key = f"{prefix}{field.name}"
-        keys.append(key)
-        if dataclasses.is_dataclass(hints[field.name]):
-            keys += _all_keys(hints[field.name], key + ".")
-    return keys
+    return {field.name: hints[field.name] for field in dataclasses.fields(cls)}
+
+
+def _is_section(annotation: Any) -> bool:
+    return isinstance(annotation, type) and dataclasses.is_dataclass(annotation)
+
+
+@functools.cache
+def _all_keys(cls: type = Config, prefix: str = "") -> tuple[str, ...]:
+    keys: list[str] = []
+    for name, annotation in _field_types(cls).items():
+        keys.append(prefix + name)
+        if _is_section(annotation):
+            keys += _all_keys(annotation, f"{prefix}{name}.")
+    return tuple(keys)
 
 
 def _unknown_key(key: str, source: str) -> ConfigError:
-    """An error for ``key``, suggesting the valid key nearest to it: one with the same last part
-    (``train.lr`` -> ``train.optimizer.lr``), else the closest spelling."""
-    candidates = _all_keys(Config)
+    """An error for ``key`` naming the nearest valid key among all dotted keys: first one ending in
+    the same name (``train.lr`` -> ``train.optimizer.lr``), else the closest spelling."""
+    candidates = _all_keys()
     leaf = key.rsplit(".", 1)[-1]
-    same_leaf = [c for c in candidates if c.rsplit(".", 1)[-1] == leaf]
-    nearest = difflib.get_close_matches(key, same_leaf, n=1, cutoff=0.0) or difflib.get_close_matches(
-        key, candidates, n=1, cutoff=0.5
-    )
+    same_leaf = [candidate for candidate in candidates if candidate.rsplit(".", 1)[-1] == leaf]
+    nearest = difflib.get_close_matches(key, same_leaf, n=1, cutoff=0.0) or difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
     hint = f" — did you mean `{nearest[0]}`?" if nearest else ""
     return ConfigError(f"{source}: unknown key `{key}`{hint}")
 
 
-def _qualify(error: ConfigError, prefix: str) -> str:
-    """A ``__post_init__`` message names its field as ``section.field``; dataclasses shared by
-    several sections (the optimizer) cannot know theirs, so the loader writes the full key."""
-    message = str(error)
-    if not message.startswith("`"):
-        return message
-    end = message.index("`", 1)
-    leaf = message[1:end].rsplit(".", 1)[-1]
-    return f"`{prefix}{leaf}`{message[end + 1:]}"
+_SCALARS = {bool: ("true or false", "booleans"), int: ("an integer", "integers"), float: ("a number", "numbers"), str: ("a string", "strings")}
 
 
-def _type_name(annotation) -> str:
-    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+def _leaf_key(key: str, value: Any) -> str:
+    """``key`` extended along the first nested mapping of ``value`` to a leaf: the key the user
+    meant to set (``trian`` with ``{steps: 3}`` -> ``trian.steps``), so that the suggestion is the
+    nearest leaf (``train.steps``)."""
+    while isinstance(value, dict) and value:
+        name, value = next(iter(value.items()))
+        key = f"{key}.{name}"
+    return key
 
 
-def _convert(value: Any, annotation, key: str, source: str) -> Any:
-    """``value`` checked and converted to ``annotation``; ConfigError naming ``key`` otherwise."""
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
+def _describe(annotation: Any) -> str:
+    """``annotation`` (not Optional) as the error messages say it: "an integer", "one of 'a', 'b'",
+    "a list of 2 numbers" (lists and tuples of one item type)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(arg) for arg in args)
+    if origin in (list, tuple):
+        count = "" if origin is list or args[-1] is Ellipsis else f"{len(args)} "
+        return f"a list of {count}{_SCALARS[args[0]][1]}"
+    return _SCALARS[annotation][0]
+
+
+# YAML 1.1 reads `1e-6` (no dot) as a string; a float field accepts what is clearly a number.
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _convert(value: Any, annotation: Any, key: str, source: str, nullable: bool = False) -> Any:
+    """``value`` checked against (and converted to) ``annotation``; ``nullable`` says that the
+    field is ``Optional[annotation]``, for the message.
+
+    Raises:
+        ConfigError: naming ``source``, ``key``, the value and the expected type.
+    """
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+
+    def mismatch() -> ConfigError:
+        expected = _describe(annotation)
+        return ConfigError(f"{source}: `{key}` = {value!r} must be {'null or ' if nullable else ''}{expected}")
+
     if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
+        if value is None:
             return None
-        inner = [a for a in args if a is not type(None)]
-        return _convert(value, inner[0], key, source)
+        (inner,) = [arg for arg in args if arg is not type(None)]
+        return _convert(value, inner, key, source, nullable=True)
     if origin is Literal:
         if value not in args:
-            raise ConfigError(f"{source}: `{key}` = {value!r} is not one of {', '.join(repr(a) for a in args)}")
+            raise mismatch()
         return value
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{source}: `{key}` = {value!r} must be a list")
-        return [_convert(item, args[0], f"{key}[{i}]", source) for i, item in enumerate(value)]
-    if annotation is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{source}: `{key}` = {value!r} must be true or false")
-        return value
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{source}: `{key}` = {value!r} must be an integer")
-        return value
-    if annotation is float:
-        if isinstance(value, str):
-            # YAML 1.1 reads `1e-6` (no dot) as a string; accept what Python reads as a number.
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{source}: `{key}` = {value!r} must be a number")
-        return float(value)
-    if annotation is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{source}: `{key}` = {value!r} must be a string")
-        return value
-    raise ConfigError(f"{source}: `{key}` has unsupported type {_type_name(annotation)}")
-
-
-def _build(cls, values: dict[str, Any], prefix: str, source: str):
-    """Instantiate dataclass ``cls`` from a nested dict, strictly."""
-    if not isinstance(values, dict):
-        raise ConfigError(f"{source}: `{prefix.rstrip('.') or 'config'}` must be a mapping, got {values!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {field.name: field for field in dataclasses.fields(cls)}
-    for key in values:
-        if key not in fields:
-            raise _unknown_key(f"{prefix}{key}", source)
-    kwargs = {}
-    for name, value in values.items():
-        annotation = hints[name]
-        if dataclasses.is_dataclass(annotation):
-            # Start from the section's own default (critic.optimizer's lr differs from the
-            # optimizer class default), then apply what was given.
-            default = fields[name].default_factory()
-            if isinstance(value, dict):
-                value = _deep_merge(dataclasses.asdict(default), value)
-            kwargs[name] = _build(annotation, value, f"{prefix}{name}.", source)
-        elif isinstance(value, dict) and value:
-            # A section given under a plain field: `train.steps.x=1`.
-            raise _unknown_key(f"{prefix}{name}.{next(iter(value))}", source)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise mismatch()
+        if origin is list or args[-1] is Ellipsis:
+            item_types = [args[0]] * len(value)
+        elif len(value) != len(args):
+            raise mismatch()
         else:
-            kwargs[name] = _convert(value, annotation, f"{prefix}{name}", source)
+            item_types = list(args)
+        items = [_convert(item, item_type, f"{key}[{index}]", source) for index, (item, item_type) in enumerate(zip(value, item_types))]
+        return items if origin is list else tuple(items)
+    if annotation is float and isinstance(value, str) and _NUMBER.fullmatch(value):
+        return float(value)
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if type(value) is not annotation:
+        raise mismatch()
+    return value
+
+
+def _typed(cls: type, raw: Any, prefix: str, source: str) -> dict[str, Any]:
+    """Check a nested mapping from ``source`` against section ``cls``: keys exist, values have
+    their field's type. Returns the mapping with converted values (sections as nested dicts)."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        where = f"`{prefix[:-1]}`" if prefix else "the top level"
+        raise ConfigError(f"{source}: {where} must be a mapping of field: value, got {raw!r}")
+    types_by_name = _field_types(cls)
+    typed: dict[str, Any] = {}
+    for name, value in raw.items():
+        key = f"{prefix}{name}"
+        if name not in types_by_name:
+            raise _unknown_key(_leaf_key(key, value), source)
+        annotation = types_by_name[name]
+        if _is_section(annotation):
+            typed[name] = _typed(annotation, value, f"{key}.", source)
+        elif isinstance(value, dict) and value:
+            raise _unknown_key(_leaf_key(key, value), source)
+        else:
+            typed[name] = _convert(value, annotation, key, source)
+    return typed
+
+
+def _merge(into: dict[str, Any], update: dict[str, Any], origins: dict[str, str], source: str, prefix: str = "") -> None:
+    """Merge ``update`` into ``into`` (nested mappings merge, values replace) and record ``source``
+    as the origin of every value it sets."""
+    for name, value in update.items():
+        key = f"{prefix}{name}"
+        if isinstance(value, dict):
+            _merge(into.setdefault(name, {}), value, origins, source, f"{key}.")
+        else:
+            into[name] = value
+            origins.pop(key, None)  # keep the latest setting last
+            origins[key] = source
+
+
+def _origin(key: str, prefix: str, origins: dict[str, str], fallback_source: str) -> str:
+    """Where ``key``'s value came from; for a field left at its default (``reward.function``
+    missing), where the section's latest value came from (``reward.type=function``)."""
+    if key in origins:
+        return origins[key]
+    in_section = [source for set_key, source in origins.items() if set_key.startswith(prefix)]
+    return in_section[-1] if in_section else fallback_source
+
+
+def _instantiate(cls: type, typed: dict[str, Any], base: Any, prefix: str, origins: dict[str, str], fallback_source: str) -> Any:
+    """Section ``cls`` from ``base`` (its default instance) with the ``typed`` values applied; a
+    range error names the full key and the file or override its value came from."""
+    kwargs = {field.name: getattr(base, field.name) for field in dataclasses.fields(cls)}
+    for name, annotation in _field_types(cls).items():
+        if name not in typed:
+            continue
+        if _is_section(annotation):
+            kwargs[name] = _instantiate(annotation, typed[name], kwargs[name], f"{prefix}{name}.", origins, fallback_source)
+        else:
+            kwargs[name] = typed[name]
     try:
         return cls(**kwargs)
-    except ConfigError as error:
-        raise ConfigError(f"{source}: {_qualify(error, prefix)}") from None
-
-
-def _deep_merge(base: dict, update: dict) -> dict:
-    merged = dict(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
-def _merge(base: dict, key: str, value: Any, source: str) -> None:
-    parts = key.split(".")
-    node = base
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise _unknown_key(key, source)
-        node = child
-    node[parts[-1]] = value
+    except FieldError as error:
+        key = prefix + error.key.rsplit(".", 1)[-1]
+        raise ConfigError(f"{_origin(key, prefix, origins, fallback_source)}: `{key}` {error.problem}") from None
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """``key.sub=value`` -> (key, value parsed as a YAML scalar or list)."""
-    if "=" not in text:
+    """Split a command-line override.
+
+    Args:
+        text: ``key.sub=value``; the value is read as YAML (``10``, ``1e-3``, ``true``, ``null``,
+            ``[1, 2]``; an empty value is null).
+
+    Returns:
+        The dotted key and the parsed value.
+
+    Raises:
+        ConfigError: no ``=``, no key, or a value that is not valid YAML.
+    """
+    key, separator, raw = text.partition("=")
+    key = key.strip()
+    if not separator:
         raise ConfigError(f"override `{text}` must look like key.sub=value (e.g. train.steps=10)")
-    key, raw = text.split("=", 1)
-    if not key:
-        raise ConfigError(f"override `{text}` has no key before '='")
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    if not key or "" in key.split("."):
+        raise ConfigError(f"override `{text}` needs a dotted key before '=' (e.g. train.steps=10)")
+    try:
+        return key, yaml.safe_load(raw)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"override `{text}`: the value is not valid YAML ({error.problem})") from None
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Read a YAML config (or only defaults when ``path`` is None) and apply ``key=value`` overrides.
+def _nest(key: str, value: Any) -> dict[str, Any]:
+    """``"a.b.c", v`` -> ``{"a": {"b": {"c": v}}}``."""
+    nested: Any = value
+    for part in reversed(key.split(".")):
+        nested = {part: nested}
+    return nested
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
+    """Read a YAML config and apply command-line overrides, strictly.
+
+    Args:
+        path: the YAML file; None starts from the defaults alone.
+        overrides: ``key.sub=value`` strings, applied in order after the file.
+
+    Returns:
+        The config, every field filled (defaults live only in the dataclasses).
 
     Raises:
         ConfigError: an unknown key (with the nearest valid one), a wrong type, or a value out of
-            range; the message names the file or ``override`` and the field.
+            range; the message names the file or the override, and the dotted key.
     """
     values: dict[str, Any] = {}
-    source = "defaults"
+    origins: dict[str, str] = {}
+    fallback_source = "overrides"
     if path is not None:
-        source = str(path)
+        fallback_source = str(path)
         try:
-            loaded = yaml.safe_load(Path(path).read_text())
+            raw = yaml.safe_load(Path(path).read_text())
         except FileNotFoundError:
             raise ConfigError(f"config file {path} does not exist") from None
         except yaml.YAMLError as error:
             raise ConfigError(f"{path}: not valid YAML: {error}") from None
-        values = loaded or {}
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, train:, ...)")
+        _merge(values, _typed(Config, raw, "", str(path)), origins, str(path))
     for override in overrides:
-        key, value = parse_override(override)
-        _merge(values, key, value, f"override `{override}`")
-    return _build(Config, values, "", "override" if path is None and overrides else source)
+        source = f"override `{override}`"
+        _merge(values, _typed(Config, _nest(*parse_override(override)), "", source), origins, source)
+    return _instantiate(Config, values, Config(), "", origins, fallback_source)
 
 
 def save_config(config: Config, path: str | Path) -> None:
-    """Write the resolved config as YAML (loadable by :func:`load_config`)."""
+    """Write ``config`` as YAML with every field, loadable again by :func:`load_config`."""
     Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
@@ -662,154 +903,293 @@ def save_config(config: Config, path: str | Path) -> None:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class ModelFacts:
-    """The model dimensions validation needs, read from config.json alone."""
+    """The model dimensions validation needs, read from a HF config.json alone (no weights)."""
 
     num_layers: int
+    """Transformer layers (num_hidden_layers)."""
     num_attention_heads: int
+    """Query heads."""
     num_query_groups: int
+    """Key/value heads (num_key_value_heads; equal to the heads without GQA)."""
     num_experts: int
-    """0 for a dense model."""
+    """Routed experts per MoE layer; 0 for a dense model."""
     vocab_size: int
+    """Vocabulary entries (before Megatron pads it)."""
     max_position_embeddings: int
+    """Longest sequence the position embedding covers, tokens."""
 
     @classmethod
     def from_hf_dir(cls, path: str | Path) -> ModelFacts:
+        """Read ``path/config.json``.
+
+        Args:
+            path: a HF model directory.
+
+        Raises:
+            ConfigError: the file is missing, is not JSON, or lacks a required key.
+        """
         config_file = Path(path) / "config.json"
         try:
-            config = json.loads(config_file.read_text())
+            hf_config = json.loads(config_file.read_text())
         except FileNotFoundError:
-            raise ConfigError(f"`model.path`: {config_file} does not exist; give a HF model directory") from None
-        heads = config["num_attention_heads"]
+            raise ConfigError(f"{config_file} does not exist: a model path must be a HF model directory holding config.json") from None
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"{config_file}: not valid JSON ({error})") from None
+        missing = [key for key in ("num_hidden_layers", "num_attention_heads", "vocab_size", "max_position_embeddings") if key not in hf_config]
+        if missing:
+            raise ConfigError(f"{config_file}: missing {', '.join(missing)}")
+        experts = hf_config.get("num_experts") or hf_config.get("num_local_experts") or hf_config.get("n_routed_experts") or 0
         return cls(
-            num_layers=config["num_hidden_layers"],
-            num_attention_heads=heads,
-            num_query_groups=config.get("num_key_value_heads") or heads,
-            num_experts=config.get("num_experts") or config.get("num_local_experts") or config.get("n_routed_experts") or 0,
-            vocab_size=config["vocab_size"],
-            max_position_embeddings=config.get("max_position_embeddings", 0),
+            num_layers=hf_config["num_hidden_layers"],
+            num_attention_heads=hf_config["num_attention_heads"],
+            num_query_groups=hf_config.get("num_key_value_heads") or hf_config["num_attention_heads"],
+            num_experts=experts,
+            vocab_size=hf_config["vocab_size"],
+            max_position_embeddings=hf_config["max_position_embeddings"],
         )
 
 
-def validate(config: Config, world_size: int, facts: ModelFacts) -> None:
-    """Check the config against itself, the model and the world size; raise one ConfigError that
-    lists every violation, each with its fix."""
-    errors: list[str] = []
-    p, t, r = config.parallel, config.train, config.rollout
-    tp, pp, cp, ep, etp = p.tensor, p.pipeline, p.context, p.expert, p.expert_tensor_size
-    model_parallel = tp * pp * cp
+def _divisors(number: int) -> list[int]:
+    return [candidate for candidate in range(1, number + 1) if number % candidate == 0]
+
+
+def _one_of(options: Sequence[int]) -> str:
+    """``[1, 2, 4]`` -> ``"1, 2 or 4"``."""
+    words = [str(option) for option in options]
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} or {words[-1]}"
+
+
+def _layout_errors(config: Config, world_size: int, model_facts: ModelFacts) -> list[str]:
+    parallel = config.parallel
+    tp, pp, cp, vpp = parallel.tensor, parallel.pipeline, parallel.context, parallel.virtual_pipeline
+    ep, etp = parallel.expert, parallel.expert_tensor_size
+    errors = []
+    model_parallel = parallel.model_parallel()
     if world_size % model_parallel:
         errors.append(
-            f"world size ({world_size}) must be TP x PP x CP x DP: `parallel.tensor` ({tp}) x "
-            f"`parallel.pipeline` ({pp}) x `parallel.context` ({cp}) = {model_parallel} does not divide it; "
-            f"change the layout or run {model_parallel * max(1, world_size // model_parallel)} processes"
+            f"world size ({world_size}) must be TP x PP x CP x DP, but `parallel.tensor` ({tp}) x "
+            f"`parallel.pipeline` ({pp}) x `parallel.context` ({cp}) = {model_parallel} does not divide it: "
+            f"run a multiple of {model_parallel} processes or change the layout"
         )
-    dp = max(1, world_size // model_parallel)
-    if facts.num_attention_heads % tp:
-        errors.append(f"`parallel.tensor` ({tp}) must divide the attention heads ({facts.num_attention_heads})")
-    if facts.num_query_groups % tp:
-        errors.append(
-            f"`parallel.tensor` ({tp}) must divide the query groups (num_key_value_heads = "
-            f"{facts.num_query_groups}); choose a TP that divides {facts.num_query_groups}"
-        )
-    if facts.num_experts == 0:
+    head_counts = {"attention heads": model_facts.num_attention_heads, "query groups (num_key_value_heads)": model_facts.num_query_groups}
+    for what, count in head_counts.items():
+        if count % tp:
+            errors.append(f"`parallel.tensor` ({tp}) must divide the model's {what} ({count}): set parallel.tensor to {_one_of(_divisors(count))}")
+    if model_facts.num_experts == 0:
         if ep > 1:
-            errors.append(f"`parallel.expert` ({ep}) > 1 needs an MoE model; this model is dense: set parallel.expert=1")
-        if p.expert_tensor is not None:
-            errors.append("`parallel.expert_tensor` is set but the model is dense: remove it")
+            errors.append(f"`parallel.expert` ({ep}) > 1 needs an MoE model, but the model is dense: set parallel.expert=1")
+        if parallel.expert_tensor is not None:
+            errors.append(f"`parallel.expert_tensor` ({parallel.expert_tensor}) is set but the model is dense: set parallel.expert_tensor=null")
     else:
-        if facts.num_experts % ep:
-            errors.append(f"`parallel.expert` ({ep}) must divide the experts ({facts.num_experts})")
+        if model_facts.num_experts % ep:
+            errors.append(
+                f"`parallel.expert` ({ep}) must divide the model's experts ({model_facts.num_experts}): "
+                f"set parallel.expert to {_one_of(_divisors(model_facts.num_experts))}"
+            )
         if world_size % (ep * etp * pp):
             errors.append(
                 f"`parallel.expert` ({ep}) x expert tensor parallel ({etp}) x `parallel.pipeline` ({pp}) = "
-                f"{ep * etp * pp} must divide the world size ({world_size}): experts are spread over the "
-                f"TP x CP x DP ranks of each stage ({tp * cp * dp})"
+                f"{ep * etp * pp} must divide the world size ({world_size}): each stage's experts are spread over its "
+                f"TP x CP x DP ranks; run {parallel.min_world_size()} processes (or a multiple) or lower parallel.expert"
             )
-        if tp > 1 and not p.sequence_parallel:
+        if tp > 1 and not parallel.sequence_parallel:
             errors.append(
-                f"`parallel.tensor` ({tp}) > 1 on an MoE model needs `parallel.sequence_parallel`: "
-                f"set parallel.sequence_parallel=true (Megatron requires it)"
+                f"`parallel.tensor` ({tp}) > 1 on an MoE model needs `parallel.sequence_parallel` (Megatron's MoE "
+                f"layer refuses to train without it): set parallel.sequence_parallel=true"
             )
         if etp != tp and ep == 1:
             errors.append(
-                f"`parallel.expert_tensor` ({etp}) != `parallel.tensor` ({tp}) needs `parallel.expert` > 1: "
-                f"with EP = 1 megatron-core 0.16 reduces expert gradients over the dense data-parallel "
-                f"group only; set parallel.expert_tensor=null or raise parallel.expert"
+                f"`parallel.expert_tensor` ({etp}) != `parallel.tensor` ({tp}) needs `parallel.expert` > 1 (with "
+                f"EP = 1 megatron-core 0.16 reduces expert gradients over the dense data-parallel group only): "
+                f"set parallel.expert_tensor=null or raise parallel.expert"
             )
-    if facts.num_layers % pp:
-        errors.append(f"`parallel.pipeline` ({pp}) must divide the layers ({facts.num_layers})")
-    if p.virtual_pipeline is not None:
-        if pp == 1:
-            errors.append(f"`parallel.virtual_pipeline` ({p.virtual_pipeline}) needs `parallel.pipeline` > 1")
-        elif facts.num_layers % (pp * p.virtual_pipeline):
-            errors.append(
-                f"`parallel.pipeline` ({pp}) x `parallel.virtual_pipeline` ({p.virtual_pipeline}) must "
-                f"divide the layers ({facts.num_layers})"
-            )
-    if p.sequence_parallel and tp == 1:
-        errors.append("`parallel.sequence_parallel` needs `parallel.tensor` > 1: set it to false or raise TP")
-    sequence = config.data.max_prompt_length + config.data.max_response_length
+    if model_facts.num_layers % pp:
+        errors.append(
+            f"`parallel.pipeline` ({pp}) must divide the model's layers ({model_facts.num_layers}): "
+            f"set parallel.pipeline to {_one_of(_divisors(model_facts.num_layers))}"
+        )
+    if vpp is not None and pp == 1:
+        errors.append(
+            f"`parallel.virtual_pipeline` ({vpp}) needs `parallel.pipeline` > 1: set parallel.virtual_pipeline=null "
+            f"or raise parallel.pipeline"
+        )
+    elif vpp is not None and model_facts.num_layers % pp == 0 and model_facts.num_layers % (pp * vpp):
+        errors.append(
+            f"`parallel.pipeline` ({pp}) x `parallel.virtual_pipeline` ({vpp}) = {pp * vpp} must divide the model's "
+            f"layers ({model_facts.num_layers}): set parallel.virtual_pipeline to {_one_of(_divisors(model_facts.num_layers // pp))}"
+        )
+    if parallel.sequence_parallel and tp == 1:
+        errors.append("`parallel.sequence_parallel` needs `parallel.tensor` > 1: set parallel.sequence_parallel=false or raise parallel.tensor")
+    heads = model_facts.num_attention_heads
+    if heads % config.rollout.engine_tensor_parallel:
+        errors.append(
+            f"`rollout.engine_tensor_parallel` ({config.rollout.engine_tensor_parallel}) must divide the model's attention "
+            f"heads ({heads}): set it to {_one_of(_divisors(heads))}"
+        )
+    return errors
+
+
+def _sequence_errors(config: Config, model_facts: ModelFacts) -> list[str]:
+    data, cp = config.data, config.parallel.context
+    sequence = data.max_prompt_length + data.max_response_length
+    lengths = f"`data.max_prompt_length` + `data.max_response_length` ({data.max_prompt_length} + {data.max_response_length} = {sequence})"
+    errors = []
     if cp > 1 and sequence % (2 * cp):
+        padded = -(-sequence // (2 * cp)) * 2 * cp
         errors.append(
-            f"`data.max_prompt_length` + `data.max_response_length` ({sequence}) must be divisible by "
-            f"2 x `parallel.context` ({2 * cp}): each CP rank holds two load-balanced chunks"
+            f"{lengths} must be divisible by 2 x `parallel.context` ({2 * cp}): each CP rank holds two load-balanced "
+            f"chunks; raise data.max_prompt_length by {padded - sequence}"
         )
-    if facts.max_position_embeddings and sequence > facts.max_position_embeddings:
+    if sequence > model_facts.max_position_embeddings:
         errors.append(
-            f"`data.max_prompt_length` + `data.max_response_length` ({sequence}) exceeds the model's "
-            f"max_position_embeddings ({facts.max_position_embeddings})"
+            f"{lengths} exceeds the model's max_position_embeddings ({model_facts.max_position_embeddings}): lower them"
         )
-    round_size = r.batch_size * r.n_samples_per_prompt
-    if t.global_batch_size < round_size:
+    if config.train.dynamic_batch and config.train.max_tokens_per_micro_batch < sequence:
         errors.append(
-            f"`train.global_batch_size` ({t.global_batch_size}) must be >= `rollout.batch_size` "
-            f"({r.batch_size}) x `rollout.n_samples_per_prompt` ({r.n_samples_per_prompt}) = {round_size}: "
-            f"the train batch holds at least one rollout round"
+            f"`train.max_tokens_per_micro_batch` ({config.train.max_tokens_per_micro_batch}) must hold one full sequence, "
+            f"{lengths}: set it to at least {sequence}"
         )
-    if t.global_batch_size % r.n_samples_per_prompt:
+    out_of_vocab = [token for token in config.rollout.stop_token_ids if token >= model_facts.vocab_size]
+    if out_of_vocab:
+        errors.append(f"`rollout.stop_token_ids` {out_of_vocab} are outside the model's vocabulary (size {model_facts.vocab_size}): remove them")
+    algorithm = config.algorithm
+    if algorithm.overlong_penalty and algorithm.overlong_buffer_length > data.max_response_length:
         errors.append(
-            f"`train.global_batch_size` ({t.global_batch_size}) must be a multiple of "
-            f"`rollout.n_samples_per_prompt` ({r.n_samples_per_prompt}) (whole groups)"
+            f"`algorithm.overlong_buffer_length` ({algorithm.overlong_buffer_length}) must be <= `data.max_response_length` "
+            f"({data.max_response_length}): the penalty ramps over the last tokens before the limit"
         )
-    if t.global_batch_size % t.mini_batch_size:
+    return errors
+
+
+def _batch_errors(config: Config, data_parallel: int) -> list[str]:
+    train, rollout, algorithm = config.train, config.rollout, config.algorithm
+    group = rollout.n_samples_per_prompt
+    errors = []
+    round_size = rollout.batch_size * group
+    if train.global_batch_size < round_size:
         errors.append(
-            f"`train.mini_batch_size` ({t.mini_batch_size}) must divide `train.global_batch_size` ({t.global_batch_size})"
+            f"`train.global_batch_size` ({train.global_batch_size}) must be >= `rollout.batch_size` ({rollout.batch_size}) x "
+            f"`rollout.n_samples_per_prompt` ({group}) = {round_size}: the train batch holds at least one rollout round; "
+            f"raise train.global_batch_size to {round_size} or lower rollout.batch_size"
         )
-    if not t.dynamic_batch and t.mini_batch_size % (t.micro_batch_size * dp):
-        fits = [m for m in range(1, t.mini_batch_size + 1) if t.mini_batch_size % (m * dp) == 0]
+    if train.global_batch_size % group:
         errors.append(
-            f"`train.micro_batch_size` ({t.micro_batch_size}) x data parallel ({dp}) = "
-            f"{t.micro_batch_size * dp} must divide `train.mini_batch_size` ({t.mini_batch_size})"
-            + (f": set train.micro_batch_size to one of {fits}" if fits else "")
+            f"`train.global_batch_size` ({train.global_batch_size}) must be a multiple of `rollout.n_samples_per_prompt` "
+            f"({group}) so that it holds whole groups: set it to {-(-train.global_batch_size // group) * group}"
         )
-    if t.mini_batch_size % dp:
-        errors.append(f"`train.mini_batch_size` ({t.mini_batch_size}) must be divisible by data parallel ({dp})")
-    estimator = config.algorithm.advantage_estimator
-    if estimator in ("grpo", "rloo", "reinforce_pp_baseline") and r.n_samples_per_prompt < 2:
+    if train.global_batch_size % train.mini_batch_size:
+        fitting = [size for size in _divisors(train.global_batch_size) if size % data_parallel == 0]
+        fix = f"set train.mini_batch_size to {_one_of(fitting[-4:])}" if fitting else f"make train.global_batch_size a multiple of DP ({data_parallel})"
         errors.append(
-            f"`algorithm.advantage_estimator` = {estimator} compares samples of a prompt: "
-            f"`rollout.n_samples_per_prompt` ({r.n_samples_per_prompt}) must be >= 2"
+            f"`train.mini_batch_size` ({train.mini_batch_size}) must divide `train.global_batch_size` ({train.global_batch_size}): {fix}"
         )
+    if train.mini_batch_size % data_parallel:
+        errors.append(
+            f"`train.mini_batch_size` ({train.mini_batch_size}) must be divisible by data parallel ({data_parallel}): "
+            f"each rank trains mini_batch_size / DP samples; set it to a multiple of {data_parallel}"
+        )
+    elif not train.dynamic_batch and train.mini_batch_size % (train.micro_batch_size * data_parallel):
+        errors.append(
+            f"`train.micro_batch_size` ({train.micro_batch_size}) x data parallel ({data_parallel}) = "
+            f"{train.micro_batch_size * data_parallel} must divide `train.mini_batch_size` ({train.mini_batch_size}): "
+            f"set train.micro_batch_size to {_one_of(_divisors(train.mini_batch_size // data_parallel))}"
+        )
+    if group < 2:
+        reasons = []
+        if algorithm.advantage_estimator in ("grpo", "rloo", "reinforce_pp_baseline"):
+            reasons.append(f"`algorithm.advantage_estimator` ({algorithm.advantage_estimator}) compares the samples of a prompt")
+        if algorithm.reward_norm == "group":
+            reasons.append("`algorithm.reward_norm` (group) normalises within each prompt's samples")
+        if algorithm.dynamic_sampling:
+            reasons.append("`algorithm.dynamic_sampling` drops groups whose scores are all equal")
+        errors += [f"{reason}: `rollout.n_samples_per_prompt` ({group}) must be >= 2" for reason in reasons]
+    warmup, total = train.lr_warmup_steps, train.optimizer_steps()
+    if warmup > total:
+        errors.append(
+            f"`train.lr_warmup_steps` ({warmup}) exceeds the run's optimizer steps ({total} = train.steps x ppo_epochs x "
+            f"global_batch_size / mini_batch_size): the learning rate would never reach its peak; lower it"
+        )
+    if train.eval_every and not config.data.val_files:
+        errors.append(f"`train.eval_every` ({train.eval_every}) needs `data.val_files`: list validation files or set train.eval_every=0")
+    return errors
+
+
+def _critic_errors(config: Config) -> list[str]:
+    critic, estimator = config.critic, config.algorithm.advantage_estimator
+    if config.critic_enabled:
+        if critic.warmup_steps >= config.train.steps:
+            return [
+                f"`critic.warmup_steps` ({critic.warmup_steps}) must be < `train.steps` ({config.train.steps}): "
+                f"otherwise the policy never trains"
+            ]
+        return []
+    unused = []
+    if critic.path is not None:
+        unused.append("`critic.path`")
+    if critic.warmup_steps:
+        unused.append("`critic.warmup_steps`")
+    if unused:
+        return [
+            f"{' and '.join(unused)} set but `algorithm.advantage_estimator` ({estimator}) trains no critic: "
+            f"remove them or set algorithm.advantage_estimator=gae"
+        ]
+    return []
+
+
+def validate(config: Config, world_size: int, model_facts: ModelFacts) -> None:
+    """Check the config against itself, the model and the world size, before anything is built.
+
+    Args:
+        config: a loaded config (each section already checked its own ranges).
+        world_size: the number of training processes.
+        model_facts: the policy model's dimensions (:meth:`ModelFacts.from_hf_dir`).
+
+    Raises:
+        ConfigError: listing every violation on its own line, each naming the fields, their values
+            and the fix.
+    """
+    if world_size < 1:
+        raise ConfigError(f"world size ({world_size}) must be >= 1")
+    # A layout error is reported once; the batch checks then use the DP the layout would give.
+    data_parallel = max(1, config.parallel.data_parallel(world_size))
+    errors = (
+        _layout_errors(config, world_size, model_facts)
+        + _sequence_errors(config, model_facts)
+        + _batch_errors(config, data_parallel)
+        + _critic_errors(config)
+    )
     if errors:
-        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
+        raise ConfigError(f"invalid configuration for world size {world_size}:\n  - " + "\n  - ".join(errors))
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m megarl.config``: load, validate, and optionally print the resolved config.
+
+    Returns:
+        0 when the config is valid, 2 (after printing the message) when it is not.
+    """
     parser = argparse.ArgumentParser(prog="python -m megarl.config", description="Resolve and check a megarl config.")
-    parser.add_argument("--config", help="YAML file (omit for the defaults)")
-    parser.add_argument("--print", action="store_true", help="print the resolved config as YAML")
-    parser.add_argument("--world-size", type=int, help="default: $WORLD_SIZE, else the layout's minimum")
-    parser.add_argument("overrides", nargs="*", help="key.sub=value")
-    args = parser.parse_args(argv)
+    parser.add_argument("--config", help="YAML file; omit for the defaults")
+    parser.add_argument("--print", action="store_true", help="print the resolved config (every key) as YAML")
+    parser.add_argument("--world-size", type=int, help="training processes; default: $WORLD_SIZE, else the layout's minimum")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="overrides applied after the file")
+    args = parser.parse_intermixed_args(argv)
     try:
         config = load_config(args.config, args.overrides)
-        world_size = args.world_size or int(os.environ.get("WORLD_SIZE", 0)) or config.parallel.min_world_size()
+        world_size = args.world_size
+        if world_size is None:
+            environment = os.environ.get("WORLD_SIZE", "")
+            if environment and not environment.isdigit():
+                raise ConfigError(f"WORLD_SIZE={environment!r} must be a positive integer")
+            world_size = int(environment) if environment else config.parallel.min_world_size()
         validate(config, world_size, ModelFacts.from_hf_dir(resolve_model_path(config.model.path)))
     except ConfigError as error:
         print(f"megarl.config: {error}", file=sys.stderr)
         return 2
     if args.print:
         print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
+    else:
+        print(f"{args.config or 'defaults'}: valid for world size {world_size} (DP {config.parallel.data_parallel(world_size)})")
     return 0
 
 

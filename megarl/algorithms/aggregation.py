@@ -1,21 +1,39 @@
-"""Loss aggregation: per-token losses ``[B, T]`` -> one scalar, correct across micro-batches and
-data-parallel ranks.
+"""Loss aggregation: per-token losses ``[B, T]`` -> the scalar to minimise, exact across
+micro-batches, data-parallel and context-parallel ranks.
 
-A mini-batch is split into micro-batches and over data-parallel ranks; the gradient of the
-mini-batch loss must not depend on that split. So every mode is a *sum* over this micro-batch
-divided by a *global* normaliser computed once from the whole mini-batch (all micro-batches, all
-DP ranks: the trainer all-reduces it). Summing the micro-batch losses (and the DP gradients) then
-gives exactly the full-batch loss, with no per-micro-batch mean.
+A mini-batch (one optimizer step) is split over data-parallel ranks and, on each rank, into
+micro-batches of different sizes and padded lengths. The gradient of the mini-batch loss must not
+depend on that split, so no mode takes a per-micro-batch mean. Every mode is a *sum* over this
+micro-batch's tokens divided by a *global* normaliser of the whole mini-batch:
 
-With l_{i,t} the per-token loss, m_{i,t} the response mask, |i| = sum_t m_{i,t}, N the valid
-tokens and S the responses with at least one valid token in the mini-batch, L the maximum response
-length:
+    loss_micro = sum_{i in micro} c_i / Z,   so   sum over micro-batches and ranks of loss_micro = loss.
 
-- ``token-mean``:              sum_{i,t} m l / N
-- ``seq-mean-token-sum``:      sum_i (sum_t m l) / S
-- ``seq-mean-token-mean``:     sum_i (sum_t m l / |i|) / S
-- ``seq-mean-token-sum-norm``: sum_i (sum_t m l) / (S L)   (Dr. GRPO's constant normaliser; verl
-  divides by L only, which makes the loss scale with the batch size.)
+With l_{i,t} the per-token loss, m_{i,t} the mask, |i| = sum_t m_{i,t} (the full response's valid
+tokens), N = sum_i |i| the mini-batch's valid tokens, S the number of its responses with at least
+one valid token, L the maximum response length (the configured budget):
+
+- ``token-mean``:              c_i = sum_t m l,          Z = N      (mean over all valid tokens; DAPO)
+- ``seq-mean-token-sum``:      c_i = sum_t m l,          Z = S      (mean over responses of their sums)
+- ``seq-mean-token-mean``:     c_i = (sum_t m l) / |i|,  Z = S      (mean over responses of their means)
+- ``seq-mean-token-sum-norm``: c_i = sum_t m l,          Z = S * L  (Dr. GRPO's constant normaliser)
+
+Z is additive over responses, so :func:`normalizer` of each rank's share of the mini-batch (all of
+its micro-batches) summed over data-parallel ranks (an all-reduce) is the global Z. A response
+whose mask is all 0 (filtered out) counts in no denominator.
+
+Departure: ``seq-mean-token-sum-norm`` divides by S * L, Dr. GRPO's (1/G) sum_i (1/L) sum_t; verl
+divides by L only, which makes the loss (and the learning rate's effect) grow with the batch size.
+
+What the caller must know:
+
+- Compute Z from the mask the loss uses (after ICEPOP or overlong filtering if they change it), on
+  full responses: with context parallelism a rank holds a shard of each response, so compute Z
+  before sharding and all-reduce it over data-parallel ranks only, and pass each response's full
+  ``sequence_lengths`` to :func:`aggregate_loss` for ``seq-mean-token-mean``.
+- The identity above is a *sum* over micro-batches and ranks. Megatron's schedule divides a
+  ``(loss, metrics)`` loss by the number of micro-batches (and multiplies it by the
+  context-parallel size), and its DDP averages gradients over data x context ranks: multiply this
+  loss by ``num_microbatches * data_parallel_size`` before returning it to Megatron.
 """
 
 from __future__ import annotations
@@ -25,42 +43,77 @@ import torch
 MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
 
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"unknown loss aggregation mode {mode!r}; choose one of {', '.join(MODES)}")
+
+
 def normalizer(mode: str, response_mask: torch.Tensor, max_response_length: int) -> torch.Tensor:
-    """This rank's part of the global denominator of ``mode`` (a 0-d float64 tensor); the trainer
-    sums it over the mini-batch's micro-batches and all-reduces it over data-parallel ranks.
+    """The denominator Z of ``mode`` for a set of responses (see the module docstring).
 
     Args:
         mode: one of :data:`MODES`.
-        response_mask: ``[B, T]`` of every sample this rank trains on in the mini-batch.
-        max_response_length: L, the configured response budget.
+        response_mask: ``[B, T]`` of every response this rank trains on in the mini-batch (all its
+            micro-batches, full responses). Z is additive over responses: the sum of the values of
+            the micro-batches' masks is the same.
+        max_response_length: L, the configured response length budget.
+
+    Returns:
+        A 0-d float64 tensor on the mask's device: N, S or S * L. Sum it over data-parallel ranks
+        (all-reduce) to get the global Z.
     """
+    _check_mode(mode)
     mask = response_mask.bool()
     if mode == "token-mean":
         return mask.sum().double()
-    sequences = (mask.sum(-1) > 0).sum().double()
-    if mode in ("seq-mean-token-sum", "seq-mean-token-mean"):
-        return sequences
+    responses = mask.any(-1).sum().double()
     if mode == "seq-mean-token-sum-norm":
-        return sequences * max_response_length
-    raise ValueError(f"unknown loss aggregation mode {mode!r}; choose one of {', '.join(MODES)}")
+        return responses * max_response_length
+    return responses
 
 
-def aggregate_loss(per_token_loss: torch.Tensor, response_mask: torch.Tensor, mode: str, global_normalizer) -> torch.Tensor:
-    """This micro-batch's share of the mini-batch loss under ``mode`` (see the module docstring).
+def aggregate_loss(
+    per_token_loss: torch.Tensor,
+    response_mask: torch.Tensor,
+    mode: str,
+    global_normalizer: torch.Tensor | float,
+    *,
+    sequence_lengths: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """This micro-batch's share sum_{i in micro} c_i / Z of the mini-batch loss under ``mode``.
 
     Args:
-        per_token_loss: ``[B, T]``; values at masked positions are never read.
+        per_token_loss: ``[B, T]``; masked positions are never read.
         response_mask: ``[B, T]``.
         mode: one of :data:`MODES`.
-        global_normalizer: :func:`normalizer` summed over the whole mini-batch (all DP ranks).
+        global_normalizer: Z, :func:`normalizer` summed over the whole mini-batch (all
+            micro-batches, all data-parallel ranks). A Z of 0 (nothing to train on) gives loss 0.
+        sequence_lengths: ``[B]`` |i| for ``seq-mean-token-mean`` when this rank holds only part of
+            each response (context parallelism); by default the mask's row sums.
+
+    Returns:
+        A 0-d tensor in ``per_token_loss``'s dtype, differentiable.
     """
-    if mode not in MODES:
-        raise ValueError(f"unknown loss aggregation mode {mode!r}; choose one of {', '.join(MODES)}")
+    _check_mode(mode)
     mask = response_mask.bool()
-    masked = torch.where(mask, per_token_loss, torch.zeros((), dtype=per_token_loss.dtype))
+    masked = torch.where(mask, per_token_loss, 0.0)
     if mode == "seq-mean-token-mean":
-        lengths = mask.sum(-1).clamp(min=1).to(per_token_loss.dtype)
-        total = (masked.sum(-1) / lengths).sum()
+        lengths = mask.sum(-1) if sequence_lengths is None else sequence_lengths
+        total = (masked.sum(-1) / lengths.clamp(min=1).to(masked.dtype)).sum()
     else:
         total = masked.sum()
-    return total / torch.as_tensor(global_normalizer, dtype=per_token_loss.dtype)
+    denominator = torch.as_tensor(global_normalizer, device=masked.device).clamp(min=1)
+    return total / denominator.to(masked.dtype)
+
+
+def masked_mean(values: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """sum(m v) / max(sum(m), 1) over all valid tokens, never reading masked values (for metrics).
+
+    Args:
+        values, response_mask: ``[B, T]``.
+
+    Returns:
+        A 0-d tensor in ``values``' dtype (0 when nothing is valid).
+    """
+    mask = response_mask.bool()
+    return torch.where(mask, values, 0.0).sum() / mask.sum().clamp(min=1)

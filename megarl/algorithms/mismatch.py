@@ -1,50 +1,119 @@
-"""Train/rollout mismatch: the rollout engine's log-probs differ from the trainer's (kernels,
-precision, batch shapes), so the samples are slightly off-policy. Two corrections, per token,
-with w_t = exp(log pi_old,train - log pi_rollout):
+"""Train/rollout mismatch: the rollout engine's log-probs differ from the trainer's (other kernels,
+precision, batch shapes, MoE routing), so even "on-policy" samples are slightly off-policy. Both
+corrections below are per-token, stop-gradient weights on the policy loss, with
 
-- Truncated importance sampling (TIS, Yao et al. 2025): multiply the policy loss by
-  clip(w_t, low, high), a stop-gradient weight (low 0 and high C is the paper's min(w, C)).
-- ICEPOP (Ling team, 2025): drop tokens whose w_t falls outside [low, high] from the loss (mask
-  them) instead of re-weighting.
+    w_t = pi_old,train(a_t) / pi_rollout(a_t) = exp(old_log_probs - rollout_log_probs)
 
-:func:`mismatch_metrics` reports mean and max |log pi_train - log pi_rollout| over valid tokens.
+(old_log_probs: the trainer's forward at the start of the step). The caller multiplies:
+``per_token_loss * weights`` before :func:`megarl.algorithms.aggregation.aggregate_loss`.
+
+- Truncated importance sampling (TIS, Yao et al. 2025): weight clip(w_t, low, high). With low = 0
+  and high = C this is the paper's min(w_t, C); low > 0 also bounds it from below.
+- ICEPOP (Ling team, "IcePop", 2025): weight M(w_t) = w_t if low <= w_t <= high, else 0: tokens
+  whose engines disagree too much leave the loss, the others are importance-corrected (the paper's
+  M, as OpenRLHF's ``use_icepop``). A weight of 0 removes the token's gradient but the token still
+  counts in the aggregation normaliser (as in OpenRLHF); to drop it from the normaliser too, use
+  ``weights > 0`` as the response mask for both.
+
+Metrics are detached 0-d tensors over valid tokens.
 """
 
 from __future__ import annotations
 
 import torch
 
-
-def _valid(response_mask):
-    return response_mask.bool()
-
-
-def tis_weights(old_log_probs, rollout_log_probs, response_mask, low: float, high: float):
-    """``[B, T]`` weights clip(w, low, high) (0 where masked) and the fraction truncated."""
-    mask = _valid(response_mask)
-    zero = torch.zeros((), dtype=old_log_probs.dtype)
-    ratio = torch.exp(torch.where(mask, old_log_probs - rollout_log_probs, zero))
-    weights = torch.clamp(ratio, low, high)
-    truncated = (weights != ratio) & mask
-    fraction = truncated.sum() / mask.sum().clamp(min=1)
-    return torch.where(mask, weights, zero).detach(), {"tis_truncated_fraction": fraction.to(old_log_probs.dtype)}
+from megarl.algorithms.aggregation import masked_mean
+from megarl.algorithms.kl import LOG_RATIO_LIMIT
 
 
-def icepop_mask(old_log_probs, rollout_log_probs, response_mask, low: float, high: float):
-    """The response mask with the tokens whose w leaves [low, high] removed, and their fraction."""
-    mask = _valid(response_mask)
-    zero = torch.zeros((), dtype=old_log_probs.dtype)
-    ratio = torch.exp(torch.where(mask, old_log_probs - rollout_log_probs, zero))
-    keep = mask & (ratio >= low) & (ratio <= high)
-    fraction = (mask & ~keep).sum() / mask.sum().clamp(min=1)
-    return keep.to(response_mask.dtype), {"icepop_masked_fraction": fraction.to(old_log_probs.dtype)}
+def _train_rollout_ratio(old_log_probs, rollout_log_probs, response_mask) -> torch.Tensor:
+    """w = exp(clamp(old - rollout, +-20)) on valid tokens, 1 where masked: ``[B, T]``."""
+    log_ratio = torch.where(response_mask.bool(), old_log_probs - rollout_log_probs, 0.0)
+    return torch.exp(log_ratio.clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)).detach()
 
 
-def mismatch_metrics(train_log_probs, rollout_log_probs, response_mask) -> dict[str, torch.Tensor]:
-    """Mean and max |log pi_train - log pi_rollout| over valid tokens (0-d tensors)."""
-    mask = _valid(response_mask)
-    difference = torch.where(mask, (train_log_probs - rollout_log_probs).abs(), torch.zeros((), dtype=train_log_probs.dtype))
+def tis_weights(
+    old_log_probs: torch.Tensor,
+    rollout_log_probs: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    low: float,
+    high: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Truncated importance weights clip(w, low, high).
+
+    Args:
+        old_log_probs: ``[B, T]``, the trainer's log pi_old.
+        rollout_log_probs: ``[B, T]``, the engine's log-probs of the same tokens.
+        response_mask: ``[B, T]``.
+        low, high: bounds of the weight (``algorithm.tis_threshold_low/high``).
+
+    Returns:
+        ``(weights [B, T], metrics)``: weights detached, 0 where masked; ``tis_clipped_fraction_low``
+        and ``_high`` (w below ``low`` / above ``high``), ``tis_weight_mean``.
+    """
+    mask = response_mask.bool()
+    ratio = _train_rollout_ratio(old_log_probs, rollout_log_probs, response_mask)
+    weights = torch.where(mask, torch.clamp(ratio, low, high), 0.0)
+    metrics = {
+        "tis_clipped_fraction_low": masked_mean((ratio < low).to(ratio.dtype), response_mask),
+        "tis_clipped_fraction_high": masked_mean((ratio > high).to(ratio.dtype), response_mask),
+        "tis_weight_mean": masked_mean(weights, response_mask),
+    }
+    return weights, metrics
+
+
+def icepop_weights(
+    old_log_probs: torch.Tensor,
+    rollout_log_probs: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    low: float,
+    high: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """ICEPOP's masked importance weights: w where low <= w <= high, 0 elsewhere.
+
+    Args:
+        old_log_probs: ``[B, T]``, the trainer's log pi_old.
+        rollout_log_probs: ``[B, T]``, the engine's log-probs of the same tokens.
+        response_mask: ``[B, T]``.
+        low, high: the kept band of w (``algorithm.icepop_low/high``).
+
+    Returns:
+        ``(weights [B, T], metrics)``: weights detached, 0 where masked or outside the band;
+        ``icepop_masked_fraction_low`` and ``_high`` (w below / above the band).
+    """
+    mask = response_mask.bool()
+    ratio = _train_rollout_ratio(old_log_probs, rollout_log_probs, response_mask)
+    below, above = ratio < low, ratio > high
+    weights = torch.where(mask & ~below & ~above, ratio, 0.0)
+    metrics = {
+        "icepop_masked_fraction_low": masked_mean(below.to(ratio.dtype), response_mask),
+        "icepop_masked_fraction_high": masked_mean(above.to(ratio.dtype), response_mask),
+    }
+    return weights, metrics
+
+
+def mismatch_metrics(
+    train_log_probs: torch.Tensor, rollout_log_probs: torch.Tensor, response_mask: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """How far the engine's log-probs are from the trainer's, over valid tokens.
+
+    With d_t = log pi_train - log pi_rollout: ``logprob_diff_abs_mean`` mean |d|,
+    ``logprob_diff_abs_max`` max |d|, ``rollout_kl`` the k3 estimate of KL(pi_rollout || pi_train)
+    from the rollout's own samples, mean of exp(d) - 1 - d.
+
+    Args:
+        train_log_probs, rollout_log_probs, response_mask: ``[B, T]``.
+
+    Returns:
+        Detached 0-d tensors (0 when nothing is valid; ``[B, T]`` must not be empty).
+    """
+    mask = response_mask.bool()
+    difference = torch.where(mask, train_log_probs - rollout_log_probs, 0.0).detach()
+    bounded = difference.clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
     return {
-        "logprob_mismatch_mean": difference.sum() / mask.sum().clamp(min=1),
-        "logprob_mismatch_max": difference.max(),
+        "logprob_diff_abs_mean": masked_mean(difference.abs(), response_mask),
+        "logprob_diff_abs_max": difference.abs().amax(),
+        "rollout_kl": masked_mean(torch.exp(bounded) - 1 - bounded, response_mask),
     }

@@ -1,193 +1,212 @@
-"""Advantage estimators against naive per-sample loops, masking, and all-equal groups."""
+"""Advantage estimators against naive per-sample loops; masked positions and all-equal groups."""
 
 from __future__ import annotations
 
-import math
 import statistics
 
 import pytest
 import torch
+from algorithm_batches import response_mask, with_garbage
 
-from megarl.algorithms.advantages import ADVANTAGES, EPS, compute_advantages, sequence_log_ratio
+from megarl.algorithms.advantages import ADVANTAGES, EPS, compute_advantages, outcome_token_rewards
 
 pytestmark = pytest.mark.cpu
 
+LENGTHS = (3, 5, 1, 4, 6, 2, 6, 4)
+GROUP_IDS = (10, 10, 10, 4, 4, 99, 7, 7)  # sizes 3, 2, 1, 2
+HORIZON = 6
+HOLES = ((1, 2), (4, 0), (6, 3))  # tokens masked inside responses (multi-turn tool output)
 
-def batch(seed=0, lengths=(3, 5, 1, 4, 5, 2), groups=(0, 0, 0, 1, 1, 2), horizon=5):
+
+def batch(holes=(), seed=0):
     generator = torch.Generator().manual_seed(seed)
-    mask = torch.zeros(len(lengths), horizon)
-    for row, length in enumerate(lengths):
-        mask[row, :length] = 1
+    mask = response_mask(LENGTHS, HORIZON, holes)
     return dict(
-        scores=torch.randn(len(lengths), generator=generator),
-        token_rewards=torch.randn(len(lengths), horizon, generator=generator),
-        values=torch.randn(len(lengths), horizon, generator=generator),
+        scores=torch.randn(len(LENGTHS), generator=generator),
+        token_rewards=torch.randn(len(LENGTHS), HORIZON, generator=generator),
+        values=torch.randn(len(LENGTHS), HORIZON, generator=generator),
         response_mask=mask,
-        group_ids=torch.tensor(groups),
+        group_ids=torch.tensor(GROUP_IDS),
+        gamma=0.9,
+        lam=0.8,
+        norm_by_std=True,
     )
 
 
-def garbage(inputs, seed=1):
-    """The same batch with large random values at every masked position."""
-    generator = torch.Generator().manual_seed(seed)
-    mask = inputs["response_mask"].bool()
-    noisy = dict(inputs)
-    for key in ("token_rewards", "values"):
-        noisy[key] = torch.where(mask, inputs[key], 1e6 * torch.randn(inputs[key].shape, generator=generator))
-    return noisy
+def max_error(actual: torch.Tensor, expected) -> float:
+    return (actual.double() - torch.tensor(expected, dtype=torch.float64)).abs().max().item()
 
 
-def group_lists(inputs):
-    groups = {}
-    for i, g in enumerate(inputs["group_ids"].tolist()):
-        groups.setdefault(g, []).append(i)
-    return groups
+def groups(inputs) -> dict[int, list[int]]:
+    members = {}
+    for row, group in enumerate(inputs["group_ids"].tolist()):
+        members.setdefault(group, []).append(row)
+    return members
+
+
+def expand(per_sample, inputs):
+    """A per-sample value on each valid token, 0 elsewhere, as nested lists."""
+    mask = inputs["response_mask"].tolist()
+    return [[value if keep else 0.0 for keep in row] for value, row in zip(per_sample, mask)]
 
 
 def reference_grpo(inputs, norm_by_std):
-    scores = inputs["scores"].tolist()
+    scores = inputs["scores"].double().tolist()
     out = [0.0] * len(scores)
-    for members in group_lists(inputs).values():
-        values = [scores[i] for i in members]
-        mean = sum(values) / len(values)
-        std = statistics.stdev(values) if len(values) > 1 else 0.0
-        for i in members:
-            if max(values) == min(values):
-                out[i] = 0.0
-            else:
-                out[i] = (scores[i] - mean) / (std + EPS) if norm_by_std else scores[i] - mean
+    for rows in groups(inputs).values():
+        values = [scores[i] for i in rows]
+        if len(set(values)) == 1:
+            continue
+        mean, std = statistics.fmean(values), statistics.stdev(values)
+        for i in rows:
+            out[i] = (scores[i] - mean) / (std + EPS) if norm_by_std else scores[i] - mean
     return out
 
 
 def reference_rloo(inputs):
-    scores = inputs["scores"].tolist()
+    scores = inputs["scores"].double().tolist()
     out = [0.0] * len(scores)
-    for members in group_lists(inputs).values():
-        for i in members:
-            others = [scores[j] for j in members if j != i]
-            out[i] = scores[i] - sum(others) / len(others) if others else 0.0
+    for rows in groups(inputs).values():
+        for i in rows:
+            others = [scores[j] for j in rows if j != i]
+            if others and len({scores[j] for j in rows}) > 1:
+                out[i] = scores[i] - sum(others) / len(others)
     return out
 
 
-def expand(per_sample, inputs):
-    mask = inputs["response_mask"]
-    return torch.tensor(per_sample)[:, None] * mask
-
-
 def reference_returns(inputs, gamma):
-    rewards, mask = inputs["token_rewards"].tolist(), inputs["response_mask"].tolist()
+    rewards, mask = inputs["token_rewards"].double().tolist(), inputs["response_mask"].tolist()
     out = []
     for row_rewards, row_mask in zip(rewards, mask):
-        length, running, row = int(sum(row_mask)), 0.0, [0.0] * len(row_mask)
-        for t in reversed(range(length)):
+        row, running = [0.0] * HORIZON, 0.0
+        for t in reversed([t for t in range(HORIZON) if row_mask[t]]):
             running = row_rewards[t] + gamma * running
             row[t] = running
         out.append(row)
     return out
 
 
-def whiten(rows, mask):
-    valid = [v for row, m in zip(rows, mask) for v, keep in zip(row, m) if keep]
-    mean, std = sum(valid) / len(valid), statistics.stdev(valid)
-    return [[(v - mean) / (std + EPS) if keep else 0.0 for v, keep in zip(row, m)] for row, m in zip(rows, mask)]
-
-
 def reference_gae(inputs, gamma, lam):
-    rewards, values, mask = (inputs[k].tolist() for k in ("token_rewards", "values", "response_mask"))
-    advantages = []
-    for r, v, m in zip(rewards, values, mask):
-        length, running, row = int(sum(m)), 0.0, [0.0] * len(m)
-        for t in reversed(range(length)):
-            next_value = v[t + 1] if t + 1 < length else 0.0
-            running = r[t] + gamma * next_value - v[t] + gamma * lam * running
+    rewards, values, mask = (inputs[k].double().tolist() for k in ("token_rewards", "values", "response_mask"))
+    out = []
+    for row_rewards, row_values, row_mask in zip(rewards, values, mask):
+        row, running, next_value = [0.0] * HORIZON, 0.0, 0.0
+        for t in reversed([t for t in range(HORIZON) if row_mask[t]]):
+            running = row_rewards[t] + gamma * next_value - row_values[t] + gamma * lam * running
+            next_value = row_values[t]
             row[t] = running
-        advantages.append(row)
-    return advantages
+        out.append(row)
+    return out
+
+
+def reference_whiten(rows, mask, centre=True):
+    valid = [v for row, m in zip(rows, mask) for v, keep in zip(row, m) if keep]
+    mean, std = statistics.fmean(valid), statistics.stdev(valid)
+    shift = mean if centre else 0.0
+    return [[(v - shift) / (std + EPS) if keep else 0.0 for v, keep in zip(row, m)] for row, m in zip(rows, mask)]
 
 
 @pytest.mark.parametrize("norm_by_std", [True, False])
 def test_grpo_matches_loop(norm_by_std):
     inputs = batch()
-    advantages, _ = compute_advantages("grpo", **inputs, norm_by_std=norm_by_std)
-    expected = expand(reference_grpo(inputs, norm_by_std), inputs)
-    assert (advantages - expected).abs().max() <= 1e-6
+    advantages, returns = compute_advantages("grpo", **{**inputs, "norm_by_std": norm_by_std})
+    assert max_error(advantages, expand(reference_grpo(inputs, norm_by_std), inputs)) <= 1e-6
+    assert torch.equal(returns, advantages)
+
+
+def test_grpo_known_values():
+    inputs = dict(scores=torch.tensor([0.0, 1.0]), response_mask=torch.ones(2, 1), group_ids=torch.tensor([0, 0]))
+    advantages, _ = compute_advantages("grpo", **inputs, norm_by_std=True)
+    std = 0.5**0.5  # unbiased std of {0, 1}
+    assert advantages[:, 0].tolist() == pytest.approx([-0.5 / (std + EPS), 0.5 / (std + EPS)], abs=1e-6)
+    dr_grpo, _ = compute_advantages("grpo", **inputs, norm_by_std=False)
+    assert dr_grpo[:, 0].tolist() == [-0.5, 0.5]
 
 
 def test_rloo_matches_loop():
     inputs = batch()
     advantages, _ = compute_advantages("rloo", **inputs)
-    assert (advantages - expand(reference_rloo(inputs), inputs)).abs().max() <= 1e-6
+    assert max_error(advantages, expand(reference_rloo(inputs), inputs)) <= 1e-6
 
 
 @pytest.mark.parametrize("gamma", [1.0, 0.9])
-def test_reinforce_pp_matches_loop(gamma):
-    inputs = batch()
-    advantages, returns = compute_advantages("reinforce_pp", **inputs, gamma=gamma)
+@pytest.mark.parametrize("holes", [(), HOLES])
+def test_reinforce_pp_matches_loop(gamma, holes):
+    inputs = batch(holes)
+    advantages, returns = compute_advantages("reinforce_pp", **{**inputs, "gamma": gamma})
     expected_returns = reference_returns(inputs, gamma)
-    assert (returns - torch.tensor(expected_returns)).abs().max() <= 1e-6
-    expected = whiten(expected_returns, inputs["response_mask"].tolist())
-    assert (advantages - torch.tensor(expected)).abs().max() <= 1e-6
+    assert max_error(returns, expected_returns) <= 1e-6
+    assert max_error(advantages, reference_whiten(expected_returns, inputs["response_mask"].tolist())) <= 1e-6
 
 
 def test_reinforce_pp_baseline_matches_loop():
     inputs = batch()
     advantages, _ = compute_advantages("reinforce_pp_baseline", **inputs)
-    centred = reference_grpo(inputs, norm_by_std=False)
+    centred = expand(reference_grpo(inputs, norm_by_std=False), inputs)
+    expected = reference_whiten(centred, inputs["response_mask"].tolist(), centre=False)
+    assert max_error(advantages, expected) <= 1e-6
+
+
+@pytest.mark.parametrize("gamma,lam", [(1.0, 1.0), (0.99, 0.95), (0.9, 0.0)])
+@pytest.mark.parametrize("holes", [(), HOLES])
+def test_gae_matches_loop(gamma, lam, holes):
+    inputs = {**batch(holes), "gamma": gamma, "lam": lam}
+    raw, returns = compute_advantages("gae", **inputs, whiten=False)
+    expected = reference_gae(inputs, gamma, lam)
+    assert max_error(raw, expected) <= 1e-6
+    values = inputs["values"].double().tolist()
     mask = inputs["response_mask"].tolist()
-    tokens = [c for c, m in zip(centred, mask) for keep in m if keep]
-    std = statistics.stdev(tokens)
-    expected = [[c / (std + EPS) if keep else 0.0 for keep in m] for c, m in zip(centred, mask)]
-    assert (advantages - torch.tensor(expected)).abs().max() <= 1e-6
+    expected_returns = [[a + v if keep else 0.0 for a, v, keep in zip(*rows)] for rows in zip(expected, values, mask)]
+    assert max_error(returns, expected_returns) <= 1e-6
+    whitened, whitened_returns = compute_advantages("gae", **inputs)
+    assert max_error(whitened, reference_whiten(expected, mask)) <= 1e-6
+    assert torch.equal(whitened_returns, returns)
 
 
-@pytest.mark.parametrize("gamma,lam", [(1.0, 1.0), (0.99, 0.95)])
-def test_gae_matches_loop(gamma, lam):
-    inputs = batch()
-    advantages, returns = compute_advantages("gae", **inputs, gamma=gamma, lam=lam, whiten=False)
-    expected = torch.tensor(reference_gae(inputs, gamma, lam))
-    assert (advantages - expected).abs().max() <= 1e-6
-    assert (returns - (expected + inputs["values"]) * inputs["response_mask"]).abs().max() <= 1e-6
-    whitened, _ = compute_advantages("gae", **inputs, gamma=gamma, lam=lam)
-    expected_whitened = torch.tensor(whiten(expected.tolist(), inputs["response_mask"].tolist()))
-    assert (whitened - expected_whitened).abs().max() <= 1e-6
+def test_outcome_token_rewards_put_the_score_on_the_last_valid_token():
+    mask = response_mask((3, 0, 2), 4, holes=((0, 2),))
+    rewards = outcome_token_rewards(torch.tensor([1.5, 7.0, -2.0]), mask)
+    assert rewards.tolist() == [[0.0, 1.5, 0.0, 0.0], [0.0] * 4, [0.0, -2.0, 0.0, 0.0]]
 
 
 @pytest.mark.parametrize("name", ADVANTAGES.names())
-def test_masked_positions_change_nothing(name):
-    inputs = batch()
-    clean = compute_advantages(name, **inputs)
-    noisy = compute_advantages(name, **garbage(inputs))
-    for first, second in zip(clean, noisy):
-        assert torch.equal(first, second)
-        assert torch.equal(first * (1 - inputs["response_mask"]), torch.zeros_like(first))
+@pytest.mark.parametrize("holes", [(), HOLES])
+def test_masked_positions_change_nothing(name, holes):
+    inputs = batch(holes)
+    mask = inputs["response_mask"]
+    noisy = {
+        **inputs,
+        "token_rewards": with_garbage(inputs["token_rewards"], mask, 1),
+        "values": with_garbage(inputs["values"], mask, 2),
+    }
+    for clean, dirty in zip(compute_advantages(name, **inputs), compute_advantages(name, **noisy)):
+        assert torch.equal(clean, dirty)
+        assert torch.equal(clean[mask == 0], torch.zeros_like(clean[mask == 0]))
+        assert torch.isfinite(clean).all()
 
 
-@pytest.mark.parametrize("name", ["grpo", "rloo", "reinforce_pp_baseline"])
-def test_all_equal_group_gets_exactly_zero(name):
+@pytest.mark.parametrize(
+    "name,options",
+    [("grpo", {"norm_by_std": True}), ("grpo", {"norm_by_std": False}), ("rloo", {}), ("reinforce_pp_baseline", {})],
+)
+def test_all_equal_groups_get_exactly_zero(name, options):
     inputs = batch()
-    inputs["scores"] = torch.tensor([0.1, 0.1, 0.1, 1.0, 0.0, 0.7])  # group 0 all equal, group 2 alone
-    advantages, _ = compute_advantages(name, **inputs)
+    # group 10 all 0.1 (its float mean is not exactly 0.1), group 99 alone, group 4 varies, group 7 all 1.
+    inputs["scores"] = torch.tensor([0.1, 0.1, 0.1, 1.0, 0.0, 0.7, 1.0, 1.0])
+    advantages, _ = compute_advantages(name, **{**inputs, **options})
     assert torch.isfinite(advantages).all()
-    assert torch.equal(advantages[[0, 1, 2, 5]], torch.zeros_like(advantages[[0, 1, 2, 5]]))
-    assert advantages[3].abs().sum() > 0
+    constant_rows = [0, 1, 2, 5, 6, 7]
+    assert torch.equal(advantages[constant_rows], torch.zeros_like(advantages[constant_rows]))
+    assert (advantages[[3, 4]][inputs["response_mask"][[3, 4]].bool()] != 0).all()
+    # A batch where every group is constant (the batch std is 0 too).
+    inputs["scores"] = torch.tensor([0.3] * 3 + [1.0] * 2 + [5.0] + [0.0] * 2)
+    advantages, _ = compute_advantages(name, **{**inputs, **options})
+    assert torch.equal(advantages, torch.zeros_like(advantages))
 
 
-def test_sequence_log_ratio():
-    log_probs = torch.tensor([[0.5, 0.1, 9.0], [0.2, 0.0, 0.0]])
-    old = torch.tensor([[0.1, 0.3, -9.0], [0.4, 5.0, 5.0]])
-    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
-    ratio = sequence_log_ratio(log_probs, old, mask)
-    assert torch.allclose(ratio, torch.tensor([(0.4 - 0.2) / 2, -0.2]))
-
-
-def test_unknown_estimator_lists_valid_names():
-    with pytest.raises(KeyError, match="choose one of gae, grpo, reinforce_pp"):
-        compute_advantages("ppo2", **batch())
-
-
-def test_grpo_scale():
-    # Two samples, rewards 0 and 1: std = 1/sqrt(2), advantages -+0.5 / std.
-    inputs = batch(lengths=(2, 2), groups=(0, 0), horizon=2)
-    inputs["scores"] = torch.tensor([0.0, 1.0])
-    advantages, _ = compute_advantages("grpo", **inputs)
-    assert advantages[1, 0].item() == pytest.approx(0.5 / (1 / math.sqrt(2) + EPS), abs=1e-6)
+def test_dtypes():
+    inputs = batch()
+    advantages, _ = compute_advantages("grpo", **{**inputs, "scores": inputs["scores"].double()})
+    assert advantages.dtype == torch.float64
+    advantages, _ = compute_advantages("rloo", **{**inputs, "scores": torch.tensor([1, 0, 1, 1, 0, 1, 0, 0])})
+    assert advantages.dtype == torch.float32

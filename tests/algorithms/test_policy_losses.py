@@ -1,0 +1,217 @@
+"""Policy losses against naive per-token loops: values, gradients, metrics; masking never matters."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from algorithm_batches import response_mask, valid_cells, with_garbage
+
+from megarl.algorithms.aggregation import MODES, aggregate_loss, normalizer
+from megarl.algorithms.policy_losses import (
+    LOG_RATIO_LIMIT,
+    POLICY_LOSSES,
+    entropy_bonus,
+    policy_loss,
+    sequence_log_ratio,
+)
+
+pytestmark = pytest.mark.cpu
+
+LENGTHS = (4, 1, 3, 6, 5, 6, 2, 6)
+HORIZON = 6
+SETTINGS = {
+    "ppo": dict(clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=1.5),
+    "gspo": dict(clip_ratio_low=0.03, clip_ratio_high=0.04, clip_ratio_c=None),
+    "cispo": dict(clip_ratio_low=0.2, clip_ratio_high=0.28),
+}
+
+
+def batch(seed=0, spread=0.5, sequence_advantages=False):
+    generator = torch.Generator().manual_seed(seed)
+    shape = (len(LENGTHS), HORIZON)
+    old = -3 * torch.rand(shape, generator=generator)
+    new = old + spread * torch.randn(shape, generator=generator)
+    advantages = torch.randn(shape, generator=generator)
+    if sequence_advantages:
+        advantages = advantages[:, :1].expand(shape).clone()
+    mask = response_mask(LENGTHS, HORIZON)
+    return dict(log_probs=new.requires_grad_(), old_log_probs=old, advantages=advantages, response_mask=mask)
+
+
+def clip(value, low, high):
+    return min(max(value, low), high)
+
+
+def valid_mean(values: dict) -> float:
+    return sum(values.values()) / len(values)
+
+
+def surrogate_reference(ratio, advantage, low, high, c):
+    """One token of the clipped surrogate: (loss, d loss / d ratio, clipped_low, clipped_high, dual)."""
+    unclipped, clipped = -advantage * ratio, -advantage * clip(ratio, 1 - low, 1 + high)
+    loss = max(unclipped, clipped)
+    clip_active = clipped > unclipped
+    if c is not None and advantage < 0 and -advantage * c < loss:
+        return -advantage * c, 0.0, False, False, True
+    gradient = 0.0 if clip_active else -advantage
+    return loss, gradient, clip_active and advantage < 0, clip_active and advantage > 0, False
+
+
+def reference(name, inputs, settings):
+    """Per-token losses, gradients w.r.t. log_probs, and metrics of ``name``, token by token."""
+    log_probs, old, advantages = (inputs[k].detach().double().tolist() for k in ("log_probs", "old_log_probs", "advantages"))
+    low, high, c = settings["clip_ratio_low"], settings["clip_ratio_high"], settings.get("clip_ratio_c")
+    mask = inputs["response_mask"].tolist()
+    cells = list(valid_cells(inputs["response_mask"]))
+    losses, gradients, flags, ratios = {}, {}, {}, {}
+    for i, t in cells:
+        token_ratio = math.exp(clip(log_probs[i][t] - old[i][t], -LOG_RATIO_LIMIT, LOG_RATIO_LIMIT))
+        a = advantages[i][t]
+        if name == "cispo":
+            weight = clip(token_ratio, 1 - low, 1 + high)
+            losses[i, t], gradients[i, t] = -weight * a * log_probs[i][t], -weight * a
+            flags[i, t] = (token_ratio < 1 - low, token_ratio > 1 + high, False)
+            ratios[i, t] = token_ratio
+            continue
+        if name == "gspo":
+            row = [log_probs[i][s] - old[i][s] for s in range(HORIZON) if mask[i][s]]
+            ratio = math.exp(sum(row) / len(row))
+        else:
+            ratio = token_ratio
+        loss, d_ratio, clipped_low, clipped_high, dual = surrogate_reference(ratio, a, low, high, c)
+        # d ratio / d log pi_t = ratio (ppo: r = exp(log pi - log pi_old); gspo-token: sg(s) pi / sg(pi)).
+        losses[i, t], gradients[i, t] = loss, d_ratio * ratio
+        flags[i, t] = (clipped_low, clipped_high, dual)
+        ratios[i, t] = ratio
+    token_ratios = {(i, t): math.exp(log_probs[i][t] - old[i][t]) for i, t in cells}
+    metrics = {
+        "clip_fraction_low": valid_mean({k: float(f[0]) for k, f in flags.items()}),
+        "clip_fraction_high": valid_mean({k: float(f[1]) for k, f in flags.items()}),
+        "dual_clip_fraction": valid_mean({k: float(f[2]) for k, f in flags.items()}),
+        "approx_kl": valid_mean({k: r - 1 - math.log(r) for k, r in token_ratios.items()}),
+        "ratio_mean": valid_mean(ratios),
+    }
+    return as_tensor(losses), as_tensor(gradients), metrics
+
+
+def as_tensor(cells: dict) -> torch.Tensor:
+    out = torch.zeros(len(LENGTHS), HORIZON, dtype=torch.float64)
+    for (i, t), value in cells.items():
+        out[i, t] = value
+    return out
+
+
+@pytest.mark.parametrize(
+    "name,settings",
+    [
+        ("ppo", dict(clip_ratio_low=0.2, clip_ratio_high=0.2, clip_ratio_c=None)),
+        ("ppo", dict(clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=None)),
+        ("ppo", SETTINGS["ppo"]),
+        ("gspo", SETTINGS["gspo"]),
+        ("gspo", dict(clip_ratio_low=0.03, clip_ratio_high=0.04, clip_ratio_c=1.1)),
+        ("cispo", SETTINGS["cispo"]),
+    ],
+)
+def test_loss_gradient_and_metrics_match_loop(name, settings):
+    spread = 0.2 if name == "gspo" else 1.0
+    inputs = batch(spread=spread, sequence_advantages=name == "gspo")
+    loss, metrics = policy_loss(name, **inputs, **settings)
+    expected_loss, expected_gradient, expected_metrics = reference(name, inputs, settings)
+    assert (loss.detach().double() - expected_loss).abs().max() <= 1e-6
+    loss.sum().backward()
+    assert (inputs["log_probs"].grad.double() - expected_gradient).abs().max() <= 1e-6
+    assert metrics.keys() == expected_metrics.keys()
+    for key, value in expected_metrics.items():
+        assert metrics[key].item() == pytest.approx(value, abs=1e-6), key
+        assert metrics[key].ndim == 0 and not metrics[key].requires_grad
+    # The batch reaches the branches under test.
+    assert metrics["clip_fraction_low"] > 0 and metrics["clip_fraction_high"] > 0
+    if settings.get("clip_ratio_c") is not None:
+        assert metrics["dual_clip_fraction"] > 0
+
+
+def test_cispo_keeps_the_gradient_of_clipped_tokens():
+    inputs = batch(spread=1.0)
+    loss, metrics = policy_loss("cispo", **inputs, **SETTINGS["cispo"])
+    loss.sum().backward()
+    valid = inputs["response_mask"].bool()
+    assert metrics["clip_fraction_high"] > 0
+    assert (inputs["log_probs"].grad[valid] != 0).all()
+
+
+def test_cispo_refuses_a_dual_clip():
+    with pytest.raises(ValueError, match="cispo has no dual clip"):
+        policy_loss("cispo", **batch(), clip_ratio_low=0.2, clip_ratio_high=0.2, clip_ratio_c=3.0)
+
+
+def test_gspo_token_with_seq_mean_token_mean_is_the_sequence_objective():
+    """GSPO's paper objective, mean_i max(-A_i s_i, -A_i clip(s_i)) with s_i differentiable, has the
+    same gradient as the token-level form aggregated with seq-mean-token-mean."""
+    settings = dict(clip_ratio_low=0.03, clip_ratio_high=0.04)
+    inputs = batch(spread=0.05, sequence_advantages=True)
+    mask = inputs["response_mask"]
+    loss, _ = policy_loss("gspo", **inputs, **settings)
+    aggregate_loss(loss, mask, "seq-mean-token-mean", normalizer("seq-mean-token-mean", mask, HORIZON)).backward()
+    token_gradient = inputs["log_probs"].grad.clone()
+    inputs["log_probs"].grad = None
+    ratio = torch.exp(sequence_log_ratio(inputs["log_probs"], inputs["old_log_probs"], mask))
+    advantage = inputs["advantages"][:, 0]
+    clipped = torch.clamp(ratio, 1 - settings["clip_ratio_low"], 1 + settings["clip_ratio_high"])
+    torch.maximum(-advantage * ratio, -advantage * clipped).mean().backward()
+    assert (token_gradient - inputs["log_probs"].grad).abs().max() <= 1e-6
+
+
+@pytest.mark.parametrize("name", POLICY_LOSSES.names())
+def test_masked_positions_change_nothing(name):
+    clean_inputs = batch(spread=1.0)
+    mask = clean_inputs["response_mask"]
+    noisy_inputs = {
+        **clean_inputs,
+        **{
+            key: with_garbage(clean_inputs[key].detach(), mask, seed)
+            for seed, key in enumerate(("log_probs", "old_log_probs", "advantages"))
+        },
+    }
+    noisy_inputs["log_probs"].requires_grad_()
+    results = []
+    for inputs in (clean_inputs, noisy_inputs):
+        loss, metrics = policy_loss(name, **inputs, **SETTINGS[name])
+        aggregated = [aggregate_loss(loss, mask, mode, normalizer(mode, mask, HORIZON)) for mode in MODES]
+        torch.stack(aggregated).sum().backward()
+        results.append((loss, metrics, aggregated, inputs["log_probs"].grad))
+    (clean, clean_metrics, clean_aggregated, clean_grad), (dirty, dirty_metrics, dirty_aggregated, dirty_grad) = results
+    assert torch.equal(clean, dirty)
+    assert all(torch.equal(clean_metrics[key], dirty_metrics[key]) for key in clean_metrics)
+    assert all(torch.equal(a, b) for a, b in zip(clean_aggregated, dirty_aggregated))
+    assert torch.equal(clean_grad, dirty_grad)
+    assert torch.equal(clean[mask == 0], torch.zeros_like(clean[mask == 0]))
+
+
+@pytest.mark.parametrize("name", POLICY_LOSSES.names())
+def test_extreme_ratios_stay_finite(name):
+    inputs = batch()
+    inputs["old_log_probs"] = torch.where(torch.rand(len(LENGTHS), HORIZON) < 0.5, -200.0, 0.0)
+    inputs["log_probs"] = (-200.0 - inputs["old_log_probs"]).requires_grad_()
+    settings = {**SETTINGS[name], "clip_ratio_c": None} if name != "cispo" else SETTINGS[name]
+    loss, metrics = policy_loss(name, **inputs, **settings)
+    loss.sum().backward()
+    assert torch.isfinite(loss).all() and torch.isfinite(inputs["log_probs"].grad).all()
+    assert all(torch.isfinite(value) for value in metrics.values())
+
+
+def test_sequence_log_ratio_matches_loop():
+    inputs = batch()
+    ratio = sequence_log_ratio(inputs["log_probs"], inputs["old_log_probs"], inputs["response_mask"])
+    for i, length in enumerate(LENGTHS):
+        differences = [inputs["log_probs"][i, t].item() - inputs["old_log_probs"][i, t].item() for t in range(length)]
+        assert ratio[i].item() == pytest.approx(sum(differences) / length, abs=1e-6)
+    empty = sequence_log_ratio(torch.ones(1, 3), torch.zeros(1, 3), torch.zeros(1, 3))
+    assert empty.tolist() == [0.0]
+
+
+def test_entropy_bonus_lowers_the_loss_of_high_entropy():
+    entropy = torch.tensor([[1.0, 2.0, 1e6]])
+    bonus = entropy_bonus(entropy, torch.tensor([[1.0, 1.0, 0.0]]), 0.1)
+    assert torch.equal(bonus, torch.tensor([[-0.1, -0.2, 0.0]]))
