@@ -1,0 +1,195 @@
+"""Prompt datasets: file formats, row errors, chat templates, length filtering, the resumable loader."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+import pytest
+
+from megarl.config import DataConfig, resolve_model_path
+from megarl.data.datasets import DataError, Prompt, PromptDataset, PromptLoader, load_prompts
+from megarl.rewards.functions import RULES
+
+pytestmark = pytest.mark.cpu
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_model_path("bundled:tiny-moe"), local_files_only=True)
+
+
+def write_jsonl(path, rows):
+    """Rows as JSON lines; a str row is written verbatim (a broken line)."""
+    path.write_text("".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows))
+    return path
+
+
+def config_for(*files, **fields) -> DataConfig:
+    return DataConfig(train_files=[str(file) for file in files], **fields)
+
+
+def test_bundled_toy_rows_render_with_the_chat_template(tokenizer):
+    dataset = load_prompts(DataConfig(), tokenizer)
+    assert len(dataset) == 2000 and dataset.num_filtered == 0
+    first = dataset.prompts[0]
+    messages = [{"role": "user", "content": "max 9 4 7"}]
+    assert first.text == tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert first.text.endswith("<|im_start|>assistant\n")
+    assert first.prompt_ids == tokenizer.apply_chat_template(messages, add_generation_prompt=True)["input_ids"]
+    assert (first.answer, first.metadata, first.source.endswith("train.jsonl:1")) == ("9", {"task": "max"}, True)
+    assert RULES["toy"](**first.reward_kwargs(" 9<|im_end|>")) == 1.0
+    assert RULES["toy"](**first.reward_kwargs(" 4")) == 0.0
+
+
+def test_plain_text_and_chat_messages(tmp_path, tokenizer):
+    messages = [{"role": "system", "content": "Answer with a digit."}, {"role": "user", "content": "last 1 2 3"}]
+    file = write_jsonl(tmp_path / "rows.jsonl", [{"prompt": "first 4 5 6", "answer": "4"}, {"prompt": messages, "answer": 3}])
+    templated = load_prompts(config_for(file), tokenizer).prompts
+    assert templated[1].text.startswith("<|im_start|>system\nAnswer with a digit.<|im_end|>\n<|im_start|>user\nlast 1 2 3")
+    assert templated[1].answer == 3
+    plain = load_prompts(config_for(write_jsonl(tmp_path / "plain.jsonl", [{"prompt": "first 4 5 6", "answer": "4"}]), apply_chat_template=False), tokenizer)
+    assert plain.prompts[0].text == "first 4 5 6"
+    assert plain.prompts[0].prompt_ids == tokenizer("first 4 5 6")["input_ids"]
+
+
+def test_json_and_jsonl_files_concatenate_in_order(tmp_path, tokenizer):
+    first = write_jsonl(tmp_path / "a.jsonl", [{"question": "max 1 2 3", "label": "3", "task": "max"}, "", {"question": "max 4 5 6", "label": "6", "task": "max"}])
+    second = tmp_path / "b.json"
+    second.write_text(json.dumps([{"question": "first 7 8 9", "label": "7", "task": "first", "level": 2}]))
+    dataset = load_prompts(config_for(first, second, prompt_key="question", answer_key="label"), tokenizer)
+    assert [prompt.answer for prompt in dataset.prompts] == ["3", "6", "7"]
+    assert [prompt.source for prompt in dataset.prompts] == [f"{first}:1", f"{first}:3", f"{second} row 0"]
+    assert dataset.prompts[2].metadata == {"task": "first", "level": 2}
+
+
+@pytest.mark.parametrize(
+    "rows, fields, expected",
+    [
+        (['{"prompt": "max 1 2 3", "answer": '], {}, ["bad.jsonl:1", "not valid JSON"]),
+        ([{"prompt": "max 1 2 3", "answer": "3"}, {"answer": "3"}], {}, ["bad.jsonl:2", "'prompt'", "data.prompt_key"]),
+        ([{"prompt": "max 1 2 3"}], {}, ["bad.jsonl:1", "'answer'", "data.answer_key"]),
+        ([{"prompt": 7, "answer": "7"}], {}, ["bad.jsonl:1", "'prompt'", "must be a string or"]),
+        ([{"prompt": [{"role": "user"}], "answer": "7"}], {}, ["bad.jsonl:1", "'prompt'", "messages"]),
+        (["[1, 2]"], {}, ["bad.jsonl:1", "must be an object"]),
+        ([{"prompt": [{"role": "user", "content": "x"}], "answer": "1"}], {"apply_chat_template": False}, ["bad.jsonl:1", "data.apply_chat_template"]),
+    ],
+)
+def test_bad_rows_name_the_file_the_row_and_the_field(tmp_path, tokenizer, rows, fields, expected):
+    file = write_jsonl(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(DataError) as error:
+        load_prompts(config_for(file, **fields), tokenizer)
+    for text in expected:
+        assert text in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "name, content, expected",
+    [
+        ("rows.json", '{"prompt": "x", "answer": "1"}', "must hold a list of rows"),
+        ("rows.json", '[{"prompt": "x", "answer": "1"}, {"answer": "1"}]', "rows.json row 1: no field 'prompt'"),
+        ("lines.json", '{"prompt": "x", "answer": "1"}\n{"prompt": "y", "answer": "2"}\n', "must be named .jsonl"),
+        ("rows.csv", "prompt,answer\n", "use .jsonl"),
+    ],
+)
+def test_bad_files(tmp_path, tokenizer, name, content, expected):
+    (tmp_path / name).write_text(content)
+    with pytest.raises(DataError, match=expected):
+        load_prompts(config_for(tmp_path / name), tokenizer)
+
+
+def test_missing_file_and_empty_split(tmp_path, tokenizer):
+    with pytest.raises(DataError, match="missing.jsonl does not exist"):
+        load_prompts(config_for(tmp_path / "missing.jsonl"), tokenizer)
+    with pytest.raises(DataError, match="`data.val_files` lists no files"):
+        load_prompts(DataConfig(val_files=[]), tokenizer, "val")
+
+
+def test_overlong_prompts_are_filtered_and_counted_or_rejected(tmp_path, tokenizer, caplog):
+    rows = [{"prompt": "max 1 2 3", "answer": "3"}, {"prompt": " ".join(["max"] * 40), "answer": "0"}, {"prompt": "last 1 2 3", "answer": "3"}]
+    file = write_jsonl(tmp_path / "long.jsonl", rows)
+    with caplog.at_level(logging.INFO, logger="megarl.data.datasets"):
+        dataset = load_prompts(config_for(file, max_prompt_length=20), tokenizer)
+    assert (len(dataset), dataset.num_filtered) == (2, 1)
+    assert "dropped 1 of 3 prompts" in caplog.text
+    with pytest.raises(DataError, match=r"long.jsonl:2: field 'prompt' has \d+ tokens, more than data.max_prompt_length \(20\)"):
+        load_prompts(config_for(file, max_prompt_length=20, filter_overlong_prompts=False), tokenizer)
+    with pytest.raises(DataError, match="no usable prompt"):
+        load_prompts(config_for(file, max_prompt_length=2), tokenizer)
+
+
+def test_parquet_rows(tmp_path, tokenizer):
+    pyarrow = pytest.importorskip("pyarrow")
+    import pyarrow.parquet
+
+    table = pyarrow.table({"prompt": ["max 1 2 3", "first 4 5 6"], "answer": ["3", "4"], "task": ["max", "first"]})
+    pyarrow.parquet.write_table(table, tmp_path / "rows.parquet")
+    dataset = load_prompts(config_for(tmp_path / "rows.parquet"), tokenizer)
+    assert [(prompt.answer, prompt.metadata, prompt.source) for prompt in dataset.prompts] == [
+        ("3", {"task": "max"}, f"{tmp_path / 'rows.parquet'} row 0"),
+        ("4", {"task": "first"}, f"{tmp_path / 'rows.parquet'} row 1"),
+    ]
+
+
+def test_parquet_without_pyarrow_says_what_to_install(tmp_path, tokenizer, monkeypatch):
+    (tmp_path / "rows.parquet").write_bytes(b"PAR1")
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    with pytest.raises(DataError, match=r"rows.parquet: reading parquet needs pyarrow: `pip install pyarrow`"):
+        load_prompts(config_for(tmp_path / "rows.parquet"), tokenizer)
+
+
+def numbered_dataset(size: int) -> PromptDataset:
+    return PromptDataset([Prompt(prompt_ids=[index], text=str(index), answer=index, metadata={}, source=f"row {index}") for index in range(size)])
+
+
+def take(loader: PromptLoader, count: int) -> list[list[int]]:
+    """The next ``count`` batches, each as its prompts' numbers."""
+    return [[prompt.answer for prompt in next(loader)] for _ in range(count)]
+
+
+def test_loader_shuffles_each_epoch_deterministically_and_crosses_epochs():
+    dataset = numbered_dataset(10)
+    loader = PromptLoader(dataset, 4, seed=3)
+    batches = take(loader, 5)
+    assert batches == take(PromptLoader(dataset, 4, seed=3), 5)
+    flat = [answer for batch in batches for answer in batch]
+    first_epoch, second_epoch = flat[:10], flat[10:20]
+    assert sorted(first_epoch) == sorted(second_epoch) == list(range(10))
+    assert first_epoch != second_epoch != list(range(10))
+    assert (loader.epoch, loader.index) == (1, 10)
+    assert take(PromptLoader(dataset, 4, seed=4), 5) != batches
+    assert take(PromptLoader(dataset, 4, shuffle=False), 3) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 0, 1]]
+
+
+def test_loader_smaller_than_a_batch_repeats_epochs():
+    assert take(PromptLoader(numbered_dataset(3), 7, shuffle=False), 1) == [[0, 1, 2, 0, 1, 2, 0]]
+
+
+@pytest.mark.parametrize("batch_size", [3, 4])
+def test_loader_resumes_with_the_same_batches(batch_size):
+    dataset = numbered_dataset(10)
+    straight = take(PromptLoader(dataset, batch_size, seed=7), 4)
+    loader = PromptLoader(dataset, batch_size, seed=7)
+    before = take(loader, 2)
+    state = json.loads(json.dumps(loader.state_dict()))
+    resumed = PromptLoader(dataset, batch_size, seed=7)
+    resumed.load_state_dict(state)
+    assert before + take(resumed, 2) == straight
+
+
+def test_loader_refuses_a_position_saved_over_other_data():
+    loader = PromptLoader(numbered_dataset(9), 4)
+    with pytest.raises(DataError, match="saved data position is for 10 prompts but the dataset now has 9"):
+        loader.load_state_dict(PromptLoader(numbered_dataset(10), 4).state_dict())
+
+
+def test_validation_pass_serves_every_row_in_order(tokenizer):
+    dataset = load_prompts(DataConfig(), tokenizer, "val")
+    batches = list(dataset.batches(64))
+    assert [len(batch) for batch in batches] == [64, 64, 64, 8]
+    assert [prompt.source for batch in batches for prompt in batch] == [prompt.source for prompt in dataset.prompts]
+    assert dataset.prompts[-1].source.endswith("val.jsonl:200")
