@@ -1,0 +1,99 @@
+"""Both ops over a real tensor-parallel group (torchrun worker: gloo, CPU tensors).
+
+Every rank builds the same problem (a 1000-token vocabulary padded to 1024 and split over the
+ranks, targets on every shard and one ignored), runs the public function on its own shard with
+``group=WORLD`` and checks, against the float64 reference on the whole problem: the values, its
+shard's gradient (of the logits, or of the weight) and the full gradient of ``hidden`` (the
+function all-reduces it). Each op runs on the torch path and on the Triton kernels under Triton's
+interpreter, in fp32 and bf16. Prints one ``ok`` line per rank when every check passed.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before megarl.kernels is imported: the kernels then run under the interpreter on CPU tensors.
+os.environ["TRITON_INTERPRET"] = "1"
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from reference import (  # noqa: E402
+    TEMPERATURE,
+    TOLERANCES,
+    Problem,
+    assert_matches,
+    fused_reference,
+    logprob_entropy_reference,
+    make_problem,
+)
+
+from megarl.kernels.fused_linear_logprob_entropy import fused_linear_logprob_entropy  # noqa: E402
+from megarl.kernels.logprob_entropy import logprob_entropy  # noqa: E402
+
+N_ROWS, PADDED_VOCAB, VOCAB, HIDDEN = 9, 1024, 1000, 40
+
+
+def problem_with_targets_everywhere(dtype: torch.dtype, hidden_size: int | None) -> Problem:
+    problem = make_problem(N_ROWS, PADDED_VOCAB, VOCAB, dtype, hidden_size=hidden_size)
+    problem.targets[0] = 3  # first shard
+    problem.targets[1] = VOCAB - 1  # last shard, next to its padding
+    return problem
+
+
+def check_logprob_entropy(backend: str, dtype: torch.dtype, rank: int, world_size: int) -> None:
+    atol, rtol = TOLERANCES[dtype]
+    problem = problem_with_targets_everywhere(dtype, hidden_size=None)
+    columns = slice(rank * PADDED_VOCAB // world_size, (rank + 1) * PADDED_VOCAB // world_size)
+    shard = problem.logits[:, columns].clone().requires_grad_()
+    log_probs, entropy = logprob_entropy(
+        shard, problem.targets, temperature=TEMPERATURE, vocab_size=VOCAB, group=dist.group.WORLD, backend=backend
+    )
+    problem.loss(log_probs, entropy).backward()
+
+    logits = problem.logits.double().requires_grad_()
+    expected_log_probs, expected_entropy = logprob_entropy_reference(logits, problem.targets, VOCAB)
+    problem.loss(expected_log_probs, expected_entropy).backward()
+    assert_matches(log_probs, expected_log_probs, atol, rtol)
+    assert_matches(entropy, expected_entropy, atol, rtol)
+    assert_matches(shard.grad, logits.grad[:, columns], atol, rtol)
+
+
+def check_fused(backend: str, dtype: torch.dtype, rank: int, world_size: int) -> None:
+    atol, rtol = TOLERANCES[dtype]
+    problem = problem_with_targets_everywhere(dtype, hidden_size=HIDDEN)
+    rows = slice(rank * PADDED_VOCAB // world_size, (rank + 1) * PADDED_VOCAB // world_size)
+    hidden = problem.hidden.clone().requires_grad_()
+    shard = problem.weight[rows].clone().requires_grad_()
+    log_probs, entropy = fused_linear_logprob_entropy(
+        hidden, shard, problem.targets,
+        temperature=TEMPERATURE, vocab_size=VOCAB, group=dist.group.WORLD, backend=backend,
+    )
+    problem.loss(log_probs, entropy).backward()
+
+    expected_hidden = problem.hidden.double().requires_grad_()
+    weight = problem.weight.double().requires_grad_()
+    expected_log_probs, expected_entropy = fused_reference(expected_hidden, weight, problem.targets, VOCAB)
+    problem.loss(expected_log_probs, expected_entropy).backward()
+    assert_matches(log_probs, expected_log_probs, atol, rtol)
+    assert_matches(entropy, expected_entropy, atol, rtol)
+    assert_matches(hidden.grad, expected_hidden.grad, atol, rtol)
+    assert_matches(shard.grad, weight.grad[rows], atol, rtol)
+
+
+def main() -> None:
+    dist.init_process_group("gloo")
+    try:
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+        cases = 0
+        for check in (check_logprob_entropy, check_fused):
+            for backend in ("torch", "triton"):
+                for dtype in TOLERANCES:
+                    check(backend, dtype, rank, world_size)
+                    cases += 1
+        print(f"rank {rank}/{world_size}: {cases} cases ok", flush=True)
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

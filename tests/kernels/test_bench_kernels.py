@@ -1,0 +1,54 @@
+"""``tools/bench_kernels.py`` runs on the CPU and writes every field it promises."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.distributed import REPO, run_python
+
+pytestmark = pytest.mark.cpu
+
+SCRIPT = REPO / "tools" / "bench_kernels.py"
+RESULT_FIELDS = {
+    "op", "provider", "n", "hidden", "vocab", "pass", "time_ms", "peak_bytes", "extra_bytes", "work", "work_unit",
+    "achieved", "achieved_unit", "floor_ms", "fraction_of_floor",
+}
+
+
+def test_cpu_run_writes_the_json_report(tmp_path):
+    # A vocabulary of 16 torch-path column chunks: the fused op's chunks must show in its memory.
+    n, hidden_size, vocab = 32, 32, 65536
+    report_path = tmp_path / "bench.json"
+    result = run_python(SCRIPT, [
+        "--device", "cpu", "--shapes", f"{n},{hidden_size},{vocab}", "--warmup", "0", "--iters", "1",
+        "--json", str(report_path),
+    ])
+    assert "fused_linear_logprob_entropy" in result.stdout and "of floor" in result.stdout
+
+    report = json.loads(report_path.read_text())
+    assert report["device"].startswith("CPU") and report["dtype"] == "bfloat16"
+    assert report["floors"]["bandwidth_bytes_per_s"] > 0 and report["floors"]["matmul_flop_per_s"] > 0
+    assert {(entry["op"], entry["provider"]) for entry in report["skipped"]} == {
+        ("logprob_entropy", "liger"), ("fused_linear_logprob_entropy", "liger"),
+    }
+    results = {(entry["op"], entry["provider"], entry["pass"]): entry for entry in report["results"]}
+    assert set(results) == {
+        (op, provider, pass_name)
+        for op in ("logprob_entropy", "fused_linear_logprob_entropy")
+        for provider in ("megarl", "torch")
+        for pass_name in ("forward", "forward+backward")
+    }
+    for entry in results.values():
+        assert set(entry) == RESULT_FIELDS
+        assert (entry["n"], entry["hidden"], entry["vocab"]) == (n, hidden_size, vocab)
+        assert entry["time_ms"] > 0 and entry["achieved"] > 0 and entry["fraction_of_floor"] > 0
+        assert entry["peak_bytes"] >= entry["extra_bytes"] > 0
+    assert results["fused_linear_logprob_entropy", "megarl", "forward+backward"]["work"] == 8 * n * hidden_size * vocab
+    assert results["logprob_entropy", "megarl", "forward+backward"]["work"] == 3 * n * vocab * 2
+    # The fused op's torch path holds a 4096-column chunk of fp32 logits, the reference all 65536.
+    for pass_name in ("forward", "forward+backward"):
+        fused = results["fused_linear_logprob_entropy", "megarl", pass_name]["extra_bytes"]
+        reference = results["fused_linear_logprob_entropy", "torch", pass_name]["extra_bytes"]
+        assert 4 * fused < reference, (pass_name, fused, reference)

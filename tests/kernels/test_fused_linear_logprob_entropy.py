@@ -1,0 +1,219 @@
+"""``megarl.kernels.fused_linear_logprob_entropy`` against the float64 reference.
+
+As ``test_logprob_entropy.py``, for ``hidden @ weight.T``: values and the gradients of both
+``hidden`` and ``weight``, on the Triton kernels (compiled on CUDA, interpreted on CPU tensors)
+and the torch path. The 37-row case has H = 40 (not a multiple of the 16-deep interpreter K
+block) and 1000 vocabulary rows (two 512-column splits and grad chunks, the last ragged) whose
+last 3 are padding. The tensor-parallel group over real processes is in ``test_tensor_parallel.py``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megarl.kernels import fused_linear_logprob_entropy as module
+from megarl.kernels import logprob_entropy as logits_module
+from megarl.kernels.fused_linear_logprob_entropy import fused_linear_logprob_entropy, grad_chunk_columns
+from megarl.kernels.logprob_entropy import combine_partial_stats, interpreter_block_v
+from tests.kernels.reference import TEMPERATURE, TOLERANCES, Problem, assert_matches, fused_reference, make_problem
+
+pytestmark = pytest.mark.cpu
+
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BACKENDS = [pytest.param("torch", "cpu", id="torch"), pytest.param("triton", TRITON_DEVICE, id="triton")]
+DTYPES = [pytest.param(dtype, atol, rtol, id=str(dtype)[6:]) for dtype, (atol, rtol) in TOLERANCES.items()]
+
+VOCAB, PADDING, HIDDEN = 1000, 3, 40
+QWEN_VOCAB, QWEN_PADDED, TP = 151936, 152064, 3  # padded to a multiple of 128 x TP
+QWEN_HIDDEN = 16  # one whole interpreter K block: the unmasked (EVEN_K) path
+
+
+def reference(problem: Problem):
+    """Float64 ``(log_probs, entropy, dL/dhidden, dL/dweight)``."""
+    hidden = problem.hidden.detach().double().requires_grad_()
+    weight = problem.weight.detach().double().requires_grad_()
+    log_probs, entropy = fused_reference(hidden, weight, problem.targets, problem.vocab_size)
+    problem.loss(log_probs, entropy).backward()
+    return log_probs, entropy, hidden.grad, weight.grad
+
+
+def test_interpreter_runs_the_kernels_on_cpu():
+    if torch.cuda.is_available():
+        pytest.skip("CUDA machine: the kernels are compiled")
+    from triton.runtime.interpreter import InterpretedFunction
+
+    for kernel in (module._stats_kernel, module._grad_logits_kernel, module._matmul_accumulate_kernel):
+        assert isinstance(kernel.fn, InterpretedFunction)  # under the EVEN_K heuristic
+    assert HIDDEN % module.INTERPRETER_BLOCK_K and HIDDEN > module.INTERPRETER_BLOCK_K, "a ragged K loop"
+    chunk = module.INTERPRETER_BLOCKS_PER_CHUNK * interpreter_block_v(VOCAB - PADDING)
+    assert (VOCAB - PADDING) % chunk and VOCAB - PADDING > chunk, "several splits and grad chunks, the last ragged"
+
+
+def test_grad_chunk_fills_the_fixed_workspace():
+    bf16 = 2
+    assert grad_chunk_columns(16384, 151936, bf16) == 8192  # 256 MiB of bf16 logit gradients
+    assert grad_chunk_columns(8192, 151936, bf16) == 16384
+    assert grad_chunk_columns(100, 151936, bf16) == 151936  # a short micro-batch: one chunk
+    assert grad_chunk_columns(1 << 20, 151936, bf16) == module.COLUMN_ALIGN  # never below one tile
+
+
+def check_public_function(problem: Problem, backend: str, device: str, atol: float, rtol: float) -> None:
+    """Run ``fused_linear_logprob_entropy`` on ``problem`` and compare values and gradients."""
+    hidden = problem.hidden.to(device, copy=True).requires_grad_()
+    weight = problem.weight.to(device, copy=True).requires_grad_()
+    log_probs, entropy = fused_linear_logprob_entropy(
+        hidden, weight, problem.targets.to(device),
+        temperature=TEMPERATURE, vocab_size=problem.vocab_size, backend=backend,
+    )
+    problem.loss(log_probs.cpu(), entropy.cpu()).backward()
+
+    expected_log_probs, expected_entropy, expected_grad_hidden, expected_grad_weight = reference(problem)
+    assert_matches(log_probs, expected_log_probs, atol, rtol)
+    assert_matches(entropy, expected_entropy, atol, rtol)
+    assert_matches(hidden.grad, expected_grad_hidden, atol, rtol)
+    assert_matches(weight.grad, expected_grad_weight, atol, rtol)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
+@pytest.mark.parametrize("n_rows", [1, 37])
+def test_matches_reference(backend, device, dtype, atol, rtol, n_rows):
+    problem = make_problem(n_rows, VOCAB, VOCAB - PADDING, dtype, hidden_size=HIDDEN)
+    check_public_function(problem, backend, device, atol, rtol)
+
+
+def test_torch_path_in_row_and_column_chunks(monkeypatch):
+    # 256-column, 16-row chunks: 4 column chunks (the last one ragged) x 3 row chunks (the last ragged).
+    monkeypatch.setattr(module, "TORCH_CHUNK_COLUMNS", 256)
+    monkeypatch.setattr(module, "TORCH_CHUNK_ELEMENTS", 256 * 16)
+    monkeypatch.setattr(logits_module, "TORCH_CHUNK_ELEMENTS", 256 * 16)
+    problem = make_problem(37, VOCAB, VOCAB - PADDING, torch.float32, hidden_size=HIDDEN)
+    check_public_function(problem, "torch", "cpu", *TOLERANCES[torch.float32])
+
+
+def test_auto_backend_runs_torch_on_cpu_tensors(monkeypatch):
+    """The trainer calls with ``backend="auto"``: on CPU tensors the kernels must not run."""
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the Triton launcher ran on CPU tensors")
+
+    monkeypatch.setattr(module, "_stats_triton", fail)
+    monkeypatch.setattr(module, "_backward_triton", fail)
+    problem = make_problem(5, VOCAB, VOCAB - PADDING, torch.float32, hidden_size=HIDDEN)
+    check_public_function(problem, "auto", "cpu", *TOLERANCES[torch.float32])
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_tied_embedding_gets_both_gradients(backend, device):
+    """The output layer's weight is also the input embedding: its gradient sums both uses."""
+    n_rows = 37
+    problem = make_problem(n_rows, VOCAB, VOCAB - PADDING, torch.float32, hidden_size=HIDDEN)
+    generator = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(0, VOCAB - PADDING, (n_rows,), generator=generator)
+    mix = torch.randn(HIDDEN, HIDDEN, generator=generator) / HIDDEN**0.5
+
+    def tied_model_loss(weight, head):
+        """Embed ``input_ids`` with ``weight``, mix, and score the result with ``head`` on ``weight``."""
+        hidden = torch.tanh(torch.nn.functional.embedding(input_ids.to(weight.device), weight) @ mix.to(weight))
+        log_probs, entropy = head(hidden, weight)
+        return problem.loss(log_probs.cpu(), entropy.cpu())
+
+    def kernel_head(hidden, weight):
+        return fused_linear_logprob_entropy(
+            hidden, weight, problem.targets.to(device),
+            temperature=TEMPERATURE, vocab_size=problem.vocab_size, backend=backend,
+        )
+
+    def reference_head(hidden, weight):
+        return fused_reference(hidden, weight, problem.targets, problem.vocab_size)
+
+    weight = problem.weight.to(device, copy=True).requires_grad_()
+    tied_model_loss(weight, kernel_head).backward()
+    expected = problem.weight.double().requires_grad_()
+    tied_model_loss(expected, reference_head).backward()
+    assert_matches(weight.grad, expected.grad, *TOLERANCES[torch.float32])
+
+
+@pytest.mark.parametrize(
+    "backend,device,dtype",
+    [
+        pytest.param("torch", "cpu", torch.float32, id="torch-float32"),
+        pytest.param("torch", "cpu", torch.bfloat16, id="torch-bfloat16"),
+        # The interpreter needs seconds per shard here: one dtype, the one training uses.
+        pytest.param("triton", TRITON_DEVICE, torch.bfloat16, id="triton-bfloat16"),
+    ],
+)
+def test_qwen_vocab_over_three_ranks(backend, device, dtype):
+    atol, rtol = TOLERANCES[dtype]
+    problem = make_problem(2, QWEN_PADDED, QWEN_VOCAB, dtype, hidden_size=QWEN_HIDDEN)
+    shard_rows = QWEN_PADDED // TP
+    hidden = problem.hidden.to(device, copy=True).requires_grad_()
+    targets = problem.targets.to(device)
+    shards = [shard.to(device).requires_grad_() for shard in problem.weight.split(shard_rows)]
+    options = [(rank * shard_rows, QWEN_VOCAB, TEMPERATURE, backend) for rank in range(TP)]
+    # The stats pass on every rank, what the all-reduces compute, then each rank's finalize; the
+    # hidden gradient accumulates every rank's part, as the public function's all-reduce does.
+    partial = [
+        torch.ops.megarl.fused_linear_logprob_entropy_stats(hidden.detach(), shard.detach(), targets, *opts)
+        for shard, opts in zip(shards, options)
+    ]
+    stats = combine_partial_stats(torch.stack(partial))
+    expected_log_probs, expected_entropy, expected_grad_hidden, expected_grad_weight = reference(problem)
+    for shard, opts in zip(shards, options):
+        log_probs, entropy = torch.ops.megarl.fused_linear_logprob_entropy_finalize(hidden, shard, targets, stats, *opts)
+        assert_matches(log_probs, expected_log_probs, atol, rtol)
+        assert_matches(entropy, expected_entropy, atol, rtol)
+        problem.loss(log_probs.cpu(), entropy.cpu()).backward()
+    assert_matches(hidden.grad, expected_grad_hidden, atol, rtol)
+    assert_matches(torch.cat([shard.grad for shard in shards]), expected_grad_weight, atol, rtol)
+
+
+def test_leading_dimensions_and_one_used_output():
+    problem = make_problem(6, VOCAB, VOCAB, torch.float32, hidden_size=HIDDEN)
+    problem.grad_entropy.zero_()
+    hidden = problem.hidden.view(2, 3, HIDDEN).clone().requires_grad_()
+    weight = problem.weight.clone().requires_grad_()
+    log_probs, entropy = fused_linear_logprob_entropy(hidden, weight, problem.targets.view(2, 3), temperature=TEMPERATURE)
+    assert log_probs.shape == entropy.shape == (2, 3)
+    (problem.grad_log_probs.view(2, 3) * log_probs).sum().backward()
+
+    expected_log_probs, _, expected_grad_hidden, expected_grad_weight = reference(problem)
+    tolerance = TOLERANCES[torch.float32]
+    assert_matches(log_probs.flatten(), expected_log_probs, *tolerance)
+    assert_matches(hidden.grad.view(6, HIDDEN), expected_grad_hidden, *tolerance)
+    assert_matches(weight.grad, expected_grad_weight, *tolerance)
+
+
+def test_ops_pass_opcheck():
+    problem = make_problem(5, VOCAB, VOCAB - PADDING, torch.float32, hidden_size=HIDDEN)
+    hidden, weight, targets = problem.hidden.requires_grad_(), problem.weight.requires_grad_(), problem.targets
+    options = (0, problem.vocab_size, TEMPERATURE, "torch")
+    stats = torch.ops.megarl.fused_linear_logprob_entropy_stats(hidden.detach(), weight.detach(), targets, *options)
+    log_sum_exp = stats[0] + stats[1].log()
+    torch.library.opcheck(
+        torch.ops.megarl.fused_linear_logprob_entropy_stats.default, (hidden.detach(), weight.detach(), targets, *options)
+    )
+    torch.library.opcheck(
+        torch.ops.megarl.fused_linear_logprob_entropy_finalize.default, (hidden, weight, targets, stats, *options)
+    )
+    torch.library.opcheck(
+        torch.ops.megarl.fused_linear_logprob_entropy_backward.default,
+        (hidden.detach(), weight.detach(), targets, log_sum_exp, problem.grad_entropy, problem.grad_log_probs,
+         problem.grad_entropy, *options),
+    )
+
+
+def test_rejects_bad_arguments():
+    problem = make_problem(4, VOCAB, VOCAB, torch.float32, hidden_size=HIDDEN)
+    hidden, weight, targets = problem.hidden, problem.weight, problem.targets
+    with pytest.raises(ValueError, match="weight"):
+        fused_linear_logprob_entropy(hidden, weight[:, :-1], targets)
+    with pytest.raises(ValueError, match="weight"):
+        fused_linear_logprob_entropy(hidden, weight.double(), targets)
+    with pytest.raises(ValueError, match="targets"):
+        fused_linear_logprob_entropy(hidden, weight, targets[:3])
+    with pytest.raises(ValueError, match="vocab_size"):
+        fused_linear_logprob_entropy(hidden, weight, targets, vocab_size=VOCAB + 1)
+    with pytest.raises(ValueError, match="backend"):
+        fused_linear_logprob_entropy(hidden, weight, targets, backend="cuda")
