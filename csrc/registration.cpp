@@ -4,6 +4,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "copy_plan.h"
+
 namespace megarl {
 
 // Whether the CUDA copy kernels were compiled in (a CUDA toolkit and a CUDA build of torch were
@@ -20,6 +22,13 @@ bool built_with_cuda() {
 
 TORCH_LIBRARY(megarl, m) {
   m.def("built_with_cuda() -> bool", &megarl::built_with_cuda);
+  // Copies described by `plan` (int64 [num_copies, 9], on the CPU) from `sources` into `out`
+  // (flat uint8), converting dtypes; see csrc/copy_plan.h for the plan's columns.
+  m.def("execute_copy_plan(Tensor plan, Tensor[] sources, Tensor(a!) out) -> ()");
+  m.impl("execute_copy_plan", c10::DispatchKey::CPU, TORCH_FN(megarl::execute_copy_plan_cpu));
+#ifdef MEGARL_WITH_CUDA
+  m.impl("execute_copy_plan", c10::DispatchKey::CUDA, TORCH_FN(megarl::execute_copy_plan_cuda));
+#endif
 }
 
 // Importing `megarl._C` loads this shared object, which runs the TORCH_LIBRARY registration

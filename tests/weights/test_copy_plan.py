@@ -1,0 +1,216 @@
+"""The C++ copy engine (`torch.ops.megarl.execute_copy_plan`) against a torch reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megarl.weights.copy_plan import (
+    OUT_OFFSET,
+    PLAN_COLUMNS,
+    ROW_LENGTH,
+    SOURCE,
+    SOURCE_DTYPE,
+    dtype_code,
+    empty_plan,
+    execute_copy_plan,
+)
+
+pytestmark = pytest.mark.cpu
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def reference(plan: torch.Tensor, sources: list[torch.Tensor], out: torch.Tensor) -> None:
+    """The plan's meaning, one row at a time with torch ops."""
+    codes = {code: dtype for dtype, code in (zip(DTYPES, map(dtype_code, DTYPES)))}
+    for row in plan.tolist():
+        source, source_offset, source_stride, out_offset, out_stride, rows, length, source_code, out_code = row
+        source_dtype, out_dtype = codes[source_code], codes[out_code]
+        raw = sources[source].reshape(-1).view(torch.uint8)
+        for r in range(rows):
+            start = source_offset + r * source_stride
+            values = raw[start : start + length * source_dtype.itemsize].clone().view(source_dtype)
+            converted = values.to(out_dtype).view(torch.uint8)
+            begin = out_offset + r * out_stride
+            out[begin : begin + converted.numel()] = converted
+
+
+def random_plan(generator: torch.Generator, sources: list[torch.Tensor], out_bytes: int, out_dtype, count: int):
+    """``count`` non-overlapping 2-D copies from typed sources, at unaligned output offsets."""
+    rows, cursor = [], 1 + int(torch.randint(0, 3, (), generator=generator)) * 2
+    for _ in range(count):
+        index = int(torch.randint(0, len(sources), (), generator=generator))
+        source = sources[index]
+        height, width = source.shape
+        copy_rows = int(torch.randint(1, height + 1, (), generator=generator))
+        length = int(torch.randint(1, width + 1, (), generator=generator))
+        first_column = int(torch.randint(0, width - length + 1, (), generator=generator))
+        size = source.element_size()
+        out_stride = length * out_dtype.itemsize + 2 * int(torch.randint(0, 3, (), generator=generator))
+        rows.append(
+            [index, first_column * size, width * size, cursor, out_stride, copy_rows, length,
+             dtype_code(source.dtype), dtype_code(out_dtype)]
+        )
+        cursor += copy_rows * out_stride + 2
+    assert cursor <= out_bytes
+    return torch.tensor(rows, dtype=torch.int64)
+
+
+@pytest.mark.parametrize("out_dtype", DTYPES)
+@pytest.mark.parametrize("source_dtype", DTYPES)
+def test_strided_copies_with_conversion_match_torch(source_dtype, out_dtype):
+    generator = torch.Generator().manual_seed(3 * DTYPES.index(source_dtype) + DTYPES.index(out_dtype))
+    # Odd widths: rows neither aligned nor a multiple of anything.
+    sources = [torch.randn(shape, generator=generator).to(source_dtype) for shape in ((7, 13), (5, 33))]
+    plan = random_plan(generator, sources, 1 << 16, out_dtype, count=40)
+    out, expected = torch.zeros(1 << 16, dtype=torch.uint8), torch.zeros(1 << 16, dtype=torch.uint8)
+    execute_copy_plan(plan, sources, out)
+    reference(plan, sources, expected)
+    assert torch.equal(out, expected)
+
+
+def special_values(dtype: torch.dtype) -> torch.Tensor:
+    """Infinities, extremes, subnormals and exact rounding ties of bf16 and fp16."""
+    values = [0.0, -0.0, float("inf"), float("-inf"), 3.4e38, -3.4e38, 1e-40, -1e-42, 65504.0, 65520.0, 6e-8,
+              1 + 2**-8, 1 + 3 * 2**-8, 1 + 2**-11, 1 + 3 * 2**-11, -(1 + 2**-8)]
+    return torch.tensor(values, dtype=torch.float32).to(dtype)
+
+
+@pytest.mark.parametrize("out_dtype", DTYPES)
+@pytest.mark.parametrize("source_dtype", DTYPES)
+def test_special_values_round_like_torch(source_dtype, out_dtype):
+    source = special_values(source_dtype)
+    plan = torch.tensor(
+        [[0, 0, 0, 0, 0, 1, source.numel(), dtype_code(source_dtype), dtype_code(out_dtype)]], dtype=torch.int64
+    )
+    out = torch.zeros(source.numel() * out_dtype.itemsize, dtype=torch.uint8)
+    execute_copy_plan(plan, [source], out)
+    assert torch.equal(out, source.to(out_dtype).view(torch.uint8))
+
+
+def test_nan_stays_nan():
+    source = torch.tensor([float("nan"), 1.0, float("nan")])
+    for out_dtype in (torch.bfloat16, torch.float16):
+        plan = torch.tensor([[0, 0, 0, 0, 0, 1, 3, 0, dtype_code(out_dtype)]], dtype=torch.int64)
+        out = torch.zeros(3 * out_dtype.itemsize, dtype=torch.uint8)
+        execute_copy_plan(plan, [source], out)
+        assert torch.equal(out.view(out_dtype).float().isnan(), source.isnan())
+
+
+def test_raw_byte_source_holding_several_dtypes():
+    floats, halves = torch.randn(10), torch.randn(6).to(torch.bfloat16)
+    staging = torch.cat([floats.view(torch.uint8), torch.zeros(2, dtype=torch.uint8), halves.view(torch.uint8)])
+    plan = torch.tensor(
+        [[0, 0, 0, 0, 0, 1, 10, 0, 1], [0, 42, 0, 20, 0, 1, 6, 1, 0]], dtype=torch.int64
+    )
+    out = torch.zeros(44, dtype=torch.uint8)
+    execute_copy_plan(plan, [staging], out)
+    assert torch.equal(out[:20].view(torch.bfloat16), floats.to(torch.bfloat16))
+    assert torch.equal(out[20:].view(torch.float32), halves.float())
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_large_copies_split_over_threads(threads):
+    # Rows above and below the engine's 256 KiB unit, and a row-parallel style strided block.
+    generator = torch.Generator().manual_seed(3)
+    wide = torch.randn(3, 200_000, generator=generator)
+    narrow = torch.randn(4096, 96, generator=generator).to(torch.bfloat16)
+    plan = torch.tensor(
+        [
+            [0, 0, 0, 0, 0, 1, 600_000, 0, 1],
+            [0, 4, 800_000, 1_200_000, 400_000, 3, 100_000, 0, 0],
+            [1, 64, 192, 2_400_000, 100, 4096, 48, 1, 1],
+        ],
+        dtype=torch.int64,
+    )
+    out_bytes = 2_400_000 + 4096 * 100
+    out, expected = torch.zeros(out_bytes, dtype=torch.uint8), torch.zeros(out_bytes, dtype=torch.uint8)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        execute_copy_plan(plan, [wide, narrow], out)
+    finally:
+        torch.set_num_threads(previous)
+    reference(plan, [wide, narrow], expected)
+    assert torch.equal(out, expected)
+
+
+def test_streaming_stores_for_large_outputs():
+    # Over 16 MiB of output: same-dtype rows are written with streaming stores, at unaligned offsets.
+    source = torch.randn(64, 140_000, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
+    plan = torch.tensor(
+        [[0, 0, 0, 3, 0, 1, 64 * 140_000, 1, 1], [0, 2000, 280_000, 17_920_010, 120_006, 64, 60_000, 1, 1]],
+        dtype=torch.int64,
+    )
+    out_bytes = 17_920_010 + 64 * 120_006
+    out, expected = torch.zeros(out_bytes, dtype=torch.uint8), torch.zeros(out_bytes, dtype=torch.uint8)
+    execute_copy_plan(plan, [source], out)
+    reference(plan, [source], expected)
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("source_dtype", [torch.float32, torch.bfloat16])
+def test_shards_side_by_side_in_the_output_rows(source_dtype):
+    """Row-parallel shards: each writes its columns of every output row (run as one group)."""
+    generator = torch.Generator().manual_seed(5)
+    shards = [torch.randn(700, 96, generator=generator).to(source_dtype) for _ in range(3)]
+    size = source_dtype.itemsize
+    # 3 shards of 96 columns into rows of 300 bf16 (12 columns of padding at the end of each row).
+    plan = torch.tensor(
+        [[index, 0, 96 * size, 8 + index * 192, 600, 700, 96, dtype_code(source_dtype), 1] for index in range(3)],
+        dtype=torch.int64,
+    )
+    out = torch.zeros(8 + 700 * 600, dtype=torch.uint8)
+    execute_copy_plan(plan, shards, out)
+    rows = out[8:].view(torch.bfloat16).view(700, 300)
+    assert torch.equal(rows[:, :288], torch.cat(shards, dim=1).to(torch.bfloat16))
+    assert torch.equal(rows[:, 288:], torch.zeros(700, 12, dtype=torch.bfloat16))
+
+
+def test_empty_plan_and_empty_copies_write_nothing():
+    out = torch.full((8,), 7, dtype=torch.uint8)
+    execute_copy_plan(empty_plan(), [], out)
+    execute_copy_plan(torch.tensor([[0, 0, 0, 0, 0, 0, 5, 0, 0]], dtype=torch.int64), [torch.ones(5)], out)
+    assert torch.equal(out, torch.full((8,), 7, dtype=torch.uint8))
+
+
+def valid_row() -> list[int]:
+    return [0, 0, 0, 0, 0, 1, 4, 0, 0]
+
+
+@pytest.mark.parametrize(
+    "column,value,message",
+    [
+        (SOURCE, 1, "reads source 1 but 1 sources were given"),
+        (ROW_LENGTH, 5, "reaches byte 20 of its source, which holds only 16 bytes"),
+        (OUT_OFFSET, 2, "reaches byte 18 of out, which holds only 16 bytes"),
+        (OUT_OFFSET, -4, "negative offset \\(-4\\) or row stride \\(0\\) into out"),
+        (SOURCE_DTYPE, 7, "source dtype code 7"),
+        (SOURCE_DTYPE, 1, "reads source 0 as bfloat16 but it holds Float"),
+    ],
+)
+def test_bad_rows_are_named(column, value, message):
+    row = valid_row()
+    row[column] = value
+    with pytest.raises(RuntimeError, match=message):
+        execute_copy_plan(torch.tensor([row], dtype=torch.int64), [torch.ones(4)], torch.zeros(16, dtype=torch.uint8))
+
+
+def test_bad_plan_and_tensors_are_rejected():
+    plan = torch.tensor([valid_row()], dtype=torch.int64)
+    out = torch.zeros(16, dtype=torch.uint8)
+    with pytest.raises(RuntimeError, match="contiguous int64 CPU tensor"):
+        execute_copy_plan(plan.int(), [torch.ones(4)], out)
+    with pytest.raises(RuntimeError, match=f"\\[num_copies, {PLAN_COLUMNS}\\]"):
+        execute_copy_plan(plan[:, :8].contiguous(), [torch.ones(4)], out)
+    with pytest.raises(RuntimeError, match="not contiguous"):
+        execute_copy_plan(plan, [torch.ones(4, 2).t()], out)
+    with pytest.raises(RuntimeError, match="flat uint8"):
+        execute_copy_plan(plan, [torch.ones(4)], torch.zeros(4))
+
+
+def test_dtype_code_names_the_supported_dtypes():
+    assert [dtype_code(dtype) for dtype in DTYPES] == [0, 1, 2]
+    with pytest.raises(ValueError, match="float32, bfloat16 and float16"):
+        dtype_code(torch.int64)
