@@ -17,4 +17,5 @@ if ! python -c "import torch" 2>/dev/null; then
 fi
 python -m pip install --quiet "scikit-build-core>=0.10" "cmake>=3.24" ninja
 python -m pip install --quiet --no-build-isolation -e ".[dev]"
+python -m pip install --quiet --no-deps "sglang==0.5.23"  # SGLang's source only: tests/rollout check megarl's requests against its schema
 python -c "import megarl._C, torch; print('megarl installed: torch', torch.__version__, '| C++ ops:', torch.ops.megarl.built_with_cuda())"

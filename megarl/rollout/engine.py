@@ -1,0 +1,225 @@
+"""One engine server: its URL, its process when megarl launched it, and calls to it.
+
+Launched engines run in their own process group (so killing one kills everything it spawned,
+e.g. SGLang's scheduler processes) and watch the launching process, exiting when it is gone
+(:mod:`megarl.rollout.watchdog`), so no engine outlives the trainer even when the trainer is
+killed outright. Their output goes to ``{log_dir}/{name}.log``; start-up errors quote its tail.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from megarl.rollout import http_client, protocol
+from megarl.rollout.errors import EngineDead, EngineError, EngineRequestError, EngineStartError, EngineTimeout
+
+_POLL_S = 0.1
+_STOP_GRACE_S = 10.0
+_LOG_TAIL_BYTES = 4000
+_READY_PROBE_TIMEOUT_S = 5.0
+
+
+def free_port(host: str) -> int:
+    """A TCP port that is free on ``host`` now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+@dataclasses.dataclass(kw_only=True, slots=True)
+class LaunchOptions:
+    """How megarl starts engine servers on this machine."""
+
+    engine: Literal["hf", "sglang"]
+    """``hf``: ``python -m megarl.rollout.hf_server``; ``sglang``: ``python -m sglang.launch_server``."""
+    model_path: str
+    """HF model directory the engines start from."""
+    log_dir: Path
+    """Where each engine's output goes (``{name}.log``)."""
+    tensor_parallel: int = 1
+    """GPUs per SGLang engine (``--tp-size``); engine ``i`` uses GPUs ``first_gpu + i * tensor_parallel ...``."""
+    first_gpu: int = 0
+    """First GPU of engine 0 (``--base-gpu-id``)."""
+    mem_fraction: float = 0.5
+    """SGLang ``--mem-fraction-static``."""
+    colocate: bool = True
+    """SGLang ``--enable-memory-saver``, so release/resume memory frees GPU memory for training."""
+    deterministic: bool = False
+    """SGLang ``--enable-deterministic-inference``: needed for SGLang to honour per-sample seeds."""
+    seed: int = 1
+    """The server's own random seed (requests without a seed draw from it)."""
+    host: str = "127.0.0.1"
+    """Interface the servers listen on."""
+    hf_threads: int | None = None
+    """torch threads of each ``hf`` engine; None keeps torch's default."""
+    dtype: str = "auto"
+    """Model dtype: ``auto`` (the checkpoint's), ``bfloat16``, ``float32`` ..."""
+    extra_args: tuple[str, ...] = ()
+    """More command-line arguments for every server."""
+    startup_timeout_s: float = 600.0
+    """Limit from process start to a healthy server."""
+
+
+class Engine:
+    """One engine server.
+
+    Args:
+        name: e.g. ``hf-0``; used in every error and log line.
+        kind: ``hf`` or ``sglang``.
+        tensor_parallel: the engine's tensor-parallel size (ranks in a weight-update group).
+        url: ``http://host:port`` of an engine megarl did not launch; None with ``launch``.
+        launch: how to start (and restart) it; None for an engine given by URL.
+        index: its position in its group (which GPUs it uses).
+    """
+
+    def __init__(self, name: str, kind: str, tensor_parallel: int, *, url: str | None = None, launch: LaunchOptions | None = None, index: int = 0):
+        self.name = name
+        self.kind = kind
+        self.tensor_parallel = tensor_parallel
+        self.url = url
+        self.launch = launch
+        self.index = index
+        self.process: subprocess.Popen | None = None
+        self.incarnation = 0
+        """Counts successful starts; a caller that saw incarnation ``k`` fail knows whether it was restarted since."""
+        self.lock = threading.RLock()
+        """Held while the engine is (re)started."""
+
+    @property
+    def managed(self) -> bool:
+        """Whether megarl launched it (and so can restart it)."""
+        return self.launch is not None
+
+    @property
+    def log_path(self) -> Path | None:
+        """Where a launched engine's output goes; None for an engine given by URL."""
+        return None if self.launch is None else self.launch.log_dir / f"{self.name}.log"
+
+    @property
+    def label(self) -> str:
+        """Name, URL and pid, for messages."""
+        pid = f", pid {self.process.pid}" if self.process is not None else ""
+        return f"{self.name} ({self.url or 'not started'}{pid})"
+
+    def call(self, method: str, path: str, body: Any = None, *, timeout: float) -> Any:
+        """One request; see :func:`megarl.rollout.http_client.request` for the errors.
+
+        A failed request to a launched engine whose process has exited raises :class:`EngineDead`.
+        """
+        if self.url is None:
+            raise EngineDead(self.label, "it is not running")
+        try:
+            return http_client.request(self.label, self.url, method, path, body, timeout=timeout)
+        except (EngineTimeout, EngineRequestError):
+            if self.exited():
+                raise EngineDead(self.label, f"its process exited with code {self.process.returncode}") from None
+            raise
+
+    def exited(self) -> bool:
+        """Whether its launched process has exited."""
+        return self.process is not None and self.process.poll() is not None
+
+    def command(self, port: int, ready_file: Path) -> list[str]:
+        """The server's command line: ``port`` for SGLang; the ``hf`` server picks its own and writes it to ``ready_file``."""
+        options = self.launch
+        if options.engine == "hf":
+            command = [
+                sys.executable, "-m", "megarl.rollout.hf_server", "--model", options.model_path,
+                "--host", options.host, "--port", "0", "--ready-file", str(ready_file),
+                "--seed", str(options.seed), "--dtype", options.dtype, "--parent-pid", str(os.getpid()),
+            ]
+            if options.hf_threads:
+                command += ["--threads", str(options.hf_threads)]
+        else:
+            command = [
+                sys.executable, "-m", "megarl.rollout.sglang_entry", "--parent-pid", str(os.getpid()),
+                "--model-path", options.model_path, "--host", options.host, "--port", str(port),
+                "--tp-size", str(options.tensor_parallel), "--base-gpu-id", str(options.first_gpu + self.index * options.tensor_parallel),
+                "--mem-fraction-static", str(options.mem_fraction), "--random-seed", str(options.seed),
+                "--dtype", options.dtype, "--skip-tokenizer-init",
+            ]
+            if options.colocate:
+                command.append("--enable-memory-saver")
+            if options.deterministic:
+                command.append("--enable-deterministic-inference")
+        return command + list(options.extra_args)
+
+    def start(self) -> None:
+        """Launch the server and wait until it is healthy.
+
+        Raises:
+            EngineStartError: it exited or stayed unhealthy for ``startup_timeout_s``; the message
+                quotes its log.
+        """
+        options = self.launch
+        options.log_dir.mkdir(parents=True, exist_ok=True)
+        ready_file = options.log_dir / f"{self.name}.ready"
+        ready_file.unlink(missing_ok=True)
+        port = free_port(options.host)
+        with open(self.log_path, "ab") as log:
+            log.write(f"--- megarl: starting {self.name} at {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+            log.flush()
+            self.process = subprocess.Popen(
+                self.command(port, ready_file), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+            )
+        self.url = None if options.engine == "hf" else f"http://{options.host}:{port}"
+        deadline = time.monotonic() + options.startup_timeout_s
+        while time.monotonic() < deadline:
+            if self.exited():
+                raise EngineStartError(self.label, f"exited with code {self.process.returncode} while starting\n{self.log_tail()}")
+            if self.url is None and ready_file.exists():
+                self.url = f"http://{options.host}:{json.loads(ready_file.read_text())['port']}"
+            if self.url is not None:
+                try:
+                    self.call("GET", protocol.HEALTH, timeout=_READY_PROBE_TIMEOUT_S)
+                except EngineError:
+                    pass
+                else:
+                    self.incarnation += 1
+                    return
+            time.sleep(_POLL_S)
+        self.kill()
+        raise EngineStartError(self.label, f"not healthy within {options.startup_timeout_s:g} s (startup_timeout_s)\n{self.log_tail()}")
+
+    def log_tail(self) -> str:
+        """The end of its log, for error messages."""
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        with open(self.log_path, "rb") as log:
+            log.seek(max(0, self.log_path.stat().st_size - _LOG_TAIL_BYTES))
+            return f"--- last lines of {self.log_path} ---\n" + log.read().decode(errors="replace")
+
+    def kill(self) -> None:
+        """SIGKILL its process group (works on a stopped process too) and reap it."""
+        if self.process is None:
+            return
+        _signal_group(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
+    def stop(self) -> None:
+        """SIGTERM its process group, then SIGKILL what is left after a grace period."""
+        if self.process is None:
+            return
+        _signal_group(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=_STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            pass
+        self.kill()
+
+
+def _signal_group(group: int, signum: int) -> None:
+    try:
+        os.killpg(group, signum)
+    except ProcessLookupError:
+        pass

@@ -1,0 +1,568 @@
+"""The rollout client: many engine servers behind one object.
+
+::
+
+    with EngineGroup.from_config(config.rollout, model_path) as engines:
+        for step in range(steps):
+            sampling = SamplingParams.from_config(config.rollout, max_new_tokens=..., seed=config.rollout.seed * 1_000_003 + step)
+            samples = engines.generate(prompt_token_ids, sampling)   # prompt-major: prompt 0's n samples, then prompt 1's ...
+            ...                                                      # rewards, training
+            engines.update_weights(weight_stream_buckets, version=step + 1)
+
+Prompts are spread round-robin over the engines, every sample of a prompt on the prompt's engine
+(so SGLang's prefix cache serves the group), one batched ``/generate`` per engine, in parallel.
+
+Faults. Every call has a timeout and raises a typed :class:`~megarl.rollout.errors.EngineError`
+naming the engine. A health monitor thread calls ``/health_generate`` on every engine each
+``health_check_interval_s``; an engine that fails it within ``health_timeout_s`` (dead, or
+stalled), or whose process dies under a request, is killed, restarted, loaded with the current
+weights from the snapshot (:mod:`megarl.rollout.snapshot`), and the requests it held are sent
+again: their per-sample seeds make the re-sent samples the ones the first attempt would have
+drawn. A request that outlasts ``request_timeout_s`` raises :class:`EngineTimeout`. Restarts
+count against ``restart_budget`` for the whole run; past it, the call (and every later one)
+raises :class:`RestartBudgetExhausted`. Engines given by URL are not restarted: their failure
+raises. The monitor pauses during weight updates and while memory is released.
+
+Shutdown: :meth:`EngineGroup.shutdown` (also on leaving the ``with`` block, at interpreter exit,
+and when a launch fails) stops every launched engine and deletes the snapshot; engines also exit
+by themselves when the launching process dies (:mod:`megarl.rollout.watchdog`).
+"""
+
+from __future__ import annotations
+
+import atexit
+import concurrent.futures
+import contextlib
+import importlib.util
+import logging
+import tempfile
+import threading
+from pathlib import Path
+from typing import Callable, Iterable, Literal, Sequence
+
+import torch
+
+from megarl.rollout import protocol
+from megarl.rollout.engine import Engine, LaunchOptions
+from megarl.rollout.errors import EngineDead, EngineError, EngineRequestError, RestartBudgetExhausted
+from megarl.rollout.sampling import Sample, SamplingParams, sample_seed
+from megarl.rollout.snapshot import WeightSnapshot
+from megarl.rollout.transports import TRANSPORTS, BroadcastGroup, cuda_ipc_payloads, hf_file_payloads
+from megarl.weights.bucket import Bucket
+
+log = logging.getLogger(__name__)
+
+EngineKind = Literal["hf", "sglang"]
+_GROUP_OPTIONS = ("weight_transport", "request_timeout_s", "health_check_interval_s", "health_timeout_s", "restart_budget", "snapshot_root")
+"""The keyword arguments of :class:`EngineGroup` itself (the rest of :meth:`EngineGroup.launch`'s are launch options)."""
+
+
+def resolve_engine(engine: str) -> EngineKind:
+    """``auto`` -> ``sglang`` when CUDA is present and SGLang is installed with its GPU kernels
+    (``sgl_kernel``; its source alone, as tools/setup.sh installs it for tests, is not enough), else ``hf``."""
+    if engine != "auto":
+        return engine
+    installed = all(importlib.util.find_spec(module) is not None for module in ("sglang", "sgl_kernel"))
+    return "sglang" if torch.cuda.is_available() and installed else "hf"
+
+
+class EngineGroup:
+    """Rollout engines behind one client; see the module docstring.
+
+    Build it with :meth:`launch`, :meth:`connect` or :meth:`from_config`.
+
+    Args:
+        engines: the engines (all of one kind).
+        model_path: the model the engines started from (its config files go into the snapshot).
+        weight_transport: ``tensor``, ``nccl`` or ``disk`` (:mod:`megarl.rollout.transports`).
+        request_timeout_s: limit of one engine request (a generate batch, one bucket's update).
+        health_check_interval_s: seconds between health checks.
+        health_timeout_s: limit of one health check.
+        restart_budget: engine restarts allowed during the run.
+        snapshot_root: where the latest weights are kept (default ``/dev/shm``, else the temp dir).
+    """
+
+    def __init__(
+        self,
+        engines: list[Engine],
+        *,
+        model_path: str | Path,
+        weight_transport: str = "tensor",
+        request_timeout_s: float = 600.0,
+        health_check_interval_s: float = 10.0,
+        health_timeout_s: float = 20.0,
+        restart_budget: int = 3,
+        snapshot_root: Path | None = None,
+    ):
+        if weight_transport not in TRANSPORTS:
+            raise ValueError(f"weight_transport {weight_transport!r} must be one of {TRANSPORTS}")
+        if not engines:
+            raise ValueError("an EngineGroup needs at least one engine")
+        self.engines = engines
+        self.kind = engines[0].kind
+        self.weight_transport = weight_transport
+        """How the next :meth:`update_weights` sends buckets; may be changed between updates."""
+        self.request_timeout_s = request_timeout_s
+        self.health_check_interval_s = health_check_interval_s
+        self.health_timeout_s = health_timeout_s
+        self.restart_budget = restart_budget
+        """Engine restarts allowed during the run (may be changed at any time)."""
+        self.restarts = 0
+        """Engine restarts so far."""
+        self._snapshot = WeightSnapshot(snapshot_root, Path(model_path))
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=2 * len(engines) + 2, thread_name_prefix="megarl-rollout")
+        self._health_pool = concurrent.futures.ThreadPoolExecutor(max_workers=len(engines), thread_name_prefix="megarl-health")
+        self._broadcast = BroadcastGroup("nccl" if self.kind == "sglang" else "gloo", request_timeout_s, self._pool)
+        self._restart_lock = threading.Lock()
+        self._fatal: EngineError | None = None
+        self._pauses = 0
+        self._pause_lock = threading.Lock()
+        self._released: set[str] = set()
+        self._stop = threading.Event()
+        self._monitor: threading.Thread | None = None
+        self._closed = False
+        atexit.register(self.shutdown)
+
+    @classmethod
+    def launch(
+        cls,
+        engine: str,
+        model_path: str | Path,
+        *,
+        num_engines: int = 1,
+        tensor_parallel: int = 1,
+        mem_fraction: float = 0.5,
+        colocate: bool = True,
+        deterministic: bool = False,
+        seed: int = 1,
+        first_gpu: int = 0,
+        hf_threads: int | None = None,
+        dtype: str = "auto",
+        extra_args: Sequence[str] = (),
+        startup_timeout_s: float = 600.0,
+        log_dir: Path | None = None,
+        **group_options,
+    ) -> EngineGroup:
+        """Start ``num_engines`` servers on this machine and wait until all are healthy.
+
+        Args:
+            engine: ``hf``, ``sglang`` or ``auto`` (:func:`resolve_engine`).
+            model_path: HF model directory.
+            num_engines, tensor_parallel, mem_fraction, colocate, deterministic, seed, first_gpu,
+                hf_threads, dtype, extra_args, startup_timeout_s: see :class:`LaunchOptions`.
+            log_dir: where engine logs go (default: a new temporary directory).
+            **group_options: the keyword arguments of :class:`EngineGroup`.
+
+        Raises:
+            EngineStartError: an engine did not come up (every engine started is stopped).
+        """
+        kind = resolve_engine(engine)
+        options = LaunchOptions(
+            engine=kind, model_path=str(model_path), log_dir=Path(log_dir or tempfile.mkdtemp(prefix="megarl-engines-")),
+            tensor_parallel=tensor_parallel, first_gpu=first_gpu, mem_fraction=mem_fraction, colocate=colocate,
+            deterministic=deterministic, seed=seed, hf_threads=hf_threads, dtype=dtype, extra_args=tuple(extra_args),
+            startup_timeout_s=startup_timeout_s,
+        )
+        engines = [Engine(f"{kind}-{index}", kind, tensor_parallel, launch=options, index=index) for index in range(num_engines)]
+        group = cls(engines, model_path=model_path, **group_options)
+        try:
+            for start in [group._pool.submit(engine.start) for engine in engines]:
+                start.result()
+        except BaseException:
+            group.shutdown()
+            raise
+        group._start_monitor()
+        return group
+
+    @classmethod
+    def connect(cls, urls: Sequence[str], *, engine: str, model_path: str | Path, tensor_parallel: int = 1, **group_options) -> EngineGroup:
+        """Drive engines that are already running (not restarted by megarl when they fail).
+
+        Args:
+            urls: ``http://host:port`` of each engine.
+            engine: their kind, ``hf`` or ``sglang`` (``auto``: :func:`resolve_engine`).
+            model_path: the model they serve.
+            tensor_parallel: their tensor-parallel size.
+            **group_options: the keyword arguments of :class:`EngineGroup`.
+        """
+        kind = resolve_engine(engine)
+        engines = [Engine(f"{kind}-{index}", kind, tensor_parallel, url=url.rstrip("/"), index=index) for index, url in enumerate(urls)]
+        group = cls(engines, model_path=model_path, **group_options)
+        group._start_monitor()
+        return group
+
+    @classmethod
+    def from_config(cls, rollout, model_path: str | Path, *, log_dir: Path | None = None, **overrides) -> EngineGroup:
+        """Launch (or connect to ``engine_urls``) as a :class:`megarl.config.RolloutConfig` says.
+
+        Args:
+            rollout: the ``rollout`` config section.
+            model_path: the resolved model directory (``megarl.config.resolve_model_path``).
+            log_dir: where engine logs go.
+            **overrides: keyword arguments of :meth:`launch` / :class:`EngineGroup` that the
+                config does not hold (``dtype``, ``snapshot_root`` ...); launch options are ignored
+                when connecting to ``engine_urls``.
+        """
+        group_options = dict(
+            weight_transport=rollout.weight_transport,
+            request_timeout_s=rollout.request_timeout_s,
+            health_check_interval_s=rollout.health_check_interval_s,
+            health_timeout_s=rollout.health_timeout_s,
+            restart_budget=rollout.restart_budget,
+        )
+        if rollout.engine_urls:
+            # Launch options (dtype, hf_threads ...) do not apply to engines that are already running.
+            group_overrides = {key: value for key, value in overrides.items() if key in _GROUP_OPTIONS}
+            return cls.connect(
+                rollout.engine_urls, engine=rollout.engine, model_path=model_path, tensor_parallel=rollout.engine_tensor_parallel,
+                **{**group_options, **group_overrides},
+            )
+        return cls.launch(
+            rollout.engine, model_path, num_engines=rollout.num_engines, tensor_parallel=rollout.engine_tensor_parallel,
+            mem_fraction=rollout.mem_fraction, colocate=rollout.colocate, seed=rollout.seed, log_dir=log_dir,
+            deterministic=rollout.deterministic, hf_threads=rollout.engine_threads, startup_timeout_s=rollout.startup_timeout_s,
+            **{**group_options, **overrides},
+        )
+
+    @property
+    def weight_version(self) -> str | None:
+        """Version of the last complete weight update (``str(version)``), None before the first."""
+        return self._snapshot.version
+
+    def __enter__(self) -> EngineGroup:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.shutdown()
+
+    def generate(self, prompt_token_ids: Sequence[Sequence[int]], sampling: SamplingParams) -> list[Sample]:
+        """Sample ``sampling.n`` responses for every prompt.
+
+        Args:
+            prompt_token_ids: the prompts' token ids.
+            sampling: how to sample (see :mod:`megarl.rollout.sampling` for the log-probs).
+
+        Returns:
+            ``len(prompts) * n`` samples, prompt-major (prompt 0's samples 0..n-1, then prompt 1's).
+
+        Raises:
+            EngineTimeout: an engine did not answer within ``request_timeout_s``.
+            EngineRequestError: an engine refused the request (e.g. a prompt longer than its context).
+            RestartBudgetExhausted, EngineDead, EngineStartError: an engine failed for good.
+        """
+        self._raise_if_fatal()
+        shares: dict[Engine, list[int]] = {}
+        for prompt_index in range(len(prompt_token_ids)):
+            shares.setdefault(self.engines[prompt_index % len(self.engines)], []).append(prompt_index)
+        calls = [
+            self._pool.submit(self._generate_share, engine, [(index, prompt_token_ids[index]) for index in indices], sampling)
+            for engine, indices in shares.items()
+        ]
+        samples = _results(calls)
+        return sorted((sample for share in samples for sample in share), key=lambda sample: (sample.prompt_index, sample.sample_index))
+
+    def _generate_share(self, engine: Engine, prompts: list[tuple[int, Sequence[int]]], sampling: SamplingParams) -> list[Sample]:
+        keys, input_ids, params = [], [], []
+        for prompt_index, prompt in prompts:
+            for sample_index in range(sampling.n):
+                seed = None if sampling.seed is None else sample_seed(sampling.seed, prompt_index, sample_index)
+                keys.append((prompt_index, sample_index))
+                input_ids.append(prompt)
+                params.append(protocol.sampling_body(sampling, seed))
+        answer = self._call(engine, "POST", protocol.GENERATE, protocol.generate_body(input_ids, params), timeout=self.request_timeout_s)
+        try:
+            items = protocol.parse_generate_response(answer, len(keys))
+        except ValueError as error:
+            raise EngineRequestError(engine.label, str(error)) from None
+        return [
+            Sample(
+                prompt_index=prompt_index, sample_index=sample_index, response_ids=item.output_ids, logprobs=item.logprobs,
+                finish_reason=item.finish_reason, weight_version=item.weight_version,
+            )
+            for (prompt_index, sample_index), item in zip(keys, items)
+        ]
+
+    def update_weights(self, buckets: Iterable[Bucket], version: int | str) -> None:
+        """Load new weights into every engine, bucket by bucket, over the group's transport.
+
+        Every bucket is also written to the snapshot, so that an engine restarted later (or one
+        that fails during the update) is loaded with these weights. Each bucket is pushed to all
+        engines before the next is read, so the stream may reuse its buffer.
+
+        Args:
+            buckets: the weight stream's buckets: the *whole* model, HF names.
+            version: the new weight version (e.g. the step); engines report ``str(version)``.
+
+        Raises:
+            EngineRequestError: an engine refused the weights (unknown names, wrong shapes).
+            RestartBudgetExhausted, EngineStartError: an engine that failed could not be restarted.
+        """
+        self._raise_if_fatal()
+        weight_version = str(version)
+        with self._health_paused():
+            # Engines that miss part of this update (dead, stalled, cut off by a failed broadcast)
+            # are given the snapshot once it is complete.
+            failed: dict[Engine, EngineError] = {}
+            incarnations = {engine: engine.incarnation for engine in self.engines}
+            self._snapshot.begin(weight_version)
+            try:
+                if self.weight_transport != "disk":
+                    self._each(self.engines, failed, lambda engine: self._call_once(engine, protocol.BEGIN_WEIGHT_UPDATE, {}))
+                if self.weight_transport == "nccl":
+                    self._connect_broadcast(failed)
+                for bucket in buckets:
+                    if bucket.nbytes:
+                        self._push(bucket, self._snapshot.add(bucket), weight_version, failed)
+                directory = str(self._snapshot.commit())
+            except BaseException:
+                self._snapshot.abort()
+                if self.weight_transport != "disk":
+                    with contextlib.suppress(EngineError):
+                        self._end_sessions([engine for engine in self.engines if engine not in failed])
+                raise
+            if self.weight_transport == "disk":
+                body = protocol.update_from_disk_body(directory, weight_version)
+                self._each(self.engines, failed, lambda engine: self._call_once(engine, protocol.UPDATE_FROM_DISK, body))
+            else:
+                self._each(self.engines, failed, lambda engine: self._call_once(engine, protocol.END_WEIGHT_UPDATE, {}))
+                self._each(self.engines, failed, lambda engine: self._call_once(engine, protocol.FLUSH_CACHE, None))
+            for engine in self.engines:
+                if engine in failed or engine.incarnation != incarnations[engine]:
+                    self._reload(engine, failed.get(engine))
+
+    def _reload(self, engine: Engine, cause: EngineError | None) -> None:
+        """Give an engine that missed part of an update the snapshot; restart it if that fails too."""
+        if cause is not None:
+            log.warning("rollout engine %s missed part of a weight update (%s); loading the snapshot", engine.label, cause)
+        incarnation = engine.incarnation
+        try:
+            self._end_sessions([engine])
+            self._load_snapshot(engine)
+        except EngineError as error:
+            self._recover(engine, incarnation, error)
+
+    def _end_sessions(self, engines: Sequence[Engine]) -> None:
+        """Close weight-update sessions that an interrupted update left open (where there are any)."""
+        for engine in engines:
+            with contextlib.suppress(EngineRequestError):
+                self._call_once(engine, protocol.END_WEIGHT_UPDATE, {})
+
+    def _push(self, bucket: Bucket, written: tuple[Path, int], weight_version: str, failed: dict[Engine, EngineError]) -> None:
+        """Send one bucket to every engine that has not failed during this update."""
+        live = [engine for engine in self.engines if engine not in failed]
+        if self.weight_transport == "nccl":
+            if self._broadcast.group is None:
+                return  # a failed broadcast broke the group: the snapshot reloads every engine
+            failed.update(self._broadcast.push(live, bucket, weight_version))
+        elif self.weight_transport == "tensor":
+
+            def send(engine: Engine) -> None:
+                ranks = engine.tensor_parallel
+                payloads = hf_file_payloads(*written, bucket, ranks) if engine.kind == "hf" else cuda_ipc_payloads(bucket, ranks)
+                self._call_once(engine, protocol.UPDATE_FROM_TENSOR, protocol.update_from_tensor_body(payloads, weight_version))
+
+            self._each(live, failed, send)
+
+    def _connect_broadcast(self, failed: dict[Engine, EngineError]) -> None:
+        live = [engine for engine in self.engines if engine not in failed]
+        if self._broadcast.ready_for(live):
+            return
+        try:
+            self._broadcast.connect(live)
+        except EngineError as error:
+            failed.update((engine, error) for engine in live)
+
+    def _each(self, engines: Sequence[Engine], failed: dict[Engine, EngineError], action: Callable[[Engine], None]) -> None:
+        """Run ``action`` on every engine not yet failed, concurrently; a dead or stalled engine joins ``failed``."""
+        calls = {engine: self._pool.submit(action, engine) for engine in engines if engine not in failed}
+        for engine, call in calls.items():
+            error = call.exception()
+            if isinstance(error, EngineRequestError):
+                raise error
+            if isinstance(error, EngineError):
+                failed[engine] = error
+            elif error is not None:
+                raise error
+
+    def _call_once(self, engine: Engine, path: str, body) -> None:
+        engine.call("POST", path, body, timeout=self.request_timeout_s)
+
+    def release_memory(self, tags: Sequence[str] | None = None) -> None:
+        """Free the engines' GPU memory for training (colocated mode); health checks pause until resumed.
+
+        Args:
+            tags: regions to release, a subset of ``weights``, ``kv_cache``, ``cuda_graph``; None: all.
+        """
+        self._raise_if_fatal()
+        body = protocol.memory_body(tags)
+        if not self._released:
+            self._pause_health()
+        self._released.update(tags or protocol.MEMORY_TAGS)
+        _results([self._pool.submit(self._call, engine, "POST", protocol.RELEASE_MEMORY, body, timeout=self.request_timeout_s) for engine in self.engines])
+
+    def resume_memory(self, tags: Sequence[str] | None = None) -> None:
+        """Take the released memory back (e.g. ``["weights"]`` before an update, then ``["kv_cache", "cuda_graph"]``)."""
+        self._raise_if_fatal()
+        body = protocol.memory_body(tags)
+        _results([self._pool.submit(self._call, engine, "POST", protocol.RESUME_MEMORY, body, timeout=self.request_timeout_s) for engine in self.engines])
+        if self._released:
+            self._released.difference_update(tags or protocol.MEMORY_TAGS)
+            if not self._released:
+                self._resume_health()
+
+    def flush_cache(self) -> None:
+        """Drop every engine's prefix cache."""
+        self._raise_if_fatal()
+        _results([self._pool.submit(self._call, engine, "POST", protocol.FLUSH_CACHE, None, timeout=self.request_timeout_s) for engine in self.engines])
+
+    def health(self) -> dict[str, bool]:
+        """Whether each engine answers ``/health_generate`` within ``health_timeout_s`` (no restarts)."""
+
+        def healthy(engine: Engine) -> bool:
+            try:
+                engine.call("GET", protocol.HEALTH_GENERATE, timeout=self.health_timeout_s)
+                return True
+            except EngineError:
+                return False
+
+        return dict(zip((engine.name for engine in self.engines), self._health_pool.map(healthy, self.engines)))
+
+    def read_weight(self, name: str, engine_index: int = 0) -> list:
+        """One weight as an engine holds it (``/get_weights_by_name``, every row), for checks.
+
+        The ``hf`` engine takes HF checkpoint names and answers the exact values; SGLang takes the
+        names of its own (fused) parameters.
+        """
+        engine = self.engines[engine_index]
+        return engine.call("POST", protocol.GET_WEIGHTS_BY_NAME, protocol.get_weights_body(name, 1 << 62), timeout=self.request_timeout_s)
+
+    def pids(self) -> dict[str, int]:
+        """Process id of every launched engine's server."""
+        return {engine.name: engine.process.pid for engine in self.engines if engine.process is not None}
+
+    def shutdown(self) -> None:
+        """Stop the monitor and every launched engine; delete the snapshot. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        atexit.unregister(self.shutdown)
+        self._stop.set()
+        if self._monitor is not None and self._monitor is not threading.current_thread():
+            self._monitor.join(timeout=self.health_timeout_s + 1)
+        if self._broadcast.group is not None:
+            self._broadcast.close(())
+        for engine in self.engines:
+            if engine.managed:
+                with engine.lock:
+                    engine.stop()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._health_pool.shutdown(wait=False, cancel_futures=True)
+        self._snapshot.close()
+
+    def _call(self, engine: Engine, method: str, path: str, body=None, *, timeout: float):
+        """One request; a dead engine is restarted (with the current weights) and the request sent again."""
+        while True:
+            self._raise_if_fatal()
+            incarnation = engine.incarnation
+            try:
+                return engine.call(method, path, body, timeout=timeout)
+            except EngineDead as error:
+                self._recover(engine, incarnation, error)
+
+    def _recover(self, engine: Engine, seen_incarnation: int, cause: EngineError) -> None:
+        """Restart ``engine`` and load the current weights, unless it was restarted since ``seen_incarnation``.
+
+        Raises:
+            RestartBudgetExhausted: no restarts left (the group is then unusable).
+            EngineDead: the engine was not launched by megarl.
+            EngineStartError: the restarted engine did not come up.
+        """
+        with engine.lock:
+            if engine.incarnation != seen_incarnation or self._closed:
+                return
+            self._raise_if_fatal()
+            if not engine.managed:
+                self._fatal = EngineDead(engine.label, f"failed and was not launched by megarl, so it cannot be restarted: {cause}")
+                raise self._fatal
+            with self._restart_lock:
+                if self.restarts >= self.restart_budget:
+                    self._fatal = RestartBudgetExhausted(
+                        engine.label,
+                        f"failed ({cause}) with every restart of the run's budget used "
+                        f"({self.restarts} of rollout.restart_budget={self.restart_budget}); see its log {engine.log_path}",
+                    )
+                    raise self._fatal
+                self.restarts += 1
+            log.warning("restarting rollout engine %s (restart %d of %d): %s", engine.label, self.restarts, self.restart_budget, cause)
+            engine.kill()
+            try:
+                engine.start()
+                self._load_snapshot(engine)
+            except EngineError as error:
+                self._fatal = error
+                raise
+
+    def _load_snapshot(self, engine: Engine) -> None:
+        """Give ``engine`` the current weights (nothing to do before the first update)."""
+        if self._snapshot.current is not None:
+            body = protocol.update_from_disk_body(str(self._snapshot.current), self._snapshot.version)
+            engine.call("POST", protocol.UPDATE_FROM_DISK, body, timeout=self.request_timeout_s)
+
+    def _raise_if_fatal(self) -> None:
+        if self._fatal is not None:
+            raise self._fatal
+        if self._closed:
+            raise RuntimeError("this EngineGroup was shut down")
+
+    def _start_monitor(self) -> None:
+        self._monitor = threading.Thread(target=self._watch, name="megarl-engine-health", daemon=True)
+        self._monitor.start()
+
+    def _pause_health(self) -> None:
+        with self._pause_lock:
+            self._pauses += 1
+
+    def _resume_health(self) -> None:
+        with self._pause_lock:
+            self._pauses -= 1
+
+    @contextlib.contextmanager
+    def _health_paused(self):
+        self._pause_health()
+        try:
+            yield
+        finally:
+            self._resume_health()
+
+    def _watch(self) -> None:
+        """Health monitor: restart every engine that fails ``/health_generate``."""
+        while not self._stop.wait(self.health_check_interval_s):
+            if self._pauses or self._fatal is not None:
+                continue
+            idle = [engine for engine in self.engines if _not_restarting(engine)]
+            incarnations = {engine: engine.incarnation for engine in idle}
+            checks = {engine: self._health_pool.submit(engine.call, "GET", protocol.HEALTH_GENERATE, timeout=self.health_timeout_s) for engine in idle}
+            for engine, check in checks.items():
+                error = check.exception()
+                if error is None or self._pauses or self._stop.is_set():
+                    continue
+                try:
+                    self._recover(engine, incarnations[engine], error)
+                except EngineError:
+                    return
+
+
+def _not_restarting(engine: Engine) -> bool:
+    if not engine.lock.acquire(blocking=False):
+        return False
+    engine.lock.release()
+    return True
+
+
+def _results(calls: list[concurrent.futures.Future]) -> list:
+    """Every call's result once all have finished; the first error is raised after all finish."""
+    concurrent.futures.wait(calls)
+    for call in calls:
+        if call.exception() is not None:
+            raise call.exception()
+    return [call.result() for call in calls]

@@ -1,0 +1,165 @@
+"""Batched generation with a KV cache on a transformers causal LM, for the ``hf`` engine.
+
+Prompts of different lengths are left-padded into one batch. Each row gets explicit position ids
+(``0 .. len-1`` from its first real token) and an attention mask that hides the padding, so a
+row's logits do not depend on which other prompts share its batch (up to float rounding in
+batched matrix products, ~1e-7 in fp32). Every step runs the model on the last token of every
+row with the cache, keeping only the last position's logits.
+
+Per-token log-probs follow :mod:`megarl.rollout.sampling` (SGLang's semantics), in fp32:
+``log_softmax(logits / temperature)`` at the drawn token when sampling, ``log_softmax(logits)`` at
+the argmax when greedy. top-p and top-k restrict the draw only. A seeded row draws from its own
+``torch.Generator``, so its tokens depend on its seed alone; an unseeded row draws from the
+engine's generator.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import torch
+from transformers import DynamicCache
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Request:
+    """One sample to generate."""
+
+    input_ids: list[int]
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    """-1 (or >= vocabulary) is off."""
+    stop_token_ids: frozenset[int]
+    """EOS tokens and the request's stop tokens."""
+    seed: int | None
+
+
+@dataclasses.dataclass(slots=True)
+class Result:
+    """One generated sample, as SGLang reports it."""
+
+    output_ids: list[int]
+    logprobs: list[float]
+    finish_reason: dict
+    """``{"type": "stop", "matched": token}`` or ``{"type": "length", "length": n}``."""
+
+
+def _sampling_probs(scaled_logits: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+    """``[batch, vocab]`` probabilities to draw from: softmax, then top-k, then top-p over what top-k kept.
+
+    Args:
+        scaled_logits: ``[batch, vocab]`` logits divided by the temperature.
+        top_p: ``[batch]`` nucleus thresholds (1: off).
+        top_k: ``[batch]`` kept tokens (the vocabulary size: off).
+
+    The result is not renormalised: drawing with an exponential race needs only proportions.
+    """
+    probs = torch.softmax(scaled_logits, dim=-1)
+    if bool((top_p >= 1).all()) and bool((top_k >= probs.shape[-1]).all()):
+        return probs
+    sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+    rank = torch.arange(probs.shape[-1], device=probs.device)
+    kept = torch.where(rank[None, :] < top_k[:, None], sorted_probs, torch.zeros_like(sorted_probs))
+    before = torch.cumsum(kept, dim=-1) - kept
+    kept = torch.where(before < top_p[:, None] * kept.sum(dim=-1, keepdim=True), kept, torch.zeros_like(kept))
+    return torch.zeros_like(probs).scatter_(1, order, kept)
+
+
+class BatchGenerator:
+    """Generates batches of :class:`Request` on one model.
+
+    Args:
+        model: a transformers causal LM in eval mode.
+        context_length: the model's maximum sequence length; responses stop there.
+        pad_token_id: filler of the left padding (never attended to).
+        random_seed: seed of the generator that unseeded requests draw from.
+    """
+
+    def __init__(self, model: torch.nn.Module, context_length: int, pad_token_id: int, random_seed: int):
+        self.model = model
+        self.context_length = context_length
+        self.pad_token_id = pad_token_id
+        self.generator = torch.Generator().manual_seed(random_seed)
+
+    @torch.inference_mode()
+    def generate(self, requests: list[Request], on_step: Callable[[], None] = lambda: None) -> list[Result]:
+        """Generate every request in one batch.
+
+        Args:
+            requests: the samples; prompts may differ in length and sampling parameters.
+            on_step: called after every model step (the server's liveness signal).
+
+        Raises:
+            ValueError: a prompt is empty or leaves no room in the context.
+        """
+        if not requests:
+            return []
+        for index, request in enumerate(requests):
+            if not request.input_ids or len(request.input_ids) >= self.context_length:
+                raise ValueError(
+                    f"request {index}: prompt of {len(request.input_ids)} tokens; it must hold 1 to "
+                    f"{self.context_length - 1} tokens (the model's context is {self.context_length})"
+                )
+        batch = len(requests)
+        device = next(self.model.parameters()).device
+        width = max(len(request.input_ids) for request in requests)
+        input_ids = torch.full((batch, width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros(batch, width, dtype=torch.long)
+        for row, request in enumerate(requests):
+            input_ids[row, width - len(request.input_ids) :] = torch.tensor(request.input_ids)
+            attention_mask[row, width - len(request.input_ids) :] = 1
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        limits = [min(request.max_new_tokens, self.context_length - len(request.input_ids)) for request in requests]
+        generators = [None if request.seed is None else torch.Generator().manual_seed(request.seed) for request in requests]
+        temperatures = torch.tensor([request.temperature if request.temperature > 0 else 1.0 for request in requests], device=device)
+        results = [Result(output_ids=[], logprobs=[], finish_reason={}) for _ in requests]
+        active = list(range(batch))
+
+        cache = DynamicCache(config=self.model.config)
+        output = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=cache, use_cache=True, logits_to_keep=1,
+        )
+        vocab = output.logits.shape[-1]
+        top_p = torch.tensor([request.top_p for request in requests], device=device)
+        top_k = torch.tensor([request.top_k if 0 < request.top_k < vocab else vocab for request in requests], device=device)
+        greedy = torch.tensor([request.temperature == 0 for request in requests], device=device)
+        positions = position_ids[:, -1]
+        for _ in range(max(limits)):
+            logits = output.logits[:, -1, :].float()  # [batch, vocab]
+            scaled = logits / temperatures[:, None]
+            next_tokens = torch.argmax(logits, dim=-1)
+            sampling = [row for row in active if requests[row].temperature > 0]
+            if sampling:
+                # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p; each row's E comes
+                # from its own generator, so its tokens depend on its seed alone.
+                noise = torch.ones(batch, vocab)
+                for row in sampling:
+                    noise[row].exponential_(generator=generators[row] or self.generator)
+                drawn = torch.argmax(_sampling_probs(scaled, top_p, top_k) / noise.to(device), dim=-1)
+                next_tokens = torch.where(greedy, next_tokens, drawn)
+            logprobs = torch.log_softmax(scaled, dim=-1).gather(1, next_tokens[:, None])[:, 0]
+            tokens, token_logprobs = next_tokens.tolist(), logprobs.tolist()
+            for row in active:
+                result = results[row]
+                result.output_ids.append(tokens[row])
+                result.logprobs.append(token_logprobs[row])
+                if tokens[row] in requests[row].stop_token_ids:
+                    result.finish_reason = {"type": "stop", "matched": tokens[row]}
+                elif len(result.output_ids) == limits[row]:
+                    result.finish_reason = {"type": "length", "length": limits[row]}
+            active = [row for row in active if not results[row].finish_reason]
+            on_step()
+            if not active:
+                break
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
+            positions = positions + 1
+            output = self.model(
+                input_ids=next_tokens[:, None], attention_mask=attention_mask, position_ids=positions[:, None],
+                past_key_values=cache, use_cache=True, logits_to_keep=1,
+            )
+        return results

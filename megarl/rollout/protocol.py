@@ -1,0 +1,213 @@
+"""The subset of SGLang's native HTTP API that megarl uses: paths, request bodies, responses.
+
+Every engine, SGLang or the embedded ``hf`` server, is driven through these functions, so one
+client serves both. Field names and shapes are SGLang's (``sglang.srt.managers.io_struct``:
+``GenerateReqInput``, ``UpdateWeightsFromTensorReqInput``, ``UpdateWeightsFromDistributedReqInput``,
+``InitWeightsUpdateGroupReqInput``, ``UpdateWeightFromDiskReqInput``,
+``ReleaseMemoryOccupationReqInput``, ...; ``sglang.api.v1.api_types`` for ``/generate``), as of the
+SGLang version pinned in ``tools/setup.sh``; ``tests/rollout/test_protocol.py`` checks them
+against its source.
+
+Weight updates on SGLang (>= 0.5.23) run inside a session: ``/begin_weight_update``, then any
+number of ``/update_weights_from_tensor`` or ``/update_weights_from_distributed`` calls, then
+``/end_weight_update``. megarl sends ``flush_cache: false`` with each bucket and flushes once after
+the session, so the cache is not flushed once per bucket.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal, Sequence
+
+from megarl.rollout.sampling import SamplingParams
+from megarl.weights.bucket import TensorMeta, dtype_name
+
+GENERATE = "/generate"
+HEALTH = "/health"
+HEALTH_GENERATE = "/health_generate"
+MODEL_INFO = "/get_model_info"
+FLUSH_CACHE = "/flush_cache"
+RELEASE_MEMORY = "/release_memory_occupation"
+RESUME_MEMORY = "/resume_memory_occupation"
+BEGIN_WEIGHT_UPDATE = "/begin_weight_update"
+END_WEIGHT_UPDATE = "/end_weight_update"
+UPDATE_FROM_TENSOR = "/update_weights_from_tensor"
+UPDATE_FROM_DISK = "/update_weights_from_disk"
+UPDATE_FROM_DISTRIBUTED = "/update_weights_from_distributed"
+INIT_UPDATE_GROUP = "/init_weights_update_group"
+DESTROY_UPDATE_GROUP = "/destroy_weights_update_group"
+GET_WEIGHTS_BY_NAME = "/get_weights_by_name"
+
+FLATTENED_BUCKET = "flattened_bucket"
+"""``load_format`` of a bucket sent whole: one flat uint8 tensor plus per-tensor metadata."""
+UPDATE_GROUP_NAME = "megarl_weight_update"
+"""Name of the broadcast group between the trainer (rank 0) and the engines' ranks."""
+
+MEMORY_TAGS = ("weights", "kv_cache", "cuda_graph")
+"""SGLang's memory regions (``sglang.srt.constants.GPU_MEMORY_ALL_TYPES``)."""
+
+
+def sampling_body(sampling: SamplingParams, seed: int | None) -> dict[str, Any]:
+    """SGLang ``sampling_params`` of one sample (``n`` is always 1: megarl sends each sample).
+
+    Args:
+        sampling: the call's sampling parameters.
+        seed: this sample's ``sampling_seed`` (:func:`megarl.rollout.sampling.sample_seed`), or None.
+    """
+    body: dict[str, Any] = {
+        "max_new_tokens": sampling.max_new_tokens,
+        "temperature": sampling.temperature,
+        "top_p": sampling.top_p,
+        "top_k": sampling.top_k,
+        "stop_token_ids": list(sampling.stop_token_ids),
+    }
+    if seed is not None:
+        body["sampling_seed"] = seed
+    return body
+
+
+def generate_body(input_ids: Sequence[Sequence[int]], sampling_params: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """A batched ``/generate`` request: token ids in, token ids and output log-probs out.
+
+    Args:
+        input_ids: one prompt per request item.
+        sampling_params: one :func:`sampling_body` per item.
+    """
+    return {
+        "input_ids": [list(ids) for ids in input_ids],
+        "sampling_params": list(sampling_params),
+        "return_logprob": True,
+    }
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Generated:
+    """One item of a ``/generate`` response."""
+
+    output_ids: list[int]
+    logprobs: list[float]
+    finish_reason: Literal["stop", "length"]
+    weight_version: str | None
+
+
+def parse_generate_response(response: Any, expected_items: int) -> list[Generated]:
+    """Read a batched ``/generate`` response.
+
+    Args:
+        response: the decoded JSON: a list with one object per request item, each with
+            ``output_ids`` and ``meta_info`` (``finish_reason``, ``output_token_logprobs`` as
+            ``[logprob, token_id, text]`` triples, ``weight_version``).
+        expected_items: how many items the request had.
+
+    Raises:
+        ValueError: a malformed response, a count mismatch, or an aborted item (with its message).
+    """
+    if not isinstance(response, list) or len(response) != expected_items:
+        count = len(response) if isinstance(response, list) else type(response).__name__
+        raise ValueError(f"/generate answered {count} items for a batch of {expected_items}")
+    items = []
+    for index, item in enumerate(response):
+        try:
+            meta = item["meta_info"]
+            reason = meta["finish_reason"]
+            output_ids = [int(token) for token in item["output_ids"]]
+            triples = meta["output_token_logprobs"]
+        except (KeyError, TypeError) as missing:
+            raise ValueError(f"/generate item {index} lacks {missing}: {str(item)[:300]}") from None
+        kind = reason.get("type") if isinstance(reason, dict) else None
+        if kind not in ("stop", "length"):
+            raise ValueError(f"/generate item {index} did not finish: finish_reason={reason}")
+        if [int(triple[1]) for triple in triples] != output_ids:
+            raise ValueError(f"/generate item {index}: output_token_logprobs do not cover output_ids")
+        version = meta.get("weight_version")
+        items.append(
+            Generated(
+                output_ids=output_ids,
+                logprobs=[float(triple[0]) for triple in triples],
+                finish_reason=kind,
+                weight_version=None if version is None else str(version),
+            )
+        )
+    return items
+
+
+def update_from_tensor_body(serialized_named_tensors: list[str], weight_version: str) -> dict[str, Any]:
+    """``/update_weights_from_tensor`` with one flattened bucket.
+
+    Args:
+        serialized_named_tensors: one base64 payload per engine tensor-parallel rank.
+        weight_version: recorded by the engine and reported with each generation.
+    """
+    return {
+        "serialized_named_tensors": serialized_named_tensors,
+        "load_format": FLATTENED_BUCKET,
+        "flush_cache": False,
+        "weight_version": weight_version,
+    }
+
+
+def update_from_distributed_body(
+    metas: Sequence[TensorMeta], weight_version: str, load_format: str | None
+) -> dict[str, Any]:
+    """``/update_weights_from_distributed``: the tensors that the next broadcast(s) carry.
+
+    Args:
+        metas: the bucket's tensors in buffer order.
+        weight_version: see :func:`update_from_tensor_body`.
+        load_format: :data:`FLATTENED_BUCKET` (one broadcast of the whole buffer) or None (one
+            broadcast per tensor, in order).
+    """
+    return {
+        "names": [meta.name for meta in metas],
+        "dtypes": [dtype_name(meta.dtype) for meta in metas],
+        "shapes": [list(meta.shape) for meta in metas],
+        "group_name": UPDATE_GROUP_NAME,
+        "load_format": load_format,
+        "flush_cache": False,
+        "weight_version": weight_version,
+    }
+
+
+def update_from_disk_body(model_path: str, weight_version: str) -> dict[str, Any]:
+    """``/update_weights_from_disk``: reload every safetensors file of ``model_path``."""
+    return {"model_path": model_path, "weight_version": weight_version, "flush_cache": True}
+
+
+def init_update_group_body(master_address: str, master_port: int, rank_offset: int, world_size: int, backend: str) -> dict[str, Any]:
+    """``/init_weights_update_group``: the engine's ranks join the trainer's broadcast group.
+
+    Args:
+        master_address: host of the trainer process that is rank 0 (it hosts the rendezvous store).
+        master_port: port of that store.
+        rank_offset: the engine's first rank (its tensor-parallel ranks follow).
+        world_size: 1 + the tensor-parallel size of every engine in the group.
+        backend: ``nccl`` (SGLang on GPUs) or ``gloo`` (the ``hf`` engine on CPU).
+    """
+    return {
+        "master_address": master_address,
+        "master_port": master_port,
+        "rank_offset": rank_offset,
+        "world_size": world_size,
+        "group_name": UPDATE_GROUP_NAME,
+        "backend": backend,
+    }
+
+
+def destroy_update_group_body() -> dict[str, Any]:
+    """``/destroy_weights_update_group`` for megarl's group."""
+    return {"group_name": UPDATE_GROUP_NAME}
+
+
+def memory_body(tags: Sequence[str] | None) -> dict[str, Any]:
+    """``/release_memory_occupation`` and ``/resume_memory_occupation``; None means every region."""
+    if tags is not None:
+        unknown = sorted(set(tags) - set(MEMORY_TAGS))
+        if unknown:
+            raise ValueError(f"unknown engine memory tags {unknown}; expected a subset of {list(MEMORY_TAGS)}")
+        return {"tags": list(tags)}
+    return {"tags": None}
+
+
+def get_weights_body(name: str, truncate_size: int) -> dict[str, Any]:
+    """``/get_weights_by_name``: the first ``truncate_size`` rows of a weight, as nested lists."""
+    return {"name": name, "truncate_size": truncate_size}

@@ -1,0 +1,112 @@
+"""What a rollout asks for (sampling parameters) and what it gets back (samples).
+
+Log-probabilities follow SGLang's semantics, which the ``hf`` engine reproduces exactly:
+
+- sampling (``temperature > 0``): ``log_softmax(logits / temperature)`` at the sampled token, over
+  the full vocabulary, computed in fp32. top-p and top-k only restrict which tokens can be drawn;
+  the reported log-prob is *not* renormalised over the kept tokens (SGLang's sampler takes it
+  before filtering). With top-p and top-k off this is exactly the distribution the tokens were
+  drawn from, and what the trainer recomputes when it divides its logits by the temperature.
+- greedy (``temperature == 0``): ``log_softmax(logits)`` at the argmax (SGLang treats greedy as
+  top-k 1 at temperature 1).
+
+Seeds: each sample gets its own seed, derived from ``SamplingParams.seed``, its prompt's index in
+the call and its index among the prompt's samples (:func:`sample_seed`), and sent as SGLang's
+``sampling_seed``. So the same seed and the same prompts give the same generations whatever the
+number of engines or how prompts are batched, and a request re-sent after an engine restart draws
+the same tokens. SGLang honours ``sampling_seed`` only when launched with
+``--enable-deterministic-inference``; the ``hf`` engine always does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+_MASK_64 = (1 << 64) - 1
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class SamplingParams:
+    """Sampling of one ``generate`` call."""
+
+    max_new_tokens: int
+    """Response length limit, tokens."""
+    temperature: float = 1.0
+    """Softmax temperature; 0 is greedy."""
+    top_p: float = 1.0
+    """Nucleus threshold in (0, 1]; 1 is off."""
+    top_k: int = -1
+    """Top-k; -1 is off."""
+    stop_token_ids: tuple[int, ...] = ()
+    """Tokens that end a response besides the model's EOS tokens; the stop token is part of it."""
+    n: int = 1
+    """Responses per prompt; all of a prompt's responses go to the same engine (prefix cache)."""
+    seed: int | None = None
+    """Base of the per-sample seeds; None draws from the engine's own random state."""
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"SamplingParams.max_new_tokens ({self.max_new_tokens}) must be >= 1")
+        if self.temperature < 0:
+            raise ValueError(f"SamplingParams.temperature ({self.temperature}) must be >= 0 (0 is greedy)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"SamplingParams.top_p ({self.top_p}) must be in (0, 1]")
+        if self.top_k != -1 and self.top_k < 1:
+            raise ValueError(f"SamplingParams.top_k ({self.top_k}) must be -1 (off) or >= 1")
+        if self.n < 1:
+            raise ValueError(f"SamplingParams.n ({self.n}) must be >= 1")
+
+    @classmethod
+    def from_config(cls, rollout, *, max_new_tokens: int, seed: int | None, validation: bool = False) -> SamplingParams:
+        """Training (or validation) sampling from a :class:`megarl.config.RolloutConfig`.
+
+        Args:
+            rollout: the ``rollout`` config section.
+            max_new_tokens: ``data.max_response_length``.
+            seed: this call's seed, e.g. ``rollout.seed`` combined with the step, so that steps
+                draw different noise and a rerun draws the same.
+            validation: use ``val_temperature`` and ``val_n_samples`` (greedy by default).
+        """
+        return cls(
+            max_new_tokens=max_new_tokens,
+            temperature=rollout.val_temperature if validation else rollout.temperature,
+            top_p=rollout.top_p,
+            top_k=rollout.top_k,
+            stop_token_ids=tuple(rollout.stop_token_ids),
+            n=rollout.val_n_samples if validation else rollout.n_samples_per_prompt,
+            seed=seed,
+        )
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Sample:
+    """One generated response."""
+
+    prompt_index: int
+    """Index of its prompt in the ``generate`` call."""
+    sample_index: int
+    """Index among its prompt's ``n`` responses."""
+    response_ids: list[int]
+    """Generated token ids, ending with the stop token when ``finish_reason == "stop"``."""
+    logprobs: list[float]
+    """``[len(response_ids)]`` rollout log-probs of the generated tokens (see the module docstring)."""
+    finish_reason: Literal["stop", "length"]
+    """``stop``: an EOS or stop token ended it; ``length``: ``max_new_tokens`` (or the context) did."""
+    weight_version: str | None
+    """The engine's weight version when it generated the sample (``str(version)`` of the last update)."""
+
+
+def _splitmix64(value: int) -> int:
+    value = (value + 0x9E3779B97F4A7C15) & _MASK_64
+    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK_64
+    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK_64
+    return value ^ (value >> 31)
+
+
+def sample_seed(seed: int, prompt_index: int, sample_index: int) -> int:
+    """The seed of one sample: a hash of the call's seed and the sample's position, in [0, 2**63)."""
+    mixed = _splitmix64(seed & _MASK_64)
+    mixed = _splitmix64(mixed ^ prompt_index)
+    mixed = _splitmix64(mixed ^ sample_index)
+    return mixed >> 1

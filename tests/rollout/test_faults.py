@@ -1,0 +1,192 @@
+"""Engine faults with real processes: killed and stalled engines, the restart budget, orphans."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from megarl.config import resolve_model_path
+from megarl.rollout import EngineGroup, EngineTimeout, RestartBudgetExhausted, SamplingParams
+from megarl.rollout.engine import Engine, LaunchOptions
+from megarl.weights.bucket import Bucket
+from tests.distributed import REPO
+
+pytestmark = pytest.mark.multirank
+
+MODEL = resolve_model_path("bundled:tiny-moe")
+HEALTH_INTERVAL_S = 1.0
+HEALTH_TIMEOUT_S = 5.0
+STALL_TIMEOUT_S = 1.5
+PROMPTS = [torch.randint(3, 52, (8,), generator=torch.Generator().manual_seed(index)).tolist() for index in range(16)]
+SAMPLING = SamplingParams(max_new_tokens=48, n=8, seed=11)
+
+
+def gone(pid: int) -> bool:
+    """Whether ``pid`` has exited (a zombie counts as exited)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def wait_until(condition, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
+
+
+def launch(log_dir: Path, **options) -> EngineGroup:
+    return EngineGroup.launch("hf", MODEL, hf_threads=1, log_dir=log_dir, startup_timeout_s=120, **options)
+
+
+@pytest.fixture(scope="module")
+def supervised(tmp_path_factory):
+    """One engine under a fast health monitor; its processes must be gone after shutdown."""
+    group = launch(tmp_path_factory.mktemp("supervised"), health_check_interval_s=HEALTH_INTERVAL_S, health_timeout_s=HEALTH_TIMEOUT_S, request_timeout_s=120)
+    started = []
+    try:
+        yield group, started
+    finally:
+        group.shutdown()
+    started.extend(group.pids().values())
+    assert all(gone(pid) for pid in started), "engine processes outlived EngineGroup.shutdown()"
+
+
+@pytest.fixture(scope="module")
+def current_weights():
+    draw = torch.Generator().manual_seed(3)
+    weights = {name: tensor + 0.05 * torch.randn(tensor.shape, generator=draw) for name, tensor in load_file(MODEL / "model.safetensors").items()}
+    return [Bucket.from_named_tensors(sorted(weights.items()))]
+
+
+def generate_in_background(group: EngineGroup) -> tuple[threading.Thread, dict]:
+    outcome: dict = {}
+
+    def run():
+        try:
+            outcome["samples"] = group.generate(PROMPTS, SAMPLING)
+        except Exception as error:  # reported by the test
+            outcome["error"] = error
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    time.sleep(0.5)
+    return thread, outcome
+
+
+@pytest.mark.parametrize("fault", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "stalled"])
+def test_failed_engine_is_restarted_with_current_weights_and_the_batch_completes(supervised, current_weights, fault):
+    group, started = supervised
+    group.update_weights(current_weights, version=7)
+    expected = group.generate(PROMPTS, SAMPLING)
+    restarts = group.restarts
+    thread, outcome = generate_in_background(group)
+    pid = group.pids()["hf-0"]
+    started.append(pid)
+    assert thread.is_alive(), "the batch finished before the fault; make it longer"
+    os.kill(pid, fault)
+    began = time.monotonic()
+    thread.join(timeout=180)
+    assert "error" not in outcome, outcome.get("error")
+    assert outcome["samples"] == expected and all(sample.weight_version == "7" for sample in outcome["samples"])
+    assert group.restarts == restarts + 1 and group.pids()["hf-0"] != pid and gone(pid)
+    assert time.monotonic() - began < 120
+
+
+def test_an_engine_killed_during_a_weight_update_is_restarted_with_the_new_weights(supervised, current_weights):
+    group, started = supervised
+    draw = torch.Generator().manual_seed(4)
+    new_weights = {name: tensor + 0.05 * torch.randn(tensor.shape, generator=draw) for name, tensor in current_weights[0].named_tensors()}
+    named = sorted(new_weights.items())
+    pid = group.pids()["hf-0"]
+    started.append(pid)
+
+    def buckets_with_a_fault():
+        yield Bucket.from_named_tensors(named[:40])
+        os.kill(pid, signal.SIGKILL)
+        assert wait_until(lambda: gone(pid), timeout_s=10)
+        yield Bucket.from_named_tensors(named[40:])
+
+    restarts = group.restarts
+    group.update_weights(buckets_with_a_fault(), version=8)
+    assert group.restarts == restarts + 1 and group.pids()["hf-0"] != pid
+    assert all(torch.equal(torch.tensor(group.read_weight(name)), tensor) for name, tensor in named)
+    assert group.generate(PROMPTS[:2], SAMPLING)[0].weight_version == "8"
+
+
+def test_stalled_engine_raises_a_typed_timeout_naming_it(supervised):
+    group, _ = supervised
+    url, pid = group.engines[0].url, group.pids()["hf-0"]
+    with EngineGroup.connect([url], engine="hf", model_path=MODEL, request_timeout_s=STALL_TIMEOUT_S, health_check_interval_s=3600) as client:
+        os.kill(pid, signal.SIGSTOP)
+        began = time.monotonic()
+        try:
+            with pytest.raises(EngineTimeout, match=rf"rollout engine hf-0 \({url}\).*no answer within {STALL_TIMEOUT_S:g} s"):
+                client.generate(PROMPTS, SAMPLING)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert time.monotonic() - began < STALL_TIMEOUT_S + 1
+
+
+def test_a_failure_past_the_restart_budget_stops_the_run_naming_the_engine(supervised):
+    group, started = supervised
+    group.restart_budget = group.restarts
+    pid = group.pids()["hf-0"]
+    started.append(pid)
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(RestartBudgetExhausted, match=rf"rollout engine hf-0 .*pid {pid}.*rollout\.restart_budget={group.restarts}"):
+        group.generate(PROMPTS, SAMPLING)
+    with pytest.raises(RestartBudgetExhausted):
+        group.update_weights([], version=8)
+
+
+LAUNCHER_SCRIPT = """
+import os, subprocess, sys, time
+engine = subprocess.Popen(
+    [sys.executable, "-m", "megarl.rollout.hf_server", "--model", sys.argv[1], "--threads", "1", "--parent-pid", str(os.getpid())],
+    start_new_session=True,
+)
+print(engine.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_an_engine_exits_when_its_launcher_is_killed(tmp_path):
+    """What EngineGroup launches carries ``--parent-pid``: killing the launcher outright (no atexit,
+    no finally) still ends the engine, even one that is still starting."""
+    script = tmp_path / "launcher.py"
+    script.write_text(LAUNCHER_SCRIPT)
+    launcher = subprocess.Popen([sys.executable, str(script), str(MODEL)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    engine_pid = None
+    try:
+        ready, _, _ = select.select([launcher.stdout], [], [], 60)
+        assert ready, "the launcher did not start its engine"
+        engine_pid = int(launcher.stdout.readline())
+        launcher.kill()
+        launcher.wait()
+        assert wait_until(lambda: gone(engine_pid), timeout_s=120), "the engine outlived its launcher"
+    finally:
+        launcher.kill()
+        if engine_pid is not None and not gone(engine_pid):
+            os.killpg(engine_pid, signal.SIGKILL)
+
+
+def test_launched_engines_watch_the_launching_process(tmp_path):
+    options = LaunchOptions(engine="hf", model_path=str(MODEL), log_dir=tmp_path)
+    command = Engine("hf-0", "hf", 1, launch=options).command(0, tmp_path / "ready")
+    assert command[command.index("--parent-pid") + 1] == str(os.getpid())

@@ -1,0 +1,197 @@
+"""The hf engine's parts in one process: generation and its log-probs, the weight map, bucket files,
+the weight snapshot."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+from megarl.config import resolve_model_path
+from megarl.rollout.bucket_files import encode_handle, open_handle, write_bucket
+from megarl.rollout.hf_generate import BatchGenerator, Request
+from megarl.rollout.hf_weights import HFWeightMap
+from megarl.rollout.snapshot import WeightSnapshot
+from megarl.weights.bucket import Bucket, TensorMeta
+
+pytestmark = pytest.mark.cpu
+
+MOE = resolve_model_path("bundled:tiny-moe")
+DENSE = resolve_model_path("bundled:tiny-dense")
+EOS = 2
+LOGPROB_TOLERANCE = 1e-5
+
+
+def load(path):
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def moe():
+    torch.manual_seed(0)
+    return load(MOE)
+
+
+def request(prompt, **overrides):
+    fields = dict(input_ids=prompt, max_new_tokens=12, temperature=1.0, top_p=1.0, top_k=-1, stop_token_ids=frozenset({EOS}), seed=7)
+    return Request(**{**fields, **overrides})
+
+
+def generator(model, seed=0):
+    return BatchGenerator(model, context_length=model.config.max_position_embeddings, pad_token_id=0, random_seed=seed)
+
+
+def prompts(count, seed=0):
+    draw = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 52, (int(torch.randint(2, 14, (1,), generator=draw)),), generator=draw).tolist() for _ in range(count)]
+
+
+def teacher_forced_logprobs(model, prompt, response, temperature):
+    """``[len(response)]`` log-probs of ``response`` from one forward over prompt + response."""
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + response])).logits[0].float()
+    logits = logits / (temperature if temperature > 0 else 1.0)
+    logprobs = torch.log_softmax(logits[len(prompt) - 1 : -1], dim=-1)
+    return logprobs.gather(1, torch.tensor(response)[:, None])[:, 0]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 0.0])
+def test_logprobs_equal_a_teacher_forced_forward(moe, temperature):
+    batch = prompts(12)
+    results = generator(moe).generate([request(prompt, temperature=temperature, seed=index) for index, prompt in enumerate(batch)])
+    for prompt, result in zip(batch, results):
+        expected = teacher_forced_logprobs(moe, prompt, result.output_ids, temperature)
+        assert torch.allclose(torch.tensor(result.logprobs), expected, atol=LOGPROB_TOLERANCE, rtol=0)
+    if temperature == 0:
+        for prompt, result in zip(batch, results):
+            with torch.no_grad():
+                logits = moe(torch.tensor([prompt + result.output_ids])).logits[0, len(prompt) - 1 : -1]
+            assert result.output_ids == logits.argmax(-1).tolist()
+
+
+def test_a_sample_does_not_depend_on_its_batch(moe):
+    alone = generator(moe).generate([request([5, 9, 13, 4], seed=42)])[0]
+    crowd = [request(prompt, seed=index) for index, prompt in enumerate(prompts(9, seed=3))]
+    batched = generator(moe).generate(crowd[:4] + [request([5, 9, 13, 4], seed=42)] + crowd[4:])[4]
+    assert batched.output_ids == alone.output_ids
+    assert torch.allclose(torch.tensor(batched.logprobs), torch.tensor(alone.logprobs), atol=1e-6, rtol=0)
+
+
+def test_seeded_generation_is_reproducible(moe):
+    batch = [request(prompt, seed=100 + index) for index, prompt in enumerate(prompts(6))]
+    first = generator(moe, seed=1).generate(batch)
+    second = generator(moe, seed=2).generate(batch)
+    assert [result.output_ids for result in first] == [result.output_ids for result in second]
+    reseeded = generator(moe).generate([request(prompt.input_ids, seed=prompt.seed + 1000) for prompt in batch])
+    assert [result.output_ids for result in reseeded] != [result.output_ids for result in first]
+
+
+def test_unseeded_requests_follow_the_engine_seed(moe):
+    batch = [request(prompt, seed=None) for prompt in prompts(4)]
+    assert [r.output_ids for r in generator(moe, seed=5).generate(batch)] == [r.output_ids for r in generator(moe, seed=5).generate(batch)]
+
+
+def test_stop_tokens_and_length_limits(moe):
+    greedy = generator(moe).generate([request([7, 8, 9], temperature=0.0, stop_token_ids=frozenset())])[0]
+    assert greedy.finish_reason == {"type": "length", "length": 12} and len(greedy.output_ids) == 12
+    stop_at = greedy.output_ids[3]
+    stopped = generator(moe).generate([request([7, 8, 9], temperature=0.0, stop_token_ids=frozenset({stop_at}))])[0]
+    first = greedy.output_ids.index(stop_at)
+    assert stopped.output_ids == greedy.output_ids[: first + 1]
+    assert stopped.finish_reason == {"type": "stop", "matched": stop_at}
+    context = moe.config.max_position_embeddings
+    near_end = generator(moe).generate([request([5] * (context - 3), max_new_tokens=50, stop_token_ids=frozenset())])[0]
+    assert near_end.finish_reason == {"type": "length", "length": 3}
+    with pytest.raises(ValueError, match="leaves no room|1 to"):
+        generator(moe).generate([request([5] * context)])
+
+
+def test_top_k_restricts_the_draw_but_not_the_reported_logprob(moe):
+    prompt = [11, 12, 13]
+    greedy = generator(moe).generate([request(prompt, temperature=0.0, stop_token_ids=frozenset())])[0]
+    top1 = generator(moe).generate([request(prompt, temperature=0.5, top_k=1, stop_token_ids=frozenset())])[0]
+    assert top1.output_ids == greedy.output_ids
+    expected = teacher_forced_logprobs(moe, prompt, top1.output_ids, 0.5)
+    assert torch.allclose(torch.tensor(top1.logprobs), expected, atol=LOGPROB_TOLERANCE, rtol=0)
+    nucleus = generator(moe).generate([request(prompt, top_p=1e-6, stop_token_ids=frozenset())])[0]
+    assert nucleus.output_ids == greedy.output_ids
+
+
+@pytest.mark.parametrize("path", [MOE, DENSE], ids=["moe", "dense-tied"])
+def test_weight_map_reads_and_writes_checkpoint_tensors_bitwise(path, tmp_path):
+    model = load(path)
+    weights = HFWeightMap(model)
+    checkpoint = load_file(path / "model.safetensors")
+    assert set(checkpoint) <= weights.names()
+    assert all(torch.equal(weights.read(name), tensor) for name, tensor in checkpoint.items())
+    draw = torch.Generator().manual_seed(1)
+    changed = {name: tensor + torch.randn(tensor.shape, generator=draw) for name, tensor in checkpoint.items()}
+    for name, tensor in changed.items():
+        weights.load(name, tensor)
+    assert all(torch.equal(weights.read(name), tensor) for name, tensor in changed.items())
+    directory = tmp_path / "changed"
+    directory.mkdir()
+    for source in path.iterdir():
+        if source.suffix != ".safetensors":
+            (directory / source.name).write_bytes(source.read_bytes())
+    save_file(changed, directory / "model.safetensors")
+    tokens = torch.tensor([prompts(1)[0]])
+    with torch.no_grad():
+        assert torch.equal(model(tokens).logits, load(directory)(tokens).logits)
+
+
+def test_weight_map_rejects_unknown_names_and_shapes(moe):
+    weights = HFWeightMap(moe)
+    with pytest.raises(KeyError, match="no checkpoint tensor named"):
+        weights.load("model.layers.0.mlp.experts.99.up_proj.weight", torch.zeros(1))
+    with pytest.raises(ValueError, match="got shape"):
+        weights.load("model.norm.weight", torch.zeros(3))
+
+
+def test_bucket_files_round_trip_mixed_dtypes(tmp_path):
+    named = [
+        ("a", torch.arange(3, dtype=torch.bfloat16)),  # 6 bytes: the next tensor starts unaligned
+        ("b", torch.randn(2, 3)),
+        ("c", torch.tensor([True, False])),
+        ("d", torch.arange(5, dtype=torch.int64).reshape(5, 1)),
+    ]
+    bucket = Bucket.from_named_tensors(named)
+    path = tmp_path / "bucket.safetensors"
+    offset = write_bucket(path, bucket)
+    assert offset % 8 == 0 and not (tmp_path / "bucket.safetensors.partial").exists()
+    loaded = load_file(path)
+    assert all(torch.equal(loaded[name], tensor) and loaded[name].dtype == tensor.dtype for name, tensor in named)
+
+    mapped = open_handle(encode_handle(path, offset, bucket))
+    assert [(name, tensor.dtype) for name, tensor in mapped.named_tensors()] == [(name, tensor.dtype) for name, tensor in named]
+    assert all(torch.equal(got, want) for (_, got), (_, want) in zip(mapped.named_tensors(), named))
+    with pytest.raises(ValueError, match="malformed bucket-file handle"):
+        open_handle("bm90IGpzb24=")
+    gap = Bucket(buffer=torch.zeros(16, dtype=torch.uint8), metas=[TensorMeta(name="x", dtype=torch.float32, shape=(2,), start=8, end=16)])
+    with pytest.raises(ValueError, match="back to back"):
+        write_bucket(tmp_path / "gap.safetensors", gap)
+
+
+def test_snapshot_keeps_one_complete_version(tmp_path):
+    snapshot = WeightSnapshot(tmp_path, MOE)
+    assert snapshot.current is None and not list(tmp_path.iterdir())
+    snapshot.begin("1")
+    path, _ = snapshot.add(Bucket.from_named_tensors([("x", torch.ones(2))]))
+    assert path.parent.name == "weights-v1.partial"
+    first = snapshot.commit()
+    assert snapshot.version == "1" and first == snapshot.current
+    assert json.loads((first / "config.json").read_text())["model_type"] == "qwen3_moe"
+    assert not list(first.glob("model.safetensors"))
+    snapshot.begin("2")
+    snapshot.add(Bucket.from_named_tensors([("x", torch.zeros(2))]))
+    snapshot.abort()
+    assert snapshot.current == first and first.exists()
+    snapshot.begin("2")
+    snapshot.add(Bucket.from_named_tensors([("x", torch.zeros(2))]))
+    second = snapshot.commit()
+    assert not first.exists() and torch.equal(load_file(second / "bucket-00000.safetensors")["x"], torch.zeros(2))
+    snapshot.close()
+    assert not snapshot.directory.exists()
