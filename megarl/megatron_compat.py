@@ -1,10 +1,11 @@
 """Make megatron-core 0.16 run where it was not written to: without Transformer Engine, and on CPU.
 
-Without Transformer Engine (any machine), :func:`fix_missing_transformer_engine` repairs the two
+Without Transformer Engine (any machine), :func:`fix_missing_transformer_engine` repairs the
 places megatron-core 0.16.1 breaks: the MoE router's gating GEMM reads a name, ``te_general_gemm``,
 that is only bound when TE imports; and loading a fully reshardable distributed-optimizer
 checkpoint into torch's Adam (the optimizer used without TE or apex) copies a ``step`` entry that
-the checkpoint keeps elsewhere.
+the checkpoint keeps elsewhere, and gives every parameter the same ``step`` tensor, which Adam
+then advances once per parameter at each step.
 
 On CPU with gloo, :func:`enable_cpu` does the rest.
 
@@ -213,10 +214,28 @@ def _keep_adam_step(set_states):
     return set_states_keeping_step
 
 
+def _separate_adam_steps(load_state_dict):
+    """Wrap ``DistributedOptimizer.load_state_dict`` so that every parameter's Adam ``step`` is its
+    own tensor. Without Apex or TE, megatron-core 0.16.1 gives every parameter's state the *same*
+    step tensor when it loads a checkpoint, and torch Adam increments it in place once per
+    parameter: after a resume each optimizer step advanced the bias correction by the number of
+    parameters, and the updates differed from an uninterrupted run's."""
+
+    @functools.wraps(load_state_dict)
+    def load_state_dict_with_own_steps(self, state_dict):
+        load_state_dict(self, state_dict)
+        for state in self.optimizer.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].detach().clone()
+
+    load_state_dict_with_own_steps.megarl_patched = True
+    return load_state_dict_with_own_steps
+
+
 def fix_missing_transformer_engine() -> None:
     """Repair megatron-core's paths without TE (idempotent): bind ``te_general_gemm = None`` in the
     MoE utilities so the router takes its torch path instead of raising ``NameError``, and keep
-    torch Adam's ``step`` when loading distributed-optimizer checkpoints."""
+    torch Adam's ``step`` (one tensor per parameter) when loading distributed-optimizer checkpoints."""
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
     from megatron.core.transformer.moe import moe_utils
 
@@ -225,6 +244,8 @@ def fix_missing_transformer_engine() -> None:
     set_states = DistributedOptimizer._set_main_param_and_optimizer_states
     if not getattr(set_states, "megarl_patched", False):
         DistributedOptimizer._set_main_param_and_optimizer_states = _keep_adam_step(set_states)
+    if not getattr(DistributedOptimizer.load_state_dict, "megarl_patched", False):
+        DistributedOptimizer.load_state_dict = _separate_adam_steps(DistributedOptimizer.load_state_dict)
 
 
 def enable_cpu() -> None:

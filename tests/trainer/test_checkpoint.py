@@ -53,6 +53,9 @@ def test_save_under_one_layout_load_under_another(tmp_path, save_layout, load_la
     if load_optimizer:
         # The scheduler resumed after one warm-up step: lr = 1e-3 + (1e-2 - 1e-3) / 2.
         assert state["lr"] == pytest.approx(5.5e-3)
+        # Adam resumes after one step, each parameter with its own step count.
+        assert set(state["adam_steps"]) == {1.0}
+        assert state["adam_step_tensors_distinct"]
 
 
 @pytest.mark.multirank

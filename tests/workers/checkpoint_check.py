@@ -101,6 +101,15 @@ def main(argv):
         state["path"] = str(path)
         if optimizer is not None:
             state["lr"] = optimizer.param_groups[0]["lr"]
+            steps = [
+                adam_state["step"]
+                for inner in getattr(optimizer, "chained_optimizers", [optimizer])
+                for adam_state in inner.optimizer.state.values()
+            ]
+            # Adam advances each step tensor in place: one shared by several parameters would
+            # advance several times per optimizer step.
+            state["adam_steps"] = [float(step) for step in steps]
+            state["adam_step_tensors_distinct"] = len({step.data_ptr() for step in steps}) == len(steps)
     exported = dict(export_hf_tensors(chunks, spec, pgs, dst=0))
     if dist.get_rank() == 0:
         torch.save(exported, args.export)
