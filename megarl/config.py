@@ -264,6 +264,16 @@ class RolloutConfig:
     """Timeout of one engine request, seconds."""
     health_check_interval_s: float = 10.0
     """Seconds between engine health checks."""
+    health_timeout_s: float = 20.0
+    """An engine that does not answer a health check within this many seconds is restarted."""
+    startup_timeout_s: float = 600.0
+    """Seconds an engine may take to start and load its model."""
+    engine_threads: Optional[int] = None
+    """CPU threads of each ``hf`` engine; null: torch's default (all cores). On a small shared CPU
+    1 keeps the engine from competing with the training processes."""
+    deterministic: bool = False
+    """SGLang's deterministic inference (--enable-deterministic-inference): per-sample seeds are
+    honoured and a rerun samples the same tokens, at some speed cost. The hf engine always is."""
     restart_budget: int = 3
     """Engine restarts allowed during the run before it stops."""
     val_temperature: float = 0.0
@@ -285,6 +295,9 @@ class RolloutConfig:
         _require(0 < self.mem_fraction < 1, "rollout.mem_fraction", f"({self.mem_fraction}) must be in (0, 1)")
         _require(self.request_timeout_s > 0, "rollout.request_timeout_s", f"({self.request_timeout_s}) must be > 0")
         _require(self.health_check_interval_s > 0, "rollout.health_check_interval_s", f"({self.health_check_interval_s}) must be > 0")
+        _require(self.health_timeout_s > 0, "rollout.health_timeout_s", f"({self.health_timeout_s}) must be > 0")
+        _require(self.startup_timeout_s > 0, "rollout.startup_timeout_s", f"({self.startup_timeout_s}) must be > 0")
+        _require(self.engine_threads is None or self.engine_threads >= 1, "rollout.engine_threads", f"({self.engine_threads}) must be >= 1, or null")
         _require(self.restart_budget >= 0, "rollout.restart_budget", f"({self.restart_budget}) must be >= 0")
 
 
@@ -507,6 +520,10 @@ class TrainConfig:
     ppo_max_token_len_per_gpu, slime: --max-tokens-per-gpu)."""
     ppo_epochs: int = 1
     """Passes over each train batch (verl: actor.ppo_epochs)."""
+    fused_linear_logprob: bool = True
+    """Compute log-probs and entropy from the last hidden states and the output layer's weight shard
+    in one fused pass that never holds the [tokens, vocab] logits; false: from Megatron's logits
+    (LightRFT: --fused_linear_logprob)."""
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     """Policy optimizer: Adam through Megatron's optimizer."""
     lr_schedule: Literal["constant", "linear", "cosine"] = "constant"

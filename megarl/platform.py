@@ -77,6 +77,13 @@ def detect() -> Platform:
     )
 
 
+def current_device() -> torch.device:
+    """The device this rank computes on: its CUDA device (set by :func:`init_distributed`), else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))

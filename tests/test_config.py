@@ -520,8 +520,6 @@ SHIPPED = [("moe_grpo.yaml", 2), ("dense_ppo.yaml", 1), ("dense_ppo.yaml", 2)]
 
 @pytest.mark.parametrize("name,world_size", SHIPPED)
 def test_shipped_configs_validate(name, world_size):
-    if not (PACKAGE_DIR / "assets" / "models" / "tiny-moe" / "config.json").exists():
-        pytest.skip("the bundled tiny models are not generated yet (tools/ asset generation)")
     config = load_config(REPO / "configs" / name)
     validate(config, world_size, ModelFacts.from_hf_dir(resolve_model_path(config.model.path)))
 
@@ -538,3 +536,17 @@ def test_shipped_configs_hold_only_non_defaults(name):
     defaults = dict(leaves(Config().to_dict()))
     written = dict(leaves(yaml.safe_load((REPO / "configs" / name).read_text())))
     assert [key for key, value in written.items() if defaults[key] == value] == []
+
+
+QWEN3_30B_A3B = ModelFacts(
+    num_layers=48, num_attention_heads=32, num_query_groups=4, num_experts=128, vocab_size=151936, max_position_embeddings=40960
+)
+"""Qwen3-30B-A3B's published config.json dimensions (the model itself is not downloaded here)."""
+
+
+def test_recipe_for_qwen3_30b_a3b_fits_8_gpus():
+    config = load_config(REPO / "configs" / "recipes" / "qwen3_30b_a3b_8xh100.yaml")
+    validate(config, 8, QWEN3_30B_A3B)
+    assert config.parallel.data_parallel(8) == 2
+    with pytest.raises(ConfigError, match="world size"):
+        validate(config, 4, QWEN3_30B_A3B)

@@ -6,8 +6,9 @@
 - ``tokenizer/``: a word-level HF tokenizer (each digit a token) with a Qwen-style chat template.
 - ``models/tiny-dense`` (Qwen3: GQA, q/k norm, tied embeddings), ``models/tiny-moe`` (Qwen3-MoE:
   8 experts, top 2) and ``models/tiny-qwen2-moe`` (Qwen2-MoE with a gated shared expert), fp32.
-- ``data/toy/{train,val}.jsonl``: single-digit tasks a random tiny model already solves
-  sometimes (so RL has signal) and a few hundred GRPO steps solve well.
+- ``data/toy/{train,val}.jsonl``: the toy task, the largest of three digits (800 train and 200
+  validation prompts, disjoint), which a random tiny model answers right about one time in ten and
+  GRPO teaches it in about a hundred steps; the answer needs comparing the digits, not copying one.
 
 Weights come from one seeded generator filled in a fixed parameter order, not from transformers'
 initialisers, so they do not change with the transformers version.
@@ -121,28 +122,20 @@ def build_models(out: Path, tokenizer_dir: Path, tokenizer) -> None:
 
 
 def toy_rows() -> list[dict[str, str]]:
-    """Every prompt of the four tasks, with its answer."""
-    rows = []
-    for a in range(10):
-        for b in range(10):
-            for c in range(10):
-                rows.append({"prompt": f"first {a} {b} {c}", "answer": str(a), "task": "first"})
-                rows.append({"prompt": f"last {a} {b} {c}", "answer": str(c), "task": "last"})
-                rows.append({"prompt": f"max {a} {b} {c}", "answer": str(max(a, b, c)), "task": "max"})
-    for a in range(10):
-        rows.append({"prompt": f"next {a}", "answer": str((a + 1) % 10), "task": "next"})
-    return rows
+    """Every prompt of the toy task, the largest of three digits, with its answer."""
+    return [
+        {"prompt": f"max {a} {b} {c}", "answer": str(max(a, b, c)), "task": "max"}
+        for a in range(10)
+        for b in range(10)
+        for c in range(10)
+    ]
 
 
-def build_data(out: Path, train_size: int = 2000, val_size: int = 200) -> None:
-    rows = toy_rows()
-    shuffled = random.Random(0).sample(rows, len(rows))
-    # `next` has only 10 prompts: all in train; validation draws from the other tasks.
-    val = [row for row in shuffled if row["task"] != "next"][:val_size]
-    val_prompts = {row["prompt"] for row in val}
-    train = [row for row in shuffled if row["prompt"] not in val_prompts][:train_size]
+def build_data(out: Path, val_size: int = 200) -> None:
+    """Split the 1000 prompts at random (seed 0): ``val_size`` for validation, the rest to train."""
+    shuffled = random.Random(0).sample(toy_rows(), 1000)
     out.mkdir(parents=True, exist_ok=True)
-    for name, split in (("train", train), ("val", val)):
+    for name, split in (("train", shuffled[val_size:]), ("val", shuffled[:val_size])):
         with open(out / f"{name}.jsonl", "w") as handle:
             for row in split:
                 handle.write(json.dumps(row) + "\n")

@@ -17,6 +17,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megarl.models.family import family_of, rope_theta
 from megarl.models.specs import Backend, decoder_block_spec
 from megarl.config import ParallelConfig
+from megarl.platform import current_device
 
 VOCAB_DIVISIBLE_BY = 128
 """Megatron pads the vocabulary so every TP shard has the same size; rounding to a multiple of
@@ -129,7 +130,7 @@ def build_model(
     vp_size = config.virtual_pipeline_model_parallel_size
     pp_rank = pg_collection.pp.rank()
     pp_size = pg_collection.pp.size()
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = current_device()
     chunks = []
     for vp_stage in range(vp_size or 1):
         stage = vp_stage if vp_size else None

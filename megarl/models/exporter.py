@@ -18,6 +18,7 @@ import torch.distributed as dist
 from megarl.models.family import family_of
 from megarl.models.loader import local_parameters, tensor_parallel_coordinates
 from megarl.models.mapping import Rule
+from megarl.platform import current_device
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -127,10 +128,7 @@ def export_hf_tensors(chunks, spec, pg_collection, dst: int = 0) -> Iterator[tup
                         dist.send(tensors[name].to(shard.device), dst)
         elif me == dst:
             for name, shape in entry.hf_tensors:
-                buffer = torch.empty(shape, dtype=entry.dtype, device=_device())
+                buffer = torch.empty(shape, dtype=entry.dtype, device=current_device())
                 dist.recv(buffer, entry.sender)
                 yield name, buffer.cpu()
 
-
-def _device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")

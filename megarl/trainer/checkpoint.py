@@ -16,6 +16,7 @@ Layout of a checkpoint directory::
         rng/rank_<r>.pt    Python, NumPy, torch (and CUDA) generators and Megatron's RNG tracker
         train_state.json   step, data position and whatever else the trainer records
         hf/                the HF config and tokenizer files, so conversion needs nothing else
+        critic/            with a critic: its own weights/ and scheduler.pt
 """
 
 from __future__ import annotations
@@ -167,6 +168,7 @@ def save_checkpoint(
     train_state: dict[str, Any] | None = None,
     hf_dir: str | Path | None = None,
     keep_last: int = 1,
+    extra_models: dict[str, tuple] | None = None,
 ) -> Path:
     """Save a checkpoint atomically and keep the last ``keep_last`` committed ones. Collective.
 
@@ -179,12 +181,15 @@ def save_checkpoint(
         train_state: JSON-serialisable trainer state (data position, counters).
         hf_dir: directory whose HF config and tokenizer files are copied into the checkpoint.
         keep_last: committed checkpoints to keep, this one included.
+        extra_models: further models saved beside the first, by name: ``{"critic": (models,
+            optimizer, scheduler)}`` goes to ``critic/weights`` and ``critic/scheduler.pt``.
 
     Returns:
         The committed checkpoint directory.
     """
     from megatron.core import dist_checkpointing
 
+    parts = {"": (models, optimizer, scheduler), **(extra_models or {})}
     root = Path(root)
     final = root / checkpoint_name(step)
     temporary = root / f"{_TEMPORARY_PREFIX}{final.name}"
@@ -195,13 +200,17 @@ def save_checkpoint(
             shutil.rmtree(temporary)
         (temporary / "weights").mkdir(parents=True)
         (temporary / "rng").mkdir()
+        for name in parts:
+            if name:
+                (temporary / name / "weights").mkdir(parents=True)
     dist.barrier()
 
-    dist_checkpointing.save(_sharded_state_dict(models, optimizer, is_loading=False), str(temporary / "weights"))
+    for name, (part_models, part_optimizer, part_scheduler) in parts.items():
+        dist_checkpointing.save(_sharded_state_dict(part_models, part_optimizer, is_loading=False), str(temporary / name / "weights"))
+        if rank == 0 and part_scheduler is not None:
+            torch.save(part_scheduler.state_dict(), temporary / name / "scheduler.pt")
     torch.save(_rng_state(), temporary / "rng" / f"rank_{rank}.pt")
     if rank == 0:
-        if scheduler is not None:
-            torch.save(scheduler.state_dict(), temporary / "scheduler.pt")
         state = {"step": step, "world_size": dist.get_world_size(), **(train_state or {})}
         (temporary / "train_state.json").write_text(json.dumps(state, indent=2))
         if hf_dir is not None:
@@ -224,23 +233,12 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(path: str | Path, models: list, optimizer=None, scheduler=None) -> dict[str, Any]:
-    """Load a checkpoint into this layout's models (resharding as needed). Collective.
-
-    RNG states are restored when the world size matches the save's (each rank its own), and
-    skipped otherwise: a different layout draws different random streams anyway.
-
-    Returns:
-        The saved ``train_state`` (with ``step``).
-    """
+def _load_part(directory: Path, models: list, optimizer, scheduler) -> None:
     from megatron.core import dist_checkpointing
 
-    path = Path(path)
-    if not (path / "weights").is_dir() or not (path / "train_state.json").exists():
-        raise CheckpointError(f"{path}: not a committed megarl checkpoint (weights/ or train_state.json missing)")
     with _placeholder_optimizer_state(optimizer):
         sharded = _sharded_state_dict(models, optimizer, is_loading=True)
-    state = dist_checkpointing.load(sharded, str(path / "weights"))
+    state = dist_checkpointing.load(sharded, str(directory / "weights"))
     if len(models) == 1:
         _unwrap(models[0]).load_state_dict(state["model"])
     else:
@@ -249,7 +247,33 @@ def load_checkpoint(path: str | Path, models: list, optimizer=None, scheduler=No
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None:
-        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+        scheduler.load_state_dict(torch.load(directory / "scheduler.pt", weights_only=False))
+
+
+def load_checkpoint(
+    path: str | Path, models: list, optimizer=None, scheduler=None, extra_models: dict[str, tuple] | None = None
+) -> dict[str, Any]:
+    """Load a checkpoint into this layout's models (resharding as needed). Collective.
+
+    RNG states are restored when the world size matches the save's (each rank its own), and
+    skipped otherwise: a different layout draws different random streams anyway.
+
+    Args:
+        path: a committed checkpoint directory.
+        models, optimizer, scheduler: what :func:`save_checkpoint` saved first (optimizer and
+            scheduler may be None to load weights only).
+        extra_models: the further models, by name, as given to :func:`save_checkpoint`.
+
+    Returns:
+        The saved ``train_state`` (with ``step``).
+    """
+    path = Path(path)
+    if not (path / "weights").is_dir() or not (path / "train_state.json").exists():
+        raise CheckpointError(f"{path}: not a committed megarl checkpoint (weights/ or train_state.json missing)")
+    for name, (part_models, part_optimizer, part_scheduler) in {"": (models, optimizer, scheduler), **(extra_models or {})}.items():
+        if not (path / name / "weights").is_dir():
+            raise CheckpointError(f"{path}: holds no {name} weights ({path / name / 'weights'} is missing); was it saved by a run without a {name}?")
+        _load_part(path / name, part_models, part_optimizer, part_scheduler)
     train_state = json.loads((path / "train_state.json").read_text())
     rng_file = path / "rng" / f"rank_{dist.get_rank()}.pt"
     if train_state.get("world_size") == dist.get_world_size() and rng_file.exists():

@@ -34,9 +34,9 @@ def config_for(*files, **fields) -> DataConfig:
 
 def test_bundled_toy_rows_render_with_the_chat_template(tokenizer):
     dataset = load_prompts(DataConfig(), tokenizer)
-    assert len(dataset) == 2000 and dataset.num_filtered == 0
+    assert len(dataset) == 800 and dataset.num_filtered == 0
     first = dataset.prompts[0]
-    messages = [{"role": "user", "content": "max 9 4 7"}]
+    messages = [{"role": "user", "content": "max 9 5 9"}]
     assert first.text == tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     assert first.text.endswith("<|im_start|>assistant\n")
     assert first.prompt_ids == tokenizer.apply_chat_template(messages, add_generation_prompt=True)["input_ids"]

@@ -1,0 +1,127 @@
+"""From scored samples to what the update trains on: shaped scores, advantages, loss weights.
+
+Each function is one stage of the RL step in ``shared/DESIGN.md`` and works on the whole
+:class:`~megarl.trainer.batch.TrainBatch`, identically on every rank:
+
+1. :func:`shape_scores`: reward clipping, DAPO's overlong penalty, normalisation.
+2. :func:`compute_advantages`: the outcome score on each response's last token, minus the KL
+   penalty when ``algorithm.use_kl_in_reward``, through the configured estimator. Outcome
+   estimators (grpo, rloo, ...) score a response by the sum of its token rewards, which is the
+   shaped score without a KL penalty (verl's convention).
+3. :func:`loss_weights`: the train/rollout mismatch correction (TIS or ICEPOP) per token, and the
+   mismatch metrics.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megarl.algorithms.advantages import compute_advantages as run_estimator
+from megarl.algorithms.advantages import outcome_token_rewards
+from megarl.algorithms.aggregation import masked_mean
+from megarl.algorithms.kl import apply_kl_penalty, estimate_kl
+from megarl.algorithms.mismatch import icepop_weights, mismatch_metrics, tis_weights
+from megarl.algorithms.shaping import RunningMoments, clip_rewards, normalize_rewards, overlong_penalty
+from megarl.config import Config
+from megarl.trainer.batch import TrainBatch
+
+
+def shape_scores(scores: torch.Tensor, batch: TrainBatch, config: Config, running: RunningMoments) -> tuple[torch.Tensor, dict[str, float]]:
+    """Scores ``[B]`` after clipping, the overlong penalty and normalisation (in that order).
+
+    Args:
+        scores: ``[B]`` raw rewards.
+        batch: the samples (response lengths, groups).
+        config: the run's config (``algorithm`` section).
+        running: the running moments of ``reward_norm: running`` (updated here).
+
+    Returns:
+        ``(scores, metrics)``.
+    """
+    algorithm = config.algorithm
+    metrics: dict[str, float] = {}
+    shaped = clip_rewards(scores.float(), algorithm.reward_clip)
+    if algorithm.overlong_penalty:
+        penalty = overlong_penalty(
+            batch.response_lengths,
+            max_length=config.data.max_response_length,
+            buffer_length=algorithm.overlong_buffer_length,
+            factor=algorithm.overlong_penalty_factor,
+        )
+        shaped = shaped + penalty
+        metrics["reward/overlong_penalty_mean"] = penalty.mean().item()
+    shaped = normalize_rewards(shaped, algorithm.reward_norm, group_ids=batch.group_ids, running=running)
+    return shaped, metrics
+
+
+def compute_advantages(batch: TrainBatch, scores: torch.Tensor, config: Config, kl_controller) -> dict[str, float]:
+    """Fill ``batch.token_values["advantages"]`` and ``["returns"]``.
+
+    Args:
+        batch: with ``old_log_probs`` (and ``ref_log_probs`` with a KL penalty, ``values`` for gae).
+        scores: ``[B]`` shaped scores.
+        config: the run's config.
+        kl_controller: the reward KL penalty's coefficient controller (updated here).
+
+    Returns:
+        Metrics: advantage statistics, and the penalty's KL and coefficient when it is on.
+    """
+    algorithm = config.algorithm
+    mask = batch.response_mask
+    token_rewards = outcome_token_rewards(scores, mask)
+    metrics: dict[str, float] = {}
+    if algorithm.use_kl_in_reward:
+        values = batch.token_values
+        kl = estimate_kl(algorithm.kl_estimator, values["old_log_probs"], values["ref_log_probs"], mask)
+        token_rewards = apply_kl_penalty(token_rewards, kl, mask, kl_controller.value)
+        mean_kl = masked_mean(kl, mask).item()
+        metrics.update({"kl/reward_kl": mean_kl, "kl/coefficient": kl_controller.value})
+        kl_controller.update(mean_kl, batch.size)
+    advantages, returns = run_estimator(
+        algorithm.advantage_estimator,
+        scores=token_rewards.sum(-1),
+        token_rewards=token_rewards,
+        values=batch.token_values.get("values"),
+        response_mask=mask,
+        group_ids=batch.group_ids,
+        gamma=algorithm.gamma,
+        lam=algorithm.lam,
+        norm_by_std=algorithm.norm_adv_by_std,
+    )
+    batch.token_values["advantages"] = advantages.float()
+    batch.token_values["returns"] = returns.float()
+    valid = advantages[mask.bool()]
+    if valid.numel():
+        metrics.update(
+            {
+                "advantages/mean": valid.mean().item(),
+                "advantages/std": valid.std().item() if valid.numel() > 1 else 0.0,
+                "advantages/max": valid.max().item(),
+                "advantages/min": valid.min().item(),
+            }
+        )
+    return metrics
+
+
+def loss_weights(batch: TrainBatch, config: Config) -> dict[str, float]:
+    """Fill ``batch.token_values["loss_weights"]`` (1, or the TIS / ICEPOP weights) and measure
+    how far the trainer's log-probs are from the engine's.
+
+    Returns:
+        ``mismatch/*`` metrics (mean and max absolute log-prob difference, the rollout KL) and
+        the correction's own.
+    """
+    algorithm = config.algorithm
+    mask = batch.response_mask
+    old, rollout = batch.token_values["old_log_probs"], batch.token_values["rollout_log_probs"]
+    metrics = {f"mismatch/{name}": value.item() for name, value in mismatch_metrics(old, rollout, mask).items()}
+    weights = torch.where(mask, 1.0, 0.0)
+    if algorithm.tis:
+        weights, tis_metrics = tis_weights(old, rollout, mask, low=algorithm.tis_threshold_low, high=algorithm.tis_threshold_high)
+        metrics.update({f"mismatch/{name}": value.item() for name, value in tis_metrics.items()})
+    if algorithm.icepop:
+        icepop, icepop_metrics = icepop_weights(old, rollout, mask, low=algorithm.icepop_low, high=algorithm.icepop_high)
+        weights = weights * icepop
+        metrics.update({f"mismatch/{name}": value.item() for name, value in icepop_metrics.items()})
+    batch.token_values["loss_weights"] = weights.float()
+    return metrics

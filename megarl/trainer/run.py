@@ -1,0 +1,280 @@
+"""Everything a training run holds, built once: :func:`setup` and :class:`Run`.
+
+Every rank builds its shard of the policy (and critic), the weight stream and the data loader; the
+first rank alone also runs the rollout engines, the reward scorer and the metric sinks (it
+broadcasts what it generates and scores, see :mod:`megarl.train`). A resumed run loads its
+checkpoint here and streams the restored weights into the engines before the first rollout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import transformers
+
+from megarl import parallel, platform
+from megarl.algorithms.kl import kl_controller
+from megarl.algorithms.shaping import RunningMoments
+from megarl.config import Config, ModelFacts, resolve_model_path, save_config, validate
+from megarl.data.datasets import PromptDataset, PromptLoader, load_prompts
+from megarl.models.specs import choose_backend
+from megarl.trainer import checkpoint
+from megarl.trainer.batch import layout_multiple
+from megarl.trainer.critic import Critic, attach_value_heads
+from megarl.trainer.metrics_logger import MetricsLogger
+from megarl.trainer.model import TrainModel
+from megarl.trainer.policy import Policy
+from megarl.trainer.reference import ReferencePolicy
+from megarl.weights.stream import WeightStream
+
+log = logging.getLogger("megarl")
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclasses.dataclass
+class Run:
+    """A training run's state on one rank.
+
+    Attributes:
+        config: the resolved config.
+        run_dir: where metrics, the resolved config and (by default) checkpoints go.
+        pgs: Megatron's process groups.
+        tokenizer: the policy's tokenizer.
+        train_set, val_set: the prompts (``val_set`` None without validation files).
+        loader: the training prompts, resumable.
+        policy: the policy under training.
+        reference: the initial policy for KL terms, or None when no KL term needs it.
+        critic: the value model with GAE, else None.
+        stream: the weight stream from the policy's shards to the engines.
+        engines: the rollout engines (first rank only; None elsewhere).
+        scorer: the reward scorer (first rank only).
+        logger: the metric sinks (writes on the first rank only).
+        kl_controller: the reward KL penalty's coefficient.
+        reward_moments: running moments of ``algorithm.reward_norm: running``.
+        start_step: the first step to run (after a resume, the step after the checkpoint's).
+    """
+
+    config: Config
+    run_dir: Path
+    pgs: Any
+    tokenizer: Any
+    train_set: PromptDataset
+    val_set: PromptDataset | None
+    loader: PromptLoader
+    policy: Policy
+    reference: ReferencePolicy | None
+    critic: Critic | None
+    stream: WeightStream
+    engines: Any
+    scorer: Any
+    logger: MetricsLogger
+    kl_controller: Any
+    reward_moments: RunningMoments
+    start_step: int = 0
+
+    @property
+    def is_first_rank(self) -> bool:
+        return dist.get_rank() == 0
+
+    @property
+    def pad_multiple(self) -> int:
+        """Sequence lengths are rounded up to this multiple (:func:`megarl.trainer.batch.layout_multiple`)."""
+        parallel = self.config.parallel
+        return layout_multiple(parallel.tensor, parallel.sequence_parallel, parallel.context)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.config.resolved_checkpoint_dir()
+
+    def train_state(self) -> dict[str, Any]:
+        """What a checkpoint keeps besides the models: data position, controllers, counters."""
+        return {
+            "data": self.loader.state_dict(),
+            "kl_coefficient": self.kl_controller.value,
+            "reward_moments": dataclasses.asdict(self.reward_moments),
+            "consecutive_skips": self.policy.consecutive_skips,
+        }
+
+    def load_train_state(self, state: dict[str, Any]) -> None:
+        self.loader.load_state_dict(state["data"])
+        self.kl_controller.value = state["kl_coefficient"]
+        self.reward_moments = RunningMoments(**state["reward_moments"])
+        self.policy.consecutive_skips = state["consecutive_skips"]
+
+    def save(self, step: int) -> Path:
+        """Save a checkpoint after ``step`` (collective)."""
+        return checkpoint.save_checkpoint(
+            self.checkpoint_dir,
+            step,
+            self.policy.model.models,
+            self.policy.model.optimizer,
+            self.policy.model.scheduler,
+            train_state=self.train_state(),
+            hf_dir=resolve_model_path(self.config.model.path),
+            keep_last=self.config.checkpoint.keep_last,
+            extra_models=self._extra_models(),
+        )
+
+    def _extra_models(self) -> dict[str, tuple] | None:
+        if self.critic is None:
+            return None
+        model = self.critic.model
+        return {"critic": (model.models, model.optimizer, model.scheduler)}
+
+    def sync_weights(self, version: int) -> dict[str, float]:
+        """Stream the policy's weights into the engines (collective: every rank drives the stream,
+        the first rank hands the buckets to the engines).
+
+        Returns:
+            ``weights/sync_s`` and ``weights/sync_gbps`` (GB/s of bucket bytes).
+        """
+        start = time.perf_counter()
+        buckets = self.stream.buckets()
+        if self.engines is not None:
+            self.engines.update_weights(buckets, version=version)
+        for _ in buckets:
+            pass  # ranks without engines: the iteration drives the transfers
+        if self.config.rollout.colocate:
+            # The engines share the devices: the bucket buffers go back to them between updates.
+            self.stream.release_buffers()
+        seconds = time.perf_counter() - start
+        total = sum(meta.end - meta.start for metas in self.stream.bucket_metas for meta in metas)
+        return {"weights/sync_s": seconds, "weights/sync_gbps": total / max(seconds, 1e-9) / 1e9}
+
+    def close(self) -> None:
+        """Stop the engines and the scorer and close the sinks (also on errors)."""
+        with contextlib.suppress(Exception):
+            if self.engines is not None:
+                self.engines.shutdown()
+        with contextlib.suppress(Exception):
+            if self.scorer is not None and hasattr(self.scorer, "close"):
+                self.scorer.close()
+        self.logger.close()
+
+
+
+def setup(config: Config) -> Run:
+    """Build a run on this rank: process groups, data, models, weight stream, engines, scorer and
+    sinks; resume from a checkpoint when ``checkpoint.resume`` finds one.
+
+    Raises:
+        ConfigError: the config does not fit the world size or the model.
+    """
+    detected = platform.init_distributed()
+    world_size = dist.get_world_size()
+    model_dir = resolve_model_path(config.model.path)
+    validate(config, world_size, ModelFacts.from_hf_dir(model_dir))
+    pgs = parallel.initialize(config.parallel)
+    _seed(config.model.seed)
+    first = dist.get_rank() == 0
+    run_dir = config.logging.resolved_run_dir()
+    if first:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir / "config.yaml")
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(config.model.tokenizer_path or model_dir), local_files_only=True)
+    train_set = load_prompts(config.data, tokenizer, "train")
+    val_set = load_prompts(config.data, tokenizer, "val") if config.data.val_files else None
+    loader = PromptLoader(train_set, config.rollout.batch_size, shuffle=config.data.shuffle, seed=config.data.seed)
+
+    dtype = DTYPES[config.model.dtype]
+    backend = choose_backend(config.model.attention_backend, detected.has_transformer_engine)
+    log.info(
+        "%d processes on %s (%s); layers: %s; layout TP %d, PP %d, CP %d, EP %d, DP %d",
+        world_size, detected.device.type, detected.backend, "Transformer Engine" if backend == "te" else "portable torch (SDPA)",
+        config.parallel.tensor, config.parallel.pipeline, config.parallel.context, config.parallel.expert,
+        config.parallel.data_parallel(world_size),
+    )
+    train = config.train
+    total_steps = train.optimizer_steps()
+    common = dict(
+        dtype=dtype,
+        backend=backend,
+        lr_schedule=train.lr_schedule,
+        warmup_steps=train.lr_warmup_steps,
+        total_steps=total_steps,
+        use_distributed_optimizer=train.use_distributed_optimizer,
+        transformer_overrides=_transformer_overrides(config),
+    )
+    policy_model = TrainModel.build(str(model_dir), config.parallel, pgs, train, optimizer_config=train.optimizer, **common)
+    algorithm = config.algorithm
+    needs_reference = algorithm.use_kl_loss or algorithm.use_kl_in_reward
+    reference = ReferencePolicy(policy_model.chunks) if needs_reference else None
+    critic = None
+    if config.critic_enabled:
+        critic_dir = resolve_model_path(config.critic.path) if config.critic.path else model_dir
+        critic_model = TrainModel.build(
+            str(critic_dir), config.parallel, pgs, train, optimizer_config=config.critic.optimizer, after_load=attach_value_heads, **common
+        )
+        critic = Critic(critic_model, config)
+    stream = WeightStream(policy_model.chunks, policy_model.spec, pgs, bucket_mb=config.rollout.bucket_mb, dtype=dtype, dst=0)
+
+    engines = scorer = None
+    logger = MetricsLogger(config, run_dir, enabled=first)
+    if first:
+        from megarl.rewards.scorer import build_scorer
+        from megarl.rollout.group import EngineGroup
+
+        scorer = build_scorer(config.reward)
+        engines = EngineGroup.from_config(config.rollout, model_dir, log_dir=run_dir / "engines", dtype=str(dtype).removeprefix("torch."))
+    run = Run(
+        config=config,
+        run_dir=run_dir,
+        pgs=pgs,
+        tokenizer=tokenizer,
+        train_set=train_set,
+        val_set=val_set,
+        loader=loader,
+        policy=Policy(policy_model, config),
+        reference=reference,
+        critic=critic,
+        stream=stream,
+        engines=engines,
+        scorer=scorer,
+        logger=logger,
+        kl_controller=kl_controller(algorithm.kl_ctrl, init_coef=algorithm.kl_coef, target=algorithm.kl_target, horizon=algorithm.kl_horizon),
+        reward_moments=RunningMoments(),
+    )
+    resume_from = checkpoint.resolve_resume(config.checkpoint.resume, run.checkpoint_dir)
+    if resume_from is not None:
+        state = checkpoint.load_checkpoint(
+            resume_from,
+            policy_model.models,
+            policy_model.optimizer,
+            policy_model.scheduler,
+            extra_models=run._extra_models(),
+        )
+        run.load_train_state(state)
+        run.start_step = state["step"] + 1
+        # The engines start from the HF weights; give them the restored policy.
+        run.sync_weights(version=state["step"])
+        log.info("resumed from %s: the run goes on at step %d", resume_from, run.start_step)
+    return run
+
+
+def _seed(seed: int) -> None:
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+
+
+def _transformer_overrides(config: Config) -> dict[str, Any]:
+    """TransformerConfig fields the ``model`` section sets."""
+    model = config.model
+    overrides: dict[str, Any] = {"moe_token_dispatcher_type": model.moe_token_dispatcher, "moe_grouped_gemm": model.moe_grouped_gemm}
+    if model.moe_aux_loss_coeff:
+        overrides.update(moe_aux_loss_coeff=model.moe_aux_loss_coeff, moe_router_load_balancing_type="aux_loss")
+    if model.recompute != "none":
+        overrides["recompute_granularity"] = model.recompute
+        if model.recompute == "full":
+            overrides.update(recompute_method="uniform", recompute_num_layers=1)
+    return overrides

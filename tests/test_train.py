@@ -1,0 +1,155 @@
+"""The training loop end to end on CPU: real processes on gloo, the embedded hf engine, the weight
+stream, rewards in worker processes; with faults injected by tests/workers/train_check.py."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.distributed import REPO, run_torchrun
+
+WORKER = REPO / "tests" / "workers" / "train_check.py"
+MISMATCH_TOLERANCE = 1e-5
+"""fp32: the engine's log-probs and the trainer's differ by rounding only."""
+
+SMALL = [
+    "model.path=bundled:tiny-moe",
+    "data.max_prompt_length=32",
+    "data.max_response_length=4",
+    "rollout.engine=hf",
+    "rollout.batch_size=4",
+    "rollout.n_samples_per_prompt=4",
+    "train.global_batch_size=16",
+    "train.mini_batch_size=8",
+    "train.micro_batch_size=4",
+    "train.eval_every=0",
+    "train.lr_warmup_steps=1",
+    "train.optimizer.lr=1e-3",
+    "logging.console=false",
+]
+"""A run small enough for a test: 16 samples of at most 4 tokens per step, 2 optimizer steps."""
+
+
+def train(tmp_path: Path, name: str, overrides: list[str], *, nproc: int = 2, hooks: list[str] = ()) -> tuple[dict, list[dict]]:
+    """Run the worker; return its report and the run's metrics.jsonl rows."""
+    run_dir = tmp_path / name
+    report = tmp_path / f"{name}.json"
+    run_torchrun(WORKER, ["--report", str(report), *hooks, *SMALL, f"logging.run_dir={run_dir}", *overrides], nproc=nproc, timeout=600)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return json.loads(report.read_text()), rows
+
+
+def assert_finite(rows: list[dict]) -> None:
+    for row in rows:
+        bad = {name: value for name, value in row.items() if isinstance(value, float) and not math.isfinite(value)}
+        assert not bad, f"step {row['step']}: non-finite metrics {bad}"
+
+
+@pytest.mark.multirank
+def test_expert_parallel_run_survives_a_killed_engine_and_a_failing_reward(tmp_path):
+    report, rows = train(
+        tmp_path,
+        "ep2",
+        [
+            "parallel.expert=2", "train.steps=3", "train.eval_every=2", "reward.type=function",
+            f"reward.function={REPO}/tests/workers/flaky_reward.py:reward",
+        ],
+        hooks=["--kill-engine-after", "0"],
+    )
+    assert report["completed"] and [row["step"] for row in rows] == [0, 1, 2]
+    assert_finite(rows)
+    # Validation at step 0, every 2 steps, and at the last step.
+    assert ["val/accuracy" in row for row in rows] == [True, False, True]
+    # The engine killed after step 0 was restarted, with the weights of step 0's update: step 1's
+    # rollout log-probs still match the trainer's.
+    assert report["engine_restarts"] == 1 and rows[1]["rollout/engine_restarts"] == 1
+    for row in rows:
+        assert row["mismatch/logprob_diff_abs_max"] <= MISMATCH_TOLERANCE
+    assert sum(row["reward/failures"] for row in rows) > 0
+    weights = report["weights"]
+    assert weights["after_2"] != weights["initial"]
+    assert (Path(report["run_dir"]) / "checkpoints" / "step_00000002" / "weights").is_dir()
+
+
+@pytest.mark.multirank
+def test_tensor_parallel_run_with_dynamic_sampling_trains_and_updates_the_engine(tmp_path):
+    report, rows = train(
+        tmp_path, "tp2", ["parallel.tensor=2", "parallel.sequence_parallel=true", "train.steps=2", "algorithm.dynamic_sampling=true"]
+    )
+    assert report["completed"] and len(rows) == 2
+    assert_finite(rows)
+    # Groups without signal were dropped and rolled out again (or topped up after 4 rounds).
+    for row in rows:
+        assert row["filter/groups_dropped_equal"] > 0 and 1 <= row["rollout/rounds"] <= 4
+        assert row["filter/groups_kept"] * 4 + row.get("filter/topped_up_samples", 0) >= 16
+    assert all(row["mismatch/logprob_diff_abs_max"] <= MISMATCH_TOLERANCE for row in rows)
+    assert report["weights"]["after_0"] != report["weights"]["initial"]
+    assert report["weights"]["after_1"] != report["weights"]["after_0"]
+
+
+RESUMED_METRICS = ("policy/loss", "policy/grad_norm", "policy/approx_kl", "policy/lr", "reward/mean", "mismatch/logprob_diff_abs_mean")
+
+
+@pytest.mark.multirank
+def test_resume_continues_bitwise(tmp_path):
+    schedule = [
+        "parallel.expert=2", "train.steps=4", "train.lr_schedule=cosine", "train.optimizer.min_lr=1e-4", "checkpoint.save_every=2",
+    ]
+    _, straight = train(tmp_path, "straight", schedule)
+    first, _ = train(tmp_path, "resumed", schedule, hooks=["--stop-before", "2"])
+    assert not first["completed"]
+    second, resumed = train(tmp_path, "resumed", schedule)
+    assert second["completed"]
+    assert [row["step"] for row in resumed] == [0, 1, 2, 3]
+    for expected, got in zip(straight, resumed):
+        for name in RESUMED_METRICS:
+            assert got[name] == expected[name], f"step {expected['step']}: {name} {got[name]!r} != {expected[name]!r}"
+    # The learning rate warmed up and decays: the schedule was restored, not restarted.
+    assert resumed[3]["policy/lr"] < resumed[1]["policy/lr"]
+
+
+@pytest.mark.multirank
+def test_nan_in_one_micro_batch_skips_the_step_and_keeps_the_weights(tmp_path):
+    # One optimizer step per RL step, so the skipped step is the whole update; no warm-up, whose
+    # first step has learning rate 0.
+    report, rows = train(
+        tmp_path, "nan", ["parallel.expert=2", "train.steps=3", "train.mini_batch_size=16", "train.lr_warmup_steps=0"], hooks=["--nan-step", "1"]
+    )
+    assert report["completed"]
+    assert [row["policy/skipped_steps"] for row in rows] == [0, 1, 0]
+    assert math.isnan(rows[1]["policy/grad_norm"])
+    weights = report["weights"]
+    assert weights["after_1"] == weights["after_0"]
+    assert weights["after_0"] != weights["initial"] and weights["after_2"] != weights["after_1"]
+
+
+@pytest.mark.multirank
+def test_ppo_with_a_critic_and_token_budget_micro_batches_trains_both(tmp_path):
+    report, rows = train(
+        tmp_path,
+        "ppo",
+        [
+            "model.path=bundled:tiny-dense", "algorithm.advantage_estimator=gae", "algorithm.lam=0.95", "train.steps=2",
+            "critic.optimizer.lr=1e-3", "train.dynamic_batch=true", "train.max_tokens_per_micro_batch=64",
+        ],
+    )
+    assert report["completed"] and len(rows) == 2
+    assert_finite(rows)
+    for name in ("critic/loss", "critic/value_error", "critic/grad_norm", "policy/loss"):
+        assert name in rows[0]
+    assert rows[1]["critic/grad_norm"] > 0
+
+
+@pytest.mark.cpu
+def test_a_config_error_exits_with_the_field_named(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "megarl.train", "--config", str(REPO / "configs" / "moe_grpo.yaml"), "train.mini_batch_sise=8"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 2
+    assert "train.mini_batch_size" in result.stderr and "Traceback" not in result.stderr

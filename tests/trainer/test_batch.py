@@ -1,0 +1,81 @@
+"""TrainBatch: label-space alignment, micro-batches, context-parallel columns, selection."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megarl.trainer.batch import TrainBatch, context_parallel_positions, layout_multiple
+
+pytestmark = pytest.mark.cpu
+
+PAD = 0
+
+
+def make_batch(pad_multiple: int = 1) -> TrainBatch:
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
+    responses = [[20, 21], [22, 23, 24, 25], [26]]
+    log_probs = [[-0.1, -0.2], [-0.3, -0.4, -0.5, -0.6], [-0.7]]
+    return TrainBatch.from_samples(
+        prompts, responses, log_probs, group_ids=[0, 0, 1], truncated=[False, True, False], pad_token_id=PAD, pad_multiple=pad_multiple
+    )
+
+
+def test_label_space_holds_each_response_token_at_the_position_that_predicts_it():
+    batch = make_batch()
+    # Row 1: prompt [8, 9], response [22..25]: token 22 sits at position 2 and is predicted at 1.
+    assert batch.tokens[1].tolist() == [8, 9, 22, 23, 24, 25]
+    assert batch.tokens[2].tolist() == [10, 11, 12, 13, 26, PAD]
+    assert batch.response_mask[1].tolist() == [False, True, True, True, True, False]
+    assert batch.token_values["rollout_log_probs"][1, 1:5].tolist() == pytest.approx([-0.3, -0.4, -0.5, -0.6])
+    assert batch.token_values["rollout_log_probs"][1][~batch.response_mask[1]].abs().sum() == 0
+    for row in range(batch.size):
+        predicted = batch.tokens[row, 1:][batch.response_mask[row, :-1]]
+        start = int(batch.sequence_lengths[row] - batch.response_lengths[row])
+        assert predicted.tolist() == batch.tokens[row, start : int(batch.sequence_lengths[row])].tolist()
+    assert not batch.response_mask[:, -1].any()
+
+
+def test_log_prob_count_must_match_the_response():
+    with pytest.raises(ValueError, match="sample 0: 1 rollout log-probs for 2 response tokens"):
+        TrainBatch.from_samples([[1, 2]], [[3, 4]], [[-1.0]], [0], [False], pad_token_id=PAD, pad_multiple=1)
+
+
+def test_micro_batch_labels_are_the_next_tokens_and_columns_are_trimmed():
+    batch = make_batch(pad_multiple=4)
+    micro = batch.micro_batch([0, 2], ["rollout_log_probs"])
+    assert micro["tokens"].shape == (2, 8)  # longest of rows 0 and 2 is 5, rounded up to 8
+    assert torch.equal(micro["labels"][:, :-1], micro["tokens"][:, 1:])
+    assert torch.equal(micro["rollout_log_probs"], batch.token_values["rollout_log_probs"][[0, 2], :8])
+    assert micro["rows"].tolist() == [0, 2]
+    assert torch.equal(micro["position_ids"][0], torch.arange(8))
+
+
+@pytest.mark.parametrize("cp_size", [1, 2, 3])
+def test_context_parallel_ranks_hold_every_column_once_in_balanced_chunks(cp_size):
+    length = 2 * cp_size * 5
+    columns = torch.cat([context_parallel_positions(length, rank, cp_size) for rank in range(cp_size)])
+    assert sorted(columns.tolist()) == list(range(length))
+    if cp_size > 1:
+        # Rank 0 holds the first and the last chunk: causal attention work is balanced.
+        first = context_parallel_positions(length, 0, cp_size)
+        assert first[0] == 0 and first[-1] == length - 1
+
+
+def test_micro_batch_on_a_context_parallel_rank_keeps_its_columns():
+    batch = make_batch(pad_multiple=4)
+    full = batch.micro_batch([1], ["rollout_log_probs"])
+    parts = [batch.micro_batch([1], ["rollout_log_probs"], cp_rank=rank, cp_size=2) for rank in range(2)]
+    for part in parts:
+        assert torch.equal(part["labels"], full["labels"][:, part["columns"]])
+        assert torch.equal(part["position_ids"][0], part["columns"])
+        assert torch.equal(part["rollout_log_probs"], full["rollout_log_probs"][:, part["columns"]])
+
+
+def test_layout_multiple():
+    assert layout_multiple(1, False, 1) == 1
+    assert layout_multiple(4, False, 1) == 1
+    assert layout_multiple(4, True, 1) == 4
+    assert layout_multiple(2, True, 3) == 6
+    assert layout_multiple(4, True, 2) == 4
+

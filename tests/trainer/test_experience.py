@@ -1,0 +1,81 @@
+"""From scores to advantages and loss weights, on a small batch, against the algorithms directly."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from megarl.algorithms.advantages import compute_advantages as estimator
+from megarl.algorithms.kl import FixedKLController
+from megarl.algorithms.shaping import RunningMoments
+from megarl.config import load_config
+from megarl.trainer.batch import TrainBatch
+from megarl.trainer.experience import compute_advantages, loss_weights, shape_scores
+
+pytestmark = pytest.mark.cpu
+
+
+def make_batch() -> TrainBatch:
+    generator = torch.Generator().manual_seed(0)
+    prompts = [[1, 2, 3]] * 4 + [[4, 5]] * 4
+    responses = [[6] * length for length in (1, 2, 3, 4, 4, 3, 2, 1)]
+    log_probs = [(-torch.rand(len(response), generator=generator)).tolist() for response in responses]
+    batch = TrainBatch.from_samples(
+        prompts, responses, log_probs, group_ids=[0] * 4 + [1] * 4, truncated=[False] * 7 + [True], pad_token_id=0, pad_multiple=1
+    )
+    noise = 0.01 * torch.randn(batch.tokens.shape, generator=generator)
+    batch.token_values["old_log_probs"] = torch.where(batch.response_mask, batch.token_values["rollout_log_probs"] + noise, 0.0)
+    batch.token_values["ref_log_probs"] = torch.where(batch.response_mask, batch.token_values["rollout_log_probs"] - 0.1, 0.0)
+    return batch
+
+
+SCORES = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0])
+
+
+def test_grpo_advantages_are_the_estimator_on_the_scores():
+    config = load_config(None)
+    batch = make_batch()
+    metrics = compute_advantages(batch, SCORES, config, FixedKLController(0.0))
+    expected, _ = estimator("grpo", scores=SCORES, response_mask=batch.response_mask, group_ids=batch.group_ids, norm_by_std=True)
+    assert torch.equal(batch.token_values["advantages"], expected.float())
+    assert math.isclose(metrics["advantages/max"], expected[batch.response_mask].max().item(), rel_tol=1e-6)
+
+
+def test_kl_penalty_in_the_reward_lowers_the_scores_and_reaches_the_controller():
+    config = load_config(None, ["algorithm.use_kl_in_reward=true", "algorithm.advantage_estimator=reinforce_pp", "algorithm.kl_coef=0.5"])
+    batch = make_batch()
+    controller = FixedKLController(0.5)
+    metrics = compute_advantages(batch, SCORES, config, controller)
+    # k1 = old - ref = 0.1 + noise per token, so the penalty is about 0.05 per token.
+    assert 0.09 < metrics["kl/reward_kl"] < 0.11
+    without = make_batch()
+    compute_advantages(without, SCORES, load_config(None, ["algorithm.advantage_estimator=reinforce_pp"]), FixedKLController(0.0))
+    assert (batch.token_values["returns"] < without.token_values["returns"])[batch.response_mask].all()
+
+
+def test_shaping_clips_then_penalises_overlong_then_normalises():
+    config = load_config(
+        None,
+        ["algorithm.reward_clip=0.5", "algorithm.overlong_penalty=true", "algorithm.overlong_buffer_length=2", "algorithm.reward_norm=batch"],
+    )
+    config.data.max_response_length = 4
+    batch = make_batch()
+    shaped, metrics = shape_scores(SCORES * 3, batch, config, RunningMoments())
+    # Clipped to 0.5, then lengths 3 and 4 lose 0.5 and 1.0 (buffer of 2 before the limit of 4).
+    raw = torch.tensor([0.5, 0.0, -0.5, -0.5, -1.0, -0.5, 0.0, 0.5])
+    assert torch.allclose(shaped, (raw - raw.mean()) / (raw.std() + 1e-6), atol=1e-6)
+    assert metrics["reward/overlong_penalty_mean"] == pytest.approx(-3.0 / 8)
+
+
+def test_loss_weights_are_one_without_correction_and_truncated_with_tis():
+    batch = make_batch()
+    metrics = loss_weights(batch, load_config(None))
+    assert torch.equal(batch.token_values["loss_weights"], batch.response_mask.float())
+    assert metrics["mismatch/logprob_diff_abs_max"] <= 0.05
+    batch.token_values["old_log_probs"] = torch.where(batch.response_mask, batch.token_values["rollout_log_probs"] + 1.0, 0.0)
+    metrics = loss_weights(batch, load_config(None, ["algorithm.tis=true", "algorithm.tis_threshold_high=2.0"]))
+    weights = batch.token_values["loss_weights"][batch.response_mask]
+    assert torch.allclose(weights, torch.full_like(weights, 2.0))
+    assert metrics["mismatch/tis_clipped_fraction_high"] == 1.0

@@ -1,0 +1,53 @@
+"""The metric sinks: metrics.jsonl always, the console line, TensorBoard and W&B offline."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from megarl.config import load_config
+from megarl.trainer.metrics_logger import MetricsLogger, console_line
+
+pytestmark = pytest.mark.cpu
+
+METRICS = {"reward/mean": torch.tensor(0.5), "policy/loss": -0.25, "policy/grad_norm": float("nan"), "time/step_s": 1.5}
+
+
+def test_every_step_is_a_json_line_and_the_console_shows_the_main_metrics(tmp_path, capsys):
+    logger = MetricsLogger(load_config(None, ["logging.log_every=2"]), tmp_path, enabled=True)
+    logger.log(0, METRICS)
+    logger.log(1, {**METRICS, "reward/mean": 0.75})
+    logger.close()
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [0, 1]
+    assert lines[1]["reward/mean"] == 0.75 and lines[0]["policy/loss"] == -0.25
+    assert math.isnan(lines[0]["policy/grad_norm"])
+    printed = capsys.readouterr().out.splitlines()
+    assert printed == ["step 0 | reward 0.500 | loss -0.2500 | s/step 1.5"]
+
+
+def test_disabled_logger_writes_nothing(tmp_path):
+    logger = MetricsLogger(load_config(None), tmp_path / "run", enabled=False)
+    logger.log(0, METRICS)
+    logger.close()
+    assert not (tmp_path / "run").exists()
+
+
+def test_tensorboard_and_offline_wandb_write_under_the_run_directory(tmp_path, monkeypatch):
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    config = load_config(None, ["logging.tensorboard=true", "logging.wandb=true", "logging.wandb_mode=offline", "logging.console=false"])
+    logger = MetricsLogger(config, tmp_path, enabled=True)
+    logger.log(3, METRICS)
+    logger.close()
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert runs and list(runs[0].glob("*.wandb"))
+
+
+def test_console_line_skips_missing_and_nan_metrics():
+    assert console_line(7, {"reward/mean": 0.125, "policy/grad_norm": float("nan")}) == "step 7 | reward 0.125"

@@ -1,0 +1,94 @@
+"""megarl's training loop with test hooks (torchrun worker for tests/test_train.py).
+
+Runs :func:`megarl.trainer.run.setup` and :func:`megarl.train.fit` on a config given as overrides,
+with optional faults injected through ``megarl.train.train_step``:
+
+``--stop-before K``   raise before step K (a crash after the checkpoints of the earlier steps);
+``--nan-step K``      the loss of the first micro-batch of step K is NaN;
+``--kill-engine-after K``  SIGKILL the rollout engine's process after step K.
+
+Rank 0 writes ``--report`` (JSON): the engine's copy of ``--watch`` (one HF weight) before the
+first step and after every step, the engine restarts, and whether the run completed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+
+import torch
+
+from megarl import train
+from megarl.config import load_config
+from megarl.trainer.run import setup
+
+
+class InjectedStop(RuntimeError):
+    """The crash ``--stop-before`` asks for."""
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--report", required=True)
+    parser.add_argument("--watch", default="model.layers.0.self_attn.o_proj.weight")
+    parser.add_argument("--stop-before", type=int)
+    parser.add_argument("--nan-step", type=int)
+    parser.add_argument("--kill-engine-after", type=int)
+    parser.add_argument("overrides", nargs="*")
+    return parser.parse_intermixed_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    run = setup(load_config(None, args.overrides))
+    first = run.is_first_rank
+    report = {"weights": {}, "completed": False}
+
+    def watch(label: str) -> None:
+        if first:
+            report["weights"][label] = run.engines.read_weight(args.watch)
+
+    original_step = train.train_step
+    original_loss = run.policy._loss
+    current = {"step": None, "micro_batches": 0}
+
+    def loss_with_nan(model, micro, output):
+        loss_sum, count, metrics = original_loss(model, micro, output)
+        if current["step"] == args.nan_step and current["micro_batches"] == 0:
+            loss_sum = loss_sum * float("nan")
+        current["micro_batches"] += 1
+        return loss_sum, count, metrics
+
+    def step_with_faults(run_, step, phase=lambda name: None):
+        if step == args.stop_before:
+            raise InjectedStop(f"stopped before step {step}")
+        current.update(step=step, micro_batches=0)
+        metrics = original_step(run_, step, phase)
+        watch(f"after_{step}")
+        if first and step == args.kill_engine_after:
+            for pid in run.engines.pids().values():
+                os.kill(pid, signal.SIGKILL)
+        return metrics
+
+    run.policy._loss = loss_with_nan
+    train.train_step = step_with_faults
+    watch("initial")
+    try:
+        train.fit(run)
+        report["completed"] = True
+    except InjectedStop:
+        pass
+    finally:
+        if first:
+            report["engine_restarts"] = run.engines.restarts
+            report["run_dir"] = str(run.run_dir)
+            with open(args.report, "w") as handle:
+                json.dump(report, handle)
+        run.close()
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
