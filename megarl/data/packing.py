@@ -1,4 +1,4 @@
-"""One micro-batch as model inputs: sequences right-padded into rows, or packed into one row.
+"""One micro-batch as model inputs: sequences right-padded into rows.
 
 A sequence is its prompt tokens followed by its response tokens. ``loss_mask`` marks the response
 tokens where they sit in ``tokens``; the log-prob of the token at ``t`` comes from the logits at
@@ -27,26 +27,6 @@ class PaddedBatch:
     """``[b, s]`` bool: true on response tokens."""
     sequence_lengths: torch.Tensor
     """``[b]`` int64: prompt + response tokens of each row, padding excluded."""
-
-
-@dataclasses.dataclass(slots=True)
-class PackedBatch:
-    """Sequences concatenated into one row, each padded to a multiple so that boundaries align
-    (Megatron's THD layout: context parallelism needs every sequence divisible by 2 x CP)."""
-
-    tokens: torch.Tensor
-    """``[1, T]`` int64, ``T = cu_seqlens[-1]``."""
-    position_ids: torch.Tensor
-    """``[1, T]`` int64, restarting at 0 at each sequence."""
-    loss_mask: torch.Tensor
-    """``[1, T]`` bool: true on response tokens."""
-    cu_seqlens: torch.Tensor
-    """``[n + 1]`` int32: where each padded sequence starts in the row, then ``T`` (Megatron's
-    ``PackedSeqParams.cu_seqlens_q`` / ``cu_seqlens_kv``)."""
-    sequence_lengths: torch.Tensor
-    """``[n]`` int64: prompt + response tokens of each sequence, padding excluded."""
-    max_seqlen: int
-    """The longest padded sequence (``PackedSeqParams.max_seqlen_q``)."""
 
 
 def _round_up(length: int, multiple: int) -> int:
@@ -85,33 +65,3 @@ def pad_micro_batch(
         loss_mask[row, len(prompt) : lengths[row]] = True
     position_ids = torch.arange(length, dtype=torch.int64).expand(len(lengths), length).contiguous()
     return PaddedBatch(tokens, position_ids, loss_mask, torch.tensor(lengths, dtype=torch.int64))
-
-
-def pack_micro_batch(
-    prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]], *, pad_token_id: int, pad_to_multiple_of: int = 1
-) -> PackedBatch:
-    """Concatenate the sequences of one micro-batch into one row, without padding between them
-    beyond rounding each up to ``pad_to_multiple_of``.
-
-    Args:
-        prompt_ids: ``n`` prompts' tokens.
-        response_ids: ``n`` responses' tokens, in the same order.
-        pad_token_id: the token written into padding (never scored).
-        pad_to_multiple_of: each sequence is rounded up to this multiple (2 x CP with context
-            parallelism; TP with sequence parallelism, which then also divides ``T``).
-
-    Returns:
-        The packed batch, on CPU. Padding belongs to the sequence before it, at its end, where
-        causal attention keeps it from every real token.
-    """
-    _check(prompt_ids, response_ids, pad_to_multiple_of)
-    lengths = [len(prompt) + len(response) for prompt, response in zip(prompt_ids, response_ids)]
-    padded = [_round_up(length, pad_to_multiple_of) for length in lengths]
-    cu_seqlens = torch.tensor([0, *padded], dtype=torch.int32).cumsum(0, dtype=torch.int32)
-    tokens = torch.full((1, int(cu_seqlens[-1])), pad_token_id, dtype=torch.int64)
-    loss_mask = torch.zeros_like(tokens, dtype=torch.bool)
-    position_ids = torch.cat([torch.arange(length, dtype=torch.int64) for length in padded]).unsqueeze(0)
-    for start, prompt, response, length in zip(cu_seqlens.tolist(), prompt_ids, response_ids, lengths):
-        tokens[0, start : start + length] = torch.tensor([*prompt, *response], dtype=torch.int64)
-        loss_mask[0, start + len(prompt) : start + length] = True
-    return PackedBatch(tokens, position_ids, loss_mask, cu_seqlens, torch.tensor(lengths, dtype=torch.int64), max(padded))
