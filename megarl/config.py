@@ -414,6 +414,11 @@ class AlgorithmConfig:
             "algorithm.icepop_low",
             f"({self.icepop_low}) must be > 0 and < icepop_high ({self.icepop_high})",
         )
+        _require(
+            not (self.tis and self.icepop),
+            "algorithm.icepop",
+            "and algorithm.tis are both true: each weights a token by the importance ratio, so together they apply it twice; pick one",
+        )
         _require(self.reward_clip is None or self.reward_clip > 0, "algorithm.reward_clip", f"({self.reward_clip}) must be > 0, or null")
         _require(self.overlong_buffer_length >= 1, "algorithm.overlong_buffer_length", f"({self.overlong_buffer_length}) must be >= 1")
         if self.dynamic_sampling_mean_range is not None:
@@ -516,8 +521,8 @@ class TrainConfig:
     """Fill micro-batches up to max_tokens_per_micro_batch tokens instead of micro_batch_size samples
     (verl: actor.use_dynamic_bsz, slime: --use-dynamic-batch-size)."""
     max_tokens_per_micro_batch: int = 4096
-    """Token budget of one dynamic micro-batch on each data-parallel rank (verl:
-    ppo_max_token_len_per_gpu, slime: --max-tokens-per-gpu)."""
+    """Token budget of one dynamic micro-batch on each data-parallel rank, padding included (samples
+    x the longest one's length) (verl: ppo_max_token_len_per_gpu, slime: --max-tokens-per-gpu)."""
     ppo_epochs: int = 1
     """Passes over each train batch (verl: actor.ppo_epochs)."""
     fused_linear_logprob: bool = True
@@ -614,7 +619,8 @@ class LoggingConfig:
     wandb_mode: Literal["online", "offline", "disabled"] = "offline"
     """W&B mode; offline needs no network (slime: --wandb-mode)."""
     log_every: int = 1
-    """Log every N RL steps (OpenRLHF: --logging_steps)."""
+    """Print the console line every N RL steps; metrics.jsonl, TensorBoard and W&B get every step
+    (OpenRLHF: --logging_steps)."""
 
     def __post_init__(self):
         _require(bool(self.name) and "/" not in self.name, "logging.name", f"({self.name!r}) must be a non-empty name without '/'")

@@ -31,11 +31,11 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from megarl.algorithms.shaping import dynamic_sampling_keep, overlong_filter
+from megarl.algorithms.shaping import dynamic_sampling_keep
 from megarl.config import ConfigError, load_config
 from megarl.rollout.sampling import SamplingParams
 from megarl.trainer.batch import TrainBatch
-from megarl.trainer.experience import compute_advantages, loss_weights, shape_scores
+from megarl.trainer.experience import prepare_update
 
 if TYPE_CHECKING:
     from megarl.trainer.run import Run
@@ -127,9 +127,11 @@ def rollout_round(run: Run, step: int, round_index: int) -> tuple[dict[str, floa
 
 def collect_batch(run: Run, step: int) -> tuple[TrainBatch, torch.Tensor, dict[str, float]]:
     """Roll out rounds until the train batch is full, then trim it to ``train.global_batch_size``
-    whole groups. With dynamic sampling the groups whose scores are all equal (no signal) wait in
-    reserve; when :data:`DYNAMIC_SAMPLING_ROUNDS` times the rounds a batch needs are spent, the
-    batch is topped up from the reserve (those groups have advantage 0 and move no weight).
+    whole groups. With dynamic sampling the groups the filter drops (all scores equal, or a mean
+    outside ``algorithm.dynamic_sampling_mean_range``) wait in reserve; when
+    :data:`DYNAMIC_SAMPLING_ROUNDS` times the rounds a batch needs are spent, the batch is topped
+    up from the reserve rather than train on fewer samples (``filter/topped_up_samples`` counts
+    them; under a group baseline an all-equal group has advantage 0 and moves no weight).
 
     Returns:
         ``(batch, scores [B], metrics)``; ``reward/*`` describe every sample generated in the step.
@@ -176,9 +178,6 @@ def collect_batch(run: Run, step: int) -> tuple[TrainBatch, torch.Tensor, dict[s
         pad_token_id=run.tokenizer.pad_token_id,
         pad_multiple=run.pad_multiple,
     )
-    if config.algorithm.filter_overlong:
-        batch.response_mask, counts = overlong_filter(batch.response_mask, batch.truncated)
-        metrics.update({f"filter/{name}": value for name, value in counts.items()})
     lengths = batch.response_lengths.float()
     metrics.update(
         {
@@ -218,21 +217,14 @@ def train_step(run: Run, step: int, phase=lambda name: None) -> dict[str, float]
     forwarded = time.perf_counter()
     phase("update")
 
-    shaped, shaping_metrics = shape_scores(scores, batch, config, run.reward_moments)
-    metrics.update(shaping_metrics)
-    metrics.update(compute_advantages(batch, shaped, config, run.kl_controller))
-    metrics.update(loss_weights(batch, config))
+    metrics.update(prepare_update(batch, scores, config, run.reward_moments, run.kl_controller))
 
     if run.critic is not None:
         metrics.update(run.critic.update(batch, step))
+        _stop_on_non_finite(run, step, "critic", run.critic.consecutive_skips)
     if run.critic is None or step >= config.critic.warmup_steps:
         metrics.update(run.policy.update(batch, step))
-        if run.policy.consecutive_skips >= config.train.max_consecutive_nan_steps:
-            raise TrainingStopped(
-                f"step {step}: {run.policy.consecutive_skips} optimizer steps in a row had non-finite gradients "
-                f"(train.max_consecutive_nan_steps = {config.train.max_consecutive_nan_steps}); the last good checkpoint "
-                f"is under {run.checkpoint_dir}: lower the learning rate or inspect the data"
-            )
+        _stop_on_non_finite(run, step, "policy", run.policy.consecutive_skips)
     updated = time.perf_counter()
     phase("weight sync")
 
@@ -253,6 +245,16 @@ def train_step(run: Run, step: int, phase=lambda name: None) -> dict[str, float]
         }
     )
     return metrics
+
+
+def _stop_on_non_finite(run: Run, step: int, model: str, skips: int) -> None:
+    limit = run.config.train.max_consecutive_nan_steps
+    if skips >= limit:
+        raise TrainingStopped(
+            f"step {step}: {skips} {model} optimizer steps in a row had non-finite gradients "
+            f"(train.max_consecutive_nan_steps = {limit}); the last good checkpoint "
+            f"is under {run.checkpoint_dir}: lower the learning rate or inspect the data"
+        )
 
 
 def evaluate(run: Run, step: int) -> dict[str, float]:
@@ -281,7 +283,8 @@ def _seed(base: int, step: int, round_index: int) -> int:
 def fit(run: Run) -> None:
     """Run the steps from ``run.start_step`` to ``train.steps``, with validation and checkpoints.
 
-    The first rank shows a progress bar over the steps whose label names the phase under way.
+    The first rank shows a progress bar over the steps whose label names the phase under way, on a
+    terminal only (in a log file the per-step lines say the same without the redraws).
     """
     config = run.config
     if run.start_step >= config.train.steps:
@@ -290,7 +293,8 @@ def fit(run: Run) -> None:
             run.run_dir, config.train.steps,
         )
         return
-    progress = tqdm(total=config.train.steps, initial=run.start_step, unit="step", disable=not run.is_first_rank, dynamic_ncols=True)
+    run.logger.start(run.start_step)
+    progress = tqdm(total=config.train.steps, initial=run.start_step, unit="step", disable=not (run.is_first_rank and sys.stderr.isatty()), dynamic_ncols=True)
     with progress:
         for step in range(run.start_step, config.train.steps):
             metrics = train_step(run, step, lambda phase: progress.set_description(f"step {step}: {phase}"))
@@ -304,6 +308,8 @@ def fit(run: Run) -> None:
                 run.save(step)
             progress.update(1)
             progress.set_postfix({"reward": f"{metrics['reward/mean']:.3f}"})
+    if config.checkpoint.save_hf:
+        log.info("exported the final policy to %s", run.export_hf())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -315,17 +321,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if first_rank else logging.WARNING, format="megarl: %(message)s")
     for message in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
+    from megarl.data.datasets import DataError
+    from megarl.models.loader import CheckpointError as ModelError
+    from megarl.rewards.pool import RewardError
+    from megarl.rollout.errors import EngineError
+    from megarl.trainer.checkpoint import CheckpointError
     from megarl.trainer.run import setup
 
     try:
         config = load_config(args.config, args.overrides)
         run = setup(config)
-    except ConfigError as error:
+    except (ConfigError, DataError, ModelError, CheckpointError) as error:
+        # Bad input, named by the message: nothing was trained, nothing saved is touched.
         if first_rank:
             print(f"megarl.train: {error}", file=sys.stderr)
         return 2
     try:
         fit(run)
+    except (TrainingStopped, EngineError, RewardError) as error:
+        # The run cannot go on; its checkpoints up to the last save are kept.
+        if first_rank:
+            print(f"megarl.train: stopped: {error}", file=sys.stderr)
+        return 1
     finally:
         run.close()
     return 0

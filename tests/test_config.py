@@ -550,3 +550,8 @@ def test_recipe_for_qwen3_30b_a3b_fits_8_gpus():
     assert config.parallel.data_parallel(8) == 2
     with pytest.raises(ConfigError, match="world size"):
         validate(config, 4, QWEN3_30B_A3B)
+
+
+def test_tis_and_icepop_together_are_refused():
+    with pytest.raises(ConfigError, match=r"`algorithm.icepop` and algorithm.tis are both true: .* pick one"):
+        load_config(None, ["algorithm.tis=true", "algorithm.icepop=true"])

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from safetensors import safe_open
 
 from tests.distributed import REPO, run_torchrun
 
@@ -79,7 +80,8 @@ def test_expert_parallel_run_survives_a_killed_engine_and_a_failing_reward(tmp_p
 @pytest.mark.multirank
 def test_tensor_parallel_run_with_dynamic_sampling_trains_and_updates_the_engine(tmp_path):
     report, rows = train(
-        tmp_path, "tp2", ["parallel.tensor=2", "parallel.sequence_parallel=true", "train.steps=2", "algorithm.dynamic_sampling=true"]
+        tmp_path, "tp2",
+        ["parallel.tensor=2", "parallel.sequence_parallel=true", "train.steps=2", "algorithm.dynamic_sampling=true", "checkpoint.save_hf=true"],
     )
     assert report["completed"] and len(rows) == 2
     assert_finite(rows)
@@ -90,6 +92,11 @@ def test_tensor_parallel_run_with_dynamic_sampling_trains_and_updates_the_engine
     assert all(row["mismatch/logprob_diff_abs_max"] <= MISMATCH_TOLERANCE for row in rows)
     assert report["weights"]["after_0"] != report["weights"]["initial"]
     assert report["weights"]["after_1"] != report["weights"]["after_0"]
+    # checkpoint.save_hf: the final policy as a HF directory, the engine's weights exactly.
+    exported = Path(report["run_dir"]) / "hf"
+    assert {"config.json", "tokenizer.json", "model.safetensors"} <= {path.name for path in exported.iterdir()}
+    with safe_open(exported / "model.safetensors", "pt") as weights:
+        assert weights.get_tensor("model.layers.0.self_attn.o_proj.weight").tolist() == report["weights"]["after_1"]
 
 
 RESUMED_METRICS = ("policy/loss", "policy/grad_norm", "policy/approx_kl", "policy/lr", "reward/mean", "mismatch/logprob_diff_abs_mean")
@@ -153,3 +160,16 @@ def test_a_config_error_exits_with_the_field_named(tmp_path):
     )
     assert result.returncode == 2
     assert "train.mini_batch_size" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.cpu
+def test_a_bad_dataset_row_exits_with_the_file_and_line_named(tmp_path):
+    data = tmp_path / "prompts.jsonl"
+    data.write_text('{"prompt": "max 1 2 3", "answer": "3"}\n{"prompt": "max 4 5 6", "answer": \n')
+    result = subprocess.run(
+        [sys.executable, "-m", "megarl.train", "--config", str(REPO / "configs" / "moe_grpo.yaml"), "parallel.expert=1",
+         f"data.train_files=[{data}]", f"logging.run_dir={tmp_path / 'run'}"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 2, result.stderr
+    assert f"{data}:2: not valid JSON" in result.stderr and "Traceback" not in result.stderr

@@ -18,4 +18,4 @@ fi
 python -m pip install --quiet "scikit-build-core>=0.10" "cmake>=3.24" ninja
 python -m pip install --quiet --no-build-isolation -e ".[dev]"
 python -m pip install --quiet --no-deps "sglang==0.5.23"  # SGLang's source only: tests/rollout check megarl's requests against its schema
-python -c "import megarl._C, torch; print('megarl installed: torch', torch.__version__, '| C++ ops:', torch.ops.megarl.built_with_cuda())"
+python -c "import megarl._C, torch; print('megarl installed: torch', torch.__version__, '| C++ extension loaded, CUDA kernels:', torch.ops.megarl.built_with_cuda())"

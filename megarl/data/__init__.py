@@ -4,5 +4,5 @@
   resumable, shuffled batch loader and the in-order validation pass
 - ``batching``: a mini-batch's samples -> data-parallel ranks -> micro-batches (fixed size or token
   budget), the same micro-batch count on every rank
-- ``packing``: one micro-batch -> right-padded ``[b, s]`` tensors
+- ``padding``: one micro-batch -> right-padded ``[b, s]`` tensors
 """

@@ -22,7 +22,6 @@ samples gets the same result with an all-reduce::
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import Sequence
 
 from megarl.config import TrainConfig
@@ -63,57 +62,46 @@ def fixed_micro_batches(lengths: Sequence[int], micro_batch_size: int) -> list[l
     return [sorted(by_length[start : start + micro_batch_size]) for start in range(0, len(by_length), micro_batch_size)]
 
 
-def _first_fit(order: list[int], lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
-    """First-fit decreasing: each sample, longest first, into the first micro-batch it fits in."""
-    bins: list[list[int]] = []
-    loads: list[int] = []
+def padded_tokens(micro_batch: Sequence[int], lengths: Sequence[int]) -> int:
+    """What a micro-batch costs once padded to its longest sample: samples x longest length."""
+    return len(micro_batch) * max((lengths[index] for index in micro_batch), default=0)
+
+
+def _runs(order: list[int], lengths: Sequence[int], cap: int) -> list[list[int]]:
+    """Cut ``order`` (longest first) into consecutive runs whose padded tokens stay within ``cap``;
+    each run's first sample is its longest, so a run grows while ``(size + 1) x first <= cap``."""
+    runs: list[list[int]] = []
     for index in order:
-        target = next((position for position, load in enumerate(loads) if load + lengths[index] <= max_tokens), len(bins))
-        if target == len(bins):
-            bins.append([])
-            loads.append(0)
-        bins[target].append(index)
-        loads[target] += lengths[index]
-    return bins
-
-
-def _spread(order: list[int], lengths: Sequence[int], count: int) -> tuple[list[list[int]], int]:
-    """Longest-processing-time: each sample, longest first, into the lightest of ``count`` micro-batches.
-
-    Returns:
-        The micro-batches and the heaviest one's tokens.
-    """
-    heap = [(0, position) for position in range(count)]
-    bins: list[list[int]] = [[] for _ in range(count)]
-    for index in order:
-        load, position = heapq.heappop(heap)
-        bins[position].append(index)
-        heapq.heappush(heap, (load + lengths[index], position))
-    return bins, max((load for load, _ in heap), default=0)
+        if runs and (len(runs[-1]) + 1) * lengths[runs[-1][0]] <= cap:
+            runs[-1].append(index)
+        else:
+            runs.append([index])
+    return runs
 
 
 def _split_heaviest(micro_batches: list[list[int]], lengths: Sequence[int], count: int) -> list[list[int]]:
-    """Halve the heaviest micro-batch of two samples or more until there are ``count``; halves stay
-    within any budget the whole kept. ``count`` must not exceed the number of samples."""
+    """Halve the micro-batch of two samples or more with the most padded tokens until there are
+    ``count`` (the halves keep neighbouring lengths together, and each costs at most the whole).
+    ``count`` must not exceed the number of samples."""
     micro_batches = list(micro_batches)
     while len(micro_batches) < count:
         splittable = [position for position, indices in enumerate(micro_batches) if len(indices) > 1]
-        position = max(splittable, key=lambda position: sum(lengths[index] for index in micro_batches[position]))
+        position = max(splittable, key=lambda position: padded_tokens(micro_batches[position], lengths))
         indices = sorted(micro_batches.pop(position), key=lambda index: -lengths[index])
-        micro_batches += [indices[0::2], indices[1::2]]
+        middle = len(indices) // 2
+        micro_batches += [indices[:middle], indices[middle:]]
     return micro_batches
 
 
 def token_budget_micro_batches(lengths: Sequence[int], max_tokens: int, num_micro_batches: int | None = None) -> list[list[int]]:
-    """Micro-batches of at most ``max_tokens`` tokens each, balanced.
+    """Micro-batches of at most ``max_tokens`` tokens each *after padding* (samples x the longest
+    sample's length, which is what the forward pass holds), balanced.
 
-    The count is the fewest that first-fit decreasing packs into, or ``num_micro_batches`` when that
-    is more. The samples are then spread longest first over that many micro-batches, always onto the
-    lightest, which balances them. When that breaks the budget (it can at the first-fit count:
-    ``[5, 5, 4, 3, 3]`` in 10 spreads to ``[5, 4] [5, 3, 3]``), the first-fit packing is kept, its
-    heaviest micro-batches halved until the count is reached. (Above the first-fit count an
-    exhaustive check of up to 9 samples found no spread that breaks the budget; the halving keeps
-    the guarantee regardless.)
+    Samples are sorted by length and cut into consecutive runs, so that each micro-batch pads to a
+    length close to all of its samples'. The count is the fewest runs the budget allows, or
+    ``num_micro_batches`` when that is more; the runs are then cut at the smallest cap that still
+    gives no more than that many (which evens their padded sizes), and the heaviest halved until
+    the count is reached.
 
     Args:
         lengths: tokens of each sample.
@@ -137,12 +125,18 @@ def token_budget_micro_batches(lengths: Sequence[int], max_tokens: int, num_micr
         )
     if num_micro_batches is not None and num_micro_batches > len(lengths):
         raise ValueError(f"cannot fill {num_micro_batches} micro-batches from {len(lengths)} samples without empty ones")
-    order = sorted(range(len(lengths)), key=lambda index: -lengths[index])
-    packed = _first_fit(order, lengths, max_tokens)
-    count = max(len(packed), num_micro_batches or 0)
-    spread, heaviest = _spread(order, lengths, count)
-    chosen = spread if heaviest <= max_tokens else _split_heaviest(packed, lengths, count)
-    return [sorted(indices) for indices in chosen]
+    order = sorted(range(len(lengths)), key=lambda index: (-lengths[index], index))
+    count = max(len(_runs(order, lengths, max_tokens)), num_micro_batches or 0)
+    # The smallest cap whose runs number at most `count` (fewer runs as the cap grows).
+    low, high = max(lengths, default=0), max_tokens
+    while low < high:
+        middle = (low + high) // 2
+        if len(_runs(order, lengths, middle)) <= count:
+            high = middle
+        else:
+            low = middle + 1
+    micro_batches = _split_heaviest(_runs(order, lengths, high), lengths, count)
+    return [sorted(indices) for indices in micro_batches]
 
 
 def plan_micro_batches(lengths: Sequence[int], data_parallel_size: int, train: TrainConfig) -> list[list[list[int]]]:

@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Iterable
 
@@ -37,37 +36,69 @@ def _dtype_name(dtype: torch.dtype) -> str:
 def write_safetensors(tensors: Iterable[tuple[str, torch.Tensor]], out_dir: Path, max_shard_bytes: int) -> list[str]:
     """Write ``(name, tensor)`` pairs as HF safetensors shards plus ``model.safetensors.index.json``.
 
-    Shards are filled in arrival order up to ``max_shard_bytes`` and named
-    ``model-0000i-of-0000n.safetensors`` (a single shard is ``model.safetensors``, no index).
+    Shards are filled in arrival order up to ``max_shard_bytes`` and written as soon as they are
+    full (one shard in memory at a time), then named ``model-0000i-of-0000n.safetensors`` (a single
+    shard is ``model.safetensors``, no index).
 
     Returns:
         The tensor names written.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    shard_bytes = 0
+    written: list[tuple[Path, list[str]]] = []
+    shard: dict[str, torch.Tensor] = {}
+    shard_bytes = total_size = 0
+
+    def flush():
+        path = out_dir / f".model-{len(written) + 1:05d}.safetensors.partial"
+        save_file(shard, path, metadata={"format": "pt"})
+        written.append((path, list(shard)))
+
     names = []
     for name, tensor in tqdm(tensors, desc="export", unit="tensor"):
         size = tensor.numel() * tensor.element_size()
-        if shards[-1] and shard_bytes + size > max_shard_bytes:
-            shards.append({})
-            shard_bytes = 0
-        shards[-1][name] = tensor.contiguous()
+        if shard and shard_bytes + size > max_shard_bytes:
+            flush()
+            shard, shard_bytes = {}, 0
+        shard[name] = tensor.contiguous()
         shard_bytes += size
+        total_size += size
         names.append(name)
-    if len(shards) == 1:
-        save_file(shards[0], out_dir / "model.safetensors", metadata={"format": "pt"})
+    flush()
+    if len(written) == 1:
+        written[0][0].rename(out_dir / "model.safetensors")
         return names
-    weight_map, total_size = {}, 0
-    for index, shard in enumerate(shards, start=1):
-        file_name = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, out_dir / file_name, metadata={"format": "pt"})
-        for name, tensor in shard.items():
-            weight_map[name] = file_name
-            total_size += tensor.numel() * tensor.element_size()
+    weight_map = {}
+    for index, (path, shard_names) in enumerate(written, start=1):
+        file_name = f"model-{index:05d}-of-{len(written):05d}.safetensors"
+        path.rename(out_dir / file_name)
+        weight_map.update(dict.fromkeys(shard_names, file_name))
     index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
     (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     return names
+
+
+def export_hf_dir(
+    chunks, spec, pg_collection, out_dir: str | Path, hf_dir: str | Path, *, dtype: torch.dtype,
+    tokenizer_dir: str | Path | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> Path:
+    """Write a Megatron model as a HF model directory: safetensors in ``dtype``, the config of
+    ``hf_dir`` (its ``torch_dtype`` set to ``dtype``) and the tokenizer files of ``tokenizer_dir``
+    (default ``hf_dir``). Collective; the first rank writes.
+    """
+    out_dir = Path(out_dir)
+    tensors = ((name, tensor.to(dtype)) for name, tensor in export_hf_tensors(chunks, spec, pg_collection, dst=0))
+    if dist.get_rank() != 0:
+        for _ in tensors:
+            pass
+        dist.barrier()
+        return out_dir
+    write_safetensors(tensors, out_dir, max_shard_bytes)
+    checkpoint.copy_hf_files(hf_dir, out_dir, tokenizer_dir)
+    config = json.loads((out_dir / "config.json").read_text())
+    config["torch_dtype"] = _dtype_name(dtype)
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+    dist.barrier()
+    return out_dir
 
 
 def _config_dtype(hf_config) -> torch.dtype:
@@ -141,20 +172,4 @@ def checkpoint_to_hf(
     spec = model_spec(hf_config, layout, dtype=torch.float32)
     chunks = build_model(spec, "torch", pgs)
     checkpoint.load_checkpoint(path, chunks)
-    out_dir = Path(out_dir)
-    tensors = ((name, tensor.to(export_dtype)) for name, tensor in export_hf_tensors(chunks, spec, pgs, dst=0))
-    if dist.get_rank() != 0:
-        for _ in tensors:
-            pass
-        dist.barrier()
-        return out_dir
-    write_safetensors(tensors, out_dir, max_shard_bytes)
-    for source in hf_files.iterdir():
-        if source.name == "config.json":
-            config = json.loads(source.read_text())
-            config["torch_dtype"] = _dtype_name(export_dtype)
-            (out_dir / "config.json").write_text(json.dumps(config, indent=2))
-        else:
-            shutil.copy2(source, out_dir / source.name)
-    dist.barrier()
-    return out_dir
+    return export_hf_dir(chunks, spec, pgs, out_dir, hf_files, dtype=export_dtype, max_shard_bytes=max_shard_bytes)

@@ -401,12 +401,21 @@ class EngineGroup:
         _results([self._pool.submit(self._call, engine, "POST", protocol.RELEASE_MEMORY, body, timeout=self.request_timeout_s) for engine in self.engines])
 
     def resume_memory(self, tags: Sequence[str] | None = None) -> None:
-        """Take the released memory back (e.g. ``["weights"]`` before an update, then ``["kv_cache", "cuda_graph"]``)."""
+        """Take the released memory back (e.g. ``["weights"]`` before an update, then the rest).
+
+        Args:
+            tags: regions to resume; None: every region still released (SGLang fails on a region
+                that is not released, so None never names one).
+        """
         self._raise_if_fatal()
+        if tags is None:
+            tags = [tag for tag in protocol.MEMORY_TAGS if tag in self._released]
+            if not tags:
+                return
         body = protocol.memory_body(tags)
         _results([self._pool.submit(self._call, engine, "POST", protocol.RESUME_MEMORY, body, timeout=self.request_timeout_s) for engine in self.engines])
         if self._released:
-            self._released.difference_update(tags or protocol.MEMORY_TAGS)
+            self._released.difference_update(tags)
             if not self._released:
                 self._resume_health()
 

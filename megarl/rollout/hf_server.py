@@ -321,8 +321,12 @@ class HFEngine:
         self.released.update((body or {}).get("tags") or protocol.MEMORY_TAGS)
 
     def resume_memory(self, body: dict) -> None:
-        """``/resume_memory_occupation``."""
-        self.released.difference_update((body or {}).get("tags") or protocol.MEMORY_TAGS)
+        """``/resume_memory_occupation``; as in SGLang, resuming a region that is not released fails."""
+        tags = (body or {}).get("tags") or protocol.MEMORY_TAGS
+        held = sorted(set(tags) - self.released)
+        if held:
+            raise RequestFailed(f"memory regions {held} are not released; resume only what /release_memory_occupation released")
+        self.released.difference_update(tags)
 
     def flush_cache(self, body: dict) -> str:
         """``/flush_cache``: this engine keeps no cache between requests."""

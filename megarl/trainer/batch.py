@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from megarl.data.packing import pad_micro_batch
+from megarl.data.padding import pad_micro_batch
 
 
 def layout_multiple(tensor_parallel: int, sequence_parallel: bool, context_parallel: int) -> int:
@@ -56,7 +56,7 @@ class TrainBatch:
         truncated: ``[B]`` bool, the response hit the length limit.
         token_values: named ``[B, S]`` float tensors in label space: ``rollout_log_probs`` from
             the engine, then what the trainer adds (``old_log_probs``, ``ref_log_probs``,
-            ``values``, ``advantages``, ``returns``, ``entropy``).
+            ``values``, ``advantages``, ``returns``, ``loss_weights``).
         pad_multiple: ``S`` and every micro-batch's length are multiples of it.
     """
 

@@ -37,9 +37,8 @@ _COMMITTED = re.compile(r"^step_(\d{8})$")
 _TEMPORARY_PREFIX = ".tmp-"
 _SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
 """Megatron's optimizer state format that reshards across TP, PP, EP and DP on load."""
-_HF_FILES = (
-    "config.json",
-    "generation_config.json",
+_MODEL_FILES = ("config.json", "generation_config.json")
+_TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
@@ -159,6 +158,15 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
+def copy_hf_files(hf_dir: str | Path, out_dir: str | Path, tokenizer_dir: str | Path | None = None) -> None:
+    """Copy a HF model's config files from ``hf_dir`` and its tokenizer files from
+    ``tokenizer_dir`` (default ``hf_dir``) into ``out_dir``; files a directory lacks are skipped."""
+    for source_dir, names in ((hf_dir, _MODEL_FILES), (tokenizer_dir or hf_dir, _TOKENIZER_FILES)):
+        for name in names:
+            if (Path(source_dir) / name).exists():
+                shutil.copy2(Path(source_dir) / name, Path(out_dir) / name)
+
+
 def save_checkpoint(
     root: str | Path,
     step: int,
@@ -167,6 +175,7 @@ def save_checkpoint(
     scheduler=None,
     train_state: dict[str, Any] | None = None,
     hf_dir: str | Path | None = None,
+    tokenizer_dir: str | Path | None = None,
     keep_last: int = 1,
     extra_models: dict[str, tuple] | None = None,
 ) -> Path:
@@ -179,7 +188,9 @@ def save_checkpoint(
         optimizer: the Megatron optimizer, or None.
         scheduler: the ``OptimizerParamScheduler``, or None.
         train_state: JSON-serialisable trainer state (data position, counters).
-        hf_dir: directory whose HF config and tokenizer files are copied into the checkpoint.
+        hf_dir: directory whose HF config (and tokenizer) files are copied into the checkpoint's
+            ``hf/``, so that it converts to a HF model on its own.
+        tokenizer_dir: where the tokenizer files come from instead (``model.tokenizer_path``).
         keep_last: committed checkpoints to keep, this one included.
         extra_models: further models saved beside the first, by name: ``{"critic": (models,
             optimizer, scheduler)}`` goes to ``critic/weights`` and ``critic/scheduler.pt``.
@@ -215,9 +226,7 @@ def save_checkpoint(
         (temporary / "train_state.json").write_text(json.dumps(state, indent=2))
         if hf_dir is not None:
             (temporary / "hf").mkdir()
-            for name in _HF_FILES:
-                if (Path(hf_dir) / name).exists():
-                    shutil.copy2(Path(hf_dir) / name, temporary / "hf" / name)
+            copy_hf_files(hf_dir, temporary / "hf", tokenizer_dir)
     dist.barrier()
 
     if rank == 0:

@@ -80,6 +80,8 @@ class Critic:
         self.model = model
         self.config = config
         self.pgs = model.pg_collection
+        self.consecutive_skips = 0
+        """Optimizer steps skipped in a row for non-finite gradients (as the policy's)."""
 
     def values(self, batch: TrainBatch) -> torch.Tensor:
         """V at every position, no gradient: ``[B, S]`` float32 in label space on every rank, 0
@@ -108,12 +110,14 @@ class Critic:
 
         Returns:
             ``critic/loss``, ``critic/value_clip_fraction``, ``critic/value_error`` (mean squared
-            error), ``critic/grad_norm``, ``critic/lr``, averaged over the mini-batches.
+            error), ``critic/grad_norm``, ``critic/lr``, averaged over the mini-batches, and
+            ``critic/skipped_steps`` (non-finite gradients).
         """
         totals: dict[str, float] = {}
         mini_batches = 0
         seed = self.config.train.seed * 1_000_003 + step + 1
-        for sums, _, grad_norm in self.model.train_epochs(batch, ["values", "returns"], self._forward_step_loss, len(UPDATE_METRICS), seed):
+        for sums, stepped, grad_norm in self.model.train_epochs(batch, ["values", "returns"], self._forward_step_loss, len(UPDATE_METRICS), seed):
+            self.consecutive_skips = 0 if stepped else self.consecutive_skips + 1
             sums = dict(zip(UPDATE_METRICS, sums.tolist()))
             tokens = max(sums["tokens"], 1.0)
             mini_batch = {
@@ -122,11 +126,14 @@ class Critic:
                 "value_error": sums["value_error"] / tokens,
                 "grad_norm": grad_norm,
                 "lr": self.model.learning_rate,
+                "skipped_steps": 0.0 if stepped else 1.0,
             }
             for name, value in mini_batch.items():
                 totals[name] = totals.get(name, 0.0) + value
             mini_batches += 1
-        return {f"critic/{name}": value / mini_batches for name, value in totals.items()}
+        metrics = {f"critic/{name}": value / mini_batches for name, value in totals.items()}
+        metrics["critic/skipped_steps"] = totals["skipped_steps"]
+        return metrics
 
     def _forward_step_loss(self, data_iterator, model):
         micro = next(data_iterator)

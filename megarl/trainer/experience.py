@@ -8,8 +8,12 @@ Each function is one stage of the RL step in ``shared/DESIGN.md`` and works on t
    penalty when ``algorithm.use_kl_in_reward``, through the configured estimator. Outcome
    estimators (grpo, rloo, ...) score a response by the sum of its token rewards, which is the
    shaped score without a KL penalty (verl's convention).
-3. :func:`loss_weights`: the train/rollout mismatch correction (TIS or ICEPOP) per token, and the
+3. DAPO's overlong filtering: the truncated responses leave the loss (after the advantages, so
+   that their scores still count in their group's baseline).
+4. :func:`loss_weights`: the train/rollout mismatch correction (TIS or ICEPOP) per token, and the
    mismatch metrics.
+
+:func:`prepare_update` runs the four in order.
 """
 
 from __future__ import annotations
@@ -21,9 +25,25 @@ from megarl.algorithms.advantages import outcome_token_rewards
 from megarl.algorithms.aggregation import masked_mean
 from megarl.algorithms.kl import apply_kl_penalty, estimate_kl
 from megarl.algorithms.mismatch import icepop_weights, mismatch_metrics, tis_weights
-from megarl.algorithms.shaping import RunningMoments, clip_rewards, normalize_rewards, overlong_penalty
+from megarl.algorithms.shaping import RunningMoments, clip_rewards, normalize_rewards, overlong_filter, overlong_penalty
 from megarl.config import Config
 from megarl.trainer.batch import TrainBatch
+
+
+def prepare_update(batch: TrainBatch, scores: torch.Tensor, config: Config, running: RunningMoments, kl_controller) -> dict[str, float]:
+    """Shape ``scores [B]``, fill the batch's advantages, returns and loss weights, and (with
+    ``algorithm.filter_overlong``) take the truncated responses out of ``batch.response_mask``.
+
+    Returns:
+        The metrics of every stage.
+    """
+    shaped, metrics = shape_scores(scores, batch, config, running)
+    metrics.update(compute_advantages(batch, shaped, config, kl_controller))
+    if config.algorithm.filter_overlong:
+        batch.response_mask, counts = overlong_filter(batch.response_mask, batch.truncated)
+        metrics.update({f"filter/{name}": value for name, value in counts.items()})
+    metrics.update(loss_weights(batch, config))
+    return metrics
 
 
 def shape_scores(scores: torch.Tensor, batch: TrainBatch, config: Config, running: RunningMoments) -> tuple[torch.Tensor, dict[str, float]]:

@@ -6,13 +6,20 @@ run can be plotted or compared without any of them. TensorBoard (``tensorboard``
 W&B (``wandb``; ``logging.wandb_mode: offline`` needs no network and writes under the run
 directory) are optional packages: asking for one that is not installed fails at start-up with
 the package to install.
+
+A resumed run goes on from the step after its checkpoint, so the steps a crashed run logged after
+that checkpoint are logged again: :meth:`MetricsLogger.start` takes their rows out of
+``metrics.jsonl`` (kept aside in ``metrics.jsonl.replaced-<unix time>``), purges them from
+TensorBoard and resumes the same W&B run, so that every sink holds each step once.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -45,37 +52,69 @@ class MetricsLogger:
 
     def __init__(self, config: Config, run_dir: Path, *, enabled: bool):
         self.enabled = enabled
+        self.config = config
+        self.run_dir = run_dir
         self.log_every = config.logging.log_every
         self.console = config.logging.console
+        self._jsonl = None
         self._tensorboard = None
         self._wandb = None
         if not enabled:
             return
-        run_dir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        # The optional packages are checked now, so that a missing one fails before any training.
         if config.logging.tensorboard:
             try:
-                from torch.utils.tensorboard import SummaryWriter
+                from torch.utils.tensorboard import SummaryWriter  # noqa: F401
             except ImportError:
                 raise ConfigError(
                     "`logging.tensorboard` is true but the tensorboard package is not installed: "
                     "pip install tensorboard, or set logging.tensorboard=false"
                 ) from None
-            self._tensorboard = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
-        if config.logging.wandb and config.logging.wandb_mode != "disabled":
+        if self._wandb_enabled:
             try:
-                import wandb
+                import wandb  # noqa: F401
             except ImportError:
                 raise ConfigError(
                     "`logging.wandb` is true but the wandb package is not installed: pip install wandb, "
                     "or set logging.wandb=false"
                 ) from None
+
+    @property
+    def _wandb_enabled(self) -> bool:
+        return self.config.logging.wandb and self.config.logging.wandb_mode != "disabled"
+
+    def start(self, start_step: int) -> None:
+        """Open the sinks for a run that goes on at ``start_step`` (0: a new run), dropping what
+        they hold for that step and later ones."""
+        if not self.enabled:
+            return
+        logging_config = self.config.logging
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        path = self.run_dir / "metrics.jsonl"
+        if path.exists():
+            _drop_rows_from(path, start_step)
+        self._jsonl = open(path, "a", buffering=1)
+        if logging_config.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tensorboard = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"), purge_step=start_step or None)
+        if self._wandb_enabled:
+            import wandb
+
+            id_file = self.run_dir / "wandb_run_id"
+            if start_step > 0 and id_file.exists():
+                run_id = id_file.read_text().strip()
+            else:
+                run_id = uuid.uuid4().hex[:16]
+                id_file.write_text(run_id + "\n")
             self._wandb = wandb.init(
-                project=config.logging.wandb_project,
-                name=config.logging.name,
-                dir=str(run_dir),
-                mode=config.logging.wandb_mode,
-                config=config.to_dict(),
+                project=logging_config.wandb_project,
+                name=logging_config.name,
+                id=run_id,
+                resume="allow",
+                dir=str(self.run_dir),
+                mode=logging_config.wandb_mode,
+                config=self.config.to_dict(),
                 reinit="finish_previous",
             )
 
@@ -83,6 +122,8 @@ class MetricsLogger:
         """Record ``metrics`` (name -> number) for RL step ``step``."""
         if not self.enabled:
             return
+        if self._jsonl is None:
+            self.start(0)
         values = {name: _number(value) for name, value in metrics.items()}
         self._jsonl.write(json.dumps({"step": step, "time": round(time.time(), 3), **values}) + "\n")
         if self._tensorboard is not None:
@@ -94,13 +135,35 @@ class MetricsLogger:
             tqdm.write(console_line(step, values))
 
     def close(self) -> None:
-        if not self.enabled:
+        if self._jsonl is None:
             return
         self._jsonl.close()
+        self._jsonl = None
         if self._tensorboard is not None:
             self._tensorboard.close()
+            self._tensorboard = None
         if self._wandb is not None:
             self._wandb.finish()
+            self._wandb = None
+
+
+def _drop_rows_from(path: Path, start_step: int) -> None:
+    """Remove the rows of ``start_step`` and later steps (and a torn last line) from
+    ``metrics.jsonl``, keeping the original beside it when anything is removed."""
+    lines = path.read_text().splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] < start_step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue
+    if len(kept) == len(lines):
+        return
+    os.replace(path, path.with_name(f"{path.name}.replaced-{int(time.time())}"))
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text("".join(kept))
+    os.replace(temporary, path)
 
 
 def console_line(step: int, values: dict[str, float]) -> str:

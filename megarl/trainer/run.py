@@ -101,6 +101,8 @@ class Run:
             "kl_coefficient": self.kl_controller.value,
             "reward_moments": dataclasses.asdict(self.reward_moments),
             "consecutive_skips": self.policy.consecutive_skips,
+            "critic_consecutive_skips": self.critic.consecutive_skips if self.critic is not None else 0,
+            "engine_restarts": self.engines.restarts if self.engines is not None else 0,
         }
 
     def load_train_state(self, state: dict[str, Any]) -> None:
@@ -108,6 +110,11 @@ class Run:
         self.kl_controller.value = state["kl_coefficient"]
         self.reward_moments = RunningMoments(**state["reward_moments"])
         self.policy.consecutive_skips = state["consecutive_skips"]
+        if self.critic is not None:
+            self.critic.consecutive_skips = state["critic_consecutive_skips"]
+        if self.engines is not None:
+            # rollout.restart_budget is for the whole run, resumed or not.
+            self.engines.restarts = state["engine_restarts"]
 
     def save(self, step: int) -> Path:
         """Save a checkpoint after ``step`` (collective)."""
@@ -119,8 +126,19 @@ class Run:
             self.policy.model.scheduler,
             train_state=self.train_state(),
             hf_dir=resolve_model_path(self.config.model.path),
+            tokenizer_dir=self.config.model.tokenizer_path,
             keep_last=self.config.checkpoint.keep_last,
             extra_models=self._extra_models(),
+        )
+
+    def export_hf(self) -> Path:
+        """Write the policy as a HF model directory, ``<run_dir>/hf`` (collective)."""
+        from megarl.models.convert import export_hf_dir
+
+        model = self.policy.model
+        return export_hf_dir(
+            model.chunks, model.spec, self.pgs, self.run_dir / "hf", resolve_model_path(self.config.model.path),
+            dtype=DTYPES[self.config.model.dtype], tokenizer_dir=self.config.model.tokenizer_path,
         )
 
     def _extra_models(self) -> dict[str, tuple] | None:
@@ -243,20 +261,25 @@ def setup(config: Config) -> Run:
         kl_controller=kl_controller(algorithm.kl_ctrl, init_coef=algorithm.kl_coef, target=algorithm.kl_target, horizon=algorithm.kl_horizon),
         reward_moments=RunningMoments(),
     )
-    resume_from = checkpoint.resolve_resume(config.checkpoint.resume, run.checkpoint_dir)
-    if resume_from is not None:
-        state = checkpoint.load_checkpoint(
-            resume_from,
-            policy_model.models,
-            policy_model.optimizer,
-            policy_model.scheduler,
-            extra_models=run._extra_models(),
-        )
-        run.load_train_state(state)
-        run.start_step = state["step"] + 1
-        # The engines start from the HF weights; give them the restored policy.
-        run.sync_weights(version=state["step"])
-        log.info("resumed from %s: the run goes on at step %d", resume_from, run.start_step)
+    try:
+        resume_from = checkpoint.resolve_resume(config.checkpoint.resume, run.checkpoint_dir)
+        if resume_from is not None:
+            state = checkpoint.load_checkpoint(
+                resume_from,
+                policy_model.models,
+                policy_model.optimizer,
+                policy_model.scheduler,
+                extra_models=run._extra_models(),
+            )
+            run.load_train_state(state)
+            run.start_step = state["step"] + 1
+            # The engines start from the HF weights; give them the restored policy (the version the
+            # step after the checkpoint's would have synced).
+            run.sync_weights(version=state["step"] + 1)
+            log.info("resumed from %s: the run goes on at step %d", resume_from, run.start_step)
+    except BaseException:
+        run.close()
+        raise
     return run
 
 

@@ -7,7 +7,7 @@ import random
 import pytest
 
 from megarl.config import TrainConfig
-from megarl.data.batching import _split_heaviest, fixed_micro_batches, plan_micro_batches, split_across_ranks, token_budget_micro_batches
+from megarl.data.batching import _split_heaviest, fixed_micro_batches, padded_tokens, plan_micro_batches, split_across_ranks, token_budget_micro_batches
 
 pytestmark = pytest.mark.cpu
 
@@ -46,20 +46,28 @@ def test_fixed_micro_batches_group_similar_lengths():
 
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("max_tokens", [80, 150, 400])
-def test_token_budget_micro_batches_keep_the_budget(seed, max_tokens):
+def test_token_budget_micro_batches_keep_the_budget_after_padding(seed, max_tokens):
     lengths = random_lengths(40, seed)
     micro_batches = token_budget_micro_batches(lengths, max_tokens)
     assert flatten(micro_batches) == list(range(40))
-    assert all(micro and sum(lengths[index] for index in micro) <= max_tokens for micro in micro_batches)
-    assert len(micro_batches) <= -(-sum(lengths) // max_tokens) * 2
+    assert all(micro and padded_tokens(micro, lengths) <= max_tokens for micro in micro_batches)
+    # Sorted runs pad little: never more than twice the micro-batches the unpadded tokens need,
+    # plus one.
+    assert len(micro_batches) <= 2 * -(-sum(lengths) // max_tokens) + 1
 
 
-def test_balanced_spread_fails_over_to_first_fit():
-    # Longest-first spreading over 2 micro-batches gives [5, 4] and [5, 3, 3] (11 > 10); first fit
-    # packs [5, 5] and [4, 3, 3] within the budget.
-    lengths = [5, 5, 4, 3, 3]
-    micro_batches = token_budget_micro_batches(lengths, 10)
-    assert sorted(sorted(lengths[index] for index in micro) for micro in micro_batches) == [[3, 3, 4], [5, 5]]
+def test_a_long_sample_does_not_share_its_micro_batch_with_many_short_ones():
+    # 9 + 7 x 1 = 16 tokens unpadded, but 8 x 9 = 72 once padded: the long sample goes alone.
+    lengths = [1, 1, 9, 1, 1, 1, 1, 1]
+    micro_batches = token_budget_micro_batches(lengths, 16)
+    assert sorted(micro_batches) == [[0, 1, 3, 4, 5, 6, 7], [2]]
+
+
+def test_micro_batches_even_out_at_the_smallest_cap():
+    # Eight samples of 4 fit in a budget of 32 as one micro-batch; asked for 3, they split 3/3/2
+    # rather than 6/1/1.
+    micro_batches = token_budget_micro_batches([4] * 8, 32, num_micro_batches=3)
+    assert sorted(len(micro) for micro in micro_batches) == [2, 3, 3]
 
 
 @pytest.mark.parametrize("lengths", [[5, 5, 4, 3, 3], [10, 1, 1, 1, 1, 1, 1], random_lengths(30, seed=11, longest=10)])
@@ -69,13 +77,15 @@ def test_token_budget_micro_batches_reach_a_requested_count(lengths):
         micro_batches = token_budget_micro_batches(lengths, 10, num_micro_batches=count)
         assert len(micro_batches) == max(count, fewest)
         assert flatten(micro_batches) == list(range(len(lengths)))
-        assert all(micro and sum(lengths[index] for index in micro) <= 10 for micro in micro_batches)
+        assert all(micro and padded_tokens(micro, lengths) <= 10 for micro in micro_batches)
 
 
 def test_halving_the_heaviest_micro_batches_keeps_every_sample():
     lengths = [6, 1, 1, 1, 2, 2, 2, 2]
-    halved = _split_heaviest([[0, 1, 2, 3], [4, 5, 6, 7]], lengths, 5)
-    assert sorted(sorted(micro) for micro in halved) == [[0], [1, 3], [2], [4, 6], [5, 7]]
+    halved = _split_heaviest([[0, 1, 2, 3], [4, 5, 6, 7]], lengths, 4)
+    # [6, 1, 1, 1] pads to 24 tokens and splits first, into [6, 1] (12) and [1, 1]; [6, 1] still
+    # costs more than [2, 2, 2, 2] (8) and splits next.
+    assert sorted(sorted(micro) for micro in halved) == [[0], [1], [2, 3], [4, 5, 6, 7]]
 
 
 def test_token_budget_errors():
@@ -97,6 +107,6 @@ def test_plan_gives_every_rank_the_same_micro_batch_count(data_parallel_size, dy
     assert flatten(micro for rank in plan for micro in rank) == list(range(len(lengths)))
     assert all(micro for rank in plan for micro in rank)
     if dynamic_batch:
-        assert all(sum(lengths[index] for index in micro) <= 128 for rank in plan for micro in rank)
+        assert all(padded_tokens(micro, lengths) <= 128 for rank in plan for micro in rank)
     else:
         assert all(len(micro) <= 5 for rank in plan for micro in rank)

@@ -122,7 +122,8 @@ def test_overlong_prompts_are_filtered_and_counted_or_rejected(tmp_path, tokeniz
 
 
 def test_parquet_rows(tmp_path, tokenizer):
-    pyarrow = pytest.importorskip("pyarrow")
+    pytest.importorskip("pyarrow")
+    import pyarrow
     import pyarrow.parquet
 
     table = pyarrow.table({"prompt": ["max 1 2 3", "first 4 5 6"], "answer": ["3", "4"], "task": ["max", "first"]})

@@ -118,7 +118,11 @@ def test_release_resume_flush_and_health(engines):
         engines.generate(PROMPTS, SamplingParams(max_new_tokens=3))
     engines.resume_memory(["weights"])
     assert len(engines.generate(PROMPTS, SamplingParams(max_new_tokens=3))) == len(PROMPTS)
-    engines.resume_memory(["kv_cache", "cuda_graph"])
+    with pytest.raises(EngineRequestError, match=r"hf-\d.*\['weights'\] are not released"):
+        engines.resume_memory(["weights"])
+    engines.resume_memory()  # what is still released: the KV cache and the CUDA graphs
+    engines.resume_memory()  # nothing left: no request
+    assert len(engines.generate(PROMPTS, SamplingParams(max_new_tokens=3))) == len(PROMPTS)
     engines.flush_cache()
     assert engines.health() == {"hf-0": True, "hf-1": True}
 

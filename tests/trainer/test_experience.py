@@ -12,7 +12,7 @@ from megarl.algorithms.kl import FixedKLController
 from megarl.algorithms.shaping import RunningMoments
 from megarl.config import load_config
 from megarl.trainer.batch import TrainBatch
-from megarl.trainer.experience import compute_advantages, loss_weights, shape_scores
+from megarl.trainer.experience import compute_advantages, loss_weights, prepare_update, shape_scores
 
 pytestmark = pytest.mark.cpu
 
@@ -79,3 +79,17 @@ def test_loss_weights_are_one_without_correction_and_truncated_with_tis():
     weights = batch.token_values["loss_weights"][batch.response_mask]
     assert torch.allclose(weights, torch.full_like(weights, 2.0))
     assert metrics["mismatch/tis_clipped_fraction_high"] == 1.0
+
+
+def test_overlong_filtering_keeps_the_truncated_score_in_the_group_baseline():
+    # Row 7 is truncated with score 1: it leaves the loss, but its group's other advantages are the
+    # ones computed with its score.
+    filtered, unfiltered = make_batch(), make_batch()
+    config = load_config(None, ["algorithm.filter_overlong=true"])
+    metrics = prepare_update(filtered, SCORES, config, RunningMoments(), FixedKLController(0.0))
+    prepare_update(unfiltered, SCORES, load_config(None), RunningMoments(), FixedKLController(0.0))
+    assert metrics["filter/overlong_filtered"] == 1
+    assert not filtered.response_mask[7].any() and filtered.response_mask[:7].equal(unfiltered.response_mask[:7])
+    kept = filtered.response_mask
+    assert torch.equal(filtered.token_values["advantages"][kept], unfiltered.token_values["advantages"][kept])
+    assert not filtered.token_values["loss_weights"][7].any()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -51,3 +52,46 @@ def test_tensorboard_and_offline_wandb_write_under_the_run_directory(tmp_path, m
 
 def test_console_line_skips_missing_and_nan_metrics():
     assert console_line(7, {"reward/mean": 0.125, "policy/grad_norm": float("nan")}) == "step 7 | reward 0.125"
+
+
+def test_a_resumed_run_replaces_the_rows_logged_after_its_checkpoint(tmp_path):
+    config = load_config(None, ["logging.console=false"])
+    crashed = MetricsLogger(config, tmp_path, enabled=True)
+    for step in range(5):
+        crashed.log(step, {"reward/mean": float(step)})
+    crashed.close()
+    with open(tmp_path / "metrics.jsonl", "a") as handle:
+        handle.write('{"step": 5, "rew')  # torn by the crash
+    resumed = MetricsLogger(config, tmp_path, enabled=True)
+    resumed.start(3)  # the checkpoint was after step 2
+    resumed.log(3, {"reward/mean": 30.0})
+    resumed.close()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(row["step"], row["reward/mean"]) for row in rows] == [(0, 0.0), (1, 1.0), (2, 2.0), (3, 30.0)]
+    (original,) = tmp_path.glob("metrics.jsonl.replaced-*")
+    assert original.read_text().count("\n") == 5  # nothing lost: the crashed run's rows are kept aside
+
+
+def test_a_resumed_run_purges_tensorboard_and_resumes_the_wandb_run(tmp_path, monkeypatch):
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("wandb")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    config = load_config(None, ["logging.tensorboard=true", "logging.wandb=true", "logging.wandb_mode=offline", "logging.console=false"])
+    first = MetricsLogger(config, tmp_path, enabled=True)
+    for step in range(4):
+        first.log(step, {"reward/mean": float(step)})
+    first.close()
+    run_id = (tmp_path / "wandb_run_id").read_text().strip()
+    resumed = MetricsLogger(config, tmp_path, enabled=True)
+    resumed.start(2)
+    resumed.log(2, {"reward/mean": 20.0})
+    resumed.close()
+    assert (tmp_path / "wandb_run_id").read_text().strip() == run_id
+    # offline-run-<date>_<time>-<id>[-<n> when two start in the same second]
+    run_ids = {re.match(r"offline-run-\d{8}_\d{6}-(\w+)", path.name).group(1) for path in (tmp_path / "wandb").glob("offline-run-*")}
+    assert run_ids == {run_id}
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(event.step, event.value) for event in events.Scalars("reward/mean")] == [(0, 0.0), (1, 1.0), (2, 20.0)]

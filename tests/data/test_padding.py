@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megarl.data.packing import pad_micro_batch
+from megarl.data.padding import pad_micro_batch
 
 pytestmark = pytest.mark.cpu
 
