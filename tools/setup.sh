@@ -17,5 +17,7 @@ if ! python -c "import torch" 2>/dev/null; then
 fi
 python -m pip install --quiet "scikit-build-core>=0.10" "cmake>=3.24" ninja
 python -m pip install --quiet --no-build-isolation -e ".[dev]"
-python -m pip install --quiet --no-deps "sglang==0.5.23"  # SGLang's source only: tests/rollout check megarl's requests against its schema
+# SGLang's source (and msgspec, which its request schema decoder needs) without its GPU runtime:
+# tests/rollout check megarl's requests against SGLang's own schema.
+python -m pip install --quiet --no-deps "sglang==0.5.23" "msgspec>=0.19"
 python -c "import megarl._C, torch; print('megarl installed: torch', torch.__version__, '| C++ extension loaded, CUDA kernels:', torch.ops.megarl.built_with_cuda())"

@@ -159,6 +159,8 @@ class HFEngine:
             requests.extend([request] * int(params["n"]))
             owners.extend([index] * int(params["n"]))
         with self.lock:
+            # The stall detector measures from here: the prefill comes before the first step.
+            self._progress()
             try:
                 results = self.generator.generate(requests, on_step=self._progress)
             except ValueError as error:
@@ -208,13 +210,15 @@ class HFEngine:
         unknown = [name for name, _ in named_tensors if name not in known]
         if unknown:
             raise RequestFailed(f"{len(unknown)} tensors the model does not have, e.g. {unknown[:3]}; the names must be HF checkpoint names")
+        misshapen = [(name, list(tensor.shape), list(self.weights.shape(name))) for name, tensor in named_tensors if tuple(tensor.shape) != self.weights.shape(name)]
+        if misshapen:
+            name, got, held = misshapen[0]
+            raise RequestFailed(f"{len(misshapen)} tensors with the wrong shape, e.g. {name}: got {got}, the model holds {held}; nothing was loaded")
         with self.lock:
-            try:
-                for name, tensor in named_tensors:
-                    self.weights.load(name, tensor)
-                    self._progress()
-            except ValueError as error:
-                raise RequestFailed(str(error)) from None
+            self._progress()
+            for name, tensor in named_tensors:
+                self.weights.load(name, tensor)
+                self._progress()
             if weight_version is not None:
                 self.weight_version = str(weight_version)
 

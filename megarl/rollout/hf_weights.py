@@ -56,6 +56,10 @@ class HFWeightMap:
         """Every checkpoint name the model accepts."""
         return set(self._views)
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The shape of checkpoint tensor ``name`` (KeyError if the model has none)."""
+        return tuple(self._views[name].shape)
+
     def load(self, name: str, tensor: torch.Tensor) -> None:
         """Copy one checkpoint tensor into the model (cast to the parameter's dtype).
 

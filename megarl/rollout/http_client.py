@@ -39,7 +39,8 @@ def request(engine: str, url: str, method: str, path: str, body: Any = None, *, 
         raw = response.read()
     except (socket.timeout, TimeoutError):
         raise EngineTimeout(engine, f"{method} {path} got no answer within {timeout:g} s; the engine is stalled or overloaded") from None
-    except _DEAD_CONNECTION as error:
+    except (*_DEAD_CONNECTION, OSError) as error:
+        # Refused, reset, unreachable host, unknown name: the engine cannot be reached.
         raise EngineDead(engine, f"{method} {path} failed: {type(error).__name__}: {error}") from None
     finally:
         connection.close()

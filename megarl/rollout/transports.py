@@ -17,12 +17,15 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import datetime
 import socket
 from pathlib import Path
 from typing import Sequence
 
 import torch
 import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
 
 from megarl.rollout import protocol
 from megarl.rollout.bucket_files import encode_handle
@@ -55,8 +58,16 @@ def cuda_ipc_payloads(bucket: Bucket, ranks: int) -> list[str]:
     entry, which keeps the producer's CUDA-IPC reference counting right).
 
     Raises:
-        ValueError: the bucket is not on a CUDA device.
+        ValueError: the bucket is not on a CUDA device, or a tensor in it is not aligned to its
+            element size (SGLang views each slice as its dtype; the trainer's stream has one
+            dtype, so its buckets always are).
     """
+    misaligned = [meta.name for meta in bucket.metas if meta.start % meta.dtype.itemsize]
+    if misaligned:
+        raise ValueError(
+            f"{misaligned[0]} starts at a byte offset that is not a multiple of its element size, which SGLang's "
+            "flattened bucket cannot view: stream one dtype (WeightStream(dtype=...)), or use the nccl or disk transport"
+        )
     if bucket.buffer.device.type != "cuda":
         raise ValueError(
             f"the tensor transport to SGLang passes CUDA-IPC handles; the bucket is on {bucket.buffer.device}. "
@@ -136,42 +147,54 @@ class BroadcastGroup:
         """Announce one bucket to every engine and broadcast it.
 
         Returns:
-            The engines whose call failed, with the error. A failed broadcast fails every engine
-            (the group is then unusable and closed).
+            The engines whose call failed, with the error. Any failure fails every engine: a
+            broadcast with a member gone can never complete, so the group is aborted and closed
+            (the caller then reloads the engines from the snapshot).
         """
         aligned = all(meta.start % meta.dtype.itemsize == 0 for meta in bucket.metas)
         body = protocol.update_from_distributed_body(bucket.metas, weight_version, protocol.FLATTENED_BUCKET if aligned else None)
         calls = {engine: self.pool.submit(engine.call, "POST", protocol.UPDATE_FROM_DISTRIBUTED, body, timeout=self.timeout_s) for engine in engines}
         failures: dict[Engine, EngineError] = {}
+        tensors = [bucket.buffer[: bucket.nbytes]] if aligned else [tensor.contiguous() for _, tensor in bucket.named_tensors()]
         try:
-            if aligned:
-                dist.broadcast(bucket.buffer[: bucket.nbytes], group_src=0, group=self.group)
-            else:
-                for _, tensor in bucket.named_tensors():
-                    dist.broadcast(tensor.contiguous(), group_src=0, group=self.group)
+            for tensor in tensors:
+                # Asynchronous, then waited on with a limit: with NCCL a broadcast returns at once
+                # and a missing member would otherwise stall the device stream for good.
+                dist.broadcast(tensor, group_src=0, group=self.group, async_op=True).wait(datetime.timedelta(seconds=self.timeout_s))
         except RuntimeError as error:
             failures = {engine: EngineError(engine.label, f"weight broadcast failed: {error}") for engine in engines}
-            self.close(())
         for engine, call in calls.items():
             error = call.exception()
             if isinstance(error, EngineError):
                 failures.setdefault(engine, error)
             elif error is not None:
                 raise error
+        if failures:
+            first = next(iter(failures.values()))
+            for engine in engines:
+                failures.setdefault(engine, EngineError(engine.label, f"the weight-update group broke when another member failed ({first})"))
+            self.close([engine for engine in engines if calls[engine].exception() is None], abort=True)
         return failures
 
-    def close(self, engines: Sequence[Engine]) -> None:
-        """Leave the group; ask ``engines`` that are still members to destroy their side."""
+    def close(self, engines: Sequence[Engine], *, abort: bool = False) -> None:
+        """Leave the group; ask ``engines`` that are still members to destroy their side.
+
+        Args:
+            abort: first abort this side's pending collectives (NCCL), which a broadcast that a
+                member never joined would otherwise hold forever.
+        """
         if self.group is None:
             return
+        group, self.group = self.group, None
+        if abort:
+            with contextlib.suppress(Exception):  # gloo has no abort; its collectives time out
+                c10d._abort_process_group(group)
         members = {engine for engine, incarnation in self.members if engine.incarnation == incarnation}
         for engine in engines:
             if engine in members:
-                try:
+                with contextlib.suppress(EngineError):
                     engine.call("POST", protocol.DESTROY_UPDATE_GROUP, protocol.destroy_update_group_body(), timeout=self.timeout_s)
-                except EngineError:
-                    pass
-        leave_update_group(self.group)
-        self.group = None
+        with contextlib.suppress(Exception):  # already gone after an abort
+            leave_update_group(group)
         self.members = ()
 

@@ -233,7 +233,11 @@ def setup(config: Config) -> Run:
             str(critic_dir), config.parallel, pgs, train, optimizer_config=config.critic.optimizer, after_load=attach_value_heads, **common
         )
         critic = Critic(critic_model, config)
-    stream = WeightStream(policy_model.chunks, policy_model.spec, pgs, bucket_mb=config.rollout.bucket_mb, dtype=dtype, dst=0)
+    # Buckets handed to SGLang over CUDA IPC must not be rewritten while it may still read them.
+    cuda_ipc = config.rollout.weight_transport == "tensor" and detected.device.type == "cuda"
+    stream = WeightStream(
+        policy_model.chunks, policy_model.spec, pgs, bucket_mb=config.rollout.bucket_mb, dtype=dtype, dst=0, recycle_buffers=not cuda_ipc
+    )
 
     engines = scorer = None
     logger = MetricsLogger(config, run_dir, enabled=first)

@@ -19,7 +19,12 @@ Double buffering: on the destination a background thread fills bucket ``k + 1`` 
 copies) while the consumer holds bucket ``k``. **Contract:** a bucket is the consumer's until it
 asks for the next one; then its buffer is refilled with bucket ``k + 2``. A consumer that hands a
 bucket to something that reads it later must wait for that (or copy the bucket) before asking for
-the next. Senders keep two message buffers, so packing message ``k + 1`` overlaps sending ``k``.
+the next, or build the stream with ``recycle_buffers=False``: every bucket then gets a fresh
+buffer from the allocator, and the one handed over is only dropped. That is the CUDA-IPC case:
+SGLang answers an update before its device has finished reading the bucket, and PyTorch keeps
+a block shared over CUDA IPC out of the allocator until the reader has synchronized and let go,
+which a buffer kept and rewritten here would bypass. Senders keep two message buffers, so packing
+message ``k + 1`` overlaps sending ``k``.
 """
 
 from __future__ import annotations
@@ -61,6 +66,8 @@ class WeightStream:
         dtype: the dtype the buckets hold (float32, bfloat16 or float16); None keeps each
             parameter's.
         dst: the global rank that assembles the buckets and yields them.
+        recycle_buffers: refill the two bucket buffers (false: a fresh buffer for every bucket,
+            for consumers that pass buckets over CUDA IPC).
 
     Attributes:
         planning_seconds: time spent building the plans (once, at construction).
@@ -75,6 +82,7 @@ class WeightStream:
         bucket_mb: float = DEFAULT_BUCKET_MB,
         dtype: torch.dtype | None = None,
         dst: int = 0,
+        recycle_buffers: bool = True,
     ):
         if bucket_mb <= 0:
             raise ValueError(f"bucket_mb ({bucket_mb}) must be positive")
@@ -86,6 +94,7 @@ class WeightStream:
         layout = gather_model_layout(chunks, spec, pg_collection)
         self._rank = dist.get_rank()
         self._dst = dst
+        self._recycle = recycle_buffers
         self._plans: list[BucketPlan] = plan_rank(
             layout.parameters,
             choose_senders(layout.holders, dst),
@@ -185,7 +194,7 @@ class WeightStream:
                 torch.cuda.current_stream().synchronize()
             return Bucket(buffer=out[: plan.nbytes], metas=list(plan.metas))
 
-        yield from double_buffered(fill, len(self._plans), outs, device=self._device)
+        yield from double_buffered(fill, len(self._plans), outs, device=self._device, recycle=self._recycle)
 
 
 def double_buffered(
@@ -193,6 +202,7 @@ def double_buffered(
     count: int,
     buffers: Sequence[torch.Tensor],
     device: torch.device | None = None,
+    recycle: bool = True,
 ) -> Iterator[Bucket]:
     """Yield ``fill(k, buffer)`` for ``k < count``, filled by a background thread ahead of the consumer.
 
@@ -207,6 +217,7 @@ def double_buffered(
         count: the number of buckets.
         buffers: the buffers to cycle through (two for double buffering).
         device: the CUDA device the thread runs its work on; None on the CPU.
+        recycle: refill a released buffer; false: drop it and fill a new one of its size.
     """
     free: queue.SimpleQueue = queue.SimpleQueue()
     ready: queue.SimpleQueue = queue.SimpleQueue()
@@ -234,7 +245,7 @@ def double_buffered(
             bucket, held = item
             yield bucket
             # The consumer asked for the next bucket: it is done with this one.
-            free.put(held)
+            free.put(held if recycle else torch.empty_like(held))
             held = None
     finally:
         if held is not None:

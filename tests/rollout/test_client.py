@@ -112,6 +112,16 @@ def test_a_refused_update_names_the_engine_and_leaves_the_engines_usable(engines
     assert engines.generate(PROMPTS[:1], SamplingParams(max_new_tokens=3))[0].weight_version == "base-again"
 
 
+def test_a_misshapen_tensor_refuses_the_whole_bucket(engines):
+    engines.weight_transport = "tensor"
+    name = "model.layers.0.self_attn.o_proj.weight"
+    before = engines.read_weight(name)
+    bad = Bucket.from_named_tensors([(name, BASE[name] + 1.0), ("model.norm.weight", torch.zeros(3))])
+    with pytest.raises(EngineRequestError, match=r"hf-\d .*wrong shape, e.g. model.norm.weight: got \[3\].*nothing was loaded"):
+        engines.update_weights([bad], version="misshapen")
+    assert engines.read_weight(name) == before
+
+
 def test_release_resume_flush_and_health(engines):
     engines.release_memory()
     with pytest.raises(EngineRequestError, match=r"hf-\d.*weights are released"):

@@ -107,8 +107,13 @@ def test_failed_engine_is_restarted_with_current_weights_and_the_batch_completes
     assert time.monotonic() - began < 120
 
 
-def test_an_engine_killed_during_a_weight_update_is_restarted_with_the_new_weights(supervised, current_weights):
+@pytest.mark.parametrize("transport", ["tensor", "nccl"])
+def test_an_engine_killed_during_a_weight_update_is_restarted_with_the_new_weights(supervised, current_weights, transport):
+    # nccl: the broadcast group (gloo on CPU) loses a member mid-update; it must be torn down, not
+    # waited on, and rebuilt with the restarted engine.
     group, started = supervised
+    group.weight_transport = transport
+    group.restart_budget = group.restarts + 1
     draw = torch.Generator().manual_seed(4)
     new_weights = {name: tensor + 0.05 * torch.randn(tensor.shape, generator=draw) for name, tensor in current_weights[0].named_tensors()}
     named = sorted(new_weights.items())
@@ -126,6 +131,9 @@ def test_an_engine_killed_during_a_weight_update_is_restarted_with_the_new_weigh
     assert group.restarts == restarts + 1 and group.pids()["hf-0"] != pid
     assert all(torch.equal(torch.tensor(group.read_weight(name)), tensor) for name, tensor in named)
     assert group.generate(PROMPTS[:2], SAMPLING)[0].weight_version == "8"
+    group.update_weights(current_weights, version=9)  # the group works again (a new broadcast group for nccl)
+    assert group.generate(PROMPTS[:2], SAMPLING)[0].weight_version == "9"
+    group.weight_transport = "tensor"
 
 
 def test_stalled_engine_raises_a_typed_timeout_naming_it(supervised):

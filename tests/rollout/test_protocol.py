@@ -25,7 +25,7 @@ import torch
 from megarl.rollout import protocol
 from megarl.rollout.engine import Engine, LaunchOptions
 from megarl.rollout.sampling import SamplingParams, sample_seed
-from megarl.rollout.transports import flattened_metadata
+from megarl.rollout.transports import cuda_ipc_payloads, flattened_metadata
 from megarl.weights.bucket import Bucket, TensorMeta
 
 pytestmark = pytest.mark.cpu
@@ -286,3 +286,10 @@ def test_auto_engine_is_hf_without_cuda():
 
 def test_tensor_meta_json_round_trip():
     assert [TensorMeta.from_json(fields) for fields in BUCKET.metadata_json()] == BUCKET.metas
+
+
+def test_cuda_ipc_refuses_a_tensor_sglang_could_not_view():
+    # A float32 tensor after three bytes of int8: SGLang's .view(float32) of that slice would fail.
+    bucket = Bucket.from_named_tensors([("a", torch.zeros(3, dtype=torch.int8)), ("b", torch.zeros(2))])
+    with pytest.raises(ValueError, match=r"^b starts at a byte offset that is not a multiple of its element size"):
+        cuda_ipc_payloads(bucket, ranks=1)

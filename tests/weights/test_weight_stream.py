@@ -73,3 +73,33 @@ def test_sglang_flattened_tensor_bucket_reads_the_buckets(tmp_path):
     if report["sglang"].startswith("unavailable"):
         pytest.skip(f"SGLang's tensor_bucket: {report['sglang']}")
     assert report["sglang"] == "ok"
+
+
+def fill_with_index(index, buffer):
+    import torch
+
+    from megarl.weights.bucket import Bucket
+
+    buffer.fill_(index)
+    return Bucket(buffer=buffer, metas=[])
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("recycle", [True, False])
+def test_double_buffering_refills_or_replaces_the_released_buffer(recycle):
+    import torch
+
+    from megarl.weights.stream import double_buffered
+
+    buffers = [torch.zeros(4, dtype=torch.uint8), torch.zeros(4, dtype=torch.uint8)]
+    kept = []
+    for index, bucket in enumerate(double_buffered(fill_with_index, 5, buffers, recycle=recycle)):
+        assert bucket.buffer.eq(index).all()  # the bucket the consumer holds is never written under it
+        kept.append(bucket.buffer)
+    # Recycled: five buckets through the two buffers (the first holds bucket 4 at the end); else
+    # every released buffer was replaced, so each bucket handed out still holds its own bytes.
+    if recycle:
+        assert {buffer.data_ptr() for buffer in kept} == {buffer.data_ptr() for buffer in buffers}
+        assert kept[0].eq(4).all()
+    else:
+        assert [int(buffer[0]) for buffer in kept] == [0, 1, 2, 3, 4]
