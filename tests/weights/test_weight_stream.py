@@ -76,8 +76,6 @@ def test_sglang_flattened_tensor_bucket_reads_the_buckets(tmp_path):
 
 
 def fill_with_index(index, buffer):
-    import torch
-
     from megarl.weights.bucket import Bucket
 
     buffer.fill_(index)
