@@ -318,7 +318,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="overrides applied after the file")
     args = parser.parse_intermixed_args(argv)
     first_rank = os.environ.get("RANK", "0") == "0"
-    logging.basicConfig(level=logging.INFO if first_rank else logging.WARNING, format="megarl: %(message)s")
+    # megarl's own messages on the first rank; from libraries (Megatron lists every parameter at
+    # INFO), warnings only.
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    logging.getLogger("megarl").setLevel(logging.INFO if first_rank else logging.WARNING)
     for message in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
     from megarl.data.datasets import DataError
