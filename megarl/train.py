@@ -221,10 +221,10 @@ def train_step(run: Run, step: int, phase=lambda name: None) -> dict[str, float]
 
     if run.critic is not None:
         metrics.update(run.critic.update(batch, step))
-        _stop_on_non_finite(run, step, "critic", run.critic.consecutive_skips)
+        _stop_on_non_finite(run, step, "critic", run.critic.model.consecutive_skips)
     if run.critic is None or step >= config.critic.warmup_steps:
         metrics.update(run.policy.update(batch, step))
-        _stop_on_non_finite(run, step, "policy", run.policy.consecutive_skips)
+        _stop_on_non_finite(run, step, "policy", run.policy.model.consecutive_skips)
     updated = time.perf_counter()
     phase("weight sync")
 

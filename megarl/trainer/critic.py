@@ -80,8 +80,6 @@ class Critic:
         self.model = model
         self.config = config
         self.pgs = model.pg_collection
-        self.consecutive_skips = 0
-        """Optimizer steps skipped in a row for non-finite gradients (as the policy's)."""
 
     def values(self, batch: TrainBatch) -> torch.Tensor:
         """V at every position, no gradient: ``[B, S]`` float32 in label space on every rank, 0
@@ -113,27 +111,9 @@ class Critic:
             error), ``critic/grad_norm``, ``critic/lr``, averaged over the mini-batches, and
             ``critic/skipped_steps`` (non-finite gradients).
         """
-        totals: dict[str, float] = {}
-        mini_batches = 0
         seed = self.config.train.seed * 1_000_003 + step + 1
-        for sums, stepped, grad_norm in self.model.train_epochs(batch, ["values", "returns"], self._forward_step_loss, len(UPDATE_METRICS), seed):
-            self.consecutive_skips = 0 if stepped else self.consecutive_skips + 1
-            sums = dict(zip(UPDATE_METRICS, sums.tolist()))
-            tokens = max(sums["tokens"], 1.0)
-            mini_batch = {
-                "loss": sums["loss_sum"] / max(sums["count"], 1.0),
-                "value_clip_fraction": sums["value_clip_fraction"] / tokens,
-                "value_error": sums["value_error"] / tokens,
-                "grad_norm": grad_norm,
-                "lr": self.model.learning_rate,
-                "skipped_steps": 0.0 if stepped else 1.0,
-            }
-            for name, value in mini_batch.items():
-                totals[name] = totals.get(name, 0.0) + value
-            mini_batches += 1
-        metrics = {f"critic/{name}": value / mini_batches for name, value in totals.items()}
-        metrics["critic/skipped_steps"] = totals["skipped_steps"]
-        return metrics
+        metrics = self.model.update(batch, ["values", "returns"], self._forward_step_loss, len(UPDATE_METRICS), seed, _update_metrics)
+        return {f"critic/{name}": value for name, value in metrics.items()}
 
     def _forward_step_loss(self, data_iterator, model):
         micro = next(data_iterator)
@@ -155,3 +135,13 @@ class Critic:
             [loss_sum.detach().double(), count.double(), tokens, metrics["value_clip_fraction"].double() * tokens, error]
         )
         return loss_sum, count, {"sums": sums}
+
+
+def _update_metrics(sums: torch.Tensor) -> dict[str, float]:
+    values = dict(zip(UPDATE_METRICS, sums.tolist()))
+    tokens = max(values["tokens"], 1.0)
+    return {
+        "loss": values["loss_sum"] / max(values["count"], 1.0),
+        "value_clip_fraction": values["value_clip_fraction"] / tokens,
+        "value_error": values["value_error"] / tokens,
+    }

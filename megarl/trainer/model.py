@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -46,6 +46,8 @@ class TrainModel:
         scheduler: Megatron's learning-rate schedule.
         pg_collection: the process groups.
         train: how batches are cut into micro-batches (``micro_batch_size`` or a token budget).
+        consecutive_skips: optimizer steps skipped in a row for non-finite gradients (the run
+            stops at ``train.max_consecutive_nan_steps``; checkpointed with the train state).
     """
 
     spec: ModelSpec
@@ -55,6 +57,7 @@ class TrainModel:
     scheduler: Any
     pg_collection: Any
     train: TrainConfig
+    consecutive_skips: int = 0
 
     @classmethod
     def build(
@@ -198,7 +201,9 @@ class TrainModel:
                 collect_non_loss_data=forward_only,
             )
 
-    def train_epochs(self, batch: TrainBatch, fields, forward_step: Callable, num_sums: int, seed: int) -> Iterator[tuple[torch.Tensor, bool, float]]:
+    def update(
+        self, batch: TrainBatch, fields, forward_step: Callable, num_sums: int, seed: int, summarize: Callable[[torch.Tensor], dict[str, float]]
+    ) -> dict[str, float]:
         """Train on ``batch``: ``train.ppo_epochs`` passes, each over the batch shuffled (seeded)
         and cut into mini-batches of ``train.mini_batch_size`` samples, one optimizer step each.
 
@@ -208,19 +213,30 @@ class TrainModel:
             forward_step: Megatron's forward step; its loss function reports ``sums [num_sums]``.
             num_sums: the length of those sums.
             seed: the shuffling seed (the RL step's).
+            summarize: a mini-batch's ``sums`` -> its metrics.
 
-        Yields:
-            ``(sums, stepped, grad_norm)`` after each mini-batch's optimizer step.
+        Returns:
+            The metrics of ``summarize`` and ``grad_norm``, ``lr`` averaged over the mini-batches,
+            and ``skipped_steps``, the optimizer steps skipped for non-finite gradients.
         """
         generator = torch.Generator().manual_seed(seed)
+        totals: dict[str, float] = {}
+        mini_batches = 0
         for _ in range(self.train.ppo_epochs):
             order = torch.randperm(batch.size, generator=generator)
             for start in range(0, batch.size, self.train.mini_batch_size):
                 rows = order[start : start + self.train.mini_batch_size]
                 outputs = self.run(self.micro_batches(batch, rows, fields), forward_step, forward_only=False)
-                sums = self.reduce_sums(outputs, num_sums)
+                metrics = summarize(self.reduce_sums(outputs, num_sums))
                 stepped, grad_norm = self.optimizer_step()
-                yield sums, stepped, grad_norm
+                self.consecutive_skips = 0 if stepped else self.consecutive_skips + 1
+                metrics.update({"grad_norm": grad_norm, "lr": self.learning_rate, "skipped_steps": 0.0 if stepped else 1.0})
+                for name, value in metrics.items():
+                    totals[name] = totals.get(name, 0.0) + value
+                mini_batches += 1
+        averaged = {name: value / mini_batches for name, value in totals.items()}
+        averaged["skipped_steps"] = totals["skipped_steps"]
+        return averaged
 
     def zero_grad(self) -> None:
         for model in self.models:

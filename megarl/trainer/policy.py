@@ -55,8 +55,6 @@ class Policy:
         self.vocab_size = model.spec.hf_config.vocab_size
         self.temperature = config.rollout.temperature
         self.pgs = model.pg_collection
-        self.consecutive_skips = 0
-        """Optimizer steps skipped in a row for non-finite gradients (checkpointed)."""
 
     # Forward passes.
 
@@ -120,19 +118,9 @@ class Policy:
         fields = ["old_log_probs", "advantages", "loss_weights"]
         if self.config.algorithm.use_kl_loss:
             fields.append("ref_log_probs")
-        totals: dict[str, float] = {}
-        mini_batches = 0
         seed = self.config.train.seed * 1_000_003 + step
-        for sums, stepped, grad_norm in self.model.train_epochs(batch, fields, self._forward_step_loss, len(UPDATE_METRICS), seed):
-            self.consecutive_skips = 0 if stepped else self.consecutive_skips + 1
-            mini_batch = _update_metrics(sums)
-            mini_batch.update({"grad_norm": grad_norm, "skipped_steps": 0.0 if stepped else 1.0, "lr": self.model.learning_rate})
-            for name, value in mini_batch.items():
-                totals[name] = totals.get(name, 0.0) + value
-            mini_batches += 1
-        metrics = {f"policy/{name}": value / mini_batches for name, value in totals.items()}
-        metrics["policy/skipped_steps"] = totals["skipped_steps"]
-        return metrics
+        metrics = self.model.update(batch, fields, self._forward_step_loss, len(UPDATE_METRICS), seed, _update_metrics)
+        return {f"policy/{name}": value for name, value in metrics.items()}
 
     def _forward_step_loss(self, data_iterator, model):
         micro = next(data_iterator)

@@ -100,8 +100,8 @@ class Run:
             "data": self.loader.state_dict(),
             "kl_coefficient": self.kl_controller.value,
             "reward_moments": dataclasses.asdict(self.reward_moments),
-            "consecutive_skips": self.policy.consecutive_skips,
-            "critic_consecutive_skips": self.critic.consecutive_skips if self.critic is not None else 0,
+            "consecutive_skips": self.policy.model.consecutive_skips,
+            "critic_consecutive_skips": self.critic.model.consecutive_skips if self.critic is not None else 0,
             "engine_restarts": self.engines.restarts if self.engines is not None else 0,
         }
 
@@ -109,9 +109,9 @@ class Run:
         self.loader.load_state_dict(state["data"])
         self.kl_controller.value = state["kl_coefficient"]
         self.reward_moments = RunningMoments(**state["reward_moments"])
-        self.policy.consecutive_skips = state["consecutive_skips"]
+        self.policy.model.consecutive_skips = state["consecutive_skips"]
         if self.critic is not None:
-            self.critic.consecutive_skips = state["critic_consecutive_skips"]
+            self.critic.model.consecutive_skips = state["critic_consecutive_skips"]
         if self.engines is not None:
             # rollout.restart_budget is for the whole run, resumed or not.
             self.engines.restarts = state["engine_restarts"]
