@@ -62,7 +62,7 @@ def cuda_ipc_payloads(bucket: Bucket, ranks: int) -> list[str]:
             element size (SGLang views each slice as its dtype; the trainer's stream has one
             dtype, so its buckets always are).
     """
-    misaligned = [meta.name for meta in bucket.metas if meta.start % meta.dtype.itemsize]
+    misaligned = [meta.name for meta in bucket.metas if not meta.aligned]
     if misaligned:
         raise ValueError(
             f"{misaligned[0]} starts at a byte offset that is not a multiple of its element size, which SGLang's "
@@ -151,7 +151,7 @@ class BroadcastGroup:
             broadcast with a member gone can never complete, so the group is aborted and closed
             (the caller then reloads the engines from the snapshot).
         """
-        aligned = all(meta.start % meta.dtype.itemsize == 0 for meta in bucket.metas)
+        aligned = all(meta.aligned for meta in bucket.metas)
         body = protocol.update_from_distributed_body(bucket.metas, weight_version, protocol.FLATTENED_BUCKET if aligned else None)
         calls = {engine: self.pool.submit(engine.call, "POST", protocol.UPDATE_FROM_DISTRIBUTED, body, timeout=self.timeout_s) for engine in engines}
         failures: dict[Engine, EngineError] = {}

@@ -64,6 +64,12 @@ class TensorMeta:
             count *= size
         return count
 
+    @property
+    def aligned(self) -> bool:
+        """Whether it starts at a multiple of its element size, so that the buffer's slice can be
+        viewed as its dtype in place (SGLang's flattened buckets need that)."""
+        return self.start % self.dtype.itemsize == 0
+
     def to_json(self) -> dict[str, Any]:
         """Plain JSON-able fields (dtype by name)."""
         return {"name": self.name, "dtype": dtype_name(self.dtype), "shape": list(self.shape), "start": self.start, "end": self.end}
@@ -148,7 +154,7 @@ class Bucket:
         result = []
         for meta in self.metas:
             raw = self.buffer[meta.start : meta.end]
-            if meta.start % meta.dtype.itemsize:
+            if not meta.aligned:
                 raw = raw.clone()
             result.append((meta.name, raw.view(meta.dtype).reshape(meta.shape)))
         return result
