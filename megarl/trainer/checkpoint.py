@@ -122,14 +122,17 @@ def _unwrap(model):
 
 def _sharded_state_dict(models, optimizer, is_loading: bool) -> dict:
     models = [_unwrap(model) for model in models]
+    # A new dict each time: Megatron stores the current data-parallel group in it, which must not
+    # outlive the parallel state it came from.
+    metadata = dict(_SHARDING)
     state = {}
     if len(models) == 1:
-        state["model"] = models[0].sharded_state_dict(metadata=_SHARDING)
+        state["model"] = models[0].sharded_state_dict(metadata=metadata)
     else:
         for index, model in enumerate(models):
-            state[f"model{index}"] = model.sharded_state_dict(metadata=_SHARDING)
+            state[f"model{index}"] = model.sharded_state_dict(metadata=metadata)
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading, metadata=_SHARDING)
+        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading, metadata=metadata)
     return state
 
 

@@ -1,1 +1,0 @@
-"""Triton kernels of megarl, installed as ``megarl.kernels`` (one file per op)."""
