@@ -73,7 +73,8 @@ def current_weights():
     return [Bucket.from_named_tensors(sorted(weights.items()))]
 
 
-def generate_in_background(group: EngineGroup) -> tuple[threading.Thread, dict]:
+def generate_in_background(group: EngineGroup, lead_s: float) -> tuple[threading.Thread, dict]:
+    """Generate PROMPTS in a thread; return ``lead_s`` seconds after it started."""
     outcome: dict = {}
 
     def run():
@@ -84,7 +85,7 @@ def generate_in_background(group: EngineGroup) -> tuple[threading.Thread, dict]:
 
     thread = threading.Thread(target=run)
     thread.start()
-    time.sleep(0.5)
+    time.sleep(lead_s)
     return thread, outcome
 
 
@@ -92,9 +93,11 @@ def generate_in_background(group: EngineGroup) -> tuple[threading.Thread, dict]:
 def test_failed_engine_is_restarted_with_current_weights_and_the_batch_completes(supervised, current_weights, fault):
     group, started = supervised
     group.update_weights(current_weights, version=7)
+    batch_began = time.monotonic()
     expected = group.generate(PROMPTS, SAMPLING)
+    # The same batch again, the fault a quarter of its time in: mid-generation however fast it is.
     restarts = group.restarts
-    thread, outcome = generate_in_background(group)
+    thread, outcome = generate_in_background(group, lead_s=(time.monotonic() - batch_began) / 4)
     pid = group.pids()["hf-0"]
     started.append(pid)
     assert thread.is_alive(), "the batch finished before the fault; make it longer"
