@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -10,6 +11,9 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+ENVIRONMENT = {"PYTHONWARNINGS": "ignore"}
+TORCHRUN_ENVIRONMENT = {**ENVIRONMENT, "OMP_NUM_THREADS": "1"}
+"""One thread per rank: the ranks share the machine's cores."""
 
 
 def free_port() -> int:
@@ -18,9 +22,45 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _run(command: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+def torchrun_command(nproc: int) -> list[str]:
+    return [
+        sys.executable, "-m", "torch.distributed.run",
+        f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1", f"--master_port={free_port()}",
+    ]
+
+
+def launch(command: list[str], environment: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    """Run ``command`` from the repository root in a process group of its own, killed whole once
+    the command ends (nothing it started outlives it), when it outlives ``timeout`` (the return
+    code is then -9 and the output ends with a line saying so), or when the test is interrupted.
+    The output goes through files, not pipes: a process left behind would hold a pipe open."""
+    with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
+        process = subprocess.Popen(
+            command, cwd=REPO, env={**os.environ, **environment}, stdout=stdout, stderr=stderr, text=True,
+            start_new_session=True,
+        )
+        timed_out = False
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+        finally:
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            process.wait()
+        stdout.seek(0)
+        stderr.seek(0)
+        output, errors = stdout.read(), stderr.read()
+    if timed_out:
+        errors += f"\n[killed after {timeout:g} s]"
+    return subprocess.CompletedProcess(command, process.returncode, output, errors)
+
+
+def _run(command: list[str], environment: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
     """Run ``command`` from the repository root; raise with its output on failure."""
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    result = launch(command, environment, timeout)
     if result.returncode != 0:
         raise AssertionError(
             f"{' '.join(command)} failed with exit code {result.returncode}\n"
@@ -31,18 +71,12 @@ def _run(command: list[str], env: dict[str, str], timeout: float) -> subprocess.
 
 def run_torchrun(script: Path, args: list[str], nproc: int, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run ``script`` on ``nproc`` local processes with torchrun; raise with its output on failure."""
-    command = [
-        sys.executable, "-m", "torch.distributed.run",
-        f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1", f"--master_port={free_port()}",
-        str(script), *args,
-    ]
-    # One thread per rank: the ranks share the machine's cores.
-    return _run(command, {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}, timeout)
+    return _run([*torchrun_command(nproc), str(script), *args], TORCHRUN_ENVIRONMENT, timeout)
 
 
 def run_python(script: Path, args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
     """Run ``script`` as a plain single process; raise with its output on failure."""
-    return _run([sys.executable, str(script), *args], {**os.environ, "PYTHONWARNINGS": "ignore"}, timeout)
+    return _run([sys.executable, str(script), *args], ENVIRONMENT, timeout)
 
 
 def run_python_source(source: str, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -1,4 +1,5 @@
-"""Every parallel layout computes the single-rank loss and gradients (2 processes on gloo).
+"""Every parallel layout computes the single-rank loss and gradients (2 processes on gloo, shared
+with the other layout checks: tests/jobs.py).
 
 Each model's single-rank run records its initial weights, loss and gradients; each layout then
 loads the same weights (every rank slicing what it owns), runs one global batch through Megatron's
@@ -8,66 +9,41 @@ and each rank's gradient shards with the matching slices of the single-rank grad
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from megarl.config import resolve_model_path
-from tests.distributed import REPO, run_python, run_torchrun
+from tests.jobs import layout_job
 
 pytestmark = pytest.mark.multirank
 
-WORKER = REPO / "tests" / "workers" / "layout_step.py"
 LOSS_TOLERANCE = 1e-5
 GRAD_TOLERANCE = 1e-5
 
 LAYOUTS = {
-    "tiny-dense": {
-        "tp2": ["--tp", "2"],
-        "pp2": ["--pp", "2"],
-        "pp2-vpp2": ["--pp", "2", "--vpp", "2"],
-        "tp2-sp": ["--tp", "2", "--sp"],
-        "cp2": ["--cp", "2"],
-    },
-    "tiny-moe": {
-        "ep2": ["--ep", "2"],
-        "pp2": ["--pp", "2"],
-        # Megatron requires sequence parallelism with MoE under TP; experts split by ETP = TP.
-        "tp2-sp": ["--tp", "2", "--sp"],
-        "cp2": ["--cp", "2"],
-    },
+    "tiny-dense": ["tp2", "pp2", "pp2-vpp2", "tp2-sp", "cp2"],
+    # Megatron requires sequence parallelism with MoE under TP; experts split by ETP = TP.
+    "tiny-moe": ["ep2", "pp2", "tp2-sp", "cp2"],
 }
 
 
-@pytest.fixture(scope="module")
-def references(tmp_path_factory):
-    """model name -> path of its single-rank reference (weights, loss, grads)."""
-    directory = tmp_path_factory.mktemp("references")
-    paths = {}
-    for model in LAYOUTS:
-        path = directory / f"{model}.pt"
-        run_python(WORKER, ["--model", str(resolve_model_path(f"bundled:{model}")), "--save-reference", str(path)])
-        paths[model] = path
-    return paths
+def gradient_jobs(directory, model, layout):
+    """The single-rank reference (it runs first: one process before two), then the layout."""
+    model_dir = str(resolve_model_path(f"bundled:{model}"))
+    reference = str(directory / f"{model}.gradients.pt")
+    return [
+        layout_job(model_dir, "single", {"gradients": {"reference": reference, "save": True}}),
+        layout_job(model_dir, layout, {"gradients": {"reference": reference, "save": False}}),
+    ]
 
 
+@pytest.mark.jobs(planner=gradient_jobs)
 @pytest.mark.parametrize(
     "model,layout",
     [(model, layout) for model, layouts in LAYOUTS.items() for layout in layouts],
 )
-def test_layout_matches_single_rank(model, layout, references, tmp_path):
-    report_path = tmp_path / "report.json"
-    run_torchrun(
-        WORKER,
-        [
-            "--model", str(resolve_model_path(f"bundled:{model}")),
-            "--reference", str(references[model]),
-            "--report", str(report_path),
-            *LAYOUTS[model][layout],
-        ],
-        nproc=2,
-    )
-    report = json.loads(report_path.read_text())
+def test_layout_matches_single_rank(model, layout, jobs):
+    _, job = gradient_jobs(jobs.directory, model, layout)
+    report = jobs.report(job.name)["gradients"]
     assert abs(report["loss"] - report["reference_loss"]) <= LOSS_TOLERANCE, report
     assert report["max_grad_diff"] <= GRAD_TOLERANCE, report
     # Every rank held parameters (nothing silently skipped).

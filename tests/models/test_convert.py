@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 
@@ -14,10 +13,11 @@ from safetensors.torch import load_file, save_file
 from megarl.config import resolve_model_path
 from megarl.models.loader import CheckpointError, HFCheckpoint
 from tests.distributed import REPO, run_python, run_torchrun
+from tests.jobs import layout_job
 
 
 @pytest.mark.multirank
-def test_convert_round_trip_loads_in_transformers(tmp_path):
+def test_convert_round_trip_loads_in_transformers(tmp_path, jobs):
     source = resolve_model_path("bundled:tiny-moe")
     run_torchrun(
         REPO / "tools" / "convert_from_hf.py",
@@ -38,9 +38,9 @@ def test_convert_round_trip_loads_in_transformers(tmp_path):
     with torch.no_grad():
         assert torch.equal(converted(tokens).logits, original(tokens).logits)
     # And the Megatron model built from the converted directory gives transformers' logits.
-    report = tmp_path / "report.json"
-    run_python(REPO / "tests" / "workers" / "bridge_check.py", ["--model", str(out), "--report", str(report)])
-    assert json.loads(report.read_text())["max_logit_diff"] <= 1e-4
+    check = layout_job(str(out), "single", {"logits": {}})
+    jobs.run([check])
+    assert jobs.report(check.name)["logits"]["max_logit_diff"] <= 1e-4
 
 
 @pytest.mark.cpu

@@ -1,29 +1,27 @@
-"""Distributed checkpoints: reshard on load, atomic commit, keep-last, resume modes."""
+"""Distributed checkpoints: reshard on load, atomic commit, keep-last, resume modes (the saves and
+loads run in processes shared with other tests: tests/jobs.py)."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from megarl.config import resolve_model_path
 from megarl.trainer.checkpoint import CheckpointError, committed_checkpoints, resolve_resume
-from tests.distributed import REPO, run_torchrun
+from tests.distributed import REPO
+from tests.jobs import LAYOUTS, Job, JobFailed
 
-WORKER = REPO / "tests" / "workers" / "checkpoint_check.py"
-
-
-def run(root, mode, export, *extra):
-    model = str(resolve_model_path("bundled:tiny-moe"))
-    args = ["--model", model, "--root", str(root), "--mode", mode, "--export", str(export), *extra]
-    return run_torchrun(WORKER, args, nproc=2)
+MODEL = str(resolve_model_path("bundled:tiny-moe"))
 
 
-def load_export(path):
-    return torch.load(path), json.loads((path.parent / (path.name + ".json")).read_text())
+def checkpoint_job(name: str, layout: str, mode: str, **options) -> Job:
+    """Save (``mode="save"``) or load a checkpoint of the bundled tiny MoE under ``layout``
+    (tests/workers/checkpoint_check.py)."""
+    return Job(name=name, kind="checkpoint", model=MODEL, checks={mode: options}, nproc=2, layout=LAYOUTS[layout])
 
 
 def assert_bitwise_equal(first: dict, second: dict):
@@ -32,23 +30,29 @@ def assert_bitwise_equal(first: dict, second: dict):
     assert unequal == []
 
 
+def across_layouts_jobs(directory, save_layout, load_layout, load_optimizer):
+    case = directory / f"{save_layout}-to-{load_layout}"
+    return [
+        checkpoint_job(f"{case} save", save_layout, "save", root=str(case / "checkpoints"), export=str(case / "saved.pt")),
+        checkpoint_job(
+            f"{case} load", load_layout, "load", root=str(case / "checkpoints"), export=str(case / "loaded.pt"),
+            model_only=not load_optimizer,
+        ),
+    ]
+
+
 @pytest.mark.multirank
+@pytest.mark.jobs(planner=across_layouts_jobs)
 @pytest.mark.parametrize(
     "save_layout,load_layout,load_optimizer",
-    [
-        (["--tp", "2", "--sp"], ["--pp", "2"], True),
-        (["--ep", "2"], ["--pp", "2"], False),
-    ],
+    [("tp2-sp", "pp2", True), ("ep2", "pp2", False)],
     ids=["tp2-sp-to-pp2-with-optimizer", "ep2-to-pp2-weights"],
 )
-def test_save_under_one_layout_load_under_another(tmp_path, save_layout, load_layout, load_optimizer):
-    root = tmp_path / "checkpoints"
-    run(root, "save", tmp_path / "saved.pt", *save_layout)
-    extra = [] if load_optimizer else ["--model-only"]
-    run(root, "load", tmp_path / "loaded.pt", *load_layout, *extra)
-    saved, _ = load_export(tmp_path / "saved.pt")
-    loaded, state = load_export(tmp_path / "loaded.pt")
-    assert_bitwise_equal(saved, loaded)
+def test_save_under_one_layout_load_under_another(jobs, save_layout, load_layout, load_optimizer):
+    save, load = across_layouts_jobs(jobs.directory, save_layout, load_layout, load_optimizer)
+    jobs.report(save.name)
+    state = jobs.report(load.name)["load"]
+    assert_bitwise_equal(torch.load(save.checks["save"]["export"]), torch.load(load.checks["load"]["export"]))
     assert state["step"] == 1 and state["consumed_prompts"] == 32
     if load_optimizer:
         # The scheduler resumed after one warm-up step: lr = 1e-3 + (1e-2 - 1e-3) / 2.
@@ -58,27 +62,47 @@ def test_save_under_one_layout_load_under_another(tmp_path, save_layout, load_la
         assert state["adam_step_tensors_distinct"]
 
 
+def killed_save_jobs(directory):
+    case = directory / "killed-save"
+    return [checkpoint_job(f"{case} step 1", "ep2", "save", root=str(case / "checkpoints"), export=str(case / "step1.pt"), step=1)]
+
+
 @pytest.mark.multirank
-def test_killed_save_leaves_previous_checkpoint(tmp_path):
-    root = tmp_path / "checkpoints"
-    run(root, "save", tmp_path / "step1.pt", "--ep", "2", "--step", "1")
-    with pytest.raises(AssertionError, match="exit code"):
-        run(root, "save", tmp_path / "step2.pt", "--ep", "2", "--step", "2", "--crash-after-weights")
+@pytest.mark.jobs(planner=killed_save_jobs)
+def test_killed_save_leaves_previous_checkpoint(jobs):
+    (step1,) = killed_save_jobs(jobs.directory)
+    jobs.report(step1.name)
+    root = Path(step1.checks["save"]["root"])
+    case = root.parent
+    crashing = checkpoint_job(f"{case} step 2", "ep2", "save", root=str(root), export=str(case / "step2.pt"), step=2, crash_after_weights=True)
+    jobs.run([crashing])
+    with pytest.raises(JobFailed, match="exit code"):
+        jobs.report(crashing.name)
     assert [path.name for path in committed_checkpoints(root)] == ["step_00000001"]
     assert any(path.name.startswith(".tmp-") for path in root.iterdir())
-    run(root, "load", tmp_path / "resumed.pt", "--ep", "2", "--resume", "auto")
-    step1, _ = load_export(tmp_path / "step1.pt")
-    resumed, state = load_export(tmp_path / "resumed.pt")
+    resumed = checkpoint_job(f"{case} resumed", "ep2", "load", root=str(root), export=str(case / "resumed.pt"), resume="auto")
+    jobs.run([resumed])
+    state = jobs.report(resumed.name)["load"]
     assert state["path"].endswith("step_00000001")
-    assert_bitwise_equal(step1, resumed)
+    assert_bitwise_equal(torch.load(case / "step1.pt"), torch.load(case / "resumed.pt"))
+
+
+def keep_last_jobs(directory):
+    case = directory / "keep-last"
+    return [
+        checkpoint_job(f"{case} step {step}", "ep2", "save", root=str(case / "checkpoints"), export=str(case / f"step{step}.pt"), step=step)
+        for step in (1, 2, 3)
+    ]
 
 
 @pytest.mark.multirank
-def test_keep_last_deletes_only_after_commit(tmp_path):
-    root = tmp_path / "checkpoints"
-    for step in (1, 2, 3):
-        run(root, "save", tmp_path / f"step{step}.pt", "--ep", "2", "--step", str(step))
+@pytest.mark.jobs(planner=keep_last_jobs)
+def test_keep_last_deletes_only_after_commit(jobs):
+    saves = keep_last_jobs(jobs.directory)
+    for save in saves:
+        jobs.report(save.name)
     # keep_last=2 in the worker.
+    root = Path(saves[0].checks["save"]["root"])
     assert [path.name for path in committed_checkpoints(root)] == ["step_00000002", "step_00000003"]
 
 

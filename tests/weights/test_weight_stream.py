@@ -1,31 +1,21 @@
 """The weight stream under TP, PP (with VPP), EP and ETP layouts: every bucket holds exactly the
 bridge exporter's HF tensors, for each dtype and on a second step after the weights changed (real
-processes on gloo). Where SGLang's ``FlattenedTensorBucket`` loads, it reads the buckets and packs
-the exporter's tensors into the same bytes."""
+processes on gloo, shared with the other layout checks: tests/jobs.py). Where SGLang's
+``FlattenedTensorBucket`` loads, it reads the buckets and packs the exporter's tensors into the
+same bytes."""
 
 from __future__ import annotations
-
-import json
 
 import pytest
 
 from megarl.config import resolve_model_path
-from tests.distributed import REPO, run_python, run_torchrun
+from tests.jobs import layout_job
 
 pytestmark = pytest.mark.multirank
 
-WORKER = REPO / "tests" / "workers" / "stream_check.py"
 # The tiny models hold about 1 MB of float32 weights: several buckets each.
 BUCKET_MB = 0.1
 
-LAYOUTS = {
-    "single-te-names": ["--te-expert-names"],
-    "tp2-sp": ["--tp", "2", "--sp"],
-    "pp2": ["--pp", "2"],
-    "pp2-vpp2": ["--pp", "2", "--vpp", "2"],
-    "ep2": ["--ep", "2"],
-    "tp2-ep2-etp1": ["--tp", "2", "--sp", "--ep", "2", "--etp", "1"],
-}
 # single-te-names: one process, the stream sees Transformer Engine's grouped expert names.
 # Megatron needs SP with TP on MoE models. tiny-dense ties its embeddings: with PP the output
 # layer's copy on the last stage maps to the same HF tensor, which travels once.
@@ -38,28 +28,27 @@ CASES = [
     ("bundled:tiny-qwen2-moe", "tp2-sp"),
     ("bundled:tiny-qwen2-moe", "ep2"),
 ]
-_REPORTS: dict[tuple[str, str], dict] = {}
 
 
-def report_for(model: str, layout: str, directory) -> dict:
-    """Run the worker once per (model, layout) in this session and return its report."""
-    if (model, layout) not in _REPORTS:
-        path = directory / "report.json"
-        args = [
-            "--model", str(resolve_model_path(model)), "--bucket-mb", str(BUCKET_MB), "--report", str(path),
-            *LAYOUTS[layout],
-        ]
-        if layout.startswith("single"):
-            run_python(WORKER, args)
-        else:
-            run_torchrun(WORKER, args, nproc=2)
-        _REPORTS[(model, layout)] = json.loads(path.read_text())
-    return _REPORTS[(model, layout)]
+def stream_jobs(directory, model, layout):
+    te_expert_names = layout == "single-te-names"
+    return [
+        layout_job(
+            str(resolve_model_path(model)), "single" if te_expert_names else layout,
+            {"buckets": {"bucket_mb": BUCKET_MB, "te_expert_names": te_expert_names}},
+        )
+    ]
 
 
+def buckets_report(jobs, model: str, layout: str) -> dict:
+    (job,) = stream_jobs(jobs.directory, model, layout)
+    return jobs.report(job.name)["buckets"]
+
+
+@pytest.mark.jobs(planner=stream_jobs)
 @pytest.mark.parametrize("model,layout", CASES)
-def test_buckets_equal_the_exporter_bitwise(model, layout, tmp_path):
-    report = report_for(model, layout, tmp_path)
+def test_buckets_equal_the_exporter_bitwise(model, layout, jobs):
+    report = buckets_report(jobs, model, layout)
     for dtype, steps in report["dtypes"].items():
         for step, comparison in enumerate(steps):
             assert comparison == {
@@ -68,8 +57,9 @@ def test_buckets_equal_the_exporter_bitwise(model, layout, tmp_path):
     assert min(report["num_buckets"].values()) > 1, report
 
 
-def test_sglang_flattened_tensor_bucket_reads_the_buckets(tmp_path):
-    report = report_for("bundled:tiny-moe", "tp2-sp", tmp_path)
+@pytest.mark.jobs(planner=lambda directory: stream_jobs(directory, "bundled:tiny-moe", "tp2-sp"))
+def test_sglang_flattened_tensor_bucket_reads_the_buckets(jobs):
+    report = buckets_report(jobs, "bundled:tiny-moe", "tp2-sp")
     if report["sglang"].startswith("unavailable"):
         pytest.skip(f"SGLang's tensor_bucket: {report['sglang']}")
     assert report["sglang"] == "ok"

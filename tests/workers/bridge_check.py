@@ -1,33 +1,20 @@
-"""Load a HF checkpoint into Megatron under a layout, compare logits with transformers, export back.
+"""A HF checkpoint loaded into Megatron under a layout gives transformers' logits and exports back
+to the same tensors (the ``logits`` check of a layout job, tests/workers/suite.py).
 
-torchrun worker for tests/models/test_bridge.py. Rank 0 writes a JSON report with the max
-absolute logit difference against transformers (fp32) and the export's comparison with the HF
-safetensors (missing, extra and unequal tensor names).
+The report (rank 0) holds the max absolute logit difference against transformers (fp32) and the
+export's comparison with the HF safetensors (missing, extra and unequal tensor names).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-
 import torch
 import torch.distributed as dist
 
-from common import add_layout_arguments, initialize, run
-from megarl.models.builder import build_model, load_hf_config, model_spec
 from megarl.models.exporter import export_hf_tensors
-from megarl.models.loader import HFCheckpoint, load_hf_weights
+from megarl.models.loader import HFCheckpoint
 
 BATCH = 2
 SEQ_LENGTH = 16
-
-
-def parse_args(argv):
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--model", required=True)
-    add_layout_arguments(parser)
-    parser.add_argument("--report", required=True)
-    return parser.parse_args(argv)
 
 
 def cp_positions(cp_rank: int, cp_size: int) -> torch.Tensor:
@@ -86,15 +73,11 @@ def megatron_logits(chunks, spec, pgs, tokens: torch.Tensor) -> torch.Tensor | N
     return logits
 
 
-def main(argv):
-    args = parse_args(argv)
-    layout, pgs = initialize(args)
-    spec = model_spec(load_hf_config(args.model), layout)
-    chunks = build_model(spec, "torch", pgs)
-    load_hf_weights(chunks, spec, pgs, args.model)
+def check(chunks, spec, pgs, model_dir: str) -> dict | None:
+    """Compare the logits of the loaded ``chunks`` with transformers' and their export with the
+    checkpoint in ``model_dir``; the report on rank 0, None elsewhere."""
     for chunk in chunks:
         chunk.eval()
-
     tokens = torch.randint(0, spec.hf_config.vocab_size, (BATCH, SEQ_LENGTH), generator=torch.Generator().manual_seed(5))
     logits = megatron_logits(chunks, spec, pgs, tokens)
     # The last pipeline stage's first rank sends its logits to rank 0.
@@ -108,30 +91,24 @@ def main(argv):
     exported = dict(export_hf_tensors(chunks, spec, pgs, dst=0))
 
     if dist.get_rank() != 0:
-        return
+        return None
     from transformers import AutoModelForCausalLM
 
-    reference = AutoModelForCausalLM.from_pretrained(args.model, torch_dtype=torch.float32)
+    reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     reference.eval()
     with torch.no_grad():
         expected = reference(tokens).logits
-    checkpoint = HFCheckpoint(args.model)
+    checkpoint = HFCheckpoint(model_dir)
     names = checkpoint.names()
     unequal = []
     for name in sorted(names & exported.keys()):
         stored = checkpoint.read(name, 0, 0, checkpoint._handle(name).get_slice(name).get_shape()[0])
         if stored.dtype != exported[name].dtype or not torch.equal(stored, exported[name]):
             unequal.append(name)
-    report = {
+    return {
         "max_logit_diff": (logits - expected).abs().max().item(),
         "missing": sorted(names - exported.keys()),
         "extra": sorted(exported.keys() - names),
         "unequal": unequal,
         "exported": len(exported),
     }
-    with open(args.report, "w") as handle:
-        json.dump(report, handle)
-
-
-if __name__ == "__main__":
-    run(main)

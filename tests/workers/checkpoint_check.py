@@ -1,48 +1,32 @@
-"""Save and load distributed checkpoints across layouts (torchrun worker for
-tests/trainer/test_checkpoint.py).
+"""Save and load distributed checkpoints across layouts (the ``save`` and ``load`` checks of a
+checkpoint job, tests/workers/suite.py; for tests/trainer/test_checkpoint.py).
 
-``--mode save``: load the HF weights, take one optimizer step, save a checkpoint at ``--step`` and
-write the exported HF tensors to ``--export``. ``--crash-after-weights`` kills the process in the
-middle of the save (after the weights, before the commit). ``--mode load``: resume (``--resume``:
-auto, never or a path) into a fresh model of another layout and write its exported HF tensors.
+``save``: load the HF weights, take one optimizer step, save a checkpoint at ``step`` under
+``root`` and write the exported HF tensors to ``export``. ``crash_after_weights`` kills the
+process in the middle of the save (after the weights, before the commit). ``load``: resume
+(``resume``: auto, never or a path) into a fresh model of this job's layout (the optimizer and
+scheduler too unless ``model_only``) and write its exported HF tensors to ``export``.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 
 import torch
 import torch.distributed as dist
 
-from common import add_layout_arguments, initialize, run
 from megarl.models.builder import build_model, load_hf_config, model_spec
 from megarl.models.exporter import export_hf_tensors
 from megarl.models.loader import load_hf_weights
 from megarl.trainer import checkpoint
 
 
-def parse_args(argv):
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--root", required=True, help="checkpoint root directory")
-    parser.add_argument("--mode", choices=["save", "load"], required=True)
-    parser.add_argument("--step", type=int, default=1)
-    parser.add_argument("--resume", default="auto")
-    parser.add_argument("--export", required=True, help="rank 0 writes the exported HF tensors here")
-    parser.add_argument("--crash-after-weights", action="store_true")
-    parser.add_argument("--model-only", action="store_true", help="load: weights only, no optimizer/scheduler")
-    add_layout_arguments(parser)
-    return parser.parse_args(argv)
-
-
-def build(args, pgs, layout):
+def build(model_dir: str, pgs, layout):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    spec = model_spec(load_hf_config(args.model), layout)
+    spec = model_spec(load_hf_config(model_dir), layout)
     chunks = build_model(spec, "torch", pgs)
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=True)
     models = [DistributedDataParallel(spec.transformer_config, ddp_config, c, pg_collection=pgs) for c in chunks]
@@ -71,51 +55,52 @@ def train_one_step(spec, models, optimizer, scheduler):
     scheduler.step(increment=1)
 
 
-def main(argv):
-    args = parse_args(argv)
-    layout, pgs = initialize(args)
-    spec, chunks, models, optimizer, scheduler = build(args, pgs, layout)
-    if args.mode == "save":
-        load_hf_weights(chunks, spec, pgs, args.model)
-        optimizer.reload_model_params()
-        train_one_step(spec, models, optimizer, scheduler)
-        if args.crash_after_weights:
-            # Die after the weights are written, before the commit (rank 0's rename).
-            original_save = torch.save
+def save(model_dir: str, layout, pgs, root: str, export: str, step: int = 1, crash_after_weights: bool = False) -> dict | None:
+    spec, chunks, models, optimizer, scheduler = build(model_dir, pgs, layout)
+    load_hf_weights(chunks, spec, pgs, model_dir)
+    optimizer.reload_model_params()
+    train_one_step(spec, models, optimizer, scheduler)
+    if crash_after_weights:
+        # Die after the weights are written, before the commit (rank 0's rename).
+        original_save = torch.save
 
-            def crash(obj, path, *rest, **kwargs):
-                original_save(obj, path, *rest, **kwargs)
-                os._exit(17)
+        def crash(obj, path, *rest, **kwargs):
+            original_save(obj, path, *rest, **kwargs)
+            os._exit(17)
 
-            checkpoint.torch.save = crash
-        checkpoint.save_checkpoint(
-            args.root, args.step, models, optimizer, scheduler,
-            train_state={"consumed_prompts": 32 * args.step}, hf_dir=args.model, keep_last=2,
-        )
-        state = {"step": args.step}
-    else:
-        path = checkpoint.resolve_resume(args.resume, args.root)
-        if args.model_only:
-            optimizer = scheduler = None
-        state = checkpoint.load_checkpoint(path, models, optimizer, scheduler) if path else {"step": 0}
-        state["path"] = str(path)
-        if optimizer is not None:
-            state["lr"] = optimizer.param_groups[0]["lr"]
-            steps = [
-                adam_state["step"]
-                for inner in getattr(optimizer, "chained_optimizers", [optimizer])
-                for adam_state in inner.optimizer.state.values()
-            ]
-            # Adam advances each step tensor in place: one shared by several parameters would
-            # advance several times per optimizer step.
-            state["adam_steps"] = [float(step) for step in steps]
-            state["adam_step_tensors_distinct"] = len({step.data_ptr() for step in steps}) == len(steps)
+        checkpoint.torch.save = crash
+    checkpoint.save_checkpoint(
+        root, step, models, optimizer, scheduler,
+        train_state={"consumed_prompts": 32 * step}, hf_dir=model_dir, keep_last=2,
+    )
+    return write_export(chunks, spec, pgs, export, {"step": step})
+
+
+def load(model_dir: str, layout, pgs, root: str, export: str, resume: str = "auto", model_only: bool = False) -> dict | None:
+    spec, chunks, models, optimizer, scheduler = build(model_dir, pgs, layout)
+    path = checkpoint.resolve_resume(resume, root)
+    if model_only:
+        optimizer = scheduler = None
+    state = checkpoint.load_checkpoint(path, models, optimizer, scheduler) if path else {"step": 0}
+    state["path"] = str(path)
+    if optimizer is not None:
+        state["lr"] = optimizer.param_groups[0]["lr"]
+        steps = [
+            adam_state["step"]
+            for inner in getattr(optimizer, "chained_optimizers", [optimizer])
+            for adam_state in inner.optimizer.state.values()
+        ]
+        # Adam advances each step tensor in place: one shared by several parameters would
+        # advance several times per optimizer step.
+        state["adam_steps"] = [float(step) for step in steps]
+        state["adam_step_tensors_distinct"] = len({step.data_ptr() for step in steps}) == len(steps)
+    return write_export(chunks, spec, pgs, export, state)
+
+
+def write_export(chunks, spec, pgs, export: str, state: dict) -> dict | None:
+    """Rank 0 saves the exported HF tensors to ``export``; the report (rank 0) is ``state``."""
     exported = dict(export_hf_tensors(chunks, spec, pgs, dst=0))
-    if dist.get_rank() == 0:
-        torch.save(exported, args.export)
-        with open(args.export + ".json", "w") as handle:
-            json.dump(state, handle)
-
-
-if __name__ == "__main__":
-    run(main)
+    if dist.get_rank() != 0:
+        return None
+    torch.save(exported, export)
+    return state

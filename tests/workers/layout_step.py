@@ -1,37 +1,25 @@
-"""One forward/backward step of a tiny Megatron GPT model under a parallel layout (torchrun worker).
+"""One forward/backward step of a tiny Megatron GPT model under a parallel layout (the
+``gradients`` check of a layout job, tests/workers/suite.py).
 
-Run once at world size 1 with ``--save-reference`` to record the initial weights, the loss and
-the gradients; then under any layout with ``--reference`` to load the same weights (each rank
-slicing what it owns), run the same global batch through Megatron's ``forward_backward_func``
-(with Megatron's DDP and ``finalize_model_grads``) and compare the loss and every local gradient
-with the reference slice. Rank 0 writes a JSON report.
+Run once at world size 1 with ``save=True`` to record the initial weights, the loss and the
+gradients in ``reference``; then under any layout to load the same weights (each rank slicing what
+it owns), run the same global batch through Megatron's ``forward_backward_func`` (with Megatron's
+DDP and ``finalize_model_grads``) and compare the loss and every local gradient with the
+reference slice. The report is rank 0's.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import re
 
 import torch
 import torch.distributed as dist
 
-from common import add_layout_arguments, initialize, run
 from megarl.models.builder import build_model, load_hf_config, model_spec
 
 GLOBAL_BATCH = 8
 SEQ_LENGTH = 16
 MICRO_BATCH = 1
-
-
-def parse_args(argv):
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--model", required=True, help="HF model directory (config.json is read)")
-    add_layout_arguments(parser)
-    parser.add_argument("--save-reference", help="world size 1: write weights, loss, grads here")
-    parser.add_argument("--reference", help="compare against this reference file")
-    parser.add_argument("--report", help="rank 0 writes the comparison here (JSON)")
-    return parser.parse_args(argv)
 
 
 def global_name(local_name: str, chunk, ep_rank: int, num_local_experts: int) -> str:
@@ -100,9 +88,9 @@ def forward_step(data_iterator, model):
     return per_token_loss, loss_func
 
 
-def main(argv):
-    args = parse_args(argv)
-    layout, pgs = initialize(args)
+def check(model_dir: str, layout, pgs, reference: str, save: bool) -> dict | None:
+    """Save the single-rank reference (``save``) or compare this layout's loss and gradients
+    with it; the report on rank 0, None elsewhere."""
     from megatron.core.distributed import (
         DistributedDataParallel,
         DistributedDataParallelConfig,
@@ -110,7 +98,7 @@ def main(argv):
     )
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    spec = model_spec(load_hf_config(args.model), layout)
+    spec = model_spec(load_hf_config(model_dir), layout)
     chunks = build_model(spec, "torch", pgs)
     config = spec.transformer_config
     ranks = {"tp": (pgs.tp.rank(), pgs.tp.size()), "etp": (pgs.expt_tp.rank(), pgs.expt_tp.size())}
@@ -124,12 +112,12 @@ def main(argv):
     # Tied embeddings: a later pipeline stage holds its own copy of the embedding as output layer.
     aliases = {"output_layer.weight": "embedding.word_embeddings.weight"}
 
-    reference = torch.load(args.reference) if args.reference else None
-    if reference is not None:
+    saved = None if save else torch.load(reference)
+    if saved is not None:
         with torch.no_grad():
             for gname, _, param in named:
-                key = gname if gname in reference["weights"] else aliases[gname]
-                param.copy_(local_slice(reference["weights"][key], param, gname, ranks))
+                key = gname if gname in saved["weights"] else aliases[gname]
+                param.copy_(local_slice(saved["weights"][key], param, gname, ranks))
     initial = {gname: param.detach().clone() for gname, _, param in named}
 
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False)
@@ -161,35 +149,28 @@ def main(argv):
     loss = (totals[0] / totals[1]).item()
 
     grads = {gname: param.main_grad.detach().clone() for gname, _, param in named}
-    if args.save_reference:
+    if save:
         torch.save(
             {"weights": initial, "grads": grads, "loss": loss,
              "tied": bool(getattr(spec.hf_config, "tie_word_embeddings", False))},
-            args.save_reference,
+            reference,
         )
-        return
+        return {"saved": reference, "loss": loss}
     worst_name, worst = "", 0.0
     for gname, _, param in named:
-        key = gname if gname in reference["grads"] else aliases[gname]
-        expected = local_slice(reference["grads"][key], param, gname, ranks)
+        key = gname if gname in saved["grads"] else aliases[gname]
+        expected = local_slice(saved["grads"][key], param, gname, ranks)
         diff = (grads[gname] - expected).abs().max().item()
         if diff > worst:
             worst_name, worst = gname, diff
     worst_all = [None] * dist.get_world_size()
     dist.all_gather_object(worst_all, (worst, worst_name, len(named)))
-    if dist.get_rank() == 0 and args.report:
-        with open(args.report, "w") as handle:
-            json.dump(
-                {
-                    "loss": loss,
-                    "reference_loss": reference["loss"],
-                    "max_grad_diff": max(w for w, _, _ in worst_all),
-                    "worst_param": max(worst_all)[1],
-                    "params_per_rank": [n for _, _, n in worst_all],
-                },
-                handle,
-            )
-
-
-if __name__ == "__main__":
-    run(main)
+    if dist.get_rank() != 0:
+        return None
+    return {
+        "loss": loss,
+        "reference_loss": saved["loss"],
+        "max_grad_diff": max(w for w, _, _ in worst_all),
+        "worst_param": max(worst_all)[1],
+        "params_per_rank": [n for _, _, n in worst_all],
+    }

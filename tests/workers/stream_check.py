@@ -1,8 +1,9 @@
-"""Stream a model's weights under a layout and compare every bucket with the bridge's exporter.
+"""Stream a model's weights under a layout and compare every bucket with the bridge's exporter
+(the ``buckets`` check of a layout job, tests/workers/suite.py).
 
-torchrun worker for tests/weights/test_weight_stream.py. One stream per dtype (kept, bfloat16, float16),
-two steps each: the weights as loaded, then after every parameter got new values in new storage
-(the stream must read them through the plans it made at construction). Rank 0 writes a JSON report:
+One stream per dtype (kept, bfloat16, float16), two steps each: the weights as loaded, then after
+every parameter got new values in new storage (the stream must read them through the plans it
+made at construction). The report (rank 0) holds:
 per dtype and step, the names the buckets miss or add and the tensors whose dtype, shape or bytes
 differ from the exporter's (cast to the dtype); and, where SGLang's ``FlattenedTensorBucket`` can
 be loaded, whether it reads our buckets and packs the exporter's tensors into the same bytes.
@@ -10,37 +11,20 @@ be loaded, whether it reads our buckets and packs the exporter's tensors into th
 
 from __future__ import annotations
 
-import argparse
+import functools
 import importlib
 import importlib.util
-import json
 import re
 
 import torch
 import torch.distributed as dist
 
-from common import add_layout_arguments, initialize, run
-from megarl.models.builder import build_model, load_hf_config, model_spec
 from megarl.models.exporter import export_hf_tensors
-from megarl.models.loader import load_hf_weights
 from megarl.weights.stream import WeightStream
 
 DTYPES = {"keep": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # A portable-spec expert weight, to be renamed as Transformer Engine's grouped MLP names it.
 _LOCAL_EXPERT = re.compile(r"experts\.local_experts\.(\d+)\.linear_fc(\d)\.weight$")
-
-
-def parse_args(argv):
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--model", required=True)
-    add_layout_arguments(parser)
-    parser.add_argument("--bucket-mb", type=float, required=True)
-    parser.add_argument(
-        "--te-expert-names", action="store_true",
-        help="show the stream Transformer Engine's grouped expert names (linear_fc1.weight{j})",
-    )
-    parser.add_argument("--report", required=True)
-    return parser.parse_args(argv)
 
 
 class TransformerEngineExpertNames:
@@ -56,11 +40,13 @@ class TransformerEngineExpertNames:
             yield _LOCAL_EXPERT.sub(r"experts.linear_fc\2.weight\1", name), param
 
 
+@functools.cache
 def sglang_tensor_bucket():
     """SGLang's ``tensor_bucket`` module, or the reason it cannot be loaded.
 
     It needs only torch; when the ``sglang`` package is installed without its dependencies its
-    ``__init__`` fails, so the module is then loaded from its file on its own.
+    ``__init__`` fails, so the module is then loaded from its file on its own. Once per process:
+    the failed import leaves ``sglang`` half-imported, and a second attempt fails differently.
     """
     try:
         return importlib.import_module("sglang.srt.weight_sync.tensor_bucket"), None
@@ -139,18 +125,15 @@ def stream_step(stream: WeightStream):
     ]
 
 
-def main(argv):
-    args = parse_args(argv)
-    layout, pgs = initialize(args)
-    spec = model_spec(load_hf_config(args.model), layout)
-    chunks = build_model(spec, "torch", pgs)
-    load_hf_weights(chunks, spec, pgs, args.model)
-
+def check(chunks, spec, pgs, bucket_mb: float, te_expert_names: bool = False) -> dict | None:
+    """Stream the loaded ``chunks`` (whose weights it changes) and compare every bucket with the
+    exporter; ``te_expert_names`` shows the stream Transformer Engine's grouped expert names. The
+    report on rank 0, None elsewhere."""
     streamed_chunks = chunks
-    if args.te_expert_names:
+    if te_expert_names:
         streamed_chunks = [TransformerEngineExpertNames(chunk) for chunk in chunks]
     streams = {
-        name: WeightStream(streamed_chunks, spec, pgs, bucket_mb=args.bucket_mb, dtype=dtype, dst=0)
+        name: WeightStream(streamed_chunks, spec, pgs, bucket_mb=bucket_mb, dtype=dtype, dst=0)
         for name, dtype in DTYPES.items()
     }
     steps = []
@@ -168,9 +151,9 @@ def main(argv):
             raise AssertionError(f"rank {dist.get_rank()} yielded buckets; only the destination does")
 
     if dist.get_rank() != 0:
-        return
+        return None
     streamed, exported = steps[-1]
-    report = {
+    return {
         "dtypes": {
             name: [compare(buckets[name], exported, DTYPES[name]) for buckets, exported in steps]
             for name in DTYPES
@@ -178,9 +161,3 @@ def main(argv):
         "num_buckets": {name: len(buckets) for name, buckets in streamed.items()},
         "sglang": sglang_check(streamed["bfloat16"], exported, torch.bfloat16),
     }
-    with open(args.report, "w") as handle:
-        json.dump(report, handle)
-
-
-if __name__ == "__main__":
-    run(main)

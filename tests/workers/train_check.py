@@ -1,7 +1,7 @@
 """megarl's training loop with test hooks (torchrun worker for tests/test_train.py).
 
-Runs :func:`megarl.trainer.run.setup` and :func:`megarl.train.fit` on a config given as overrides,
-with optional faults injected through ``megarl.train.train_step``:
+Runs :func:`megarl.trainer.run.setup` and :func:`megarl.train.fit` on a config (``--config`` and
+overrides), with optional faults injected through ``megarl.train.train_step``:
 
 ``--stop-before K``   raise before step K (a crash after the checkpoints of the earlier steps);
 ``--nan-step K``      the loss of the first micro-batch of step K is NaN;
@@ -32,6 +32,7 @@ class InjectedStop(RuntimeError):
 def parse_args(argv):
     parser = argparse.ArgumentParser()
     parser.add_argument("--report", required=True)
+    parser.add_argument("--config", help="YAML file; omit for the defaults")
     parser.add_argument("--watch", default="model.layers.0.self_attn.o_proj.weight")
     parser.add_argument("--stop-before", type=int)
     parser.add_argument("--nan-step", type=int)
@@ -42,7 +43,7 @@ def parse_args(argv):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    run = setup(load_config(None, args.overrides))
+    run = setup(load_config(args.config, args.overrides))
     first = run.is_first_rank
     report = {"weights": {}, "completed": False}
 
