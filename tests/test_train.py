@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from tests.distributed import REPO, run_torchrun
+from tests.distributed import REPO, TORCHRUN_ENVIRONMENT, free_port, launch, run_torchrun
 
 WORKER = REPO / "tests" / "workers" / "train_check.py"
 MISMATCH_TOLERANCE = 1e-5
@@ -36,34 +36,62 @@ SMALL = [
 """A run small enough for a test: 16 samples of at most 4 tokens per step, 2 optimizer steps."""
 
 
-def train(tmp_path: Path, name: str, overrides: list[str], *, nproc: int = 2, hooks: list[str] = ()) -> tuple[dict, list[dict]]:
-    """Run the worker; return its report and the run's metrics.jsonl rows."""
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def train(tmp_path: Path, name: str, overrides: list[str], *, nproc: int = 2, hooks: list[str] = (), config: list[str] = ()) -> tuple[dict, list[dict]]:
+    """Run the worker (on ``config``, e.g. ``["--config", FILE]``); return its report and the run's
+    metrics.jsonl rows."""
     run_dir = tmp_path / name
     report = tmp_path / f"{name}.json"
-    run_torchrun(WORKER, ["--report", str(report), *hooks, *SMALL, f"logging.run_dir={run_dir}", *overrides], nproc=nproc, timeout=600)
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return json.loads(report.read_text()), rows
+    run_torchrun(
+        WORKER, ["--report", str(report), *config, *hooks, *SMALL, f"logging.run_dir={run_dir}", *overrides], nproc=nproc, timeout=600
+    )
+    return json.loads(report.read_text()), metrics(run_dir)
 
 
-def assert_finite(rows: list[dict]) -> None:
+def readme_command(run_dir: Path, overrides: list[str]):
+    """The README's first command, as written there (``.venv/bin/torchrun --nproc_per_node 2 -m
+    megarl.train --config configs/moe_grpo.yaml``, from the repository root) with ``overrides``; only
+    the rendezvous port is a free one. Returns the run's metrics.jsonl rows."""
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    command = [
+        torchrun, "--nproc_per_node", "2", f"--master_port={free_port()}",
+        "-m", "megarl.train", "--config", "configs/moe_grpo.yaml", *overrides, f"logging.run_dir={run_dir}",
+    ]
+    result = launch(command, TORCHRUN_ENVIRONMENT, timeout=600)
+    assert result.returncode == 0, f"{' '.join(command)}: exit code {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-8000:]}"
+    return metrics(run_dir)
+
+
+def assert_finite(rows: list[dict], expected_nan: dict[int, set[str]] | None = None) -> None:
+    """Every float metric is finite, but those ``expected_nan`` names per step, which are NaN."""
+    expected_nan = expected_nan or {}
     for row in rows:
         bad = {name: value for name, value in row.items() if isinstance(value, float) and not math.isfinite(value)}
-        assert not bad, f"step {row['step']}: non-finite metrics {bad}"
+        nan = expected_nan.get(row["step"], set())
+        assert {name: value for name, value in bad.items() if name not in nan} == {}, f"step {row['step']}: non-finite metrics {bad}"
+        assert all(math.isnan(row[name]) for name in nan), f"step {row['step']}: {sorted(nan)} should be NaN"
 
 
 @pytest.mark.multirank
-def test_expert_parallel_run_survives_a_killed_engine_and_a_failing_reward(tmp_path):
+def test_expert_parallel_run_survives_a_killed_engine_a_failing_reward_and_a_nan_step(tmp_path):
+    # One optimizer step per RL step, so the skipped step is the whole update; no warm-up, whose
+    # first step has learning rate 0.
     report, rows = train(
         tmp_path,
         "ep2",
         [
             "parallel.expert=2", "train.steps=3", "train.eval_every=2", "reward.type=function",
             f"reward.function={REPO}/tests/workers/flaky_reward.py:reward",
+            "train.mini_batch_size=16", "train.lr_warmup_steps=0",
         ],
-        hooks=["--kill-engine-after", "0"],
+        hooks=["--kill-engine-after", "0", "--nan-step", "1"],
     )
     assert report["completed"] and [row["step"] for row in rows] == [0, 1, 2]
-    assert_finite(rows)
+    # The NaN in step 1's first micro-batch shows in its gradient norm, and nowhere else.
+    assert_finite(rows, expected_nan={1: {"policy/grad_norm"}})
     # Validation at step 0, every 2 steps, and at the last step.
     assert ["val/accuracy" in row for row in rows] == [True, False, True]
     # The engine killed after step 0 was restarted, with the weights of step 0's update: step 1's
@@ -72,8 +100,11 @@ def test_expert_parallel_run_survives_a_killed_engine_and_a_failing_reward(tmp_p
     for row in rows:
         assert row["mismatch/logprob_diff_abs_max"] <= MISMATCH_TOLERANCE
     assert sum(row["reward/failures"] for row in rows) > 0
+    # Step 1 was skipped and counted, and its weights are step 0's.
+    assert [row["policy/skipped_steps"] for row in rows] == [0, 1, 0]
     weights = report["weights"]
-    assert weights["after_2"] != weights["initial"]
+    assert weights["after_0"] != weights["initial"] and weights["after_2"] != weights["after_1"]
+    assert weights["after_1"] == weights["after_0"]
     assert (Path(report["run_dir"]) / "checkpoints" / "step_00000002" / "weights").is_dir()
 
 
@@ -103,36 +134,25 @@ RESUMED_METRICS = ("policy/loss", "policy/grad_norm", "policy/approx_kl", "polic
 
 
 @pytest.mark.multirank
-def test_resume_continues_bitwise(tmp_path):
-    schedule = [
-        "parallel.expert=2", "train.steps=4", "train.lr_schedule=cosine", "train.optimizer.min_lr=1e-4", "checkpoint.save_every=2",
+def test_the_readme_command_trains_from_the_repository_root_and_resumes_bitwise(tmp_path):
+    """The README's first command, a few steps of it, is the uninterrupted run; the same run
+    crashed before step 2 (the worker) and started again with the README's command (which resumes
+    from the last checkpoint) must log the same metrics, bit for bit."""
+    overrides = [
+        *SMALL, "logging.console=true", "train.steps=4", "checkpoint.save_every=2",
     ]
-    _, straight = train(tmp_path, "straight", schedule)
-    first, _ = train(tmp_path, "resumed", schedule, hooks=["--stop-before", "2"])
+    straight = readme_command(tmp_path / "straight", overrides)
+    assert [row["step"] for row in straight] == [0, 1, 2, 3]
+    assert_finite(straight)
+    first, _ = train(tmp_path, "resumed", overrides, hooks=["--stop-before", "2"], config=["--config", str(REPO / "configs" / "moe_grpo.yaml")])
     assert not first["completed"]
-    second, resumed = train(tmp_path, "resumed", schedule)
-    assert second["completed"]
+    resumed = readme_command(tmp_path / "resumed", overrides)
     assert [row["step"] for row in resumed] == [0, 1, 2, 3]
     for expected, got in zip(straight, resumed):
         for name in RESUMED_METRICS:
             assert got[name] == expected[name], f"step {expected['step']}: {name} {got[name]!r} != {expected[name]!r}"
     # The learning rate warmed up and decays: the schedule was restored, not restarted.
     assert resumed[3]["policy/lr"] < resumed[1]["policy/lr"]
-
-
-@pytest.mark.multirank
-def test_nan_in_one_micro_batch_skips_the_step_and_keeps_the_weights(tmp_path):
-    # One optimizer step per RL step, so the skipped step is the whole update; no warm-up, whose
-    # first step has learning rate 0.
-    report, rows = train(
-        tmp_path, "nan", ["parallel.expert=2", "train.steps=3", "train.mini_batch_size=16", "train.lr_warmup_steps=0"], hooks=["--nan-step", "1"]
-    )
-    assert report["completed"]
-    assert [row["policy/skipped_steps"] for row in rows] == [0, 1, 0]
-    assert math.isnan(rows[1]["policy/grad_norm"])
-    weights = report["weights"]
-    assert weights["after_1"] == weights["after_0"]
-    assert weights["after_0"] != weights["initial"] and weights["after_2"] != weights["after_1"]
 
 
 @pytest.mark.multirank
