@@ -8,6 +8,7 @@ import importlib.metadata
 import re
 import subprocess
 import sys
+import sysconfig
 import tomllib
 import zipfile
 
@@ -40,9 +41,12 @@ def pins(path) -> dict[str, str]:
 
 
 def test_the_environment_is_exactly_the_lock():
+    # What is installed in the environment's site-packages: once setuptools is imported, the
+    # packages it vendors are on sys.path too, with their own metadata.
+    site_packages = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
     installed = {
         normalized(distribution.metadata["Name"]): distribution.version
-        for distribution in importlib.metadata.distributions()
+        for distribution in importlib.metadata.distributions(path=site_packages)
     }
     expected = {**pins(LOCK), **pins(NO_DEPS)}
     unlocked = {name: version for name, version in installed.items() if name not in expected and name not in NOT_LOCKED}
