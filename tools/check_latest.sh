@@ -34,8 +34,8 @@ for name in sorted(lock.keys() | new.keys()):
     if lock.get(name) != new.get(name):
         print(f"  {name}: {lock.get(name, '-')} -> {new.get(name, '-')}")
 PY
-"$uv" pip sync "$VENV/requirements.txt" --python "$VENV/bin/python" --find-links "$TORCH_FIND_LINKS" --quiet
-"$uv" pip install --no-deps -r requirements/no-deps.txt --python "$VENV/bin/python" --quiet
+"$uv" pip sync "$VENV/requirements.txt" --python "$VENV/bin/python" --find-links "$TORCH_FIND_LINKS" --compile-bytecode --quiet
+"$uv" pip install --no-deps -r requirements/no-deps.txt --python "$VENV/bin/python" --compile-bytecode --quiet
 # Its own build directory: .venv's editable build stays untouched.
 "$VENV/bin/python" -m pip install --quiet --no-deps --no-build-isolation \
   --config-settings=build-dir="$VENV/build" -e .

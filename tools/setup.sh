@@ -3,7 +3,9 @@
 # build of torch 2.13.0 among them: pip never resolves a range there), then megarl itself, its C++
 # extension compiled against that torch (--no-build-isolation: no second torch in a build
 # environment). uv installs the lock: it is pinned there, takes seconds where pip takes minutes,
-# and removes whatever the lock does not hold. Refresh the lock with tools/lock.sh.
+# and removes whatever the lock does not hold. It compiles the bytecode as pip would: where
+# PYTHONDONTWRITEBYTECODE is set, every process would otherwise compile torch's, Megatron's and
+# transformers' sources again (seconds per process). Refresh the lock with tools/lock.sh.
 # Idempotent: a re-run brings .venv back to the lock and re-installs megarl.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,7 +24,7 @@ if [ "$(.venv/bin/uv --version 2>/dev/null)" != "uv $uv_version" ]; then
   .venv/bin/python -m pip install --quiet "uv==$uv_version"
 fi
 . tools/torch_source.sh
-uv_pip() { .venv/bin/uv pip "$@" --python .venv/bin/python --find-links "$TORCH_FIND_LINKS" --quiet; }
+uv_pip() { .venv/bin/uv pip "$@" --python .venv/bin/python --find-links "$TORCH_FIND_LINKS" --compile-bytecode --quiet; }
 uv_pip sync requirements/cpu.txt
 uv_pip install --no-deps -r requirements/no-deps.txt
 .venv/bin/python -m pip install --quiet --no-deps --no-build-isolation -e .
