@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from tests.distributed import REPO, TORCHRUN_ENVIRONMENT, free_port, launch, run_torchrun
+from tests.distributed import REPO, free_port, launch, run_torchrun
 
 WORKER = REPO / "tests" / "workers" / "train_check.py"
 MISMATCH_TOLERANCE = 1e-5
@@ -60,7 +60,7 @@ def readme_command(run_dir: Path, overrides: list[str]):
         torchrun, "--nproc_per_node", "2", f"--master_port={free_port()}",
         "-m", "megarl.train", "--config", "configs/moe_grpo.yaml", *overrides, f"logging.run_dir={run_dir}",
     ]
-    result = launch(command, TORCHRUN_ENVIRONMENT, timeout=600)
+    result = launch(command, {}, timeout=600)
     assert result.returncode == 0, f"{' '.join(command)}: exit code {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-8000:]}"
     return metrics(run_dir)
 
