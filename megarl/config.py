@@ -23,7 +23,7 @@ import re
 import sys
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -982,74 +982,116 @@ def _one_of(options: Sequence[int]) -> str:
     return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} or {words[-1]}"
 
 
-def _layout_errors(config: Config, world_size: int, model_facts: ModelFacts) -> list[str]:
-    parallel = config.parallel
+@dataclasses.dataclass(frozen=True, slots=True)
+class LayoutSpelling:
+    """How the user wrote the layout: the config's keys (``parallel.tensor=2``) or a tool's flags
+    (``--tp 2``). Layout errors quote the fields and their fixes in the user's own words."""
+
+    names: Mapping[str, str]
+    """ParallelConfig field -> what the user writes (``parallel.tensor``, ``--tp``)."""
+    separator: str = "="
+    """Between a name and a value in a fix (``parallel.tensor=2``, ``--tp 2``)."""
+    unset: str = "set {name}=null"
+    """The fix that returns an optional field to its default."""
+
+    def field(self, name: str) -> str:
+        return f"`{self.names[name]}`"
+
+    def setting(self, name: str, value: Any) -> str:
+        return f"{self.names[name]}{self.separator}{value}"
+
+    def unsetting(self, name: str) -> str:
+        return self.unset.format(name=self.names[name])
+
+
+CONFIG_SPELLING = LayoutSpelling({field.name: f"parallel.{field.name}" for field in dataclasses.fields(ParallelConfig)})
+
+
+def layout_errors(
+    parallel: ParallelConfig, world_size: int, model_facts: ModelFacts, spelling: LayoutSpelling = CONFIG_SPELLING
+) -> list[str]:
+    """What keeps ``parallel`` from running ``model_facts``' model on ``world_size`` processes, one
+    message per problem, each naming the fields (as ``spelling`` writes them), the values and a fix."""
     tp, pp, cp, vpp = parallel.tensor, parallel.pipeline, parallel.context, parallel.virtual_pipeline
     ep, etp = parallel.expert, parallel.expert_tensor_size
+    name, setting = spelling.field, spelling.setting
     errors = []
     model_parallel = parallel.model_parallel()
     if world_size % model_parallel:
         errors.append(
-            f"world size ({world_size}) must be TP x PP x CP x DP, but `parallel.tensor` ({tp}) x "
-            f"`parallel.pipeline` ({pp}) x `parallel.context` ({cp}) = {model_parallel} does not divide it: "
+            f"world size ({world_size}) must be TP x PP x CP x DP, but {name('tensor')} ({tp}) x "
+            f"{name('pipeline')} ({pp}) x {name('context')} ({cp}) = {model_parallel} does not divide it: "
             f"run a multiple of {model_parallel} processes or change the layout"
         )
-    head_counts = {"attention heads": model_facts.num_attention_heads, "query groups (num_key_value_heads)": model_facts.num_query_groups}
-    for what, count in head_counts.items():
-        if count % tp:
-            errors.append(f"`parallel.tensor` ({tp}) must divide the model's {what} ({count}): set parallel.tensor to {_one_of(_divisors(count))}")
+    heads, groups = model_facts.num_attention_heads, model_facts.num_query_groups
+    if heads % tp:
+        errors.append(f"{name('tensor')} ({tp}) must divide the model's attention heads ({heads}): set {spelling.names['tensor']} to {_one_of(_divisors(heads))}")
+    if groups % tp and tp % groups:
+        # megatron-core splits the key/value heads over the TP ranks, or, with fewer of them than
+        # ranks, gives each one to TP / groups ranks.
+        fitting = [size for size in _divisors(heads) if groups % size == 0 or size % groups == 0]
+        errors.append(
+            f"{name('tensor')} ({tp}) and the model's query groups (num_key_value_heads, {groups}) must divide one "
+            f"another: set {spelling.names['tensor']} to {_one_of(fitting)}"
+        )
     if model_facts.num_experts == 0:
         if ep > 1:
-            errors.append(f"`parallel.expert` ({ep}) > 1 needs an MoE model, but the model is dense: set parallel.expert=1")
+            errors.append(f"{name('expert')} ({ep}) > 1 needs an MoE model, but the model is dense: set {setting('expert', 1)}")
         if parallel.expert_tensor is not None:
-            errors.append(f"`parallel.expert_tensor` ({parallel.expert_tensor}) is set but the model is dense: set parallel.expert_tensor=null")
+            errors.append(f"{name('expert_tensor')} ({parallel.expert_tensor}) is set but the model is dense: {spelling.unsetting('expert_tensor')}")
     else:
         if model_facts.num_experts % ep:
             errors.append(
-                f"`parallel.expert` ({ep}) must divide the model's experts ({model_facts.num_experts}): "
-                f"set parallel.expert to {_one_of(_divisors(model_facts.num_experts))}"
+                f"{name('expert')} ({ep}) must divide the model's experts ({model_facts.num_experts}): "
+                f"set {spelling.names['expert']} to {_one_of(_divisors(model_facts.num_experts))}"
             )
         if world_size % (ep * etp * pp):
             errors.append(
-                f"`parallel.expert` ({ep}) x expert tensor parallel ({etp}) x `parallel.pipeline` ({pp}) = "
+                f"{name('expert')} ({ep}) x expert tensor parallel ({etp}) x {name('pipeline')} ({pp}) = "
                 f"{ep * etp * pp} must divide the world size ({world_size}): each stage's experts are spread over its "
-                f"TP x CP x DP ranks; run {parallel.min_world_size()} processes (or a multiple) or lower parallel.expert"
+                f"TP x CP x DP ranks; run {parallel.min_world_size()} processes (or a multiple) or lower {spelling.names['expert']}"
             )
         if tp > 1 and not parallel.sequence_parallel:
             errors.append(
-                f"`parallel.tensor` ({tp}) > 1 on an MoE model needs `parallel.sequence_parallel` (Megatron's MoE "
-                f"layer refuses to train without it): set parallel.sequence_parallel=true"
+                f"{name('tensor')} ({tp}) > 1 on an MoE model needs {name('sequence_parallel')} (Megatron's MoE "
+                f"layer refuses to train without it): set {setting('sequence_parallel', 'true')}"
             )
         if etp != tp and ep == 1:
             errors.append(
-                f"`parallel.expert_tensor` ({etp}) != `parallel.tensor` ({tp}) needs `parallel.expert` > 1 (with "
+                f"{name('expert_tensor')} ({etp}) != {name('tensor')} ({tp}) needs {name('expert')} > 1 (with "
                 f"EP = 1 megatron-core 0.16 reduces expert gradients over the dense data-parallel group only): "
-                f"set parallel.expert_tensor=null or raise parallel.expert"
+                f"{spelling.unsetting('expert_tensor')} or raise {spelling.names['expert']}"
             )
     if model_facts.num_layers % pp:
         errors.append(
-            f"`parallel.pipeline` ({pp}) must divide the model's layers ({model_facts.num_layers}): "
-            f"set parallel.pipeline to {_one_of(_divisors(model_facts.num_layers))}"
+            f"{name('pipeline')} ({pp}) must divide the model's layers ({model_facts.num_layers}): "
+            f"set {spelling.names['pipeline']} to {_one_of(_divisors(model_facts.num_layers))}"
         )
     if vpp is not None and pp == 1:
         errors.append(
-            f"`parallel.virtual_pipeline` ({vpp}) needs `parallel.pipeline` > 1: set parallel.virtual_pipeline=null "
-            f"or raise parallel.pipeline"
+            f"{name('virtual_pipeline')} ({vpp}) needs {name('pipeline')} > 1: {spelling.unsetting('virtual_pipeline')} "
+            f"or raise {spelling.names['pipeline']}"
         )
     elif vpp is not None and model_facts.num_layers % pp == 0 and model_facts.num_layers % (pp * vpp):
         errors.append(
-            f"`parallel.pipeline` ({pp}) x `parallel.virtual_pipeline` ({vpp}) = {pp * vpp} must divide the model's "
-            f"layers ({model_facts.num_layers}): set parallel.virtual_pipeline to {_one_of(_divisors(model_facts.num_layers // pp))}"
+            f"{name('pipeline')} ({pp}) x {name('virtual_pipeline')} ({vpp}) = {pp * vpp} must divide the model's "
+            f"layers ({model_facts.num_layers}): set {spelling.names['virtual_pipeline']} to {_one_of(_divisors(model_facts.num_layers // pp))}"
         )
     if parallel.sequence_parallel and tp == 1:
-        errors.append("`parallel.sequence_parallel` needs `parallel.tensor` > 1: set parallel.sequence_parallel=false or raise parallel.tensor")
-    heads = model_facts.num_attention_heads
-    if heads % config.rollout.engine_tensor_parallel:
         errors.append(
-            f"`rollout.engine_tensor_parallel` ({config.rollout.engine_tensor_parallel}) must divide the model's attention "
-            f"heads ({heads}): set it to {_one_of(_divisors(heads))}"
+            f"{name('sequence_parallel')} needs {name('tensor')} > 1: set {setting('sequence_parallel', 'false')} or raise {spelling.names['tensor']}"
         )
     return errors
+
+
+def _rollout_layout_errors(config: Config, model_facts: ModelFacts) -> list[str]:
+    heads = model_facts.num_attention_heads
+    if heads % config.rollout.engine_tensor_parallel:
+        return [
+            f"`rollout.engine_tensor_parallel` ({config.rollout.engine_tensor_parallel}) must divide the model's attention "
+            f"heads ({heads}): set it to {_one_of(_divisors(heads))}"
+        ]
+    return []
 
 
 def _sequence_errors(config: Config, model_facts: ModelFacts) -> list[str]:
@@ -1176,7 +1218,8 @@ def validate(config: Config, world_size: int, model_facts: ModelFacts) -> None:
     # A layout error is reported once; the batch checks then use the DP the layout would give.
     data_parallel = max(1, config.parallel.data_parallel(world_size))
     errors = (
-        _layout_errors(config, world_size, model_facts)
+        layout_errors(config.parallel, world_size, model_facts)
+        + _rollout_layout_errors(config, model_facts)
         + _sequence_errors(config, model_facts)
         + _batch_errors(config, data_parallel)
         + _critic_errors(config)

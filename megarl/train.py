@@ -23,7 +23,6 @@ import logging
 import os
 import sys
 import time
-import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -41,15 +40,6 @@ if TYPE_CHECKING:
     from megarl.trainer.run import Run
 
 log = logging.getLogger("megarl")
-
-QUIET_WARNINGS = (
-    # megarl picks the torch fallbacks on purpose and says which layers it uses.
-    ".*(Transformer Engine|Apex).* not installed.*",
-    # Deprecations inside megatron-core's own calls, not actionable by a user.
-    ".*all_gather_into_tensor.* is deprecated.*",
-    ".*reduce_scatter_tensor.* is deprecated.*",
-    "full scope is deprecated.*",
-)
 
 DYNAMIC_SAMPLING_ROUNDS = 4
 """With dynamic sampling a step rolls out at most this many times the rounds a full batch needs
@@ -322,9 +312,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     # INFO), warnings only.
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     logging.getLogger("megarl").setLevel(logging.INFO if first_rank else logging.WARNING)
-    for message in QUIET_WARNINGS:
-        warnings.filterwarnings("ignore", message=message)
+    from megarl.cli import quiet_library_warnings, refuse
+
+    quiet_library_warnings()
     from megarl.data.datasets import DataError
+    from megarl.models.family import UnsupportedModel
     from megarl.models.loader import CheckpointError as ModelError
     from megarl.rewards.pool import RewardError
     from megarl.rollout.errors import EngineError
@@ -334,11 +326,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load_config(args.config, args.overrides)
         run = setup(config)
-    except (ConfigError, DataError, ModelError, CheckpointError) as error:
+    except (ConfigError, DataError, ModelError, UnsupportedModel, CheckpointError) as error:
         # Bad input, named by the message: nothing was trained, nothing saved is touched.
-        if first_rank:
-            print(f"megarl.train: {error}", file=sys.stderr)
-        return 2
+        return refuse("megarl.train", error)
     try:
         fit(run)
     except (TrainingStopped, EngineError, RewardError) as error:

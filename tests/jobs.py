@@ -7,8 +7,8 @@ the test needs for its parameters (files go under ``directory``). Before the fir
 runs, the ``jobs`` fixture (tests/conftest.py) collects the jobs of every selected test, merges
 those of the same name (a model under one layout answers the logits, gradient and bucket
 questions of several test files at once), and runs them all: the single-process ones in one
-``python`` process, then the others in one ``torchrun`` launch, in the order the tests were
-collected (tests/workers/suite.py). Each test then reads its job's report; a job that failed
+``python`` process, then the others in one ``torchrun`` launch per world size, in the order the
+tests were collected (tests/workers/suite.py). Each test then reads its job's report; a job that failed
 fails its tests with the job's traceback, and the jobs after it run in a new launch.
 """
 
@@ -125,6 +125,7 @@ class Jobs:
 LAYOUTS = {
     "single": (),
     "tp2": ("--tp", "2"),
+    "tp4": ("--tp", "4"),
     "tp2-sp": ("--tp", "2", "--sp"),
     "pp2": ("--pp", "2"),
     "pp2-vpp2": ("--pp", "2", "--vpp", "2"),
@@ -132,12 +133,14 @@ LAYOUTS = {
     "cp2": ("--cp", "2"),
     "tp2-ep2-etp1": ("--tp", "2", "--sp", "--ep", "2", "--etp", "1"),
 }
-"""The layouts the tests run models under, by name: one process for ``single``, two otherwise."""
+"""The layouts the tests run models under, by name."""
+PROCESSES = {"single": 1, "tp4": 4}
+"""The processes a layout runs on, where not two."""
 
 
 def layout_job(model: str, layout: str, checks: dict) -> Job:
     """A model (HF directory) under a layout of :data:`LAYOUTS`, one job for all its checks."""
     return Job(
         name=f"{model} under {layout}", kind="layout", model=model, checks=checks,
-        nproc=1 if layout == "single" else 2, layout=LAYOUTS[layout],
+        nproc=PROCESSES.get(layout, 2), layout=LAYOUTS[layout],
     )

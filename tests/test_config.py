@@ -81,9 +81,9 @@ INVALID = [
     ]),
     (["parallel.tensor=3"], 3, "dense", [
         "`parallel.tensor` (3) must divide the model's attention heads (4): set parallel.tensor to 1, 2 or 4",
-        "`parallel.tensor` (3) must divide the model's query groups (num_key_value_heads) (2): set parallel.tensor to 1 or 2",
+        "`parallel.tensor` (3) and the model's query groups (num_key_value_heads, 2) must divide one another: set "
+        "parallel.tensor to 1, 2 or 4",
     ]),
-    (["parallel.tensor=4"], 4, "dense", ["`parallel.tensor` (4) must divide the model's query groups"]),
     (["parallel.expert=3", "train.global_batch_size=144", "train.mini_batch_size=48"], 3, "moe", [
         "`parallel.expert` (3) must divide the model's experts (8): set parallel.expert to 1, 2, 4 or 8",
     ]),
@@ -192,6 +192,8 @@ def test_world_size_must_be_positive(facts):
         (["parallel.context=2", "train.dynamic_batch=true"], 4, "dense"),
         (["parallel.pipeline=2", "parallel.virtual_pipeline=2"], 2, "dense"),
         (["parallel.tensor=2", "parallel.pipeline=2"], 8, "dense"),
+        # Fewer key/value heads (2) than TP ranks: megatron-core gives each to two ranks.
+        (["parallel.tensor=4"], 4, "dense"),
         (["train.global_batch_size=256", "train.mini_batch_size=128", "train.ppo_epochs=2"], 4, "dense"),
         (["algorithm.advantage_estimator=gae", "rollout.n_samples_per_prompt=1", "train.global_batch_size=16", "train.mini_batch_size=16"], 2, "dense"),
         (["algorithm.advantage_estimator=reinforce_pp", "rollout.n_samples_per_prompt=1", "train.global_batch_size=16", "train.mini_batch_size=16"], 1, "dense"),

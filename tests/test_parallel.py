@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from megarl.config import resolve_model_path
+from tests.hf_models import model_dir
 from tests.jobs import layout_job
 
 pytestmark = pytest.mark.multirank
@@ -20,19 +20,23 @@ LOSS_TOLERANCE = 1e-5
 GRAD_TOLERANCE = 1e-5
 
 LAYOUTS = {
-    "tiny-dense": ["tp2", "pp2", "pp2-vpp2", "tp2-sp", "cp2"],
+    "bundled:tiny-dense": ["tp2", "pp2", "pp2-vpp2", "tp2-sp", "cp2"],
     # Megatron requires sequence parallelism with MoE under TP; experts split by ETP = TP.
-    "tiny-moe": ["ep2", "pp2", "tp2-sp", "cp2"],
+    "bundled:tiny-moe": ["ep2", "pp2", "tp2-sp", "cp2"],
+    # The attention output bias (its gradient summed over the sequence-parallel ranks), and one
+    # key/value head over two ranks (tests/hf_models.py).
+    "llama-attention-bias": ["tp2-sp"],
+    "llama-1-kv-head": ["tp2"],
 }
 
 
 def gradient_jobs(directory, model, layout):
     """The single-rank reference (it runs first: one process before two), then the layout."""
-    model_dir = str(resolve_model_path(f"bundled:{model}"))
-    reference = str(directory / f"{model}.gradients.pt")
+    model_path = model_dir(directory, model)
+    reference = str(directory / f"{model.removeprefix('bundled:')}.gradients.pt")
     return [
-        layout_job(model_dir, "single", {"gradients": {"reference": reference, "save": True}}),
-        layout_job(model_dir, layout, {"gradients": {"reference": reference, "save": False}}),
+        layout_job(model_path, "single", {"gradients": {"reference": reference, "save": True}}),
+        layout_job(model_path, layout, {"gradients": {"reference": reference, "save": False}}),
     ]
 
 

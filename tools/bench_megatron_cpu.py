@@ -21,7 +21,8 @@ from torch.overrides import _pop_mode_temporarily
 
 from megarl import megatron_compat, parallel, platform
 from megarl.config import ParallelConfig, resolve_model_path
-from megarl.models.builder import build_model, load_hf_config, model_spec
+from megarl.models.builder import build_model, model_spec
+from megarl.models.loader import load_hf_config
 
 
 def time_steps(model, tokens, positions, labels, steps: int) -> list[float]:

@@ -5,6 +5,11 @@
 
 Each rank reads only the slices of the safetensors its layout owns. The checkpoint can be loaded
 later under any other layout; training resumes from it with ``checkpoint.resume=<path>``.
+
+Before anything is built the model directory and the layout are checked: a config.json
+transformers reads, an architecture and options megarl implements, complete safetensors files
+whose tensors are exactly those the model uses, and a layout that fits the model and the number
+of processes. Each problem is one line naming the file or option; the exit code is then 2.
 """
 
 from __future__ import annotations
@@ -12,9 +17,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from megarl.models.convert import hf_to_checkpoint
-from megarl.models.loader import CheckpointError as HFCheckpointError
-from megarl.config import ParallelConfig
+
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
 
 
 def main(argv: list[str]) -> int:
@@ -22,20 +30,35 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--hf", required=True, help="HF model directory (config.json + safetensors)")
     parser.add_argument("--out", required=True, help="checkpoint root to write step_00000000 into")
     parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
-    parser.add_argument("--tp", type=int, default=1)
-    parser.add_argument("--pp", type=int, default=1)
-    parser.add_argument("--vpp", type=int, default=None)
-    parser.add_argument("--ep", type=int, default=1)
-    parser.add_argument("--etp", type=int, default=None)
+    parser.add_argument("--tp", type=positive, default=1)
+    parser.add_argument("--pp", type=positive, default=1)
+    parser.add_argument("--vpp", type=positive, default=None)
+    parser.add_argument("--ep", type=positive, default=1)
+    parser.add_argument("--etp", type=positive, default=None)
     args = parser.parse_args(argv)
+    # Light imports: the checks below come before torch.distributed, Megatron and the model.
+    from megarl.cli import LAYOUT_FLAGS, quiet_library_warnings, refuse, world_size
+    from megarl.config import ConfigError, ModelFacts, ParallelConfig, layout_errors
+    from megarl.models.family import UnsupportedModel, checked_family
+    from megarl.models.loader import CheckpointError, HFCheckpoint, load_hf_config
+
+    quiet_library_warnings()
     layout = ParallelConfig(
-        tensor=args.tp, pipeline=args.pp, virtual_pipeline=args.vpp, expert=args.ep, expert_tensor=args.etp
+        tensor=args.tp, pipeline=args.pp, virtual_pipeline=args.vpp, expert=args.ep, expert_tensor=args.etp,
+        sequence_parallel=args.tp > 1,
     )
     try:
+        hf_config = load_hf_config(args.hf)
+        checked_family(hf_config)
+        HFCheckpoint(args.hf).check_names(hf_config)
+        problems = layout_errors(layout, world_size(), ModelFacts.from_hf_dir(args.hf), LAYOUT_FLAGS)
+        if problems:
+            return refuse("convert_from_hf", *problems)
+        from megarl.models.convert import hf_to_checkpoint
+
         out = hf_to_checkpoint(args.hf, args.out, layout, dtype=args.dtype)
-    except (HFCheckpointError, FileNotFoundError, OSError) as error:
-        print(f"convert_from_hf: {error}", file=sys.stderr)
-        return 2
+    except (CheckpointError, UnsupportedModel, ConfigError) as error:
+        return refuse("convert_from_hf", error)
     print(f"wrote {out}")
     return 0
 

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from pathlib import Path
 from typing import Any
 
 import torch
-import transformers
 from megatron.core.models.gpt import GPTModel
 from megatron.core.pipeline_parallel.utils import is_vp_first_stage, is_vp_last_stage
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megarl.models.family import family_of, rope_theta
+from megarl.models.family import checked_family, rope_theta, rotary_inv_freq
 from megarl.models.specs import Backend, decoder_block_spec
 from megarl.config import ParallelConfig
 from megarl.platform import current_device
@@ -31,11 +29,6 @@ def padded_vocab_size(vocab_size: int, tensor_parallel: int) -> int:
     return -(-vocab_size // multiple) * multiple
 
 
-def load_hf_config(path: str | Path):
-    """Read a HuggingFace ``config.json`` (no weights) from a local directory."""
-    return transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
-
-
 @dataclasses.dataclass(frozen=True, slots=True)
 class ModelSpec:
     """Everything needed to build the Megatron model of a HF model under a layout."""
@@ -48,6 +41,8 @@ class ModelSpec:
     """For each global layer, whether it is MoE."""
     padded_vocab_size: int
     """Vocabulary rows Megatron allocates (``>= hf_config.vocab_size``)."""
+    attention_output_bias: bool = False
+    """The attention output projection has a bias (Megatron's config has no field for it alone)."""
 
 
 def model_spec(
@@ -63,8 +58,11 @@ def model_spec(
         layout: the parallel layout.
         dtype: parameter and compute dtype (float32, bfloat16 or float16).
         **overrides: further TransformerConfig fields (recompute, MoE dispatcher, ...).
+
+    Raises:
+        UnsupportedModel: the architecture, or one of its options, is not implemented.
     """
-    family = family_of(hf_config)
+    family = checked_family(hf_config)
     on_cpu = not torch.cuda.is_available()
     fields = {
         **family.config_fields(hf_config),
@@ -107,6 +105,7 @@ def model_spec(
         transformer_config=TransformerConfig(**fields),
         moe_layers=family.moe_layers(hf_config),
         padded_vocab_size=padded_vocab_size(hf_config.vocab_size, layout.tensor),
+        attention_output_bias=family.attention_output_bias(hf_config),
     )
 
 
@@ -131,12 +130,16 @@ def build_model(
     pp_rank = pg_collection.pp.rank()
     pp_size = pg_collection.pp.size()
     device = current_device()
+    # transformers' frequencies (rope scaling included) replace those Megatron derives from the base.
+    inv_freq = rotary_inv_freq(hf_config)
     chunks = []
     for vp_stage in range(vp_size or 1):
         stage = vp_stage if vp_size else None
         chunk = GPTModel(
             config=config,
-            transformer_layer_spec=decoder_block_spec(config, spec.moe_layers, backend, vp_stage=stage),
+            transformer_layer_spec=decoder_block_spec(
+                config, spec.moe_layers, backend, vp_stage=stage, attention_output_bias=spec.attention_output_bias
+            ),
             vocab_size=spec.padded_vocab_size,
             max_sequence_length=hf_config.max_position_embeddings,
             pre_process=pp_rank == 0 and is_vp_first_stage(vp_stage, vp_size),
@@ -147,6 +150,7 @@ def build_model(
             pg_collection=pg_collection,
             vp_stage=stage,
         )
+        chunk.rotary_pos_emb.inv_freq.copy_(inv_freq)
         chunks.append(chunk.to(device))
     return chunks
 

@@ -8,6 +8,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Iterable
 
@@ -18,9 +20,9 @@ from tqdm import tqdm
 
 from megarl import parallel, platform
 from megarl.config import ParallelConfig
-from megarl.models.builder import build_model, load_hf_config, model_spec
+from megarl.models.builder import build_model, model_spec
 from megarl.models.exporter import export_hf_tensors
-from megarl.models.loader import load_hf_weights
+from megarl.models.loader import load_hf_config, load_hf_weights
 from megarl.trainer import checkpoint
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
@@ -77,26 +79,61 @@ def write_safetensors(tensors: Iterable[tuple[str, torch.Tensor]], out_dir: Path
     return names
 
 
+def _is_hf_model_dir(path: Path) -> bool:
+    return (path / "config.json").is_file() and any(
+        (path / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")
+    )
+
+
+def check_export_target(out_dir: str | Path) -> None:
+    """An export goes to a new or empty directory, or replaces a HF model directory whole.
+
+    Raises:
+        CheckpointError: ``out_dir`` holds files but is not a HF model directory (config.json and
+            safetensors): replacing it could delete something else.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not _is_hf_model_dir(out_dir))):
+        raise checkpoint.CheckpointError(
+            f"{out_dir}: exists and is not an empty directory or a HF model directory (config.json and "
+            f"safetensors), which an export replaces whole: choose a new directory"
+        )
+
+
 def export_hf_dir(
     chunks, spec, pg_collection, out_dir: str | Path, hf_dir: str | Path, *, dtype: torch.dtype,
     tokenizer_dir: str | Path | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
 ) -> Path:
     """Write a Megatron model as a HF model directory: safetensors in ``dtype``, the config of
-    ``hf_dir`` (its ``torch_dtype`` set to ``dtype``) and the tokenizer files of ``tokenizer_dir``
-    (default ``hf_dir``). Collective; the first rank writes.
+    ``hf_dir`` (its ``dtype`` set to ``dtype``, as transformers reads it) and the tokenizer files of
+    ``tokenizer_dir`` (default ``hf_dir``). Collective; the first rank writes.
+
+    The directory is written beside ``out_dir`` and then put in its place, so that ``out_dir`` holds
+    exactly the new files (a previous export's shards do not linger next to a new index) and a
+    failed export leaves the previous one whole (see :func:`check_export_target`).
     """
     out_dir = Path(out_dir)
+    check_export_target(out_dir)
     tensors = ((name, tensor.to(dtype)) for name, tensor in export_hf_tensors(chunks, spec, pg_collection, dst=0))
     if dist.get_rank() != 0:
         for _ in tensors:
             pass
         dist.barrier()
         return out_dir
-    write_safetensors(tensors, out_dir, max_shard_bytes)
-    checkpoint.copy_hf_files(hf_dir, out_dir, tokenizer_dir)
-    config = json.loads((out_dir / "config.json").read_text())
-    config["torch_dtype"] = _dtype_name(dtype)
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    write_safetensors(tensors, staging, max_shard_bytes)
+    checkpoint.copy_hf_files(hf_dir, staging, tokenizer_dir)
+    config = json.loads((staging / "config.json").read_text())
+    config.pop("torch_dtype", None)
+    config["dtype"] = _dtype_name(dtype)
+    (staging / "config.json").write_text(json.dumps(config, indent=2))
+    previous = out_dir.parent / f".{out_dir.name}.previous-{os.getpid()}"
+    if out_dir.exists():
+        out_dir.rename(previous)
+    staging.rename(out_dir)
+    shutil.rmtree(previous, ignore_errors=True)
     dist.barrier()
     return out_dir
 
@@ -147,24 +184,16 @@ def checkpoint_to_hf(
     Args:
         checkpoint_path: a committed checkpoint (``.../step_NNNNNNNN``) or a checkpoint root (its
             latest committed checkpoint is used).
-        out_dir: the HF directory to write (created; existing files are overwritten).
+        out_dir: the HF directory to write: new, empty, or a HF model directory it replaces
+            (:func:`check_export_target`).
         layout: the layout to load under (world size must match); the default single process.
         dtype: dtype of the exported tensors (``fp32``, ``bf16``, ``fp16``); default: the dtype
             the HF config declares, else fp32.
         max_shard_bytes: largest safetensors shard.
     """
-    path = Path(checkpoint_path)
-    if not path.name.startswith("step_"):
-        latest = checkpoint.resolve_resume("auto", path)
-        if latest is None:
-            raise checkpoint.CheckpointError(f"{path}: no committed checkpoint (step_NNNNNNNN) in this directory")
-        path = latest
-    hf_files = path / "hf"
-    if not (hf_files / "config.json").exists():
-        raise checkpoint.CheckpointError(
-            f"{path}: hf/config.json is missing; the checkpoint does not record its HF config. "
-            f"Copy the model's config.json (and tokenizer files) into {hf_files}/"
-        )
+    check_export_target(out_dir)
+    path = checkpoint.committed_checkpoint(checkpoint_path)
+    hf_files = checkpoint.hf_files(path)
     layout = layout or ParallelConfig()
     _, pgs = _layout_and_groups(layout)
     hf_config = load_hf_config(hf_files)

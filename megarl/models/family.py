@@ -5,8 +5,13 @@ to Megatron's ``TransformerConfig`` fields, which layers are MoE, and the weight
 (:mod:`megarl.models.mapping`). Families register themselves with :func:`register_family`;
 :func:`family_of` finds the one for a HF config.
 
-Llama-style decoders share :func:`decoder_fields` and :func:`decoder_weight_rules`
-(``llama.py``: Llama, Qwen2; ``qwen3.py``: Qwen3, Qwen3-MoE; ``qwen2_moe.py``). The next family,
+A family also declares the HF config options that change the computation and the values it
+implements (:class:`Option`): :func:`checked_family` refuses any other value, naming it, so that a
+model is converted exactly or not at all.
+
+Llama-style decoders share :func:`decoder_fields`, :func:`decoder_weight_rules` and
+:data:`DECODER_OPTIONS` (``llama.py``: Llama, Qwen2; ``qwen3.py``: Qwen3, Qwen3-MoE;
+``qwen2_moe.py``). The next family,
 DeepSeek-V3, adds a module of its own: multi-latent attention (``multi_latent_attention=True`` with
 its q/kv LoRA ranks), MLA mapping rules (``linear_q_down_proj``, ``linear_kv_down_proj``,
 ``linear_kv_up_proj`` ... from ``q_a_proj``, ``kv_a_proj_with_mqa``, ``kv_b_proj``), the
@@ -34,6 +39,35 @@ from megarl.models.mapping import (
 _FAMILIES: dict[str, ModelFamily] = {}
 
 
+class UnsupportedModel(ValueError):
+    """A HF model megarl cannot build exactly: an architecture no family serves, or a config
+    option at a value the family does not implement. The message names the option and the value."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Option:
+    """A HF config option that changes the model's computation, and the values a family
+    implements; any other value is refused (:func:`checked_family`) rather than converted wrong."""
+
+    key: str
+    """The HF config key."""
+    supported: tuple[Any, ...]
+    """The values megarl implements."""
+    default: Any = None
+    """The value when the config lacks the key (transformers' default)."""
+    read: Callable[[Any], Any] | None = None
+    """Reads the value from the HF config where it is not a plain attribute."""
+
+    def problem(self, hf_config, family: str) -> str | None:
+        value = self.read(hf_config) if self.read else getattr(hf_config, self.key, self.default)
+        if value in self.supported:
+            return None
+        return (
+            f"{self.key} = {value!r} is not supported by megarl's {family} family (it implements "
+            f"{' or '.join(repr(option) for option in self.supported)})"
+        )
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class ModelFamily:
     """How one HF architecture maps onto Megatron."""
@@ -49,6 +83,11 @@ class ModelFamily:
     weight_rules: Callable[[Any], list[Rule]]
     """HF config -> the weight mapping rules (per-layer rules with the layer filled in, expert
     rules templated on ``{expert}``)."""
+    options: tuple[Option, ...] = ()
+    """The HF config options that change the computation, with the values implemented."""
+    attention_output_bias: Callable[[Any], bool] = lambda hf_config: False
+    """HF config -> whether the attention output projection (``o_proj``) has a bias while the MLP
+    has none (Megatron's ``add_bias_linear`` would give both one)."""
 
 
 def register_family(family: ModelFamily) -> ModelFamily:
@@ -61,7 +100,7 @@ def register_family(family: ModelFamily) -> ModelFamily:
 
 
 def family_of(hf_config) -> ModelFamily:
-    """The family serving ``hf_config.architectures``; a clear error when none does."""
+    """The family serving ``hf_config.architectures``; :class:`UnsupportedModel` when none does."""
     # Importing the family modules registers them.
     from megarl.models import llama, qwen2_moe, qwen3  # noqa: F401
 
@@ -69,26 +108,89 @@ def family_of(hf_config) -> ModelFamily:
     for architecture in architectures:
         if architecture in _FAMILIES:
             return _FAMILIES[architecture]
-    raise ValueError(
+    raise UnsupportedModel(
         f"no megarl model family serves architectures {architectures}; supported: "
-        f"{sorted(_FAMILIES)}. Add a family in megarl/models/ (see megarl/models/qwen3.py)."
+        f"{', '.join(sorted(_FAMILIES))} (a new family goes in megarl/models/, see qwen3.py)"
     )
 
 
+def checked_family(hf_config) -> ModelFamily:
+    """The family of ``hf_config`` once every option it declares has a value it implements.
+
+    Raises:
+        UnsupportedModel: naming every option and value it does not implement.
+    """
+    family = family_of(hf_config)
+    problems = [problem for option in family.options if (problem := option.problem(hf_config, family.name))]
+    if problems:
+        raise UnsupportedModel("; ".join(problems) + ": megarl refuses to convert it rather than convert it wrong")
+    return family
+
+
+def rope_parameters(hf_config) -> dict[str, Any]:
+    """The rotary embedding's parameters: ``rope_parameters`` (transformers 5), else the
+    ``rope_scaling`` dict and ``rope_theta`` of older configs."""
+    parameters = getattr(hf_config, "rope_parameters", None)
+    if parameters:
+        return dict(parameters)
+    parameters = dict(getattr(hf_config, "rope_scaling", None) or {})
+    parameters.setdefault("rope_type", parameters.get("type", "default"))
+    if getattr(hf_config, "rope_theta", None) is not None:
+        parameters["rope_theta"] = hf_config.rope_theta
+    return parameters
+
+
 def rope_theta(hf_config) -> float:
-    """The rotary base, from ``rope_theta`` (transformers 4) or ``rope_parameters`` (5)."""
-    parameters = getattr(hf_config, "rope_parameters", None) or {}
-    rope_type = parameters.get("rope_type", "default")
-    scaling = getattr(hf_config, "rope_scaling", None)
-    if rope_type != "default" or (scaling and scaling.get("rope_type", scaling.get("type")) != "default"):
-        raise ValueError(
-            f"rope type {rope_type!r} / rope_scaling {scaling!r} is not supported yet; megarl "
-            f"supports the default rotary embedding"
-        )
-    theta = getattr(hf_config, "rope_theta", None) or parameters.get("rope_theta")
+    """The rotary base."""
+    theta = rope_parameters(hf_config).get("rope_theta")
     if theta is None:
-        raise ValueError("the HF config has neither rope_theta nor rope_parameters['rope_theta']")
+        raise UnsupportedModel("the HF config has neither rope_theta nor rope_parameters['rope_theta']")
     return float(theta)
+
+
+def rotary_inv_freq(hf_config):
+    """``[head_dim / 2]`` rotary frequencies exactly as transformers computes them for this config
+    (the default, ``linear`` or ``llama3`` scaling); Megatron's rotary embedding then uses them."""
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    rotary = LlamaRotaryEmbedding(config=hf_config)
+    if rotary.attention_scaling != 1.0:
+        raise UnsupportedModel(
+            f"rope type {rope_parameters(hf_config).get('rope_type')!r} scales attention by "
+            f"{rotary.attention_scaling}; megarl implements rope types without attention scaling"
+        )
+    return rotary.inv_freq.float()
+
+
+def _rope_type(hf_config) -> str:
+    return rope_parameters(hf_config).get("rope_type", "default")
+
+
+def _partial_rotary_factor(hf_config) -> float:
+    return float(rope_parameters(hf_config).get("partial_rotary_factor", getattr(hf_config, "partial_rotary_factor", 1.0)))
+
+
+def _attention_layer_types(hf_config) -> str:
+    """``full_attention`` when every layer attends to the whole sequence, else what differs:
+    transformers 5 lists each layer's type (``layer_types``), older configs say
+    ``use_sliding_window``."""
+    layer_types = getattr(hf_config, "layer_types", None)
+    if layer_types is not None:
+        return ", ".join(sorted(set(layer_types) - {"full_attention"})) or "full_attention"
+    if getattr(hf_config, "use_sliding_window", False):
+        return f"sliding window of {getattr(hf_config, 'sliding_window', None)}"
+    return "full_attention"
+
+
+DECODER_OPTIONS = (
+    Option("hidden_act", ("silu",), default="silu"),
+    Option("mlp_bias", (False,), default=False),
+    # Rope types that only change the frequencies: transformers' own are copied into Megatron.
+    Option("rope type", ("default", "linear", "llama3"), read=_rope_type),
+    Option("partial_rotary_factor", (1.0,), read=_partial_rotary_factor),
+    Option("attention layer types", ("full_attention",), read=_attention_layer_types),
+)
+"""Options every Llama-style decoder family declares; each family adds its own."""
 
 
 def decoder_fields(hf_config, *, qkv_bias: bool) -> dict[str, Any]:
@@ -96,13 +198,10 @@ def decoder_fields(hf_config, *, qkv_bias: bool) -> dict[str, Any]:
     rotary embedding, grouped-query attention).
 
     Args:
-        hf_config: the HF config.
-        qkv_bias: the q/k/v projections have biases (Qwen2); o_proj and the MLP never do.
+        hf_config: the HF config (its options checked: :data:`DECODER_OPTIONS`).
+        qkv_bias: the q/k/v projections have biases (Qwen2, or ``attention_bias``); the MLP never
+            does, and ``o_proj``'s bias is the family's ``attention_output_bias``.
     """
-    if getattr(hf_config, "hidden_act", "silu") != "silu":
-        raise ValueError(f"hidden_act {hf_config.hidden_act!r} is not supported; expected 'silu'")
-    if getattr(hf_config, "mlp_bias", False):
-        raise ValueError("mlp_bias=True is not supported: Megatron's fused gate/up layer has no bias")
     heads = hf_config.num_attention_heads
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
     return dict(
@@ -158,6 +257,7 @@ def decoder_weight_rules(
     moe_layers: list[bool],
     *,
     qkv_bias: bool,
+    proj_bias: bool = False,
     qk_norm: bool = False,
     shared_expert: bool = False,
 ) -> list[Rule]:
@@ -170,6 +270,7 @@ def decoder_weight_rules(
         hf_config: the HF config.
         moe_layers: whether each layer is MoE.
         qkv_bias: the q/k/v projections have biases (Qwen2).
+        proj_bias: the attention output projection has a bias (``attention_bias`` of Llama, Qwen3).
         qk_norm: per-head q/k RMSNorm (Qwen3).
         shared_expert: a shared expert with a sigmoid gate beside the routed experts (Qwen2-MoE).
     """
@@ -202,6 +303,8 @@ def decoder_weight_rules(
             rules.append(
                 FusedQKV(f"{mg}self_attention.linear_qkv.bias", tuple(f"{n}.bias" for n in attention), **qkv)
             )
+        if proj_bias:
+            rules.append(Replicated(f"{mg}self_attention.linear_proj.bias", (f"{hf}self_attn.o_proj.bias",)))
         if qk_norm:
             rules += [
                 Replicated(f"{mg}self_attention.q_layernorm.weight", (f"{hf}self_attn.q_norm.weight",)),

@@ -1,8 +1,10 @@
-"""Llama and Qwen2 (dense): Llama-style decoders; Qwen2 adds biases to the q/k/v projections."""
+"""Llama and Qwen2 (dense): Llama-style decoders. Llama's ``attention_bias`` gives q/k/v and
+o_proj biases; Qwen2 always has q/k/v biases and none on o_proj."""
 
 from __future__ import annotations
 
 from megarl.models.family import (
+    DECODER_OPTIONS,
     ModelFamily,
     decoder_fields,
     decoder_weight_rules,
@@ -11,7 +13,8 @@ from megarl.models.family import (
 )
 
 
-def _llama_qkv_bias(hf_config) -> bool:
+def attention_bias(hf_config) -> bool:
+    """``attention_bias``: biases on q/k/v and on o_proj (Llama, Qwen3)."""
     return bool(getattr(hf_config, "attention_bias", False))
 
 
@@ -19,11 +22,13 @@ LLAMA = register_family(
     ModelFamily(
         name="llama",
         architectures=("LlamaForCausalLM",),
-        config_fields=lambda hf_config: decoder_fields(hf_config, qkv_bias=_llama_qkv_bias(hf_config)),
+        config_fields=lambda hf_config: decoder_fields(hf_config, qkv_bias=attention_bias(hf_config)),
         moe_layers=dense_layers,
         weight_rules=lambda hf_config: decoder_weight_rules(
-            hf_config, dense_layers(hf_config), qkv_bias=_llama_qkv_bias(hf_config)
+            hf_config, dense_layers(hf_config), qkv_bias=attention_bias(hf_config), proj_bias=attention_bias(hf_config)
         ),
+        options=DECODER_OPTIONS,
+        attention_output_bias=attention_bias,
     )
 )
 
@@ -34,5 +39,6 @@ QWEN2 = register_family(
         config_fields=lambda hf_config: decoder_fields(hf_config, qkv_bias=True),
         moe_layers=dense_layers,
         weight_rules=lambda hf_config: decoder_weight_rules(hf_config, dense_layers(hf_config), qkv_bias=True),
+        options=DECODER_OPTIONS,
     )
 )

@@ -14,11 +14,15 @@ from typing import Iterator
 
 import torch
 import torch.distributed as dist
+import transformers
 from safetensors import safe_open
 from tqdm import tqdm
 
 from megarl.models.family import family_of
 from megarl.models.mapping import Rule
+
+_IGNORED_HF_TENSORS = re.compile(r"\.rotary_emb\.inv_freq$")
+"""Buffers some HF checkpoints hold that are not weights; transformers ignores them too."""
 
 # Transformer Engine's spec fuses the pre-attention and pre-MLP norms into the following linear
 # layer; its grouped experts name each expert's weight ``weight{j}``. Mapping rules use the
@@ -34,6 +38,21 @@ _LOCAL_EXPERT = re.compile(r"\.local_experts\.(\d+)\.")
 
 class CheckpointError(ValueError):
     """A HF checkpoint does not match the model: names the file and the tensor."""
+
+
+def load_hf_config(path: str | Path):
+    """Read a HuggingFace ``config.json`` (no weights) from a local directory.
+
+    Raises:
+        CheckpointError: the directory has no config.json, or transformers cannot read it.
+    """
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{config_file} does not exist: expected a HuggingFace model directory (config.json, safetensors)")
+    try:
+        return transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except (ValueError, OSError, KeyError) as error:
+        raise CheckpointError(f"{config_file}: transformers cannot read it ({error})") from None
 
 
 def canonical_name(name: str) -> str:
@@ -78,35 +97,89 @@ def locate(local_name: str, chunk, ep_rank: int, num_local_experts: int) -> Para
     return ParamLocation(key=name, layer=layer, expert=expert)
 
 
+def expected_hf_names(hf_config) -> set[str]:
+    """Every HF tensor the family's mapping rules read, for all layers and experts."""
+    family = family_of(hf_config)
+    experts = family.config_fields(hf_config).get("num_moe_experts") or 0
+    names: set[str] = set()
+    for rule in family.weight_rules(hf_config):
+        for expert in range(experts) if rule.is_expert else (None,):
+            names.update(rule.instantiate(expert=expert).hf)
+    return names
+
+
 class HFCheckpoint:
-    """Lazy, slice-level reader of a HF safetensors checkpoint (single file or sharded + index)."""
+    """Lazy, slice-level reader of a HF safetensors checkpoint (single file or sharded + index).
+
+    Opening reads every file's header, so that a truncated or damaged file is named before any
+    model is built.
+
+    Raises:
+        CheckpointError: no checkpoint in the directory, an index that is not JSON, or a file
+            that is not a complete safetensors file.
+    """
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
         index = self.directory / "model.safetensors.index.json"
         single = self.directory / "model.safetensors"
+        self._handles: dict[Path, object] = {}
         if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as error:
+                raise CheckpointError(f"{index}: not a safetensors index (JSON with a weight_map): {error}") from None
             self.files = {name: self.directory / file for name, file in weight_map.items()}
         elif single.exists():
-            with safe_open(single, framework="pt") as handle:
-                self.files = {name: single for name in handle.keys()}
+            self.files = {name: single for name in self._open(single).keys()}
         else:
             raise CheckpointError(
                 f"{self.directory}: no model.safetensors or model.safetensors.index.json; "
                 f"expected a HuggingFace checkpoint directory"
             )
-        self._handles: dict[Path, object] = {}
+        for path in sorted(set(self.files.values())):
+            if not path.exists():
+                raise CheckpointError(f"{path}: listed in {index.name} but does not exist")
+            self._open(path)
+
+    def _open(self, path: Path):
+        if path not in self._handles:
+            try:
+                self._handles[path] = safe_open(path, framework="pt")
+            except Exception as error:  # safetensors raises its own SafetensorError (not exported) and OSError
+                raise CheckpointError(
+                    f"{path}: not a complete safetensors file ({error}); copy or download it again"
+                ) from None
+        return self._handles[path]
+
+    def check_names(self, hf_config) -> None:
+        """Every tensor of the checkpoint is one the model reads, and every one it reads is here.
+
+        With tied embeddings transformers ignores a stored ``lm_head.weight``; so does megarl.
+
+        Raises:
+            CheckpointError: naming the tensors the model would drop or lacks.
+        """
+        expected = expected_hf_names(hf_config)
+        stored = {name for name in self.files if not _IGNORED_HF_TENSORS.search(name)}
+        if getattr(hf_config, "tie_word_embeddings", False):
+            stored.discard("lm_head.weight")
+        unused, missing = sorted(stored - expected), sorted(expected - stored)
+        problems = []
+        if unused:
+            problems.append(
+                f"{len(unused)} tensor(s) the {family_of(hf_config).name} model would not use ({_some(unused)}): "
+                f"megarl refuses to drop weights; does config.json describe this checkpoint?"
+            )
+        if missing:
+            problems.append(f"{len(missing)} tensor(s) the model needs are missing ({_some(missing)})")
+        if problems:
+            raise CheckpointError(f"{self.directory}: " + "; ".join(problems))
 
     def _handle(self, name: str):
         if name not in self.files:
             raise CheckpointError(f"{self.directory}: tensor {name} is missing from the checkpoint")
-        path = self.files[name]
-        if not path.exists():
-            raise CheckpointError(f"{path}: file listed in the index for {name} does not exist")
-        if path not in self._handles:
-            self._handles[path] = safe_open(path, framework="pt")
-        return self._handles[path]
+        return self._open(self.files[name])
 
     def names(self) -> set[str]:
         return set(self.files)
@@ -122,6 +195,12 @@ class HFCheckpoint:
             )
         index = (slice(None),) * dim + (slice(start, stop),)
         return tensor_slice[index]
+
+
+def _some(names: list[str], shown: int = 4) -> str:
+    """The first ``shown`` names, and how many more."""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
 
 
 def shard_from_hf(checkpoint: HFCheckpoint, rule: Rule, param: torch.Tensor, rank: int, size: int) -> torch.Tensor:
@@ -169,6 +248,8 @@ def tensor_parallel_coordinates(rule: Rule, pg_collection) -> tuple[int, int]:
 def load_hf_weights(chunks, spec, pg_collection, directory: str | Path) -> None:
     """Copy a HF checkpoint's weights into this rank's Megatron chunks.
 
+    Every tensor of the checkpoint must be one the model reads (:meth:`HFCheckpoint.check_names`).
+
     Args:
         chunks: the model chunks from :func:`megarl.models.builder.build_model`.
         spec: their :class:`~megarl.models.builder.ModelSpec`.
@@ -176,6 +257,7 @@ def load_hf_weights(chunks, spec, pg_collection, directory: str | Path) -> None:
         directory: HF checkpoint directory (safetensors).
     """
     checkpoint = HFCheckpoint(directory)
+    checkpoint.check_names(spec.hf_config)
     parameters = list(local_parameters(chunks, spec, pg_collection))
     # One bar, on the first rank; every rank loads its own slices.
     progress = tqdm(parameters, desc="load HF weights", unit="tensor", disable=dist.get_rank() != 0)

@@ -130,7 +130,13 @@ class VocabParallel(Rule):
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class FusedQKV(Rule):
-    """``hf = (q_proj, k_proj, v_proj)`` (weights or biases) interleaved per query group."""
+    """``hf = (q_proj, k_proj, v_proj)`` (weights or biases) interleaved per query group.
+
+    The whole fused tensor is ``[q of group g; k of group g; v of group g]`` for each group, and
+    tensor-parallel rank ``r`` holds rows ``[r * local_length, (r + 1) * local_length)`` of it: whole
+    groups when TP divides the query groups, and with fewer query groups than TP ranks a part of
+    one group's rows (megatron-core all-gathers the projection and each rank takes its heads).
+    """
 
     num_query_groups: int = 0
     heads_per_group: int = 0
@@ -138,14 +144,20 @@ class FusedQKV(Rule):
 
     def segments(self, local_length, rank, size):
         q_name, k_name, v_name = self.hf
-        groups_per_rank = self.num_query_groups // size
-        first, last = rank * groups_per_rank, (rank + 1) * groups_per_rank
         q_rows = self.heads_per_group * self.head_dim
-        segments = []
-        for group in range(first, last):
-            segments.append(Segment(q_name, group * q_rows, (group + 1) * q_rows))
-            segments.append(Segment(k_name, group * self.head_dim, (group + 1) * self.head_dim))
-            segments.append(Segment(v_name, group * self.head_dim, (group + 1) * self.head_dim))
+        start, stop = rank * local_length, (rank + 1) * local_length
+        segments, offset = [], 0
+        for group in range(self.num_query_groups):
+            for name, first, length in (
+                (q_name, group * q_rows, q_rows),
+                (k_name, group * self.head_dim, self.head_dim),
+                (v_name, group * self.head_dim, self.head_dim),
+            ):
+                # This piece covers rows [offset, offset + length) of the fused tensor.
+                low, high = max(start, offset), min(stop, offset + length)
+                if low < high:
+                    segments.append(Segment(name, first + low - offset, first + high - offset))
+                offset += length
         return segments
 
 

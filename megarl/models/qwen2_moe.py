@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from megarl.models.family import (
+    DECODER_OPTIONS,
     ModelFamily,
     decoder_fields,
     decoder_weight_rules,
@@ -37,5 +38,6 @@ QWEN2_MOE = register_family(
         weight_rules=lambda hf_config: decoder_weight_rules(
             hf_config, qwen_moe_layers(hf_config), qkv_bias=_qkv_bias(hf_config), shared_expert=True
         ),
+        options=DECODER_OPTIONS,
     )
 )

@@ -1,10 +1,12 @@
-"""Qwen3 (dense, per-head q/k RMSNorm) and Qwen3-MoE (top-k routed experts, no shared expert)."""
+"""Qwen3 (dense, per-head q/k RMSNorm) and Qwen3-MoE (top-k routed experts, no shared expert);
+``attention_bias`` gives q/k/v and o_proj biases, as in Llama."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from megarl.models.family import (
+    DECODER_OPTIONS,
     ModelFamily,
     decoder_fields,
     decoder_weight_rules,
@@ -13,14 +15,21 @@ from megarl.models.family import (
     qwen_moe_layers,
     register_family,
 )
+from megarl.models.llama import attention_bias
 
 
 def _qwen3_fields(hf_config) -> dict[str, Any]:
-    return {**decoder_fields(hf_config, qkv_bias=False), "qk_layernorm": True}
+    return {**decoder_fields(hf_config, qkv_bias=attention_bias(hf_config)), "qk_layernorm": True}
 
 
 def _qwen3_moe_fields(hf_config) -> dict[str, Any]:
     return {**_qwen3_fields(hf_config), **qwen_moe_fields(hf_config)}
+
+
+def _weight_rules(moe_layers):
+    return lambda hf_config: decoder_weight_rules(
+        hf_config, moe_layers(hf_config), qkv_bias=attention_bias(hf_config), proj_bias=attention_bias(hf_config), qk_norm=True
+    )
 
 
 QWEN3 = register_family(
@@ -29,9 +38,9 @@ QWEN3 = register_family(
         architectures=("Qwen3ForCausalLM",),
         config_fields=_qwen3_fields,
         moe_layers=dense_layers,
-        weight_rules=lambda hf_config: decoder_weight_rules(
-            hf_config, dense_layers(hf_config), qkv_bias=False, qk_norm=True
-        ),
+        weight_rules=_weight_rules(dense_layers),
+        options=DECODER_OPTIONS,
+        attention_output_bias=attention_bias,
     )
 )
 
@@ -41,8 +50,8 @@ QWEN3_MOE = register_family(
         architectures=("Qwen3MoeForCausalLM",),
         config_fields=_qwen3_moe_fields,
         moe_layers=qwen_moe_layers,
-        weight_rules=lambda hf_config: decoder_weight_rules(
-            hf_config, qwen_moe_layers(hf_config), qkv_bias=False, qk_norm=True
-        ),
+        weight_rules=_weight_rules(qwen_moe_layers),
+        options=DECODER_OPTIONS,
+        attention_output_bias=attention_bias,
     )
 )

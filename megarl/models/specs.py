@@ -8,6 +8,7 @@ support that Megatron's torch fallbacks lack.
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
@@ -52,13 +53,30 @@ def choose_backend(requested: str, has_transformer_engine: bool) -> Backend:
     return requested
 
 
-def portable_layer_spec(num_experts: int | None, moe_grouped_gemm: bool, qk_layernorm: bool) -> ModuleSpec:
+@functools.cache
+def with_bias(linear: type) -> type:
+    """``linear`` built with a bias whatever ``add_bias_linear`` says: the attention output
+    projection of HF models with ``attention_bias`` (Llama, Qwen3), whose MLP has no bias, while
+    Megatron's one flag would give both one."""
+
+    class LinearWithBias(linear):
+        def __init__(self, *args, bias: bool, **kwargs):
+            super().__init__(*args, bias=True, **kwargs)
+
+    LinearWithBias.__name__ = LinearWithBias.__qualname__ = f"{linear.__name__}WithBias"
+    return LinearWithBias
+
+
+def portable_layer_spec(
+    num_experts: int | None, moe_grouped_gemm: bool, qk_layernorm: bool, attention_output_bias: bool = False
+) -> ModuleSpec:
     """A transformer layer built from Megatron's modules plus the portable norm and attention.
 
     Args:
         num_experts: experts of this layer's MoE block; None for a dense MLP.
         moe_grouped_gemm: grouped expert weights (``GroupedMLP``) instead of one module per expert.
         qk_layernorm: normalise queries and keys per head (Qwen3).
+        attention_output_bias: the attention output projection has a bias (:func:`with_bias`).
     """
     qk_norm = PortableNorm if qk_layernorm else IdentityOp
     return ModuleSpec(
@@ -71,7 +89,7 @@ def portable_layer_spec(num_experts: int | None, moe_grouped_gemm: bool, qk_laye
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=ColumnParallelLinear,
                     core_attention=PortableAttention,
-                    linear_proj=RowParallelLinear,
+                    linear_proj=with_bias(RowParallelLinear) if attention_output_bias else RowParallelLinear,
                     q_layernorm=qk_norm,
                     k_layernorm=qk_norm,
                 ),
@@ -88,16 +106,20 @@ def portable_layer_spec(num_experts: int | None, moe_grouped_gemm: bool, qk_laye
     )
 
 
-def layer_spec(config: TransformerConfig, is_moe: bool, backend: Backend) -> ModuleSpec:
+def layer_spec(config: TransformerConfig, is_moe: bool, backend: Backend, attention_output_bias: bool = False) -> ModuleSpec:
     """The spec of one decoder layer (dense or MoE) for ``backend``."""
     num_experts = config.num_moe_experts if is_moe else None
     if backend == "te":
-        return get_gpt_layer_with_transformer_engine_spec(
+        spec = get_gpt_layer_with_transformer_engine_spec(
             num_experts=num_experts,
             moe_grouped_gemm=config.moe_grouped_gemm,
             qk_layernorm=config.qk_layernorm,
         )
-    return portable_layer_spec(num_experts, config.moe_grouped_gemm, config.qk_layernorm)
+        if attention_output_bias:
+            attention = spec.submodules.self_attention.submodules
+            attention.linear_proj = with_bias(attention.linear_proj)
+        return spec
+    return portable_layer_spec(num_experts, config.moe_grouped_gemm, config.qk_layernorm, attention_output_bias)
 
 
 def decoder_block_spec(
@@ -105,6 +127,7 @@ def decoder_block_spec(
     moe_layers: list[bool],
     backend: Backend,
     vp_stage: int | None = None,
+    attention_output_bias: bool = False,
 ) -> TransformerBlockSubmodules:
     """The decoder layers this pipeline stage (and virtual stage) builds, plus the final norm.
 
@@ -113,12 +136,13 @@ def decoder_block_spec(
         moe_layers: for every global layer, whether it is an MoE layer.
         backend: ``"te"`` (Transformer Engine) or ``"torch"`` (portable).
         vp_stage: the virtual pipeline stage of the chunk being built, None without VPP.
+        attention_output_bias: the attention output projection has a bias.
     """
     if len(moe_layers) != config.num_layers:
         raise ValueError(
             f"moe_layers lists {len(moe_layers)} layers but the model has {config.num_layers}"
         )
-    specs = [layer_spec(config, is_moe, backend) for is_moe in moe_layers]
+    specs = [layer_spec(config, is_moe, backend, attention_output_bias) for is_moe in moe_layers]
     offset = get_transformer_layer_offset(config, vp_stage=vp_stage)
     count = get_num_layers_to_build(config, vp_stage=vp_stage)
     if backend == "te":

@@ -26,6 +26,7 @@ import json
 import random
 import re
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,39 @@ def committed_checkpoints(root: str | Path) -> list[Path]:
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _COMMITTED.match(p.name))]
     return [path for _, path in sorted(found)]
+
+
+def committed_checkpoint(path: str | Path) -> Path:
+    """``path`` itself when it is a committed checkpoint (``step_NNNNNNNN``), else the latest
+    committed checkpoint under it.
+
+    Raises:
+        CheckpointError: ``path`` is neither, naming it.
+    """
+    path = Path(path)
+    if _COMMITTED.match(path.name):
+        if not (path / "weights").is_dir():
+            raise CheckpointError(f"{path}: not a committed megarl checkpoint (it has no weights/ folder)")
+        return path
+    checkpoints = committed_checkpoints(path)
+    if not checkpoints:
+        raise CheckpointError(f"{path}: no committed checkpoint (step_NNNNNNNN) in this directory")
+    return checkpoints[-1]
+
+
+def hf_files(path: str | Path) -> Path:
+    """The ``hf/`` folder of checkpoint ``path``: the HF config (and tokenizer) it was saved with.
+
+    Raises:
+        CheckpointError: the checkpoint holds no ``hf/config.json``, saying what to copy there.
+    """
+    folder = Path(path) / "hf"
+    if not (folder / "config.json").exists():
+        raise CheckpointError(
+            f"{path}: hf/config.json is missing; the checkpoint does not record its HF config. "
+            f"Copy the model's config.json (and tokenizer files) into {folder}/"
+        )
+    return folder
 
 
 def resolve_resume(resume: str, root: str | Path) -> Path | None:
@@ -262,6 +296,51 @@ def _load_part(directory: Path, models: list, optimizer, scheduler) -> None:
         scheduler.load_state_dict(torch.load(directory / "scheduler.pt", weights_only=False))
 
 
+def _damaged(path: Path, problem: str) -> CheckpointError:
+    checkpoint = next((parent for parent in (path, *path.parents) if _COMMITTED.match(parent.name)), path.parent)
+    return CheckpointError(f"checkpoint {checkpoint} is damaged: {path.relative_to(checkpoint)} {problem}")
+
+
+def check_files(path: str | Path) -> None:
+    """Check that every file of the committed checkpoint ``path`` is there and whole, before
+    anything reads it: each distributed-checkpoint shard holds the bytes its ``.metadata`` index
+    points to, and the torch and JSON files read back.
+
+    Raises:
+        CheckpointError: naming the checkpoint and the damaged file.
+    """
+    from torch.distributed.checkpoint import FileSystemReader
+
+    path = Path(path)
+    for weights in sorted(path.glob("**/weights")):
+        try:
+            metadata = FileSystemReader(str(weights)).read_metadata()
+        except Exception as error:  # pickle and I/O errors of a damaged index
+            raise _damaged(weights / ".metadata", f"cannot be read ({type(error).__name__}: {error})") from None
+        needed: dict[str, int] = {}
+        for storage in metadata.storage_data.values():
+            needed[storage.relative_path] = max(needed.get(storage.relative_path, 0), storage.offset + storage.length)
+        for name, size in sorted(needed.items()):
+            shard = weights / name
+            if not shard.is_file():
+                raise _damaged(shard, "is missing")
+            if shard.stat().st_size < size:
+                raise _damaged(shard, f"is truncated ({shard.stat().st_size} bytes of the {size} its index needs)")
+    for saved in sorted(path.glob("**/*.pt")):
+        try:
+            with zipfile.ZipFile(saved) as archive:
+                corrupt = archive.testzip()
+        except (zipfile.BadZipFile, OSError) as error:
+            raise _damaged(saved, f"is not a whole torch file ({error})") from None
+        if corrupt is not None:
+            raise _damaged(saved, f"is corrupt (its entry {corrupt} fails its checksum)")
+    for state in sorted(path.glob("**/*.json")):
+        try:
+            json.loads(state.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise _damaged(state, f"is not valid JSON ({error})") from None
+
+
 def load_checkpoint(
     path: str | Path, models: list, optimizer=None, scheduler=None, extra_models: dict[str, tuple] | None = None
 ) -> dict[str, Any]:
@@ -278,10 +357,15 @@ def load_checkpoint(
 
     Returns:
         The saved ``train_state`` (with ``step``).
+
+    Raises:
+        CheckpointError: ``path`` is not a committed checkpoint, or a file of it is damaged
+            (:func:`check_files`).
     """
     path = Path(path)
     if not (path / "weights").is_dir() or not (path / "train_state.json").exists():
         raise CheckpointError(f"{path}: not a committed megarl checkpoint (weights/ or train_state.json missing)")
+    check_files(path)
     for name, (part_models, part_optimizer, part_scheduler) in {"": (models, optimizer, scheduler), **(extra_models or {})}.items():
         if not (path / name / "weights").is_dir():
             raise CheckpointError(f"{path}: holds no {name} weights ({path / name / 'weights'} is missing); was it saved by a run without a {name}?")

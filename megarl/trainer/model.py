@@ -26,8 +26,8 @@ import torch.distributed as dist
 from megarl.algorithms.aggregation import aggregate_loss, normalizer
 from megarl.config import OptimizerConfig, ParallelConfig, TrainConfig
 from megarl.data.batching import plan_micro_batches
-from megarl.models.builder import ModelSpec, build_model, load_hf_config, model_spec
-from megarl.models.loader import load_hf_weights
+from megarl.models.builder import ModelSpec, build_model, model_spec
+from megarl.models.loader import load_hf_config, load_hf_weights
 from megarl.models.specs import Backend
 from megarl.platform import current_device
 from megarl.trainer.batch import TrainBatch

@@ -4,54 +4,28 @@ is bitwise (real processes on gloo, shared with the other layout checks: tests/j
 from __future__ import annotations
 
 import pytest
-import torch
-import transformers
 
-from megarl.config import resolve_model_path
+from tests.hf_models import model_dir
 from tests.jobs import layout_job
 
 pytestmark = pytest.mark.multirank
 
 LOGIT_TOLERANCE = 1e-4
 
-# (model, layouts): Megatron needs SP with TP on MoE models; EP only applies to MoE.
+# (model, layouts): Megatron needs SP with TP on MoE models; EP only applies to MoE. Models without
+# "bundled:" are made in the test (tests/hf_models.py).
 CASES = [
     ("bundled:tiny-dense", ["single", "tp2", "tp2-sp", "pp2", "pp2-vpp2", "cp2"]),
     ("bundled:tiny-moe", ["single", "tp2-sp", "pp2", "ep2", "cp2"]),
     ("bundled:tiny-qwen2-moe", ["single", "tp2-sp", "pp2", "ep2"]),
-    ("llama", ["single", "tp2", "pp2"]),
+    # 2 key/value heads over 4 ranks: each goes to two of them.
+    ("llama", ["single", "tp2", "pp2", "tp4"]),
     ("qwen2", ["single", "tp2-sp", "pp2"]),
+    ("llama-attention-bias", ["single", "tp2-sp"]),
+    ("qwen3-attention-bias", ["single", "tp2"]),
+    ("llama3-rope", ["single", "pp2"]),
+    ("llama-1-kv-head", ["tp2"]),
 ]
-
-
-def make_tiny(family: str, directory) -> None:
-    """A random tiny HF checkpoint of a family that has no bundled asset."""
-    common = dict(
-        vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, intermediate_size=128, max_position_embeddings=128,
-    )
-    config = {
-        "llama": transformers.LlamaConfig(**common, tie_word_embeddings=False),
-        "qwen2": transformers.Qwen2Config(**common, tie_word_embeddings=True),
-    }[family]
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("bias"):
-                # Random biases, so a dropped or misplaced bias shows in the logits.
-                param.normal_()
-    model.save_pretrained(directory)
-
-
-def model_dir(directory, model: str) -> str:
-    """A bundled model's directory, or the tiny checkpoint of a family made under ``directory``."""
-    if model.startswith("bundled:"):
-        return str(resolve_model_path(model))
-    path = directory / "hf-models" / model
-    if not path.exists():
-        make_tiny(model, path)
-    return str(path)
 
 
 def bridge_jobs(directory, model, layout):

@@ -3,6 +3,7 @@ loads run in processes shared with other tests: tests/jobs.py)."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from megarl.config import resolve_model_path
-from megarl.trainer.checkpoint import CheckpointError, committed_checkpoints, resolve_resume
+from megarl.trainer.checkpoint import CheckpointError, check_files, committed_checkpoints, resolve_resume
 from tests.distributed import REPO
 from tests.jobs import LAYOUTS, Job, JobFailed
 
@@ -126,3 +127,28 @@ def test_convert_tools_help():
             [sys.executable, str(REPO / "tools" / tool), "--help"], capture_output=True, text=True, timeout=120
         )
         assert result.returncode == 0 and "--out" in result.stdout
+
+
+@pytest.mark.multirank
+@pytest.mark.jobs(planner=keep_last_jobs)
+@pytest.mark.parametrize(
+    "damaged,expected",
+    [
+        ("weights/__0_1.distcp", r"weights/__0_1.distcp is truncated \(\d+ bytes of the \d+ its index needs\)"),
+        ("weights/.metadata", r"weights/.metadata cannot be read"),
+        ("weights/common.pt", r"weights/common.pt is not a whole torch file"),
+        ("scheduler.pt", r"scheduler.pt is not a whole torch file"),
+        ("train_state.json", r"train_state.json is not valid JSON"),
+    ],
+)
+def test_a_damaged_file_is_named_before_anything_loads(jobs, tmp_path, damaged, expected):
+    saves = keep_last_jobs(jobs.directory)
+    jobs.report(saves[-1].name)
+    committed = Path(saves[-1].checks["save"]["root"]) / "step_00000003"
+    copy = tmp_path / committed.name
+    shutil.copytree(committed, copy)
+    check_files(copy)
+    path = copy / damaged
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=rf"^checkpoint {copy} is damaged: {expected}"):
+        check_files(copy)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from megarl.config import resolve_model_path
+from tests.hf_models import model_dir
 from tests.jobs import layout_job
 
 pytestmark = pytest.mark.multirank
@@ -27,6 +27,9 @@ CASES = [
     ("bundled:tiny-moe", "tp2-ep2-etp1"),
     ("bundled:tiny-qwen2-moe", "tp2-sp"),
     ("bundled:tiny-qwen2-moe", "ep2"),
+    # The attention output bias; one key/value head split over two ranks (tests/hf_models.py).
+    ("llama-attention-bias", "tp2-sp"),
+    ("llama-1-kv-head", "tp2"),
 ]
 
 
@@ -34,7 +37,7 @@ def stream_jobs(directory, model, layout):
     te_expert_names = layout == "single-te-names"
     return [
         layout_job(
-            str(resolve_model_path(model)), "single" if te_expert_names else layout,
+            model_dir(directory, model), "single" if te_expert_names else layout,
             {"buckets": {"bucket_mb": BUCKET_MB, "te_expert_names": te_expert_names}},
         )
     ]

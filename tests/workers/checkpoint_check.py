@@ -15,9 +15,9 @@ import os
 import torch
 import torch.distributed as dist
 
-from megarl.models.builder import build_model, load_hf_config, model_spec
+from megarl.models.builder import build_model, model_spec
 from megarl.models.exporter import export_hf_tensors
-from megarl.models.loader import load_hf_weights
+from megarl.models.loader import load_hf_config, load_hf_weights
 from megarl.trainer import checkpoint
 
 

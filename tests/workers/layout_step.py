@@ -15,7 +15,8 @@ import re
 import torch
 import torch.distributed as dist
 
-from megarl.models.builder import build_model, load_hf_config, model_spec
+from megarl.models.builder import build_model, model_spec
+from megarl.models.loader import load_hf_config
 
 GLOBAL_BATCH = 8
 SEQ_LENGTH = 16

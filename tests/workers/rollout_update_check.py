@@ -20,7 +20,8 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 from common import add_layout_arguments, initialize, run
-from megarl.models.builder import build_model, load_hf_config, model_spec
+from megarl.models.builder import build_model, model_spec
+from megarl.models.loader import load_hf_config
 from megarl.models.exporter import export_hf_tensors
 from megarl.rollout import EngineGroup
 from megarl.weights.stream import WeightStream

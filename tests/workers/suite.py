@@ -28,8 +28,8 @@ import checkpoint_check
 import layout_step
 import stream_check
 from common import add_layout_arguments, initialize, run
-from megarl.models.builder import build_model, load_hf_config, model_spec
-from megarl.models.loader import load_hf_weights
+from megarl.models.builder import build_model, model_spec
+from megarl.models.loader import load_hf_config, load_hf_weights
 
 
 def layout_job(model: str, layout, pgs, checks: dict) -> dict:

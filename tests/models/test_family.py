@@ -1,0 +1,74 @@
+"""Model families refuse the HF config options they do not implement, naming option and value,
+rather than build a model that computes something else."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+import transformers
+
+from megarl.models.family import UnsupportedModel, checked_family, rotary_inv_freq
+from tests.hf_models import CONFIGS, LLAMA3_ROPE
+
+pytestmark = pytest.mark.cpu
+
+
+def llama(**options):
+    config = CONFIGS["llama"]()
+    config.architectures = ["LlamaForCausalLM"]
+    for key, value in options.items():
+        setattr(config, key, value)
+    return config
+
+
+def with_architecture(config, architecture: str):
+    config.architectures = [architecture]
+    return config
+
+
+@pytest.mark.parametrize(
+    "config,expected",
+    [
+        (llama(hidden_act="gelu"), "hidden_act = 'gelu' is not supported by megarl's llama family (it implements 'silu')"),
+        (llama(mlp_bias=True), "mlp_bias = True is not supported"),
+        (
+            llama(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}),
+            "rope type = 'yarn' is not supported by megarl's llama family (it implements 'default' or 'linear' or 'llama3')",
+        ),
+        (llama(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}), "rope type = 'dynamic'"),
+        (
+            with_architecture(transformers.Qwen2Config(use_sliding_window=True, sliding_window=64, max_window_layers=0), "Qwen2ForCausalLM"),
+            "attention layer types = 'sliding_attention' is not supported by megarl's qwen2 family",
+        ),
+        (with_architecture(transformers.MistralConfig(), "MistralForCausalLM"), "no megarl model family serves architectures ['MistralForCausalLM']"),
+    ],
+    ids=["hidden_act", "mlp_bias", "yarn", "dynamic-rope", "sliding-window", "architecture"],
+)
+def test_unsupported_options_are_refused_by_name(config, expected):
+    with pytest.raises(UnsupportedModel, match=re.escape(expected)):
+        checked_family(config)
+
+
+def test_every_problem_is_named_at_once():
+    with pytest.raises(UnsupportedModel) as refused:
+        checked_family(llama(hidden_act="relu", mlp_bias=True))
+    assert "hidden_act = 'relu'" in str(refused.value) and "mlp_bias = True" in str(refused.value)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_the_families_of_the_test_models_accept_them(name):
+    config = CONFIGS[name]()
+    config.architectures = [transformers.AutoModelForCausalLM._model_mapping[type(config)].__name__]
+    assert checked_family(config).name in ("llama", "qwen2", "qwen3", "qwen3_moe")
+
+
+def test_rotary_frequencies_are_transformers_own_with_llama3_scaling():
+    config = transformers.LlamaConfig(hidden_size=64, num_attention_heads=4, rope_parameters=LLAMA3_ROPE)
+    default = transformers.LlamaConfig(hidden_size=64, num_attention_heads=4, rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
+    scaled, plain = rotary_inv_freq(config), rotary_inv_freq(default)
+    base = 1.0 / 500000.0 ** (torch.arange(0, 16, 2, dtype=torch.float32) / 16)
+    assert torch.equal(plain, base)
+    # llama3 keeps the high frequencies and divides the low ones by the factor.
+    assert scaled[0] == plain[0] and torch.allclose(scaled[-1], plain[-1] / 8)
