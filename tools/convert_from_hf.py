@@ -37,7 +37,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--etp", type=positive, default=None)
     args = parser.parse_args(argv)
     # Light imports: the checks below come before torch.distributed, Megatron and the model.
-    from megarl.cli import LAYOUT_FLAGS, quiet_library_warnings, refuse, world_size
+    from megarl.cli import LAYOUT_FLAGS, is_first_rank, quiet_library_warnings, refuse, world_size
     from megarl.config import ConfigError, ModelFacts, ParallelConfig, layout_errors
     from megarl.models.family import UnsupportedModel, checked_family
     from megarl.models.loader import CheckpointError, HFCheckpoint, load_hf_config
@@ -59,7 +59,8 @@ def main(argv: list[str]) -> int:
         out = hf_to_checkpoint(args.hf, args.out, layout, dtype=args.dtype)
     except (CheckpointError, UnsupportedModel, ConfigError) as error:
         return refuse("convert_from_hf", error)
-    print(f"wrote {out}")
+    if is_first_rank():
+        print(f"wrote {out}")
     return 0
 
 

@@ -40,7 +40,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--ep", type=positive, default=1, help="expert parallel size to load with")
     args = parser.parse_args(argv)
     # Light imports: the checks below come before torch.distributed, Megatron and the model.
-    from megarl.cli import LAYOUT_FLAGS, quiet_library_warnings, refuse, world_size
+    from megarl.cli import LAYOUT_FLAGS, is_first_rank, quiet_library_warnings, refuse, world_size
     from megarl.config import ConfigError, ModelFacts, ParallelConfig, layout_errors
     from megarl.models.family import UnsupportedModel, checked_family
     from megarl.models.loader import CheckpointError as ModelError, load_hf_config
@@ -62,7 +62,8 @@ def main(argv: list[str]) -> int:
         out = checkpoint_to_hf(path, args.out, layout, dtype=args.dtype, max_shard_bytes=max_shard_bytes)
     except (CheckpointError, ModelError, UnsupportedModel, ConfigError) as error:
         return refuse("convert_to_hf", error)
-    print(f"wrote {out}")
+    if is_first_rank():
+        print(f"wrote {out}")
     return 0
 
 
