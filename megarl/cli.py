@@ -1,10 +1,19 @@
-"""What megarl's command-line programs share: how they report bad input.
+"""What megarl's command-line programs share: how they end.
 
-Bad input (a config, a model directory, a checkpoint, a layout that does not fit) ends the program
-with one line that names the file or option and says what to do, exit code 2, no traceback. Under
-``torchrun`` the first rank prints the line (every rank exits), and it also goes to torch elastic's
-error file, so that torchrun's "Root Cause" block shows it instead of "To enable traceback see".
-torchrun itself then exits with 1, whatever its workers' codes.
+Exit codes (of the program itself; ``torchrun`` exits with 1 whenever a worker fails, whatever its
+code, and its "Root Cause" block quotes the worker's message):
+
+- 0: done.
+- 1: the run started but cannot go on (non-finite gradients step after step, engines that keep
+  failing, a reward function that fails on most samples); checkpoints up to the last save are kept.
+- 2: bad input (a config, a data file, a reward function, a model directory, a checkpoint, a layout
+  that does not fit): one line per problem naming the file or option and what to do, no traceback,
+  nothing saved is touched.
+- 130: interrupted (Ctrl-C); the line names the last checkpoint.
+
+Under ``torchrun`` the first rank prints the message (every rank exits), and it also goes to torch
+elastic's error file, so that torchrun's "Root Cause" block shows it instead of "To enable
+traceback see".
 """
 
 from __future__ import annotations
@@ -17,7 +26,9 @@ import warnings
 
 from megarl.config import LayoutSpelling
 
+STOPPED_EXIT_CODE = 1
 BAD_INPUT_EXIT_CODE = 2
+INTERRUPTED_EXIT_CODE = 130
 
 LAYOUT_FLAGS = LayoutSpelling(
     {
@@ -57,14 +68,23 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def report(program: str, lines: list[str], exit_code: int) -> int:
+    """Print ``program: line`` for each line (first rank only), record the message as this worker's
+    error for torchrun (every rank), and return ``exit_code``."""
+    message = "\n".join(f"{program}: {line}" for line in lines)
+    if is_first_rank():
+        print(message, file=sys.stderr, flush=True)
+    # Every rank that reports records it: torchrun's root cause is whichever rank it saw fail first.
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        # torch elastic's format; its root-cause block shows "py_callstack": here, the message.
+        extra = {"py_callstack": message, "timestamp": str(int(time.time()))}
+        with open(error_file, "w") as handle:
+            json.dump({"message": {"message": message, "extraInfo": extra}}, handle)
+    return exit_code
+
+
 def refuse(program: str, *problems: Exception | str) -> int:
     """Report bad input for ``program``, a line per problem (first rank only), and return the exit
     code to end with."""
-    message = "\n".join(f"{program}: {problem}" for problem in problems)
-    if is_first_rank():
-        print(message, file=sys.stderr)
-        error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
-        if error_file:
-            with open(error_file, "w") as handle:
-                json.dump({"message": message, "timestamp": str(int(time.time()))}, handle)
-    return BAD_INPUT_EXIT_CODE
+    return report(program, [str(problem) for problem in problems], BAD_INPUT_EXIT_CODE)

@@ -436,8 +436,12 @@ class RewardConfig:
     rule: Literal["toy", "math"] = "toy"
     """Bundled rule (type rule): the toy tasks' checker, or math answers compared with math-verify."""
     function: Optional[str] = None
-    """User reward as ``path/to/file.py:name`` (type function) (verl: custom_reward_function.path
-    and .name, slime: --custom-rm-path)."""
+    """User reward as ``path/to/file.py:name`` (type function), with megarl's signature
+    ``(prompt, response, answer, **row)`` or verl's ``(data_source, solution_str, ground_truth,
+    extra_info)`` (verl: custom_reward_function.path and .name, slime: --custom-rm-path)."""
+    batched: bool = False
+    """The function (type function) scores a list of samples per call and returns a list of scores;
+    reward.timeout_s then applies to a call (verl: reward_model.reward_manager=batch)."""
     url: Optional[str] = None
     """Remote reward endpoint (type remote) (OpenRLHF: --remote_rm_url, slime: --rm-url)."""
     model_path: Optional[str] = None
@@ -464,6 +468,8 @@ class RewardConfig:
             _require(bool(getattr(self, name)), f"reward.{name}", f"must be set ({form}) when reward.type is '{self.type}'")
         if self.type == "function":
             _require(":" in self.function, "reward.function", f"({self.function!r}) must look like path/to/file.py:function_name")
+        else:
+            _require(not self.batched, "reward.batched", f"applies to reward.type function, not {self.type!r}: remove it")
         _require_positive(self, "reward", ("num_workers", "remote_batch_size"))
         _require(self.timeout_s > 0, "reward.timeout_s", f"({self.timeout_s}) must be > 0")
         _require(0 <= self.max_failure_rate <= 1, "reward.max_failure_rate", f"({self.max_failure_rate}) must be in [0, 1]")
@@ -535,7 +541,11 @@ class TrainConfig:
     """Learning-rate decay after warm-up, from optimizer.lr to optimizer.min_lr over the run
     (verl: optim.warmup_style, slime: --lr-decay-style)."""
     lr_warmup_steps: int = 0
-    """Optimizer steps of linear warm-up from 0 to optimizer.lr (slime: --lr-warmup-iters)."""
+    """Optimizer steps of linear warm-up from 0 to optimizer.lr; a run with fewer optimizer steps
+    warms up over all of them (with a warning) (slime: --lr-warmup-iters, verl: optim.lr_warmup_steps)."""
+    lr_warmup_ratio: float = 0.0
+    """Warm-up as a fraction of the run's optimizer steps, in [0, 1), instead of lr_warmup_steps
+    (verl: optim.lr_warmup_steps_ratio)."""
     use_distributed_optimizer: bool = True
     """Shard the optimizer state over data-parallel ranks (Megatron/slime: --use-distributed-optimizer)."""
     max_consecutive_nan_steps: int = 3
@@ -552,10 +562,35 @@ class TrainConfig:
         for name in ("lr_warmup_steps", "eval_every"):
             value = getattr(self, name)
             _require(value >= 0, f"train.{name}", f"({value}) must be >= 0")
+        _require(0 <= self.lr_warmup_ratio < 1, "train.lr_warmup_ratio", f"({self.lr_warmup_ratio}) must be in [0, 1)")
+        _require(
+            not (self.lr_warmup_ratio and self.lr_warmup_steps), "train.lr_warmup_ratio",
+            f"({self.lr_warmup_ratio}) and `train.lr_warmup_steps` ({self.lr_warmup_steps}) both set the warm-up: "
+            f"set train.lr_warmup_steps=0 to use the ratio, or drop train.lr_warmup_ratio",
+        )
 
     def optimizer_steps(self) -> int:
         """Optimizer steps in the whole run: steps x ppo_epochs x (global / mini batch)."""
         return self.steps * self.ppo_epochs * (self.global_batch_size // self.mini_batch_size)
+
+    def warmup_steps(self) -> int:
+        """Optimizer steps of warm-up: ``lr_warmup_ratio`` of the run's, or ``lr_warmup_steps``
+        but at most the run's (:meth:`warmup_clamped` says when that cuts it)."""
+        total = self.optimizer_steps()
+        if self.lr_warmup_ratio:
+            return int(self.lr_warmup_ratio * total)
+        return min(self.lr_warmup_steps, total)
+
+    def warmup_clamped(self) -> str | None:
+        """A warning when ``lr_warmup_steps`` exceeds the run's optimizer steps, else None."""
+        total = self.optimizer_steps()
+        if self.lr_warmup_steps <= total:
+            return None
+        return (
+            f"`train.lr_warmup_steps` ({self.lr_warmup_steps}) exceeds the run's {total} optimizer steps (train.steps x "
+            f"ppo_epochs x global_batch_size / mini_batch_size): warming up over all {total}; "
+            f"train.lr_warmup_ratio scales with the run's length"
+        )
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)
@@ -621,6 +656,9 @@ class LoggingConfig:
     log_every: int = 1
     """Print the console line every N RL steps; metrics.jsonl, TensorBoard and W&B get every step
     (OpenRLHF: --logging_steps)."""
+    console_metrics: list[str] = dataclasses.field(default_factory=list)
+    """More metrics for the console line, by name (e.g. ``reward/length``, an extra number a reward
+    function returns); metrics.jsonl has them all either way."""
 
     def __post_init__(self):
         _require(bool(self.name) and "/" not in self.name, "logging.name", f"({self.name!r}) must be a non-empty name without '/'")
@@ -884,6 +922,31 @@ def _nest(key: str, value: Any) -> dict[str, Any]:
     return nested
 
 
+def _read_yaml(path: Path) -> Any:
+    """The YAML document in ``path``, refusing a key given twice in one mapping (YAML would keep
+    the last silently: a second ``train:`` section would undo the first)."""
+    text = path.read_text()
+    _refuse_duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader), path)
+    return yaml.safe_load(text)
+
+
+def _refuse_duplicate_keys(node: yaml.Node | None, path: Path, prefix: str = "") -> None:
+    if isinstance(node, yaml.MappingNode):
+        first_lines: dict[Any, int] = {}
+        for key_node, value_node in node.value:
+            key, line = key_node.value, key_node.start_mark.line + 1
+            if isinstance(key_node, yaml.ScalarNode) and key in first_lines:
+                raise ConfigError(
+                    f"{path}:{line}: `{prefix}{key}` is given twice (lines {first_lines[key]} and {line}); YAML would keep only "
+                    f"the second: merge them into one"
+                )
+            first_lines.setdefault(key, line)
+            _refuse_duplicate_keys(value_node, path, f"{prefix}{key}.")
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            _refuse_duplicate_keys(item, path, f"{prefix[:-1]}[{index}].")
+
+
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
     """Read a YAML config and apply command-line overrides, strictly.
 
@@ -904,7 +967,7 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
     if path is not None:
         fallback_source = str(path)
         try:
-            raw = yaml.safe_load(Path(path).read_text())
+            raw = _read_yaml(Path(path))
         except FileNotFoundError:
             raise ConfigError(f"config file {path} does not exist") from None
         except yaml.YAMLError as error:
@@ -1168,12 +1231,6 @@ def _batch_errors(config: Config, data_parallel: int) -> list[str]:
         if algorithm.dynamic_sampling:
             reasons.append("`algorithm.dynamic_sampling` drops groups whose scores are all equal")
         errors += [f"{reason}: `rollout.n_samples_per_prompt` ({group}) must be >= 2" for reason in reasons]
-    warmup, total = train.lr_warmup_steps, train.optimizer_steps()
-    if warmup > total:
-        errors.append(
-            f"`train.lr_warmup_steps` ({warmup}) exceeds the run's optimizer steps ({total} = train.steps x ppo_epochs x "
-            f"global_batch_size / mini_batch_size): the learning rate would never reach its peak; lower it"
-        )
     if train.eval_every and not config.data.val_files:
         errors.append(f"`train.eval_every` ({train.eval_every}) needs `data.val_files`: list validation files or set train.eval_every=0")
     return errors
@@ -1229,7 +1286,9 @@ def validate(config: Config, world_size: int, model_facts: ModelFacts) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m megarl.config``: load, validate, and optionally print the resolved config.
+    """``python -m megarl.config``: load, check as a run would before it starts (the config, the
+    model, data and reward files, the checkpoint a resume would load: :mod:`megarl.preflight`), and
+    optionally print the resolved config.
 
     Returns:
         0 when the config is valid, 2 (after printing the message) when it is not.
@@ -1248,10 +1307,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             if environment and not environment.isdigit():
                 raise ConfigError(f"WORLD_SIZE={environment!r} must be a positive integer")
             world_size = int(environment) if environment else config.parallel.min_world_size()
-        validate(config, world_size, ModelFacts.from_hf_dir(resolve_model_path(config.model.path)))
     except ConfigError as error:
         print(f"megarl.config: {error}", file=sys.stderr)
         return 2
+    from megarl.preflight import check_run
+
+    problems = check_run(config, world_size)
+    if problems:
+        print("\n".join(f"megarl.config: {problem}" for problem in problems), file=sys.stderr)
+        return 2
+    warning = config.train.warmup_clamped()
+    if warning:
+        print(f"megarl.config: warning: {warning}", file=sys.stderr)
     if args.print:
         print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
     else:

@@ -1,6 +1,6 @@
-"""The RL loop: ``torchrun --nproc_per_node N -m megarl.train --config FILE [key=value ...]``.
+"""RL training: ``torchrun --nproc_per_node N -m megarl.train --config FILE [key=value ...]``.
 
-One step, as in ``shared/DESIGN.md``::
+One step (``megarl/trainer/loop.py``; the whole step in ``docs/rl_step.md``)::
 
     prompts  -> engines.generate   -> samples (response ids, rollout log-probs)   first rank
     samples  -> rewards            -> scores                                      first rank
@@ -11,295 +11,26 @@ One step, as in ``shared/DESIGN.md``::
     policy   -> weight stream -> engines.update_weights
     metrics  -> console / metrics.jsonl / TensorBoard / W&B; every N steps: validation, checkpoint
 
-Everything below is plain function calls; the pieces live in ``megarl/trainer/``. Megatron is
-imported by :func:`main` only: reward workers are spawned processes that import this module again,
-and they need none of it.
+This module is the command. It imports nothing heavy: the first rank checks the config and every
+input it names (:mod:`megarl.preflight`) in about a second, before torch, Megatron or an engine
+starts, and a problem ends the run with one line and exit code 2. Reward workers are spawned
+processes that import this module again, and they need none of the rest. Exit codes: see
+:mod:`megarl.cli`.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
-import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
-import torch
-import torch.distributed as dist
-from tqdm import tqdm
+from megarl.cli import INTERRUPTED_EXIT_CODE, STOPPED_EXIT_CODE, is_first_rank, refuse, report, world_size
+from megarl.config import Config, ConfigError, load_config
 
-from megarl.algorithms.shaping import dynamic_sampling_keep
-from megarl.config import ConfigError, load_config
-from megarl.rollout.sampling import SamplingParams
-from megarl.trainer.batch import TrainBatch
-from megarl.trainer.experience import prepare_update
-
-if TYPE_CHECKING:
-    from megarl.trainer.run import Run
+PROGRAM = "megarl.train"
 
 log = logging.getLogger("megarl")
-
-DYNAMIC_SAMPLING_ROUNDS = 4
-"""With dynamic sampling a step rolls out at most this many times the rounds a full batch needs
-before it trains on what it has (verl: max_num_gen_batches)."""
-
-
-ADDITIVE_ROUND_METRICS = ("reward/failures", "reward/timeouts")
-
-
-class TrainingStopped(RuntimeError):
-    """The run cannot go on (non-finite gradients step after step); the message says why."""
-
-
-def on_first_rank(run: Run, work) -> object:
-    """Run ``work()`` on the first rank and give its result to every rank. An error there is
-    raised on every rank (instead of leaving the others waiting in the broadcast)."""
-    payload: list = [None]
-    if run.is_first_rank:
-        try:
-            payload = [("ok", work())]
-        except Exception as error:  # noqa: BLE001 - re-raised below, on every rank
-            payload = [("error", f"{type(error).__name__}: {error}")]
-            failure = error
-    dist.broadcast_object_list(payload, src=0)
-    status, value = payload[0]
-    if status == "error":
-        if run.is_first_rank:
-            raise failure
-        raise TrainingStopped(f"the first rank failed: {value}")
-    return value
-
-
-def rollout_round(run: Run, step: int, round_index: int) -> tuple[dict[str, float], list[dict]]:
-    """Generate and score one round of prompts on the first rank; every rank receives the samples.
-
-    Returns:
-        ``(metrics, rows)``: one dict per sample with ``prompt_ids``, ``response_ids``,
-        ``log_probs``, ``truncated``, ``group`` (its prompt, unique within the step) and ``score``.
-    """
-
-    def generate_and_score():
-        config = run.config
-        prompts = next(run.loader)
-        sampling = SamplingParams.from_config(
-            config.rollout, max_new_tokens=config.data.max_response_length, seed=_seed(config.rollout.seed, step, round_index)
-        )
-        start = time.perf_counter()
-        samples = run.engines.generate([prompt.prompt_ids for prompt in prompts], sampling)
-        generated = time.perf_counter()
-        texts = [run.tokenizer.decode(sample.response_ids, skip_special_tokens=True) for sample in samples]
-        scored = run.scorer.score([prompts[sample.prompt_index].reward_kwargs(text) for sample, text in zip(samples, texts)])
-        rows = [
-            {
-                "prompt_ids": prompts[sample.prompt_index].prompt_ids,
-                "response_ids": sample.response_ids,
-                "log_probs": sample.logprobs,
-                "truncated": sample.finish_reason == "length",
-                "group": round_index * len(prompts) + sample.prompt_index,
-                "score": score,
-            }
-            for sample, score in zip(samples, scored.scores)
-        ]
-        metrics = {
-            "rollout/engine_restarts": run.engines.restarts,
-            "time/generate_s": generated - start,
-            "time/reward_s": time.perf_counter() - generated,
-            "reward/failures": scored.failures,
-            "reward/timeouts": scored.timeouts,
-            **{f"reward/{name}": value for name, value in scored.extras.items()},
-        }
-        return metrics, rows
-
-    return on_first_rank(run, generate_and_score)
-
-
-def collect_batch(run: Run, step: int) -> tuple[TrainBatch, torch.Tensor, dict[str, float]]:
-    """Roll out rounds until the train batch is full, then trim it to ``train.global_batch_size``
-    whole groups. With dynamic sampling the groups the filter drops (all scores equal, or a mean
-    outside ``algorithm.dynamic_sampling_mean_range``) wait in reserve; when
-    :data:`DYNAMIC_SAMPLING_ROUNDS` times the rounds a batch needs are spent, the batch is topped
-    up from the reserve rather than train on fewer samples (``filter/topped_up_samples`` counts
-    them; under a group baseline an all-equal group has advantage 0 and moves no weight).
-
-    Returns:
-        ``(batch, scores [B], metrics)``; ``reward/*`` describe every sample generated in the step.
-    """
-    config = run.config
-    target = config.train.global_batch_size
-    kept: list[dict] = []
-    reserve: list[dict] = []
-    generated_scores: list[float] = []
-    metrics: dict[str, float] = {}
-    rounds = -(-target // (config.rollout.batch_size * config.rollout.n_samples_per_prompt))
-    if config.algorithm.dynamic_sampling:
-        rounds *= DYNAMIC_SAMPLING_ROUNDS
-    for round_index in range(rounds):
-        round_metrics, rows = rollout_round(run, step, round_index)
-        for name, value in round_metrics.items():
-            # Times and failure counts add up over rounds; the rest is the last round's.
-            metrics[name] = metrics.get(name, 0.0) + value if name in ADDITIVE_ROUND_METRICS or name.startswith("time/") else value
-        scores = torch.tensor([row["score"] for row in rows])
-        generated_scores += scores.tolist()
-        if config.algorithm.dynamic_sampling:
-            groups = torch.tensor([row["group"] for row in rows])
-            keep, counts = dynamic_sampling_keep(scores, groups, mean_range=config.algorithm.dynamic_sampling_mean_range)
-            reserve += [row for row, kept_row in zip(rows, keep.tolist()) if not kept_row]
-            rows = [row for row, kept_row in zip(rows, keep.tolist()) if kept_row]
-            for name, value in counts.items():
-                metrics[f"filter/{name}"] = metrics.get(f"filter/{name}", 0) + value
-        kept += rows
-        if len(kept) >= target:
-            break
-    generated = torch.tensor(generated_scores)
-    metrics.update({"reward/mean": generated.mean().item(), "reward/std": generated.std().item(), "rollout/rounds": round_index + 1})
-    if len(kept) < target:
-        # Reserve rows come in whole groups, as the batch needs them.
-        metrics["filter/topped_up_samples"] = target - len(kept)
-        kept += reserve[: target - len(kept)]
-    kept = kept[:target]
-    batch = TrainBatch.from_samples(
-        [row["prompt_ids"] for row in kept],
-        [row["response_ids"] for row in kept],
-        [row["log_probs"] for row in kept],
-        [row["group"] for row in kept],
-        [row["truncated"] for row in kept],
-        pad_token_id=run.tokenizer.pad_token_id,
-        pad_multiple=run.pad_multiple,
-    )
-    lengths = batch.response_lengths.float()
-    metrics.update(
-        {
-            "response/length_mean": lengths.mean().item(),
-            "response/length_max": lengths.max().item(),
-            "response/clip_fraction": batch.truncated.float().mean().item(),
-        }
-    )
-    return batch, torch.tensor([row["score"] for row in kept]), metrics
-
-
-def train_step(run: Run, step: int, phase=lambda name: None) -> dict[str, float]:
-    """One RL step; returns its metrics (the same on every rank).
-
-    Args:
-        run: the run.
-        step: the step's index.
-        phase: called with the name of each phase as it starts (the progress bar's label).
-    """
-    config = run.config
-    start = time.perf_counter()
-    phase("rollout")
-    batch, scores, metrics = collect_batch(run, step)
-    colocated = run.engines is not None and config.rollout.colocate
-    if colocated:
-        # The engines share the devices with training: they give their memory back until the sync.
-        run.engines.release_memory()
-    rolled_out = time.perf_counter()
-    phase("forward")
-
-    batch.token_values["old_log_probs"], _ = run.policy.log_probs(batch)
-    if run.reference is not None:
-        with run.reference.swapped_in():
-            batch.token_values["ref_log_probs"], _ = run.policy.log_probs(batch)
-    if run.critic is not None:
-        batch.token_values["values"] = run.critic.values(batch)
-    forwarded = time.perf_counter()
-    phase("update")
-
-    metrics.update(prepare_update(batch, scores, config, run.reward_moments, run.kl_controller))
-
-    if run.critic is not None:
-        metrics.update(run.critic.update(batch, step))
-        _stop_on_non_finite(run, step, "critic", run.critic.model.consecutive_skips)
-    if run.critic is None or step >= config.critic.warmup_steps:
-        metrics.update(run.policy.update(batch, step))
-        _stop_on_non_finite(run, step, "policy", run.policy.model.consecutive_skips)
-    updated = time.perf_counter()
-    phase("weight sync")
-
-    if colocated:
-        run.engines.resume_memory(["weights"])
-    metrics.update(run.sync_weights(version=step + 1))
-    if colocated:
-        run.engines.resume_memory()
-    end = time.perf_counter()
-    tokens = int(batch.sequence_lengths.sum())
-    metrics.update(
-        {
-            "time/rollout_s": rolled_out - start,
-            "time/forward_s": forwarded - rolled_out,
-            "time/update_s": updated - forwarded,
-            "time/step_s": end - start,
-            "throughput/tokens_per_s": tokens / (end - start),
-        }
-    )
-    return metrics
-
-
-def _stop_on_non_finite(run: Run, step: int, model: str, skips: int) -> None:
-    limit = run.config.train.max_consecutive_nan_steps
-    if skips >= limit:
-        raise TrainingStopped(
-            f"step {step}: {skips} {model} optimizer steps in a row had non-finite gradients "
-            f"(train.max_consecutive_nan_steps = {limit}); the last good checkpoint "
-            f"is under {run.checkpoint_dir}: lower the learning rate or inspect the data"
-        )
-
-
-def evaluate(run: Run, step: int) -> dict[str, float]:
-    """Mean score of the validation prompts (greedy by default), computed on the first rank."""
-
-    def generate_and_score():
-        config = run.config
-        sampling = SamplingParams.from_config(
-            config.rollout, max_new_tokens=config.data.max_response_length, seed=_seed(config.rollout.seed, step, -1), validation=True
-        )
-        scores = []
-        for prompts in run.val_set.batches(config.rollout.batch_size):
-            samples = run.engines.generate([prompt.prompt_ids for prompt in prompts], sampling)
-            texts = [run.tokenizer.decode(sample.response_ids, skip_special_tokens=True) for sample in samples]
-            scores += run.scorer.score([prompts[sample.prompt_index].reward_kwargs(text) for sample, text in zip(samples, texts)]).scores
-        return {"val/accuracy": sum(scores) / len(scores)}
-
-    return on_first_rank(run, generate_and_score)
-
-
-def _seed(base: int, step: int, round_index: int) -> int:
-    """A distinct sampling seed for every (step, round), fixed by the run's seed."""
-    return (base * 1_000_003 + step) * 1_009 + round_index + 1
-
-
-def fit(run: Run) -> None:
-    """Run the steps from ``run.start_step`` to ``train.steps``, with validation and checkpoints.
-
-    The first rank shows a progress bar over the steps whose label names the phase under way, on a
-    terminal only (in a log file the per-step lines say the same without the redraws).
-    """
-    config = run.config
-    if run.start_step >= config.train.steps:
-        log.info(
-            "the run in %s is complete (train.steps = %d): raise train.steps to go on, or set checkpoint.resume=never to start over",
-            run.run_dir, config.train.steps,
-        )
-        return
-    run.logger.start(run.start_step)
-    progress = tqdm(total=config.train.steps, initial=run.start_step, unit="step", disable=not (run.is_first_rank and sys.stderr.isatty()), dynamic_ncols=True)
-    with progress:
-        for step in range(run.start_step, config.train.steps):
-            metrics = train_step(run, step, lambda phase: progress.set_description(f"step {step}: {phase}"))
-            last = step == config.train.steps - 1
-            if run.val_set is not None and config.train.eval_every and (step % config.train.eval_every == 0 or last):
-                progress.set_description(f"step {step}: validation")
-                metrics.update(evaluate(run, step))
-            run.logger.log(step, metrics)
-            if (config.checkpoint.save_every and (step + 1) % config.checkpoint.save_every == 0) or last:
-                progress.set_description(f"step {step}: checkpoint")
-                run.save(step)
-            progress.update(1)
-            progress.set_postfix({"reward": f"{metrics['reward/mean']:.3f}"})
-    if config.checkpoint.save_hf:
-        log.info("exported the final policy to %s", run.export_hf())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -307,12 +38,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--config", help="YAML file; omit for the defaults")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="overrides applied after the file")
     args = parser.parse_intermixed_args(argv)
-    first_rank = os.environ.get("RANK", "0") == "0"
     # megarl's own messages on the first rank; from libraries (Megatron lists every parameter at
     # INFO), warnings only.
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
-    logging.getLogger("megarl").setLevel(logging.INFO if first_rank else logging.WARNING)
-    from megarl.cli import quiet_library_warnings, refuse
+    logging.getLogger("megarl").setLevel(logging.INFO if is_first_rank() else logging.WARNING)
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as error:
+        return refuse(PROGRAM, error)
+    if is_first_rank():
+        from megarl.preflight import check_run
+
+        problems = check_run(config, world_size())
+        if problems:
+            return refuse(PROGRAM, *problems)
+    # Errors megarl does not expect go, with their traceback, to torchrun's error file too.
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    return record(train)(config)
+
+
+def train(config: Config) -> int:
+    """Build the run and train it; returns the exit code (:mod:`megarl.cli`)."""
+    from megarl.cli import quiet_library_warnings
 
     quiet_library_warnings()
     from megarl.data.datasets import DataError
@@ -320,22 +68,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     from megarl.models.loader import CheckpointError as ModelError
     from megarl.rewards.pool import RewardError
     from megarl.rollout.errors import EngineError
-    from megarl.trainer.checkpoint import CheckpointError
+    from megarl.trainer.checkpoint import CheckpointError, committed_checkpoints
+    from megarl.trainer.loop import Interrupted, TrainingStopped, fit
     from megarl.trainer.run import setup
 
     try:
-        config = load_config(args.config, args.overrides)
         run = setup(config)
     except (ConfigError, DataError, ModelError, UnsupportedModel, CheckpointError) as error:
         # Bad input, named by the message: nothing was trained, nothing saved is touched.
-        return refuse("megarl.train", error)
+        return refuse(PROGRAM, error)
+    except KeyboardInterrupt:
+        return report(PROGRAM, ["interrupted before training started; nothing saved was changed"], INTERRUPTED_EXIT_CODE)
     try:
         fit(run)
+    except Interrupted as interrupted:
+        saved = committed_checkpoints(run.checkpoint_dir)
+        where = (
+            f"the last checkpoint is {saved[-1]}: run the same command to go on from it (checkpoint.resume=auto)"
+            if saved
+            else "no checkpoint was saved yet (checkpoint.save_every): the same command starts over"
+        )
+        return report(PROGRAM, [f"interrupted at step {interrupted.step}; {where}"], INTERRUPTED_EXIT_CODE)
     except (TrainingStopped, EngineError, RewardError) as error:
         # The run cannot go on; its checkpoints up to the last save are kept.
-        if first_rank:
-            print(f"megarl.train: stopped: {error}", file=sys.stderr)
-        return 1
+        return report(PROGRAM, [f"stopped: {error}"], STOPPED_EXIT_CODE)
     finally:
         run.close()
     return 0

@@ -8,6 +8,8 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,19 +31,31 @@ def torchrun_command(nproc: int) -> list[str]:
     ]
 
 
-def launch(command: list[str], environment: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+def launch(
+    command: list[str], environment: dict[str, str], timeout: float, interrupt_when: Callable[[], bool] | None = None
+) -> subprocess.CompletedProcess:
     """Run ``command`` from the repository root in a process group of its own, killed whole once
     the command ends (nothing it started outlives it), when it outlives ``timeout`` (the return
     code is then -9 and the output ends with a line saying so), or when the test is interrupted.
-    The output goes through files, not pipes: a process left behind would hold a pipe open."""
+    The output goes through files, not pipes: a process left behind would hold a pipe open.
+
+    ``interrupt_when``: polled while the command runs; once it returns True the group gets SIGINT,
+    as a terminal's Ctrl-C sends it to the foreground group.
+    """
     with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
         process = subprocess.Popen(
             command, cwd=REPO, env={**os.environ, **environment}, stdout=stdout, stderr=stderr, text=True,
             start_new_session=True,
         )
         timed_out = False
+        deadline = time.monotonic() + timeout
         try:
-            process.wait(timeout=timeout)
+            while interrupt_when is not None and process.poll() is None and time.monotonic() < deadline:
+                if interrupt_when():
+                    os.killpg(process.pid, signal.SIGINT)
+                    break
+                time.sleep(0.05)
+            process.wait(timeout=max(deadline - time.monotonic(), 0.1))
         except subprocess.TimeoutExpired:
             timed_out = True
         finally:

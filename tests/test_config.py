@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -143,7 +144,6 @@ INVALID = [
         1, "dense",
         ["`algorithm.advantage_estimator` (rloo)", "`algorithm.reward_norm` (group)", "`algorithm.dynamic_sampling` drops groups"],
     ),
-    (["train.steps=2", "train.lr_warmup_steps=5"], 1, "dense", ["`train.lr_warmup_steps` (5) exceeds the run's optimizer steps (4 = "]),
     (["data.val_files=[]"], 1, "dense", ["`train.eval_every` (10) needs `data.val_files`"]),
     (["algorithm.advantage_estimator=gae", "train.steps=20", "critic.warmup_steps=20"], 1, "dense", [
         "`critic.warmup_steps` (20) must be < `train.steps` (20)",
@@ -486,8 +486,14 @@ def run_cli(*arguments: str, world_size: str | None = None) -> subprocess.Comple
 
 @pytest.fixture
 def moe_run_file(tmp_path, model_dirs) -> Path:
+    """A run on a model directory that the command's file checks accept (config, weights file and
+    tokenizer present; the weights are not read)."""
+    model = tmp_path / "moe"
+    shutil.copytree(model_dirs["moe"], model)
+    (model / "model.safetensors").write_bytes(b"")
+    shutil.copy(resolve_model_path("bundled:tiny-moe") / "tokenizer.json", model)
     path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump({"model": {"path": str(model_dirs["moe"])}, "parallel": {"expert": 2}}))
+    path.write_text(yaml.safe_dump({"model": {"path": str(model)}, "parallel": {"expert": 2}}))
     return path
 
 
@@ -557,3 +563,29 @@ def test_recipe_for_qwen3_30b_a3b_fits_8_gpus():
 def test_tis_and_icepop_together_are_refused():
     with pytest.raises(ConfigError, match=r"`algorithm.icepop` and algorithm.tis are both true: .* pick one"):
         load_config(None, ["algorithm.tis=true", "algorithm.icepop=true"])
+
+
+def test_a_short_run_clamps_the_warm_up_and_a_ratio_scales_with_the_run():
+    short = load_config(REPO / "configs" / "dense_ppo.yaml", ["train.steps=2"]).train
+    assert (short.optimizer_steps(), short.warmup_steps()) == (4, 4)
+    assert short.warmup_clamped().startswith("`train.lr_warmup_steps` (5) exceeds the run's 4 optimizer steps")
+    full = load_config(REPO / "configs" / "dense_ppo.yaml").train
+    assert (full.warmup_steps(), full.warmup_clamped()) == (5, None)
+    ratio = load_config(REPO / "configs" / "dense_ppo.yaml", ["train.lr_warmup_steps=0", "train.lr_warmup_ratio=0.1"]).train
+    assert (ratio.optimizer_steps(), ratio.warmup_steps(), ratio.warmup_clamped()) == (400, 40, None)
+    with pytest.raises(ConfigError, match=r"`train.lr_warmup_ratio` \(0.1\) and `train.lr_warmup_steps` \(5\) both set the warm-up: set train.lr_warmup_steps=0"):
+        load_config(REPO / "configs" / "dense_ppo.yaml", ["train.lr_warmup_ratio=0.1"])
+    with pytest.raises(ConfigError, match=r"`train.lr_warmup_ratio` \(1.0\) must be in \[0, 1\)"):
+        load_config(None, ["train.lr_warmup_ratio=1"])
+
+
+def test_a_key_given_twice_in_the_yaml_is_refused_with_both_lines(tmp_path):
+    path = tmp_path / "twice.yaml"
+    path.write_text("train:\n  optimizer:\n    lr: 1.0e-3\nmodel:\n  seed: 3\ntrain:\n  steps: 4\n")
+    with pytest.raises(ConfigError, match=rf"^{path}:6: `train` is given twice \(lines 1 and 6\); YAML would keep only the second: merge them into one$"):
+        load_config(path)
+    path.write_text("data:\n  train_files: [a.jsonl]\n  seed: 1\n  seed: 2\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml:4: `data.seed` is given twice \(lines 3 and 4\)"):
+        load_config(path)
+    path.write_text("data:\n  seed: 1\ntrain:\n  seed: 1\n")
+    assert (load_config(path).data.seed, load_config(path).train.seed) == (1, 1)

@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from safetensors import safe_open
+
+from megarl.trainer.checkpoint import committed_checkpoints
 
 from tests.distributed import REPO, free_port, launch, run_torchrun
 
@@ -36,8 +41,21 @@ SMALL = [
 """A run small enough for a test: 16 samples of at most 4 tokens per step, 2 optimizer steps."""
 
 
+NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+"""How metrics.jsonl writes values that are not finite (strict JSON has no NaN)."""
+
+
+def strict_json(line: str) -> dict:
+    def refuse(constant):
+        raise AssertionError(f"metrics.jsonl is not strict JSON: bare {constant} in {line[:200]}")
+
+    row = json.loads(line, parse_constant=refuse)
+    return {name: NON_FINITE.get(value, value) if isinstance(value, str) else value for name, value in row.items()}
+
+
 def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    """The rows of ``metrics.jsonl``, checked to be strict JSON, non-finite values as floats."""
+    return [strict_json(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def train(tmp_path: Path, name: str, overrides: list[str], *, nproc: int = 2, hooks: list[str] = (), config: list[str] = ()) -> tuple[dict, list[dict]]:
@@ -55,14 +73,19 @@ def readme_command(run_dir: Path, overrides: list[str]):
     """The README's first command, as written there (``.venv/bin/torchrun --nproc_per_node 2 -m
     megarl.train --config configs/moe_grpo.yaml``, from the repository root) with ``overrides``; only
     the rendezvous port is a free one. Returns the run's metrics.jsonl rows."""
+    result = launch_readme_command(run_dir, overrides)
+    assert result.returncode == 0, f"{' '.join(result.args)}: exit code {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-8000:]}"
+    return metrics(run_dir)
+
+
+def launch_readme_command(run_dir: Path, overrides: list[str], **options) -> subprocess.CompletedProcess:
+    """:func:`readme_command`'s launch, whatever its outcome (``options``: :func:`launch`'s)."""
     torchrun = str(Path(sys.executable).parent / "torchrun")
     command = [
         torchrun, "--nproc_per_node", "2", f"--master_port={free_port()}",
         "-m", "megarl.train", "--config", "configs/moe_grpo.yaml", *overrides, f"logging.run_dir={run_dir}",
     ]
-    result = launch(command, {}, timeout=600)
-    assert result.returncode == 0, f"{' '.join(command)}: exit code {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-8000:]}"
-    return metrics(run_dir)
+    return launch(command, {}, timeout=600, **options)
 
 
 def assert_finite(rows: list[dict], expected_nan: dict[int, set[str]] | None = None) -> None:
@@ -180,6 +203,86 @@ def test_a_config_error_exits_with_the_field_named(tmp_path):
     )
     assert result.returncode == 2
     assert "train.mini_batch_size" in result.stderr and "Traceback" not in result.stderr
+
+
+COMMAND_PROBE = """
+import sys
+from megarl.train import main
+code = main(sys.argv[1:])
+print(sorted(name for name in ("torch", "transformers", "megatron.core") if name in sys.modules))
+sys.exit(code)
+"""
+"""``python -m megarl.train`` that also says which heavy libraries it imported."""
+
+
+@pytest.mark.cpu
+def test_bad_inputs_are_refused_before_torch_is_imported_and_megarl_config_says_the_same(tmp_path):
+    good = tmp_path / "rewards.py"
+    good.write_text("def reward(prompt, response, answer, **row):\n    return 1.0\n")
+    broken = tmp_path / "broken.py"
+    broken.write_text("def reward(prompt, response, answer, **row):\n    return (1.0\n")
+    cases = {
+        "missing reward file": (["reward.type=function", f"reward.function={tmp_path}/nope.py:reward"], f"{tmp_path}/nope.py does not exist"),
+        "misspelt function": (["reward.type=function", f"reward.function={good}:rewrad"], "has no function named 'rewrad' (it defines ['reward'])"),
+        "syntax error": (["reward.type=function", f"reward.function={broken}:reward"], f"{broken}:2: syntax error"),
+        "missing data file": ([f"data.train_files=[{tmp_path}/train.jsonl]"], f"data.train_files: {tmp_path}/train.jsonl does not exist"),
+        "wrong prompt key": (["data.prompt_key=question"], "train.jsonl:1: no field 'question' (data.prompt_key)", "val.jsonl:1: no field 'question'"),
+    }
+    environment = {**os.environ, "WORLD_SIZE": "2"}
+    for case, (overrides, *expected) in cases.items():
+        arguments = ["--config", "configs/moe_grpo.yaml", *overrides, f"logging.run_dir={tmp_path / 'run'}"]
+        command = subprocess.run([sys.executable, "-c", COMMAND_PROBE, *arguments], cwd=REPO, env=environment, capture_output=True, text=True, timeout=120)
+        assert (command.returncode, command.stdout) == (2, "[]\n"), f"{case}: {command.stderr}"
+        lines = command.stderr.splitlines()
+        assert len(lines) == len(expected) and all(line.startswith("megarl.train: ") and part in line for line, part in zip(lines, expected)), case
+        checked = subprocess.run([sys.executable, "-m", "megarl.config", *arguments], cwd=REPO, env=environment, capture_output=True, text=True, timeout=120)
+        assert (checked.returncode, checked.stderr.splitlines()) == (2, [line.replace("megarl.train:", "megarl.config:", 1) for line in lines]), case
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.cpu
+def test_the_bundled_configs_accept_a_two_step_run_with_the_warm_up_clamped():
+    for config in ("moe_grpo.yaml", "dense_ppo.yaml"):
+        result = subprocess.run(
+            [sys.executable, "-m", "megarl.config", "--config", f"configs/{config}", "train.steps=2"], cwd=REPO, capture_output=True, text=True, timeout=120
+        )
+        assert result.returncode == 0 and "valid for world size" in result.stdout, result.stderr
+        assert "warming up over all" in result.stderr
+
+
+@pytest.mark.multirank
+def test_ctrl_c_names_the_last_checkpoint_a_failed_start_keeps_the_config_and_the_run_goes_on(tmp_path):
+    run_dir = tmp_path / "run"
+    overrides = [*(override for override in SMALL if not override.startswith("train.lr_warmup")), "logging.console=true", "checkpoint.save_every=1"]
+    checkpoints = run_dir / "checkpoints"
+    # Ctrl-C once a checkpoint is committed: every process gets SIGINT, as from a terminal.
+    interrupted = launch_readme_command(run_dir, [*overrides, "train.steps=40"], interrupt_when=lambda: (checkpoints / "step_00000001").is_dir())
+    output = interrupted.stdout + interrupted.stderr
+    (line,) = [line for line in output.splitlines() if line.startswith("megarl.train:")]
+    match = re.fullmatch(rf"megarl\.train: interrupted at step (\d+); the last checkpoint is {checkpoints}/step_(\d+): run the same command to go on from it \(checkpoint\.resume=auto\)", line)
+    assert match, output[-5000:]
+    step, saved = int(match.group(1)), int(match.group(2))
+    # Interrupted in step `step`: before its checkpoint (saved is the step before) or just after it.
+    assert saved in (step - 1, step) and "KeyboardInterrupt" not in output
+    config = (run_dir / "config.yaml").read_bytes()
+    assert yaml.safe_load(config)["train"]["steps"] == 40
+
+    # A start that fails on bad input (a row past the first: found when the data is loaded, after
+    # Megatron is up) leaves the run directory as it was; torchrun's root cause is megarl's line.
+    data = tmp_path / "prompts.jsonl"
+    data.write_text('{"prompt": "max 1 2 3", "answer": "3"}\n{"prompt": "max 4 5 6", "answer": \n')
+    failed = launch_readme_command(run_dir, [*overrides, "train.steps=40", f"data.train_files=[{data}]"])
+    assert failed.returncode == 1
+    cause = failed.stderr[failed.stderr.index("Root Cause"):]
+    assert f"exitcode  : 2" in cause and f"traceback : megarl.train: {data}:2: not valid JSON" in cause and "Traceback" not in cause
+    assert (run_dir / "config.yaml").read_bytes() == config and not list(run_dir.glob("config.step_*"))
+    assert [path.name for path in committed_checkpoints(checkpoints)][-1] == f"step_{saved:08d}"
+
+    # The same command goes on from the checkpoint; its segment's config is kept beside the first.
+    rows = readme_command(run_dir, [*overrides, f"train.steps={saved + 3}"])
+    assert [row["step"] for row in rows] == list(range(saved + 3))
+    assert yaml.safe_load((run_dir / f"config.step_{saved + 1}.yaml").read_text())["train"]["steps"] == saved + 3
+    assert (run_dir / "config.yaml").read_bytes() == config
 
 
 @pytest.mark.cpu

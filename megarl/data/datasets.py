@@ -117,6 +117,39 @@ def _read_rows(path: Path) -> Iterator[tuple[str, Any]]:
         yield f"{path} row {index}", row
 
 
+def check_file(path: Path, config: DataConfig) -> None:
+    """A quick look before a run builds anything: ``path`` exists in a known format and its first
+    row is an object with the prompt and answer fields (parquet: the columns). The whole file is
+    read and checked row by row by :func:`load_prompts`.
+
+    Raises:
+        DataError: naming the file (and row), what is wrong and the fix.
+    """
+    if path.suffix.lower() == ".parquet" and path.is_file():
+        try:
+            import pyarrow.parquet
+        except ImportError:
+            raise DataError(f"{path}: reading parquet needs pyarrow: `pip install pyarrow`, or convert the file to jsonl") from None
+        try:
+            columns = pyarrow.parquet.ParquetFile(path).schema_arrow.names
+        except Exception as error:  # noqa: BLE001 - pyarrow's errors for a file that is not parquet
+            raise DataError(f"{path}: not a readable parquet file ({type(error).__name__}: {error})") from None
+        _check_fields(dict.fromkeys(columns), f"{path} (columns)", config)
+        return
+    for location, row in _read_rows(path):
+        if not isinstance(row, dict):
+            raise DataError(f"{location}: a row must be an object with fields, found {type(row).__name__}")
+        _check_fields(row, location, config)
+        return
+    raise DataError(f"{path} holds no rows")
+
+
+def _check_fields(row: dict[str, Any], location: str, config: DataConfig) -> None:
+    for key, setting in ((config.prompt_key, "data.prompt_key"), (config.answer_key, "data.answer_key")):
+        if key not in row:
+            raise DataError(f"{location}: no field {key!r} ({setting}); the row has {sorted(row)}: fix the row or set {setting}")
+
+
 def _is_messages(prompt: Any) -> bool:
     return (
         isinstance(prompt, list)
@@ -129,9 +162,7 @@ def _parse_row(row: Any, location: str, config: DataConfig, tokenizer) -> tuple[
     """One row -> the text the model reads, the answer, and the other fields."""
     if not isinstance(row, dict):
         raise DataError(f"{location}: a row must be an object with fields, found {type(row).__name__}")
-    for key, setting in ((config.prompt_key, "data.prompt_key"), (config.answer_key, "data.answer_key")):
-        if key not in row:
-            raise DataError(f"{location}: no field {key!r} ({setting}); the row has {sorted(row)}: fix the row or set {setting}")
+    _check_fields(row, location, config)
     prompt, field = row[config.prompt_key], f"field {config.prompt_key!r} (data.prompt_key)"
     if isinstance(prompt, str):
         messages = [{"role": "user", "content": prompt}]

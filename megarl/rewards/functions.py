@@ -1,21 +1,36 @@
-"""Reward functions: the bundled rules and user functions, all with one signature.
+"""Reward functions: the bundled rules and user functions, with megarl's or verl's signature.
 
-A reward function is called once per sample::
+megarl's signature, called once per sample::
 
-    def my_reward(prompt: str, response: str, answer: str, **row) -> float | dict:
+    def my_reward(prompt: str, response: str, answer, **row) -> float | dict:
 
-``row`` carries the dataset row's other fields. It returns the score, or a dict with a ``"score"``
-float and any extra numbers, which are averaged into the step's metrics (``reward/<key>``).
+``row`` carries the dataset row's other fields. verl's signature works unchanged, so that a
+reward file written for verl needs no edit::
+
+    def compute_score(data_source, solution_str, ground_truth, extra_info=None) -> float | dict:
+
+(``data_source`` and ``extra_info`` are the row's fields of those names, ``solution_str`` the
+response, ``ground_truth`` the answer; set ``data.answer_key: reward_model.ground_truth`` for verl's
+datasets). With ``reward.batched`` the function scores many samples in one call and returns a list:
+megarl's takes lists under the same names (``prompt=[...], response=[...], answer=[...]`` and each
+row field as a list, None where a row lacks it); verl's is its batch reward manager's
+``compute_score(data_sources, solution_strs, ground_truths, extra_infos)``.
+
+A score is a finite number, or a dict with a finite ``"score"`` and any extra numbers, which are
+averaged into the step's metrics (``reward/<key>``). Anything else (NaN or inf included) is a
+failure: the sample scores 0 and is counted in ``reward/failures``.
 
 Rules: ``toy`` (the bundled toy tasks) and ``math`` (GSM8K / MATH answers checked with math-verify:
 the reference answer and the response's last ``\\boxed{}``, or its final number, must be
 mathematically equal: ``0.5``, ``1/2`` and ``\\frac{1}{2}`` all match). User functions are given as
-``path/to/file.py:name`` and loaded in the reward worker processes.
+``path/to/file.py:name``; :func:`load_function` and :func:`calling_convention` check them before a
+run builds anything, and the reward worker processes load them again.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import re
 from pathlib import Path
 from typing import Callable
@@ -73,21 +88,117 @@ def math_reward(prompt: str, response: str, answer: str, **row) -> float:
 RULES: dict[str, RewardFunction] = {"toy": _toy, "math": math_reward}
 
 
+class RewardFunctionError(ValueError):
+    """``reward.function`` cannot be used: a missing file, a syntax or import error, no such
+    function, or arguments that fit neither megarl's nor verl's signature."""
+
+
 def load_function(spec: str) -> RewardFunction:
-    """``path/to/file.py:name`` -> the function, with errors that say which part is wrong."""
+    """``path/to/file.py:name`` -> the function, importing the file.
+
+    Raises:
+        RewardFunctionError: naming the setting, the file (and line of a syntax error) or the name.
+    """
     path_text, separator, name = spec.rpartition(":")
+    where = f"reward.function = {spec!r}"
     if not separator or not path_text or not name:
-        raise ValueError(f"reward.function = {spec!r} must look like path/to/file.py:function_name")
+        raise RewardFunctionError(f"{where} must look like path/to/file.py:function_name")
     path = Path(path_text)
     if not path.is_file():
-        raise FileNotFoundError(f"reward.function = {spec!r}: {path} does not exist")
+        relative = "" if path.is_absolute() else f" (relative to {Path.cwd()}, where the run started)"
+        raise RewardFunctionError(f"{where}: {path} does not exist{relative}")
     module_spec = importlib.util.spec_from_file_location(f"megarl_user_reward_{path.stem}", path)
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    try:
+        module_spec.loader.exec_module(module)
+    except SyntaxError as error:
+        raise RewardFunctionError(f"{where}: {error.filename}:{error.lineno}: syntax error: {error.msg}") from None
+    except Exception as error:  # noqa: BLE001 - whatever the user's module raises on import
+        raise RewardFunctionError(f"{where}: importing {path} failed: {type(error).__name__}: {error}") from None
     function = getattr(module, name, None)
+    if function is None:
+        defined = sorted(key for key, value in vars(module).items() if callable(value) and getattr(value, "__module__", None) == module.__name__)
+        raise RewardFunctionError(f"{where}: {path} has no function named {name!r} (it defines {defined or 'none'})")
     if not callable(function):
-        raise AttributeError(f"reward.function = {spec!r}: {path} has no function named {name!r}")
+        raise RewardFunctionError(f"{where}: {path}: {name!r} is a {type(function).__name__}, not a function")
     return function
+
+
+_MEGARL_ARGUMENTS = ("prompt", "response", "answer")
+_VERL_ARGUMENTS = ("data_source", "solution_str", "ground_truth", "extra_info")
+_VERL_BATCH_ARGUMENTS = ("data_sources", "solution_strs", "ground_truths", "extra_infos")
+
+
+def calling_convention(function: RewardFunction, spec: str, batched: bool) -> str:
+    """Which signature ``function`` has: ``"megarl"`` or ``"verl"`` (see the module docstring).
+
+    Raises:
+        RewardFunctionError: the arguments fit neither, or fit the other setting of ``reward.batched``.
+    """
+    try:
+        parameters = inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        return "megarl"  # a builtin or extension function: no signature to read
+    names = set(parameters)
+    takes_any_keyword = any(parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter in parameters.values())
+    verl, other_verl = (_VERL_BATCH_ARGUMENTS, _VERL_ARGUMENTS) if batched else (_VERL_ARGUMENTS, _VERL_BATCH_ARGUMENTS)
+    where = f"reward.function = {spec!r}"
+    if other_verl[1] in names and verl[1] not in names:
+        hint = "set reward.batched=true (it takes lists)" if not batched else "set reward.batched=false (it takes one sample)"
+        raise RewardFunctionError(f"{where} has verl's {'batched ' if not batched else ''}signature ({other_verl[1]}): {hint}")
+    if verl[1] in names:
+        required = [
+            parameter.name for parameter in parameters.values()
+            if parameter.default is inspect.Parameter.empty and parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)
+            and parameter.name not in verl
+        ]
+        if required:
+            raise RewardFunctionError(f"{where}: verl's signature passes {', '.join(verl)}; it also requires {required}")
+        return "verl"
+    if takes_any_keyword or all(name in names for name in _MEGARL_ARGUMENTS):
+        return "megarl"
+    signature = f"{getattr(function, '__name__', spec)}{inspect.signature(function)}"
+    raise RewardFunctionError(
+        f"{where}: {signature} takes neither megarl's arguments (prompt, response, answer, **row) nor verl's "
+        f"({', '.join(verl)}){' for reward.batched' if batched else ''}: rename its parameters"
+    )
+
+
+def _verl_arguments(function: RewardFunction, names: tuple[str, ...]) -> tuple[str, ...]:
+    """Of verl's argument names, those ``function`` accepts (older verl functions lack extra_info)."""
+    parameters = inspect.signature(function).parameters
+    if any(parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter in parameters.values()):
+        return names
+    return tuple(name for name in names if name in parameters)
+
+
+def batch_caller(function: RewardFunction, convention: str, batched: bool) -> Callable[[list[dict]], list]:
+    """``function`` as ``score(samples) -> values``: one value per sample (each sample the keyword
+    arguments of megarl's signature: prompt, response, answer and the row's fields)."""
+    if convention == "verl":
+        names = _verl_arguments(function, _VERL_BATCH_ARGUMENTS if batched else _VERL_ARGUMENTS)
+
+        def verl_arguments(sample: dict) -> dict:
+            values = {
+                "data_source": sample.get("data_source"), "solution_str": sample["response"],
+                "ground_truth": sample["answer"], "extra_info": sample.get("extra_info"),
+            }
+            return dict(zip(_VERL_ARGUMENTS, (values[name] for name in _VERL_ARGUMENTS)))
+
+        if batched:
+            def call(samples):
+                columns = [verl_arguments(sample) for sample in samples]
+                return function(**{plural: [column[single] for column in columns] for single, plural in zip(_VERL_ARGUMENTS, _VERL_BATCH_ARGUMENTS) if plural in names})
+        else:
+            def call(samples):
+                return [function(**{name: value for name, value in verl_arguments(sample).items() if name in names}) for sample in samples]
+        return call
+    if batched:
+        def call(samples):
+            keys = list(dict.fromkeys(key for sample in samples for key in sample))
+            return function(**{key: [sample.get(key) for sample in samples] for key in keys})
+        return call
+    return lambda samples: [function(**sample) for sample in samples]
 
 
 def reward_model(path: str) -> RewardFunction:
@@ -107,13 +218,15 @@ def reward_model(path: str) -> RewardFunction:
     return score
 
 
-def resolve(kind: str, target: str) -> RewardFunction:
-    """The function for reward ``kind``: ``rule`` (target ``toy`` or ``math``), ``function``
-    (target ``path.py:name``) or ``model`` (target a HF sequence-classification directory)."""
+def resolve(kind: str, target: str, batched: bool = False) -> Callable[[list[dict]], list]:
+    """The scoring call for reward ``kind`` as ``score(samples) -> values`` (:func:`batch_caller`):
+    ``rule`` (target ``toy`` or ``math``), ``function`` (target ``path.py:name``, with
+    ``batched`` = ``reward.batched``) or ``model`` (target a HF sequence-classification directory)."""
     if kind == "rule":
-        return RULES[target]
+        return batch_caller(RULES[target], "megarl", batched=False)
     if kind == "function":
-        return load_function(target)
+        function = load_function(target)
+        return batch_caller(function, calling_convention(function, target, batched), batched)
     if kind == "model":
-        return reward_model(target)
+        return batch_caller(reward_model(target), "megarl", batched=False)
     raise ValueError(f"reward kind {kind!r} does not run in the pool; expected 'rule', 'function' or 'model'")

@@ -1,9 +1,10 @@
 """Isolated reward scoring: a pool of worker processes with a per-sample timeout.
 
-Reward code is untrusted in the ways that matter for a long run: it can raise, hang, or be slow.
-Each sample is scored in a worker process; an exception or a timeout scores 0 and is counted; a
-worker that times out (or dies) is killed and replaced, so the pool is back at full size for the
-next sample. When more than ``max_failure_rate`` of a batch fails, :meth:`RewardPool.score` raises
+Reward code is untrusted in the ways that matter for a long run: it can raise, hang, be slow or
+return nonsense. Each sample (with ``reward.batched``: each worker's share of the batch) is scored
+in a worker process; an exception, a timeout or a value that is not a finite score scores 0 and is
+counted; a worker that times out (or dies) is killed and replaced, so the pool is back at full size
+for the next call. Workers ignore Ctrl-C: the run that owns them stops them. When more than ``max_failure_rate`` of a batch fails, :meth:`RewardPool.score` raises
 :class:`RewardError` showing the first error, so a broken reward function stops the run early
 instead of training on zeros.
 """
@@ -12,8 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import multiprocessing
+import numbers
 import queue
+import signal
 import time
 import traceback
 from typing import Any
@@ -35,17 +39,21 @@ class ScoredBatch:
     extras: dict[str, float]
     """Mean of each extra number the function returned (over the samples that returned it)."""
     failures: int
-    """Samples that raised, timed out, or returned something that is not a score."""
+    """Samples that raised, timed out, or returned something that is not a finite score."""
     timeouts: int
     """Of the failures, those that hit the timeout."""
     first_error: str | None
+    """What went wrong with the failed sample of the lowest index (``sample N: ...``)."""
+    first_failed: int | None = None
+    """That sample's index."""
 
 
-def _worker(kind: str, target: str, tasks, results) -> None:
+def _worker(kind: str, target: str, batched: bool, tasks, results) -> None:
     from megarl.rewards.functions import resolve
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        function = resolve(kind, target)
+        score = resolve(kind, target, batched)
     except Exception:  # noqa: BLE001 - reported to the parent, which decides
         results.put((None, "error", f"loading reward {kind}:{target} failed:\n{traceback.format_exc()}"))
         return
@@ -53,21 +61,24 @@ def _worker(kind: str, target: str, tasks, results) -> None:
         task = tasks.get()
         if task is None:
             return
-        task_id, sample = task
+        task_id, samples = task
         try:
-            value = function(**sample)
-            results.put((task_id, "ok", value))
+            values = score(samples)
+            if not isinstance(values, (list, tuple)) or len(values) != len(samples):
+                got = f"{len(values)} values" if isinstance(values, (list, tuple)) else f"a {type(values).__name__}"
+                raise TypeError(f"a batched reward function must return a list of {len(samples)} scores; got {got}")
+            results.put((task_id, "ok", list(values)))
         except Exception:  # noqa: BLE001 - any error in user code scores 0
             results.put((task_id, "error", traceback.format_exc(limit=5)))
 
 
 class _Worker:
-    def __init__(self, context, kind: str, target: str, results):
+    def __init__(self, context, kind: str, target: str, batched: bool, results):
         self.tasks = context.Queue()
-        self.process = context.Process(target=_worker, args=(kind, target, self.tasks, results), daemon=True)
+        self.process = context.Process(target=_worker, args=(kind, target, batched, self.tasks, results), daemon=True)
         self.process.start()
         self.task_id: int | None = None
-        self.index: int | None = None
+        self.indices: list[int] = []
         self.started = 0.0
 
     def kill(self) -> None:
@@ -77,15 +88,18 @@ class _Worker:
 
 class RewardPool:
     """``num_workers`` processes scoring samples with ``kind``/``target`` (see
-    :func:`megarl.rewards.functions.resolve`)."""
+    :func:`megarl.rewards.functions.resolve`); with ``batched`` each call scores a worker's share
+    of the batch and ``timeout_s`` applies to the call."""
 
-    def __init__(self, kind: str, target: str, num_workers: int = 2, timeout_s: float = 10.0, max_failure_rate: float = 0.5):
-        self.kind, self.target = kind, target
+    def __init__(
+        self, kind: str, target: str, num_workers: int = 2, timeout_s: float = 10.0, max_failure_rate: float = 0.5, *, batched: bool = False
+    ):
+        self.kind, self.target, self.batched = kind, target, batched
         self.timeout_s = timeout_s
         self.max_failure_rate = max_failure_rate
         self._context = multiprocessing.get_context("spawn")
         self._results = self._context.Queue()
-        self._workers = [_Worker(self._context, kind, target, self._results) for _ in range(num_workers)]
+        self._workers = [_Worker(self._context, kind, target, batched, self._results) for _ in range(num_workers)]
         self._ids = itertools.count()
         self.replaced = 0
         """Workers killed and replaced so far (hung or dead)."""
@@ -96,30 +110,32 @@ class RewardPool:
 
     def _replace(self, position: int) -> None:
         self._workers[position].kill()
-        self._workers[position] = _Worker(self._context, self.kind, self.target, self._results)
+        self._workers[position] = _Worker(self._context, self.kind, self.target, self.batched, self._results)
         self.replaced += 1
 
     def score(self, samples: list[dict[str, Any]]) -> ScoredBatch:
-        """Score ``samples`` (each the keyword arguments of the reward function) in input order."""
+        """Score ``samples`` (each the keyword arguments of megarl's reward signature) in input order."""
         scores: list[float | None] = [None] * len(samples)
         extras: dict[str, list[float]] = {}
-        failures, timeouts, first_error = 0, 0, None
-        pending = list(range(len(samples)))
+        failures, timeouts, first_error, first_failed = 0, 0, None, None
+        share = -(-len(samples) // len(self._workers)) if self.batched else 1
+        pending = [list(range(start, min(start + share, len(samples)))) for start in range(0, len(samples), share)]
         running: dict[int, int] = {}  # task id -> worker position
 
         def fail(index: int, message: str) -> None:
-            nonlocal failures, first_error
+            nonlocal failures, first_error, first_failed
             scores[index] = 0.0
             failures += 1
-            first_error = first_error or f"sample {index}: {message}"
+            if first_failed is None or index < first_failed:
+                first_error, first_failed = f"sample {index}: {message}", index
 
         while pending or running:
             for position, worker in enumerate(self._workers):
                 if worker.task_id is None and pending:
-                    index = pending.pop(0)
-                    worker.task_id, worker.index, worker.started = next(self._ids), index, time.monotonic()
+                    worker.indices = pending.pop(0)
+                    worker.task_id, worker.started = next(self._ids), time.monotonic()
                     running[worker.task_id] = position
-                    worker.tasks.put((worker.task_id, samples[index]))
+                    worker.tasks.put((worker.task_id, [samples[index] for index in worker.indices]))
             try:
                 task_id, status, value = self._results.get(timeout=_POLL_S)
             except queue.Empty:
@@ -129,13 +145,14 @@ class RewardPool:
                 raise RewardError(value)
             if task_id in running:
                 worker = self._workers[running.pop(task_id)]
-                index = worker.index
-                worker.task_id = worker.index = None
+                indices, worker.task_id, worker.indices = worker.indices, None, []
                 if status == "error":
-                    fail(index, value)
-                else:
+                    for index in indices:
+                        fail(index, value)
+                    continue
+                for index, returned in zip(indices, value):
                     try:
-                        score, extra = as_score(value)
+                        score, extra = as_score(returned)
                     except (TypeError, ValueError) as error:
                         fail(index, str(error))
                     else:
@@ -152,12 +169,14 @@ class RewardPool:
                 if hung or not worker.process.is_alive():
                     running.pop(worker.task_id, None)
                     if hung:
-                        timeouts += 1
-                        fail(worker.index, f"timed out after {self.timeout_s:g} s")
+                        timeouts += len(worker.indices)
+                        problem = f"timed out after {self.timeout_s:g} s"
                     else:
-                        fail(worker.index, f"worker died (exit code {worker.process.exitcode})")
+                        problem = f"worker died (exit code {worker.process.exitcode})"
+                    for index in worker.indices:
+                        fail(index, problem)
                     self._replace(position)
-        return finish_batch(scores, extras, failures, timeouts, first_error, self.max_failure_rate)
+        return finish_batch(scores, extras, failures, timeouts, first_error, self.max_failure_rate, first_failed)
 
     def close(self) -> None:
         for worker in self._workers:
@@ -175,7 +194,7 @@ class RewardPool:
         self.close()
 
 
-def finish_batch(scores, extras, failures, timeouts, first_error, max_failure_rate) -> ScoredBatch:
+def finish_batch(scores, extras, failures, timeouts, first_error, max_failure_rate, first_failed=None) -> ScoredBatch:
     """Assemble a :class:`ScoredBatch`; raise :class:`RewardError` above ``max_failure_rate``."""
     if scores and failures / len(scores) > max_failure_rate:
         raise RewardError(
@@ -188,16 +207,28 @@ def finish_batch(scores, extras, failures, timeouts, first_error, max_failure_ra
         failures=failures,
         timeouts=timeouts,
         first_error=first_error,
+        first_failed=first_failed,
     )
 
 
 def as_score(value: Any) -> tuple[float, dict[str, float]]:
-    """A function's return value -> (score, extra metrics); errors say what was expected."""
+    """A function's return value -> (score, extra metrics); errors say what was expected.
+
+    Raises:
+        TypeError, ValueError: not a number or a dict with ``"score"``, or a score that is NaN or
+            infinite (it would poison the advantages of its whole group).
+    """
     if isinstance(value, dict):
         if "score" not in value:
             raise ValueError(f"a reward dict must have a 'score' key; got keys {sorted(value)}")
         extra = {key: float(number) for key, number in value.items() if key != "score"}
-        return float(value["score"]), extra
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value), {}
-    raise TypeError(f"a reward function must return a float or a dict with 'score'; got {type(value).__name__}")
+        score = value["score"]
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+        score, extra = value, {}
+    else:
+        raise TypeError(f"a reward function must return a float or a dict with 'score'; got {type(value).__name__}")
+    if isinstance(score, bool) or not isinstance(score, numbers.Real):
+        raise TypeError(f"a reward's 'score' must be a number; got {type(score).__name__}")
+    if not math.isfinite(score):
+        raise ValueError(f"the score is {score}: a reward must be a finite number")
+    return float(score), extra

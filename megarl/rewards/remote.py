@@ -60,7 +60,7 @@ class RemoteReward:
     def score(self, samples: list[dict[str, Any]]) -> ScoredBatch:
         scores: list[float] = []
         extras: dict[str, list[float]] = {}
-        failures, timeouts, first_error = 0, 0, None
+        failures, timeouts, first_error, first_failed = 0, 0, None, None
         for start in range(0, len(samples), self.batch_size):
             chunk = samples[start : start + self.batch_size]
             try:
@@ -69,7 +69,8 @@ class RemoteReward:
                 failures += len(chunk)
                 timed_out = isinstance(error, TimeoutError) or "timed out" in str(error)
                 timeouts += len(chunk) if timed_out else 0
-                first_error = first_error or f"samples {start}-{start + len(chunk) - 1}: {self.url}: {error}"
+                if first_error is None:
+                    first_error, first_failed = f"samples {start}-{start + len(chunk) - 1}: {self.url}: {error}", start
                 scores += [0.0] * len(chunk)
                 continue
             for offset, value in enumerate(values):
@@ -77,9 +78,10 @@ class RemoteReward:
                     score, extra = as_score(value)
                 except (TypeError, ValueError) as error:
                     failures += 1
-                    first_error = first_error or f"sample {start + offset}: {error}"
+                    if first_error is None:
+                        first_error, first_failed = f"sample {start + offset}: {error}", start + offset
                     score, extra = 0.0, {}
                 scores.append(score)
                 for key, number in extra.items():
                     extras.setdefault(key, []).append(number)
-        return finish_batch(scores, extras, failures, timeouts, first_error, self.max_failure_rate)
+        return finish_batch(scores, extras, failures, timeouts, first_error, self.max_failure_rate, first_failed)

@@ -19,4 +19,4 @@ def build_scorer(config: RewardConfig) -> RewardPool | RemoteReward:
             max_failure_rate=config.max_failure_rate,
         )
     target = {"rule": config.rule, "function": config.function, "model": config.model_path}[config.type]
-    return RewardPool(config.type, target, config.num_workers, config.timeout_s, config.max_failure_rate)
+    return RewardPool(config.type, target, config.num_workers, config.timeout_s, config.max_failure_rate, batched=config.batched)

@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import random
 import re
 import shutil
+import time
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -47,6 +49,9 @@ _TOKENIZER_FILES = (
     "merges.txt",
     "chat_template.jinja",
 )
+
+
+log = logging.getLogger("megarl")
 
 
 class CheckpointError(RuntimeError):
@@ -100,25 +105,95 @@ def hf_files(path: str | Path) -> Path:
 
 
 def resolve_resume(resume: str, root: str | Path) -> Path | None:
-    """The checkpoint to resume from.
+    """The checkpoint to resume from, its files checked (:func:`check_checkpoint`). Call it on one
+    process only (the first rank): with ``auto`` it may set damaged checkpoints aside.
 
     Args:
-        resume: ``"auto"`` (the latest committed checkpoint under ``root``, or None when there is
-            none), ``"never"``, or the path of a checkpoint directory.
+        resume: ``"auto"`` (the latest intact committed checkpoint under ``root``, or None when
+            there is none), ``"never"``, or the path of a checkpoint directory.
         root: the run's checkpoint directory.
+
+    With ``auto``, a damaged checkpoint newer than the one chosen is renamed
+    ``step_NNNNNNNN.damaged`` (kept, never loaded or pruned), with a warning naming the damage.
+
+    Raises:
+        CheckpointError: ``resume`` names no committed checkpoint, or a damaged one (the message
+            names the damaged file and the newest intact checkpoint to resume from instead), or
+            every checkpoint under ``root`` is damaged.
     """
     if resume == "never":
         return None
     if resume == "auto":
-        checkpoints = committed_checkpoints(root)
-        return checkpoints[-1] if checkpoints else None
+        damaged = []
+        for candidate in reversed(committed_checkpoints(root)):
+            try:
+                check_checkpoint(candidate)
+            except CheckpointError as error:
+                damaged.append((candidate, error))
+                continue
+            for path, error in damaged:
+                aside = _set_aside(path)
+                log.warning("%s; resuming from the newest intact checkpoint, %s; the damaged one is kept as %s", error, candidate, aside)
+            return candidate
+        if damaged:
+            raise CheckpointError(
+                f"{damaged[0][1]}; no checkpoint under {root} is intact ({len(damaged)} damaged): "
+                f"start over with checkpoint.resume=never, or restore the files"
+            )
+        return None
     path = Path(resume)
     if not _COMMITTED.match(path.name) or not (path / "weights").is_dir():
         raise CheckpointError(
             f"checkpoint.resume = {resume!r} is not a committed megarl checkpoint (a directory "
             f"named step_NNNNNNNN with a weights/ folder); give one, or 'auto' / 'never'"
         )
+    try:
+        check_checkpoint(path)
+    except CheckpointError as error:
+        intact = _newest_intact(path.parent, excluding=path)
+        instead = (
+            f"the newest intact checkpoint is {intact}: resume from it with checkpoint.resume={intact}, "
+            f"or start over with checkpoint.resume=never"
+            if intact is not None
+            else f"no other checkpoint under {path.parent} is intact: start over with checkpoint.resume=never"
+        )
+        raise CheckpointError(f"{error}; {instead}") from None
     return path
+
+
+def _newest_intact(root: Path, excluding: Path) -> Path | None:
+    for candidate in reversed(committed_checkpoints(root)):
+        if candidate.resolve() == excluding.resolve():
+            continue
+        try:
+            check_checkpoint(candidate)
+        except CheckpointError:
+            continue
+        return candidate
+    return None
+
+
+def _set_aside(path: Path) -> Path:
+    """Rename a damaged checkpoint out of the committed ones (``step_NNNNNNNN.damaged``), keeping it."""
+    aside = path.with_name(f"{path.name}.damaged")
+    if aside.exists():
+        aside = path.with_name(f"{path.name}.damaged-{int(time.time())}")
+    path.rename(aside)
+    return aside
+
+
+def check_checkpoint(path: str | Path) -> None:
+    """Check that ``path`` is a whole committed checkpoint: its folders, its state and every file
+    (:func:`check_files`), before anything is built to load it.
+
+    Raises:
+        CheckpointError: naming the checkpoint and what is missing or damaged.
+    """
+    path = Path(path)
+    for needed in ("weights", "train_state.json"):
+        if not (path / needed).exists():
+            raise CheckpointError(f"checkpoint {path} is damaged: {needed} is missing")
+    check_files(path)
 
 
 @contextlib.contextmanager
@@ -363,13 +438,14 @@ def load_checkpoint(
             (:func:`check_files`).
     """
     path = Path(path)
-    if not (path / "weights").is_dir() or not (path / "train_state.json").exists():
-        raise CheckpointError(f"{path}: not a committed megarl checkpoint (weights/ or train_state.json missing)")
-    check_files(path)
+    check_checkpoint(path)
     for name, (part_models, part_optimizer, part_scheduler) in {"": (models, optimizer, scheduler), **(extra_models or {})}.items():
         if not (path / name / "weights").is_dir():
             raise CheckpointError(f"{path}: holds no {name} weights ({path / name / 'weights'} is missing); was it saved by a run without a {name}?")
-        _load_part(path / name, part_models, part_optimizer, part_scheduler)
+        try:
+            _load_part(path / name, part_models, part_optimizer, part_scheduler)
+        except Exception as error:  # noqa: BLE001 - damage the file checks cannot see (bytes changed in place)
+            raise CheckpointError(f"checkpoint {path} could not be loaded: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}") from error
     train_state = json.loads((path / "train_state.json").read_text())
     rng_file = path / "rng" / f"rank_{dist.get_rank()}.pt"
     if train_state.get("world_size") == dist.get_world_size() and rng_file.exists():

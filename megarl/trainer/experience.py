@@ -1,6 +1,6 @@
 """From scored samples to what the update trains on: shaped scores, advantages, loss weights.
 
-Each function is one stage of the RL step in ``shared/DESIGN.md`` and works on the whole
+Each function is one stage of the RL step in ``docs/rl_step.md`` and works on the whole
 :class:`~megarl.trainer.batch.TrainBatch`, identically on every rank:
 
 1. :func:`shape_scores`: reward clipping, DAPO's overlong penalty, normalisation.

@@ -2,7 +2,9 @@
 
 Only the first rank writes. Every step's metrics are appended to ``metrics.jsonl`` as one JSON
 object (``{"step": N, "time": unix seconds, name: value, ...}``), whatever the other sinks, so a
-run can be plotted or compared without any of them. TensorBoard (``tensorboard`` package) and
+run can be plotted or compared without any of them. The file is strict JSON: a value that is not
+finite is written as the string ``"NaN"``, ``"Infinity"`` or ``"-Infinity"`` (``float()`` reads
+them back; so does pandas with ``df.astype(float)``). TensorBoard (``tensorboard`` package) and
 W&B (``wandb``; ``logging.wandb_mode: offline`` needs no network and writes under the run
 directory) are optional packages: asking for one that is not installed fails at start-up with
 the package to install.
@@ -15,6 +17,7 @@ TensorBoard and resumes the same W&B run, so that every sink holds each step onc
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -62,22 +65,9 @@ class MetricsLogger:
         if not enabled:
             return
         # The optional packages are checked now, so that a missing one fails before any training.
-        if config.logging.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter  # noqa: F401
-            except ImportError:
-                raise ConfigError(
-                    "`logging.tensorboard` is true but the tensorboard package is not installed: "
-                    "pip install tensorboard, or set logging.tensorboard=false"
-                ) from None
-        if self._wandb_enabled:
-            try:
-                import wandb  # noqa: F401
-            except ImportError:
-                raise ConfigError(
-                    "`logging.wandb` is true but the wandb package is not installed: pip install wandb, "
-                    "or set logging.wandb=false"
-                ) from None
+        problems = sink_problems(config)
+        if problems:
+            raise ConfigError("; ".join(problems))
 
     @property
     def _wandb_enabled(self) -> bool:
@@ -125,14 +115,15 @@ class MetricsLogger:
         if self._jsonl is None:
             self.start(0)
         values = {name: _number(value) for name, value in metrics.items()}
-        self._jsonl.write(json.dumps({"step": step, "time": round(time.time(), 3), **values}) + "\n")
+        row = {"step": step, "time": round(time.time(), 3), **{name: json_number(value) for name, value in values.items()}}
+        self._jsonl.write(json.dumps(row, allow_nan=False) + "\n")
         if self._tensorboard is not None:
             for name, value in values.items():
                 self._tensorboard.add_scalar(name, value, global_step=step)
         if self._wandb is not None:
             self._wandb.log(values, step=step)
         if self.console and step % self.log_every == 0:
-            tqdm.write(console_line(step, values))
+            tqdm.write(console_line(step, values, self.config.logging.console_metrics))
 
     def close(self) -> None:
         if self._jsonl is None:
@@ -145,6 +136,18 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
+
+
+def sink_problems(config: Config) -> list[str]:
+    """The optional packages the ``logging`` section asks for that are not installed, one line each
+    (found without importing them)."""
+    logging_config = config.logging
+    wanted = {"tensorboard": logging_config.tensorboard, "wandb": logging_config.wandb and logging_config.wandb_mode != "disabled"}
+    return [
+        f"`logging.{package}` is true but the {package} package is not installed: pip install {package}, or set logging.{package}=false"
+        for package, asked in wanted.items()
+        if asked and importlib.util.find_spec(package) is None
+    ]
 
 
 def _drop_rows_from(path: Path, start_step: int) -> None:
@@ -166,13 +169,22 @@ def _drop_rows_from(path: Path, start_step: int) -> None:
     os.replace(temporary, path)
 
 
-def console_line(step: int, values: dict[str, float]) -> str:
-    """``step 12 | reward 0.531 | len 3.2 | ...`` with the :data:`CONSOLE_METRICS` present."""
+def console_line(step: int, values: dict[str, float], extra: list[str] = ()) -> str:
+    """``step 12 | reward 0.531 | len 3.2 | ...`` with the :data:`CONSOLE_METRICS` present, then
+    the ``extra`` metrics present (``logging.console_metrics``) under their own names."""
     parts = [f"step {step}"]
-    for name, label, form in CONSOLE_METRICS:
+    shown = [(name, label, form) for name, label, form in CONSOLE_METRICS] + [(name, name, "{:.4g}") for name in extra]
+    for name, label, form in shown:
         if name in values and not math.isnan(values[name]):
             parts.append(f"{label} {form.format(values[name])}")
     return " | ".join(parts)
+
+
+def json_number(value: float) -> float | str:
+    """``value`` as strict JSON allows: the number, or ``"NaN"``, ``"Infinity"``, ``"-Infinity"``."""
+    if math.isfinite(value):
+        return value
+    return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
 
 
 def _number(value: Any) -> float:

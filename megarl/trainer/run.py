@@ -22,7 +22,7 @@ import transformers
 from megarl import parallel, platform
 from megarl.algorithms.kl import kl_controller
 from megarl.algorithms.shaping import RunningMoments
-from megarl.config import Config, ModelFacts, resolve_model_path, save_config, validate
+from megarl.config import Config, ModelFacts, resolve_model_path, validate
 from megarl.data.datasets import PromptDataset, PromptLoader, load_prompts
 from megarl.models.specs import choose_backend
 from megarl.trainer import checkpoint
@@ -79,6 +79,8 @@ class Run:
     kl_controller: Any
     reward_moments: RunningMoments
     start_step: int = 0
+    reward_failure_shown: bool = False
+    """Whether the first sample that failed to score has been shown (once per run)."""
 
     @property
     def is_first_rank(self) -> bool:
@@ -196,7 +198,6 @@ def setup(config: Config) -> Run:
     run_dir = config.logging.resolved_run_dir()
     if first:
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, run_dir / "config.yaml")
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(config.model.tokenizer_path or model_dir), local_files_only=True)
     train_set = load_prompts(config.data, tokenizer, "train")
@@ -217,11 +218,14 @@ def setup(config: Config) -> Run:
         dtype=dtype,
         backend=backend,
         lr_schedule=train.lr_schedule,
-        warmup_steps=train.lr_warmup_steps,
+        warmup_steps=train.warmup_steps(),
         total_steps=total_steps,
         use_distributed_optimizer=train.use_distributed_optimizer,
         transformer_overrides=_transformer_overrides(config),
     )
+    warning = train.warmup_clamped()
+    if warning:
+        log.warning(warning)
     policy_model = TrainModel.build(str(model_dir), config.parallel, pgs, train, optimizer_config=train.optimizer, **common)
     algorithm = config.algorithm
     needs_reference = algorithm.use_kl_loss or algorithm.use_kl_in_reward
@@ -266,7 +270,10 @@ def setup(config: Config) -> Run:
         reward_moments=RunningMoments(),
     )
     try:
-        resume_from = checkpoint.resolve_resume(config.checkpoint.resume, run.checkpoint_dir)
+        # The first rank chooses (and may set a damaged checkpoint aside); every rank loads its choice.
+        choice = [checkpoint.resolve_resume(config.checkpoint.resume, run.checkpoint_dir) if first else None]
+        dist.broadcast_object_list(choice, src=0)
+        resume_from = choice[0]
         if resume_from is not None:
             state = checkpoint.load_checkpoint(
                 resume_from,

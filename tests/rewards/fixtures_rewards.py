@@ -33,3 +33,33 @@ def dies(prompt, response, answer, **row):
 
 def not_a_score(prompt, response, answer, **row):
     return "high"
+
+
+def nan_for_bad(prompt, response, answer, **row):
+    return {"bad": float("nan"), "inf": float("inf"), "-inf": {"score": float("-inf")}}.get(response, 1.0)
+
+
+def compute_score(data_source, solution_str, ground_truth, extra_info=None):
+    """verl's signature."""
+    return {"score": float(solution_str == ground_truth), "source_is_toy": float(data_source == "toy"), "has_extra": float(extra_info is not None)}
+
+
+def verl_without_extra_info(data_source, solution_str, ground_truth):
+    return float(solution_str == ground_truth)
+
+
+def batched(prompt, response, answer, **row):
+    """megarl's batched signature: lists under the same names."""
+    return [float(r == a) + (0.5 if level == "hard" else 0.0) for r, a, level in zip(response, answer, row["level"])]
+
+
+def verl_batched(data_sources, solution_strs, ground_truths, extra_infos):
+    return [float(s == g) for s, g in zip(solution_strs, ground_truths)]
+
+
+def batched_wrong_length(prompt, response, answer, **row):
+    return [1.0]
+
+
+def two_arguments(x, y):
+    return 1.0

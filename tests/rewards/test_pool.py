@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from megarl.rewards.functions import load_function, math_reward
-from megarl.rewards.pool import RewardError, RewardPool
+from megarl.rewards.functions import RewardFunctionError, calling_convention, load_function, math_reward
+from megarl.rewards.pool import RewardError, RewardPool, as_score
 
 pytestmark = pytest.mark.cpu
 
@@ -71,15 +71,76 @@ def test_wrong_return_type_is_a_failure():
 
 
 def test_unloadable_function_raises_clearly(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(RewardFunctionError, match="missing.py does not exist$"):
         load_function(f"{tmp_path}/missing.py:f")
-    with pytest.raises(AttributeError, match="has no function named 'nope'"):
+    with pytest.raises(RewardFunctionError, match=r"has no function named 'nope' \(it defines \[.*'good'.*\]\)"):
         load_function(f"{FIXTURES}:nope")
-    with pytest.raises(ValueError, match="path/to/file.py:function_name"):
+    with pytest.raises(RewardFunctionError, match="path/to/file.py:function_name"):
         load_function("no_colon")
+    broken = tmp_path / "broken.py"
+    broken.write_text("def f(prompt, response, answer):\n    return (1.0\n")
+    with pytest.raises(RewardFunctionError, match=rf"{broken}:2: syntax error"):
+        load_function(f"{broken}:f")
+    failing = tmp_path / "failing.py"
+    failing.write_text("import no_such_package\n")
+    with pytest.raises(RewardFunctionError, match=rf"importing {failing} failed: ModuleNotFoundError: No module named 'no_such_package'"):
+        load_function(f"{failing}:f")
     with RewardPool("function", f"{FIXTURES}:nope", num_workers=1) as rewards:
         with pytest.raises(RewardError, match="loading reward"):
             rewards.score(samples("a"))
+
+
+def test_non_finite_scores_are_failures_scored_zero():
+    with pool("nan_for_bad", max_failure_rate=1.0) as rewards:
+        batch = rewards.score(samples("ok", "bad", "inf", "-inf", "ok"))
+    assert batch.scores == [1.0, 0.0, 0.0, 0.0, 1.0] and batch.failures == 3
+    assert (batch.first_failed, batch.first_error) == (1, "sample 1: the score is nan: a reward must be a finite number")
+    assert as_score({"score": 2, "length": 3}) == (2.0, {"length": 3.0})
+    for value in (float("nan"), {"score": float("inf")}, {"score": "1"}, True):
+        with pytest.raises((TypeError, ValueError)):
+            as_score(value)
+
+
+def verl_samples(*pairs):
+    """(response, answer) pairs as a verl dataset gives them: data_source and extra_info row fields."""
+    return [
+        {"prompt": "p", "response": response, "answer": answer, "data_source": "toy", "extra_info": {"index": index}}
+        for index, (response, answer) in enumerate(pairs)
+    ]
+
+
+def test_verl_signatures_work_unchanged():
+    with pool("compute_score") as rewards:
+        batch = rewards.score(verl_samples(("4", "4"), ("5", "4")))
+    assert batch.scores == [1.0, 0.0] and batch.extras == {"source_is_toy": 1.0, "has_extra": 1.0}
+    with pool("verl_without_extra_info") as rewards:
+        assert rewards.score(verl_samples(("4", "4"), ("5", "4"))).scores == [1.0, 0.0]
+    with pool("verl_batched", batched=True) as rewards:
+        assert rewards.score(verl_samples(("4", "4"), ("5", "4"), ("6", "6"))).scores == [1.0, 0.0, 1.0]
+
+
+def test_a_batched_function_scores_lists_split_over_the_workers():
+    rows = [{"prompt": "p", "response": r, "answer": "a", "level": level} for r, level in [("a", "easy"), ("b", "hard"), ("a", "hard"), ("c", "easy"), ("a", "easy")]]
+    with pool("batched", batched=True) as rewards:
+        batch = rewards.score(rows)
+    assert batch.scores == [1.0, 0.5, 1.5, 0.0, 1.0] and batch.failures == 0
+    with pool("batched_wrong_length", batched=True, max_failure_rate=1.0) as rewards:
+        batch = rewards.score(rows)
+    assert batch.scores == [0.0] * 5 and batch.failures == 5 and "must return a list of 3 scores; got 1 values" in batch.first_error
+
+
+def test_a_signature_that_fits_neither_convention_is_refused_with_the_fix():
+    def check(name, batched=False):
+        spec = f"{FIXTURES}:{name}"
+        return calling_convention(load_function(spec), spec, batched)
+
+    assert (check("good"), check("compute_score"), check("batched", batched=True), check("verl_batched", batched=True)) == ("megarl", "verl", "megarl", "verl")
+    with pytest.raises(RewardFunctionError, match=r"two_arguments\(x, y\) takes neither megarl's arguments \(prompt, response, answer, \*\*row\) nor verl's"):
+        check("two_arguments")
+    with pytest.raises(RewardFunctionError, match="set reward.batched=true"):
+        check("verl_batched")
+    with pytest.raises(RewardFunctionError, match="set reward.batched=false"):
+        check("compute_score", batched=True)
 
 
 @pytest.mark.parametrize("response", ["0.5", "1/2", "\\frac{1}{2}", "so the answer is \\boxed{\\frac{1}{2}}", "x = 3, then 0.5"])

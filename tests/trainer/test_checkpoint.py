@@ -3,6 +3,7 @@ loads run in processes shared with other tests: tests/jobs.py)."""
 
 from __future__ import annotations
 
+import logging
 import shutil
 import subprocess
 import sys
@@ -112,10 +113,8 @@ def test_resume_modes(tmp_path):
     root = tmp_path / "checkpoints"
     assert resolve_resume("auto", root) is None
     assert resolve_resume("never", root) is None
-    for name in ("step_00000004", "step_00000012", ".tmp-step_00000020"):
-        (root / name / "weights").mkdir(parents=True)
-    assert resolve_resume("auto", root).name == "step_00000012"
-    assert resolve_resume(str(root / "step_00000004"), root).name == "step_00000004"
+    (root / ".tmp-step_00000020" / "weights").mkdir(parents=True)
+    assert resolve_resume("auto", root) is None
     with pytest.raises(CheckpointError, match="not a committed megarl checkpoint"):
         resolve_resume(str(root / ".tmp-step_00000020"), root)
 
@@ -152,3 +151,33 @@ def test_a_damaged_file_is_named_before_anything_loads(jobs, tmp_path, damaged, 
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(CheckpointError, match=rf"^checkpoint {copy} is damaged: {expected}"):
         check_files(copy)
+
+
+@pytest.mark.multirank
+@pytest.mark.jobs(planner=keep_last_jobs)
+@pytest.mark.parametrize("damaged", ["weights/__0_0.distcp", "weights/.metadata", "rng/rank_1.pt", "scheduler.pt", "train_state.json", "hf/config.json"])
+def test_a_damaged_latest_checkpoint_names_the_intact_one_and_auto_falls_back_to_it(jobs, tmp_path, caplog, damaged):
+    saves = keep_last_jobs(jobs.directory)
+    jobs.report(saves[-1].name)
+    root = tmp_path / "checkpoints"
+    shutil.copytree(saves[-1].checks["save"]["root"], root)
+    older, latest = root / "step_00000002", root / "step_00000003"
+    assert resolve_resume("auto", root) == latest and resolve_resume(str(older), root) == older
+    path = latest / damaged
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CheckpointError) as refused:
+        resolve_resume(str(latest), root)
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith(f"checkpoint {latest} is damaged: {damaged} ")
+    assert message.endswith(
+        f"the newest intact checkpoint is {older}: resume from it with checkpoint.resume={older}, or start over with checkpoint.resume=never"
+    )
+    with caplog.at_level(logging.WARNING, logger="megarl"):
+        assert resolve_resume("auto", root) == older
+    aside = root / "step_00000003.damaged"
+    assert committed_checkpoints(root) == [older] and (aside / damaged).exists()
+    assert f"{damaged} " in caplog.text and f"resuming from the newest intact checkpoint, {older}; the damaged one is kept as {aside}" in caplog.text
+    broken = older / "train_state.json"
+    broken.write_text(broken.read_text()[:10])
+    with pytest.raises(CheckpointError, match=rf"no checkpoint under {root} is intact \(1 damaged\): start over with checkpoint.resume=never"):
+        resolve_resume("auto", root)

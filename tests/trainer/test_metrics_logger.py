@@ -22,12 +22,25 @@ def test_every_step_is_a_json_line_and_the_console_shows_the_main_metrics(tmp_pa
     logger.log(0, METRICS)
     logger.log(1, {**METRICS, "reward/mean": 0.75})
     logger.close()
-    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(line, parse_constant=reject_constant) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [0, 1]
     assert lines[1]["reward/mean"] == 0.75 and lines[0]["policy/loss"] == -0.25
-    assert math.isnan(lines[0]["policy/grad_norm"])
+    assert lines[0]["policy/grad_norm"] == "NaN" and math.isnan(float(lines[0]["policy/grad_norm"]))
     printed = capsys.readouterr().out.splitlines()
     assert printed == ["step 0 | reward 0.500 | loss -0.2500 | s/step 1.5"]
+
+
+def reject_constant(constant):
+    raise AssertionError(f"metrics.jsonl must be strict JSON; found a bare {constant}")
+
+
+def test_non_finite_values_are_strict_json_strings_that_float_reads(tmp_path):
+    logger = MetricsLogger(load_config(None, ["logging.console=false"]), tmp_path, enabled=True)
+    logger.log(0, {"a": float("inf"), "b": float("-inf"), "c": torch.tensor(float("nan")), "d": 2})
+    logger.close()
+    (row,) = [json.loads(line, parse_constant=reject_constant) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert {name: row[name] for name in "abcd"} == {"a": "Infinity", "b": "-Infinity", "c": "NaN", "d": 2.0}
+    assert [float(row[name]) for name in "ab"] == [math.inf, -math.inf] and math.isnan(float(row["c"]))
 
 
 def test_disabled_logger_writes_nothing(tmp_path):
@@ -52,6 +65,13 @@ def test_tensorboard_and_offline_wandb_write_under_the_run_directory(tmp_path, m
 
 def test_console_line_skips_missing_and_nan_metrics():
     assert console_line(7, {"reward/mean": 0.125, "policy/grad_norm": float("nan")}) == "step 7 | reward 0.125"
+
+
+def test_console_metrics_asked_for_follow_the_main_ones(tmp_path, capsys):
+    logger = MetricsLogger(load_config(None, ["logging.console_metrics=[reward/length, reward/absent]"]), tmp_path, enabled=True)
+    logger.log(0, {**METRICS, "reward/length": 3.14159})
+    logger.close()
+    assert capsys.readouterr().out.splitlines() == ["step 0 | reward 0.500 | loss -0.2500 | s/step 1.5 | reward/length 3.142"]
 
 
 def test_a_resumed_run_replaces_the_rows_logged_after_its_checkpoint(tmp_path):

@@ -1,7 +1,7 @@
 """megarl's training loop with test hooks (torchrun worker for tests/test_train.py).
 
-Runs :func:`megarl.trainer.run.setup` and :func:`megarl.train.fit` on a config (``--config`` and
-overrides), with optional faults injected through ``megarl.train.train_step``:
+Runs :func:`megarl.trainer.run.setup` and :func:`megarl.trainer.loop.fit` on a config (``--config``
+and overrides), with optional faults injected through ``megarl.trainer.loop.train_step``:
 
 ``--stop-before K``   raise before step K (a crash after the checkpoints of the earlier steps);
 ``--nan-step K``      the loss of the first micro-batch of step K is NaN;
@@ -20,8 +20,8 @@ import signal
 
 import torch
 
-from megarl import train
 from megarl.config import load_config
+from megarl.trainer import loop
 from megarl.trainer.run import setup
 
 
@@ -51,7 +51,7 @@ def main(argv=None) -> None:
         if first:
             report["weights"][label] = run.engines.read_weight(args.watch)
 
-    original_step = train.train_step
+    original_step = loop.train_step
     original_loss = run.policy._loss
     current = {"step": None, "micro_batches": 0}
 
@@ -74,10 +74,10 @@ def main(argv=None) -> None:
         return metrics
 
     run.policy._loss = loss_with_nan
-    train.train_step = step_with_faults
+    loop.train_step = step_with_faults
     watch("initial")
     try:
-        train.fit(run)
+        loop.fit(run)
         report["completed"] = True
     except InjectedStop:
         pass

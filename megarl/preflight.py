@@ -1,0 +1,110 @@
+"""What a run checks before it imports torch or Megatron, starts an engine or builds a model.
+
+``megarl.train`` runs :func:`check_run` on the first rank right after loading the config, and
+``python -m megarl.config`` runs the same checks, so that a typo in a path, a reward file that does
+not import or a damaged checkpoint is reported in about a second, not after the model is built
+and the first rollout generated. Each problem is one line naming the setting, the file (and row
+or line) and what to do; all the problems found are reported together.
+
+What is checked: the config against the world size and the model (:func:`megarl.config.validate`);
+the model directories (config.json, safetensors weights, a tokenizer); the first row of every data
+file (readable, the prompt and answer fields present); the reward (a user function imports and
+takes megarl's or verl's arguments; a reward model directory exists; a remote URL is http(s)); the
+optional metric packages asked for; the checkpoint a resume would load (every file whole).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from megarl.config import Config, ConfigError, ModelFacts, resolve_data_path, resolve_model_path, validate
+from megarl.trainer.metrics_logger import sink_problems
+
+_TOKENIZER_FILES = (("tokenizer.json",), ("tokenizer.model",), ("vocab.json", "merges.txt"), ("vocab.txt",))
+"""Any one of these sets of files makes a tokenizer transformers can load."""
+
+
+def check_run(config: Config, world_size: int) -> list[str]:
+    """Every problem with ``config``'s inputs for a run of ``world_size`` processes, one line each
+    (empty: the run can start)."""
+    problems = _model_problems(config)
+    if not problems:
+        try:
+            validate(config, world_size, ModelFacts.from_hf_dir(resolve_model_path(config.model.path)))
+        except ConfigError as error:
+            problems.append(str(error))
+    problems += _data_problems(config) + _reward_problems(config) + sink_problems(config)
+    if not problems:
+        # Last: it imports torch to read the checkpoint's index.
+        from megarl.trainer.checkpoint import CheckpointError, resolve_resume
+
+        try:
+            resolve_resume(config.checkpoint.resume, config.resolved_checkpoint_dir())
+        except CheckpointError as error:
+            problems.append(str(error))
+    return problems
+
+
+def model_dir_problems(path: str, setting: str, *, tokenizer_dir: str | None = None, needs_tokenizer: bool = True) -> list[str]:
+    """What a HF model directory lacks: config.json (valid JSON), safetensors weights and, when
+    ``needs_tokenizer``, a tokenizer (in ``tokenizer_dir`` when given)."""
+    directory = resolve_model_path(path)
+    where = f"{setting} = {path!r}"
+    if not directory.is_dir():
+        return [f"{where}: {directory} is not a directory: give a HF model directory (config.json, *.safetensors, tokenizer files)"]
+    problems = []
+    config_file = directory / "config.json"
+    try:
+        json.loads(config_file.read_text())
+    except FileNotFoundError:
+        problems.append(f"{where}: {config_file} is missing: a model directory needs the HF config")
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        problems.append(f"{where}: {config_file} is not valid JSON ({error})")
+    if not any(directory.glob("*.safetensors")):
+        problems.append(f"{where}: {directory} holds no *.safetensors weights (convert .bin weights with transformers' save_pretrained)")
+    if needs_tokenizer:
+        tokenizer = resolve_model_path(tokenizer_dir) if tokenizer_dir else directory
+        if not any(all((tokenizer / name).is_file() for name in names) for names in _TOKENIZER_FILES):
+            hint = "" if tokenizer_dir else " or set model.tokenizer_path"
+            problems.append(
+                f"{'model.tokenizer_path = ' + repr(tokenizer_dir) if tokenizer_dir else where}: {tokenizer} holds no tokenizer "
+                f"(tokenizer.json, tokenizer.model or vocab.json + merges.txt): copy the tokenizer files there{hint}"
+            )
+    return problems
+
+
+def _model_problems(config: Config) -> list[str]:
+    problems = model_dir_problems(config.model.path, "model.path", tokenizer_dir=config.model.tokenizer_path)
+    if config.critic_enabled and config.critic.path:
+        problems += model_dir_problems(config.critic.path, "critic.path", needs_tokenizer=False)
+    return problems
+
+
+def _data_problems(config: Config) -> list[str]:
+    from megarl.data.datasets import DataError, check_file
+
+    problems = []
+    for setting, files in (("data.train_files", config.data.train_files), ("data.val_files", config.data.val_files)):
+        for name in files:
+            try:
+                check_file(resolve_data_path(name), config.data)
+            except DataError as error:
+                problems.append(f"{setting}: {error}")
+    return problems
+
+
+def _reward_problems(config: Config) -> list[str]:
+    reward = config.reward
+    if reward.type == "function":
+        from megarl.rewards.functions import RewardFunctionError, calling_convention, load_function
+
+        try:
+            calling_convention(load_function(reward.function), reward.function, reward.batched)
+        except RewardFunctionError as error:
+            return [str(error)]
+    if reward.type == "model":
+        return model_dir_problems(reward.model_path, "reward.model_path")
+    if reward.type == "remote" and not reward.url.startswith(("http://", "https://")):
+        return [f"reward.url = {reward.url!r} must be an http:// or https:// URL"]
+    return []

@@ -1,0 +1,315 @@
+"""The RL loop: :func:`fit` runs the steps, :func:`train_step` is one step (``docs/rl_step.md``).
+
+Everything below is plain function calls; the pieces live in ``megarl/trainer/``. The command
+(``megarl/train.py``) checks its inputs before it imports this module, which imports torch and,
+through the run, Megatron.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from megarl.algorithms.shaping import dynamic_sampling_keep
+from megarl.config import save_config
+from megarl.rollout.sampling import SamplingParams
+from megarl.trainer.batch import TrainBatch
+from megarl.trainer.experience import prepare_update
+
+if TYPE_CHECKING:
+    from megarl.trainer.run import Run
+
+log = logging.getLogger("megarl")
+
+DYNAMIC_SAMPLING_ROUNDS = 4
+"""With dynamic sampling a step rolls out at most this many times the rounds a full batch needs
+before it trains on what it has (verl: max_num_gen_batches)."""
+
+
+ADDITIVE_ROUND_METRICS = ("reward/failures", "reward/timeouts")
+
+
+class TrainingStopped(RuntimeError):
+    """The run cannot go on (non-finite gradients step after step); the message says why."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C (SIGINT) while the steps ran: ``step`` was under way and none of it is saved."""
+
+    def __init__(self, step: int):
+        super().__init__(f"interrupted at step {step}")
+        self.step = step
+
+
+def on_first_rank(run: Run, work) -> object:
+    """Run ``work()`` on the first rank and give its result to every rank. An error there is
+    raised on every rank (instead of leaving the others waiting in the broadcast)."""
+    payload: list = [None]
+    if run.is_first_rank:
+        try:
+            payload = [("ok", work())]
+        except Exception as error:  # noqa: BLE001 - re-raised below, on every rank
+            payload = [("error", f"{type(error).__name__}: {error}")]
+            failure = error
+    dist.broadcast_object_list(payload, src=0)
+    status, value = payload[0]
+    if status == "error":
+        if run.is_first_rank:
+            raise failure
+        raise TrainingStopped(f"the first rank failed: {value}")
+    return value
+
+
+def rollout_round(run: Run, step: int, round_index: int) -> tuple[dict[str, float], list[dict]]:
+    """Generate and score one round of prompts on the first rank; every rank receives the samples.
+
+    Returns:
+        ``(metrics, rows)``: one dict per sample with ``prompt_ids``, ``response_ids``,
+        ``log_probs``, ``truncated``, ``group`` (its prompt, unique within the step) and ``score``.
+    """
+
+    def generate_and_score():
+        config = run.config
+        prompts = next(run.loader)
+        sampling = SamplingParams.from_config(
+            config.rollout, max_new_tokens=config.data.max_response_length, seed=_seed(config.rollout.seed, step, round_index)
+        )
+        start = time.perf_counter()
+        samples = run.engines.generate([prompt.prompt_ids for prompt in prompts], sampling)
+        generated = time.perf_counter()
+        texts = [run.tokenizer.decode(sample.response_ids, skip_special_tokens=True) for sample in samples]
+        scored = run.scorer.score([prompts[sample.prompt_index].reward_kwargs(text) for sample, text in zip(samples, texts)])
+        if scored.failures and not run.reward_failure_shown:
+            run.reward_failure_shown = True
+            failed = scored.first_failed
+            log.warning(
+                "step %d: %d of %d samples failed to score; each scores 0 and counts in reward/failures (shown once per run). "
+                "The first: %s\n  prompt: %r\n  response: %r",
+                step, scored.failures, len(samples), scored.first_error, prompts[samples[failed].prompt_index].text, texts[failed],
+            )
+        rows = [
+            {
+                "prompt_ids": prompts[sample.prompt_index].prompt_ids,
+                "response_ids": sample.response_ids,
+                "log_probs": sample.logprobs,
+                "truncated": sample.finish_reason == "length",
+                "group": round_index * len(prompts) + sample.prompt_index,
+                "score": score,
+            }
+            for sample, score in zip(samples, scored.scores)
+        ]
+        metrics = {
+            "rollout/engine_restarts": run.engines.restarts,
+            "time/generate_s": generated - start,
+            "time/reward_s": time.perf_counter() - generated,
+            "reward/failures": scored.failures,
+            "reward/timeouts": scored.timeouts,
+            **{f"reward/{name}": value for name, value in scored.extras.items()},
+        }
+        return metrics, rows
+
+    return on_first_rank(run, generate_and_score)
+
+
+def collect_batch(run: Run, step: int) -> tuple[TrainBatch, torch.Tensor, dict[str, float]]:
+    """Roll out rounds until the train batch is full, then trim it to ``train.global_batch_size``
+    whole groups. With dynamic sampling the groups the filter drops (all scores equal, or a mean
+    outside ``algorithm.dynamic_sampling_mean_range``) wait in reserve; when
+    :data:`DYNAMIC_SAMPLING_ROUNDS` times the rounds a batch needs are spent, the batch is topped
+    up from the reserve rather than train on fewer samples (``filter/topped_up_samples`` counts
+    them; under a group baseline an all-equal group has advantage 0 and moves no weight).
+
+    Returns:
+        ``(batch, scores [B], metrics)``; ``reward/*`` describe every sample generated in the step.
+    """
+    config = run.config
+    target = config.train.global_batch_size
+    kept: list[dict] = []
+    reserve: list[dict] = []
+    generated_scores: list[float] = []
+    metrics: dict[str, float] = {}
+    rounds = -(-target // (config.rollout.batch_size * config.rollout.n_samples_per_prompt))
+    if config.algorithm.dynamic_sampling:
+        rounds *= DYNAMIC_SAMPLING_ROUNDS
+    for round_index in range(rounds):
+        round_metrics, rows = rollout_round(run, step, round_index)
+        for name, value in round_metrics.items():
+            # Times and failure counts add up over rounds; the rest is the last round's.
+            metrics[name] = metrics.get(name, 0.0) + value if name in ADDITIVE_ROUND_METRICS or name.startswith("time/") else value
+        scores = torch.tensor([row["score"] for row in rows])
+        generated_scores += scores.tolist()
+        if config.algorithm.dynamic_sampling:
+            groups = torch.tensor([row["group"] for row in rows])
+            keep, counts = dynamic_sampling_keep(scores, groups, mean_range=config.algorithm.dynamic_sampling_mean_range)
+            reserve += [row for row, kept_row in zip(rows, keep.tolist()) if not kept_row]
+            rows = [row for row, kept_row in zip(rows, keep.tolist()) if kept_row]
+            for name, value in counts.items():
+                metrics[f"filter/{name}"] = metrics.get(f"filter/{name}", 0) + value
+        kept += rows
+        if len(kept) >= target:
+            break
+    generated = torch.tensor(generated_scores)
+    metrics.update({"reward/mean": generated.mean().item(), "reward/std": generated.std().item(), "rollout/rounds": round_index + 1})
+    if len(kept) < target:
+        # Reserve rows come in whole groups, as the batch needs them.
+        metrics["filter/topped_up_samples"] = target - len(kept)
+        kept += reserve[: target - len(kept)]
+    kept = kept[:target]
+    batch = TrainBatch.from_samples(
+        [row["prompt_ids"] for row in kept],
+        [row["response_ids"] for row in kept],
+        [row["log_probs"] for row in kept],
+        [row["group"] for row in kept],
+        [row["truncated"] for row in kept],
+        pad_token_id=run.tokenizer.pad_token_id,
+        pad_multiple=run.pad_multiple,
+    )
+    lengths = batch.response_lengths.float()
+    metrics.update(
+        {
+            "response/length_mean": lengths.mean().item(),
+            "response/length_max": lengths.max().item(),
+            "response/clip_fraction": batch.truncated.float().mean().item(),
+        }
+    )
+    return batch, torch.tensor([row["score"] for row in kept]), metrics
+
+
+def train_step(run: Run, step: int, phase=lambda name: None) -> dict[str, float]:
+    """One RL step; returns its metrics (the same on every rank).
+
+    Args:
+        run: the run.
+        step: the step's index.
+        phase: called with the name of each phase as it starts (the progress bar's label).
+    """
+    config = run.config
+    start = time.perf_counter()
+    phase("rollout")
+    batch, scores, metrics = collect_batch(run, step)
+    colocated = run.engines is not None and config.rollout.colocate
+    if colocated:
+        # The engines share the devices with training: they give their memory back until the sync.
+        run.engines.release_memory()
+    rolled_out = time.perf_counter()
+    phase("forward")
+
+    batch.token_values["old_log_probs"], _ = run.policy.log_probs(batch)
+    if run.reference is not None:
+        with run.reference.swapped_in():
+            batch.token_values["ref_log_probs"], _ = run.policy.log_probs(batch)
+    if run.critic is not None:
+        batch.token_values["values"] = run.critic.values(batch)
+    forwarded = time.perf_counter()
+    phase("update")
+
+    metrics.update(prepare_update(batch, scores, config, run.reward_moments, run.kl_controller))
+
+    if run.critic is not None:
+        metrics.update(run.critic.update(batch, step))
+        _stop_on_non_finite(run, step, "critic", run.critic.model.consecutive_skips)
+    if run.critic is None or step >= config.critic.warmup_steps:
+        metrics.update(run.policy.update(batch, step))
+        _stop_on_non_finite(run, step, "policy", run.policy.model.consecutive_skips)
+    updated = time.perf_counter()
+    phase("weight sync")
+
+    if colocated:
+        run.engines.resume_memory(["weights"])
+    metrics.update(run.sync_weights(version=step + 1))
+    if colocated:
+        run.engines.resume_memory()
+    end = time.perf_counter()
+    tokens = int(batch.sequence_lengths.sum())
+    metrics.update(
+        {
+            "time/rollout_s": rolled_out - start,
+            "time/forward_s": forwarded - rolled_out,
+            "time/update_s": updated - forwarded,
+            "time/step_s": end - start,
+            "throughput/tokens_per_s": tokens / (end - start),
+        }
+    )
+    return metrics
+
+
+def _stop_on_non_finite(run: Run, step: int, model: str, skips: int) -> None:
+    limit = run.config.train.max_consecutive_nan_steps
+    if skips >= limit:
+        raise TrainingStopped(
+            f"step {step}: {skips} {model} optimizer steps in a row had non-finite gradients "
+            f"(train.max_consecutive_nan_steps = {limit}); the last good checkpoint "
+            f"is under {run.checkpoint_dir}: lower the learning rate or inspect the data"
+        )
+
+
+def evaluate(run: Run, step: int) -> dict[str, float]:
+    """Mean score of the validation prompts (greedy by default), computed on the first rank."""
+
+    def generate_and_score():
+        config = run.config
+        sampling = SamplingParams.from_config(
+            config.rollout, max_new_tokens=config.data.max_response_length, seed=_seed(config.rollout.seed, step, -1), validation=True
+        )
+        scores = []
+        for prompts in run.val_set.batches(config.rollout.batch_size):
+            samples = run.engines.generate([prompt.prompt_ids for prompt in prompts], sampling)
+            texts = [run.tokenizer.decode(sample.response_ids, skip_special_tokens=True) for sample in samples]
+            scores += run.scorer.score([prompts[sample.prompt_index].reward_kwargs(text) for sample, text in zip(samples, texts)]).scores
+        return {"val/accuracy": sum(scores) / len(scores)}
+
+    return on_first_rank(run, generate_and_score)
+
+
+def _seed(base: int, step: int, round_index: int) -> int:
+    """A distinct sampling seed for every (step, round), fixed by the run's seed."""
+    return (base * 1_000_003 + step) * 1_009 + round_index + 1
+
+
+def fit(run: Run) -> None:
+    """Run the steps from ``run.start_step`` to ``train.steps``, with validation and checkpoints.
+
+    The first rank shows a progress bar over the steps whose label names the phase under way, on a
+    terminal only (in a log file the per-step lines say the same without the redraws). The run
+    directory gets the config once training starts (``config.yaml``; ``config.step_N.yaml`` for a
+    run resumed at step N), so that a start that fails leaves the record of the last run as it was.
+
+    Raises:
+        Interrupted: on Ctrl-C, naming the step under way.
+    """
+    config = run.config
+    if run.start_step >= config.train.steps:
+        log.info(
+            "the run in %s is complete (train.steps = %d): raise train.steps to go on, or set checkpoint.resume=never to start over",
+            run.run_dir, config.train.steps,
+        )
+        return
+    run.logger.start(run.start_step)
+    if run.is_first_rank:
+        save_config(config, run.run_dir / (f"config.step_{run.start_step}.yaml" if run.start_step else "config.yaml"))
+    progress = tqdm(total=config.train.steps, initial=run.start_step, unit="step", disable=not (run.is_first_rank and sys.stderr.isatty()), dynamic_ncols=True)
+    step = run.start_step
+    try:
+        with progress:
+            for step in range(run.start_step, config.train.steps):
+                metrics = train_step(run, step, lambda phase: progress.set_description(f"step {step}: {phase}"))
+                last = step == config.train.steps - 1
+                if run.val_set is not None and config.train.eval_every and (step % config.train.eval_every == 0 or last):
+                    progress.set_description(f"step {step}: validation")
+                    metrics.update(evaluate(run, step))
+                run.logger.log(step, metrics)
+                if (config.checkpoint.save_every and (step + 1) % config.checkpoint.save_every == 0) or last:
+                    progress.set_description(f"step {step}: checkpoint")
+                    run.save(step)
+                progress.update(1)
+                progress.set_postfix({"reward": f"{metrics['reward/mean']:.3f}"})
+    except KeyboardInterrupt:
+        raise Interrupted(step) from None
+    if config.checkpoint.save_hf:
+        log.info("exported the final policy to %s", run.export_hf())
