@@ -17,6 +17,7 @@ import dataclasses
 import difflib
 import functools
 import json
+import logging
 import math
 import os
 import re
@@ -28,6 +29,8 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
+
+log = logging.getLogger(__name__)
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 BUNDLED_PREFIX = "bundled:"
@@ -504,9 +507,14 @@ class OptimizerConfig:
 class TrainConfig:
     """The policy update: RL steps, the batch hierarchy, optimizer and schedule."""
 
-    steps: int = 200
-    """RL steps to run; a step rolls out, scores and trains on one train batch (verl:
-    trainer.total_training_steps, slime: --num-rollout)."""
+    steps: Optional[int] = 200
+    """RL steps to run; a step rolls out, scores and trains on one train batch; null: from
+    total_epochs (verl: trainer.total_training_steps, slime: --num-rollout)."""
+    total_epochs: Optional[int] = None
+    """Passes over the training prompts, instead of steps (which must then be null): once the data
+    is loaded the run takes total_epochs x ceil(prompts / (global_batch_size / n_samples_per_prompt))
+    steps, the prompts a step trains on (verl: trainer.total_epochs, slime: --num-epoch, OpenRLHF:
+    --num_episodes)."""
     global_batch_size: int = 128
     """Samples (prompt + response) trained on per RL step: the train batch. It holds at least one
     rollout round (rollout.batch_size x n_samples_per_prompt) and whole groups; the step rolls out
@@ -547,14 +555,35 @@ class TrainConfig:
 
     def __post_init__(self):
         _require_positive(
-            self, "train", ("steps", "global_batch_size", "mini_batch_size", "micro_batch_size", "max_tokens_per_micro_batch", "ppo_epochs", "max_consecutive_nan_steps")
+            self, "train", ("global_batch_size", "mini_batch_size", "micro_batch_size", "max_tokens_per_micro_batch", "ppo_epochs", "max_consecutive_nan_steps")
         )
         for name in ("lr_warmup_steps", "eval_every"):
             value = getattr(self, name)
             _require(value >= 0, f"train.{name}", f"({value}) must be >= 0")
+        for name in ("steps", "total_epochs"):
+            value = getattr(self, name)
+            _require(value is None or value >= 1, f"train.{name}", f"({value}) must be >= 1, or null")
+        _require(
+            self.steps is None or self.total_epochs is None,
+            "train.total_epochs",
+            f"({self.total_epochs}) and `train.steps` ({self.steps}) both set the run's length: "
+            f"set train.steps=null to train for epochs, or drop train.total_epochs",
+        )
+        _require(
+            self.steps is not None or self.total_epochs is not None,
+            "train.steps",
+            "and `train.total_epochs` are both null: set train.steps to the RL steps to run, or "
+            "train.total_epochs to the passes over the training prompts",
+        )
 
     def optimizer_steps(self) -> int:
-        """Optimizer steps in the whole run: steps x ppo_epochs x (global / mini batch)."""
+        """Optimizer steps in the whole run: steps x ppo_epochs x (global / mini batch).
+
+        Raises:
+            ConfigError: ``steps`` is still null (:func:`resolve_steps` sets it once the data is loaded).
+        """
+        if self.steps is None:
+            raise ConfigError("`train.steps` is null until the data is loaded: resolve it with megarl.config.resolve_steps first")
         return self.steps * self.ppo_epochs * (self.global_batch_size // self.mini_batch_size)
 
 
@@ -1126,6 +1155,12 @@ def _sequence_errors(config: Config, model_facts: ModelFacts) -> list[str]:
     return errors
 
 
+def _steps_named(train: TrainConfig) -> str:
+    """``train.steps`` as an error names it, with the epochs it was resolved from."""
+    origin = f", from train.total_epochs = {train.total_epochs}" if train.total_epochs is not None else ""
+    return f"`train.steps` ({train.steps}{origin})"
+
+
 def _batch_errors(config: Config, data_parallel: int) -> list[str]:
     train, rollout, algorithm = config.train, config.rollout, config.algorithm
     group = rollout.n_samples_per_prompt
@@ -1168,11 +1203,12 @@ def _batch_errors(config: Config, data_parallel: int) -> list[str]:
         if algorithm.dynamic_sampling:
             reasons.append("`algorithm.dynamic_sampling` drops groups whose scores are all equal")
         errors += [f"{reason}: `rollout.n_samples_per_prompt` ({group}) must be >= 2" for reason in reasons]
-    warmup, total = train.lr_warmup_steps, train.optimizer_steps()
-    if warmup > total:
+    # With train.total_epochs the run's length is known once the data is loaded (resolve_steps).
+    if train.steps is not None and train.lr_warmup_steps > train.optimizer_steps():
         errors.append(
-            f"`train.lr_warmup_steps` ({warmup}) exceeds the run's optimizer steps ({total} = train.steps x ppo_epochs x "
-            f"global_batch_size / mini_batch_size): the learning rate would never reach its peak; lower it"
+            f"`train.lr_warmup_steps` ({train.lr_warmup_steps}) exceeds the run's optimizer steps ({train.optimizer_steps()} = "
+            f"{_steps_named(train)} x ppo_epochs x global_batch_size / mini_batch_size): the learning rate would never "
+            f"reach its peak; lower it"
         )
     if train.eval_every and not config.data.val_files:
         errors.append(f"`train.eval_every` ({train.eval_every}) needs `data.val_files`: list validation files or set train.eval_every=0")
@@ -1182,11 +1218,8 @@ def _batch_errors(config: Config, data_parallel: int) -> list[str]:
 def _critic_errors(config: Config) -> list[str]:
     critic, estimator = config.critic, config.algorithm.advantage_estimator
     if config.critic_enabled:
-        if critic.warmup_steps >= config.train.steps:
-            return [
-                f"`critic.warmup_steps` ({critic.warmup_steps}) must be < `train.steps` ({config.train.steps}): "
-                f"otherwise the policy never trains"
-            ]
+        if config.train.steps is not None and critic.warmup_steps >= config.train.steps:
+            return [f"`critic.warmup_steps` ({critic.warmup_steps}) must be < {_steps_named(config.train)}: otherwise the policy never trains"]
         return []
     unused = []
     if critic.path is not None:
@@ -1201,8 +1234,36 @@ def _critic_errors(config: Config) -> list[str]:
     return []
 
 
+def resolve_steps(config: Config, num_prompts: int) -> int:
+    """The run's RL steps: ``train.steps``, or, when it is null, ``train.total_epochs`` passes over
+    the training prompts, each prompt trained on once per epoch::
+
+        steps = total_epochs x ceil(num_prompts / prompts_per_step)
+        prompts_per_step = train.global_batch_size // rollout.n_samples_per_prompt
+
+    An epoch is nominal: with dynamic sampling a step rolls out more prompts than it trains on.
+
+    Args:
+        config: a loaded config.
+        num_prompts: the usable training prompts (after length filtering and data.max_samples).
+
+    Returns:
+        The number of steps (logged when derived from the epochs).
+    """
+    train = config.train
+    if train.steps is not None:
+        return train.steps
+    prompts_per_step = train.global_batch_size // config.rollout.n_samples_per_prompt
+    steps = train.total_epochs * -(-num_prompts // prompts_per_step)
+    log.info("train.total_epochs = %d: %d prompts, %d per step -> %d steps", train.total_epochs, num_prompts, prompts_per_step, steps)
+    return steps
+
+
 def validate(config: Config, world_size: int, model_facts: ModelFacts) -> None:
     """Check the config against itself, the model and the world size, before anything is built.
+
+    With ``train.total_epochs`` the checks that need the run's length wait for :func:`resolve_steps`;
+    call this again once it has set ``train.steps``.
 
     Args:
         config: a loaded config (each section already checked its own ranges).

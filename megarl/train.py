@@ -278,9 +278,10 @@ def fit(run: Run) -> None:
     """
     config = run.config
     if run.start_step >= config.train.steps:
+        length = "train.steps" if config.train.total_epochs is None else "train.total_epochs"
         log.info(
-            "the run in %s is complete (train.steps = %d): raise train.steps to go on, or set checkpoint.resume=never to start over",
-            run.run_dir, config.train.steps,
+            "the run in %s is complete (train.steps = %d): raise %s to go on, or set checkpoint.resume=never to start over",
+            run.run_dir, config.train.steps, length,
         )
         return
     run.logger.start(run.start_step)
