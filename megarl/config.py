@@ -195,11 +195,18 @@ class DataConfig:
     megarl/assets/data (verl: data.train_files, slime: --prompt-data)."""
     val_files: list[str] = dataclasses.field(default_factory=lambda: ["bundled:toy/val.jsonl"])
     """Validation datasets; empty: no validation (verl: data.val_files, slime: --eval-prompt-data)."""
+    max_samples: Optional[int] = None
+    """Use at most the first N usable training prompts, in file order after length filtering and
+    truncation; null: all of them (verl: data.train_max_samples, OpenRLHF: --max_samples)."""
+    val_max_samples: Optional[int] = None
+    """The same limit for the validation prompts (verl: data.val_max_samples)."""
     prompt_key: str = "prompt"
     """Row field holding the prompt: a string or a list of chat messages (verl: data.prompt_key,
     slime: --input-key)."""
     answer_key: str = "answer"
-    """Row field holding the reference answer the reward checks (slime: --label-key)."""
+    """Row field holding the reference answer the reward checks; a dotted path reaches into nested
+    fields, e.g. ``reward_model.ground_truth`` for verl's parquet rows (verl: reward_model.ground_truth
+    of each row, slime: --label-key)."""
     apply_chat_template: bool = True
     """Wrap prompts with the tokenizer's chat template (slime/OpenRLHF: --apply-chat-template)."""
     max_prompt_length: int = 64
@@ -208,8 +215,13 @@ class DataConfig:
     """Generated length limit, tokens (verl: data.max_response_length, slime:
     --rollout-max-response-len)."""
     filter_overlong_prompts: bool = True
-    """Drop prompts longer than max_prompt_length; false: fail on them (verl:
+    """Drop prompts longer than max_prompt_length; false: keep them as truncation says (verl:
     data.filter_overlong_prompts)."""
+    truncation: Literal["error", "left", "right"] = "error"
+    """What happens to a prompt longer than max_prompt_length that filter_overlong_prompts keeps:
+    ``error`` stops with the file and row, ``left`` keeps its last max_prompt_length tokens,
+    ``right`` its first; a truncated prompt's text (what the reward sees) is its truncated tokens,
+    decoded (verl: data.truncation)."""
     shuffle: bool = True
     """Shuffle the training prompts every epoch (verl: data.shuffle, slime: --rollout-shuffle)."""
     seed: int = 1
@@ -218,6 +230,15 @@ class DataConfig:
     def __post_init__(self):
         _require(bool(self.train_files), "data.train_files", "must list at least one file")
         _require_positive(self, "data", ("max_prompt_length", "max_response_length"))
+        for name in ("max_samples", "val_max_samples"):
+            value = getattr(self, name)
+            _require(value is None or value >= 1, f"data.{name}", f"({value}) must be >= 1, or null")
+        _require(
+            self.truncation == "error" or not self.filter_overlong_prompts,
+            "data.truncation",
+            f"({self.truncation}) has no effect while data.filter_overlong_prompts is true (it drops every prompt "
+            f"over the limit): set data.filter_overlong_prompts=false to truncate them",
+        )
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)

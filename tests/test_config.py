@@ -307,6 +307,14 @@ def test_yaml_type_errors_name_the_file(tmp_path):
         ("checkpoint.keep_last=0", "`checkpoint.keep_last` (0) must be >= 1"),
         ("reward.type=function", "`reward.function` must be set (path/to/file.py:name) when reward.type is 'function'"),
         ("data.train_files=[]", "`data.train_files` must list at least one file"),
+        ("data.max_samples=0", "`data.max_samples` (0) must be >= 1, or null"),
+        ("data.val_max_samples=-1", "`data.val_max_samples` (-1) must be >= 1, or null"),
+        ("train.total_epochs=0", "`train.total_epochs` (0) must be >= 1, or null"),
+        (
+            "data.truncation=left",
+            "`data.truncation` (left) has no effect while data.filter_overlong_prompts is true (it drops every prompt over "
+            "the limit): set data.filter_overlong_prompts=false",
+        ),
     ],
 )
 def test_range_errors_name_the_override_and_dotted_field(override, expected):

@@ -3,23 +3,28 @@ served in shuffled batches whose position a checkpoint can save.
 
 A row holds the prompt under ``data.prompt_key`` (a string, or a list of ``{"role", "content"}``
 chat messages), the reference answer under ``data.answer_key`` (any JSON value, handed to the reward
-as it is) and any other fields, kept as metadata and handed to the reward as keyword arguments::
+as it is; a dotted key reaches into nested fields) and any other fields, kept as metadata and handed
+to the reward as keyword arguments::
 
     {"prompt": "max 9 4 7", "answer": "9", "task": "max"}
     {"prompt": [{"role": "system", "content": "..."}, {"role": "user", "content": "..."}], "answer": 42}
+    {"prompt": [...], "reward_model": {"ground_truth": "42"}}     # verl's rows: reward_model.ground_truth
 
 With ``data.apply_chat_template`` the prompt is rendered by the tokenizer's chat template with the
 generation prompt appended (a string prompt becomes one user message) and tokenized without adding
 special tokens, since the template writes them; otherwise the string is tokenized as it is, with the
-tokenizer's usual special tokens.
+tokenizer's usual special tokens. A prompt over ``data.max_prompt_length`` tokens is dropped, cut
+to the limit, or refused (``data.filter_overlong_prompts``, ``data.truncation``);
+``data.max_samples`` then keeps the first usable prompts in file order.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -42,7 +47,8 @@ class Prompt:
     prompt_ids: list[int]
     """The tokens the engine continues."""
     text: str
-    """The prompt as the model reads it: the rendered chat template, or the plain string."""
+    """The prompt as the model reads it: the rendered chat template, or the plain string; for a
+    truncated prompt, its kept tokens decoded."""
     answer: Any
     """The row's reference answer, unchanged."""
     metadata: dict[str, Any]
@@ -66,6 +72,8 @@ class PromptDataset:
     prompts: list[Prompt]
     num_filtered: int = 0
     """Rows dropped for being longer than ``data.max_prompt_length``."""
+    num_truncated: int = 0
+    """Prompts cut to ``data.max_prompt_length`` tokens (``data.truncation``)."""
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -125,13 +133,29 @@ def _is_messages(prompt: Any) -> bool:
     )
 
 
+def _answer(row: dict[str, Any], location: str, key: str) -> Any:
+    """The row's value under ``data.answer_key``: a field, or a dotted path into nested fields
+    (``reward_model.ground_truth``)."""
+    if key in row:
+        return row[key]
+    value, path = row, []
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            where = f"field {'.'.join(path)!r}" if path else "the row"
+            has = f"has {sorted(value)}" if isinstance(value, dict) else f"is a {type(value).__name__}, not an object with fields"
+            raise DataError(f"{location}: no field {key!r} (data.answer_key); {where} {has}: fix the row or set data.answer_key")
+        value = value[part]
+        path.append(part)
+    return value
+
+
 def _parse_row(row: Any, location: str, config: DataConfig, tokenizer) -> tuple[str, Any, dict[str, Any]]:
     """One row -> the text the model reads, the answer, and the other fields."""
     if not isinstance(row, dict):
         raise DataError(f"{location}: a row must be an object with fields, found {type(row).__name__}")
-    for key, setting in ((config.prompt_key, "data.prompt_key"), (config.answer_key, "data.answer_key")):
-        if key not in row:
-            raise DataError(f"{location}: no field {key!r} ({setting}); the row has {sorted(row)}: fix the row or set {setting}")
+    if config.prompt_key not in row:
+        raise DataError(f"{location}: no field {config.prompt_key!r} (data.prompt_key); the row has {sorted(row)}: fix the row or set data.prompt_key")
+    answer = _answer(row, location, config.answer_key)
     prompt, field = row[config.prompt_key], f"field {config.prompt_key!r} (data.prompt_key)"
     if isinstance(prompt, str):
         messages = [{"role": "user", "content": prompt}]
@@ -152,28 +176,78 @@ def _parse_row(row: Any, location: str, config: DataConfig, tokenizer) -> tuple[
     else:
         text = prompt
     metadata = {key: value for key, value in row.items() if key not in (config.prompt_key, config.answer_key)}
-    return text, row[config.answer_key], metadata
+    return text, answer, metadata
+
+
+TOKENIZE_ROWS = 1024
+"""Rows tokenized in one call: enough to amortise the call, few enough that ``data.max_samples``
+stops reading a large file soon after its last prompt."""
+
+
+def _tokenized_rows(path: Path, config: DataConfig, tokenizer) -> Iterator[tuple[str, str, Any, dict[str, Any], list[int]]]:
+    """``(location, text, answer, metadata, token ids)`` for each row of one file."""
+    rows = _read_rows(path)
+    while chunk := list(itertools.islice(rows, TOKENIZE_ROWS)):
+        parsed = [(location, *_parse_row(row, location, config, tokenizer)) for location, row in chunk]
+        # A chat template writes its own special tokens; a plain prompt gets the tokenizer's usual ones.
+        token_ids = tokenizer([text for _, text, _, _ in parsed], add_special_tokens=not config.apply_chat_template)["input_ids"]
+        for (location, text, answer, metadata), ids in zip(parsed, token_ids):
+            yield location, text, answer, metadata, list(ids)
+
+
+@dataclasses.dataclass(slots=True)
+class _LengthTally:
+    """What the length limit did to the rows read so far."""
+
+    rows: int = 0
+    filtered: int = 0
+    truncated: int = 0
+
+
+def _usable_prompts(files: Sequence[str], config: DataConfig, tokenizer, tally: _LengthTally) -> Iterator[Prompt]:
+    """The prompts of ``files`` in file order, each within ``data.max_prompt_length`` tokens:
+    overlong ones dropped (and counted) with ``data.filter_overlong_prompts``, else cut as
+    ``data.truncation`` says, or refused."""
+    limit = config.max_prompt_length
+    for name in files:
+        for location, text, answer, metadata, ids in _tokenized_rows(resolve_data_path(name), config, tokenizer):
+            tally.rows += 1
+            if len(ids) > limit:
+                if config.filter_overlong_prompts:
+                    tally.filtered += 1
+                    continue
+                if config.truncation == "error":
+                    raise DataError(
+                        f"{location}: field {config.prompt_key!r} has {len(ids)} tokens, more than data.max_prompt_length ({limit}): "
+                        f"raise data.max_prompt_length, set data.filter_overlong_prompts=true to drop such prompts, or set "
+                        f"data.truncation to left or right to cut them"
+                    )
+                ids = ids[-limit:] if config.truncation == "left" else ids[:limit]
+                # The reward reads what the model reads.
+                text = tokenizer.decode(ids, skip_special_tokens=False)
+                tally.truncated += 1
+            yield Prompt(prompt_ids=ids, text=text, answer=answer, metadata=metadata, source=location)
 
 
 def load_prompts(config: DataConfig, tokenizer, split: Literal["train", "val"] = "train") -> PromptDataset:
-    """Read, check, tokenize and length-filter the files of one split.
+    """Read, check, tokenize and length-limit the files of one split.
 
     Args:
-        config: the ``data`` section: files, keys, chat template and length settings.
+        config: the ``data`` section: files, keys, chat template, length and sample limits.
         tokenizer: a HF tokenizer (with a chat template when ``data.apply_chat_template``).
-        split: ``train`` reads ``data.train_files``, ``val`` reads ``data.val_files``.
+        split: ``train`` reads ``data.train_files`` (at most ``data.max_samples`` prompts), ``val``
+            reads ``data.val_files`` (at most ``data.val_max_samples``).
 
     Returns:
-        The prompts, with the count of those dropped for length.
+        The prompts, with the counts of those dropped and truncated for length.
 
     Raises:
         DataError: a missing or unreadable file, a row that is not an object, a missing or
-            ill-typed prompt or answer, a prompt over the length limit when
-            ``data.filter_overlong_prompts`` is false, or no prompt left. The message names the
-            file, the row and the field.
+            ill-typed prompt or answer, a prompt over the length limit when it is neither filtered
+            nor truncated, or no prompt left. The message names the file, the row and the field.
     """
     files_key = f"data.{split}_files"
-    files = config.train_files if split == "train" else config.val_files
+    files, max_samples = (config.train_files, config.max_samples) if split == "train" else (config.val_files, config.val_max_samples)
     if not files:
         raise DataError(f"`{files_key}` lists no files")
     if config.apply_chat_template and not tokenizer.chat_template:
@@ -181,35 +255,24 @@ def load_prompts(config: DataConfig, tokenizer, split: Literal["train", "val"] =
             f"data.apply_chat_template is true but tokenizer {tokenizer.name_or_path!r} has no chat template: "
             f"set data.apply_chat_template=false or use a tokenizer with one"
         )
-    texts, answers, metadata, sources = [], [], [], []
-    for name in files:
-        for location, row in _read_rows(resolve_data_path(name)):
-            text, answer, fields = _parse_row(row, location, config, tokenizer)
-            texts.append(text)
-            answers.append(answer)
-            metadata.append(fields)
-            sources.append(location)
-    # A chat template writes its own special tokens; a plain prompt gets the tokenizer's usual ones.
-    token_ids = tokenizer(texts, add_special_tokens=not config.apply_chat_template)["input_ids"] if texts else []
-    prompts, num_filtered = [], 0
-    for ids, text, answer, fields, location in zip(token_ids, texts, answers, metadata, sources):
-        if len(ids) > config.max_prompt_length:
-            if not config.filter_overlong_prompts:
-                raise DataError(
-                    f"{location}: field {config.prompt_key!r} has {len(ids)} tokens, more than data.max_prompt_length "
-                    f"({config.max_prompt_length}): raise data.max_prompt_length or set data.filter_overlong_prompts=true"
-                )
-            num_filtered += 1
-            continue
-        prompts.append(Prompt(prompt_ids=list(ids), text=text, answer=answer, metadata=fields, source=location))
-    if num_filtered:
-        log.info("%s: dropped %d of %d prompts longer than data.max_prompt_length (%d tokens)", files_key, num_filtered, len(texts), config.max_prompt_length)
+    tally = _LengthTally()
+    # Reading stops at the limit: the files' later rows are not read.
+    prompts = list(itertools.islice(_usable_prompts(files, config, tokenizer, tally), max_samples))
+    limit = config.max_prompt_length
+    if tally.filtered:
+        log.info("%s: dropped %d of %d prompts longer than data.max_prompt_length (%d tokens)", files_key, tally.filtered, tally.rows, limit)
+    if tally.truncated:
+        kept = "last" if config.truncation == "left" else "first"
+        log.info(
+            "%s: truncated %d of %d prompts longer than data.max_prompt_length to their %s %d tokens (data.truncation = %s)",
+            files_key, tally.truncated, tally.rows, kept, limit, config.truncation,
+        )
     if not prompts:
         raise DataError(
-            f"`{files_key}` {files} hold no usable prompt ({len(texts)} rows, {num_filtered} longer than "
-            f"data.max_prompt_length = {config.max_prompt_length})"
+            f"`{files_key}` {files} hold no usable prompt ({tally.rows} rows, {tally.filtered} longer than "
+            f"data.max_prompt_length = {limit})"
         )
-    return PromptDataset(prompts, num_filtered)
+    return PromptDataset(prompts, tally.filtered, tally.truncated)
 
 
 class PromptLoader:
@@ -276,6 +339,6 @@ class PromptLoader:
             raise DataError(
                 f"the saved data position is for {state['num_prompts']} prompts but the dataset now has "
                 f"{len(self.dataset)}: resuming would not continue the same batches; restore the original "
-                f"data files (and length settings) or start a new run"
+                f"data files (and length settings, data.max_samples) or start a new run"
             )
         self.epoch, self.index = state["epoch"], state["index"]

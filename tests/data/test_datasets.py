@@ -1,4 +1,5 @@
-"""Prompt datasets: file formats, row errors, chat templates, length filtering, the resumable loader."""
+"""Prompt datasets: file formats, row errors, chat templates, length filtering and truncation, sample
+limits, nested answer keys, the resumable loader."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import sys
 import pytest
 
 from megarl.config import DataConfig, resolve_model_path
+from megarl.data import datasets
 from megarl.data.datasets import DataError, Prompt, PromptDataset, PromptLoader, load_prompts
 from megarl.rewards.functions import RULES
 
@@ -119,6 +121,101 @@ def test_overlong_prompts_are_filtered_and_counted_or_rejected(tmp_path, tokeniz
         load_prompts(config_for(file, max_prompt_length=20, filter_overlong_prompts=False), tokenizer)
     with pytest.raises(DataError, match="no usable prompt"):
         load_prompts(config_for(file, max_prompt_length=2), tokenizer)
+
+
+def long_rows():
+    return [{"prompt": "max 1 2 3", "answer": "3"}, {"prompt": " ".join(["max"] * 40), "answer": "0"}, {"prompt": "last 1 2 3", "answer": "3"}]
+
+
+@pytest.mark.parametrize("truncation", ["left", "right"])
+def test_overlong_prompts_are_truncated_and_the_reward_sees_the_kept_tokens(tmp_path, tokenizer, caplog, truncation):
+    file = write_jsonl(tmp_path / "long.jsonl", long_rows())
+    full = load_prompts(config_for(file, max_prompt_length=200), tokenizer).prompts
+    with caplog.at_level(logging.INFO, logger="megarl.data.datasets"):
+        dataset = load_prompts(config_for(file, max_prompt_length=20, filter_overlong_prompts=False, truncation=truncation), tokenizer)
+    assert (len(dataset), dataset.num_filtered, dataset.num_truncated) == (3, 0, 1)
+    assert "data.train_files: truncated 1 of 3 prompts longer than data.max_prompt_length" in caplog.text
+    short, cut = dataset.prompts[0], dataset.prompts[1]
+    assert short == full[0]
+    kept = full[1].prompt_ids[-20:] if truncation == "left" else full[1].prompt_ids[:20]
+    assert cut.prompt_ids == kept and len(full[1].prompt_ids) > 20
+    assert cut.text == tokenizer.decode(kept, skip_special_tokens=False) != full[1].text
+    # The chat template's ending (the generation prompt) survives a left cut, its opening a right
+    # one. (The tiny tokenizer decodes its word-level tokens with spaces between them.)
+    assert (cut.text.split()[-1] == "assistant") == (truncation == "left")
+    assert (cut.text.split()[0] == "<|im_start|>") == (truncation == "right")
+    assert cut.reward_kwargs("0")["prompt"] == cut.text
+
+
+def test_truncation_error_names_the_row_and_every_fix(tmp_path, tokenizer):
+    file = write_jsonl(tmp_path / "long.jsonl", long_rows())
+    with pytest.raises(DataError) as error:
+        load_prompts(config_for(file, max_prompt_length=20, filter_overlong_prompts=False), tokenizer)
+    assert f"{file}:2: field 'prompt' has " in str(error.value)
+    assert str(error.value).endswith(
+        "raise data.max_prompt_length, set data.filter_overlong_prompts=true to drop such prompts, or set data.truncation to left or right to cut them"
+    )
+
+
+def test_max_samples_keeps_the_first_usable_prompts_in_file_order(tmp_path, tokenizer):
+    first = write_jsonl(tmp_path / "a.jsonl", long_rows())
+    second = write_jsonl(tmp_path / "b.jsonl", [{"prompt": f"max {digit} 1 1", "answer": str(digit)} for digit in range(5)])
+    dataset = load_prompts(config_for(first, second, max_prompt_length=20, max_samples=4), tokenizer)
+    # The overlong row of a.jsonl is dropped before the limit counts.
+    assert [prompt.source for prompt in dataset.prompts] == [f"{first}:1", f"{first}:3", f"{second}:1", f"{second}:2"]
+    assert len(load_prompts(config_for(first, second, max_prompt_length=20), tokenizer)) == 7
+    val = DataConfig(val_files=[str(second)], val_max_samples=2, max_samples=1)
+    assert [prompt.answer for prompt in load_prompts(val, tokenizer, "val").prompts] == ["0", "1"]
+
+
+def test_max_samples_stops_reading_at_the_limit(tmp_path, tokenizer, monkeypatch):
+    monkeypatch.setattr(datasets, "TOKENIZE_ROWS", 2)
+    rows = [{"prompt": f"max {digit} 1 1", "answer": str(digit)} for digit in range(4)] + ['{"prompt": broken']
+    file = write_jsonl(tmp_path / "rows.jsonl", rows)
+    assert len(load_prompts(config_for(file, max_samples=4), tokenizer)) == 4
+    with pytest.raises(DataError, match="rows.jsonl:5: not valid JSON"):
+        load_prompts(config_for(file), tokenizer)
+
+
+def verl_row(digit: int, **reward_model) -> dict:
+    return {"data_source": "toy", "prompt": [{"role": "user", "content": f"max {digit} 1 1"}], "reward_model": reward_model}
+
+
+def test_dotted_answer_key_reads_nested_fields(tmp_path, tokenizer):
+    file = write_jsonl(tmp_path / "verl.jsonl", [verl_row(7, style="rule", ground_truth="7"), verl_row(8, style="rule", ground_truth=["8"])])
+    dataset = load_prompts(config_for(file, answer_key="reward_model.ground_truth"), tokenizer)
+    assert [prompt.answer for prompt in dataset.prompts] == ["7", ["8"]]
+    # The whole row stays metadata, reward_model included.
+    assert dataset.prompts[0].metadata == {"data_source": "toy", "reward_model": {"style": "rule", "ground_truth": "7"}}
+
+
+@pytest.mark.parametrize(
+    "row, answer_key, expected",
+    [
+        (verl_row(7, style="rule"), "reward_model.ground_truth", "no field 'reward_model.ground_truth' (data.answer_key); field 'reward_model' has ['style']"),
+        ({"prompt": "max 1 2 3", "reward_model": "3"}, "reward_model.ground_truth", "field 'reward_model' is a str, not an object with fields"),
+        ({"prompt": "max 1 2 3", "label": {"value": "3"}}, "reward_model.ground_truth", "the row has ['label', 'prompt']"),
+        ({"prompt": "max 1 2 3", "a": {"b": {"d": 1}}}, "a.b.c", "no field 'a.b.c' (data.answer_key); field 'a.b' has ['d']"),
+    ],
+)
+def test_missing_nested_answer_names_the_row_the_key_and_the_fields(tmp_path, tokenizer, row, answer_key, expected):
+    good = {"prompt": "max 1 1 1", "reward_model": {"ground_truth": "1"}, "a": {"b": {"c": "1"}}}
+    file = write_jsonl(tmp_path / "rows.jsonl", [good, row])
+    with pytest.raises(DataError) as error:
+        load_prompts(config_for(file, answer_key=answer_key), tokenizer)
+    assert str(error.value).startswith(f"{file}:2: ")
+    assert expected in str(error.value)
+    assert str(error.value).endswith("fix the row or set data.answer_key")
+
+
+def test_verl_parquet_rows_with_a_nested_answer(tmp_path, tokenizer):
+    pytest.importorskip("pyarrow")
+    import pyarrow
+    import pyarrow.parquet
+
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist([verl_row(3, style="rule", ground_truth="3")]), tmp_path / "verl.parquet")
+    (prompt,) = load_prompts(config_for(tmp_path / "verl.parquet", answer_key="reward_model.ground_truth"), tokenizer).prompts
+    assert (prompt.answer, prompt.metadata["reward_model"]) == ("3", {"style": "rule", "ground_truth": "3"})
 
 
 def test_parquet_rows(tmp_path, tokenizer):
