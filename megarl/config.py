@@ -193,6 +193,11 @@ class DataConfig:
     train_files: list[str] = dataclasses.field(default_factory=lambda: ["bundled:toy/train.jsonl"])
     """Prompt datasets (jsonl, json or parquet); ``bundled:NAME`` is a file shipped in
     megarl/assets/data (verl: data.train_files, slime: --prompt-data)."""
+    train_file_weights: list[float] = dataclasses.field(default_factory=list)
+    """Mixing ratios of the training files, one positive weight per entry of train_files: each
+    prompt of a batch comes from file i with probability weight_i / sum, and each file is served in
+    its own shuffled order, epoch after epoch; empty: the files are concatenated and the whole is
+    served in one order per epoch (OpenRLHF: --prompt_data_probs)."""
     val_files: list[str] = dataclasses.field(default_factory=lambda: ["bundled:toy/val.jsonl"])
     """Validation datasets; empty: no validation (verl: data.val_files, slime: --eval-prompt-data)."""
     max_samples: Optional[int] = None
@@ -225,7 +230,7 @@ class DataConfig:
     shuffle: bool = True
     """Shuffle the training prompts every epoch (verl: data.shuffle, slime: --rollout-shuffle)."""
     seed: int = 1
-    """Shuffling seed."""
+    """Shuffling seed; with train_file_weights also the seed of each batch's files."""
 
     def __post_init__(self):
         _require(bool(self.train_files), "data.train_files", "must list at least one file")
@@ -233,6 +238,18 @@ class DataConfig:
         for name in ("max_samples", "val_max_samples"):
             value = getattr(self, name)
             _require(value is None or value >= 1, f"data.{name}", f"({value}) must be >= 1, or null")
+        if self.train_file_weights:
+            _require(
+                len(self.train_file_weights) == len(self.train_files),
+                "data.train_file_weights",
+                f"(length {len(self.train_file_weights)}) must have the length of `data.train_files` ({len(self.train_files)}): "
+                f"one positive weight per file, or an empty list to concatenate the files",
+            )
+            _require(
+                all(weight > 0 for weight in self.train_file_weights),
+                "data.train_file_weights",
+                f"({self.train_file_weights}) must all be > 0: remove a file from data.train_files instead of giving it weight 0",
+            )
         _require(
             self.truncation == "error" or not self.filter_overlong_prompts,
             "data.truncation",

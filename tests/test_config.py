@@ -311,6 +311,10 @@ def test_yaml_type_errors_name_the_file(tmp_path):
         ("data.val_max_samples=-1", "`data.val_max_samples` (-1) must be >= 1, or null"),
         ("train.total_epochs=0", "`train.total_epochs` (0) must be >= 1, or null"),
         (
+            "data.train_file_weights=[1, 2]",
+            "`data.train_file_weights` (length 2) must have the length of `data.train_files` (1): one positive weight per file",
+        ),
+        (
             "data.truncation=left",
             "`data.truncation` (left) has no effect while data.filter_overlong_prompts is true (it drops every prompt over "
             "the limit): set data.filter_overlong_prompts=false",
@@ -349,6 +353,15 @@ def test_range_error_names_where_the_value_came_from(tmp_path):
     with pytest.raises(ConfigError) as error:
         load_config(path, ["reward.num_workers=1", "reward.type=function"])
     assert str(error.value).startswith("override `reward.type=function`: `reward.function` must be set")
+
+
+def test_mixing_weights_must_be_positive():
+    files = "data.train_files=[a.jsonl, b.jsonl]"
+    with pytest.raises(ConfigError) as error:
+        load_config(None, [files, "data.train_file_weights=[1, 0]"])
+    assert str(error.value).startswith("override `data.train_file_weights=[1, 0]`: `data.train_file_weights` ([1.0, 0.0]) must all be > 0")
+    assert load_config(None, [files, "data.train_file_weights=[1, 3]"]).data.train_file_weights == [1.0, 3.0]
+    assert load_config(None, ["data.filter_overlong_prompts=false", "data.truncation=right"]).data.truncation == "right"
 
 
 def test_run_length_is_steps_or_epochs_never_both_nor_neither():

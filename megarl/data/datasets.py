@@ -20,6 +20,7 @@ to the limit, or refused (``data.filter_overlong_prompts``, ``data.truncation``)
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 import json
@@ -55,6 +56,9 @@ class Prompt:
     """The row's other fields (e.g. the toy ``task``)."""
     source: str
     """Where the row came from: ``path:line`` (jsonl) or ``path row N`` (json, parquet; N from 0)."""
+    file_index: int = 0
+    """The row's file: its position in ``data.train_files`` (or ``data.val_files``), the source that
+    ``data.train_file_weights`` mixes."""
 
     def reward_kwargs(self, response: str) -> dict[str, Any]:
         """The keyword arguments of a reward function for one response to this prompt.
@@ -67,7 +71,8 @@ class Prompt:
 
 @dataclasses.dataclass(slots=True)
 class PromptDataset:
-    """The prompts of one split, files concatenated in the order listed, rows in file order."""
+    """The prompts of one split, files concatenated in the order listed, rows in file order; each
+    prompt names its file (:attr:`Prompt.file_index`)."""
 
     prompts: list[Prompt]
     num_filtered: int = 0
@@ -154,7 +159,9 @@ def _parse_row(row: Any, location: str, config: DataConfig, tokenizer) -> tuple[
     if not isinstance(row, dict):
         raise DataError(f"{location}: a row must be an object with fields, found {type(row).__name__}")
     if config.prompt_key not in row:
-        raise DataError(f"{location}: no field {config.prompt_key!r} (data.prompt_key); the row has {sorted(row)}: fix the row or set data.prompt_key")
+        raise DataError(
+            f"{location}: no field {config.prompt_key!r} (data.prompt_key); the row has {sorted(row)}: fix the row or set data.prompt_key"
+        )
     answer = _answer(row, location, config.answer_key)
     prompt, field = row[config.prompt_key], f"field {config.prompt_key!r} (data.prompt_key)"
     if isinstance(prompt, str):
@@ -209,7 +216,7 @@ def _usable_prompts(files: Sequence[str], config: DataConfig, tokenizer, tally: 
     overlong ones dropped (and counted) with ``data.filter_overlong_prompts``, else cut as
     ``data.truncation`` says, or refused."""
     limit = config.max_prompt_length
-    for name in files:
+    for file_index, name in enumerate(files):
         for location, text, answer, metadata, ids in _tokenized_rows(resolve_data_path(name), config, tokenizer):
             tally.rows += 1
             if len(ids) > limit:
@@ -226,7 +233,7 @@ def _usable_prompts(files: Sequence[str], config: DataConfig, tokenizer, tally: 
                 # The reward reads what the model reads.
                 text = tokenizer.decode(ids, skip_special_tokens=False)
                 tally.truncated += 1
-            yield Prompt(prompt_ids=ids, text=text, answer=answer, metadata=metadata, source=location)
+            yield Prompt(prompt_ids=ids, text=text, answer=answer, metadata=metadata, source=location, file_index=file_index)
 
 
 def load_prompts(config: DataConfig, tokenizer, split: Literal["train", "val"] = "train") -> PromptDataset:
@@ -244,7 +251,8 @@ def load_prompts(config: DataConfig, tokenizer, split: Literal["train", "val"] =
     Raises:
         DataError: a missing or unreadable file, a row that is not an object, a missing or
             ill-typed prompt or answer, a prompt over the length limit when it is neither filtered
-            nor truncated, or no prompt left. The message names the file, the row and the field.
+            nor truncated, no prompt left, or (with ``data.train_file_weights``) a training file
+            with no prompt left. The message names the file, the row and the field.
     """
     files_key = f"data.{split}_files"
     files, max_samples = (config.train_files, config.max_samples) if split == "train" else (config.val_files, config.val_max_samples)
@@ -272,68 +280,149 @@ def load_prompts(config: DataConfig, tokenizer, split: Literal["train", "val"] =
             f"`{files_key}` {files} hold no usable prompt ({tally.rows} rows, {tally.filtered} longer than "
             f"data.max_prompt_length = {limit})"
         )
+    if split == "train" and config.train_file_weights:
+        _require_prompts_in_weighted_files(prompts, config)
     return PromptDataset(prompts, tally.filtered, tally.truncated)
+
+
+def _require_prompts_in_weighted_files(prompts: list[Prompt], config: DataConfig) -> None:
+    """Raise a DataError naming the first training file with a weight but no prompt to serve."""
+    per_file = collections.Counter(prompt.file_index for prompt in prompts)
+    for file_index, (name, weight) in enumerate(zip(config.train_files, config.train_file_weights)):
+        if per_file[file_index]:
+            continue
+        if len(prompts) == config.max_samples and prompts[-1].file_index < file_index:
+            why, fix = f"data.max_samples ({config.max_samples}) is reached in the files before it", "raise data.max_samples"
+        else:
+            why, fix = f"it has no row within data.max_prompt_length ({config.max_prompt_length} tokens)", "fix the file"
+        raise DataError(
+            f"`data.train_files`[{file_index}] ({name}) has weight {weight} in `data.train_file_weights` but keeps no "
+            f"prompt: {why}; {fix}, or drop the file and its weight"
+        )
+
+
+class _EpochOrder:
+    """One pool of dataset positions served epoch after epoch, each epoch in its own order: a
+    permutation drawn from ``(*key, epoch)``, or the pool's order without shuffling.
+
+    Attributes:
+        epoch: the epoch the last position served belongs to (0 first).
+        index: positions of the current epoch's order already served.
+    """
+
+    def __init__(self, positions: np.ndarray, *, shuffle: bool, key: tuple[int, ...]):
+        self.positions = positions
+        self.shuffle = shuffle
+        self.key = key
+        self.epoch = 0
+        self.index = 0
+        self._cached_order: tuple[int, np.ndarray] | None = None
+
+    def _order(self, epoch: int) -> np.ndarray:
+        """Epoch ``epoch``'s order of the pool, drawn once per epoch."""
+        if self._cached_order is None or self._cached_order[0] != epoch:
+            order = np.random.default_rng((*self.key, epoch)).permutation(self.positions) if self.shuffle else self.positions
+            self._cached_order = (epoch, order)
+        return self._cached_order[1]
+
+    def take(self, count: int) -> np.ndarray:
+        """The next ``count`` positions, running on into the next epochs when the current one ends."""
+        taken = [self.positions[:0]]
+        order = self._order(self.epoch)
+        while count:
+            if self.index == len(order):
+                self.epoch, self.index = self.epoch + 1, 0
+                order = self._order(self.epoch)
+            part = order[self.index : self.index + count]
+            taken.append(part)
+            self.index += len(part)
+            count -= len(part)
+        return np.concatenate(taken)
 
 
 class PromptLoader:
     """Training prompts, ``batch_size`` at a time, without end: epoch after epoch, each in its own
     order, a batch running on into the next epoch when the current one runs out.
 
-    Epoch ``e``'s order is a permutation drawn from ``(seed, e)`` (or file order without shuffling),
-    so the position ``(epoch, index)`` alone fixes every batch to come: :meth:`state_dict` saves it
-    and :meth:`load_state_dict` on a fresh loader over the same data continues with exactly the
-    batches the saved loader would have served.
-
-    Attributes:
-        epoch: the epoch the last batch ended in (0 first).
-        index: prompts of the current epoch's order already served.
+    Without ``file_weights`` the files are one pool: epoch ``e``'s order is a permutation drawn from
+    ``(seed, e)`` (or file order without shuffling). With them each file is its own pool, file ``i``'s
+    epoch ``e`` drawn from ``(seed, i, e)``, and each prompt of batch ``b`` comes from file ``i``
+    with probability ``weight_i / sum``, the files drawn from ``(seed, b)``. The position (each pool's
+    epoch and index, and with weights the batch count) alone fixes every batch to come:
+    :meth:`state_dict` saves it and :meth:`load_state_dict` on a fresh loader over the same data
+    continues with exactly the batches the saved loader would have served.
     """
 
-    def __init__(self, dataset: PromptDataset, batch_size: int, *, shuffle: bool = True, seed: int = 1):
+    def __init__(self, dataset: PromptDataset, batch_size: int, *, shuffle: bool = True, seed: int = 1, file_weights: Sequence[float] = ()):
+        """Serve ``dataset`` ``batch_size`` prompts at a time, from position 0.
+
+        Args:
+            dataset: the training prompts.
+            batch_size: prompts per batch.
+            shuffle: shuffle every epoch (of every file); false: file order.
+            seed: the seed of the orders and of each batch's files.
+            file_weights: one positive weight per file of the split (``data.train_file_weights``);
+                empty: the files are concatenated.
+
+        Raises:
+            ValueError: no prompt, a batch size below 1, or a weighted file without prompts.
+        """
         if batch_size < 1 or not dataset.prompts:
             raise ValueError(f"need a batch size >= 1 (got {batch_size}) and at least one prompt (got {len(dataset)})")
         self.dataset = dataset
         self.batch_size = batch_size
-        self.shuffle = shuffle
         self.seed = seed
-        self.epoch = 0
-        self.index = 0
-        self._cached_order: tuple[int, np.ndarray] | None = None
-
-    def _order(self, epoch: int) -> np.ndarray:
-        """Epoch ``epoch``'s order of the dataset's positions, drawn once per epoch."""
-        if self._cached_order is None or self._cached_order[0] != epoch:
-            if self.shuffle:
-                order = np.random.default_rng((self.seed, epoch)).permutation(len(self.dataset))
-            else:
-                order = np.arange(len(self.dataset))
-            self._cached_order = (epoch, order)
-        return self._cached_order[1]
+        self._file_probabilities: np.ndarray | None = None
+        self._batches = 0  # with weights, batch b's files are drawn from (seed, b)
+        if not file_weights:
+            self._pools = [_EpochOrder(np.arange(len(dataset)), shuffle=shuffle, key=(seed,))]
+            return
+        file_index = np.array([prompt.file_index for prompt in dataset.prompts])
+        positions = [np.flatnonzero(file_index == file) for file in range(len(file_weights))]
+        sizes = [len(pool) for pool in positions]
+        if sum(sizes) != len(dataset) or 0 in sizes:
+            raise ValueError(
+                f"each of the {len(file_weights)} weighted files needs a prompt, and each prompt a weighted file: "
+                f"the files hold {sizes} of {len(dataset)}"
+            )
+        self._file_probabilities = np.asarray(file_weights, dtype=np.float64) / sum(file_weights)
+        self._pools = [_EpochOrder(pool, shuffle=shuffle, key=(seed, file)) for file, pool in enumerate(positions)]
 
     def __iter__(self) -> PromptLoader:
         return self
 
     def __next__(self) -> list[Prompt]:
-        batch = []
-        order = self._order(self.epoch)
-        while len(batch) < self.batch_size:
-            if self.index == len(order):
-                self.epoch, self.index = self.epoch + 1, 0
-                order = self._order(self.epoch)
-            taken = order[self.index : self.index + self.batch_size - len(batch)]
-            batch += [self.dataset.prompts[position] for position in taken]
-            self.index += len(taken)
-        return batch
+        if self._file_probabilities is None:
+            positions = self._pools[0].take(self.batch_size)
+        else:
+            files = np.random.default_rng((self.seed, self._batches)).choice(len(self._pools), size=self.batch_size, p=self._file_probabilities)
+            positions = np.empty(self.batch_size, dtype=np.int64)
+            for file, pool in enumerate(self._pools):
+                drawn = files == file
+                positions[drawn] = pool.take(int(drawn.sum()))
+            self._batches += 1
+        return [self.dataset.prompts[position] for position in positions]
 
-    def state_dict(self) -> dict[str, int]:
-        """The position, JSON-serialisable; the prompt count guards against resuming on other data."""
-        return {"epoch": self.epoch, "index": self.index, "num_prompts": len(self.dataset)}
+    def state_dict(self) -> dict[str, Any]:
+        """The position, JSON-serialisable; the prompt counts (per file with weights) guard against
+        resuming on other data."""
+        if self._file_probabilities is None:
+            pool = self._pools[0]
+            return {"epoch": pool.epoch, "index": pool.index, "num_prompts": len(self.dataset)}
+        return {
+            "batches": self._batches,
+            "file_epochs": [pool.epoch for pool in self._pools],
+            "file_indices": [pool.index for pool in self._pools],
+            "num_prompts": len(self.dataset),
+            "file_prompts": [len(pool.positions) for pool in self._pools],
+        }
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a position saved by :meth:`state_dict`.
 
         Raises:
-            DataError: the position was saved over a different number of prompts.
+            DataError: the position was saved over a different number of prompts (in all, or per
+                file), or with the files mixed where they are now concatenated or the reverse.
         """
         if state["num_prompts"] != len(self.dataset):
             raise DataError(
@@ -341,4 +430,23 @@ class PromptLoader:
                 f"{len(self.dataset)}: resuming would not continue the same batches; restore the original "
                 f"data files (and length settings, data.max_samples) or start a new run"
             )
-        self.epoch, self.index = state["epoch"], state["index"]
+        mixing = self._file_probabilities is not None
+        if ("file_prompts" in state) != mixing:
+            saved, now = ("mixed", "concatenated") if "file_prompts" in state else ("concatenated", "mixed")
+            raise DataError(
+                f"the saved data position is for training files {saved} but data.train_file_weights now has them {now}: "
+                f"resuming would not continue the same batches; restore data.train_file_weights or start a new run"
+            )
+        if not mixing:
+            self._pools[0].epoch, self._pools[0].index = state["epoch"], state["index"]
+            return
+        sizes = [len(pool.positions) for pool in self._pools]
+        if state["file_prompts"] != sizes:
+            raise DataError(
+                f"the saved data position is for training files of {state['file_prompts']} prompts but they now hold "
+                f"{sizes}: resuming would not continue the same batches; restore the original data files (and length "
+                f"settings, data.max_samples) or start a new run"
+            )
+        self._batches = state["batches"]
+        for pool, epoch, index in zip(self._pools, state["file_epochs"], state["file_indices"]):
+            pool.epoch, pool.index = epoch, index

@@ -208,7 +208,9 @@ def setup(config: Config) -> Run:
         # The checks that need the run's length waited for it.
         validate(config, world_size, model_facts)
     val_set = load_prompts(config.data, tokenizer, "val") if config.data.val_files else None
-    loader = PromptLoader(train_set, config.rollout.batch_size, shuffle=config.data.shuffle, seed=config.data.seed)
+    loader = PromptLoader(
+        train_set, config.rollout.batch_size, shuffle=config.data.shuffle, seed=config.data.seed, file_weights=config.data.train_file_weights
+    )
 
     dtype = DTYPES[config.model.dtype]
     backend = choose_backend(config.model.attention_backend, detected.has_transformer_engine)

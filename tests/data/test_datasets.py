@@ -1,5 +1,5 @@
 """Prompt datasets: file formats, row errors, chat templates, length filtering and truncation, sample
-limits, nested answer keys, the resumable loader."""
+limits, nested answer keys, the resumable loader and its file mixing."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 
+import numpy as np
 import pytest
 
 from megarl.config import DataConfig, resolve_model_path
@@ -162,7 +163,9 @@ def test_max_samples_keeps_the_first_usable_prompts_in_file_order(tmp_path, toke
     second = write_jsonl(tmp_path / "b.jsonl", [{"prompt": f"max {digit} 1 1", "answer": str(digit)} for digit in range(5)])
     dataset = load_prompts(config_for(first, second, max_prompt_length=20, max_samples=4), tokenizer)
     # The overlong row of a.jsonl is dropped before the limit counts.
-    assert [prompt.source for prompt in dataset.prompts] == [f"{first}:1", f"{first}:3", f"{second}:1", f"{second}:2"]
+    assert [(prompt.source, prompt.file_index) for prompt in dataset.prompts] == [
+        (f"{first}:1", 0), (f"{first}:3", 0), (f"{second}:1", 1), (f"{second}:2", 1)
+    ]
     assert len(load_prompts(config_for(first, second, max_prompt_length=20), tokenizer)) == 7
     val = DataConfig(val_files=[str(second)], val_max_samples=2, max_samples=1)
     assert [prompt.answer for prompt in load_prompts(val, tokenizer, "val").prompts] == ["0", "1"]
@@ -218,6 +221,22 @@ def test_verl_parquet_rows_with_a_nested_answer(tmp_path, tokenizer):
     assert (prompt.answer, prompt.metadata["reward_model"]) == ("3", {"style": "rule", "ground_truth": "3"})
 
 
+def test_a_weighted_file_must_keep_a_prompt(tmp_path, tokenizer):
+    first = write_jsonl(tmp_path / "a.jsonl", long_rows())
+    second = write_jsonl(tmp_path / "b.jsonl", [{"prompt": " ".join(["max"] * 40), "answer": "0"}])
+    third = write_jsonl(tmp_path / "c.jsonl", [{"prompt": "max 1 1 1", "answer": "1"}])
+    weights = dict(max_prompt_length=20, train_file_weights=[1.0, 1.0])
+    with pytest.raises(DataError) as error:
+        load_prompts(config_for(first, second, **weights), tokenizer)
+    assert str(error.value) == (
+        f"`data.train_files`[1] ({second}) has weight 1.0 in `data.train_file_weights` but keeps no prompt: it has no row "
+        f"within data.max_prompt_length (20 tokens); fix the file, or drop the file and its weight"
+    )
+    with pytest.raises(DataError, match=r"c.jsonl\) has weight 1.0 .* data.max_samples \(2\) is reached in the files before it; raise data.max_samples"):
+        load_prompts(config_for(first, third, max_samples=2, **weights), tokenizer)
+    assert len(load_prompts(config_for(first, third, max_samples=3, **weights), tokenizer)) == 3
+
+
 def test_parquet_rows(tmp_path, tokenizer):
     pytest.importorskip("pyarrow")
     import pyarrow
@@ -258,7 +277,7 @@ def test_loader_shuffles_each_epoch_deterministically_and_crosses_epochs():
     first_epoch, second_epoch = flat[:10], flat[10:20]
     assert sorted(first_epoch) == sorted(second_epoch) == list(range(10))
     assert first_epoch != second_epoch != list(range(10))
-    assert (loader.epoch, loader.index) == (1, 10)
+    assert loader.state_dict() == {"epoch": 1, "index": 10, "num_prompts": 10}
     assert take(PromptLoader(dataset, 4, seed=4), 5) != batches
     assert take(PromptLoader(dataset, 4, shuffle=False), 3) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 0, 1]]
 
@@ -283,6 +302,60 @@ def test_loader_refuses_a_position_saved_over_other_data():
     loader = PromptLoader(numbered_dataset(9), 4)
     with pytest.raises(DataError, match="saved data position is for 10 prompts but the dataset now has 9"):
         loader.load_state_dict(PromptLoader(numbered_dataset(10), 4).state_dict())
+
+
+def files_dataset(*sizes: int) -> PromptDataset:
+    """Prompts answering ``(file, row)``, ``sizes[file]`` rows per file."""
+    return PromptDataset(
+        [
+            Prompt(prompt_ids=[row], text=f"{file}.{row}", answer=(file, row), metadata={}, source=f"file {file} row {row}", file_index=file)
+            for file, size in enumerate(sizes)
+            for row in range(size)
+        ]
+    )
+
+
+def test_mixed_files_are_drawn_in_their_weights_each_in_its_own_epochs():
+    weights = [1.0, 2.0, 5.0]
+    loader = PromptLoader(files_dataset(5, 20, 7), 8, seed=3, file_weights=weights)
+    served = [prompt for _ in range(500) for prompt in take(loader, 1)[0]]
+    fractions = np.bincount([file for file, _ in served], minlength=3) / len(served)
+    np.testing.assert_allclose(fractions, np.array(weights) / sum(weights), atol=0.02)
+    # Each file runs through its rows once per epoch, every epoch in a new order.
+    for file, size in enumerate((5, 20, 7)):
+        rows = [row for served_file, row in served if served_file == file]
+        epochs = [rows[start : start + size] for start in range(0, len(rows) - size + 1, size)]
+        assert all(sorted(epoch) == list(range(size)) for epoch in epochs)
+        assert len({tuple(epoch) for epoch in epochs}) > 1
+    again = PromptLoader(files_dataset(5, 20, 7), 8, seed=3, file_weights=weights)
+    assert [prompt for _ in range(500) for prompt in take(again, 1)[0]] == served
+    unshuffled = PromptLoader(files_dataset(2, 3), 6, shuffle=False, seed=3, file_weights=[1.0, 1.0])
+    for file, size in ((0, 2), (1, 3)):
+        rows = [row for batch in take(unshuffled, 4) for served_file, row in batch if served_file == file]
+        assert rows == [index % size for index in range(len(rows))]
+
+
+@pytest.mark.parametrize("batch_size", [3, 8])
+def test_mixed_loader_resumes_with_the_same_batches(batch_size):
+    dataset, weights = files_dataset(4, 9, 2), [3.0, 1.0, 1.0]
+    straight = take(PromptLoader(dataset, batch_size, seed=7, file_weights=weights), 12)
+    loader = PromptLoader(dataset, batch_size, seed=7, file_weights=weights)
+    before = take(loader, 5)
+    state = json.loads(json.dumps(loader.state_dict()))
+    assert state["file_prompts"] == [4, 9, 2] and state["batches"] == 5
+    resumed = PromptLoader(dataset, batch_size, seed=7, file_weights=weights)
+    resumed.load_state_dict(state)
+    assert before + take(resumed, 7) == straight
+
+
+def test_mixed_loader_refuses_a_position_saved_over_other_data():
+    saved = PromptLoader(files_dataset(5, 5), 4, file_weights=[1.0, 1.0]).state_dict()
+    with pytest.raises(DataError, match=r"for training files of \[5, 5\] prompts but they now hold \[4, 6\]"):
+        PromptLoader(files_dataset(4, 6), 4, file_weights=[1.0, 1.0]).load_state_dict(saved)
+    with pytest.raises(DataError, match="for training files mixed but data.train_file_weights now has them concatenated"):
+        PromptLoader(files_dataset(5, 5), 4).load_state_dict(saved)
+    with pytest.raises(DataError, match="for training files concatenated but data.train_file_weights now has them mixed"):
+        PromptLoader(files_dataset(5, 5), 4, file_weights=[1.0, 1.0]).load_state_dict(PromptLoader(files_dataset(5, 5), 4).state_dict())
 
 
 def test_validation_pass_serves_every_row_in_order(tokenizer):
