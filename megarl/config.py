@@ -17,6 +17,7 @@ import dataclasses
 import difflib
 import functools
 import json
+import logging
 import math
 import os
 import re
@@ -28,6 +29,8 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
+
+log = logging.getLogger(__name__)
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 BUNDLED_PREFIX = "bundled:"
@@ -190,13 +193,25 @@ class DataConfig:
     train_files: list[str] = dataclasses.field(default_factory=lambda: ["bundled:toy/train.jsonl"])
     """Prompt datasets (jsonl, json or parquet); ``bundled:NAME`` is a file shipped in
     megarl/assets/data (verl: data.train_files, slime: --prompt-data)."""
+    train_file_weights: list[float] = dataclasses.field(default_factory=list)
+    """Mixing ratios of the training files, one positive weight per entry of train_files: each
+    prompt of a batch comes from file i with probability weight_i / sum, and each file is served in
+    its own shuffled order, epoch after epoch; empty: the files are concatenated and the whole is
+    served in one order per epoch (OpenRLHF: --prompt_data_probs)."""
     val_files: list[str] = dataclasses.field(default_factory=lambda: ["bundled:toy/val.jsonl"])
     """Validation datasets; empty: no validation (verl: data.val_files, slime: --eval-prompt-data)."""
+    max_samples: Optional[int] = None
+    """Use at most the first N usable training prompts, in file order after length filtering and
+    truncation; null: all of them (verl: data.train_max_samples, OpenRLHF: --max_samples)."""
+    val_max_samples: Optional[int] = None
+    """The same limit for the validation prompts (verl: data.val_max_samples)."""
     prompt_key: str = "prompt"
     """Row field holding the prompt: a string or a list of chat messages (verl: data.prompt_key,
     slime: --input-key)."""
     answer_key: str = "answer"
-    """Row field holding the reference answer the reward checks (slime: --label-key)."""
+    """Row field holding the reference answer the reward checks; a dotted path reaches into nested
+    fields, e.g. ``reward_model.ground_truth`` for verl's parquet rows (verl: reward_model.ground_truth
+    of each row, slime: --label-key)."""
     apply_chat_template: bool = True
     """Wrap prompts with the tokenizer's chat template (slime/OpenRLHF: --apply-chat-template)."""
     max_prompt_length: int = 64
@@ -205,16 +220,42 @@ class DataConfig:
     """Generated length limit, tokens (verl: data.max_response_length, slime:
     --rollout-max-response-len)."""
     filter_overlong_prompts: bool = True
-    """Drop prompts longer than max_prompt_length; false: fail on them (verl:
+    """Drop prompts longer than max_prompt_length; false: keep them as truncation says (verl:
     data.filter_overlong_prompts)."""
+    truncation: Literal["error", "left", "right"] = "error"
+    """What happens to a prompt longer than max_prompt_length that filter_overlong_prompts keeps:
+    ``error`` stops with the file and row, ``left`` keeps its last max_prompt_length tokens,
+    ``right`` its first; a truncated prompt's text (what the reward sees) is its truncated tokens,
+    decoded (verl: data.truncation)."""
     shuffle: bool = True
     """Shuffle the training prompts every epoch (verl: data.shuffle, slime: --rollout-shuffle)."""
     seed: int = 1
-    """Shuffling seed."""
+    """Shuffling seed; with train_file_weights also the seed of each batch's files."""
 
     def __post_init__(self):
         _require(bool(self.train_files), "data.train_files", "must list at least one file")
         _require_positive(self, "data", ("max_prompt_length", "max_response_length"))
+        for name in ("max_samples", "val_max_samples"):
+            value = getattr(self, name)
+            _require(value is None or value >= 1, f"data.{name}", f"({value}) must be >= 1, or null")
+        if self.train_file_weights:
+            _require(
+                len(self.train_file_weights) == len(self.train_files),
+                "data.train_file_weights",
+                f"(length {len(self.train_file_weights)}) must have the length of `data.train_files` ({len(self.train_files)}): "
+                f"one positive weight per file, or an empty list to concatenate the files",
+            )
+            _require(
+                all(weight > 0 for weight in self.train_file_weights),
+                "data.train_file_weights",
+                f"({self.train_file_weights}) must all be > 0: remove a file from data.train_files instead of giving it weight 0",
+            )
+        _require(
+            self.truncation == "error" or not self.filter_overlong_prompts,
+            "data.truncation",
+            f"({self.truncation}) has no effect while data.filter_overlong_prompts is true (it drops every prompt "
+            f"over the limit): set data.filter_overlong_prompts=false to truncate them",
+        )
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)
@@ -510,9 +551,14 @@ class OptimizerConfig:
 class TrainConfig:
     """The policy update: RL steps, the batch hierarchy, optimizer and schedule."""
 
-    steps: int = 200
-    """RL steps to run; a step rolls out, scores and trains on one train batch (verl:
-    trainer.total_training_steps, slime: --num-rollout)."""
+    steps: Optional[int] = 200
+    """RL steps to run; a step rolls out, scores and trains on one train batch; null: from
+    total_epochs (verl: trainer.total_training_steps, slime: --num-rollout)."""
+    total_epochs: Optional[int] = None
+    """Passes over the training prompts, instead of steps (which must then be null): once the data
+    is loaded the run takes total_epochs x ceil(prompts / (global_batch_size / n_samples_per_prompt))
+    steps, the prompts a step trains on (verl: trainer.total_epochs, slime: --num-epoch, OpenRLHF:
+    --num_episodes)."""
     global_batch_size: int = 128
     """Samples (prompt + response) trained on per RL step: the train batch. It holds at least one
     rollout round (rollout.batch_size x n_samples_per_prompt) and whole groups; the step rolls out
@@ -557,7 +603,7 @@ class TrainConfig:
 
     def __post_init__(self):
         _require_positive(
-            self, "train", ("steps", "global_batch_size", "mini_batch_size", "micro_batch_size", "max_tokens_per_micro_batch", "ppo_epochs", "max_consecutive_nan_steps")
+            self, "train", ("global_batch_size", "mini_batch_size", "micro_batch_size", "max_tokens_per_micro_batch", "ppo_epochs", "max_consecutive_nan_steps")
         )
         for name in ("lr_warmup_steps", "eval_every"):
             value = getattr(self, name)
@@ -568,9 +614,30 @@ class TrainConfig:
             f"({self.lr_warmup_ratio}) and `train.lr_warmup_steps` ({self.lr_warmup_steps}) both set the warm-up: "
             f"set train.lr_warmup_steps=0 to use the ratio, or drop train.lr_warmup_ratio",
         )
+        for name in ("steps", "total_epochs"):
+            value = getattr(self, name)
+            _require(value is None or value >= 1, f"train.{name}", f"({value}) must be >= 1, or null")
+        _require(
+            self.steps is None or self.total_epochs is None,
+            "train.total_epochs",
+            f"({self.total_epochs}) and `train.steps` ({self.steps}) both set the run's length: "
+            f"set train.steps=null to train for epochs, or drop train.total_epochs",
+        )
+        _require(
+            self.steps is not None or self.total_epochs is not None,
+            "train.steps",
+            "and `train.total_epochs` are both null: set train.steps to the RL steps to run, or "
+            "train.total_epochs to the passes over the training prompts",
+        )
 
     def optimizer_steps(self) -> int:
-        """Optimizer steps in the whole run: steps x ppo_epochs x (global / mini batch)."""
+        """Optimizer steps in the whole run: steps x ppo_epochs x (global / mini batch).
+
+        Raises:
+            ConfigError: ``steps`` is still null (:func:`resolve_steps` sets it once the data is loaded).
+        """
+        if self.steps is None:
+            raise ConfigError("`train.steps` is null until the data is loaded: resolve it with megarl.config.resolve_steps first")
         return self.steps * self.ppo_epochs * (self.global_batch_size // self.mini_batch_size)
 
     def warmup_steps(self) -> int:
@@ -582,7 +649,10 @@ class TrainConfig:
         return min(self.lr_warmup_steps, total)
 
     def warmup_clamped(self) -> str | None:
-        """A warning when ``lr_warmup_steps`` exceeds the run's optimizer steps, else None."""
+        """A warning when ``lr_warmup_steps`` exceeds the run's optimizer steps, else None (also
+        while ``steps`` waits for the data: :func:`resolve_steps`)."""
+        if self.steps is None:
+            return None
         total = self.optimizer_steps()
         if self.lr_warmup_steps <= total:
             return None
@@ -1189,6 +1259,12 @@ def _sequence_errors(config: Config, model_facts: ModelFacts) -> list[str]:
     return errors
 
 
+def _steps_named(train: TrainConfig) -> str:
+    """``train.steps`` as an error names it, with the epochs it was resolved from."""
+    origin = f", from train.total_epochs = {train.total_epochs}" if train.total_epochs is not None else ""
+    return f"`train.steps` ({train.steps}{origin})"
+
+
 def _batch_errors(config: Config, data_parallel: int) -> list[str]:
     train, rollout, algorithm = config.train, config.rollout, config.algorithm
     group = rollout.n_samples_per_prompt
@@ -1239,11 +1315,8 @@ def _batch_errors(config: Config, data_parallel: int) -> list[str]:
 def _critic_errors(config: Config) -> list[str]:
     critic, estimator = config.critic, config.algorithm.advantage_estimator
     if config.critic_enabled:
-        if critic.warmup_steps >= config.train.steps:
-            return [
-                f"`critic.warmup_steps` ({critic.warmup_steps}) must be < `train.steps` ({config.train.steps}): "
-                f"otherwise the policy never trains"
-            ]
+        if config.train.steps is not None and critic.warmup_steps >= config.train.steps:
+            return [f"`critic.warmup_steps` ({critic.warmup_steps}) must be < {_steps_named(config.train)}: otherwise the policy never trains"]
         return []
     unused = []
     if critic.path is not None:
@@ -1258,8 +1331,36 @@ def _critic_errors(config: Config) -> list[str]:
     return []
 
 
+def resolve_steps(config: Config, num_prompts: int) -> int:
+    """The run's RL steps: ``train.steps``, or, when it is null, ``train.total_epochs`` passes over
+    the training prompts, each prompt trained on once per epoch::
+
+        steps = total_epochs x ceil(num_prompts / prompts_per_step)
+        prompts_per_step = train.global_batch_size // rollout.n_samples_per_prompt
+
+    An epoch is nominal: with dynamic sampling a step rolls out more prompts than it trains on.
+
+    Args:
+        config: a loaded config.
+        num_prompts: the usable training prompts (after length filtering and data.max_samples).
+
+    Returns:
+        The number of steps (logged when derived from the epochs).
+    """
+    train = config.train
+    if train.steps is not None:
+        return train.steps
+    prompts_per_step = train.global_batch_size // config.rollout.n_samples_per_prompt
+    steps = train.total_epochs * -(-num_prompts // prompts_per_step)
+    log.info("train.total_epochs = %d: %d prompts, %d per step -> %d steps", train.total_epochs, num_prompts, prompts_per_step, steps)
+    return steps
+
+
 def validate(config: Config, world_size: int, model_facts: ModelFacts) -> None:
     """Check the config against itself, the model and the world size, before anything is built.
+
+    With ``train.total_epochs`` the checks that need the run's length wait for :func:`resolve_steps`;
+    call this again once it has set ``train.steps``.
 
     Args:
         config: a loaded config (each section already checked its own ranges).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -24,6 +25,7 @@ from megarl.config import (
     parse_override,
     resolve_data_path,
     resolve_model_path,
+    resolve_steps,
     save_config,
     validate,
 )
@@ -250,9 +252,9 @@ def test_unknown_yaml_keys_name_the_file_and_the_nearest(tmp_path, text, expecte
 @pytest.mark.parametrize(
     "override,expected",
     [
-        ("train.steps=abc", "`train.steps` = 'abc' must be an integer"),
-        ("train.steps=1.5", "`train.steps` = 1.5 must be an integer"),
-        ("train.steps=true", "`train.steps` = True must be an integer"),
+        ("train.steps=abc", "`train.steps` = 'abc' must be null or an integer"),
+        ("train.steps=1.5", "`train.steps` = 1.5 must be null or an integer"),
+        ("train.steps=true", "`train.steps` = True must be null or an integer"),
         ("parallel.sequence_parallel=3", "`parallel.sequence_parallel` = 3 must be true or false"),
         ("parallel.sequence_parallel=yes please", "`parallel.sequence_parallel` = 'yes please' must be true or false"),
         ("train.optimizer.lr=fast", "`train.optimizer.lr` = 'fast' must be a number"),
@@ -280,7 +282,7 @@ def test_yaml_type_errors_name_the_file(tmp_path):
     path.write_text("train:\n  steps: ten\n")
     with pytest.raises(ConfigError) as error:
         load_config(path)
-    assert str(error.value) == f"{path}: `train.steps` = 'ten' must be an integer"
+    assert str(error.value) == f"{path}: `train.steps` = 'ten' must be null or an integer"
     path.write_text("- model\n- train\n")
     with pytest.raises(ConfigError, match="the top level must be a mapping"):
         load_config(path)
@@ -305,6 +307,18 @@ def test_yaml_type_errors_name_the_file(tmp_path):
         ("checkpoint.keep_last=0", "`checkpoint.keep_last` (0) must be >= 1"),
         ("reward.type=function", "`reward.function` must be set (path/to/file.py:name) when reward.type is 'function'"),
         ("data.train_files=[]", "`data.train_files` must list at least one file"),
+        ("data.max_samples=0", "`data.max_samples` (0) must be >= 1, or null"),
+        ("data.val_max_samples=-1", "`data.val_max_samples` (-1) must be >= 1, or null"),
+        ("train.total_epochs=0", "`train.total_epochs` (0) must be >= 1, or null"),
+        (
+            "data.train_file_weights=[1, 2]",
+            "`data.train_file_weights` (length 2) must have the length of `data.train_files` (1): one positive weight per file",
+        ),
+        (
+            "data.truncation=left",
+            "`data.truncation` (left) has no effect while data.filter_overlong_prompts is true (it drops every prompt over "
+            "the limit): set data.filter_overlong_prompts=false",
+        ),
     ],
 )
 def test_range_errors_name_the_override_and_dotted_field(override, expected):
@@ -328,7 +342,7 @@ def test_range_error_names_where_the_value_came_from(tmp_path):
     path.write_text("train:\n  steps: 0\n")
     with pytest.raises(ConfigError) as error:
         load_config(path)
-    assert str(error.value) == f"{path}: `train.steps` (0) must be >= 1"
+    assert str(error.value) == f"{path}: `train.steps` (0) must be >= 1, or null"
     # A later override may repair what the file set; only the final values are range-checked.
     assert load_config(path, ["train.steps=3"]).train.steps == 3
     with pytest.raises(ConfigError) as error:
@@ -339,6 +353,56 @@ def test_range_error_names_where_the_value_came_from(tmp_path):
     with pytest.raises(ConfigError) as error:
         load_config(path, ["reward.num_workers=1", "reward.type=function"])
     assert str(error.value).startswith("override `reward.type=function`: `reward.function` must be set")
+
+
+def test_mixing_weights_must_be_positive():
+    files = "data.train_files=[a.jsonl, b.jsonl]"
+    with pytest.raises(ConfigError) as error:
+        load_config(None, [files, "data.train_file_weights=[1, 0]"])
+    assert str(error.value).startswith("override `data.train_file_weights=[1, 0]`: `data.train_file_weights` ([1.0, 0.0]) must all be > 0")
+    assert load_config(None, [files, "data.train_file_weights=[1, 3]"]).data.train_file_weights == [1.0, 3.0]
+    assert load_config(None, ["data.filter_overlong_prompts=false", "data.truncation=right"]).data.truncation == "right"
+
+
+def test_run_length_is_steps_or_epochs_never_both_nor_neither():
+    with pytest.raises(ConfigError) as error:
+        load_config(None, ["train.total_epochs=2"])
+    assert str(error.value) == (
+        "override `train.total_epochs=2`: `train.total_epochs` (2) and `train.steps` (200) both set the run's length: "
+        "set train.steps=null to train for epochs, or drop train.total_epochs"
+    )
+    with pytest.raises(ConfigError) as error:
+        load_config(None, ["train.steps=null"])
+    assert str(error.value).startswith("override `train.steps=null`: `train.steps` and `train.total_epochs` are both null: set")
+    config = load_config(None, ["train.steps=null", "train.total_epochs=2"])
+    assert (config.train.steps, config.train.total_epochs) == (None, 2)
+
+
+def test_epochs_resolve_to_steps_once_the_prompts_are_counted(caplog):
+    # 128 samples per step / 8 per prompt = 16 prompts per step; 50 prompts -> 4 steps an epoch.
+    config = load_config(None, BASE + ["train.steps=null", "train.total_epochs=2"])
+    with caplog.at_level(logging.INFO, logger="megarl.config"):
+        assert resolve_steps(config, 50) == 8
+    assert caplog.messages == ["train.total_epochs = 2: 50 prompts, 16 per step -> 8 steps"]
+    assert resolve_steps(config, 48) == 6
+    assert resolve_steps(load_config(None, BASE + ["train.steps=7"]), 50) == 7
+
+
+def test_checks_that_need_the_run_length_wait_for_it(facts):
+    # Neither check can be made before the data is loaded; once train.steps is resolved both are.
+    overrides = ["train.steps=null", "train.total_epochs=1", "train.lr_warmup_steps=5", "algorithm.advantage_estimator=gae", "critic.warmup_steps=2"]
+    config = load_config(None, BASE + overrides)
+    validate(config, 1, facts["dense"])
+    assert config.train.warmup_clamped() is None
+    with pytest.raises(ConfigError, match="until the data is loaded"):
+        config.train.optimizer_steps()
+    config.train.steps = resolve_steps(config, 20)
+    with pytest.raises(ConfigError) as error:
+        validate(config, 1, facts["dense"])
+    assert violations(error.value) == [
+        "`critic.warmup_steps` (2) must be < `train.steps` (2, from train.total_epochs = 1): otherwise the policy never trains",
+    ]
+    assert config.train.warmup_steps() == 4 and "warming up over all 4" in config.train.warmup_clamped()
 
 
 def test_sections_check_their_ranges_when_built_directly():
@@ -506,6 +570,16 @@ def test_cli_prints_the_resolved_config(moe_run_file):
     checked = run_cli("--config", str(moe_run_file), "--world-size", "4")
     assert checked.returncode == 0, checked.stderr
     assert checked.stdout.strip() == f"{moe_run_file}: valid for world size 4 (DP 4)"
+
+
+def test_cli_prints_an_epoch_run_that_loads_again(moe_run_file, tmp_path):
+    overrides = ["train.steps=null", "train.total_epochs=3"]
+    printed = run_cli("--config", str(moe_run_file), *overrides, "--print")
+    assert printed.returncode == 0, printed.stderr
+    path = tmp_path / "printed.yaml"
+    path.write_text(printed.stdout)
+    assert load_config(path) == load_config(moe_run_file, overrides)
+    assert (load_config(path).train.steps, load_config(path).train.total_epochs) == (None, 3)
 
 
 def test_cli_reports_errors_without_a_traceback(moe_run_file):

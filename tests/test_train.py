@@ -180,11 +180,13 @@ def test_the_readme_command_trains_from_the_repository_root_and_resumes_bitwise(
 
 @pytest.mark.multirank
 def test_ppo_with_a_critic_and_token_budget_micro_batches_trains_both(tmp_path):
+    # The run's length in epochs: 8 prompts, 16 samples / 4 per prompt = 4 prompts a step -> 2 steps.
     report, rows = train(
         tmp_path,
         "ppo",
         [
-            "model.path=bundled:tiny-dense", "algorithm.advantage_estimator=gae", "algorithm.lam=0.95", "train.steps=2",
+            "model.path=bundled:tiny-dense", "algorithm.advantage_estimator=gae", "algorithm.lam=0.95",
+            "train.steps=null", "train.total_epochs=1", "data.max_samples=8",
             "critic.optimizer.lr=1e-3", "train.dynamic_batch=true", "train.max_tokens_per_micro_batch=64",
         ],
     )

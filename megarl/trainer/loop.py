@@ -7,6 +7,7 @@ through the run, Megatron.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 import time
@@ -285,14 +286,19 @@ def fit(run: Run) -> None:
     """
     config = run.config
     if run.start_step >= config.train.steps:
+        length = "train.steps" if config.train.total_epochs is None else "train.total_epochs"
         log.info(
-            "the run in %s is complete (train.steps = %d): raise train.steps to go on, or set checkpoint.resume=never to start over",
-            run.run_dir, config.train.steps,
+            "the run in %s is complete (train.steps = %d): raise %s to go on, or set checkpoint.resume=never to start over",
+            run.run_dir, config.train.steps, length,
         )
         return
     run.logger.start(run.start_step)
     if run.is_first_rank:
-        save_config(config, run.run_dir / (f"config.step_{run.start_step}.yaml" if run.start_step else "config.yaml"))
+        given = config
+        if config.train.total_epochs is not None:
+            # As given: the steps follow from the epochs (resolve_steps), so the file loads again.
+            given = dataclasses.replace(config, train=dataclasses.replace(config.train, steps=None))
+        save_config(given, run.run_dir / (f"config.step_{run.start_step}.yaml" if run.start_step else "config.yaml"))
     progress = tqdm(total=config.train.steps, initial=run.start_step, unit="step", disable=not (run.is_first_rank and sys.stderr.isatty()), dynamic_ncols=True)
     step = run.start_step
     try:

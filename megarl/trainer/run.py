@@ -22,7 +22,7 @@ import transformers
 from megarl import parallel, platform
 from megarl.algorithms.kl import kl_controller
 from megarl.algorithms.shaping import RunningMoments
-from megarl.config import Config, ModelFacts, resolve_model_path, validate
+from megarl.config import Config, ModelFacts, resolve_model_path, resolve_steps, validate
 from megarl.data.datasets import PromptDataset, PromptLoader, load_prompts
 from megarl.models.specs import choose_backend
 from megarl.trainer import checkpoint
@@ -183,7 +183,9 @@ class Run:
 
 def setup(config: Config) -> Run:
     """Build a run on this rank: process groups, data, models, weight stream, engines, scorer and
-    sinks; resume from a checkpoint when ``checkpoint.resume`` finds one.
+    sinks; resume from a checkpoint when ``checkpoint.resume`` finds one. With ``train.total_epochs``
+    it sets ``config.train.steps`` once the prompts are counted (the run directory's config.yaml
+    keeps the epochs).
 
     Raises:
         ConfigError: the config does not fit the world size or the model.
@@ -191,7 +193,8 @@ def setup(config: Config) -> Run:
     detected = platform.init_distributed()
     world_size = dist.get_world_size()
     model_dir = resolve_model_path(config.model.path)
-    validate(config, world_size, ModelFacts.from_hf_dir(model_dir))
+    model_facts = ModelFacts.from_hf_dir(model_dir)
+    validate(config, world_size, model_facts)
     pgs = parallel.initialize(config.parallel)
     _seed(config.model.seed)
     first = dist.get_rank() == 0
@@ -201,8 +204,14 @@ def setup(config: Config) -> Run:
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(config.model.tokenizer_path or model_dir), local_files_only=True)
     train_set = load_prompts(config.data, tokenizer, "train")
+    if config.train.steps is None:
+        config.train.steps = resolve_steps(config, len(train_set))
+        # The checks that need the run's length waited for it.
+        validate(config, world_size, model_facts)
     val_set = load_prompts(config.data, tokenizer, "val") if config.data.val_files else None
-    loader = PromptLoader(train_set, config.rollout.batch_size, shuffle=config.data.shuffle, seed=config.data.seed)
+    loader = PromptLoader(
+        train_set, config.rollout.batch_size, shuffle=config.data.shuffle, seed=config.data.seed, file_weights=config.data.train_file_weights
+    )
 
     dtype = DTYPES[config.model.dtype]
     backend = choose_backend(config.model.attention_backend, detected.has_transformer_engine)
