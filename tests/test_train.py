@@ -53,6 +53,11 @@ def strict_json(line: str) -> dict:
     return {name: NON_FINITE.get(value, value) if isinstance(value, str) else value for name, value in row.items()}
 
 
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
 def metrics(run_dir: Path) -> list[dict]:
     """The rows of ``metrics.jsonl``, checked to be strict JSON, non-finite values as floats."""
     return [strict_json(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -178,23 +183,59 @@ def test_the_readme_command_trains_from_the_repository_root_and_resumes_bitwise(
     assert resumed[3]["policy/lr"] < resumed[1]["policy/lr"]
 
 
+VERL_REWARD = """
+def compute_score(data_source, solution_str, ground_truth, extra_info=None):
+    return {
+        "score": float(solution_str.strip()[:1] == str(ground_truth)) + 0.1 * len(solution_str.strip()),
+        "from_second_file": float(data_source == "second"),
+        "has_index": float(isinstance(extra_info, dict) and "index" in extra_info),
+    }
+"""
+"""A reward file as verl users have it (verl's signature), copied unchanged."""
+
+
+def verl_rows(source: str, tasks: list[tuple[str, str]], system: str | None = None) -> list[dict]:
+    """Toy prompts as rows of a verl dataset: chat messages, ``data_source``, the answer under
+    ``reward_model.ground_truth``, ``extra_info``."""
+    rows = []
+    for index, (question, answer) in enumerate(tasks):
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
+        rows.append({"prompt": messages, "data_source": source, "reward_model": {"ground_truth": answer, "style": "rule"}, "extra_info": {"index": index}})
+    return rows
+
+
 @pytest.mark.multirank
-def test_ppo_with_a_critic_and_token_budget_micro_batches_trains_both(tmp_path):
-    # The run's length in epochs: 8 prompts, 16 samples / 4 per prompt = 4 prompts a step -> 2 steps.
+def test_ppo_from_the_bundled_config_on_verl_data_mixed_truncated_and_counted_in_epochs(tmp_path):
+    # dense_ppo.yaml with its warm-up of 5 optimizer steps, in a run of 4: warmed up over all 4.
+    first = write_jsonl(tmp_path / "first.jsonl", verl_rows("first", [("max 1 5 3", "5"), ("max 7 2 4", "7"), ("min 3 8 6", "3"), ("max 2 9 1", "9")]))
+    long_system = "You answer with one digit and nothing else. " * 3
+    second = write_jsonl(tmp_path / "second.jsonl", verl_rows("second", [(f"max {a} {b} {c}", str(max(a, b, c))) for a, b, c in [(1, 2, 3), (4, 6, 5), (9, 8, 7), (3, 1, 2), (5, 5, 6), (2, 7, 4)]], long_system))
+    reward = tmp_path / "verl_reward.py"
+    reward.write_text(VERL_REWARD)
+    # 8 prompts (max_samples: the 4 of the first file, then the second's first 4), 16 samples of 4
+    # per prompt a step: one epoch is 2 steps.
     report, rows = train(
         tmp_path,
         "ppo",
         [
-            "model.path=bundled:tiny-dense", "algorithm.advantage_estimator=gae", "algorithm.lam=0.95",
-            "train.steps=null", "train.total_epochs=1", "data.max_samples=8",
+            "train.lr_warmup_steps=5", "train.steps=null", "train.total_epochs=1", "data.max_samples=8",
+            f"data.train_files=[{first}, {second}]", "data.train_file_weights=[1, 1]", "data.answer_key=reward_model.ground_truth",
+            "data.filter_overlong_prompts=false", "data.truncation=left", "data.val_files=[]",
+            "reward.type=function", f"reward.function={reward}:compute_score",
             "critic.optimizer.lr=1e-3", "train.dynamic_batch=true", "train.max_tokens_per_micro_batch=64",
         ],
+        config=["--config", str(REPO / "configs" / "dense_ppo.yaml")],
     )
-    assert report["completed"] and len(rows) == 2
+    assert report["completed"] and report["steps"] == 2 and len(rows) == 2
     assert_finite(rows)
     for name in ("critic/loss", "critic/value_error", "critic/grad_norm", "policy/loss"):
         assert name in rows[0]
     assert rows[1]["critic/grad_norm"] > 0
+    prompts = report["prompts"]
+    assert prompts["files"] == [0, 0, 0, 0, 1, 1, 1, 1] and prompts["truncated"] == 4 and max(prompts["lengths"]) == 32
+    # verl's signature got the row's data_source and extra_info; both files were drawn from.
+    assert all(row["reward/failures"] == 0 and row["reward/has_index"] == 1.0 for row in rows)
+    assert 0 < sum(row["reward/from_second_file"] for row in rows) < 2
 
 
 @pytest.mark.cpu

@@ -85,6 +85,12 @@ def main(argv=None) -> None:
         if first:
             report["engine_restarts"] = run.engines.restarts
             report["run_dir"] = str(run.run_dir)
+            report["steps"] = run.config.train.steps
+            report["prompts"] = {
+                "files": [prompt.file_index for prompt in run.train_set.prompts],
+                "truncated": run.train_set.num_truncated,
+                "lengths": [len(prompt.prompt_ids) for prompt in run.train_set.prompts],
+            }
             with open(args.report, "w") as handle:
                 json.dump(report, handle)
         run.close()
