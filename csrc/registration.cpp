@@ -9,7 +9,7 @@
 namespace megarl {
 
 // Whether the CUDA copy kernels were compiled in (a CUDA toolkit and a CUDA build of torch were
-// both present at build time). Tests and the weight stream use it to pick the execution path.
+// both present at build time). Tests read it; the copy op itself dispatches on its tensors' device.
 bool built_with_cuda() {
 #ifdef MEGARL_WITH_CUDA
   return true;

@@ -115,10 +115,9 @@ class ModelConfig:
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     """Parameter and compute dtype. fp32 keeps CPU runs exact; bf16 is the GPU choice
     (slime: --bf16 / --fp16)."""
-    attention_backend: Literal["auto", "torch", "te", "flash"] = "auto"
+    attention_backend: Literal["auto", "torch", "te"] = "auto"
     """Layer implementation: Transformer Engine specs (``te``), the portable torch specs with SDPA
-    (``torch``), the portable specs with flash-attn kernels (``flash``, CUDA), or TE when it imports,
-    else torch (``auto``) (OpenRLHF: --attn_implementation)."""
+    (``torch``), or TE when it imports, else torch (``auto``) (OpenRLHF: --attn_implementation)."""
     recompute: Literal["none", "selective", "full"] = "none"
     """Activation recomputation granularity (Megatron/slime: --recompute-granularity; verl:
     enable_gradient_checkpointing)."""

@@ -40,7 +40,7 @@ def check_run(config: Config, world_size: int) -> list[str]:
         from megarl.trainer.checkpoint import CheckpointError, resolve_resume
 
         try:
-            resolve_resume(config.checkpoint.resume, config.resolved_checkpoint_dir())
+            resolve_resume(config.checkpoint.resume, config.resolved_checkpoint_dir(), set_aside=False)
         except CheckpointError as error:
             problems.append(str(error))
     return problems

@@ -30,10 +30,12 @@ What the caller must know:
   full responses: with context parallelism a rank holds a shard of each response, so compute Z
   before sharding and all-reduce it over data-parallel ranks only, and pass each response's full
   ``sequence_lengths`` to :func:`aggregate_loss` for ``seq-mean-token-mean``.
-- The identity above is a *sum* over micro-batches and ranks. Megatron's schedule divides a
-  ``(loss, metrics)`` loss by the number of micro-batches (and multiplies it by the
-  context-parallel size), and its DDP averages gradients over data x context ranks: multiply this
-  loss by ``num_microbatches * data_parallel_size`` before returning it to Megatron.
+- The identity above is a *sum* over micro-batches and ranks. megarl builds its models with
+  Megatron's ``calculate_per_token_loss=True`` and returns ``(loss_sum, count, metrics)`` from each
+  micro-batch (:mod:`megarl.trainer.model`): Megatron then sums over micro-batches and ranks and
+  divides by the total count itself, so no rescaling by the micro-batch or data-parallel count is
+  needed (a ``(loss, metrics)`` loss would be divided by the number of micro-batches and averaged
+  over data x context ranks instead).
 """
 
 from __future__ import annotations

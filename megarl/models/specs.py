@@ -33,6 +33,7 @@ from megatron.core.transformer.transformer_layer import (
     get_transformer_layer_offset,
 )
 
+from megarl.config import ConfigError
 from megarl.models.portable import PortableAttention, PortableNorm
 
 Backend = Literal["te", "torch"]
@@ -40,16 +41,20 @@ Backend = Literal["te", "torch"]
 
 def choose_backend(requested: str, has_transformer_engine: bool) -> Backend:
     """The layer implementation for ``model.attention_backend``: ``te``, ``torch``, or ``auto``
-    (Transformer Engine when it imports, else the portable torch specs)."""
+    (Transformer Engine when it imports, else the portable torch specs).
+
+    Raises:
+        ConfigError: ``te`` where Transformer Engine does not import (bad input: exit code 2).
+    """
     if requested == "auto":
         return "te" if has_transformer_engine else "torch"
     if requested == "te" and not has_transformer_engine:
-        raise ValueError(
+        raise ConfigError(
             "model.attention_backend = 'te' but Transformer Engine does not import here; install "
             "it (pip install -e '.[gpu]' on a CUDA machine) or set model.attention_backend=auto"
         )
     if requested not in ("te", "torch"):
-        raise ValueError(f"model.attention_backend = {requested!r}: expected 'auto', 'te' or 'torch'")
+        raise ConfigError(f"model.attention_backend = {requested!r}: expected 'auto', 'te' or 'torch'")
     return requested
 
 

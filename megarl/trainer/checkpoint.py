@@ -104,7 +104,7 @@ def hf_files(path: str | Path) -> Path:
     return folder
 
 
-def resolve_resume(resume: str, root: str | Path) -> Path | None:
+def resolve_resume(resume: str, root: str | Path, *, set_aside: bool = True) -> Path | None:
     """The checkpoint to resume from, its files checked (:func:`check_checkpoint`). Call it on one
     process only (the first rank): with ``auto`` it may set damaged checkpoints aside.
 
@@ -112,9 +112,9 @@ def resolve_resume(resume: str, root: str | Path) -> Path | None:
         resume: ``"auto"`` (the latest intact committed checkpoint under ``root``, or None when
             there is none), ``"never"``, or the path of a checkpoint directory.
         root: the run's checkpoint directory.
-
-    With ``auto``, a damaged checkpoint newer than the one chosen is renamed
-    ``step_NNNNNNNN.damaged`` (kept, never loaded or pruned), with a warning naming the damage.
+        set_aside: with ``auto``, rename a damaged checkpoint newer than the one chosen
+            ``step_NNNNNNNN.damaged`` (kept, never loaded or pruned), with a warning naming the
+            damage; False only chooses (a check that must change nothing).
 
     Raises:
         CheckpointError: ``resume`` names no committed checkpoint, or a damaged one (the message
@@ -131,7 +131,7 @@ def resolve_resume(resume: str, root: str | Path) -> Path | None:
             except CheckpointError as error:
                 damaged.append((candidate, error))
                 continue
-            for path, error in damaged:
+            for path, error in damaged if set_aside else ():
                 aside = _set_aside(path)
                 log.warning("%s; resuming from the newest intact checkpoint, %s; the damaged one is kept as %s", error, candidate, aside)
             return candidate

@@ -29,8 +29,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("megarl")
 
 DYNAMIC_SAMPLING_ROUNDS = 4
-"""With dynamic sampling a step rolls out at most this many times the rounds a full batch needs
-before it trains on what it has (verl: max_num_gen_batches)."""
+"""With dynamic sampling a step rolls out at most this many times the rounds a full batch needs;
+then it tops the batch up from the groups the filter dropped (verl: max_num_gen_batches)."""
 
 
 ADDITIVE_ROUND_METRICS = ("reward/failures", "reward/timeouts")

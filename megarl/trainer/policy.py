@@ -1,9 +1,12 @@
 """The policy on Megatron: log-probs and entropy of a batch, and the PPO-style update.
 
 Both passes go through Megatron's pipeline schedule on every rank of the layout. On the last
-pipeline stage the output layer's vocab-parallel logits ``[b, s, V/TP]`` go straight into the
-log-prob + entropy kernel (:mod:`megarl.kernels.logprob_entropy`; the torch path on CPU), which
-reduces over the tensor-parallel group without gathering the vocabulary. The logits are divided by
+pipeline stage, with ``train.fused_linear_logprob`` (the default), the output layer hands back the
+last hidden states and :mod:`megarl.kernels.fused_linear_logprob_entropy` computes log-probs and
+entropy from them and the output weight's vocab shard tile by tile, never holding the
+``[tokens, V/TP]`` logits; without it the vocab-parallel logits ``[b, s, V/TP]`` go into
+:mod:`megarl.kernels.logprob_entropy`. Both reduce over the tensor-parallel group without gathering
+the vocabulary (Triton on CUDA, the torch path on CPU). The logits are divided by
 the sampling temperature there, so the trainer's log-probs are those of the distribution the
 engine sampled from.
 

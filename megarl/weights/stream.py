@@ -5,8 +5,11 @@ moves bytes::
 
     stream = WeightStream(chunks, spec, pg_collection, bucket_mb=512, dtype=torch.bfloat16)
     ...
-    for bucket in stream.buckets():          # every rank iterates to the end
-        engines.update_weights(bucket)       # only the destination rank sees buckets
+    buckets = stream.buckets()               # every rank iterates it to the end
+    if rank == 0:
+        engines.update_weights(buckets, version=step + 1)   # the destination consumes the buckets
+    for _ in buckets:                        # the other ranks drive their sends
+        pass
 
 Per bucket, the ranks that hold shards the destination lacks (other tensor-, pipeline- and
 expert-parallel ranks) pack them, cast to the stream's dtype, into one message and send it to the

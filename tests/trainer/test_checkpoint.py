@@ -172,6 +172,7 @@ def test_a_damaged_latest_checkpoint_names_the_intact_one_and_auto_falls_back_to
     assert message.endswith(
         f"the newest intact checkpoint is {older}: resume from it with checkpoint.resume={older}, or start over with checkpoint.resume=never"
     )
+    assert resolve_resume("auto", root, set_aside=False) == older and latest.is_dir() and not caplog.text
     with caplog.at_level(logging.WARNING, logger="megarl"):
         assert resolve_resume("auto", root) == older
     aside = root / "step_00000003.damaged"

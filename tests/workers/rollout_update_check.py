@@ -1,6 +1,6 @@
 """Stream a Megatron model's weights into a running rollout engine, once per transport.
 
-torchrun worker for tests/rollout/test_weight_stream.py. The ranks build the model with Megatron's
+torchrun worker for tests/rollout/test_update_from_stream.py. The ranks build the model with Megatron's
 random initialisation (so its weights differ from the checkpoint the engine started from) and a
 :class:`~megarl.weights.stream.WeightStream` to rank 0, which hands its buckets to
 ``EngineGroup.update_weights``. Before each further transport every parameter is perturbed, so
