@@ -1003,8 +1003,10 @@ def _refuse_duplicate_keys(node: yaml.Node | None, path: Path, prefix: str = "")
     if isinstance(node, yaml.MappingNode):
         first_lines: dict[Any, int] = {}
         for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                continue  # a list or mapping as a key: the typed loading refuses it
             key, line = key_node.value, key_node.start_mark.line + 1
-            if isinstance(key_node, yaml.ScalarNode) and key in first_lines:
+            if key in first_lines:
                 raise ConfigError(
                     f"{path}:{line}: `{prefix}{key}` is given twice (lines {first_lines[key]} and {line}); YAML would keep only "
                     f"the second: merge them into one"

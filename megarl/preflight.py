@@ -46,9 +46,12 @@ def check_run(config: Config, world_size: int) -> list[str]:
     return problems
 
 
-def model_dir_problems(path: str, setting: str, *, tokenizer_dir: str | None = None, needs_tokenizer: bool = True) -> list[str]:
-    """What a HF model directory lacks: config.json (valid JSON), safetensors weights and, when
-    ``needs_tokenizer``, a tokenizer (in ``tokenizer_dir`` when given)."""
+def model_dir_problems(
+    path: str, setting: str, *, tokenizer_dir: str | None = None, needs_tokenizer: bool = True, needs_safetensors: bool = True
+) -> list[str]:
+    """What a HF model directory lacks: config.json (valid JSON), safetensors weights (when
+    ``needs_safetensors``: Megatron reads only those) and, when ``needs_tokenizer``, a tokenizer (in
+    ``tokenizer_dir`` when given)."""
     directory = resolve_model_path(path)
     where = f"{setting} = {path!r}"
     if not directory.is_dir():
@@ -61,7 +64,7 @@ def model_dir_problems(path: str, setting: str, *, tokenizer_dir: str | None = N
         problems.append(f"{where}: {config_file} is missing: a model directory needs the HF config")
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         problems.append(f"{where}: {config_file} is not valid JSON ({error})")
-    if not any(directory.glob("*.safetensors")):
+    if needs_safetensors and not any(directory.glob("*.safetensors")):
         problems.append(f"{where}: {directory} holds no *.safetensors weights (convert .bin weights with transformers' save_pretrained)")
     if needs_tokenizer:
         tokenizer = resolve_model_path(tokenizer_dir) if tokenizer_dir else directory
@@ -104,7 +107,18 @@ def _reward_problems(config: Config) -> list[str]:
         except RewardFunctionError as error:
             return [str(error)]
     if reward.type == "model":
-        return model_dir_problems(reward.model_path, "reward.model_path")
+        # transformers loads it (.bin weights too); a name that is no directory here may be a
+        # Hub model transformers can find in its cache.
+        if resolve_model_path(reward.model_path).exists():
+            return model_dir_problems(reward.model_path, "reward.model_path", needs_safetensors=False)
+        if not _looks_like_hub_name(reward.model_path):
+            return [f"reward.model_path = {reward.model_path!r} does not exist: give a HF sequence-classification model directory"]
     if reward.type == "remote" and not reward.url.startswith(("http://", "https://")):
         return [f"reward.url = {reward.url!r} must be an http:// or https:// URL"]
     return []
+
+
+def _looks_like_hub_name(name: str) -> bool:
+    """``organisation/model``: how the Hugging Face Hub names models."""
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~")) and ":" not in name

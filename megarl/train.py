@@ -68,7 +68,7 @@ def train(config: Config) -> int:
     from megarl.models.loader import CheckpointError as ModelError
     from megarl.rewards.pool import RewardError
     from megarl.rollout.errors import EngineError
-    from megarl.trainer.checkpoint import CheckpointError, committed_checkpoints
+    from megarl.trainer.checkpoint import CheckpointError
     from megarl.trainer.loop import Interrupted, TrainingStopped, fit
     from megarl.trainer.run import setup
 
@@ -78,23 +78,27 @@ def train(config: Config) -> int:
         # Bad input, named by the message: nothing was trained, nothing saved is touched.
         return refuse(PROGRAM, error)
     except KeyboardInterrupt:
-        return report(PROGRAM, ["interrupted before training started; nothing saved was changed"], INTERRUPTED_EXIT_CODE)
+        return report(PROGRAM, ["interrupted before training started"], INTERRUPTED_EXIT_CODE)
     try:
         fit(run)
     except Interrupted as interrupted:
-        saved = committed_checkpoints(run.checkpoint_dir)
-        where = (
-            f"the last checkpoint is {saved[-1]}: run the same command to go on from it (checkpoint.resume=auto)"
-            if saved
-            else "no checkpoint was saved yet (checkpoint.save_every): the same command starts over"
-        )
-        return report(PROGRAM, [f"interrupted at step {interrupted.step}; {where}"], INTERRUPTED_EXIT_CODE)
+        return report(PROGRAM, [f"{interrupted}; {_where_to_go_on(run)}"], INTERRUPTED_EXIT_CODE)
     except (TrainingStopped, EngineError, RewardError) as error:
         # The run cannot go on; its checkpoints up to the last save are kept.
         return report(PROGRAM, [f"stopped: {error}"], STOPPED_EXIT_CODE)
     finally:
         run.close()
     return 0
+
+
+def _where_to_go_on(run) -> str:
+    """The checkpoint an interrupted run goes on from, and the setting that does it."""
+    saved, resume = run.last_checkpoint, run.config.checkpoint.resume
+    if saved is None:
+        return f"no checkpoint of this run was saved (checkpoint.save_every = {run.config.checkpoint.save_every}): it would start over"
+    if resume == "auto":
+        return f"the last checkpoint is {saved}: run the same command to go on from it (checkpoint.resume=auto)"
+    return f"the last checkpoint is {saved}: go on from it with checkpoint.resume=auto (or checkpoint.resume={saved})"
 
 
 if __name__ == "__main__":

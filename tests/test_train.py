@@ -302,7 +302,7 @@ def test_ctrl_c_names_the_last_checkpoint_a_failed_start_keeps_the_config_and_th
     interrupted = launch_readme_command(run_dir, [*overrides, "train.steps=40"], interrupt_when=lambda: (checkpoints / "step_00000001").is_dir())
     output = interrupted.stdout + interrupted.stderr
     (line,) = [line for line in output.splitlines() if line.startswith("megarl.train:")]
-    match = re.fullmatch(rf"megarl\.train: interrupted at step (\d+); the last checkpoint is {checkpoints}/step_(\d+): run the same command to go on from it \(checkpoint\.resume=auto\)", line)
+    match = re.fullmatch(rf"megarl\.train: interrupted during step (\d+); the last checkpoint is {checkpoints}/step_(\d+): run the same command to go on from it \(checkpoint\.resume=auto\)", line)
     assert match, output[-5000:]
     step, saved = int(match.group(1)), int(match.group(2))
     # Interrupted in step `step`: before its checkpoint (saved is the step before) or just after it.

@@ -106,8 +106,12 @@ def _read_rows(path: Path) -> Iterator[tuple[str, Any]]:
     if not path.is_file():
         raise DataError(f"{path} does not exist")
     if suffix == ".jsonl":
-        with path.open(encoding="utf-8") as file:
-            for number, line in enumerate(file, start=1):
+        with path.open("rb") as file:
+            for number, raw in enumerate(file, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as error:
+                    raise DataError(f"{path}:{number}: not UTF-8 ({error.reason} at byte {error.start}): save the file as UTF-8") from None
                 if not line.strip():
                     continue
                 try:
@@ -119,6 +123,8 @@ def _read_rows(path: Path) -> Iterator[tuple[str, Any]]:
     if suffix == ".json":
         try:
             rows = json.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as error:
+            raise DataError(f"{path}: not UTF-8 ({error.reason} at byte {error.start}): save the file as UTF-8") from None
         except json.JSONDecodeError as error:
             hint = "; a file with one row per line must be named .jsonl" if error.msg == "Extra data" else ""
             raise DataError(f"{path}:{error.lineno}: not valid JSON ({error.msg}, column {error.colno}){hint}") from None

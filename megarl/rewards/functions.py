@@ -32,6 +32,7 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import re
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -109,11 +110,15 @@ def load_function(spec: str) -> RewardFunction:
         raise RewardFunctionError(f"{where}: {path} does not exist{relative}")
     module_spec = importlib.util.spec_from_file_location(f"megarl_user_reward_{path.stem}", path)
     module = importlib.util.module_from_spec(module_spec)
+    # Registered while it runs, as an import would: dataclasses and pickling look modules up there.
+    sys.modules[module_spec.name] = module
     try:
         module_spec.loader.exec_module(module)
     except SyntaxError as error:
+        del sys.modules[module_spec.name]
         raise RewardFunctionError(f"{where}: {error.filename}:{error.lineno}: syntax error: {error.msg}") from None
     except Exception as error:  # noqa: BLE001 - whatever the user's module raises on import
+        del sys.modules[module_spec.name]
         raise RewardFunctionError(f"{where}: importing {path} failed: {type(error).__name__}: {error}") from None
     function = getattr(module, name, None)
     if function is None:
@@ -164,41 +169,46 @@ def calling_convention(function: RewardFunction, spec: str, batched: bool) -> st
     )
 
 
-def _verl_arguments(function: RewardFunction, names: tuple[str, ...]) -> tuple[str, ...]:
-    """Of verl's argument names, those ``function`` accepts (older verl functions lack extra_info)."""
-    parameters = inspect.signature(function).parameters
+def _accepted(function: RewardFunction) -> Callable[[str], bool]:
+    """Whether ``function`` takes a keyword argument of a name: any with ``**kwargs``, else its
+    named parameters (a function without ``**row`` is not handed the row's other fields)."""
+    try:
+        parameters = inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        return lambda name: True
     if any(parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter in parameters.values()):
-        return names
-    return tuple(name for name in names if name in parameters)
+        return lambda name: True
+    return lambda name: name in parameters
 
 
 def batch_caller(function: RewardFunction, convention: str, batched: bool) -> Callable[[list[dict]], list]:
     """``function`` as ``score(samples) -> values``: one value per sample (each sample the keyword
-    arguments of megarl's signature: prompt, response, answer and the row's fields)."""
+    arguments of megarl's signature: prompt, response, answer and the row's fields), each call given
+    only the arguments the function takes."""
     if convention == "verl":
-        names = _verl_arguments(function, _VERL_BATCH_ARGUMENTS if batched else _VERL_ARGUMENTS)
+        takes = _accepted(function)
 
         def verl_arguments(sample: dict) -> dict:
-            values = {
+            return {
                 "data_source": sample.get("data_source"), "solution_str": sample["response"],
                 "ground_truth": sample["answer"], "extra_info": sample.get("extra_info"),
             }
-            return dict(zip(_VERL_ARGUMENTS, (values[name] for name in _VERL_ARGUMENTS)))
 
         if batched:
             def call(samples):
                 columns = [verl_arguments(sample) for sample in samples]
-                return function(**{plural: [column[single] for column in columns] for single, plural in zip(_VERL_ARGUMENTS, _VERL_BATCH_ARGUMENTS) if plural in names})
+                return function(**{plural: [column[single] for column in columns] for single, plural in zip(_VERL_ARGUMENTS, _VERL_BATCH_ARGUMENTS) if takes(plural)})
         else:
             def call(samples):
-                return [function(**{name: value for name, value in verl_arguments(sample).items() if name in names}) for sample in samples]
+                return [function(**{name: value for name, value in verl_arguments(sample).items() if takes(name)}) for sample in samples]
         return call
+    takes = _accepted(function)
     if batched:
         def call(samples):
-            keys = list(dict.fromkeys(key for sample in samples for key in sample))
+            keys = [key for key in dict.fromkeys(key for sample in samples for key in sample) if takes(key)]
             return function(**{key: [sample.get(key) for sample in samples] for key in keys})
         return call
-    return lambda samples: [function(**sample) for sample in samples]
+    return lambda samples: [function(**{key: value for key, value in sample.items() if takes(key)}) for sample in samples]
 
 
 def reward_model(path: str) -> RewardFunction:
@@ -207,6 +217,9 @@ def reward_model(path: str) -> RewardFunction:
     import torch
     import transformers
 
+    from megarl.config import resolve_model_path
+
+    path = str(resolve_model_path(path))
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     model = transformers.AutoModelForSequenceClassification.from_pretrained(path).eval()
 

@@ -64,10 +64,12 @@ def _worker(kind: str, target: str, batched: bool, tasks, results) -> None:
         task_id, samples = task
         try:
             values = score(samples)
-            if not isinstance(values, (list, tuple)) or len(values) != len(samples):
-                got = f"{len(values)} values" if isinstance(values, (list, tuple)) else f"a {type(values).__name__}"
+            sequence = hasattr(values, "__len__") and hasattr(values, "__iter__") and not isinstance(values, (str, bytes, dict))
+            if not sequence or len(values) != len(samples):
+                got = f"{len(values)} values" if sequence else f"a {type(values).__name__}"
                 raise TypeError(f"a batched reward function must return a list of {len(samples)} scores; got {got}")
-            results.put((task_id, "ok", list(values)))
+            # Plain Python numbers: a numpy array or tensor (as verl's batch manager accepts) too.
+            results.put((task_id, "ok", [value.item() if hasattr(value, "item") else value for value in values]))
         except Exception:  # noqa: BLE001 - any error in user code scores 0
             results.put((task_id, "error", traceback.format_exc(limit=5)))
 
@@ -221,7 +223,9 @@ def as_score(value: Any) -> tuple[float, dict[str, float]]:
     if isinstance(value, dict):
         if "score" not in value:
             raise ValueError(f"a reward dict must have a 'score' key; got keys {sorted(value)}")
-        extra = {key: float(number) for key, number in value.items() if key != "score"}
+        # Numbers (bools too) become metrics; other values (verl's math_dapo returns the parsed
+        # prediction as a string) are the function's own business and are dropped.
+        extra = {key: float(number) for key, number in value.items() if key != "score" and isinstance(number, numbers.Real)}
         score = value["score"]
     elif isinstance(value, numbers.Real) and not isinstance(value, bool):
         score, extra = value, {}

@@ -67,8 +67,12 @@ def committed_checkpoints(root: str | Path) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _COMMITTED.match(p.name))]
+    found = [(_step_of(p), p) for p in root.iterdir() if p.is_dir() and _COMMITTED.match(p.name)]
     return [path for _, path in sorted(found)]
+
+
+def _step_of(path: Path) -> int:
+    return int(_COMMITTED.match(path.name).group(1))
 
 
 def committed_checkpoint(path: str | Path) -> Path:
@@ -138,7 +142,7 @@ def resolve_resume(resume: str, root: str | Path, *, set_aside: bool = True) -> 
         if damaged:
             raise CheckpointError(
                 f"{damaged[0][1]}; no checkpoint under {root} is intact ({len(damaged)} damaged): "
-                f"start over with checkpoint.resume=never, or restore the files"
+                f"start over with checkpoint.resume=never (the damaged ones are set aside at the first save), or restore the files"
             )
         return None
     path = Path(resume)
@@ -293,6 +297,10 @@ def save_checkpoint(
 ) -> Path:
     """Save a checkpoint atomically and keep the last ``keep_last`` committed ones. Collective.
 
+    Committed checkpoints of later steps (from a run this one replaced) are renamed
+    ``step_NNNNNNNN.superseded-<unix time>`` when this one commits, so that ``resume=auto`` never
+    goes back to them and ``keep_last`` does not count them.
+
     Args:
         root: the run's checkpoint directory (shared by all ranks).
         step: the training step the checkpoint follows.
@@ -345,6 +353,11 @@ def save_checkpoint(
         if final.exists():
             # Re-saving a step replaces it; the rename below is the commit point.
             shutil.rmtree(final)
+        # Later steps come from a run this one replaced (started over, or resumed from an earlier
+        # checkpoint): kept aside, never loaded, never counted by keep_last.
+        for later in committed_checkpoints(root):
+            if _step_of(later) > step:
+                later.rename(later.with_name(f"{later.name}.superseded-{int(time.time())}"))
         temporary.rename(final)
         for old in committed_checkpoints(root)[:-keep_last]:
             shutil.rmtree(old)

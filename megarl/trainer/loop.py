@@ -41,11 +41,11 @@ class TrainingStopped(RuntimeError):
 
 
 class Interrupted(Exception):
-    """Ctrl-C (SIGINT) while the steps ran: ``step`` was under way and none of it is saved."""
+    """Ctrl-C (SIGINT) while the steps ran (``during``: "step N", or "the HF export")."""
 
-    def __init__(self, step: int):
-        super().__init__(f"interrupted at step {step}")
-        self.step = step
+    def __init__(self, during: str):
+        super().__init__(f"interrupted during {during}")
+        self.during = during
 
 
 def on_first_rank(run: Run, work) -> object:
@@ -282,7 +282,7 @@ def fit(run: Run) -> None:
     run resumed at step N), so that a start that fails leaves the record of the last run as it was.
 
     Raises:
-        Interrupted: on Ctrl-C, naming the step under way.
+        Interrupted: on Ctrl-C, naming the step under way (or the final export).
     """
     config = run.config
     if run.start_step >= config.train.steps:
@@ -316,6 +316,9 @@ def fit(run: Run) -> None:
                 progress.update(1)
                 progress.set_postfix({"reward": f"{metrics['reward/mean']:.3f}"})
     except KeyboardInterrupt:
-        raise Interrupted(step) from None
+        raise Interrupted(f"step {step}") from None
     if config.checkpoint.save_hf:
-        log.info("exported the final policy to %s", run.export_hf())
+        try:
+            log.info("exported the final policy to %s", run.export_hf())
+        except KeyboardInterrupt:
+            raise Interrupted("the HF export after the last step (the run itself is complete)") from None

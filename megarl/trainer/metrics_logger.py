@@ -71,7 +71,7 @@ class MetricsLogger:
 
     @property
     def _wandb_enabled(self) -> bool:
-        return self.config.logging.wandb and self.config.logging.wandb_mode != "disabled"
+        return wandb_enabled(self.config)
 
     def start(self, start_step: int) -> None:
         """Open the sinks for a run that goes on at ``start_step`` (0: a new run), dropping what
@@ -138,11 +138,15 @@ class MetricsLogger:
             self._wandb = None
 
 
+def wandb_enabled(config: Config) -> bool:
+    """W&B asked for and not disabled by its mode."""
+    return config.logging.wandb and config.logging.wandb_mode != "disabled"
+
+
 def sink_problems(config: Config) -> list[str]:
     """The optional packages the ``logging`` section asks for that are not installed, one line each
     (found without importing them)."""
-    logging_config = config.logging
-    wanted = {"tensorboard": logging_config.tensorboard, "wandb": logging_config.wandb and logging_config.wandb_mode != "disabled"}
+    wanted = {"tensorboard": config.logging.tensorboard, "wandb": wandb_enabled(config)}
     return [
         f"`logging.{package}` is true but the {package} package is not installed: pip install {package}, or set logging.{package}=false"
         for package, asked in wanted.items()

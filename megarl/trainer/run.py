@@ -79,6 +79,8 @@ class Run:
     kl_controller: Any
     reward_moments: RunningMoments
     start_step: int = 0
+    last_checkpoint: Path | None = None
+    """The newest checkpoint of this run: the one it resumed from, then each it saves."""
     reward_failure_shown: bool = False
     """Whether the first sample that failed to score has been shown (once per run)."""
 
@@ -120,7 +122,7 @@ class Run:
 
     def save(self, step: int) -> Path:
         """Save a checkpoint after ``step`` (collective)."""
-        return checkpoint.save_checkpoint(
+        self.last_checkpoint = checkpoint.save_checkpoint(
             self.checkpoint_dir,
             step,
             self.policy.model.models,
@@ -132,6 +134,7 @@ class Run:
             keep_last=self.config.checkpoint.keep_last,
             extra_models=self._extra_models(),
         )
+        return self.last_checkpoint
 
     def export_hf(self) -> Path:
         """Write the policy as a HF model directory, ``<run_dir>/hf`` (collective)."""
@@ -233,7 +236,7 @@ def setup(config: Config) -> Run:
         transformer_overrides=_transformer_overrides(config),
     )
     warning = train.warmup_clamped()
-    if warning:
+    if warning and first:
         log.warning(warning)
     policy_model = TrainModel.build(str(model_dir), config.parallel, pgs, train, optimizer_config=train.optimizer, **common)
     algorithm = config.algorithm
@@ -293,6 +296,7 @@ def setup(config: Config) -> Run:
             )
             run.load_train_state(state)
             run.start_step = state["step"] + 1
+            run.last_checkpoint = resume_from
             # The engines start from the HF weights; give them the restored policy (the version the
             # step after the checkpoint's would have synced).
             run.sync_weights(version=state["step"] + 1)

@@ -364,3 +364,14 @@ def test_validation_pass_serves_every_row_in_order(tokenizer):
     assert [len(batch) for batch in batches] == [64, 64, 64, 8]
     assert [prompt.source for batch in batches for prompt in batch] == [prompt.source for prompt in dataset.prompts]
     assert dataset.prompts[-1].source.endswith("val.jsonl:200")
+
+
+def test_a_file_that_is_not_utf8_is_named_with_its_line(tmp_path, tokenizer):
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes('{"prompt": "max 1 2 3", "answer": "3"}\n{"prompt": "caf\u00e9", "answer": "1"}\n'.encode("latin-1"))
+    with pytest.raises(DataError, match=rf"^{latin}:2: not UTF-8 \(invalid continuation byte at byte \d+\): save the file as UTF-8$"):
+        load_prompts(config_for(latin), tokenizer)
+    as_json = tmp_path / "latin.json"
+    as_json.write_bytes('[{"prompt": "caf\u00e9", "answer": "1"}]'.encode("latin-1"))
+    with pytest.raises(DataError, match="latin.json: not UTF-8"):
+        load_prompts(config_for(as_json), tokenizer)

@@ -63,3 +63,19 @@ def batched_wrong_length(prompt, response, answer, **row):
 
 def two_arguments(x, y):
     return 1.0
+
+
+def no_row(prompt, response, answer):
+    """megarl's arguments without **row: the row's other fields are not passed."""
+    return float(response == answer)
+
+
+def verl_with_text_extras(data_source, solution_str, ground_truth, extra_info=None):
+    """Like verl's math_dapo: extra values that are not numbers."""
+    return {"score": 1.0, "acc": True, "pred": "[INVALID]", "none": None}
+
+
+def batched_numpy(data_sources, solution_strs, ground_truths, extra_infos):
+    import numpy
+
+    return numpy.ones(len(solution_strs)) * 0.5

@@ -119,6 +119,26 @@ def test_verl_signatures_work_unchanged():
         assert rewards.score(verl_samples(("4", "4"), ("5", "4"), ("6", "6"))).scores == [1.0, 0.0, 1.0]
 
 
+def test_each_function_gets_only_the_arguments_it_takes():
+    with pool("no_row") as rewards:
+        batch = rewards.score(verl_samples(("4", "4"), ("5", "4")))
+    assert batch.scores == [1.0, 0.0] and batch.failures == 0
+    with pool("verl_with_text_extras") as rewards:
+        batch = rewards.score(verl_samples(("4", "4")))
+    assert batch.scores == [1.0] and batch.extras == {"acc": 1.0}
+    with pool("batched_numpy", batched=True) as rewards:
+        assert rewards.score(verl_samples(("4", "4"), ("5", "4"), ("6", "6"))).scores == [0.5, 0.5, 0.5]
+
+
+def test_a_reward_file_with_dataclasses_loads(tmp_path):
+    path = tmp_path / "typed.py"
+    path.write_text(
+        "from __future__ import annotations\nimport dataclasses\n\n@dataclasses.dataclass\nclass Verdict:\n    score: float\n\n"
+        "def reward(prompt, response, answer, **row):\n    return Verdict(1.0).score\n"
+    )
+    assert load_function(f"{path}:reward")("p", "r", "a") == 1.0
+
+
 def test_a_batched_function_scores_lists_split_over_the_workers():
     rows = [{"prompt": "p", "response": r, "answer": "a", "level": level} for r, level in [("a", "easy"), ("b", "hard"), ("a", "hard"), ("c", "easy"), ("a", "easy")]]
     with pool("batched", batched=True) as rewards:

@@ -108,6 +108,28 @@ def test_keep_last_deletes_only_after_commit(jobs):
     assert [path.name for path in committed_checkpoints(root)] == ["step_00000002", "step_00000003"]
 
 
+def superseded_jobs(directory):
+    case = directory / "superseded"
+    return [
+        checkpoint_job(f"{case} step {step}", "ep2", "save", root=str(case / "checkpoints"), export=str(case / f"step{step}-{index}.pt"), step=step)
+        for index, step in enumerate((2, 3, 1))
+    ]
+
+
+@pytest.mark.multirank
+@pytest.mark.jobs(planner=superseded_jobs)
+def test_a_run_that_saves_an_earlier_step_sets_the_later_checkpoints_aside(jobs):
+    # Steps 2 and 3 of a run, then a run started over saves step 1: resume=auto must take step 1,
+    # keep_last (2) must not count the old run's, and nothing of it is deleted.
+    saves = superseded_jobs(jobs.directory)
+    for save in saves:
+        jobs.report(save.name)
+    root = Path(saves[0].checks["save"]["root"])
+    assert committed_checkpoints(root) == [root / "step_00000001"] and resolve_resume("auto", root) == root / "step_00000001"
+    aside = sorted(path.name.split(".")[0] for path in root.iterdir() if ".superseded-" in path.name)
+    assert aside == ["step_00000002", "step_00000003"]
+
+
 @pytest.mark.cpu
 def test_resume_modes(tmp_path):
     root = tmp_path / "checkpoints"
