@@ -367,8 +367,8 @@ class AlgorithmConfig:
     """PPO clip above 1: the ratio is kept <= 1 + clip_ratio_high; above clip_ratio_low it is DAPO's
     clip-higher (verl: actor.clip_ratio_high, slime: --eps-clip-high)."""
     clip_ratio_c: Optional[float] = None
-    """Dual-clip bound (> 1, e.g. 3.0) for negative advantages; null disables it (verl:
-    actor.clip_ratio_c, slime: --eps-clip-c)."""
+    """Dual-clip bound (> 1, e.g. 3.0) for negative advantages; null disables it. Off by default,
+    where verl's is on at 3.0: set 3.0 to match verl (verl: actor.clip_ratio_c, slime: --eps-clip-c)."""
     loss_agg_mode: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
     """How per-token losses become one number (verl: actor.loss_agg_mode)."""
     entropy_coeff: float = 0.0

@@ -21,8 +21,10 @@ Z is additive over responses, so :func:`normalizer` of each rank's share of the 
 its micro-batches) summed over data-parallel ranks (an all-reduce) is the global Z. A response
 whose mask is all 0 (filtered out) counts in no denominator.
 
-Departure: ``seq-mean-token-sum-norm`` divides by S * L, Dr. GRPO's (1/G) sum_i (1/L) sum_t; verl
-divides by L only, which makes the loss (and the learning rate's effect) grow with the batch size.
+``seq-mean-token-sum-norm`` divides by S * L, Dr. GRPO's (1/G) sum_i (1/L) sum_t, as verl 0.9
+does. The one difference is L: megarl's is ``data.max_response_length``, a constant over the run
+as Dr. GRPO means it; verl's default is the width of the batch's response mask (its padded
+response length), which can change from step to step.
 
 What the caller must know:
 

@@ -157,7 +157,8 @@ class AdaptiveKLController:
         """beta <- beta (1 + clip(current_kl / target - 1, -0.2, 0.2) n_steps / horizon).
 
         Args:
-            current_kl: the mean KL observed in the step.
+            current_kl: the KL observed in the step: the mean over responses of each response's
+                mean KL, as verl feeds its controller.
             n_steps: the number of samples in the step.
         """
         error = min(max(current_kl / self.target - 1.0, -ADAPTIVE_ERROR_LIMIT), ADAPTIVE_ERROR_LIMIT)

@@ -22,8 +22,9 @@ weights). With r_t = pi(a_t) / pi_old(a_t) and A_t the advantage:
   importance weight scales the REINFORCE gradient and never zeroes it. The paper clips only above
   (pass clip_ratio_low close to 1 for that); a dual clip has no meaning here and is refused.
 
-The log importance ratio is clamped to [-20, 20] before exp, as verl does, so one token cannot
-overflow the loss.
+Before exp, as verl 0.9 does: the token log-ratio (ppo, cispo) is clamped to [-20, 20]; GSPO's
+log-ratio sg(log s_i) + log pi_t - sg(log pi_t) is clamped above at 10 only (no gradient past
+it), so one response cannot overflow the loss.
 
 Metrics are detached 0-d tensors, means over valid tokens: ``clip_fraction_low`` (A < 0 and the
 ratio is clipped at 1 - eps_low: no gradient), ``clip_fraction_high`` (A > 0, clipped at
@@ -40,6 +41,9 @@ from megarl.algorithms.registry import Registry
 
 LOG_RATIO_LIMIT = 20.0
 """Bound on |log pi - log pi_old| before exp (verl's value): exp(20) is 5e8, far past any clip."""
+
+GSPO_LOG_RATIO_MAX = 10.0
+"""Upper bound on GSPO's log-ratio before exp (verl's value; verl sets no lower bound)."""
 
 POLICY_LOSSES: Registry = Registry("policy loss")
 register_policy_loss = POLICY_LOSSES.register
@@ -157,9 +161,9 @@ def gspo(
         ``(per_token_loss [B, T], metrics)``.
     """
     mask = response_mask.bool()
-    sequence = sequence_log_ratio(log_probs, old_log_probs, response_mask).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
+    sequence = sequence_log_ratio(log_probs, old_log_probs, response_mask)
     valid_log_probs = torch.where(mask, log_probs, 0.0)
-    ratio = torch.exp(sequence.detach()[:, None] + valid_log_probs - valid_log_probs.detach())
+    ratio = torch.exp((sequence.detach()[:, None] + valid_log_probs - valid_log_probs.detach()).clamp(max=GSPO_LOG_RATIO_MAX))
     advantages = torch.where(mask, advantages, 0.0)
     loss, metrics = _clipped_surrogate(ratio, advantages, response_mask, clip_ratio_low, clip_ratio_high, clip_ratio_c)
     token_log_ratio = _token_log_ratio(log_probs, old_log_probs, response_mask)

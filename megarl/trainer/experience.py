@@ -22,7 +22,6 @@ import torch
 
 from megarl.algorithms.advantages import compute_advantages as run_estimator
 from megarl.algorithms.advantages import outcome_token_rewards
-from megarl.algorithms.aggregation import masked_mean
 from megarl.algorithms.kl import apply_kl_penalty, estimate_kl
 from megarl.algorithms.mismatch import icepop_weights, mismatch_metrics, tis_weights
 from megarl.algorithms.shaping import RunningMoments, clip_rewards, normalize_rewards, overlong_filter, overlong_penalty
@@ -94,7 +93,9 @@ def compute_advantages(batch: TrainBatch, scores: torch.Tensor, config: Config, 
         values = batch.token_values
         kl = estimate_kl(algorithm.kl_estimator, values["old_log_probs"], values["ref_log_probs"], mask)
         token_rewards = apply_kl_penalty(token_rewards, kl, mask, kl_controller.value)
-        mean_kl = masked_mean(kl, mask).item()
+        # As verl: the mean over responses of each response's mean KL (not the token mean, which
+        # would weigh long responses more).
+        mean_kl = (torch.where(mask, kl, 0.0).sum(-1) / mask.sum(-1).clamp(min=1)).mean().item()
         metrics.update({"kl/reward_kl": mean_kl, "kl/coefficient": kl_controller.value})
         kl_controller.update(mean_kl, batch.size)
     advantages, returns = run_estimator(

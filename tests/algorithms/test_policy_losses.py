@@ -10,6 +10,7 @@ from algorithm_batches import response_mask, valid_cells, with_garbage
 
 from megarl.algorithms.aggregation import MODES, aggregate_loss, normalizer
 from megarl.algorithms.policy_losses import (
+    GSPO_LOG_RATIO_MAX,
     LOG_RATIO_LIMIT,
     POLICY_LOSSES,
     entropy_bonus,
@@ -75,14 +76,17 @@ def reference(name, inputs, settings):
             flags[i, t] = (token_ratio < 1 - low, token_ratio > 1 + high, False)
             ratios[i, t] = token_ratio
             continue
+        capped = False
         if name == "gspo":
             row = [log_probs[i][s] - old[i][s] for s in range(HORIZON) if mask[i][s]]
-            ratio = math.exp(sum(row) / len(row))
+            capped = sum(row) / len(row) > GSPO_LOG_RATIO_MAX
+            ratio = math.exp(min(sum(row) / len(row), GSPO_LOG_RATIO_MAX))
         else:
             ratio = token_ratio
         loss, d_ratio, clipped_low, clipped_high, dual = surrogate_reference(ratio, a, low, high, c)
-        # d ratio / d log pi_t = ratio (ppo: r = exp(log pi - log pi_old); gspo-token: sg(s) pi / sg(pi)).
-        losses[i, t], gradients[i, t] = loss, d_ratio * ratio
+        # d ratio / d log pi_t = ratio (ppo: r = exp(log pi - log pi_old); gspo-token: sg(s) pi / sg(pi)),
+        # 0 where GSPO's log-ratio is capped.
+        losses[i, t], gradients[i, t] = loss, 0.0 if capped else d_ratio * ratio
         flags[i, t] = (clipped_low, clipped_high, dual)
         ratios[i, t] = ratio
     token_ratios = {(i, t): math.exp(log_probs[i][t] - old[i][t]) for i, t in cells}
@@ -161,6 +165,24 @@ def test_gspo_token_with_seq_mean_token_mean_is_the_sequence_objective():
     clipped = torch.clamp(ratio, 1 - settings["clip_ratio_low"], 1 + settings["clip_ratio_high"])
     torch.maximum(-advantage * ratio, -advantage * clipped).mean().backward()
     assert (token_gradient - inputs["log_probs"].grad).abs().max() <= 1e-6
+
+
+def test_gspo_caps_the_log_ratio_above_at_10_with_no_gradient_and_no_floor_as_verl():
+    inputs = batch(spread=0.1, sequence_advantages=True)
+    mask = inputs["response_mask"]
+    shift = torch.zeros_like(inputs["old_log_probs"])
+    shift[0], shift[1] = -12.0, 30.0  # response 0: log s = +12 (capped); response 1: log s = -30 (kept)
+    inputs["old_log_probs"] = inputs["old_log_probs"] + shift
+    # Response 0 with A < 0 and response 1 with A > 0: in both the unclipped branch is the max.
+    inputs["advantages"] = inputs["advantages"].abs()
+    inputs["advantages"][0] *= -1
+    loss, metrics = policy_loss("gspo", **inputs, clip_ratio_low=0.2, clip_ratio_high=0.2)
+    loss.sum().backward()
+    ratio = torch.exp(sequence_log_ratio(inputs["log_probs"].detach(), inputs["old_log_probs"], mask))
+    valid = mask.bool()
+    assert torch.allclose(loss[0][valid[0]], -inputs["advantages"][0][valid[0]] * math.exp(10.0))
+    assert inputs["log_probs"].grad[0].abs().max() == 0
+    assert torch.allclose(loss[1][valid[1]], -inputs["advantages"][1][valid[1]] * ratio[1], rtol=1e-5, atol=0) and ratio[1] < math.exp(-25)
 
 
 @pytest.mark.parametrize("name", POLICY_LOSSES.names())

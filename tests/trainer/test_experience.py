@@ -55,6 +55,23 @@ def test_kl_penalty_in_the_reward_lowers_the_scores_and_reaches_the_controller()
     assert (batch.token_values["returns"] < without.token_values["returns"])[batch.response_mask].all()
 
 
+def test_the_kl_controller_sees_the_mean_of_per_response_means_as_verl():
+    class Recorder(FixedKLController):
+        def update(self, current_kl, n_steps):
+            self.seen = (current_kl, n_steps)
+
+    config = load_config(None, ["algorithm.use_kl_in_reward=true", "algorithm.advantage_estimator=reinforce_pp", "algorithm.kl_coef=0.5"])
+    batch = make_batch()
+    values, mask = batch.token_values, batch.response_mask
+    # k1 = old - ref: 1 on the first response (1 token), 0 on the others: per-response means
+    # average to 1/8, the token mean would be 1/20.
+    values["old_log_probs"] = values["ref_log_probs"].clone()
+    values["old_log_probs"][0] += 1.0
+    controller = Recorder(0.5)
+    metrics = compute_advantages(batch, SCORES, config, controller)
+    assert mask.sum() == 20 and controller.seen == (pytest.approx(1 / 8), 8) and metrics["kl/reward_kl"] == pytest.approx(1 / 8)
+
+
 def test_shaping_clips_then_penalises_overlong_then_normalises():
     config = load_config(
         None,
