@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 
 from megarl.config import Config, ConfigError, ModelFacts, resolve_data_path, resolve_model_path, validate
-from megarl.trainer.metrics_logger import sink_problems
+from megarl.metrics import sink_problems
 
 _TOKENIZER_FILES = (("tokenizer.json",), ("tokenizer.model",), ("vocab.json", "merges.txt"), ("vocab.txt",))
 """Any one of these sets of files makes a tokenizer transformers can load."""
@@ -37,7 +37,7 @@ def check_run(config: Config, world_size: int) -> list[str]:
     problems += _data_problems(config) + _reward_problems(config) + sink_problems(config)
     if not problems:
         # Last: it imports torch to read the checkpoint's index.
-        from megarl.trainer.checkpoint import CheckpointError, resolve_resume
+        from megarl.checkpoint import CheckpointError, resolve_resume
 
         try:
             resolve_resume(config.checkpoint.resume, config.resolved_checkpoint_dir(), set_aside=False)

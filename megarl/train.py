@@ -68,7 +68,7 @@ def train(config: Config) -> int:
     from megarl.models.loader import CheckpointError as ModelError
     from megarl.rewards.pool import RewardError
     from megarl.rollout.errors import EngineError
-    from megarl.trainer.checkpoint import CheckpointError
+    from megarl.checkpoint import CheckpointError
     from megarl.trainer.loop import Interrupted, TrainingStopped, fit
     from megarl.trainer.run import setup
 

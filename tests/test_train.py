@@ -15,7 +15,7 @@ import pytest
 import yaml
 from safetensors import safe_open
 
-from megarl.trainer.checkpoint import committed_checkpoints
+from megarl.checkpoint import committed_checkpoints
 
 from tests.distributed import REPO, free_port, launch, run_torchrun
 

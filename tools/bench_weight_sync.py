@@ -37,7 +37,7 @@ import torch
 import transformers
 
 from megarl.models.builder import padded_vocab_size
-from megarl.models.family import family_of
+from megarl.models.families import family_of
 from megarl.models.mapping import FusedGateUp, FusedQKV, VocabParallel
 from megarl.weights.bucket import Bucket
 from megarl.weights.copy_plan import SOURCE, execute_copy_plan

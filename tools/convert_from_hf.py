@@ -39,7 +39,8 @@ def main(argv: list[str]) -> int:
     # Light imports: the checks below come before torch.distributed, Megatron and the model.
     from megarl.cli import LAYOUT_FLAGS, is_first_rank, quiet_library_warnings, refuse, world_size
     from megarl.config import ConfigError, ModelFacts, ParallelConfig, layout_errors
-    from megarl.models.family import UnsupportedModel, checked_family
+    from megarl.models.families import checked_family
+    from megarl.models.family import UnsupportedModel
     from megarl.models.loader import CheckpointError, HFCheckpoint, load_hf_config
 
     quiet_library_warnings()

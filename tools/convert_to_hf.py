@@ -42,9 +42,10 @@ def main(argv: list[str]) -> int:
     # Light imports: the checks below come before torch.distributed, Megatron and the model.
     from megarl.cli import LAYOUT_FLAGS, is_first_rank, quiet_library_warnings, refuse, world_size
     from megarl.config import ConfigError, ModelFacts, ParallelConfig, layout_errors
-    from megarl.models.family import UnsupportedModel, checked_family
+    from megarl.models.families import checked_family
+    from megarl.models.family import UnsupportedModel
     from megarl.models.loader import CheckpointError as ModelError, load_hf_config
-    from megarl.trainer.checkpoint import CheckpointError, check_files, committed_checkpoint, hf_files
+    from megarl.checkpoint import CheckpointError, check_files, committed_checkpoint, hf_files
 
     quiet_library_warnings()
     layout = ParallelConfig(tensor=args.tp, pipeline=args.pp, expert=args.ep, sequence_parallel=args.tp > 1)

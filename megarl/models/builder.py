@@ -12,7 +12,8 @@ from megatron.core.pipeline_parallel.utils import is_vp_first_stage, is_vp_last_
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megarl.models.family import checked_family, rope_theta, rotary_inv_freq
+from megarl.models.families import checked_family
+from megarl.models.family import rope_theta, rotary_inv_freq
 from megarl.models.specs import Backend, decoder_block_spec
 from megarl.config import ParallelConfig
 from megarl.platform import current_device

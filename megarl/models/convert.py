@@ -23,7 +23,7 @@ from megarl.config import ParallelConfig
 from megarl.models.builder import build_model, model_spec
 from megarl.models.exporter import export_hf_tensors
 from megarl.models.loader import load_hf_config, load_hf_weights
-from megarl.trainer import checkpoint
+from megarl import checkpoint
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 """HF's own default shard size for ``save_pretrained`` (5 GB)."""

@@ -15,7 +15,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from megarl.models.family import family_of
+from megarl.models.families import family_of
 from megarl.models.loader import local_parameters, tensor_parallel_coordinates
 from megarl.models.mapping import Rule
 from megarl.platform import current_device

@@ -2,12 +2,13 @@
 
 A family is data plus small functions: which HF ``architectures`` it serves, how its HF config maps
 to Megatron's ``TransformerConfig`` fields, which layers are MoE, and the weight mapping rules
-(:mod:`megarl.models.mapping`). Families register themselves with :func:`register_family`;
-:func:`family_of` finds the one for a HF config.
+(:mod:`megarl.models.mapping`). The families megarl serves are one table,
+:data:`megarl.models.families.FAMILIES`, where :func:`~megarl.models.families.family_of` finds the
+one for a HF config.
 
 A family also declares the HF config options that change the computation and the values it
-implements (:class:`Option`): :func:`checked_family` refuses any other value, naming it, so that a
-model is converted exactly or not at all.
+implements (:class:`Option`): :func:`~megarl.models.families.checked_family` refuses any other
+value, naming it, so that a model is converted exactly or not at all.
 
 Llama-style decoders share :func:`decoder_fields`, :func:`decoder_weight_rules` and
 :data:`DECODER_OPTIONS` (``llama.py``: Llama, Qwen2; ``qwen3.py``: Qwen3, Qwen3-MoE;
@@ -35,8 +36,6 @@ from megarl.models.mapping import (
     Rule,
     VocabParallel,
 )
-
-_FAMILIES: dict[str, ModelFamily] = {}
 
 
 class UnsupportedModel(ValueError):
@@ -88,43 +87,6 @@ class ModelFamily:
     attention_output_bias: Callable[[Any], bool] = lambda hf_config: False
     """HF config -> whether the attention output projection (``o_proj``) has a bias while the MLP
     has none (Megatron's ``add_bias_linear`` would give both one)."""
-
-
-def register_family(family: ModelFamily) -> ModelFamily:
-    """Add ``family`` to the registry, keyed by each HF architecture name it serves."""
-    for architecture in family.architectures:
-        if architecture in _FAMILIES:
-            raise ValueError(f"architecture {architecture} is already served by {_FAMILIES[architecture].name}")
-        _FAMILIES[architecture] = family
-    return family
-
-
-def family_of(hf_config) -> ModelFamily:
-    """The family serving ``hf_config.architectures``; :class:`UnsupportedModel` when none does."""
-    # Importing the family modules registers them.
-    from megarl.models import llama, qwen2_moe, qwen3  # noqa: F401
-
-    architectures = list(getattr(hf_config, "architectures", None) or [])
-    for architecture in architectures:
-        if architecture in _FAMILIES:
-            return _FAMILIES[architecture]
-    raise UnsupportedModel(
-        f"no megarl model family serves architectures {architectures}; supported: "
-        f"{', '.join(sorted(_FAMILIES))} (a new family goes in megarl/models/, see qwen3.py)"
-    )
-
-
-def checked_family(hf_config) -> ModelFamily:
-    """The family of ``hf_config`` once every option it declares has a value it implements.
-
-    Raises:
-        UnsupportedModel: naming every option and value it does not implement.
-    """
-    family = family_of(hf_config)
-    problems = [problem for option in family.options if (problem := option.problem(hf_config, family.name))]
-    if problems:
-        raise UnsupportedModel("; ".join(problems) + ": megarl refuses to convert it rather than convert it wrong")
-    return family
 
 
 def rope_parameters(hf_config) -> dict[str, Any]:

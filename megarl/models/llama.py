@@ -9,7 +9,6 @@ from megarl.models.family import (
     decoder_fields,
     decoder_weight_rules,
     dense_layers,
-    register_family,
 )
 
 
@@ -18,27 +17,23 @@ def attention_bias(hf_config) -> bool:
     return bool(getattr(hf_config, "attention_bias", False))
 
 
-LLAMA = register_family(
-    ModelFamily(
-        name="llama",
-        architectures=("LlamaForCausalLM",),
-        config_fields=lambda hf_config: decoder_fields(hf_config, qkv_bias=attention_bias(hf_config)),
-        moe_layers=dense_layers,
-        weight_rules=lambda hf_config: decoder_weight_rules(
-            hf_config, dense_layers(hf_config), qkv_bias=attention_bias(hf_config), proj_bias=attention_bias(hf_config)
-        ),
-        options=DECODER_OPTIONS,
-        attention_output_bias=attention_bias,
-    )
+LLAMA = ModelFamily(
+    name="llama",
+    architectures=("LlamaForCausalLM",),
+    config_fields=lambda hf_config: decoder_fields(hf_config, qkv_bias=attention_bias(hf_config)),
+    moe_layers=dense_layers,
+    weight_rules=lambda hf_config: decoder_weight_rules(
+        hf_config, dense_layers(hf_config), qkv_bias=attention_bias(hf_config), proj_bias=attention_bias(hf_config)
+    ),
+    options=DECODER_OPTIONS,
+    attention_output_bias=attention_bias,
 )
 
-QWEN2 = register_family(
-    ModelFamily(
-        name="qwen2",
-        architectures=("Qwen2ForCausalLM",),
-        config_fields=lambda hf_config: decoder_fields(hf_config, qkv_bias=True),
-        moe_layers=dense_layers,
-        weight_rules=lambda hf_config: decoder_weight_rules(hf_config, dense_layers(hf_config), qkv_bias=True),
-        options=DECODER_OPTIONS,
-    )
+QWEN2 = ModelFamily(
+    name="qwen2",
+    architectures=("Qwen2ForCausalLM",),
+    config_fields=lambda hf_config: decoder_fields(hf_config, qkv_bias=True),
+    moe_layers=dense_layers,
+    weight_rules=lambda hf_config: decoder_weight_rules(hf_config, dense_layers(hf_config), qkv_bias=True),
+    options=DECODER_OPTIONS,
 )

@@ -18,7 +18,7 @@ import transformers
 from safetensors import safe_open
 from tqdm import tqdm
 
-from megarl.models.family import family_of
+from megarl.models.families import family_of
 from megarl.models.mapping import Rule
 
 _IGNORED_HF_TENSORS = re.compile(r"\.rotary_emb\.inv_freq$")

@@ -11,7 +11,6 @@ from megarl.models.family import (
     decoder_weight_rules,
     qwen_moe_fields,
     qwen_moe_layers,
-    register_family,
 )
 
 
@@ -29,15 +28,13 @@ def _fields(hf_config) -> dict[str, Any]:
     }
 
 
-QWEN2_MOE = register_family(
-    ModelFamily(
-        name="qwen2_moe",
-        architectures=("Qwen2MoeForCausalLM",),
-        config_fields=_fields,
-        moe_layers=qwen_moe_layers,
-        weight_rules=lambda hf_config: decoder_weight_rules(
-            hf_config, qwen_moe_layers(hf_config), qkv_bias=_qkv_bias(hf_config), shared_expert=True
-        ),
-        options=DECODER_OPTIONS,
-    )
+QWEN2_MOE = ModelFamily(
+    name="qwen2_moe",
+    architectures=("Qwen2MoeForCausalLM",),
+    config_fields=_fields,
+    moe_layers=qwen_moe_layers,
+    weight_rules=lambda hf_config: decoder_weight_rules(
+        hf_config, qwen_moe_layers(hf_config), qkv_bias=_qkv_bias(hf_config), shared_expert=True
+    ),
+    options=DECODER_OPTIONS,
 )

@@ -13,7 +13,6 @@ from megarl.models.family import (
     dense_layers,
     qwen_moe_fields,
     qwen_moe_layers,
-    register_family,
 )
 from megarl.models.llama import attention_bias
 
@@ -32,26 +31,22 @@ def _weight_rules(moe_layers):
     )
 
 
-QWEN3 = register_family(
-    ModelFamily(
-        name="qwen3",
-        architectures=("Qwen3ForCausalLM",),
-        config_fields=_qwen3_fields,
-        moe_layers=dense_layers,
-        weight_rules=_weight_rules(dense_layers),
-        options=DECODER_OPTIONS,
-        attention_output_bias=attention_bias,
-    )
+QWEN3 = ModelFamily(
+    name="qwen3",
+    architectures=("Qwen3ForCausalLM",),
+    config_fields=_qwen3_fields,
+    moe_layers=dense_layers,
+    weight_rules=_weight_rules(dense_layers),
+    options=DECODER_OPTIONS,
+    attention_output_bias=attention_bias,
 )
 
-QWEN3_MOE = register_family(
-    ModelFamily(
-        name="qwen3_moe",
-        architectures=("Qwen3MoeForCausalLM",),
-        config_fields=_qwen3_moe_fields,
-        moe_layers=qwen_moe_layers,
-        weight_rules=_weight_rules(qwen_moe_layers),
-        options=DECODER_OPTIONS,
-        attention_output_bias=attention_bias,
-    )
+QWEN3_MOE = ModelFamily(
+    name="qwen3_moe",
+    architectures=("Qwen3MoeForCausalLM",),
+    config_fields=_qwen3_moe_fields,
+    moe_layers=qwen_moe_layers,
+    weight_rules=_weight_rules(qwen_moe_layers),
+    options=DECODER_OPTIONS,
+    attention_output_bias=attention_bias,
 )

@@ -7,7 +7,6 @@
 - ``reference``: the initial policy for KL terms, swapped in from host memory
 - ``batch``: a step's samples as tensors in label space, micro-batches, gathering results
 - ``experience``: reward shaping, advantages, train/rollout correction weights
+- ``loop``: the RL loop (fit, train_step, rollout rounds, validation)
 - ``optim``: Megatron's Adam and learning-rate schedule from the config
-- ``checkpoint``: atomic, reshardable distributed checkpoints and resume
-- ``metrics_logger``: console, metrics.jsonl, TensorBoard, W&B
 """

@@ -25,10 +25,10 @@ from megarl.algorithms.shaping import RunningMoments
 from megarl.config import Config, ModelFacts, resolve_model_path, resolve_steps, validate
 from megarl.data.datasets import PromptDataset, PromptLoader, load_prompts
 from megarl.models.specs import choose_backend
-from megarl.trainer import checkpoint
+from megarl import checkpoint
 from megarl.trainer.batch import layout_multiple
 from megarl.trainer.critic import Critic, attach_value_heads
-from megarl.trainer.metrics_logger import MetricsLogger
+from megarl.metrics import MetricsLogger
 from megarl.trainer.model import TrainModel
 from megarl.trainer.policy import Policy
 from megarl.trainer.reference import ReferencePolicy

@@ -12,7 +12,7 @@ import dataclasses
 import torch
 import torch.distributed as dist
 
-from megarl.models.family import family_of
+from megarl.models.families import family_of
 from megarl.models.loader import local_parameters, tensor_parallel_coordinates
 from megarl.weights.planner import ParameterLayout, ShardKey, unique_hf_tensors
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 import transformers
 
-from megarl.models.family import UnsupportedModel, checked_family, rotary_inv_freq
+from megarl.models.families import checked_family
+from megarl.models.family import UnsupportedModel, rotary_inv_freq
 from tests.hf_models import CONFIGS, LLAMA3_ROPE
 
 pytestmark = pytest.mark.cpu

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from megarl.models.builder import build_model, model_spec
 from megarl.models.exporter import export_hf_tensors
 from megarl.models.loader import load_hf_config, load_hf_weights
-from megarl.trainer import checkpoint
+from megarl import checkpoint
 
 
 def build(model_dir: str, pgs, layout):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from megarl.config import load_config
-from megarl.trainer.metrics_logger import MetricsLogger, console_line
+from megarl.metrics import MetricsLogger, console_line
 
 pytestmark = pytest.mark.cpu
 

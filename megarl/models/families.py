@@ -1,0 +1,53 @@
+"""The model families megarl serves: one table, and the lookup of a HF config's family.
+
+A new family is a :class:`~megarl.models.family.ModelFamily` (in its own module when it needs
+functions of its own, as ``qwen2_moe.py``) and one row of :data:`FAMILIES`.
+"""
+
+from __future__ import annotations
+
+from megarl.models.family import ModelFamily, UnsupportedModel
+from megarl.models.llama import LLAMA, QWEN2
+from megarl.models.qwen2_moe import QWEN2_MOE
+from megarl.models.qwen3 import QWEN3, QWEN3_MOE
+
+FAMILIES: tuple[ModelFamily, ...] = (LLAMA, QWEN2, QWEN3, QWEN3_MOE, QWEN2_MOE)
+"""Every family, each serving the HF ``architectures`` it lists (no architecture twice)."""
+
+
+def _by_architecture(families: tuple[ModelFamily, ...]) -> dict[str, ModelFamily]:
+    table: dict[str, ModelFamily] = {}
+    for family in families:
+        for architecture in family.architectures:
+            if architecture in table:
+                raise ValueError(f"architecture {architecture} is served by both {table[architecture].name} and {family.name}")
+            table[architecture] = family
+    return table
+
+
+_BY_ARCHITECTURE = _by_architecture(FAMILIES)
+
+
+def family_of(hf_config) -> ModelFamily:
+    """The family serving ``hf_config.architectures``; :class:`UnsupportedModel` when none does."""
+    architectures = list(getattr(hf_config, "architectures", None) or [])
+    for architecture in architectures:
+        if architecture in _BY_ARCHITECTURE:
+            return _BY_ARCHITECTURE[architecture]
+    raise UnsupportedModel(
+        f"no megarl model family serves architectures {architectures}; supported: "
+        f"{', '.join(sorted(_BY_ARCHITECTURE))} (a new family is a row of FAMILIES in megarl/models/families.py)"
+    )
+
+
+def checked_family(hf_config) -> ModelFamily:
+    """The family of ``hf_config`` once every option it declares has a value it implements.
+
+    Raises:
+        UnsupportedModel: naming every option and value it does not implement.
+    """
+    family = family_of(hf_config)
+    problems = [problem for option in family.options if (problem := option.problem(hf_config, family.name))]
+    if problems:
+        raise UnsupportedModel("; ".join(problems) + ": megarl refuses to convert it rather than convert it wrong")
+    return family

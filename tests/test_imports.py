@@ -1,0 +1,110 @@
+"""The package's import structure: no cycles, and no part importing a part above it (the layers of
+docs/architecture.md). Imports inside functions count: they run too."""
+
+from __future__ import annotations
+
+import ast
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.distributed import REPO
+
+pytestmark = pytest.mark.cpu
+
+
+def modules() -> dict[str, Path]:
+    """Module name -> file, for ``megarl/`` and ``kernels/`` (installed as ``megarl.kernels``)."""
+    found = {}
+    for root, package in ((REPO / "megarl", ("megarl",)), (REPO / "kernels", ("megarl", "kernels"))):
+        for path in root.rglob("*.py"):
+            parts = (*package, *path.relative_to(root).with_suffix("").parts)
+            found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return found
+
+
+def imports(path: Path, known: dict[str, Path]) -> set[str]:
+    """The megarl modules ``path`` imports, anywhere in the file."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and node.module.startswith("megarl"):
+            names |= {f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}" in known else node.module for alias in node.names}
+        elif isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names if alias.name.startswith("megarl")}
+    return {name for name in names if name in known}
+
+
+def graph() -> dict[str, set[str]]:
+    known = modules()
+    return {name: imports(path, known) - {name} for name, path in known.items()}
+
+
+def layers() -> dict[str, int]:
+    """Part -> layer, from the ```layers block of docs/architecture.md."""
+    text = (REPO / "docs" / "architecture.md").read_text()
+    (block,) = re.findall(r"```layers\n(.*?)```", text, re.S)
+    table = {}
+    for line in block.strip().splitlines():
+        level, *parts = line.split()
+        table.update({part: int(level) for part in parts})
+    return table
+
+
+def part(module: str, table: dict[str, int]) -> str:
+    """``megarl.trainer.loop`` -> ``trainer``; ``megarl.config.__main__`` -> itself when listed."""
+    name = module.removeprefix("megarl.")
+    return name if name in table else name.split(".")[0]
+
+
+def cycle(edges: dict[str, set[str]]) -> list[str]:
+    """One import cycle, or []."""
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), 10 * len(edges)))
+    state: dict[str, int] = {}
+    path: list[str] = []
+
+    def visit(node: str) -> list[str]:
+        state[node] = 1
+        path.append(node)
+        for target in sorted(edges[node]):
+            if state.get(target) == 1:
+                return path[path.index(target):] + [target]
+            if target not in state and (found := visit(target)):
+                return found
+        state[node] = 2
+        path.pop()
+        return []
+
+    for node in sorted(edges):
+        if node not in state and (found := visit(node)):
+            return found
+    return []
+
+
+def test_no_import_closes_a_cycle():
+    assert cycle(graph()) == []
+
+
+def test_no_part_imports_a_part_above_it():
+    table = layers()
+    edges = graph()
+    unplaced = sorted({part(module, table) for module in edges} - set(table) - {"megarl"})
+    assert unplaced == [], f"parts missing from the layers of docs/architecture.md: {unplaced}"
+    upward = [
+        f"{module} (layer {table[part(module, table)]}) imports {target} (layer {table[part(target, table)]})"
+        for module, targets in sorted(edges.items()) if module != "megarl"
+        for target in sorted(targets)
+        if target != "megarl" and part(target, table) != part(module, table) and table[part(target, table)] >= table[part(module, table)]
+    ]
+    assert upward == []
+
+
+def test_the_checks_see_a_cycle_and_an_upward_import():
+    assert cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+    assert cycle({"a": {"b"}, "b": set()}) == []
+    table = layers()
+    assert table["models"] > table["config"] and part("megarl.trainer.loop", table) == "trainer"
+    assert part("megarl.config.__main__", table) == "config.__main__" and part("megarl.config", table) == "config"
+    edges = graph()
+    assert "megarl.models.families" in edges["megarl.models.builder"] and "megarl.kernels.logprob_entropy" in edges
