@@ -16,7 +16,6 @@ optional metric packages asked for; the checkpoint a resume would load (every fi
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from megarl.config import Config, ConfigError, ModelFacts, resolve_data_path, resolve_model_path, validate
 from megarl.metrics import sink_problems

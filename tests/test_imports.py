@@ -25,10 +25,20 @@ def modules() -> dict[str, Path]:
     return found
 
 
+def _runs(tree: ast.AST):
+    """Every node of ``tree`` but those under ``if TYPE_CHECKING:`` (type hints only: never run)."""
+    for node in ast.iter_child_nodes(tree):
+        if isinstance(node, ast.If) and getattr(node.test, "id", getattr(node.test, "attr", None)) == "TYPE_CHECKING":
+            yield from (inner for branch in node.orelse for inner in (branch, *_runs(branch)))
+            continue
+        yield node
+        yield from _runs(node)
+
+
 def imports(path: Path, known: dict[str, Path]) -> set[str]:
-    """The megarl modules ``path`` imports, anywhere in the file."""
+    """The megarl modules ``path`` imports when it runs, anywhere in the file."""
     names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in _runs(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and node.module.startswith("megarl"):
             names |= {f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}" in known else node.module for alias in node.names}
         elif isinstance(node, ast.Import):
@@ -108,3 +118,5 @@ def test_the_checks_see_a_cycle_and_an_upward_import():
     assert part("megarl.config.__main__", table) == "config.__main__" and part("megarl.config", table) == "config"
     edges = graph()
     assert "megarl.models.families" in edges["megarl.models.builder"] and "megarl.kernels.logprob_entropy" in edges
+    # megarl.trainer.loop names Run for type hints only.
+    assert "megarl.trainer.run" not in edges["megarl.trainer.loop"]

@@ -317,7 +317,7 @@ def test_ctrl_c_names_the_last_checkpoint_a_failed_start_keeps_the_config_and_th
     failed = launch_readme_command(run_dir, [*overrides, "train.steps=40", f"data.train_files=[{data}]"])
     assert failed.returncode == 1
     cause = failed.stderr[failed.stderr.index("Root Cause"):]
-    assert f"exitcode  : 2" in cause and f"traceback : megarl.train: {data}:2: not valid JSON" in cause and "Traceback" not in cause
+    assert "exitcode  : 2" in cause and f"traceback : megarl.train: {data}:2: not valid JSON" in cause and "Traceback" not in cause
     assert (run_dir / "config.yaml").read_bytes() == config and not list(run_dir.glob("config.step_*"))
     assert [path.name for path in committed_checkpoints(checkpoints)][-1] == f"step_{saved:08d}"
 

@@ -1,0 +1,148 @@
+"""Checks across sections: the config against itself, the model and the world size, every
+violation listed with its fix (each section checks its own ranges when it is built).
+"""
+
+from __future__ import annotations
+
+
+from megarl.config.base import ConfigError
+from megarl.config.model import ModelFacts, _divisors, _one_of, layout_errors
+from megarl.config.root import Config
+from megarl.config.train import _steps_named
+
+def _rollout_layout_errors(config: Config, model_facts: ModelFacts) -> list[str]:
+    heads = model_facts.num_attention_heads
+    if heads % config.rollout.engine_tensor_parallel:
+        return [
+            f"`rollout.engine_tensor_parallel` ({config.rollout.engine_tensor_parallel}) must divide the model's attention "
+            f"heads ({heads}): set it to {_one_of(_divisors(heads))}"
+        ]
+    return []
+
+
+def _sequence_errors(config: Config, model_facts: ModelFacts) -> list[str]:
+    data, cp = config.data, config.parallel.context
+    sequence = data.max_prompt_length + data.max_response_length
+    lengths = f"`data.max_prompt_length` + `data.max_response_length` ({data.max_prompt_length} + {data.max_response_length} = {sequence})"
+    errors = []
+    if cp > 1 and sequence % (2 * cp):
+        padded = -(-sequence // (2 * cp)) * 2 * cp
+        errors.append(
+            f"{lengths} must be divisible by 2 x `parallel.context` ({2 * cp}): each CP rank holds two load-balanced "
+            f"chunks; raise data.max_prompt_length by {padded - sequence}"
+        )
+    if sequence > model_facts.max_position_embeddings:
+        errors.append(
+            f"{lengths} exceeds the model's max_position_embeddings ({model_facts.max_position_embeddings}): lower them"
+        )
+    if config.train.dynamic_batch and config.train.max_tokens_per_micro_batch < sequence:
+        errors.append(
+            f"`train.max_tokens_per_micro_batch` ({config.train.max_tokens_per_micro_batch}) must hold one full sequence, "
+            f"{lengths}: set it to at least {sequence}"
+        )
+    out_of_vocab = [token for token in config.rollout.stop_token_ids if token >= model_facts.vocab_size]
+    if out_of_vocab:
+        errors.append(f"`rollout.stop_token_ids` {out_of_vocab} are outside the model's vocabulary (size {model_facts.vocab_size}): remove them")
+    algorithm = config.algorithm
+    if algorithm.overlong_penalty and algorithm.overlong_buffer_length > data.max_response_length:
+        errors.append(
+            f"`algorithm.overlong_buffer_length` ({algorithm.overlong_buffer_length}) must be <= `data.max_response_length` "
+            f"({data.max_response_length}): the penalty ramps over the last tokens before the limit"
+        )
+    return errors
+
+
+def _batch_errors(config: Config, data_parallel: int) -> list[str]:
+    train, rollout, algorithm = config.train, config.rollout, config.algorithm
+    group = rollout.n_samples_per_prompt
+    errors = []
+    round_size = rollout.batch_size * group
+    if train.global_batch_size < round_size:
+        errors.append(
+            f"`train.global_batch_size` ({train.global_batch_size}) must be >= `rollout.batch_size` ({rollout.batch_size}) x "
+            f"`rollout.n_samples_per_prompt` ({group}) = {round_size}: the train batch holds at least one rollout round; "
+            f"raise train.global_batch_size to {round_size} or lower rollout.batch_size"
+        )
+    if train.global_batch_size % group:
+        errors.append(
+            f"`train.global_batch_size` ({train.global_batch_size}) must be a multiple of `rollout.n_samples_per_prompt` "
+            f"({group}) so that it holds whole groups: set it to {-(-train.global_batch_size // group) * group}"
+        )
+    if train.global_batch_size % train.mini_batch_size:
+        fitting = [size for size in _divisors(train.global_batch_size) if size % data_parallel == 0]
+        fix = f"set train.mini_batch_size to {_one_of(fitting[-4:])}" if fitting else f"make train.global_batch_size a multiple of DP ({data_parallel})"
+        errors.append(
+            f"`train.mini_batch_size` ({train.mini_batch_size}) must divide `train.global_batch_size` ({train.global_batch_size}): {fix}"
+        )
+    if train.mini_batch_size % data_parallel:
+        errors.append(
+            f"`train.mini_batch_size` ({train.mini_batch_size}) must be divisible by data parallel ({data_parallel}): "
+            f"each rank trains mini_batch_size / DP samples; set it to a multiple of {data_parallel}"
+        )
+    elif not train.dynamic_batch and train.mini_batch_size % (train.micro_batch_size * data_parallel):
+        errors.append(
+            f"`train.micro_batch_size` ({train.micro_batch_size}) x data parallel ({data_parallel}) = "
+            f"{train.micro_batch_size * data_parallel} must divide `train.mini_batch_size` ({train.mini_batch_size}): "
+            f"set train.micro_batch_size to {_one_of(_divisors(train.mini_batch_size // data_parallel))}"
+        )
+    if group < 2:
+        reasons = []
+        if algorithm.advantage_estimator in ("grpo", "rloo", "reinforce_pp_baseline"):
+            reasons.append(f"`algorithm.advantage_estimator` ({algorithm.advantage_estimator}) compares the samples of a prompt")
+        if algorithm.reward_norm == "group":
+            reasons.append("`algorithm.reward_norm` (group) normalises within each prompt's samples")
+        if algorithm.dynamic_sampling:
+            reasons.append("`algorithm.dynamic_sampling` drops groups whose scores are all equal")
+        errors += [f"{reason}: `rollout.n_samples_per_prompt` ({group}) must be >= 2" for reason in reasons]
+    if train.eval_every and not config.data.val_files:
+        errors.append(f"`train.eval_every` ({train.eval_every}) needs `data.val_files`: list validation files or set train.eval_every=0")
+    return errors
+
+
+def _critic_errors(config: Config) -> list[str]:
+    critic, estimator = config.critic, config.algorithm.advantage_estimator
+    if config.critic_enabled:
+        if config.train.steps is not None and critic.warmup_steps >= config.train.steps:
+            return [f"`critic.warmup_steps` ({critic.warmup_steps}) must be < {_steps_named(config.train)}: otherwise the policy never trains"]
+        return []
+    unused = []
+    if critic.path is not None:
+        unused.append("`critic.path`")
+    if critic.warmup_steps:
+        unused.append("`critic.warmup_steps`")
+    if unused:
+        return [
+            f"{' and '.join(unused)} set but `algorithm.advantage_estimator` ({estimator}) trains no critic: "
+            f"remove them or set algorithm.advantage_estimator=gae"
+        ]
+    return []
+
+
+def validate(config: Config, world_size: int, model_facts: ModelFacts) -> None:
+    """Check the config against itself, the model and the world size, before anything is built.
+
+    With ``train.total_epochs`` the checks that need the run's length wait for :func:`resolve_steps`;
+    call this again once it has set ``train.steps``.
+
+    Args:
+        config: a loaded config (each section already checked its own ranges).
+        world_size: the number of training processes.
+        model_facts: the policy model's dimensions (:meth:`ModelFacts.from_hf_dir`).
+
+    Raises:
+        ConfigError: listing every violation on its own line, each naming the fields, their values
+            and the fix.
+    """
+    if world_size < 1:
+        raise ConfigError(f"world size ({world_size}) must be >= 1")
+    # A layout error is reported once; the batch checks then use the DP the layout would give.
+    data_parallel = max(1, config.parallel.data_parallel(world_size))
+    errors = (
+        layout_errors(config.parallel, world_size, model_facts)
+        + _rollout_layout_errors(config, model_facts)
+        + _sequence_errors(config, model_facts)
+        + _batch_errors(config, data_parallel)
+        + _critic_errors(config)
+    )
+    if errors:
+        raise ConfigError(f"invalid configuration for world size {world_size}:\n  - " + "\n  - ".join(errors))

@@ -1,0 +1,80 @@
+"""The ``data`` section: prompt datasets and length limits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal, Optional
+
+from megarl.config.base import _require, _require_positive
+
+@dataclasses.dataclass(kw_only=True, slots=True)
+class DataConfig:
+    """Prompt datasets and length limits."""
+
+    train_files: list[str] = dataclasses.field(default_factory=lambda: ["bundled:toy/train.jsonl"])
+    """Prompt datasets (jsonl, json or parquet); ``bundled:NAME`` is a file shipped in
+    megarl/assets/data (verl: data.train_files, slime: --prompt-data)."""
+    train_file_weights: list[float] = dataclasses.field(default_factory=list)
+    """Mixing ratios of the training files, one positive weight per entry of train_files: each
+    prompt of a batch comes from file i with probability weight_i / sum, and each file is served in
+    its own shuffled order, epoch after epoch; empty: the files are concatenated and the whole is
+    served in one order per epoch (OpenRLHF: --prompt_data_probs)."""
+    val_files: list[str] = dataclasses.field(default_factory=lambda: ["bundled:toy/val.jsonl"])
+    """Validation datasets; empty: no validation (verl: data.val_files, slime: --eval-prompt-data)."""
+    max_samples: Optional[int] = None
+    """Use at most the first N usable training prompts, in file order after length filtering and
+    truncation; null: all of them (verl: data.train_max_samples, OpenRLHF: --max_samples)."""
+    val_max_samples: Optional[int] = None
+    """The same limit for the validation prompts (verl: data.val_max_samples)."""
+    prompt_key: str = "prompt"
+    """Row field holding the prompt: a string or a list of chat messages (verl: data.prompt_key,
+    slime: --input-key)."""
+    answer_key: str = "answer"
+    """Row field holding the reference answer the reward checks; a dotted path reaches into nested
+    fields, e.g. ``reward_model.ground_truth`` for verl's parquet rows (verl: reward_model.ground_truth
+    of each row, slime: --label-key)."""
+    apply_chat_template: bool = True
+    """Wrap prompts with the tokenizer's chat template (slime/OpenRLHF: --apply-chat-template)."""
+    max_prompt_length: int = 64
+    """Prompt length limit, tokens (verl: data.max_prompt_length)."""
+    max_response_length: int = 16
+    """Generated length limit, tokens (verl: data.max_response_length, slime:
+    --rollout-max-response-len)."""
+    filter_overlong_prompts: bool = True
+    """Drop prompts longer than max_prompt_length; false: keep them as truncation says (verl:
+    data.filter_overlong_prompts)."""
+    truncation: Literal["error", "left", "right"] = "error"
+    """What happens to a prompt longer than max_prompt_length that filter_overlong_prompts keeps:
+    ``error`` stops with the file and row, ``left`` keeps its last max_prompt_length tokens,
+    ``right`` its first; a truncated prompt's text (what the reward sees) is its truncated tokens,
+    decoded (verl: data.truncation)."""
+    shuffle: bool = True
+    """Shuffle the training prompts every epoch (verl: data.shuffle, slime: --rollout-shuffle)."""
+    seed: int = 1
+    """Shuffling seed; with train_file_weights also the seed of each batch's files."""
+
+    def __post_init__(self):
+        _require(bool(self.train_files), "data.train_files", "must list at least one file")
+        _require_positive(self, "data", ("max_prompt_length", "max_response_length"))
+        for name in ("max_samples", "val_max_samples"):
+            value = getattr(self, name)
+            _require(value is None or value >= 1, f"data.{name}", f"({value}) must be >= 1, or null")
+        if self.train_file_weights:
+            _require(
+                len(self.train_file_weights) == len(self.train_files),
+                "data.train_file_weights",
+                f"(length {len(self.train_file_weights)}) must have the length of `data.train_files` ({len(self.train_files)}): "
+                f"one positive weight per file, or an empty list to concatenate the files",
+            )
+            _require(
+                all(weight > 0 for weight in self.train_file_weights),
+                "data.train_file_weights",
+                f"({self.train_file_weights}) must all be > 0: remove a file from data.train_files instead of giving it weight 0",
+            )
+        _require(
+            self.truncation == "error" or not self.filter_overlong_prompts,
+            "data.truncation",
+            f"({self.truncation}) has no effect while data.filter_overlong_prompts is true (it drops every prompt "
+            f"over the limit): set data.filter_overlong_prompts=false to truncate them",
+        )

@@ -1,0 +1,256 @@
+"""The model and the training layout: ``model`` and ``parallel``, the facts of a HF model that the
+layout must fit, and the layout rules (stated once, for the config and the conversion tools).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from megarl.config.base import ConfigError, _require, _require_positive
+
+@dataclasses.dataclass(kw_only=True, slots=True)
+class ModelConfig:
+    """The policy model: where it comes from and how Megatron builds its layers."""
+
+    path: str = "bundled:tiny-moe"
+    """HuggingFace model directory the policy starts from (config.json + safetensors);
+    ``bundled:NAME`` is a tiny model shipped in megarl/assets/models (verl:
+    actor_rollout_ref.model.path, slime: --hf-checkpoint)."""
+    tokenizer_path: Optional[str] = None
+    """Tokenizer directory; null: the model directory (verl: data.tokenizer)."""
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Parameter and compute dtype. fp32 keeps CPU runs exact; bf16 is the GPU choice
+    (slime: --bf16 / --fp16)."""
+    attention_backend: Literal["auto", "torch", "te"] = "auto"
+    """Layer implementation: Transformer Engine specs (``te``), the portable torch specs with SDPA
+    (``torch``), or TE when it imports, else torch (``auto``) (OpenRLHF: --attn_implementation)."""
+    recompute: Literal["none", "selective", "full"] = "none"
+    """Activation recomputation granularity (Megatron/slime: --recompute-granularity; verl:
+    enable_gradient_checkpointing)."""
+    moe_grouped_gemm: bool = False
+    """Grouped expert weights and GEMMs; needs TE or the grouped_gemm package on CUDA
+    (Megatron/slime: --moe-grouped-gemm)."""
+    moe_token_dispatcher: Literal["alltoall", "allgather"] = "alltoall"
+    """How tokens reach their experts' ranks (Megatron/slime: --moe-token-dispatcher-type)."""
+    moe_aux_loss_coeff: float = 0.0
+    """Load-balancing auxiliary loss coefficient; 0 disables it, as RL fine-tuning usually does
+    (Megatron/slime: --moe-aux-loss-coeff)."""
+    seed: int = 1234
+    """Seed of weight initialisation (new heads) and Megatron's RNG tracker (slime: --seed)."""
+
+    def __post_init__(self):
+        _require(bool(self.path), "model.path", "must name a HF model directory or bundled:NAME")
+        _require(self.moe_aux_loss_coeff >= 0, "model.moe_aux_loss_coeff", f"({self.moe_aux_loss_coeff}) must be >= 0")
+
+
+@dataclasses.dataclass(kw_only=True, slots=True)
+class ParallelConfig:
+    """The training layout; data parallel is what the world size leaves: world / (TP x PP x CP)."""
+
+    tensor: int = 1
+    """TP: ranks that split each layer's weights (Megatron/slime: --tensor-model-parallel-size,
+    verl: actor.megatron.tensor_model_parallel_size)."""
+    pipeline: int = 1
+    """PP: pipeline stages (--pipeline-model-parallel-size)."""
+    virtual_pipeline: Optional[int] = None
+    """VPP: model chunks per pipeline stage for the interleaved 1F1B schedule; null: plain 1F1B
+    (--virtual-pipeline-model-parallel-size)."""
+    context: int = 1
+    """CP: ranks that split each sequence, two load-balanced chunks each (--context-parallel-size)."""
+    expert: int = 1
+    """EP: ranks that split the experts of each MoE layer (--expert-model-parallel-size)."""
+    expert_tensor: Optional[int] = None
+    """ETP: ranks that split each expert's weights; null: the same as TP, as in Megatron
+    (--expert-tensor-parallel-size)."""
+    sequence_parallel: bool = False
+    """SP: shard the activations outside attention and MLP over the TP group; needs TP > 1
+    (--sequence-parallel)."""
+
+    def __post_init__(self):
+        _require_positive(self, "parallel", ("tensor", "pipeline", "context", "expert"))
+        for name in ("virtual_pipeline", "expert_tensor"):
+            value = getattr(self, name)
+            _require(value is None or value >= 1, f"parallel.{name}", f"({value}) must be >= 1 or null")
+
+    @property
+    def expert_tensor_size(self) -> int:
+        """ETP as Megatron receives it: ``expert_tensor``, or TP when that is null."""
+        return self.tensor if self.expert_tensor is None else self.expert_tensor
+
+    def model_parallel(self) -> int:
+        """Ranks holding one copy of the dense model: TP x PP x CP."""
+        return self.tensor * self.pipeline * self.context
+
+    def data_parallel(self, world_size: int) -> int:
+        """DP = world size // (TP x PP x CP); :func:`validate` checks that the division is exact."""
+        return world_size // self.model_parallel()
+
+    def min_world_size(self) -> int:
+        """The smallest world size this layout fits: a multiple of TP x PP x CP (the dense model)
+        and of EP x ETP x PP (the experts)."""
+        return math.lcm(self.model_parallel(), self.expert * self.expert_tensor_size * self.pipeline)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ModelFacts:
+    """The model dimensions validation needs, read from a HF config.json alone (no weights)."""
+
+    num_layers: int
+    """Transformer layers (num_hidden_layers)."""
+    num_attention_heads: int
+    """Query heads."""
+    num_query_groups: int
+    """Key/value heads (num_key_value_heads; equal to the heads without GQA)."""
+    num_experts: int
+    """Routed experts per MoE layer; 0 for a dense model."""
+    vocab_size: int
+    """Vocabulary entries (before Megatron pads it)."""
+    max_position_embeddings: int
+    """Longest sequence the position embedding covers, tokens."""
+
+    @classmethod
+    def from_hf_dir(cls, path: str | Path) -> ModelFacts:
+        """Read ``path/config.json``.
+
+        Args:
+            path: a HF model directory.
+
+        Raises:
+            ConfigError: the file is missing, is not JSON, or lacks a required key.
+        """
+        config_file = Path(path) / "config.json"
+        try:
+            hf_config = json.loads(config_file.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{config_file} does not exist: a model path must be a HF model directory holding config.json") from None
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"{config_file}: not valid JSON ({error})") from None
+        missing = [key for key in ("num_hidden_layers", "num_attention_heads", "vocab_size", "max_position_embeddings") if key not in hf_config]
+        if missing:
+            raise ConfigError(f"{config_file}: missing {', '.join(missing)}")
+        experts = hf_config.get("num_experts") or hf_config.get("num_local_experts") or hf_config.get("n_routed_experts") or 0
+        return cls(
+            num_layers=hf_config["num_hidden_layers"],
+            num_attention_heads=hf_config["num_attention_heads"],
+            num_query_groups=hf_config.get("num_key_value_heads") or hf_config["num_attention_heads"],
+            num_experts=experts,
+            vocab_size=hf_config["vocab_size"],
+            max_position_embeddings=hf_config["max_position_embeddings"],
+        )
+
+
+def _divisors(number: int) -> list[int]:
+    return [candidate for candidate in range(1, number + 1) if number % candidate == 0]
+
+
+def _one_of(options: Sequence[int]) -> str:
+    """``[1, 2, 4]`` -> ``"1, 2 or 4"``."""
+    words = [str(option) for option in options]
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} or {words[-1]}"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LayoutSpelling:
+    """How the user wrote the layout: the config's keys (``parallel.tensor=2``) or a tool's flags
+    (``--tp 2``). Layout errors quote the fields and their fixes in the user's own words."""
+
+    names: Mapping[str, str]
+    """ParallelConfig field -> what the user writes (``parallel.tensor``, ``--tp``)."""
+    separator: str = "="
+    """Between a name and a value in a fix (``parallel.tensor=2``, ``--tp 2``)."""
+    unset: str = "set {name}=null"
+    """The fix that returns an optional field to its default."""
+
+    def field(self, name: str) -> str:
+        return f"`{self.names[name]}`"
+
+    def setting(self, name: str, value: Any) -> str:
+        return f"{self.names[name]}{self.separator}{value}"
+
+    def unsetting(self, name: str) -> str:
+        return self.unset.format(name=self.names[name])
+
+
+CONFIG_SPELLING = LayoutSpelling({field.name: f"parallel.{field.name}" for field in dataclasses.fields(ParallelConfig)})
+
+
+def layout_errors(
+    parallel: ParallelConfig, world_size: int, model_facts: ModelFacts, spelling: LayoutSpelling = CONFIG_SPELLING
+) -> list[str]:
+    """What keeps ``parallel`` from running ``model_facts``' model on ``world_size`` processes, one
+    message per problem, each naming the fields (as ``spelling`` writes them), the values and a fix."""
+    tp, pp, cp, vpp = parallel.tensor, parallel.pipeline, parallel.context, parallel.virtual_pipeline
+    ep, etp = parallel.expert, parallel.expert_tensor_size
+    name, setting = spelling.field, spelling.setting
+    errors = []
+    model_parallel = parallel.model_parallel()
+    if world_size % model_parallel:
+        errors.append(
+            f"world size ({world_size}) must be TP x PP x CP x DP, but {name('tensor')} ({tp}) x "
+            f"{name('pipeline')} ({pp}) x {name('context')} ({cp}) = {model_parallel} does not divide it: "
+            f"run a multiple of {model_parallel} processes or change the layout"
+        )
+    heads, groups = model_facts.num_attention_heads, model_facts.num_query_groups
+    if heads % tp:
+        errors.append(f"{name('tensor')} ({tp}) must divide the model's attention heads ({heads}): set {spelling.names['tensor']} to {_one_of(_divisors(heads))}")
+    if groups % tp and tp % groups:
+        # megatron-core splits the key/value heads over the TP ranks, or, with fewer of them than
+        # ranks, gives each one to TP / groups ranks.
+        fitting = [size for size in _divisors(heads) if groups % size == 0 or size % groups == 0]
+        errors.append(
+            f"{name('tensor')} ({tp}) and the model's query groups (num_key_value_heads, {groups}) must divide one "
+            f"another: set {spelling.names['tensor']} to {_one_of(fitting)}"
+        )
+    if model_facts.num_experts == 0:
+        if ep > 1:
+            errors.append(f"{name('expert')} ({ep}) > 1 needs an MoE model, but the model is dense: set {setting('expert', 1)}")
+        if parallel.expert_tensor is not None:
+            errors.append(f"{name('expert_tensor')} ({parallel.expert_tensor}) is set but the model is dense: {spelling.unsetting('expert_tensor')}")
+    else:
+        if model_facts.num_experts % ep:
+            errors.append(
+                f"{name('expert')} ({ep}) must divide the model's experts ({model_facts.num_experts}): "
+                f"set {spelling.names['expert']} to {_one_of(_divisors(model_facts.num_experts))}"
+            )
+        if world_size % (ep * etp * pp):
+            errors.append(
+                f"{name('expert')} ({ep}) x expert tensor parallel ({etp}) x {name('pipeline')} ({pp}) = "
+                f"{ep * etp * pp} must divide the world size ({world_size}): each stage's experts are spread over its "
+                f"TP x CP x DP ranks; run {parallel.min_world_size()} processes (or a multiple) or lower {spelling.names['expert']}"
+            )
+        if tp > 1 and not parallel.sequence_parallel:
+            errors.append(
+                f"{name('tensor')} ({tp}) > 1 on an MoE model needs {name('sequence_parallel')} (Megatron's MoE "
+                f"layer refuses to train without it): set {setting('sequence_parallel', 'true')}"
+            )
+        if etp != tp and ep == 1:
+            errors.append(
+                f"{name('expert_tensor')} ({etp}) != {name('tensor')} ({tp}) needs {name('expert')} > 1 (with "
+                f"EP = 1 megatron-core 0.16 reduces expert gradients over the dense data-parallel group only): "
+                f"{spelling.unsetting('expert_tensor')} or raise {spelling.names['expert']}"
+            )
+    if model_facts.num_layers % pp:
+        errors.append(
+            f"{name('pipeline')} ({pp}) must divide the model's layers ({model_facts.num_layers}): "
+            f"set {spelling.names['pipeline']} to {_one_of(_divisors(model_facts.num_layers))}"
+        )
+    if vpp is not None and pp == 1:
+        errors.append(
+            f"{name('virtual_pipeline')} ({vpp}) needs {name('pipeline')} > 1: {spelling.unsetting('virtual_pipeline')} "
+            f"or raise {spelling.names['pipeline']}"
+        )
+    elif vpp is not None and model_facts.num_layers % pp == 0 and model_facts.num_layers % (pp * vpp):
+        errors.append(
+            f"{name('pipeline')} ({pp}) x {name('virtual_pipeline')} ({vpp}) = {pp * vpp} must divide the model's "
+            f"layers ({model_facts.num_layers}): set {spelling.names['virtual_pipeline']} to {_one_of(_divisors(model_facts.num_layers // pp))}"
+        )
+    if parallel.sequence_parallel and tp == 1:
+        errors.append(
+            f"{name('sequence_parallel')} needs {name('tensor')} > 1: set {setting('sequence_parallel', 'false')} or raise {spelling.names['tensor']}"
+        )
+    return errors

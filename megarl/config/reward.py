@@ -1,0 +1,58 @@
+"""The ``reward`` section: where scores come from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal, Optional
+
+from megarl.config.base import _require, _require_positive
+
+@dataclasses.dataclass(kw_only=True, slots=True)
+class RewardConfig:
+    """Where scores come from and how scoring is isolated."""
+
+    type: Literal["rule", "function", "remote", "model"] = "rule"
+    """Where scores come from: a bundled rule, a user function, a remote URL or a reward model
+    (verl: reward_model.enable / custom_reward_function, slime: --rm-type)."""
+    rule: Literal["toy", "math"] = "toy"
+    """Bundled rule (type rule): the toy tasks' checker, or math answers compared with math-verify."""
+    function: Optional[str] = None
+    """User reward as ``path/to/file.py:name`` (type function), with megarl's signature
+    ``(prompt, response, answer, **row)`` or verl's ``(data_source, solution_str, ground_truth,
+    extra_info)`` (verl: custom_reward_function.path and .name, slime: --custom-rm-path)."""
+    batched: bool = False
+    """The function (type function) scores a list of samples per call and returns a list of scores;
+    reward.timeout_s then applies to a call (verl: reward_model.reward_manager=batch)."""
+    url: Optional[str] = None
+    """Remote reward endpoint (type remote) (OpenRLHF: --remote_rm_url, slime: --rm-url)."""
+    model_path: Optional[str] = None
+    """HF sequence-classification reward model directory (type model) (verl: reward_model.model.path)."""
+    num_workers: int = 2
+    """Reward worker processes (rule, function and model)."""
+    timeout_s: float = 10.0
+    """Timeout of one sample's scoring (one request when remote), seconds; a timeout scores 0 and is counted."""
+    max_failure_rate: float = 0.5
+    """Stop the run when more than this fraction of a batch fails to score, in [0, 1]."""
+    remote_batch_size: int = 32
+    """Samples per remote request."""
+    remote_retries: int = 3
+    """Retries of a failed remote request."""
+
+    def __post_init__(self):
+        needed = {
+            "function": ("function", "path/to/file.py:name"),
+            "remote": ("url", "an http(s) URL"),
+            "model": ("model_path", "a HF directory"),
+        }
+        if self.type in needed:
+            name, form = needed[self.type]
+            _require(bool(getattr(self, name)), f"reward.{name}", f"must be set ({form}) when reward.type is '{self.type}'")
+        if self.type == "function":
+            _require(":" in self.function, "reward.function", f"({self.function!r}) must look like path/to/file.py:function_name")
+        else:
+            _require(not self.batched, "reward.batched", f"applies to reward.type function, not {self.type!r}: remove it")
+        _require_positive(self, "reward", ("num_workers", "remote_batch_size"))
+        _require(self.timeout_s > 0, "reward.timeout_s", f"({self.timeout_s}) must be > 0")
+        _require(0 <= self.max_failure_rate <= 1, "reward.max_failure_rate", f"({self.max_failure_rate}) must be in [0, 1]")
+        _require(self.remote_retries >= 0, "reward.remote_retries", f"({self.remote_retries}) must be >= 0")
