@@ -45,13 +45,13 @@ def main() -> None:
     args = parser.parse_args()
 
     platform.init_distributed()
-    pgs = parallel.initialize(ParallelConfig())
+    pg_collection = parallel.initialize(ParallelConfig())
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     torch.manual_seed(0)
     model_parallel_cuda_manual_seed(0)
     hf_config = load_hf_config(resolve_model_path(args.model))
-    model = build_model(model_spec(hf_config, ParallelConfig()), "torch", pgs)[0]
+    model = build_model(model_spec(hf_config, ParallelConfig()), "torch", pg_collection)[0]
     tokens = torch.randint(0, hf_config.vocab_size, (args.batch, args.seq))
     positions = torch.arange(args.seq).expand_as(tokens)
     labels = torch.roll(tokens, -1, dims=1)

@@ -46,31 +46,21 @@ def _require_positive(section: Any, prefix: str, names: Sequence[str]) -> None:
         _require(value >= 1, f"{prefix}.{name}", f"({value}) must be >= 1")
 
 
-def resolve_model_path(path: str | Path) -> Path:
-    """The directory a ``model.path``-like value names.
-
-    Args:
-        path: ``bundled:NAME`` for a model shipped in ``megarl/assets/models/NAME``, or a directory.
-
-    Returns:
-        The directory (not checked for existence).
-    """
+def _bundled(path: str | Path, folder: str) -> Path:
+    """``bundled:NAME`` -> ``megarl/assets/<folder>/NAME``; any other value is a path as it is."""
     text = str(path)
     if text.startswith(BUNDLED_PREFIX):
-        return PACKAGE_DIR / "assets" / "models" / text[len(BUNDLED_PREFIX) :]
+        return PACKAGE_DIR / "assets" / folder / text[len(BUNDLED_PREFIX) :]
     return Path(text)
+
+
+def resolve_model_path(path: str | Path) -> Path:
+    """The directory a ``model.path``-like value names: ``bundled:NAME`` for a model shipped in
+    ``megarl/assets/models/NAME``, or a directory (not checked for existence)."""
+    return _bundled(path, "models")
 
 
 def resolve_data_path(path: str | Path) -> Path:
-    """The file a ``data.train_files`` entry names.
-
-    Args:
-        path: ``bundled:NAME`` for a dataset shipped in ``megarl/assets/data/NAME``, or a file path.
-
-    Returns:
-        The file (not checked for existence).
-    """
-    text = str(path)
-    if text.startswith(BUNDLED_PREFIX):
-        return PACKAGE_DIR / "assets" / "data" / text[len(BUNDLED_PREFIX) :]
-    return Path(text)
+    """The file a ``data.train_files`` entry names: ``bundled:NAME`` for a dataset shipped in
+    ``megarl/assets/data/NAME``, or a file path (not checked for existence)."""
+    return _bundled(path, "data")

@@ -18,6 +18,9 @@ from megarl.models.specs import Backend, decoder_block_spec
 from megarl.config import ParallelConfig
 from megarl.platform import current_device
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""The dtypes a config or a tool names (``model.dtype``, ``--dtype``), as torch dtypes."""
+
 VOCAB_DIVISIBLE_BY = 128
 """Megatron pads the vocabulary so every TP shard has the same size; rounding to a multiple of
 lcm(128, TP) keeps the padded size the same for every TP that divides 128, so a checkpoint and the

@@ -20,16 +20,13 @@ from tqdm import tqdm
 
 from megarl import parallel, platform
 from megarl.config import ParallelConfig
-from megarl.models.builder import build_model, model_spec
+from megarl.models.builder import DTYPES, build_model, model_spec
 from megarl.models.exporter import export_hf_tensors
 from megarl.models.loader import load_hf_config, load_hf_weights
 from megarl import checkpoint
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 """HF's own default shard size for ``save_pretrained`` (5 GB)."""
-
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
@@ -148,11 +145,11 @@ def _config_dtype(hf_config) -> torch.dtype:
 
 def _layout_and_groups(layout: ParallelConfig):
     platform_info = platform.init_distributed()
-    pgs = parallel.initialize(layout)
+    pg_collection = parallel.initialize(layout)
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     model_parallel_cuda_manual_seed(0)
-    return platform_info, pgs
+    return platform_info, pg_collection
 
 
 def hf_to_checkpoint(hf_dir: str | Path, out_root: str | Path, layout: ParallelConfig, dtype: str = "fp32", step: int = 0) -> Path:
@@ -165,10 +162,10 @@ def hf_to_checkpoint(hf_dir: str | Path, out_root: str | Path, layout: ParallelC
         dtype: parameter dtype of the checkpoint (``fp32``, ``bf16`` or ``fp16``).
         step: the step number recorded in the checkpoint.
     """
-    _, pgs = _layout_and_groups(layout)
-    spec = model_spec(load_hf_config(hf_dir), layout, dtype=_DTYPES[dtype])
-    chunks = build_model(spec, "torch", pgs)
-    load_hf_weights(chunks, spec, pgs, hf_dir)
+    _, pg_collection = _layout_and_groups(layout)
+    spec = model_spec(load_hf_config(hf_dir), layout, dtype=DTYPES[dtype])
+    chunks = build_model(spec, "torch", pg_collection)
+    load_hf_weights(chunks, spec, pg_collection, hf_dir)
     return checkpoint.save_checkpoint(out_root, step, chunks, hf_dir=hf_dir, train_state={"source": str(hf_dir)})
 
 
@@ -195,10 +192,10 @@ def checkpoint_to_hf(
     path = checkpoint.committed_checkpoint(checkpoint_path)
     hf_files = checkpoint.hf_files(path)
     layout = layout or ParallelConfig()
-    _, pgs = _layout_and_groups(layout)
+    _, pg_collection = _layout_and_groups(layout)
     hf_config = load_hf_config(hf_files)
-    export_dtype = _DTYPES[dtype] if dtype else _config_dtype(hf_config)
+    export_dtype = DTYPES[dtype] if dtype else _config_dtype(hf_config)
     spec = model_spec(hf_config, layout, dtype=torch.float32)
-    chunks = build_model(spec, "torch", pgs)
+    chunks = build_model(spec, "torch", pg_collection)
     checkpoint.load_checkpoint(path, chunks)
-    return export_hf_dir(chunks, spec, pgs, out_dir, hf_files, dtype=export_dtype, max_shard_bytes=max_shard_bytes)
+    return export_hf_dir(chunks, spec, pg_collection, out_dir, hf_files, dtype=export_dtype, max_shard_bytes=max_shard_bytes)

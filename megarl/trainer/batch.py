@@ -42,6 +42,31 @@ def context_parallel_positions(length: int, cp_rank: int, cp_size: int) -> torch
     return torch.cat([first, second])
 
 
+@dataclasses.dataclass(slots=True)
+class ScoredSample:
+    """One response as the rollout hands it to the trainer: the tokens it trains on, the engine's
+    log-probs, and its score."""
+
+    prompt_ids: list[int]
+    """The prompt's tokens."""
+    response_ids: list[int]
+    """The generated tokens."""
+    rollout_log_probs: list[float]
+    """The engine's log-prob of each response token."""
+    finish_reason: str
+    """``stop`` (an EOS or stop token) or ``length`` (the response hit the length limit)."""
+    group: int
+    """The prompt it answers, unique within the step: the samples of one prompt form a group."""
+    score: float
+    """The reward."""
+    weight_version: str | None = None
+    """The engine's weight version that generated it (``None``: not reported)."""
+
+    @property
+    def truncated(self) -> bool:
+        return self.finish_reason == "length"
+
+
 @dataclasses.dataclass
 class TrainBatch:
     """The samples of one RL step; identical on every rank.
@@ -68,6 +93,19 @@ class TrainBatch:
     truncated: torch.Tensor
     token_values: dict[str, torch.Tensor]
     pad_multiple: int
+
+    @classmethod
+    def from_scored(cls, samples: Sequence[ScoredSample], *, pad_token_id: int, pad_multiple: int) -> TrainBatch:
+        """Pack scored samples (:meth:`from_samples`; the scores stay with the caller)."""
+        return cls.from_samples(
+            [sample.prompt_ids for sample in samples],
+            [sample.response_ids for sample in samples],
+            [sample.rollout_log_probs for sample in samples],
+            [sample.group for sample in samples],
+            [sample.truncated for sample in samples],
+            pad_token_id=pad_token_id,
+            pad_multiple=pad_multiple,
+        )
 
     @classmethod
     def from_samples(

@@ -79,7 +79,7 @@ class Critic:
     def __init__(self, model: TrainModel, config: Config):
         self.model = model
         self.config = config
-        self.pgs = model.pg_collection
+        self.pg_collection = model.pg_collection
 
     def values(self, batch: TrainBatch) -> torch.Tensor:
         """V at every position, no gradient: ``[B, S]`` float32 in label space on every rank, 0
@@ -89,7 +89,7 @@ class Critic:
         values = batch.empty_token_values()
         for output in outputs:
             values[output["rows"][:, None], output["columns"][None, :]] = output["values"]
-        values = gather_token_values(values.to(current_device()), self.pgs, is_last_stage=self.model.is_last_stage).cpu()
+        values = gather_token_values(values.to(current_device()), self.pg_collection, is_last_stage=self.model.is_last_stage).cpu()
         return torch.where(batch.response_mask, values, 0.0)
 
     def _forward_step_values(self, data_iterator, model):
@@ -127,7 +127,7 @@ class Critic:
         values = values.squeeze(-1).float()
         per_token, metrics = value_loss(values, micro["values"], micro["returns"], mask, value_clip=self.config.critic.value_clip)
         loss_sum, count = aggregate_micro_batch(
-            per_token, micro, self.config.algorithm.loss_agg_mode, self.config.data.max_response_length, self.pgs.cp.rank()
+            per_token, micro, self.config.algorithm.loss_agg_mode, self.config.data.max_response_length, self.pg_collection.cp.rank()
         )
         tokens = mask.sum().double()
         error = torch.where(mask.bool(), (values.detach() - micro["returns"]).square(), 0.0).sum().double()

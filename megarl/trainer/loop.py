@@ -20,7 +20,7 @@ from tqdm import tqdm
 from megarl.algorithms.shaping import dynamic_sampling_keep
 from megarl.config import save_config
 from megarl.rollout.sampling import SamplingParams
-from megarl.trainer.batch import TrainBatch
+from megarl.trainer.batch import ScoredSample, TrainBatch
 from megarl.trainer.experience import prepare_update
 
 if TYPE_CHECKING:
@@ -33,7 +33,13 @@ DYNAMIC_SAMPLING_ROUNDS = 4
 then it tops the batch up from the groups the filter dropped (verl: max_num_gen_batches)."""
 
 
-ADDITIVE_ROUND_METRICS = ("reward/failures", "reward/timeouts")
+@dataclasses.dataclass(frozen=True, slots=True)
+class RoundMetric:
+    """A metric of one rollout round and how the step combines its rounds."""
+
+    value: float
+    adds_up: bool
+    """True: the step's value is the sum over its rounds (counts, seconds); False: the last round's."""
 
 
 class TrainingStopped(RuntimeError):
@@ -67,12 +73,11 @@ def on_first_rank(run: Run, work) -> object:
     return value
 
 
-def rollout_round(run: Run, step: int, round_index: int) -> tuple[dict[str, float], list[dict]]:
+def rollout_round(run: Run, step: int, round_index: int) -> tuple[dict[str, RoundMetric], list[ScoredSample]]:
     """Generate and score one round of prompts on the first rank; every rank receives the samples.
 
     Returns:
-        ``(metrics, rows)``: one dict per sample with ``prompt_ids``, ``response_ids``,
-        ``log_probs``, ``truncated``, ``group`` (its prompt, unique within the step) and ``score``.
+        ``(metrics, samples)``: the round's metrics and one :class:`ScoredSample` per response.
     """
 
     def generate_and_score():
@@ -94,26 +99,27 @@ def rollout_round(run: Run, step: int, round_index: int) -> tuple[dict[str, floa
                 "The first: %s\n  prompt: %r\n  response: %r",
                 step, scored.failures, len(samples), scored.first_error, prompts[samples[failed].prompt_index].text, texts[failed],
             )
-        rows = [
-            {
-                "prompt_ids": prompts[sample.prompt_index].prompt_ids,
-                "response_ids": sample.response_ids,
-                "log_probs": sample.logprobs,
-                "truncated": sample.finish_reason == "length",
-                "group": round_index * len(prompts) + sample.prompt_index,
-                "score": score,
-            }
+        records = [
+            ScoredSample(
+                prompt_ids=prompts[sample.prompt_index].prompt_ids,
+                response_ids=sample.response_ids,
+                rollout_log_probs=sample.logprobs,
+                finish_reason=sample.finish_reason,
+                group=round_index * len(prompts) + sample.prompt_index,
+                score=score,
+                weight_version=sample.weight_version,
+            )
             for sample, score in zip(samples, scored.scores)
         ]
         metrics = {
-            "rollout/engine_restarts": run.engines.restarts,
-            "time/generate_s": generated - start,
-            "time/reward_s": time.perf_counter() - generated,
-            "reward/failures": scored.failures,
-            "reward/timeouts": scored.timeouts,
-            **{f"reward/{name}": value for name, value in scored.extras.items()},
+            "rollout/engine_restarts": RoundMetric(run.engines.restarts, adds_up=False),
+            "time/generate_s": RoundMetric(generated - start, adds_up=True),
+            "time/reward_s": RoundMetric(time.perf_counter() - generated, adds_up=True),
+            "reward/failures": RoundMetric(scored.failures, adds_up=True),
+            "reward/timeouts": RoundMetric(scored.timeouts, adds_up=True),
+            **{f"reward/{name}": RoundMetric(value, adds_up=False) for name, value in scored.extras.items()},
         }
-        return metrics, rows
+        return metrics, records
 
     return on_first_rank(run, generate_and_score)
 
@@ -131,46 +137,37 @@ def collect_batch(run: Run, step: int) -> tuple[TrainBatch, torch.Tensor, dict[s
     """
     config = run.config
     target = config.train.global_batch_size
-    kept: list[dict] = []
-    reserve: list[dict] = []
+    kept: list[ScoredSample] = []
+    reserve: list[ScoredSample] = []
     generated_scores: list[float] = []
     metrics: dict[str, float] = {}
     rounds = -(-target // (config.rollout.batch_size * config.rollout.n_samples_per_prompt))
     if config.algorithm.dynamic_sampling:
         rounds *= DYNAMIC_SAMPLING_ROUNDS
     for round_index in range(rounds):
-        round_metrics, rows = rollout_round(run, step, round_index)
-        for name, value in round_metrics.items():
-            # Times and failure counts add up over rounds; the rest is the last round's.
-            metrics[name] = metrics.get(name, 0.0) + value if name in ADDITIVE_ROUND_METRICS or name.startswith("time/") else value
-        scores = torch.tensor([row["score"] for row in rows])
+        round_metrics, samples = rollout_round(run, step, round_index)
+        for name, metric in round_metrics.items():
+            metrics[name] = metrics.get(name, 0.0) + metric.value if metric.adds_up else metric.value
+        scores = torch.tensor([sample.score for sample in samples])
         generated_scores += scores.tolist()
         if config.algorithm.dynamic_sampling:
-            groups = torch.tensor([row["group"] for row in rows])
+            groups = torch.tensor([sample.group for sample in samples])
             keep, counts = dynamic_sampling_keep(scores, groups, mean_range=config.algorithm.dynamic_sampling_mean_range)
-            reserve += [row for row, kept_row in zip(rows, keep.tolist()) if not kept_row]
-            rows = [row for row, kept_row in zip(rows, keep.tolist()) if kept_row]
+            reserve += [sample for sample, kept_sample in zip(samples, keep.tolist()) if not kept_sample]
+            samples = [sample for sample, kept_sample in zip(samples, keep.tolist()) if kept_sample]
             for name, value in counts.items():
                 metrics[f"filter/{name}"] = metrics.get(f"filter/{name}", 0) + value
-        kept += rows
+        kept += samples
         if len(kept) >= target:
             break
     generated = torch.tensor(generated_scores)
     metrics.update({"reward/mean": generated.mean().item(), "reward/std": generated.std().item(), "rollout/rounds": round_index + 1})
     if len(kept) < target:
-        # Reserve rows come in whole groups, as the batch needs them.
+        # Reserve samples come in whole groups, as the batch needs them.
         metrics["filter/topped_up_samples"] = target - len(kept)
         kept += reserve[: target - len(kept)]
     kept = kept[:target]
-    batch = TrainBatch.from_samples(
-        [row["prompt_ids"] for row in kept],
-        [row["response_ids"] for row in kept],
-        [row["log_probs"] for row in kept],
-        [row["group"] for row in kept],
-        [row["truncated"] for row in kept],
-        pad_token_id=run.tokenizer.pad_token_id,
-        pad_multiple=run.pad_multiple,
-    )
+    batch = TrainBatch.from_scored(kept, pad_token_id=run.tokenizer.pad_token_id, pad_multiple=run.pad_multiple)
     lengths = batch.response_lengths.float()
     metrics.update(
         {
@@ -179,15 +176,16 @@ def collect_batch(run: Run, step: int) -> tuple[TrainBatch, torch.Tensor, dict[s
             "response/clip_fraction": batch.truncated.float().mean().item(),
         }
     )
-    return batch, torch.tensor([row["score"] for row in kept]), metrics
+    return batch, torch.tensor([sample.score for sample in kept]), metrics
 
 
 def train_step(run: Run, step: int, phase=lambda name: None) -> dict[str, float]:
     """One RL step; returns its metrics (the same on every rank).
 
     Args:
-        run: the run.
-        step: the step's index.
+        run: everything the run holds (models, engines, scorer, data); changed in place (weights,
+            data position, controllers).
+        step: the step's index (it seeds the sampling and the mini-batch shuffling).
         phase: called with the name of each phase as it starts (the progress bar's label).
     """
     config = run.config

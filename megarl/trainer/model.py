@@ -208,7 +208,7 @@ class TrainModel:
         and cut into mini-batches of ``train.mini_batch_size`` samples, one optimizer step each.
 
         Args:
-            batch: the samples.
+            batch: the step's samples, with the token values the loss reads.
             fields: the token values the loss needs (:meth:`micro_batches`).
             forward_step: Megatron's forward step; its loss function reports ``sums [num_sums]``.
             num_sums: the length of those sums.

@@ -57,7 +57,7 @@ class Policy:
         self.config = config
         self.vocab_size = model.spec.hf_config.vocab_size
         self.temperature = config.rollout.temperature
-        self.pgs = model.pg_collection
+        self.pg_collection = model.pg_collection
 
     # Forward passes.
 
@@ -75,14 +75,14 @@ class Policy:
             rows, columns = output["rows"][:, None], output["columns"][None, :]
             log_probs[rows, columns] = output["log_probs"]
             entropy[rows, columns] = output["entropy"]
-        stacked = gather_token_values(torch.stack([log_probs, entropy]).to(current_device()), self.pgs, is_last_stage=self.model.is_last_stage)
+        stacked = gather_token_values(torch.stack([log_probs, entropy]).to(current_device()), self.pg_collection, is_last_stage=self.model.is_last_stage)
         mask = batch.response_mask
         return torch.where(mask, stacked[0].cpu(), 0.0), torch.where(mask, stacked[1].cpu(), 0.0)
 
     def _log_probs_and_entropy(self, model, output: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(log_probs, entropy) [b, s]`` from the last stage's output: the hidden states ``[b, s, H]``
         with the fused kernel, else the vocab-parallel logits ``[b, s, V/TP]``."""
-        options = dict(temperature=self.temperature, vocab_size=self.vocab_size, group=self.pgs.tp)
+        options = dict(temperature=self.temperature, vocab_size=self.vocab_size, group=self.pg_collection.tp)
         if not self.config.train.fused_linear_logprob:
             from megarl.kernels.logprob_entropy import logprob_entropy
 
@@ -154,7 +154,7 @@ class Policy:
             kl = kl_loss(log_probs, micro["ref_log_probs"], mask, estimator=algorithm.kl_loss_estimator, coefficient=algorithm.kl_loss_coef)
             per_token = per_token + kl
         loss_sum, count = aggregate_micro_batch(
-            per_token, micro, algorithm.loss_agg_mode, self.config.data.max_response_length, self.pgs.cp.rank()
+            per_token, micro, algorithm.loss_agg_mode, self.config.data.max_response_length, self.pg_collection.cp.rank()
         )
         tokens = mask.sum().to(torch.float64)
         weighted = {name: value.detach().double() * tokens for name, value in loss_metrics.items()}

@@ -24,6 +24,7 @@ from megarl.algorithms.kl import kl_controller
 from megarl.algorithms.shaping import RunningMoments
 from megarl.config import Config, ModelFacts, resolve_model_path, resolve_steps, validate
 from megarl.data.datasets import PromptDataset, PromptLoader, load_prompts
+from megarl.models.builder import DTYPES
 from megarl.models.specs import choose_backend
 from megarl import checkpoint
 from megarl.trainer.batch import layout_multiple
@@ -36,9 +37,6 @@ from megarl.weights.stream import WeightStream
 
 log = logging.getLogger("megarl")
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 @dataclasses.dataclass
 class Run:
     """A training run's state on one rank.
@@ -46,7 +44,7 @@ class Run:
     Attributes:
         config: the resolved config.
         run_dir: where metrics, the resolved config and (by default) checkpoints go.
-        pgs: Megatron's process groups.
+        pg_collection: Megatron's process groups.
         tokenizer: the policy's tokenizer.
         train_set, val_set: the prompts (``val_set`` None without validation files).
         loader: the training prompts, resumable.
@@ -64,7 +62,7 @@ class Run:
 
     config: Config
     run_dir: Path
-    pgs: Any
+    pg_collection: Any
     tokenizer: Any
     train_set: PromptDataset
     val_set: PromptDataset | None
@@ -142,7 +140,7 @@ class Run:
 
         model = self.policy.model
         return export_hf_dir(
-            model.chunks, model.spec, self.pgs, self.run_dir / "hf", resolve_model_path(self.config.model.path),
+            model.chunks, model.spec, self.pg_collection, self.run_dir / "hf", resolve_model_path(self.config.model.path),
             dtype=DTYPES[self.config.model.dtype], tokenizer_dir=self.config.model.tokenizer_path,
         )
 
@@ -198,7 +196,7 @@ def setup(config: Config) -> Run:
     model_dir = resolve_model_path(config.model.path)
     model_facts = ModelFacts.from_hf_dir(model_dir)
     validate(config, world_size, model_facts)
-    pgs = parallel.initialize(config.parallel)
+    pg_collection = parallel.initialize(config.parallel)
     _seed(config.model.seed)
     first = dist.get_rank() == 0
     run_dir = config.logging.resolved_run_dir()
@@ -238,7 +236,7 @@ def setup(config: Config) -> Run:
     warning = train.warmup_clamped()
     if warning and first:
         log.warning(warning)
-    policy_model = TrainModel.build(str(model_dir), config.parallel, pgs, train, optimizer_config=train.optimizer, **common)
+    policy_model = TrainModel.build(str(model_dir), config.parallel, pg_collection, train, optimizer_config=train.optimizer, **common)
     algorithm = config.algorithm
     needs_reference = algorithm.use_kl_loss or algorithm.use_kl_in_reward
     reference = ReferencePolicy(policy_model.chunks) if needs_reference else None
@@ -246,13 +244,13 @@ def setup(config: Config) -> Run:
     if config.critic_enabled:
         critic_dir = resolve_model_path(config.critic.path) if config.critic.path else model_dir
         critic_model = TrainModel.build(
-            str(critic_dir), config.parallel, pgs, train, optimizer_config=config.critic.optimizer, after_load=attach_value_heads, **common
+            str(critic_dir), config.parallel, pg_collection, train, optimizer_config=config.critic.optimizer, after_load=attach_value_heads, **common
         )
         critic = Critic(critic_model, config)
     # Buckets handed to SGLang over CUDA IPC must not be rewritten while it may still read them.
     cuda_ipc = config.rollout.weight_transport == "tensor" and detected.device.type == "cuda"
     stream = WeightStream(
-        policy_model.chunks, policy_model.spec, pgs, bucket_mb=config.rollout.bucket_mb, dtype=dtype, dst=0, recycle_buffers=not cuda_ipc
+        policy_model.chunks, policy_model.spec, pg_collection, bucket_mb=config.rollout.bucket_mb, dtype=dtype, dst=0, recycle_buffers=not cuda_ipc
     )
 
     engines = scorer = None
@@ -266,7 +264,7 @@ def setup(config: Config) -> Run:
     run = Run(
         config=config,
         run_dir=run_dir,
-        pgs=pgs,
+        pg_collection=pg_collection,
         tokenizer=tokenizer,
         train_set=train_set,
         val_set=val_set,

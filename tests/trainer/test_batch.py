@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megarl.trainer.batch import TrainBatch, context_parallel_positions, layout_multiple
+from megarl.trainer.batch import ScoredSample, TrainBatch, context_parallel_positions, layout_multiple
 
 pytestmark = pytest.mark.cpu
 
@@ -34,6 +34,19 @@ def test_label_space_holds_each_response_token_at_the_position_that_predicts_it(
         start = int(batch.sequence_lengths[row] - batch.response_lengths[row])
         assert predicted.tolist() == batch.tokens[row, start : int(batch.sequence_lengths[row])].tolist()
     assert not batch.response_mask[:, -1].any()
+
+
+def test_scored_samples_pack_as_their_fields_say():
+    samples = [
+        ScoredSample(prompt_ids=[5, 6, 7], response_ids=[20, 21], rollout_log_probs=[-0.1, -0.2], finish_reason="stop", group=0, score=1.0),
+        ScoredSample(prompt_ids=[8, 9], response_ids=[22, 23, 24, 25], rollout_log_probs=[-0.3, -0.4, -0.5, -0.6], finish_reason="length", group=0, score=0.0),
+        ScoredSample(prompt_ids=[10, 11, 12, 13], response_ids=[26], rollout_log_probs=[-0.7], finish_reason="stop", group=1, score=0.5, weight_version="3"),
+    ]
+    packed, expected = TrainBatch.from_scored(samples, pad_token_id=PAD, pad_multiple=4), make_batch(pad_multiple=4)
+    assert [sample.truncated for sample in samples] == [False, True, False]
+    for name in ("tokens", "response_mask", "sequence_lengths", "response_lengths", "group_ids", "truncated"):
+        assert torch.equal(getattr(packed, name), getattr(expected, name)), name
+    assert torch.equal(packed.token_values["rollout_log_probs"], expected.token_values["rollout_log_probs"])
 
 
 def test_log_prob_count_must_match_the_response():

@@ -27,12 +27,12 @@ def cp_positions(cp_rank: int, cp_size: int) -> torch.Tensor:
     )
 
 
-def megatron_logits(chunks, spec, pgs, tokens: torch.Tensor) -> torch.Tensor | None:
+def megatron_logits(chunks, spec, pg_collection, tokens: torch.Tensor) -> torch.Tensor | None:
     """Full ``[batch, seq, vocab]`` logits on the last pipeline stage, None elsewhere."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    cp_size = pgs.cp.size()
-    positions = cp_positions(pgs.cp.rank(), cp_size) if cp_size > 1 else torch.arange(SEQ_LENGTH)
+    cp_size = pg_collection.cp.size()
+    positions = cp_positions(pg_collection.cp.rank(), cp_size) if cp_size > 1 else torch.arange(SEQ_LENGTH)
     local_tokens = tokens[:, positions]
 
     def forward_step(data_iterator, model):
@@ -60,12 +60,12 @@ def megatron_logits(chunks, spec, pgs, tokens: torch.Tensor) -> torch.Tensor | N
     if not outputs:
         return None
     logits = torch.cat(outputs, dim=0)  # [batch, seq/cp, vocab/tp]
-    shards = [torch.empty_like(logits) for _ in range(pgs.tp.size())]
-    dist.all_gather(shards, logits.contiguous(), group=pgs.tp)
+    shards = [torch.empty_like(logits) for _ in range(pg_collection.tp.size())]
+    dist.all_gather(shards, logits.contiguous(), group=pg_collection.tp)
     logits = torch.cat(shards, dim=-1)[..., : spec.hf_config.vocab_size]
     if cp_size > 1:
         pieces = [torch.empty_like(logits) for _ in range(cp_size)]
-        dist.all_gather(pieces, logits.contiguous(), group=pgs.cp)
+        dist.all_gather(pieces, logits.contiguous(), group=pg_collection.cp)
         full = torch.empty(BATCH, SEQ_LENGTH, logits.shape[-1])
         for rank, piece in enumerate(pieces):
             full[:, cp_positions(rank, cp_size)] = piece
@@ -73,22 +73,22 @@ def megatron_logits(chunks, spec, pgs, tokens: torch.Tensor) -> torch.Tensor | N
     return logits
 
 
-def check(chunks, spec, pgs, model_dir: str) -> dict | None:
+def check(chunks, spec, pg_collection, model_dir: str) -> dict | None:
     """Compare the logits of the loaded ``chunks`` with transformers' and their export with the
     checkpoint in ``model_dir``; the report on rank 0, None elsewhere."""
     for chunk in chunks:
         chunk.eval()
     tokens = torch.randint(0, spec.hf_config.vocab_size, (BATCH, SEQ_LENGTH), generator=torch.Generator().manual_seed(5))
-    logits = megatron_logits(chunks, spec, pgs, tokens)
+    logits = megatron_logits(chunks, spec, pg_collection, tokens)
     # The last pipeline stage's first rank sends its logits to rank 0.
-    last_stage_leader = dist.get_process_group_ranks(pgs.pp)[-1] if pgs.pp.size() > 1 else 0
+    last_stage_leader = dist.get_process_group_ranks(pg_collection.pp)[-1] if pg_collection.pp.size() > 1 else 0
     if dist.get_rank() == last_stage_leader and last_stage_leader != 0:
         dist.send(logits.contiguous(), 0)
     if dist.get_rank() == 0 and last_stage_leader != 0:
         logits = torch.empty(BATCH, SEQ_LENGTH, spec.hf_config.vocab_size)
         dist.recv(logits, last_stage_leader)
 
-    exported = dict(export_hf_tensors(chunks, spec, pgs, dst=0))
+    exported = dict(export_hf_tensors(chunks, spec, pg_collection, dst=0))
 
     if dist.get_rank() != 0:
         return None

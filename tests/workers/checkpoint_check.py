@@ -21,15 +21,15 @@ from megarl.models.loader import load_hf_config, load_hf_weights
 from megarl import checkpoint
 
 
-def build(model_dir: str, pgs, layout):
+def build(model_dir: str, pg_collection, layout):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     spec = model_spec(load_hf_config(model_dir), layout)
-    chunks = build_model(spec, "torch", pgs)
+    chunks = build_model(spec, "torch", pg_collection)
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=True)
-    models = [DistributedDataParallel(spec.transformer_config, ddp_config, c, pg_collection=pgs) for c in chunks]
+    models = [DistributedDataParallel(spec.transformer_config, ddp_config, c, pg_collection=pg_collection) for c in chunks]
     optimizer = get_megatron_optimizer(
         OptimizerConfig(optimizer="adam", lr=1e-2, use_distributed_optimizer=True, clip_grad=1.0), models
     )
@@ -55,9 +55,9 @@ def train_one_step(spec, models, optimizer, scheduler):
     scheduler.step(increment=1)
 
 
-def save(model_dir: str, layout, pgs, root: str, export: str, step: int = 1, crash_after_weights: bool = False) -> dict | None:
-    spec, chunks, models, optimizer, scheduler = build(model_dir, pgs, layout)
-    load_hf_weights(chunks, spec, pgs, model_dir)
+def save(model_dir: str, layout, pg_collection, root: str, export: str, step: int = 1, crash_after_weights: bool = False) -> dict | None:
+    spec, chunks, models, optimizer, scheduler = build(model_dir, pg_collection, layout)
+    load_hf_weights(chunks, spec, pg_collection, model_dir)
     optimizer.reload_model_params()
     train_one_step(spec, models, optimizer, scheduler)
     if crash_after_weights:
@@ -73,11 +73,11 @@ def save(model_dir: str, layout, pgs, root: str, export: str, step: int = 1, cra
         root, step, models, optimizer, scheduler,
         train_state={"consumed_prompts": 32 * step}, hf_dir=model_dir, keep_last=2,
     )
-    return write_export(chunks, spec, pgs, export, {"step": step})
+    return write_export(chunks, spec, pg_collection, export, {"step": step})
 
 
-def load(model_dir: str, layout, pgs, root: str, export: str, resume: str = "auto", model_only: bool = False) -> dict | None:
-    spec, chunks, models, optimizer, scheduler = build(model_dir, pgs, layout)
+def load(model_dir: str, layout, pg_collection, root: str, export: str, resume: str = "auto", model_only: bool = False) -> dict | None:
+    spec, chunks, models, optimizer, scheduler = build(model_dir, pg_collection, layout)
     path = checkpoint.resolve_resume(resume, root)
     if model_only:
         optimizer = scheduler = None
@@ -94,12 +94,12 @@ def load(model_dir: str, layout, pgs, root: str, export: str, resume: str = "aut
         # advance several times per optimizer step.
         state["adam_steps"] = [float(step) for step in steps]
         state["adam_step_tensors_distinct"] = len({step.data_ptr() for step in steps}) == len(steps)
-    return write_export(chunks, spec, pgs, export, state)
+    return write_export(chunks, spec, pg_collection, export, state)
 
 
-def write_export(chunks, spec, pgs, export: str, state: dict) -> dict | None:
+def write_export(chunks, spec, pg_collection, export: str, state: dict) -> dict | None:
     """Rank 0 saves the exported HF tensors to ``export``; the report (rank 0) is ``state``."""
-    exported = dict(export_hf_tensors(chunks, spec, pgs, dst=0))
+    exported = dict(export_hf_tensors(chunks, spec, pg_collection, dst=0))
     if dist.get_rank() != 0:
         return None
     torch.save(exported, export)

@@ -29,12 +29,12 @@ def initialize(args: argparse.Namespace):
         tensor=args.tp, pipeline=args.pp, virtual_pipeline=args.vpp, context=args.cp,
         expert=args.ep, expert_tensor=args.etp, sequence_parallel=args.sp,
     )
-    pgs = parallel.initialize(layout)
+    pg_collection = parallel.initialize(layout)
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     torch.manual_seed(0)
     model_parallel_cuda_manual_seed(0)
-    return layout, pgs
+    return layout, pg_collection
 
 
 def run(main) -> None:

@@ -89,7 +89,7 @@ def forward_step(data_iterator, model):
     return per_token_loss, loss_func
 
 
-def check(model_dir: str, layout, pgs, reference: str, save: bool) -> dict | None:
+def check(model_dir: str, layout, pg_collection, reference: str, save: bool) -> dict | None:
     """Save the single-rank reference (``save``) or compare this layout's loss and gradients
     with it; the report on rank 0, None elsewhere."""
     from megatron.core.distributed import (
@@ -100,10 +100,10 @@ def check(model_dir: str, layout, pgs, reference: str, save: bool) -> dict | Non
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     spec = model_spec(load_hf_config(model_dir), layout)
-    chunks = build_model(spec, "torch", pgs)
+    chunks = build_model(spec, "torch", pg_collection)
     config = spec.transformer_config
-    ranks = {"tp": (pgs.tp.rank(), pgs.tp.size()), "etp": (pgs.expt_tp.rank(), pgs.expt_tp.size())}
-    ep_rank = pgs.ep.rank()
+    ranks = {"tp": (pg_collection.tp.rank(), pg_collection.tp.size()), "etp": (pg_collection.expt_tp.rank(), pg_collection.expt_tp.size())}
+    ep_rank = pg_collection.ep.rank()
     num_local_experts = (config.num_moe_experts or 0) // layout.expert
 
     named = []  # (global name, local name, parameter)
@@ -122,13 +122,13 @@ def check(model_dir: str, layout, pgs, reference: str, save: bool) -> dict | Non
     initial = {gname: param.detach().clone() for gname, _, param in named}
 
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False)
-    models = [DistributedDataParallel(config, ddp_config, chunk, pg_collection=pgs) for chunk in chunks]
+    models = [DistributedDataParallel(config, ddp_config, chunk, pg_collection=pg_collection) for chunk in chunks]
     config.finalize_model_grads_func = finalize_model_grads
     for model in models:
         model.zero_grad_buffer()
 
     batches = batch_for_rank(
-        spec.hf_config.vocab_size, pgs.dp.rank(), pgs.dp.size(), pgs.cp.rank(), pgs.cp.size()
+        spec.hf_config.vocab_size, pg_collection.dp.rank(), pg_collection.dp.size(), pg_collection.cp.rank(), pg_collection.cp.size()
     )
     data_iterators = [iter(batches) for _ in models] if len(models) > 1 else iter(batches)
     seq_local = SEQ_LENGTH // layout.context
@@ -144,7 +144,7 @@ def check(model_dir: str, layout, pgs, reference: str, save: bool) -> dict | Non
     # Sum loss and tokens over the last pipeline stage of each data/context-parallel replica
     # (TP ranks hold the same values; count TP rank 0 only).
     totals = torch.zeros(2)
-    if losses and pgs.tp.rank() == 0:
+    if losses and pg_collection.tp.rank() == 0:
         totals = torch.stack([item["loss"] for item in losses]).sum(0)
     dist.all_reduce(totals)
     loss = (totals[0] / totals[1]).item()

@@ -50,10 +50,10 @@ def perturb(chunks, seed: int) -> None:
 
 def main(argv):
     args = parse_args(argv)
-    layout, pgs = initialize(args)
+    layout, pg_collection = initialize(args)
     spec = model_spec(load_hf_config(args.model), layout)
-    chunks = build_model(spec, "torch", pgs)
-    stream = WeightStream(chunks, spec, pgs, bucket_mb=args.bucket_mb, dst=0)
+    chunks = build_model(spec, "torch", pg_collection)
+    stream = WeightStream(chunks, spec, pg_collection, bucket_mb=args.bucket_mb, dst=0)
     rank0 = dist.get_rank() == 0
     engines = EngineGroup.connect([args.engine_url], engine="hf", model_path=args.model, health_check_interval_s=3600) if rank0 else None
     report, exported = {}, {}
@@ -67,7 +67,7 @@ def main(argv):
                 engines.update_weights(buckets, version=version)
             for _ in buckets:
                 pass  # the other ranks' iteration drives their sends
-            exported = dict(export_hf_tensors(chunks, spec, pgs, dst=0))
+            exported = dict(export_hf_tensors(chunks, spec, pg_collection, dst=0))
             if rank0:
                 report[transport] = [name for name, tensor in exported.items() if not torch.equal(torch.tensor(engines.read_weight(name)), tensor)]
     finally:

@@ -125,7 +125,7 @@ def stream_step(stream: WeightStream):
     ]
 
 
-def check(chunks, spec, pgs, bucket_mb: float, te_expert_names: bool = False) -> dict | None:
+def check(chunks, spec, pg_collection, bucket_mb: float, te_expert_names: bool = False) -> dict | None:
     """Stream the loaded ``chunks`` (whose weights it changes) and compare every bucket with the
     exporter; ``te_expert_names`` shows the stream Transformer Engine's grouped expert names. The
     report on rank 0, None elsewhere."""
@@ -133,7 +133,7 @@ def check(chunks, spec, pgs, bucket_mb: float, te_expert_names: bool = False) ->
     if te_expert_names:
         streamed_chunks = [TransformerEngineExpertNames(chunk) for chunk in chunks]
     streams = {
-        name: WeightStream(streamed_chunks, spec, pgs, bucket_mb=bucket_mb, dtype=dtype, dst=0)
+        name: WeightStream(streamed_chunks, spec, pg_collection, bucket_mb=bucket_mb, dtype=dtype, dst=0)
         for name, dtype in DTYPES.items()
     }
     steps = []
@@ -143,7 +143,7 @@ def check(chunks, spec, pgs, bucket_mb: float, te_expert_names: bool = False) ->
             for chunk in chunks:
                 for param in chunk.parameters():
                     param.data = param.data * 1.5 + 0.25
-        exported = dict(export_hf_tensors(chunks, spec, pgs, dst=0))
+        exported = dict(export_hf_tensors(chunks, spec, pg_collection, dst=0))
         streamed = {name: stream_step(stream) for name, stream in streams.items()}
         if dist.get_rank() == 0:
             steps.append((streamed, exported))

@@ -32,26 +32,26 @@ from megarl.models.builder import build_model, model_spec
 from megarl.models.loader import load_hf_config, load_hf_weights
 
 
-def layout_job(model: str, layout, pgs, checks: dict) -> dict:
+def layout_job(model: str, layout, pg_collection, checks: dict) -> dict:
     """The checks asked of a model under one layout; ``logits`` and ``buckets`` share one model
     loaded from the HF checkpoint (``buckets`` last: it changes the weights)."""
     report = {}
     if "logits" in checks or "buckets" in checks:
         spec = model_spec(load_hf_config(model), layout)
-        chunks = build_model(spec, "torch", pgs)
-        load_hf_weights(chunks, spec, pgs, model)
+        chunks = build_model(spec, "torch", pg_collection)
+        load_hf_weights(chunks, spec, pg_collection, model)
         if "logits" in checks:
-            report["logits"] = bridge_check.check(chunks, spec, pgs, model)
+            report["logits"] = bridge_check.check(chunks, spec, pg_collection, model)
         if "buckets" in checks:
-            report["buckets"] = stream_check.check(chunks, spec, pgs, **checks["buckets"])
+            report["buckets"] = stream_check.check(chunks, spec, pg_collection, **checks["buckets"])
     if "gradients" in checks:
-        report["gradients"] = layout_step.check(model, layout, pgs, **checks["gradients"])
+        report["gradients"] = layout_step.check(model, layout, pg_collection, **checks["gradients"])
     return report
 
 
-def checkpoint_job(model: str, layout, pgs, checks: dict) -> dict:
+def checkpoint_job(model: str, layout, pg_collection, checks: dict) -> dict:
     (mode, options), = checks.items()
-    return {mode: getattr(checkpoint_check, mode)(model, layout, pgs, **options)}
+    return {mode: getattr(checkpoint_check, mode)(model, layout, pg_collection, **options)}
 
 
 KINDS = {"layout": layout_job, "checkpoint": checkpoint_job}
@@ -64,8 +64,8 @@ def main(argv):
     add_layout_arguments(layout_parser)
     for index, job in enumerate(plan):
         try:
-            layout, pgs = initialize(layout_parser.parse_args(job["layout"]))
-            report = KINDS[job["kind"]](job["model"], layout, pgs, job["checks"])
+            layout, pg_collection = initialize(layout_parser.parse_args(job["layout"]))
+            report = KINDS[job["kind"]](job["model"], layout, pg_collection, job["checks"])
             # No rank starts the next job (or reports this one) while another may still fail.
             dist.barrier()
         except BaseException:
