@@ -128,17 +128,12 @@ def resolve_resume(resume: str, root: str | Path, *, set_aside: bool = True) -> 
     if resume == "never":
         return None
     if resume == "auto":
-        damaged = []
-        for candidate in reversed(committed_checkpoints(root)):
-            try:
-                check_checkpoint(candidate)
-            except CheckpointError as error:
-                damaged.append((candidate, error))
-                continue
+        intact, damaged = _newest_intact(Path(root))
+        if intact is not None:
             for path, error in damaged if set_aside else ():
                 aside = _set_aside(path)
-                log.warning("%s; resuming from the newest intact checkpoint, %s; the damaged one is kept as %s", error, candidate, aside)
-            return candidate
+                log.warning("%s; resuming from the newest intact checkpoint, %s; the damaged one is kept as %s", error, intact, aside)
+            return intact
         if damaged:
             raise CheckpointError(
                 f"{damaged[0][1]}; no checkpoint under {root} is intact ({len(damaged)} damaged): "
@@ -154,7 +149,7 @@ def resolve_resume(resume: str, root: str | Path, *, set_aside: bool = True) -> 
     try:
         check_checkpoint(path)
     except CheckpointError as error:
-        intact = _newest_intact(path.parent, excluding=path)
+        intact, _ = _newest_intact(path.parent, excluding=path)
         instead = (
             f"the newest intact checkpoint is {intact}: resume from it with checkpoint.resume={intact}, "
             f"or start over with checkpoint.resume=never"
@@ -165,16 +160,20 @@ def resolve_resume(resume: str, root: str | Path, *, set_aside: bool = True) -> 
     return path
 
 
-def _newest_intact(root: Path, excluding: Path) -> Path | None:
+def _newest_intact(root: Path, excluding: Path | None = None) -> tuple[Path | None, list[tuple[Path, CheckpointError]]]:
+    """The newest committed checkpoint under ``root`` (``excluding`` one) whose files are whole, or
+    None, and the damaged ones newer than it, each with what is wrong."""
+    damaged = []
     for candidate in reversed(committed_checkpoints(root)):
-        if candidate.resolve() == excluding.resolve():
+        if excluding is not None and candidate.resolve() == excluding.resolve():
             continue
         try:
             check_checkpoint(candidate)
-        except CheckpointError:
+        except CheckpointError as error:
+            damaged.append((candidate, error))
             continue
-        return candidate
-    return None
+        return candidate, damaged
+    return None, damaged
 
 
 def _set_aside(path: Path) -> Path:

@@ -89,12 +89,16 @@ def test_killed_save_leaves_previous_checkpoint(jobs):
     assert_bitwise_equal(torch.load(case / "step1.pt"), torch.load(case / "resumed.pt"))
 
 
-def keep_last_jobs(directory):
-    case = directory / "keep-last"
+def saves_jobs(case, steps):
+    """EP2 saves of ``steps``, in that order, into ``case/checkpoints`` (keep_last=2 in the worker)."""
     return [
-        checkpoint_job(f"{case} step {step}", "ep2", "save", root=str(case / "checkpoints"), export=str(case / f"step{step}.pt"), step=step)
-        for step in (1, 2, 3)
+        checkpoint_job(f"{case} step {step}", "ep2", "save", root=str(case / "checkpoints"), export=str(case / f"step{step}-{index}.pt"), step=step)
+        for index, step in enumerate(steps)
     ]
+
+
+def keep_last_jobs(directory):
+    return saves_jobs(directory / "keep-last", (1, 2, 3))
 
 
 @pytest.mark.multirank
@@ -109,11 +113,7 @@ def test_keep_last_deletes_only_after_commit(jobs):
 
 
 def superseded_jobs(directory):
-    case = directory / "superseded"
-    return [
-        checkpoint_job(f"{case} step {step}", "ep2", "save", root=str(case / "checkpoints"), export=str(case / f"step{step}-{index}.pt"), step=step)
-        for index, step in enumerate((2, 3, 1))
-    ]
+    return saves_jobs(directory / "superseded", (2, 3, 1))
 
 
 @pytest.mark.multirank

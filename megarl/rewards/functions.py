@@ -145,7 +145,6 @@ def calling_convention(function: RewardFunction, spec: str, batched: bool) -> st
     except (TypeError, ValueError):
         return "megarl"  # a builtin or extension function: no signature to read
     names = set(parameters)
-    takes_any_keyword = any(parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter in parameters.values())
     verl, other_verl = (_VERL_BATCH_ARGUMENTS, _VERL_ARGUMENTS) if batched else (_VERL_ARGUMENTS, _VERL_BATCH_ARGUMENTS)
     where = f"reward.function = {spec!r}"
     if other_verl[1] in names and verl[1] not in names:
@@ -160,7 +159,8 @@ def calling_convention(function: RewardFunction, spec: str, batched: bool) -> st
         if required:
             raise RewardFunctionError(f"{where}: verl's signature passes {', '.join(verl)}; it also requires {required}")
         return "verl"
-    if takes_any_keyword or all(name in names for name in _MEGARL_ARGUMENTS):
+    takes = _accepted(function)
+    if all(takes(name) for name in _MEGARL_ARGUMENTS):
         return "megarl"
     signature = f"{getattr(function, '__name__', spec)}{inspect.signature(function)}"
     raise RewardFunctionError(
