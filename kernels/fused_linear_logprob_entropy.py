@@ -59,6 +59,7 @@ import triton.language as tl
 
 from megarl.kernels.logprob_entropy import (
     EMPTY_ROW_MAX,
+    LAUNCH_OPTIONS,
     TORCH_CHUNK_ELEMENTS,
     check_options,
     combine_partial_stats,
@@ -346,7 +347,7 @@ def _stats_triton(hidden, weight, targets, vocab_start, valid_cols, temperature)
         hidden, weight, targets, partial,
         n_rows, hidden_size, valid_cols, cols_per_split, num_splits, vocab_start, 1.0 / temperature,
         hidden.stride(0), weight.stride(0),
-        **launch_options, **_dot_options(hidden),
+        **launch_options, **_dot_options(hidden), **LAUNCH_OPTIONS,
     )
     return combine_partial_stats(partial)
 
@@ -400,7 +401,7 @@ def _backward_triton(hidden, weight, targets, log_sum_exp, entropy, grad_log_pro
             hidden, weight_chunk, targets, log_sum_exp, entropy, grad_log_prob, grad_entropy, grad_logits,
             n_rows, hidden_size, chunk_start, chunk_cols, vocab_start, vocab_size, 1.0 / temperature,
             hidden.stride(0), weight.stride(0), grad_logits.stride(0),
-            **grad_options, **dot_options,
+            **grad_options, **dot_options, **LAUNCH_OPTIONS,
         )
         chunk_grad = grad_logits[:, :chunk_cols]
         torch.mm(chunk_grad.t(), hidden, out=grad_weight[chunk_start:chunk_start + chunk_cols])

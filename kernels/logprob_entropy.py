@@ -74,6 +74,15 @@ INTERPRETER_MIN_BLOCK_V = 256
 INTERPRETER_MAX_BLOCKS = 8
 
 
+# Compile options of every launch of a kernel that computes softmax terms: no multiply-add
+# contraction. With it the compiler turns ``z * inv_temperature - row_max`` into one FMA of the
+# exact product, while the max was taken over the rounded products, so the largest logit sits at
+# its product's rounding error above the max instead of at 0 and a row whose mass is on one token
+# gets ``p > 1``: on an H200, 1.5e-4 in dL/dx at logits of 5e3 (test_peaked_and_flat_rows).
+# Triton's interpreter ignores the option (numpy never contracts).
+LAUNCH_OPTIONS = {"enable_fp_fusion": False}
+
+
 def _stats_configs() -> list[triton.Config]:
     # Memory-bound row reduction on H100: 4-8K columns per step keep enough bytes in flight per
     # SM to approach HBM bandwidth; more stages deepen the load pipeline.
@@ -218,9 +227,9 @@ def _stats_triton(logits, targets, vocab_start, valid_cols, temperature):
     stats = torch.empty(4, n_rows, dtype=torch.float32, device=logits.device)
     args = (logits, targets, stats, n_rows, logits.stride(0), valid_cols, vocab_start, 1.0 / temperature)
     if logits.is_cuda:
-        _stats_kernel_tuned[(n_rows,)](*args)
+        _stats_kernel_tuned[(n_rows,)](*args, **LAUNCH_OPTIONS)
     else:
-        _stats_kernel[(n_rows,)](*args, BLOCK_V=interpreter_block_v(valid_cols))
+        _stats_kernel[(n_rows,)](*args, BLOCK_V=interpreter_block_v(valid_cols), **LAUNCH_OPTIONS)
     return stats
 
 
@@ -263,10 +272,10 @@ def _backward_triton(logits, targets, log_sum_exp, entropy, grad_log_prob, grad_
         vocab_start, vocab_size, 1.0 / temperature,
     )
     if logits.is_cuda:
-        _backward_kernel_tuned[lambda meta: (n_rows, triton.cdiv(n_cols, meta["BLOCK_V"]))](*args)
+        _backward_kernel_tuned[lambda meta: (n_rows, triton.cdiv(n_cols, meta["BLOCK_V"]))](*args, **LAUNCH_OPTIONS)
     else:
         block = interpreter_block_v(n_cols)
-        _backward_kernel[(n_rows, triton.cdiv(n_cols, block))](*args, BLOCK_V=block)
+        _backward_kernel[(n_rows, triton.cdiv(n_cols, block))](*args, BLOCK_V=block, **LAUNCH_OPTIONS)
     return grad_logits
 
 

@@ -20,7 +20,12 @@ tensors in buckets of ``--bucket-mb``, measured side by side in one run:
 It also reports the planning cost (the first step builds the plans; later steps reuse them) and
 whether the stream's double buffering overlaps filling bucket k+1 with a consumer holding bucket k.
 
+On a GPU (``--device cuda``) the shards and buckets live in device memory, the engine is the CUDA
+kernel (one launch per bucket), ``copy_`` is a device-to-device copy and the floor, and there is
+no ``memmove``; every step ends with a device synchronisation.
+
     python tools/bench_weight_sync.py [--layers 8 --experts 64 ...] [--bucket-mb 512] [--json FILE]
+    python tools/bench_weight_sync.py --device cuda --layers 32 --json sync_gpu.json
 """
 
 from __future__ import annotations
@@ -62,6 +67,7 @@ def parse_args(argv=None):
     parser.add_argument("--bucket-mb", type=float, default=512)
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per path (the median is reported)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's, one per core)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the shards and buckets live")
     parser.add_argument("--json", help="write the results to this file")
     return parser.parse_args(argv)
 
@@ -131,11 +137,13 @@ def synthetic_layouts(config, tp: int, dtype: torch.dtype) -> list[ParameterLayo
     return layouts
 
 
-def allocate_shards(layouts: list[ParameterLayout]) -> tuple[torch.Tensor, dict[tuple[int, int], torch.Tensor]]:
+def allocate_shards(
+    layouts: list[ParameterLayout], device: torch.device
+) -> tuple[torch.Tensor, dict[tuple[int, int], torch.Tensor]]:
     """Every shard as a view of one flat random buffer, as Megatron's parameter buffer holds them."""
     total = sum(layout.shard_numel * layout.num_shards for layout in layouts)
     dtype = layouts[0].dtype
-    flat = torch.empty(total, dtype=dtype)
+    flat = torch.empty(total, dtype=dtype, device=device)
     if dtype.itemsize == 2:
         # Finite values from random bit patterns below the exponent's all-ones (cheaper than
         # normal_ on a billion elements).
@@ -183,11 +191,18 @@ def shard_by_shard(plan, keys) -> torch.Tensor:
     return plan.plan[order].contiguous()
 
 
-def timed(step, repeats: int) -> list[float]:
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(step, repeats: int, device: torch.device) -> list[float]:
     times = []
     for _ in range(repeats):
+        synchronize(device)
         start = time.perf_counter()
         step()
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return times
 
@@ -196,10 +211,13 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.ops.megarl.built_with_cuda():
+        raise SystemExit("bench_weight_sync: megarl._C has no CUDA kernels; rebuild it on this machine with nvcc on PATH")
     param_dtype, stream_dtype = DTYPES[args.param_dtype], DTYPES[args.stream_dtype]
     config = synthetic_config(args)
     layouts = synthetic_layouts(config, args.tp, param_dtype)
-    flat, shards = allocate_shards(layouts)
+    flat, shards = allocate_shards(layouts, device)
     keys = list(shards)
     tensors = [shards[key] for key in keys]
     bucket_bytes = int(args.bucket_mb * 2**20)
@@ -211,8 +229,8 @@ def main(argv=None) -> dict:
     )
     first_planning = time.perf_counter() - start
     buckets = assign_buckets(layouts, stream_dtype, bucket_bytes)
-    empty = torch.empty(0, dtype=torch.uint8)
-    buffers = [torch.zeros(max(plan.nbytes for plan in plans), dtype=torch.uint8) for _ in range(2)]
+    empty = torch.empty(0, dtype=torch.uint8, device=device)
+    buffers = [torch.zeros(max(plan.nbytes for plan in plans), dtype=torch.uint8, device=device) for _ in range(2)]
 
     def sources_per_bucket() -> list[list[torch.Tensor]]:
         # All a later step still plans: the cached plans' source lists (the stream keeps them).
@@ -263,20 +281,26 @@ def main(argv=None) -> dict:
         "copy_": copy_step, "memmove": memmove_step, "engine": engine_step, "separate": separate_step,
         "torch": torch_step,
     }
+    if device.type == "cuda":
+        del steps["memmove"]  # host memory only
+        for step in steps.values():
+            timed(step, 1, device)  # warm-up: kernel loads, the allocator's first blocks
     results = {name: [] for name in steps}
     for _ in range(args.repeats):
         # Interleaved, so that the machine's load drifts over all paths alike.
         for name, step in steps.items():
-            results[name] += timed(step, 1)
+            results[name] += timed(step, 1, device)
     medians = {name: statistics.median(times) for name, times in results.items()}
-    floor = min(medians["copy_"], medians["memmove"])
+    floor_path = min(("copy_", "memmove"), key=lambda name: medians.get(name, float("inf")))
+    floor = medians[floor_path]
     total_bytes = sum(plan.nbytes for plan in plans)
 
-    overlap = measure_overlap(plans, sources_per_bucket(), buffers, medians["engine"] / len(plans))
+    overlap = measure_overlap(plans, sources_per_bucket(), buffers, medians["engine"] / len(plans), device)
 
     report = {
         "machine": {
             "cpu": platform.processor() or platform.machine(),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "cores": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__,
@@ -292,7 +316,7 @@ def main(argv=None) -> dict:
                     "copies": sum(plan.plan.shape[0] for plan in plans)},
         "seconds": {name: {"median": medians[name], "all": times} for name, times in results.items()},
         "gb_per_s": {name: total_bytes / medians[name] / 1e9 for name in medians},
-        "floor": "copy_" if medians["copy_"] <= medians["memmove"] else "memmove",
+        "floor": floor_path,
         "engine_over_floor": medians["engine"] / floor,
         "torch_over_engine": medians["torch"] / medians["engine"],
         "planning_seconds": {"first_step": first_planning, "later_steps": later_planning},
@@ -305,13 +329,14 @@ def main(argv=None) -> dict:
     return report
 
 
-def measure_overlap(plans, sources, buffers, fill_seconds: float) -> dict:
+def measure_overlap(plans, sources, buffers, fill_seconds: float, device: torch.device) -> dict:
     """Steps with a consumer that holds each bucket as long as filling one takes, once one after
     the other and once through the stream's double buffering (fill k+1 while the consumer holds k).
     The consumer sleeps, as when the engine loads the bucket on another device or process."""
 
     def fill(index: int, out: torch.Tensor) -> Bucket:
         execute_copy_plan(plans[index].plan, sources[index], out)
+        synchronize(device)  # the bucket is full before the consumer takes it
         return Bucket(buffer=out[: plans[index].nbytes], metas=list(plans[index].metas))
 
     def serial():
@@ -323,8 +348,8 @@ def measure_overlap(plans, sources, buffers, fill_seconds: float) -> dict:
         for _ in double_buffered(fill, len(plans), buffers):
             time.sleep(fill_seconds)
 
-    serial_seconds = statistics.median(timed(serial, 3))
-    pipelined_seconds = statistics.median(timed(pipelined, 3))
+    serial_seconds = statistics.median(timed(serial, 3, device))
+    pipelined_seconds = statistics.median(timed(pipelined, 3, device))
     return {
         "consumer_seconds_per_bucket": fill_seconds,
         "serial": serial_seconds,
@@ -343,7 +368,7 @@ def print_table(report: dict) -> None:
     print(
         f"{model['hf_tensors']} HF tensors in {buckets['count']} buckets of <= {buckets['bucket_mb']:g} MiB "
         f"({buckets['bytes'] / 2**30:.2f} GiB, {buckets['copies']} copies); "
-        f"{report['machine']['torch_threads']} threads"
+        f"{report['machine']['torch_threads']} threads, device {report['machine']['device']}"
     )
     floor = report["seconds"][report["floor"]]["median"]
     print(f"{'path':<8} {'median s':>9} {'GB/s':>7} {'vs floor':>9}")

@@ -16,7 +16,16 @@ from megarl.kernels import fused_linear_logprob_entropy as module
 from megarl.kernels import logprob_entropy as logits_module
 from megarl.kernels.fused_linear_logprob_entropy import fused_linear_logprob_entropy, grad_chunk_columns
 from megarl.kernels.logprob_entropy import combine_partial_stats, interpreter_block_v
-from tests.kernels.reference import TEMPERATURE, TOLERANCES, Problem, assert_matches, fused_reference, make_problem
+from tests.kernels.reference import (
+    TEMPERATURE,
+    TOLERANCES,
+    Problem,
+    assert_matches,
+    fused_reference,
+    fused_rounding_bounds,
+    logprob_entropy_reference,
+    make_problem,
+)
 
 pytestmark = pytest.mark.cpu
 
@@ -30,12 +39,14 @@ QWEN_HIDDEN = 16  # one whole interpreter K block: the unmasked (EVEN_K) path
 
 
 def reference(problem: Problem):
-    """Float64 ``(log_probs, entropy, dL/dhidden, dL/dweight)``."""
+    """Float64 ``(log_probs, entropy, dL/dhidden, dL/dweight, dL/dlogits)``."""
     hidden = problem.hidden.detach().double().requires_grad_()
     weight = problem.weight.detach().double().requires_grad_()
-    log_probs, entropy = fused_reference(hidden, weight, problem.targets, problem.vocab_size)
+    logits = hidden @ weight.T
+    logits.retain_grad()
+    log_probs, entropy = logprob_entropy_reference(logits, problem.targets, problem.vocab_size)
     problem.loss(log_probs, entropy).backward()
-    return log_probs, entropy, hidden.grad, weight.grad
+    return log_probs, entropy, hidden.grad, weight.grad, logits.grad
 
 
 def test_interpreter_runs_the_kernels_on_cpu():
@@ -68,11 +79,14 @@ def check_public_function(problem: Problem, backend: str, device: str, atol: flo
     )
     problem.loss(log_probs.cpu(), entropy.cpu()).backward()
 
-    expected_log_probs, expected_entropy, expected_grad_hidden, expected_grad_weight = reference(problem)
+    expected_log_probs, expected_entropy, expected_grad_hidden, expected_grad_weight, grad_logits = reference(problem)
     assert_matches(log_probs, expected_log_probs, atol, rtol)
     assert_matches(entropy, expected_entropy, atol, rtol)
-    assert_matches(hidden.grad, expected_grad_hidden, atol, rtol)
-    assert_matches(weight.grad, expected_grad_weight, atol, rtol)
+    rounding_hidden = rounding_weight = None
+    if problem.hidden.dtype == torch.bfloat16:
+        rounding_hidden, rounding_weight = fused_rounding_bounds(problem.hidden, problem.weight, grad_logits)
+    assert_matches(hidden.grad, expected_grad_hidden, atol, rtol, rounding_hidden)
+    assert_matches(weight.grad, expected_grad_weight, atol, rtol, rounding_weight)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
@@ -159,14 +173,17 @@ def test_qwen_vocab_over_three_ranks(backend, device, dtype):
         for shard, opts in zip(shards, options)
     ]
     stats = combine_partial_stats(torch.stack(partial))
-    expected_log_probs, expected_entropy, expected_grad_hidden, expected_grad_weight = reference(problem)
+    expected_log_probs, expected_entropy, expected_grad_hidden, expected_grad_weight, grad_logits = reference(problem)
     for shard, opts in zip(shards, options):
         log_probs, entropy = torch.ops.megarl.fused_linear_logprob_entropy_finalize(hidden, shard, targets, stats, *opts)
         assert_matches(log_probs, expected_log_probs, atol, rtol)
         assert_matches(entropy, expected_entropy, atol, rtol)
         problem.loss(log_probs.cpu(), entropy.cpu()).backward()
-    assert_matches(hidden.grad, expected_grad_hidden, atol, rtol)
-    assert_matches(torch.cat([shard.grad for shard in shards]), expected_grad_weight, atol, rtol)
+    rounding_hidden = rounding_weight = None
+    if dtype == torch.bfloat16:
+        rounding_hidden, rounding_weight = fused_rounding_bounds(problem.hidden, problem.weight, grad_logits)
+    assert_matches(hidden.grad, expected_grad_hidden, atol, rtol, rounding_hidden)
+    assert_matches(torch.cat([shard.grad for shard in shards]), expected_grad_weight, atol, rtol, rounding_weight)
 
 
 def test_leading_dimensions_and_one_used_output():
@@ -178,7 +195,7 @@ def test_leading_dimensions_and_one_used_output():
     assert log_probs.shape == entropy.shape == (2, 3)
     (problem.grad_log_probs.view(2, 3) * log_probs).sum().backward()
 
-    expected_log_probs, _, expected_grad_hidden, expected_grad_weight = reference(problem)
+    expected_log_probs, _, expected_grad_hidden, expected_grad_weight, _ = reference(problem)
     tolerance = TOLERANCES[torch.float32]
     assert_matches(log_probs.flatten(), expected_log_probs, *tolerance)
     assert_matches(hidden.grad.view(6, HIDDEN), expected_grad_hidden, *tolerance)

@@ -1,0 +1,128 @@
+"""The CUDA copy kernel (``csrc/copy_plan_cuda.cu``) against the torch reference and the CPU engine.
+
+The same plans as tests/weights/test_copy_plan.py, with sources and ``out`` on the GPU: every pair
+of dtypes at unaligned offsets and odd widths (the kernel picks word copies of 16 down to 1 bytes
+by alignment, or converts element by element), rounding of special values, rows longer than the
+kernel's tiles, row-parallel shards side by side, and an output over 16 MiB.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megarl.weights.copy_plan import dtype_code, empty_plan, execute_copy_plan
+from tests.weights.test_copy_plan import DTYPES, random_plan, reference, special_values
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cuda_kernels_built():
+    if not torch.ops.megarl.built_with_cuda():
+        pytest.fail("megarl._C was built without its CUDA kernels on a machine with CUDA: rebuild it with nvcc on PATH")
+
+
+def run_on_cuda(plan: torch.Tensor, sources: list[torch.Tensor], out_bytes: int) -> torch.Tensor:
+    out = torch.zeros(out_bytes, dtype=torch.uint8, device="cuda")
+    execute_copy_plan(plan, [source.cuda() for source in sources], out)
+    torch.cuda.synchronize()
+    return out.cpu()
+
+
+def expected_bytes(plan: torch.Tensor, sources: list[torch.Tensor], out_bytes: int) -> torch.Tensor:
+    expected = torch.zeros(out_bytes, dtype=torch.uint8)
+    reference(plan, sources, expected)
+    return expected
+
+
+@pytest.mark.parametrize("out_dtype", DTYPES)
+@pytest.mark.parametrize("source_dtype", DTYPES)
+def test_strided_copies_with_conversion_match_torch(source_dtype, out_dtype):
+    generator = torch.Generator().manual_seed(11 + 3 * DTYPES.index(source_dtype) + DTYPES.index(out_dtype))
+    sources = [torch.randn(shape, generator=generator).to(source_dtype) for shape in ((7, 13), (5, 33), (64, 257))]
+    plan = random_plan(generator, sources, 1 << 20, out_dtype, count=120)
+    out = run_on_cuda(plan, sources, 1 << 20)
+    assert torch.equal(out, expected_bytes(plan, sources, 1 << 20))
+    cpu_out = torch.zeros(1 << 20, dtype=torch.uint8)
+    execute_copy_plan(plan, sources, cpu_out)
+    assert torch.equal(out, cpu_out)
+
+
+@pytest.mark.parametrize("out_dtype", DTYPES)
+@pytest.mark.parametrize("source_dtype", DTYPES)
+def test_special_values_round_like_torch(source_dtype, out_dtype):
+    source = special_values(source_dtype)
+    plan = torch.tensor(
+        [[0, 0, 0, 0, 0, 1, source.numel(), dtype_code(source_dtype), dtype_code(out_dtype)]], dtype=torch.int64
+    )
+    out = run_on_cuda(plan, [source], source.numel() * out_dtype.itemsize)
+    assert torch.equal(out, source.to(out_dtype).view(torch.uint8))
+
+
+def test_nan_stays_nan():
+    source = torch.tensor([float("nan"), 1.0, float("nan")])
+    for out_dtype in (torch.bfloat16, torch.float16):
+        plan = torch.tensor([[0, 0, 0, 0, 0, 1, 3, 0, dtype_code(out_dtype)]], dtype=torch.int64)
+        out = run_on_cuda(plan, [source], 3 * out_dtype.itemsize)
+        assert torch.equal(out.view(out_dtype).float().isnan(), source.isnan())
+
+
+def test_long_rows_strided_blocks_and_a_large_output():
+    # Rows far longer than a tile, a strided block at odd offsets, narrow bf16 rows, and over
+    # 16 MiB of output (the CPU engine's streaming-store size; here, many tiles per copy).
+    generator = torch.Generator().manual_seed(3)
+    wide = torch.randn(3, 200_000, generator=generator)
+    narrow = torch.randn(4096, 96, generator=generator).to(torch.bfloat16)
+    big = torch.randn(64, 140_000, generator=generator).to(torch.bfloat16)
+    plan = torch.tensor(
+        [
+            [0, 0, 0, 0, 0, 1, 600_000, 0, 1],
+            [0, 4, 800_000, 1_200_000, 400_000, 3, 100_000, 0, 0],
+            [1, 64, 192, 2_400_000, 100, 4096, 48, 1, 1],
+            [2, 0, 0, 2_900_003, 0, 1, 64 * 140_000, 1, 1],
+            [2, 2000, 280_000, 20_820_010, 120_006, 64, 60_000, 1, 1],
+        ],
+        dtype=torch.int64,
+    )
+    out_bytes = 20_820_010 + 64 * 120_006
+    sources = [wide, narrow, big]
+    assert torch.equal(run_on_cuda(plan, sources, out_bytes), expected_bytes(plan, sources, out_bytes))
+
+
+@pytest.mark.parametrize("source_dtype", [torch.float32, torch.bfloat16])
+def test_shards_side_by_side_in_the_output_rows(source_dtype):
+    generator = torch.Generator().manual_seed(5)
+    shards = [torch.randn(700, 96, generator=generator).to(source_dtype) for _ in range(3)]
+    size = source_dtype.itemsize
+    plan = torch.tensor(
+        [[index, 0, 96 * size, 8 + index * 192, 600, 700, 96, dtype_code(source_dtype), 1] for index in range(3)],
+        dtype=torch.int64,
+    )
+    out = run_on_cuda(plan, shards, 8 + 700 * 600)
+    rows = out[8:].view(torch.bfloat16).view(700, 300)
+    assert torch.equal(rows[:, :288], torch.cat(shards, dim=1).to(torch.bfloat16))
+    assert torch.equal(rows[:, 288:], torch.zeros(700, 12, dtype=torch.bfloat16))
+
+
+def test_runs_on_the_current_stream():
+    # The kernel is queued on the caller's stream: work queued after it on that stream sees its bytes.
+    source = torch.arange(1 << 20, dtype=torch.float32, device="cuda")
+    out = torch.zeros(4 << 20, dtype=torch.uint8, device="cuda")
+    plan = torch.tensor([[0, 0, 0, 0, 0, 1, 1 << 20, 0, 0]], dtype=torch.int64)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        execute_copy_plan(plan, [source], out)
+        copied = out.view(torch.float32).clone()
+    stream.synchronize()
+    assert torch.equal(copied, source)
+
+
+def test_empty_plan_writes_nothing_and_devices_must_match():
+    out = torch.full((8,), 7, dtype=torch.uint8, device="cuda")
+    execute_copy_plan(empty_plan(), [], out)
+    assert torch.equal(out.cpu(), torch.full((8,), 7, dtype=torch.uint8))
+    plan = torch.tensor([[0, 0, 0, 0, 0, 1, 2, 0, 0]], dtype=torch.int64)
+    with pytest.raises(RuntimeError, match="source 0 is on cpu but out is on cuda:0; move them to one device"):
+        execute_copy_plan(plan, [torch.ones(2)], out)
