@@ -1,8 +1,9 @@
 """Keeping engine servers alive: start-up, a health monitor, restarts within a budget, shutdown.
 
 An :class:`EngineSupervisor` owns the engines' processes; the client
-(:class:`megarl.rollout.group.EngineGroup`) sends its requests through :meth:`EngineSupervisor.call`
-and never restarts anything itself.
+(:class:`megarl.rollout.group.EngineGroup`) sends its generation and memory requests through
+:meth:`EngineSupervisor.call`, has engines that missed a weight update restarted through
+:meth:`EngineSupervisor.recover`, and never restarts anything itself.
 
 Faults. A health monitor thread calls ``/health_generate`` on every engine each
 ``health_check_interval_s``; an engine that fails it within ``health_timeout_s`` (dead, or
