@@ -120,3 +120,17 @@ def test_the_checks_see_a_cycle_and_an_upward_import():
     assert "megarl.models.families" in edges["megarl.models.builder"] and "megarl.kernels.logprob_entropy" in edges
     # megarl.trainer.loop names Run for type hints only.
     assert "megarl.trainer.run" not in edges["megarl.trainer.loop"]
+
+
+MAX_LINES = 500
+"""Longest a source file of the package may be: past it a file does more than one thing (issue 16)."""
+
+
+def test_no_source_file_is_over_the_line_limit():
+    # TODO(issue 16): check kernels/ too once fused_linear_logprob_entropy.py is under the limit.
+    too_long = [
+        f"{path.relative_to(REPO)} ({count} lines)"
+        for path in sorted((REPO / "megarl").rglob("*.py"))
+        if (count := len(path.read_text().splitlines())) > MAX_LINES
+    ]
+    assert too_long == [], f"source files over {MAX_LINES} lines; split them by what they do: {too_long}"

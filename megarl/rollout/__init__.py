@@ -2,8 +2,10 @@
 
 :class:`EngineGroup` is the client (generate, update_weights, release/resume memory, flush_cache,
 health, shutdown); :class:`SamplingParams` and :class:`Sample` are what goes in and comes out.
-See :mod:`megarl.rollout.group` for spreading and fault handling, :mod:`megarl.rollout.sampling`
-for log-prob and seed semantics, :mod:`megarl.rollout.transports` for weight transports.
+See :mod:`megarl.rollout.group` for spreading, :mod:`megarl.rollout.supervision` for fault
+handling, :mod:`megarl.rollout.sampling` for log-prob and seed semantics,
+:mod:`megarl.rollout.weight_updates` and :mod:`megarl.rollout.transports` for weight updates, and
+:mod:`megarl.rollout.embedded` for the ``hf`` engine.
 """
 
 from megarl.rollout.errors import (

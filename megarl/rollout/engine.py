@@ -41,7 +41,7 @@ class LaunchOptions:
     """How megarl starts engine servers on this machine."""
 
     engine: Literal["hf", "sglang"]
-    """``hf``: ``python -m megarl.rollout.hf_server``; ``sglang``: ``python -m sglang.launch_server``."""
+    """``hf``: ``python -m megarl.rollout.embedded.server``; ``sglang``: ``python -m sglang.launch_server``."""
     model_path: str
     """HF model directory the engines start from."""
     log_dir: Path
@@ -134,7 +134,7 @@ class Engine:
         options = self.launch
         if options.engine == "hf":
             command = [
-                sys.executable, "-m", "megarl.rollout.hf_server", "--model", options.model_path,
+                sys.executable, "-m", "megarl.rollout.embedded.server", "--model", options.model_path,
                 "--host", options.host, "--port", "0", "--ready-file", str(ready_file),
                 "--seed", str(options.seed), "--dtype", options.dtype, "--parent-pid", str(os.getpid()),
             ]

@@ -12,45 +12,43 @@
 Prompts are spread round-robin over the engines, every sample of a prompt on the prompt's engine
 (so SGLang's prefix cache serves the group), one batched ``/generate`` per engine, in parallel.
 
+The group is three parts, one job each:
+
+- this client: generation, weight updates, memory release and resume, cache flushes, reads;
+- :class:`~megarl.rollout.weight_updates.WeightUpdater`: how an update reaches every engine over
+  the group's transport, through the weight snapshot (:mod:`megarl.rollout.snapshot`);
+- :class:`~megarl.rollout.supervision.EngineSupervisor`: starts the engines, watches their health,
+  restarts a failed one with the current weights within ``restart_budget``, and stops them.
+
 Faults. Every call has a timeout and raises a typed :class:`~megarl.rollout.errors.EngineError`
-naming the engine. A health monitor thread calls ``/health_generate`` on every engine each
-``health_check_interval_s``; an engine that fails it within ``health_timeout_s`` (dead, or
-stalled), or whose process dies under a request, is killed, restarted, loaded with the current
-weights from the snapshot (:mod:`megarl.rollout.snapshot`), and the requests it held are sent
-again: their per-sample seeds make the re-sent samples the ones the first attempt would have
-drawn. A request that outlasts ``request_timeout_s`` raises :class:`EngineTimeout`. Restarts
-count against ``restart_budget`` for the whole run; past it, the call (and every later one)
-raises :class:`RestartBudgetExhausted`. Engines given by URL are not restarted: their failure
-raises. The monitor pauses during weight updates and while memory is released.
+naming the engine; a request that outlasts ``request_timeout_s`` raises :class:`EngineTimeout`.
+A request to an engine that dies under it is sent again once the supervisor has restarted the
+engine (:mod:`megarl.rollout.supervision`).
 
 Shutdown: :meth:`EngineGroup.shutdown` (also on leaving the ``with`` block, at interpreter exit,
-and when a launch fails) stops every launched engine and deletes the snapshot; engines also exit
-by themselves when the launching process dies (:mod:`megarl.rollout.watchdog`).
+and when a launch fails) stops every launched engine and deletes the snapshot.
 """
 
 from __future__ import annotations
 
 import atexit
 import concurrent.futures
-import contextlib
 import importlib.util
-import logging
 import tempfile
-import threading
 from pathlib import Path
-from typing import Callable, Iterable, Literal, Sequence
+from typing import Iterable, Literal, Sequence
 
 import torch
 
 from megarl.rollout import protocol
 from megarl.rollout.engine import Engine, LaunchOptions
-from megarl.rollout.errors import EngineDead, EngineError, EngineRequestError, RestartBudgetExhausted
+from megarl.rollout.errors import EngineError, EngineRequestError
 from megarl.rollout.sampling import Sample, SamplingParams, sample_seed
 from megarl.rollout.snapshot import WeightSnapshot
-from megarl.rollout.transports import TRANSPORTS, BroadcastGroup, cuda_ipc_payloads, hf_file_payloads
+from megarl.rollout.supervision import EngineSupervisor
+from megarl.rollout.transports import TRANSPORTS
+from megarl.rollout.weight_updates import WeightUpdater
 from megarl.weights.bucket import Bucket
-
-log = logging.getLogger(__name__)
 
 EngineKind = Literal["hf", "sglang"]
 _GROUP_OPTIONS = ("weight_transport", "request_timeout_s", "health_check_interval_s", "health_timeout_s", "restart_budget", "snapshot_root")
@@ -103,24 +101,14 @@ class EngineGroup:
         self.weight_transport = weight_transport
         """How the next :meth:`update_weights` sends buckets; may be changed between updates."""
         self.request_timeout_s = request_timeout_s
-        self.health_check_interval_s = health_check_interval_s
-        self.health_timeout_s = health_timeout_s
-        self.restart_budget = restart_budget
-        """Engine restarts allowed during the run (may be changed at any time)."""
-        self.restarts = 0
-        """Engine restarts so far."""
         self._snapshot = WeightSnapshot(snapshot_root, Path(model_path))
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=2 * len(engines) + 2, thread_name_prefix="megarl-rollout")
-        self._health_pool = concurrent.futures.ThreadPoolExecutor(max_workers=len(engines), thread_name_prefix="megarl-health")
-        self._broadcast = BroadcastGroup("nccl" if self.kind == "sglang" else "gloo", request_timeout_s, self._pool)
-        self._restart_lock = threading.Lock()
-        self._fatal: EngineError | None = None
-        self._pauses = 0
-        self._pause_lock = threading.Lock()
+        self._updates = WeightUpdater(engines, self._snapshot, self._pool, request_timeout_s)
+        self._supervisor = EngineSupervisor(
+            engines, pool=self._pool, reload=self._updates.load_snapshot,
+            health_check_interval_s=health_check_interval_s, health_timeout_s=health_timeout_s, restart_budget=restart_budget,
+        )
         self._released: set[str] = set()
-        self._stop = threading.Event()
-        self._monitor: threading.Thread | None = None
-        self._closed = False
         atexit.register(self.shutdown)
 
     @classmethod
@@ -166,12 +154,10 @@ class EngineGroup:
         engines = [Engine(f"{kind}-{index}", kind, tensor_parallel, launch=options, index=index) for index in range(num_engines)]
         group = cls(engines, model_path=model_path, **group_options)
         try:
-            for start in [group._pool.submit(engine.start) for engine in engines]:
-                start.result()
+            group._supervisor.start()
         except BaseException:
             group.shutdown()
             raise
-        group._start_monitor()
         return group
 
     @classmethod
@@ -188,7 +174,7 @@ class EngineGroup:
         kind = resolve_engine(engine)
         engines = [Engine(f"{kind}-{index}", kind, tensor_parallel, url=url.rstrip("/"), index=index) for index, url in enumerate(urls)]
         group = cls(engines, model_path=model_path, **group_options)
-        group._start_monitor()
+        group._supervisor.start()
         return group
 
     @classmethod
@@ -229,6 +215,24 @@ class EngineGroup:
         """Version of the last complete weight update (``str(version)``), None before the first."""
         return self._snapshot.version
 
+    @property
+    def restarts(self) -> int:
+        """Engine restarts so far; a resumed run sets it from its checkpoint (the budget is for the whole run)."""
+        return self._supervisor.restarts
+
+    @restarts.setter
+    def restarts(self, count: int) -> None:
+        self._supervisor.restarts = count
+
+    @property
+    def restart_budget(self) -> int:
+        """Engine restarts allowed during the run (may be changed at any time)."""
+        return self._supervisor.restart_budget
+
+    @restart_budget.setter
+    def restart_budget(self, count: int) -> None:
+        self._supervisor.restart_budget = count
+
     def __enter__(self) -> EngineGroup:
         return self
 
@@ -250,7 +254,7 @@ class EngineGroup:
             EngineRequestError: an engine refused the request (e.g. a prompt longer than its context).
             RestartBudgetExhausted, EngineDead, EngineStartError: an engine failed for good.
         """
-        self._raise_if_fatal()
+        self._supervisor.check()
         shares: dict[Engine, list[int]] = {}
         for prompt_index in range(len(prompt_token_ids)):
             shares.setdefault(self.engines[prompt_index % len(self.engines)], []).append(prompt_index)
@@ -269,7 +273,7 @@ class EngineGroup:
                 keys.append((prompt_index, sample_index))
                 input_ids.append(prompt)
                 params.append(protocol.sampling_body(sampling, seed))
-        answer = self._call(engine, "POST", protocol.GENERATE, protocol.generate_body(input_ids, params), timeout=self.request_timeout_s)
+        answer = self._supervisor.call(engine, "POST", protocol.GENERATE, protocol.generate_body(input_ids, params), timeout=self.request_timeout_s)
         try:
             items = protocol.parse_generate_response(answer, len(keys))
         except ValueError as error:
@@ -297,95 +301,17 @@ class EngineGroup:
             EngineRequestError: an engine refused the weights (unknown names, wrong shapes).
             RestartBudgetExhausted, EngineStartError: an engine that failed could not be restarted.
         """
-        self._raise_if_fatal()
-        weight_version = str(version)
-        with self._health_paused():
-            # Engines that miss part of this update (dead, stalled, cut off by a failed broadcast)
-            # are given the snapshot once it is complete.
-            failed: dict[Engine, EngineError] = {}
-            incarnations = {engine: engine.incarnation for engine in self.engines}
-            self._snapshot.begin(weight_version)
-            try:
-                if self.weight_transport != "disk":
-                    self._each(self.engines, failed, lambda engine: self._call_once(engine, protocol.BEGIN_WEIGHT_UPDATE, {}))
-                if self.weight_transport == "nccl":
-                    self._connect_broadcast(failed)
-                for bucket in buckets:
-                    if bucket.nbytes:
-                        self._push(bucket, self._snapshot.add(bucket), weight_version, failed)
-                directory = str(self._snapshot.commit())
-            except BaseException:
-                self._snapshot.abort()
-                if self.weight_transport != "disk":
-                    with contextlib.suppress(EngineError):
-                        self._end_sessions([engine for engine in self.engines if engine not in failed])
-                raise
-            if self.weight_transport == "disk":
-                body = protocol.update_from_disk_body(directory, weight_version)
-                self._each(self.engines, failed, lambda engine: self._call_once(engine, protocol.UPDATE_FROM_DISK, body))
-            else:
-                self._each(self.engines, failed, lambda engine: self._call_once(engine, protocol.END_WEIGHT_UPDATE, {}))
-                self._each(self.engines, failed, lambda engine: self._call_once(engine, protocol.FLUSH_CACHE, None))
-            for engine in self.engines:
-                if engine in failed or engine.incarnation != incarnations[engine]:
-                    self._reload(engine, failed.get(engine))
-
-    def _reload(self, engine: Engine, cause: EngineError | None) -> None:
-        """Give an engine that missed part of an update the snapshot; restart it if that fails too."""
-        if cause is not None:
-            log.warning("rollout engine %s missed part of a weight update (%s); loading the snapshot", engine.label, cause)
-        incarnation = engine.incarnation
-        try:
-            self._end_sessions([engine])
-            self._load_snapshot(engine)
-        except EngineError as error:
-            self._recover(engine, incarnation, error)
-
-    def _end_sessions(self, engines: Sequence[Engine]) -> None:
-        """Close weight-update sessions that an interrupted update left open (where there are any)."""
-        for engine in engines:
-            with contextlib.suppress(EngineRequestError):
-                self._call_once(engine, protocol.END_WEIGHT_UPDATE, {})
-
-    def _push(self, bucket: Bucket, written: tuple[Path, int], weight_version: str, failed: dict[Engine, EngineError]) -> None:
-        """Send one bucket to every engine that has not failed during this update."""
-        live = [engine for engine in self.engines if engine not in failed]
-        if self.weight_transport == "nccl":
-            if self._broadcast.group is None:
-                return  # a failed broadcast broke the group: the snapshot reloads every engine
-            failed.update(self._broadcast.push(live, bucket, weight_version))
-        elif self.weight_transport == "tensor":
-
-            def send(engine: Engine) -> None:
-                ranks = engine.tensor_parallel
-                payloads = hf_file_payloads(*written, bucket, ranks) if engine.kind == "hf" else cuda_ipc_payloads(bucket, ranks)
-                self._call_once(engine, protocol.UPDATE_FROM_TENSOR, protocol.update_from_tensor_body(payloads, weight_version))
-
-            self._each(live, failed, send)
-
-    def _connect_broadcast(self, failed: dict[Engine, EngineError]) -> None:
-        live = [engine for engine in self.engines if engine not in failed]
-        if self._broadcast.ready_for(live):
-            return
-        try:
-            self._broadcast.connect(live)
-        except EngineError as error:
-            failed.update((engine, error) for engine in live)
-
-    def _each(self, engines: Sequence[Engine], failed: dict[Engine, EngineError], action: Callable[[Engine], None]) -> None:
-        """Run ``action`` on every engine not yet failed, concurrently; a dead or stalled engine joins ``failed``."""
-        calls = {engine: self._pool.submit(action, engine) for engine in engines if engine not in failed}
-        for engine, call in calls.items():
-            error = call.exception()
-            if isinstance(error, EngineRequestError):
-                raise error
-            if isinstance(error, EngineError):
-                failed[engine] = error
-            elif error is not None:
-                raise error
-
-    def _call_once(self, engine: Engine, path: str, body) -> None:
-        engine.call("POST", path, body, timeout=self.request_timeout_s)
+        self._supervisor.check()
+        with self._supervisor.paused():
+            missed = self._updates.send(buckets, str(version), self.weight_transport)
+            # Engines that missed part of it (dead, stalled, cut off by a failed broadcast) are
+            # given the complete snapshot; one that fails that too is restarted.
+            for engine, cause in missed.items():
+                incarnation = engine.incarnation
+                try:
+                    self._updates.catch_up(engine, cause)
+                except EngineError as error:
+                    self._supervisor.recover(engine, incarnation, error)
 
     def release_memory(self, tags: Sequence[str] | None = None) -> None:
         """Free the engines' GPU memory for training (colocated mode); health checks pause until resumed.
@@ -393,12 +319,12 @@ class EngineGroup:
         Args:
             tags: regions to release, a subset of ``weights``, ``kv_cache``, ``cuda_graph``; None: all.
         """
-        self._raise_if_fatal()
+        self._supervisor.check()
         body = protocol.memory_body(tags)
         if not self._released:
-            self._pause_health()
+            self._supervisor.pause()
         self._released.update(tags or protocol.MEMORY_TAGS)
-        _results([self._pool.submit(self._call, engine, "POST", protocol.RELEASE_MEMORY, body, timeout=self.request_timeout_s) for engine in self.engines])
+        _results([self._pool.submit(self._supervisor.call, engine, "POST", protocol.RELEASE_MEMORY, body, timeout=self.request_timeout_s) for engine in self.engines])
 
     def resume_memory(self, tags: Sequence[str] | None = None) -> None:
         """Take the released memory back (e.g. ``["weights"]`` before an update, then the rest).
@@ -407,34 +333,26 @@ class EngineGroup:
             tags: regions to resume; None: every region still released (SGLang fails on a region
                 that is not released, so None never names one).
         """
-        self._raise_if_fatal()
+        self._supervisor.check()
         if tags is None:
             tags = [tag for tag in protocol.MEMORY_TAGS if tag in self._released]
             if not tags:
                 return
         body = protocol.memory_body(tags)
-        _results([self._pool.submit(self._call, engine, "POST", protocol.RESUME_MEMORY, body, timeout=self.request_timeout_s) for engine in self.engines])
+        _results([self._pool.submit(self._supervisor.call, engine, "POST", protocol.RESUME_MEMORY, body, timeout=self.request_timeout_s) for engine in self.engines])
         if self._released:
             self._released.difference_update(tags)
             if not self._released:
-                self._resume_health()
+                self._supervisor.resume()
 
     def flush_cache(self) -> None:
         """Drop every engine's prefix cache."""
-        self._raise_if_fatal()
-        _results([self._pool.submit(self._call, engine, "POST", protocol.FLUSH_CACHE, None, timeout=self.request_timeout_s) for engine in self.engines])
+        self._supervisor.check()
+        _results([self._pool.submit(self._supervisor.call, engine, "POST", protocol.FLUSH_CACHE, None, timeout=self.request_timeout_s) for engine in self.engines])
 
     def health(self) -> dict[str, bool]:
         """Whether each engine answers ``/health_generate`` within ``health_timeout_s`` (no restarts)."""
-
-        def healthy(engine: Engine) -> bool:
-            try:
-                engine.call("GET", protocol.HEALTH_GENERATE, timeout=self.health_timeout_s)
-                return True
-            except EngineError:
-                return False
-
-        return dict(zip((engine.name for engine in self.engines), self._health_pool.map(healthy, self.engines)))
+        return self._supervisor.health()
 
     def read_weight(self, name: str, engine_index: int = 0) -> list:
         """One weight as an engine holds it (``/get_weights_by_name``, every row), for checks.
@@ -447,125 +365,18 @@ class EngineGroup:
 
     def pids(self) -> dict[str, int]:
         """Process id of every launched engine's server."""
-        return {engine.name: engine.process.pid for engine in self.engines if engine.process is not None}
+        return self._supervisor.pids()
 
     def shutdown(self) -> None:
         """Stop the monitor and every launched engine; delete the snapshot. Idempotent."""
-        if self._closed:
+        if self._supervisor.closed:
             return
-        self._closed = True
         atexit.unregister(self.shutdown)
-        self._stop.set()
-        if self._monitor is not None and self._monitor is not threading.current_thread():
-            self._monitor.join(timeout=self.health_timeout_s + 1)
-        if self._broadcast.group is not None:
-            self._broadcast.close(())
-        for engine in self.engines:
-            if engine.managed:
-                with engine.lock:
-                    engine.stop()
+        self._supervisor.close()
+        self._updates.close()  # leaves the broadcast group while its members still run
+        self._supervisor.stop_engines()
         self._pool.shutdown(wait=False, cancel_futures=True)
-        self._health_pool.shutdown(wait=False, cancel_futures=True)
         self._snapshot.close()
-
-    def _call(self, engine: Engine, method: str, path: str, body=None, *, timeout: float):
-        """One request; a dead engine is restarted (with the current weights) and the request sent again."""
-        while True:
-            self._raise_if_fatal()
-            incarnation = engine.incarnation
-            try:
-                return engine.call(method, path, body, timeout=timeout)
-            except EngineDead as error:
-                self._recover(engine, incarnation, error)
-
-    def _recover(self, engine: Engine, seen_incarnation: int, cause: EngineError) -> None:
-        """Restart ``engine`` and load the current weights, unless it was restarted since ``seen_incarnation``.
-
-        Raises:
-            RestartBudgetExhausted: no restarts left (the group is then unusable).
-            EngineDead: the engine was not launched by megarl.
-            EngineStartError: the restarted engine did not come up.
-        """
-        with engine.lock:
-            if engine.incarnation != seen_incarnation or self._closed:
-                return
-            self._raise_if_fatal()
-            if not engine.managed:
-                self._fatal = EngineDead(engine.label, f"failed and was not launched by megarl, so it cannot be restarted: {cause}")
-                raise self._fatal
-            with self._restart_lock:
-                if self.restarts >= self.restart_budget:
-                    self._fatal = RestartBudgetExhausted(
-                        engine.label,
-                        f"failed ({cause}) with every restart of the run's budget used "
-                        f"({self.restarts} of rollout.restart_budget={self.restart_budget}); see its log {engine.log_path}",
-                    )
-                    raise self._fatal
-                self.restarts += 1
-            log.warning("restarting rollout engine %s (restart %d of %d): %s", engine.label, self.restarts, self.restart_budget, cause)
-            engine.kill()
-            try:
-                engine.start()
-                self._load_snapshot(engine)
-            except EngineError as error:
-                self._fatal = error
-                raise
-
-    def _load_snapshot(self, engine: Engine) -> None:
-        """Give ``engine`` the current weights (nothing to do before the first update)."""
-        if self._snapshot.current is not None:
-            body = protocol.update_from_disk_body(str(self._snapshot.current), self._snapshot.version)
-            engine.call("POST", protocol.UPDATE_FROM_DISK, body, timeout=self.request_timeout_s)
-
-    def _raise_if_fatal(self) -> None:
-        if self._fatal is not None:
-            raise self._fatal
-        if self._closed:
-            raise RuntimeError("this EngineGroup was shut down")
-
-    def _start_monitor(self) -> None:
-        self._monitor = threading.Thread(target=self._watch, name="megarl-engine-health", daemon=True)
-        self._monitor.start()
-
-    def _pause_health(self) -> None:
-        with self._pause_lock:
-            self._pauses += 1
-
-    def _resume_health(self) -> None:
-        with self._pause_lock:
-            self._pauses -= 1
-
-    @contextlib.contextmanager
-    def _health_paused(self):
-        self._pause_health()
-        try:
-            yield
-        finally:
-            self._resume_health()
-
-    def _watch(self) -> None:
-        """Health monitor: restart every engine that fails ``/health_generate``."""
-        while not self._stop.wait(self.health_check_interval_s):
-            if self._pauses or self._fatal is not None:
-                continue
-            idle = [engine for engine in self.engines if _not_restarting(engine)]
-            incarnations = {engine: engine.incarnation for engine in idle}
-            checks = {engine: self._health_pool.submit(engine.call, "GET", protocol.HEALTH_GENERATE, timeout=self.health_timeout_s) for engine in idle}
-            for engine, check in checks.items():
-                error = check.exception()
-                if error is None or self._pauses or self._stop.is_set():
-                    continue
-                try:
-                    self._recover(engine, incarnations[engine], error)
-                except EngineError:
-                    return
-
-
-def _not_restarting(engine: Engine) -> bool:
-    if not engine.lock.acquire(blocking=False):
-        return False
-    engine.lock.release()
-    return True
 
 
 def _results(calls: list[concurrent.futures.Future]) -> list:

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from megarl.config import resolve_model_path
 from megarl.rollout import EngineGroup, EngineRequestError, SamplingParams
-from megarl.rollout.hf_weights import HFWeightMap
+from megarl.rollout.embedded.weights import HFWeightMap
 from megarl.weights.bucket import Bucket
 
 pytestmark = pytest.mark.multirank

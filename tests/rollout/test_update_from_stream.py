@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from megarl.config import resolve_model_path
 from megarl.rollout import EngineGroup, SamplingParams
-from megarl.rollout.hf_weights import HFWeightMap
+from megarl.rollout.embedded.weights import HFWeightMap
 from tests.distributed import REPO, run_torchrun
 
 pytestmark = pytest.mark.multirank

@@ -168,7 +168,7 @@ def test_a_failure_past_the_restart_budget_stops_the_run_naming_the_engine(super
 LAUNCHER_SCRIPT = """
 import os, subprocess, sys, time
 engine = subprocess.Popen(
-    [sys.executable, "-m", "megarl.rollout.hf_server", "--model", sys.argv[1], "--threads", "1", "--parent-pid", str(os.getpid())],
+    [sys.executable, "-m", "megarl.rollout.embedded.server", "--model", sys.argv[1], "--threads", "1", "--parent-pid", str(os.getpid())],
     start_new_session=True,
 )
 print(engine.pid, flush=True)

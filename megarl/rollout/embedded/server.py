@@ -2,7 +2,7 @@
 
 ::
 
-    python -m megarl.rollout.hf_server --model PATH [--port 0 --ready-file FILE --seed 0 ...]
+    python -m megarl.rollout.embedded.server --model PATH [--port 0 --ready-file FILE --seed 0 ...]
 
 It serves the subset of SGLang's endpoints that megarl's client uses, with SGLang's request and
 response fields (:mod:`megarl.rollout.protocol`), so the client, its weight transports, health
@@ -12,13 +12,13 @@ checks and restarts run unchanged on a laptop or in CI:
   ``temperature``, ``top_p``, ``top_k``, ``stop_token_ids``, ``n``, ``sampling_seed``,
   ``ignore_eos``), ``return_logprob``; answers ``output_ids`` and ``meta_info`` with
   ``finish_reason``, ``output_token_logprobs`` and ``weight_version``. Generation:
-  :mod:`megarl.rollout.hf_generate`.
+  :mod:`megarl.rollout.embedded.generate`.
 - ``/begin_weight_update``, ``/update_weights_from_tensor`` (``load_format: flattened_bucket``;
   each payload is a handle to a bucket file in shared memory, :mod:`megarl.rollout.bucket_files`),
   ``/update_weights_from_distributed`` and ``/init_weights_update_group`` (any torch backend,
   gloo on CPU), ``/end_weight_update``, ``/update_weights_from_disk`` (a directory of safetensors),
   ``/get_weights_by_name``. Weights are addressed by HF checkpoint names
-  (:class:`megarl.rollout.hf_weights.HFWeightMap`).
+  (:class:`megarl.rollout.embedded.weights.HFWeightMap`).
 - ``/release_memory_occupation`` and ``/resume_memory_occupation``: the CPU engine frees nothing,
   but refuses to generate while its weights are released, as SGLang cannot.
 - ``/flush_cache`` (no cache to flush), ``/health``, ``/health_generate``, ``/get_model_info``.
@@ -51,8 +51,8 @@ from transformers import AutoModelForCausalLM
 
 from megarl.rollout import protocol
 from megarl.rollout.bucket_files import open_handle
-from megarl.rollout.hf_generate import BatchGenerator, Request
-from megarl.rollout.hf_weights import HFWeightMap
+from megarl.rollout.embedded.generate import BatchGenerator, Request
+from megarl.rollout.embedded.weights import HFWeightMap
 from megarl.rollout.update_group import join_update_group, leave_update_group
 from megarl.rollout.watchdog import start_parent_watchdog
 from megarl.weights.bucket import Bucket, dtype_from_name, pack_layout
@@ -414,7 +414,7 @@ def make_handler(engine: HFEngine) -> type[BaseHTTPRequestHandler]:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m megarl.rollout.hf_server", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m megarl.rollout.embedded.server", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="HF model directory")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0: any free port (see --ready-file)")

@@ -1,38 +1,26 @@
-"""The hf engine's parts in one process: generation and its log-probs, the weight map, bucket files,
-the weight snapshot."""
+"""The hf engine's batched generation in one process: log-probs against a teacher-forced forward,
+independence from the batch, seeds, stop tokens and limits, top-k."""
 
 from __future__ import annotations
-
-import json
 
 import pytest
 import torch
 import transformers
-from safetensors.torch import load_file, save_file
 
 from megarl.config import resolve_model_path
-from megarl.rollout.bucket_files import encode_handle, open_handle, write_bucket
-from megarl.rollout.hf_generate import BatchGenerator, Request
-from megarl.rollout.hf_weights import HFWeightMap
-from megarl.rollout.snapshot import WeightSnapshot
-from megarl.weights.bucket import Bucket, TensorMeta
+from megarl.rollout.embedded.generate import BatchGenerator, Request
 
 pytestmark = pytest.mark.cpu
 
 MOE = resolve_model_path("bundled:tiny-moe")
-DENSE = resolve_model_path("bundled:tiny-dense")
 EOS = 2
 LOGPROB_TOLERANCE = 1e-5
-
-
-def load(path):
-    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
 @pytest.fixture(scope="module")
 def moe():
     torch.manual_seed(0)
-    return load(MOE)
+    return transformers.AutoModelForCausalLM.from_pretrained(MOE, dtype=torch.float32).eval()
 
 
 def request(prompt, **overrides):
@@ -118,80 +106,3 @@ def test_top_k_restricts_the_draw_but_not_the_reported_logprob(moe):
     assert torch.allclose(torch.tensor(top1.logprobs), expected, atol=LOGPROB_TOLERANCE, rtol=0)
     nucleus = generator(moe).generate([request(prompt, top_p=1e-6, stop_token_ids=frozenset())])[0]
     assert nucleus.output_ids == greedy.output_ids
-
-
-@pytest.mark.parametrize("path", [MOE, DENSE], ids=["moe", "dense-tied"])
-def test_weight_map_reads_and_writes_checkpoint_tensors_bitwise(path, tmp_path):
-    model = load(path)
-    weights = HFWeightMap(model)
-    checkpoint = load_file(path / "model.safetensors")
-    assert set(checkpoint) <= weights.names()
-    assert all(torch.equal(weights.read(name), tensor) for name, tensor in checkpoint.items())
-    draw = torch.Generator().manual_seed(1)
-    changed = {name: tensor + torch.randn(tensor.shape, generator=draw) for name, tensor in checkpoint.items()}
-    for name, tensor in changed.items():
-        weights.load(name, tensor)
-    assert all(torch.equal(weights.read(name), tensor) for name, tensor in changed.items())
-    directory = tmp_path / "changed"
-    directory.mkdir()
-    for source in path.iterdir():
-        if source.suffix != ".safetensors":
-            (directory / source.name).write_bytes(source.read_bytes())
-    save_file(changed, directory / "model.safetensors")
-    tokens = torch.tensor([prompts(1)[0]])
-    with torch.no_grad():
-        assert torch.equal(model(tokens).logits, load(directory)(tokens).logits)
-
-
-def test_weight_map_rejects_unknown_names_and_shapes(moe):
-    weights = HFWeightMap(moe)
-    with pytest.raises(KeyError, match="no checkpoint tensor named"):
-        weights.load("model.layers.0.mlp.experts.99.up_proj.weight", torch.zeros(1))
-    with pytest.raises(ValueError, match="got shape"):
-        weights.load("model.norm.weight", torch.zeros(3))
-
-
-def test_bucket_files_round_trip_mixed_dtypes(tmp_path):
-    named = [
-        ("a", torch.arange(3, dtype=torch.bfloat16)),  # 6 bytes: the next tensor starts unaligned
-        ("b", torch.randn(2, 3)),
-        ("c", torch.tensor([True, False])),
-        ("d", torch.arange(5, dtype=torch.int64).reshape(5, 1)),
-    ]
-    bucket = Bucket.from_named_tensors(named)
-    path = tmp_path / "bucket.safetensors"
-    offset = write_bucket(path, bucket)
-    assert offset % 8 == 0 and not (tmp_path / "bucket.safetensors.partial").exists()
-    loaded = load_file(path)
-    assert all(torch.equal(loaded[name], tensor) and loaded[name].dtype == tensor.dtype for name, tensor in named)
-
-    mapped = open_handle(encode_handle(path, offset, bucket))
-    assert [(name, tensor.dtype) for name, tensor in mapped.named_tensors()] == [(name, tensor.dtype) for name, tensor in named]
-    assert all(torch.equal(got, want) for (_, got), (_, want) in zip(mapped.named_tensors(), named))
-    with pytest.raises(ValueError, match="malformed bucket-file handle"):
-        open_handle("bm90IGpzb24=")
-    gap = Bucket(buffer=torch.zeros(16, dtype=torch.uint8), metas=[TensorMeta(name="x", dtype=torch.float32, shape=(2,), start=8, end=16)])
-    with pytest.raises(ValueError, match="back to back"):
-        write_bucket(tmp_path / "gap.safetensors", gap)
-
-
-def test_snapshot_keeps_one_complete_version(tmp_path):
-    snapshot = WeightSnapshot(tmp_path, MOE)
-    assert snapshot.current is None and not list(tmp_path.iterdir())
-    snapshot.begin("1")
-    path, _ = snapshot.add(Bucket.from_named_tensors([("x", torch.ones(2))]))
-    assert path.parent.name == "weights-v1.partial"
-    first = snapshot.commit()
-    assert snapshot.version == "1" and first == snapshot.current
-    assert json.loads((first / "config.json").read_text())["model_type"] == "qwen3_moe"
-    assert not list(first.glob("model.safetensors"))
-    snapshot.begin("2")
-    snapshot.add(Bucket.from_named_tensors([("x", torch.zeros(2))]))
-    snapshot.abort()
-    assert snapshot.current == first and first.exists()
-    snapshot.begin("2")
-    snapshot.add(Bucket.from_named_tensors([("x", torch.zeros(2))]))
-    second = snapshot.commit()
-    assert not first.exists() and torch.equal(load_file(second / "bucket-00000.safetensors")["x"], torch.zeros(2))
-    snapshot.close()
-    assert not snapshot.directory.exists()

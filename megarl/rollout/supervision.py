@@ -1,0 +1,218 @@
+"""Keeping engine servers alive: start-up, a health monitor, restarts within a budget, shutdown.
+
+An :class:`EngineSupervisor` owns the engines' processes; the client
+(:class:`megarl.rollout.group.EngineGroup`) sends its generation and memory requests through
+:meth:`EngineSupervisor.call`, has engines that missed a weight update restarted through
+:meth:`EngineSupervisor.recover`, and never restarts anything itself.
+
+Faults. A health monitor thread calls ``/health_generate`` on every engine each
+``health_check_interval_s``; an engine that fails it within ``health_timeout_s`` (dead, or
+stalled), or whose process dies under a request, is killed, restarted and brought up to the
+current weights (the ``reload`` callback: the client loads its weight snapshot,
+:mod:`megarl.rollout.snapshot`); a request it held is then sent again, and its per-sample seeds
+make the re-sent samples the ones the first attempt would have drawn. Restarts count against
+``restart_budget`` for the whole run; past it, the call (and every later one) raises
+:class:`RestartBudgetExhausted`. Engines given by URL are not restarted: their failure raises
+:class:`EngineDead`. The monitor is paused (:meth:`EngineSupervisor.paused`) during weight
+updates and while memory is released.
+
+Shutdown stops the monitor, then every launched engine; engines also exit by themselves when the
+launching process dies (:mod:`megarl.rollout.watchdog`).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import logging
+import threading
+from typing import Any, Callable
+
+from megarl.rollout import protocol
+from megarl.rollout.engine import Engine
+from megarl.rollout.errors import EngineDead, EngineError, RestartBudgetExhausted
+
+log = logging.getLogger(__name__)
+
+
+class EngineSupervisor:
+    """Starts, watches and restarts a group's engines; see the module docstring.
+
+    Args:
+        engines: the engines (launched ones are started by :meth:`start` and restarted on failure).
+        pool: threads for starting the engines concurrently.
+        reload: gives a freshly restarted engine the current weights (raises ``EngineError``).
+        health_check_interval_s: seconds between health checks.
+        health_timeout_s: limit of one health check.
+        restart_budget: engine restarts allowed during the run.
+    """
+
+    def __init__(
+        self,
+        engines: list[Engine],
+        *,
+        pool: concurrent.futures.Executor,
+        reload: Callable[[Engine], None],
+        health_check_interval_s: float,
+        health_timeout_s: float,
+        restart_budget: int,
+    ):
+        self.engines = engines
+        self.health_check_interval_s = health_check_interval_s
+        self.health_timeout_s = health_timeout_s
+        self.restart_budget = restart_budget
+        """Engine restarts allowed during the run (may be changed at any time)."""
+        self.restarts = 0
+        """Engine restarts so far."""
+        self.closed = False
+        """Set by :meth:`close`: nothing is restarted any more and every call raises."""
+        self._pool = pool
+        self._reload = reload
+        self._health_pool = concurrent.futures.ThreadPoolExecutor(max_workers=len(engines), thread_name_prefix="megarl-health")
+        self._restart_lock = threading.Lock()
+        self._fatal: EngineError | None = None
+        self._pauses = 0
+        self._pause_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._monitor: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Launch every engine megarl manages, concurrently, wait until all are healthy, then start
+        the health monitor.
+
+        Raises:
+            EngineStartError: an engine did not come up (the caller stops the others).
+        """
+        for start in [self._pool.submit(engine.start) for engine in self.engines if engine.managed]:
+            start.result()
+        self._monitor = threading.Thread(target=self._watch, name="megarl-engine-health", daemon=True)
+        self._monitor.start()
+
+    def call(self, engine: Engine, method: str, path: str, body: Any = None, *, timeout: float) -> Any:
+        """One request; a dead engine is restarted (with the current weights) and the request sent again."""
+        while True:
+            self.check()
+            incarnation = engine.incarnation
+            try:
+                return engine.call(method, path, body, timeout=timeout)
+            except EngineDead as error:
+                self.recover(engine, incarnation, error)
+
+    def recover(self, engine: Engine, seen_incarnation: int, cause: EngineError) -> None:
+        """Restart ``engine`` and reload the current weights, unless it was restarted since ``seen_incarnation``.
+
+        Raises:
+            RestartBudgetExhausted: no restarts left (the group is then unusable).
+            EngineDead: the engine was not launched by megarl.
+            EngineStartError: the restarted engine did not come up.
+        """
+        with engine.lock:
+            if engine.incarnation != seen_incarnation or self.closed:
+                return
+            self.check()
+            if not engine.managed:
+                self._fatal = EngineDead(engine.label, f"failed and was not launched by megarl, so it cannot be restarted: {cause}")
+                raise self._fatal
+            with self._restart_lock:
+                if self.restarts >= self.restart_budget:
+                    self._fatal = RestartBudgetExhausted(
+                        engine.label,
+                        f"failed ({cause}) with every restart of the run's budget used "
+                        f"({self.restarts} of rollout.restart_budget={self.restart_budget}); see its log {engine.log_path}",
+                    )
+                    raise self._fatal
+                self.restarts += 1
+            log.warning("restarting rollout engine %s (restart %d of %d): %s", engine.label, self.restarts, self.restart_budget, cause)
+            engine.kill()
+            try:
+                engine.start()
+                self._reload(engine)
+            except EngineError as error:
+                self._fatal = error
+                raise
+
+    def check(self) -> None:
+        """Raise the error that made the group unusable, if any.
+
+        Raises:
+            EngineError: an engine failed for good earlier (the same error again).
+            RuntimeError: the group was shut down.
+        """
+        if self._fatal is not None:
+            raise self._fatal
+        if self.closed:
+            raise RuntimeError("this EngineGroup was shut down")
+
+    def pause(self) -> None:
+        """Suspend health checks until the matching :meth:`resume` (pauses nest)."""
+        with self._pause_lock:
+            self._pauses += 1
+
+    def resume(self) -> None:
+        """End one :meth:`pause`."""
+        with self._pause_lock:
+            self._pauses -= 1
+
+    @contextlib.contextmanager
+    def paused(self):
+        """No health checks inside the block."""
+        self.pause()
+        try:
+            yield
+        finally:
+            self.resume()
+
+    def health(self) -> dict[str, bool]:
+        """Whether each engine answers ``/health_generate`` within ``health_timeout_s`` (no restarts)."""
+
+        def healthy(engine: Engine) -> bool:
+            try:
+                engine.call("GET", protocol.HEALTH_GENERATE, timeout=self.health_timeout_s)
+                return True
+            except EngineError:
+                return False
+
+        return dict(zip((engine.name for engine in self.engines), self._health_pool.map(healthy, self.engines)))
+
+    def pids(self) -> dict[str, int]:
+        """Process id of every launched engine's server."""
+        return {engine.name: engine.process.pid for engine in self.engines if engine.process is not None}
+
+    def close(self) -> None:
+        """Stop restarting: later calls raise, and the health monitor ends."""
+        self.closed = True
+        self._stop.set()
+        if self._monitor is not None and self._monitor is not threading.current_thread():
+            self._monitor.join(timeout=self.health_timeout_s + 1)
+
+    def stop_engines(self) -> None:
+        """Stop every launched engine, and the health-check threads (after :meth:`close`)."""
+        for engine in self.engines:
+            if engine.managed:
+                with engine.lock:
+                    engine.stop()
+        self._health_pool.shutdown(wait=False, cancel_futures=True)
+
+    def _watch(self) -> None:
+        """Health monitor: restart every engine that fails ``/health_generate``."""
+        while not self._stop.wait(self.health_check_interval_s):
+            if self._pauses or self._fatal is not None:
+                continue
+            idle = [engine for engine in self.engines if _not_restarting(engine)]
+            incarnations = {engine: engine.incarnation for engine in idle}
+            checks = {engine: self._health_pool.submit(engine.call, "GET", protocol.HEALTH_GENERATE, timeout=self.health_timeout_s) for engine in idle}
+            for engine, check in checks.items():
+                error = check.exception()
+                if error is None or self._pauses or self._stop.is_set():
+                    continue
+                try:
+                    self.recover(engine, incarnations[engine], error)
+                except EngineError:
+                    return
+
+
+def _not_restarting(engine: Engine) -> bool:
+    if not engine.lock.acquire(blocking=False):
+        return False
+    engine.lock.release()
+    return True
