@@ -28,7 +28,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from megarl.config import Config, ConfigError
+from megarl.config import ConfigError, LoggingConfig
 
 CONSOLE_METRICS = (
     ("reward/mean", "reward", "{:.3f}"),
@@ -48,37 +48,34 @@ class MetricsLogger:
     """Writes each step's metrics to every configured sink (a no-op on ranks other than 0).
 
     Args:
-        config: the run's config (``logging`` section, and the whole config for W&B).
+        logging_config: the ``logging`` section: which sinks, the run's name, the console line.
         run_dir: the run directory.
         enabled: whether this process writes (rank 0).
+        run_settings: what W&B records as the run's config: the whole resolved config
+            (``Config.to_dict()``); None records nothing.
     """
 
-    def __init__(self, config: Config, run_dir: Path, *, enabled: bool):
+    def __init__(self, logging_config: LoggingConfig, run_dir: Path, *, enabled: bool, run_settings: dict[str, Any] | None = None):
         self.enabled = enabled
-        self.config = config
+        self.logging_config = logging_config
         self.run_dir = run_dir
-        self.log_every = config.logging.log_every
-        self.console = config.logging.console
+        self.run_settings = run_settings
         self._jsonl = None
         self._tensorboard = None
         self._wandb = None
         if not enabled:
             return
         # The optional packages are checked now, so that a missing one fails before any training.
-        problems = sink_problems(config)
+        problems = sink_problems(logging_config)
         if problems:
             raise ConfigError("; ".join(problems))
-
-    @property
-    def _wandb_enabled(self) -> bool:
-        return wandb_enabled(self.config)
 
     def start(self, start_step: int) -> None:
         """Open the sinks for a run that goes on at ``start_step`` (0: a new run), dropping what
         they hold for that step and later ones."""
         if not self.enabled:
             return
-        logging_config = self.config.logging
+        logging_config = self.logging_config
         self.run_dir.mkdir(parents=True, exist_ok=True)
         path = self.run_dir / "metrics.jsonl"
         if path.exists():
@@ -88,7 +85,7 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tensorboard = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"), purge_step=start_step or None)
-        if self._wandb_enabled:
+        if wandb_enabled(logging_config):
             import wandb
 
             id_file = self.run_dir / "wandb_run_id"
@@ -104,7 +101,7 @@ class MetricsLogger:
                 resume="allow",
                 dir=str(self.run_dir),
                 mode=logging_config.wandb_mode,
-                config=self.config.to_dict(),
+                config=self.run_settings,
                 reinit="finish_previous",
             )
 
@@ -122,8 +119,8 @@ class MetricsLogger:
                 self._tensorboard.add_scalar(name, value, global_step=step)
         if self._wandb is not None:
             self._wandb.log(values, step=step)
-        if self.console and step % self.log_every == 0:
-            tqdm.write(console_line(step, values, self.config.logging.console_metrics))
+        if self.logging_config.console and step % self.logging_config.log_every == 0:
+            tqdm.write(console_line(step, values, self.logging_config.console_metrics))
 
     def close(self) -> None:
         if self._jsonl is None:
@@ -138,15 +135,15 @@ class MetricsLogger:
             self._wandb = None
 
 
-def wandb_enabled(config: Config) -> bool:
+def wandb_enabled(logging_config: LoggingConfig) -> bool:
     """W&B asked for and not disabled by its mode."""
-    return config.logging.wandb and config.logging.wandb_mode != "disabled"
+    return logging_config.wandb and logging_config.wandb_mode != "disabled"
 
 
-def sink_problems(config: Config) -> list[str]:
+def sink_problems(logging_config: LoggingConfig) -> list[str]:
     """The optional packages the ``logging`` section asks for that are not installed, one line each
     (found without importing them)."""
-    wanted = {"tensorboard": config.logging.tensorboard, "wandb": wandb_enabled(config)}
+    wanted = {"tensorboard": logging_config.tensorboard, "wandb": wandb_enabled(logging_config)}
     return [
         f"`logging.{package}` is true but the {package} package is not installed: pip install {package}, or set logging.{package}=false"
         for package, asked in wanted.items()

@@ -12,7 +12,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.process_groups_config import ProcessGroupCollection
 
-from megarl.config import ParallelConfig
+from megarl.config import ConfigError, ParallelConfig, world_size_errors
 
 
 def initialize(layout: ParallelConfig, timeout_minutes: int = 30) -> ProcessGroupCollection:
@@ -23,15 +23,16 @@ def initialize(layout: ParallelConfig, timeout_minutes: int = 30) -> ProcessGrou
 
     Returns:
         The process groups, to be passed explicitly to the model and the schedules.
+
+    Raises:
+        ConfigError: the layout does not fit the world size (:func:`megarl.config.world_size_errors`;
+            a run checks the whole layout against the model before, with :func:`megarl.config.validate`).
     """
     if not dist.is_initialized():
         raise RuntimeError("call megarl.platform.init_distributed() before megarl.parallel.initialize()")
-    world_size = dist.get_world_size()
-    if world_size % layout.model_parallel():
-        raise ValueError(
-            f"world size {world_size} is not divisible by TP x PP x CP = {layout.tensor} x "
-            f"{layout.pipeline} x {layout.context}: change the parallel layout or the number of processes"
-        )
+    problems = world_size_errors(layout, dist.get_world_size())
+    if problems:
+        raise ConfigError("\n".join(problems))
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(

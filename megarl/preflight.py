@@ -33,7 +33,7 @@ def check_run(config: Config, world_size: int) -> list[str]:
             validate(config, world_size, ModelFacts.from_hf_dir(resolve_model_path(config.model.path)))
         except ConfigError as error:
             problems.append(str(error))
-    problems += _data_problems(config) + _reward_problems(config) + sink_problems(config)
+    problems += _data_problems(config) + _reward_problems(config) + sink_problems(config.logging)
     if not problems:
         # Last: it imports torch to read the checkpoint's index.
         from megarl.checkpoint import CheckpointError, resolve_resume

@@ -45,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load_config(args.config, args.overrides)
     except ConfigError as error:
-        return refuse(PROGRAM, error)
+        return refuse(PROGRAM, *str(error).splitlines())
     if is_first_rank():
         from megarl.preflight import check_run
 

@@ -21,6 +21,8 @@ from megarl.config import (
     ModelFacts,
     OptimizerConfig,
     ParallelConfig,
+    Range,
+    layout_errors,
     load_config,
     parse_override,
     resolve_data_path,
@@ -28,6 +30,7 @@ from megarl.config import (
     resolve_steps,
     save_config,
     validate,
+    world_size_errors,
 )
 from tests.distributed import REPO
 
@@ -299,7 +302,7 @@ def test_yaml_type_errors_name_the_file(tmp_path):
         ("rollout.temperature=0", "`rollout.temperature` (0.0) must be > 0"),
         ("rollout.top_k=0", "`rollout.top_k` (0) must be -1 (off) or >= 1"),
         ("parallel.tensor=0", "`parallel.tensor` (0) must be >= 1"),
-        ("parallel.virtual_pipeline=0", "`parallel.virtual_pipeline` (0) must be >= 1 or null"),
+        ("parallel.virtual_pipeline=0", "`parallel.virtual_pipeline` (0) must be >= 1, or null"),
         ("train.micro_batch_size=0", "`train.micro_batch_size` (0) must be >= 1"),
         ("algorithm.clip_ratio_low=1.5", "`algorithm.clip_ratio_low` (1.5) must be in [0, 1)"),
         ("algorithm.clip_ratio_c=0.5", "`algorithm.clip_ratio_c` (0.5) must be > 1, or null"),
@@ -310,6 +313,11 @@ def test_yaml_type_errors_name_the_file(tmp_path):
         ("data.max_samples=0", "`data.max_samples` (0) must be >= 1, or null"),
         ("data.val_max_samples=-1", "`data.val_max_samples` (-1) must be >= 1, or null"),
         ("train.total_epochs=0", "`train.total_epochs` (0) must be >= 1, or null"),
+        ("rollout.stop_token_ids=[1, -2]", "`rollout.stop_token_ids` ([1, -2]) must all be >= 0"),
+        ("rollout.val_temperature=-1", "`rollout.val_temperature` (-1.0) must be >= 0 (0 is greedy)"),
+        ("rollout.mem_fraction=1", "`rollout.mem_fraction` (1.0) must be in (0, 1)"),
+        ("algorithm.icepop_low=0", "`algorithm.icepop_low` (0.0) must be > 0"),
+        ("algorithm.icepop_low=3", "`algorithm.icepop_low` (3.0) must be < icepop_high (2.0)"),
         (
             "data.train_file_weights=[1, 2]",
             "`data.train_file_weights` (length 2) must have the length of `data.train_files` (1): one positive weight per file",
@@ -410,6 +418,61 @@ def test_sections_check_their_ranges_when_built_directly():
         OptimizerConfig(lr=0.0)
     assert str(error.value) == "`optimizer.lr` (0.0) must be > 0"
     assert isinstance(error.value, ConfigError) and isinstance(error.value, ValueError)
+
+
+def test_a_section_built_directly_lists_every_problem():
+    with pytest.raises(FieldError) as error:
+        OptimizerConfig(lr=-1.0, adam_beta1=1.0, min_lr=2.0)
+    # min_lr is not compared with an lr that is itself out of range.
+    assert error.value.problems == [("optimizer.lr", "(-1.0) must be > 0"), ("optimizer.adam_beta1", "(1.0) must be in [0, 1)")]
+    assert str(error.value) == "`optimizer.lr` (-1.0) must be > 0\n`optimizer.adam_beta1` (1.0) must be in [0, 1)"
+
+
+def test_loading_reports_every_violation_at_once(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("algorithm:\n  gamma: 2\ntrain:\n  lr: 0.1\n")
+    overrides = ["rollout.n_samples_per_prompt=0", "train.optimizer.lr=0", "algorithm.tis_threshold_low=3", "train.steps=ten", "train.steps"]
+    with pytest.raises(ConfigError) as error:
+        load_config(path, overrides)
+    # Keys and types as each source is read, then ranges and rules section by section.
+    assert str(error.value).splitlines() == [
+        f"{path}: unknown key `train.lr` — did you mean `train.optimizer.lr`?",
+        "override `train.steps=ten`: `train.steps` = 'ten' must be null or an integer",
+        "override `train.steps` must look like key.sub=value (e.g. train.steps=10)",
+        "override `rollout.n_samples_per_prompt=0`: `rollout.n_samples_per_prompt` (0) must be >= 1",
+        f"{path}: `algorithm.gamma` (2.0) must be in [0, 1]",
+        "override `algorithm.tis_threshold_low=3`: `algorithm.tis_threshold_low` (3.0) must be < tis_threshold_high (2.0)",
+        "override `train.optimizer.lr=0`: `train.optimizer.lr` (0.0) must be > 0",
+    ]
+
+
+def test_a_cli_names_every_violation_on_its_own_line():
+    result = run_cli("--config", "configs/moe_grpo.yaml", "algorithm.gamma=2", "train.optimizer.lr=-1", "rollout.n_samples_per_prompt=0")
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr.splitlines() == [
+        "megarl.config: override `rollout.n_samples_per_prompt=0`: `rollout.n_samples_per_prompt` (0) must be >= 1",
+        "megarl.config: override `algorithm.gamma=2`: `algorithm.gamma` (2.0) must be in [0, 1]",
+        "megarl.config: override `train.optimizer.lr=-1`: `train.optimizer.lr` (-1.0) must be > 0",
+    ]
+
+
+def test_a_range_says_its_bounds():
+    assert [Range(ge=1).describe(), Range(gt=0).describe(), Range(ge=0, lt=1).describe(), Range(gt=0, le=1).describe()] == [
+        ">= 1", "> 0", "in [0, 1)", "in (0, 1]"
+    ]
+    assert Range(ge=1, off=-1).describe() == "-1 (off) or >= 1" and Range(ge=1, off=-1).admits(-1)
+    assert Range(ge=1).problem(None, optional=True, items=False) is None
+    assert Range(ge=1).problem(0, optional=True, items=False) == "(0) must be >= 1, or null"
+    assert Range(gt=0, fix="drop it").problem([1.0, 0.0], optional=False, items=True) == "([1.0, 0.0]) must all be > 0: drop it"
+
+
+def test_the_world_size_rules_are_the_layouts_own(facts):
+    # megarl.parallel.initialize refuses a layout with these, before Megatron sees it.
+    layout = ParallelConfig(tensor=2, pipeline=2, expert=2, sequence_parallel=True)
+    assert world_size_errors(layout, 8) == []
+    problems = world_size_errors(layout, 6)
+    assert [problem.split(" ", 1)[0] for problem in problems] == ["world", "`parallel.expert`"]
+    assert set(problems) <= set(layout_errors(layout, 6, facts["moe"]))
 
 
 def test_override_parsing():

@@ -18,7 +18,7 @@ METRICS = {"reward/mean": torch.tensor(0.5), "policy/loss": -0.25, "policy/grad_
 
 
 def test_every_step_is_a_json_line_and_the_console_shows_the_main_metrics(tmp_path, capsys):
-    logger = MetricsLogger(load_config(None, ["logging.log_every=2"]), tmp_path, enabled=True)
+    logger = MetricsLogger(load_config(None, ["logging.log_every=2"]).logging, tmp_path, enabled=True)
     logger.log(0, METRICS)
     logger.log(1, {**METRICS, "reward/mean": 0.75})
     logger.close()
@@ -35,7 +35,7 @@ def reject_constant(constant):
 
 
 def test_non_finite_values_are_strict_json_strings_that_float_reads(tmp_path):
-    logger = MetricsLogger(load_config(None, ["logging.console=false"]), tmp_path, enabled=True)
+    logger = MetricsLogger(load_config(None, ["logging.console=false"]).logging, tmp_path, enabled=True)
     logger.log(0, {"a": float("inf"), "b": float("-inf"), "c": torch.tensor(float("nan")), "d": 2})
     logger.close()
     (row,) = [json.loads(line, parse_constant=reject_constant) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -44,7 +44,7 @@ def test_non_finite_values_are_strict_json_strings_that_float_reads(tmp_path):
 
 
 def test_disabled_logger_writes_nothing(tmp_path):
-    logger = MetricsLogger(load_config(None), tmp_path / "run", enabled=False)
+    logger = MetricsLogger(load_config(None).logging, tmp_path / "run", enabled=False)
     logger.log(0, METRICS)
     logger.close()
     assert not (tmp_path / "run").exists()
@@ -55,7 +55,7 @@ def test_tensorboard_and_offline_wandb_write_under_the_run_directory(tmp_path, m
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_SILENT", "true")
     config = load_config(None, ["logging.tensorboard=true", "logging.wandb=true", "logging.wandb_mode=offline", "logging.console=false"])
-    logger = MetricsLogger(config, tmp_path, enabled=True)
+    logger = MetricsLogger(config.logging, tmp_path, enabled=True, run_settings=config.to_dict())
     logger.log(3, METRICS)
     logger.close()
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
@@ -68,7 +68,7 @@ def test_console_line_skips_missing_and_nan_metrics():
 
 
 def test_console_metrics_asked_for_follow_the_main_ones(tmp_path, capsys):
-    logger = MetricsLogger(load_config(None, ["logging.console_metrics=[reward/length, reward/absent]"]), tmp_path, enabled=True)
+    logger = MetricsLogger(load_config(None, ["logging.console_metrics=[reward/length, reward/absent]"]).logging, tmp_path, enabled=True)
     logger.log(0, {**METRICS, "reward/length": 3.14159})
     logger.close()
     assert capsys.readouterr().out.splitlines() == ["step 0 | reward 0.500 | loss -0.2500 | s/step 1.5 | reward/length 3.142"]
@@ -76,13 +76,13 @@ def test_console_metrics_asked_for_follow_the_main_ones(tmp_path, capsys):
 
 def test_a_resumed_run_replaces_the_rows_logged_after_its_checkpoint(tmp_path):
     config = load_config(None, ["logging.console=false"])
-    crashed = MetricsLogger(config, tmp_path, enabled=True)
+    crashed = MetricsLogger(config.logging, tmp_path, enabled=True)
     for step in range(5):
         crashed.log(step, {"reward/mean": float(step)})
     crashed.close()
     with open(tmp_path / "metrics.jsonl", "a") as handle:
         handle.write('{"step": 5, "rew')  # torn by the crash
-    resumed = MetricsLogger(config, tmp_path, enabled=True)
+    resumed = MetricsLogger(config.logging, tmp_path, enabled=True)
     resumed.start(3)  # the checkpoint was after step 2
     resumed.log(3, {"reward/mean": 30.0})
     resumed.close()
@@ -99,12 +99,12 @@ def test_a_resumed_run_purges_tensorboard_and_resumes_the_wandb_run(tmp_path, mo
 
     monkeypatch.setenv("WANDB_SILENT", "true")
     config = load_config(None, ["logging.tensorboard=true", "logging.wandb=true", "logging.wandb_mode=offline", "logging.console=false"])
-    first = MetricsLogger(config, tmp_path, enabled=True)
+    first = MetricsLogger(config.logging, tmp_path, enabled=True, run_settings=config.to_dict())
     for step in range(4):
         first.log(step, {"reward/mean": float(step)})
     first.close()
     run_id = (tmp_path / "wandb_run_id").read_text().strip()
-    resumed = MetricsLogger(config, tmp_path, enabled=True)
+    resumed = MetricsLogger(config.logging, tmp_path, enabled=True, run_settings=config.to_dict())
     resumed.start(2)
     resumed.log(2, {"reward/mean": 20.0})
     resumed.close()

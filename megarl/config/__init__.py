@@ -5,21 +5,22 @@ A run is one YAML file plus ``key.sub=value`` overrides::
     python -m megarl.config --config configs/moe_grpo.yaml train.steps=10 --print
 
 Loading is strict (:mod:`~megarl.config.loader`): an unknown key is an error that names the nearest
-valid key, and every value is checked against its field's type. Each section checks its own ranges
-when it is built (its module: ``model``, ``data``, ``rollout``, ``algorithm``, ``reward``,
-``train``, ``run``; ``root`` gathers them); :func:`validate` (:mod:`~megarl.config.checks`) then
-checks the sections against each other, the model and the world size before anything is built, and
-lists every violation with its fix.
+valid key, and every value is checked against its field's type. Each section checks, when it is
+built, the :class:`Range` declared on its numeric fields (``Annotated[float, Range(ge=0, le=1)]``)
+and its own cross-field rules (its module: ``model``, ``data``, ``rollout``, ``algorithm``,
+``reward``, ``train``, ``run``; ``root`` gathers them); the loader reports every violation at once.
+:func:`validate` (:mod:`~megarl.config.checks`) then checks the sections against each other, the
+model and the world size before anything is built, and lists every violation with its fix.
 """
 
 from __future__ import annotations
 
 from megarl.config.algorithm import AlgorithmConfig, KLEstimator
-from megarl.config.base import BUNDLED_PREFIX, ConfigError, FieldError, PACKAGE_DIR, resolve_data_path, resolve_model_path
+from megarl.config.base import BUNDLED_PREFIX, ConfigError, FieldError, PACKAGE_DIR, Range, Section, resolve_data_path, resolve_model_path
 from megarl.config.checks import validate
 from megarl.config.data import DataConfig
 from megarl.config.loader import load_config, parse_override, save_config
-from megarl.config.model import CONFIG_SPELLING, LayoutSpelling, ModelConfig, ModelFacts, ParallelConfig, layout_errors
+from megarl.config.model import CONFIG_SPELLING, LayoutSpelling, ModelConfig, ModelFacts, ParallelConfig, layout_errors, world_size_errors
 from megarl.config.reward import RewardConfig
 from megarl.config.rollout import RolloutConfig
 from megarl.config.root import Config
@@ -44,8 +45,10 @@ __all__ = [
     "OptimizerConfig",
     "PACKAGE_DIR",
     "ParallelConfig",
+    "Range",
     "RewardConfig",
     "RolloutConfig",
+    "Section",
     "TrainConfig",
     "layout_errors",
     "load_config",
@@ -55,4 +58,5 @@ __all__ = [
     "resolve_steps",
     "save_config",
     "validate",
+    "world_size_errors",
 ]

@@ -37,7 +37,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise ConfigError(f"WORLD_SIZE={environment!r} must be a positive integer")
             world_size = int(environment) if environment else config.parallel.min_world_size()
     except ConfigError as error:
-        print(f"megarl.config: {error}", file=sys.stderr)
+        # A config breaking several rules gives one line each.
+        print("\n".join(f"megarl.config: {line}" for line in str(error).splitlines()), file=sys.stderr)
         return 2
     problems = check_run(config, world_size)
     if problems:

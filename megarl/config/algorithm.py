@@ -4,42 +4,43 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal, Optional
+from collections.abc import Iterator
+from typing import Annotated, Literal, Optional
 
-from megarl.config.base import _require
+from megarl.config.base import Range, Section
 
 KLEstimator = Literal["k1", "k2", "k3", "abs"]
 """The KL estimators :mod:`megarl.algorithms.kl` registers."""
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)
-class AlgorithmConfig:
+class AlgorithmConfig(Section):
     """Advantages, the policy loss, KL, train/rollout mismatch corrections, reward shaping and filters."""
 
     advantage_estimator: Literal["grpo", "gae", "rloo", "reinforce_pp", "reinforce_pp_baseline"] = "grpo"
     """How advantages are computed; gae trains a critic (verl: algorithm.adv_estimator, slime:
     --advantage-estimator)."""
-    gamma: float = 1.0
+    gamma: Annotated[float, Range(ge=0, le=1)] = 1.0
     """Discount factor per token, in [0, 1] (gae, reinforce_pp) (verl: algorithm.gamma)."""
-    lam: float = 1.0
+    lam: Annotated[float, Range(ge=0, le=1)] = 1.0
     """GAE lambda, in [0, 1] (verl: algorithm.lam)."""
     norm_adv_by_std: bool = True
     """GRPO: divide by the group's reward std; false is Dr. GRPO (verl: algorithm.norm_adv_by_std_in_grpo)."""
     policy_loss: Literal["ppo", "gspo", "cispo"] = "ppo"
     """Policy objective: token-level PPO clip, GSPO (sequence-level ratio) or CISPO (clipped
     importance weight, gradient through every token) (verl: actor.policy_loss.loss_mode)."""
-    clip_ratio_low: float = 0.2
+    clip_ratio_low: Annotated[float, Range(ge=0, lt=1)] = 0.2
     """PPO clip below 1: the ratio is kept >= 1 - clip_ratio_low (verl: actor.clip_ratio_low, slime:
     --eps-clip)."""
-    clip_ratio_high: float = 0.2
+    clip_ratio_high: Annotated[float, Range(ge=0)] = 0.2
     """PPO clip above 1: the ratio is kept <= 1 + clip_ratio_high; above clip_ratio_low it is DAPO's
     clip-higher (verl: actor.clip_ratio_high, slime: --eps-clip-high)."""
-    clip_ratio_c: Optional[float] = None
+    clip_ratio_c: Annotated[Optional[float], Range(gt=1)] = None
     """Dual-clip bound (> 1, e.g. 3.0) for negative advantages; null disables it. Off by default,
     where verl's is on at 3.0: set 3.0 to match verl (verl: actor.clip_ratio_c, slime: --eps-clip-c)."""
     loss_agg_mode: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
     """How per-token losses become one number (verl: actor.loss_agg_mode)."""
-    entropy_coeff: float = 0.0
+    entropy_coeff: Annotated[float, Range(ge=0)] = 0.0
     """Entropy bonus coefficient (verl: actor.entropy_coeff, slime: --entropy-coef)."""
     use_kl_in_reward: bool = False
     """Subtract a KL-to-reference penalty from the token rewards (verl: algorithm.use_kl_in_reward)."""
@@ -47,15 +48,15 @@ class AlgorithmConfig:
     """KL estimator of the reward penalty (verl: algorithm.kl_penalty)."""
     kl_ctrl: Literal["fixed", "adaptive"] = "fixed"
     """Controller of the reward penalty's coefficient (verl: algorithm.kl_ctrl.type)."""
-    kl_coef: float = 0.001
+    kl_coef: Annotated[float, Range(ge=0)] = 0.001
     """Reward penalty coefficient; the initial one when adaptive (verl: algorithm.kl_ctrl.kl_coef)."""
-    kl_target: float = 0.1
+    kl_target: Annotated[float, Range(gt=0)] = 0.1
     """Adaptive controller: target KL per token (verl: algorithm.kl_ctrl.target_kl)."""
-    kl_horizon: int = 10000
+    kl_horizon: Annotated[int, Range(ge=1)] = 10000
     """Adaptive controller: horizon, samples (verl: algorithm.kl_ctrl.horizon)."""
     use_kl_loss: bool = False
     """Add KL to the reference policy as a loss term (verl: actor.use_kl_loss, slime: --use-kl-loss)."""
-    kl_loss_coef: float = 0.001
+    kl_loss_coef: Annotated[float, Range(ge=0)] = 0.001
     """Coefficient of the KL loss term (verl: actor.kl_loss_coef, slime: --kl-loss-coef)."""
     kl_loss_estimator: KLEstimator = "k3"
     """KL estimator of the loss term; k3 is verl's low_var_kl (verl: actor.kl_loss_type, slime:
@@ -63,28 +64,28 @@ class AlgorithmConfig:
     tis: bool = False
     """Truncated importance sampling: weight each token by its train/rollout probability ratio,
     clipped to [tis_threshold_low, tis_threshold_high] (slime: --use-tis)."""
-    tis_threshold_low: float = 0.0
+    tis_threshold_low: Annotated[float, Range(ge=0)] = 0.0
     """TIS: lower bound of the weight (slime: --tis-clip-low)."""
     tis_threshold_high: float = 2.0
     """TIS: upper bound of the weight (slime: --tis-clip)."""
     icepop: bool = False
     """ICEPOP: mask tokens whose train/rollout probability ratio leaves [icepop_low, icepop_high]
     (OpenRLHF: --use_icepop)."""
-    icepop_low: float = 0.5
+    icepop_low: Annotated[float, Range(gt=0)] = 0.5
     """ICEPOP: lower ratio bound."""
     icepop_high: float = 2.0
     """ICEPOP: upper ratio bound."""
-    reward_clip: Optional[float] = None
+    reward_clip: Annotated[Optional[float], Range(gt=0)] = None
     """Clip scores to [-reward_clip, reward_clip]; null disables it (OpenRLHF: --reward_clip)."""
     reward_norm: Literal["none", "batch", "group", "running"] = "none"
     """Score normalisation before the advantage estimator: over the batch, within each group, or by
     running moments (OpenRLHF: --reward_running_norm)."""
     overlong_penalty: bool = False
     """DAPO soft overlong penalty on responses near data.max_response_length."""
-    overlong_buffer_length: int = 4
+    overlong_buffer_length: Annotated[int, Range(ge=1)] = 4
     """Tokens before the length limit over which the penalty ramps from 0 to overlong_penalty_factor
     (verl: reward_model.overlong_buffer.len)."""
-    overlong_penalty_factor: float = 1.0
+    overlong_penalty_factor: Annotated[float, Range(ge=0)] = 1.0
     """Penalty at the length limit (verl: reward_model.overlong_buffer.penalty_factor)."""
     dynamic_sampling: bool = False
     """DAPO dynamic sampling: drop groups whose scores are all equal (no signal) and roll out again
@@ -95,40 +96,18 @@ class AlgorithmConfig:
     filter_overlong: bool = False
     """Mask out of the loss the responses cut at the length limit (DAPO overlong filtering)."""
 
-    def __post_init__(self):
-        for name in ("gamma", "lam"):
-            value = getattr(self, name)
-            _require(0 <= value <= 1, f"algorithm.{name}", f"({value}) must be in [0, 1]")
-        _require(0 <= self.clip_ratio_low < 1, "algorithm.clip_ratio_low", f"({self.clip_ratio_low}) must be in [0, 1)")
-        _require(self.clip_ratio_high >= 0, "algorithm.clip_ratio_high", f"({self.clip_ratio_high}) must be >= 0")
-        _require(self.clip_ratio_c is None or self.clip_ratio_c > 1, "algorithm.clip_ratio_c", f"({self.clip_ratio_c}) must be > 1, or null")
-        _require(
-            self.clip_ratio_c is None or self.policy_loss != "cispo",
-            "algorithm.clip_ratio_c",
-            f"({self.clip_ratio_c}) must be null with algorithm.policy_loss = cispo (CISPO has no dual clip)",
-        )
-        for name in ("entropy_coeff", "kl_coef", "kl_loss_coef", "overlong_penalty_factor", "tis_threshold_low"):
-            value = getattr(self, name)
-            _require(value >= 0, f"algorithm.{name}", f"({value}) must be >= 0")
-        _require(self.kl_target > 0, "algorithm.kl_target", f"({self.kl_target}) must be > 0")
-        _require(self.kl_horizon >= 1, "algorithm.kl_horizon", f"({self.kl_horizon}) must be >= 1")
-        _require(
-            self.tis_threshold_low < self.tis_threshold_high,
-            "algorithm.tis_threshold_low",
-            f"({self.tis_threshold_low}) must be < tis_threshold_high ({self.tis_threshold_high})",
-        )
-        _require(
-            0 < self.icepop_low < self.icepop_high,
-            "algorithm.icepop_low",
-            f"({self.icepop_low}) must be > 0 and < icepop_high ({self.icepop_high})",
-        )
-        _require(
-            not (self.tis and self.icepop),
-            "algorithm.icepop",
-            "and algorithm.tis are both true: each weights a token by the importance ratio, so together they apply it twice; pick one",
-        )
-        _require(self.reward_clip is None or self.reward_clip > 0, "algorithm.reward_clip", f"({self.reward_clip}) must be > 0, or null")
-        _require(self.overlong_buffer_length >= 1, "algorithm.overlong_buffer_length", f"({self.overlong_buffer_length}) must be >= 1")
+    def _rule_problems(self) -> Iterator[tuple[str, str]]:
+        if self.clip_ratio_c is not None and self.policy_loss == "cispo":
+            yield "clip_ratio_c", f"({self.clip_ratio_c}) must be null with algorithm.policy_loss = cispo (CISPO has no dual clip)"
+        if self.tis_threshold_low >= self.tis_threshold_high:
+            yield "tis_threshold_low", f"({self.tis_threshold_low}) must be < tis_threshold_high ({self.tis_threshold_high})"
+        if self.icepop_low >= self.icepop_high:
+            yield "icepop_low", f"({self.icepop_low}) must be < icepop_high ({self.icepop_high})"
+        if self.tis and self.icepop:
+            yield "icepop", (
+                "and algorithm.tis are both true: each weights a token by the importance ratio, so together they apply it twice; pick one"
+            )
         if self.dynamic_sampling_mean_range is not None:
             low, high = self.dynamic_sampling_mean_range
-            _require(low <= high, "algorithm.dynamic_sampling_mean_range", f"({[low, high]}) must be [low, high] with low <= high")
+            if low > high:
+                yield "dynamic_sampling_mean_range", f"({[low, high]}) must be [low, high] with low <= high"

@@ -1,23 +1,24 @@
-"""Checks across sections: the config against itself, the model and the world size, every
-violation listed with its fix (each section checks its own ranges when it is built).
+"""The checks that read several sections at once, and :func:`validate`, which runs every check that
+needs the model or the world size, listing every violation with its fix.
+
+A rule lives with the section it guards: each section checks its declared ranges and its own
+cross-field rules when it is built (:class:`~megarl.config.base.Section`); the training layout
+against the model and the world size is :func:`~megarl.config.model.layout_errors`, beside
+``ParallelConfig``; the engines' tensor parallelism against the model is
+:meth:`RolloutConfig.layout_errors <megarl.config.rollout.RolloutConfig.layout_errors>`. The rules
+here belong to no one section: the sequence (``data``'s lengths against ``parallel.context``, the
+model's positions, ``train``'s token budget, ``rollout``'s stop tokens and ``algorithm``'s overlong
+penalty), the batch hierarchy (``train``'s sizes against ``rollout``'s groups, the data-parallel
+size and what ``algorithm`` needs of a group, ``data.val_files`` for ``train.eval_every``) and the
+critic (``critic`` against ``algorithm`` and ``train.steps``).
 """
 
 from __future__ import annotations
 
-
-from megarl.config.base import ConfigError
-from megarl.config.model import ModelFacts, _divisors, _one_of, layout_errors
+from megarl.config.base import ConfigError, _divisors, _one_of
+from megarl.config.model import ModelFacts, layout_errors
 from megarl.config.root import Config
 from megarl.config.train import _steps_named
-
-def _rollout_layout_errors(config: Config, model_facts: ModelFacts) -> list[str]:
-    heads = model_facts.num_attention_heads
-    if heads % config.rollout.engine_tensor_parallel:
-        return [
-            f"`rollout.engine_tensor_parallel` ({config.rollout.engine_tensor_parallel}) must divide the model's attention "
-            f"heads ({heads}): set it to {_one_of(_divisors(heads))}"
-        ]
-    return []
 
 
 def _sequence_errors(config: Config, model_facts: ModelFacts) -> list[str]:
@@ -139,7 +140,7 @@ def validate(config: Config, world_size: int, model_facts: ModelFacts) -> None:
     data_parallel = max(1, config.parallel.data_parallel(world_size))
     errors = (
         layout_errors(config.parallel, world_size, model_facts)
-        + _rollout_layout_errors(config, model_facts)
+        + config.rollout.layout_errors(model_facts)
         + _sequence_errors(config, model_facts)
         + _batch_errors(config, data_parallel)
         + _critic_errors(config)

@@ -4,28 +4,32 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal, Optional
+from collections.abc import Iterator
+from typing import Annotated, Literal, Optional
 
-from megarl.config.base import _require, _require_positive
+from megarl.config.base import Range, Section
+
 
 @dataclasses.dataclass(kw_only=True, slots=True)
-class DataConfig:
+class DataConfig(Section):
     """Prompt datasets and length limits."""
 
     train_files: list[str] = dataclasses.field(default_factory=lambda: ["bundled:toy/train.jsonl"])
     """Prompt datasets (jsonl, json or parquet); ``bundled:NAME`` is a file shipped in
     megarl/assets/data (verl: data.train_files, slime: --prompt-data)."""
-    train_file_weights: list[float] = dataclasses.field(default_factory=list)
+    train_file_weights: Annotated[
+        list[float], Range(gt=0, fix="remove a file from data.train_files instead of giving it weight 0")
+    ] = dataclasses.field(default_factory=list)
     """Mixing ratios of the training files, one positive weight per entry of train_files: each
     prompt of a batch comes from file i with probability weight_i / sum, and each file is served in
     its own shuffled order, epoch after epoch; empty: the files are concatenated and the whole is
     served in one order per epoch (OpenRLHF: --prompt_data_probs)."""
     val_files: list[str] = dataclasses.field(default_factory=lambda: ["bundled:toy/val.jsonl"])
     """Validation datasets; empty: no validation (verl: data.val_files, slime: --eval-prompt-data)."""
-    max_samples: Optional[int] = None
+    max_samples: Annotated[Optional[int], Range(ge=1)] = None
     """Use at most the first N usable training prompts, in file order after length filtering and
     truncation; null: all of them (verl: data.train_max_samples, OpenRLHF: --max_samples)."""
-    val_max_samples: Optional[int] = None
+    val_max_samples: Annotated[Optional[int], Range(ge=1)] = None
     """The same limit for the validation prompts (verl: data.val_max_samples)."""
     prompt_key: str = "prompt"
     """Row field holding the prompt: a string or a list of chat messages (verl: data.prompt_key,
@@ -36,9 +40,9 @@ class DataConfig:
     of each row, slime: --label-key)."""
     apply_chat_template: bool = True
     """Wrap prompts with the tokenizer's chat template (slime/OpenRLHF: --apply-chat-template)."""
-    max_prompt_length: int = 64
+    max_prompt_length: Annotated[int, Range(ge=1)] = 64
     """Prompt length limit, tokens (verl: data.max_prompt_length)."""
-    max_response_length: int = 16
+    max_response_length: Annotated[int, Range(ge=1)] = 16
     """Generated length limit, tokens (verl: data.max_response_length, slime:
     --rollout-max-response-len)."""
     filter_overlong_prompts: bool = True
@@ -54,27 +58,16 @@ class DataConfig:
     seed: int = 1
     """Shuffling seed; with train_file_weights also the seed of each batch's files."""
 
-    def __post_init__(self):
-        _require(bool(self.train_files), "data.train_files", "must list at least one file")
-        _require_positive(self, "data", ("max_prompt_length", "max_response_length"))
-        for name in ("max_samples", "val_max_samples"):
-            value = getattr(self, name)
-            _require(value is None or value >= 1, f"data.{name}", f"({value}) must be >= 1, or null")
-        if self.train_file_weights:
-            _require(
-                len(self.train_file_weights) == len(self.train_files),
-                "data.train_file_weights",
+    def _rule_problems(self) -> Iterator[tuple[str, str]]:
+        if not self.train_files:
+            yield "train_files", "must list at least one file"
+        if self.train_file_weights and len(self.train_file_weights) != len(self.train_files):
+            yield "train_file_weights", (
                 f"(length {len(self.train_file_weights)}) must have the length of `data.train_files` ({len(self.train_files)}): "
-                f"one positive weight per file, or an empty list to concatenate the files",
+                f"one positive weight per file, or an empty list to concatenate the files"
             )
-            _require(
-                all(weight > 0 for weight in self.train_file_weights),
-                "data.train_file_weights",
-                f"({self.train_file_weights}) must all be > 0: remove a file from data.train_files instead of giving it weight 0",
+        if self.truncation != "error" and self.filter_overlong_prompts:
+            yield "truncation", (
+                f"({self.truncation}) has no effect while data.filter_overlong_prompts is true (it drops every prompt "
+                f"over the limit): set data.filter_overlong_prompts=false to truncate them"
             )
-        _require(
-            self.truncation == "error" or not self.filter_overlong_prompts,
-            "data.truncation",
-            f"({self.truncation}) has no effect while data.filter_overlong_prompts is true (it drops every prompt "
-            f"over the limit): set data.filter_overlong_prompts=false to truncate them",
-        )

@@ -1,6 +1,7 @@
 """Loading a config: a YAML file and ``key.sub=value`` overrides, strictly (an unknown key names
-the nearest valid one, every value is checked against its field's type, a key given twice in a
-file is refused), and saving one that loads again.
+the nearest valid one, every value is checked against its field's type, then against its
+section's declared ranges and rules; a key given twice in a file is refused), every violation
+reported at once, and saving a config that loads again.
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ import yaml
 from megarl.config.base import ConfigError, FieldError
 from megarl.config.root import Config
 
+
 @functools.cache
 def _field_types(cls: type) -> dict[str, Any]:
-    """Field name -> resolved annotation (the module uses postponed annotations)."""
+    """Field name -> resolved annotation (the modules use postponed annotations), without the
+    ``Annotated`` extras: a declared :class:`~megarl.config.base.Range` is the section's to check."""
     hints = typing.get_type_hints(cls)
     return {field.name: hints[field.name] for field in dataclasses.fields(cls)}
 
@@ -41,15 +44,15 @@ def _all_keys(cls: type = Config, prefix: str = "") -> tuple[str, ...]:
     return tuple(keys)
 
 
-def _unknown_key(key: str, source: str) -> ConfigError:
-    """An error for ``key`` naming the nearest valid key among all dotted keys: first one ending in
+def _unknown_key(key: str, source: str) -> str:
+    """The error for ``key``, naming the nearest valid key among all dotted keys: first one ending in
     the same name (``train.lr`` -> ``train.optimizer.lr``), else the closest spelling."""
     candidates = _all_keys()
     leaf = key.rsplit(".", 1)[-1]
     same_leaf = [candidate for candidate in candidates if candidate.rsplit(".", 1)[-1] == leaf]
     nearest = difflib.get_close_matches(key, same_leaf, n=1, cutoff=0.0) or difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
     hint = f" — did you mean `{nearest[0]}`?" if nearest else ""
-    return ConfigError(f"{source}: unknown key `{key}`{hint}")
+    return f"{source}: unknown key `{key}`{hint}"
 
 
 _SCALARS = {bool: ("true or false", "booleans"), int: ("an integer", "integers"), float: ("a number", "numbers"), str: ("a string", "strings")}
@@ -123,27 +126,33 @@ def _convert(value: Any, annotation: Any, key: str, source: str, nullable: bool 
     return value
 
 
-def _typed(cls: type, raw: Any, prefix: str, source: str) -> dict[str, Any]:
+def _typed(cls: type, raw: Any, prefix: str, source: str, problems: list[str]) -> dict[str, Any]:
     """Check a nested mapping from ``source`` against section ``cls``: keys exist, values have
-    their field's type. Returns the mapping with converted values (sections as nested dicts)."""
+    their field's type. Returns the mapping with converted values (sections as nested dicts),
+    without the entries that fail, whose errors go to ``problems``."""
     if raw is None:
         return {}
     if not isinstance(raw, dict):
         where = f"`{prefix[:-1]}`" if prefix else "the top level"
-        raise ConfigError(f"{source}: {where} must be a mapping of field: value, got {raw!r}")
+        problems.append(f"{source}: {where} must be a mapping of field: value, got {raw!r}")
+        return {}
     types_by_name = _field_types(cls)
     typed: dict[str, Any] = {}
     for name, value in raw.items():
         key = f"{prefix}{name}"
         if name not in types_by_name:
-            raise _unknown_key(_leaf_key(key, value), source)
+            problems.append(_unknown_key(_leaf_key(key, value), source))
+            continue
         annotation = types_by_name[name]
         if _is_section(annotation):
-            typed[name] = _typed(annotation, value, f"{key}.", source)
+            typed[name] = _typed(annotation, value, f"{key}.", source, problems)
         elif isinstance(value, dict) and value:
-            raise _unknown_key(_leaf_key(key, value), source)
+            problems.append(_unknown_key(_leaf_key(key, value), source))
         else:
-            typed[name] = _convert(value, annotation, key, source)
+            try:
+                typed[name] = _convert(value, annotation, key, source)
+            except ConfigError as error:
+                problems.append(str(error))
     return typed
 
 
@@ -169,22 +178,29 @@ def _origin(key: str, prefix: str, origins: dict[str, str], fallback_source: str
     return in_section[-1] if in_section else fallback_source
 
 
-def _instantiate(cls: type, typed: dict[str, Any], base: Any, prefix: str, origins: dict[str, str], fallback_source: str) -> Any:
-    """Section ``cls`` from ``base`` (its default instance) with the ``typed`` values applied; a
-    range error names the full key and the file or override its value came from."""
+def _instantiate(
+    cls: type, typed: dict[str, Any], base: Any, prefix: str, origins: dict[str, str], fallback_source: str, problems: list[str]
+) -> Any:
+    """Section ``cls`` from ``base`` (its default instance) with the ``typed`` values applied.
+
+    Each range or rule the section breaks goes to ``problems``, naming the full key and the file or
+    override its value came from; ``base`` then stands in for the section, so that the sections
+    around it are still built and checked."""
     kwargs = {field.name: getattr(base, field.name) for field in dataclasses.fields(cls)}
     for name, annotation in _field_types(cls).items():
         if name not in typed:
             continue
         if _is_section(annotation):
-            kwargs[name] = _instantiate(annotation, typed[name], kwargs[name], f"{prefix}{name}.", origins, fallback_source)
+            kwargs[name] = _instantiate(annotation, typed[name], kwargs[name], f"{prefix}{name}.", origins, fallback_source, problems)
         else:
             kwargs[name] = typed[name]
     try:
         return cls(**kwargs)
     except FieldError as error:
-        key = prefix + error.key.rsplit(".", 1)[-1]
-        raise ConfigError(f"{_origin(key, prefix, origins, fallback_source)}: `{key}` {error.problem}") from None
+        for section_key, problem in error.problems:
+            key = prefix + section_key.rsplit(".", 1)[-1]
+            problems.append(f"{_origin(key, prefix, origins, fallback_source)}: `{key}` {problem}")
+        return base
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -258,11 +274,13 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
         The config, every field filled (defaults live only in the dataclasses).
 
     Raises:
-        ConfigError: an unknown key (with the nearest valid one), a wrong type, or a value out of
-            range; the message names the file or the override, and the dotted key.
+        ConfigError: every unknown key (with the nearest valid one), wrong type, value out of range
+            and broken rule, one a line, each naming the file or the override and the dotted key;
+            or, alone, a file that is missing, not YAML or gives a key twice.
     """
     values: dict[str, Any] = {}
     origins: dict[str, str] = {}
+    problems: list[str] = []
     fallback_source = "overrides"
     if path is not None:
         fallback_source = str(path)
@@ -272,11 +290,19 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
             raise ConfigError(f"config file {path} does not exist") from None
         except yaml.YAMLError as error:
             raise ConfigError(f"{path}: not valid YAML: {error}") from None
-        _merge(values, _typed(Config, raw, "", str(path)), origins, str(path))
+        _merge(values, _typed(Config, raw, "", str(path), problems), origins, str(path))
     for override in overrides:
         source = f"override `{override}`"
-        _merge(values, _typed(Config, _nest(*parse_override(override)), "", source), origins, source)
-    return _instantiate(Config, values, Config(), "", origins, fallback_source)
+        try:
+            nested = _nest(*parse_override(override))
+        except ConfigError as error:
+            problems.append(str(error))
+            continue
+        _merge(values, _typed(Config, nested, "", source, problems), origins, source)
+    config = _instantiate(Config, values, Config(), "", origins, fallback_source, problems)
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return config
 
 
 def save_config(config: Config, path: str | Path) -> None:

@@ -1,5 +1,6 @@
 """The model and the training layout: ``model`` and ``parallel``, the facts of a HF model that the
-layout must fit, and the layout rules (stated once, for the config and the conversion tools).
+layout must fit, and the layout rules (stated once, for the config, the conversion tools and
+:func:`megarl.parallel.initialize`).
 """
 
 from __future__ import annotations
@@ -7,14 +8,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
-from megarl.config.base import ConfigError, _require, _require_positive
+from megarl.config.base import ConfigError, Range, Section, _divisors, _one_of
+
 
 @dataclasses.dataclass(kw_only=True, slots=True)
-class ModelConfig:
+class ModelConfig(Section):
     """The policy model: where it comes from and how Megatron builds its layers."""
 
     path: str = "bundled:tiny-moe"
@@ -37,45 +39,39 @@ class ModelConfig:
     (Megatron/slime: --moe-grouped-gemm)."""
     moe_token_dispatcher: Literal["alltoall", "allgather"] = "alltoall"
     """How tokens reach their experts' ranks (Megatron/slime: --moe-token-dispatcher-type)."""
-    moe_aux_loss_coeff: float = 0.0
+    moe_aux_loss_coeff: Annotated[float, Range(ge=0)] = 0.0
     """Load-balancing auxiliary loss coefficient; 0 disables it, as RL fine-tuning usually does
     (Megatron/slime: --moe-aux-loss-coeff)."""
     seed: int = 1234
     """Seed of weight initialisation (new heads) and Megatron's RNG tracker (slime: --seed)."""
 
-    def __post_init__(self):
-        _require(bool(self.path), "model.path", "must name a HF model directory or bundled:NAME")
-        _require(self.moe_aux_loss_coeff >= 0, "model.moe_aux_loss_coeff", f"({self.moe_aux_loss_coeff}) must be >= 0")
+    def _rule_problems(self) -> Iterator[tuple[str, str]]:
+        if not self.path:
+            yield "path", "must name a HF model directory or bundled:NAME"
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)
-class ParallelConfig:
+class ParallelConfig(Section):
     """The training layout; data parallel is what the world size leaves: world / (TP x PP x CP)."""
 
-    tensor: int = 1
+    tensor: Annotated[int, Range(ge=1)] = 1
     """TP: ranks that split each layer's weights (Megatron/slime: --tensor-model-parallel-size,
     verl: actor.megatron.tensor_model_parallel_size)."""
-    pipeline: int = 1
+    pipeline: Annotated[int, Range(ge=1)] = 1
     """PP: pipeline stages (--pipeline-model-parallel-size)."""
-    virtual_pipeline: Optional[int] = None
+    virtual_pipeline: Annotated[Optional[int], Range(ge=1)] = None
     """VPP: model chunks per pipeline stage for the interleaved 1F1B schedule; null: plain 1F1B
     (--virtual-pipeline-model-parallel-size)."""
-    context: int = 1
+    context: Annotated[int, Range(ge=1)] = 1
     """CP: ranks that split each sequence, two load-balanced chunks each (--context-parallel-size)."""
-    expert: int = 1
+    expert: Annotated[int, Range(ge=1)] = 1
     """EP: ranks that split the experts of each MoE layer (--expert-model-parallel-size)."""
-    expert_tensor: Optional[int] = None
+    expert_tensor: Annotated[Optional[int], Range(ge=1)] = None
     """ETP: ranks that split each expert's weights; null: the same as TP, as in Megatron
     (--expert-tensor-parallel-size)."""
     sequence_parallel: bool = False
     """SP: shard the activations outside attention and MLP over the TP group; needs TP > 1
     (--sequence-parallel)."""
-
-    def __post_init__(self):
-        _require_positive(self, "parallel", ("tensor", "pipeline", "context", "expert"))
-        for name in ("virtual_pipeline", "expert_tensor"):
-            value = getattr(self, name)
-            _require(value is None or value >= 1, f"parallel.{name}", f"({value}) must be >= 1 or null")
 
     @property
     def expert_tensor_size(self) -> int:
@@ -144,16 +140,6 @@ class ModelFacts:
         )
 
 
-def _divisors(number: int) -> list[int]:
-    return [candidate for candidate in range(1, number + 1) if number % candidate == 0]
-
-
-def _one_of(options: Sequence[int]) -> str:
-    """``[1, 2, 4]`` -> ``"1, 2 or 4"``."""
-    words = [str(option) for option in options]
-    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} or {words[-1]}"
-
-
 @dataclasses.dataclass(frozen=True, slots=True)
 class LayoutSpelling:
     """How the user wrote the layout: the config's keys (``parallel.tensor=2``) or a tool's flags
@@ -179,22 +165,46 @@ class LayoutSpelling:
 CONFIG_SPELLING = LayoutSpelling({field.name: f"parallel.{field.name}" for field in dataclasses.fields(ParallelConfig)})
 
 
+def _dense_world_errors(parallel: ParallelConfig, world_size: int, spelling: LayoutSpelling) -> list[str]:
+    """The dense model's ranks must fill the world: TP x PP x CP divides it."""
+    name, model_parallel = spelling.field, parallel.model_parallel()
+    if world_size % model_parallel == 0:
+        return []
+    return [
+        f"world size ({world_size}) must be TP x PP x CP x DP, but {name('tensor')} ({parallel.tensor}) x "
+        f"{name('pipeline')} ({parallel.pipeline}) x {name('context')} ({parallel.context}) = {model_parallel} does not "
+        f"divide it: run a multiple of {model_parallel} processes or change the layout"
+    ]
+
+
+def _expert_world_errors(parallel: ParallelConfig, world_size: int, spelling: LayoutSpelling) -> list[str]:
+    """The experts' ranks must fill the world too: EP x ETP x PP divides it."""
+    name, ep, etp, pp = spelling.field, parallel.expert, parallel.expert_tensor_size, parallel.pipeline
+    if world_size % (ep * etp * pp) == 0:
+        return []
+    return [
+        f"{name('expert')} ({ep}) x expert tensor parallel ({etp}) x {name('pipeline')} ({pp}) = "
+        f"{ep * etp * pp} must divide the world size ({world_size}): each stage's experts are spread over its "
+        f"TP x CP x DP ranks; run {parallel.min_world_size()} processes (or a multiple) or lower {spelling.names['expert']}"
+    ]
+
+
+def world_size_errors(parallel: ParallelConfig, world_size: int, spelling: LayoutSpelling = CONFIG_SPELLING) -> list[str]:
+    """What keeps ``parallel`` from forming its process groups on ``world_size`` processes, whatever
+    the model: the rules of :func:`layout_errors` that need only the world size (with EP = 1 and
+    ETP unset the second follows from the first)."""
+    return _dense_world_errors(parallel, world_size, spelling) + _expert_world_errors(parallel, world_size, spelling)
+
+
 def layout_errors(
     parallel: ParallelConfig, world_size: int, model_facts: ModelFacts, spelling: LayoutSpelling = CONFIG_SPELLING
 ) -> list[str]:
     """What keeps ``parallel`` from running ``model_facts``' model on ``world_size`` processes, one
     message per problem, each naming the fields (as ``spelling`` writes them), the values and a fix."""
-    tp, pp, cp, vpp = parallel.tensor, parallel.pipeline, parallel.context, parallel.virtual_pipeline
+    tp, pp, vpp = parallel.tensor, parallel.pipeline, parallel.virtual_pipeline
     ep, etp = parallel.expert, parallel.expert_tensor_size
     name, setting = spelling.field, spelling.setting
-    errors = []
-    model_parallel = parallel.model_parallel()
-    if world_size % model_parallel:
-        errors.append(
-            f"world size ({world_size}) must be TP x PP x CP x DP, but {name('tensor')} ({tp}) x "
-            f"{name('pipeline')} ({pp}) x {name('context')} ({cp}) = {model_parallel} does not divide it: "
-            f"run a multiple of {model_parallel} processes or change the layout"
-        )
+    errors = _dense_world_errors(parallel, world_size, spelling)
     heads, groups = model_facts.num_attention_heads, model_facts.num_query_groups
     if heads % tp:
         errors.append(f"{name('tensor')} ({tp}) must divide the model's attention heads ({heads}): set {spelling.names['tensor']} to {_one_of(_divisors(heads))}")
@@ -217,12 +227,7 @@ def layout_errors(
                 f"{name('expert')} ({ep}) must divide the model's experts ({model_facts.num_experts}): "
                 f"set {spelling.names['expert']} to {_one_of(_divisors(model_facts.num_experts))}"
             )
-        if world_size % (ep * etp * pp):
-            errors.append(
-                f"{name('expert')} ({ep}) x expert tensor parallel ({etp}) x {name('pipeline')} ({pp}) = "
-                f"{ep * etp * pp} must divide the world size ({world_size}): each stage's experts are spread over its "
-                f"TP x CP x DP ranks; run {parallel.min_world_size()} processes (or a multiple) or lower {spelling.names['expert']}"
-            )
+        errors += _expert_world_errors(parallel, world_size, spelling)
         if tp > 1 and not parallel.sequence_parallel:
             errors.append(
                 f"{name('tensor')} ({tp}) > 1 on an MoE model needs {name('sequence_parallel')} (Megatron's MoE "

@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal, Optional
+from collections.abc import Iterator
+from typing import Annotated, Literal, Optional
 
-from megarl.config.base import _require, _require_positive
+from megarl.config.base import Range, Section
+
 
 @dataclasses.dataclass(kw_only=True, slots=True)
-class RewardConfig:
+class RewardConfig(Section):
     """Where scores come from and how scoring is isolated."""
 
     type: Literal["rule", "function", "remote", "model"] = "rule"
@@ -28,18 +30,18 @@ class RewardConfig:
     """Remote reward endpoint (type remote) (OpenRLHF: --remote_rm_url, slime: --rm-url)."""
     model_path: Optional[str] = None
     """HF sequence-classification reward model directory (type model) (verl: reward_model.model.path)."""
-    num_workers: int = 2
+    num_workers: Annotated[int, Range(ge=1)] = 2
     """Reward worker processes (rule, function and model)."""
-    timeout_s: float = 10.0
+    timeout_s: Annotated[float, Range(gt=0)] = 10.0
     """Timeout of one sample's scoring (one request when remote), seconds; a timeout scores 0 and is counted."""
-    max_failure_rate: float = 0.5
+    max_failure_rate: Annotated[float, Range(ge=0, le=1)] = 0.5
     """Stop the run when more than this fraction of a batch fails to score, in [0, 1]."""
-    remote_batch_size: int = 32
+    remote_batch_size: Annotated[int, Range(ge=1)] = 32
     """Samples per remote request."""
-    remote_retries: int = 3
+    remote_retries: Annotated[int, Range(ge=0)] = 3
     """Retries of a failed remote request."""
 
-    def __post_init__(self):
+    def _rule_problems(self) -> Iterator[tuple[str, str]]:
         needed = {
             "function": ("function", "path/to/file.py:name"),
             "remote": ("url", "an http(s) URL"),
@@ -47,12 +49,10 @@ class RewardConfig:
         }
         if self.type in needed:
             name, form = needed[self.type]
-            _require(bool(getattr(self, name)), f"reward.{name}", f"must be set ({form}) when reward.type is '{self.type}'")
+            if not getattr(self, name):
+                yield name, f"must be set ({form}) when reward.type is '{self.type}'"
         if self.type == "function":
-            _require(":" in self.function, "reward.function", f"({self.function!r}) must look like path/to/file.py:function_name")
-        else:
-            _require(not self.batched, "reward.batched", f"applies to reward.type function, not {self.type!r}: remove it")
-        _require_positive(self, "reward", ("num_workers", "remote_batch_size"))
-        _require(self.timeout_s > 0, "reward.timeout_s", f"({self.timeout_s}) must be > 0")
-        _require(0 <= self.max_failure_rate <= 1, "reward.max_failure_rate", f"({self.max_failure_rate}) must be in [0, 1]")
-        _require(self.remote_retries >= 0, "reward.remote_retries", f"({self.remote_retries}) must be >= 0")
+            if self.function and ":" not in self.function:
+                yield "function", f"({self.function!r}) must look like path/to/file.py:function_name"
+        elif self.batched:
+            yield "batched", f"applies to reward.type function, not {self.type!r}: remove it"

@@ -6,74 +6,71 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import TYPE_CHECKING, Literal, Optional
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Annotated, Literal, Optional
 
-from megarl.config.base import ConfigError, _require, _require_positive
+from megarl.config.base import ConfigError, Range, Section
 
 if TYPE_CHECKING:
     from megarl.config.root import Config
 
 log = logging.getLogger("megarl.config")
 
+
 @dataclasses.dataclass(kw_only=True, slots=True)
-class OptimizerConfig:
+class OptimizerConfig(Section):
     """Adam settings, shared by the policy (``train.optimizer``) and the critic (``critic.optimizer``)."""
 
-    lr: float = 1e-6
+    lr: Annotated[float, Range(gt=0)] = 1e-6
     """Peak learning rate (verl: actor.optim.lr, slime: --lr)."""
-    min_lr: float = 0.0
+    min_lr: Annotated[float, Range(ge=0)] = 0.0
     """Learning rate at the end of linear or cosine decay, in [0, lr] (slime: --min-lr)."""
-    weight_decay: float = 0.0
+    weight_decay: Annotated[float, Range(ge=0)] = 0.0
     """Decoupled (AdamW) weight decay (verl: optim.weight_decay, slime: --weight-decay)."""
-    adam_beta1: float = 0.9
+    adam_beta1: Annotated[float, Range(ge=0, lt=1)] = 0.9
     """Adam beta1 (slime: --adam-beta1)."""
-    adam_beta2: float = 0.999
+    adam_beta2: Annotated[float, Range(ge=0, lt=1)] = 0.999
     """Adam beta2 (slime: --adam-beta2)."""
-    adam_eps: float = 1e-8
+    adam_eps: Annotated[float, Range(gt=0)] = 1e-8
     """Adam epsilon (slime: --adam-eps)."""
-    clip_grad: float = 1.0
+    clip_grad: Annotated[float, Range(ge=0, note="0 disables clipping")] = 1.0
     """Gradient clipping by global norm; 0 disables it (verl: actor.grad_clip, slime: --clip-grad)."""
 
-    def __post_init__(self):
-        _require(self.lr > 0, "optimizer.lr", f"({self.lr}) must be > 0")
-        _require(0 <= self.min_lr <= self.lr, "optimizer.min_lr", f"({self.min_lr}) must be in [0, lr] = [0, {self.lr}]")
-        _require(self.weight_decay >= 0, "optimizer.weight_decay", f"({self.weight_decay}) must be >= 0")
-        for name in ("adam_beta1", "adam_beta2"):
-            value = getattr(self, name)
-            _require(0 <= value < 1, f"optimizer.{name}", f"({value}) must be in [0, 1)")
-        _require(self.adam_eps > 0, "optimizer.adam_eps", f"({self.adam_eps}) must be > 0")
-        _require(self.clip_grad >= 0, "optimizer.clip_grad", f"({self.clip_grad}) must be >= 0 (0 disables clipping)")
+    def _rule_problems(self) -> Iterator[tuple[str, str]]:
+        # Against a valid lr only: an lr <= 0 is reported on its own.
+        if self.lr > 0 and self.min_lr > self.lr:
+            yield "min_lr", f"({self.min_lr}) must be in [0, lr] = [0, {self.lr}]"
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)
-class TrainConfig:
+class TrainConfig(Section):
     """The policy update: RL steps, the batch hierarchy, optimizer and schedule."""
 
-    steps: Optional[int] = 200
+    steps: Annotated[Optional[int], Range(ge=1)] = 200
     """RL steps to run; a step rolls out, scores and trains on one train batch; null: from
     total_epochs (verl: trainer.total_training_steps, slime: --num-rollout)."""
-    total_epochs: Optional[int] = None
+    total_epochs: Annotated[Optional[int], Range(ge=1)] = None
     """Passes over the training prompts, instead of steps (which must then be null): once the data
     is loaded the run takes total_epochs x ceil(prompts / (global_batch_size / n_samples_per_prompt))
     steps, the prompts a step trains on (verl: trainer.total_epochs, slime: --num-epoch, OpenRLHF:
     --num_episodes)."""
-    global_batch_size: int = 128
+    global_batch_size: Annotated[int, Range(ge=1)] = 128
     """Samples (prompt + response) trained on per RL step: the train batch. It holds at least one
     rollout round (rollout.batch_size x n_samples_per_prompt) and whole groups; the step rolls out
     rounds until it is full (LightRFT: --train_batch_size)."""
-    mini_batch_size: int = 64
+    mini_batch_size: Annotated[int, Range(ge=1)] = 64
     """Samples per optimizer step (verl: actor.ppo_mini_batch_size x rollout.n, slime:
     --global-batch-size)."""
-    micro_batch_size: int = 8
+    micro_batch_size: Annotated[int, Range(ge=1)] = 8
     """Samples per forward/backward on each data-parallel rank (verl: ppo_micro_batch_size_per_gpu,
     slime: --micro-batch-size)."""
     dynamic_batch: bool = False
     """Fill micro-batches up to max_tokens_per_micro_batch tokens instead of micro_batch_size samples
     (verl: actor.use_dynamic_bsz, slime: --use-dynamic-batch-size)."""
-    max_tokens_per_micro_batch: int = 4096
+    max_tokens_per_micro_batch: Annotated[int, Range(ge=1)] = 4096
     """Token budget of one dynamic micro-batch on each data-parallel rank, padding included (samples
     x the longest one's length) (verl: ppo_max_token_len_per_gpu, slime: --max-tokens-per-gpu)."""
-    ppo_epochs: int = 1
+    ppo_epochs: Annotated[int, Range(ge=1)] = 1
     """Passes over each train batch (verl: actor.ppo_epochs)."""
     fused_linear_logprob: bool = True
     """Compute log-probs and entropy from the last hidden states and the output layer's weight shard
@@ -84,49 +81,37 @@ class TrainConfig:
     lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
     """Learning-rate decay after warm-up, from optimizer.lr to optimizer.min_lr over the run
     (verl: optim.warmup_style, slime: --lr-decay-style)."""
-    lr_warmup_steps: int = 0
+    lr_warmup_steps: Annotated[int, Range(ge=0)] = 0
     """Optimizer steps of linear warm-up from 0 to optimizer.lr; a run with fewer optimizer steps
     warms up over all of them (with a warning) (slime: --lr-warmup-iters, verl: optim.lr_warmup_steps)."""
-    lr_warmup_ratio: float = 0.0
+    lr_warmup_ratio: Annotated[float, Range(ge=0, lt=1)] = 0.0
     """Warm-up as a fraction of the run's optimizer steps, in [0, 1), instead of lr_warmup_steps
     (verl: optim.lr_warmup_steps_ratio)."""
     use_distributed_optimizer: bool = True
     """Shard the optimizer state over data-parallel ranks (Megatron/slime: --use-distributed-optimizer)."""
-    max_consecutive_nan_steps: int = 3
+    max_consecutive_nan_steps: Annotated[int, Range(ge=1)] = 3
     """Optimizer steps with a NaN/inf gradient are skipped; this many in a row stop the run."""
-    eval_every: int = 10
+    eval_every: Annotated[int, Range(ge=0)] = 10
     """Validate every N RL steps; 0: never (verl: trainer.test_freq, slime: --eval-interval)."""
     seed: int = 42
     """Seed of batch shuffling between mini-batches."""
 
-    def __post_init__(self):
-        _require_positive(
-            self, "train", ("global_batch_size", "mini_batch_size", "micro_batch_size", "max_tokens_per_micro_batch", "ppo_epochs", "max_consecutive_nan_steps")
-        )
-        for name in ("lr_warmup_steps", "eval_every"):
-            value = getattr(self, name)
-            _require(value >= 0, f"train.{name}", f"({value}) must be >= 0")
-        _require(0 <= self.lr_warmup_ratio < 1, "train.lr_warmup_ratio", f"({self.lr_warmup_ratio}) must be in [0, 1)")
-        _require(
-            not (self.lr_warmup_ratio and self.lr_warmup_steps), "train.lr_warmup_ratio",
-            f"({self.lr_warmup_ratio}) and `train.lr_warmup_steps` ({self.lr_warmup_steps}) both set the warm-up: "
-            f"set train.lr_warmup_steps=0 to use the ratio, or drop train.lr_warmup_ratio",
-        )
-        for name in ("steps", "total_epochs"):
-            value = getattr(self, name)
-            _require(value is None or value >= 1, f"train.{name}", f"({value}) must be >= 1, or null")
-        _require(
-            self.steps is None or self.total_epochs is None,
-            "train.total_epochs",
-            f"({self.total_epochs}) and `train.steps` ({self.steps}) both set the run's length: "
-            f"set train.steps=null to train for epochs, or drop train.total_epochs",
-        )
-        _require(
-            self.steps is not None or self.total_epochs is not None,
-            "train.steps",
-            "and `train.total_epochs` are both null: set train.steps to the RL steps to run, or "
-            "train.total_epochs to the passes over the training prompts",
-        )
+    def _rule_problems(self) -> Iterator[tuple[str, str]]:
+        if self.lr_warmup_ratio and self.lr_warmup_steps:
+            yield "lr_warmup_ratio", (
+                f"({self.lr_warmup_ratio}) and `train.lr_warmup_steps` ({self.lr_warmup_steps}) both set the warm-up: "
+                f"set train.lr_warmup_steps=0 to use the ratio, or drop train.lr_warmup_ratio"
+            )
+        if self.steps is not None and self.total_epochs is not None:
+            yield "total_epochs", (
+                f"({self.total_epochs}) and `train.steps` ({self.steps}) both set the run's length: "
+                f"set train.steps=null to train for epochs, or drop train.total_epochs"
+            )
+        if self.steps is None and self.total_epochs is None:
+            yield "steps", (
+                "and `train.total_epochs` are both null: set train.steps to the RL steps to run, or "
+                "train.total_epochs to the passes over the training prompts"
+            )
 
     def optimizer_steps(self) -> int:
         """Optimizer steps in the whole run: steps x ppo_epochs x (global / mini batch).
@@ -162,7 +147,7 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)
-class CriticConfig:
+class CriticConfig(Section):
     """The value model, trained when ``algorithm.advantage_estimator`` is gae (:attr:`Config.critic_enabled`)."""
 
     path: Optional[str] = None
@@ -170,14 +155,10 @@ class CriticConfig:
     (verl: critic.model.path, OpenRLHF: --critic_pretrain)."""
     optimizer: OptimizerConfig = dataclasses.field(default_factory=lambda: OptimizerConfig(lr=1e-5))
     """Critic optimizer (verl: critic.optim, OpenRLHF: --critic_learning_rate)."""
-    value_clip: Optional[float] = 0.5
+    value_clip: Annotated[Optional[float], Range(gt=0)] = 0.5
     """Value-loss clipping around the old values; null disables it (verl: critic.cliprange_value)."""
-    warmup_steps: int = 0
+    warmup_steps: Annotated[int, Range(ge=0)] = 0
     """First RL steps that train only the critic (verl: trainer.critic_warmup)."""
-
-    def __post_init__(self):
-        _require(self.value_clip is None or self.value_clip > 0, "critic.value_clip", f"({self.value_clip}) must be > 0, or null")
-        _require(self.warmup_steps >= 0, "critic.warmup_steps", f"({self.warmup_steps}) must be >= 0")
 
 
 def _steps_named(train: TrainConfig) -> str:

@@ -254,7 +254,7 @@ def setup(config: Config) -> Run:
     )
 
     engines = scorer = None
-    logger = MetricsLogger(config, run_dir, enabled=first)
+    logger = MetricsLogger(config.logging, run_dir, enabled=first, run_settings=config.to_dict())
     if first:
         from megarl.rewards.scorer import build_scorer
         from megarl.rollout.group import EngineGroup
