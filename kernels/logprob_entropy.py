@@ -16,7 +16,7 @@ pass*, op ``megarl::logprob_entropy_stats``)::
     t_r = z_t if this rank owns the target, else 0
 
 They combine over the group with an all-reduce MAX of ``m`` and an all-reduce SUM of the terms
-rescaled to the global max ``M`` (:func:`reduce_partial_stats`)::
+rescaled to the global max ``M`` (:func:`megarl.kernels.common.reduce_partial_stats`)::
 
     s = sum_r e^(m_r - M) s_r    w = sum_r e^(m_r - M) (w_r + (m_r - M) s_r)    t = sum_r t_r
     lse = M + log s              log_prob = t - lse                         entropy = log s - w / s
@@ -40,7 +40,8 @@ The split into ops. A process group cannot be a custom-op argument, so the publi
 ``(log_probs, entropy)``. The finalize op carries the autograd formula: its ``stats`` input is a
 constant normaliser precomputed from ``logits``, and its backward returns the full derivative
 above (through the normaliser too), so the graph is exact without differentiating the stats pass
-or the collectives.
+or the collectives. The three steps and the finalize op's autograd are written once, for this op
+and ``fused_linear_logprob_entropy``, in :mod:`megarl.kernels.common`.
 
 Implementations. On CUDA tensors the ops run Triton kernels; elsewhere a torch implementation
 chunked over rows (the CPU path, and the tests' second subject). ``backend="triton"`` on CPU
@@ -55,32 +56,26 @@ import torch.distributed as dist
 import triton
 import triton.language as tl
 
-BACKENDS = ("auto", "triton", "torch")
-
-# The running max of a row with no valid column yet: finite, so that rescaling by
-# exp(m_r - M) and the term (m_r - M) * s_r stay 0 instead of forming inf - inf.
-EMPTY_ROW_MAX = tl.constexpr(-1e30)
+from megarl.kernels.common import (
+    EMPTY_ROW_MAX,
+    LAUNCH_OPTIONS,
+    check_arguments,
+    empty_stats,
+    finalize_stats,
+    grad_from_logits,
+    interpreter_block_v,
+    online_softmax_update,
+    register_finalize,
+    run_split_op,
+    use_triton,
+    valid_columns,
+    vocab_range,
+)
 
 # Each fp32 temporary of the torch path holds at most 2^22 elements (16 MiB), two or three at a
 # time (computed in place): a chunk's dozen torch calls cost nothing next to its 4M elements of
 # work, and the working set stays small next to the logits themselves.
 TORCH_CHUNK_ELEMENTS = 1 << 22
-
-# CPU tensors reach the kernels only through Triton's interpreter, which cannot autotune (it has
-# no GPU to time configurations on) and whose cost is per launched program and per executed
-# operation, hardly per element: blocks of 256 columns (fewer than the tests' 1000, so a ragged
-# last block is exercised), widened on wide shards so that a row takes at most 8 blocks.
-INTERPRETER_MIN_BLOCK_V = 256
-INTERPRETER_MAX_BLOCKS = 8
-
-
-# Compile options of every launch of a kernel that computes softmax terms: no multiply-add
-# contraction. With it the compiler turns ``z * inv_temperature - row_max`` into one FMA of the
-# exact product, while the max was taken over the rounded products, so the largest logit sits at
-# its product's rounding error above the max instead of at 0 and a row whose mass is on one token
-# gets ``p > 1``: on an H200, 1.5e-4 in dL/dx at logits of 5e3 (test_peaked_and_flat_rows).
-# Triton's interpreter ignores the option (numpy never contracts).
-LAUNCH_OPTIONS = {"enable_fp_fusion": False}
 
 
 def _stats_configs() -> list[triton.Config]:
@@ -103,33 +98,8 @@ def _backward_configs() -> list[triton.Config]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Triton kernels (shared with fused_linear_logprob_entropy)
+# Triton kernels
 # ----------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def online_softmax_update(row_max, sum_exp, weighted, z):
-    """Fold a block ``z: [R, C]`` (masked entries -inf) into the running stats ``[R]`` of each row."""
-    new_max = tl.maximum(row_max, tl.max(z, axis=1))
-    shifted = z - new_max[:, None]
-    exp_shifted = tl.exp(shifted)
-    rescale = tl.exp(row_max - new_max)
-    # exp underflows to 0 exactly where (z - max) may be -inf: keep 0 * -inf out of the sum.
-    block_weighted = tl.sum(exp_shifted * tl.where(exp_shifted > 0, shifted, 0.0), axis=1)
-    weighted = rescale * (weighted + (row_max - new_max) * sum_exp) + block_weighted
-    sum_exp = rescale * sum_exp + tl.sum(exp_shifted, axis=1)
-    return new_max, sum_exp, weighted
-
-
-@triton.jit
-def grad_from_logits(z, is_target, log_sum_exp, entropy, grad_log_prob, grad_entropy, inv_temperature):
-    """``dL/dx`` of a block ``z: [R, C]`` (masked entries -inf -> 0) given row vectors ``[R]``."""
-    log_p = z - log_sum_exp[:, None]
-    p = tl.exp(log_p)
-    entropy_term = p * tl.where(p > 0, log_p + entropy[:, None], 0.0)
-    grad = -grad_log_prob[:, None] * p - grad_entropy[:, None] * entropy_term
-    grad = tl.where(is_target, grad + grad_log_prob[:, None], grad)
-    return grad * inv_temperature
 
 
 @triton.jit
@@ -191,35 +161,6 @@ _backward_kernel_tuned = triton.autotune(configs=_backward_configs(), key=["n_co
 # ----------------------------------------------------------------------------------------------
 # Launchers and the torch implementation
 # ----------------------------------------------------------------------------------------------
-
-
-def interpreter_block_v(n_cols: int) -> int:
-    """The column block of the interpreted kernels for a shard of ``n_cols`` columns."""
-    return max(INTERPRETER_MIN_BLOCK_V, triton.next_power_of_2(triton.cdiv(n_cols, INTERPRETER_MAX_BLOCKS)))
-
-
-def valid_columns(n_cols: int, vocab_start: int, vocab_size: int) -> int:
-    """How many of this shard's ``n_cols`` columns lie below ``vocab_size`` (the rest is padding)."""
-    return max(0, min(n_cols, vocab_size - vocab_start))
-
-
-def use_triton(tensor: torch.Tensor, backend: str) -> bool:
-    """Whether ``backend`` runs the Triton kernels on ``tensor``'s device (see the module docstring)."""
-    if backend == "torch" or (backend == "auto" and not tensor.is_cuda):
-        return False
-    if not tensor.is_cuda and not triton.knobs.runtime.interpret:
-        raise ValueError(
-            f"backend='triton' needs CUDA tensors (got {tensor.device}); to run the kernels on the CPU "
-            "under Triton's interpreter, set TRITON_INTERPRET=1 before importing megarl.kernels"
-        )
-    return True
-
-
-def empty_stats(n_rows: int, device: torch.device) -> torch.Tensor:
-    """Partial statistics ``[4, N]`` of a shard with no valid column."""
-    stats = torch.zeros(4, n_rows, dtype=torch.float32, device=device)
-    stats[0] = EMPTY_ROW_MAX.value
-    return stats
 
 
 def _stats_triton(logits, targets, vocab_start, valid_cols, temperature):
@@ -308,74 +249,6 @@ def grad_logits_torch(
 
 
 # ----------------------------------------------------------------------------------------------
-# Combining partial statistics (shared with fused_linear_logprob_entropy)
-# ----------------------------------------------------------------------------------------------
-
-
-def rescale_partial_stats(stats: torch.Tensor, global_max: torch.Tensor) -> torch.Tensor:
-    """Express partial stats ``[..., 4, N]`` relative to ``global_max: [N]`` (so they add up)."""
-    row_max, sum_exp, weighted, target_logit = stats.unbind(-2)
-    shift = row_max - global_max
-    scale = shift.exp()
-    return torch.stack(
-        (global_max.expand_as(row_max), scale * sum_exp, scale * (weighted + shift * sum_exp), target_logit), dim=-2
-    )
-
-
-def combine_partial_stats(partial: torch.Tensor) -> torch.Tensor:
-    """Combine stats ``[S, 4, N]`` of S disjoint column ranges into ``[4, N]`` (in one process)."""
-    global_max = partial[:, 0].amax(dim=0)
-    combined = rescale_partial_stats(partial, global_max)
-    return torch.cat((global_max[None], combined[:, 1:].sum(dim=0)))
-
-
-def reduce_partial_stats(stats: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
-    """All-reduce this rank's stats ``[4, N]`` over ``group``: MAX of the max, then SUM of the rest.
-
-    Returns ``stats`` itself when there is no group or it has one rank (no communication).
-    """
-    if group is None or dist.get_world_size(group) == 1:
-        return stats
-    global_max = stats[0].clone()
-    dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
-    combined = rescale_partial_stats(stats, global_max)
-    dist.all_reduce(combined[1:], op=dist.ReduceOp.SUM, group=group)
-    return combined
-
-
-def finalize_stats(stats: torch.Tensor, targets: torch.Tensor, vocab_size: int):
-    """Reduced stats ``[4, N]`` -> ``(log_probs [N], entropy [N], log_sum_exp [N])``, fp32."""
-    row_max, sum_exp, weighted, target_logit = stats.unbind(0)
-    log_sum_exp_shifted = sum_exp.log()
-    log_sum_exp = row_max + log_sum_exp_shifted
-    log_probs = torch.where((targets >= 0) & (targets < vocab_size), target_logit - log_sum_exp, 0.0)
-    entropy = log_sum_exp_shifted - weighted / sum_exp
-    return log_probs, entropy, log_sum_exp
-
-
-def vocab_range(n_cols: int, vocab_size: int | None, group: dist.ProcessGroup | None) -> tuple[int, int]:
-    """``(vocab_start, vocab_size)`` of this rank's shard of ``n_cols`` columns, checked."""
-    tp_size = 1 if group is None else dist.get_world_size(group)
-    tp_rank = 0 if group is None else dist.get_rank(group)
-    padded = n_cols * tp_size
-    vocab_size = padded if vocab_size is None else vocab_size
-    if not 0 < vocab_size <= padded:
-        raise ValueError(
-            f"vocab_size ({vocab_size}) must lie in [1, {padded}]: the {tp_size} shard(s) of {n_cols} "
-            "columns hold the padded vocabulary"
-        )
-    return tp_rank * n_cols, vocab_size
-
-
-def check_options(backend: str, temperature: float) -> None:
-    """Raise ``ValueError`` naming the public functions' option that is out of range."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend ({backend!r}) must be one of {BACKENDS}")
-    if temperature <= 0:
-        raise ValueError(f"temperature ({temperature}) must be > 0")
-
-
-# ----------------------------------------------------------------------------------------------
 # Custom ops
 # ----------------------------------------------------------------------------------------------
 
@@ -438,27 +311,7 @@ def logprob_entropy_finalize(
     return log_probs, entropy
 
 
-@logprob_entropy_finalize.register_fake
-def _(logits, targets, stats, vocab_start, vocab_size, temperature, backend):
-    return stats.new_empty(stats.shape[1:]), stats.new_empty(stats.shape[1:])
-
-
-def _finalize_setup_context(ctx, inputs, output):
-    logits, targets, stats, vocab_start, vocab_size, temperature, backend = inputs
-    ctx.save_for_backward(logits, targets, stats, output[1])
-    ctx.options = (vocab_start, vocab_size, temperature, backend)
-
-
-def _finalize_backward(ctx, grad_log_probs, grad_entropy):
-    logits, targets, stats, entropy = ctx.saved_tensors
-    log_sum_exp = stats[0] + stats[1].log()
-    grad_logits = torch.ops.megarl.logprob_entropy_backward(
-        logits, targets, log_sum_exp, entropy, grad_log_probs, grad_entropy, *ctx.options
-    )
-    return grad_logits, None, None, None, None, None, None
-
-
-logprob_entropy_finalize.register_autograd(_finalize_backward, setup_context=_finalize_setup_context)
+register_finalize(logprob_entropy_finalize, torch.ops.megarl.logprob_entropy_backward)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -492,16 +345,12 @@ def logprob_entropy(
     Returns:
         ``(log_probs, entropy)``, both ``[...]`` fp32, differentiable with respect to ``logits``.
     """
-    check_options(backend, temperature)
-    if logits.shape[:-1] != targets.shape:
-        raise ValueError(f"targets {tuple(targets.shape)} must match logits {tuple(logits.shape)} without the vocab")
+    check_arguments(backend, temperature, targets, logits, "logits", "the vocab")
     vocab_start, vocab_size = vocab_range(logits.shape[-1], vocab_size, group)
     flat_logits = logits.reshape(-1, logits.shape[-1])
     if flat_logits.stride(-1) != 1:
         flat_logits = flat_logits.contiguous()
-    flat_targets = targets.reshape(-1).long().contiguous()
-    options = (vocab_start, vocab_size, float(temperature), backend)
-    stats = torch.ops.megarl.logprob_entropy_stats(flat_logits.detach(), flat_targets, *options)
-    stats = reduce_partial_stats(stats, group)
-    log_probs, entropy = torch.ops.megarl.logprob_entropy_finalize(flat_logits, flat_targets, stats, *options)
-    return log_probs.view(targets.shape), entropy.view(targets.shape)
+    return run_split_op(
+        torch.ops.megarl.logprob_entropy_stats, torch.ops.megarl.logprob_entropy_finalize, (flat_logits,), targets,
+        vocab_start=vocab_start, vocab_size=vocab_size, temperature=temperature, backend=backend, group=group,
+    )

@@ -1,4 +1,5 @@
-"""What megarl's command-line programs share: how they end.
+"""What megarl's command-line programs share: how they end (and how the conversion tools check a
+layout and finish).
 
 Exit codes (of the program itself; ``torchrun`` exits with 1 whenever a worker fails, whatever its
 code, and its "Root Cause" block quotes the worker's message):
@@ -18,13 +19,16 @@ traceback see".
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
 import time
 import warnings
+from collections.abc import Callable
+from pathlib import Path
 
-from megarl.config import LayoutSpelling
+from megarl.config import LayoutSpelling, ModelFacts, ParallelConfig, layout_errors
 
 STOPPED_EXIT_CODE = 1
 BAD_INPUT_EXIT_CODE = 2
@@ -88,3 +92,51 @@ def refuse(program: str, *problems: Exception | str) -> int:
     """Report bad input for ``program``, a line per problem (first rank only), and return the exit
     code to end with."""
     return report(program, [str(problem) for problem in problems], BAD_INPUT_EXIT_CODE)
+
+
+def positive(text: str) -> int:
+    """``argparse`` type of the conversion tools' layout sizes: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
+
+
+class LayoutRefused(Exception):
+    """A conversion tool's layout that does not fit the model or the number of processes.
+
+    Attributes:
+        problems: one message per problem, as :func:`megarl.config.layout_errors` writes them.
+    """
+
+    def __init__(self, problems: list[str]):
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+def check_layout(layout: ParallelConfig, hf_dir: str | Path) -> None:
+    """Raise :class:`LayoutRefused` unless ``layout`` runs the model of the HF directory ``hf_dir``
+    on this launch's processes; the problems name the tools' flags (:data:`LAYOUT_FLAGS`)."""
+    problems = layout_errors(layout, world_size(), ModelFacts.from_hf_dir(hf_dir), LAYOUT_FLAGS)
+    if problems:
+        raise LayoutRefused(problems)
+
+
+def run_conversion(program: str, convert: Callable[[], Path], bad_input: tuple[type[Exception], ...]) -> int:
+    """Run a conversion tool's ``convert`` (its checks, then the conversion) and return the exit code.
+
+    Library warnings that are noise are silenced first. Success: the first rank prints
+    ``wrote <the path convert returns>``; 0. Bad input, refused with
+    :data:`BAD_INPUT_EXIT_CODE`: a :class:`LayoutRefused` (a line per problem) or an exception of
+    ``bad_input`` (its message); anything else propagates.
+    """
+    quiet_library_warnings()
+    try:
+        out = convert()
+    except LayoutRefused as refused:
+        return refuse(program, *refused.problems)
+    except bad_input as error:
+        return refuse(program, error)
+    if is_first_rank():
+        print(f"wrote {out}")
+    return 0

@@ -16,13 +16,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
-    return value
+from megarl.cli import positive
 
 
 def main(argv: list[str]) -> int:
@@ -37,32 +33,27 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--etp", type=positive, default=None)
     args = parser.parse_args(argv)
     # Light imports: the checks below come before torch.distributed, Megatron and the model.
-    from megarl.cli import LAYOUT_FLAGS, is_first_rank, quiet_library_warnings, refuse, world_size
-    from megarl.config import ConfigError, ModelFacts, ParallelConfig, layout_errors
+    from megarl.cli import check_layout, run_conversion
+    from megarl.config import ConfigError, ParallelConfig
     from megarl.models.families import checked_family
     from megarl.models.family import UnsupportedModel
     from megarl.models.loader import CheckpointError, HFCheckpoint, load_hf_config
 
-    quiet_library_warnings()
     layout = ParallelConfig(
         tensor=args.tp, pipeline=args.pp, virtual_pipeline=args.vpp, expert=args.ep, expert_tensor=args.etp,
         sequence_parallel=args.tp > 1,
     )
-    try:
+
+    def convert() -> Path:
         hf_config = load_hf_config(args.hf)
         checked_family(hf_config)
         HFCheckpoint(args.hf).check_names(hf_config)
-        problems = layout_errors(layout, world_size(), ModelFacts.from_hf_dir(args.hf), LAYOUT_FLAGS)
-        if problems:
-            return refuse("convert_from_hf", *problems)
+        check_layout(layout, args.hf)
         from megarl.models.convert import hf_to_checkpoint
 
-        out = hf_to_checkpoint(args.hf, args.out, layout, dtype=args.dtype)
-    except (CheckpointError, UnsupportedModel, ConfigError) as error:
-        return refuse("convert_from_hf", error)
-    if is_first_rank():
-        print(f"wrote {out}")
-    return 0
+        return hf_to_checkpoint(args.hf, args.out, layout, dtype=args.dtype)
+
+    return run_conversion("convert_from_hf", convert, bad_input=(CheckpointError, UnsupportedModel, ConfigError))
 
 
 if __name__ == "__main__":

@@ -20,13 +20,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
-    return value
+from megarl.cli import positive
 
 
 def main(argv: list[str]) -> int:
@@ -40,32 +36,29 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--ep", type=positive, default=1, help="expert parallel size to load with")
     args = parser.parse_args(argv)
     # Light imports: the checks below come before torch.distributed, Megatron and the model.
-    from megarl.cli import LAYOUT_FLAGS, is_first_rank, quiet_library_warnings, refuse, world_size
-    from megarl.config import ConfigError, ModelFacts, ParallelConfig, layout_errors
+    from megarl.cli import check_layout, run_conversion
+    from megarl.config import ConfigError, ParallelConfig
     from megarl.models.families import checked_family
     from megarl.models.family import UnsupportedModel
     from megarl.models.loader import CheckpointError as ModelError, load_hf_config
     from megarl.checkpoint import CheckpointError, check_files, committed_checkpoint, hf_files
 
-    quiet_library_warnings()
     layout = ParallelConfig(tensor=args.tp, pipeline=args.pp, expert=args.ep, sequence_parallel=args.tp > 1)
-    try:
+
+    def convert() -> Path:
         path = committed_checkpoint(args.checkpoint)
         checked_family(load_hf_config(hf_files(path)))
-        problems = layout_errors(layout, world_size(), ModelFacts.from_hf_dir(hf_files(path)), LAYOUT_FLAGS)
-        if problems:
-            return refuse("convert_to_hf", *problems)
+        check_layout(layout, hf_files(path))
         check_files(path)
         from megarl.models.convert import DEFAULT_MAX_SHARD_BYTES, check_export_target, checkpoint_to_hf
 
         check_export_target(args.out)
         max_shard_bytes = int(args.max_shard_gb * 1024**3) if args.max_shard_gb else DEFAULT_MAX_SHARD_BYTES
-        out = checkpoint_to_hf(path, args.out, layout, dtype=args.dtype, max_shard_bytes=max_shard_bytes)
-    except (CheckpointError, ModelError, UnsupportedModel, ConfigError) as error:
-        return refuse("convert_to_hf", error)
-    if is_first_rank():
-        print(f"wrote {out}")
-    return 0
+        return checkpoint_to_hf(path, args.out, layout, dtype=args.dtype, max_shard_bytes=max_shard_bytes)
+
+    return run_conversion(
+        "convert_to_hf", convert, bad_input=(CheckpointError, ModelError, UnsupportedModel, ConfigError)
+    )
 
 
 if __name__ == "__main__":

@@ -140,7 +140,7 @@ def _config_dtype(hf_config) -> torch.dtype:
     declared = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
     if isinstance(declared, str):
         declared = getattr(torch, declared, None)
-    return declared if declared in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
+    return declared if declared in DTYPES.values() else torch.float32
 
 
 def _layout_and_groups(layout: ParallelConfig):

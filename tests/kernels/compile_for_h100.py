@@ -21,7 +21,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, compile  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-from megarl.kernels import fused_linear_logprob_entropy as fused  # noqa: E402
+from megarl.kernels import fused_linear_logprob_entropy_triton as fused  # noqa: E402
 from megarl.kernels import logprob_entropy as logits_op  # noqa: E402
 
 H100 = GPUTarget("cuda", 90, 32)

@@ -25,10 +25,10 @@ def test_kernels_compile_for_h100():
     assert {(entry["module"].rsplit(".", 1)[1], entry["kernel"]) for entry in compiled} == {
         ("logprob_entropy", "_stats_kernel"),
         ("logprob_entropy", "_backward_kernel"),
-        *(("fused_linear_logprob_entropy", kernel) for kernel in MATMUL_KERNELS),
+        *(("fused_linear_logprob_entropy_triton", kernel) for kernel in MATMUL_KERNELS),
     }
     for entry in compiled:
         assert entry["shared_bytes"] <= H100_SHARED_MEMORY, entry
-        if entry["module"].endswith("fused_linear_logprob_entropy"):
+        if entry["module"].endswith("fused_linear_logprob_entropy_triton"):
             # Hopper tensor-core MMAs fed by asynchronous, multi-stage loads.
             assert entry["wgmma"] > 0 and entry["cp_async"] > 0, entry

@@ -13,9 +13,11 @@ import pytest
 import torch
 
 from megarl.kernels import fused_linear_logprob_entropy as module
+from megarl.kernels import fused_linear_logprob_entropy_triton as kernels_module
 from megarl.kernels import logprob_entropy as logits_module
-from megarl.kernels.fused_linear_logprob_entropy import fused_linear_logprob_entropy, grad_chunk_columns
-from megarl.kernels.logprob_entropy import combine_partial_stats, interpreter_block_v
+from megarl.kernels.common import combine_partial_stats, interpreter_block_v
+from megarl.kernels.fused_linear_logprob_entropy import fused_linear_logprob_entropy
+from megarl.kernels.fused_linear_logprob_entropy_triton import grad_chunk_columns
 from tests.kernels.reference import (
     TEMPERATURE,
     TOLERANCES,
@@ -54,10 +56,11 @@ def test_interpreter_runs_the_kernels_on_cpu():
         pytest.skip("CUDA machine: the kernels are compiled")
     from triton.runtime.interpreter import InterpretedFunction
 
-    for kernel in (module._stats_kernel, module._grad_logits_kernel, module._matmul_accumulate_kernel):
+    for kernel in (kernels_module._stats_kernel, kernels_module._grad_logits_kernel,
+                   kernels_module._matmul_accumulate_kernel):
         assert isinstance(kernel.fn, InterpretedFunction)  # under the EVEN_K heuristic
-    assert HIDDEN % module.INTERPRETER_BLOCK_K and HIDDEN > module.INTERPRETER_BLOCK_K, "a ragged K loop"
-    chunk = module.INTERPRETER_BLOCKS_PER_CHUNK * interpreter_block_v(VOCAB - PADDING)
+    assert HIDDEN % kernels_module.INTERPRETER_BLOCK_K and HIDDEN > kernels_module.INTERPRETER_BLOCK_K, "a ragged K loop"
+    chunk = kernels_module.INTERPRETER_BLOCKS_PER_CHUNK * interpreter_block_v(VOCAB - PADDING)
     assert (VOCAB - PADDING) % chunk and VOCAB - PADDING > chunk, "several splits and grad chunks, the last ragged"
 
 
@@ -66,7 +69,7 @@ def test_grad_chunk_fills_the_fixed_workspace():
     assert grad_chunk_columns(16384, 151936, bf16) == 8192  # 256 MiB of bf16 logit gradients
     assert grad_chunk_columns(8192, 151936, bf16) == 16384
     assert grad_chunk_columns(100, 151936, bf16) == 151936  # a short micro-batch: one chunk
-    assert grad_chunk_columns(1 << 20, 151936, bf16) == module.COLUMN_ALIGN  # never below one tile
+    assert grad_chunk_columns(1 << 20, 151936, bf16) == kernels_module.COLUMN_ALIGN  # never below one tile
 
 
 def check_public_function(problem: Problem, backend: str, device: str, atol: float, rtol: float) -> None:
@@ -112,8 +115,8 @@ def test_auto_backend_runs_torch_on_cpu_tensors(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("the Triton launcher ran on CPU tensors")
 
-    monkeypatch.setattr(module, "_stats_triton", fail)
-    monkeypatch.setattr(module, "_backward_triton", fail)
+    monkeypatch.setattr(module, "stats_triton", fail)
+    monkeypatch.setattr(module, "backward_triton", fail)
     problem = make_problem(5, VOCAB, VOCAB - PADDING, torch.float32, hidden_size=HIDDEN)
     check_public_function(problem, "auto", "cpu", *TOLERANCES[torch.float32])
 

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from megarl.kernels import logprob_entropy as module
-from megarl.kernels.logprob_entropy import combine_partial_stats, logprob_entropy
+from megarl.kernels.common import combine_partial_stats
+from megarl.kernels.logprob_entropy import logprob_entropy
 from tests.kernels.reference import (
     TEMPERATURE,
     TOLERANCES,
