@@ -10,23 +10,20 @@ response token.
 With sequence parallelism the final hidden states are split along the sequence over the TP ranks:
 the head gathers its outputs (each rank keeps the gradient of its own part) and its weight is
 marked ``sequence_parallel`` so that Megatron all-reduces its gradient over the TP group.
+
+The critic is the value update's :class:`~megarl.trainer.objective.Objective`.
 """
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from megarl.algorithms.value_loss import value_loss
-from megarl.config import Config
+from megarl.config import CriticConfig
 from megarl.platform import current_device
-from megarl.trainer.batch import TrainBatch, gather_token_values
-from megarl.trainer.model import TrainModel, aggregate_micro_batch
-
-UPDATE_METRICS = ("loss_sum", "count", "tokens", "value_clip_fraction", "value_error")
-"""The sums each micro-batch reports: the aggregated loss and its normaliser, the valid tokens,
-then token-weighted sums of the clip fraction and of the squared error."""
+from megarl.trainer.batch import TrainBatch
+from megarl.trainer.model import TrainModel
+from megarl.trainer.objective import aggregate_micro_batch
 
 
 class ValueHead(torch.nn.Module):
@@ -69,38 +66,41 @@ def attach_value_heads(chunks: list, spec) -> None:
 
 
 class Critic:
-    """The value model under training.
+    """The value model under training, and the value update's objective.
 
     Args:
         model: the Megatron model (built with :func:`attach_value_heads`) and its optimizer.
-        config: the run's config.
+        critic: the value clipping.
+        loss_agg_mode: ``algorithm.loss_agg_mode``, the same aggregation as the policy's.
+        max_response_length: ``data.max_response_length``, L of ``seq-mean-token-sum-norm``.
+        seed: ``train.seed``, which seeds the mini-batch shuffling with the step.
     """
 
-    def __init__(self, model: TrainModel, config: Config):
+    fields = ("values", "returns")
+    metrics = ("value_clip_fraction", "value_error")
+    """Token sums of the clip fraction and of the squared error to the returns."""
+
+    def __init__(self, model: TrainModel, critic: CriticConfig, *, loss_agg_mode: str, max_response_length: int, seed: int):
         self.model = model
-        self.config = config
+        self.value_clip = critic.value_clip
+        self.loss_agg_mode = loss_agg_mode
+        self.max_response_length = max_response_length
+        self.seed = seed
         self.pg_collection = model.pg_collection
+
+    @property
+    def consecutive_skips(self) -> int:
+        """Optimizer steps skipped in a row for non-finite gradients (part of the train state)."""
+        return self.model.consecutive_skips
+
+    @consecutive_skips.setter
+    def consecutive_skips(self, value: int) -> None:
+        self.model.consecutive_skips = value
 
     def values(self, batch: TrainBatch) -> torch.Tensor:
         """V at every position, no gradient: ``[B, S]`` float32 in label space on every rank, 0
         outside the response mask."""
-        micro_batches = self.model.micro_batches(batch, torch.arange(batch.size), fields=())
-        outputs = self.model.run(micro_batches, self._forward_step_values, forward_only=True)
-        values = batch.empty_token_values()
-        for output in outputs:
-            values[output["rows"][:, None], output["columns"][None, :]] = output["values"]
-        values = gather_token_values(values.to(current_device()), self.pg_collection, is_last_stage=self.model.is_last_stage).cpu()
-        return torch.where(batch.response_mask, values, 0.0)
-
-    def _forward_step_values(self, data_iterator, model):
-        micro = next(data_iterator)
-        device = current_device()
-        output = model(micro["tokens"].to(device), micro["position_ids"].to(device), None)
-
-        def collect(values, non_loss_data=True):
-            return {"rows": micro["rows"], "columns": micro["columns"], "values": values.squeeze(-1).float().cpu()}
-
-        return output, collect
+        return self.model.forward(batch, ("values",), lambda micro, output: {"values": output.squeeze(-1)})["values"]
 
     def update(self, batch: TrainBatch, step: int) -> dict[str, float]:
         """Regress the values on ``batch``'s ``returns`` (clipped around ``values``), with the
@@ -111,37 +111,16 @@ class Critic:
             error), ``critic/grad_norm``, ``critic/lr``, averaged over the mini-batches, and
             ``critic/skipped_steps`` (non-finite gradients).
         """
-        seed = self.config.train.seed * 1_000_003 + step + 1
-        metrics = self.model.update(batch, ["values", "returns"], self._forward_step_loss, len(UPDATE_METRICS), seed, _update_metrics)
+        metrics = self.model.update(batch, self, seed=self.seed * 1_000_003 + step + 1)
         return {f"critic/{name}": value for name, value in metrics.items()}
 
-    def _forward_step_loss(self, data_iterator, model):
-        micro = next(data_iterator)
-        device = current_device()
-        output = model(micro["tokens"].to(device), micro["position_ids"].to(device), None)
-        return output, functools.partial(self._loss, {name: value.to(device) for name, value in micro.items()})
-
-    def _loss(self, micro: dict[str, torch.Tensor], values: torch.Tensor):
-        """The micro-batch's ``(loss_sum, count, {"sums": UPDATE_METRICS})`` for Megatron."""
+    def loss(self, micro: dict[str, torch.Tensor], values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """The micro-batch's ``(loss_sum, count, {metric: token sum})`` from the values ``[b, s, 1]``
+        (:class:`~megarl.trainer.objective.Objective`)."""
         mask = micro["response_mask"]
         values = values.squeeze(-1).float()
-        per_token, metrics = value_loss(values, micro["values"], micro["returns"], mask, value_clip=self.config.critic.value_clip)
-        loss_sum, count = aggregate_micro_batch(
-            per_token, micro, self.config.algorithm.loss_agg_mode, self.config.data.max_response_length, self.pg_collection.cp.rank()
-        )
+        per_token, metrics = value_loss(values, micro["values"], micro["returns"], mask, value_clip=self.value_clip)
+        loss_sum, count = aggregate_micro_batch(per_token, micro, self.loss_agg_mode, self.max_response_length, self.pg_collection.cp.rank())
         tokens = mask.sum().double()
         error = torch.where(mask.bool(), (values.detach() - micro["returns"]).square(), 0.0).sum().double()
-        sums = torch.stack(
-            [loss_sum.detach().double(), count.double(), tokens, metrics["value_clip_fraction"].double() * tokens, error]
-        )
-        return loss_sum, count, {"sums": sums}
-
-
-def _update_metrics(sums: torch.Tensor) -> dict[str, float]:
-    values = dict(zip(UPDATE_METRICS, sums.tolist()))
-    tokens = max(values["tokens"], 1.0)
-    return {
-        "loss": values["loss_sum"] / max(values["count"], 1.0),
-        "value_clip_fraction": values["value_clip_fraction"] / tokens,
-        "value_error": values["value_error"] / tokens,
-    }
+        return loss_sum, count, {"value_clip_fraction": metrics["value_clip_fraction"].double() * tokens, "value_error": error}

@@ -25,45 +25,57 @@ from megarl.algorithms.advantages import outcome_token_rewards
 from megarl.algorithms.kl import apply_kl_penalty, estimate_kl
 from megarl.algorithms.mismatch import icepop_weights, mismatch_metrics, tis_weights
 from megarl.algorithms.shaping import RunningMoments, clip_rewards, normalize_rewards, overlong_filter, overlong_penalty
-from megarl.config import Config
+from megarl.config import AlgorithmConfig
 from megarl.trainer.batch import TrainBatch
 
 
-def prepare_update(batch: TrainBatch, scores: torch.Tensor, config: Config, running: RunningMoments, kl_controller) -> dict[str, float]:
+def prepare_update(
+    batch: TrainBatch, scores: torch.Tensor, algorithm: AlgorithmConfig, running: RunningMoments, kl_controller, *, max_response_length: int
+) -> dict[str, float]:
     """Shape ``scores [B]``, fill the batch's advantages, returns and loss weights, and (with
     ``algorithm.filter_overlong``) take the truncated responses out of ``batch.response_mask``.
+
+    Args:
+        batch: the step's samples, with the forward passes' token values.
+        scores: ``[B]`` raw rewards.
+        algorithm: the shaping, estimator, filtering and correction settings.
+        running: the running moments of ``reward_norm: running`` (updated here).
+        kl_controller: the reward KL penalty's coefficient controller (updated here).
+        max_response_length: ``data.max_response_length``, the overlong penalty's limit.
 
     Returns:
         The metrics of every stage.
     """
-    shaped, metrics = shape_scores(scores, batch, config, running)
-    metrics.update(compute_advantages(batch, shaped, config, kl_controller))
-    if config.algorithm.filter_overlong:
+    shaped, metrics = shape_scores(scores, batch, algorithm, running, max_response_length=max_response_length)
+    metrics.update(compute_advantages(batch, shaped, algorithm, kl_controller))
+    if algorithm.filter_overlong:
         batch.response_mask, counts = overlong_filter(batch.response_mask, batch.truncated)
         metrics.update({f"filter/{name}": value for name, value in counts.items()})
-    metrics.update(loss_weights(batch, config))
+    metrics.update(loss_weights(batch, algorithm))
     return metrics
 
 
-def shape_scores(scores: torch.Tensor, batch: TrainBatch, config: Config, running: RunningMoments) -> tuple[torch.Tensor, dict[str, float]]:
+def shape_scores(
+    scores: torch.Tensor, batch: TrainBatch, algorithm: AlgorithmConfig, running: RunningMoments, *, max_response_length: int
+) -> tuple[torch.Tensor, dict[str, float]]:
     """Scores ``[B]`` after clipping, the overlong penalty and normalisation (in that order).
 
     Args:
         scores: ``[B]`` raw rewards.
         batch: the samples (response lengths, groups).
-        config: the run's config (``algorithm`` section).
+        algorithm: the clipping, overlong penalty and normalisation settings.
         running: the running moments of ``reward_norm: running`` (updated here).
+        max_response_length: ``data.max_response_length``, the overlong penalty's limit.
 
     Returns:
         ``(scores, metrics)``.
     """
-    algorithm = config.algorithm
     metrics: dict[str, float] = {}
     shaped = clip_rewards(scores.float(), algorithm.reward_clip)
     if algorithm.overlong_penalty:
         penalty = overlong_penalty(
             batch.response_lengths,
-            max_length=config.data.max_response_length,
+            max_length=max_response_length,
             buffer_length=algorithm.overlong_buffer_length,
             factor=algorithm.overlong_penalty_factor,
         )
@@ -73,19 +85,18 @@ def shape_scores(scores: torch.Tensor, batch: TrainBatch, config: Config, runnin
     return shaped, metrics
 
 
-def compute_advantages(batch: TrainBatch, scores: torch.Tensor, config: Config, kl_controller) -> dict[str, float]:
+def compute_advantages(batch: TrainBatch, scores: torch.Tensor, algorithm: AlgorithmConfig, kl_controller) -> dict[str, float]:
     """Fill ``batch.token_values["advantages"]`` and ``["returns"]``.
 
     Args:
         batch: with ``old_log_probs`` (and ``ref_log_probs`` with a KL penalty, ``values`` for gae).
         scores: ``[B]`` shaped scores.
-        config: the run's config.
+        algorithm: the estimator and the reward KL penalty's settings.
         kl_controller: the reward KL penalty's coefficient controller (updated here).
 
     Returns:
         Metrics: advantage statistics, and the penalty's KL and coefficient when it is on.
     """
-    algorithm = config.algorithm
     mask = batch.response_mask
     token_rewards = outcome_token_rewards(scores, mask)
     metrics: dict[str, float] = {}
@@ -124,7 +135,7 @@ def compute_advantages(batch: TrainBatch, scores: torch.Tensor, config: Config, 
     return metrics
 
 
-def loss_weights(batch: TrainBatch, config: Config) -> dict[str, float]:
+def loss_weights(batch: TrainBatch, algorithm: AlgorithmConfig) -> dict[str, float]:
     """Fill ``batch.token_values["loss_weights"]`` (1, or the TIS / ICEPOP weights) and measure
     how far the trainer's log-probs are from the engine's.
 
@@ -132,7 +143,6 @@ def loss_weights(batch: TrainBatch, config: Config) -> dict[str, float]:
         ``mismatch/*`` metrics (mean and max absolute log-prob difference, the rollout KL) and
         the correction's own.
     """
-    algorithm = config.algorithm
     mask = batch.response_mask
     old, rollout = batch.token_values["old_log_probs"], batch.token_values["rollout_log_probs"]
     metrics = {f"mismatch/{name}": value.item() for name, value in mismatch_metrics(old, rollout, mask).items()}

@@ -208,14 +208,16 @@ def train_step(run: Run, step: int, phase=lambda name: None) -> dict[str, float]
     forwarded = time.perf_counter()
     phase("update")
 
-    metrics.update(prepare_update(batch, scores, config, run.reward_moments, run.kl_controller))
+    metrics.update(
+        prepare_update(batch, scores, config.algorithm, run.reward_moments, run.kl_controller, max_response_length=config.data.max_response_length)
+    )
 
     if run.critic is not None:
         metrics.update(run.critic.update(batch, step))
-        _stop_on_non_finite(run, step, "critic", run.critic.model.consecutive_skips)
+        _stop_on_non_finite(run, step, "critic", run.critic.consecutive_skips)
     if run.critic is None or step >= config.critic.warmup_steps:
         metrics.update(run.policy.update(batch, step))
-        _stop_on_non_finite(run, step, "policy", run.policy.model.consecutive_skips)
+        _stop_on_non_finite(run, step, "policy", run.policy.consecutive_skips)
     updated = time.perf_counter()
     phase("weight sync")
 

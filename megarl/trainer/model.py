@@ -1,13 +1,15 @@
 """A trainable Megatron model: chunks, Megatron's DDP, optimizer, schedule, and the schedule runner.
 
-The policy and the critic are both one of these. :meth:`TrainModel.run` feeds a list of
-micro-batches through Megatron's ``forward_backward_func`` (1F1B, interleaved with VPP, or no
-pipelining), :meth:`TrainModel.optimizer_step` takes the step when every rank's gradients are
-finite and skips it (zeroing them) otherwise.
+The policy and the critic are both one of these. :meth:`TrainModel.update` trains it on an
+:class:`~megarl.trainer.objective.Objective` and :meth:`TrainModel.forward` runs a pass without
+gradients; both feed micro-batches through Megatron's ``forward_backward_func`` (1F1B, interleaved
+with VPP, or no pipelining) with the model's one forward step (``TrainModel._forward_step``).
+:meth:`TrainModel.optimizer_step` takes the step when every rank's gradients are finite and skips
+it (zeroing them) otherwise.
 
 Loss normalisation. The models are built with ``calculate_per_token_loss`` (see
-:func:`megarl.models.builder.model_spec`): a loss function returns ``(loss_sum, count, metrics)``,
-Megatron adds the ``count`` of every micro-batch, all-reduces it over the data- and
+:func:`megarl.models.builder.model_spec`): an objective's loss returns ``(loss_sum, count,
+sums)``, Megatron adds the ``count`` of every micro-batch, all-reduces it over the data- and
 context-parallel ranks and divides the summed gradients by it. So a micro-batch returns the *sum*
 of its per-sample loss contributions and its share of the normaliser, and the gradient is that of
 the whole mini-batch loss whatever the split into micro-batches and ranks
@@ -18,20 +20,25 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 
-from megarl.algorithms.aggregation import aggregate_loss, normalizer
-from megarl.config import OptimizerConfig, ParallelConfig, TrainConfig
+from megarl.config import ModelConfig, OptimizerConfig, ParallelConfig, TrainConfig
 from megarl.data.batching import plan_micro_batches
-from megarl.models.builder import ModelSpec, build_model, model_spec
+from megarl.models.builder import DTYPES, ModelSpec, build_model, model_spec
 from megarl.models.loader import load_hf_config, load_hf_weights
 from megarl.models.specs import Backend
 from megarl.platform import current_device
-from megarl.trainer.batch import TrainBatch
+from megarl.trainer.batch import TrainBatch, gather_token_values
+from megarl.trainer.objective import Objective
 from megarl.trainer.optim import build_optimizer, build_scheduler
+
+UPDATE_SUMS = ("loss_sum", "count", "tokens")
+"""What an update adds up for every objective besides the objective's own metrics: the loss sum,
+its normaliser, and the valid response tokens the metrics are averaged over."""
 
 
 @dataclasses.dataclass
@@ -45,7 +52,7 @@ class TrainModel:
         optimizer: Megatron's optimizer over ``models``.
         scheduler: Megatron's learning-rate schedule.
         pg_collection: the process groups.
-        train: how batches are cut into micro-batches (``micro_batch_size`` or a token budget).
+        train: how batches are cut into mini- and micro-batches, and the epochs over them.
         consecutive_skips: optimizer steps skipped in a row for non-finite gradients (the run
             stops at ``train.max_consecutive_nan_steps``; checkpointed with the train state).
     """
@@ -63,37 +70,30 @@ class TrainModel:
     def build(
         cls,
         hf_path: str,
+        model: ModelConfig,
         layout: ParallelConfig,
-        pg_collection,
         train: TrainConfig,
+        optimizer: OptimizerConfig,
         *,
-        dtype: torch.dtype,
+        pg_collection,
         backend: Backend,
-        optimizer_config: OptimizerConfig,
-        lr_schedule: str,
-        warmup_steps: int,
-        total_steps: int,
-        use_distributed_optimizer: bool,
-        transformer_overrides: dict[str, Any] | None = None,
         after_load: Callable[[list, ModelSpec], None] | None = None,
     ) -> TrainModel:
         """Build the chunks for ``layout``, load the HF weights and wrap them for training.
 
         Args:
             hf_path: the HF model directory the weights come from.
+            model: the parameter dtype and the TransformerConfig fields it sets (recompute, MoE
+                settings); its ``path`` is not read (``hf_path`` is).
             layout: the parallel layout.
+            train: the micro-batching, the learning-rate schedule over the run's optimizer steps,
+                and whether the optimizer state is sharded over data-parallel ranks.
+            optimizer: Adam settings (``train.optimizer`` or ``critic.optimizer``).
             pg_collection: from :func:`megarl.parallel.initialize`.
-            train: the micro-batching settings.
-            dtype: parameter dtype.
             backend: layer specs, ``te`` or ``torch``.
-            optimizer_config: Adam settings.
-            lr_schedule: ``constant``, ``linear`` or ``cosine``.
-            warmup_steps: optimizer steps of warm-up.
-            total_steps: optimizer steps of the run.
-            use_distributed_optimizer: shard the optimizer state over data-parallel ranks.
-            transformer_overrides: further TransformerConfig fields (recompute, MoE settings).
             after_load: called with ``(chunks, spec)`` after the HF weights are in, before the
-                chunks are wrapped (the critic swaps its output layer for a value head there).
+                chunks are wrapped; it swaps the output layer of the last stage for another head
+                (the policy's hidden-states head, the critic's value head).
         """
         from megatron.core.distributed import (
             DistributedDataParallel,
@@ -101,7 +101,8 @@ class TrainModel:
             finalize_model_grads,
         )
 
-        spec = model_spec(load_hf_config(hf_path), layout, dtype, **(transformer_overrides or {}))
+        dtype = DTYPES[model.dtype]
+        spec = model_spec(load_hf_config(hf_path), layout, dtype, **_transformer_overrides(model))
         chunks = build_model(spec, backend, pg_collection)
         load_hf_weights(chunks, spec, pg_collection, hf_path)
         if after_load is not None:
@@ -111,23 +112,30 @@ class TrainModel:
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
             overlap_grad_reduce=False,
-            use_distributed_optimizer=use_distributed_optimizer,
+            use_distributed_optimizer=train.use_distributed_optimizer,
         )
         models = [DistributedDataParallel(config, ddp_config, chunk, pg_collection=pg_collection) for chunk in chunks]
-        optimizer = build_optimizer(
-            models, optimizer_config, dtype=dtype, use_distributed_optimizer=use_distributed_optimizer
-        )
+        megatron_optimizer = build_optimizer(models, optimizer, dtype=dtype, use_distributed_optimizer=train.use_distributed_optimizer)
         # The optimizer's fp32 main weights are copies made at construction; refresh them from the
         # loaded (and possibly modified) model weights.
-        optimizer.reload_model_params()
-        scheduler = build_scheduler(optimizer, optimizer_config, style=lr_schedule, warmup_steps=warmup_steps, total_steps=total_steps)
+        megatron_optimizer.reload_model_params()
+        scheduler = build_scheduler(
+            megatron_optimizer, optimizer, style=train.lr_schedule, warmup_steps=train.warmup_steps(), total_steps=train.optimizer_steps()
+        )
         return cls(
-            spec=spec, chunks=chunks, models=models, optimizer=optimizer, scheduler=scheduler, pg_collection=pg_collection, train=train
+            spec=spec, chunks=chunks, models=models, optimizer=megatron_optimizer, scheduler=scheduler, pg_collection=pg_collection, train=train
         )
 
     @property
     def is_last_stage(self) -> bool:
         return self.pg_collection.pp.rank() == self.pg_collection.pp.size() - 1
+
+    @property
+    def output_weight(self) -> torch.nn.Parameter:
+        """The last stage's output projection ``[V / TP, H]`` (the word embedding where the two are
+        tied); only on the last pipeline stage."""
+        chunk = next(chunk for chunk in self.chunks if chunk.post_process)
+        return chunk.shared_embedding_or_output_weight() if chunk.share_embeddings_and_output_weights else chunk.output_layer.weight
 
     def micro_batches(self, batch: TrainBatch, rows: torch.Tensor, fields) -> list[dict[str, torch.Tensor]]:
         """This rank's micro-batches of ``rows`` (indices into ``batch``), with the token values
@@ -147,22 +155,48 @@ class TrainModel:
             micro_batches.append(micro)
         return micro_batches
 
-    def reduce_sums(self, outputs: list[dict[str, Any]], size: int) -> torch.Tensor:
-        """Add the ``sums [size]`` each micro-batch's loss function reported over micro-batches and
-        data- and context-parallel ranks, and share them with every pipeline stage.
+    def _forward_step(self, on_output: Callable[[dict[str, torch.Tensor]], Callable]) -> Callable:
+        """Megatron's ``forward_step_func`` for this model, the one every pass uses: it takes the
+        next micro-batch from Megatron's data iterator, runs its tokens through the model chunk
+        Megatron passes, and returns the output with ``on_output(micro)`` (the micro-batch moved to
+        the device), the function Megatron calls with the output on the last pipeline stage."""
+
+        def forward_step(data_iterator, model):
+            micro = next(data_iterator)
+            device = current_device()
+            output = model(micro["tokens"].to(device), micro["position_ids"].to(device), None)
+            return output, on_output({name: value.to(device) for name, value in micro.items()})
+
+        return forward_step
+
+    def forward(
+        self, batch: TrainBatch, names: tuple[str, ...], compute: Callable[[dict[str, torch.Tensor], torch.Tensor], dict[str, torch.Tensor]]
+    ) -> dict[str, torch.Tensor]:
+        """A pass over the whole batch without gradients.
+
+        Args:
+            batch: the step's samples.
+            names: the token values ``compute`` returns.
+            compute: ``compute(micro, output)``: the last stage's output for a micro-batch (see
+                :meth:`Objective.loss`) -> ``{name: [b, s]}`` for each of ``names``.
 
         Returns:
-            ``[size]`` float64 on the CPU, the same on every rank.
+            ``{name: [B, S]}``, float32 in label space on every rank, 0 outside the response mask.
         """
-        sums = torch.zeros(size, dtype=torch.float64, device=current_device())
+
+        def collect(micro, output, non_loss_data=True):
+            values = compute(micro, output)
+            return {"rows": micro["rows"].cpu(), "columns": micro["columns"].cpu(), **{name: values[name].float().cpu() for name in names}}
+
+        micro_batches = self.micro_batches(batch, torch.arange(batch.size), fields=())
+        outputs = self.run(micro_batches, self._forward_step(lambda micro: functools.partial(collect, micro)), forward_only=True)
+        local = torch.stack([batch.empty_token_values() for _ in names])
         for output in outputs:
-            sums += output["sums"].to(sums.device)
-        if self.pg_collection.dp_cp.size() > 1:
-            dist.all_reduce(sums, group=self.pg_collection.dp_cp)
-        if self.pg_collection.pp.size() > 1:
-            # Only the last stage computed losses; the others add zeros.
-            dist.all_reduce(sums, group=self.pg_collection.pp)
-        return sums.cpu()
+            rows, columns = output["rows"][:, None], output["columns"][None, :]
+            for index, name in enumerate(names):
+                local[index, rows, columns] = output[name]
+        gathered = gather_token_values(local.to(current_device()), self.pg_collection, is_last_stage=self.is_last_stage).cpu()
+        return {name: torch.where(batch.response_mask, gathered[index], 0.0) for index, name in enumerate(names)}
 
     def run(self, micro_batches: list[dict[str, torch.Tensor]], forward_step: Callable, *, forward_only: bool) -> list:
         """Feed ``micro_batches`` through Megatron's pipeline schedule.
@@ -176,7 +210,7 @@ class TrainModel:
 
         Returns:
             On the last pipeline stage, what each micro-batch's loss function returned
-            (its metrics when training); an empty list on other stages.
+            (its named sums when training); an empty list on other stages.
         """
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -201,24 +235,21 @@ class TrainModel:
                 collect_non_loss_data=forward_only,
             )
 
-    def update(
-        self, batch: TrainBatch, fields, forward_step: Callable, num_sums: int, seed: int, summarize: Callable[[torch.Tensor], dict[str, float]]
-    ) -> dict[str, float]:
+    def update(self, batch: TrainBatch, objective: Objective, seed: int) -> dict[str, float]:
         """Train on ``batch``: ``train.ppo_epochs`` passes, each over the batch shuffled (seeded)
         and cut into mini-batches of ``train.mini_batch_size`` samples, one optimizer step each.
 
         Args:
-            batch: the step's samples, with the token values the loss reads.
-            fields: the token values the loss needs (:meth:`micro_batches`).
-            forward_step: Megatron's forward step; its loss function reports ``sums [num_sums]``.
-            num_sums: the length of those sums.
-            seed: the shuffling seed (the RL step's).
-            summarize: a mini-batch's ``sums`` -> its metrics.
+            batch: the step's samples, with the token values the objective reads.
+            objective: the loss and its metrics (:class:`~megarl.trainer.objective.Objective`).
+            seed: the shuffling seed.
 
         Returns:
-            The metrics of ``summarize`` and ``grad_norm``, ``lr`` averaged over the mini-batches,
-            and ``skipped_steps``, the optimizer steps skipped for non-finite gradients.
+            ``loss`` and the objective's metrics, ``grad_norm`` and ``lr``, averaged over the
+            mini-batches, and ``skipped_steps``, the optimizer steps skipped for non-finite gradients.
         """
+        names = (*UPDATE_SUMS, *objective.metrics)
+        forward_step = self._forward_step(lambda micro: functools.partial(_micro_batch_loss, objective, micro))
         generator = torch.Generator().manual_seed(seed)
         totals: dict[str, float] = {}
         mini_batches = 0
@@ -226,8 +257,12 @@ class TrainModel:
             order = torch.randperm(batch.size, generator=generator)
             for start in range(0, batch.size, self.train.mini_batch_size):
                 rows = order[start : start + self.train.mini_batch_size]
-                outputs = self.run(self.micro_batches(batch, rows, fields), forward_step, forward_only=False)
-                metrics = summarize(self.reduce_sums(outputs, num_sums))
+                outputs = self.run(self.micro_batches(batch, rows, objective.fields), forward_step, forward_only=False)
+                sums = self.reduce_sums(outputs, names)
+                # The loss per its normaliser, every other metric per valid token.
+                tokens = max(sums["tokens"], 1.0)
+                metrics = {"loss": sums["loss_sum"] / max(sums["count"], 1.0)}
+                metrics.update({name: sums[name] / tokens for name in objective.metrics})
                 stepped, grad_norm = self.optimizer_step()
                 self.consecutive_skips = 0 if stepped else self.consecutive_skips + 1
                 metrics.update({"grad_norm": grad_norm, "lr": self.learning_rate, "skipped_steps": 0.0 if stepped else 1.0})
@@ -237,6 +272,23 @@ class TrainModel:
         averaged = {name: value / mini_batches for name, value in totals.items()}
         averaged["skipped_steps"] = totals["skipped_steps"]
         return averaged
+
+    def reduce_sums(self, outputs: list[dict[str, torch.Tensor]], names: tuple[str, ...]) -> dict[str, float]:
+        """Add the named sums each micro-batch's loss reported over micro-batches and data- and
+        context-parallel ranks, and share them with every pipeline stage (which computed none).
+
+        Returns:
+            ``{name: sum}`` for each of ``names`` (float64 sums), the same on every rank.
+        """
+        sums = torch.zeros(len(names), dtype=torch.float64, device=current_device())
+        for output in outputs:
+            sums += torch.stack([output[name] for name in names]).to(sums.device)
+        if self.pg_collection.dp_cp.size() > 1:
+            dist.all_reduce(sums, group=self.pg_collection.dp_cp)
+        if self.pg_collection.pp.size() > 1:
+            # Only the last stage computed losses; the others add zeros.
+            dist.all_reduce(sums, group=self.pg_collection.pp)
+        return dict(zip(names, sums.tolist()))
 
     def zero_grad(self) -> None:
         for model in self.models:
@@ -275,28 +327,26 @@ class TrainModel:
         return float(self.optimizer.param_groups[0]["lr"])
 
 
-def aggregate_micro_batch(
-    per_token_loss: torch.Tensor, micro: dict[str, torch.Tensor], mode: str, max_response_length: int, cp_rank: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A micro-batch's ``(loss_sum, count)`` for Megatron's per-token loss normalisation.
+def _micro_batch_loss(objective: Objective, micro: dict[str, torch.Tensor], output: torch.Tensor):
+    """Megatron's loss function for one micro-batch: the objective's ``(loss_sum, count)`` and, by
+    name, the sums :meth:`TrainModel.reduce_sums` adds up (:data:`UPDATE_SUMS` and its metrics)."""
+    loss_sum, count, metric_sums = objective.loss(micro, output)
+    if metric_sums.keys() != set(objective.metrics):
+        raise ValueError(
+            f"{type(objective).__name__}.loss reported the metrics {sorted(metric_sums)}, "
+            f"but its metrics attribute names {sorted(objective.metrics)}: make them the same"
+        )
+    sums = {"loss_sum": loss_sum.detach(), "count": count, "tokens": micro["response_mask"].sum(), **metric_sums}
+    return loss_sum, count, {name: value.double() for name, value in sums.items()}
 
-    ``loss_sum`` is the sum of the micro-batch's contributions under ``mode``
-    (:func:`megarl.algorithms.aggregation.aggregate_loss` with a normaliser of 1) and ``count`` its
-    share of the normaliser Z. With context parallelism this rank holds part of each response: the
-    whole rows' masks (``micro["row_response_mask"]``) give the per-response token counts, and the
-    first context-parallel rank alone counts Z, so that the sum over ranks is the mini-batch's.
 
-    Args:
-        per_token_loss: ``[b, s]`` on this rank's columns.
-        micro: the micro-batch (``response_mask``, ``row_response_mask``).
-        mode: ``algorithm.loss_agg_mode``.
-        max_response_length: L of the ``seq-mean-token-sum-norm`` normaliser.
-        cp_rank: this rank in the context-parallel group.
-
-    Returns:
-        ``(loss_sum, count)``: a differentiable 0-d tensor, and a 0-d int tensor.
-    """
-    row_mask = micro["row_response_mask"]
-    loss_sum = aggregate_loss(per_token_loss, micro["response_mask"], mode, 1.0, sequence_lengths=row_mask.sum(-1))
-    count = normalizer(mode, row_mask, max_response_length) if cp_rank == 0 else torch.zeros((), dtype=torch.float64)
-    return loss_sum, count.to(device=loss_sum.device, dtype=torch.int)
+def _transformer_overrides(model: ModelConfig) -> dict[str, Any]:
+    """TransformerConfig fields the ``model`` section sets."""
+    overrides: dict[str, Any] = {"moe_token_dispatcher_type": model.moe_token_dispatcher, "moe_grouped_gemm": model.moe_grouped_gemm}
+    if model.moe_aux_loss_coeff:
+        overrides.update(moe_aux_loss_coeff=model.moe_aux_loss_coeff, moe_router_load_balancing_type="aux_loss")
+    if model.recompute != "none":
+        overrides["recompute_granularity"] = model.recompute
+        if model.recompute == "full":
+            overrides.update(recompute_method="uniform", recompute_num_layers=1)
+    return overrides

@@ -31,7 +31,7 @@ from megarl.trainer.batch import layout_multiple
 from megarl.trainer.critic import Critic, attach_value_heads
 from megarl.metrics import MetricsLogger
 from megarl.trainer.model import TrainModel
-from megarl.trainer.policy import Policy
+from megarl.trainer.policy import Policy, attach_hidden_states_heads
 from megarl.trainer.reference import ReferencePolicy
 from megarl.weights.stream import WeightStream
 
@@ -102,8 +102,8 @@ class Run:
             "data": self.loader.state_dict(),
             "kl_coefficient": self.kl_controller.value,
             "reward_moments": dataclasses.asdict(self.reward_moments),
-            "consecutive_skips": self.policy.model.consecutive_skips,
-            "critic_consecutive_skips": self.critic.model.consecutive_skips if self.critic is not None else 0,
+            "consecutive_skips": self.policy.consecutive_skips,
+            "critic_consecutive_skips": self.critic.consecutive_skips if self.critic is not None else 0,
             "engine_restarts": self.engines.restarts if self.engines is not None else 0,
         }
 
@@ -111,9 +111,9 @@ class Run:
         self.loader.load_state_dict(state["data"])
         self.kl_controller.value = state["kl_coefficient"]
         self.reward_moments = RunningMoments(**state["reward_moments"])
-        self.policy.model.consecutive_skips = state["consecutive_skips"]
+        self.policy.consecutive_skips = state["consecutive_skips"]
         if self.critic is not None:
-            self.critic.model.consecutive_skips = state["critic_consecutive_skips"]
+            self.critic.consecutive_skips = state["critic_consecutive_skips"]
         if self.engines is not None:
             # rollout.restart_budget is for the whole run, resumed or not.
             self.engines.restarts = state["engine_restarts"]
@@ -222,31 +222,27 @@ def setup(config: Config) -> Run:
         config.parallel.tensor, config.parallel.pipeline, config.parallel.context, config.parallel.expert,
         config.parallel.data_parallel(world_size),
     )
-    train = config.train
-    total_steps = train.optimizer_steps()
-    common = dict(
-        dtype=dtype,
-        backend=backend,
-        lr_schedule=train.lr_schedule,
-        warmup_steps=train.warmup_steps(),
-        total_steps=total_steps,
-        use_distributed_optimizer=train.use_distributed_optimizer,
-        transformer_overrides=_transformer_overrides(config),
-    )
+    train, algorithm = config.train, config.algorithm
     warning = train.warmup_clamped()
     if warning and first:
         log.warning(warning)
-    policy_model = TrainModel.build(str(model_dir), config.parallel, pg_collection, train, optimizer_config=train.optimizer, **common)
-    algorithm = config.algorithm
+    policy_model = TrainModel.build(
+        str(model_dir), config.model, config.parallel, train, train.optimizer, pg_collection=pg_collection, backend=backend,
+        after_load=attach_hidden_states_heads if train.fused_linear_logprob else None,
+    )
+    policy = Policy(policy_model, algorithm, train, temperature=config.rollout.temperature, max_response_length=config.data.max_response_length)
     needs_reference = algorithm.use_kl_loss or algorithm.use_kl_in_reward
     reference = ReferencePolicy(policy_model.chunks) if needs_reference else None
     critic = None
     if config.critic_enabled:
         critic_dir = resolve_model_path(config.critic.path) if config.critic.path else model_dir
         critic_model = TrainModel.build(
-            str(critic_dir), config.parallel, pg_collection, train, optimizer_config=config.critic.optimizer, after_load=attach_value_heads, **common
+            str(critic_dir), config.model, config.parallel, train, config.critic.optimizer, pg_collection=pg_collection, backend=backend,
+            after_load=attach_value_heads,
         )
-        critic = Critic(critic_model, config)
+        critic = Critic(
+            critic_model, config.critic, loss_agg_mode=algorithm.loss_agg_mode, max_response_length=config.data.max_response_length, seed=train.seed
+        )
     # Buckets handed to SGLang over CUDA IPC must not be rewritten while it may still read them.
     cuda_ipc = config.rollout.weight_transport == "tensor" and detected.device.type == "cuda"
     stream = WeightStream(
@@ -269,7 +265,7 @@ def setup(config: Config) -> Run:
         train_set=train_set,
         val_set=val_set,
         loader=loader,
-        policy=Policy(policy_model, config),
+        policy=policy,
         reference=reference,
         critic=critic,
         stream=stream,
@@ -311,15 +307,3 @@ def _seed(seed: int) -> None:
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
 
-
-def _transformer_overrides(config: Config) -> dict[str, Any]:
-    """TransformerConfig fields the ``model`` section sets."""
-    model = config.model
-    overrides: dict[str, Any] = {"moe_token_dispatcher_type": model.moe_token_dispatcher, "moe_grouped_gemm": model.moe_grouped_gemm}
-    if model.moe_aux_loss_coeff:
-        overrides.update(moe_aux_loss_coeff=model.moe_aux_loss_coeff, moe_router_load_balancing_type="aux_loss")
-    if model.recompute != "none":
-        overrides["recompute_granularity"] = model.recompute
-        if model.recompute == "full":
-            overrides.update(recompute_method="uniform", recompute_num_layers=1)
-    return overrides

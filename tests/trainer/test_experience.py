@@ -37,7 +37,7 @@ SCORES = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0])
 def test_grpo_advantages_are_the_estimator_on_the_scores():
     config = load_config(None)
     batch = make_batch()
-    metrics = compute_advantages(batch, SCORES, config, FixedKLController(0.0))
+    metrics = compute_advantages(batch, SCORES, config.algorithm, FixedKLController(0.0))
     expected, _ = estimator("grpo", scores=SCORES, response_mask=batch.response_mask, group_ids=batch.group_ids, norm_by_std=True)
     assert torch.equal(batch.token_values["advantages"], expected.float())
     assert math.isclose(metrics["advantages/max"], expected[batch.response_mask].max().item(), rel_tol=1e-6)
@@ -47,11 +47,11 @@ def test_kl_penalty_in_the_reward_lowers_the_scores_and_reaches_the_controller()
     config = load_config(None, ["algorithm.use_kl_in_reward=true", "algorithm.advantage_estimator=reinforce_pp", "algorithm.kl_coef=0.5"])
     batch = make_batch()
     controller = FixedKLController(0.5)
-    metrics = compute_advantages(batch, SCORES, config, controller)
+    metrics = compute_advantages(batch, SCORES, config.algorithm, controller)
     # k1 = old - ref = 0.1 + noise per token, so the penalty is about 0.05 per token.
     assert 0.09 < metrics["kl/reward_kl"] < 0.11
     without = make_batch()
-    compute_advantages(without, SCORES, load_config(None, ["algorithm.advantage_estimator=reinforce_pp"]), FixedKLController(0.0))
+    compute_advantages(without, SCORES, load_config(None, ["algorithm.advantage_estimator=reinforce_pp"]).algorithm, FixedKLController(0.0))
     assert (batch.token_values["returns"] < without.token_values["returns"])[batch.response_mask].all()
 
 
@@ -68,7 +68,7 @@ def test_the_kl_controller_sees_the_mean_of_per_response_means_as_verl():
     values["old_log_probs"] = values["ref_log_probs"].clone()
     values["old_log_probs"][0] += 1.0
     controller = Recorder(0.5)
-    metrics = compute_advantages(batch, SCORES, config, controller)
+    metrics = compute_advantages(batch, SCORES, config.algorithm, controller)
     assert mask.sum() == 20 and controller.seen == (pytest.approx(1 / 8), 8) and metrics["kl/reward_kl"] == pytest.approx(1 / 8)
 
 
@@ -77,9 +77,8 @@ def test_shaping_clips_then_penalises_overlong_then_normalises():
         None,
         ["algorithm.reward_clip=0.5", "algorithm.overlong_penalty=true", "algorithm.overlong_buffer_length=2", "algorithm.reward_norm=batch"],
     )
-    config.data.max_response_length = 4
     batch = make_batch()
-    shaped, metrics = shape_scores(SCORES * 3, batch, config, RunningMoments())
+    shaped, metrics = shape_scores(SCORES * 3, batch, config.algorithm, RunningMoments(), max_response_length=4)
     # Clipped to 0.5, then lengths 3 and 4 lose 0.5 and 1.0 (buffer of 2 before the limit of 4).
     raw = torch.tensor([0.5, 0.0, -0.5, -0.5, -1.0, -0.5, 0.0, 0.5])
     assert torch.allclose(shaped, (raw - raw.mean()) / (raw.std() + 1e-6), atol=1e-6)
@@ -88,11 +87,11 @@ def test_shaping_clips_then_penalises_overlong_then_normalises():
 
 def test_loss_weights_are_one_without_correction_and_truncated_with_tis():
     batch = make_batch()
-    metrics = loss_weights(batch, load_config(None))
+    metrics = loss_weights(batch, load_config(None).algorithm)
     assert torch.equal(batch.token_values["loss_weights"], batch.response_mask.float())
     assert metrics["mismatch/logprob_diff_abs_max"] <= 0.05
     batch.token_values["old_log_probs"] = torch.where(batch.response_mask, batch.token_values["rollout_log_probs"] + 1.0, 0.0)
-    metrics = loss_weights(batch, load_config(None, ["algorithm.tis=true", "algorithm.tis_threshold_high=2.0"]))
+    metrics = loss_weights(batch, load_config(None, ["algorithm.tis=true", "algorithm.tis_threshold_high=2.0"]).algorithm)
     weights = batch.token_values["loss_weights"][batch.response_mask]
     assert torch.allclose(weights, torch.full_like(weights, 2.0))
     assert metrics["mismatch/tis_clipped_fraction_high"] == 1.0
@@ -103,8 +102,9 @@ def test_overlong_filtering_keeps_the_truncated_score_in_the_group_baseline():
     # ones computed with its score.
     filtered, unfiltered = make_batch(), make_batch()
     config = load_config(None, ["algorithm.filter_overlong=true"])
-    metrics = prepare_update(filtered, SCORES, config, RunningMoments(), FixedKLController(0.0))
-    prepare_update(unfiltered, SCORES, load_config(None), RunningMoments(), FixedKLController(0.0))
+    length = config.data.max_response_length
+    metrics = prepare_update(filtered, SCORES, config.algorithm, RunningMoments(), FixedKLController(0.0), max_response_length=length)
+    prepare_update(unfiltered, SCORES, load_config(None).algorithm, RunningMoments(), FixedKLController(0.0), max_response_length=length)
     assert metrics["filter/overlong_filtered"] == 1
     assert not filtered.response_mask[7].any() and filtered.response_mask[:7].equal(unfiltered.response_mask[:7])
     kept = filtered.response_mask

@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 import bridge_check
 import checkpoint_check
+import head_check
 import layout_step
 import stream_check
 from common import add_layout_arguments, initialize, run
@@ -46,6 +47,8 @@ def layout_job(model: str, layout, pg_collection, checks: dict) -> dict:
             report["buckets"] = stream_check.check(chunks, spec, pg_collection, **checks["buckets"])
     if "gradients" in checks:
         report["gradients"] = layout_step.check(model, layout, pg_collection, **checks["gradients"])
+    if "head" in checks:
+        report["head"] = head_check.check(model, layout, pg_collection, **checks["head"])
     return report
 
 

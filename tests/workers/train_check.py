@@ -4,7 +4,7 @@ Runs :func:`megarl.trainer.run.setup` and :func:`megarl.trainer.loop.fit` on a c
 and overrides), with optional faults injected through ``megarl.trainer.loop.train_step``:
 
 ``--stop-before K``   raise before step K (a crash after the checkpoints of the earlier steps);
-``--nan-step K``      the loss of the first micro-batch of step K is NaN;
+``--nan-step K``      the policy loss's gradient from the first micro-batch of step K is NaN;
 ``--kill-engine-after K``  SIGKILL the rollout engine's process after step K.
 
 Rank 0 writes ``--report`` (JSON): the engine's copy of ``--watch`` (one HF weight) before the
@@ -52,13 +52,14 @@ def main(argv=None) -> None:
             report["weights"][label] = run.engines.read_weight(args.watch)
 
     original_step = loop.train_step
-    original_loss = run.policy._loss
+    original_loss = run.policy.loss
     current = {"step": None, "micro_batches": 0}
 
-    def loss_with_nan(model, micro, output):
-        loss_sum, count, metrics = original_loss(model, micro, output)
+    def loss_with_nan(micro, output):
+        loss_sum, count, metrics = original_loss(micro, output)
         if current["step"] == args.nan_step and current["micro_batches"] == 0:
-            loss_sum = loss_sum * float("nan")
+            # NaN in the backward only: the gradients go non-finite, the reported loss does not.
+            loss_sum.register_hook(lambda grad: grad * float("nan"))
         current["micro_batches"] += 1
         return loss_sum, count, metrics
 
@@ -73,7 +74,7 @@ def main(argv=None) -> None:
                 os.kill(pid, signal.SIGKILL)
         return metrics
 
-    run.policy._loss = loss_with_nan
+    run.policy.loss = loss_with_nan
     loop.train_step = step_with_faults
     watch("initial")
     try:
