@@ -93,7 +93,7 @@ def train(config: Config) -> int:
 
 def _where_to_go_on(run) -> str:
     """The checkpoint an interrupted run goes on from, and the setting that does it."""
-    saved, resume = run.last_checkpoint, run.config.checkpoint.resume
+    saved, resume = run.newest_checkpoint(), run.config.checkpoint.resume
     if saved is None:
         return f"no checkpoint of this run was saved (checkpoint.save_every = {run.config.checkpoint.save_every}): it would start over"
     if resume == "auto":

@@ -79,6 +79,8 @@ class Run:
     start_step: int = 0
     last_checkpoint: Path | None = None
     """The newest checkpoint of this run: the one it resumed from, then each it saves."""
+    saving: Path | None = None
+    """The checkpoint a save in progress writes, None between saves (see :meth:`newest_checkpoint`)."""
     reward_failure_shown: bool = False
     """Whether the first sample that failed to score has been shown (once per run)."""
 
@@ -120,6 +122,7 @@ class Run:
 
     def save(self, step: int) -> Path:
         """Save a checkpoint after ``step`` (collective)."""
+        self.saving = self.checkpoint_dir / checkpoint.checkpoint_name(step)
         self.last_checkpoint = checkpoint.save_checkpoint(
             self.checkpoint_dir,
             step,
@@ -132,6 +135,15 @@ class Run:
             keep_last=self.config.checkpoint.keep_last,
             extra_models=self._extra_models(),
         )
+        self.saving = None
+        return self.last_checkpoint
+
+    def newest_checkpoint(self) -> Path | None:
+        """What ``checkpoint.resume=auto`` goes on from after this run stops: the last checkpoint it
+        saved or resumed from, or the one a save interrupted by Ctrl-C had already committed (the
+        checkpoint's folder appears under its final name only once it is whole)."""
+        if self.saving is not None and self.saving.is_dir():
+            return self.saving
         return self.last_checkpoint
 
     def export_hf(self) -> Path:
