@@ -10,14 +10,16 @@ What is checked: the config against the world size and the model (:func:`megarl.
 the model directories (config.json, safetensors weights, a tokenizer); the first row of every data
 file (readable, the prompt and answer fields present); the reward (a user function imports and
 takes megarl's or verl's arguments; a reward model directory exists; a remote URL is http(s)); the
-optional metric packages asked for; the checkpoint a resume would load (every file whole).
+optional metric packages asked for. Then, once all of that passed, the two checks that import
+torch: the advantage estimator and the policy loss the config names are registered
+(:mod:`megarl.algorithms`), and the checkpoint a resume would load is whole.
 """
 
 from __future__ import annotations
 
 import json
 
-from megarl.config import Config, ConfigError, ModelFacts, resolve_data_path, resolve_model_path, validate
+from megarl.config import Config, ConfigError, ModelFacts, did_you_mean, resolve_data_path, resolve_model_path, validate
 from megarl.metrics import sink_problems
 
 _TOKENIZER_FILES = (("tokenizer.json",), ("tokenizer.model",), ("vocab.json", "merges.txt"), ("vocab.txt",))
@@ -35,14 +37,43 @@ def check_run(config: Config, world_size: int) -> list[str]:
             problems.append(str(error))
     problems += _data_problems(config) + _reward_problems(config) + sink_problems(config.logging)
     if not problems:
-        # Last: it imports torch to read the checkpoint's index.
-        from megarl.checkpoint import CheckpointError, resolve_resume
-
-        try:
-            resolve_resume(config.checkpoint.resume, config.resolved_checkpoint_dir(), set_aside=False)
-        except CheckpointError as error:
-            problems.append(str(error))
+        # Last, once every cheap check passed: these import torch (the run imports it next anyway).
+        problems += _algorithm_name_problems(config) + _resume_problems(config)
     return problems
+
+
+def _algorithm_name_problems(config: Config) -> list[str]:
+    """The advantage estimator and the policy loss ``config`` names, against the registries of
+    :mod:`megarl.algorithms` (torch code: the config holds plain names so that it imports without
+    torch)."""
+    from megarl.algorithms.advantages import ADVANTAGES
+    from megarl.algorithms.policy_losses import POLICY_LOSSES
+
+    chosen = (
+        ("algorithm.advantage_estimator", config.algorithm.advantage_estimator, ADVANTAGES, "@register_advantage in megarl/algorithms/advantages.py"),
+        ("algorithm.policy_loss", config.algorithm.policy_loss, POLICY_LOSSES, "@register_policy_loss in megarl/algorithms/policy_losses.py"),
+    )
+    problems = []
+    for key, name, registry, how_to_add in chosen:
+        registered = registry.names()
+        if name not in registered:
+            problems.append(
+                f"`{key}` = {name!r} is not a registered {registry.kind}{did_you_mean(name, registered) or '.'} "
+                f"Registered: {', '.join(registered)}; a new one is a function decorated with {how_to_add}"
+            )
+    return problems
+
+
+def _resume_problems(config: Config) -> list[str]:
+    """The checkpoint a resume would load, read far enough to know it is whole (imports torch to
+    read its index)."""
+    from megarl.checkpoint import CheckpointError, resolve_resume
+
+    try:
+        resolve_resume(config.checkpoint.resume, config.resolved_checkpoint_dir(), set_aside=False)
+    except CheckpointError as error:
+        return [str(error)]
+    return []
 
 
 def model_dir_problems(

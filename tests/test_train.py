@@ -269,6 +269,10 @@ def test_bad_inputs_are_refused_before_torch_is_imported_and_megarl_config_says_
         "misspelt function": (["reward.type=function", f"reward.function={good}:rewrad"], "has no function named 'rewrad' (it defines ['reward'])"),
         "syntax error": (["reward.type=function", f"reward.function={broken}:reward"], f"{broken}:2: syntax error"),
         "missing data file": ([f"data.train_files=[{tmp_path}/train.jsonl]"], f"data.train_files: {tmp_path}/train.jsonl does not exist"),
+        # The registered names are checked last, with torch: not while a cheap check fails.
+        "missing data file, unregistered policy loss": (
+            [f"data.train_files=[{tmp_path}/train.jsonl]", "algorithm.policy_loss=ppoo"], f"data.train_files: {tmp_path}/train.jsonl does not exist"
+        ),
         "wrong prompt key": (["data.prompt_key=question"], "train.jsonl:1: no field 'question' (data.prompt_key)", "val.jsonl:1: no field 'question'"),
     }
     environment = {**os.environ, "WORLD_SIZE": "2"}

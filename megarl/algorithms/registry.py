@@ -8,7 +8,9 @@ names, and a keyword no registered function takes (a typo) is an error rather th
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+from collections.abc import Iterator
 from typing import Any, Callable, Generic, TypeVar
 
 F = TypeVar("F", bound=Callable)
@@ -43,6 +45,16 @@ class Registry(Generic[F]):
             return function
 
         return decorate
+
+    @contextlib.contextmanager
+    def temporarily(self, name: str, function: F) -> Iterator[F]:
+        """Register ``function`` as ``name`` inside a ``with`` block only, as :meth:`register` does
+        (tests add an example without leaving it behind for the tests after them)."""
+        self.register(name)(function)
+        try:
+            yield function
+        finally:
+            del self._functions[name]
 
     def get(self, name: str) -> F:
         """The function registered as ``name``; ``KeyError`` listing the valid names otherwise."""

@@ -16,7 +16,17 @@ model and the world size before anything is built, and lists every violation wit
 from __future__ import annotations
 
 from megarl.config.algorithm import AlgorithmConfig, KLEstimator
-from megarl.config.base import BUNDLED_PREFIX, ConfigError, FieldError, PACKAGE_DIR, Range, Section, resolve_data_path, resolve_model_path
+from megarl.config.base import (
+    BUNDLED_PREFIX,
+    ConfigError,
+    FieldError,
+    PACKAGE_DIR,
+    Range,
+    Section,
+    did_you_mean,
+    resolve_data_path,
+    resolve_model_path,
+)
 from megarl.config.checks import validate
 from megarl.config.data import DataConfig
 from megarl.config.loader import load_config, parse_override, save_config
@@ -50,6 +60,7 @@ __all__ = [
     "RolloutConfig",
     "Section",
     "TrainConfig",
+    "did_you_mean",
     "layout_errors",
     "load_config",
     "parse_override",

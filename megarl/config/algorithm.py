@@ -1,4 +1,9 @@
 """The ``algorithm`` section: advantages, policy loss, KL, corrections and filters.
+
+The advantage estimator and the policy loss are names of functions registered in
+:mod:`megarl.algorithms` (torch code): the config, which imports without torch, holds them as plain
+strings, and :mod:`megarl.preflight` checks them against the registries once every cheap check has
+passed, so that a new estimator or loss is one decorated function and no edit here.
 """
 
 from __future__ import annotations
@@ -17,18 +22,25 @@ KLEstimator = Literal["k1", "k2", "k3", "abs"]
 class AlgorithmConfig(Section):
     """Advantages, the policy loss, KL, train/rollout mismatch corrections, reward shaping and filters."""
 
-    advantage_estimator: Literal["grpo", "gae", "rloo", "reinforce_pp", "reinforce_pp_baseline"] = "grpo"
-    """How advantages are computed; gae trains a critic (verl: algorithm.adv_estimator, slime:
-    --advantage-estimator)."""
+    advantage_estimator: str = "grpo"
+    """How advantages are computed: a name in :data:`megarl.algorithms.advantages.ADVANTAGES`,
+    built in ``grpo``, ``gae``, ``rloo``, ``reinforce_pp``, ``reinforce_pp_baseline``; gae trains a
+    critic. A new one is a function decorated with ``@register_advantage(name)`` in
+    ``megarl/algorithms/advantages.py``; the name is checked against the registry before the run
+    starts (:mod:`megarl.preflight`) (verl: algorithm.adv_estimator, slime: --advantage-estimator)."""
     gamma: Annotated[float, Range(ge=0, le=1)] = 1.0
     """Discount factor per token, in [0, 1] (gae, reinforce_pp) (verl: algorithm.gamma)."""
     lam: Annotated[float, Range(ge=0, le=1)] = 1.0
     """GAE lambda, in [0, 1] (verl: algorithm.lam)."""
     norm_adv_by_std: bool = True
     """GRPO: divide by the group's reward std; false is Dr. GRPO (verl: algorithm.norm_adv_by_std_in_grpo)."""
-    policy_loss: Literal["ppo", "gspo", "cispo"] = "ppo"
-    """Policy objective: token-level PPO clip, GSPO (sequence-level ratio) or CISPO (clipped
-    importance weight, gradient through every token) (verl: actor.policy_loss.loss_mode)."""
+    policy_loss: str = "ppo"
+    """Policy objective: a name in :data:`megarl.algorithms.policy_losses.POLICY_LOSSES`, built in
+    ``ppo`` (token-level PPO clip), ``gspo`` (sequence-level ratio) and ``cispo`` (clipped importance
+    weight, gradient through every token). A new one is a function decorated with
+    ``@register_policy_loss(name)`` in ``megarl/algorithms/policy_losses.py``; the name is checked
+    against the registry before the run starts (:mod:`megarl.preflight`) (verl:
+    actor.policy_loss.loss_mode)."""
     clip_ratio_low: Annotated[float, Range(ge=0, lt=1)] = 0.2
     """PPO clip below 1: the ratio is kept >= 1 - clip_ratio_low (verl: actor.clip_ratio_low, slime:
     --eps-clip)."""

@@ -1,11 +1,13 @@
 """What every part of the config shares: its error types, the :class:`Range` a numeric field
-declares and the :class:`Section` base that checks it, the helpers that word the fixes, and the
-``bundled:`` names of the files shipped in ``megarl/assets``.
+declares and the :class:`Section` base that checks it, the helpers that word the fixes (the nearest
+valid name: :func:`did_you_mean`), and the ``bundled:`` names of the files shipped in
+``megarl/assets``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import types
 import typing
@@ -167,6 +169,13 @@ class Section:
         """(field, problem) for each rule of the section that its values break: checks on more than
         one field, or on more than a numeric range; none by default."""
         return iter(())
+
+
+def did_you_mean(word: str, candidates: Sequence[str], cutoff: float = 0.5) -> str:
+    """`` — did you mean `nearest`?`` naming the candidate spelt most like ``word`` (at least
+    ``cutoff`` alike, 0 to 1), or ``""`` when none is."""
+    nearest = difflib.get_close_matches(word, candidates, n=1, cutoff=cutoff)
+    return f" — did you mean `{nearest[0]}`?" if nearest else ""
 
 
 def _divisors(number: int) -> list[int]:

@@ -7,7 +7,6 @@ reported at once, and saving a config that loads again.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import functools
 import re
 import types
@@ -18,7 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
-from megarl.config.base import ConfigError, FieldError
+from megarl.config.base import ConfigError, FieldError, did_you_mean
 from megarl.config.root import Config
 
 
@@ -35,7 +34,7 @@ def _is_section(annotation: Any) -> bool:
 
 
 @functools.cache
-def _all_keys(cls: type = Config, prefix: str = "") -> tuple[str, ...]:
+def _all_keys(cls: type, prefix: str = "") -> tuple[str, ...]:
     keys: list[str] = []
     for name, annotation in _field_types(cls).items():
         keys.append(prefix + name)
@@ -44,14 +43,13 @@ def _all_keys(cls: type = Config, prefix: str = "") -> tuple[str, ...]:
     return tuple(keys)
 
 
-def _unknown_key(key: str, source: str) -> str:
-    """The error for ``key``, naming the nearest valid key among all dotted keys: first one ending in
-    the same name (``train.lr`` -> ``train.optimizer.lr``), else the closest spelling."""
-    candidates = _all_keys()
+def _unknown_key(key: str, source: str, root: type) -> str:
+    """The error for ``key``, naming the nearest valid key among all dotted keys of ``root``: first
+    one ending in the same name (``train.lr`` -> ``train.optimizer.lr``), else the closest spelling."""
+    candidates = _all_keys(root)
     leaf = key.rsplit(".", 1)[-1]
     same_leaf = [candidate for candidate in candidates if candidate.rsplit(".", 1)[-1] == leaf]
-    nearest = difflib.get_close_matches(key, same_leaf, n=1, cutoff=0.0) or difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
-    hint = f" — did you mean `{nearest[0]}`?" if nearest else ""
+    hint = did_you_mean(key, same_leaf, cutoff=0.0) or did_you_mean(key, candidates)
     return f"{source}: unknown key `{key}`{hint}"
 
 
@@ -126,10 +124,10 @@ def _convert(value: Any, annotation: Any, key: str, source: str, nullable: bool 
     return value
 
 
-def _typed(cls: type, raw: Any, prefix: str, source: str, problems: list[str]) -> dict[str, Any]:
-    """Check a nested mapping from ``source`` against section ``cls``: keys exist, values have
-    their field's type. Returns the mapping with converted values (sections as nested dicts),
-    without the entries that fail, whose errors go to ``problems``."""
+def _typed(cls: type, raw: Any, prefix: str, source: str, problems: list[str], root: type) -> dict[str, Any]:
+    """Check a nested mapping from ``source`` against section ``cls`` of the config class ``root``:
+    keys exist, values have their field's type. Returns the mapping with converted values (sections
+    as nested dicts), without the entries that fail, whose errors go to ``problems``."""
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -141,13 +139,13 @@ def _typed(cls: type, raw: Any, prefix: str, source: str, problems: list[str]) -
     for name, value in raw.items():
         key = f"{prefix}{name}"
         if name not in types_by_name:
-            problems.append(_unknown_key(_leaf_key(key, value), source))
+            problems.append(_unknown_key(_leaf_key(key, value), source, root))
             continue
         annotation = types_by_name[name]
         if _is_section(annotation):
-            typed[name] = _typed(annotation, value, f"{key}.", source, problems)
+            typed[name] = _typed(annotation, value, f"{key}.", source, problems, root)
         elif isinstance(value, dict) and value:
-            problems.append(_unknown_key(_leaf_key(key, value), source))
+            problems.append(_unknown_key(_leaf_key(key, value), source, root))
         else:
             try:
                 typed[name] = _convert(value, annotation, key, source)
@@ -263,12 +261,14 @@ def _refuse_duplicate_keys(node: yaml.Node | None, path: Path, prefix: str = "")
             _refuse_duplicate_keys(item, path, f"{prefix[:-1]}[{index}].")
 
 
-def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
+def load_config(path: str | Path | None, overrides: Sequence[str] = (), root: type[Config] = Config) -> Config:
     """Read a YAML config and apply command-line overrides, strictly.
 
     Args:
         path: the YAML file; None starts from the defaults alone.
         overrides: ``key.sub=value`` strings, applied in order after the file.
+        root: the config class: :class:`Config`, or a subclass with more sections (fields whose
+            type is a :class:`~megarl.config.base.Section`), loaded and checked the same way.
 
     Returns:
         The config, every field filled (defaults live only in the dataclasses).
@@ -290,7 +290,7 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
             raise ConfigError(f"config file {path} does not exist") from None
         except yaml.YAMLError as error:
             raise ConfigError(f"{path}: not valid YAML: {error}") from None
-        _merge(values, _typed(Config, raw, "", str(path), problems), origins, str(path))
+        _merge(values, _typed(root, raw, "", str(path), problems, root), origins, str(path))
     for override in overrides:
         source = f"override `{override}`"
         try:
@@ -298,8 +298,8 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
         except ConfigError as error:
             problems.append(str(error))
             continue
-        _merge(values, _typed(Config, nested, "", source, problems), origins, source)
-    config = _instantiate(Config, values, Config(), "", origins, fallback_source, problems)
+        _merge(values, _typed(root, nested, "", source, problems, root), origins, source)
+    config = _instantiate(root, values, root(), "", origins, fallback_source, problems)
     if problems:
         raise ConfigError("\n".join(problems))
     return config

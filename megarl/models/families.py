@@ -1,10 +1,13 @@
 """The model families megarl serves: one table, and the lookup of a HF config's family.
 
 A new family is a :class:`~megarl.models.family.ModelFamily` (in its own module when it needs
-functions of its own, as ``qwen2_moe.py``) and one row of :data:`FAMILIES`.
+functions of its own, as ``qwen2_moe.py``) and one row of :data:`FAMILIES`: the lookups read the
+table and nothing else.
 """
 
 from __future__ import annotations
+
+import functools
 
 from megarl.models.family import ModelFamily, UnsupportedModel
 from megarl.models.llama import LLAMA, QWEN2
@@ -12,10 +15,13 @@ from megarl.models.qwen2_moe import QWEN2_MOE
 from megarl.models.qwen3 import QWEN3, QWEN3_MOE
 
 FAMILIES: tuple[ModelFamily, ...] = (LLAMA, QWEN2, QWEN3, QWEN3_MOE, QWEN2_MOE)
-"""Every family, each serving the HF ``architectures`` it lists (no architecture twice)."""
+"""Every family, each serving the HF ``architectures`` it lists (no architecture twice: the first
+lookup refuses a table that breaks this)."""
 
 
+@functools.cache
 def _by_architecture(families: tuple[ModelFamily, ...]) -> dict[str, ModelFamily]:
+    """HF architecture -> the family of ``families`` serving it."""
     table: dict[str, ModelFamily] = {}
     for family in families:
         for architecture in family.architectures:
@@ -25,18 +31,16 @@ def _by_architecture(families: tuple[ModelFamily, ...]) -> dict[str, ModelFamily
     return table
 
 
-_BY_ARCHITECTURE = _by_architecture(FAMILIES)
-
-
 def family_of(hf_config) -> ModelFamily:
     """The family serving ``hf_config.architectures``; :class:`UnsupportedModel` when none does."""
     architectures = list(getattr(hf_config, "architectures", None) or [])
+    by_architecture = _by_architecture(FAMILIES)
     for architecture in architectures:
-        if architecture in _BY_ARCHITECTURE:
-            return _BY_ARCHITECTURE[architecture]
+        if architecture in by_architecture:
+            return by_architecture[architecture]
     raise UnsupportedModel(
         f"no megarl model family serves architectures {architectures}; supported: "
-        f"{', '.join(sorted(_BY_ARCHITECTURE))} (a new family is a row of FAMILIES in megarl/models/families.py)"
+        f"{', '.join(sorted(by_architecture))} (a new family is a row of FAMILIES in megarl/models/families.py)"
     )
 
 

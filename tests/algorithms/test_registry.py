@@ -74,3 +74,16 @@ def test_variadic_functions_are_refused():
         @small_registry().register("loose")
         def loose(x, **kwargs):
             return x
+
+
+def test_temporarily_registers_for_the_block_only():
+    registry = small_registry()
+    with pytest.raises(RuntimeError, match="inside"):
+        with registry.temporarily("triple", lambda x: 3 * x):
+            assert registry.call("triple", x=2) == 6
+            raise RuntimeError("inside")
+    assert registry.names() == ["double", "shift", "twice"]
+    with pytest.raises(ValueError, match="thing 'shift' is already registered"):
+        with registry.temporarily("shift", lambda x: x):
+            pass
+    assert registry.call("shift", x=3, offset=1) == 4
