@@ -45,7 +45,7 @@ INTERPRETER_MAX_BLOCKS = 8
 # exact product, while the max was taken over the rounded products, so the largest logit sits at
 # its product's rounding error above the max instead of at 0 and a row whose mass is on one token
 # gets ``p > 1``: on an H200, 1.5e-4 in dL/dx at logits of 5e3 (tests/kernels: test_peaked_and_flat_rows).
-# Triton's interpreter ignores the option (numpy never contracts).
+# Passed to the compiled launches only: the interpreter's numpy never contracts.
 LAUNCH_OPTIONS = {"enable_fp_fusion": False}
 
 

@@ -301,7 +301,7 @@ def stats_triton(hidden, weight, targets, vocab_start, valid_cols, temperature):
     n_rows, hidden_size = hidden.shape
     if hidden.is_cuda:
         cols_per_split = _cols_per_split(n_rows, valid_cols, hidden.device)
-        kernel, block_n, launch_options = _stats_kernel_tuned, STATS_BLOCK_N, {"GROUP_N": GROUP_ROWS}
+        kernel, block_n, launch_options = _stats_kernel_tuned, STATS_BLOCK_N, {"GROUP_N": GROUP_ROWS, **LAUNCH_OPTIONS}
     else:
         block_v = interpreter_block_v(valid_cols)
         cols_per_split = INTERPRETER_BLOCKS_PER_CHUNK * block_v
@@ -316,7 +316,7 @@ def stats_triton(hidden, weight, targets, vocab_start, valid_cols, temperature):
         hidden, weight, targets, partial,
         n_rows, hidden_size, valid_cols, cols_per_split, num_splits, vocab_start, 1.0 / temperature,
         hidden.stride(0), weight.stride(0),
-        **launch_options, **_dot_options(hidden), **LAUNCH_OPTIONS,
+        **launch_options, **_dot_options(hidden),
     )
     return combine_partial_stats(partial)
 
@@ -342,7 +342,7 @@ def backward_triton(hidden, weight, targets, log_sum_exp, entropy, grad_log_prob
     if hidden.is_cuda:
         chunk = grad_chunk_columns(n_rows, valid_cols, hidden.element_size())
         grad_kernel, accumulate_kernel = _grad_logits_kernel_tuned, _matmul_accumulate_kernel_tuned
-        grad_options, accumulate_options = {"GROUP_N": GROUP_ROWS}, {"GROUP_M": GROUP_ROWS}
+        grad_options, accumulate_options = {"GROUP_N": GROUP_ROWS, **LAUNCH_OPTIONS}, {"GROUP_M": GROUP_ROWS}
     else:
         block_v = interpreter_block_v(valid_cols)
         chunk = min(INTERPRETER_BLOCKS_PER_CHUNK * block_v, valid_cols)
@@ -372,7 +372,7 @@ def backward_triton(hidden, weight, targets, log_sum_exp, entropy, grad_log_prob
             hidden, weight_chunk, targets, log_sum_exp, entropy, grad_log_prob, grad_entropy, grad_logits,
             n_rows, hidden_size, chunk_start, chunk_cols, vocab_start, vocab_size, 1.0 / temperature,
             hidden.stride(0), weight.stride(0), grad_logits.stride(0),
-            **grad_options, **dot_options, **LAUNCH_OPTIONS,
+            **grad_options, **dot_options,
         )
         chunk_grad = grad_logits[:, :chunk_cols]
         torch.mm(chunk_grad.t(), hidden, out=grad_weight[chunk_start:chunk_start + chunk_cols])

@@ -170,7 +170,7 @@ def _stats_triton(logits, targets, vocab_start, valid_cols, temperature):
     if logits.is_cuda:
         _stats_kernel_tuned[(n_rows,)](*args, **LAUNCH_OPTIONS)
     else:
-        _stats_kernel[(n_rows,)](*args, BLOCK_V=interpreter_block_v(valid_cols), **LAUNCH_OPTIONS)
+        _stats_kernel[(n_rows,)](*args, BLOCK_V=interpreter_block_v(valid_cols))
     return stats
 
 
@@ -216,7 +216,7 @@ def _backward_triton(logits, targets, log_sum_exp, entropy, grad_log_prob, grad_
         _backward_kernel_tuned[lambda meta: (n_rows, triton.cdiv(n_cols, meta["BLOCK_V"]))](*args, **LAUNCH_OPTIONS)
     else:
         block = interpreter_block_v(n_cols)
-        _backward_kernel[(n_rows, triton.cdiv(n_cols, block))](*args, BLOCK_V=block, **LAUNCH_OPTIONS)
+        _backward_kernel[(n_rows, triton.cdiv(n_cols, block))](*args, BLOCK_V=block)
     return grad_logits
 
 
