@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
+import logging
 import threading
 from typing import Any, Coroutine, TypeVar
 
@@ -35,6 +36,7 @@ import httpx
 
 from megarl.rollout.errors import EngineDead, EngineRequestError, EngineTimeout
 
+log = logging.getLogger(__name__)
 Result = TypeVar("Result")
 
 MAX_IN_FLIGHT_PER_ENGINE = 64
@@ -91,7 +93,9 @@ class EngineClient:
         payload = None if body is None else json.dumps(body).encode()
         headers = {"Content-Type": "application/json"} if payload is not None else {}
         stalled = EngineTimeout(engine, f"{method} {path} got no answer within {timeout:g} s; the engine is stalled or overloaded")
-        slots = self._slots.setdefault(url, asyncio.Semaphore(self.max_in_flight_per_engine))
+        slots = self._slots.get(url)
+        if slots is None:
+            slots = self._slots[url] = asyncio.Semaphore(self.max_in_flight_per_engine)
         try:
             await asyncio.wait_for(slots.acquire(), timeout)
         except asyncio.TimeoutError:
@@ -150,6 +154,8 @@ class EngineClient:
             raise RuntimeError("the engine client cannot be closed from its own event loop")
         try:
             asyncio.run_coroutine_threadsafe(self._cancel_and_close(), self._loop).result(timeout=_CLOSE_TIMEOUT_S)
+        except concurrent.futures.TimeoutError:
+            log.warning("engine client: in-flight requests did not end within %g s of close; stopping the loop under them", _CLOSE_TIMEOUT_S)
         finally:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=_CLOSE_TIMEOUT_S)

@@ -7,6 +7,8 @@ import concurrent.futures
 import json
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -16,6 +18,7 @@ import pytest
 from megarl.rollout import EngineDead, EngineRequestError, EngineTimeout
 from megarl.rollout.engine import Engine
 from megarl.rollout.http_client import EngineClient
+from tests.distributed import REPO
 
 pytestmark = pytest.mark.cpu
 
@@ -244,3 +247,24 @@ def test_close_cancels_what_is_in_flight_and_ends_the_thread(server):
     client.close()  # idempotent
     with pytest.raises(RuntimeError, match="the engine client is closed"):
         request(client, server, "/echo", {})
+
+
+EXIT_SCRIPT = """
+import atexit, sys, threading
+from megarl.config import resolve_model_path
+from megarl.rollout import EngineGroup
+
+def report():  # registered first, so it runs after the group's own exit handler
+    alive = [thread.name for thread in threading.enumerate() if thread.name == "megarl-engine-client"]
+    print("client threads at exit:", alive, flush=True)
+
+atexit.register(report)
+group = EngineGroup.connect([sys.argv[1]], engine="hf", model_path=resolve_model_path("bundled:tiny-moe"), health_check_interval_s=3600)
+print("answer:", group.engines[0].call("POST", "/echo", {"x": 1}, timeout=10)["got"], flush=True)
+"""
+
+
+def test_a_group_left_open_closes_its_client_at_interpreter_exit(server):
+    ran = subprocess.run([sys.executable, "-c", EXIT_SCRIPT, server], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.splitlines() == ["answer: {'x': 1}", "client threads at exit: []"]
