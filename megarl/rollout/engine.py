@@ -4,10 +4,15 @@ Launched engines run in their own process group (so killing one kills everything
 e.g. SGLang's scheduler processes) and watch the launching process, exiting when it is gone
 (:mod:`megarl.rollout.watchdog`), so no engine outlives the trainer even when the trainer is
 killed outright. Their output goes to ``{log_dir}/{name}.log``; start-up errors quote its tail.
+
+Calls go through the group's :class:`~megarl.rollout.http_client.EngineClient`, in three forms:
+``await engine.call_async(...)`` on the client's loop, ``engine.submit(...)`` (a future) and
+``engine.call(...)`` (blocking) from any other thread.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import os
@@ -20,8 +25,9 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from megarl.rollout import http_client, protocol
+from megarl.rollout import protocol
 from megarl.rollout.errors import EngineDead, EngineError, EngineRequestError, EngineStartError, EngineTimeout
+from megarl.rollout.http_client import EngineClient
 
 _POLL_S = 0.1
 _STOP_GRACE_S = 10.0
@@ -94,6 +100,8 @@ class Engine:
         """Counts successful starts; a caller that saw incarnation ``k`` fail knows whether it was restarted since."""
         self.lock = threading.RLock()
         """Held while the engine is (re)started."""
+        self.client: EngineClient | None = None
+        """The HTTP client its calls go through; set by the :class:`~megarl.rollout.group.EngineGroup` that takes it."""
 
     @property
     def managed(self) -> bool:
@@ -111,19 +119,32 @@ class Engine:
         pid = f", pid {self.process.pid}" if self.process is not None else ""
         return f"{self.name} ({self.url or 'not started'}{pid})"
 
-    def call(self, method: str, path: str, body: Any = None, *, timeout: float) -> Any:
-        """One request; see :func:`megarl.rollout.http_client.request` for the errors.
+    async def call_async(self, method: str, path: str, body: Any = None, *, timeout: float) -> Any:
+        """One request, on the client's loop; see :meth:`EngineClient.request_async` for the errors.
 
         A failed request to a launched engine whose process has exited raises :class:`EngineDead`.
         """
         if self.url is None:
             raise EngineDead(self.label, "it is not running")
         try:
-            return http_client.request(self.label, self.url, method, path, body, timeout=timeout)
+            return await self._client().request_async(self.label, self.url, method, path, body, timeout=timeout)
         except (EngineTimeout, EngineRequestError):
             if self.exited():
                 raise EngineDead(self.label, f"its process exited with code {self.process.returncode}") from None
             raise
+
+    def submit(self, method: str, path: str, body: Any = None, *, timeout: float) -> concurrent.futures.Future:
+        """:meth:`call_async` scheduled on the client's loop, from any thread; its future holds the answer or the error."""
+        return self._client().run(self.call_async(method, path, body, timeout=timeout))
+
+    def call(self, method: str, path: str, body: Any = None, *, timeout: float) -> Any:
+        """:meth:`call_async`, waited for (from any thread but the client's loop)."""
+        return self._client().wait(self.call_async(method, path, body, timeout=timeout))
+
+    def _client(self) -> EngineClient:
+        if self.client is None:
+            raise RuntimeError(f"engine {self.name} belongs to no EngineGroup, so it has no client to call it with")
+        return self.client
 
     def exited(self) -> bool:
         """Whether its launched process has exited."""

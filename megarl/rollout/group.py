@@ -11,8 +11,15 @@
 
 Prompts are spread round-robin over the engines, every sample of a prompt on the prompt's engine
 (so SGLang's prefix cache serves the group), one batched ``/generate`` per engine, in parallel.
+:meth:`EngineGroup.submit_generate` does the same without waiting: the caller may keep several
+batches in flight and collect them as they complete (``concurrent.futures.as_completed``); a
+sample's seed depends only on its batch's ``sampling.seed`` and its place in the batch, so it is
+the same sample whichever way it was requested.
 
-The group is three parts, one job each:
+Every request goes through one :class:`~megarl.rollout.http_client.EngineClient` per group: an
+asyncio HTTP client on the group's own event-loop thread, many requests in flight over all engines.
+
+Besides the client, the group is three parts, one job each:
 
 - this client: generation, weight updates, memory release and resume, cache flushes, reads;
 - :class:`~megarl.rollout.weight_updates.WeightUpdater`: how an update reaches every engine over
@@ -26,23 +33,26 @@ A request to an engine that dies under it is sent again once the supervisor has 
 engine (:mod:`megarl.rollout.supervision`).
 
 Shutdown: :meth:`EngineGroup.shutdown` (also on leaving the ``with`` block, at interpreter exit,
-and when a launch fails) stops every launched engine and deletes the snapshot.
+and when a launch fails) stops every launched engine, closes the HTTP client (ending its thread)
+and deletes the snapshot.
 """
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import concurrent.futures
 import importlib.util
 import tempfile
 from pathlib import Path
-from typing import Iterable, Literal, Sequence
+from typing import Any, Awaitable, Iterable, Literal, Sequence
 
 import torch
 
 from megarl.rollout import protocol
 from megarl.rollout.engine import Engine, LaunchOptions
 from megarl.rollout.errors import EngineError, EngineRequestError
+from megarl.rollout.http_client import EngineClient
 from megarl.rollout.sampling import Sample, SamplingParams, sample_seed
 from megarl.rollout.snapshot import WeightSnapshot
 from megarl.rollout.supervision import EngineSupervisor
@@ -109,6 +119,9 @@ class EngineGroup:
             health_check_interval_s=health_check_interval_s, health_timeout_s=health_timeout_s, restart_budget=restart_budget,
         )
         self._released: set[str] = set()
+        self._client = EngineClient(len(engines))
+        for engine in engines:
+            engine.client = self._client
         atexit.register(self.shutdown)
 
     @classmethod
@@ -254,18 +267,29 @@ class EngineGroup:
             EngineRequestError: an engine refused the request (e.g. a prompt longer than its context).
             RestartBudgetExhausted, EngineDead, EngineStartError: an engine failed for good.
         """
+        return self.submit_generate(prompt_token_ids, sampling).result()
+
+    def submit_generate(self, prompt_token_ids: Sequence[Sequence[int]], sampling: SamplingParams) -> concurrent.futures.Future[list[Sample]]:
+        """:meth:`generate` without waiting: the future holds its samples, or raises its error.
+
+        Several batches may be in flight at once (each spread over the engines as :meth:`generate`
+        spreads one); the samples are the ones :meth:`generate` would return for the same
+        arguments. Cancelling the future closes the batch's connections; engines that already
+        started on it finish it regardless.
+        """
         self._supervisor.check()
+        return self._client.run(self._generate(prompt_token_ids, sampling))
+
+    async def _generate(self, prompt_token_ids: Sequence[Sequence[int]], sampling: SamplingParams) -> list[Sample]:
         shares: dict[Engine, list[int]] = {}
         for prompt_index in range(len(prompt_token_ids)):
             shares.setdefault(self.engines[prompt_index % len(self.engines)], []).append(prompt_index)
-        calls = [
-            self._pool.submit(self._generate_share, engine, [(index, prompt_token_ids[index]) for index in indices], sampling)
-            for engine, indices in shares.items()
-        ]
-        samples = _results(calls)
+        samples = await _all(
+            self._generate_share(engine, [(index, prompt_token_ids[index]) for index in indices], sampling) for engine, indices in shares.items()
+        )
         return sorted((sample for share in samples for sample in share), key=lambda sample: (sample.prompt_index, sample.sample_index))
 
-    def _generate_share(self, engine: Engine, prompts: list[tuple[int, Sequence[int]]], sampling: SamplingParams) -> list[Sample]:
+    async def _generate_share(self, engine: Engine, prompts: list[tuple[int, Sequence[int]]], sampling: SamplingParams) -> list[Sample]:
         keys, input_ids, params = [], [], []
         for prompt_index, prompt in prompts:
             for sample_index in range(sampling.n):
@@ -273,7 +297,8 @@ class EngineGroup:
                 keys.append((prompt_index, sample_index))
                 input_ids.append(prompt)
                 params.append(protocol.sampling_body(sampling, seed))
-        answer = self._supervisor.call(engine, "POST", protocol.GENERATE, protocol.generate_body(input_ids, params), timeout=self.request_timeout_s)
+        body = protocol.generate_body(input_ids, params)
+        answer = await self._supervisor.call_async(engine, "POST", protocol.GENERATE, body, timeout=self.request_timeout_s)
         try:
             items = protocol.parse_generate_response(answer, len(keys))
         except ValueError as error:
@@ -324,7 +349,7 @@ class EngineGroup:
         if not self._released:
             self._supervisor.pause()
         self._released.update(tags or protocol.MEMORY_TAGS)
-        _results([self._pool.submit(self._supervisor.call, engine, "POST", protocol.RELEASE_MEMORY, body, timeout=self.request_timeout_s) for engine in self.engines])
+        self._on_every_engine(protocol.RELEASE_MEMORY, body)
 
     def resume_memory(self, tags: Sequence[str] | None = None) -> None:
         """Take the released memory back (e.g. ``["weights"]`` before an update, then the rest).
@@ -338,8 +363,7 @@ class EngineGroup:
             tags = [tag for tag in protocol.MEMORY_TAGS if tag in self._released]
             if not tags:
                 return
-        body = protocol.memory_body(tags)
-        _results([self._pool.submit(self._supervisor.call, engine, "POST", protocol.RESUME_MEMORY, body, timeout=self.request_timeout_s) for engine in self.engines])
+        self._on_every_engine(protocol.RESUME_MEMORY, protocol.memory_body(tags))
         if self._released:
             self._released.difference_update(tags)
             if not self._released:
@@ -348,7 +372,12 @@ class EngineGroup:
     def flush_cache(self) -> None:
         """Drop every engine's prefix cache."""
         self._supervisor.check()
-        _results([self._pool.submit(self._supervisor.call, engine, "POST", protocol.FLUSH_CACHE, None, timeout=self.request_timeout_s) for engine in self.engines])
+        self._on_every_engine(protocol.FLUSH_CACHE, None)
+
+    def _on_every_engine(self, path: str, body: Any) -> None:
+        """POST ``body`` to ``path`` on every engine at once (restarting a dead one); the first error is raised."""
+        calls = (self._supervisor.call_async(engine, "POST", path, body, timeout=self.request_timeout_s) for engine in self.engines)
+        self._client.wait(_all(calls))
 
     def health(self) -> dict[str, bool]:
         """Whether each engine answers ``/health_generate`` within ``health_timeout_s`` (no restarts)."""
@@ -375,14 +404,15 @@ class EngineGroup:
         self._supervisor.close()
         self._updates.close()  # leaves the broadcast group while its members still run
         self._supervisor.stop_engines()
+        self._client.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._snapshot.close()
 
 
-def _results(calls: list[concurrent.futures.Future]) -> list:
-    """Every call's result once all have finished; the first error is raised after all finish."""
-    concurrent.futures.wait(calls)
-    for call in calls:
-        if call.exception() is not None:
-            raise call.exception()
-    return [call.result() for call in calls]
+async def _all(calls: Iterable[Awaitable]) -> list:
+    """Every call's result once all have finished; the first error (in order) is raised after all finish."""
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return results

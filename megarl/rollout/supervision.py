@@ -2,17 +2,19 @@
 
 An :class:`EngineSupervisor` owns the engines' processes; the client
 (:class:`megarl.rollout.group.EngineGroup`) sends its generation and memory requests through
-:meth:`EngineSupervisor.call`, has engines that missed a weight update restarted through
-:meth:`EngineSupervisor.recover`, and never restarts anything itself.
+:meth:`EngineSupervisor.call_async` (on the client's event loop), has engines that missed a
+weight update restarted through :meth:`EngineSupervisor.recover`, and never restarts anything
+itself.
 
 Faults. A health monitor thread calls ``/health_generate`` on every engine each
 ``health_check_interval_s``; an engine that fails it within ``health_timeout_s`` (dead, or
 stalled), or whose process dies under a request, is killed, restarted and brought up to the
 current weights (the ``reload`` callback: the client loads its weight snapshot,
-:mod:`megarl.rollout.snapshot`); a request it held is then sent again, and its per-sample seeds
-make the re-sent samples the ones the first attempt would have drawn. Restarts count against
-``restart_budget`` for the whole run; past it, the call (and every later one) raises
-:class:`RestartBudgetExhausted`. Engines given by URL are not restarted: their failure raises
+:mod:`megarl.rollout.snapshot`). A restart runs on the group's worker threads, never on the
+event loop, so requests to the other engines keep flowing meanwhile. A request the engine held is
+then sent again, and its per-sample seeds make the re-sent samples the ones the first attempt
+would have drawn. Restarts count against ``restart_budget`` for the whole run; past it, the call
+(and every later one) raises :class:`RestartBudgetExhausted`. Engines given by URL are not restarted: their failure raises
 :class:`EngineDead`. The monitor is paused (:meth:`EngineSupervisor.paused`) during weight
 updates and while memory is released.
 
@@ -22,6 +24,7 @@ launching process dies (:mod:`megarl.rollout.watchdog`).
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import contextlib
 import logging
@@ -40,7 +43,7 @@ class EngineSupervisor:
 
     Args:
         engines: the engines (launched ones are started by :meth:`start` and restarted on failure).
-        pool: threads for starting the engines concurrently.
+        pool: threads for starting the engines concurrently and for restarts.
         reload: gives a freshly restarted engine the current weights (raises ``EngineError``).
         health_check_interval_s: seconds between health checks.
         health_timeout_s: limit of one health check.
@@ -68,7 +71,6 @@ class EngineSupervisor:
         """Set by :meth:`close`: nothing is restarted any more and every call raises."""
         self._pool = pool
         self._reload = reload
-        self._health_pool = concurrent.futures.ThreadPoolExecutor(max_workers=len(engines), thread_name_prefix="megarl-health")
         self._restart_lock = threading.Lock()
         self._fatal: EngineError | None = None
         self._pauses = 0
@@ -88,15 +90,16 @@ class EngineSupervisor:
         self._monitor = threading.Thread(target=self._watch, name="megarl-engine-health", daemon=True)
         self._monitor.start()
 
-    def call(self, engine: Engine, method: str, path: str, body: Any = None, *, timeout: float) -> Any:
-        """One request; a dead engine is restarted (with the current weights) and the request sent again."""
+    async def call_async(self, engine: Engine, method: str, path: str, body: Any = None, *, timeout: float) -> Any:
+        """One request, on the client's loop; a dead engine is restarted (with the current weights,
+        on a worker thread) and the request sent again."""
         while True:
             self.check()
             incarnation = engine.incarnation
             try:
-                return engine.call(method, path, body, timeout=timeout)
+                return await engine.call_async(method, path, body, timeout=timeout)
             except EngineDead as error:
-                self.recover(engine, incarnation, error)
+                await asyncio.get_running_loop().run_in_executor(self._pool, self.recover, engine, incarnation, error)
 
     def recover(self, engine: Engine, seen_incarnation: int, cause: EngineError) -> None:
         """Restart ``engine`` and reload the current weights, unless it was restarted since ``seen_incarnation``.
@@ -164,15 +167,8 @@ class EngineSupervisor:
 
     def health(self) -> dict[str, bool]:
         """Whether each engine answers ``/health_generate`` within ``health_timeout_s`` (no restarts)."""
-
-        def healthy(engine: Engine) -> bool:
-            try:
-                engine.call("GET", protocol.HEALTH_GENERATE, timeout=self.health_timeout_s)
-                return True
-            except EngineError:
-                return False
-
-        return dict(zip((engine.name for engine in self.engines), self._health_pool.map(healthy, self.engines)))
+        checks = {engine.name: engine.submit("GET", protocol.HEALTH_GENERATE, timeout=self.health_timeout_s) for engine in self.engines}
+        return {name: _passed(check) for name, check in checks.items()}
 
     def pids(self) -> dict[str, int]:
         """Process id of every launched engine's server."""
@@ -186,12 +182,11 @@ class EngineSupervisor:
             self._monitor.join(timeout=self.health_timeout_s + 1)
 
     def stop_engines(self) -> None:
-        """Stop every launched engine, and the health-check threads (after :meth:`close`)."""
+        """Stop every launched engine (after :meth:`close`)."""
         for engine in self.engines:
             if engine.managed:
                 with engine.lock:
                     engine.stop()
-        self._health_pool.shutdown(wait=False, cancel_futures=True)
 
     def _watch(self) -> None:
         """Health monitor: restart every engine that fails ``/health_generate``."""
@@ -200,7 +195,7 @@ class EngineSupervisor:
                 continue
             idle = [engine for engine in self.engines if _not_restarting(engine)]
             incarnations = {engine: engine.incarnation for engine in idle}
-            checks = {engine: self._health_pool.submit(engine.call, "GET", protocol.HEALTH_GENERATE, timeout=self.health_timeout_s) for engine in idle}
+            checks = {engine: engine.submit("GET", protocol.HEALTH_GENERATE, timeout=self.health_timeout_s) for engine in idle}
             for engine, check in checks.items():
                 error = check.exception()
                 if error is None or self._pauses or self._stop.is_set():
@@ -209,6 +204,14 @@ class EngineSupervisor:
                     self.recover(engine, incarnations[engine], error)
                 except EngineError:
                     return
+
+
+def _passed(check: concurrent.futures.Future) -> bool:
+    """Whether a health check answered; an error that is not the engine's is raised."""
+    error = check.exception()
+    if error is not None and not isinstance(error, EngineError):
+        raise error
+    return error is None
 
 
 def _not_restarting(engine: Engine) -> bool:

@@ -3,6 +3,8 @@ memory release, typed errors."""
 
 from __future__ import annotations
 
+import concurrent.futures
+
 import pytest
 import torch
 import transformers
@@ -82,6 +84,20 @@ def test_seeded_generation_is_reproducible_and_independent_of_the_batch(engines)
     assert torch.allclose(torch.tensor([lp for s in fewer for lp in s.logprobs]), torch.tensor([lp for s in first[:12] for lp in s.logprobs]), atol=1e-6, rtol=0)
     other_seed = engines.generate(PROMPTS, SamplingParams(max_new_tokens=12, n=4, seed=6))
     assert [sample.response_ids for sample in other_seed] != [sample.response_ids for sample in first]
+
+
+def test_batches_in_flight_together_return_the_samples_of_sequential_calls(engines):
+    requests = [(PROMPTS, SamplingParams(max_new_tokens=12, n=3, seed=21)), (PROMPTS[2:], SamplingParams(max_new_tokens=12, n=2, seed=22))]
+    sequential = [engines.generate(prompts, sampling) for prompts, sampling in requests]
+    in_flight = {engines.submit_generate(prompts, sampling): index for index, (prompts, sampling) in enumerate(requests)}
+    collected = {in_flight[future]: future.result() for future in concurrent.futures.as_completed(in_flight)}
+    for index, expected in enumerate(sequential):
+        samples = collected[index]
+        assert [(s.prompt_index, s.sample_index, s.response_ids, s.finish_reason, s.weight_version) for s in samples] == [
+            (s.prompt_index, s.sample_index, s.response_ids, s.finish_reason, s.weight_version) for s in expected
+        ]
+        # The engine may batch the two requests together: the log-probs agree as they do across batch sizes.
+        assert torch.allclose(torch.tensor([lp for s in samples for lp in s.logprobs]), torch.tensor([lp for s in expected for lp in s.logprobs]), atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("transport", ["tensor", "nccl", "disk"])

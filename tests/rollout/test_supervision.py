@@ -55,7 +55,8 @@ def launch(log_dir: Path, **options) -> EngineGroup:
 
 @pytest.fixture(scope="module")
 def supervised(tmp_path_factory):
-    """One engine under a fast health monitor; its processes must be gone after shutdown."""
+    """One engine under a fast health monitor; its processes and the client's threads must be gone after shutdown."""
+    threads_before = set(threading.enumerate())
     group = launch(tmp_path_factory.mktemp("supervised"), health_check_interval_s=HEALTH_INTERVAL_S, health_timeout_s=HEALTH_TIMEOUT_S, request_timeout_s=120)
     started = []
     try:
@@ -64,6 +65,8 @@ def supervised(tmp_path_factory):
         group.shutdown()
     started.extend(group.pids().values())
     assert all(gone(pid) for pid in started), "engine processes outlived EngineGroup.shutdown()"
+    left = [thread.name for thread in set(threading.enumerate()) - threads_before if thread.name in ("megarl-engine-client", "megarl-engine-health")]
+    assert not left, f"threads outlived EngineGroup.shutdown(): {left}"
 
 
 @pytest.fixture(scope="module")
