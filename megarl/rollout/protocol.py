@@ -4,7 +4,7 @@ Every engine, SGLang or the embedded ``hf`` server, is driven through these func
 client serves both. Field names and shapes are SGLang's (``sglang.srt.managers.io_struct``:
 ``GenerateReqInput``, ``UpdateWeightsFromTensorReqInput``, ``UpdateWeightsFromDistributedReqInput``,
 ``InitWeightsUpdateGroupReqInput``, ``UpdateWeightFromDiskReqInput``,
-``ReleaseMemoryOccupationReqInput``, ...; ``sglang.api.v1.api_types`` for ``/generate``), as of the
+``ReleaseMemoryOccupationReqInput``, ``PauseGenerationReqInput``, ``AbortReq``, ...; ``sglang.api.v1.api_types`` for ``/generate``), as of the
 SGLang version pinned in ``tools/setup.sh``; ``tests/rollout/test_protocol.py`` checks them
 against its source.
 
@@ -37,6 +37,10 @@ UPDATE_FROM_DISTRIBUTED = "/update_weights_from_distributed"
 INIT_UPDATE_GROUP = "/init_weights_update_group"
 DESTROY_UPDATE_GROUP = "/destroy_weights_update_group"
 GET_WEIGHTS_BY_NAME = "/get_weights_by_name"
+PAUSE_GENERATION = "/pause_generation"
+CONTINUE_GENERATION = "/continue_generation"
+ABORT_REQUEST = "/abort_request"
+UPDATE_WEIGHT_VERSION = "/update_weight_version"
 
 FLATTENED_BUCKET = "flattened_bucket"
 """``load_format`` of a bucket sent whole: one flat uint8 tensor plus per-tensor metadata."""
@@ -66,18 +70,23 @@ def sampling_body(sampling: SamplingParams, seed: int | None) -> dict[str, Any]:
     return body
 
 
-def generate_body(input_ids: Sequence[Sequence[int]], sampling_params: Sequence[dict[str, Any]]) -> dict[str, Any]:
+def generate_body(input_ids: Sequence[Sequence[int]], sampling_params: Sequence[dict[str, Any]], rid: str | None = None) -> dict[str, Any]:
     """A batched ``/generate`` request: token ids in, token ids and output log-probs out.
 
     Args:
         input_ids: one prompt per request item.
         sampling_params: one :func:`sampling_body` per item.
+        rid: the request's id, which :func:`abort_body` names; item ``i`` is ``{rid}_{i}``.
+            None: the engine picks one per item.
     """
-    return {
+    body = {
         "input_ids": [list(ids) for ids in input_ids],
         "sampling_params": list(sampling_params),
         "return_logprob": True,
     }
+    if rid is not None:
+        body["rid"] = rid
+    return body
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -211,3 +220,32 @@ def memory_body(tags: Sequence[str] | None) -> dict[str, Any]:
 def get_weights_body(name: str, truncate_size: int) -> dict[str, Any]:
     """``/get_weights_by_name``: the first ``truncate_size`` rows of a weight, as nested lists."""
     return {"name": name, "truncate_size": truncate_size}
+
+
+def pause_body(mode: Literal["abort", "retract", "in_place"]) -> dict[str, Any]:
+    """``/pause_generation``: stop generating until ``/continue_generation``.
+
+    Args:
+        mode: ``abort`` ends every running request (each answers with its tokens so far and
+            ``finish_reason`` type ``abort``); ``in_place`` holds them with their KV cache;
+            ``retract`` holds them and recomputes their KV cache when they continue.
+    """
+    return {"mode": mode}
+
+
+def continue_body() -> dict[str, Any]:
+    """``/continue_generation``: paused requests go on; queued ones start."""
+    return {}
+
+
+def abort_body(rid: str | None) -> dict[str, Any]:
+    """``/abort_request``: the requests whose ``rid`` starts with ``rid``, or all when None.
+
+    An aborted request answers its ``/generate`` call with the tokens generated so far and
+    ``finish_reason`` ``{"type": "abort", ...}``."""
+    return {"abort_all": True} if rid is None else {"rid": rid, "abort_all": False}
+
+
+def update_weight_version_body(new_version: str, abort_all_requests: bool) -> dict[str, Any]:
+    """``/update_weight_version``: rename the weights the engine holds (no weights move)."""
+    return {"new_version": new_version, "abort_all_requests": abort_all_requests}

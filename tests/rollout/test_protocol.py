@@ -17,7 +17,6 @@ import pickle
 import sys
 import types
 from multiprocessing.reduction import ForkingPickler
-from pathlib import Path
 
 import pytest
 import torch
@@ -27,12 +26,9 @@ from megarl.rollout.engine import Engine, LaunchOptions
 from megarl.rollout.sampling import SamplingParams, sample_seed
 from megarl.rollout.transports import cuda_ipc_payloads, flattened_metadata
 from megarl.weights.bucket import Bucket, TensorMeta
+from tests.rollout.sglang_source import SGLANG, class_fields, load_source, needs_sglang
 
 pytestmark = pytest.mark.cpu
-
-_SPEC = importlib.util.find_spec("sglang")
-SGLANG = Path(_SPEC.submodule_search_locations[0]) if _SPEC is not None else None
-needs_sglang = pytest.mark.skipif(SGLANG is None, reason="SGLang's source is not installed (tools/setup.sh installs it)")
 
 SAMPLING = SamplingParams(max_new_tokens=16, temperature=0.7, top_p=0.9, top_k=20, stop_token_ids=(2, 5), n=4, seed=3)
 BUCKET = Bucket.from_named_tensors([("model.norm.weight", torch.randn(8)), ("lm_head.weight", torch.randn(4, 8).to(torch.bfloat16))])
@@ -41,7 +37,7 @@ BUCKET = Bucket.from_named_tensors([("model.norm.weight", torch.randn(8)), ("lm_
 def payloads() -> dict[str, dict]:
     """Every request body megarl sends, by SGLang request class name."""
     return {
-        "GenerateReqInput": protocol.generate_body([[1, 2, 3], [4, 5]], [protocol.sampling_body(SAMPLING, 7)] * 2),
+        "GenerateReqInput": protocol.generate_body([[1, 2, 3], [4, 5]], [protocol.sampling_body(SAMPLING, 7)] * 2, rid="step-3"),
         "UpdateWeightsFromTensorReqInput": protocol.update_from_tensor_body(["cGF5bG9hZA=="], "3"),
         "UpdateWeightsFromDistributedReqInput": protocol.update_from_distributed_body(BUCKET.metas, "3", protocol.FLATTENED_BUCKET),
         "UpdateWeightFromDiskReqInput": protocol.update_from_disk_body("/dev/shm/weights-v3", "3"),
@@ -52,32 +48,11 @@ def payloads() -> dict[str, dict]:
         "GetWeightsByNameReqInput": protocol.get_weights_body("model.norm.weight", 10),
         "BeginWeightUpdateReqInput": {},
         "EndWeightUpdateReqInput": {},
+        "PauseGenerationReqInput": protocol.pause_body("retract"),
+        "ContinueGenerationReqInput": protocol.continue_body(),
+        "AbortReq": protocol.abort_body("step-3_1"),
+        "UpdateWeightVersionReqInput": protocol.update_weight_version_body("4", abort_all_requests=False),
     }
-
-
-def class_fields(path: Path, name: str) -> tuple[set[str], set[str]]:
-    """(all fields, required fields) of class ``name`` in ``path`` and of its bases in that file."""
-    tree = ast.parse(path.read_text())
-    classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
-    fields, required = set(), set()
-    pending = [name]
-    while pending:
-        node = classes[pending.pop()]
-        pending.extend(base.id for base in node.bases if isinstance(base, ast.Name) and base.id in classes)
-        for statement in node.body:
-            if isinstance(statement, ast.AnnAssign) and isinstance(statement.target, ast.Name):
-                fields.add(statement.target.id)
-                if statement.value is None:
-                    required.add(statement.target.id)
-    return fields, required
-
-
-def load_source(relative: str, module_name: str):
-    """Run one SGLang source file as a module (only for files whose imports need no SGLang)."""
-    spec = importlib.util.spec_from_file_location(module_name, SGLANG / relative)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_sample_seeds_are_stable_distinct_and_in_range():
@@ -179,6 +154,8 @@ def test_endpoints_exist_with_the_methods_megarl_uses():
         ("POST", protocol.BEGIN_WEIGHT_UPDATE), ("POST", protocol.END_WEIGHT_UPDATE), ("POST", protocol.UPDATE_FROM_TENSOR),
         ("POST", protocol.UPDATE_FROM_DISK), ("POST", protocol.UPDATE_FROM_DISTRIBUTED), ("POST", protocol.INIT_UPDATE_GROUP),
         ("POST", protocol.DESTROY_UPDATE_GROUP), ("POST", protocol.GET_WEIGHTS_BY_NAME),
+        ("POST", protocol.PAUSE_GENERATION), ("POST", protocol.CONTINUE_GENERATION), ("POST", protocol.ABORT_REQUEST),
+        ("POST", protocol.UPDATE_WEIGHT_VERSION),
     }
     assert used <= routes, f"SGLang does not serve {sorted(used - routes)}"
 

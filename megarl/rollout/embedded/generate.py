@@ -11,6 +11,10 @@ Per-token log-probs follow :mod:`megarl.rollout.sampling` (SGLang's semantics), 
 the argmax when greedy. top-p and top-k restrict the draw only. A seeded row draws from its own
 ``torch.Generator``, so its tokens depend on its seed alone; an unseeded row draws from the
 engine's generator.
+
+Between two decoding steps the caller's ``on_step`` sees the batch (:class:`Decoding`): it may
+finish rows early (an abort), block (a pause: the weights may change meanwhile), or drop the KV
+cache, which the next step then recomputes over every token so far (SGLang's retract).
 """
 
 from __future__ import annotations
@@ -44,7 +48,36 @@ class Result:
     output_ids: list[int]
     logprobs: list[float]
     finish_reason: dict
-    """``{"type": "stop", "matched": token}`` or ``{"type": "length", "length": n}``."""
+    """``{"type": "stop", "matched": token}``, ``{"type": "length", "length": n}``, or what
+    :meth:`Decoding.finish` was given (an abort); empty while the row generates."""
+
+
+class Decoding:
+    """A batch between two decoding steps, as :meth:`BatchGenerator.generate`'s ``on_step`` sees it.
+
+    Args:
+        results: one per request, in batch order; each grows by one token per step until finished.
+    """
+
+    def __init__(self, results: list[Result]):
+        self.results = results
+        self.steps = 0
+        """Steps done: every unfinished row holds this many tokens."""
+        self.cache_dropped = False
+
+    def unfinished(self) -> list[int]:
+        """Rows still generating."""
+        return [row for row, result in enumerate(self.results) if not result.finish_reason]
+
+    def finish(self, row: int, finish_reason: dict) -> None:
+        """Stop ``row`` now with ``finish_reason``, keeping its tokens so far (no-op if it finished)."""
+        if not self.results[row].finish_reason:
+            self.results[row].finish_reason = finish_reason
+
+    def drop_cache(self) -> None:
+        """Forget the KV cache: the next step recomputes it over the prompts and every token so far,
+        with the weights the model holds then."""
+        self.cache_dropped = True
 
 
 def _sampling_probs(scaled_logits: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
@@ -84,25 +117,30 @@ class BatchGenerator:
         self.pad_token_id = pad_token_id
         self.generator = torch.Generator().manual_seed(random_seed)
 
-    @torch.inference_mode()
-    def generate(self, requests: list[Request], on_step: Callable[[], None] = lambda: None) -> list[Result]:
-        """Generate every request in one batch.
-
-        Args:
-            requests: the samples; prompts may differ in length and sampling parameters.
-            on_step: called after every model step (the server's liveness signal).
-
-        Raises:
-            ValueError: a prompt is empty or leaves no room in the context.
-        """
-        if not requests:
-            return []
+    def check(self, requests: list[Request]) -> None:
+        """Raise ValueError if a prompt is empty or leaves no room in the context."""
         for index, request in enumerate(requests):
             if not request.input_ids or len(request.input_ids) >= self.context_length:
                 raise ValueError(
                     f"request {index}: prompt of {len(request.input_ids)} tokens; it must hold 1 to "
                     f"{self.context_length - 1} tokens (the model's context is {self.context_length})"
                 )
+
+    @torch.inference_mode()
+    def generate(self, requests: list[Request], on_step: Callable[[Decoding], None] = lambda decoding: None) -> list[Result]:
+        """Generate every request in one batch.
+
+        Args:
+            requests: the samples; prompts may differ in length and sampling parameters.
+            on_step: called after every decoding step, once each unfinished row holds one more
+                token (the server's liveness signal, pause and abort point).
+
+        Raises:
+            ValueError: a prompt is empty or leaves no room in the context.
+        """
+        if not requests:
+            return []
+        self.check(requests)
         batch = len(requests)
         device = next(self.model.parameters()).device
         width = max(len(request.input_ids) for request in requests)
@@ -117,7 +155,9 @@ class BatchGenerator:
         generators = [None if request.seed is None else torch.Generator().manual_seed(request.seed) for request in requests]
         temperatures = torch.tensor([request.temperature if request.temperature > 0 else 1.0 for request in requests], device=device)
         results = [Result(output_ids=[], logprobs=[], finish_reason={}) for _ in requests]
+        decoding = Decoding(results)
         active = list(range(batch))
+        token_columns = [input_ids]  # every token fed so far, for a recomputed cache
 
         cache = DynamicCache(config=self.model.config)
         output = self.model(
@@ -129,7 +169,7 @@ class BatchGenerator:
         top_k = torch.tensor([request.top_k if 0 < request.top_k < vocab else vocab for request in requests], device=device)
         greedy = torch.tensor([request.temperature == 0 for request in requests], device=device)
         positions = position_ids[:, -1]
-        for _ in range(max(limits)):
+        for step in range(max(limits)):
             logits = output.logits[:, -1, :].float()  # [batch, vocab]
             scaled = logits / temperatures[:, None]
             next_tokens = torch.argmax(logits, dim=-1)
@@ -152,12 +192,23 @@ class BatchGenerator:
                     result.finish_reason = {"type": "stop", "matched": tokens[row]}
                 elif len(result.output_ids) == limits[row]:
                     result.finish_reason = {"type": "length", "length": limits[row]}
+            decoding.steps = step + 1
+            on_step(decoding)
             active = [row for row in active if not results[row].finish_reason]
-            on_step()
             if not active:
                 break
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
             positions = positions + 1
+            token_columns.append(next_tokens[:, None])
+            if decoding.cache_dropped:
+                decoding.cache_dropped = False
+                cache = DynamicCache(config=self.model.config)
+                output = self.model(
+                    input_ids=torch.cat(token_columns, dim=1), attention_mask=attention_mask,
+                    position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0),
+                    past_key_values=cache, use_cache=True, logits_to_keep=1,
+                )
+                continue
             output = self.model(
                 input_ids=next_tokens[:, None], attention_mask=attention_mask, position_ids=positions[:, None],
                 past_key_values=cache, use_cache=True, logits_to_keep=1,

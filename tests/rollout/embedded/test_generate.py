@@ -1,5 +1,6 @@
 """The hf engine's batched generation in one process: log-probs against a teacher-forced forward,
-independence from the batch, seeds, stop tokens and limits, top-k."""
+independence from the batch, seeds, stop tokens and limits, top-k, and the per-step hook
+(finishing a row early, dropping the KV cache)."""
 
 from __future__ import annotations
 
@@ -106,3 +107,21 @@ def test_top_k_restricts_the_draw_but_not_the_reported_logprob(moe):
     assert torch.allclose(torch.tensor(top1.logprobs), expected, atol=LOGPROB_TOLERANCE, rtol=0)
     nucleus = generator(moe).generate([request(prompt, top_p=1e-6, stop_token_ids=frozenset())])[0]
     assert nucleus.output_ids == greedy.output_ids
+
+
+def test_on_step_can_finish_a_row_early_and_drop_the_cache(moe):
+    batch = [request(prompt, seed=200 + index, stop_token_ids=frozenset(), max_new_tokens=16) for index, prompt in enumerate(prompts(3))]
+    plain = generator(moe).generate(batch)
+
+    def abort_row_1_at_step_5_then_drop_the_cache(decoding):
+        if decoding.steps == 5:
+            decoding.finish(1, {"type": "abort", "message": "Aborted"})
+            decoding.drop_cache()
+
+    controlled = generator(moe).generate(batch, on_step=abort_row_1_at_step_5_then_drop_the_cache)
+    assert controlled[1].output_ids == plain[1].output_ids[:5] and controlled[1].logprobs == plain[1].logprobs[:5]
+    assert controlled[1].finish_reason == {"type": "abort", "message": "Aborted"}
+    for row in (0, 2):  # the recomputed cache gives the same tokens, log-probs to float rounding
+        assert controlled[row].output_ids == plain[row].output_ids and controlled[row].finish_reason == plain[row].finish_reason
+        assert controlled[row].logprobs[:5] == plain[row].logprobs[:5]
+        assert torch.allclose(torch.tensor(controlled[row].logprobs), torch.tensor(plain[row].logprobs), atol=LOGPROB_TOLERANCE, rtol=0)
