@@ -315,6 +315,7 @@ def test_yaml_type_errors_name_the_file(tmp_path):
         ("rollout.mem_fraction=1", "`rollout.mem_fraction` (1.0) must be in (0, 1)"),
         ("algorithm.icepop_low=0", "`algorithm.icepop_low` (0.0) must be > 0"),
         ("algorithm.icepop_low=3", "`algorithm.icepop_low` (3.0) must be < icepop_high (2.0)"),
+        ("algorithm.behav_imp_weight_cap=1", "`algorithm.behav_imp_weight_cap` (1.0) must be > 1, or null"),
         (
             "data.train_file_weights=[1, 2]",
             "`data.train_file_weights` (length 2) must have the length of `data.train_files` (1): one positive weight per file",
@@ -728,6 +729,21 @@ def test_recipe_for_qwen3_30b_a3b_fits_8_gpus():
 def test_tis_and_icepop_together_are_refused():
     with pytest.raises(ConfigError, match=r"`algorithm.icepop` and algorithm.tis are both true: .* pick one"):
         load_config(None, ["algorithm.tis=true", "algorithm.icepop=true"])
+
+
+@pytest.mark.parametrize("correction", ["tis", "icepop"])
+def test_decoupled_ppo_with_tis_or_icepop_is_refused(correction):
+    expected = rf"`algorithm.use_decoupled_loss` and algorithm.{correction} are both true: .* apply it twice; pick one"
+    with pytest.raises(ConfigError, match=expected):
+        load_config(None, ["algorithm.use_decoupled_loss=true", f"algorithm.{correction}=true"])
+
+
+def test_decoupled_ppo_with_gspo_is_refused_and_is_off_by_default():
+    with pytest.raises(ConfigError, match=r"`algorithm.use_decoupled_loss` is not available with algorithm.policy_loss = gspo"):
+        load_config(None, ["algorithm.use_decoupled_loss=true", "algorithm.policy_loss=gspo"])
+    assert load_config(None).algorithm.use_decoupled_loss is False
+    algorithm = load_config(None, ["algorithm.use_decoupled_loss=true", "algorithm.policy_loss=cispo", "algorithm.behav_imp_weight_cap=null"]).algorithm
+    assert algorithm.use_decoupled_loss and algorithm.behav_imp_weight_cap is None
 
 
 def test_a_short_run_clamps_the_warm_up_and_a_ratio_scales_with_the_run():

@@ -1,4 +1,4 @@
-"""Train/rollout mismatch: the rollout engine's log-probs differ from the trainer's (other kernels,
+"""Train/rollout mismatch and stale samples: the rollout engine's log-probs differ from the trainer's (other kernels,
 precision, batch shapes, MoE routing), so even "on-policy" samples are slightly off-policy. Both
 corrections below are per-token, stop-gradient weights on the policy loss, with
 
@@ -14,6 +14,31 @@ corrections below are per-token, stop-gradient weights on the policy loss, with
   M, as OpenRLHF's ``use_icepop``). A weight of 0 removes the token's gradient but the token still
   counts in the aggregation normaliser (as in OpenRLHF); to drop it from the normaliser too, use
   ``weights > 0`` as the response mask for both.
+
+Decoupled PPO (AReaL, Fu et al. 2025, "AReaL: A Large-Scale Asynchronous Reinforcement Learning
+System") separates three policies: pi_behav, the engine's policy that sampled the tokens (its
+log-probs are ``rollout_log_probs``; in asynchronous RL it may be several weight versions old),
+pi_prox, the proximal policy the update is kept close to, and pi_theta, the policy being trained.
+Its objective per token is
+
+    J_t = w_t * min(u_t A_t, clip(u_t, 1 - eps_low, 1 + eps_high) A_t),
+    u_t = pi_theta(a_t) / pi_prox(a_t),   w_t = pi_prox(a_t) / pi_behav(a_t),
+
+so that w_t u_t = pi_theta / pi_behav is the full importance ratio, the trust region is on u_t
+alone, and w_t is a constant (no gradient). Here pi_prox is the trainer's own forward with the
+current weights before the update, ``old_log_probs``: the ratio r_t of
+:mod:`megarl.algorithms.policy_losses` already is u_t, and w_t is the same
+exp(old_log_probs - rollout_log_probs) as above. :func:`decoupled_weights` truncates it as AReaL
+does: a token whose w_t exceeds the cap C (``algorithm.behav_imp_weight_cap``) gets weight 0 (it
+leaves the gradient and, as with ICEPOP, still counts in the normaliser); C = None keeps every w_t.
+With pi_behav = pi_prox, w_t = 1 and the loss is plain PPO exactly.
+
+TIS and ICEPOP are therefore decoupled PPO with another truncation of the same w_t (clipped to
+[low, high], or masked outside a band) and keep working unchanged for stale samples. The three are
+alternatives: the config refuses ``use_decoupled_loss`` with ``tis`` or ``icepop`` (w_t twice).
+The weight composes with any token-level loss: with ``cispo`` the update direction is
+-sg(clip(u_t) w_t) A grad log pi_theta, the clip acting on the proximal ratio only. ``gspo`` is
+refused: its ratio is one per sequence and a per-token behaviour weight would mix the two levels.
 
 Metrics are detached 0-d tensors over valid tokens.
 """
@@ -90,6 +115,36 @@ def icepop_weights(
     metrics = {
         "icepop_masked_fraction_low": masked_mean(below.to(ratio.dtype), response_mask),
         "icepop_masked_fraction_high": masked_mean(above.to(ratio.dtype), response_mask),
+    }
+    return weights, metrics
+
+
+def decoupled_weights(
+    old_log_probs: torch.Tensor,
+    rollout_log_probs: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    cap: float | None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Decoupled PPO's behaviour importance weights w = pi_prox / pi_behav, 0 above ``cap``.
+
+    Args:
+        old_log_probs: ``[B, T]``, the trainer's log pi_prox (its forward before the update).
+        rollout_log_probs: ``[B, T]``, the engine's log pi_behav of the same tokens.
+        response_mask: ``[B, T]``.
+        cap: tokens with w > cap get weight 0 (``algorithm.behav_imp_weight_cap``); None: no cap.
+
+    Returns:
+        ``(weights [B, T], metrics)``: weights detached, 0 where masked or capped;
+        ``behav_imp_weight_mean`` (of the weights applied) and ``behav_imp_weight_capped_fraction``.
+    """
+    mask = response_mask.bool()
+    ratio = _train_rollout_ratio(old_log_probs, rollout_log_probs, response_mask)
+    capped = mask & (ratio > cap) if cap is not None else torch.zeros_like(mask)
+    weights = torch.where(mask & ~capped, ratio, 0.0)
+    metrics = {
+        "behav_imp_weight_mean": masked_mean(weights, response_mask),
+        "behav_imp_weight_capped_fraction": masked_mean(capped.to(ratio.dtype), response_mask),
     }
     return weights, metrics
 

@@ -6,7 +6,8 @@ start of the step), ``advantages`` and ``response_mask``, plus keyword-only clip
 returns ``(per_token_loss [B, T], metrics)``. Masked positions are never read and their loss is 0.
 Aggregation over tokens is separate (:mod:`megarl.algorithms.aggregation`), and so are the
 train/rollout corrections (:mod:`megarl.algorithms.mismatch`: multiply ``per_token_loss`` by their
-weights). With r_t = pi(a_t) / pi_old(a_t) and A_t the advantage:
+weights; with ``algorithm.use_decoupled_loss`` pi_old is decoupled PPO's proximal policy and
+the weight its behaviour importance weight). With r_t = pi(a_t) / pi_old(a_t) and A_t the advantage:
 
 - ``ppo`` (Schulman et al. 2017) with clip-higher (DAPO, Yu et al. 2025) and dual clip (Ye et al.
   2020): l_t = max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high)); with a dual-clip bound c and

@@ -87,6 +87,20 @@ class AlgorithmConfig(Section):
     """ICEPOP: lower ratio bound."""
     icepop_high: float = 2.0
     """ICEPOP: upper ratio bound."""
+    use_decoupled_loss: bool = False
+    """Decoupled PPO for samples the engine drew from an older policy (asynchronous RL): the clip
+    stays on pi_theta / pi_prox, pi_prox being the trainer's log-probs before the update
+    (old_log_probs), and each token's loss is multiplied by the behaviour weight
+    pi_prox / pi_behav (pi_behav: the engine's log-probs), no gradient through it, 0 above
+    behav_imp_weight_cap. Metrics mismatch/behav_imp_weight_mean and
+    mismatch/behav_imp_weight_capped_fraction. TIS and ICEPOP are the same weight truncated
+    otherwise: pick one of the three; gspo is refused (its ratio is per sequence). Maths in
+    :mod:`megarl.algorithms.mismatch` (AReaL: actor.use_decoupled_loss; verl's rollout
+    correction, rollout_is, in its decoupled mode is the TIS / ICEPOP form)."""
+    behav_imp_weight_cap: Annotated[Optional[float], Range(gt=1)] = 5.0
+    """Decoupled PPO: tokens whose behaviour weight pi_prox / pi_behav exceeds this leave the
+    gradient (weight 0; they still count in the aggregation normaliser); > 1, null for no cap
+    (AReaL: actor.behav_imp_weight_cap)."""
     reward_clip: Annotated[Optional[float], Range(gt=0)] = None
     """Clip scores to [-reward_clip, reward_clip]; null disables it (OpenRLHF: --reward_clip)."""
     reward_norm: Literal["none", "batch", "group", "running"] = "none"
@@ -119,6 +133,19 @@ class AlgorithmConfig(Section):
             yield "icepop", (
                 "and algorithm.tis are both true: each weights a token by the importance ratio, so together they apply it twice; pick one"
             )
+        if self.use_decoupled_loss:
+            for correction in ("tis", "icepop"):
+                if getattr(self, correction):
+                    yield "use_decoupled_loss", (
+                        f"and algorithm.{correction} are both true: each weights a token by pi_old / pi_rollout "
+                        f"(decoupled PPO's behaviour weight, {correction.upper()} truncates it otherwise), "
+                        "so together they apply it twice; pick one"
+                    )
+            if self.policy_loss == "gspo":
+                yield "use_decoupled_loss", (
+                    "is not available with algorithm.policy_loss = gspo: the behaviour weight is per token and GSPO's ratio "
+                    "per sequence; use ppo or cispo"
+                )
         if self.dynamic_sampling_mean_range is not None:
             low, high = self.dynamic_sampling_mean_range
             if low > high:

@@ -10,8 +10,8 @@ Each function is one stage of the RL step in ``docs/rl_step.md`` and works on th
    shaped score without a KL penalty (verl's convention).
 3. DAPO's overlong filtering: the truncated responses leave the loss (after the advantages, so
    that their scores still count in their group's baseline).
-4. :func:`loss_weights`: the train/rollout mismatch correction (TIS or ICEPOP) per token, and the
-   mismatch metrics.
+4. :func:`loss_weights`: the train/rollout mismatch correction (TIS, ICEPOP or decoupled PPO's
+   behaviour weight) per token, and the mismatch metrics.
 
 :func:`prepare_update` runs the four in order.
 """
@@ -23,7 +23,7 @@ import torch
 from megarl.algorithms.advantages import compute_advantages as run_estimator
 from megarl.algorithms.advantages import outcome_token_rewards
 from megarl.algorithms.kl import apply_kl_penalty, estimate_kl
-from megarl.algorithms.mismatch import icepop_weights, mismatch_metrics, tis_weights
+from megarl.algorithms.mismatch import decoupled_weights, icepop_weights, mismatch_metrics, tis_weights
 from megarl.algorithms.shaping import RunningMoments, clip_rewards, normalize_rewards, overlong_filter, overlong_penalty
 from megarl.config import AlgorithmConfig
 from megarl.trainer.batch import TrainBatch
@@ -136,8 +136,8 @@ def compute_advantages(batch: TrainBatch, scores: torch.Tensor, algorithm: Algor
 
 
 def loss_weights(batch: TrainBatch, algorithm: AlgorithmConfig) -> dict[str, float]:
-    """Fill ``batch.token_values["loss_weights"]`` (1, or the TIS / ICEPOP weights) and measure
-    how far the trainer's log-probs are from the engine's.
+    """Fill ``batch.token_values["loss_weights"]`` (1, or the TIS / ICEPOP / decoupled PPO weights)
+    and measure how far the trainer's log-probs are from the engine's.
 
     Returns:
         ``mismatch/*`` metrics (mean and max absolute log-prob difference, the rollout KL) and
@@ -154,5 +154,8 @@ def loss_weights(batch: TrainBatch, algorithm: AlgorithmConfig) -> dict[str, flo
         icepop, icepop_metrics = icepop_weights(old, rollout, mask, low=algorithm.icepop_low, high=algorithm.icepop_high)
         weights = weights * icepop
         metrics.update({f"mismatch/{name}": value.item() for name, value in icepop_metrics.items()})
+    if algorithm.use_decoupled_loss:
+        weights, decoupled_metrics = decoupled_weights(old, rollout, mask, cap=algorithm.behav_imp_weight_cap)
+        metrics.update({f"mismatch/{name}": value.item() for name, value in decoupled_metrics.items()})
     batch.token_values["loss_weights"] = weights.float()
     return metrics

@@ -14,7 +14,8 @@ The update: ``train.ppo_epochs`` passes over the batch; each pass shuffles it (s
 and cuts it into mini-batches of ``train.mini_batch_size`` samples, one optimizer step each; a
 mini-batch is split over the data-parallel ranks and into micro-batches
 (:func:`megarl.data.batching.plan_micro_batches`). The loss of a micro-batch is the policy loss
-(:mod:`megarl.algorithms.policy_losses`) times the train/rollout correction weights, plus the
+(:mod:`megarl.algorithms.policy_losses`) times the train/rollout correction weights (TIS, ICEPOP
+or decoupled PPO's behaviour weight, :mod:`megarl.algorithms.mismatch`), plus the
 entropy bonus and the KL loss, aggregated per ``algorithm.loss_agg_mode``; Megatron normalises by
 the whole mini-batch's count (:mod:`megarl.trainer.model`). The policy is the update's
 :class:`~megarl.trainer.objective.Objective`.

@@ -97,6 +97,24 @@ def test_loss_weights_are_one_without_correction_and_truncated_with_tis():
     assert metrics["mismatch/tis_clipped_fraction_high"] == 1.0
 
 
+def test_decoupled_loss_weights_by_prox_over_behaviour_and_masks_above_the_cap():
+    batch = make_batch()
+    mask = batch.response_mask
+    rollout = batch.token_values["rollout_log_probs"]
+    # Rows 0-3 were sampled by a policy that gave their tokens e^-0.5 of the proximal probability
+    # (w = e^0.5 < 2), rows 4-7 e^-1 (w = e > 2: capped).
+    shift = torch.tensor([0.5] * 4 + [1.0] * 4)[:, None]
+    batch.token_values["old_log_probs"] = torch.where(mask, rollout + shift, 0.0)
+    algorithm = load_config(None, ["algorithm.use_decoupled_loss=true", "algorithm.behav_imp_weight_cap=2.0"]).algorithm
+    metrics = loss_weights(batch, algorithm)
+    weights = batch.token_values["loss_weights"]
+    assert torch.allclose(weights[:4][mask[:4]], torch.full_like(weights[:4][mask[:4]], math.exp(0.5)))
+    assert not weights[4:].any() and not weights[~mask].any()
+    tokens = mask.sum().item()
+    assert metrics["mismatch/behav_imp_weight_capped_fraction"] == pytest.approx(mask[4:].sum().item() / tokens)
+    assert metrics["mismatch/behav_imp_weight_mean"] == pytest.approx(math.exp(0.5) * mask[:4].sum().item() / tokens, rel=1e-6)
+
+
 def test_overlong_filtering_keeps_the_truncated_score_in_the_group_baseline():
     # Row 7 is truncated with score 1: it leaves the loss, but its group's other advantages are the
     # ones computed with its score.
