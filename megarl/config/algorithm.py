@@ -95,12 +95,11 @@ class AlgorithmConfig(Section):
     behav_imp_weight_cap. Metrics mismatch/behav_imp_weight_mean and
     mismatch/behav_imp_weight_capped_fraction. TIS and ICEPOP are the same weight truncated
     otherwise: pick one of the three; gspo is refused (its ratio is per sequence). Maths in
-    :mod:`megarl.algorithms.mismatch` (AReaL: actor.use_decoupled_loss; verl's rollout
-    correction, rollout_is, in its decoupled mode is the TIS / ICEPOP form)."""
+    :mod:`megarl.algorithms.mismatch` (AReaL: actor.use_decoupled_loss)."""
     behav_imp_weight_cap: Annotated[Optional[float], Range(gt=1)] = 5.0
     """Decoupled PPO: tokens whose behaviour weight pi_prox / pi_behav exceeds this leave the
     gradient (weight 0; they still count in the aggregation normaliser); > 1, null for no cap
-    (AReaL: actor.behav_imp_weight_cap)."""
+    (AReaL: actor.behav_imp_weight_cap, null by default there; its example configs use 5)."""
     reward_clip: Annotated[Optional[float], Range(gt=0)] = None
     """Clip scores to [-reward_clip, reward_clip]; null disables it (OpenRLHF: --reward_clip)."""
     reward_norm: Literal["none", "batch", "group", "running"] = "none"
