@@ -148,6 +148,8 @@ def test_tensor_parallel_run_with_dynamic_sampling_trains_and_updates_the_engine
     for row in rows:
         assert row["filter/groups_dropped_equal"] > 0 and 1 <= row["rollout/rounds"] <= 4
         assert row["filter/groups_kept"] * 4 + row.get("filter/topped_up_samples", 0) >= 16
+    # Synchronous training: every trained sample came from the weights the trainer last pushed.
+    assert all(row["rollout/staleness_mean"] == row["rollout/staleness_max"] == 0 and row["rollout/staleness_0"] > 0 for row in rows)
     assert all(row["mismatch/logprob_diff_abs_max"] <= MISMATCH_TOLERANCE for row in rows)
     assert report["weights"]["after_0"] != report["weights"]["initial"]
     assert report["weights"]["after_1"] != report["weights"]["after_0"]

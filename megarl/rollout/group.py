@@ -16,6 +16,12 @@ batches in flight and collect them as they complete (``concurrent.futures.as_com
 sample's seed depends only on its batch's ``sampling.seed`` and its place in the batch, so it is
 the same sample whichever way it was requested.
 
+Partial rollouts: with ``partial=True`` a sample that a pause (:meth:`EngineGroup.pause_generation`
+in ``abort`` mode) or an abort stopped comes back with its tokens so far and ``finish_reason``
+``abort``; :meth:`EngineGroup.submit_resume` resumes such samples (prompt + their tokens, the
+rest of ``max_new_tokens``, seeds from :func:`~megarl.rollout.sampling.resume_seed`) and returns
+them whole, their ``weight_segments`` saying which weights generated which tokens.
+
 Every request goes through one :class:`~megarl.rollout.http_client.EngineClient` per group: an
 asyncio HTTP client on the group's own event-loop thread, many requests in flight over all engines.
 
@@ -42,6 +48,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
+import dataclasses
 import importlib.util
 import tempfile
 from pathlib import Path
@@ -53,7 +60,7 @@ from megarl.rollout import protocol
 from megarl.rollout.engine import Engine, LaunchOptions
 from megarl.rollout.errors import EngineError, EngineRequestError
 from megarl.rollout.http_client import EngineClient
-from megarl.rollout.sampling import Sample, SamplingParams, sample_seed
+from megarl.rollout.sampling import Sample, SamplingParams, resume_seed, sample_seed
 from megarl.rollout.snapshot import WeightSnapshot
 from megarl.rollout.supervision import EngineSupervisor
 from megarl.rollout.transports import TRANSPORTS
@@ -252,24 +259,30 @@ class EngineGroup:
     def __exit__(self, *exc_info) -> None:
         self.shutdown()
 
-    def generate(self, prompt_token_ids: Sequence[Sequence[int]], sampling: SamplingParams) -> list[Sample]:
+    def generate(self, prompt_token_ids: Sequence[Sequence[int]], sampling: SamplingParams, *, partial: bool = False) -> list[Sample]:
         """Sample ``sampling.n`` responses for every prompt.
 
         Args:
             prompt_token_ids: the prompts' token ids.
             sampling: how to sample (see :mod:`megarl.rollout.sampling` for the log-probs).
+            partial: return a sample that a pause or an abort stopped as a partial sample
+                (``finish_reason`` ``abort``, its tokens so far; see :meth:`submit_resume`)
+                instead of raising.
 
         Returns:
             ``len(prompts) * n`` samples, prompt-major (prompt 0's samples 0..n-1, then prompt 1's).
 
         Raises:
             EngineTimeout: an engine did not answer within ``request_timeout_s``.
-            EngineRequestError: an engine refused the request (e.g. a prompt longer than its context).
+            EngineRequestError: an engine refused the request (e.g. a prompt longer than its
+                context), or aborted a sample and ``partial`` is False.
             RestartBudgetExhausted, EngineDead, EngineStartError: an engine failed for good.
         """
-        return self.submit_generate(prompt_token_ids, sampling).result()
+        return self.submit_generate(prompt_token_ids, sampling, partial=partial).result()
 
-    def submit_generate(self, prompt_token_ids: Sequence[Sequence[int]], sampling: SamplingParams) -> concurrent.futures.Future[list[Sample]]:
+    def submit_generate(
+        self, prompt_token_ids: Sequence[Sequence[int]], sampling: SamplingParams, *, partial: bool = False
+    ) -> concurrent.futures.Future[list[Sample]]:
         """:meth:`generate` without waiting: the future holds its samples, or raises its error.
 
         Several batches may be in flight at once (each spread over the engines as :meth:`generate`
@@ -278,38 +291,104 @@ class EngineGroup:
         started on it finish it regardless.
         """
         self._supervisor.check()
-        return self._client.run(self._generate(prompt_token_ids, sampling))
+        requests = [
+            (prompt_index, sample_index, prompt, sampling.max_new_tokens, None if sampling.seed is None else sample_seed(sampling.seed, prompt_index, sample_index))
+            for prompt_index, prompt in enumerate(prompt_token_ids)
+            for sample_index in range(sampling.n)
+        ]
+        return self._client.run(self._generate(requests, sampling, partial))
 
-    async def _generate(self, prompt_token_ids: Sequence[Sequence[int]], sampling: SamplingParams) -> list[Sample]:
+    def submit_resume(
+        self, prompt_token_ids: Sequence[Sequence[int]], samples: Sequence[Sample], sampling: SamplingParams, *, partial: bool = False
+    ) -> concurrent.futures.Future[list[Sample]]:
+        """Finish the partial samples among ``samples`` under the engines' current weights.
+
+        Each partial sample (``finish_reason`` ``abort``) is sent again as a new request: its
+        prompt followed by the tokens it has, ``max_new_tokens`` reduced by their number, to its
+        prompt's engine, seeded with :func:`~megarl.rollout.sampling.resume_seed` of its own seed
+        and its token count (unseeded when ``sampling.seed`` is None). The answer is appended to
+        it (:meth:`Sample.continued_by`): no generated token is lost and its
+        ``weight_segments`` keep the versions of the tokens it had. Finished samples pass
+        through; a partial sample with no tokens left to generate finishes as ``length``.
+
+        Args:
+            prompt_token_ids: the prompts of the call that produced ``samples``.
+            samples: that call's samples (any subset, any order).
+            sampling: that call's sampling parameters.
+            partial: a resumed sample stopped again comes back partial (to resume again).
+
+        Returns:
+            the samples in the given order, the partial ones continued.
+        """
+        self._supervisor.check()
+        requests, done = [], {}
+        for position, sample in enumerate(samples):
+            remaining = sampling.max_new_tokens - len(sample.response_ids)
+            if sample.finish_reason != "abort":
+                done[position] = sample
+            elif remaining < 1:
+                done[position] = dataclasses.replace(sample, finish_reason="length")
+            else:
+                seed = None if sampling.seed is None else resume_seed(sample_seed(sampling.seed, sample.prompt_index, sample.sample_index), len(sample.response_ids))
+                prompt = list(prompt_token_ids[sample.prompt_index]) + sample.response_ids
+                requests.append((sample.prompt_index, position, prompt, remaining, seed))
+
+        async def resume() -> list[Sample]:
+            continued = done | {
+                request[1]: samples[request[1]].continued_by(continuation)
+                for request, continuation in zip(requests, await self._generate(requests, sampling, partial, keep_order=True))
+            }
+            return [continued[position] for position in range(len(samples))]
+
+        return self._client.run(resume())
+
+    async def _generate(self, requests: list[tuple[int, int, Sequence[int], int, int | None]], sampling: SamplingParams, partial: bool, *, keep_order: bool = False) -> list[Sample]:
+        """Send ``(prompt_index, sample_index, input_ids, max_new_tokens, seed)`` requests, each to
+        its prompt's engine (one batch per engine, in parallel). The samples come back sorted by
+        ``(prompt_index, sample_index)``, or in the order of ``requests`` with ``keep_order``."""
         shares: dict[Engine, list[int]] = {}
-        for prompt_index in range(len(prompt_token_ids)):
-            shares.setdefault(self.engines[prompt_index % len(self.engines)], []).append(prompt_index)
-        samples = await _all(
-            self._generate_share(engine, [(index, prompt_token_ids[index]) for index in indices], sampling) for engine, indices in shares.items()
-        )
-        return sorted((sample for share in samples for sample in share), key=lambda sample: (sample.prompt_index, sample.sample_index))
+        for position, request in enumerate(requests):
+            shares.setdefault(self.engines[request[0] % len(self.engines)], []).append(position)
+        answers = await _all(self._generate_share(engine, [requests[position] for position in positions], sampling, partial) for engine, positions in shares.items())
+        by_position = {position: sample for positions, share in zip(shares.values(), answers) for position, sample in zip(positions, share)}
+        if keep_order:
+            return [by_position[position] for position in range(len(requests))]
+        return sorted(by_position.values(), key=lambda sample: (sample.prompt_index, sample.sample_index))
 
-    async def _generate_share(self, engine: Engine, prompts: list[tuple[int, Sequence[int]]], sampling: SamplingParams) -> list[Sample]:
-        keys, input_ids, params = [], [], []
-        for prompt_index, prompt in prompts:
-            for sample_index in range(sampling.n):
-                seed = None if sampling.seed is None else sample_seed(sampling.seed, prompt_index, sample_index)
-                keys.append((prompt_index, sample_index))
-                input_ids.append(prompt)
-                params.append(protocol.sampling_body(sampling, seed))
-        body = protocol.generate_body(input_ids, params)
+    async def _generate_share(self, engine: Engine, requests: list[tuple[int, int, Sequence[int], int, int | None]], sampling: SamplingParams, partial: bool) -> list[Sample]:
+        params = [
+            protocol.sampling_body(sampling if limit == sampling.max_new_tokens else dataclasses.replace(sampling, max_new_tokens=limit), seed)
+            for _, _, _, limit, seed in requests
+        ]
+        body = protocol.generate_body([input_ids for _, _, input_ids, _, _ in requests], params)
         answer = await self._supervisor.call_async(engine, "POST", protocol.GENERATE, body, timeout=self.request_timeout_s)
         try:
-            items = protocol.parse_generate_response(answer, len(keys))
+            items = protocol.parse_generate_response(answer, len(requests), partial=partial)
         except ValueError as error:
             raise EngineRequestError(engine.label, str(error)) from None
         return [
             Sample(
                 prompt_index=prompt_index, sample_index=sample_index, response_ids=item.output_ids, logprobs=item.logprobs,
-                finish_reason=item.finish_reason, weight_version=item.weight_version,
+                finish_reason=item.finish_reason, weight_version=item.weight_version, weight_segments=item.weight_segments,
             )
-            for (prompt_index, sample_index), item in zip(keys, items)
+            for (prompt_index, sample_index, _, _, _), item in zip(requests, items)
         ]
+
+    def pause_generation(self, mode: Literal["abort", "retract", "in_place"] = "abort") -> None:
+        """Pause every engine (``/pause_generation``) until :meth:`continue_generation`.
+
+        Args:
+            mode: ``abort`` ends the running samples (they answer with their tokens so far:
+                partial samples with ``partial=True``); ``in_place`` and ``retract`` hold them
+                (their ``weight_segments`` then span the versions before and after an update).
+        """
+        self._supervisor.check()
+        self._on_every_engine(protocol.PAUSE_GENERATION, protocol.pause_body(mode))
+
+    def continue_generation(self) -> None:
+        """Let paused engines go on (``/continue_generation``): held samples continue, queued ones start."""
+        self._supervisor.check()
+        self._on_every_engine(protocol.CONTINUE_GENERATION, protocol.continue_body())
 
     def update_weights(self, buckets: Iterable[Bucket], version: int | str) -> None:
         """Load new weights into every engine, bucket by bucket, over the group's transport.

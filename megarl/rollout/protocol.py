@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal, Sequence
 
-from megarl.rollout.sampling import SamplingParams
+from megarl.rollout.sampling import SamplingParams, WeightSegment
 from megarl.weights.bucket import TensorMeta, dtype_name
 
 GENERATE = "/generate"
@@ -95,25 +95,33 @@ class Generated:
 
     output_ids: list[int]
     logprobs: list[float]
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "abort"]
     weight_version: str | None
+    weight_segments: tuple[WeightSegment, ...]
+    """``meta_info.weight_versions``; an engine that reports only ``weight_version`` gives one
+    segment over every token; none when it reports no version."""
 
 
-def parse_generate_response(response: Any, expected_items: int) -> list[Generated]:
+def parse_generate_response(response: Any, expected_items: int, *, partial: bool = False) -> list[Generated]:
     """Read a batched ``/generate`` response.
 
     Args:
         response: the decoded JSON: a list with one object per request item, each with
             ``output_ids`` and ``meta_info`` (``finish_reason``, ``output_token_logprobs`` as
-            ``[logprob, token_id, text]`` triples, ``weight_version``).
+            ``[logprob, token_id, text]`` triples, ``weight_version``, ``weight_versions`` spans
+            ``[{version, start, end}]``).
         expected_items: how many items the request had.
+        partial: keep an aborted item (``finish_reason`` type ``abort``: a pause or an abort
+            stopped it) as a partial sample with its tokens so far, instead of raising.
 
     Raises:
-        ValueError: a malformed response, a count mismatch, or an aborted item (with its message).
+        ValueError: a malformed response, a count mismatch, or an aborted item (with its message)
+            unless ``partial``.
     """
     if not isinstance(response, list) or len(response) != expected_items:
         count = len(response) if isinstance(response, list) else type(response).__name__
         raise ValueError(f"/generate answered {count} items for a batch of {expected_items}")
+    finished = ("stop", "length", "abort") if partial else ("stop", "length")
     items = []
     for index, item in enumerate(response):
         try:
@@ -121,23 +129,39 @@ def parse_generate_response(response: Any, expected_items: int) -> list[Generate
             reason = meta["finish_reason"]
             output_ids = [int(token) for token in item["output_ids"]]
             triples = meta["output_token_logprobs"]
+            kind = reason.get("type") if isinstance(reason, dict) else None
+            if kind not in finished:
+                raise ValueError(f"/generate item {index} did not finish: finish_reason={reason}")
+            if [int(triple[1]) for triple in triples] != output_ids:
+                raise ValueError(f"/generate item {index}: output_token_logprobs do not cover output_ids")
+            version = meta.get("weight_version")
+            version = None if version is None else str(version)
+            segments = _weight_segments(meta.get("weight_versions"), version, len(output_ids))
         except (KeyError, TypeError) as missing:
             raise ValueError(f"/generate item {index} lacks {missing}: {str(item)[:300]}") from None
-        kind = reason.get("type") if isinstance(reason, dict) else None
-        if kind not in ("stop", "length"):
-            raise ValueError(f"/generate item {index} did not finish: finish_reason={reason}")
-        if [int(triple[1]) for triple in triples] != output_ids:
-            raise ValueError(f"/generate item {index}: output_token_logprobs do not cover output_ids")
-        version = meta.get("weight_version")
         items.append(
             Generated(
                 output_ids=output_ids,
                 logprobs=[float(triple[0]) for triple in triples],
                 finish_reason=kind,
-                weight_version=None if version is None else str(version),
+                weight_version=version,
+                weight_segments=segments,
             )
         )
     return items
+
+
+def _weight_segments(spans: Any, version: str | None, tokens: int) -> tuple[WeightSegment, ...]:
+    """SGLang's ``weight_versions`` spans as segments (checked to cover the ``tokens`` in order)."""
+    if spans is None:
+        return () if version is None else (WeightSegment(version, 0, tokens),)
+    segments = tuple(WeightSegment(str(span["version"]), int(span["start"]), int(span["end"])) for span in spans)
+    bounds = [0] + [bound for segment in segments for bound in (segment.start, segment.end)] + [tokens]
+    if not segments or any(bounds[i] != bounds[i + 1] for i in range(0, len(bounds), 2)) or any(
+        segment.end < segment.start for segment in segments
+    ):
+        raise ValueError(f"weight_versions {spans} do not cover the {tokens} output tokens in order")
+    return segments
 
 
 def update_from_tensor_body(serialized_named_tensors: list[str], weight_version: str) -> dict[str, Any]:

@@ -15,7 +15,15 @@ the call and its index among the prompt's samples (:func:`sample_seed`), and sen
 ``sampling_seed``. So the same seed and the same prompts give the same generations whatever the
 number of engines or how prompts are batched, and a request re-sent after an engine restart draws
 the same tokens. SGLang honours ``sampling_seed`` only when launched with
-``--enable-deterministic-inference``; the ``hf`` engine always does.
+``--enable-deterministic-inference``; the ``hf`` engine always does. A partial sample (aborted at
+a weight update) resumes with :func:`resume_seed`, a hash of its own seed and the number of
+tokens it already has: the same partial resumes the same way, and the continuation does not
+replay the random draws that produced the first tokens.
+
+Weight versions: every sample records which weights generated which of its tokens, as SGLang's
+``meta_info.weight_versions`` spans (:class:`WeightSegment`). A sample generated without an update
+under way has one segment; one paused in place across an update, or aborted and resumed
+(:meth:`Sample.continued_by`), has one per version, oldest first.
 """
 
 from __future__ import annotations
@@ -80,6 +88,16 @@ class SamplingParams:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class WeightSegment:
+    """Response tokens ``start .. end - 1`` of a sample came from weights ``version`` (one of
+    SGLang's ``meta_info.weight_versions`` spans, ``{version, start, end}``)."""
+
+    version: str
+    start: int
+    end: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Sample:
     """One generated response."""
 
@@ -91,10 +109,36 @@ class Sample:
     """Generated token ids, ending with the stop token when ``finish_reason == "stop"``."""
     logprobs: list[float]
     """``[len(response_ids)]`` rollout log-probs of the generated tokens (see the module docstring)."""
-    finish_reason: Literal["stop", "length"]
-    """``stop``: an EOS or stop token ended it; ``length``: ``max_new_tokens`` (or the context) did."""
+    finish_reason: Literal["stop", "length", "abort"]
+    """``stop``: an EOS or stop token ended it; ``length``: ``max_new_tokens`` (or the context) did;
+    ``abort``: a partial sample, stopped by a pause or an abort (only when partials are asked for)."""
     weight_version: str | None
-    """The engine's weight version when it generated the sample (``str(version)`` of the last update)."""
+    """The engine's weight version when it generated the sample's last token (``str(version)`` of
+    the last update), None when the engine reports none."""
+    weight_segments: tuple[WeightSegment, ...]
+    """Which weights generated which tokens, oldest first, covering ``response_ids`` without gaps;
+    empty when the engine reports no version."""
+
+    def continued_by(self, continuation: Sample) -> Sample:
+        """This partial sample followed by the sample that resumed it (its tokens, log-probs and
+        segments shifted past this one's tokens; this one's segments keep their versions)."""
+        offset = len(self.response_ids)
+        segments = [segment for segment in self.weight_segments if segment.end > segment.start]
+        for segment in continuation.weight_segments:
+            if segment.end == segment.start and (segments or offset):
+                continue  # an empty span (no tokens generated under it) adds nothing
+            if segments and segments[-1].version == segment.version:
+                segments[-1] = WeightSegment(segment.version, segments[-1].start, segment.end + offset)
+            else:
+                segments.append(WeightSegment(segment.version, segment.start + offset, segment.end + offset))
+        return dataclasses.replace(
+            continuation,
+            prompt_index=self.prompt_index,
+            sample_index=self.sample_index,
+            response_ids=self.response_ids + continuation.response_ids,
+            logprobs=self.logprobs + continuation.logprobs,
+            weight_segments=tuple(segments) or self.weight_segments,
+        )
 
 
 def _splitmix64(value: int) -> int:
@@ -110,3 +154,9 @@ def sample_seed(seed: int, prompt_index: int, sample_index: int) -> int:
     mixed = _splitmix64(mixed ^ prompt_index)
     mixed = _splitmix64(mixed ^ sample_index)
     return mixed >> 1
+
+
+def resume_seed(seed: int, generated: int) -> int:
+    """The seed of a partial sample's continuation: a hash of the sample's seed and the number of
+    tokens it has already generated, in [0, 2**63)."""
+    return _splitmix64(_splitmix64(seed & _MASK_64) ^ generated) >> 1

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from megarl.data.padding import pad_micro_batch
+from megarl.rollout.sampling import WeightSegment
 
 
 def layout_multiple(tensor_parallel: int, sequence_parallel: bool, context_parallel: int) -> int:
@@ -60,7 +61,10 @@ class ScoredSample:
     score: float
     """The reward."""
     weight_version: str | None = None
-    """The engine's weight version that generated it (``None``: not reported)."""
+    """The engine's weight version that generated its last token (``None``: not reported)."""
+    weight_segments: tuple[WeightSegment, ...] = ()
+    """Which weights generated which response tokens, oldest first (``Sample.weight_segments``);
+    its staleness comes from the first (:mod:`megarl.trainer.staleness`)."""
 
     @property
     def truncated(self) -> bool:

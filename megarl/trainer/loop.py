@@ -22,6 +22,7 @@ from megarl.config import save_config
 from megarl.rollout.sampling import SamplingParams
 from megarl.trainer.batch import ScoredSample, TrainBatch
 from megarl.trainer.experience import prepare_update
+from megarl.trainer.staleness import staleness_metrics
 
 if TYPE_CHECKING:
     from megarl.trainer.run import Run
@@ -108,6 +109,7 @@ def rollout_round(run: Run, step: int, round_index: int) -> tuple[dict[str, Roun
                 group=round_index * len(prompts) + sample.prompt_index,
                 score=score,
                 weight_version=sample.weight_version,
+                weight_segments=sample.weight_segments,
             )
             for sample, score in zip(samples, scored.scores)
         ]
@@ -133,7 +135,8 @@ def collect_batch(run: Run, step: int) -> tuple[TrainBatch, torch.Tensor, dict[s
     them; under a group baseline an all-equal group has advantage 0 and moves no weight).
 
     Returns:
-        ``(batch, scores [B], metrics)``; ``reward/*`` describe every sample generated in the step.
+        ``(batch, scores [B], metrics)``; ``reward/*`` describe every sample generated in the step,
+        ``rollout/staleness*`` the trained ones (:mod:`megarl.trainer.staleness`).
     """
     config = run.config
     target = config.train.global_batch_size
@@ -167,6 +170,7 @@ def collect_batch(run: Run, step: int) -> tuple[TrainBatch, torch.Tensor, dict[s
         metrics["filter/topped_up_samples"] = target - len(kept)
         kept += reserve[: target - len(kept)]
     kept = kept[:target]
+    metrics.update(staleness_metrics(kept, run.weight_version))
     batch = TrainBatch.from_scored(kept, pad_token_id=run.tokenizer.pad_token_id, pad_multiple=run.pad_multiple)
     lengths = batch.response_lengths.float()
     metrics.update(

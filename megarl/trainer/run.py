@@ -83,6 +83,9 @@ class Run:
     """The checkpoint a save in progress writes, None between saves (see :meth:`newest_checkpoint`)."""
     reward_failure_shown: bool = False
     """Whether the first sample that failed to score has been shown (once per run)."""
+    weight_version: int = 0
+    """The version of the weights last pushed to the engines (:meth:`sync_weights`); 0: the weights
+    they launched with. A trained sample's staleness is measured against it."""
 
     @property
     def is_first_rank(self) -> bool:
@@ -173,6 +176,7 @@ class Run:
         buckets = self.stream.buckets()
         if self.engines is not None:
             self.engines.update_weights(buckets, version=version)
+        self.weight_version = version
         for _ in buckets:
             pass  # ranks without engines: the iteration drives the transfers
         if self.config.rollout.colocate:

@@ -1,9 +1,10 @@
 """The client against two real hf engine servers: generation, weight updates over every transport,
-memory release, typed errors."""
+memory release, typed errors, partial samples resumed across a weight update."""
 
 from __future__ import annotations
 
 import concurrent.futures
+import time
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from safetensors.torch import load_file
 from megarl.config import resolve_model_path
 from megarl.rollout import EngineGroup, EngineRequestError, SamplingParams
 from megarl.rollout.embedded.weights import HFWeightMap
+from megarl.rollout.sampling import WeightSegment
 from megarl.weights.bucket import Bucket
 
 pytestmark = pytest.mark.multirank
@@ -156,3 +158,55 @@ def test_release_resume_flush_and_health(engines):
 def test_a_prompt_beyond_the_context_is_refused_by_name(engines):
     with pytest.raises(EngineRequestError, match=r"rollout engine hf-0 .*HTTP 400.*context is 256"):
         engines.generate([[5] * 300], SamplingParams(max_new_tokens=3))
+
+
+LONG = 200
+"""Tokens a partial-rollout sample may generate: long enough to be paused mid-way."""
+
+
+def test_a_sample_aborted_at_a_weight_update_resumes_under_the_new_weights(engines):
+    engines.weight_transport = "tensor"
+    engines.update_weights(buckets(BASE), version="1")
+    prompts, sampling = PROMPTS[:2], SamplingParams(max_new_tokens=LONG, n=4, seed=31)
+    start = time.monotonic()
+    unpaused = engines.generate(prompts, sampling)
+    took = time.monotonic() - start
+    for fraction in (0.3, 0.15, 0.5):  # the pause has to land while some samples still generate
+        pending = engines.submit_generate(prompts, sampling, partial=True)
+        time.sleep(took * fraction)
+        engines.pause_generation("abort")
+        partials = pending.result()
+        if any(sample.finish_reason == "abort" and sample.response_ids for sample in partials):
+            break
+        engines.continue_generation()
+    stopped = [position for position, sample in enumerate(partials) if sample.finish_reason == "abort"]
+    assert stopped, "every sample finished before the pause"
+    for sample, whole in zip(partials, unpaused):
+        generated = len(sample.response_ids)
+        assert sample.response_ids == whole.response_ids[:generated]  # the same seeds drew the same tokens
+        assert sample.weight_segments == (WeightSegment("1", 0, generated),)
+        if sample.finish_reason != "abort":
+            assert sample == whole
+
+    new_weights = perturbed(seed=17)
+    engines.update_weights(buckets(new_weights), version="2")
+    engines.continue_generation()
+    resumed = engines.submit_resume(prompts, partials, sampling).result()
+    old_model, new_model = reference(BASE), reference(new_weights)
+    for position, (before, after) in enumerate(zip(partials, resumed)):
+        if position not in stopped:
+            assert after == before
+            continue
+        cut = len(before.response_ids)
+        assert (after.prompt_index, after.sample_index) == (before.prompt_index, before.sample_index)
+        assert after.response_ids[:cut] == before.response_ids and after.logprobs[:cut] == before.logprobs
+        assert cut < len(after.response_ids) <= LONG and after.finish_reason in ("stop", "length")
+        assert after.weight_version == "2"
+        assert after.weight_segments == ((WeightSegment("1", 0, cut),) if cut else ()) + (WeightSegment("2", cut, len(after.response_ids)),)
+        # Each segment's log-probs are those of the weights that generated it.
+        prompt = PROMPTS[after.prompt_index]
+        expected = torch.cat([
+            teacher_forced(old_model, prompt, after.response_ids, 1.0)[:cut],
+            teacher_forced(new_model, prompt, after.response_ids, 1.0)[cut:],
+        ])
+        assert torch.allclose(torch.tensor(after.logprobs), expected, atol=LOGPROB_TOLERANCE, rtol=0)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import base64
+import dataclasses
 import importlib.util
 import io
 import pickle
@@ -23,7 +24,7 @@ import torch
 
 from megarl.rollout import protocol
 from megarl.rollout.engine import Engine, LaunchOptions
-from megarl.rollout.sampling import SamplingParams, sample_seed
+from megarl.rollout.sampling import Sample, SamplingParams, WeightSegment, resume_seed, sample_seed
 from megarl.rollout.transports import cuda_ipc_payloads, flattened_metadata
 from megarl.weights.bucket import Bucket, TensorMeta
 from tests.rollout.sglang_source import SGLANG, class_fields, load_source, needs_sglang
@@ -270,3 +271,74 @@ def test_cuda_ipc_refuses_a_tensor_sglang_could_not_view():
     bucket = Bucket.from_named_tensors([("a", torch.zeros(3, dtype=torch.int8)), ("b", torch.zeros(2))])
     with pytest.raises(ValueError, match=r"^b starts at a byte offset that is not a multiple of its element size"):
         cuda_ipc_payloads(bucket, ranks=1)
+
+
+def test_an_aborted_item_is_a_partial_sample_when_asked_for():
+    aborted = {
+        "output_ids": [5, 6, 7],
+        "meta_info": {
+            "id": "r_0", "finish_reason": {"type": "abort", "message": "Aborted", "status_code": None, "err_type": None},
+            "weight_version": "3", "weight_versions": [{"version": "2", "start": 0, "end": 1}, {"version": "3", "start": 1, "end": 3}],
+            "output_token_logprobs": [[-0.5, 5, None], [-1.5, 6, None], [-2.5, 7, None]],
+        },
+    }
+    with pytest.raises(ValueError, match="did not finish.*Aborted"):
+        protocol.parse_generate_response([aborted], 1)
+    [parsed] = protocol.parse_generate_response([aborted], 1, partial=True)
+    assert (parsed.output_ids, parsed.logprobs, parsed.finish_reason, parsed.weight_version) == ([5, 6, 7], [-0.5, -1.5, -2.5], "abort", "3")
+    assert parsed.weight_segments == (WeightSegment("2", 0, 1), WeightSegment("3", 1, 3))
+    gap = {**aborted, "meta_info": {**aborted["meta_info"], "weight_versions": [{"version": "2", "start": 0, "end": 1}]}}
+    with pytest.raises(ValueError, match="do not cover the 3 output tokens"):
+        protocol.parse_generate_response([gap], 1, partial=True)
+    # An engine that reports only the version: one segment over every token.
+    only_version = {**aborted, "meta_info": {key: value for key, value in aborted["meta_info"].items() if key != "weight_versions"}}
+    assert protocol.parse_generate_response([only_version], 1, partial=True)[0].weight_segments == (WeightSegment("3", 0, 3),)
+
+
+@needs_sglang
+def test_weight_segments_read_sglangs_meta_info(monkeypatch):
+    pytest.importorskip("msgspec", reason="SGLang's weight_versions module needs msgspec (an SGLang dependency)")
+    for name in ("sglang", "sglang.srt", "sglang.srt.utils", "sglang.srt.utils.msgspec_utils"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    sys.modules["sglang.srt.utils.msgspec_utils"].msgspec_struct_pydantic_core_schema = None
+    spec = importlib.util.spec_from_file_location("sglang_weight_versions_for_segments", SGLANG / "srt" / "utils" / "weight_versions.py")
+    weight_versions = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, weight_versions)
+    spec.loader.exec_module(weight_versions)
+    events = [weight_versions.WeightVersionEvent(old_version="4", num_output_tokens=2), weight_versions.WeightVersionEvent(old_version="5", num_output_tokens=3)]
+    meta = {"finish_reason": {"type": "length", "length": 5}, "output_token_logprobs": [[-1.0, token, None] for token in range(5)]}
+    weight_versions.add_weight_versions_to_meta_info(meta, weight_versions.compute_weight_version_spans(events, "6", 5), 5)
+    [parsed] = protocol.parse_generate_response([{"output_ids": list(range(5)), "meta_info": meta}], 1)
+    assert parsed.weight_segments == (WeightSegment("4", 0, 2), WeightSegment("5", 2, 3), WeightSegment("6", 3, 5))
+    assert parsed.weight_version == "6"
+    empty = {"finish_reason": {"type": "abort", "message": "Abort in waiting queue"}, "output_token_logprobs": []}
+    weight_versions.add_weight_versions_to_meta_info(empty, weight_versions.compute_weight_version_spans([], "6", 0), 0)
+    [parsed] = protocol.parse_generate_response([{"output_ids": [], "meta_info": empty}], 1, partial=True)
+    assert parsed.weight_segments == (WeightSegment("6", 0, 0),) and parsed.finish_reason == "abort"
+
+
+def test_a_continued_sample_concatenates_tokens_and_segments():
+    partial = Sample(
+        prompt_index=1, sample_index=2, response_ids=[5, 6, 7], logprobs=[-1.0, -2.0, -3.0], finish_reason="abort",
+        weight_version="3", weight_segments=(WeightSegment("2", 0, 1), WeightSegment("3", 1, 3)),
+    )
+    continuation = Sample(
+        prompt_index=0, sample_index=0, response_ids=[8, 2], logprobs=[-4.0, -5.0], finish_reason="stop",
+        weight_version="4", weight_segments=(WeightSegment("4", 0, 2),),
+    )
+    whole = partial.continued_by(continuation)
+    assert (whole.prompt_index, whole.sample_index, whole.response_ids, whole.logprobs) == (1, 2, [5, 6, 7, 8, 2], [-1.0, -2.0, -3.0, -4.0, -5.0])
+    assert (whole.finish_reason, whole.weight_version) == ("stop", "4")
+    assert whole.weight_segments == (WeightSegment("2", 0, 1), WeightSegment("3", 1, 3), WeightSegment("4", 3, 5))
+    # Resumed under the same version: one segment; a partial without tokens: the continuation's.
+    same = partial.continued_by(dataclasses.replace(continuation, weight_version="3", weight_segments=(WeightSegment("3", 0, 2),)))
+    assert same.weight_segments == (WeightSegment("2", 0, 1), WeightSegment("3", 1, 5))
+    empty = dataclasses.replace(partial, response_ids=[], logprobs=[], weight_segments=(WeightSegment("3", 0, 0),))
+    assert empty.continued_by(continuation).weight_segments == (WeightSegment("4", 0, 2),)
+
+
+def test_resume_seeds_differ_by_progress_and_from_the_sample_seed():
+    seed = sample_seed(7, 1, 2)
+    seeds = {resume_seed(seed, generated) for generated in range(1, 200)}
+    assert len(seeds) == 199 and seed not in seeds and all(0 <= value < 2**63 for value in seeds)
+    assert resume_seed(seed, 5) == resume_seed(seed, 5)
