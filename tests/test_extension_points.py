@@ -20,6 +20,7 @@ from megarl.models.families import checked_family, family_of
 from megarl.models.family import UnsupportedModel
 from megarl.models.llama import LLAMA
 from megarl.preflight import check_run
+from megarl.trainer.policy import metric_names
 from tests.distributed import REPO
 from tests.hf_models import CONFIGS
 
@@ -76,6 +77,11 @@ def test_a_new_policy_loss_is_one_decorated_function(tmp_path):
         per_token.sum().backward()
         torch.testing.assert_close(log_probs.grad, torch.where(RESPONSE_MASK, -advantages, 0.0))
         torch.testing.assert_close(metrics["log_prob_mean"], torch.tensor(-3.8 / 5))
+        # The policy's update reports the loss's own metrics (the model sums them by these names).
+        assert metric_names(algorithm) == ("log_prob_mean", "entropy", "kl_loss")
+    assert metric_names(load_config(MOE_GRPO, []).algorithm) == (
+        "clip_fraction_low", "clip_fraction_high", "dual_clip_fraction", "approx_kl", "ratio_mean", "entropy", "kl_loss"
+    )
     assert "plain_reinforce" not in POLICY_LOSSES.names()
 
 

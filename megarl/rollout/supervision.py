@@ -195,9 +195,15 @@ class EngineSupervisor:
                 continue
             idle = [engine for engine in self.engines if _not_restarting(engine)]
             incarnations = {engine: engine.incarnation for engine in idle}
-            checks = {engine: engine.submit("GET", protocol.HEALTH_GENERATE, timeout=self.health_timeout_s) for engine in idle}
-            for engine, check in checks.items():
-                error = check.exception()
+            try:
+                checks = {engine: engine.submit("GET", protocol.HEALTH_GENERATE, timeout=self.health_timeout_s) for engine in idle}
+                errors = {engine: check.exception() for engine, check in checks.items()}
+            except (concurrent.futures.CancelledError, RuntimeError):
+                # The group is shutting down: its client closed (or cancelled the checks) under us.
+                if self._stop.is_set():
+                    return
+                raise
+            for engine, error in errors.items():
                 if error is None or self._pauses or self._stop.is_set():
                     continue
                 try:

@@ -92,9 +92,6 @@ class Policy:
         max_response_length: ``data.max_response_length``, L of ``seq-mean-token-sum-norm``.
     """
 
-    metrics = ("clip_fraction_low", "clip_fraction_high", "dual_clip_fraction", "approx_kl", "ratio_mean", "entropy", "kl_loss")
-    """Token sums of the per-token metrics: the policy loss's own, the entropy and the KL loss."""
-
     def __init__(self, model: TrainModel, algorithm: AlgorithmConfig, train: TrainConfig, *, temperature: float, max_response_length: int):
         self.model = model
         self.algorithm = algorithm
@@ -105,6 +102,8 @@ class Policy:
         self.vocab_size = model.spec.hf_config.vocab_size
         self.pg_collection = model.pg_collection
         self.fields = ("old_log_probs", "advantages", "loss_weights") + (("ref_log_probs",) if algorithm.use_kl_loss else ())
+        self.metrics = metric_names(algorithm)
+        """Token sums of the per-token metrics: the policy loss's own, the entropy and the KL loss."""
 
     @property
     def consecutive_skips(self) -> int:
@@ -190,3 +189,21 @@ class Policy:
         sums["entropy"] = torch.where(valid, entropy.detach(), 0.0).sum().double()
         sums["kl_loss"] = torch.where(valid, kl.detach(), 0.0).sum().double()
         return loss_sum, count, sums
+
+
+def metric_names(algorithm: AlgorithmConfig) -> tuple[str, ...]:
+    """The metrics :meth:`Policy.loss` reports: those of ``algorithm.policy_loss`` (a loss reports
+    the same names, means over the valid tokens, on every input, so one call on one token tells
+    them; a loss registered by a user reports its own), then ``entropy`` and ``kl_loss``."""
+    token = torch.zeros(1, 1)
+    _, loss_metrics = policy_loss(
+        algorithm.policy_loss,
+        log_probs=token,
+        old_log_probs=token,
+        advantages=token,
+        response_mask=torch.ones(1, 1, dtype=torch.bool),
+        clip_ratio_low=algorithm.clip_ratio_low,
+        clip_ratio_high=algorithm.clip_ratio_high,
+        clip_ratio_c=algorithm.clip_ratio_c,
+    )
+    return (*loss_metrics, "entropy", "kl_loss")

@@ -110,6 +110,8 @@ class GenerationScheduler:
         self.running: list[Job] = []
         self.pause_mode: str | None = None
         self.parked = False
+        self.retract_requested = False
+        """A retract pause was asked while a batch ran or was parked: it drops its cache on waking."""
         self.aborting: set[int] = set()
         """Rows of the running batch to stop at the next step boundary."""
         self.version_changes: list[tuple[int, str]] = []
@@ -153,6 +155,9 @@ class GenerationScheduler:
         with self.state:
             # A retract asked before an in-place pause holds still drops the cache at resume.
             self.pause_mode = "retract" if self.pause_mode == "retract" else mode
+            if mode == "retract":
+                # Kept apart from pause_mode: a parked batch may wake only after the resume below.
+                self.retract_requested = True
             if mode == "abort":
                 self._abort_locked(lambda sample_rid: True)
                 self.state.wait_for(lambda: not self.running)
@@ -164,6 +169,8 @@ class GenerationScheduler:
         """``/continue_generation``: release a pause (a no-op when not paused)."""
         with self.state:
             self.pause_mode = None
+            if not self.parked:
+                self.retract_requested = False
             self.state.notify_all()
 
     def _abort_locked(self, matches: Callable[[str], bool]) -> None:
@@ -229,6 +236,8 @@ class GenerationScheduler:
                 self.state.wait()
                 self._apply_aborts_locked(decoding)  # an abort while parked answers at once
             self.parked = False
+            retracted = retracted or self.retract_requested
+            self.retract_requested = False
         self.model_lock.acquire()
         self.on_progress()
         if self.weight_version() != self.version_changes[-1][1]:
