@@ -23,7 +23,7 @@ from megarl.config import CriticConfig
 from megarl.platform import current_device
 from megarl.trainer.batch import TrainBatch
 from megarl.trainer.model import TrainModel
-from megarl.trainer.objective import aggregate_micro_batch
+from megarl.trainer.objective import ModelObjective, aggregate_micro_batch
 
 
 class ValueHead(torch.nn.Module):
@@ -65,7 +65,7 @@ def attach_value_heads(chunks: list, spec) -> None:
             )
 
 
-class Critic:
+class Critic(ModelObjective):
     """The value model under training, and the value update's objective.
 
     Args:
@@ -87,15 +87,6 @@ class Critic:
         self.max_response_length = max_response_length
         self.seed = seed
         self.pg_collection = model.pg_collection
-
-    @property
-    def consecutive_skips(self) -> int:
-        """Optimizer steps skipped in a row for non-finite gradients (part of the train state)."""
-        return self.model.consecutive_skips
-
-    @consecutive_skips.setter
-    def consecutive_skips(self, value: int) -> None:
-        self.model.consecutive_skips = value
 
     def values(self, batch: TrainBatch) -> torch.Tensor:
         """V at every position, no gradient: ``[B, S]`` float32 in label space on every rank, 0

@@ -19,11 +19,14 @@ tokens.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from megarl.algorithms.aggregation import aggregate_loss, normalizer
+
+if TYPE_CHECKING:
+    from megarl.trainer.model import TrainModel
 
 
 class Objective(Protocol):
@@ -52,6 +55,22 @@ class Objective(Protocol):
             the micro-batch's valid tokens.
         """
         ...
+
+
+class ModelObjective:
+    """Base of the objectives that own the model they train (the policy, the critic): what the run
+    reads of that model's training state, without reaching into it."""
+
+    model: TrainModel
+
+    @property
+    def consecutive_skips(self) -> int:
+        """Optimizer steps skipped in a row for non-finite gradients (part of the train state)."""
+        return self.model.consecutive_skips
+
+    @consecutive_skips.setter
+    def consecutive_skips(self, value: int) -> None:
+        self.model.consecutive_skips = value
 
 
 def aggregate_micro_batch(

@@ -30,7 +30,7 @@ from megarl.algorithms.policy_losses import entropy_bonus, policy_loss
 from megarl.config import AlgorithmConfig, TrainConfig
 from megarl.trainer.batch import TrainBatch
 from megarl.trainer.model import TrainModel
-from megarl.trainer.objective import aggregate_micro_batch
+from megarl.trainer.objective import ModelObjective, aggregate_micro_batch
 
 
 class HiddenStatesHead(torch.nn.Module):
@@ -80,7 +80,7 @@ def attach_hidden_states_heads(chunks: list, spec) -> None:
             chunk.output_layer = HiddenStatesHead(chunk.output_layer)
 
 
-class Policy:
+class Policy(ModelObjective):
     """The policy model under training, and the update's objective.
 
     Args:
@@ -104,15 +104,6 @@ class Policy:
         self.fields = ("old_log_probs", "advantages", "loss_weights") + (("ref_log_probs",) if algorithm.use_kl_loss else ())
         self.metrics = metric_names(algorithm)
         """Token sums of the per-token metrics: the policy loss's own, the entropy and the KL loss."""
-
-    @property
-    def consecutive_skips(self) -> int:
-        """Optimizer steps skipped in a row for non-finite gradients (part of the train state)."""
-        return self.model.consecutive_skips
-
-    @consecutive_skips.setter
-    def consecutive_skips(self, value: int) -> None:
-        self.model.consecutive_skips = value
 
     # Forward passes.
 
