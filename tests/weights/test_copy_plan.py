@@ -57,6 +57,13 @@ def random_plan(generator: torch.Generator, sources: list[torch.Tensor], out_byt
     return torch.tensor(rows, dtype=torch.int64)
 
 
+def run_on_cpu(plan: torch.Tensor, sources: list[torch.Tensor], out_bytes: int) -> torch.Tensor:
+    """``plan`` executed into a fresh zeroed ``out`` of ``out_bytes``."""
+    out = torch.zeros(out_bytes, dtype=torch.uint8)
+    execute_copy_plan(plan, sources, out)
+    return out
+
+
 @pytest.mark.parametrize("out_dtype", DTYPES)
 @pytest.mark.parametrize("source_dtype", DTYPES)
 def test_strided_copies_with_conversion_match_torch(source_dtype, out_dtype):
@@ -77,25 +84,34 @@ def special_values(dtype: torch.dtype) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32).to(dtype)
 
 
-@pytest.mark.parametrize("out_dtype", DTYPES)
-@pytest.mark.parametrize("source_dtype", DTYPES)
-def test_special_values_round_like_torch(source_dtype, out_dtype):
+def check_special_values(source_dtype: torch.dtype, out_dtype: torch.dtype, run) -> None:
+    """``run(plan, sources, out_bytes) -> out`` rounds the special values as ``Tensor.to`` does
+    (shared with the CUDA kernel's tests)."""
     source = special_values(source_dtype)
     plan = torch.tensor(
         [[0, 0, 0, 0, 0, 1, source.numel(), dtype_code(source_dtype), dtype_code(out_dtype)]], dtype=torch.int64
     )
-    out = torch.zeros(source.numel() * out_dtype.itemsize, dtype=torch.uint8)
-    execute_copy_plan(plan, [source], out)
+    out = run(plan, [source], source.numel() * out_dtype.itemsize)
     assert torch.equal(out, source.to(out_dtype).view(torch.uint8))
 
 
-def test_nan_stays_nan():
+@pytest.mark.parametrize("out_dtype", DTYPES)
+@pytest.mark.parametrize("source_dtype", DTYPES)
+def test_special_values_round_like_torch(source_dtype, out_dtype):
+    check_special_values(source_dtype, out_dtype, run_on_cpu)
+
+
+def check_nan_stays_nan(run) -> None:
+    """NaN stays NaN through ``run`` in both 16-bit dtypes (shared with the CUDA kernel's tests)."""
     source = torch.tensor([float("nan"), 1.0, float("nan")])
     for out_dtype in (torch.bfloat16, torch.float16):
         plan = torch.tensor([[0, 0, 0, 0, 0, 1, 3, 0, dtype_code(out_dtype)]], dtype=torch.int64)
-        out = torch.zeros(3 * out_dtype.itemsize, dtype=torch.uint8)
-        execute_copy_plan(plan, [source], out)
+        out = run(plan, [source], 3 * out_dtype.itemsize)
         assert torch.equal(out.view(out_dtype).float().isnan(), source.isnan())
+
+
+def test_nan_stays_nan():
+    check_nan_stays_nan(run_on_cpu)
 
 
 def test_raw_byte_source_holding_several_dtypes():
@@ -150,9 +166,9 @@ def test_streaming_stores_for_large_outputs():
     assert torch.equal(out, expected)
 
 
-@pytest.mark.parametrize("source_dtype", [torch.float32, torch.bfloat16])
-def test_shards_side_by_side_in_the_output_rows(source_dtype):
-    """Row-parallel shards: each writes its columns of every output row (run as one group)."""
+def check_shards_side_by_side(source_dtype: torch.dtype, run) -> None:
+    """Row-parallel shards: each writes its columns of every output row (shared with the CUDA
+    kernel's tests)."""
     generator = torch.Generator().manual_seed(5)
     shards = [torch.randn(700, 96, generator=generator).to(source_dtype) for _ in range(3)]
     size = source_dtype.itemsize
@@ -161,11 +177,16 @@ def test_shards_side_by_side_in_the_output_rows(source_dtype):
         [[index, 0, 96 * size, 8 + index * 192, 600, 700, 96, dtype_code(source_dtype), 1] for index in range(3)],
         dtype=torch.int64,
     )
-    out = torch.zeros(8 + 700 * 600, dtype=torch.uint8)
-    execute_copy_plan(plan, shards, out)
+    out = run(plan, shards, 8 + 700 * 600)
     rows = out[8:].view(torch.bfloat16).view(700, 300)
     assert torch.equal(rows[:, :288], torch.cat(shards, dim=1).to(torch.bfloat16))
     assert torch.equal(rows[:, 288:], torch.zeros(700, 12, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("source_dtype", [torch.float32, torch.bfloat16])
+def test_shards_side_by_side_in_the_output_rows(source_dtype):
+    """Row-parallel shards, as one group on the CPU engine's threads."""
+    check_shards_side_by_side(source_dtype, run_on_cpu)
 
 
 def test_empty_plan_and_empty_copies_write_nothing():

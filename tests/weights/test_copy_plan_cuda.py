@@ -11,8 +11,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megarl.weights.copy_plan import dtype_code, empty_plan, execute_copy_plan
-from tests.weights.test_copy_plan import DTYPES, random_plan, reference, special_values
+from megarl.weights.copy_plan import empty_plan, execute_copy_plan
+from tests.weights.test_copy_plan import (
+    DTYPES,
+    check_nan_stays_nan,
+    check_shards_side_by_side,
+    check_special_values,
+    random_plan,
+    reference,
+    run_on_cpu,
+)
 
 pytestmark = pytest.mark.gpu
 
@@ -44,28 +52,17 @@ def test_strided_copies_with_conversion_match_torch(source_dtype, out_dtype):
     plan = random_plan(generator, sources, 1 << 20, out_dtype, count=120)
     out = run_on_cuda(plan, sources, 1 << 20)
     assert torch.equal(out, expected_bytes(plan, sources, 1 << 20))
-    cpu_out = torch.zeros(1 << 20, dtype=torch.uint8)
-    execute_copy_plan(plan, sources, cpu_out)
-    assert torch.equal(out, cpu_out)
+    assert torch.equal(out, run_on_cpu(plan, sources, 1 << 20))
 
 
 @pytest.mark.parametrize("out_dtype", DTYPES)
 @pytest.mark.parametrize("source_dtype", DTYPES)
 def test_special_values_round_like_torch(source_dtype, out_dtype):
-    source = special_values(source_dtype)
-    plan = torch.tensor(
-        [[0, 0, 0, 0, 0, 1, source.numel(), dtype_code(source_dtype), dtype_code(out_dtype)]], dtype=torch.int64
-    )
-    out = run_on_cuda(plan, [source], source.numel() * out_dtype.itemsize)
-    assert torch.equal(out, source.to(out_dtype).view(torch.uint8))
+    check_special_values(source_dtype, out_dtype, run_on_cuda)
 
 
 def test_nan_stays_nan():
-    source = torch.tensor([float("nan"), 1.0, float("nan")])
-    for out_dtype in (torch.bfloat16, torch.float16):
-        plan = torch.tensor([[0, 0, 0, 0, 0, 1, 3, 0, dtype_code(out_dtype)]], dtype=torch.int64)
-        out = run_on_cuda(plan, [source], 3 * out_dtype.itemsize)
-        assert torch.equal(out.view(out_dtype).float().isnan(), source.isnan())
+    check_nan_stays_nan(run_on_cuda)
 
 
 def test_long_rows_strided_blocks_and_a_large_output():
@@ -92,17 +89,7 @@ def test_long_rows_strided_blocks_and_a_large_output():
 
 @pytest.mark.parametrize("source_dtype", [torch.float32, torch.bfloat16])
 def test_shards_side_by_side_in_the_output_rows(source_dtype):
-    generator = torch.Generator().manual_seed(5)
-    shards = [torch.randn(700, 96, generator=generator).to(source_dtype) for _ in range(3)]
-    size = source_dtype.itemsize
-    plan = torch.tensor(
-        [[index, 0, 96 * size, 8 + index * 192, 600, 700, 96, dtype_code(source_dtype), 1] for index in range(3)],
-        dtype=torch.int64,
-    )
-    out = run_on_cuda(plan, shards, 8 + 700 * 600)
-    rows = out[8:].view(torch.bfloat16).view(700, 300)
-    assert torch.equal(rows[:, :288], torch.cat(shards, dim=1).to(torch.bfloat16))
-    assert torch.equal(rows[:, 288:], torch.zeros(700, 12, dtype=torch.bfloat16))
+    check_shards_side_by_side(source_dtype, run_on_cuda)
 
 
 def test_runs_on_the_current_stream():
