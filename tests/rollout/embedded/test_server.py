@@ -50,8 +50,12 @@ def served():
 
 @pytest.fixture(autouse=True)
 def unpaused(served):
+    """Each test starts unpaused on an idle scheduler: a job whose answer has been delivered may
+    still hold ``scheduler.running`` for a moment, and a test that waits for its own request to
+    run would take that job for its own."""
     yield
     post(served[1], protocol.CONTINUE_GENERATION, protocol.continue_body())
+    wait_until(lambda: not served[0].scheduler.running and not served[0].scheduler.queue)
 
 
 def post(url: str, path: str, body: dict | None = None, method: str = "POST"):
