@@ -5,6 +5,7 @@ the model.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from typing import Annotated, Literal, Optional
 
 from megarl.config.base import Range, Section, _divisors, _one_of
@@ -65,6 +66,10 @@ class RolloutConfig(Section):
     engine_threads: Annotated[Optional[int], Range(ge=1)] = None
     """CPU threads of each ``hf`` engine; null: torch's default (all cores). On a small shared CPU
     1 keeps the engine from competing with the training processes."""
+    hf_step_delay_s: Annotated[float, Range(ge=0)] = 0.0
+    """The ``hf`` engine waits this long after each decoding step, holding its model as a busy GPU
+    would: models a GPU engine's per-token latency on CPU, for benchmarks (tools/bench_rollout.py)
+    and tests of asynchronous rollout; 0 in real runs."""
     deterministic: bool = False
     """SGLang's deterministic inference (--enable-deterministic-inference): per-sample seeds are
     honoured and a rerun samples the same tokens, at some speed cost. The hf engine always is."""
@@ -76,6 +81,39 @@ class RolloutConfig(Section):
     """Responses per validation prompt (verl: rollout.val_kwargs.n, slime: --n-samples-per-eval-prompt)."""
     seed: int = 1
     """Sampling seed (slime: --rollout-seed)."""
+    mode: Literal["sync", "async"] = "sync"
+    """``sync``: each step generates, then trains, then pushes the weights. ``async``: the engines
+    generate the next steps' samples while the trainer trains, within max_staleness (verl:
+    fully-async trainer, slime: train_async.py, AReaL: async RL). Needs colocate false: the
+    engines keep their memory while the trainer trains."""
+    max_staleness: Annotated[int, Range(ge=0, note="0 is on-policy")] = 1
+    """Async mode: a sample is trained on only while the trainer's weight version minus the version
+    of its oldest token is at most this; generation runs ahead only as far as that allows, and a
+    sample past it is dropped (counted in rollout/dropped_stale) and its prompt generated again
+    (AReaL: max_head_offpolicyness, verl: async_training.staleness_threshold, NeMo-RL:
+    max_trajectory_age_steps)."""
+    partial_rollout: bool = True
+    """Async mode: at a weight update the engines pause (pause_mode) and the samples they were
+    generating go on under the new weights, every token kept; false: the update waits until the
+    samples in flight finish (verl: async_training.partial_rollout, slime: --partial-rollout)."""
+    pause_mode: Literal["abort", "retract", "in_place"] = "abort"
+    """How the engines pause for a weight update with partial_rollout (SGLang's
+    /pause_generation modes): ``abort`` ends the requests in flight and the client sends each
+    unfinished sample again as its prompt plus the tokens it has, max_new_tokens reduced (slime's
+    way; works with every engine); ``retract`` keeps the requests in the engine and recomputes
+    their KV cache under the new weights; ``in_place`` keeps the KV cache computed under the old
+    weights (fastest, but the tokens after the update see stale keys and values)."""
+    mask_offpolicy_in_partial_rollout: bool = False
+    """Async mode: the loss skips the tokens of a sample that an older weight version generated
+    than its last token's (slime: --mask-offpolicy-in-partial-rollout); false: they are trained,
+    corrected by the loss like every off-policy token (algorithm.use_decoupled_loss)."""
+
+    def _rule_problems(self) -> Iterator[tuple[str, str]]:
+        if self.mode == "async" and self.colocate:
+            yield "colocate", (
+                "(true) cannot be used with `rollout.mode` async: the engines generate while the trainer trains, so they "
+                "cannot give their memory back during the update; set rollout.colocate=false (engines on their own devices)"
+            )
 
     def layout_errors(self, model_facts: ModelFacts) -> list[str]:
         """What keeps the engines from serving ``model_facts``' model: each engine splits the

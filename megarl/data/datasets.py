@@ -430,6 +430,10 @@ class PromptLoader:
         return self
 
     def __next__(self) -> list[Prompt]:
+        return [self.dataset.prompts[position] for position in self.next_positions()]
+
+    def next_positions(self) -> list[int]:
+        """The next batch as positions in ``dataset.prompts`` (what :meth:`__next__` serves)."""
         if self._file_probabilities is None:
             positions = self._pools[0].take(self.batch_size)
         else:
@@ -439,7 +443,7 @@ class PromptLoader:
                 drawn = files == file
                 positions[drawn] = pool.take(int(drawn.sum()))
             self._batches += 1
-        return [self.dataset.prompts[position] for position in positions]
+        return [int(position) for position in positions]
 
     def state_dict(self) -> dict[str, Any]:
         """The position, JSON-serialisable; the prompt counts (per file with weights) guard against

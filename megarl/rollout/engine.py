@@ -68,6 +68,8 @@ class LaunchOptions:
     """Interface the servers listen on."""
     hf_threads: int | None = None
     """torch threads of each ``hf`` engine; None keeps torch's default."""
+    hf_step_delay_s: float = 0.0
+    """Seconds each ``hf`` engine waits after every decoding step (a GPU engine's latency, modelled)."""
     dtype: str = "auto"
     """Model dtype: ``auto`` (the checkpoint's), ``bfloat16``, ``float32`` ..."""
     extra_args: tuple[str, ...] = ()
@@ -161,6 +163,8 @@ class Engine:
             ]
             if options.hf_threads:
                 command += ["--threads", str(options.hf_threads)]
+            if options.hf_step_delay_s:
+                command += ["--step-delay-s", str(options.hf_step_delay_s)]
         else:
             command = [
                 sys.executable, "-m", "megarl.rollout.sglang_entry", "--parent-pid", str(os.getpid()),

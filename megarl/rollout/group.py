@@ -145,6 +145,7 @@ class EngineGroup:
         seed: int = 1,
         first_gpu: int = 0,
         hf_threads: int | None = None,
+        hf_step_delay_s: float = 0.0,
         dtype: str = "auto",
         extra_args: Sequence[str] = (),
         startup_timeout_s: float = 600.0,
@@ -157,7 +158,7 @@ class EngineGroup:
             engine: ``hf``, ``sglang`` or ``auto`` (:func:`resolve_engine`).
             model_path: HF model directory.
             num_engines, tensor_parallel, mem_fraction, colocate, deterministic, seed, first_gpu,
-                hf_threads, dtype, extra_args, startup_timeout_s: see :class:`LaunchOptions`.
+                hf_threads, hf_step_delay_s, dtype, extra_args, startup_timeout_s: see :class:`LaunchOptions`.
             log_dir: where engine logs go (default: a new temporary directory).
             **group_options: the keyword arguments of :class:`EngineGroup`.
 
@@ -168,7 +169,7 @@ class EngineGroup:
         options = LaunchOptions(
             engine=kind, model_path=str(model_path), log_dir=Path(log_dir or tempfile.mkdtemp(prefix="megarl-engines-")),
             tensor_parallel=tensor_parallel, first_gpu=first_gpu, mem_fraction=mem_fraction, colocate=colocate,
-            deterministic=deterministic, seed=seed, hf_threads=hf_threads, dtype=dtype, extra_args=tuple(extra_args),
+            deterministic=deterministic, seed=seed, hf_threads=hf_threads, hf_step_delay_s=hf_step_delay_s, dtype=dtype, extra_args=tuple(extra_args),
             startup_timeout_s=startup_timeout_s,
         )
         engines = [Engine(f"{kind}-{index}", kind, tensor_parallel, launch=options, index=index) for index in range(num_engines)]
@@ -226,7 +227,8 @@ class EngineGroup:
         return cls.launch(
             rollout.engine, model_path, num_engines=rollout.num_engines, tensor_parallel=rollout.engine_tensor_parallel,
             mem_fraction=rollout.mem_fraction, colocate=rollout.colocate, seed=rollout.seed, log_dir=log_dir,
-            deterministic=rollout.deterministic, hf_threads=rollout.engine_threads, startup_timeout_s=rollout.startup_timeout_s,
+            deterministic=rollout.deterministic, hf_threads=rollout.engine_threads, hf_step_delay_s=rollout.hf_step_delay_s,
+            startup_timeout_s=rollout.startup_timeout_s,
             **{**group_options, **overrides},
         )
 

@@ -65,6 +65,9 @@ class ScoredSample:
     weight_segments: tuple[WeightSegment, ...] = ()
     """Which weights generated which response tokens, oldest first (``Sample.weight_segments``);
     its staleness comes from the first (:mod:`megarl.trainer.staleness`)."""
+    loss_mask: list[bool] | None = None
+    """Per response token, whether the loss trains on it; None: every one
+    (``rollout.mask_offpolicy_in_partial_rollout`` leaves out the tokens of older weights)."""
 
     @property
     def truncated(self) -> bool:
@@ -109,6 +112,7 @@ class TrainBatch:
             [sample.truncated for sample in samples],
             pad_token_id=pad_token_id,
             pad_multiple=pad_multiple,
+            loss_masks=[sample.loss_mask for sample in samples],
         )
 
     @classmethod
@@ -122,6 +126,7 @@ class TrainBatch:
         *,
         pad_token_id: int,
         pad_multiple: int,
+        loss_masks: Sequence[Sequence[bool] | None] = (),
     ) -> TrainBatch:
         """Pack samples into tensors.
 
@@ -132,6 +137,8 @@ class TrainBatch:
             truncated: each response hit the length limit.
             pad_token_id: written into padding (never scored).
             pad_multiple: from :func:`layout_multiple`.
+            loss_masks: per sample, per response token, whether it is trained (None or none
+                given: every token); an untrained token is left out of ``response_mask``.
         """
         padded = pad_micro_batch(prompt_ids, response_ids, pad_token_id=pad_token_id, pad_to_multiple_of=pad_multiple)
         batch_size, length = padded.tokens.shape
@@ -143,6 +150,11 @@ class TrainBatch:
                 raise ValueError(f"sample {row}: {len(values)} rollout log-probs for {len(response_ids[row])} response tokens")
             start = len(prompt) - 1
             log_probs[row, start : start + len(values)] = torch.tensor(values, dtype=torch.float32)
+            trained = loss_masks[row] if loss_masks else None
+            if trained is not None:
+                if len(trained) != len(values):
+                    raise ValueError(f"sample {row}: a loss mask of {len(trained)} tokens for {len(values)} response tokens")
+                response_mask[row, start : start + len(values)] &= torch.tensor(list(trained), dtype=torch.bool)
         return cls(
             tokens=padded.tokens,
             response_mask=response_mask,

@@ -7,6 +7,7 @@ through the run, Megatron.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import sys
@@ -22,7 +23,7 @@ from megarl.config import save_config
 from megarl.rollout.sampling import SamplingParams
 from megarl.trainer.batch import ScoredSample, TrainBatch
 from megarl.trainer.experience import prepare_update
-from megarl.trainer.staleness import staleness_metrics
+from megarl.trainer.rollout import RoundMetric, add_round_metrics, batch_of, generate_round, sampling_seed
 
 if TYPE_CHECKING:
     from megarl.trainer.run import Run
@@ -32,15 +33,6 @@ log = logging.getLogger("megarl")
 DYNAMIC_SAMPLING_ROUNDS = 4
 """With dynamic sampling a step rolls out at most this many times the rounds a full batch needs;
 then it tops the batch up from the groups the filter dropped (verl: max_num_gen_batches)."""
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class RoundMetric:
-    """A metric of one rollout round and how the step combines its rounds."""
-
-    value: float
-    adds_up: bool
-    """True: the step's value is the sum over its rounds (counts, seconds); False: the last round's."""
 
 
 class TrainingStopped(RuntimeError):
@@ -75,55 +67,9 @@ def on_first_rank(run: Run, work) -> object:
 
 
 def rollout_round(run: Run, step: int, round_index: int) -> tuple[dict[str, RoundMetric], list[ScoredSample]]:
-    """Generate and score one round of prompts on the first rank; every rank receives the samples.
-
-    Returns:
-        ``(metrics, samples)``: the round's metrics and one :class:`ScoredSample` per response.
-    """
-
-    def generate_and_score():
-        config = run.config
-        prompts = next(run.loader)
-        sampling = SamplingParams.from_config(
-            config.rollout, max_new_tokens=config.data.max_response_length, seed=_seed(config.rollout.seed, step, round_index)
-        )
-        start = time.perf_counter()
-        samples = run.engines.generate([prompt.prompt_ids for prompt in prompts], sampling)
-        generated = time.perf_counter()
-        texts = [run.tokenizer.decode(sample.response_ids, skip_special_tokens=True) for sample in samples]
-        scored = run.scorer.score([prompts[sample.prompt_index].reward_kwargs(text) for sample, text in zip(samples, texts)])
-        if scored.failures and not run.reward_failure_shown:
-            run.reward_failure_shown = True
-            failed = scored.first_failed
-            log.warning(
-                "step %d: %d of %d samples failed to score; each scores 0 and counts in reward/failures (shown once per run). "
-                "The first: %s\n  prompt: %r\n  response: %r",
-                step, scored.failures, len(samples), scored.first_error, prompts[samples[failed].prompt_index].text, texts[failed],
-            )
-        records = [
-            ScoredSample(
-                prompt_ids=prompts[sample.prompt_index].prompt_ids,
-                response_ids=sample.response_ids,
-                rollout_log_probs=sample.logprobs,
-                finish_reason=sample.finish_reason,
-                group=round_index * len(prompts) + sample.prompt_index,
-                score=score,
-                weight_version=sample.weight_version,
-                weight_segments=sample.weight_segments,
-            )
-            for sample, score in zip(samples, scored.scores)
-        ]
-        metrics = {
-            "rollout/engine_restarts": RoundMetric(run.engines.restarts, adds_up=False),
-            "time/generate_s": RoundMetric(generated - start, adds_up=True),
-            "time/reward_s": RoundMetric(time.perf_counter() - generated, adds_up=True),
-            "reward/failures": RoundMetric(scored.failures, adds_up=True),
-            "reward/timeouts": RoundMetric(scored.timeouts, adds_up=True),
-            **{f"reward/{name}": RoundMetric(value, adds_up=False) for name, value in scored.extras.items()},
-        }
-        return metrics, records
-
-    return on_first_rank(run, generate_and_score)
+    """Generate and score one round of prompts on the first rank
+    (:func:`~megarl.trainer.rollout.generate_round`); every rank receives the samples."""
+    return on_first_rank(run, lambda: generate_round(run, step, round_index))
 
 
 def collect_batch(run: Run, step: int) -> tuple[TrainBatch, torch.Tensor, dict[str, float]]:
@@ -134,11 +80,17 @@ def collect_batch(run: Run, step: int) -> tuple[TrainBatch, torch.Tensor, dict[s
     up from the reserve rather than train on fewer samples (``filter/topped_up_samples`` counts
     them; under a group baseline an all-equal group has advantage 0 and moves no weight).
 
+    In ``rollout.mode: async`` the producer has generated the samples ahead
+    (:meth:`AsyncRollout.next_batch <megarl.trainer.async_rollout.AsyncRollout.next_batch>`).
+
     Returns:
         ``(batch, scores [B], metrics)``; ``reward/*`` describe every sample generated in the step,
         ``rollout/staleness*`` the trained ones (:mod:`megarl.trainer.staleness`).
     """
     config = run.config
+    if config.rollout.mode == "async":
+        samples, metrics = on_first_rank(run, run.rollout.next_batch if run.is_first_rank else None)
+        return batch_of(run, samples, metrics)
     target = config.train.global_batch_size
     kept: list[ScoredSample] = []
     reserve: list[ScoredSample] = []
@@ -149,8 +101,7 @@ def collect_batch(run: Run, step: int) -> tuple[TrainBatch, torch.Tensor, dict[s
         rounds *= DYNAMIC_SAMPLING_ROUNDS
     for round_index in range(rounds):
         round_metrics, samples = rollout_round(run, step, round_index)
-        for name, metric in round_metrics.items():
-            metrics[name] = metrics.get(name, 0.0) + metric.value if metric.adds_up else metric.value
+        add_round_metrics(metrics, round_metrics)
         scores = torch.tensor([sample.score for sample in samples])
         generated_scores += scores.tolist()
         if config.algorithm.dynamic_sampling:
@@ -169,18 +120,7 @@ def collect_batch(run: Run, step: int) -> tuple[TrainBatch, torch.Tensor, dict[s
         # Reserve samples come in whole groups, as the batch needs them.
         metrics["filter/topped_up_samples"] = target - len(kept)
         kept += reserve[: target - len(kept)]
-    kept = kept[:target]
-    metrics.update(staleness_metrics(kept, run.weight_version))
-    batch = TrainBatch.from_scored(kept, pad_token_id=run.tokenizer.pad_token_id, pad_multiple=run.pad_multiple)
-    lengths = batch.response_lengths.float()
-    metrics.update(
-        {
-            "response/length_mean": lengths.mean().item(),
-            "response/length_max": lengths.max().item(),
-            "response/clip_fraction": batch.truncated.float().mean().item(),
-        }
-    )
-    return batch, torch.tensor([sample.score for sample in kept]), metrics
+    return batch_of(run, kept[:target], metrics)
 
 
 def train_step(run: Run, step: int, phase=lambda name: None) -> dict[str, float]:
@@ -227,7 +167,8 @@ def train_step(run: Run, step: int, phase=lambda name: None) -> dict[str, float]
 
     if colocated:
         run.engines.resume_memory(["weights"])
-    metrics.update(run.sync_weights(version=step + 1))
+    with run.rollout.weight_update(step + 1) if run.rollout is not None else contextlib.nullcontext():
+        metrics.update(run.sync_weights(version=step + 1))
     if colocated:
         run.engines.resume_memory()
     end = time.perf_counter()
@@ -260,21 +201,16 @@ def evaluate(run: Run, step: int) -> dict[str, float]:
     def generate_and_score():
         config = run.config
         sampling = SamplingParams.from_config(
-            config.rollout, max_new_tokens=config.data.max_response_length, seed=_seed(config.rollout.seed, step, -1), validation=True
+            config.rollout, max_new_tokens=config.data.max_response_length, seed=sampling_seed(config.rollout.seed, step, -1), validation=True
         )
         scores = []
         for prompts in run.val_set.batches(config.rollout.batch_size):
             samples = run.engines.generate([prompt.prompt_ids for prompt in prompts], sampling)
             texts = [run.tokenizer.decode(sample.response_ids, skip_special_tokens=True) for sample in samples]
-            scores += run.scorer.score([prompts[sample.prompt_index].reward_kwargs(text) for sample, text in zip(samples, texts)]).scores
+            scores += run.score([prompts[sample.prompt_index].reward_kwargs(text) for sample, text in zip(samples, texts)]).scores
         return {"val/accuracy": sum(scores) / len(scores)}
 
     return on_first_rank(run, generate_and_score)
-
-
-def _seed(base: int, step: int, round_index: int) -> int:
-    """A distinct sampling seed for every (step, round), fixed by the run's seed."""
-    return (base * 1_000_003 + step) * 1_009 + round_index + 1
 
 
 def fit(run: Run) -> None:
@@ -297,6 +233,8 @@ def fit(run: Run) -> None:
         )
         return
     run.logger.start(run.start_step)
+    if run.rollout is not None:
+        run.rollout.start()
     if run.is_first_rank:
         given = config
         if config.train.total_epochs is not None:

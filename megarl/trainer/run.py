@@ -11,9 +11,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -34,6 +35,9 @@ from megarl.trainer.model import TrainModel
 from megarl.trainer.policy import Policy, attach_hidden_states_heads
 from megarl.trainer.reference import ReferencePolicy
 from megarl.weights.stream import WeightStream
+
+if TYPE_CHECKING:
+    from megarl.trainer.async_rollout import AsyncRollout
 
 log = logging.getLogger("megarl")
 
@@ -86,6 +90,15 @@ class Run:
     weight_version: int = 0
     """The version of the weights last pushed to the engines (:meth:`sync_weights`); 0: the weights
     they launched with. A trained sample's staleness is measured against it."""
+    rollout: AsyncRollout | None = None
+    """``rollout.mode: async``: the producer that generates ahead of training (first rank)."""
+    pending_prompts: list[int] = dataclasses.field(default_factory=list)
+    """Prompts (positions in ``train_set``) drawn before the checkpoint resumed from but not trained
+    yet: an async run generates them first."""
+    rollout_rounds: int = 0
+    """Rounds an async run has started (their sampling seeds and group ids follow from it)."""
+    scoring_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    """The scorer serves one caller at a time (the async producer scores while validation runs)."""
 
     @property
     def is_first_rank(self) -> bool:
@@ -101,10 +114,17 @@ class Run:
     def checkpoint_dir(self) -> Path:
         return self.config.resolved_checkpoint_dir()
 
+    def score(self, samples: list[dict[str, Any]]) -> Any:
+        """Score reward-function keyword arguments (first rank): the scorer's ``ScoredBatch``."""
+        with self.scoring_lock:
+            return self.scorer.score(samples)
+
     def train_state(self) -> dict[str, Any]:
-        """What a checkpoint keeps besides the models: data position, controllers, counters."""
+        """What a checkpoint keeps besides the models: data position, controllers, counters; in
+        async mode also the prompts drawn but not trained yet (``pending_prompts``) and the rounds
+        started, taken together with the data position."""
         return {
-            "data": self.loader.state_dict(),
+            **({"data": self.loader.state_dict()} if self.rollout is None else self.rollout.state_dict()),
             "kl_coefficient": self.kl_controller.value,
             "reward_moments": dataclasses.asdict(self.reward_moments),
             "consecutive_skips": self.policy.consecutive_skips,
@@ -114,6 +134,8 @@ class Run:
 
     def load_train_state(self, state: dict[str, Any]) -> None:
         self.loader.load_state_dict(state["data"])
+        self.pending_prompts = list(state.get("pending_prompts", []))
+        self.rollout_rounds = state.get("rollout_rounds", 0)
         self.kl_controller.value = state["kl_coefficient"]
         self.reward_moments = RunningMoments(**state["reward_moments"])
         self.policy.consecutive_skips = state["consecutive_skips"]
@@ -187,7 +209,10 @@ class Run:
         return {"weights/sync_s": seconds, "weights/sync_gbps": total / max(seconds, 1e-9) / 1e9}
 
     def close(self) -> None:
-        """Stop the engines and the scorer and close the sinks (also on errors)."""
+        """Stop the producer, the engines and the scorer and close the sinks (also on errors)."""
+        with contextlib.suppress(Exception):
+            if self.rollout is not None:
+                self.rollout.close()
         with contextlib.suppress(Exception):
             if self.engines is not None:
                 self.engines.shutdown()
@@ -311,6 +336,15 @@ def setup(config: Config) -> Run:
             # step after the checkpoint's would have synced).
             run.sync_weights(version=state["step"] + 1)
             log.info("resumed from %s: the run goes on at step %d", resume_from, run.start_step)
+        if first and config.rollout.mode == "async":
+            from megarl.trainer.async_rollout import AsyncRollout
+
+            run.rollout = AsyncRollout(run)
+        elif run.pending_prompts:
+            log.warning(
+                "the checkpoint holds %d prompts an async run had drawn but not trained; rollout.mode sync goes on "
+                "from the data position and skips them", len(run.pending_prompts),
+            )
     except BaseException:
         run.close()
         raise

@@ -40,6 +40,19 @@ def oldest_version(sample: ScoredSample) -> int:
     return version_number(sample.weight_version)
 
 
+def newest_version_mask(sample: ScoredSample) -> list[bool]:
+    """Per response token, whether the weights of the sample's last token generated it: the
+    tokens ``rollout.mask_offpolicy_in_partial_rollout`` trains on."""
+    if not sample.weight_segments:
+        return [True] * len(sample.response_ids)
+    newest = max(version_number(segment.version) for segment in sample.weight_segments)
+    mask = [False] * len(sample.response_ids)
+    for segment in sample.weight_segments:
+        if version_number(segment.version) == newest:
+            mask[segment.start : segment.end] = [True] * (segment.end - segment.start)
+    return mask
+
+
 def staleness_metrics(samples: Sequence[ScoredSample], trainer_version: int) -> dict[str, float]:
     """``rollout/staleness_mean``, ``rollout/staleness_max`` and ``rollout/staleness_<k>`` counts
     of the samples trained at ``trainer_version``."""

@@ -5,10 +5,17 @@ and overrides), with optional faults injected through ``megarl.trainer.loop.trai
 
 ``--stop-before K``   raise before step K (a crash after the checkpoints of the earlier steps);
 ``--nan-step K``      the policy loss's gradient from the first micro-batch of step K is NaN;
-``--kill-engine-after K``  SIGKILL the rollout engine's process after step K.
+``--kill-engine-after K``  SIGKILL the rollout engine's process after step K;
+``--slow-step-s S``   the trainer sleeps S seconds before each step (a slow trainer);
+``--check-segments``  keep the policy's weights of every version the run trains at, and at the
+                      end recompute the log-probs of the trained samples that several weight
+                      versions generated, each segment under its own version.
 
 Rank 0 writes ``--report`` (JSON): the engine's copy of ``--watch`` (one HF weight) before the
-first step and after every step, the engine restarts, and whether the run completed.
+first step and after every step, the engine restarts, whether the run completed, the prompts
+each step trained on (``trained``: step -> the prompt token ids of its groups) and, with
+``--check-segments``, ``segments``: per version, the tokens checked and the largest difference
+between the engine's log-probs and the trainer's.
 """
 
 from __future__ import annotations
@@ -17,12 +24,15 @@ import argparse
 import json
 import os
 import signal
+import time
 
 import torch
 
 from megarl.config import load_config
 from megarl.trainer import loop
+from megarl.trainer.batch import TrainBatch
 from megarl.trainer.run import setup
+from megarl.trainer.staleness import version_number
 
 
 class InjectedStop(RuntimeError):
@@ -37,6 +47,8 @@ def parse_args(argv):
     parser.add_argument("--stop-before", type=int)
     parser.add_argument("--nan-step", type=int)
     parser.add_argument("--kill-engine-after", type=int)
+    parser.add_argument("--slow-step-s", type=float, default=0.0)
+    parser.add_argument("--check-segments", action="store_true")
     parser.add_argument("overrides", nargs="*")
     return parser.parse_intermixed_args(argv)
 
@@ -53,7 +65,21 @@ def main(argv=None) -> None:
 
     original_step = loop.train_step
     original_loss = run.policy.loss
+    original_batch_of = loop.batch_of
     current = {"step": None, "micro_batches": 0}
+    report["trained"] = {}
+    weights_at: dict[int, dict[str, torch.Tensor]] = {}  # version -> this rank's policy parameters
+    partial_samples: list = []
+
+    def parameters():
+        return {f"{index}.{name}": parameter for index, chunk in enumerate(run.policy.model.chunks) for name, parameter in chunk.named_parameters()}
+
+    def recording_batch_of(run_, samples, metrics):
+        groups = {sample.group: sample.prompt_ids for sample in samples}
+        report["trained"][str(current["step"])] = list(groups.values())
+        if args.check_segments:
+            partial_samples.extend(sample for sample in samples if len({segment.version for segment in sample.weight_segments}) > 1)
+        return original_batch_of(run_, samples, metrics)
 
     def loss_with_nan(micro, output):
         loss_sum, count, metrics = original_loss(micro, output)
@@ -67,6 +93,9 @@ def main(argv=None) -> None:
         if step == args.stop_before:
             raise InjectedStop(f"stopped before step {step}")
         current.update(step=step, micro_batches=0)
+        if args.check_segments:
+            weights_at[run_.weight_version] = {name: parameter.detach().clone() for name, parameter in parameters().items()}
+        time.sleep(args.slow_step_s)
         metrics = original_step(run_, step, phase)
         watch(f"after_{step}")
         if first and step == args.kill_engine_after:
@@ -74,14 +103,44 @@ def main(argv=None) -> None:
                 os.kill(pid, signal.SIGKILL)
         return metrics
 
+    def check_segments() -> dict[str, dict[str, float]]:
+        """Each segment of the multi-version samples against the trainer's log-probs under its
+        version (collective: every rank recorded the same samples)."""
+        now = {name: parameter.detach().clone() for name, parameter in parameters().items()}
+        batch = TrainBatch.from_scored(partial_samples, pad_token_id=run.tokenizer.pad_token_id, pad_multiple=run.pad_multiple)
+        found: dict[str, dict[str, float]] = {}
+        for version, weights in sorted(weights_at.items()):
+            with torch.no_grad():
+                for name, parameter in parameters().items():
+                    parameter.copy_(weights[name])
+            log_probs, _ = run.policy.log_probs(batch)
+            for row, sample in enumerate(partial_samples):
+                start = len(sample.prompt_ids) - 1
+                for segment in sample.weight_segments:
+                    if version_number(segment.version) != version:
+                        continue
+                    trainer = log_probs[row, start + segment.start : start + segment.end]
+                    engine = torch.tensor(sample.rollout_log_probs[segment.start : segment.end])
+                    entry = found.setdefault(str(version), {"tokens": 0, "max_diff": 0.0})
+                    entry["tokens"] += segment.end - segment.start
+                    entry["max_diff"] = max(entry["max_diff"], (trainer - engine).abs().max().item())
+        with torch.no_grad():
+            for name, parameter in parameters().items():
+                parameter.copy_(now[name])
+        return found
+
     run.policy.loss = loss_with_nan
     loop.train_step = step_with_faults
+    loop.batch_of = recording_batch_of
     watch("initial")
     try:
-        loop.fit(run)
-        report["completed"] = True
-    except InjectedStop:
-        pass
+        try:
+            loop.fit(run)
+            report["completed"] = True
+        except InjectedStop:
+            pass
+        if args.check_segments and partial_samples:
+            report["segments"] = check_segments()
     finally:
         if first:
             report["engine_restarts"] = run.engines.restarts
@@ -91,6 +150,7 @@ def main(argv=None) -> None:
                 "files": [prompt.file_index for prompt in run.train_set.prompts],
                 "truncated": run.train_set.num_truncated,
                 "lengths": [len(prompt.prompt_ids) for prompt in run.train_set.prompts],
+                "ids": [prompt.prompt_ids for prompt in run.train_set.prompts],
             }
             with open(args.report, "w") as handle:
                 json.dump(report, handle)

@@ -108,9 +108,10 @@ class HFEngine:
         model_path: HF model directory.
         dtype: ``auto`` (the checkpoint's) or a torch dtype name.
         seed: seed of the draws of requests without ``sampling_seed``.
+        step_delay_s: seconds to wait after each decoding step (a GPU engine's latency, modelled).
     """
 
-    def __init__(self, model_path: str, dtype: str, seed: int):
+    def __init__(self, model_path: str, dtype: str, seed: int, *, step_delay_s: float = 0.0):
         self.model_path = model_path
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype if dtype == "auto" else getattr(torch, dtype)).eval()
         self.weights = HFWeightMap(self.model)
@@ -129,7 +130,7 @@ class HFEngine:
         self.session_open = False
         self.update_groups: dict[str, Any] = {}
         self.last_progress = time.monotonic()
-        self.scheduler = GenerationScheduler(self.generator, self.lock, lambda: self.weight_version, self._progress)
+        self.scheduler = GenerationScheduler(self.generator, self.lock, lambda: self.weight_version, self._progress, step_delay_s=step_delay_s)
 
     def _progress(self) -> None:
         self.last_progress = time.monotonic()

@@ -33,6 +33,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import threading
+import time
 from typing import Callable
 
 from megarl.rollout.embedded.generate import BatchGenerator, Decoding, Request, Result
@@ -97,10 +98,16 @@ class GenerationScheduler:
         model_lock: held while a batch runs (released while parked); weight loads take it too.
         weight_version: the version of the weights the model holds now.
         on_progress: called whenever a batch advances (the health check's stall detector).
+        step_delay_s: seconds to wait after each decoding step, model lock held (a GPU engine's
+            per-token latency, modelled for benchmarks).
     """
 
-    def __init__(self, generator: BatchGenerator, model_lock: threading.Lock, weight_version: Callable[[], str], on_progress: Callable[[], None]):
+    def __init__(
+        self, generator: BatchGenerator, model_lock: threading.Lock, weight_version: Callable[[], str], on_progress: Callable[[], None],
+        *, step_delay_s: float = 0.0,
+    ):
         self.generator = generator
+        self.step_delay_s = step_delay_s
         self.model_lock = model_lock
         self.weight_version = weight_version
         self.on_progress = on_progress
@@ -222,6 +229,8 @@ class GenerationScheduler:
 
     def _between_steps(self, decoding: Decoding) -> None:
         """Apply aborts and answer finished jobs; while paused, park (model lock released) until resumed."""
+        if self.step_delay_s:
+            time.sleep(self.step_delay_s)
         self.on_progress()
         with self.state:
             self._apply_aborts_locked(decoding)

@@ -162,6 +162,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed of requests without sampling_seed")
     parser.add_argument("--dtype", default="auto", help="auto (the checkpoint's), float32, bfloat16, float16")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--step-delay-s", type=float, default=0.0, help="wait after each decoding step (a GPU's latency, modelled)")
     parser.add_argument("--parent-pid", type=int, help="exit when this process is gone")
     return parser.parse_args(argv)
 
@@ -172,7 +173,7 @@ def main(argv: list[str]) -> None:
         start_parent_watchdog(args.parent_pid)
     if args.threads:
         torch.set_num_threads(args.threads)
-    engine = HFEngine(args.model, args.dtype, args.seed)
+    engine = HFEngine(args.model, args.dtype, args.seed, step_delay_s=args.step_delay_s)
     engine.health_generate()  # warm-up: the first forward of a fresh process is the slowest
     engine.scheduler.start()
     sock = listening_socket(args.host, args.port)

@@ -1,0 +1,294 @@
+"""``rollout.mode: async``: the first rank generates the next steps' samples while the trainer trains.
+
+A producer thread draws rounds of ``rollout.batch_size`` prompts and sends each to the engines as
+soon as the staleness bound admits its samples (:class:`~megarl.rollout.buffer.RolloutBuffer`:
+AReaL's capacity rule); a scoring thread scores each round when it comes back and puts its groups
+into the buffer. The step takes the oldest groups still within ``rollout.max_staleness``
+(:meth:`AsyncRollout.next_batch`), in the order their rounds were admitted, with dynamic sampling applied group by group as in a
+synchronous step; a group past the bound is dropped and its prompt drawn again.
+
+At a weight update (:meth:`AsyncRollout.weight_update`), with ``rollout.partial_rollout`` the
+engines pause (``rollout.pause_mode``) and go on under the new weights: in mode ``abort`` the
+requests in flight come back partial and are sent again as prompt + tokens so far
+(:meth:`~megarl.rollout.group.EngineGroup.submit_resume`); in ``retract`` and ``in_place`` the
+engines keep them. Without partial rollout the update waits for the rounds in flight to finish.
+Every token keeps the version that generated it (``ScoredSample.weight_segments``).
+
+Checkpoints (:meth:`AsyncRollout.state_dict`): the data loader's position together with every
+prompt drawn but not trained yet (queued, in flight, or waiting in the buffer), taken at one
+instant; a resumed run generates those first, so each prompt is trained once.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import contextlib
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from megarl.algorithms.shaping import dynamic_sampling_keep
+from megarl.rollout.buffer import BufferClosed, BufferedGroup, RolloutBuffer
+from megarl.rollout.sampling import Sample, SamplingParams
+from megarl.trainer.batch import ScoredSample
+from megarl.trainer.rollout import RoundMetric, add_round_metrics, round_sampling, sampling_seed, score_samples
+from megarl.trainer.staleness import oldest_version
+
+if TYPE_CHECKING:
+    from megarl.trainer.run import Run
+
+log = logging.getLogger("megarl")
+
+DYNAMIC_SAMPLING_BATCHES = 4
+"""With dynamic sampling a step considers at most this many train batches of samples; then it tops
+the batch up from the groups the filter dropped (the synchronous step's rule, in samples)."""
+
+
+class _RolloutClock:
+    """Seconds the rollout was busy (a round in flight or being scored) and the part of them the
+    trainer spent on something else than waiting for samples: the overlap."""
+
+    def __init__(self):
+        self.busy = False
+        self.waiting = False
+        self.since = time.perf_counter()
+        self.busy_s = 0.0
+        self.overlap_s = 0.0
+        self.wait_s = 0.0
+
+    def _advance(self) -> None:
+        now = time.perf_counter()
+        elapsed, self.since = now - self.since, now
+        if self.busy:
+            self.busy_s += elapsed
+            if not self.waiting:
+                self.overlap_s += elapsed
+        if self.waiting:
+            self.wait_s += elapsed
+
+    def set(self, *, busy: bool | None = None, waiting: bool | None = None) -> None:
+        self._advance()
+        self.busy = self.busy if busy is None else busy
+        self.waiting = self.waiting if waiting is None else waiting
+
+    def read(self) -> dict[str, float]:
+        """``time/rollout_busy_s``, ``time/overlap_s``, ``time/wait_rollout_s`` since the last read."""
+        self._advance()
+        values = {"time/rollout_busy_s": self.busy_s, "time/overlap_s": self.overlap_s, "time/wait_rollout_s": self.wait_s}
+        self.busy_s = self.overlap_s = self.wait_s = 0.0
+        return values
+
+
+class AsyncRollout:
+    """The producer of an async run (first rank); :meth:`start` it, take a batch per step, wrap
+    each weight update in :meth:`weight_update`, :meth:`close` it at the end."""
+
+    def __init__(self, run: Run):
+        config = run.config.rollout
+        self.run = run
+        self.batch_samples = run.config.train.global_batch_size
+        self.round_prompts = config.batch_size
+        self.round_samples = config.batch_size * config.n_samples_per_prompt
+        self.partial_rollout = config.partial_rollout
+        self.resend_partial = config.partial_rollout and config.pause_mode == "abort"
+        self.buffer = RolloutBuffer(
+            self.batch_samples, config.max_staleness, version=run.weight_version, total_samples=run.config.train.steps * self.batch_samples
+        )
+        self.pending: collections.deque[int] = collections.deque(run.pending_prompts)
+        """Prompts drawn but not sent yet: a checkpoint's pending prompts, dropped groups' prompts,
+        the rest of a loader batch."""
+        self.rounds = run.rollout_rounds
+        self.in_flight: dict[int, list[int]] = {}
+        """Round -> its prompts, from sending until its groups are in the buffer."""
+        self.finished: dict[int, list[BufferedGroup]] = {}
+        """Scored rounds waiting for an earlier round to be scored."""
+        self.next_round = self.rounds
+        """The round whose groups enter the buffer next."""
+        self.metrics: dict[str, float] = {}
+        """The scored rounds' metrics since the last batch."""
+        self.clock = _RolloutClock()
+        self._lock = threading.Condition()
+        """Guards the loader, ``pending``, ``in_flight``, ``rounds``, ``metrics`` and ``clock``."""
+        self._scoring = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="megarl-rollout-score")
+        self._thread = threading.Thread(target=self._produce, name="megarl-rollout-producer", daemon=True)
+
+    def start(self) -> None:
+        """Start generating."""
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop generating (rounds in flight are abandoned; the engines are shut down by the run)."""
+        self.buffer.close()
+        self._scoring.shutdown(wait=False, cancel_futures=True)
+
+    # The producer.
+
+    def _produce(self) -> None:
+        try:
+            while True:
+                self.buffer.admit(self.round_samples)
+                with self._lock:
+                    positions = self._draw()
+                    round_index, self.rounds = self.rounds, self.rounds + 1
+                    self.in_flight[round_index] = positions
+                    self.clock.set(busy=True)
+                prompts = [self.run.train_set.prompts[position] for position in positions]
+                sampling = round_sampling(self.run, sampling_seed(self.run.config.rollout.seed, round_index, 0))
+                sent = time.perf_counter()
+                future = self.run.engines.submit_generate([prompt.prompt_ids for prompt in prompts], sampling, partial=self.resend_partial)
+                self._when_done(future, round_index, prompts, sampling, sent)
+        except BufferClosed:
+            return
+        except BaseException as error:  # noqa: BLE001 - handed to the trainer, which raises it
+            self.buffer.fail(error)
+
+    def _draw(self) -> list[int]:
+        """The next round's prompts: pending ones first, then the loader's (lock held)."""
+        while len(self.pending) < self.round_prompts:
+            self.pending.extend(self.run.loader.next_positions())
+        return [self.pending.popleft() for _ in range(self.round_prompts)]
+
+    def _when_done(self, future: concurrent.futures.Future, round_index: int, prompts, sampling: SamplingParams, sent: float) -> None:
+        def finish(done: concurrent.futures.Future) -> None:
+            with contextlib.suppress(RuntimeError):  # the pool is shut down: the run is closing
+                self._scoring.submit(self._finish, done, round_index, prompts, sampling, sent)
+
+        future.add_done_callback(finish)
+
+    def _finish(self, future: concurrent.futures.Future, round_index: int, prompts, sampling: SamplingParams, sent: float) -> None:
+        """A round came back (scoring thread): send its partial samples again, or score it into the buffer."""
+        try:
+            samples: list[Sample] = future.result()
+            if self.resend_partial and any(sample.finish_reason == "abort" for sample in samples):
+                prompt_ids = [prompt.prompt_ids for prompt in prompts]
+                resumed = self.run.engines.submit_resume(prompt_ids, samples, sampling, partial=True)
+                self._when_done(resumed, round_index, prompts, sampling, sent)
+                return
+            generated = time.perf_counter()
+            records, metrics = score_samples(self.run, prompts, samples, first_group=round_index * self.round_prompts, step=self.buffer.version)
+            by_prompt: dict[int, list[ScoredSample]] = {}
+            for sample, record in zip(samples, records):
+                by_prompt.setdefault(sample.prompt_index, []).append(record)
+            positions = self.in_flight[round_index]
+            groups = [
+                BufferedGroup(samples=group, oldest_version=min(oldest_version(record) for record in group), prompt_position=positions[prompt_index])
+                for prompt_index, group in sorted(by_prompt.items())
+            ]
+            with self._lock:
+                metrics["time/generate_s"] = RoundMetric(generated - sent, adds_up=True)
+                add_round_metrics(self.metrics, metrics)
+                self.finished[round_index] = groups
+                # Rounds enter the buffer in the order they were admitted: the admission rule's order.
+                while self.next_round in self.finished:
+                    del self.in_flight[self.next_round]
+                    # Under the lock: a checkpoint sees these prompts in flight or in the buffer.
+                    self.buffer.put(self.finished.pop(self.next_round))
+                    self.next_round += 1
+                self.clock.set(busy=bool(self.in_flight))
+                self._lock.notify_all()
+        except BaseException as error:  # noqa: BLE001 - handed to the trainer, which raises it
+            self.buffer.fail(error)
+            with self._lock:
+                self._lock.notify_all()
+
+    # The trainer's side.
+
+    def next_batch(self) -> tuple[list[ScoredSample], dict[str, float]]:
+        """The step's samples (first rank): ``train.global_batch_size`` of them in whole groups, the
+        oldest within the staleness bound first, through the dynamic sampling filter when it is on.
+
+        Returns:
+            ``(samples, metrics)``: ``reward/*`` over every sample the step considered,
+            ``rollout/dropped_stale`` (samples past the bound, their prompts drawn again),
+            ``rollout/buffer_samples`` and ``rollout/in_flight_samples`` (after the take),
+            ``time/overlap_s`` (seconds since the last batch in which the rollout worked while the
+            trainer did not wait for it), ``time/rollout_busy_s``, ``time/wait_rollout_s``.
+        """
+        algorithm = self.run.config.algorithm
+        kept: list[ScoredSample] = []
+        reserve: list[BufferedGroup] = []
+        considered: list[float] = []
+        metrics: dict[str, float] = {}
+        with self._lock:
+            self.clock.set(waiting=True)
+        while len(kept) < self.batch_samples:
+            if algorithm.dynamic_sampling and len(considered) >= DYNAMIC_SAMPLING_BATCHES * self.batch_samples:
+                reserved = sum(len(group.samples) for group in reserve)
+                if len(kept) + reserved >= self.batch_samples:
+                    metrics["filter/topped_up_samples"] = self.batch_samples - len(kept)
+                    for group in reserve:
+                        if len(kept) >= self.batch_samples:
+                            break
+                        kept += group.samples
+                        self.buffer.release(-len(group.samples))  # trained after all: its place is taken again
+                    break
+            group = self.buffer.take()
+            scores = [sample.score for sample in group.samples]
+            considered += scores
+            if algorithm.dynamic_sampling:
+                keep, counts = dynamic_sampling_keep(
+                    torch.tensor(scores), torch.zeros(len(scores), dtype=torch.int64), mean_range=algorithm.dynamic_sampling_mean_range
+                )
+                for name, value in counts.items():
+                    metrics[f"filter/{name}"] = metrics.get(f"filter/{name}", 0) + value
+                if not bool(keep.all()):
+                    reserve.append(group)
+                    self.buffer.release(len(group.samples))
+                    continue
+            kept += group.samples
+        dropped, dropped_samples = self.buffer.drain_dropped()
+        scores = torch.tensor(considered)
+        with self._lock:
+            self.pending.extendleft(reversed([group.prompt_position for group in dropped]))
+            self.clock.set(waiting=False)
+            add_round_metrics(metrics, {name: RoundMetric(value, adds_up=True) for name, value in self.metrics.items()})
+            self.metrics = {}
+            in_flight = len(self.in_flight) * self.round_samples
+            metrics.update(self.clock.read())
+        metrics.update(
+            {
+                "rollout/engine_restarts": self.run.engines.restarts,
+                "reward/mean": scores.mean().item(),
+                "reward/std": scores.std().item() if len(scores) > 1 else 0.0,
+                "rollout/dropped_stale": dropped_samples,
+                "rollout/buffer_samples": self.buffer.ready_samples,
+                "rollout/in_flight_samples": in_flight,
+            }
+        )
+        return kept[: self.batch_samples], metrics
+
+    @contextlib.contextmanager
+    def weight_update(self, version: int):
+        """Around pushing ``version`` to the engines (first rank): pause the engines (partial
+        rollout) or let the rounds in flight finish first; afterwards admission runs on to the
+        new version's bound and the engines go on."""
+        if self.partial_rollout:
+            self.run.engines.pause_generation(self.run.config.rollout.pause_mode)
+        else:
+            self.buffer.hold(True)
+            with self._lock:
+                self._lock.wait_for(lambda: not self.in_flight or self.buffer.error is not None)
+        try:
+            yield
+        finally:
+            self.buffer.set_version(version)
+            if self.partial_rollout:
+                self.run.engines.continue_generation()
+            else:
+                self.buffer.hold(False)
+
+    def state_dict(self) -> dict[str, Any]:
+        """``data`` (the loader's position), ``pending_prompts`` (every prompt drawn but not
+        trained: waiting in the buffer, in flight, queued) and ``rollout_rounds``, at one instant."""
+        with self._lock:
+            waiting = [group.prompt_position for group in self.buffer.groups()]
+            in_flight = [position for _, positions in sorted(self.in_flight.items()) for position in positions]
+            return {
+                "data": self.run.loader.state_dict(),
+                "pending_prompts": waiting + in_flight + list(self.pending),
+                "rollout_rounds": self.rounds,
+            }

@@ -1,0 +1,140 @@
+"""What both rollout modes do on the first rank: generate a round of prompts, score its samples into
+:class:`ScoredSample` records, and pack the records a step trains on into a :class:`TrainBatch`.
+
+``rollout.mode: sync`` calls these once per round inside the step (:func:`megarl.trainer.loop.collect_batch`);
+``async`` calls them from its producer (:mod:`megarl.trainer.async_rollout`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+from megarl.data.datasets import Prompt
+from megarl.rollout.sampling import Sample, SamplingParams
+from megarl.trainer.batch import ScoredSample, TrainBatch
+from megarl.trainer.staleness import newest_version_mask, staleness_metrics
+
+if TYPE_CHECKING:
+    from megarl.trainer.run import Run
+
+log = logging.getLogger("megarl")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RoundMetric:
+    """A metric of one rollout round and how the step combines its rounds."""
+
+    value: float
+    adds_up: bool
+    """True: the step's value is the sum over its rounds (counts, seconds); False: the last round's."""
+
+
+def add_round_metrics(metrics: dict[str, float], round_metrics: dict[str, RoundMetric]) -> None:
+    """Fold one round's metrics into the step's (sums for counts and seconds, else the last value)."""
+    for name, metric in round_metrics.items():
+        metrics[name] = metrics.get(name, 0.0) + metric.value if metric.adds_up else metric.value
+
+
+def sampling_seed(base: int, step: int, round_index: int) -> int:
+    """A distinct sampling seed for every (step, round), fixed by the run's seed."""
+    return (base * 1_000_003 + step) * 1_009 + round_index + 1
+
+
+def round_sampling(run: Run, seed: int) -> SamplingParams:
+    """The sampling parameters of a training round."""
+    return SamplingParams.from_config(run.config.rollout, max_new_tokens=run.config.data.max_response_length, seed=seed)
+
+
+def score_samples(run: Run, prompts: Sequence[Prompt], samples: Sequence[Sample], *, first_group: int, step: int) -> tuple[list[ScoredSample], dict[str, RoundMetric]]:
+    """Score a round's samples (first rank) into the records the trainer trains on.
+
+    Args:
+        prompts: the round's prompts; a sample answers ``prompts[sample.prompt_index]``.
+        samples: the engines' samples, finished.
+        first_group: the group id of the round's first prompt (prompt ``i`` is group
+            ``first_group + i``).
+        step: the step the round belongs to (named when a sample fails to score).
+
+    Returns:
+        one record per sample, and the round's reward metrics (``time/reward_s`` included).
+    """
+    start = time.perf_counter()
+    texts = [run.tokenizer.decode(sample.response_ids, skip_special_tokens=True) for sample in samples]
+    scored = run.score([prompts[sample.prompt_index].reward_kwargs(text) for sample, text in zip(samples, texts)])
+    if scored.failures and not run.reward_failure_shown:
+        run.reward_failure_shown = True
+        failed = scored.first_failed
+        log.warning(
+            "step %d: %d of %d samples failed to score; each scores 0 and counts in reward/failures (shown once per run). "
+            "The first: %s\n  prompt: %r\n  response: %r",
+            step, scored.failures, len(samples), scored.first_error, prompts[samples[failed].prompt_index].text, texts[failed],
+        )
+    mask_older = run.config.rollout.mask_offpolicy_in_partial_rollout
+    records = []
+    for sample, score in zip(samples, scored.scores):
+        record = ScoredSample(
+            prompt_ids=prompts[sample.prompt_index].prompt_ids,
+            response_ids=sample.response_ids,
+            rollout_log_probs=sample.logprobs,
+            finish_reason=sample.finish_reason,
+            group=first_group + sample.prompt_index,
+            score=score,
+            weight_version=sample.weight_version,
+            weight_segments=sample.weight_segments,
+        )
+        if mask_older:
+            record.loss_mask = newest_version_mask(record)
+        records.append(record)
+    metrics = {
+        "time/reward_s": RoundMetric(time.perf_counter() - start, adds_up=True),
+        "reward/failures": RoundMetric(scored.failures, adds_up=True),
+        "reward/timeouts": RoundMetric(scored.timeouts, adds_up=True),
+        **{f"reward/{name}": RoundMetric(value, adds_up=False) for name, value in scored.extras.items()},
+    }
+    return records, metrics
+
+
+def generate_round(run: Run, step: int, round_index: int) -> tuple[dict[str, RoundMetric], list[ScoredSample]]:
+    """Round ``round_index`` of a synchronous step (first rank): the loader's next prompts,
+    generated under the current weights and scored.
+
+    Returns:
+        ``(metrics, samples)``: the round's metrics and one :class:`ScoredSample` per response.
+    """
+    prompts = next(run.loader)
+    sampling = round_sampling(run, sampling_seed(run.config.rollout.seed, step, round_index))
+    start = time.perf_counter()
+    samples = run.engines.generate([prompt.prompt_ids for prompt in prompts], sampling)
+    generated = time.perf_counter()
+    records, metrics = score_samples(run, prompts, samples, first_group=round_index * len(prompts), step=step)
+    return {
+        "rollout/engine_restarts": RoundMetric(run.engines.restarts, adds_up=False),
+        "time/generate_s": RoundMetric(generated - start, adds_up=True),
+        **metrics,
+    }, records
+
+
+def batch_of(run: Run, samples: Sequence[ScoredSample], metrics: dict[str, float]) -> tuple[TrainBatch, torch.Tensor, dict[str, float]]:
+    """Pack the samples a step trains on (every rank), adding their staleness and length metrics to
+    ``metrics``.
+
+    Returns:
+        ``(batch, scores [B], metrics)``.
+    """
+    metrics.update(staleness_metrics(samples, run.weight_version))
+    batch = TrainBatch.from_scored(samples, pad_token_id=run.tokenizer.pad_token_id, pad_multiple=run.pad_multiple)
+    lengths = batch.response_lengths.float()
+    metrics.update(
+        {
+            "response/length_mean": lengths.mean().item(),
+            "response/length_max": lengths.max().item(),
+            "response/clip_fraction": batch.truncated.float().mean().item(),
+        }
+    )
+    return batch, torch.tensor([sample.score for sample in samples]), metrics
