@@ -316,6 +316,13 @@ def test_yaml_type_errors_name_the_file(tmp_path):
         ("algorithm.icepop_low=0", "`algorithm.icepop_low` (0.0) must be > 0"),
         ("algorithm.icepop_low=3", "`algorithm.icepop_low` (3.0) must be < icepop_high (2.0)"),
         ("algorithm.behav_imp_weight_cap=1", "`algorithm.behav_imp_weight_cap` (1.0) must be > 1, or null"),
+        ("rollout.max_staleness=-1", "`rollout.max_staleness` (-1) must be >= 0 (0 is on-policy)"),
+        ("rollout.hf_step_delay_s=-0.1", "`rollout.hf_step_delay_s` (-0.1) must be >= 0"),
+        (
+            "rollout.mode=async",
+            "`rollout.colocate` (true) cannot be used with `rollout.mode` async: the engines generate while the trainer "
+            "trains, so they cannot give their memory back during the update; set rollout.colocate=false",
+        ),
         (
             "data.train_file_weights=[1, 2]",
             "`data.train_file_weights` (length 2) must have the length of `data.train_files` (1): one positive weight per file",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -47,6 +49,21 @@ def test_scored_samples_pack_as_their_fields_say():
     for name in ("tokens", "response_mask", "sequence_lengths", "response_lengths", "group_ids", "truncated"):
         assert torch.equal(getattr(packed, name), getattr(expected, name)), name
     assert torch.equal(packed.token_values["rollout_log_probs"], expected.token_values["rollout_log_probs"])
+
+
+def test_a_loss_mask_leaves_its_tokens_out_of_the_response_mask():
+    samples = [
+        ScoredSample(prompt_ids=[5, 6, 7], response_ids=[20, 21, 22], rollout_log_probs=[-0.1, -0.2, -0.3], finish_reason="stop", group=0, score=1.0,
+                     loss_mask=[False, True, True]),
+        ScoredSample(prompt_ids=[8, 9], response_ids=[22, 23], rollout_log_probs=[-0.3, -0.4], finish_reason="stop", group=0, score=0.0),
+    ]
+    masked = TrainBatch.from_scored(samples, pad_token_id=PAD, pad_multiple=1)
+    unmasked = TrainBatch.from_scored([dataclasses.replace(sample, loss_mask=None) for sample in samples], pad_token_id=PAD, pad_multiple=1)
+    assert masked.response_mask[0].tolist() == [False, False, False, True, True, False]  # labels: tokens 21, 22
+    assert torch.equal(masked.response_mask[1], unmasked.response_mask[1])
+    assert torch.equal(masked.token_values["rollout_log_probs"], unmasked.token_values["rollout_log_probs"])
+    with pytest.raises(ValueError, match="sample 0: a loss mask of 1 tokens for 2 response tokens"):
+        TrainBatch.from_samples([[1, 2]], [[3, 4]], [[-1.0, -1.0]], [0], [False], pad_token_id=PAD, pad_multiple=1, loss_masks=[[True]])
 
 
 def test_log_prob_count_must_match_the_response():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from megarl.rollout.sampling import WeightSegment
 from megarl.trainer.batch import ScoredSample
-from megarl.trainer.staleness import oldest_version, staleness_metrics, version_number
+from megarl.trainer.staleness import newest_version_mask, oldest_version, staleness_metrics, version_number
 
 
 def scored(*segments: tuple[str, int, int], version: str | None = None) -> ScoredSample:
@@ -41,3 +41,9 @@ def test_synchronous_training_is_on_policy():
     # Step 0 trains on the launch weights, step s on the weights pushed after step s - 1.
     assert staleness_metrics([scored(("default", 0, 2))] * 3, 0) == {"rollout/staleness_mean": 0.0, "rollout/staleness_max": 0, "rollout/staleness_0": 3}
     assert staleness_metrics([scored(("4", 0, 2))] * 3, 4)["rollout/staleness_max"] == 0
+
+
+def test_the_off_policy_mask_keeps_the_tokens_of_the_newest_weights_only():
+    assert newest_version_mask(scored(("3", 0, 2), ("4", 2, 3), ("5", 3, 5))) == [False, False, False, True, True]
+    assert newest_version_mask(scored(("5", 0, 3))) == [True, True, True]
+    assert newest_version_mask(scored(version="4")) == [True]  # no segments: every token
