@@ -11,15 +11,17 @@ while ``v - o <= K`` (``rollout.max_staleness``).
 Its generation may start only while the engines' version ``v`` satisfies ``j < (v + K + 1) B``,
 so its first token comes from a version ``>= j // B - K``: it will be at most ``K`` stale. A
 sample that ends up in no batch (a filter dropped its group, or it came too late) gives its place
-back, so the ones after it move up. Samples are admitted a round at a time; a round that does not
-fit under the bound still starts when the batch the trainer waits for (``j < (v + 1) B``) is not
-covered yet, so places given back never leave the trainer waiting. Nothing starts past the
-samples the run will train (``total_samples``).
+back, so the ones after it move up. Samples are admitted in whole groups, a round at a time or
+as many groups of it as fit under the bound; when none fit but the batch the trainer waits for
+(``j < (v + 1) B``) is not covered (places given back), just the groups that cover it start, so
+the trainer never waits on the bound and nothing is admitted that the bound will drop. Nothing
+starts past the samples the run will train (``total_samples``).
 
 **The bound itself** is enforced where the trainer takes groups (:meth:`RolloutBuffer.take`): a
 group past it is dropped, counted, and handed back to the producer so that its prompt is generated
-again (:meth:`RolloutBuffer.drain_dropped`). Admission keeps that rare: it happens when groups
-finish out of order, or when places given back let later samples start early.
+again (:meth:`RolloutBuffer.drain_dropped`). Admission keeps that from happening when groups are
+taken in the order they were admitted; a group the dynamic-sampling reserve tops a batch up with
+takes back a place that may have been given to another meanwhile, which can push one over.
 """
 
 from __future__ import annotations
@@ -41,6 +43,11 @@ class BufferedGroup:
     """The weight version of the oldest token among them."""
     prompt_position: int
     """The prompt's position in the training set (generated again if the group is dropped)."""
+
+
+def _whole_groups(count: int, group: int) -> int:
+    """The fewest samples in whole groups of ``group`` that hold ``count``."""
+    return -(-count // group) * group
 
 
 class BufferClosed(RuntimeError):
@@ -70,8 +77,6 @@ class RolloutBuffer:
         self.ready: collections.deque[BufferedGroup] = collections.deque()
         self.dropped: list[BufferedGroup] = []
         """Groups dropped for staleness since the last :meth:`drain_dropped`."""
-        self.dropped_samples = 0
-        """Samples dropped for staleness since the last :meth:`drain_dropped`."""
         self.error: BaseException | None = None
         self.closed = False
         self._state = threading.Condition()
@@ -87,30 +92,36 @@ class RolloutBuffer:
         with self._state:
             return sum(len(group.samples) for group in self.ready)
 
-    def _admissible(self, samples: int) -> bool:
-        if self.held or (self.total_samples is not None and self.admitted >= self.total_samples):
-            return False
-        needed = self.admitted < (self.version + 1) * self.batch_samples
-        return needed or self.admitted + samples <= self.capacity
+    def _grant(self, samples: int, group: int) -> int:
+        """Samples (whole groups, at most ``samples``) that may start now (the module docstring)."""
+        if self.held:
+            return 0
+        room = (self.capacity - self.admitted) // group * group
+        grant = min(samples, room)
+        if grant <= 0:
+            needed = (self.version + 1) * self.batch_samples - self.admitted
+            grant = min(samples, _whole_groups(needed, group)) if needed > 0 else 0
+        if self.total_samples is not None:
+            grant = min(grant, _whole_groups(max(self.total_samples - self.admitted, 0), group))
+        return grant
 
-    def admit(self, samples: int, timeout_s: float | None = None) -> bool:
-        """Wait until ``samples`` more may start (the capacity rule, see the module docstring;
-        admission not held), then count them as admitted.
+    def admit(self, samples: int, group: int = 1, timeout_s: float | None = None) -> int:
+        """Wait until some of ``samples`` (whole groups of ``group``) may start (the capacity rule,
+        see the module docstring; admission not held), then count them as admitted.
 
         Returns:
-            True once admitted; False when ``timeout_s`` passed first.
+            the samples admitted, a multiple of ``group``; 0 when ``timeout_s`` passed first.
 
         Raises:
             BufferClosed: the buffer was closed.
         """
         with self._state:
-            admissible = self._state.wait_for(lambda: self.closed or self._admissible(samples), timeout=timeout_s)
+            self._state.wait_for(lambda: self.closed or self._grant(samples, group) > 0, timeout=timeout_s)
             if self.closed:
                 raise BufferClosed("the rollout buffer is closed")
-            if not admissible:
-                return False
-            self.admitted += samples
-            return True
+            grant = self._grant(samples, group)
+            self.admitted += grant
+            return grant
 
     def put(self, groups: list[BufferedGroup], released: int = 0) -> None:
         """Add scored groups, and give back ``released`` admitted samples that will not be trained."""
@@ -148,7 +159,6 @@ class RolloutBuffer:
                     if self.version - group.oldest_version <= self.max_staleness:
                         return group
                     self.dropped.append(group)
-                    self.dropped_samples += len(group.samples)
                     self.admitted -= len(group.samples)
                     self._state.notify_all()
                 if self.error is not None:
@@ -165,12 +175,11 @@ class RolloutBuffer:
         with self._state:
             return list(self.ready) + list(self.dropped)
 
-    def drain_dropped(self) -> tuple[list[BufferedGroup], int]:
-        """The groups and the sample count dropped for staleness since the last call."""
+    def drain_dropped(self) -> list[BufferedGroup]:
+        """The groups dropped for staleness since the last call."""
         with self._state:
-            dropped, count = self.dropped, self.dropped_samples
-            self.dropped, self.dropped_samples = [], 0
-            return dropped, count
+            dropped, self.dropped = self.dropped, []
+            return dropped
 
     def set_version(self, version: int) -> None:
         """The trainer pushed ``version``: admission may run further ahead."""

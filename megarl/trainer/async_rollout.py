@@ -33,6 +33,7 @@ import torch
 
 from megarl.algorithms.shaping import dynamic_sampling_keep
 from megarl.rollout.buffer import BufferClosed, BufferedGroup, RolloutBuffer
+from megarl.rollout.errors import EngineRequestError
 from megarl.rollout.sampling import Sample, SamplingParams
 from megarl.trainer.batch import ScoredSample
 from megarl.trainer.rollout import RoundMetric, add_round_metrics, round_sampling, sampling_seed, score_samples
@@ -43,6 +44,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("megarl")
 
+WAIT_CHECK_S = 5.0
+"""A weight update waiting for the rounds in flight checks again this often (besides being woken)."""
 DYNAMIC_SAMPLING_BATCHES = 4
 """With dynamic sampling a step considers at most this many train batches of samples; then it tops
 the batch up from the groups the filter dropped (the synchronous step's rule, in samples)."""
@@ -93,8 +96,12 @@ class AsyncRollout:
         self.batch_samples = run.config.train.global_batch_size
         self.round_prompts = config.batch_size
         self.round_samples = config.batch_size * config.n_samples_per_prompt
+        self.group_size = config.n_samples_per_prompt
         self.partial_rollout = config.partial_rollout
         self.resend_partial = config.partial_rollout and config.pause_mode == "abort"
+        self.pauses = 0
+        """Twice the pauses begun (odd while the engines are paused): a sample aborted by megarl's
+        own pause is sent again, any other abort is an error."""
         self.buffer = RolloutBuffer(
             self.batch_samples, config.max_staleness, version=run.weight_version, total_samples=run.config.train.steps * self.batch_samples
         )
@@ -112,7 +119,8 @@ class AsyncRollout:
         """The scored rounds' metrics since the last batch."""
         self.clock = _RolloutClock()
         self._lock = threading.Condition()
-        """Guards the loader, ``pending``, ``in_flight``, ``rounds``, ``metrics`` and ``clock``."""
+        """Guards the loader, ``pending``, ``in_flight``, ``finished``, ``next_round``, ``rounds``,
+        ``pauses``, ``metrics`` and ``clock``; taken before the buffer's own lock, never after."""
         self._scoring = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="megarl-rollout-score")
         self._thread = threading.Thread(target=self._produce, name="megarl-rollout-producer", daemon=True)
 
@@ -121,55 +129,92 @@ class AsyncRollout:
         self._thread.start()
 
     def close(self) -> None:
-        """Stop generating (rounds in flight are abandoned; the engines are shut down by the run)."""
+        """Stop generating: no round starts, scoring queued is cancelled (rounds in flight are
+        abandoned); then shut the engines down and :meth:`join`."""
         self.buffer.close()
         self._scoring.shutdown(wait=False, cancel_futures=True)
+        with self._lock:
+            self._lock.notify_all()
+
+    def join(self, timeout_s: float = 60.0) -> None:
+        """Wait for the producer and for the round being scored, if any (after :meth:`close`)."""
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+        self._scoring.shutdown(wait=True)
+
+    def _fail(self, error: BaseException, round_index: int | None = None) -> None:
+        """Hand ``error`` to the trainer: its next take raises it, a weight update waiting for the
+        rounds in flight stops waiting."""
+        with self._lock:
+            if round_index is not None:
+                self.in_flight.pop(round_index, None)
+            self.buffer.fail(error)
+            self._lock.notify_all()
 
     # The producer.
 
     def _produce(self) -> None:
+        round_index = None
         try:
             while True:
-                self.buffer.admit(self.round_samples)
+                round_index = None
+                samples = self.buffer.admit(self.round_samples, group=self.group_size)
                 with self._lock:
-                    positions = self._draw()
+                    if self.buffer.held:
+                        # A weight update began between the admission and here: it waits for the
+                        # rounds in flight, and this one must not start under it.
+                        self.buffer.release(samples)
+                        continue
+                    positions = self._draw(samples // self.group_size)
                     round_index, self.rounds = self.rounds, self.rounds + 1
                     self.in_flight[round_index] = positions
                     self.clock.set(busy=True)
+                    sent_during = self.pauses
                 prompts = [self.run.train_set.prompts[position] for position in positions]
                 sampling = round_sampling(self.run, sampling_seed(self.run.config.rollout.seed, round_index, 0))
                 sent = time.perf_counter()
                 future = self.run.engines.submit_generate([prompt.prompt_ids for prompt in prompts], sampling, partial=self.resend_partial)
-                self._when_done(future, round_index, prompts, sampling, sent)
+                self._when_done(future, round_index, prompts, sampling, sent, sent_during)
         except BufferClosed:
             return
         except BaseException as error:  # noqa: BLE001 - handed to the trainer, which raises it
-            self.buffer.fail(error)
+            self._fail(error, round_index)
 
-    def _draw(self) -> list[int]:
-        """The next round's prompts: pending ones first, then the loader's (lock held)."""
-        while len(self.pending) < self.round_prompts:
+    def _draw(self, count: int) -> list[int]:
+        """The next ``count`` prompts: pending ones first, then the loader's (lock held)."""
+        while len(self.pending) < count:
             self.pending.extend(self.run.loader.next_positions())
-        return [self.pending.popleft() for _ in range(self.round_prompts)]
+        return [self.pending.popleft() for _ in range(count)]
 
-    def _when_done(self, future: concurrent.futures.Future, round_index: int, prompts, sampling: SamplingParams, sent: float) -> None:
+    def _when_done(self, future: concurrent.futures.Future, round_index: int, prompts, sampling: SamplingParams, sent: float, sent_during: int) -> None:
         def finish(done: concurrent.futures.Future) -> None:
             with contextlib.suppress(RuntimeError):  # the pool is shut down: the run is closing
-                self._scoring.submit(self._finish, done, round_index, prompts, sampling, sent)
+                self._scoring.submit(self._finish, done, round_index, prompts, sampling, sent, sent_during)
 
         future.add_done_callback(finish)
 
-    def _finish(self, future: concurrent.futures.Future, round_index: int, prompts, sampling: SamplingParams, sent: float) -> None:
+    def _finish(self, future: concurrent.futures.Future, round_index: int, prompts, sampling: SamplingParams, sent: float, sent_during: int) -> None:
         """A round came back (scoring thread): send its partial samples again, or score it into the buffer."""
         try:
             samples: list[Sample] = future.result()
             if self.resend_partial and any(sample.finish_reason == "abort" for sample in samples):
+                with self._lock:
+                    paused_since = self.pauses != sent_during or self.pauses % 2 == 1
+                    resent_during = self.pauses
+                if not paused_since:
+                    aborted = next(sample for sample in samples if sample.finish_reason == "abort")
+                    engines = self.run.engines.engines
+                    raise EngineRequestError(
+                        engines[aborted.prompt_index % len(engines)].label,
+                        f"a sample of round {round_index} came back aborted although no weight update paused the engines since "
+                        "it was sent (an /abort_request from elsewhere?); megarl sends again only what its own pauses abort",
+                    )
                 prompt_ids = [prompt.prompt_ids for prompt in prompts]
                 resumed = self.run.engines.submit_resume(prompt_ids, samples, sampling, partial=True)
-                self._when_done(resumed, round_index, prompts, sampling, sent)
+                self._when_done(resumed, round_index, prompts, sampling, sent, resent_during)
                 return
             generated = time.perf_counter()
-            records, metrics = score_samples(self.run, prompts, samples, first_group=round_index * self.round_prompts, step=self.buffer.version)
+            records, metrics = score_samples(self.run, prompts, samples, first_group=round_index * self.round_prompts, label=f"round {round_index}")
             by_prompt: dict[int, list[ScoredSample]] = {}
             for sample, record in zip(samples, records):
                 by_prompt.setdefault(sample.prompt_index, []).append(record)
@@ -191,9 +236,7 @@ class AsyncRollout:
                 self.clock.set(busy=bool(self.in_flight))
                 self._lock.notify_all()
         except BaseException as error:  # noqa: BLE001 - handed to the trainer, which raises it
-            self.buffer.fail(error)
-            with self._lock:
-                self._lock.notify_all()
+            self._fail(error, round_index)
 
     # The trainer's side.
 
@@ -202,11 +245,14 @@ class AsyncRollout:
         oldest within the staleness bound first, through the dynamic sampling filter when it is on.
 
         Returns:
-            ``(samples, metrics)``: ``reward/*`` over every sample the step considered,
-            ``rollout/dropped_stale`` (samples past the bound, their prompts drawn again),
-            ``rollout/buffer_samples`` and ``rollout/in_flight_samples`` (after the take),
-            ``time/overlap_s`` (seconds since the last batch in which the rollout worked while the
-            trainer did not wait for it), ``time/rollout_busy_s``, ``time/wait_rollout_s``.
+            ``(samples, metrics)``: ``reward/mean`` and ``reward/std`` over every sample the step
+            considered (kept or filtered); ``reward/failures``, ``reward/timeouts``, the reward
+            extras, ``time/generate_s`` and ``time/reward_s`` over the rounds scored since the
+            last batch; ``rollout/dropped_stale`` (samples past the bound, their prompts drawn
+            again); ``rollout/buffer_samples`` and ``rollout/in_flight_samples`` (samples scored
+            and waiting; samples of rounds sent and not yet in the buffer) after the take;
+            ``time/overlap_s`` (seconds since the last batch in which a round was in flight while
+            the trainer did not wait for samples), ``time/rollout_busy_s``, ``time/wait_rollout_s``.
         """
         algorithm = self.run.config.algorithm
         kept: list[ScoredSample] = []
@@ -240,21 +286,21 @@ class AsyncRollout:
                     self.buffer.release(len(group.samples))
                     continue
             kept += group.samples
-        dropped, dropped_samples = self.buffer.drain_dropped()
+        dropped = self.buffer.drain_dropped()
         scores = torch.tensor(considered)
         with self._lock:
             self.pending.extendleft(reversed([group.prompt_position for group in dropped]))
             self.clock.set(waiting=False)
             add_round_metrics(metrics, {name: RoundMetric(value, adds_up=True) for name, value in self.metrics.items()})
             self.metrics = {}
-            in_flight = len(self.in_flight) * self.round_samples
+            in_flight = len([position for positions in self.in_flight.values() for position in positions]) * self.group_size
             metrics.update(self.clock.read())
         metrics.update(
             {
                 "rollout/engine_restarts": self.run.engines.restarts,
                 "reward/mean": scores.mean().item(),
                 "reward/std": scores.std().item() if len(scores) > 1 else 0.0,
-                "rollout/dropped_stale": dropped_samples,
+                "rollout/dropped_stale": sum(len(group.samples) for group in dropped),
                 "rollout/buffer_samples": self.buffer.ready_samples,
                 "rollout/in_flight_samples": in_flight,
             }
@@ -267,17 +313,22 @@ class AsyncRollout:
         rollout) or let the rounds in flight finish first; afterwards admission runs on to the
         new version's bound and the engines go on."""
         if self.partial_rollout:
+            with self._lock:
+                self.pauses += 1
             self.run.engines.pause_generation(self.run.config.rollout.pause_mode)
         else:
             self.buffer.hold(True)
             with self._lock:
-                self._lock.wait_for(lambda: not self.in_flight or self.buffer.error is not None)
+                while self.in_flight and self.buffer.error is None and not self.buffer.closed:
+                    self._lock.wait(timeout=WAIT_CHECK_S)
         try:
             yield
         finally:
             self.buffer.set_version(version)
             if self.partial_rollout:
                 self.run.engines.continue_generation()
+                with self._lock:
+                    self.pauses += 1
             else:
                 self.buffer.hold(False)
 

@@ -51,7 +51,7 @@ def round_sampling(run: Run, seed: int) -> SamplingParams:
     return SamplingParams.from_config(run.config.rollout, max_new_tokens=run.config.data.max_response_length, seed=seed)
 
 
-def score_samples(run: Run, prompts: Sequence[Prompt], samples: Sequence[Sample], *, first_group: int, step: int) -> tuple[list[ScoredSample], dict[str, RoundMetric]]:
+def score_samples(run: Run, prompts: Sequence[Prompt], samples: Sequence[Sample], *, first_group: int, label: str) -> tuple[list[ScoredSample], dict[str, RoundMetric]]:
     """Score a round's samples (first rank) into the records the trainer trains on.
 
     Args:
@@ -59,7 +59,7 @@ def score_samples(run: Run, prompts: Sequence[Prompt], samples: Sequence[Sample]
         samples: the engines' samples, finished.
         first_group: the group id of the round's first prompt (prompt ``i`` is group
             ``first_group + i``).
-        step: the step the round belongs to (named when a sample fails to score).
+        label: the round's name in the warning of a sample that fails to score (``step 3``).
 
     Returns:
         one record per sample, and the round's reward metrics (``time/reward_s`` included).
@@ -71,9 +71,9 @@ def score_samples(run: Run, prompts: Sequence[Prompt], samples: Sequence[Sample]
         run.reward_failure_shown = True
         failed = scored.first_failed
         log.warning(
-            "step %d: %d of %d samples failed to score; each scores 0 and counts in reward/failures (shown once per run). "
+            "%s: %d of %d samples failed to score; each scores 0 and counts in reward/failures (shown once per run). "
             "The first: %s\n  prompt: %r\n  response: %r",
-            step, scored.failures, len(samples), scored.first_error, prompts[samples[failed].prompt_index].text, texts[failed],
+            label, scored.failures, len(samples), scored.first_error, prompts[samples[failed].prompt_index].text, texts[failed],
         )
     mask_older = run.config.rollout.mask_offpolicy_in_partial_rollout
     records = []
@@ -112,7 +112,7 @@ def generate_round(run: Run, step: int, round_index: int) -> tuple[dict[str, Rou
     start = time.perf_counter()
     samples = run.engines.generate([prompt.prompt_ids for prompt in prompts], sampling)
     generated = time.perf_counter()
-    records, metrics = score_samples(run, prompts, samples, first_group=round_index * len(prompts), step=step)
+    records, metrics = score_samples(run, prompts, samples, first_group=round_index * len(prompts), label=f"step {step}")
     return {
         "rollout/engine_restarts": RoundMetric(run.engines.restarts, adds_up=False),
         "time/generate_s": RoundMetric(generated - start, adds_up=True),

@@ -209,13 +209,17 @@ class Run:
         return {"weights/sync_s": seconds, "weights/sync_gbps": total / max(seconds, 1e-9) / 1e9}
 
     def close(self) -> None:
-        """Stop the producer, the engines and the scorer and close the sinks (also on errors)."""
+        """Stop the producer, the engines and the scorer and close the sinks (also on errors).
+        The scorer closes last: the async producer may be scoring a round until its engines are gone."""
         with contextlib.suppress(Exception):
             if self.rollout is not None:
                 self.rollout.close()
         with contextlib.suppress(Exception):
             if self.engines is not None:
                 self.engines.shutdown()
+        with contextlib.suppress(Exception):
+            if self.rollout is not None:
+                self.rollout.join()
         with contextlib.suppress(Exception):
             if self.scorer is not None and hasattr(self.scorer, "close"):
                 self.scorer.close()
@@ -340,7 +344,7 @@ def setup(config: Config) -> Run:
             from megarl.trainer.async_rollout import AsyncRollout
 
             run.rollout = AsyncRollout(run)
-        elif run.pending_prompts:
+        elif first and config.rollout.mode == "sync" and run.pending_prompts:
             log.warning(
                 "the checkpoint holds %d prompts an async run had drawn but not trained; rollout.mode sync goes on "
                 "from the data position and skips them", len(run.pending_prompts),

@@ -1,19 +1,27 @@
-"""``rollout.mode: async`` end to end (two processes on gloo, the hf engine): partial rollouts whose
-segments match the trainer under their own weight versions, the staleness bound under a slow
-engine and a slow trainer, an engine killed while rounds are in flight, and a crash + resume that
-trains every prompt of the epoch exactly once."""
+"""``rollout.mode: async``: the producer against scripted engines (rounds in admission order,
+checkpoints of every prompt drawn but not trained, weight updates with and without partial
+rollout, aborts resent only after a pause), then end to end (two processes on gloo, the hf
+engine): partial rollouts whose segments match the trainer under their own weight versions, the
+staleness bound under a slow engine and a slow trainer, an engine killed while rounds are in
+flight, and a crash + resume that trains every prompt of the epoch exactly once."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
+import threading
+import time
+import types
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
+from megarl.config import load_config
+from megarl.rollout.errors import EngineRequestError
+from megarl.rollout.sampling import Sample, WeightSegment
+from megarl.trainer.async_rollout import AsyncRollout
 from tests.distributed import REPO, run_torchrun
-
-pytestmark = pytest.mark.multirank
 
 WORKER = REPO / "tests" / "workers" / "train_check.py"
 PROMPTS = 24
@@ -45,6 +53,165 @@ SEGMENT_TOLERANCE = 1e-5
 """fp32: the engine's log-probs and the trainer's differ by rounding only, segment by segment."""
 
 
+class ScriptedEngines:
+    """Engines whose answers the test gives: every request's future waits in ``requests``."""
+
+    def __init__(self, version: str = "0"):
+        self.version = version
+        self.requests: list[tuple[str, list[list[int]], concurrent.futures.Future]] = []
+        self.events: list[str] = []
+        self.restarts = 0
+        self.engines = [types.SimpleNamespace(label="hf-0")]
+        self.sent = threading.Condition()
+
+    def _submit(self, kind, prompt_ids):
+        future = concurrent.futures.Future()
+        with self.sent:
+            self.requests.append((kind, [list(ids) for ids in prompt_ids], future))
+            self.events.append(kind)
+            self.sent.notify_all()
+        return future
+
+    def submit_generate(self, prompt_ids, sampling, partial=False):
+        return self._submit("generate", prompt_ids)
+
+    def submit_resume(self, prompt_ids, samples, sampling, partial=False):
+        return self._submit("resume", prompt_ids)
+
+    def pause_generation(self, mode):
+        self.events.append(f"pause {mode}")
+
+    def continue_generation(self):
+        self.events.append("continue")
+
+    def wait_for(self, count: int) -> None:
+        with self.sent:
+            assert self.sent.wait_for(lambda: len(self.requests) >= count, timeout=10), self.events
+
+    def answer(self, index: int, finish_reason: str = "stop") -> None:
+        """Finish request ``index``: two tokens per sample, from the current version."""
+        _, prompts, future = self.requests[index]
+        segments = (WeightSegment(self.version, 0, 2),)
+        future.set_result([
+            Sample(prompt, sample, [1, 2], [-0.5, -0.5], finish_reason, self.version, segments) for prompt in range(len(prompts)) for sample in range(N)
+        ])
+
+
+N = 2
+"""Samples per prompt of the scripted runs; rounds of 2 prompts, batches of 2 rounds."""
+
+
+def scripted(engines: ScriptedEngines, *overrides: str, pending=(), version: int = 0) -> AsyncRollout:
+    config = load_config(None, [
+        "rollout.mode=async", "rollout.colocate=false", f"rollout.n_samples_per_prompt={N}", "rollout.batch_size=2",
+        "train.global_batch_size=8", "train.mini_batch_size=8", "train.steps=10", *overrides,
+    ])
+    prompts = [types.SimpleNamespace(prompt_ids=[100 + index], text=str(index), reward_kwargs=lambda text: {}) for index in range(40)]
+
+    class Loader:
+        position = 0
+
+        def next_positions(self):
+            self.position += 2
+            return [self.position - 2, self.position - 1]
+
+        def state_dict(self):
+            return {"position": self.position}
+
+    scored = lambda samples: types.SimpleNamespace(scores=[float(index % 2) for index in range(len(samples))], failures=0, timeouts=0, extras={})  # noqa: E731
+    run = types.SimpleNamespace(
+        config=config, weight_version=version, pending_prompts=list(pending), rollout_rounds=0, loader=Loader(),
+        train_set=types.SimpleNamespace(prompts=prompts), engines=engines, reward_failure_shown=False,
+        tokenizer=types.SimpleNamespace(decode=lambda ids, skip_special_tokens: "x"), score=scored,
+    )
+    return AsyncRollout(run)
+
+
+def prompt_ids(samples) -> list[int]:
+    return list(dict.fromkeys(sample.prompt_ids[0] - 100 for sample in samples))
+
+
+@pytest.mark.cpu
+def test_rounds_enter_the_buffer_in_admission_order_and_a_checkpoint_holds_every_prompt_not_trained():
+    engines = ScriptedEngines()
+    rollout = scripted(engines, "rollout.max_staleness=1")
+    rollout.start()
+    try:
+        engines.wait_for(4)  # (0 + 1 + 1) x 8 samples admitted: four rounds of 2 prompts
+        time.sleep(0.2)
+        assert len(engines.requests) == 4
+        engines.answer(1)  # the second round first: it waits for the first
+        time.sleep(0.2)
+        assert rollout.buffer.ready_samples == 0
+        # A checkpoint now: the loader is past 8 prompts, none trained.
+        assert rollout.state_dict() == {"data": {"position": 8}, "pending_prompts": [0, 1, 2, 3, 4, 5, 6, 7], "rollout_rounds": 4}
+        engines.answer(0)
+        samples, metrics = rollout.next_batch()  # waits for rounds 0 and 1 (8 samples)
+        assert prompt_ids(samples) == [0, 1, 2, 3] and metrics["rollout/in_flight_samples"] == 8
+        assert rollout.state_dict()["pending_prompts"] == [4, 5, 6, 7]
+        # Resumed from that checkpoint, the run draws its pending prompts first.
+        resumed_engines = ScriptedEngines()
+        resumed = scripted(resumed_engines, "rollout.max_staleness=0", pending=[4, 5, 6, 7], version=1)
+        resumed.start()
+        try:
+            resumed_engines.wait_for(2)
+            assert [ids for _, ids, _ in resumed_engines.requests[:2]] == [[[104], [105]], [[106], [107]]]
+        finally:
+            resumed.close()
+    finally:
+        rollout.close()
+
+
+@pytest.mark.cpu
+def test_without_partial_rollout_an_update_waits_for_the_rounds_in_flight_and_sends_none():
+    engines = ScriptedEngines()
+    rollout = scripted(engines, "rollout.max_staleness=1", "rollout.partial_rollout=false")
+    rollout.start()
+    try:
+        engines.wait_for(4)
+        for index in range(2):
+            engines.answer(index)
+        rollout.next_batch()
+        updated = threading.Event()
+
+        def update():
+            with rollout.weight_update(1):
+                updated.set()
+
+        updater = threading.Thread(target=update)
+        updater.start()
+        time.sleep(0.3)
+        assert not updated.is_set() and len(engines.requests) == 4  # rounds 2 and 3 still run
+        engines.answer(2)
+        engines.answer(3)
+        updater.join(10)
+        assert updated.is_set() and "pause abort" not in engines.events
+        engines.wait_for(6)  # version 1 admits the next batch
+    finally:
+        rollout.close()
+
+
+@pytest.mark.cpu
+def test_samples_aborted_by_a_pause_are_sent_again_and_any_other_abort_stops_the_run():
+    engines = ScriptedEngines()
+    rollout = scripted(engines, "rollout.max_staleness=0")
+    rollout.start()
+    try:
+        engines.wait_for(2)
+        with rollout.weight_update(1):
+            engines.answer(0, finish_reason="abort")  # cut by the pause: sent again
+            engines.wait_for(3)
+            engines.version = "1"
+        assert engines.events[:4] == ["generate", "generate", "pause abort", "resume"] and engines.events[4] == "continue"
+        engines.wait_for(4)  # version 1 admits the next batch
+        assert engines.requests[3][0] == "generate"
+        engines.answer(3, finish_reason="abort")  # no pause since it was sent
+        with pytest.raises(EngineRequestError, match="aborted although no weight update paused the engines"):
+            rollout.next_batch()
+    finally:
+        rollout.close()
+
+
 def one_epoch_of_prompts(path: Path) -> Path:
     """The first :data:`PROMPTS` distinct prompts of the bundled toy task."""
     rows, seen = [], set()
@@ -66,6 +233,7 @@ def launch(tmp_path: Path, name: str, run_dir: Path, overrides: list[str], hooks
     return json.loads(report.read_text()), rows
 
 
+@pytest.mark.multirank
 def test_async_run_partial_rollouts_staleness_a_killed_engine_and_a_resume_that_trains_each_prompt_once(tmp_path):
     data = one_epoch_of_prompts(tmp_path / "epoch.jsonl")
     run_dir = tmp_path / "run"
