@@ -2,10 +2,11 @@
 
 A producer thread draws rounds of ``rollout.batch_size`` prompts and sends each to the engines as
 soon as the staleness bound admits its samples (:class:`~megarl.rollout.buffer.RolloutBuffer`:
-AReaL's capacity rule); a scoring thread scores each round when it comes back and puts its groups
-into the buffer. The step takes the oldest groups still within ``rollout.max_staleness``
-(:meth:`AsyncRollout.next_batch`), in the order their rounds were admitted, with dynamic sampling applied group by group as in a
-synchronous step; a group past the bound is dropped and its prompt drawn again.
+AReaL's capacity rule); a scoring thread scores each round when it comes back, drops the groups
+dynamic sampling filters out (their places go at once to the samples after them) and puts the
+others into the buffer, in the order the rounds were admitted. The step takes the oldest groups
+still within ``rollout.max_staleness`` (:meth:`AsyncRollout.next_batch`); a group past the bound
+is dropped and its prompt drawn again.
 
 At a weight update (:meth:`AsyncRollout.weight_update`), with ``rollout.partial_rollout`` the
 engines pause (``rollout.pause_mode``) and go on under the new weights: in mode ``abort`` the
@@ -47,8 +48,10 @@ log = logging.getLogger("megarl")
 WAIT_CHECK_S = 5.0
 """A weight update waiting for the rounds in flight checks again this often (besides being woken)."""
 DYNAMIC_SAMPLING_BATCHES = 4
-"""With dynamic sampling a step considers at most this many train batches of samples; then it tops
-the batch up from the groups the filter dropped (the synchronous step's rule, in samples)."""
+"""With dynamic sampling a step waits for at most this many train batches of samples to be scored;
+then it tops the batch up from the groups the filter dropped (the synchronous step's rule, in samples)."""
+TOP_UP_CHECK_S = 0.2
+"""With dynamic sampling the trainer waiting for groups checks this often whether to top up."""
 
 
 class _RolloutClock:
@@ -117,10 +120,16 @@ class AsyncRollout:
         """The round whose groups enter the buffer next."""
         self.metrics: dict[str, float] = {}
         """The scored rounds' metrics since the last batch."""
+        self.scored_samples = 0
+        """Samples scored since the last batch (the top-up waits for DYNAMIC_SAMPLING_BATCHES batches)."""
+        self.reserve: list[BufferedGroup] = []
+        """Groups dynamic sampling dropped since the last batch, which may top it up."""
+        self.topped_up_from = 0
         self.clock = _RolloutClock()
         self._lock = threading.Condition()
         """Guards the loader, ``pending``, ``in_flight``, ``finished``, ``next_round``, ``rounds``,
-        ``pauses``, ``metrics`` and ``clock``; taken before the buffer's own lock, never after."""
+        ``pauses``, ``metrics``, ``scored_samples``, ``reserve`` and ``clock``; taken before the
+        buffer's own lock, never after."""
         self._scoring = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="megarl-rollout-score")
         self._thread = threading.Thread(target=self._produce, name="megarl-rollout-producer", daemon=True)
 
@@ -223,9 +232,14 @@ class AsyncRollout:
                 BufferedGroup(samples=group, oldest_version=min(oldest_version(record) for record in group), prompt_position=positions[prompt_index])
                 for prompt_index, group in sorted(by_prompt.items())
             ]
+            groups, filtered = self._filter(groups, metrics) if self.run.config.algorithm.dynamic_sampling else (groups, [])
             with self._lock:
                 metrics["time/generate_s"] = RoundMetric(generated - sent, adds_up=True)
                 add_round_metrics(self.metrics, metrics)
+                self.scored_samples += len(records)
+                # A filtered group is consumed now: its place goes to the samples after it at once.
+                self.reserve += filtered
+                self.buffer.release(sum(len(group.samples) for group in filtered))
                 self.finished[round_index] = groups
                 # Rounds enter the buffer in the order they were admitted: the admission rule's order.
                 while self.next_round in self.finished:
@@ -238,74 +252,88 @@ class AsyncRollout:
         except BaseException as error:  # noqa: BLE001 - handed to the trainer, which raises it
             self._fail(error, round_index)
 
+    def _filter(self, groups: list[BufferedGroup], metrics: dict[str, RoundMetric]) -> tuple[list[BufferedGroup], list[BufferedGroup]]:
+        """``(kept, dropped)``: the groups DAPO's dynamic sampling keeps and drops
+        (``algorithm.dynamic_sampling_mean_range``); the counts go into ``metrics`` (``filter/*``)."""
+        algorithm = self.run.config.algorithm
+        kept, filtered = [], []
+        for group in groups:
+            scores = torch.tensor([sample.score for sample in group.samples])
+            keep, counts = dynamic_sampling_keep(scores, torch.zeros(len(scores), dtype=torch.int64), mean_range=algorithm.dynamic_sampling_mean_range)
+            for name, value in counts.items():
+                metrics[f"filter/{name}"] = RoundMetric(metrics[f"filter/{name}"].value + value if f"filter/{name}" in metrics else value, adds_up=True)
+            (kept if bool(keep.all()) else filtered).append(group)
+        return kept, filtered
+
     # The trainer's side.
 
     def next_batch(self) -> tuple[list[ScoredSample], dict[str, float]]:
         """The step's samples (first rank): ``train.global_batch_size`` of them in whole groups, the
-        oldest within the staleness bound first, through the dynamic sampling filter when it is on.
+        oldest within the staleness bound first. With dynamic sampling the groups were filtered as
+        they were scored; once :data:`DYNAMIC_SAMPLING_BATCHES` batches of samples were scored
+        since the last batch without filling this one, it is topped up from the filtered groups
+        still within the bound (``filter/topped_up_samples``).
 
         Returns:
-            ``(samples, metrics)``: ``reward/mean`` and ``reward/std`` over every sample the step
-            considered (kept or filtered); ``reward/failures``, ``reward/timeouts``, the reward
-            extras, ``time/generate_s`` and ``time/reward_s`` over the rounds scored since the
-            last batch; ``rollout/dropped_stale`` (samples past the bound, their prompts drawn
-            again); ``rollout/buffer_samples`` and ``rollout/in_flight_samples`` (samples scored
-            and waiting; samples of rounds sent and not yet in the buffer) after the take;
-            ``time/overlap_s`` (seconds since the last batch in which a round was in flight while
-            the trainer did not wait for samples), ``time/rollout_busy_s``, ``time/wait_rollout_s``.
+            ``(samples, metrics)``: ``reward/mean`` and ``reward/std`` over the batch and the groups
+            the filter dropped since the last batch; ``reward/failures``, ``reward/timeouts``, the
+            reward extras, ``filter/*``, ``time/generate_s`` and ``time/reward_s`` over the rounds
+            scored since the last batch; ``rollout/dropped_stale`` (samples past the bound, their
+            prompts drawn again); ``rollout/buffer_samples`` and ``rollout/in_flight_samples``
+            (samples scored and waiting; samples of rounds sent and not yet in the buffer) after
+            the take; ``time/overlap_s`` (seconds since the last batch in which a round was in
+            flight while the trainer did not wait for samples), ``time/rollout_busy_s``,
+            ``time/wait_rollout_s``.
         """
-        algorithm = self.run.config.algorithm
+        dynamic_sampling = self.run.config.algorithm.dynamic_sampling
         kept: list[ScoredSample] = []
-        reserve: list[BufferedGroup] = []
-        considered: list[float] = []
         metrics: dict[str, float] = {}
         with self._lock:
             self.clock.set(waiting=True)
         while len(kept) < self.batch_samples:
-            if algorithm.dynamic_sampling and len(considered) >= DYNAMIC_SAMPLING_BATCHES * self.batch_samples:
-                reserved = sum(len(group.samples) for group in reserve)
-                if len(kept) + reserved >= self.batch_samples:
-                    metrics["filter/topped_up_samples"] = self.batch_samples - len(kept)
-                    for group in reserve:
-                        if len(kept) >= self.batch_samples:
-                            break
-                        kept += group.samples
-                        self.buffer.release(-len(group.samples))  # trained after all: its place is taken again
-                    break
-            group = self.buffer.take()
-            scores = [sample.score for sample in group.samples]
-            considered += scores
-            if algorithm.dynamic_sampling:
-                keep, counts = dynamic_sampling_keep(
-                    torch.tensor(scores), torch.zeros(len(scores), dtype=torch.int64), mean_range=algorithm.dynamic_sampling_mean_range
-                )
-                for name, value in counts.items():
-                    metrics[f"filter/{name}"] = metrics.get(f"filter/{name}", 0) + value
-                if not bool(keep.all()):
-                    reserve.append(group)
-                    self.buffer.release(len(group.samples))
-                    continue
-            kept += group.samples
+            group = self.buffer.take(timeout_s=TOP_UP_CHECK_S if dynamic_sampling else None)
+            if group is not None:
+                kept += group.samples
+            elif self._top_up(kept):
+                metrics["filter/topped_up_samples"] = self.batch_samples - self.topped_up_from
         dropped = self.buffer.drain_dropped()
-        scores = torch.tensor(considered)
         with self._lock:
             self.pending.extendleft(reversed([group.prompt_position for group in dropped]))
             self.clock.set(waiting=False)
+            scores = torch.tensor([sample.score for sample in kept] + [sample.score for group in self.reserve for sample in group.samples])
             add_round_metrics(metrics, {name: RoundMetric(value, adds_up=True) for name, value in self.metrics.items()})
-            self.metrics = {}
+            self.metrics, self.reserve, self.scored_samples = {}, [], 0
             in_flight = len([position for positions in self.in_flight.values() for position in positions]) * self.group_size
             metrics.update(self.clock.read())
         metrics.update(
             {
                 "rollout/engine_restarts": self.run.engines.restarts,
                 "reward/mean": scores.mean().item(),
-                "reward/std": scores.std().item() if len(scores) > 1 else 0.0,
+                "reward/std": scores.std().item(),
                 "rollout/dropped_stale": sum(len(group.samples) for group in dropped),
                 "rollout/buffer_samples": self.buffer.ready_samples,
                 "rollout/in_flight_samples": in_flight,
             }
         )
         return kept[: self.batch_samples], metrics
+
+    def _top_up(self, kept: list[ScoredSample]) -> bool:
+        """Fill ``kept`` from the filtered groups within the bound, once enough samples were scored
+        since the last batch; whether it did."""
+        with self._lock:
+            if self.scored_samples < DYNAMIC_SAMPLING_BATCHES * self.batch_samples:
+                return False
+            fresh = [group for group in self.reserve if self.buffer.version - group.oldest_version <= self.buffer.max_staleness]
+            if sum(len(group.samples) for group in fresh) < self.batch_samples - len(kept):
+                return False
+            self.topped_up_from = len(kept)
+            for group in fresh:
+                if len(kept) >= self.batch_samples:
+                    break
+                kept += group.samples
+                self.reserve.remove(group)
+                self.buffer.release(-len(group.samples))  # trained after all: its place is taken again
+            return True
 
     @contextlib.contextmanager
     def weight_update(self, version: int):

@@ -56,8 +56,9 @@ SEGMENT_TOLERANCE = 1e-5
 class ScriptedEngines:
     """Engines whose answers the test gives: every request's future waits in ``requests``."""
 
-    def __init__(self, version: str = "0"):
+    def __init__(self, version: str = "0", answer_at_once: bool = False):
         self.version = version
+        self.answer_at_once = answer_at_once
         self.requests: list[tuple[str, list[list[int]], concurrent.futures.Future]] = []
         self.events: list[str] = []
         self.restarts = 0
@@ -70,6 +71,8 @@ class ScriptedEngines:
             self.requests.append((kind, [list(ids) for ids in prompt_ids], future))
             self.events.append(kind)
             self.sent.notify_all()
+        if self.answer_at_once:
+            self.answer(len(self.requests) - 1)
         return future
 
     def submit_generate(self, prompt_ids, sampling, partial=False):
@@ -101,7 +104,7 @@ N = 2
 """Samples per prompt of the scripted runs; rounds of 2 prompts, batches of 2 rounds."""
 
 
-def scripted(engines: ScriptedEngines, *overrides: str, pending=(), version: int = 0) -> AsyncRollout:
+def scripted(engines: ScriptedEngines, *overrides: str, pending=(), version: int = 0, score=lambda index: float(index % 2)) -> AsyncRollout:
     config = load_config(None, [
         "rollout.mode=async", "rollout.colocate=false", f"rollout.n_samples_per_prompt={N}", "rollout.batch_size=2",
         "train.global_batch_size=8", "train.mini_batch_size=8", "train.steps=10", *overrides,
@@ -113,12 +116,12 @@ def scripted(engines: ScriptedEngines, *overrides: str, pending=(), version: int
 
         def next_positions(self):
             self.position += 2
-            return [self.position - 2, self.position - 1]
+            return [(self.position - 2) % len(prompts), (self.position - 1) % len(prompts)]
 
         def state_dict(self):
             return {"position": self.position}
 
-    scored = lambda samples: types.SimpleNamespace(scores=[float(index % 2) for index in range(len(samples))], failures=0, timeouts=0, extras={})  # noqa: E731
+    scored = lambda samples: types.SimpleNamespace(scores=[score(index) for index in range(len(samples))], failures=0, timeouts=0, extras={})  # noqa: E731
     run = types.SimpleNamespace(
         config=config, weight_version=version, pending_prompts=list(pending), rollout_rounds=0, loader=Loader(),
         train_set=types.SimpleNamespace(prompts=prompts), engines=engines, reward_failure_shown=False,
@@ -208,6 +211,22 @@ def test_samples_aborted_by_a_pause_are_sent_again_and_any_other_abort_stops_the
         engines.answer(3, finish_reason="abort")  # no pause since it was sent
         with pytest.raises(EngineRequestError, match="aborted although no weight update paused the engines"):
             rollout.next_batch()
+    finally:
+        rollout.close()
+
+
+@pytest.mark.cpu
+def test_groups_dynamic_sampling_drops_give_their_places_back_at_once_and_top_the_batch_up_at_last():
+    engines = ScriptedEngines(answer_at_once=True)
+    rollout = scripted(engines, "rollout.max_staleness=0", "algorithm.dynamic_sampling=true", score=lambda index: 1.0)
+    rollout.start()
+    try:
+        # Every group scores all 1.0 and is dropped as it is scored; its places start new rounds
+        # until 4 batches of samples were scored, then the batch is topped up with dropped groups.
+        samples, metrics = rollout.next_batch()
+        assert len(samples) == 8 and metrics["filter/topped_up_samples"] == 8
+        assert metrics["filter/groups_dropped_equal"] == metrics["filter/groups"] >= 16
+        assert metrics["reward/mean"] == 1.0 and len(engines.requests) >= 8
     finally:
         rollout.close()
 
