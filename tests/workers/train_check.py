@@ -107,6 +107,8 @@ def main(argv=None) -> None:
         """Each segment of the multi-version samples against the trainer's log-probs under its
         version (collective: every rank recorded the same samples)."""
         now = {name: parameter.detach().clone() for name, parameter in parameters().items()}
+        # The same number of samples on every data-parallel rank.
+        del partial_samples[len(partial_samples) - len(partial_samples) % run.pg_collection.dp.size() :]
         batch = TrainBatch.from_scored(partial_samples, pad_token_id=run.tokenizer.pad_token_id, pad_multiple=run.pad_multiple)
         found: dict[str, dict[str, float]] = {}
         for version, weights in sorted(weights_at.items()):
