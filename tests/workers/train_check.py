@@ -9,6 +9,10 @@ and overrides), with optional faults injected through ``megarl.trainer.loop.trai
 
 Rank 0 writes ``--report`` (JSON): the engine's copy of ``--watch`` (one HF weight) before the
 first step and after every step, the engine restarts, and whether the run completed.
+
+The reward workers and Megatron's checkpoint writer are spawned processes, and each runs this
+file's top level again before its own work: torch and megarl are imported in :func:`main`, so that
+they start in a fraction of a second instead of importing torch, transformers and Megatron.
 """
 
 from __future__ import annotations
@@ -17,12 +21,6 @@ import argparse
 import json
 import os
 import signal
-
-import torch
-
-from megarl.config import load_config
-from megarl.trainer import loop
-from megarl.trainer.run import setup
 
 
 class InjectedStop(RuntimeError):
@@ -42,6 +40,12 @@ def parse_args(argv):
 
 
 def main(argv=None) -> None:
+    import torch
+
+    from megarl.config import load_config
+    from megarl.trainer import loop
+    from megarl.trainer.run import setup
+
     args = parse_args(argv)
     run = setup(load_config(args.config, args.overrides))
     first = run.is_first_rank
