@@ -16,6 +16,7 @@ from megarl.rollout import EngineGroup, EngineRequestError, SamplingParams
 from megarl.rollout.embedded.weights import HFWeightMap
 from megarl.rollout.sampling import WeightSegment
 from megarl.weights.bucket import Bucket
+from tests.workers.engine_weights import read_weights
 
 pytestmark = pytest.mark.multirank
 
@@ -109,7 +110,8 @@ def test_update_weights_over_each_transport(engines, transport):
     engines.update_weights(buckets(weights), version=f"{transport}-1")
     assert engines.weight_version == f"{transport}-1"
     for engine_index in range(2):
-        unequal = [name for name, tensor in weights.items() if not torch.equal(torch.tensor(engines.read_weight(name, engine_index)), tensor)]
+        held = read_weights(engines, weights, engine_index)
+        unequal = [name for name, tensor in weights.items() if not torch.equal(held[name], tensor)]
         assert not unequal, f"engine {engine_index} after the {transport} update: {unequal[:3]}"
     model = reference(weights)
     samples = engines.generate(PROMPTS, SamplingParams(max_new_tokens=10, temperature=0.0))

@@ -15,6 +15,7 @@ from megarl.config import resolve_model_path
 from megarl.rollout import EngineGroup, SamplingParams
 from megarl.rollout.embedded.weights import HFWeightMap
 from tests.distributed import REPO, run_torchrun
+from tests.workers.engine_weights import read_weights
 
 pytestmark = pytest.mark.multirank
 
@@ -37,7 +38,7 @@ def test_megatron_weights_stream_into_the_engine_bitwise(tmp_path):
         )
         after = engines.generate(PROMPTS, GREEDY)
         exported = load_file(tmp_path / "exported.safetensors")
-        last_weights = {name: torch.tensor(engines.read_weight(name)) for name in exported}
+        last_weights = read_weights(engines, exported)
 
     report = json.loads((tmp_path / "report.json").read_text())
     assert report == {"tensor": [], "nccl": []}, f"the engine's weights differ from the exporter's: {report}"

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 from common import add_layout_arguments, initialize, run
+from engine_weights import read_weights
 from megarl.models.builder import build_model, model_spec
 from megarl.models.loader import load_hf_config
 from megarl.models.exporter import export_hf_tensors
@@ -69,7 +70,8 @@ def main(argv):
                 pass  # the other ranks' iteration drives their sends
             exported = dict(export_hf_tensors(chunks, spec, pg_collection, dst=0))
             if rank0:
-                report[transport] = [name for name, tensor in exported.items() if not torch.equal(torch.tensor(engines.read_weight(name)), tensor)]
+                held = read_weights(engines, exported)
+                report[transport] = [name for name, tensor in exported.items() if not torch.equal(held[name], tensor)]
     finally:
         if engines is not None:
             engines.shutdown()

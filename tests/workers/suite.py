@@ -21,16 +21,19 @@ import sys
 import traceback
 from pathlib import Path
 
-import torch.distributed as dist
+if __name__ == "__main__":
+    # Not when Megatron's checkpoint writer, a spawned process, runs this file's top level again
+    # before its own work: it needs none of this, which takes seconds to import.
+    import torch.distributed as dist
 
-import bridge_check
-import checkpoint_check
-import head_check
-import layout_step
-import stream_check
-from common import add_layout_arguments, initialize, run
-from megarl.models.builder import build_model, model_spec
-from megarl.models.loader import load_hf_config, load_hf_weights
+    import bridge_check
+    import checkpoint_check
+    import head_check
+    import layout_step
+    import stream_check
+    from common import add_layout_arguments, initialize, run
+    from megarl.models.builder import build_model, model_spec
+    from megarl.models.loader import load_hf_config, load_hf_weights
 
 
 def layout_job(model: str, layout, pg_collection, checks: dict) -> dict:
@@ -61,6 +64,9 @@ KINDS = {"layout": layout_job, "checkpoint": checkpoint_job}
 
 
 def main(argv):
+    # What the imports made lives as long as the process: the collections after each job (below,
+    # and Megatron's when a distributed optimizer saves) need not walk it again.
+    gc.freeze()
     plan_path, out = argv
     plan = json.loads(Path(plan_path).read_text())
     layout_parser = argparse.ArgumentParser()

@@ -16,6 +16,10 @@ first step and after every step, the engine restarts, whether the run completed,
 each step trained on (``trained``: step -> the prompt token ids of its groups) and, with
 ``--check-segments``, ``segments``: per version, the tokens checked and the largest difference
 between the engine's log-probs and the trainer's.
+
+The reward workers and Megatron's checkpoint writer are spawned processes, and each runs this
+file's top level again before its own work: torch and megarl are imported in :func:`main`, so that
+they start in a fraction of a second instead of importing torch, transformers and Megatron.
 """
 
 from __future__ import annotations
@@ -25,14 +29,6 @@ import json
 import os
 import signal
 import time
-
-import torch
-
-from megarl.config import load_config
-from megarl.trainer import loop
-from megarl.trainer.batch import TrainBatch
-from megarl.trainer.run import setup
-from megarl.trainer.staleness import version_number
 
 
 class InjectedStop(RuntimeError):
@@ -54,6 +50,14 @@ def parse_args(argv):
 
 
 def main(argv=None) -> None:
+    import torch
+
+    from megarl.config import load_config
+    from megarl.trainer import loop
+    from megarl.trainer.batch import TrainBatch
+    from megarl.trainer.run import setup
+    from megarl.trainer.staleness import version_number
+
     args = parse_args(argv)
     run = setup(load_config(args.config, args.overrides))
     first = run.is_first_rank
