@@ -122,6 +122,7 @@ def test_expert_parallel_run_survives_a_killed_engine_a_failing_reward_and_a_nan
     assert_finite(rows, expected_nan={1: {"policy/grad_norm"}})
     # Validation at step 0, every 2 steps, and at the last step.
     assert ["val/accuracy" in row for row in rows] == [True, False, True]
+    assert all(("time/validation_s" in row) == ("val/accuracy" in row) for row in rows)
     # The engine killed after step 0 was restarted, with the weights of step 0's update: step 1's
     # rollout log-probs still match the trainer's.
     assert report["engine_restarts"] == 1 and rows[1]["rollout/engine_restarts"] == 1

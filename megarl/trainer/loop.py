@@ -250,7 +250,9 @@ def fit(run: Run) -> None:
                 last = step == config.train.steps - 1
                 if run.val_set is not None and config.train.eval_every and (step % config.train.eval_every == 0 or last):
                     progress.set_description(f"step {step}: validation")
+                    started = time.perf_counter()
                     metrics.update(evaluate(run, step))
+                    metrics["time/validation_s"] = time.perf_counter() - started
                 run.logger.log(step, metrics)
                 if (config.checkpoint.save_every and (step + 1) % config.checkpoint.save_every == 0) or last:
                     progress.set_description(f"step {step}: checkpoint")
