@@ -30,16 +30,14 @@ import datetime
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
+# The sibling benchmark's launch helpers and its rule for the time to 0.8, shared rather than restated.
+from bench_rollout import BIN, REPO, free_port, read_rows, time_to_reward
 PHASES = [
     ("step", "time/step_s"),
     ("rollout", "time/rollout_s"),
@@ -50,12 +48,6 @@ PHASES = [
     ("weight sync", "weights/sync_s"),
 ]
 """(table row, the metric whose median over the steps after the first it shows, in seconds)."""
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def run_once(run_dir: Path, steps: int, overrides: list[str]) -> dict:
@@ -71,20 +63,19 @@ def run_once(run_dir: Path, steps: int, overrides: list[str]) -> dict:
     wall = time.time() - launched
     if result.returncode:
         raise SystemExit(f"{' '.join(command)}: exit {result.returncode}; see {run_dir.parent / f'{run_dir.name}.log'}")
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = read_rows(run_dir)
     first = rows[0]
     first_step_s = first["time"] - launched
-    rewards = [float(row["reward/mean"]) for row in rows]
-    reached = next((index for index in range(9, len(rows)) if statistics.fmean(rewards[index - 9 : index + 1]) >= 0.8), None)
+    reached = time_to_reward(rows)
     validations = [row["val/accuracy"] for row in rows if "val/accuracy" in row]
     return {
         "first_step_s": first_step_s,
         "startup_s": first_step_s - first["time/step_s"] - first.get("time/validation_s", 0.0),
-        **{key: statistics.median(float(row[key]) for row in rows[1:] or rows) for _, key in PHASES},
-        "rounds": statistics.fmean(float(row.get("rollout/rounds", 1)) for row in rows),
-        "to_0.8_s": rows[reached]["time"] - launched if reached is not None else None,
-        "to_0.8_step": reached,
-        "end_reward": statistics.fmean(rewards[-20:]),
+        **{key: statistics.median(row[key] for row in rows[1:] or rows) for _, key in PHASES},
+        "rounds": statistics.fmean(row.get("rollout/rounds", 1) for row in rows),
+        "to_0.8_s": rows[reached[0]]["time"] - launched if reached else None,
+        "to_0.8_step": reached[0] if reached else None,
+        "end_reward": statistics.fmean(row["reward/mean"] for row in rows[-20:]),
         "end_validation": validations[-1] if validations else None,
         "wall_s": wall,
         "load_before": load,

@@ -25,7 +25,6 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import contextlib
-import logging
 import threading
 import time
 from typing import TYPE_CHECKING, Any
@@ -42,8 +41,6 @@ from megarl.trainer.staleness import oldest_version
 
 if TYPE_CHECKING:
     from megarl.trainer.run import Run
-
-log = logging.getLogger("megarl")
 
 WAIT_CHECK_S = 5.0
 """A weight update waiting for the rounds in flight checks again this often (besides being woken)."""
@@ -119,12 +116,11 @@ class AsyncRollout:
         self.next_round = self.rounds
         """The round whose groups enter the buffer next."""
         self.metrics: dict[str, float] = {}
-        """The scored rounds' metrics since the last batch."""
+        """The scored rounds' metrics since the last batch, combined (:func:`add_round_metrics`)."""
         self.scored_samples = 0
         """Samples scored since the last batch (the top-up waits for DYNAMIC_SAMPLING_BATCHES batches)."""
         self.reserve: list[BufferedGroup] = []
         """Groups dynamic sampling dropped since the last batch, which may top it up."""
-        self.topped_up_from = 0
         self.clock = _RolloutClock()
         self._lock = threading.Condition()
         """Guards the loader, ``pending``, ``in_flight``, ``finished``, ``next_round``, ``rounds``,
@@ -255,15 +251,13 @@ class AsyncRollout:
     def _filter(self, groups: list[BufferedGroup], metrics: dict[str, RoundMetric]) -> tuple[list[BufferedGroup], list[BufferedGroup]]:
         """``(kept, dropped)``: the groups DAPO's dynamic sampling keeps and drops
         (``algorithm.dynamic_sampling_mean_range``); the counts go into ``metrics`` (``filter/*``)."""
-        algorithm = self.run.config.algorithm
-        kept, filtered = [], []
-        for group in groups:
-            scores = torch.tensor([sample.score for sample in group.samples])
-            keep, counts = dynamic_sampling_keep(scores, torch.zeros(len(scores), dtype=torch.int64), mean_range=algorithm.dynamic_sampling_mean_range)
-            for name, value in counts.items():
-                metrics[f"filter/{name}"] = RoundMetric(metrics[f"filter/{name}"].value + value if f"filter/{name}" in metrics else value, adds_up=True)
-            (kept if bool(keep.all()) else filtered).append(group)
-        return kept, filtered
+        scores = torch.tensor([sample.score for group in groups for sample in group.samples])
+        group_ids = torch.tensor([index for index, group in enumerate(groups) for _ in group.samples])
+        keep, counts = dynamic_sampling_keep(scores, group_ids, mean_range=self.run.config.algorithm.dynamic_sampling_mean_range)
+        metrics.update({f"filter/{name}": RoundMetric(value, adds_up=True) for name, value in counts.items()})
+        # A group is kept or dropped whole: its first sample says which.
+        kept_groups = keep[torch.searchsorted(group_ids, torch.arange(len(groups)))].tolist()
+        return [group for group, kept in zip(groups, kept_groups) if kept], [group for group, kept in zip(groups, kept_groups) if not kept]
 
     # The trainer's side.
 
@@ -294,16 +288,16 @@ class AsyncRollout:
             group = self.buffer.take(timeout_s=TOP_UP_CHECK_S if dynamic_sampling else None)
             if group is not None:
                 kept += group.samples
-            elif self._top_up(kept):
-                metrics["filter/topped_up_samples"] = self.batch_samples - self.topped_up_from
+            elif topped_up := self._top_up(kept):
+                metrics["filter/topped_up_samples"] = topped_up
         dropped = self.buffer.drain_dropped()
         with self._lock:
             self.pending.extendleft(reversed([group.prompt_position for group in dropped]))
             self.clock.set(waiting=False)
             scores = torch.tensor([sample.score for sample in kept] + [sample.score for group in self.reserve for sample in group.samples])
-            add_round_metrics(metrics, {name: RoundMetric(value, adds_up=True) for name, value in self.metrics.items()})
+            metrics.update(self.metrics)
             self.metrics, self.reserve, self.scored_samples = {}, [], 0
-            in_flight = len([position for positions in self.in_flight.values() for position in positions]) * self.group_size
+            in_flight = sum(len(positions) for positions in self.in_flight.values()) * self.group_size
             metrics.update(self.clock.read())
         metrics.update(
             {
@@ -317,23 +311,23 @@ class AsyncRollout:
         )
         return kept[: self.batch_samples], metrics
 
-    def _top_up(self, kept: list[ScoredSample]) -> bool:
+    def _top_up(self, kept: list[ScoredSample]) -> int:
         """Fill ``kept`` from the filtered groups within the bound, once enough samples were scored
-        since the last batch; whether it did."""
+        since the last batch; the samples it needed (0: it did not top up)."""
         with self._lock:
             if self.scored_samples < DYNAMIC_SAMPLING_BATCHES * self.batch_samples:
-                return False
+                return 0
+            needed = self.batch_samples - len(kept)
             fresh = [group for group in self.reserve if self.buffer.version - group.oldest_version <= self.buffer.max_staleness]
-            if sum(len(group.samples) for group in fresh) < self.batch_samples - len(kept):
-                return False
-            self.topped_up_from = len(kept)
+            if sum(len(group.samples) for group in fresh) < needed:
+                return 0
             for group in fresh:
                 if len(kept) >= self.batch_samples:
                     break
                 kept += group.samples
                 self.reserve.remove(group)
                 self.buffer.release(-len(group.samples))  # trained after all: its place is taken again
-            return True
+            return needed
 
     @contextlib.contextmanager
     def weight_update(self, version: int):

@@ -89,7 +89,7 @@ def collect_batch(run: Run, step: int) -> tuple[TrainBatch, torch.Tensor, dict[s
     """
     config = run.config
     if config.rollout.mode == "async":
-        samples, metrics = on_first_rank(run, run.rollout.next_batch if run.is_first_rank else None)
+        samples, metrics = on_first_rank(run, lambda: run.rollout.next_batch())
         return batch_of(run, samples, metrics)
     target = config.train.global_batch_size
     kept: list[ScoredSample] = []

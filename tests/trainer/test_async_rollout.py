@@ -8,11 +8,13 @@ flight, and a crash + resume that trains every prompt of the epoch exactly once.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import threading
 import time
 import types
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -104,7 +106,9 @@ N = 2
 """Samples per prompt of the scripted runs; rounds of 2 prompts, batches of 2 rounds."""
 
 
-def scripted(engines: ScriptedEngines, *overrides: str, pending=(), version: int = 0, score=lambda index: float(index % 2)) -> AsyncRollout:
+@contextlib.contextmanager
+def producing(engines: ScriptedEngines, *overrides: str, pending=(), version: int = 0, score=lambda index: float(index % 2)) -> Iterator[AsyncRollout]:
+    """An :class:`AsyncRollout` over ``engines``, started, closed after the block."""
     config = load_config(None, [
         "rollout.mode=async", "rollout.colocate=false", f"rollout.n_samples_per_prompt={N}", "rollout.batch_size=2",
         "train.global_batch_size=8", "train.mini_batch_size=8", "train.steps=10", *overrides,
@@ -127,7 +131,12 @@ def scripted(engines: ScriptedEngines, *overrides: str, pending=(), version: int
         train_set=types.SimpleNamespace(prompts=prompts), engines=engines, reward_failure_shown=False,
         tokenizer=types.SimpleNamespace(decode=lambda ids, skip_special_tokens: "x"), score=scored,
     )
-    return AsyncRollout(run)
+    rollout = AsyncRollout(run)
+    rollout.start()
+    try:
+        yield rollout
+    finally:
+        rollout.close()
 
 
 def prompt_ids(samples) -> list[int]:
@@ -137,9 +146,7 @@ def prompt_ids(samples) -> list[int]:
 @pytest.mark.cpu
 def test_rounds_enter_the_buffer_in_admission_order_and_a_checkpoint_holds_every_prompt_not_trained():
     engines = ScriptedEngines()
-    rollout = scripted(engines, "rollout.max_staleness=1")
-    rollout.start()
-    try:
+    with producing(engines, "rollout.max_staleness=1") as rollout:
         engines.wait_for(4)  # (0 + 1 + 1) x 8 samples admitted: four rounds of 2 prompts
         time.sleep(0.2)
         assert len(engines.requests) == 4
@@ -154,23 +161,15 @@ def test_rounds_enter_the_buffer_in_admission_order_and_a_checkpoint_holds_every
         assert rollout.state_dict()["pending_prompts"] == [4, 5, 6, 7]
         # Resumed from that checkpoint, the run draws its pending prompts first.
         resumed_engines = ScriptedEngines()
-        resumed = scripted(resumed_engines, "rollout.max_staleness=0", pending=[4, 5, 6, 7], version=1)
-        resumed.start()
-        try:
+        with producing(resumed_engines, "rollout.max_staleness=0", pending=[4, 5, 6, 7], version=1):
             resumed_engines.wait_for(2)
             assert [ids for _, ids, _ in resumed_engines.requests[:2]] == [[[104], [105]], [[106], [107]]]
-        finally:
-            resumed.close()
-    finally:
-        rollout.close()
 
 
 @pytest.mark.cpu
 def test_without_partial_rollout_an_update_waits_for_the_rounds_in_flight_and_sends_none():
     engines = ScriptedEngines()
-    rollout = scripted(engines, "rollout.max_staleness=1", "rollout.partial_rollout=false")
-    rollout.start()
-    try:
+    with producing(engines, "rollout.max_staleness=1", "rollout.partial_rollout=false") as rollout:
         engines.wait_for(4)
         for index in range(2):
             engines.answer(index)
@@ -190,16 +189,12 @@ def test_without_partial_rollout_an_update_waits_for_the_rounds_in_flight_and_se
         updater.join(10)
         assert updated.is_set() and "pause abort" not in engines.events
         engines.wait_for(6)  # version 1 admits the next batch
-    finally:
-        rollout.close()
 
 
 @pytest.mark.cpu
 def test_samples_aborted_by_a_pause_are_sent_again_and_any_other_abort_stops_the_run():
     engines = ScriptedEngines()
-    rollout = scripted(engines, "rollout.max_staleness=0")
-    rollout.start()
-    try:
+    with producing(engines, "rollout.max_staleness=0") as rollout:
         engines.wait_for(2)
         with rollout.weight_update(1):
             engines.answer(0, finish_reason="abort")  # cut by the pause: sent again
@@ -211,24 +206,18 @@ def test_samples_aborted_by_a_pause_are_sent_again_and_any_other_abort_stops_the
         engines.answer(3, finish_reason="abort")  # no pause since it was sent
         with pytest.raises(EngineRequestError, match="aborted although no weight update paused the engines"):
             rollout.next_batch()
-    finally:
-        rollout.close()
 
 
 @pytest.mark.cpu
 def test_groups_dynamic_sampling_drops_give_their_places_back_at_once_and_top_the_batch_up_at_last():
     engines = ScriptedEngines(answer_at_once=True)
-    rollout = scripted(engines, "rollout.max_staleness=0", "algorithm.dynamic_sampling=true", score=lambda index: 1.0)
-    rollout.start()
-    try:
+    with producing(engines, "rollout.max_staleness=0", "algorithm.dynamic_sampling=true", score=lambda index: 1.0) as rollout:
         # Every group scores all 1.0 and is dropped as it is scored; its places start new rounds
         # until 4 batches of samples were scored, then the batch is topped up with dropped groups.
         samples, metrics = rollout.next_batch()
         assert len(samples) == 8 and metrics["filter/topped_up_samples"] == 8
         assert metrics["filter/groups_dropped_equal"] == metrics["filter/groups"] >= 16
         assert metrics["reward/mean"] == 1.0 and len(engines.requests) >= 8
-    finally:
-        rollout.close()
 
 
 def one_epoch_of_prompts(path: Path) -> Path:
