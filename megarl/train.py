@@ -63,6 +63,12 @@ def train(config: Config) -> int:
     from megarl.cli import quiet_library_warnings
 
     quiet_library_warnings()
+    started = None
+    if is_first_rank():
+        # The engines come up on the other cores while this process imports Megatron below.
+        from megarl.trainer.launch import EarlyStart
+
+        started = EarlyStart(config, config.logging.resolved_run_dir())
     from megarl.data.datasets import DataError
     from megarl.models.family import UnsupportedModel
     from megarl.models.loader import CheckpointError as ModelError
@@ -73,7 +79,7 @@ def train(config: Config) -> int:
     from megarl.trainer.run import setup
 
     try:
-        run = setup(config)
+        run = setup(config, started)
     except (ConfigError, DataError, ModelError, UnsupportedModel, CheckpointError) as error:
         # Bad input, named by the message: nothing was trained, nothing saved is touched.
         return refuse(PROGRAM, error)

@@ -111,7 +111,7 @@ def test_expert_parallel_run_survives_a_killed_engine_a_failing_reward_and_a_nan
         tmp_path,
         "ep2",
         [
-            "parallel.expert=2", "train.steps=3", "train.eval_every=2", "reward.type=function",
+            "parallel.expert=2", "train.steps=3", "train.eval_every=2", "train.val_before_train=true", "reward.type=function",
             f"reward.function={REPO}/tests/workers/flaky_reward.py:reward",
             "train.mini_batch_size=16", "train.lr_warmup_steps=0",
         ],
@@ -120,9 +120,12 @@ def test_expert_parallel_run_survives_a_killed_engine_a_failing_reward_and_a_nan
     assert report["completed"] and [row["step"] for row in rows] == [0, 1, 2]
     # The NaN in step 1's first micro-batch shows in its gradient norm, and nowhere else.
     assert_finite(rows, expected_nan={1: {"policy/grad_norm"}})
-    # Validation at step 0, every 2 steps, and at the last step.
-    assert ["val/accuracy" in row for row in rows] == [True, False, True]
+    # Validation after every 2 steps (after step 1) and after the last; before training too
+    # (train.val_before_train), logged with step 0.
+    assert ["val/accuracy" in row for row in rows] == [False, True, True]
     assert all(("time/validation_s" in row) == ("val/accuracy" in row) for row in rows)
+    assert ["val/accuracy_before_train" in row for row in rows] == [True, False, False]
+    assert 0 <= rows[0]["val/accuracy_before_train"] <= 1 and rows[0]["time/validation_before_train_s"] > 0
     # The engine killed after step 0 was restarted, with the weights of step 0's update: step 1's
     # rollout log-probs still match the trainer's.
     assert report["engine_restarts"] == 1 and rows[1]["rollout/engine_restarts"] == 1

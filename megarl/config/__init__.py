@@ -30,7 +30,7 @@ from megarl.config.base import (
 from megarl.config.checks import validate
 from megarl.config.data import DataConfig
 from megarl.config.loader import load_config, parse_override, save_config
-from megarl.config.model import CONFIG_SPELLING, LayoutSpelling, ModelConfig, ModelFacts, ParallelConfig, layout_errors, world_size_errors
+from megarl.config.model import CONFIG_SPELLING, DTYPE_NAMES, LayoutSpelling, ModelConfig, ModelFacts, ParallelConfig, layout_errors, world_size_errors
 from megarl.config.reward import RewardConfig
 from megarl.config.rollout import RolloutConfig
 from megarl.config.root import Config
@@ -41,6 +41,7 @@ __all__ = [
     "AlgorithmConfig",
     "BUNDLED_PREFIX",
     "CONFIG_SPELLING",
+    "DTYPE_NAMES",
     "CheckpointConfig",
     "Config",
     "ConfigError",

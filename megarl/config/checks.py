@@ -97,6 +97,8 @@ def _batch_errors(config: Config, data_parallel: int) -> list[str]:
         errors += [f"{reason}: `rollout.n_samples_per_prompt` ({group}) must be >= 2" for reason in reasons]
     if train.eval_every and not config.data.val_files:
         errors.append(f"`train.eval_every` ({train.eval_every}) needs `data.val_files`: list validation files or set train.eval_every=0")
+    if train.val_before_train and not config.data.val_files:
+        errors.append("`train.val_before_train` needs `data.val_files`: list validation files or set train.val_before_train=false")
     return errors
 
 

@@ -15,6 +15,10 @@ from typing import Annotated, Any, Literal, Optional
 from megarl.config.base import ConfigError, Range, Section, _divisors, _one_of
 
 
+DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+"""``model.dtype`` -> the torch dtype's name (``torch.float32`` ...; engines take the name)."""
+
+
 @dataclasses.dataclass(kw_only=True, slots=True)
 class ModelConfig(Section):
     """The policy model: where it comes from and how Megatron builds its layers."""

@@ -92,7 +92,11 @@ class TrainConfig(Section):
     max_consecutive_nan_steps: Annotated[int, Range(ge=1)] = 3
     """Optimizer steps with a NaN/inf gradient are skipped; this many in a row stop the run."""
     eval_every: Annotated[int, Range(ge=0)] = 10
-    """Validate every N RL steps; 0: never (verl: trainer.test_freq, slime: --eval-interval)."""
+    """Validate after every N RL steps (after steps N-1, 2N-1, ... counting from 0) and after the
+    last; 0: never (verl: trainer.test_freq, slime: --eval-interval)."""
+    val_before_train: bool = False
+    """Also validate the initial policy before the first step (verl: trainer.val_before_train); its
+    accuracy is logged with the first step as ``val/accuracy_before_train``."""
     seed: int = 42
     """Seed of batch shuffling between mini-batches."""
 

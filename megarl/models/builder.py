@@ -15,10 +15,10 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megarl.models.families import checked_family
 from megarl.models.family import rope_theta, rotary_inv_freq
 from megarl.models.specs import Backend, decoder_block_spec
-from megarl.config import ParallelConfig
+from megarl.config import DTYPE_NAMES, ParallelConfig
 from megarl.platform import current_device
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {key: getattr(torch, name) for key, name in DTYPE_NAMES.items()}
 """The dtypes a config or a tool names (``model.dtype``, ``--dtype``), as torch dtypes."""
 
 VOCAB_DIVISIBLE_BY = 128

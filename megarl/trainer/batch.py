@@ -170,6 +170,19 @@ class TrainBatch:
     def size(self) -> int:
         return self.tokens.shape[0]
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor of the batch by name (``token_values`` as ``token_values/<name>``): what
+        :meth:`from_tensors` takes back, e.g. after a broadcast."""
+        fields = {field.name: getattr(self, field.name) for field in dataclasses.fields(self) if field.name not in ("token_values", "pad_multiple")}
+        return {**fields, **{f"token_values/{name}": values for name, values in self.token_values.items()}}
+
+    @classmethod
+    def from_tensors(cls, named: dict[str, torch.Tensor], *, pad_multiple: int) -> TrainBatch:
+        """The batch whose :meth:`tensors` are ``named``."""
+        token_values = {name.removeprefix("token_values/"): tensor for name, tensor in named.items() if name.startswith("token_values/")}
+        fields = {name: tensor for name, tensor in named.items() if not name.startswith("token_values/")}
+        return cls(**fields, token_values=token_values, pad_multiple=pad_multiple)
+
     def micro_batch(self, rows: Sequence[int], fields: Sequence[str], *, cp_rank: int = 0, cp_size: int = 1) -> dict[str, torch.Tensor]:
         """Model inputs and per-token values for ``rows``, on this context-parallel rank.
 

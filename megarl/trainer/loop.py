@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import sys
 import time
 from typing import TYPE_CHECKING
@@ -23,7 +24,7 @@ from megarl.config import save_config
 from megarl.rollout.sampling import SamplingParams
 from megarl.trainer.batch import ScoredSample, TrainBatch
 from megarl.trainer.experience import prepare_update
-from megarl.trainer.rollout import RoundMetric, add_round_metrics, batch_of, generate_round, sampling_seed
+from megarl.trainer.rollout import add_round_metrics, batch_of, generate_round, sampling_seed
 
 if TYPE_CHECKING:
     from megarl.trainer.run import Run
@@ -31,8 +32,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("megarl")
 
 DYNAMIC_SAMPLING_ROUNDS = 4
-"""With dynamic sampling a step rolls out at most this many times the rounds a full batch needs;
+"""With dynamic sampling a step rolls out at most this many times the prompts a full batch needs;
 then it tops the batch up from the groups the filter dropped (verl: max_num_gen_batches)."""
+
+KEEP_RATE_MEMORY = 0.5
+"""Weight of the newest step in dynamic sampling's running keep rate (:attr:`Run.keep_rate
+<megarl.trainer.run.Run.keep_rate>`); the previous estimate keeps the rest."""
 
 
 class TrainingStopped(RuntimeError):
@@ -66,61 +71,130 @@ def on_first_rank(run: Run, work) -> object:
     return value
 
 
-def rollout_round(run: Run, step: int, round_index: int) -> tuple[dict[str, RoundMetric], list[ScoredSample]]:
-    """Generate and score one round of prompts on the first rank
-    (:func:`~megarl.trainer.rollout.generate_round`); every rank receives the samples."""
-    return on_first_rank(run, lambda: generate_round(run, step, round_index))
+def round_batches(missing_samples: int, n_samples_per_prompt: int, batch_size: int, keep_rate: float) -> int:
+    """How many loader batches (of ``batch_size`` prompts) to generate in one call for
+    ``missing_samples`` more samples when a fraction ``keep_rate`` of the prompt groups is kept."""
+    groups = -(-missing_samples // n_samples_per_prompt)
+    return max(1, math.ceil(groups / (max(keep_rate, 1e-3) * batch_size)))
 
 
 def collect_batch(run: Run, step: int) -> tuple[TrainBatch, torch.Tensor, dict[str, float]]:
-    """Roll out rounds until the train batch is full, then trim it to ``train.global_batch_size``
-    whole groups. With dynamic sampling the groups the filter drops (all scores equal, or a mean
-    outside ``algorithm.dynamic_sampling_mean_range``) wait in reserve; when
-    :data:`DYNAMIC_SAMPLING_ROUNDS` times the rounds a batch needs are spent, the batch is topped
-    up from the reserve rather than train on fewer samples (``filter/topped_up_samples`` counts
-    them; under a group baseline an all-equal group has advantage 0 and moves no weight).
-
-    In ``rollout.mode: async`` the producer has generated the samples ahead
-    (:meth:`AsyncRollout.next_batch <megarl.trainer.async_rollout.AsyncRollout.next_batch>`).
+    """The step's train batch, rolled out and packed on the first rank (:func:`roll_out`, or in
+    ``rollout.mode: async`` the producer's :meth:`AsyncRollout.next_batch
+    <megarl.trainer.async_rollout.AsyncRollout.next_batch>`), and sent to every rank as tensors
+    (:func:`share_batch`).
 
     Returns:
-        ``(batch, scores [B], metrics)``; ``reward/*`` describe every sample generated in the step,
-        ``rollout/staleness*`` the trained ones (:mod:`megarl.trainer.staleness`).
+        ``(batch, scores [B], metrics)``, the same on every rank.
+    """
+
+    def first_rank_batch():
+        samples, metrics = run.rollout.next_batch() if run.config.rollout.mode == "async" else roll_out(run, step)
+        return batch_of(run, samples, metrics)
+
+    return share_batch(run, first_rank_batch)
+
+
+def roll_out(run: Run, step: int) -> tuple[list[ScoredSample], dict[str, float]]:
+    """Roll out prompts until the train batch is full, then trim it to ``train.global_batch_size``
+    whole groups (first rank).
+
+    Without dynamic sampling one round of ``rollout.batch_size`` prompts (or the few a larger train
+    batch needs) fills the batch. With it, the groups the filter drops (all scores equal, or a
+    mean outside ``algorithm.dynamic_sampling_mean_range``) wait in reserve, and each round
+    generates, in one call, the loader batches that the samples still missing will likely need at
+    the running keep rate (:attr:`Run.keep_rate <megarl.trainer.run.Run.keep_rate>`; verl: a
+    generation batch larger than the train batch, slime: over-sampling); a round that falls short
+    is followed by another sized the same way. When :data:`DYNAMIC_SAMPLING_ROUNDS` times the
+    prompts a batch needs are spent, the batch is topped up from the reserve rather than train on
+    fewer samples (``filter/topped_up_samples`` counts them; under a group baseline an all-equal
+    group has advantage 0 and moves no weight). After each round the fraction of the step's groups
+    kept so far updates the keep rate (:data:`KEEP_RATE_MEMORY`) that sizes the next round and,
+    at the end of the step, the next step's first.
+
+    Returns:
+        ``(samples, metrics)``; ``reward/*`` describe every sample generated in the step,
+        ``rollout/rounds`` counts the generation calls, ``rollout/prompts`` their prompts.
     """
     config = run.config
-    if config.rollout.mode == "async":
-        samples, metrics = on_first_rank(run, lambda: run.rollout.next_batch())
-        return batch_of(run, samples, metrics)
     target = config.train.global_batch_size
+    n, batch_size = config.rollout.n_samples_per_prompt, config.rollout.batch_size
+    dynamic = config.algorithm.dynamic_sampling
+    budget = -(-target // (batch_size * n)) * (DYNAMIC_SAMPLING_ROUNDS if dynamic else 1)
     kept: list[ScoredSample] = []
     reserve: list[ScoredSample] = []
     generated_scores: list[float] = []
-    metrics: dict[str, float] = {}
-    rounds = -(-target // (config.rollout.batch_size * config.rollout.n_samples_per_prompt))
-    if config.algorithm.dynamic_sampling:
-        rounds *= DYNAMIC_SAMPLING_ROUNDS
-    for round_index in range(rounds):
-        round_metrics, samples = rollout_round(run, step, round_index)
+    metrics: dict[str, float] = {"filter/keep_rate": run.keep_rate} if dynamic else {}
+    spent = rounds = 0
+    keep_rate = run.keep_rate if dynamic else 1.0
+    while len(kept) < target and spent < budget:
+        batches = min(round_batches(target - len(kept), n, batch_size, keep_rate), budget - spent)
+        round_metrics, samples = generate_round(run, step, rounds, batches=batches, first_group=spent * batch_size)
+        spent, rounds = spent + batches, rounds + 1
         add_round_metrics(metrics, round_metrics)
         scores = torch.tensor([sample.score for sample in samples])
         generated_scores += scores.tolist()
-        if config.algorithm.dynamic_sampling:
+        if dynamic:
             groups = torch.tensor([sample.group for sample in samples])
             keep, counts = dynamic_sampling_keep(scores, groups, mean_range=config.algorithm.dynamic_sampling_mean_range)
             reserve += [sample for sample, kept_sample in zip(samples, keep.tolist()) if not kept_sample]
             samples = [sample for sample, kept_sample in zip(samples, keep.tolist()) if kept_sample]
             for name, value in counts.items():
                 metrics[f"filter/{name}"] = metrics.get(f"filter/{name}", 0) + value
+            keep_rate = KEEP_RATE_MEMORY * metrics["filter/groups_kept"] / metrics["filter/groups"] + (1 - KEEP_RATE_MEMORY) * run.keep_rate
         kept += samples
-        if len(kept) >= target:
-            break
+    if dynamic:
+        run.keep_rate = keep_rate
     generated = torch.tensor(generated_scores)
-    metrics.update({"reward/mean": generated.mean().item(), "reward/std": generated.std().item(), "rollout/rounds": round_index + 1})
+    metrics.update({"reward/mean": generated.mean().item(), "reward/std": generated.std().item(), "rollout/rounds": rounds})
     if len(kept) < target:
         # Reserve samples come in whole groups, as the batch needs them.
         metrics["filter/topped_up_samples"] = target - len(kept)
         kept += reserve[: target - len(kept)]
-    return batch_of(run, kept[:target], metrics)
+    return kept[:target], metrics
+
+
+def share_batch(run: Run, work) -> tuple[TrainBatch, torch.Tensor, dict[str, float]]:
+    """Run ``work() -> (batch, scores, metrics)`` on the first rank and give the result to every
+    rank: the batch's tensors and the scores packed into one int64 and one float32 buffer, each
+    sent with one broadcast, after a small header (their layout, the metrics, the keep rate). An
+    error on the first rank is raised on every rank, as :func:`on_first_rank` does."""
+
+    def packed():
+        batch, scores, metrics = work()
+        named = {**batch.tensors(), "scores": scores.float()}
+        layout = [(name, tensor.dtype.is_floating_point, tuple(tensor.shape), tensor.dtype) for name, tensor in named.items()]
+        buffers = [torch.cat([tensor.reshape(-1).to(kind) for tensor in named.values() if tensor.dtype.is_floating_point == floating] or [torch.empty(0, dtype=kind)])
+                   for floating, kind in ((False, torch.int64), (True, torch.float32))]
+        return (layout, [buffer.numel() for buffer in buffers], batch.pad_multiple, metrics, run.keep_rate), buffers
+
+    header: list = [None]
+    buffers = None
+    if run.is_first_rank:
+        try:
+            header_value, buffers = packed()
+            header = [("ok", header_value)]
+        except Exception as error:  # noqa: BLE001 - re-raised below, on every rank
+            header = [("error", f"{type(error).__name__}: {error}")]
+            failure = error
+    dist.broadcast_object_list(header, src=0)
+    status, value = header[0]
+    if status == "error":
+        if run.is_first_rank:
+            raise failure
+        raise TrainingStopped(f"the first rank failed: {value}")
+    layout, sizes, pad_multiple, metrics, run.keep_rate = value
+    if buffers is None:
+        buffers = [torch.empty(size, dtype=kind) for size, kind in zip(sizes, (torch.int64, torch.float32))]
+    for buffer in buffers:
+        dist.broadcast(buffer, src=0)
+    offsets, named = [0, 0], {}
+    for name, floating, shape, dtype in layout:
+        count = math.prod(shape)
+        named[name] = buffers[floating][offsets[floating] : offsets[floating] + count].reshape(shape).to(dtype)
+        offsets[floating] += count
+    scores = named.pop("scores")
+    return TrainBatch.from_tensors(named, pad_multiple=pad_multiple), scores, metrics
 
 
 def train_step(run: Run, step: int, phase=lambda name: None) -> dict[str, float]:
@@ -180,6 +254,7 @@ def train_step(run: Run, step: int, phase=lambda name: None) -> dict[str, float]
             "time/update_s": updated - forwarded,
             "time/step_s": end - start,
             "throughput/tokens_per_s": tokens / (end - start),
+            "throughput/samples_per_s": batch.size / (end - start),
         }
     )
     return metrics
@@ -243,12 +318,20 @@ def fit(run: Run) -> None:
         save_config(given, run.run_dir / (f"config.step_{run.start_step}.yaml" if run.start_step else "config.yaml"))
     progress = tqdm(total=config.train.steps, initial=run.start_step, unit="step", disable=not (run.is_first_rank and sys.stderr.isatty()), dynamic_ncols=True)
     step = run.start_step
+    eval_every = config.train.eval_every if run.val_set is not None else 0
     try:
         with progress:
+            before_train = {}
+            if run.val_set is not None and config.train.val_before_train:
+                progress.set_description("validation before training")
+                started = time.perf_counter()
+                before_train = {"val/accuracy_before_train": evaluate(run, step - 1)["val/accuracy"], "time/validation_before_train_s": time.perf_counter() - started}
             for step in range(run.start_step, config.train.steps):
                 metrics = train_step(run, step, lambda phase: progress.set_description(f"step {step}: {phase}"))
+                metrics.update(before_train)
+                before_train = {}
                 last = step == config.train.steps - 1
-                if run.val_set is not None and config.train.eval_every and (step % config.train.eval_every == 0 or last):
+                if eval_every and ((step + 1) % eval_every == 0 or last):
                     progress.set_description(f"step {step}: validation")
                     started = time.perf_counter()
                     metrics.update(evaluate(run, step))

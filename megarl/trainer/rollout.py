@@ -100,21 +100,26 @@ def score_samples(run: Run, prompts: Sequence[Prompt], samples: Sequence[Sample]
     return records, metrics
 
 
-def generate_round(run: Run, step: int, round_index: int) -> tuple[dict[str, RoundMetric], list[ScoredSample]]:
-    """Round ``round_index`` of a synchronous step (first rank): the loader's next prompts,
-    generated under the current weights and scored.
+def generate_round(run: Run, step: int, round_index: int, *, batches: int = 1, first_group: int = 0) -> tuple[dict[str, RoundMetric], list[ScoredSample]]:
+    """Round ``round_index`` of a synchronous step (first rank): the loader's next ``batches``
+    batches of prompts, generated together in one call under the current weights, and scored.
+
+    Args:
+        first_group: the group id of the round's first prompt (the prompts the step's earlier
+            rounds generated), so that group ids are unique within the step.
 
     Returns:
         ``(metrics, samples)``: the round's metrics and one :class:`ScoredSample` per response.
     """
-    prompts = next(run.loader)
+    prompts = [prompt for _ in range(batches) for prompt in next(run.loader)]
     sampling = round_sampling(run, sampling_seed(run.config.rollout.seed, step, round_index))
     start = time.perf_counter()
     samples = run.engines.generate([prompt.prompt_ids for prompt in prompts], sampling)
     generated = time.perf_counter()
-    records, metrics = score_samples(run, prompts, samples, first_group=round_index * len(prompts), label=f"step {step}")
+    records, metrics = score_samples(run, prompts, samples, first_group=first_group, label=f"step {step}")
     return {
         "rollout/engine_restarts": RoundMetric(run.engines.restarts, adds_up=False),
+        "rollout/prompts": RoundMetric(len(prompts), adds_up=True),
         "time/generate_s": RoundMetric(generated - start, adds_up=True),
         **metrics,
     }, records

@@ -30,6 +30,7 @@ from megarl.models.specs import choose_backend
 from megarl import checkpoint
 from megarl.trainer.batch import layout_multiple
 from megarl.trainer.critic import Critic, attach_value_heads
+from megarl.trainer.launch import EarlyStart
 from megarl.metrics import MetricsLogger
 from megarl.trainer.model import TrainModel
 from megarl.trainer.policy import Policy, attach_hidden_states_heads
@@ -97,6 +98,10 @@ class Run:
     yet: an async run generates them first."""
     rollout_rounds: int = 0
     """Rounds an async run has started (their sampling seeds and group ids follow from it)."""
+    keep_rate: float = 1.0
+    """Dynamic sampling's running estimate of the fraction of prompt groups its filter keeps: a
+    synchronous step generates the prompts it will likely need in one call sized by it
+    (:func:`megarl.trainer.loop.collect_batch`)."""
     scoring_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
     """The scorer serves one caller at a time (the async producer scores while validation runs)."""
 
@@ -130,12 +135,14 @@ class Run:
             "consecutive_skips": self.policy.consecutive_skips,
             "critic_consecutive_skips": self.critic.consecutive_skips if self.critic is not None else 0,
             "engine_restarts": self.engines.restarts if self.engines is not None else 0,
+            "keep_rate": self.keep_rate,
         }
 
     def load_train_state(self, state: dict[str, Any]) -> None:
         self.loader.load_state_dict(state["data"])
         self.pending_prompts = list(state.get("pending_prompts", []))
         self.rollout_rounds = state.get("rollout_rounds", 0)
+        self.keep_rate = state.get("keep_rate", 1.0)
         self.kl_controller.value = state["kl_coefficient"]
         self.reward_moments = RunningMoments(**state["reward_moments"])
         self.policy.consecutive_skips = state["consecutive_skips"]
@@ -227,15 +234,29 @@ class Run:
 
 
 
-def setup(config: Config) -> Run:
+def setup(config: Config, started: EarlyStart | None = None) -> Run:
     """Build a run on this rank: process groups, data, models, weight stream, engines, scorer and
     sinks; resume from a checkpoint when ``checkpoint.resume`` finds one. With ``train.total_epochs``
     it sets ``config.train.steps`` once the prompts are counted (the run directory's config.yaml
     keeps the epochs).
 
+    Args:
+        started: on the first rank, the engines and the scorer, started before the heavy imports
+            (:mod:`megarl.trainer.launch`); None there starts them after the models. The run
+            owns them from here on (a set-up that fails stops them).
+
     Raises:
         ConfigError: the config does not fit the world size or the model.
     """
+    try:
+        return _setup(config, started)
+    except BaseException:
+        if started is not None:
+            started.close()
+        raise
+
+
+def _setup(config: Config, started: EarlyStart | None) -> Run:
     detected = platform.init_distributed()
     world_size = dist.get_world_size()
     model_dir = resolve_model_path(config.model.path)
@@ -297,11 +318,13 @@ def setup(config: Config) -> Run:
     engines = scorer = None
     logger = MetricsLogger(config.logging, run_dir, enabled=first, run_settings=config.to_dict())
     if first:
-        from megarl.rewards.scorer import build_scorer
-        from megarl.rollout.group import EngineGroup
-
-        scorer = build_scorer(config.reward)
-        engines = EngineGroup.from_config(config.rollout, model_dir, log_dir=run_dir / "engines", dtype=str(dtype).removeprefix("torch."))
+        started = started or EarlyStart(config, run_dir)
+        try:
+            engines = started.engines()
+        except BaseException:
+            started.close()
+            raise
+        scorer = started.scorer
     run = Run(
         config=config,
         run_dir=run_dir,
