@@ -30,10 +30,20 @@ class RewardConfig(Section):
     """Remote reward endpoint (type remote) (OpenRLHF: --remote_rm_url, slime: --rm-url)."""
     model_path: Optional[str] = None
     """HF sequence-classification reward model directory (type model) (verl: reward_model.model.path)."""
+    isolation: Literal["auto", "process", "none"] = "auto"
+    """Where the rule, function or model scores (type remote ignores it: the service scores).
+    ``process``: in reward.num_workers worker processes; reward.timeout_s is enforced, and a
+    sample that hangs or crashes its worker costs that sample (the worker is replaced). ``none``:
+    in the training process, in the calling thread, for trusted code only: no timeout can be
+    enforced, a hang hangs the run and a crash kills it; it saves a process round trip per sample.
+    ``auto``: ``none`` for the bundled toy rule (a regex, it cannot hang) and ``process`` for the
+    rest (the math rule, as math-verify can hang on adversarial input; user functions; reward
+    models)."""
     num_workers: Annotated[int, Range(ge=1)] = 2
-    """Reward worker processes (rule, function and model)."""
+    """Reward worker processes (rule, function and model, with reward.isolation process)."""
     timeout_s: Annotated[float, Range(gt=0)] = 10.0
-    """Timeout of one sample's scoring (one request when remote), seconds; a timeout scores 0 and is counted."""
+    """Timeout of one sample's scoring (one request when remote), seconds; a timeout scores 0 and
+    is counted. Not enforced with reward.isolation none."""
     max_failure_rate: Annotated[float, Range(ge=0, le=1)] = 0.5
     """Stop the run when more than this fraction of a batch fails to score, in [0, 1]."""
     remote_batch_size: Annotated[int, Range(ge=1)] = 32
@@ -56,3 +66,12 @@ class RewardConfig(Section):
                 yield "function", f"({self.function!r}) must look like path/to/file.py:function_name"
         elif self.batched:
             yield "batched", f"applies to reward.type function, not {self.type!r}: remove it"
+        if self.type == "remote" and self.isolation == "none":
+            yield "isolation", "(none) does not apply to reward.type 'remote': the service at reward.url scores, not this process; remove it"
+
+    def resolved_isolation(self) -> Literal["process", "none"]:
+        """``isolation`` with ``auto`` decided: ``none`` for the bundled toy rule, ``process`` for
+        everything else."""
+        if self.isolation != "auto":
+            return self.isolation
+        return "none" if (self.type, self.rule) == ("rule", "toy") else "process"

@@ -7,6 +7,10 @@ counted; a worker that times out (or dies) is killed and replaced, so the pool i
 for the next call. Workers ignore Ctrl-C: the run that owns them stops them. When more than ``max_failure_rate`` of a batch fails, :meth:`RewardPool.score` raises
 :class:`RewardError` showing the first error, so a broken reward function stops the run early
 instead of training on zeros.
+
+A batch's bookkeeping (:class:`BatchTally`) and the checked call of the function
+(:func:`call_reward`) serve the in-process scorer (:mod:`megarl.rewards.inline`) too, so that the
+two score alike; the remote client shares :func:`as_score` and :func:`finish_batch`.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import queue
 import signal
 import time
 import traceback
-from typing import Any
+from typing import Any, Callable
 
 _POLL_S = 0.05
 """How often the pool checks for finished, hung or dead workers."""
@@ -55,7 +59,7 @@ def _worker(kind: str, target: str, batched: bool, tasks, results) -> None:
     try:
         score = resolve(kind, target, batched)
     except Exception:  # noqa: BLE001 - reported to the parent, which decides
-        results.put((None, "error", f"loading reward {kind}:{target} failed:\n{traceback.format_exc()}"))
+        results.put((None, "error", load_failure(kind, target)))
         return
     while True:
         task = tasks.get()
@@ -63,15 +67,31 @@ def _worker(kind: str, target: str, batched: bool, tasks, results) -> None:
             return
         task_id, samples = task
         try:
-            values = score(samples)
-            sequence = hasattr(values, "__len__") and hasattr(values, "__iter__") and not isinstance(values, (str, bytes, dict))
-            if not sequence or len(values) != len(samples):
-                got = f"{len(values)} values" if sequence else f"a {type(values).__name__}"
-                raise TypeError(f"a batched reward function must return a list of {len(samples)} scores; got {got}")
-            # Plain Python numbers: a numpy array or tensor (as verl's batch manager accepts) too.
-            results.put((task_id, "ok", [value.item() if hasattr(value, "item") else value for value in values]))
+            results.put((task_id, "ok", call_reward(score, samples)))
         except Exception:  # noqa: BLE001 - any error in user code scores 0
             results.put((task_id, "error", traceback.format_exc(limit=5)))
+
+
+def call_reward(score: Callable[[list[dict]], Any], samples: list[dict[str, Any]]) -> list[Any]:
+    """``score(samples)`` (:func:`megarl.rewards.functions.resolve`), checked to be one value per
+    sample, each as a plain Python number where it was a numpy or torch scalar.
+
+    Raises:
+        TypeError: a batched function returned something other than a list of ``len(samples)``
+            values; and whatever the function raises.
+    """
+    values = score(samples)
+    sequence = hasattr(values, "__len__") and hasattr(values, "__iter__") and not isinstance(values, (str, bytes, dict))
+    if not sequence or len(values) != len(samples):
+        got = f"{len(values)} values" if sequence else f"a {type(values).__name__}"
+        raise TypeError(f"a batched reward function must return a list of {len(samples)} scores; got {got}")
+    # Plain Python numbers: a numpy array or tensor (as verl's batch manager accepts) too.
+    return [value.item() if hasattr(value, "item") else value for value in values]
+
+
+def load_failure(kind: str, target: str) -> str:
+    """The message of a reward function that failed to load, with the traceback being handled."""
+    return f"loading reward {kind}:{target} failed:\n{traceback.format_exc()}"
 
 
 class _Worker:
@@ -117,20 +137,10 @@ class RewardPool:
 
     def score(self, samples: list[dict[str, Any]]) -> ScoredBatch:
         """Score ``samples`` (each the keyword arguments of megarl's reward signature) in input order."""
-        scores: list[float | None] = [None] * len(samples)
-        extras: dict[str, list[float]] = {}
-        failures, timeouts, first_error, first_failed = 0, 0, None, None
+        tally = BatchTally(len(samples))
         share = -(-len(samples) // len(self._workers)) if self.batched else 1
         pending = [list(range(start, min(start + share, len(samples)))) for start in range(0, len(samples), share)]
         running: dict[int, int] = {}  # task id -> worker position
-
-        def fail(index: int, message: str) -> None:
-            nonlocal failures, first_error, first_failed
-            scores[index] = 0.0
-            failures += 1
-            if first_failed is None or index < first_failed:
-                first_error, first_failed = f"sample {index}: {message}", index
-
         while pending or running:
             for position, worker in enumerate(self._workers):
                 if worker.task_id is None and pending:
@@ -150,17 +160,10 @@ class RewardPool:
                 indices, worker.task_id, worker.indices = worker.indices, None, []
                 if status == "error":
                     for index in indices:
-                        fail(index, value)
+                        tally.fail(index, value)
                     continue
                 for index, returned in zip(indices, value):
-                    try:
-                        score, extra = as_score(returned)
-                    except (TypeError, ValueError) as error:
-                        fail(index, str(error))
-                    else:
-                        scores[index] = score
-                        for key, number in extra.items():
-                            extras.setdefault(key, []).append(number)
+                    tally.add(index, returned)
             now = time.monotonic()
             for position, worker in enumerate(self._workers):
                 if worker.task_id is None:
@@ -171,14 +174,14 @@ class RewardPool:
                 if hung or not worker.process.is_alive():
                     running.pop(worker.task_id, None)
                     if hung:
-                        timeouts += len(worker.indices)
+                        tally.timeouts += len(worker.indices)
                         problem = f"timed out after {self.timeout_s:g} s"
                     else:
                         problem = f"worker died (exit code {worker.process.exitcode})"
                     for index in worker.indices:
-                        fail(index, problem)
+                        tally.fail(index, problem)
                     self._replace(position)
-        return finish_batch(scores, extras, failures, timeouts, first_error, self.max_failure_rate, first_failed)
+        return tally.finish(self.max_failure_rate)
 
     def close(self) -> None:
         for worker in self._workers:
@@ -194,6 +197,45 @@ class RewardPool:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class BatchTally:
+    """One batch's scores as they come in, in any order: the scores, the extra metrics and the
+    failures, of which the one of the lowest sample index is reported."""
+
+    def __init__(self, size: int):
+        self.scores: list[float | None] = [None] * size
+        """One entry per sample, None until it is scored or failed."""
+        self.extras: dict[str, list[float]] = {}
+        """Each extra number the function returned, per key, over the samples that returned it."""
+        self.failures = 0
+        self.timeouts = 0
+        """Of the failures, those that hit the timeout (counted by the caller, which knows)."""
+        self.first_error: str | None = None
+        self.first_failed: int | None = None
+
+    def fail(self, index: int, message: str) -> None:
+        """Sample ``index`` failed (``message`` says how): it scores 0 and is counted."""
+        self.scores[index] = 0.0
+        self.failures += 1
+        if self.first_failed is None or index < self.first_failed:
+            self.first_error, self.first_failed = f"sample {index}: {message}", index
+
+    def add(self, index: int, returned: Any) -> None:
+        """What the function returned for sample ``index``: a score with extras (:func:`as_score`),
+        or a failure."""
+        try:
+            score, extra = as_score(returned)
+        except (TypeError, ValueError) as error:
+            self.fail(index, str(error))
+            return
+        self.scores[index] = score
+        for key, number in extra.items():
+            self.extras.setdefault(key, []).append(number)
+
+    def finish(self, max_failure_rate: float) -> ScoredBatch:
+        """The batch (:func:`finish_batch`); raises :class:`RewardError` above ``max_failure_rate``."""
+        return finish_batch(self.scores, self.extras, self.failures, self.timeouts, self.first_error, max_failure_rate, self.first_failed)
 
 
 def finish_batch(scores, extras, failures, timeouts, first_error, max_failure_rate, first_failed=None) -> ScoredBatch:

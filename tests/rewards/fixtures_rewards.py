@@ -14,6 +14,15 @@ def raises(prompt, response, answer, **row):
     return 1.0
 
 
+def numbered(prompt, response, answer, **row):
+    """The response's number as the score after a pause of ``row["pause_s"]`` (so that the pool's
+    workers answer out of order); a response starting with "bad" raises."""
+    time.sleep(row.get("pause_s", 0.0))
+    if response.startswith("bad"):
+        raise ValueError(f"broken reward for {response!r}")
+    return float(response)
+
+
 def hangs(prompt, response, answer, **row):
     if response == "hang":
         time.sleep(3600)
