@@ -61,6 +61,8 @@ class Run:
         logger: the metric sinks (writes on the first rank only).
         kl_controller: the reward KL penalty's coefficient.
         reward_moments: running moments of ``algorithm.reward_norm: running``.
+        launched_at: unix time the command started (the first thing ``megarl.train.main`` does):
+            the end-of-run summary counts from it (:mod:`megarl.report`).
         start_step: the first step to run (after a resume, the step after the checkpoint's).
     """
 
@@ -80,6 +82,7 @@ class Run:
     logger: MetricsLogger
     kl_controller: Any
     reward_moments: RunningMoments
+    launched_at: float
     start_step: int = 0
     last_checkpoint: Path | None = None
     """The newest checkpoint of this run: the one it resumed from, then each it saves."""
@@ -227,11 +230,11 @@ class Run:
 
 
 
-def setup(config: Config) -> Run:
+def setup(config: Config, *, launched_at: float) -> Run:
     """Build a run on this rank: process groups, data, models, weight stream, engines, scorer and
     sinks; resume from a checkpoint when ``checkpoint.resume`` finds one. With ``train.total_epochs``
     it sets ``config.train.steps`` once the prompts are counted (the run directory's config.yaml
-    keeps the epochs).
+    keeps the epochs). ``launched_at``: unix time the command started (:attr:`Run.launched_at`).
 
     Raises:
         ConfigError: the config does not fit the world size or the model.
@@ -319,6 +322,7 @@ def setup(config: Config) -> Run:
         logger=logger,
         kl_controller=kl_controller(algorithm.kl_ctrl, init_coef=algorithm.kl_coef, target=algorithm.kl_target, horizon=algorithm.kl_horizon),
         reward_moments=RunningMoments(),
+        launched_at=launched_at,
     )
     try:
         # The first rank chooses (and may set a damaged checkpoint aside); every rank loads its choice.
