@@ -2,12 +2,12 @@
 
 Only the first rank writes. Every step's metrics are appended to ``metrics.jsonl`` as one JSON
 object (``{"step": N, "time": unix seconds, name: value, ...}``), whatever the other sinks, so a
-run can be plotted or compared without any of them. The file is strict JSON: a value that is not
-finite is written as the string ``"NaN"``, ``"Infinity"`` or ``"-Infinity"`` (``float()`` reads
-them back; so does pandas with ``df.astype(float)``). TensorBoard (``tensorboard`` package) and
-W&B (``wandb``; ``logging.wandb_mode: offline`` needs no network and writes under the run
-directory) are optional packages: asking for one that is not installed fails at start-up with
-the package to install.
+run can be plotted or compared without any of them (:func:`read_rows` reads it back). The file
+is strict JSON: a value that is not finite is written as the string ``"NaN"``, ``"Infinity"`` or
+``"-Infinity"`` (``float()`` reads them back; so does pandas with ``df.astype(float)``).
+TensorBoard (``tensorboard`` package) and W&B (``wandb``; ``logging.wandb_mode: offline`` needs
+no network and writes under the run directory) are optional packages: asking for one that is not
+installed fails at start-up with the package to install.
 
 A resumed run goes on from the step after its checkpoint, so the steps a crashed run logged after
 that checkpoint are logged again: :meth:`MetricsLogger.start` takes their rows out of
@@ -31,17 +31,28 @@ from tqdm import tqdm
 from megarl.config import ConfigError, LoggingConfig
 
 CONSOLE_METRICS = (
-    ("reward/mean", "reward", "{:.3f}"),
-    ("val/accuracy", "val_acc", "{:.3f}"),
-    ("response/length_mean", "len", "{:.1f}"),
-    ("policy/loss", "loss", "{:+.4f}"),
-    ("policy/entropy", "entropy", "{:.3f}"),
-    ("policy/approx_kl", "kl", "{:.2e}"),
-    ("policy/grad_norm", "grad", "{:.3f}"),
-    ("mismatch/logprob_diff_abs_mean", "mismatch", "{:.1e}"),
-    ("time/step_s", "s/step", "{:.1f}"),
+    ("reward/mean", "reward {:.3f}"),
+    ("val/accuracy", "val_acc {:.3f}"),
+    ("response/length_mean", "len {:.1f}"),
+    ("policy/loss", "loss {:+.4f}"),
+    ("policy/entropy", "entropy {:.3f}"),
+    ("policy/approx_kl", "kl {:.2e}"),
+    ("policy/grad_norm", "grad {:.3f}"),
+    ("mismatch/logprob_diff_abs_mean", "mismatch {:.1e}"),
+    ("throughput/samples_per_s", "{:.0f} samples/s"),
 )
-"""(metric, console label, format) shown on the per-step console line, in order, when present."""
+"""(metric, how the console line shows it) for the per-step console line, in order, when present;
+the step's time and its phases (:func:`step_time`) follow them."""
+
+STEP_PHASES = (
+    ("time/rollout_s", "rollout"),
+    ("time/forward_s", "forward"),
+    ("time/update_s", "update"),
+    ("weights/sync_s", "sync"),
+)
+"""The phases of a step (``time/step_s``), in order: (metric in seconds, name). The console line
+splits the step's time into them; a run's summary and curves (:mod:`megarl.report`) show each
+one's share."""
 
 
 class MetricsLogger:
@@ -171,14 +182,75 @@ def _drop_rows_from(path: Path, start_step: int) -> None:
 
 
 def console_line(step: int, values: dict[str, float], extra: list[str] = ()) -> str:
-    """``step 12 | reward 0.531 | len 3.2 | ...`` with the :data:`CONSOLE_METRICS` present, then
-    the ``extra`` metrics present (``logging.console_metrics``) under their own names."""
+    """``step 12 | reward 0.531 | len 3.2 | ... | 412 samples/s | s/step 0.31 (rollout 0.12, ...)``
+    with the :data:`CONSOLE_METRICS` and the step time present, then the ``extra`` metrics present
+    (``logging.console_metrics``) under their own names."""
+    present = {name: value for name, value in values.items() if not math.isnan(value)}
     parts = [f"step {step}"]
-    shown = [(name, label, form) for name, label, form in CONSOLE_METRICS] + [(name, name, "{:.4g}") for name in extra]
-    for name, label, form in shown:
-        if name in values and not math.isnan(values[name]):
-            parts.append(f"{label} {form.format(values[name])}")
+    parts += [form.format(present[name]) for name, form in CONSOLE_METRICS if name in present]
+    if "time/step_s" in present:
+        parts.append(step_time(present))
+    parts += [f"{name} {present[name]:.4g}" for name in extra if name in present]
     return " | ".join(parts)
+
+
+def step_time(values: dict[str, float]) -> str:
+    """``s/step 0.31 (rollout 0.12, forward 0.05, update 0.12, sync 0.01)``: the step's seconds
+    and those of each of its :data:`STEP_PHASES` present in ``values`` (no parentheses without
+    any)."""
+    phases = ", ".join(f"{label} {seconds(values[name])}" for name, label in STEP_PHASES if name in values)
+    return f"s/step {seconds(values['time/step_s'])}" + (f" ({phases})" if phases else "")
+
+
+def seconds(value: float) -> str:
+    """A short time in seconds, compact on a console line: two decimals under a second (``0.31``),
+    one from there on (``1.5``, ``12.0``)."""
+    return f"{value:.2f}" if abs(value) < 1 else f"{value:.1f}"
+
+
+class MetricsFileError(ValueError):
+    """A ``metrics.jsonl`` that cannot be read as one: missing, empty, or a line that is not a row.
+    The message names the file (and the line)."""
+
+
+def read_rows(path: Path) -> list[dict[str, float]]:
+    """The rows of a ``metrics.jsonl`` in file order, every value a float (``"NaN"``,
+    ``"Infinity"`` and ``"-Infinity"`` read back). A last line without its newline that does not
+    parse is a row still being written, and is left out.
+
+    Raises:
+        MetricsFileError: the file cannot be read, holds no row, or a line is not a JSON object
+            with a ``step`` and numbers.
+    """
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise MetricsFileError(f"{path}: cannot be read ({error.strerror or error})") from None
+    except UnicodeDecodeError:
+        raise MetricsFileError(f"{path}: not a metrics.jsonl (not text)") from None
+    lines = text.splitlines()
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            if number == len(lines) and not text.endswith("\n"):
+                break
+            raise MetricsFileError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+        if not isinstance(row, dict) or "step" not in row:
+            raise MetricsFileError(f"{path}:{number}: not a metrics row (a JSON object with a \"step\")")
+        values = {}
+        for name, value in row.items():
+            try:
+                values[name] = float(value)
+            except (TypeError, ValueError):
+                raise MetricsFileError(f"{path}:{number}: {name!r} is not a number ({value!r})") from None
+        rows.append(values)
+    if not rows:
+        raise MetricsFileError(f"{path}: no rows (the run logged no step)")
+    return rows
 
 
 def json_number(value: float) -> float | str:

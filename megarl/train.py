@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from collections.abc import Sequence
 
 from megarl.cli import INTERRUPTED_EXIT_CODE, STOPPED_EXIT_CODE, is_first_rank, refuse, report, world_size
@@ -34,6 +35,8 @@ log = logging.getLogger("megarl")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # The run's summary counts from here (time to the first step, wall time).
+    launched_at = time.time()
     parser = argparse.ArgumentParser(prog="python -m megarl.train", description="RL training with megarl.")
     parser.add_argument("--config", help="YAML file; omit for the defaults")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="overrides applied after the file")
@@ -55,11 +58,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Errors megarl does not expect go, with their traceback, to torchrun's error file too.
     from torch.distributed.elastic.multiprocessing.errors import record
 
-    return record(train)(config)
+    return record(train)(config, launched_at)
 
 
-def train(config: Config) -> int:
-    """Build the run and train it; returns the exit code (:mod:`megarl.cli`)."""
+def train(config: Config, launched_at: float) -> int:
+    """Build the run and train it; returns the exit code (:mod:`megarl.cli`). ``launched_at``: unix
+    time the command started."""
     from megarl.cli import quiet_library_warnings
 
     quiet_library_warnings()
@@ -79,7 +83,7 @@ def train(config: Config) -> int:
     from megarl.trainer.run import setup
 
     try:
-        run = setup(config, started)
+        run = setup(config, started, launched_at=launched_at)
     except (ConfigError, DataError, ModelError, UnsupportedModel, CheckpointError) as error:
         # Bad input, named by the message: nothing was trained, nothing saved is touched.
         return refuse(PROGRAM, error)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from megarl.config import load_config
-from megarl.metrics import MetricsLogger, console_line
+from megarl.metrics import MetricsFileError, MetricsLogger, console_line, read_rows
 
 pytestmark = pytest.mark.cpu
 
@@ -67,6 +67,16 @@ def test_console_line_skips_missing_and_nan_metrics():
     assert console_line(7, {"reward/mean": 0.125, "policy/grad_norm": float("nan")}) == "step 7 | reward 0.125"
 
 
+def test_console_line_ends_with_samples_per_second_and_the_step_split_into_its_phases():
+    values = {
+        "reward/mean": 0.5, "throughput/samples_per_s": 411.7, "time/step_s": 0.314, "time/rollout_s": 0.121,
+        "time/forward_s": 0.049, "time/update_s": 0.118, "weights/sync_s": 0.012,
+    }
+    assert console_line(3, values) == "step 3 | reward 0.500 | 412 samples/s | s/step 0.31 (rollout 0.12, forward 0.05, update 0.12, sync 0.01)"
+    # A phase that is absent is left out; a step over a second keeps one decimal.
+    assert console_line(3, {"time/step_s": 12.25, "time/rollout_s": 11.5, "time/update_s": 0.75}) == "step 3 | s/step 12.2 (rollout 11.5, update 0.75)"
+
+
 def test_console_metrics_asked_for_follow_the_main_ones(tmp_path, capsys):
     logger = MetricsLogger(load_config(None, ["logging.console_metrics=[reward/length, reward/absent]"]).logging, tmp_path, enabled=True)
     logger.log(0, {**METRICS, "reward/length": 3.14159})
@@ -115,3 +125,38 @@ def test_a_resumed_run_purges_tensorboard_and_resumes_the_wandb_run(tmp_path, mo
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
     assert [(event.step, event.value) for event in events.Scalars("reward/mean")] == [(0, 0.0), (1, 1.0), (2, 20.0)]
+
+
+def test_read_rows_gives_back_what_the_logger_wrote_as_floats(tmp_path):
+    logger = MetricsLogger(load_config(None, ["logging.console=false"]).logging, tmp_path, enabled=True)
+    logger.log(0, {"reward/mean": 0.5, "policy/grad_norm": float("nan")})
+    logger.log(1, {"reward/mean": float("inf")})
+    logger.close()
+    # A row still being written (no newline yet) is left out.
+    with open(tmp_path / "metrics.jsonl", "a") as metrics:
+        metrics.write('{"step": 2, "rew')
+    rows = read_rows(tmp_path / "metrics.jsonl")
+    assert [(row["step"], row["reward/mean"]) for row in rows] == [(0.0, 0.5), (1.0, math.inf)]
+    assert math.isnan(rows[0]["policy/grad_norm"]) and isinstance(rows[0]["time"], float)
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (None, "cannot be read (No such file or directory)"),
+        ("", "no rows (the run logged no step)"),
+        ('{"step": 0}\nnot json\n{"step": 1}\n', ":2: not valid JSON (Expecting value)"),
+        ('[1, 2]\n', ':1: not a metrics row (a JSON object with a "step")'),
+        ('{"step": 0, "note": "fast"}\n', ":1: 'note' is not a number ('fast')"),
+        (b"\x89PNG\r\n\x1a\n\xff", "not a metrics.jsonl (not text)"),
+    ],
+)
+def test_read_rows_names_the_file_and_line_of_a_bad_metrics_file(tmp_path, content, problem):
+    path = tmp_path / "metrics.jsonl"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        path.write_text(content)
+    with pytest.raises(MetricsFileError) as raised:
+        read_rows(path)
+    assert str(raised.value) == f"{path}{'' if problem.startswith(':') else ': '}{problem}"

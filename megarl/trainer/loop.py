@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from megarl.algorithms.shaping import dynamic_sampling_keep
 from megarl.config import save_config
+from megarl.report import finish_run
 from megarl.rollout.sampling import SamplingParams
 from megarl.trainer.batch import ScoredSample, TrainBatch
 from megarl.trainer.experience import prepare_update
@@ -349,3 +350,5 @@ def fit(run: Run) -> None:
             log.info("exported the final policy to %s", run.export_hf())
         except KeyboardInterrupt:
             raise Interrupted("the HF export after the last step (the run itself is complete)") from None
+    if run.is_first_rank:
+        log.info("%s", finish_run(run.run_dir, launched_at=run.launched_at, start_step=run.start_step))

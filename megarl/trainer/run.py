@@ -62,6 +62,8 @@ class Run:
         logger: the metric sinks (writes on the first rank only).
         kl_controller: the reward KL penalty's coefficient.
         reward_moments: running moments of ``algorithm.reward_norm: running``.
+        launched_at: unix time the command started (the first thing ``megarl.train.main`` does):
+            the end-of-run summary counts from it (:mod:`megarl.report`).
         start_step: the first step to run (after a resume, the step after the checkpoint's).
     """
 
@@ -81,6 +83,7 @@ class Run:
     logger: MetricsLogger
     kl_controller: Any
     reward_moments: RunningMoments
+    launched_at: float
     start_step: int = 0
     last_checkpoint: Path | None = None
     """The newest checkpoint of this run: the one it resumed from, then each it saves."""
@@ -234,13 +237,14 @@ class Run:
 
 
 
-def setup(config: Config, started: EarlyStart | None = None) -> Run:
+def setup(config: Config, started: EarlyStart | None = None, *, launched_at: float) -> Run:
     """Build a run on this rank: process groups, data, models, weight stream, engines, scorer and
     sinks; resume from a checkpoint when ``checkpoint.resume`` finds one. With ``train.total_epochs``
     it sets ``config.train.steps`` once the prompts are counted (the run directory's config.yaml
     keeps the epochs).
 
     Args:
+        launched_at: unix time the command started (:attr:`Run.launched_at`).
         started: on the first rank, the engines and the scorer, started before the heavy imports
             (:mod:`megarl.trainer.launch`); None there starts them after the models. The run
             owns them from here on (a set-up that fails stops them).
@@ -249,14 +253,14 @@ def setup(config: Config, started: EarlyStart | None = None) -> Run:
         ConfigError: the config does not fit the world size or the model.
     """
     try:
-        return _setup(config, started)
+        return _setup(config, started, launched_at)
     except BaseException:
         if started is not None:
             started.close()
         raise
 
 
-def _setup(config: Config, started: EarlyStart | None) -> Run:
+def _setup(config: Config, started: EarlyStart | None, launched_at: float) -> Run:
     detected = platform.init_distributed()
     world_size = dist.get_world_size()
     model_dir = resolve_model_path(config.model.path)
@@ -342,6 +346,7 @@ def _setup(config: Config, started: EarlyStart | None) -> Run:
         logger=logger,
         kl_controller=kl_controller(algorithm.kl_ctrl, init_coef=algorithm.kl_coef, target=algorithm.kl_target, horizon=algorithm.kl_horizon),
         reward_moments=RunningMoments(),
+        launched_at=launched_at,
     )
     try:
         # The first rank chooses (and may set a damaged checkpoint aside); every rank loads its choice.

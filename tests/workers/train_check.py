@@ -50,6 +50,7 @@ def parse_args(argv):
 
 
 def main(argv=None) -> None:
+    launched_at = time.time()
     import torch
 
     from megarl.config import load_config
@@ -59,7 +60,7 @@ def main(argv=None) -> None:
     from megarl.trainer.staleness import version_number
 
     args = parse_args(argv)
-    run = setup(load_config(args.config, args.overrides))
+    run = setup(load_config(args.config, args.overrides), launched_at=launched_at)
     first = run.is_first_rank
     report = {"weights": {}, "completed": False}
 
