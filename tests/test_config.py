@@ -151,6 +151,7 @@ INVALID = [
         ["`algorithm.advantage_estimator` (rloo)", "`algorithm.reward_norm` (group)", "`algorithm.dynamic_sampling` drops groups"],
     ),
     (["data.val_files=[]"], 1, "dense", ["`train.eval_every` (10) needs `data.val_files`"]),
+    (["data.val_files=[]", "train.eval_every=0", "train.val_before_train=true"], 1, "dense", ["`train.val_before_train` needs `data.val_files`"]),
     (["algorithm.advantage_estimator=gae", "train.steps=20", "critic.warmup_steps=20"], 1, "dense", [
         "`critic.warmup_steps` (20) must be < `train.steps` (20)",
     ]),

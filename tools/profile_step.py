@@ -5,13 +5,15 @@ configs/moe_grpo.yaml``, ``--runs`` times, each from a fresh run directory
 (``checkpoint.resume=never``), timed from the launch, and reads each run's ``metrics.jsonl``:
 
 - **first step**: seconds from the launch to the end of step 0 (its row's ``time``), which
-  includes step 0 itself and, with ``train.eval_every``, the validation pass after it;
-  **start-up**: the same minus step 0's ``time/step_s`` and ``time/validation_s`` (what comes
-  before the first rollout: processes, imports, models, engines, reward workers).
+  includes step 0 itself and any validation pass logged with it (``train.val_before_train``, or
+  ``train.eval_every: 1``); **start-up**: the same minus step 0's ``time/step_s`` and those
+  passes' ``time/validation_s`` and ``time/validation_before_train_s`` (what comes before the
+  first rollout: processes, imports, models, engines, reward workers).
 - **step** and its **phases**, medians over the steps: ``time/rollout_s`` (split into
   ``time/generate_s`` and ``time/reward_s``; the rest of it is packing and broadcasting),
   ``time/forward_s`` (old and reference log-probs), ``time/update_s``, ``weights/sync_s``, and
-  ``rollout/rounds`` (the generation calls of a step: dynamic sampling may need several).
+  ``rollout/rounds`` and ``rollout/prompts`` (the generation calls of a step and their prompts:
+  dynamic sampling over-samples, and may need a second call).
 - **to 0.8**: seconds from the launch to the end of the first step at which the mean
   ``reward/mean`` of the last 10 steps reaches 0.8; **end**: the mean reward of the last 20 steps
   and the last validation accuracy; **wall**: launch to exit.
@@ -70,9 +72,10 @@ def run_once(run_dir: Path, steps: int, overrides: list[str]) -> dict:
     validations = [row["val/accuracy"] for row in rows if "val/accuracy" in row]
     return {
         "first_step_s": first_step_s,
-        "startup_s": first_step_s - first["time/step_s"] - first.get("time/validation_s", 0.0),
+        "startup_s": first_step_s - first["time/step_s"] - first.get("time/validation_s", 0.0) - first.get("time/validation_before_train_s", 0.0),
         **{key: statistics.median(row[key] for row in rows[1:] or rows) for _, key in PHASES},
         "rounds": statistics.fmean(row.get("rollout/rounds", 1) for row in rows),
+        "prompts": statistics.fmean(row.get("rollout/prompts", 0) for row in rows),
         "to_0.8_s": rows[reached[0]]["time"] - launched if reached else None,
         "to_0.8_step": reached[0] if reached else None,
         "end_reward": statistics.fmean(row["reward/mean"] for row in rows[-20:]),
@@ -112,11 +115,12 @@ def main() -> None:
           f"load average (1 min) {min(run['load_before'] for run in runs):.1f} - {max(run['load_after'] for run in runs):.1f} around the runs; "
           f"{args.runs} runs of {args.steps} steps{', ' + ' '.join(args.override) if args.override else ''}\n")
     print("| | seconds (median, min - max) |\n| --- | ---: |")
-    rows = [("launch to the end of step 0 (its validation included)", "first_step_s", 1), ("start-up before the first rollout", "startup_s", 1)]
+    rows = [("launch to the end of step 0 (a validation logged with it included)", "first_step_s", 1), ("start-up before the first rollout", "startup_s", 1)]
     rows += [(f"median {label}", key, 3) for label, key in PHASES]
     for label, key, digits in rows:
         print(f"| {label} | {spread([run[key] for run in runs], digits)} |")
     print(f"| rounds per step (mean) | {spread([run['rounds'] for run in runs])} |")
+    print(f"| prompts generated per step (mean) | {spread([run['prompts'] for run in runs], 1)} |")
     print(f"| launch to a 10-step mean reward of 0.8 | {spread([run['to_0.8_s'] for run in runs], 1)} (step {spread([run['to_0.8_step'] for run in runs], 0)}) |")
     print(f"| mean reward, last 20 steps | {spread([run['end_reward'] for run in runs], 3)} |")
     print(f"| last validation accuracy | {spread([run['end_validation'] for run in runs], 3)} |")
