@@ -118,6 +118,10 @@ class AlgorithmConfig(Section):
     dynamic_sampling_mean_range: Optional[tuple[float, float]] = None
     """With dynamic sampling, also drop groups whose mean score lies outside [low, high]; null keeps
     them (OpenRLHF: --dynamic_filtering_reward_range)."""
+    max_num_gen_batches: Annotated[int, Range(ge=1)] = 4
+    """With dynamic sampling a step generates at most this many times the prompts a full train
+    batch needs; if the kept groups still fall short, the batch is topped up with groups the filter
+    dropped (verl: algorithm.filter_groups.max_num_gen_batches, which stops the run instead)."""
     filter_overlong: bool = False
     """Mask out of the loss the responses cut at the length limit (DAPO overlong filtering)."""
 

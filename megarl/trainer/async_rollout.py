@@ -44,9 +44,6 @@ if TYPE_CHECKING:
 
 WAIT_CHECK_S = 5.0
 """A weight update waiting for the rounds in flight checks again this often (besides being woken)."""
-DYNAMIC_SAMPLING_BATCHES = 4
-"""With dynamic sampling a step waits for at most this many train batches of samples to be scored;
-then it tops the batch up from the groups the filter dropped (the synchronous step's rule, in samples)."""
 TOP_UP_CHECK_S = 0.2
 """With dynamic sampling the trainer waiting for groups checks this often whether to top up."""
 
@@ -118,7 +115,7 @@ class AsyncRollout:
         self.metrics: dict[str, float] = {}
         """The scored rounds' metrics since the last batch, combined (:func:`add_round_metrics`)."""
         self.scored_samples = 0
-        """Samples scored since the last batch (the top-up waits for DYNAMIC_SAMPLING_BATCHES batches)."""
+        """Samples scored since the last batch (the top-up waits for ``algorithm.max_num_gen_batches`` batches)."""
         self.reserve: list[BufferedGroup] = []
         """Groups dynamic sampling dropped since the last batch, which may top it up."""
         self.clock = _RolloutClock()
@@ -264,8 +261,8 @@ class AsyncRollout:
     def next_batch(self) -> tuple[list[ScoredSample], dict[str, float]]:
         """The step's samples (first rank): ``train.global_batch_size`` of them in whole groups, the
         oldest within the staleness bound first. With dynamic sampling the groups were filtered as
-        they were scored; once :data:`DYNAMIC_SAMPLING_BATCHES` batches of samples were scored
-        since the last batch without filling this one, it is topped up from the filtered groups
+        they were scored; once ``algorithm.max_num_gen_batches`` batches of samples were scored
+        since the last batch without filling this one (the synchronous step's rule, in samples), it is topped up from the filtered groups
         still within the bound (``filter/topped_up_samples``).
 
         Returns:
@@ -315,7 +312,7 @@ class AsyncRollout:
         """Fill ``kept`` from the filtered groups within the bound, once enough samples were scored
         since the last batch; the samples it needed (0: it did not top up)."""
         with self._lock:
-            if self.scored_samples < DYNAMIC_SAMPLING_BATCHES * self.batch_samples:
+            if self.scored_samples < self.run.config.algorithm.max_num_gen_batches * self.batch_samples:
                 return 0
             needed = self.batch_samples - len(kept)
             fresh = [group for group in self.reserve if self.buffer.version - group.oldest_version <= self.buffer.max_staleness]

@@ -32,10 +32,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("megarl")
 
-DYNAMIC_SAMPLING_ROUNDS = 4
-"""With dynamic sampling a step rolls out at most this many times the prompts a full batch needs;
-then it tops the batch up from the groups the filter dropped (verl: max_num_gen_batches)."""
-
 KEEP_RATE_MEMORY = 0.5
 """Weight of the newest step in dynamic sampling's running keep rate (:attr:`Run.keep_rate
 <megarl.trainer.run.Run.keep_rate>`); the previous estimate keeps the rest."""
@@ -106,7 +102,7 @@ def roll_out(run: Run, step: int) -> tuple[list[ScoredSample], dict[str, float]]
     generates, in one call, the loader batches that the samples still missing will likely need at
     the running keep rate (:attr:`Run.keep_rate <megarl.trainer.run.Run.keep_rate>`; verl: a
     generation batch larger than the train batch, slime: over-sampling); a round that falls short
-    is followed by another sized the same way. When :data:`DYNAMIC_SAMPLING_ROUNDS` times the
+    is followed by another sized the same way. When ``algorithm.max_num_gen_batches`` times the
     prompts a batch needs are spent, the batch is topped up from the reserve rather than train on
     fewer samples (``filter/topped_up_samples`` counts them; under a group baseline an all-equal
     group has advantage 0 and moves no weight). After each round the fraction of the step's groups
@@ -121,7 +117,7 @@ def roll_out(run: Run, step: int) -> tuple[list[ScoredSample], dict[str, float]]
     target = config.train.global_batch_size
     n, batch_size = config.rollout.n_samples_per_prompt, config.rollout.batch_size
     dynamic = config.algorithm.dynamic_sampling
-    budget = -(-target // (batch_size * n)) * (DYNAMIC_SAMPLING_ROUNDS if dynamic else 1)
+    budget = -(-target // (batch_size * n)) * (config.algorithm.max_num_gen_batches if dynamic else 1)
     kept: list[ScoredSample] = []
     reserve: list[ScoredSample] = []
     generated_scores: list[float] = []

@@ -13,7 +13,7 @@ import torch
 
 from megarl.trainer import loop
 from megarl.trainer.batch import ScoredSample, TrainBatch
-from megarl.trainer.loop import DYNAMIC_SAMPLING_ROUNDS, KEEP_RATE_MEMORY, round_batches
+from megarl.trainer.loop import KEEP_RATE_MEMORY, round_batches
 from megarl.trainer.rollout import RoundMetric
 from tests.distributed import run_torchrun
 
@@ -51,7 +51,7 @@ def fake_run(keep_rate: float):
     config = SimpleNamespace(
         train=SimpleNamespace(global_batch_size=128),
         rollout=SimpleNamespace(batch_size=16, n_samples_per_prompt=8),
-        algorithm=SimpleNamespace(dynamic_sampling=True, dynamic_sampling_mean_range=None),
+        algorithm=SimpleNamespace(dynamic_sampling=True, dynamic_sampling_mean_range=None, max_num_gen_batches=4),
     )
     return SimpleNamespace(config=config, keep_rate=keep_rate)
 
@@ -91,8 +91,8 @@ def test_when_the_budget_is_spent_the_batch_is_topped_up_from_the_reserve(monkey
     monkeypatch.setattr(loop, "generate_round", scripted_round([3], calls))
     run = fake_run(0.1)
     samples, metrics = loop.roll_out(run, step=0)
-    # The whole budget in one call, 3 groups kept, 13 groups' samples from the reserve in order.
-    assert calls == [{"round": 0, "batches": DYNAMIC_SAMPLING_ROUNDS, "first_group": 0}]
+    # The whole budget (algorithm.max_num_gen_batches) in one call, 3 groups kept, 13 groups' samples from the reserve in order.
+    assert calls == [{"round": 0, "batches": 4, "first_group": 0}]
     assert len(samples) == 128 and metrics["filter/topped_up_samples"] == 104
     assert [sample.group for sample in samples[::8]] == [0, 1, 2, *range(3, 16)]
 
