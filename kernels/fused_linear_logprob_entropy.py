@@ -21,8 +21,11 @@ accumulates both uses.
 
 CPU tensors take a torch implementation chunked over rows and columns: its fp32 temporaries hold
 at most ``TORCH_CHUNK_ELEMENTS / TORCH_CHUNK_COLUMNS`` rows by ``TORCH_CHUNK_COLUMNS`` columns (or
-by ``H``), besides the fp32 ``dX`` accumulator. ``backend="triton"`` runs the kernels under
-Triton's interpreter as in ``logprob_entropy``.
+by ``H``), besides the fp32 ``dX`` accumulator. Small logits (at most ``TORCH_ONE_PASS_ELEMENTS``
+fp32 elements over at most ``TORCH_CHUNK_COLUMNS`` valid columns) are formed in one product
+instead, with no chunk bookkeeping and no combination of partial statistics; the only temporary
+that grows is the fp32 copy of a lower-precision ``hidden``, ``N x H`` instead of a chunk's
+rows. ``backend="triton"`` runs the kernels under Triton's interpreter as in ``logprob_entropy``.
 """
 
 from __future__ import annotations
@@ -50,10 +53,22 @@ from megarl.kernels.logprob_entropy import TORCH_CHUNK_ELEMENTS, grad_logits_tor
 # grows with the length of a sum), and a chunk of the weight shard upcast to fp32 stays 4096 x H.
 TORCH_CHUNK_COLUMNS = 4096
 
+# Logits of at most 2^18 fp32 elements (1 MiB, the L2 cache of a core of the project's CPU
+# machine) are formed in one product: at the bundled models' shapes (52 valid columns) that takes
+# 20-30 % less time than the chunked path, whose per-chunk calls cost more than their arithmetic.
+# Larger one-pass temporaries were as often slower than the cache-sized chunks (a third slower at
+# 4096 rows x 128 columns), so the chunks stay there (docs/benchmarks.md).
+TORCH_ONE_PASS_ELEMENTS = 1 << 18
+
 
 # ----------------------------------------------------------------------------------------------
 # The torch implementation
 # ----------------------------------------------------------------------------------------------
+
+
+def _in_one_pass(n_rows: int, valid_cols: int) -> bool:
+    """Whether the torch path forms the whole fp32 logits ``[n_rows, valid_cols]`` in one product."""
+    return valid_cols <= TORCH_CHUNK_COLUMNS and n_rows * valid_cols <= TORCH_ONE_PASS_ELEMENTS
 
 
 def _torch_chunks(n_rows: int, valid_cols: int):
@@ -69,6 +84,9 @@ def _stats_torch(hidden, weight, targets, vocab_start, vocab_size, temperature):
     valid_cols = valid_columns(weight.shape[0], vocab_start, vocab_size)
     if valid_cols == 0 or n_rows == 0:
         return empty_stats(n_rows, hidden.device)
+    if _in_one_pass(n_rows, valid_cols):
+        logits = hidden.float() @ weight[:valid_cols].float().T
+        return partial_stats_torch(logits, targets, vocab_start, vocab_size, temperature)
     partial = []
     for cols, row_chunks in _torch_chunks(n_rows, valid_cols):
         weight_chunk = weight[cols].float()
@@ -86,10 +104,18 @@ def _backward_torch(hidden, weight, targets, log_sum_exp, entropy, grad_log_prob
                     vocab_start, vocab_size, temperature):
     n_rows = hidden.shape[0]
     valid_cols = valid_columns(weight.shape[0], vocab_start, vocab_size)
-    grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
     grad_weight = torch.zeros_like(weight)
     if valid_cols == 0 or n_rows == 0:
-        return grad_hidden.to(hidden.dtype), grad_weight
+        return torch.zeros_like(hidden), grad_weight
+    if _in_one_pass(n_rows, valid_cols):
+        hidden_fp32, weight_fp32 = hidden.float(), weight[:valid_cols].float()
+        grad_logits = grad_logits_torch(
+            hidden_fp32 @ weight_fp32.T, targets, log_sum_exp, entropy, grad_log_prob, grad_entropy,
+            vocab_start, vocab_size, temperature,
+        )
+        grad_weight[:valid_cols] = grad_logits.T @ hidden_fp32
+        return (grad_logits @ weight_fp32).to(hidden.dtype), grad_weight
+    grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
     for cols, row_chunks in _torch_chunks(n_rows, valid_cols):
         weight_chunk = weight[cols].float()
         grad_weight_chunk = torch.zeros_like(weight_chunk)

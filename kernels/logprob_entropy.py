@@ -44,7 +44,8 @@ or the collectives. The three steps and the finalize op's autograd are written o
 and ``fused_linear_logprob_entropy``, in :mod:`megarl.kernels.common`.
 
 Implementations. On CUDA tensors the ops run Triton kernels; elsewhere a torch implementation
-chunked over rows (the CPU path, and the tests' second subject). ``backend="triton"`` on CPU
+(the CPU path, and the tests' second subject), in one pass when the fp32 logits fit
+``TORCH_CHUNK_ELEMENTS`` and chunked over rows otherwise. ``backend="triton"`` on CPU
 tensors runs the kernels under Triton's interpreter (``TRITON_INTERPRET=1`` set before this module
 is imported).
 """
@@ -174,30 +175,47 @@ def _stats_triton(logits, targets, vocab_start, valid_cols, temperature):
     return stats
 
 
+def _row_chunks(n_rows: int, n_cols: int) -> list[slice]:
+    """Row slices of the torch path over ``n_cols`` columns, each at most ``TORCH_CHUNK_ELEMENTS``
+    elements: one slice of every row when the whole ``[n_rows, n_cols]`` fits."""
+    rows_per_chunk = max(1, TORCH_CHUNK_ELEMENTS // n_cols)
+    return [slice(start, start + rows_per_chunk) for start in range(0, n_rows, rows_per_chunk)]
+
+
+def _stats_of_rows(logits: torch.Tensor, local_targets: torch.Tensor, owned: torch.Tensor, temperature: float):
+    """Stats ``[4, R]`` of valid logits ``[R, C]`` (no padding column); ``local_targets: [R]`` index
+    them where ``owned: [R]``."""
+    z = logits.to(torch.float32, copy=True).mul_(1.0 / temperature)
+    target_logit = z.gather(1, local_targets.clamp(0, z.shape[1] - 1)[:, None])[:, 0]
+    row_max = z.amax(dim=1).clamp_min(EMPTY_ROW_MAX.value)
+    shifted = z.sub_(row_max[:, None])
+    exp_shifted = shifted.exp()
+    sum_exp = exp_shifted.sum(dim=1)
+    # exp underflows to 0 exactly where (z - max) may be -inf: those products (nan) count 0.
+    weighted = shifted.mul_(exp_shifted).nan_to_num_(nan=0.0).sum(dim=1)
+    return torch.stack((row_max, sum_exp, weighted, torch.where(owned, target_logit, 0.0)))
+
+
 def partial_stats_torch(
     logits: torch.Tensor, targets: torch.Tensor, vocab_start: int, vocab_size: int, temperature: float
 ) -> torch.Tensor:
-    """Torch stats pass, chunked over rows: ``logits: [N, V/TP]``, ``targets: [N]`` -> ``[4, N]`` fp32."""
+    """Torch stats pass: ``logits: [N, V/TP]``, ``targets: [N]`` -> ``[4, N]`` fp32.
+
+    One pass over all rows when their fp32 logits fit ``TORCH_CHUNK_ELEMENTS``, else row chunks.
+    """
     n_rows, n_cols = logits.shape
     valid_cols = valid_columns(n_cols, vocab_start, vocab_size)
-    stats = empty_stats(n_rows, logits.device)
     if valid_cols == 0 or n_rows == 0:
-        return stats
+        return empty_stats(n_rows, logits.device)
     local_targets = targets - vocab_start
     owned = (local_targets >= 0) & (local_targets < valid_cols)
-    rows_per_chunk = max(1, TORCH_CHUNK_ELEMENTS // valid_cols)
-    for start in range(0, n_rows, rows_per_chunk):
-        rows = slice(start, start + rows_per_chunk)
-        z = logits[rows, :valid_cols].to(torch.float32, copy=True).mul_(1.0 / temperature)
-        target_logit = z.gather(1, local_targets[rows].clamp(0, valid_cols - 1)[:, None])[:, 0]
-        row_max = z.amax(dim=1).clamp_min(EMPTY_ROW_MAX.value)
-        shifted = z.sub_(row_max[:, None])
-        exp_shifted = shifted.exp()
-        stats[0, rows] = row_max
-        stats[1, rows] = exp_shifted.sum(dim=1)
-        # exp underflows to 0 exactly where (z - max) may be -inf: those products (nan) count 0.
-        stats[2, rows] = shifted.mul_(exp_shifted).nan_to_num_(nan=0.0).sum(dim=1)
-        stats[3, rows] = torch.where(owned[rows], target_logit, 0.0)
+    valid_logits = logits[:, :valid_cols]
+    chunks = _row_chunks(n_rows, valid_cols)
+    if len(chunks) == 1:
+        return _stats_of_rows(valid_logits, local_targets, owned, temperature)
+    stats = torch.empty(4, n_rows, dtype=torch.float32, device=logits.device)
+    for rows in chunks:
+        stats[:, rows] = _stats_of_rows(valid_logits[rows], local_targets[rows], owned[rows], temperature)
     return stats
 
 
@@ -220,31 +238,47 @@ def _backward_triton(logits, targets, log_sum_exp, entropy, grad_log_prob, grad_
     return grad_logits
 
 
+def _grad_of_rows(
+    logits: torch.Tensor, local_targets: torch.Tensor, owned: torch.Tensor, log_sum_exp: torch.Tensor,
+    entropy: torch.Tensor, grad_log_prob: torch.Tensor, grad_entropy: torch.Tensor, temperature: float,
+) -> torch.Tensor:
+    """fp32 ``dL/dlogits: [R, C]`` of valid logits ``[R, C]``, from row vectors ``[R]`` (``grad_log_prob``
+    already 0 for ignored targets)."""
+    log_p = logits.to(torch.float32, copy=True)
+    log_p.mul_(1.0 / temperature).sub_(log_sum_exp[:, None])
+    p = log_p.exp()
+    # -p (a + b (log p + H)), in place; p is 0 exactly where log p may be -inf (nan -> 0).
+    grad = log_p.add_(entropy[:, None]).mul_(grad_entropy[:, None]).add_(grad_log_prob[:, None])
+    grad.mul_(p).neg_().nan_to_num_(nan=0.0)
+    target_cols = local_targets.clamp(0, grad.shape[1] - 1)[:, None]
+    grad.scatter_add_(1, target_cols, torch.where(owned, grad_log_prob, 0.0)[:, None])
+    return grad.mul_(1.0 / temperature)
+
+
 def grad_logits_torch(
     logits: torch.Tensor, targets: torch.Tensor, log_sum_exp: torch.Tensor, entropy: torch.Tensor,
     grad_log_prob: torch.Tensor, grad_entropy: torch.Tensor, vocab_start: int, vocab_size: int, temperature: float,
 ) -> torch.Tensor:
-    """Torch backward, chunked over rows: ``dL/dlogits: [N, V/TP]`` in ``logits.dtype`` (padding 0)."""
+    """Torch backward: ``dL/dlogits: [N, V/TP]`` in ``logits.dtype`` (padding 0).
+
+    One pass over all rows when their fp32 logits fit ``TORCH_CHUNK_ELEMENTS``, else row chunks.
+    """
     n_rows, n_cols = logits.shape
     valid_cols = valid_columns(n_cols, vocab_start, vocab_size)
-    grad_logits = torch.zeros_like(logits)
     if valid_cols == 0 or n_rows == 0:
-        return grad_logits
+        return torch.zeros_like(logits)
     grad_log_prob = torch.where((targets >= 0) & (targets < vocab_size), grad_log_prob, 0.0)
     local_targets = targets - vocab_start
     owned = (local_targets >= 0) & (local_targets < valid_cols)
-    rows_per_chunk = max(1, TORCH_CHUNK_ELEMENTS // valid_cols)
-    for start in range(0, n_rows, rows_per_chunk):
-        rows = slice(start, start + rows_per_chunk)
-        log_p = logits[rows, :valid_cols].to(torch.float32, copy=True)
-        log_p.mul_(1.0 / temperature).sub_(log_sum_exp[rows, None])
-        p = log_p.exp()
-        # -p (a + b (log p + H)), in place; p is 0 exactly where log p may be -inf (nan -> 0).
-        grad = log_p.add_(entropy[rows, None]).mul_(grad_entropy[rows, None]).add_(grad_log_prob[rows, None])
-        grad.mul_(p).neg_().nan_to_num_(nan=0.0)
-        target_cols = local_targets[rows].clamp(0, valid_cols - 1)[:, None]
-        grad.scatter_add_(1, target_cols, torch.where(owned[rows], grad_log_prob[rows], 0.0)[:, None])
-        grad_logits[rows, :valid_cols] = grad.mul_(1.0 / temperature)
+    row_values = (local_targets, owned, log_sum_exp, entropy, grad_log_prob, grad_entropy)
+    chunks = _row_chunks(n_rows, valid_cols)
+    if len(chunks) == 1 and valid_cols == n_cols:
+        return _grad_of_rows(logits, *row_values, temperature).to(logits.dtype)
+    grad_logits = torch.zeros_like(logits)
+    for rows in chunks:
+        grad_logits[rows, :valid_cols] = _grad_of_rows(
+            logits[rows, :valid_cols], *(values[rows] for values in row_values), temperature
+        )
     return grad_logits
 
 

@@ -26,7 +26,13 @@ CUDA is available (``megarl.platform`` calls it only then). It does five things:
    on CUDA.
 5. A torch-function mode (:class:`CudaToCpuMode`) rewrites the remaining explicit CUDA placements
    (``device="cuda"``, ``Tensor.cuda()``, ``pin_memory=True``) to the CPU. This is the only part
-   with a per-op cost: ``tools/bench_megatron_cpu.py`` measures it (see docs/benchmarks.md).
+   with a per-op cost: every torch call on its stack passes through Python. The transformer layers
+   of the models megarl builds on the CPU (portable specs: torch attention, Megatron's MLP and MoE
+   layers) place nothing on CUDA explicitly, so ``TransformerBlock.forward`` runs with the mode off
+   the stack (:func:`_without_redirects`); the placements a training step does hit (the pipeline
+   schedule's token counter, the optimizer's gradient norm and clipping, ``Tensor.type()`` checks)
+   lie outside it. ``tools/bench_megatron_cpu.py`` measures what the mode still costs (see
+   docs/benchmarks.md).
 
 Nothing here touches collectives: gloo (torch >= 2.11) implements every one Megatron issues.
 """
@@ -39,7 +45,7 @@ import logging
 from typing import Any
 
 import torch
-from torch.overrides import TorchFunctionMode
+from torch.overrides import TorchFunctionMode, _get_current_function_mode, _pop_mode_temporarily
 
 _enabled = False
 _mode: CudaToCpuMode | None = None
@@ -143,6 +149,22 @@ class CudaToCpuMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def _without_redirects(forward):
+    """Wrap a module's ``forward`` to run with :class:`CudaToCpuMode` off the torch-function mode
+    stack, for code that places nothing on CUDA explicitly: its torch calls then skip the mode's
+    Python dispatch. Where the mode is not the top of the stack (another mode above it, or none),
+    ``forward`` runs as it is."""
+
+    @functools.wraps(forward)
+    def forward_without_redirects(self, *args, **kwargs):
+        if _mode is None or _get_current_function_mode() is not _mode:
+            return forward(self, *args, **kwargs)
+        with _pop_mode_temporarily():
+            return forward(self, *args, **kwargs)
+
+    return forward_without_redirects
+
+
 def _cpu_rng_state(device: Any = None, clone: bool = False, graph_safe: bool = False) -> torch.Tensor:
     return torch.get_rng_state()
 
@@ -187,7 +209,9 @@ def _tensor_to_host(tensor: Any, as_numpy: bool = False, record_stream: bool = F
 def _patch_megatron() -> None:
     from megatron.core.tensor_parallel import random as tp_random
     from megatron.core.transformer.moe import moe_utils, token_dispatcher
+    from megatron.core.transformer.transformer_block import TransformerBlock
 
+    TransformerBlock.forward = _without_redirects(TransformerBlock.forward)
     tp_random._get_cuda_rng_state = _cpu_rng_state
     tp_random._set_cuda_rng_state = _set_cpu_rng_state
     logging.getLogger(tp_random.__name__).addFilter(_DropForkWarning())

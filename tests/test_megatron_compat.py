@@ -6,6 +6,7 @@ import textwrap
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode, _get_current_function_mode
 
 from megarl import megatron_compat
 from tests.distributed import run_python_source
@@ -83,6 +84,71 @@ def test_enable_cpu_runs_megatron_rng_and_moe_paths():
     )
     result = run_python_source(script)
     assert "compat-ok" in result.stdout
+
+
+class _PassThroughMode(TorchFunctionMode):
+    """A torch-function mode that changes nothing (another mode above the compatibility layer's)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def test_without_redirects_takes_the_mode_off_the_stack_for_the_call(monkeypatch):
+    mode = megatron_compat.CudaToCpuMode()
+    monkeypatch.setattr(megatron_compat, "_mode", mode)
+    modes_seen = []
+
+    def forward(module, tensor):
+        modes_seen.append(_get_current_function_mode())
+        return tensor + 1
+
+    forward_without_redirects = megatron_compat._without_redirects(forward)
+    assert torch.equal(forward_without_redirects(None, torch.zeros(2)), torch.ones(2))  # no mode at all
+    with mode:
+        assert torch.equal(forward_without_redirects(None, torch.zeros(2)), torch.ones(2))
+        assert _get_current_function_mode() is mode  # back on the stack after the call
+        # Another mode above it: the call runs under both, as it is.
+        with _PassThroughMode() as above:
+            forward_without_redirects(None, torch.zeros(2))
+    assert modes_seen == [None, None, above]
+
+
+def test_transformer_layers_run_without_the_mode_and_the_rest_with_it():
+    if torch.cuda.is_available():
+        pytest.skip("CUDA machine: the compatibility layer is never enabled")
+    # enable_cpu() patches torch.cuda process-wide, so it runs in a fresh interpreter.
+    script = textwrap.dedent(
+        """
+        import torch
+        from torch.overrides import _get_current_function_mode
+        from megarl import megatron_compat, parallel, platform
+        from megarl.config import ParallelConfig, resolve_model_path
+        from megarl.models.builder import build_model, model_spec
+        from megarl.models.loader import load_hf_config
+        platform.init_distributed()
+        pg_collection = parallel.initialize(ParallelConfig())
+        from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+        model_parallel_cuda_manual_seed(0)
+        hf_config = load_hf_config(resolve_model_path("bundled:tiny-moe"))
+        model = build_model(model_spec(hf_config, ParallelConfig()), "torch", pg_collection)[0]
+        mode = _get_current_function_mode()
+        assert isinstance(mode, megatron_compat.CudaToCpuMode)
+        seen = {}
+        def record(name):
+            def hook(module, args):
+                seen[name] = _get_current_function_mode()
+            return hook
+        model.embedding.register_forward_pre_hook(record("embedding"))
+        model.decoder.layers[0].register_forward_pre_hook(record("layer"))
+        tokens = torch.randint(0, hf_config.vocab_size, (2, 8))
+        model(tokens, torch.arange(8).expand_as(tokens), None, labels=tokens).mean().backward()
+        assert seen == {"embedding": mode, "layer": None}, seen
+        assert _get_current_function_mode() is mode
+        print("layers-ok")
+        """
+    )
+    result = run_python_source(script)
+    assert "layers-ok" in result.stdout
 
 
 @pytest.mark.gpu

@@ -1,10 +1,12 @@
 """Measure the cost of megarl's CPU compatibility layer for megatron-core.
 
 The only part of :mod:`megarl.megatron_compat` with a per-op cost is the torch-function mode that
-redirects explicit CUDA placements to the CPU: every torch call passes through its Python
-``__torch_function__``. This script times forward+backward of a bundled tiny model on the CPU
-with the mode on the stack and with it removed (the direct model call needs no CUDA redirects),
-prints a table, and optionally writes JSON.
+redirects explicit CUDA placements to the CPU: every torch call made while it is on the stack
+passes through its Python ``__torch_function__`` (Megatron's transformer layers run with it off
+the stack). This script times forward+backward of a bundled tiny model on the CPU as every CPU
+run has the layer, and with the mode removed altogether (the direct model call needs no CUDA
+redirects), alternating the two step by step so that a change in the machine's load reaches both
+alike; it prints the medians and optionally writes JSON.
 
     python tools/bench_megatron_cpu.py [--model bundled:tiny-moe] [--steps 30] [--json FILE]
 """
@@ -25,14 +27,22 @@ from megarl.models.builder import build_model, model_spec
 from megarl.models.loader import load_hf_config
 
 
-def time_steps(model, tokens, positions, labels, steps: int) -> list[float]:
-    times = []
+def time_step(model, tokens, positions, labels) -> float:
+    """Seconds of one forward+backward pass."""
+    start = time.perf_counter()
+    loss = model(tokens, positions, None, labels=labels).mean()
+    loss.backward()
+    return time.perf_counter() - start
+
+
+def time_steps(model, tokens, positions, labels, steps: int) -> tuple[list[float], list[float]]:
+    """``(with_compat, without_compat)``: ``steps`` timings each, taken in alternation."""
+    with_mode, without_mode = [], []
     for _ in range(steps):
-        start = time.perf_counter()
-        loss = model(tokens, positions, None, labels=labels).mean()
-        loss.backward()
-        times.append(time.perf_counter() - start)
-    return times
+        with_mode.append(time_step(model, tokens, positions, labels))
+        with _pop_mode_temporarily():
+            without_mode.append(time_step(model, tokens, positions, labels))
+    return with_mode, without_mode
 
 
 def main() -> None:
@@ -57,9 +67,7 @@ def main() -> None:
     labels = torch.roll(tokens, -1, dims=1)
 
     time_steps(model, tokens, positions, labels, 3)  # warm-up
-    with_mode = time_steps(model, tokens, positions, labels, args.steps)
-    with _pop_mode_temporarily():
-        without_mode = time_steps(model, tokens, positions, labels, args.steps)
+    with_mode, without_mode = time_steps(model, tokens, positions, labels, args.steps)
     with_ms = statistics.median(with_mode) * 1e3
     without_ms = statistics.median(without_mode) * 1e3
     result = {

@@ -4,7 +4,8 @@ As ``test_logprob_entropy.py``, for ``hidden @ weight.T``: values and the gradie
 ``hidden`` and ``weight``, on the Triton kernels (compiled on CUDA, interpreted on CPU tensors)
 and the torch path. The 37-row case has H = 40 (not a multiple of the 16-deep interpreter K
 block) and 1000 vocabulary rows (two 512-column splits and grad chunks, the last ragged) whose
-last 3 are padding. The tensor-parallel group over real processes is in ``test_tensor_parallel.py``.
+last 3 are padding; the torch path runs it in one product and in row and column chunks. The
+tensor-parallel group over real processes is in ``test_tensor_parallel.py``.
 """
 
 from __future__ import annotations
@@ -152,25 +153,19 @@ def test_tied_embedding_gets_both_gradients(backend, device):
     assert_matches(weight.grad, expected.grad, *TOLERANCES[torch.float32])
 
 
-@pytest.mark.parametrize(
-    "backend,device,dtype",
-    [
-        pytest.param("torch", "cpu", torch.float32, id="torch-float32"),
-        pytest.param("torch", "cpu", torch.bfloat16, id="torch-bfloat16"),
-        # The interpreter needs seconds per shard here: one dtype, the one training uses.
-        pytest.param("triton", TRITON_DEVICE, torch.bfloat16, id="triton-bfloat16"),
-    ],
-)
-def test_qwen_vocab_over_three_ranks(backend, device, dtype):
-    atol, rtol = TOLERANCES[dtype]
-    problem = make_problem(2, QWEN_PADDED, QWEN_VOCAB, dtype, hidden_size=QWEN_HIDDEN)
-    shard_rows = QWEN_PADDED // TP
+def check_over_shards(problem: Problem, n_shards: int, backend: str, device: str, atol: float, rtol: float) -> None:
+    """Split ``problem``'s weight into ``n_shards`` vocabulary shards and check values and gradients.
+
+    The stats pass on every shard, what the all-reduces compute, then each shard's finalize, as
+    tensor-parallel ranks do; the hidden gradient accumulates every shard's part, as the public
+    function's all-reduce does.
+    """
+    dtype = problem.hidden.dtype
+    shard_rows = problem.weight.shape[0] // n_shards
     hidden = problem.hidden.to(device, copy=True).requires_grad_()
     targets = problem.targets.to(device)
     shards = [shard.to(device).requires_grad_() for shard in problem.weight.split(shard_rows)]
-    options = [(rank * shard_rows, QWEN_VOCAB, TEMPERATURE, backend) for rank in range(TP)]
-    # The stats pass on every rank, what the all-reduces compute, then each rank's finalize; the
-    # hidden gradient accumulates every rank's part, as the public function's all-reduce does.
+    options = [(rank * shard_rows, problem.vocab_size, TEMPERATURE, backend) for rank in range(n_shards)]
     partial = [
         torch.ops.megarl.fused_linear_logprob_entropy_stats(hidden.detach(), shard.detach(), targets, *opts)
         for shard, opts in zip(shards, options)
@@ -187,6 +182,82 @@ def test_qwen_vocab_over_three_ranks(backend, device, dtype):
         rounding_hidden, rounding_weight = fused_rounding_bounds(problem.hidden, problem.weight, grad_logits)
     assert_matches(hidden.grad, expected_grad_hidden, atol, rtol, rounding_hidden)
     assert_matches(torch.cat([shard.grad for shard in shards]), expected_grad_weight, atol, rtol, rounding_weight)
+
+
+@pytest.mark.parametrize(
+    "backend,device,dtype",
+    [
+        pytest.param("torch", "cpu", torch.float32, id="torch-float32"),
+        pytest.param("torch", "cpu", torch.bfloat16, id="torch-bfloat16"),
+        # The interpreter needs seconds per shard here: one dtype, the one training uses.
+        pytest.param("triton", TRITON_DEVICE, torch.bfloat16, id="triton-bfloat16"),
+    ],
+)
+def test_qwen_vocab_over_three_ranks(backend, device, dtype):
+    problem = make_problem(2, QWEN_PADDED, QWEN_VOCAB, dtype, hidden_size=QWEN_HIDDEN)
+    check_over_shards(problem, TP, backend, device, *TOLERANCES[dtype])
+
+
+def record_logit_blocks(monkeypatch) -> dict[str, list[tuple[int, int]]]:
+    """Record the shape of every block of logits the torch path forms: ``{"stats": [...], "grad": [...]}``."""
+    blocks = {"stats": [], "grad": []}
+    for key, name in (("stats", "partial_stats_torch"), ("grad", "grad_logits_torch")):
+
+        def spy(logits, *args, original=getattr(module, name), shapes=blocks[key]):
+            shapes.append(tuple(logits.shape))
+            return original(logits, *args)
+
+        monkeypatch.setattr(module, name, spy)
+    return blocks
+
+
+# 37 rows of 997 valid columns, by (TORCH_CHUNK_COLUMNS, TORCH_CHUNK_ELEMENTS,
+# TORCH_ONE_PASS_ELEMENTS): one product at exactly the one-pass budget; one element over it, chunks
+# of 36 rows (36, then 1); one column over the chunk's columns, the vocabulary split (996, then 1).
+FUSED_ONE_PASS_AND_CHUNKED = [
+    pytest.param(997, 36 * 997, 37 * 997, [(37, 997)], id="one-pass"),
+    pytest.param(997, 36 * 997, 37 * 997 - 1, [(36, 997), (1, 997)], id="row-chunks"),
+    pytest.param(996, 37 * 996, 37 * 997, [(37, 996), (37, 1)], id="column-chunks"),
+]
+
+
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
+@pytest.mark.parametrize("chunk_columns,chunk_elements,one_pass_elements,blocks", FUSED_ONE_PASS_AND_CHUNKED)
+def test_torch_path_takes_one_product_when_the_logits_are_small(
+    monkeypatch, dtype, atol, rtol, chunk_columns, chunk_elements, one_pass_elements, blocks
+):
+    monkeypatch.setattr(module, "TORCH_CHUNK_COLUMNS", chunk_columns)
+    monkeypatch.setattr(module, "TORCH_CHUNK_ELEMENTS", chunk_elements)
+    monkeypatch.setattr(module, "TORCH_ONE_PASS_ELEMENTS", one_pass_elements)
+    formed = record_logit_blocks(monkeypatch)
+    problem = make_problem(37, VOCAB, VOCAB - PADDING, dtype, hidden_size=HIDDEN)
+    check_public_function(problem, "torch", "cpu", atol, rtol)
+    assert formed == {"stats": blocks, "grad": blocks}
+
+
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
+@pytest.mark.parametrize(
+    "chunk_columns,chunk_elements,blocks",
+    [
+        pytest.param(None, None, [(37, 334), (37, 334), (37, 329)], id="one-pass"),
+        # 128 columns and 16 rows a chunk: columns 128, 128 and the rest (78, or 73 valid on the
+        # last shard), each in rows 16, 16, 5.
+        pytest.param(
+            128, 128 * 16,
+            [(rows, cols) for last in (78, 78, 73) for cols in (128, 128, last) for rows in (16, 16, 5)],
+            id="row-and-column-chunks",
+        ),
+    ],
+)
+def test_torch_path_over_three_shards(monkeypatch, dtype, atol, rtol, chunk_columns, chunk_elements, blocks):
+    """1002 vocabulary rows (a multiple of 3) over 3 shards of 334, the last 5 padding, on either path."""
+    if chunk_columns is not None:
+        monkeypatch.setattr(module, "TORCH_CHUNK_COLUMNS", chunk_columns)
+        monkeypatch.setattr(module, "TORCH_CHUNK_ELEMENTS", chunk_elements)
+    formed = record_logit_blocks(monkeypatch)
+    problem = make_problem(37, 1002, VOCAB - PADDING, dtype, hidden_size=HIDDEN)
+    check_over_shards(problem, 3, "torch", "cpu", atol, rtol)
+    assert formed == {"stats": blocks, "grad": blocks}
 
 
 def test_leading_dimensions_and_one_used_output():

@@ -1,11 +1,11 @@
 """``megarl.kernels.logprob_entropy`` against the float64 reference: values and gradients.
 
 Both implementations run: the Triton kernels (compiled on CUDA, or under Triton's interpreter on
-CPU tensors, see conftest.py) and the chunked torch path. Shapes: one row and 37 rows over 1000
-columns (not a multiple of the 256-column interpreter block) whose last 3 are vocabulary padding;
-and Qwen's 151936-token vocabulary padded to 152064 (a multiple of 128 x 3) over 3 tensor-parallel
-ranks, emulated in one process by combining each shard's partial statistics (real processes over
-gloo: ``test_tensor_parallel.py``).
+CPU tensors, see conftest.py) and the torch path, in one pass and in row chunks. Shapes: one row
+and 37 rows over 1000 columns (not a multiple of the 256-column interpreter block) whose last 3
+are vocabulary padding; and Qwen's 151936-token vocabulary padded to 152064 (a multiple of 128 x
+3) over 3 tensor-parallel ranks, emulated in one process by combining each shard's partial
+statistics (real processes over gloo: ``test_tensor_parallel.py``).
 """
 
 from __future__ import annotations
@@ -104,24 +104,16 @@ def test_auto_backend_runs_torch_on_cpu_tensors(monkeypatch):
                           *TOLERANCES[torch.float32])
 
 
-@pytest.mark.parametrize(
-    "backend,device,dtype",
-    [
-        pytest.param("torch", "cpu", torch.float32, id="torch-float32"),
-        pytest.param("torch", "cpu", torch.bfloat16, id="torch-bfloat16"),
-        # The interpreter needs seconds per shard here: one dtype, the one training uses.
-        pytest.param("triton", TRITON_DEVICE, torch.bfloat16, id="triton-bfloat16"),
-    ],
-)
-def test_qwen_vocab_over_three_ranks(backend, device, dtype):
-    atol, rtol = TOLERANCES[dtype]
-    problem = make_problem(2, QWEN_PADDED, QWEN_VOCAB, dtype)
-    shard_cols = QWEN_PADDED // TP
+def check_over_shards(problem: Problem, n_shards: int, backend: str, device: str, atol: float, rtol: float) -> None:
+    """Split ``problem``'s logits into ``n_shards`` vocabulary shards and check values and gradients.
+
+    The stats pass on every shard (no autograd: finalize's backward carries the whole derivative),
+    then what the all-reduces compute, then each shard's finalize, as tensor-parallel ranks do.
+    """
+    shard_cols = problem.logits.shape[1] // n_shards
     targets = problem.targets.to(device)
     shards = [shard.to(device).requires_grad_() for shard in problem.logits.split(shard_cols, dim=1)]
-    options = [(rank * shard_cols, QWEN_VOCAB, TEMPERATURE, backend) for rank in range(TP)]
-    # The stats pass on every rank (no autograd: finalize's backward carries the whole derivative),
-    # then what the all-reduces compute, then each rank's finalize.
+    options = [(rank * shard_cols, problem.vocab_size, TEMPERATURE, backend) for rank in range(n_shards)]
     partial = [
         torch.ops.megarl.logprob_entropy_stats(shard.detach(), targets, *opts) for shard, opts in zip(shards, options)
     ]
@@ -133,6 +125,68 @@ def test_qwen_vocab_over_three_ranks(backend, device, dtype):
         assert_matches(entropy, expected_entropy, atol, rtol)
         problem.loss(log_probs.cpu(), entropy.cpu()).backward()
     assert_matches(torch.cat([shard.grad for shard in shards], dim=1), expected_grad, atol, rtol)
+
+
+@pytest.mark.parametrize(
+    "backend,device,dtype",
+    [
+        pytest.param("torch", "cpu", torch.float32, id="torch-float32"),
+        pytest.param("torch", "cpu", torch.bfloat16, id="torch-bfloat16"),
+        # The interpreter needs seconds per shard here: one dtype, the one training uses.
+        pytest.param("triton", TRITON_DEVICE, torch.bfloat16, id="triton-bfloat16"),
+    ],
+)
+def test_qwen_vocab_over_three_ranks(backend, device, dtype):
+    problem = make_problem(2, QWEN_PADDED, QWEN_VOCAB, dtype)
+    check_over_shards(problem, TP, backend, device, *TOLERANCES[dtype])
+
+
+def count_row_passes(monkeypatch) -> dict[str, list[int]]:
+    """Record the rows of every pass of the torch path: ``{"stats": [rows, ...], "grad": [...]}``."""
+    passes = {"stats": [], "grad": []}
+    for key, name in (("stats", "_stats_of_rows"), ("grad", "_grad_of_rows")):
+
+        def spy(logits, *args, original=getattr(module, name), rows=passes[key]):
+            rows.append(logits.shape[0])
+            return original(logits, *args)
+
+        monkeypatch.setattr(module, name, spy)
+    return passes
+
+
+# 37 rows of 997 valid columns: the whole fp32 logits fit a budget of 37 x 997 elements (one pass);
+# one element less leaves room for 36 rows a chunk (a chunk of 36, then 1).
+ONE_PASS_AND_CHUNKED = [
+    pytest.param(37 * (VOCAB - PADDING), [37], id="one-pass"),
+    pytest.param(37 * (VOCAB - PADDING) - 1, [36, 1], id="row-chunks"),
+]
+
+
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
+@pytest.mark.parametrize("chunk_elements,rows_per_pass", ONE_PASS_AND_CHUNKED)
+def test_torch_path_takes_one_pass_when_the_logits_fit(monkeypatch, dtype, atol, rtol, chunk_elements, rows_per_pass):
+    monkeypatch.setattr(module, "TORCH_CHUNK_ELEMENTS", chunk_elements)
+    passes = count_row_passes(monkeypatch)
+    check_public_function(make_problem(37, VOCAB, VOCAB - PADDING, dtype), "torch", "cpu", atol, rtol)
+    assert passes == {"stats": rows_per_pass, "grad": rows_per_pass}
+
+
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
+@pytest.mark.parametrize(
+    "chunk_elements,rows_per_pass",
+    [
+        pytest.param(None, [37] * 3, id="one-pass"),
+        # 16 rows of a shard's 334 (or, on the last shard, 329 valid) columns a chunk: 16, 16, 5.
+        pytest.param(16 * 334, [16, 16, 5] * 3, id="row-chunks"),
+    ],
+)
+def test_torch_path_over_three_shards(monkeypatch, dtype, atol, rtol, chunk_elements, rows_per_pass):
+    """1002 columns (a multiple of 3) over 3 shards of 334, the last 5 padding, on either path."""
+    if chunk_elements is not None:
+        monkeypatch.setattr(module, "TORCH_CHUNK_ELEMENTS", chunk_elements)
+    passes = count_row_passes(monkeypatch)
+    check_over_shards(make_problem(37, 1002, VOCAB - PADDING, dtype), 3, "torch", "cpu", atol, rtol)
+    assert passes == {"stats": rows_per_pass, "grad": rows_per_pass}
 
 
 def test_leading_dimensions_and_one_used_output():
