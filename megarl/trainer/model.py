@@ -144,8 +144,8 @@ class TrainModel:
         Each also carries ``row_response_mask [b, S']``: the whole rows' masks, for normalisers
         that must see whole responses under context parallelism.
         """
+        lengths = batch.sequence_lengths[rows].tolist()
         rows = rows.tolist()
-        lengths = [int(batch.sequence_lengths[row]) for row in rows]
         plan = plan_micro_batches(lengths, self.pg_collection.dp.size(), self.train)[self.pg_collection.dp.rank()]
         cp_rank, cp_size = self.pg_collection.cp.rank(), self.pg_collection.cp.size()
         micro_batches = []
