@@ -230,6 +230,15 @@ def test_unknown_override_keys_suggest_the_nearest(override, expected):
     assert str(error.value).startswith(expected)
 
 
+def test_a_dispatcher_megatron_cannot_build_for_rl_batches_is_refused_with_the_field_named():
+    with pytest.raises(ConfigError) as error:
+        load_config(None, ["model.moe_token_dispatcher=allgather"])
+    assert str(error.value) == (
+        "override `model.moe_token_dispatcher=allgather`: `model.moe_token_dispatcher` (allgather) needs fixed sequence "
+        "lengths in megatron-core 0.16, and RL batches vary: use alltoall"
+    )
+
+
 def test_unknown_key_without_a_near_one_gets_no_suggestion():
     with pytest.raises(ConfigError) as error:
         load_config(None, ["zzzzzz=1"])

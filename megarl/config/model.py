@@ -42,7 +42,9 @@ class ModelConfig(Section):
     """Grouped expert weights and GEMMs; needs TE or the grouped_gemm package on CUDA
     (Megatron/slime: --moe-grouped-gemm)."""
     moe_token_dispatcher: Literal["alltoall", "allgather"] = "alltoall"
-    """How tokens reach their experts' ranks (Megatron/slime: --moe-token-dispatcher-type)."""
+    """How tokens reach their experts' ranks (Megatron/slime: --moe-token-dispatcher-type).
+    megatron-core 0.16 builds ``allgather`` only for fixed sequence lengths, and RL batches vary in
+    length, so the config refuses it until Megatron supports it."""
     moe_aux_loss_coeff: Annotated[float, Range(ge=0)] = 0.0
     """Load-balancing auxiliary loss coefficient; 0 disables it, as RL fine-tuning usually does
     (Megatron/slime: --moe-aux-loss-coeff)."""
@@ -52,6 +54,8 @@ class ModelConfig(Section):
     def _rule_problems(self) -> Iterator[tuple[str, str]]:
         if not self.path:
             yield "path", "must name a HF model directory or bundled:NAME"
+        if self.moe_token_dispatcher == "allgather":
+            yield "moe_token_dispatcher", "(allgather) needs fixed sequence lengths in megatron-core 0.16, and RL batches vary: use alltoall"
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)
