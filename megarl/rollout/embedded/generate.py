@@ -1,6 +1,7 @@
 """Batched generation with a KV cache on a transformers causal LM, for the ``hf`` engine.
 
-Prompts of different lengths are left-padded into one batch. Each row gets explicit position ids
+Prompts of different lengths are left-padded into one batch; the requests of one prompt (its n
+samples) share one prefill, whose cache rows are then repeated for each. Each row gets explicit position ids
 (``0 .. len-1`` from its first real token) and an attention mask that hides the padding, so a
 row's logits do not depend on which other prompts share its batch (up to float rounding in
 batched matrix products, ~1e-7 in fp32). Every step runs the model on the last token of every
@@ -143,12 +144,17 @@ class BatchGenerator:
         self.check(requests)
         batch = len(requests)
         device = next(self.model.parameters()).device
-        width = max(len(request.input_ids) for request in requests)
-        input_ids = torch.full((batch, width), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros(batch, width, dtype=torch.long)
-        for row, request in enumerate(requests):
-            input_ids[row, width - len(request.input_ids) :] = torch.tensor(request.input_ids)
-            attention_mask[row, width - len(request.input_ids) :] = 1
+        # The requests of one prompt (its n samples) share one prefill, as SGLang's prefix cache
+        # shares it: the model reads each distinct prompt once, and its cache rows and last logits
+        # then stand for every request of that prompt.
+        distinct: dict[tuple[int, ...], int] = {}
+        prompt_of = [distinct.setdefault(tuple(request.input_ids), len(distinct)) for request in requests]
+        width = max(len(prompt) for prompt in distinct)
+        input_ids = torch.full((len(distinct), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros(len(distinct), width, dtype=torch.long)
+        for row, prompt in enumerate(distinct):
+            input_ids[row, width - len(prompt) :] = torch.tensor(prompt)
+            attention_mask[row, width - len(prompt) :] = 1
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         limits = [min(request.max_new_tokens, self.context_length - len(request.input_ids)) for request in requests]
@@ -157,13 +163,18 @@ class BatchGenerator:
         results = [Result(output_ids=[], logprobs=[], finish_reason={}) for _ in requests]
         decoding = Decoding(results)
         active = list(range(batch))
-        token_columns = [input_ids]  # every token fed so far, for a recomputed cache
 
         cache = DynamicCache(config=self.model.config)
         output = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             past_key_values=cache, use_cache=True, logits_to_keep=1,
         )
+        if len(distinct) < batch:
+            rows = torch.tensor(prompt_of, device=device)
+            cache.reorder_cache(rows)
+            output.logits = output.logits[rows]
+            input_ids, attention_mask, position_ids = input_ids[rows], attention_mask[rows], position_ids[rows]
+        token_columns = [input_ids]  # every token fed so far, for a recomputed cache
         vocab = output.logits.shape[-1]
         top_p = torch.tensor([request.top_p for request in requests], device=device)
         top_k = torch.tensor([request.top_k if 0 < request.top_k < vocab else vocab for request in requests], device=device)

@@ -69,6 +69,27 @@ def test_a_sample_does_not_depend_on_its_batch(moe):
     assert torch.allclose(torch.tensor(batched.logprobs), torch.tensor(alone.logprobs), atol=1e-6, rtol=0)
 
 
+def test_the_samples_of_a_prompt_share_its_prefill_and_draw_as_if_alone(moe):
+    # 3 prompts x 4 samples, interleaved with a prompt of its own; with the teacher-forced
+    # log-probs below this also covers the cache rows the shared prefill repeats.
+    shared = prompts(3, seed=5)
+    batch = [request(prompt, seed=10 * index + sample) for sample in range(4) for index, prompt in enumerate(shared)]
+    batch.insert(5, request([7, 8, 9], seed=99))
+    prefill_rows = []
+    hook = moe.register_forward_pre_hook(lambda module, args, kwargs: prefill_rows.append(kwargs["input_ids"].shape), with_kwargs=True)
+    try:
+        results = generator(moe).generate(batch)
+    finally:
+        hook.remove()
+    assert prefill_rows[0][0] == 4 and all(shape == (len(batch), 1) for shape in prefill_rows[1:])
+    for item, result in zip(batch, results):
+        alone = generator(moe).generate([item])[0]
+        assert result.output_ids == alone.output_ids
+        assert torch.allclose(torch.tensor(result.logprobs), torch.tensor(alone.logprobs), atol=1e-6, rtol=0)
+        expected = teacher_forced_logprobs(moe, item.input_ids, result.output_ids, 1.0)
+        assert torch.allclose(torch.tensor(result.logprobs), expected, atol=LOGPROB_TOLERANCE, rtol=0)
+
+
 def test_seeded_generation_is_reproducible(moe):
     batch = [request(prompt, seed=100 + index) for index, prompt in enumerate(prompts(6))]
     first = generator(moe, seed=1).generate(batch)
