@@ -110,7 +110,13 @@ def main(argv=None) -> None:
 
     def check_segments() -> dict[str, dict[str, float]]:
         """Each segment of the multi-version samples against the trainer's log-probs under its
-        version (collective: every rank recorded the same samples)."""
+        version (collective: the first rank, which packs the batches, recorded the samples and
+        hands them to every rank)."""
+        shared = [partial_samples if first else None]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        partial_samples[:] = shared[0]
+        if not partial_samples:
+            return {}
         now = {name: parameter.detach().clone() for name, parameter in parameters().items()}
         # The same number of samples on every data-parallel rank.
         del partial_samples[len(partial_samples) - len(partial_samples) % run.pg_collection.dp.size() :]
@@ -146,7 +152,7 @@ def main(argv=None) -> None:
             report["completed"] = True
         except InjectedStop:
             pass
-        if args.check_segments and partial_samples:
+        if args.check_segments:
             report["segments"] = check_segments()
     finally:
         if first:
