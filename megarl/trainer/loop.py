@@ -153,35 +153,23 @@ def roll_out(run: Run, step: int) -> tuple[list[ScoredSample], dict[str, float]]
 
 def share_batch(run: Run, work) -> tuple[TrainBatch, torch.Tensor, dict[str, float]]:
     """Run ``work() -> (batch, scores, metrics)`` on the first rank and give the result to every
-    rank: the batch's tensors and the scores packed into one int64 and one float32 buffer, each
-    sent with one broadcast, after a small header (their layout, the metrics, the keep rate). An
-    error on the first rank is raised on every rank, as :func:`on_first_rank` does."""
+    rank: a small header through :func:`on_first_rank` (each tensor's name, shape and dtype, the
+    metrics, the keep rate; or the first rank's error, raised on every rank), then the batch's
+    tensors and the scores packed into one int64 and one float32 buffer, each sent with one
+    broadcast."""
+    buffers: list[torch.Tensor] = []
 
-    def packed():
+    def header():
         batch, scores, metrics = work()
         named = {**batch.tensors(), "scores": scores.float()}
+        for floating, kind in ((False, torch.int64), (True, torch.float32)):
+            parts = [tensor.reshape(-1).to(kind) for tensor in named.values() if tensor.dtype.is_floating_point == floating]
+            buffers.append(torch.cat(parts) if parts else torch.empty(0, dtype=kind))
         layout = [(name, tensor.dtype.is_floating_point, tuple(tensor.shape), tensor.dtype) for name, tensor in named.items()]
-        buffers = [torch.cat([tensor.reshape(-1).to(kind) for tensor in named.values() if tensor.dtype.is_floating_point == floating] or [torch.empty(0, dtype=kind)])
-                   for floating, kind in ((False, torch.int64), (True, torch.float32))]
-        return (layout, [buffer.numel() for buffer in buffers], batch.pad_multiple, metrics, run.keep_rate), buffers
+        return layout, [buffer.numel() for buffer in buffers], batch.pad_multiple, metrics, run.keep_rate
 
-    header: list = [None]
-    buffers = None
-    if run.is_first_rank:
-        try:
-            header_value, buffers = packed()
-            header = [("ok", header_value)]
-        except Exception as error:  # noqa: BLE001 - re-raised below, on every rank
-            header = [("error", f"{type(error).__name__}: {error}")]
-            failure = error
-    dist.broadcast_object_list(header, src=0)
-    status, value = header[0]
-    if status == "error":
-        if run.is_first_rank:
-            raise failure
-        raise TrainingStopped(f"the first rank failed: {value}")
-    layout, sizes, pad_multiple, metrics, run.keep_rate = value
-    if buffers is None:
+    layout, sizes, pad_multiple, metrics, run.keep_rate = on_first_rank(run, header)
+    if not buffers:
         buffers = [torch.empty(size, dtype=kind) for size, kind in zip(sizes, (torch.int64, torch.float32))]
     for buffer in buffers:
         dist.broadcast(buffer, src=0)
