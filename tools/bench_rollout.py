@@ -55,6 +55,8 @@ from pathlib import Path
 
 import yaml
 
+from megarl.metrics import read_rows
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 CONFIGS = {"sync": "configs/moe_grpo.yaml", "async": "configs/moe_grpo_async.yaml"}
@@ -87,12 +89,6 @@ def train(mode: str, run_dir: Path, overrides: list[str], timeout_s: float) -> d
         tail = (run_dir / "train.log").read_text()[-3000:]
         raise SystemExit(f"{' '.join(command)}: exit {result.returncode}:\n{tail}")
     return {"wall_s": seconds, "load_before": load_before, "load_after": os.getloadavg()[0]}
-
-
-def read_rows(run_dir: Path) -> list[dict]:
-    """The run's ``metrics.jsonl`` rows, values as floats (``"NaN"`` included)."""
-    with open(run_dir / "metrics.jsonl") as rows:
-        return [{name: float(value) for name, value in json.loads(line).items()} for line in rows if line.strip()]
 
 
 def resolved_config(run_dir: Path) -> dict:
@@ -135,7 +131,7 @@ def learning(mode: str, run_dir: Path) -> dict:
     config = resolved_config(run_dir)
     if config["rollout"]["mode"] != mode:
         raise SystemExit(f"{run_dir}/config.yaml: rollout.mode is {config['rollout']['mode']}, expected {mode}")
-    rows = read_rows(run_dir)
+    rows = read_rows(run_dir / "metrics.jsonl")
     reached = time_to_reward(rows)
     started = rows[0]["time"] - rows[0]["time/step_s"]
     validations = [row["val/accuracy"] for row in rows if "val/accuracy" in row]
@@ -252,7 +248,7 @@ def main() -> None:
                     run_dir = root / f"{mode}-{latency:g}s-{repeat}"
                     overrides = [f"train.steps={args.steps}", "train.eval_every=0", f"rollout.hf_step_delay_s={latency}", *args.override]
                     timing = train(mode, run_dir, overrides, timeout_s=600 + 30 * args.steps)
-                    measured = throughput(read_rows(run_dir), resolved_config(run_dir)["train"]["global_batch_size"])
+                    measured = throughput(read_rows(run_dir / "metrics.jsonl"), resolved_config(run_dir)["train"]["global_batch_size"])
                     report["runs"].append({"mode": mode, "latency_s": latency, "repeat": repeat, **timing, **measured})
                     print(f"{mode}, {latency:g} s/token, run {repeat}: {measured['samples_per_s']:.1f} samples/s", file=sys.stderr)
         if args.runs:

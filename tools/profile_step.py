@@ -39,7 +39,10 @@ import time
 from pathlib import Path
 
 # The sibling benchmark's launch helpers and its rule for the time to 0.8, shared rather than restated.
-from bench_rollout import BIN, REPO, free_port, read_rows, time_to_reward
+from bench_rollout import BIN, REPO, free_port, time_to_reward
+
+from megarl.metrics import read_rows
+
 PHASES = [
     ("step", "time/step_s"),
     ("rollout", "time/rollout_s"),
@@ -65,7 +68,7 @@ def run_once(run_dir: Path, steps: int, overrides: list[str]) -> dict:
     wall = time.time() - launched
     if result.returncode:
         raise SystemExit(f"{' '.join(command)}: exit {result.returncode}; see {run_dir.parent / f'{run_dir.name}.log'}")
-    rows = read_rows(run_dir)
+    rows = read_rows(run_dir / "metrics.jsonl")
     first = rows[0]
     first_step_s = first["time"] - launched
     reached = time_to_reward(rows)
