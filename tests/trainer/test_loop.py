@@ -56,13 +56,20 @@ def fake_run(keep_rate: float):
     return SimpleNamespace(config=config, keep_rate=keep_rate)
 
 
+def scripted_roll_out(monkeypatch, kept_per_round: list[int], keep_rate: float):
+    """``loop.roll_out`` of a run at ``keep_rate`` over :func:`scripted_round`; returns the run,
+    the samples, the metrics and the rounds asked for."""
+    calls: list[dict] = []
+    monkeypatch.setattr(loop, "generate_round", scripted_round(kept_per_round, calls))
+    run = fake_run(keep_rate)
+    samples, metrics = loop.roll_out(run, step=0)
+    return run, samples, metrics, calls
+
+
 @pytest.mark.cpu
 def test_a_step_rolls_out_what_the_keep_rate_says_in_one_call_and_updates_the_rate(monkeypatch):
-    calls: list[dict] = []
     # Keep rate 0.5: 16 groups needed -> 2 loader batches (32 prompts) in one call; 20 kept.
-    monkeypatch.setattr(loop, "generate_round", scripted_round([20], calls))
-    run = fake_run(0.5)
-    samples, metrics = loop.roll_out(run, step=3)
+    run, samples, metrics, calls = scripted_roll_out(monkeypatch, [20], 0.5)
     assert calls == [{"round": 0, "batches": 2, "first_group": 0}]
     assert len(samples) == 128 and {sample.group for sample in samples} == set(range(16))
     assert metrics["rollout/rounds"] == 1 and metrics["rollout/prompts"] == 32
@@ -73,12 +80,9 @@ def test_a_step_rolls_out_what_the_keep_rate_says_in_one_call_and_updates_the_ra
 
 @pytest.mark.cpu
 def test_a_round_that_falls_short_is_followed_by_one_sized_by_the_updated_rate(monkeypatch):
-    calls: list[dict] = []
     # Rate 1.0 -> 1 batch; only 4 of 16 kept: the step's rate 0.25 -> 0.5 * 0.25 + 0.5 * 1.0 = 0.625,
     # so the 12 missing groups ask for ceil(12 / (0.625 * 16)) = 2 batches; 12 of their 32 kept.
-    monkeypatch.setattr(loop, "generate_round", scripted_round([4, 12], calls))
-    run = fake_run(1.0)
-    samples, metrics = loop.roll_out(run, step=0)
+    run, samples, metrics, calls = scripted_roll_out(monkeypatch, [4, 12], 1.0)
     assert calls == [{"round": 0, "batches": 1, "first_group": 0}, {"round": 1, "batches": 2, "first_group": 16}]
     assert len(samples) == 128 and metrics["rollout/rounds"] == 2 and metrics["rollout/prompts"] == 48
     assert {sample.group for sample in samples} == set(range(4)) | set(range(16, 28))
@@ -87,10 +91,7 @@ def test_a_round_that_falls_short_is_followed_by_one_sized_by_the_updated_rate(m
 
 @pytest.mark.cpu
 def test_when_the_budget_is_spent_the_batch_is_topped_up_from_the_reserve(monkeypatch):
-    calls: list[dict] = []
-    monkeypatch.setattr(loop, "generate_round", scripted_round([3], calls))
-    run = fake_run(0.1)
-    samples, metrics = loop.roll_out(run, step=0)
+    run, samples, metrics, calls = scripted_roll_out(monkeypatch, [3], 0.1)
     # The whole budget (algorithm.max_num_gen_batches) in one call, 3 groups kept, 13 groups' samples from the reserve in order.
     assert calls == [{"round": 0, "batches": 4, "first_group": 0}]
     assert len(samples) == 128 and metrics["filter/topped_up_samples"] == 104
