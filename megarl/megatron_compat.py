@@ -35,6 +35,16 @@ CUDA is available (``megarl.platform`` calls it only then). It does five things:
    docs/benchmarks.md).
 
 Nothing here touches collectives: gloo (torch >= 2.11) implements every one Megatron issues.
+
+On any machine, :func:`lean_megatron_import` takes about two seconds off importing megatron-core
+(half of it): Megatron decorates its fused element-wise functions with ``torch.compile`` when it is
+imported, which imports TorchDynamo and Inductor even if none of those functions is ever called,
+and it imports ``wandb`` for its inference context, which megarl does not use (megarl's own W&B
+sink imports ``wandb`` when ``logging.wandb`` asks for it). With CUDA those functions are compiled
+at their first call, as Megatron does; on the CPU (:func:`enable_cpu`) they run eagerly: compiling
+them there means generating and building C++ at the first step (the MoE router's
+``_apply_expert_bias`` is called on every forward) for element-wise work that is negligible at the
+sizes a CPU trains.
 """
 
 from __future__ import annotations
@@ -42,7 +52,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from typing import Any
+import sys
+from typing import Any, Callable
 
 import torch
 from torch.overrides import TorchFunctionMode, _get_current_function_mode, _pop_mode_temporarily
@@ -207,9 +218,10 @@ def _tensor_to_host(tensor: Any, as_numpy: bool = False, record_stream: bool = F
 
 
 def _patch_megatron() -> None:
-    from megatron.core.tensor_parallel import random as tp_random
-    from megatron.core.transformer.moe import moe_utils, token_dispatcher
-    from megatron.core.transformer.transformer_block import TransformerBlock
+    with lean_megatron_import():
+        from megatron.core.tensor_parallel import random as tp_random
+        from megatron.core.transformer.moe import moe_utils, token_dispatcher
+        from megatron.core.transformer.transformer_block import TransformerBlock
 
     TransformerBlock.forward = _without_redirects(TransformerBlock.forward)
     tp_random._get_cuda_rng_state = _cpu_rng_state
@@ -254,6 +266,50 @@ def _separate_adam_steps(load_state_dict):
 
     load_state_dict_with_own_steps.megarl_patched = True
     return load_state_dict_with_own_steps
+
+
+def compile_on_first_call(model: Callable | None = None, **options) -> Callable:
+    """``torch.compile`` that compiles when the function is first called rather than when it is
+    decorated, so that decorating imports nothing (``torch.compile`` is lazy about compiling but not
+    about importing the compiler); where :func:`enable_cpu` has run, the function runs eagerly.
+    Usable bare or with options, as ``torch.compile`` is."""
+    if model is None:
+        return functools.partial(compile_on_first_call, **options)
+    compiled = None
+
+    @functools.wraps(model)
+    def call(*args, **kwargs):
+        nonlocal compiled
+        if _enabled:
+            return model(*args, **kwargs)
+        if compiled is None:
+            compiled = torch.compile(model, **options)
+        return compiled(*args, **kwargs)
+
+    return call
+
+
+@contextlib.contextmanager
+def lean_megatron_import():
+    """Import megatron-core inside this block without the compiler stack and ``wandb`` (see the module
+    docstring). Megatron binds its ``jit_fuser`` to :func:`compile_on_first_call` when
+    ``megatron.core.jit`` is first imported here, for the rest of the process; ``wandb`` is hidden
+    from the imports in the block (unless it is imported already) and importable again after it.
+    Nothing changes when megatron-core is imported already."""
+    if "megatron.core.jit" in sys.modules:
+        yield
+        return
+    eager_compile = torch.compile
+    hide_wandb = "wandb" not in sys.modules
+    torch.compile = compile_on_first_call
+    if hide_wandb:
+        sys.modules["wandb"] = None  # ``import wandb`` raises ImportError, which Megatron handles
+    try:
+        yield
+    finally:
+        torch.compile = eager_compile
+        if hide_wandb and sys.modules.get("wandb", 0) is None:
+            del sys.modules["wandb"]
 
 
 def fix_missing_transformer_engine() -> None:

@@ -9,10 +9,14 @@ Megatron's globals.
 from __future__ import annotations
 
 import torch.distributed as dist
-from megatron.core import parallel_state
-from megatron.core.process_groups_config import ProcessGroupCollection
 
 from megarl.config import ConfigError, ParallelConfig, world_size_errors
+from megarl.megatron_compat import lean_megatron_import
+
+# The first import of megatron-core on the training path: without the compiler stack and wandb.
+with lean_megatron_import():
+    from megatron.core import parallel_state
+    from megatron.core.process_groups_config import ProcessGroupCollection
 
 
 def initialize(layout: ParallelConfig, timeout_minutes: int = 30) -> ProcessGroupCollection:

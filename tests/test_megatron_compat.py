@@ -155,3 +155,66 @@ def test_transformer_layers_run_without_the_mode_and_the_rest_with_it():
 def test_enable_cpu_refuses_on_cuda_machines():
     with pytest.raises(RuntimeError, match="without CUDA"):
         megatron_compat.enable_cpu()
+
+
+def test_compile_on_first_call_gives_the_compiled_result_and_imports_the_compiler_only_then():
+    script = textwrap.dedent(
+        """
+        import sys, torch
+        from megarl import megatron_compat
+
+        @megatron_compat.compile_on_first_call
+        def scaled(x):
+            return x * 2 + 1
+
+        @megatron_compat.compile_on_first_call(dynamic=False)
+        def shifted(x):
+            return x - 3
+
+        assert "torch._dynamo" not in sys.modules, "decorating imported the compiler"
+        assert scaled.__name__ == "scaled"
+        x = torch.arange(4.0)
+        assert torch.equal(scaled(x), x * 2 + 1) and torch.equal(shifted(x), x - 3)
+        assert "torch._dynamo" in sys.modules
+        """
+    )
+    run_python_source(script)
+
+
+def test_compile_on_first_call_runs_eagerly_on_the_cpu():
+    script = textwrap.dedent(
+        """
+        import sys, torch
+        from megarl import megatron_compat
+
+        megatron_compat.enable_cpu()
+
+        @megatron_compat.compile_on_first_call
+        def scaled(x):
+            return x * 2 + 1
+
+        x = torch.arange(4.0)
+        assert torch.equal(scaled(x), x * 2 + 1)
+        assert "torch._dynamo" not in sys.modules
+        """
+    )
+    run_python_source(script)
+
+
+def test_training_path_imports_megatron_without_the_compiler_or_wandb():
+    # The start-up time this saves is in docs/benchmarks.md ("Main job"); this pins that nothing on
+    # the training path brings either back, and that both stay importable.
+    script = textwrap.dedent(
+        """
+        import sys
+        import megarl.trainer.run, megarl.trainer.loop
+        import megatron.core.jit
+        from megarl import megatron_compat
+        assert megatron.core.jit.jit_fuser is megatron_compat.compile_on_first_call
+        leaked = [name for name in ("torch._dynamo", "torch._inductor", "wandb") if name in sys.modules]
+        assert not leaked, leaked
+        import torch, wandb
+        assert torch.compile is not megatron_compat.compile_on_first_call
+        """
+    )
+    run_python_source(script)

@@ -112,16 +112,27 @@ def rope_theta(hf_config) -> float:
 
 def rotary_inv_freq(hf_config):
     """``[head_dim / 2]`` rotary frequencies exactly as transformers computes them for this config
-    (the default, ``linear`` or ``llama3`` scaling); Megatron's rotary embedding then uses them."""
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+    (the default, ``linear`` or ``llama3`` scaling); Megatron's rotary embedding then uses them.
 
-    rotary = LlamaRotaryEmbedding(config=hf_config)
-    if rotary.attention_scaling != 1.0:
+    Scaled types come from transformers' own ``ROPE_INIT_FUNCTIONS``; the default is the one line
+    of the models' ``compute_default_rope_parameters`` (``LlamaRotaryEmbedding``'s), written out
+    because importing a modeling file imports TorchDynamo (0.7 s of the trainer's start-up);
+    ``tests/models/test_family.py`` checks it against ``LlamaRotaryEmbedding``."""
+    import torch
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    rope_type = _rope_type(hf_config)
+    if rope_type == "default":
+        dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+        inv_freq, attention_scaling = 1.0 / (rope_theta(hf_config) ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
+    else:
+        inv_freq, attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config)
+    if attention_scaling != 1.0:
         raise UnsupportedModel(
-            f"rope type {rope_parameters(hf_config).get('rope_type')!r} scales attention by "
-            f"{rotary.attention_scaling}; megarl implements rope types without attention scaling"
+            f"rope type {rope_type!r} scales attention by {attention_scaling}; megarl implements rope "
+            "types without attention scaling"
         )
-    return rotary.inv_freq.float()
+    return inv_freq.float()
 
 
 def _rope_type(hf_config) -> str:

@@ -73,3 +73,13 @@ def test_rotary_frequencies_are_transformers_own_with_llama3_scaling():
     assert torch.equal(plain, base)
     # llama3 keeps the high frequencies and divides the low ones by the factor.
     assert scaled[0] == plain[0] and torch.allclose(scaled[-1], plain[-1] / 8)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_rotary_frequencies_equal_those_of_transformers_rotary_embedding(name):
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    config = CONFIGS[name]()
+    assert torch.equal(rotary_inv_freq(config), LlamaRotaryEmbedding(config=config).inv_freq.float())
+    scaled = transformers.LlamaConfig(hidden_size=64, num_attention_heads=4, rope_parameters=LLAMA3_ROPE)
+    assert torch.equal(rotary_inv_freq(scaled), LlamaRotaryEmbedding(config=scaled).inv_freq.float())
