@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 
@@ -58,10 +59,13 @@ def pad_micro_batch(
     _check(prompt_ids, response_ids, pad_to_multiple_of)
     lengths = [len(prompt) + len(response) for prompt, response in zip(prompt_ids, response_ids)]
     length = _round_up(max(lengths), pad_to_multiple_of)
-    tokens = torch.full((len(lengths), length), pad_token_id, dtype=torch.int64)
-    loss_mask = torch.zeros((len(lengths), length), dtype=torch.bool)
+    # Filled row by row in numpy and handed to torch once: a torch call per row costs more than the
+    # copy (and on the CPU each passes through megarl.megatron_compat's torch-function mode).
+    tokens = np.full((len(lengths), length), pad_token_id, dtype=np.int64)
+    loss_mask = np.zeros((len(lengths), length), dtype=np.bool_)
     for row, (prompt, response) in enumerate(zip(prompt_ids, response_ids)):
-        tokens[row, : lengths[row]] = torch.tensor([*prompt, *response], dtype=torch.int64)
+        tokens[row, : len(prompt)] = prompt
+        tokens[row, len(prompt) : lengths[row]] = response
         loss_mask[row, len(prompt) : lengths[row]] = True
     position_ids = torch.arange(length, dtype=torch.int64).expand(len(lengths), length).contiguous()
-    return PaddedBatch(tokens, position_ids, loss_mask, torch.tensor(lengths, dtype=torch.int64))
+    return PaddedBatch(torch.from_numpy(tokens), position_ids, torch.from_numpy(loss_mask), torch.tensor(lengths, dtype=torch.int64))

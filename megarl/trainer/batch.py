@@ -18,6 +18,7 @@ import dataclasses
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -142,27 +143,28 @@ class TrainBatch:
         """
         padded = pad_micro_batch(prompt_ids, response_ids, pad_token_id=pad_token_id, pad_to_multiple_of=pad_multiple)
         batch_size, length = padded.tokens.shape
-        response_mask = torch.zeros(batch_size, length, dtype=torch.bool)
-        response_mask[:, :-1] = padded.loss_mask[:, 1:]
-        log_probs = torch.zeros(batch_size, length, dtype=torch.float32)
+        # Filled in numpy, one torch tensor at the end (see pad_micro_batch).
+        response_mask = np.zeros((batch_size, length), dtype=np.bool_)
+        response_mask[:, :-1] = padded.loss_mask[:, 1:].numpy()
+        log_probs = np.zeros((batch_size, length), dtype=np.float32)
         for row, (prompt, values) in enumerate(zip(prompt_ids, rollout_log_probs)):
             if len(values) != len(response_ids[row]):
                 raise ValueError(f"sample {row}: {len(values)} rollout log-probs for {len(response_ids[row])} response tokens")
             start = len(prompt) - 1
-            log_probs[row, start : start + len(values)] = torch.tensor(values, dtype=torch.float32)
+            log_probs[row, start : start + len(values)] = values
             trained = loss_masks[row] if loss_masks else None
             if trained is not None:
                 if len(trained) != len(values):
                     raise ValueError(f"sample {row}: a loss mask of {len(trained)} tokens for {len(values)} response tokens")
-                response_mask[row, start : start + len(values)] &= torch.tensor(list(trained), dtype=torch.bool)
+                response_mask[row, start : start + len(values)] &= np.asarray(trained, dtype=np.bool_)
         return cls(
             tokens=padded.tokens,
-            response_mask=response_mask,
+            response_mask=torch.from_numpy(response_mask),
             sequence_lengths=padded.sequence_lengths,
             response_lengths=torch.tensor([len(response) for response in response_ids], dtype=torch.int64),
             group_ids=torch.as_tensor(list(group_ids), dtype=torch.int64),
             truncated=torch.as_tensor(list(truncated), dtype=torch.bool),
-            token_values={"rollout_log_probs": log_probs},
+            token_values={"rollout_log_probs": torch.from_numpy(log_probs)},
             pad_multiple=pad_multiple,
         )
 
