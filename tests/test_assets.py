@@ -62,7 +62,8 @@ def test_assets_regenerate_with_the_same_tensors_configs_and_files(tmp_path):
     make_assets = load_make_assets()
     tokenizer = make_assets.build_tokenizer(tmp_path / "tokenizer")
     make_assets.build_models(tmp_path / "models", tmp_path / "tokenizer", tokenizer)
-    make_assets.build_data(tmp_path / "data" / "toy")
+    make_assets.build_data(tmp_path / "data" / "toy", make_assets.toy_rows())
+    make_assets.build_data(tmp_path / "data" / "lookup", make_assets.lookup_rows())
     generated, bundled = tree(tmp_path), tree(ASSETS)
     assert generated.keys() == bundled.keys()
     assert [name for name in bundled if generated[name] != bundled[name]] == []
@@ -128,3 +129,46 @@ def test_toy_datasets():
         assert toy_reward(row["answer"], row["answer"]) == 1.0
     assert {row["task"] for row in train + val} == {"max"}
     assert all(row["answer"] == max(row["prompt"].split()[1:]) for row in train + val)
+
+
+def test_lookup_dataset_hides_the_answer_behind_a_key():
+    train, val = load_rows("bundled:lookup/train.jsonl"), load_rows("bundled:lookup/val.jsonl")
+    assert (len(train), len(val)) == (800, 200)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(ASSETS / "tokenizer")
+    answers_by_prompt: dict[str, set[str]] = {}
+    for row in train + val:
+        assert set(row) == {"prompt", "answer", "task"} and row["task"] == "lookup"
+        assert row["answer"] in "0123456789" and len(row["answer"]) == 1
+        assert tokenizer.unk_token_id not in tokenizer(row["prompt"])["input_ids"]
+        answers_by_prompt.setdefault(row["prompt"], set()).add(row["answer"])
+    # The prompt does not determine the answer: every key hides several different digits.
+    assert len(answers_by_prompt) == 100 and min(len(answers) for answers in answers_by_prompt.values()) >= 3
+
+
+def test_chat_template_lists_the_tools_and_renders_tool_turns():
+    tokenizer = transformers.AutoTokenizer.from_pretrained(ASSETS / "tokenizer")
+    lookup = {"type": "function", "function": {"name": "lookup", "description": "", "parameters": {"type": "object", "properties": {}}}}
+    messages = [{"role": "user", "content": "key 4 7"}, {"role": "assistant", "content": "lookup"}, {"role": "tool", "content": "3"}]
+    text = tokenizer.apply_chat_template(messages, tools=[lookup], add_generation_prompt=True, tokenize=False)
+    assert text == (
+        "<|im_start|>system\ntool lookup\n<|im_end|>\n<|im_start|>user\nkey 4 7<|im_end|>\n"
+        "<|im_start|>assistant\nlookup<|im_end|>\n<|im_start|>tool\n3<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert tokenizer.unk_token_id not in tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_tokens_added_after_the_first_release_leave_the_earlier_weights_as_they_were():
+    # A model of the first release's vocabulary, filled the same way, is the bundled one without the
+    # rows of the added tokens: every earlier weight kept its value.
+    make_assets = load_make_assets()
+    first = make_assets.FIRST_VOCABULARY
+    assert make_assets.VOCABULARY[first:] == make_assets.AGENT_WORDS
+    configs = make_assets.model_configs(first, eos=2, pad=0)
+    for seed, (name, config) in enumerate(configs.items()):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        make_assets.fill_deterministically(model, seed)
+        bundled = load_file(resolve_model_path(f"bundled:{name}") / "model.safetensors")
+        for key, value in model.state_dict().items():
+            if key in bundled:
+                assert torch.equal(bundled[key][: value.shape[0]], value), (name, key)
+        assert bundled["model.embed_tokens.weight"].shape[0] == first + len(make_assets.AGENT_WORDS)

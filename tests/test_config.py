@@ -279,12 +279,19 @@ def test_unknown_yaml_keys_name_the_file_and_the_nearest(tmp_path, text, expecte
         ("algorithm.dynamic_sampling_mean_range=[0.1]", "`algorithm.dynamic_sampling_mean_range` = [0.1] must be null or a list of 2 numbers"),
         ("rollout.engine=vllm", "`rollout.engine` = 'vllm' must be one of 'auto', 'hf', 'sglang'"),
         ("train=5", "`train` must be a mapping of field: value, got 5"),
+        ("agent.env_kwargs=[1, 2]", "`agent.env_kwargs` = [1, 2] must be a mapping of names to values"),
     ],
 )
 def test_type_errors_name_field_value_and_type(override, expected):
     with pytest.raises(ConfigError) as error:
         load_config(None, [override])
     assert str(error.value) == f"override `{override}`: {expected}"
+
+
+def test_free_form_keyword_arguments_keep_their_values():
+    config = load_config(None, ["agent.environment=toy_lookup", "agent.env_kwargs={hidden: 3, names: [a, b]}"])
+    assert config.agent.enabled and config.agent.env_kwargs == {"hidden": 3, "names": ["a", "b"]}
+    assert not load_config(None).agent.enabled
 
 
 def test_yaml_type_errors_name_the_file(tmp_path):

@@ -9,6 +9,8 @@
 - ``data/toy/{train,val}.jsonl``: the toy task, the largest of three digits (800 train and 200
   validation prompts, disjoint), which a random tiny model answers right about one time in ten and
   GRPO teaches it in about a hundred steps; the answer needs comparing the digits, not copying one.
+- ``data/lookup/{train,val}.jsonl``: the multi-turn toy task (``configs/moe_agent.yaml``): the
+  digit hidden behind a key, which only the ``lookup`` tool of ``megarl.agents.toy`` reveals.
 
 Weights come from one seeded generator filled in a fixed parameter order, not from transformers'
 initialisers, so they do not change with the transformers version.
@@ -33,13 +35,21 @@ WORDS = (
     "user assistant system first last max min next answer the is of digit number copy "
     "what which a an and or to from list in out yes no ok = + - : ? . , ( )"
 ).split()
-VOCABULARY = SPECIAL_TOKENS + [str(d) for d in range(10)] + WORDS
+AGENT_WORDS = "tool lookup key".split()
+"""The words of the multi-turn toy task (``data/lookup``): the observation's role, its tool, its
+prompts. Appended after the others, so that every earlier token keeps its id."""
+VOCABULARY = SPECIAL_TOKENS + [str(d) for d in range(10)] + WORDS + AGENT_WORDS
 CHAT_TEMPLATE = (
+    "{% if tools %}{{ '<|im_start|>system\n' }}"
+    "{% for tool in tools %}{{ 'tool ' + tool['function']['name'] + '\n' }}{% endfor %}"
+    "{{ '<|im_end|>\n' }}{% endif %}"
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+"""Qwen's layout in words the tokenizer has. Tools given to ``apply_chat_template(tools=...)`` are
+listed by name in a system turn first (``tool lookup``); a tool's result is a ``tool`` turn."""
 INIT_STD = 0.02
 """Weight init std (HF's initializer_range): small random logits, so a fresh model samples tokens
 nearly uniformly."""
@@ -67,13 +77,27 @@ def build_tokenizer(out: Path) -> transformers.PreTrainedTokenizerFast:
     return fast
 
 
+FIRST_VOCABULARY = len(SPECIAL_TOKENS) + 10 + len(WORDS)
+"""Tokens of the first release of the assets (before :data:`AGENT_WORDS`)."""
+
+
 def fill_deterministically(model: torch.nn.Module, seed: int) -> None:
-    """Norm weights 1, biases and everything else N(0, INIT_STD) from one seeded generator."""
+    """Norm weights 1, biases and everything else N(0, INIT_STD) from one seeded generator.
+
+    The rows of tokens added after the first release (embeddings, output layer) come from a second
+    generator, so every weight the first release had, the rows of its tokens included, keeps its
+    value."""
     generator = torch.Generator().manual_seed(seed)
+    added_rows = torch.Generator().manual_seed(1_000 + seed)
+    vocabulary = model.config.vocab_size
     with torch.no_grad():
         for name, param in sorted(model.named_parameters()):
             if "norm" in name and name.endswith("weight"):
                 param.fill_(1.0)
+            elif param.shape[0] == vocabulary and ("embed_tokens" in name or "lm_head" in name):
+                first = torch.randn((FIRST_VOCABULARY, *param.shape[1:]), generator=generator)
+                added = torch.randn((vocabulary - FIRST_VOCABULARY, *param.shape[1:]), generator=added_rows)
+                param.copy_(torch.cat([first, added]) * INIT_STD)
             else:
                 param.copy_(torch.randn(param.shape, generator=generator) * INIT_STD)
 
@@ -131,9 +155,23 @@ def toy_rows() -> list[dict[str, str]]:
     ]
 
 
-def build_data(out: Path, val_size: int = 200) -> None:
-    """Split the 1000 prompts at random (seed 0): ``val_size`` for validation, the rest to train."""
-    shuffled = random.Random(0).sample(toy_rows(), 1000)
+def lookup_rows() -> list[dict[str, str]]:
+    """The multi-turn toy task: each prompt names a key (two digits), and the answer is a digit
+    hidden behind it that only the ``lookup`` tool returns. Every key appears in ten rows with
+    answers drawn at random (seed 1), so the prompt does not determine the answer: without the tool
+    a model guesses (about one time in ten on prompts it has not seen)."""
+    draw = random.Random(1)
+    return [
+        {"prompt": f"key {a} {b}", "answer": str(draw.randrange(10)), "task": "lookup"}
+        for a in range(10)
+        for b in range(10)
+        for _ in range(10)
+    ]
+
+
+def build_data(out: Path, rows: list[dict[str, str]], val_size: int = 200) -> None:
+    """Split ``rows`` at random (seed 0): ``val_size`` for validation, the rest to train."""
+    shuffled = random.Random(0).sample(rows, len(rows))
     out.mkdir(parents=True, exist_ok=True)
     for name, split in (("train", shuffled[val_size:]), ("val", shuffled[:val_size])):
         with open(out / f"{name}.jsonl", "w") as handle:
@@ -149,7 +187,8 @@ def main() -> None:
         shutil.rmtree(args.out / part, ignore_errors=True)
     tokenizer = build_tokenizer(args.out / "tokenizer")
     build_models(args.out / "models", args.out / "tokenizer", tokenizer)
-    build_data(args.out / "data" / "toy")
+    build_data(args.out / "data" / "toy", toy_rows())
+    build_data(args.out / "data" / "lookup", lookup_rows())
     print(f"wrote {args.out}: vocabulary {len(tokenizer)} tokens")
 
 

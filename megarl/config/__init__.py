@@ -15,6 +15,7 @@ model and the world size before anything is built, and lists every violation wit
 
 from __future__ import annotations
 
+from megarl.config.agent import AgentConfig
 from megarl.config.algorithm import AlgorithmConfig, KLEstimator
 from megarl.config.base import (
     BUNDLED_PREFIX,
@@ -38,6 +39,7 @@ from megarl.config.run import CheckpointConfig, LoggingConfig
 from megarl.config.train import CriticConfig, OptimizerConfig, TrainConfig, resolve_steps
 
 __all__ = [
+    "AgentConfig",
     "AlgorithmConfig",
     "BUNDLED_PREFIX",
     "CONFIG_SPELLING",

@@ -72,6 +72,8 @@ def _describe(annotation: Any) -> str:
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin is Literal:
         return "one of " + ", ".join(repr(arg) for arg in args)
+    if origin is dict:
+        return "a mapping of names to values"
     if origin in (list, tuple):
         count = "" if origin is list or args[-1] is Ellipsis else f"{len(args)} "
         return f"a list of {count}{_SCALARS[args[0]][1]}"
@@ -104,6 +106,11 @@ def _convert(value: Any, annotation: Any, key: str, source: str, nullable: bool 
         if value not in args:
             raise mismatch()
         return value
+    if origin is dict:
+        # Free-form keyword arguments (``agent.env_kwargs``): names checked, values as YAML gave them.
+        if not isinstance(value, dict) or not all(isinstance(name, str) for name in value):
+            raise mismatch()
+        return dict(value)
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise mismatch()
@@ -144,7 +151,7 @@ def _typed(cls: type, raw: Any, prefix: str, source: str, problems: list[str], r
         annotation = types_by_name[name]
         if _is_section(annotation):
             typed[name] = _typed(annotation, value, f"{key}.", source, problems, root)
-        elif isinstance(value, dict) and value:
+        elif isinstance(value, dict) and value and typing.get_origin(annotation) is not dict:
             problems.append(_unknown_key(_leaf_key(key, value), source, root))
         else:
             try:

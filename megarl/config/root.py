@@ -7,6 +7,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from megarl.config.agent import AgentConfig
 from megarl.config.algorithm import AlgorithmConfig
 from megarl.config.data import DataConfig
 from megarl.config.model import ModelConfig, ParallelConfig
@@ -31,6 +32,8 @@ class Config:
     """Advantages, policy loss, KL, mismatch corrections, reward shaping and filters."""
     reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
     """Scoring."""
+    agent: AgentConfig = dataclasses.field(default_factory=AgentConfig)
+    """Multi-turn episodes: the environment, its tools and limits (null environment: single-turn)."""
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     """The policy update: batch sizes, optimizer, schedule."""
     critic: CriticConfig = dataclasses.field(default_factory=CriticConfig)

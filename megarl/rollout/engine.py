@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import importlib.util
 import json
 import os
 import signal
@@ -25,6 +26,8 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
+
 from megarl.rollout import protocol
 from megarl.rollout.errors import EngineDead, EngineError, EngineRequestError, EngineStartError, EngineTimeout
 from megarl.rollout.http_client import EngineClient
@@ -33,6 +36,18 @@ _POLL_S = 0.1
 _STOP_GRACE_S = 10.0
 _LOG_TAIL_BYTES = 4000
 _READY_PROBE_TIMEOUT_S = 5.0
+
+
+EngineKind = Literal["hf", "sglang"]
+
+
+def resolve_engine(engine: str) -> EngineKind:
+    """``auto`` -> ``sglang`` when CUDA is present and SGLang is installed with its GPU kernels
+    (``sgl_kernel``; its source alone, as tools/setup.sh installs it for tests, is not enough), else ``hf``."""
+    if engine != "auto":
+        return engine
+    installed = all(importlib.util.find_spec(module) is not None for module in ("sglang", "sgl_kernel"))
+    return "sglang" if torch.cuda.is_available() and installed else "hf"
 
 
 def free_port(host: str) -> int:

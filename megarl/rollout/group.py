@@ -35,8 +35,7 @@ Besides the client, the group is three parts, one job each:
 
 Faults. Every call has a timeout and raises a typed :class:`~megarl.rollout.errors.EngineError`
 naming the engine; a request that outlasts ``request_timeout_s`` raises :class:`EngineTimeout`.
-A request to an engine that dies under it is sent again once the supervisor has restarted the
-engine (:mod:`megarl.rollout.supervision`).
+A request to an engine that dies under it is sent again once the supervisor restarted it.
 
 Shutdown: :meth:`EngineGroup.shutdown` (also on leaving the ``with`` block, at interpreter exit,
 and when a launch fails) stops every launched engine, closes the HTTP client (ending its thread)
@@ -49,15 +48,12 @@ import asyncio
 import atexit
 import concurrent.futures
 import dataclasses
-import importlib.util
 import tempfile
 from pathlib import Path
 from typing import Any, Awaitable, Iterable, Literal, Sequence
 
-import torch
-
 from megarl.rollout import protocol
-from megarl.rollout.engine import Engine, LaunchOptions
+from megarl.rollout.engine import Engine, LaunchOptions, resolve_engine
 from megarl.rollout.errors import EngineError, EngineRequestError
 from megarl.rollout.http_client import EngineClient
 from megarl.rollout.sampling import Sample, SamplingParams, resume_seed, sample_seed
@@ -67,18 +63,8 @@ from megarl.rollout.transports import TRANSPORTS
 from megarl.rollout.weight_updates import WeightUpdater
 from megarl.weights.bucket import Bucket
 
-EngineKind = Literal["hf", "sglang"]
 _GROUP_OPTIONS = ("weight_transport", "request_timeout_s", "health_check_interval_s", "health_timeout_s", "restart_budget", "snapshot_root")
 """The keyword arguments of :class:`EngineGroup` itself (the rest of :meth:`EngineGroup.launch`'s are launch options)."""
-
-
-def resolve_engine(engine: str) -> EngineKind:
-    """``auto`` -> ``sglang`` when CUDA is present and SGLang is installed with its GPU kernels
-    (``sgl_kernel``; its source alone, as tools/setup.sh installs it for tests, is not enough), else ``hf``."""
-    if engine != "auto":
-        return engine
-    installed = all(importlib.util.find_spec(module) is not None for module in ("sglang", "sgl_kernel"))
-    return "sglang" if torch.cuda.is_available() and installed else "hf"
 
 
 class EngineGroup:
@@ -343,6 +329,21 @@ class EngineGroup:
             return [continued[position] for position in range(len(samples))]
 
         return self._client.run(resume())
+
+    async def generate_turn(
+        self, input_ids: Sequence[int], sampling: SamplingParams, *, max_new_tokens: int, seed: int | None, route: int
+    ) -> Sample:
+        """One turn of a multi-turn episode (:mod:`megarl.agents.episode`), awaited on the group's
+        loop (:meth:`run`): ``input_ids`` hold the earlier turns exactly as sampled; ``sampling``'s
+        ``n`` and ``seed`` are unused (``seed`` is this turn's); the engine is ``route %
+        num_engines``, the same for every turn of an episode (its prefix cache holds the episode)."""
+        self._supervisor.check()
+        (sample,) = await self._generate([(route, 0, input_ids, max_new_tokens, seed)], sampling, partial=False, keep_order=True)
+        return sample
+
+    def run(self, coroutine: Awaitable) -> concurrent.futures.Future:
+        """Run ``coroutine`` on the group's event loop (where :meth:`generate_turn` is awaited)."""
+        return self._client.run(coroutine)
 
     async def _generate(self, requests: list[tuple[int, int, Sequence[int], int, int | None]], sampling: SamplingParams, partial: bool, *, keep_order: bool = False) -> list[Sample]:
         """Send ``(prompt_index, sample_index, input_ids, max_new_tokens, seed)`` requests, each to
