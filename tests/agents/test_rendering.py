@@ -193,15 +193,17 @@ def test_a_user_observation(qwen_like):
 
 def test_the_bundled_tokenizer():
     tokenizer = bundled()
-    question = {"role": "user", "content": "what is max 4 7"}
-    prompt = prompt_ids(tokenizer, [question])
-    assert prompt == prompt_ids(tokenizer, [question], TOOLS.schemas()), "the bundled template renders no tools"
-    turn = sampled_ids(tokenizer, "max 4 7")
+    question = {"role": "user", "content": "key 4 7"}
+    prompt = prompt_ids(tokenizer, [question], TOOLS.schemas())
+    # The bundled template lists the tools by name in a system turn.
+    assert tokenizer.convert_ids_to_tokens(prompt)[:5] == ["<|im_start|>", "system", "tool", "lookup", "<|im_end|>"]
+    assert prompt[5:] == prompt_ids(tokenizer, [question])
+    turn = sampled_ids(tokenizer, "lookup 4 7")
     result = {"role": "tool", "content": "7"}
-    observation = observation_ids(tokenizer, [result])
-    assert tokenizer.convert_ids_to_tokens(observation) == ["<|im_start|>", "<|unk|>", "7", "<|im_end|>", "<|im_start|>", "assistant"]
+    observation = observation_ids(tokenizer, [result], tools=TOOLS.schemas())
+    assert tokenizer.convert_ids_to_tokens(observation) == ["<|im_start|>", "tool", "7", "<|im_end|>", "<|im_start|>", "assistant"]
     assert prompt + turn + observation == whole_conversation(
-        tokenizer, [question, {"role": "assistant", "content": "max 4 7"}, result]
+        tokenizer, [question, {"role": "assistant", "content": "lookup 4 7"}, result], TOOLS.schemas()
     )
 
 
