@@ -33,6 +33,7 @@ import importlib.util
 import inspect
 import re
 import sys
+import types
 from pathlib import Path
 from typing import Callable
 
@@ -105,21 +106,7 @@ def load_function(spec: str) -> RewardFunction:
     if not separator or not path_text or not name:
         raise RewardFunctionError(f"{where} must look like path/to/file.py:function_name")
     path = Path(path_text)
-    if not path.is_file():
-        relative = "" if path.is_absolute() else f" (relative to {Path.cwd()}, where the run started)"
-        raise RewardFunctionError(f"{where}: {path} does not exist{relative}")
-    module_spec = importlib.util.spec_from_file_location(f"megarl_user_reward_{path.stem}", path)
-    module = importlib.util.module_from_spec(module_spec)
-    # Registered while it runs, as an import would: dataclasses and pickling look modules up there.
-    sys.modules[module_spec.name] = module
-    try:
-        module_spec.loader.exec_module(module)
-    except SyntaxError as error:
-        del sys.modules[module_spec.name]
-        raise RewardFunctionError(f"{where}: {error.filename}:{error.lineno}: syntax error: {error.msg}") from None
-    except Exception as error:  # noqa: BLE001 - whatever the user's module raises on import
-        del sys.modules[module_spec.name]
-        raise RewardFunctionError(f"{where}: importing {path} failed: {type(error).__name__}: {error}") from None
+    module = import_user_file(path, f"megarl_user_reward_{path.stem}", where, RewardFunctionError)
     function = getattr(module, name, None)
     if function is None:
         defined = sorted(key for key, value in vars(module).items() if callable(value) and getattr(value, "__module__", None) == module.__name__)
@@ -127,6 +114,33 @@ def load_function(spec: str) -> RewardFunction:
     if not callable(function):
         raise RewardFunctionError(f"{where}: {path}: {name!r} is a {type(function).__name__}, not a function")
     return function
+
+
+def import_user_file(path: Path, module_name: str, where: str, error: type[Exception]) -> types.ModuleType:
+    """Import the user's Python file ``path`` (a reward function's, an environment's) as the module
+    ``module_name``.
+
+    Raises:
+        ``error``: its message starts with ``where`` (the setting and its value) and says that the
+            file does not exist (relative to which directory), has a syntax error (file and line),
+            or raised on import (the exception).
+    """
+    if not path.is_file():
+        relative = "" if path.is_absolute() else f" (relative to {Path.cwd()}, where the run started)"
+        raise error(f"{where}: {path} does not exist{relative}")
+    module_spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    # Registered while it runs, as an import would: dataclasses and pickling look modules up there.
+    sys.modules[module_name] = module
+    try:
+        module_spec.loader.exec_module(module)
+    except SyntaxError as syntax_error:
+        del sys.modules[module_name]
+        raise error(f"{where}: {syntax_error.filename}:{syntax_error.lineno}: syntax error: {syntax_error.msg}") from None
+    except Exception as import_error:  # noqa: BLE001 - whatever the user's module raises on import
+        del sys.modules[module_name]
+        raise error(f"{where}: importing {path} failed: {type(import_error).__name__}: {import_error}") from None
+    return module
 
 
 _MEGARL_ARGUMENTS = ("prompt", "response", "answer")
