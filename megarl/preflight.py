@@ -35,7 +35,7 @@ def check_run(config: Config, world_size: int) -> list[str]:
             validate(config, world_size, ModelFacts.from_hf_dir(resolve_model_path(config.model.path)))
         except ConfigError as error:
             problems.append(str(error))
-    problems += _data_problems(config) + _reward_problems(config) + sink_problems(config.logging)
+    problems += _data_problems(config) + _reward_problems(config) + _agent_problems(config) + sink_problems(config.logging)
     if not problems:
         # Last, once every cheap check passed: these import torch (the run imports it next anyway).
         problems += _algorithm_name_problems(config) + _resume_problems(config)
@@ -146,6 +146,31 @@ def _reward_problems(config: Config) -> list[str]:
     if reward.type == "remote" and not reward.url.startswith(("http://", "https://")):
         return [f"reward.url = {reward.url!r} must be an http:// or https:// URL"]
     return []
+
+
+def _agent_problems(config: Config) -> list[str]:
+    """The environment loads (its file imports, the class has ``reset`` and ``step``) and takes its
+    keyword arguments; the tool-call parser exists; the rollout mode runs episodes."""
+    agent = config.agent
+    if not agent.enabled:
+        return []
+    import megarl.agents.toy  # noqa: F401 - registers the bundled environments
+    from megarl.agents.environment import EnvironmentLoadError, check_env_kwargs, load_environment_class
+    from megarl.agents.parsers import TOOL_PARSERS
+
+    problems = []
+    if agent.tool_parser is not None and agent.tool_parser not in TOOL_PARSERS:
+        problems.append(f"agent.tool_parser = {agent.tool_parser!r} is not a tool-call parser: use one of {', '.join(sorted(TOOL_PARSERS))}, or null")
+    try:
+        check_env_kwargs(load_environment_class(agent.environment), agent.environment_kwargs(), f"agent.environment = {agent.environment!r}")
+    except EnvironmentLoadError as error:
+        problems.append(str(error))
+    if config.rollout.mode != "sync":
+        problems.append(
+            f"agent.environment runs its episodes with rollout.mode sync; rollout.mode = {config.rollout.mode!r} does not "
+            f"run multi-turn episodes yet: set rollout.mode=sync"
+        )
+    return problems
 
 
 def _looks_like_hub_name(name: str) -> bool:

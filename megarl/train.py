@@ -73,6 +73,7 @@ def train(config: Config, launched_at: float) -> int:
         from megarl.trainer.launch import EarlyStart
 
         started = EarlyStart(config, config.logging.resolved_run_dir())
+    from megarl.agents.environment import EnvironmentLoadError
     from megarl.data.datasets import DataError
     from megarl.models.family import UnsupportedModel
     from megarl.models.loader import CheckpointError as ModelError
@@ -84,7 +85,7 @@ def train(config: Config, launched_at: float) -> int:
 
     try:
         run = setup(config, started, launched_at=launched_at)
-    except (ConfigError, DataError, ModelError, UnsupportedModel, CheckpointError) as error:
+    except (ConfigError, DataError, ModelError, UnsupportedModel, CheckpointError, EnvironmentLoadError) as error:
         # Bad input, named by the message: nothing was trained, nothing saved is touched.
         return refuse(PROGRAM, error)
     except KeyboardInterrupt:

@@ -295,7 +295,7 @@ def test_bad_inputs_are_refused_before_torch_is_imported_and_megarl_config_says_
 
 @pytest.mark.cpu
 def test_the_bundled_configs_accept_a_two_step_run_with_the_warm_up_clamped():
-    for config in ("moe_grpo.yaml", "moe_grpo_async.yaml", "dense_ppo.yaml"):
+    for config in ("moe_grpo.yaml", "moe_grpo_async.yaml", "dense_ppo.yaml", "moe_agent.yaml"):
         result = subprocess.run(
             [sys.executable, "-m", "megarl.config", "--config", f"configs/{config}", "train.steps=2"], cwd=REPO, capture_output=True, text=True, timeout=120
         )

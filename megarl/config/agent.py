@@ -40,6 +40,13 @@ class AgentConfig(Section):
     def enabled(self) -> bool:
         return self.environment is not None
 
+    def environment_kwargs(self) -> dict[str, Any]:
+        """The environment constructor's keyword arguments: ``env_kwargs``, and ``tool_parser``
+        when it is set."""
+        if self.tool_parser is None:
+            return dict(self.env_kwargs)
+        return {**self.env_kwargs, "tool_parser": self.tool_parser}
+
     def _rule_problems(self) -> Iterator[tuple[str, str]]:
         if self.environment is not None and not self.environment.strip():
             yield "environment", "must be a registered name or path/to/file.py:ClassName, or null for single-turn rollouts"

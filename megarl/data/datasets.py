@@ -198,7 +198,7 @@ def _answer(row: dict[str, Any], location: str, key: str) -> Any:
     return value
 
 
-def _parse_row(row: Any, location: str, config: DataConfig, tokenizer) -> tuple[str, Any, dict[str, Any]]:
+def _parse_row(row: Any, location: str, config: DataConfig, tokenizer, tools: Sequence[dict] | None) -> tuple[str, Any, dict[str, Any]]:
     """One row -> the text the model reads, the answer, and the other fields."""
     answer = _answer_of(row, location, config)
     prompt, field = row[config.prompt_key], f"field {config.prompt_key!r} (data.prompt_key)"
@@ -217,7 +217,7 @@ def _parse_row(row: Any, location: str, config: DataConfig, tokenizer) -> tuple[
             f"found {json.dumps(prompt, default=str)[:80]}"
         )
     if config.apply_chat_template:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        text = tokenizer.apply_chat_template(messages, tools=tools or None, add_generation_prompt=True, tokenize=False)
     else:
         text = prompt
     metadata = {key: value for key, value in row.items() if key not in (config.prompt_key, config.answer_key)}
@@ -229,11 +229,11 @@ TOKENIZE_ROWS = 1024
 stops reading a large file soon after its last prompt."""
 
 
-def _tokenized_rows(path: Path, config: DataConfig, tokenizer) -> Iterator[tuple[str, str, Any, dict[str, Any], list[int]]]:
+def _tokenized_rows(path: Path, config: DataConfig, tokenizer, tools: Sequence[dict] | None) -> Iterator[tuple[str, str, Any, dict[str, Any], list[int]]]:
     """``(location, text, answer, metadata, token ids)`` for each row of one file."""
     rows = _read_rows(path)
     while chunk := list(itertools.islice(rows, TOKENIZE_ROWS)):
-        parsed = [(location, *_parse_row(row, location, config, tokenizer)) for location, row in chunk]
+        parsed = [(location, *_parse_row(row, location, config, tokenizer, tools)) for location, row in chunk]
         # A chat template writes its own special tokens; a plain prompt gets the tokenizer's usual ones.
         token_ids = tokenizer([text for _, text, _, _ in parsed], add_special_tokens=not config.apply_chat_template)["input_ids"]
         for (location, text, answer, metadata), ids in zip(parsed, token_ids):
@@ -249,13 +249,13 @@ class _LengthTally:
     truncated: int = 0
 
 
-def _usable_prompts(files: Sequence[str], config: DataConfig, tokenizer, tally: _LengthTally) -> Iterator[Prompt]:
+def _usable_prompts(files: Sequence[str], config: DataConfig, tokenizer, tally: _LengthTally, tools: Sequence[dict] | None) -> Iterator[Prompt]:
     """The prompts of ``files`` in file order, each within ``data.max_prompt_length`` tokens:
     overlong ones dropped (and counted) with ``data.filter_overlong_prompts``, else cut as
     ``data.truncation`` says, or refused."""
     limit = config.max_prompt_length
     for file_index, name in enumerate(files):
-        for location, text, answer, metadata, ids in _tokenized_rows(resolve_data_path(name), config, tokenizer):
+        for location, text, answer, metadata, ids in _tokenized_rows(resolve_data_path(name), config, tokenizer, tools):
             tally.rows += 1
             if len(ids) > limit:
                 if config.filter_overlong_prompts:
@@ -274,7 +274,7 @@ def _usable_prompts(files: Sequence[str], config: DataConfig, tokenizer, tally: 
             yield Prompt(prompt_ids=ids, text=text, answer=answer, metadata=metadata, source=location, file_index=file_index)
 
 
-def load_prompts(config: DataConfig, tokenizer, split: Literal["train", "val"] = "train") -> PromptDataset:
+def load_prompts(config: DataConfig, tokenizer, split: Literal["train", "val"] = "train", *, tools: Sequence[dict] | None = None) -> PromptDataset:
     """Read, check, tokenize and length-limit the files of one split.
 
     Args:
@@ -282,6 +282,8 @@ def load_prompts(config: DataConfig, tokenizer, split: Literal["train", "val"] =
         tokenizer: a HF tokenizer (with a chat template when ``data.apply_chat_template``).
         split: ``train`` reads ``data.train_files`` (at most ``data.max_samples`` prompts), ``val``
             reads ``data.val_files`` (at most ``data.val_max_samples``).
+        tools: tool declarations (OpenAI function schemas) the chat template renders into every
+            prompt, for multi-turn episodes (``agent.environment``'s tools); None: no tools.
 
     Returns:
         The prompts, with the counts of those dropped and truncated for length.
@@ -303,7 +305,7 @@ def load_prompts(config: DataConfig, tokenizer, split: Literal["train", "val"] =
         )
     tally = _LengthTally()
     # Reading stops at the limit: the files' later rows are not read.
-    prompts = list(itertools.islice(_usable_prompts(files, config, tokenizer, tally), max_samples))
+    prompts = list(itertools.islice(_usable_prompts(files, config, tokenizer, tally, tools), max_samples))
     limit = config.max_prompt_length
     if tally.filtered:
         log.info("%s: dropped %d of %d prompts longer than data.max_prompt_length (%d tokens)", files_key, tally.filtered, tally.rows, limit)

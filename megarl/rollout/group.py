@@ -37,9 +37,8 @@ Faults. Every call has a timeout and raises a typed :class:`~megarl.rollout.erro
 naming the engine; a request that outlasts ``request_timeout_s`` raises :class:`EngineTimeout`.
 A request to an engine that dies under it is sent again once the supervisor restarted it.
 
-Shutdown: :meth:`EngineGroup.shutdown` (also on leaving the ``with`` block, at interpreter exit,
-and when a launch fails) stops every launched engine, closes the HTTP client (ending its thread)
-and deletes the snapshot.
+Shutdown: :meth:`EngineGroup.shutdown` (also on leaving ``with``, at exit, when a launch fails)
+stops every launched engine, closes the HTTP client (ending its thread), deletes the snapshot.
 """
 
 from __future__ import annotations
@@ -60,6 +59,7 @@ from megarl.rollout.sampling import Sample, SamplingParams, resume_seed, sample_
 from megarl.rollout.snapshot import WeightSnapshot
 from megarl.rollout.supervision import EngineSupervisor
 from megarl.rollout.transports import TRANSPORTS
+from megarl.rollout.turns import TurnBatcher
 from megarl.rollout.weight_updates import WeightUpdater
 from megarl.weights.bucket import Bucket
 
@@ -113,6 +113,7 @@ class EngineGroup:
         )
         self._released: set[str] = set()
         self._client = EngineClient(len(engines))
+        self._turns = TurnBatcher(lambda engine, requests, sampling: self._generate_share(engine, requests, sampling, False))
         for engine in engines:
             engine.client = self._client
         atexit.register(self.shutdown)
@@ -334,12 +335,11 @@ class EngineGroup:
         self, input_ids: Sequence[int], sampling: SamplingParams, *, max_new_tokens: int, seed: int | None, route: int
     ) -> Sample:
         """One turn of a multi-turn episode (:mod:`megarl.agents.episode`), awaited on the group's
-        loop (:meth:`run`): ``input_ids`` hold the earlier turns exactly as sampled; ``sampling``'s
-        ``n`` and ``seed`` are unused (``seed`` is this turn's); the engine is ``route %
-        num_engines``, the same for every turn of an episode (its prefix cache holds the episode)."""
+        loop (:meth:`run`) and batched with other episodes' (:mod:`megarl.rollout.turns`):
+        ``input_ids`` hold the earlier turns as sampled; ``sampling``'s ``n`` and ``seed`` are unused
+        (``seed`` is this turn's); the engine is ``route % num_engines`` for every turn of an episode."""
         self._supervisor.check()
-        (sample,) = await self._generate([(route, 0, input_ids, max_new_tokens, seed)], sampling, partial=False, keep_order=True)
-        return sample
+        return await self._turns.generate(self.engines[route % len(self.engines)], (route, 0, input_ids, max_new_tokens, seed), sampling)
 
     def run(self, coroutine: Awaitable) -> concurrent.futures.Future:
         """Run ``coroutine`` on the group's event loop (where :meth:`generate_turn` is awaited)."""

@@ -25,7 +25,7 @@ from megarl.report import finish_run
 from megarl.rollout.sampling import SamplingParams
 from megarl.trainer.batch import ScoredSample, TrainBatch
 from megarl.trainer.experience import prepare_update
-from megarl.trainer.rollout import add_round_metrics, batch_of, generate_round, sampling_seed
+from megarl.trainer.rollout import add_round_metrics, batch_of, generate_round, play_and_score, sampling_seed
 
 if TYPE_CHECKING:
     from megarl.trainer.run import Run
@@ -264,7 +264,11 @@ def evaluate(run: Run, step: int) -> dict[str, float]:
             config.rollout, max_new_tokens=config.data.max_response_length, seed=sampling_seed(config.rollout.seed, step, -1), validation=True
         )
         scores = []
-        for prompts in run.val_set.batches(config.rollout.batch_size):
+        for index, prompts in enumerate(run.val_set.batches(config.rollout.batch_size)):
+            if run.environments is not None:
+                records, _ = play_and_score(run, prompts, sampling, first_group=0, label=f"validation {step} batch {index}")
+                scores += [record.score for record in records]
+                continue
             samples = run.engines.generate([prompt.prompt_ids for prompt in prompts], sampling)
             texts = [run.tokenizer.decode(sample.response_ids, skip_special_tokens=True) for sample in samples]
             scores += run.score([prompts[sample.prompt_index].reward_kwargs(text) for sample, text in zip(samples, texts)]).scores

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from megarl.agents.episode import EpisodeContext, EpisodeLimits
+from megarl.agents.play import episode_metrics, play
 from megarl.data.datasets import Prompt
 from megarl.rollout.sampling import Sample, SamplingParams
 from megarl.trainer.batch import ScoredSample, TrainBatch
@@ -100,6 +102,56 @@ def score_samples(run: Run, prompts: Sequence[Prompt], samples: Sequence[Sample]
     return records, metrics
 
 
+def play_and_score(run: Run, prompts: Sequence[Prompt], sampling: SamplingParams, *, first_group: int, label: str) -> tuple[list[ScoredSample], dict[str, RoundMetric]]:
+    """Multi-turn rollouts (``agent.environment``, first rank): ``sampling.n`` episodes of every
+    prompt (:func:`megarl.agents.play.play`), scored into the records the trainer trains on.
+
+    An episode's score is the environment's reward when it gives one, else the reward function's
+    on the last model turn (``response`` is that turn's text); an episode the environment failed
+    scores 0 (counted in ``agent/env_failures``). Its record trains on the model's tokens only
+    (the loss mask is 0 on observations).
+    """
+    context = EpisodeContext(
+        engines=run.engines, environments=run.environments, tokenizer=run.tokenizer, tools=run.tools, sampling=sampling,
+        limits=EpisodeLimits(
+            max_turns=run.config.agent.max_turns, max_response_tokens=run.config.data.max_response_length,
+            max_tokens_per_turn=run.config.agent.max_tokens_per_turn,
+        ),
+    )
+    start = time.perf_counter()
+    trajectories = play(context, run.engines, prompts, samples_per_prompt=sampling.n, label=label)
+    played = time.perf_counter()
+    failed = next((trajectory for trajectory in trajectories if trajectory.failure is not None), None)
+    if failed is not None and not run.environment_failure_shown:
+        run.environment_failure_shown = True
+        log.warning("%s: an environment failed an episode (%s); it scores 0 and counts in agent/env_failures (shown once per run): %s", label, failed.failure, failed.failure_message)
+    to_score = [index for index, trajectory in enumerate(trajectories) if trajectory.reward is None and trajectory.failure is None]
+    scored = run.score([prompts[index // sampling.n].reward_kwargs(trajectories[index].final_text) for index in to_score]) if to_score else None
+    scores = [0.0 if trajectory.failure is not None else trajectory.reward for trajectory in trajectories]
+    for position, index in enumerate(to_score):
+        scores[index] = scored.scores[position]
+    records = [
+        ScoredSample(
+            prompt_ids=trajectory.prompt_ids, response_ids=trajectory.response_ids, rollout_log_probs=trajectory.logprobs,
+            finish_reason=trajectory.finish_reason, group=first_group + index // sampling.n, score=float(score),
+            weight_version=trajectory.weight_segments[-1].version if trajectory.weight_segments else None,
+            weight_segments=tuple(trajectory.weight_segments), loss_mask=trajectory.loss_mask,
+        )
+        for index, (trajectory, score) in enumerate(zip(trajectories, scores))
+    ]
+    if run.config.rollout.mask_offpolicy_in_partial_rollout:
+        for record in records:
+            record.loss_mask = [model and newest for model, newest in zip(record.loss_mask, newest_version_mask(record))]
+    metrics = {name: RoundMetric(value, adds_up=name in ("agent/env_failures", "agent/env_timeouts")) for name, value in episode_metrics(trajectories).items()}
+    metrics.update({
+        "time/generate_s": RoundMetric(played - start, adds_up=True),
+        "time/reward_s": RoundMetric(time.perf_counter() - played, adds_up=True),
+        "reward/failures": RoundMetric(scored.failures if scored else 0, adds_up=True),
+        "reward/timeouts": RoundMetric(scored.timeouts if scored else 0, adds_up=True),
+    })
+    return records, metrics
+
+
 def generate_round(run: Run, step: int, round_index: int, *, batches: int = 1, first_group: int = 0) -> tuple[dict[str, RoundMetric], list[ScoredSample]]:
     """Round ``round_index`` of a synchronous step (first rank): the loader's next ``batches``
     batches of prompts, generated together in one call under the current weights, and scored.
@@ -113,14 +165,17 @@ def generate_round(run: Run, step: int, round_index: int, *, batches: int = 1, f
     """
     prompts = [prompt for _ in range(batches) for prompt in next(run.loader)]
     sampling = round_sampling(run, sampling_seed(run.config.rollout.seed, step, round_index))
-    start = time.perf_counter()
-    samples = run.engines.generate([prompt.prompt_ids for prompt in prompts], sampling)
-    generated = time.perf_counter()
-    records, metrics = score_samples(run, prompts, samples, first_group=first_group, label=f"step {step}")
+    if run.environments is not None:
+        records, metrics = play_and_score(run, prompts, sampling, first_group=first_group, label=f"step {step} round {round_index}")
+    else:
+        start = time.perf_counter()
+        samples = run.engines.generate([prompt.prompt_ids for prompt in prompts], sampling)
+        metrics = {"time/generate_s": RoundMetric(time.perf_counter() - start, adds_up=True)}
+        records, scoring = score_samples(run, prompts, samples, first_group=first_group, label=f"step {step}")
+        metrics.update(scoring)
     return {
         "rollout/engine_restarts": RoundMetric(run.engines.restarts, adds_up=False),
         "rollout/prompts": RoundMetric(len(prompts), adds_up=True),
-        "time/generate_s": RoundMetric(generated - start, adds_up=True),
         **metrics,
     }, records
 

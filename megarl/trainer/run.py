@@ -107,6 +107,13 @@ class Run:
     (:func:`megarl.trainer.loop.collect_batch`)."""
     scoring_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
     """The scorer serves one caller at a time (the async producer scores while validation runs)."""
+    environments: Any = None
+    """``agent.environment``: the environment workers of multi-turn episodes
+    (:class:`megarl.agents.workers.EnvironmentPool`, first rank); None: single-turn rollouts."""
+    tools: tuple[dict, ...] = ()
+    """The environment's tool declarations, rendered into every prompt (every rank)."""
+    environment_failure_shown: bool = False
+    """Whether the first episode an environment failed has been shown (once per run)."""
 
     @property
     def is_first_rank(self) -> bool:
@@ -231,6 +238,9 @@ class Run:
             if self.rollout is not None:
                 self.rollout.join()
         with contextlib.suppress(Exception):
+            if self.environments is not None:
+                self.environments.close()
+        with contextlib.suppress(Exception):
             if self.scorer is not None and hasattr(self.scorer, "close"):
                 self.scorer.close()
         self.logger.close()
@@ -245,23 +255,27 @@ def setup(config: Config, started: EarlyStart | None = None, *, launched_at: flo
 
     Args:
         launched_at: unix time the command started (:attr:`Run.launched_at`).
-        started: on the first rank, the engines and the scorer, started before the heavy imports
-            (:mod:`megarl.trainer.launch`); None there starts them after the models. The run
-            owns them from here on (a set-up that fails stops them).
+        started: on the first rank, the engines, the scorer and the environment workers, started
+            before the heavy imports (:mod:`megarl.trainer.launch`); None there starts them once
+            the process groups are up. The run owns them from here on (a set-up that fails stops them).
 
     Raises:
         ConfigError: the config does not fit the world size or the model.
     """
     try:
-        return _setup(config, started, launched_at)
+        detected = platform.init_distributed()
+        if dist.get_rank() == 0 and started is None:
+            run_dir = config.logging.resolved_run_dir()
+            run_dir.mkdir(parents=True, exist_ok=True)
+            started = EarlyStart(config, run_dir)
+        return _setup(config, started, detected, launched_at)
     except BaseException:
         if started is not None:
             started.close()
         raise
 
 
-def _setup(config: Config, started: EarlyStart | None, launched_at: float) -> Run:
-    detected = platform.init_distributed()
+def _setup(config: Config, started: EarlyStart | None, detected: platform.Platform, launched_at: float) -> Run:
     world_size = dist.get_world_size()
     model_dir = resolve_model_path(config.model.path)
     model_facts = ModelFacts.from_hf_dir(model_dir)
@@ -272,14 +286,20 @@ def _setup(config: Config, started: EarlyStart | None, launched_at: float) -> Ru
     run_dir = config.logging.resolved_run_dir()
     if first:
         run_dir.mkdir(parents=True, exist_ok=True)
+    # The environment's tools go into every prompt, on every rank (the prompts' lengths decide
+    # which are kept, and with them the run's length).
+    shared = [started.tool_schemas() if first else None]
+    if config.agent.enabled:
+        dist.broadcast_object_list(shared, src=0)
+    tools = tuple(shared[0] or ())
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(config.model.tokenizer_path or model_dir), local_files_only=True)
-    train_set = load_prompts(config.data, tokenizer, "train")
+    train_set = load_prompts(config.data, tokenizer, "train", tools=tools)
     if config.train.steps is None:
         config.train.steps = resolve_steps(config, len(train_set))
         # The checks that need the run's length waited for it.
         validate(config, world_size, model_facts)
-    val_set = load_prompts(config.data, tokenizer, "val") if config.data.val_files else None
+    val_set = load_prompts(config.data, tokenizer, "val", tools=tools) if config.data.val_files else None
     loader = PromptLoader(
         train_set, config.rollout.batch_size, shuffle=config.data.shuffle, seed=config.data.seed, file_weights=config.data.train_file_weights
     )
@@ -321,14 +341,9 @@ def _setup(config: Config, started: EarlyStart | None, launched_at: float) -> Ru
 
     engines = scorer = None
     logger = MetricsLogger(config.logging, run_dir, enabled=first, run_settings=config.to_dict())
+    environments = None
     if first:
-        started = started or EarlyStart(config, run_dir)
-        try:
-            engines = started.engines()
-        except BaseException:
-            started.close()
-            raise
-        scorer = started.scorer
+        engines, scorer, environments = started.engines(), started.scorer, started.environments()
     run = Run(
         config=config,
         run_dir=run_dir,
@@ -343,6 +358,8 @@ def _setup(config: Config, started: EarlyStart | None, launched_at: float) -> Ru
         stream=stream,
         engines=engines,
         scorer=scorer,
+        environments=environments,
+        tools=tools,
         logger=logger,
         kl_controller=kl_controller(algorithm.kl_ctrl, init_coef=algorithm.kl_coef, target=algorithm.kl_target, horizon=algorithm.kl_horizon),
         reward_moments=RunningMoments(),

@@ -1,0 +1,70 @@
+"""Many episodes at once over the engines, and what they add up to.
+
+:func:`play` starts every episode of a rollout round as a task on the engine group's event loop:
+the engines batch the turns that are waiting (SGLang and the ``hf`` engine both batch whatever is
+queued), the environment workers serve the steps, and an episode never waits for another.
+Episode ``(prompt i, sample j)`` runs on engine ``i % num_engines`` (all of a prompt's episodes
+share its prefix) with seed ``sample_seed(sampling.seed, i, j)``, so a rerun plays the same
+episodes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+from megarl.agents.episode import EpisodeContext, Trajectory, run_episode
+from megarl.data.datasets import Prompt
+from megarl.rollout.sampling import sample_seed
+
+
+def environment_row(prompt: Prompt) -> dict[str, Any]:
+    """What an environment's ``reset`` gets for a prompt: the row's other fields, the prompt as
+    the model reads it (``prompt``) and the reference answer (``answer``)."""
+    return {**prompt.metadata, "prompt": prompt.text, "answer": prompt.answer}
+
+
+def play(context: EpisodeContext, engines, prompts: Sequence[Prompt], *, samples_per_prompt: int, label: str) -> list[Trajectory]:
+    """Play ``samples_per_prompt`` episodes of every prompt, all at once; prompt-major order.
+
+    Args:
+        engines: the :class:`~megarl.rollout.EngineGroup` whose loop runs the episodes.
+        label: names this round's episodes (``step 3 round 0``): unique among rounds in flight.
+
+    Raises:
+        EngineError: an engine failed for good.
+    """
+    seed = context.sampling.seed
+
+    async def all_episodes() -> list[Trajectory]:
+        return await asyncio.gather(*(
+            run_episode(
+                context, environment_row(prompt), prompt.prompt_ids, episode_id=f"{label}/{index}/{sample}", route=index,
+                seed=None if seed is None else sample_seed(seed, index, sample),
+            )
+            for index, prompt in enumerate(prompts)
+            for sample in range(samples_per_prompt)
+        ))
+
+    return engines.run(all_episodes()).result()
+
+
+def episode_metrics(trajectories: Sequence[Trajectory]) -> dict[str, float]:
+    """A round's ``agent/*`` metrics (means per episode unless named a count) and ``env/<name>``,
+    the mean over episodes of each number the environment reported (e.g. ``env/tool_calls``)."""
+    count = len(trajectories)
+    response_tokens = sum(len(trajectory.response_ids) for trajectory in trajectories)
+    metrics = {
+        "agent/turns_mean": sum(trajectory.turns for trajectory in trajectories) / count,
+        "agent/turns_max": max(trajectory.turns for trajectory in trajectories),
+        "agent/episode_length_mean": response_tokens / count,
+        "agent/observation_token_share": sum(trajectory.observation_tokens for trajectory in trajectories) / max(response_tokens, 1),
+        "agent/max_turns_reached": sum(trajectory.max_turns_reached for trajectory in trajectories) / count,
+        "agent/env_failures": sum(trajectory.failure is not None for trajectory in trajectories),
+        "agent/env_timeouts": sum(trajectory.failure == "timeout" for trajectory in trajectories),
+    }
+    names = sorted({name for trajectory in trajectories for name in trajectory.info})
+    for name in names:
+        metrics[f"env/{name}"] = sum(trajectory.info.get(name, 0.0) for trajectory in trajectories) / count
+    return metrics
