@@ -62,7 +62,7 @@ def test_assets_regenerate_with_the_same_tensors_configs_and_files(tmp_path):
     make_assets = load_make_assets()
     tokenizer = make_assets.build_tokenizer(tmp_path / "tokenizer")
     make_assets.build_models(tmp_path / "models", tmp_path / "tokenizer", tokenizer)
-    make_assets.build_data(tmp_path / "data" / "toy", make_assets.toy_rows())
+    make_assets.build_data(tmp_path / "data" / "toy", make_assets.split_at_random(make_assets.toy_rows()))
     make_assets.build_data(tmp_path / "data" / "lookup", make_assets.lookup_rows())
     generated, bundled = tree(tmp_path), tree(ASSETS)
     assert generated.keys() == bundled.keys()
@@ -135,14 +135,17 @@ def test_lookup_dataset_hides_the_answer_behind_a_key():
     train, val = load_rows("bundled:lookup/train.jsonl"), load_rows("bundled:lookup/val.jsonl")
     assert (len(train), len(val)) == (800, 200)
     tokenizer = transformers.AutoTokenizer.from_pretrained(ASSETS / "tokenizer")
-    answers_by_prompt: dict[str, set[str]] = {}
     for row in train + val:
-        assert set(row) == {"prompt", "answer", "task"} and row["task"] == "lookup"
-        assert row["answer"] in "0123456789" and len(row["answer"]) == 1
+        assert set(row) == {"prompt", "answer", "task"} and row["answer"] in list("0123456789")
         assert tokenizer.unk_token_id not in tokenizer(row["prompt"])["input_ids"]
-        answers_by_prompt.setdefault(row["prompt"], set()).add(row["answer"])
-    # The prompt does not determine the answer: every key hides several different digits.
-    assert len(answers_by_prompt) == 100 and min(len(answers) for answers in answers_by_prompt.values()) >= 3
+        if row["task"] == "copy":
+            assert row["prompt"] == f"copy {row['answer']}"
+        else:
+            # A lookup prompt names its key in words: no digit, so the answer is not in it.
+            assert row["task"] == "lookup" and row["prompt"].startswith("key ") and not any(c.isdigit() for c in row["prompt"])
+    assert {row["task"] for row in val} == {"lookup"} and sum(row["task"] == "copy" for row in train) == 400
+    # Validation keys are not trained on.
+    assert not {row["prompt"] for row in val} & {row["prompt"] for row in train}
 
 
 def test_chat_template_lists_the_tools_and_renders_tool_turns():

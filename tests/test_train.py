@@ -164,6 +164,28 @@ def test_tensor_parallel_run_with_dynamic_sampling_trains_and_updates_the_engine
         assert weights.get_tensor("model.layers.0.self_attn.o_proj.weight").tolist() == report["weights"]["after_1"]
 
 
+@pytest.mark.multirank
+def test_multi_turn_episodes_train_on_their_sampled_tokens_with_the_engines_log_probs(tmp_path):
+    environment = REPO / "tests" / "workers" / "agent_env.py"
+    report, rows = train(
+        tmp_path, "agent",
+        [
+            "train.steps=2", "train.eval_every=2", f"agent.environment={environment}:ToolThenAnswer", "agent.max_turns=2",
+            "agent.max_tokens_per_turn=4", "data.max_response_length=16", "data.train_files=[bundled:lookup/train.jsonl]",
+            "data.val_files=[bundled:lookup/val.jsonl]", "data.val_max_samples=8",
+        ],
+    )
+    assert report["completed"] and len(rows) == 2
+    assert_finite(rows)
+    # Episodes of two turns with a tool message between them: the trainer's log-probs of the model's
+    # tokens, read in the whole sequence, equal the engine's, turn by turn.
+    assert all(row["mismatch/logprob_diff_abs_max"] <= MISMATCH_TOLERANCE for row in rows)
+    assert any(row["agent/turns_mean"] > 1 and row["agent/observation_token_share"] > 0 and row["env/tool_calls"] > 0 for row in rows)
+    # The rows whose environment raised: their episodes failed and were counted; the run went on.
+    assert sum(row["agent/env_failures"] for row in rows) > 0 and all(row["agent/env_timeouts"] == 0 for row in rows)
+    assert "val/accuracy" in rows[-1]
+
+
 RESUMED_METRICS = ("policy/loss", "policy/grad_norm", "policy/approx_kl", "policy/lr", "reward/mean", "mismatch/logprob_diff_abs_mean")
 
 

@@ -155,25 +155,46 @@ def toy_rows() -> list[dict[str, str]]:
     ]
 
 
-def lookup_rows() -> list[dict[str, str]]:
-    """The multi-turn toy task: each prompt names a key (two digits), and the answer is a digit
-    hidden behind it that only the ``lookup`` tool returns. Every key appears in ten rows with
-    answers drawn at random (seed 1), so the prompt does not determine the answer: without the tool
-    a model guesses (about one time in ten on prompts it has not seen)."""
+KEY_WORDS = "first last next answer the is of digit number what which a an and or to from in out yes no ok".split()
+"""The words keys are made of: none is a digit, so once the model called ``lookup`` the tool's
+answer is the only digit it has read."""
+
+
+def lookup_rows() -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """The multi-turn toy task, as ``(train, val)`` rows.
+
+    A ``lookup`` row's prompt names a key (two words); its answer is a digit hidden behind the key
+    that only the ``lookup`` tool returns: answers are drawn at random (seed 1), so the prompt does
+    not determine them and a model that answers at once is right one time in ten. Half the training
+    rows are ``copy`` rows instead (``copy 7``, answer 7): they teach the tiny model to answer with
+    the digit it has read, which is what makes calling the tool pay. A training key may come back
+    with another answer. Validation holds lookup rows only, with keys never seen in training, so its
+    accuracy is the tool task's."""
     draw = random.Random(1)
-    return [
-        {"prompt": f"key {a} {b}", "answer": str(draw.randrange(10)), "task": "lookup"}
-        for a in range(10)
-        for b in range(10)
-        for _ in range(10)
-    ]
+    keys = [f"{first} {second}" for first in KEY_WORDS for second in KEY_WORDS if first != second]
+    draw.shuffle(keys)
+    val_keys, train_keys = keys[:200], keys[200:]
+
+    def lookup(key: str) -> dict[str, str]:
+        return {"prompt": f"key {key}", "answer": str(draw.randrange(10)), "task": "lookup"}
+
+    val = [lookup(key) for key in val_keys]
+    train = [lookup(draw.choice(train_keys)) for _ in range(400)]
+    train += [{"prompt": f"copy {digit}", "answer": str(digit), "task": "copy"} for digit in (draw.randrange(10) for _ in range(400))]
+    draw.shuffle(train)
+    return train, val
 
 
-def build_data(out: Path, rows: list[dict[str, str]], val_size: int = 200) -> None:
-    """Split ``rows`` at random (seed 0): ``val_size`` for validation, the rest to train."""
+def split_at_random(rows: list[dict[str, str]], val_size: int = 200) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """``rows`` split at random (seed 0): ``(train, val)``, ``val_size`` for validation."""
     shuffled = random.Random(0).sample(rows, len(rows))
+    return shuffled[val_size:], shuffled[:val_size]
+
+
+def build_data(out: Path, splits: tuple[list[dict[str, str]], list[dict[str, str]]]) -> None:
+    """Write the ``(train, val)`` rows as ``train.jsonl`` and ``val.jsonl``."""
     out.mkdir(parents=True, exist_ok=True)
-    for name, split in (("train", shuffled[val_size:]), ("val", shuffled[:val_size])):
+    for name, split in zip(("train", "val"), splits):
         with open(out / f"{name}.jsonl", "w") as handle:
             for row in split:
                 handle.write(json.dumps(row) + "\n")
@@ -187,7 +208,7 @@ def main() -> None:
         shutil.rmtree(args.out / part, ignore_errors=True)
     tokenizer = build_tokenizer(args.out / "tokenizer")
     build_models(args.out / "models", args.out / "tokenizer", tokenizer)
-    build_data(args.out / "data" / "toy", toy_rows())
+    build_data(args.out / "data" / "toy", split_at_random(toy_rows()))
     build_data(args.out / "data" / "lookup", lookup_rows())
     print(f"wrote {args.out}: vocabulary {len(tokenizer)} tokens")
 
