@@ -52,7 +52,8 @@ def play(context: EpisodeContext, engines, prompts: Sequence[Prompt], *, samples
 
 def episode_metrics(trajectories: Sequence[Trajectory]) -> dict[str, float]:
     """A round's ``agent/*`` metrics (means per episode unless named a count) and ``env/<name>``,
-    the mean over episodes of each number the environment reported (e.g. ``env/tool_calls``)."""
+    for each number the environment reported (``StepResult.info``, added up over an episode's
+    steps), its mean over the episodes that reported it (e.g. ``env/tool_calls``)."""
     count = len(trajectories)
     response_tokens = sum(len(trajectory.response_ids) for trajectory in trajectories)
     metrics = {
@@ -66,5 +67,6 @@ def episode_metrics(trajectories: Sequence[Trajectory]) -> dict[str, float]:
     }
     names = sorted({name for trajectory in trajectories for name in trajectory.info})
     for name in names:
-        metrics[f"env/{name}"] = sum(trajectory.info.get(name, 0.0) for trajectory in trajectories) / count
+        reported = [trajectory.info[name] for trajectory in trajectories if name in trajectory.info]
+        metrics[f"env/{name}"] = sum(reported) / len(reported)
     return metrics

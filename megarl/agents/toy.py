@@ -1,12 +1,13 @@
 """The bundled multi-turn toy task: the digit hidden behind a key (``bundled:lookup``,
 ``configs/moe_agent.yaml``).
 
-A prompt names a key (``key 4 7``); its answer is a digit that the prompt does not determine (the
-same key hides different digits in different rows, ``tools/make_assets.py``), so a model that
-answers at once is right about one time in ten. The ``lookup`` tool returns the digit: the model
-that calls it (``lookup``, in the bundled tokenizer's compact format) and then answers with the
-digit it read is always right. The reward section's toy rule scores the final turn (its first
-number against the row's answer).
+A ``lookup`` row's prompt names a key in words (``key first yes``); its answer is a digit that
+the prompt does not determine (``tools/make_assets.py``), so a model that answers at once is right
+about one time in ten. The ``lookup`` tool returns the digit: the model that calls it (``lookup``,
+in the bundled tokenizer's compact format) and then answers with the digit it read is always right.
+``copy`` rows (``copy 7``) show their digit in the prompt: they teach the model to answer with a
+digit it has read. The reward section's toy rule scores the final turn (its first number against
+the row's answer).
 """
 
 from __future__ import annotations
