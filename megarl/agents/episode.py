@@ -171,17 +171,20 @@ async def run_episode(context: EpisodeContext, row: dict[str, Any], dataset_prom
             if trajectory.turns >= limits.max_turns:
                 trajectory.max_turns_reached = True
                 return trajectory
-            ids = observation_token_ids(tokenizer, result.observation, context.tools)
-            if sample.finish_reason == "length":
-                # The turn limit cut the turn: its end-of-turn token, which the template's
-                # observation follows, goes in with the observation (not sampled, so not trained).
-                ids = [tokenizer.eos_token_id, *ids]
+            ids = after_turn(tokenizer, sample.finish_reason, observation_token_ids(tokenizer, result.observation, context.tools))
             if len(trajectory.response_ids) + len(ids) >= limits.max_response_tokens:
                 trajectory.finish_reason = "length"
                 return trajectory
             trajectory.add_observation(ids)
     finally:
         await context.environments.close_episode(episode_id)
+
+
+def after_turn(tokenizer, turn_finish_reason: str, observation: list[int]) -> list[int]:
+    """The ids that follow a model turn: ``observation``, after the end-of-turn token the turn
+    lacks when a token limit cut it (``finish_reason`` ``length``). The template's observation
+    follows that token; it was not sampled, so it goes in with the observation, not trained."""
+    return [tokenizer.eos_token_id, *observation] if turn_finish_reason == "length" else observation
 
 
 def observation_token_ids(tokenizer, observation: list[dict] | str | None, tools: Sequence[dict]) -> list[int]:

@@ -161,7 +161,7 @@ def _check_parameters(parameters: Any, where: str) -> None:
     for name, schema in properties.items():
         if not isinstance(name, str) or not name.isidentifier():
             raise ValueError(f"{where}: parameters.properties name {name!r} must be a Python identifier (it becomes a keyword argument)")
-        if not isinstance(schema, dict) or schema.get("type") not in JSON_TYPES:
+        if not isinstance(schema, dict) or not isinstance(schema.get("type"), str) or schema["type"] not in JSON_TYPES:
             raise ValueError(
                 f"{where}: parameters.properties.{name} must have a type, one of {', '.join(JSON_TYPES)}, got {schema!r:.80}"
             )

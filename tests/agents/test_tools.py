@@ -151,6 +151,12 @@ def nothing():
         ("lookup", {"type": "object", "properties": {"key": {}}}, by_key, "tool 'lookup': parameters.properties.key must have a type"),
         (
             "lookup",
+            {"type": "object", "properties": {"key": {"type": ["string", "null"]}}},
+            by_key,
+            "tool 'lookup': parameters.properties.key must have a type, one of string",
+        ),
+        (
+            "lookup",
             {"type": "object", "properties": {"key": {"type": "text"}}},
             by_key,
             "tool 'lookup': parameters.properties.key must have a type, one of string, integer",
