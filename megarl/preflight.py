@@ -150,24 +150,30 @@ def _reward_problems(config: Config) -> list[str]:
 
 def _agent_problems(config: Config) -> list[str]:
     """The environment loads (its file imports, the class has ``reset`` and ``step``) and takes its
-    keyword arguments; the tool-call parser exists; the rollout mode runs episodes."""
+    keyword arguments, or the agent program imports and takes ``(base_url, row)``; the tool-call
+    parser exists; the rollout mode runs episodes."""
     agent = config.agent
     if not agent.enabled:
         return []
     import megarl.agents.toy  # noqa: F401 - registers the bundled environments
     from megarl.agents.environment import EnvironmentLoadError, check_env_kwargs, load_environment_class
     from megarl.agents.parsers import TOOL_PARSERS
+    from megarl.agents.programs import load_agent_program
 
     problems = []
     if agent.tool_parser is not None and agent.tool_parser not in TOOL_PARSERS:
         problems.append(f"agent.tool_parser = {agent.tool_parser!r} is not a tool-call parser: use one of {', '.join(sorted(TOOL_PARSERS))}, or null")
     try:
-        check_env_kwargs(load_environment_class(agent.environment), agent.environment_kwargs(), f"agent.environment = {agent.environment!r}")
+        if agent.openai_agent is not None:
+            load_agent_program(agent.openai_agent)
+        else:
+            check_env_kwargs(load_environment_class(agent.environment), agent.environment_kwargs(), f"agent.environment = {agent.environment!r}")
     except EnvironmentLoadError as error:
         problems.append(str(error))
     if config.rollout.mode != "sync":
+        setting = "agent.openai_agent" if agent.openai_agent is not None else "agent.environment"
         problems.append(
-            f"agent.environment runs its episodes with rollout.mode sync; rollout.mode = {config.rollout.mode!r} does not "
+            f"{setting} runs its episodes with rollout.mode sync; rollout.mode = {config.rollout.mode!r} does not "
             f"run multi-turn episodes yet: set rollout.mode=sync"
         )
     return problems

@@ -794,3 +794,27 @@ def test_a_key_given_twice_in_the_yaml_is_refused_with_both_lines(tmp_path):
         load_config(path)
     path.write_text("data:\n  seed: 1\ntrain:\n  seed: 1\n")
     assert (load_config(path).data.seed, load_config(path).train.seed) == (1, 1)
+
+
+def test_an_episode_has_an_environment_or_an_agent_program_never_both():
+    with pytest.raises(ConfigError) as error:
+        load_config(None, ["agent.environment=toy_lookup", "agent.openai_agent=agent.py:play"])
+    assert "`agent.openai_agent` and agent.environment ('toy_lookup') are both set" in str(error.value)
+    assert "set one of agent.environment and agent.openai_agent to null" in str(error.value)
+    assert load_config(None, ["agent.openai_agent=agent.py:play"]).agent.enabled
+
+
+def test_the_preflight_imports_the_agent_program_and_wants_sync_rollouts(tmp_path):
+    program = tmp_path / "agent.py"
+    program.write_text("def play(base_url):\n    return 1.0\n")
+    moe = REPO / "configs" / "moe_grpo.yaml"
+    run_dir = f"logging.run_dir={tmp_path / 'run'}"
+    problems = check_run(load_config(moe, [run_dir, f"agent.openai_agent={program}:play", "rollout.mode=async", "rollout.colocate=false"]), 2)
+    assert problems == [
+        f"agent.openai_agent = '{program}:play': play(base_url) cannot be called as play(base_url, row) (too many positional arguments): "
+        "an agent program is def play(base_url: str, row: dict) -> float | None",
+        "agent.openai_agent runs its episodes with rollout.mode sync; rollout.mode = 'async' does not run multi-turn episodes yet: "
+        "set rollout.mode=sync",
+    ]
+    program.write_text("def play(base_url, row):\n    return 1.0\n")
+    assert check_run(load_config(moe, [run_dir, f"agent.openai_agent={program}:play"]), 2) == []

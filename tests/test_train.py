@@ -186,6 +186,27 @@ def test_multi_turn_episodes_train_on_their_sampled_tokens_with_the_engines_log_
     assert "val/accuracy" in rows[-1]
 
 
+
+@pytest.mark.multirank
+def test_an_agent_program_over_the_openai_api_plays_the_episodes_of_training_and_validation(tmp_path):
+    program = REPO / "tests" / "workers" / "agent_program.py"
+    report, rows = train(
+        tmp_path, "agent_program",
+        [
+            "train.steps=2", "train.eval_every=2", f"agent.openai_agent={program}:lookup_agent", "agent.tool_parser=compact",
+            "agent.max_turns=2", "agent.max_tokens_per_turn=4", "data.max_response_length=16", "data.apply_chat_template=false",
+            "data.train_files=[bundled:lookup/train.jsonl]", "data.val_files=[bundled:lookup/val.jsonl]", "data.val_max_samples=8",
+        ],
+    )
+    assert report["completed"] and len(rows) == 2
+    assert_finite(rows)
+    # The endpoint recorded each call's sampled ids: the trainer's log-probs equal the engine's.
+    assert all(row["mismatch/logprob_diff_abs_max"] <= MISMATCH_TOLERANCE for row in rows)
+    assert any(row["agent/turns_mean"] > 1 and row["agent/observation_token_share"] > 0 for row in rows)
+    # The rows whose program raised: their episodes failed and were counted; the run went on.
+    assert sum(row["agent/env_failures"] for row in rows) > 0 and all(row["agent/env_timeouts"] == 0 for row in rows)
+    assert "val/accuracy" in rows[-1]
+
 RESUMED_METRICS = ("policy/loss", "policy/grad_norm", "policy/approx_kl", "policy/lr", "reward/mean", "mismatch/logprob_diff_abs_mean")
 
 

@@ -70,6 +70,8 @@ class _Episode:
 
     route: int
     seed: int | None
+    sampling: SamplingParams
+    """How its turns are sampled (a round's, or validation's)."""
     trajectory: Trajectory | None = None
     """None until its first call is answered."""
     declarations: list[dict] = dataclasses.field(default_factory=list)
@@ -106,8 +108,8 @@ class ChatEndpoint:
             and ``run``).
         tokenizer: the policy's tokenizer, with the chat template that renders prompts and
             observations and its end-of-turn token as ``eos_token``.
-        sampling: the run's sampling (``temperature``, ``top_p``, ``top_k``); its ``n``,
-            ``max_new_tokens`` and ``seed`` are unused.
+        sampling: the sampling (``temperature``, ``top_p``, ``top_k``) of an episode opened
+            without its own; its ``n``, ``max_new_tokens`` and ``seed`` are unused.
         limits: every episode's limits.
         tool_parser: the parser that reads tool calls in a turn's text (``agent.tool_parser``).
         tools: the declarations (``ToolSet.schemas()``) of a call that sends no ``tools``.
@@ -138,7 +140,7 @@ class ChatEndpoint:
         self.base_url = f"http://{self.host}:{sock.getsockname()[1]}"
         return self.base_url
 
-    def open_episode(self, episode_id: str, route: int, seed: int | None) -> str:
+    def open_episode(self, episode_id: str, route: int, seed: int | None, sampling: SamplingParams | None = None) -> str:
         """Open an episode and return its base URL (``.../episodes/{episode_id}/v1``), which an
         OpenAI client takes as ``base_url``.
 
@@ -146,13 +148,15 @@ class ChatEndpoint:
             episode_id: unique among the open episodes (any text: it is quoted in the URL).
             route: the engine of every turn (:meth:`~megarl.rollout.EngineGroup.generate_turn`).
             seed: the episode's seed (see the module docstring); None: unseeded.
+            sampling: how its turns are sampled, and the ``temperature`` and ``top_p`` its calls
+                may send; None: the endpoint's.
         """
         if self.base_url is None:
             raise RuntimeError("the chat endpoint is not serving: call start() before open_episode()")
         with self._lock:
             if episode_id in self._episodes:
                 raise ValueError(f"episode {episode_id!r} is already open: episode ids must be unique among the open episodes")
-            self._episodes[episode_id] = _Episode(route=route, seed=seed)
+            self._episodes[episode_id] = _Episode(route=route, seed=seed, sampling=sampling or self.sampling)
         return f"{self.base_url}/episodes/{quote(episode_id, safe='')}/v1"
 
     def trajectory(self, episode_id: str) -> Trajectory:
@@ -200,17 +204,17 @@ class ChatEndpoint:
 
     async def _complete(self, episode_id: str, body: Any) -> dict:
         """Check the call, generate its turn on the engines' loop, record it and answer it."""
-        request = read_request(body, self.sampling, self.tools)
         with self._lock:
             episode = self._episodes.get(episode_id)
             if episode is None:
                 raise RequestError(f"episode {episode_id!r} is not open (or is closed): megarl opens each episode before its agent calls", status=HTTPStatus.NOT_FOUND)
+            request = read_request(body, episode.sampling, self.tools)
             if episode.busy:
                 raise RequestError(f"episode {episode_id!r} is generating a turn: its calls must come one after another (an episode is one conversation)", status=HTTPStatus.CONFLICT)
             turn = self._plan(episode, request)
             episode.busy = True
         try:
-            coroutine = self.engines.generate_turn(turn.input_ids, self.sampling, max_new_tokens=turn.max_new_tokens, seed=turn.seed, route=episode.route)
+            coroutine = self.engines.generate_turn(turn.input_ids, episode.sampling, max_new_tokens=turn.max_new_tokens, seed=turn.seed, route=episode.route)
             try:
                 sample = await asyncio.wrap_future(self.engines.run(coroutine))
             except Exception as error:

@@ -6,6 +6,11 @@ queued), the environment workers serve the steps, and an episode never waits for
 Episode ``(prompt i, sample j)`` runs on engine ``i % num_engines`` (all of a prompt's episodes
 share its prefix) with seed ``sample_seed(sampling.seed, i, j)``, so a rerun plays the same
 episodes.
+
+:func:`play_programs` plays them with an agent program instead (``agent.openai_agent``): each
+episode is opened on the chat endpoint with the same engine, seed and the round's sampling, the
+program workers play them all at once against their URLs, and each trajectory is what the
+endpoint recorded.
 """
 
 from __future__ import annotations
@@ -15,8 +20,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from megarl.agents.episode import EpisodeContext, Trajectory, run_episode
+from megarl.agents.openai_server import ChatEndpoint
+from megarl.agents.programs import ProgramEpisode, ProgramPool
 from megarl.data.datasets import Prompt
-from megarl.rollout.sampling import sample_seed
+from megarl.rollout.sampling import SamplingParams, sample_seed
 
 
 def environment_row(prompt: Prompt) -> dict[str, Any]:
@@ -48,6 +55,57 @@ def play(context: EpisodeContext, engines, prompts: Sequence[Prompt], *, samples
         ))
 
     return engines.run(all_episodes()).result()
+
+
+def play_programs(endpoint: ChatEndpoint, programs: ProgramPool, prompts: Sequence[Prompt], sampling: SamplingParams, *, samples_per_prompt: int, label: str) -> list[Trajectory]:
+    """Play ``samples_per_prompt`` episodes of every prompt with the agent program, all at once;
+    prompt-major order.
+
+    An episode whose program failed (:class:`~megarl.agents.programs.ProgramOutcome`: ``error``,
+    ``timeout``, ``died``) keeps what the endpoint recorded and its failure; one that made no
+    answered call has an empty response after the dataset's prompt, and fails with ``error`` when
+    its program returned. A program that raised after the endpoint refused a call for a limit
+    (``max_turns``, the token budget) did not fail: the episode ended there, as a built-in one does.
+
+    Args:
+        label: names this round's episodes (``step 3 round 0``): unique among rounds in flight.
+    """
+    seed = sampling.seed
+    episodes = []
+    for index, prompt in enumerate(prompts):
+        for sample in range(samples_per_prompt):
+            episode_id = f"{label}/{index}/{sample}"
+            base_url = endpoint.open_episode(episode_id, route=index, seed=None if seed is None else sample_seed(seed, index, sample), sampling=sampling)
+            episodes.append(ProgramEpisode(episode_id, base_url, environment_row(prompt)))
+    recorded: dict[str, Trajectory | None] = {}
+
+    def close(episode_id: str) -> None:
+        """Close the episode on the endpoint (its program's next call is refused), keeping what it recorded."""
+        try:
+            recorded[episode_id] = endpoint.trajectory(episode_id)
+        except ValueError:  # no answered call
+            recorded[episode_id] = None
+
+    try:
+        outcomes = programs.play(episodes, on_timeout=close)
+    finally:
+        for episode in episodes:
+            if episode.episode_id not in recorded:
+                close(episode.episode_id)
+    trajectories = []
+    for position, (episode, outcome) in enumerate(zip(episodes, outcomes)):
+        trajectory = recorded[episode.episode_id]
+        failure, message = outcome.failure, outcome.message
+        if trajectory is None:
+            trajectory = Trajectory(prompt_ids=list(prompts[position // samples_per_prompt].prompt_ids))
+            if failure is None:
+                failure, message = "error", "the program returned without an answered call to the chat endpoint"
+        elif failure == "error" and (trajectory.max_turns_reached or trajectory.finish_reason == "length"):
+            failure = None  # the endpoint ended the episode at a limit, and the program stopped on its refusal
+        trajectory.reward = outcome.reward if failure is None else None
+        trajectory.failure, trajectory.failure_message = failure, message if failure is not None else ""
+        trajectories.append(trajectory)
+    return trajectories
 
 
 def episode_metrics(trajectories: Sequence[Trajectory]) -> dict[str, float]:

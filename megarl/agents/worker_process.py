@@ -43,7 +43,7 @@ def serve(spec: str, registering_module: str | None, env_kwargs: dict, requests,
     or ``("error", message)``, then serve requests until the pool closes the pipe."""
     os.setsid()  # its own process group: killing the group takes whatever the environment started
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    threading.Thread(target=_die_with_pool, args=(lifeline,), name="pool-lifeline", daemon=True).start()
+    threading.Thread(target=die_with_pool, args=(lifeline,), name="pool-lifeline", daemon=True).start()
     where = f"agent.environment = {spec!r}"
     try:
         if registering_module is not None:
@@ -69,7 +69,7 @@ def serve(spec: str, registering_module: str | None, env_kwargs: dict, requests,
             requests.send(reply)
 
 
-def _die_with_pool(lifeline) -> None:
+def die_with_pool(lifeline) -> None:
     """Block until the pool's end of ``lifeline`` closes (the pool closed, or its process is
     gone), then kill this worker's process group."""
     try:

@@ -1,5 +1,7 @@
 """What the first rank starts before it imports Megatron and builds the model: the rollout engines,
-the reward scorer and (``agent.environment``) the environment workers.
+the reward scorer and (``agent.environment``) the environment workers or (``agent.openai_agent``)
+the agent program workers; and, once the engines and the tokenizer are there, the chat endpoint the
+programs call (:func:`start_chat_endpoint`).
 
 An engine is a process of its own that imports torch and its model library, loads the model and
 only then answers its health check; launched after the trainer's model was built, its start-up
@@ -17,10 +19,14 @@ import contextlib
 from pathlib import Path
 from typing import Any
 
+from megarl.agents.episode import EpisodeLimits
+from megarl.agents.openai_server import ChatEndpoint
+from megarl.agents.programs import ProgramPool
 from megarl.agents.workers import EnvironmentPool
 from megarl.config import DTYPE_NAMES, AgentConfig, Config, resolve_model_path
 from megarl.rewards.scorer import build_scorer
 from megarl.rollout.group import EngineGroup
+from megarl.rollout.sampling import SamplingParams
 
 
 class EarlyStart:
@@ -37,7 +43,9 @@ class EarlyStart:
             EngineGroup.from_config, config.rollout, resolve_model_path(config.model.path),
             log_dir=run_dir / "engines", dtype=DTYPE_NAMES[config.model.dtype],
         )
-        self._environments = self._executor.submit(start_environments, config.agent) if config.agent.enabled else None
+        agent = config.agent
+        self._environments = self._executor.submit(start_environments, agent) if agent.environment is not None else None
+        self._programs = self._executor.submit(start_programs, agent) if agent.openai_agent is not None else None
         self._executor.shutdown(wait=False)
         self.scorer: Any = build_scorer(config.reward)
         """The reward scorer (``score(samples) -> ScoredBatch``)."""
@@ -58,6 +66,14 @@ class EarlyStart:
         """
         return None if self._environments is None else self._environments.result()
 
+    def programs(self) -> ProgramPool | None:
+        """The agent program workers of ``agent.openai_agent``, once they imported it; None without one.
+
+        Raises:
+            EnvironmentLoadError: the program cannot be loaded (the workers were stopped).
+        """
+        return None if self._programs is None else self._programs.result()
+
     def tool_schemas(self) -> list[dict]:
         """The environment's tool declarations (none without an environment)."""
         environments = self.environments()
@@ -68,9 +84,10 @@ class EarlyStart:
         engines' start to end, then shuts them down."""
         with contextlib.suppress(Exception):
             self._engines.result().shutdown()
-        with contextlib.suppress(Exception):
-            if self._environments is not None:
-                self._environments.result().close()
+        for pool in (self._environments, self._programs):
+            with contextlib.suppress(Exception):
+                if pool is not None:
+                    pool.result().close()
         with contextlib.suppress(Exception):
             if hasattr(self.scorer, "close"):
                 self.scorer.close()
@@ -81,3 +98,26 @@ def start_environments(agent: AgentConfig) -> EnvironmentPool:
     import megarl.agents.toy  # noqa: F401 - registers the bundled environments
 
     return EnvironmentPool(agent.environment, env_kwargs=agent.environment_kwargs(), num_workers=agent.num_workers, step_timeout_s=agent.step_timeout_s)
+
+
+def start_programs(agent: AgentConfig) -> ProgramPool:
+    """The agent program workers ``agent`` asks for."""
+    return ProgramPool(agent.openai_agent, num_workers=agent.num_workers, episode_timeout_s=agent.episode_timeout_s)
+
+
+def episode_limits(config: Config) -> EpisodeLimits:
+    """How long every episode of the run may run (the ``agent`` section, ``data.max_response_length``)."""
+    return EpisodeLimits(
+        max_turns=config.agent.max_turns, max_response_tokens=config.data.max_response_length, max_tokens_per_turn=config.agent.max_tokens_per_turn
+    )
+
+
+def start_chat_endpoint(config: Config, engines: EngineGroup, tokenizer) -> ChatEndpoint:
+    """The chat endpoint of ``agent.openai_agent`` programs, serving in front of ``engines``: the
+    run's limits, its tool-call parser (``hermes`` when ``agent.tool_parser`` is null) and no tools
+    of its own (a program declares its tools in its requests); each episode is opened with its
+    round's sampling."""
+    sampling = SamplingParams.from_config(config.rollout, max_new_tokens=config.data.max_response_length, seed=None)
+    endpoint = ChatEndpoint(engines, tokenizer, sampling, episode_limits(config), config.agent.tool_parser or "hermes")
+    endpoint.start()
+    return endpoint

@@ -265,7 +265,7 @@ def evaluate(run: Run, step: int) -> dict[str, float]:
         )
         scores = []
         for index, prompts in enumerate(run.val_set.batches(config.rollout.batch_size)):
-            if run.environments is not None:
+            if run.plays_episodes:
                 records, _ = play_and_score(run, prompts, sampling, first_group=0, label=f"validation {step} batch {index}")
                 scores += [record.score for record in records]
                 continue

@@ -15,11 +15,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from megarl.agents.episode import EpisodeContext, EpisodeLimits
-from megarl.agents.play import episode_metrics, play
+from megarl.agents.episode import EpisodeContext, Trajectory
+from megarl.agents.play import episode_metrics, play, play_programs
 from megarl.data.datasets import Prompt
 from megarl.rollout.sampling import Sample, SamplingParams
 from megarl.trainer.batch import ScoredSample, TrainBatch
+from megarl.trainer.launch import episode_limits
 from megarl.trainer.staleness import newest_version_mask, staleness_metrics
 
 if TYPE_CHECKING:
@@ -103,37 +104,50 @@ def score_samples(run: Run, prompts: Sequence[Prompt], samples: Sequence[Sample]
 
 
 def play_and_score(run: Run, prompts: Sequence[Prompt], sampling: SamplingParams, *, first_group: int, label: str) -> tuple[list[ScoredSample], dict[str, RoundMetric]]:
-    """Multi-turn rollouts (``agent.environment``, first rank): ``sampling.n`` episodes of every
-    prompt (:func:`megarl.agents.play.play`), scored into the records the trainer trains on.
+    """Multi-turn rollouts (first rank): ``sampling.n`` episodes of every prompt, played with the
+    environment (``agent.environment``, :func:`megarl.agents.play.play`) or the agent program
+    (``agent.openai_agent``, :func:`megarl.agents.play.play_programs`), scored into the records
+    the trainer trains on.
 
-    An episode's score is the environment's reward when it gives one, else the reward function's
-    on the last model turn (``response`` is that turn's text); an episode the environment failed
-    scores 0 (counted in ``agent/env_failures``). Its record trains on the model's tokens only
-    (the loss mask is 0 on observations).
+    An episode's score is the environment's (or program's) reward when it gives one, else the
+    reward function's on the last model turn (``response`` is that turn's text); an episode the
+    environment or program failed scores 0 (counted in ``agent/env_failures``). Its record trains
+    on the model's tokens only (the loss mask is 0 on observations).
     """
-    context = EpisodeContext(
-        engines=run.engines, environments=run.environments, tokenizer=run.tokenizer, tools=run.tools, sampling=sampling,
-        limits=EpisodeLimits(
-            max_turns=run.config.agent.max_turns, max_response_tokens=run.config.data.max_response_length,
-            max_tokens_per_turn=run.config.agent.max_tokens_per_turn,
-        ),
-    )
     start = time.perf_counter()
-    trajectories = play(context, run.engines, prompts, samples_per_prompt=sampling.n, label=label)
+    if run.programs is not None:
+        trajectories = play_programs(run.endpoint, run.programs, prompts, sampling, samples_per_prompt=sampling.n, label=label)
+    else:
+        context = EpisodeContext(
+            engines=run.engines, environments=run.environments, tokenizer=run.tokenizer, tools=run.tools, sampling=sampling, limits=episode_limits(run.config)
+        )
+        trajectories = play(context, run.engines, prompts, samples_per_prompt=sampling.n, label=label)
     played = time.perf_counter()
+    records, metrics = score_trajectories(run, prompts, trajectories, samples_per_prompt=sampling.n, first_group=first_group, label=label)
+    metrics["time/generate_s"] = RoundMetric(played - start, adds_up=True)
+    metrics["time/reward_s"] = RoundMetric(time.perf_counter() - played, adds_up=True)
+    return records, metrics
+
+
+def score_trajectories(
+    run: Run, prompts: Sequence[Prompt], trajectories: Sequence[Trajectory], *, samples_per_prompt: int, first_group: int, label: str
+) -> tuple[list[ScoredSample], dict[str, RoundMetric]]:
+    """Score a round's episodes (prompt-major, ``samples_per_prompt`` each) into their records, and
+    the round's ``agent/*``, ``env/*`` and reward failure metrics."""
     failed = next((trajectory for trajectory in trajectories if trajectory.failure is not None), None)
     if failed is not None and not run.environment_failure_shown:
         run.environment_failure_shown = True
-        log.warning("%s: an environment failed an episode (%s); it scores 0 and counts in agent/env_failures (shown once per run): %s", label, failed.failure, failed.failure_message)
+        source = "the agent program" if run.programs is not None else "an environment"
+        log.warning("%s: %s failed an episode (%s); it scores 0 and counts in agent/env_failures (shown once per run): %s", label, source, failed.failure, failed.failure_message)
     to_score = [index for index, trajectory in enumerate(trajectories) if trajectory.reward is None and trajectory.failure is None]
-    scored = run.score([prompts[index // sampling.n].reward_kwargs(trajectories[index].final_text) for index in to_score]) if to_score else None
+    scored = run.score([prompts[index // samples_per_prompt].reward_kwargs(trajectories[index].final_text) for index in to_score]) if to_score else None
     scores = [0.0 if trajectory.failure is not None else trajectory.reward for trajectory in trajectories]
     for position, index in enumerate(to_score):
         scores[index] = scored.scores[position]
     records = [
         ScoredSample(
             prompt_ids=trajectory.prompt_ids, response_ids=trajectory.response_ids, rollout_log_probs=trajectory.logprobs,
-            finish_reason=trajectory.finish_reason, group=first_group + index // sampling.n, score=float(score),
+            finish_reason=trajectory.finish_reason, group=first_group + index // samples_per_prompt, score=float(score),
             weight_version=trajectory.weight_segments[-1].version if trajectory.weight_segments else None,
             weight_segments=tuple(trajectory.weight_segments), loss_mask=trajectory.loss_mask,
         )
@@ -144,8 +158,6 @@ def play_and_score(run: Run, prompts: Sequence[Prompt], sampling: SamplingParams
             record.loss_mask = [model and newest for model, newest in zip(record.loss_mask, newest_version_mask(record))]
     metrics = {name: RoundMetric(value, adds_up=name in ("agent/env_failures", "agent/env_timeouts")) for name, value in episode_metrics(trajectories).items()}
     metrics.update({
-        "time/generate_s": RoundMetric(played - start, adds_up=True),
-        "time/reward_s": RoundMetric(time.perf_counter() - played, adds_up=True),
         "reward/failures": RoundMetric(scored.failures if scored else 0, adds_up=True),
         "reward/timeouts": RoundMetric(scored.timeouts if scored else 0, adds_up=True),
     })
@@ -165,7 +177,7 @@ def generate_round(run: Run, step: int, round_index: int, *, batches: int = 1, f
     """
     prompts = [prompt for _ in range(batches) for prompt in next(run.loader)]
     sampling = round_sampling(run, sampling_seed(run.config.rollout.seed, step, round_index))
-    if run.environments is not None:
+    if run.plays_episodes:
         records, metrics = play_and_score(run, prompts, sampling, first_group=first_group, label=f"step {step} round {round_index}")
     else:
         start = time.perf_counter()

@@ -30,7 +30,7 @@ from megarl.models.specs import choose_backend
 from megarl import checkpoint
 from megarl.trainer.batch import layout_multiple
 from megarl.trainer.critic import Critic, attach_value_heads
-from megarl.trainer.launch import EarlyStart
+from megarl.trainer.launch import EarlyStart, start_chat_endpoint
 from megarl.metrics import MetricsLogger
 from megarl.trainer.model import TrainModel
 from megarl.trainer.policy import Policy, attach_hidden_states_heads
@@ -112,8 +112,19 @@ class Run:
     (:class:`megarl.agents.workers.EnvironmentPool`, first rank); None: single-turn rollouts."""
     tools: tuple[dict, ...] = ()
     """The environment's tool declarations, rendered into every prompt (every rank)."""
+    programs: Any = None
+    """``agent.openai_agent``: the workers that run the agent program
+    (:class:`megarl.agents.programs.ProgramPool`, first rank)."""
+    endpoint: Any = None
+    """``agent.openai_agent``: the chat endpoint the programs call, in front of the engines
+    (:class:`megarl.agents.openai_server.ChatEndpoint`, first rank)."""
     environment_failure_shown: bool = False
-    """Whether the first episode an environment failed has been shown (once per run)."""
+    """Whether the first episode an environment or agent program failed has been shown (once per run)."""
+
+    @property
+    def plays_episodes(self) -> bool:
+        """Whether rollouts are multi-turn episodes (an environment or an agent program; first rank)."""
+        return self.environments is not None or self.programs is not None
 
     @property
     def is_first_rank(self) -> bool:
@@ -241,6 +252,12 @@ class Run:
             if self.environments is not None:
                 self.environments.close()
         with contextlib.suppress(Exception):
+            if self.programs is not None:
+                self.programs.close()
+        with contextlib.suppress(Exception):
+            if self.endpoint is not None:
+                self.endpoint.close()
+        with contextlib.suppress(Exception):
             if self.scorer is not None and hasattr(self.scorer, "close"):
                 self.scorer.close()
         self.logger.close()
@@ -255,7 +272,7 @@ def setup(config: Config, started: EarlyStart | None = None, *, launched_at: flo
 
     Args:
         launched_at: unix time the command started (:attr:`Run.launched_at`).
-        started: on the first rank, the engines, the scorer and the environment workers, started
+        started: on the first rank, the engines, the scorer and the environment (or agent program) workers, started
             before the heavy imports (:mod:`megarl.trainer.launch`); None there starts them once
             the process groups are up. The run owns them from here on (a set-up that fails stops them).
 
@@ -341,9 +358,10 @@ def _setup(config: Config, started: EarlyStart | None, detected: platform.Platfo
 
     engines = scorer = None
     logger = MetricsLogger(config.logging, run_dir, enabled=first, run_settings=config.to_dict())
-    environments = None
+    environments = programs = endpoint = None
     if first:
-        engines, scorer, environments = started.engines(), started.scorer, started.environments()
+        engines, scorer, environments, programs = started.engines(), started.scorer, started.environments(), started.programs()
+        endpoint = start_chat_endpoint(config, engines, tokenizer) if programs is not None else None
     run = Run(
         config=config,
         run_dir=run_dir,
@@ -359,6 +377,8 @@ def _setup(config: Config, started: EarlyStart | None, detected: platform.Platfo
         engines=engines,
         scorer=scorer,
         environments=environments,
+        programs=programs,
+        endpoint=endpoint,
         tools=tools,
         logger=logger,
         kl_controller=kl_controller(algorithm.kl_ctrl, init_coef=algorithm.kl_coef, target=algorithm.kl_target, horizon=algorithm.kl_horizon),

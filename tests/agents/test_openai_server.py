@@ -338,3 +338,16 @@ def test_a_real_hf_engine_behind_the_endpoint_samples_the_ids_the_trainer_scores
         server.should_exit = True
         thread.join(timeout=10)
         torch.set_num_threads(threads)
+
+
+def test_an_episode_opened_with_its_own_sampling_is_held_to_it(qwen_like):
+    engine, endpoint = endpoint_with(qwen_like, [ANSWER])
+    try:
+        validation = SamplingParams(max_new_tokens=64, temperature=0.0)
+        base_url = endpoint.open_episode("greedy", route=0, seed=None, sampling=validation)
+        refused = post(base_url, messages=[QUESTION], temperature=0.7)
+        assert refused.status_code == 400 and "differs from the run's sampling (0.0)" in refused.json()["error"]["message"]
+        assert post(base_url, messages=[QUESTION], temperature=0.0).status_code == 200
+    finally:
+        endpoint.close()
+        engine.stop()
