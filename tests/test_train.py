@@ -106,14 +106,15 @@ def assert_finite(rows: list[dict], expected_nan: dict[int, set[str]] | None = N
 @pytest.mark.multirank
 def test_expert_parallel_run_survives_a_killed_engine_a_failing_reward_and_a_nan_step(tmp_path):
     # One optimizer step per RL step, so the skipped step is the whole update; no warm-up, whose
-    # first step has learning rate 0.
+    # first step has learning rate 0; an entropy bonus, so that every step that is not skipped
+    # moves the weights even when all of its 16 samples score the same (zero advantages).
     report, rows = train(
         tmp_path,
         "ep2",
         [
             "parallel.expert=2", "train.steps=3", "train.eval_every=2", "train.val_before_train=true", "reward.type=function",
             f"reward.function={REPO}/tests/workers/flaky_reward.py:reward",
-            "train.mini_batch_size=16", "train.lr_warmup_steps=0",
+            "train.mini_batch_size=16", "train.lr_warmup_steps=0", "algorithm.entropy_coeff=0.01",
         ],
         hooks=["--kill-engine-after", "0", "--nan-step", "1"],
     )
