@@ -17,16 +17,20 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from megarl.agents.episode import EpisodeLimits
-from megarl.agents.openai_server import ChatEndpoint
-from megarl.agents.programs import ProgramPool
-from megarl.agents.workers import EnvironmentPool
 from megarl.config import DTYPE_NAMES, AgentConfig, Config, resolve_model_path
 from megarl.rewards.scorer import build_scorer
 from megarl.rollout.group import EngineGroup
 from megarl.rollout.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    # Imported where they start: this module is imported before the engines launch, and the chat
+    # endpoint's server stack (FastAPI, transformers) would delay them by seconds.
+    from megarl.agents.episode import EpisodeLimits
+    from megarl.agents.openai_server import ChatEndpoint
+    from megarl.agents.programs import ProgramPool
+    from megarl.agents.workers import EnvironmentPool
 
 
 class EarlyStart:
@@ -96,17 +100,22 @@ class EarlyStart:
 def start_environments(agent: AgentConfig) -> EnvironmentPool:
     """The environment workers ``agent`` asks for."""
     import megarl.agents.toy  # noqa: F401 - registers the bundled environments
+    from megarl.agents.workers import EnvironmentPool
 
     return EnvironmentPool(agent.environment, env_kwargs=agent.environment_kwargs(), num_workers=agent.num_workers, step_timeout_s=agent.step_timeout_s)
 
 
 def start_programs(agent: AgentConfig) -> ProgramPool:
     """The agent program workers ``agent`` asks for."""
+    from megarl.agents.programs import ProgramPool
+
     return ProgramPool(agent.openai_agent, num_workers=agent.num_workers, episode_timeout_s=agent.episode_timeout_s)
 
 
 def episode_limits(config: Config) -> EpisodeLimits:
     """How long every episode of the run may run (the ``agent`` section, ``data.max_response_length``)."""
+    from megarl.agents.episode import EpisodeLimits
+
     return EpisodeLimits(
         max_turns=config.agent.max_turns, max_response_tokens=config.data.max_response_length, max_tokens_per_turn=config.agent.max_tokens_per_turn
     )
@@ -117,6 +126,8 @@ def start_chat_endpoint(config: Config, engines: EngineGroup, tokenizer) -> Chat
     run's limits, its tool-call parser (``hermes`` when ``agent.tool_parser`` is null) and no tools
     of its own (a program declares its tools in its requests); each episode is opened with its
     round's sampling."""
+    from megarl.agents.openai_server import ChatEndpoint
+
     sampling = SamplingParams.from_config(config.rollout, max_new_tokens=config.data.max_response_length, seed=None)
     endpoint = ChatEndpoint(engines, tokenizer, sampling, episode_limits(config), config.agent.tool_parser or "hermes")
     endpoint.start()
