@@ -54,6 +54,7 @@ from megarl.agents.openai_protocol import ChatRequest, RequestError, added_messa
 from megarl.agents.parsers import tool_parser as named_parser
 from megarl.agents.rendering import ChatTemplateError, observation_ids, prompt_ids
 from megarl.rollout.embedded.server import listening_socket, uvicorn_server
+from megarl.rollout.errors import EngineError
 from megarl.rollout.sampling import Sample, SamplingParams, resume_seed
 
 
@@ -127,6 +128,8 @@ class ChatEndpoint:
         self.base_url: str | None = None
         self._episodes: dict[str, _Episode] = {}
         self._lock = threading.Lock()
+        self.engine_failure: EngineError | None = None
+        """The first engine error a call met (the caller raises it: the engines failed for good)."""
         self._server, self._thread = None, None
 
     def start(self) -> str:
@@ -218,6 +221,10 @@ class ChatEndpoint:
             try:
                 sample = await asyncio.wrap_future(self.engines.run(coroutine))
             except Exception as error:
+                if isinstance(error, EngineError):
+                    # The engine group restarts and resends on its own: an error that reaches here
+                    # is the run's, as in the built-in loop; play_programs raises it after the round.
+                    self.engine_failure = self.engine_failure or error
                 raise RequestError(f"the engine failed: {type(error).__name__}: {error}", status=HTTPStatus.INTERNAL_SERVER_ERROR) from None
             text = self.tokenizer.decode(sample.response_ids, skip_special_tokens=True)
             message = assistant_message(text, self.parser.parse(text, request.tools), 0 if episode.trajectory is None else episode.trajectory.turns)

@@ -69,6 +69,10 @@ def play_programs(endpoint: ChatEndpoint, programs: ProgramPool, prompts: Sequen
 
     Args:
         label: names this round's episodes (``step 3 round 0``): unique among rounds in flight.
+
+    Raises:
+        EngineError: an engine failed for good during the round (the endpoint answered the
+            program's call with an error and kept it), as :func:`play` raises it.
     """
     seed = sampling.seed
     episodes = []
@@ -92,6 +96,8 @@ def play_programs(endpoint: ChatEndpoint, programs: ProgramPool, prompts: Sequen
         for episode in episodes:
             if episode.episode_id not in recorded:
                 close(episode.episode_id)
+    if endpoint.engine_failure is not None:
+        raise endpoint.engine_failure
     trajectories = []
     for position, (episode, outcome) in enumerate(zip(episodes, outcomes)):
         trajectory = recorded[episode.episode_id]

@@ -24,6 +24,7 @@ from megarl.rollout import EngineGroup
 from megarl.rollout.embedded.hf_engine import HFEngine
 from megarl.rollout.embedded.server import listening_socket, make_app, uvicorn_server
 from megarl.rollout.sampling import SamplingParams, resume_seed
+from megarl.rollout.errors import EngineDead
 from tests.agents.chat_fixtures import QUESTION, TOOLS, qwen_like_tokenizer, sampled_ids
 from tests.agents.test_episode import ScriptedEngine, ScriptedEnvironments
 
@@ -348,6 +349,27 @@ def test_an_episode_opened_with_its_own_sampling_is_held_to_it(qwen_like):
         refused = post(base_url, messages=[QUESTION], temperature=0.7)
         assert refused.status_code == 400 and "differs from the run's sampling (0.0)" in refused.json()["error"]["message"]
         assert post(base_url, messages=[QUESTION], temperature=0.0).status_code == 200
+    finally:
+        endpoint.close()
+        engine.stop()
+
+
+class FailingEngine(LoopedEngine):
+    """An engine whose group gave up on it: every turn raises the group's error."""
+
+    async def generate_turn(self, input_ids, sampling, *, max_new_tokens, seed, route):
+        raise EngineDead("hf-0", "connection refused; the restart budget is spent")
+
+
+def test_an_engine_failure_answers_500_and_is_kept_for_the_round(qwen_like):
+    engine = FailingEngine([])
+    endpoint = ChatEndpoint(engine, qwen_like, SAMPLING, LIMITS, "hermes", TOOLS.schemas())
+    endpoint.start()
+    try:
+        base_url = endpoint.open_episode("e0", route=0, seed=5)
+        reply = post(base_url, messages=[SYSTEM, QUESTION], tools=TOOLS.schemas())
+        assert reply.status_code == 500 and "the engine failed: EngineDead" in reply.text
+        assert isinstance(endpoint.engine_failure, EngineDead)
     finally:
         endpoint.close()
         engine.stop()
