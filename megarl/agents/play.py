@@ -16,6 +16,7 @@ endpoint recorded.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 from collections.abc import Sequence
 from typing import Any
 
@@ -42,6 +43,12 @@ def play(context: EpisodeContext, engines, prompts: Sequence[Prompt], *, samples
     Raises:
         EngineError: an engine failed for good.
     """
+    return submit_play(context, engines, prompts, samples_per_prompt=samples_per_prompt, label=label).result()
+
+
+def submit_play(context: EpisodeContext, engines, prompts: Sequence[Prompt], *, samples_per_prompt: int, label: str) -> concurrent.futures.Future:
+    """:func:`play` without waiting: the future holds the trajectories (``rollout.mode: async``
+    keeps rounds in flight while the trainer trains)."""
     seed = context.sampling.seed
 
     async def all_episodes() -> list[Trajectory]:
@@ -54,7 +61,7 @@ def play(context: EpisodeContext, engines, prompts: Sequence[Prompt], *, samples
             for sample in range(samples_per_prompt)
         ))
 
-    return engines.run(all_episodes()).result()
+    return engines.run(all_episodes())
 
 
 def play_programs(endpoint: ChatEndpoint, programs: ProgramPool, prompts: Sequence[Prompt], sampling: SamplingParams, *, samples_per_prompt: int, label: str) -> list[Trajectory]:

@@ -113,7 +113,8 @@ class EngineGroup:
         )
         self._released: set[str] = set()
         self._client = EngineClient(len(engines))
-        self._turns = TurnBatcher(lambda engine, requests, sampling: self._generate_share(engine, requests, sampling, False))
+        self._pauses = 0
+        self._turns = TurnBatcher(lambda engine, requests, sampling: self._generate_share(engine, requests, sampling, True), pauses=lambda: self._pauses)
         for engine in engines:
             engine.client = self._client
         atexit.register(self.shutdown)
@@ -331,11 +332,9 @@ class EngineGroup:
 
         return self._client.run(resume())
 
-    async def generate_turn(
-        self, input_ids: Sequence[int], sampling: SamplingParams, *, max_new_tokens: int, seed: int | None, route: int
-    ) -> Sample:
-        """One turn of a multi-turn episode (:mod:`megarl.agents.episode`), awaited on the group's
-        loop (:meth:`run`) and batched with other episodes' (:mod:`megarl.rollout.turns`):
+    async def generate_turn(self, input_ids: Sequence[int], sampling: SamplingParams, *, max_new_tokens: int, seed: int | None, route: int) -> Sample:
+        """One whole turn of a multi-turn episode (:mod:`megarl.agents.episode`), awaited on the group's
+        loop (:meth:`run`), batched with other episodes' and resumed after a pause (:mod:`megarl.rollout.turns`):
         ``input_ids`` hold the earlier turns as sampled; ``sampling``'s ``n`` and ``seed`` are unused
         (``seed`` is this turn's); the engine is ``route % num_engines`` for every turn of an episode."""
         self._supervisor.check()
@@ -386,6 +385,7 @@ class EngineGroup:
                 (their ``weight_segments`` then span the versions before and after an update).
         """
         self._supervisor.check()
+        self._pauses += 1
         self._on_every_engine(protocol.PAUSE_GENERATION, protocol.pause_body(mode))
 
     def continue_generation(self) -> None:

@@ -8,15 +8,24 @@ task: 2.1-3.4 s a step instead of 0.1). :class:`TurnBatcher` holds each turn for
 as one batched ``/generate`` (SGLang's batched input: one item per turn, each with its own
 ``max_new_tokens`` and seed), so the engine generates them together as it does a single-turn round.
 A turn's result does not depend on the batch it went in: each item carries its own seed.
+
+A turn that a pause in ``abort`` mode stops (a weight update of ``rollout.mode: async`` with
+partial rollout) comes back with its tokens so far; :meth:`TurnBatcher.generate` sends it again at
+once as the turn's input plus those tokens, for the rest of its limit, seeded with
+:func:`~megarl.rollout.sampling.resume_seed` (the engines queue it until they continue), and
+returns the whole turn, its ``weight_segments`` naming the weights of each part. An abort that no
+pause explains (``pauses()`` unchanged since the turn was sent) is an error, as it is for rounds.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from megarl.rollout.sampling import Sample, SamplingParams
+from megarl.rollout.errors import EngineRequestError
+from megarl.rollout.sampling import Sample, SamplingParams, resume_seed
 
 GATHER_S = 0.003
 """How long the first turn of a batch waits for others: an environment worker answers a step in
@@ -36,14 +45,38 @@ class TurnBatcher:
         gather_s: how long a batch stays open after its first turn.
     """
 
-    def __init__(self, send: Callable[[Any, list[Request], SamplingParams], Awaitable[list[Sample]]], gather_s: float = GATHER_S):
+    def __init__(
+        self,
+        send: Callable[[Any, list[Request], SamplingParams], Awaitable[list[Sample]]],
+        gather_s: float = GATHER_S,
+        pauses: Callable[[], int] = lambda: 0,
+    ):
         self._send = send
         self._gather_s = gather_s
+        self._pauses = pauses
         self._open: dict[tuple[Any, SamplingParams], list[tuple[Request, asyncio.Future]]] = {}
 
     async def generate(self, engine: Any, request: Request, sampling: SamplingParams) -> Sample:
-        """The sample of ``request`` on ``engine``, generated in a batch with the turns that arrive
-        within ``gather_s`` of the batch's first (on the running event loop)."""
+        """The whole turn of ``request`` on ``engine`` (sent again after an abort by a pause, see
+        the module docstring), generated in batches with the turns that arrive within ``gather_s``
+        of a batch's first (on the running event loop). ``send`` must return aborted samples as
+        partial ones (``finish_reason`` ``abort``)."""
+        route, index, input_ids, limit, seed = request
+        pauses = self._pauses()
+        sample = await self._gathered(engine, request, sampling)
+        while sample.finish_reason == "abort":
+            if self._pauses() == pauses:
+                raise EngineRequestError(str(engine), "a turn came back aborted although no pause stopped the engines since it was sent")
+            left = limit - len(sample.response_ids)
+            if left < 1:
+                return dataclasses.replace(sample, finish_reason="length")
+            pauses = self._pauses()
+            tokens = len(sample.response_ids)
+            rest = (route, index, [*input_ids, *sample.response_ids], left, None if seed is None else resume_seed(seed, tokens))
+            sample = sample.continued_by(await self._gathered(engine, rest, sampling))
+        return sample
+
+    async def _gathered(self, engine: Any, request: Request, sampling: SamplingParams) -> Sample:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         key = (engine, sampling)

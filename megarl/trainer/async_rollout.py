@@ -36,7 +36,8 @@ from megarl.rollout.buffer import BufferClosed, BufferedGroup, RolloutBuffer
 from megarl.rollout.errors import EngineRequestError
 from megarl.rollout.sampling import Sample, SamplingParams
 from megarl.trainer.batch import ScoredSample
-from megarl.trainer.rollout import RoundMetric, add_round_metrics, round_sampling, sampling_seed, score_samples
+from megarl.agents.play import submit_play
+from megarl.trainer.rollout import RoundMetric, add_round_metrics, episode_context, round_sampling, sampling_seed, score_samples, score_trajectories
 from megarl.trainer.staleness import oldest_version
 
 if TYPE_CHECKING:
@@ -96,6 +97,8 @@ class AsyncRollout:
         self.group_size = config.n_samples_per_prompt
         self.partial_rollout = config.partial_rollout
         self.resend_partial = config.partial_rollout and config.pause_mode == "abort"
+        self.episodes = run.config.agent.environment is not None
+        """Rounds are multi-turn episodes in ``agent.environment`` (their turns resume themselves after a pause)."""
         self.pauses = 0
         """Twice the pauses begun (odd while the engines are paused): a sample aborted by megarl's
         own pause is sent again, any other abort is an error."""
@@ -175,7 +178,12 @@ class AsyncRollout:
                 prompts = [self.run.train_set.prompts[position] for position in positions]
                 sampling = round_sampling(self.run, sampling_seed(self.run.config.rollout.seed, round_index, 0))
                 sent = time.perf_counter()
-                future = self.run.engines.submit_generate([prompt.prompt_ids for prompt in prompts], sampling, partial=self.resend_partial)
+                if self.episodes:
+                    # Multi-turn episodes: a turn a pause aborts resumes on its own (megarl.rollout.turns).
+                    context = episode_context(self.run, sampling)
+                    future = submit_play(context, self.run.engines, prompts, samples_per_prompt=sampling.n, label=f"round {round_index}")
+                else:
+                    future = self.run.engines.submit_generate([prompt.prompt_ids for prompt in prompts], sampling, partial=self.resend_partial)
                 self._when_done(future, round_index, prompts, sampling, sent, sent_during)
         except BufferClosed:
             return
@@ -198,6 +206,9 @@ class AsyncRollout:
     def _finish(self, future: concurrent.futures.Future, round_index: int, prompts, sampling: SamplingParams, sent: float, sent_during: int) -> None:
         """A round came back (scoring thread): send its partial samples again, or score it into the buffer."""
         try:
+            if self.episodes:
+                self._file(round_index, *self._scored_episodes(future.result(), prompts, sampling, round_index, sent))
+                return
             samples: list[Sample] = future.result()
             if self.resend_partial and any(sample.finish_reason == "abort" for sample in samples):
                 with self._lock:
@@ -217,33 +228,48 @@ class AsyncRollout:
                 return
             generated = time.perf_counter()
             records, metrics = score_samples(self.run, prompts, samples, first_group=round_index * self.round_prompts, label=f"round {round_index}")
-            by_prompt: dict[int, list[ScoredSample]] = {}
-            for sample, record in zip(samples, records):
-                by_prompt.setdefault(sample.prompt_index, []).append(record)
-            positions = self.in_flight[round_index]
-            groups = [
-                BufferedGroup(samples=group, oldest_version=min(oldest_version(record) for record in group), prompt_position=positions[prompt_index])
-                for prompt_index, group in sorted(by_prompt.items())
-            ]
-            groups, filtered = self._filter(groups, metrics) if self.run.config.algorithm.dynamic_sampling else (groups, [])
-            with self._lock:
-                metrics["time/generate_s"] = RoundMetric(generated - sent, adds_up=True)
-                add_round_metrics(self.metrics, metrics)
-                self.scored_samples += len(records)
-                # A filtered group is consumed now: its place goes to the samples after it at once.
-                self.reserve += filtered
-                self.buffer.release(sum(len(group.samples) for group in filtered))
-                self.finished[round_index] = groups
-                # Rounds enter the buffer in the order they were admitted: the admission rule's order.
-                while self.next_round in self.finished:
-                    del self.in_flight[self.next_round]
-                    # Under the lock: a checkpoint sees these prompts in flight or in the buffer.
-                    self.buffer.put(self.finished.pop(self.next_round))
-                    self.next_round += 1
-                self.clock.set(busy=bool(self.in_flight))
-                self._lock.notify_all()
+            metrics["time/generate_s"] = RoundMetric(generated - sent, adds_up=True)
+            self._file(round_index, [sample.prompt_index for sample in samples], records, metrics)
         except BaseException as error:  # noqa: BLE001 - handed to the trainer, which raises it
             self._fail(error, round_index)
+
+    def _scored_episodes(self, trajectories, prompts, sampling: SamplingParams, round_index: int, sent: float) -> tuple[list[int], list[ScoredSample], dict[str, RoundMetric]]:
+        """A round of episodes scored (scoring thread): each record's prompt, the records, the metrics."""
+        generated = time.perf_counter()
+        records, metrics = score_trajectories(
+            self.run, prompts, trajectories, samples_per_prompt=sampling.n, first_group=round_index * self.round_prompts, label=f"round {round_index}"
+        )
+        metrics["time/generate_s"] = RoundMetric(generated - sent, adds_up=True)
+        metrics["time/reward_s"] = RoundMetric(time.perf_counter() - generated, adds_up=True)
+        return [index // sampling.n for index in range(len(records))], records, metrics
+
+    def _file(self, round_index: int, prompt_indices: list[int], records: list[ScoredSample], metrics: dict[str, RoundMetric]) -> None:
+        """Put a scored round into the buffer in whole groups, after dynamic sampling's filter, in
+        the order the rounds were admitted (scoring thread)."""
+        by_prompt: dict[int, list[ScoredSample]] = {}
+        for prompt_index, record in zip(prompt_indices, records):
+            by_prompt.setdefault(prompt_index, []).append(record)
+        positions = self.in_flight[round_index]
+        groups = [
+            BufferedGroup(samples=group, oldest_version=min(oldest_version(record) for record in group), prompt_position=positions[prompt_index])
+            for prompt_index, group in sorted(by_prompt.items())
+        ]
+        groups, filtered = self._filter(groups, metrics) if self.run.config.algorithm.dynamic_sampling else (groups, [])
+        with self._lock:
+            add_round_metrics(self.metrics, metrics)
+            self.scored_samples += len(records)
+            # A filtered group is consumed now: its place goes to the samples after it at once.
+            self.reserve += filtered
+            self.buffer.release(sum(len(group.samples) for group in filtered))
+            self.finished[round_index] = groups
+            # Rounds enter the buffer in the order they were admitted: the admission rule's order.
+            while self.next_round in self.finished:
+                del self.in_flight[self.next_round]
+                # Under the lock: a checkpoint sees these prompts in flight or in the buffer.
+                self.buffer.put(self.finished.pop(self.next_round))
+                self.next_round += 1
+            self.clock.set(busy=bool(self.in_flight))
+            self._lock.notify_all()
 
     def _filter(self, groups: list[BufferedGroup], metrics: dict[str, RoundMetric]) -> tuple[list[BufferedGroup], list[BufferedGroup]]:
         """``(kept, dropped)``: the groups DAPO's dynamic sampling keeps and drops

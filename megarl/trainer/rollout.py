@@ -118,15 +118,19 @@ def play_and_score(run: Run, prompts: Sequence[Prompt], sampling: SamplingParams
     if run.programs is not None:
         trajectories = play_programs(run.endpoint, run.programs, prompts, sampling, samples_per_prompt=sampling.n, label=label)
     else:
-        context = EpisodeContext(
-            engines=run.engines, environments=run.environments, tokenizer=run.tokenizer, tools=run.tools, sampling=sampling, limits=episode_limits(run.config)
-        )
-        trajectories = play(context, run.engines, prompts, samples_per_prompt=sampling.n, label=label)
+        trajectories = play(episode_context(run, sampling), run.engines, prompts, samples_per_prompt=sampling.n, label=label)
     played = time.perf_counter()
     records, metrics = score_trajectories(run, prompts, trajectories, samples_per_prompt=sampling.n, first_group=first_group, label=label)
     metrics["time/generate_s"] = RoundMetric(played - start, adds_up=True)
     metrics["time/reward_s"] = RoundMetric(time.perf_counter() - played, adds_up=True)
     return records, metrics
+
+
+def episode_context(run: Run, sampling: SamplingParams) -> EpisodeContext:
+    """What the episodes of a round with ``run``'s environment share."""
+    return EpisodeContext(
+        engines=run.engines, environments=run.environments, tokenizer=run.tokenizer, tools=run.tools, sampling=sampling, limits=episode_limits(run.config)
+    )
 
 
 def score_trajectories(

@@ -60,3 +60,31 @@ def test_a_failed_batch_fails_each_of_its_turns_and_a_cancelled_turn_is_left_out
     failing, kept = asyncio.run(turns())
     assert all(isinstance(result, RuntimeError) for result in failing)
     assert kept.response_ids == [8, 4] and batches[-1] == ("e0", [[8]], 1.0)
+
+
+def test_a_turn_aborted_by_a_pause_is_sent_again_and_comes_back_whole():
+    from megarl.rollout.errors import EngineRequestError
+    from megarl.rollout.sampling import WeightSegment, resume_seed
+
+    pauses = [0]
+    sent = []
+
+    async def send(engine, requests, sampling):
+        sent.extend(requests)
+        if len(sent) == 1:
+            pauses[0] += 1  # a weight update paused the engines while the turn generated
+            return [Sample(0, 0, [7, 8], [-0.1, -0.2], "abort", "0", (WeightSegment("0", 0, 2),))]
+        return [Sample(0, 0, [9, 2], [-0.3, -0.4], "stop", "1", (WeightSegment("1", 0, 2),))]
+
+    batcher = TurnBatcher(send, gather_s=0.001, pauses=lambda: pauses[0])
+    sample = asyncio.run(batcher.generate("e0", (3, 0, [1, 5], 6, 11), SamplingParams(max_new_tokens=6)))
+    assert sample.response_ids == [7, 8, 9, 2] and sample.logprobs == [-0.1, -0.2, -0.3, -0.4] and sample.finish_reason == "stop"
+    assert sample.weight_segments == (WeightSegment("0", 0, 2), WeightSegment("1", 2, 4))
+    # The continuation: the turn's input and its tokens so far, the rest of its limit, a resumed seed.
+    assert sent[1] == (3, 0, [1, 5, 7, 8], 4, resume_seed(11, 2))
+
+    async def aborts(engine, requests, sampling):
+        return [Sample(0, 0, [7], [-0.1], "abort", "0", ()) for _ in requests]
+
+    with pytest.raises(EngineRequestError, match="no pause"):
+        asyncio.run(TurnBatcher(aborts, gather_s=0.001).generate("e0", (0, 0, [1], 4, None), SamplingParams(max_new_tokens=4)))

@@ -275,3 +275,25 @@ def test_async_run_partial_rollouts_staleness_a_killed_engine_and_a_resume_that_
     trained += [prompt for step in ("2", "3", "4", "5") for prompt in second["trained"][step]]
     counts = Counter(tuple(prompt) for prompt in trained)
     assert counts == Counter(tuple(prompt) for prompt in second["prompts"]["ids"]), counts
+
+
+@pytest.mark.multirank
+def test_async_multi_turn_episodes_resume_their_turns_across_weight_updates(tmp_path):
+    # A slow engine (0.1 s a token): the episodes of a round span the weight updates of several
+    # steps, so turns are aborted by the pause and sent again under the new weights. Each turn's
+    # part is checked against the trainer's log-probs under the weights of its version.
+    environment = Path(__file__).resolve().parents[1] / "workers" / "agent_env.py"
+    report, rows = launch(
+        tmp_path, "agent", tmp_path / "run",
+        [
+            "train.steps=4", "rollout.hf_step_delay_s=0.1", f"agent.environment={environment}:ToolThenAnswer", "agent.max_turns=2",
+            "agent.max_tokens_per_turn=4", "data.max_response_length=16", "data.train_files=[bundled:lookup/train.jsonl]",
+        ],
+        ["--check-segments"],
+    )
+    assert report["completed"] and [row["step"] for row in rows] == [0, 1, 2, 3]
+    assert all(row["rollout/staleness_max"] <= 1 for row in rows)
+    assert any(row["agent/turns_mean"] > 1 and row["agent/observation_token_share"] > 0 for row in rows)
+    segments = report["segments"]
+    assert len(segments) >= 2, segments
+    assert all(entry["tokens"] > 0 and entry["max_diff"] <= SEGMENT_TOLERANCE for entry in segments.values()), segments
