@@ -150,8 +150,8 @@ def _reward_problems(config: Config) -> list[str]:
 
 def _agent_problems(config: Config) -> list[str]:
     """The environment loads (its file imports, the class has ``reset`` and ``step``) and takes its
-    keyword arguments, or the agent program imports and takes ``(base_url, row)`` and runs with
-    ``rollout.mode: sync``; the tool-call parser exists."""
+    keyword arguments, or the agent program imports and takes ``(base_url, row)``; the tool-call
+    parser exists."""
     agent = config.agent
     if not agent.enabled:
         return []
@@ -170,11 +170,6 @@ def _agent_problems(config: Config) -> list[str]:
             check_env_kwargs(load_environment_class(agent.environment), agent.environment_kwargs(), f"agent.environment = {agent.environment!r}")
     except EnvironmentLoadError as error:
         problems.append(str(error))
-    if config.rollout.mode != "sync" and agent.openai_agent is not None:
-        problems.append(
-            f"agent.openai_agent runs its episodes with rollout.mode sync; rollout.mode = {config.rollout.mode!r} runs "
-            f"agent.environment episodes but not agent programs yet: set rollout.mode=sync"
-        )
     return problems
 
 

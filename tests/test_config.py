@@ -804,7 +804,7 @@ def test_an_episode_has_an_environment_or_an_agent_program_never_both():
     assert load_config(None, ["agent.openai_agent=agent.py:play"]).agent.enabled
 
 
-def test_the_preflight_imports_the_agent_program_and_wants_sync_rollouts(tmp_path):
+def test_the_preflight_imports_the_agent_program(tmp_path):
     program = tmp_path / "agent.py"
     program.write_text("def play(base_url):\n    return 1.0\n")
     moe = REPO / "configs" / "moe_grpo.yaml"
@@ -813,8 +813,7 @@ def test_the_preflight_imports_the_agent_program_and_wants_sync_rollouts(tmp_pat
     assert problems == [
         f"agent.openai_agent = '{program}:play': play(base_url) cannot be called as play(base_url, row) (too many positional arguments): "
         "an agent program is def play(base_url: str, row: dict) -> float | None",
-        "agent.openai_agent runs its episodes with rollout.mode sync; rollout.mode = 'async' runs agent.environment episodes "
-        "but not agent programs yet: set rollout.mode=sync",
     ]
     program.write_text("def play(base_url, row):\n    return 1.0\n")
-    assert check_run(load_config(moe, [run_dir, f"agent.openai_agent={program}:play"]), 2) == []
+    for mode in (["rollout.mode=sync"], ["rollout.mode=async", "rollout.colocate=false"]):
+        assert check_run(load_config(moe, [run_dir, f"agent.openai_agent={program}:play", *mode]), 2) == []

@@ -208,6 +208,7 @@ def test_an_agent_program_over_the_openai_api_plays_the_episodes_of_training_and
     assert sum(row["agent/env_failures"] for row in rows) > 0 and all(row["agent/env_timeouts"] == 0 for row in rows)
     assert "val/accuracy" in rows[-1]
 
+
 RESUMED_METRICS = ("policy/loss", "policy/grad_norm", "policy/approx_kl", "policy/lr", "reward/mean", "mismatch/logprob_diff_abs_mean")
 
 

@@ -233,6 +233,9 @@ class ProgramPool:
         """Killed worker processes not yet reaped."""
         self._finalizer = weakref.finalize(self, _shut_down, self._workers, self._retired, (lifeline, self._lifeline_worker_end))
         self._task_ids = itertools.count()
+        self._playing = threading.Lock()
+        """One :meth:`play` at a time (the workers' pipes and task tables are shared): an async
+        run's rounds and a validation pass take turns."""
         self.replaced = 0
         """Workers killed and replaced so far (died, or ran a program that timed out)."""
         try:
@@ -268,7 +271,7 @@ class ProgramPool:
 
     def play(self, episodes: Sequence[ProgramEpisode], *, on_timeout: Callable[[str], Any] = lambda episode_id: None) -> list[ProgramOutcome]:
         """Play every episode at once (spread evenly over the workers) and wait until each has
-        ended or ``episode_timeout_s`` has passed.
+        ended or ``episode_timeout_s`` has passed. Calls from several threads take turns.
 
         Args:
             on_timeout: called with the id of each episode that times out, as it does.
@@ -279,6 +282,10 @@ class ProgramPool:
         Raises:
             EnvironmentLoadError: a replaced worker could not import the program again.
         """
+        with self._playing:
+            return self._play(episodes, on_timeout)
+
+    def _play(self, episodes: Sequence[ProgramEpisode], on_timeout: Callable[[str], Any]) -> list[ProgramOutcome]:
         if not self._finalizer.alive:
             raise RuntimeError(f"the agent program pool of {self.spec!r} is closed")
         outcomes: list[ProgramOutcome | None] = [None] * len(episodes)

@@ -36,7 +36,7 @@ from megarl.rollout.buffer import BufferClosed, BufferedGroup, RolloutBuffer
 from megarl.rollout.errors import EngineRequestError
 from megarl.rollout.sampling import Sample, SamplingParams
 from megarl.trainer.batch import ScoredSample
-from megarl.agents.play import submit_play
+from megarl.agents.play import play_programs, submit_play
 from megarl.trainer.rollout import RoundMetric, add_round_metrics, episode_context, round_sampling, sampling_seed, score_samples, score_trajectories
 from megarl.trainer.staleness import oldest_version
 
@@ -97,8 +97,12 @@ class AsyncRollout:
         self.group_size = config.n_samples_per_prompt
         self.partial_rollout = config.partial_rollout
         self.resend_partial = config.partial_rollout and config.pause_mode == "abort"
-        self.episodes = run.config.agent.environment is not None
-        """Rounds are multi-turn episodes in ``agent.environment`` (their turns resume themselves after a pause)."""
+        self.episodes = run.config.agent.enabled
+        """Rounds are multi-turn episodes (``agent.environment`` or ``agent.openai_agent``); their
+        turns resume themselves after a pause."""
+        self._program_rounds = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="megarl-agent-programs") if run.config.agent.openai_agent else None
+        """``agent.openai_agent``: plays the rounds' episodes, one round after another (the program
+        workers play one round at a time)."""
         self.pauses = 0
         """Twice the pauses begun (odd while the engines are paused): a sample aborted by megarl's
         own pause is sent again, any other abort is an error."""
@@ -138,6 +142,8 @@ class AsyncRollout:
         abandoned); then shut the engines down and :meth:`join`."""
         self.buffer.close()
         self._scoring.shutdown(wait=False, cancel_futures=True)
+        if self._program_rounds is not None:
+            self._program_rounds.shutdown(wait=False, cancel_futures=True)
         with self._lock:
             self._lock.notify_all()
 
@@ -178,7 +184,11 @@ class AsyncRollout:
                 prompts = [self.run.train_set.prompts[position] for position in positions]
                 sampling = round_sampling(self.run, sampling_seed(self.run.config.rollout.seed, round_index, 0))
                 sent = time.perf_counter()
-                if self.episodes:
+                if self._program_rounds is not None:
+                    future = self._program_rounds.submit(
+                        play_programs, self.run.endpoint, self.run.programs, prompts, sampling, samples_per_prompt=sampling.n, label=f"round {round_index}"
+                    )
+                elif self.episodes:
                     # Multi-turn episodes: a turn a pause aborts resumes on its own (megarl.rollout.turns).
                     context = episode_context(self.run, sampling)
                     future = submit_play(context, self.run.engines, prompts, samples_per_prompt=sampling.n, label=f"round {round_index}")

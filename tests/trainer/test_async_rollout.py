@@ -277,16 +277,26 @@ def test_async_run_partial_rollouts_staleness_a_killed_engine_and_a_resume_that_
     assert counts == Counter(tuple(prompt) for prompt in second["prompts"]["ids"]), counts
 
 
+WORKERS = Path(__file__).resolve().parents[1] / "workers"
+
+
 @pytest.mark.multirank
-def test_async_multi_turn_episodes_resume_their_turns_across_weight_updates(tmp_path):
+@pytest.mark.parametrize(
+    "player",
+    [
+        [f"agent.environment={WORKERS / 'agent_env.py'}:ToolThenAnswer"],
+        [f"agent.openai_agent={WORKERS / 'agent_program.py'}:lookup_agent", "agent.tool_parser=compact", "data.apply_chat_template=false"],
+    ],
+    ids=["environment", "openai_agent"],
+)
+def test_async_multi_turn_episodes_resume_their_turns_across_weight_updates(tmp_path, player):
     # A slow engine (0.1 s a token): the episodes of a round span the weight updates of several
     # steps, so turns are aborted by the pause and sent again under the new weights. Each turn's
     # part is checked against the trainer's log-probs under the weights of its version.
-    environment = Path(__file__).resolve().parents[1] / "workers" / "agent_env.py"
     report, rows = launch(
         tmp_path, "agent", tmp_path / "run",
         [
-            "train.steps=4", "rollout.hf_step_delay_s=0.1", f"agent.environment={environment}:ToolThenAnswer", "agent.max_turns=2",
+            "train.steps=4", "rollout.hf_step_delay_s=0.1", *player, "agent.max_turns=2",
             "agent.max_tokens_per_turn=4", "data.max_response_length=16", "data.train_files=[bundled:lookup/train.jsonl]",
         ],
         ["--check-segments"],
