@@ -148,3 +148,12 @@ def test_the_architecture_document_names_every_module():
         and path.name not in document and str(path.relative_to(path.parents[1])) not in document
     )
     assert unnamed == [], f"modules docs/architecture.md does not name: {unnamed}"
+
+
+def test_test_files_have_distinct_names():
+    # The test folders are not packages: pytest imports each test file by its file name, so two
+    # with one name (tests/agents/test_toy.py and tests/rewards/test_toy.py) fail collection.
+    by_name: dict[str, list[str]] = {}
+    for path in sorted((REPO / "tests").rglob("test_*.py")):
+        by_name.setdefault(path.name, []).append(str(path.relative_to(REPO)))
+    assert {name: paths for name, paths in by_name.items() if len(paths) > 1} == {}
