@@ -32,8 +32,6 @@ import math
 import multiprocessing
 import multiprocessing.connection
 import numbers
-import os
-import signal
 import threading
 import time
 import traceback
@@ -43,19 +41,8 @@ from pathlib import Path
 from typing import Any
 
 from megarl.agents.environment import EnvironmentLoadError
-from megarl.agents.worker_process import die_with_pool
+from megarl.agents.processes import EXIT_CODE_WAIT_S, START_TIMEOUT_S, become_worker, kill_group, shut_down
 from megarl.rewards.functions import import_user_file
-
-START_TIMEOUT_S = 60.0
-"""How long a worker may take to start and import the program's file (which may import heavy
-libraries)."""
-
-_JOIN_TIMEOUT_S = 5.0
-"""How long closing waits for a killed worker to be reaped."""
-
-_EXIT_CODE_WAIT_S = 1.0
-"""How long a dead worker's exit code is awaited, for the failure message."""
-
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class ProgramEpisode:
@@ -132,9 +119,7 @@ def _serve(spec: str, tasks, results, lifeline) -> None:
     """A worker's main: import the program, answer ``("ready", None, None)`` (or ``("error",
     None, message)``), then play each task ``(task_id, base_url, row)`` on a thread of its own,
     answering ``("ok", task_id, reward)`` or ``("error", task_id, message)``."""
-    os.setsid()  # its own process group: killing the group takes whatever the program started
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    threading.Thread(target=die_with_pool, args=(lifeline,), name="pool-lifeline", daemon=True).start()
+    become_worker(lifeline)
     try:
         function = load_agent_program(spec)
     except EnvironmentLoadError as error:
@@ -191,22 +176,9 @@ class _Worker:
     def kill(self) -> None:
         """SIGKILL its process group (itself and what its programs started), else the process
         alone if it has not made its own group yet; never waits."""
-        try:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        self.process.kill()
+        kill_group(self.process)
         self.tasks.close()
         self.results.close()
-
-
-def _shut_down(workers: list[_Worker], retired: list, lifeline_ends: tuple) -> None:
-    for end in lifeline_ends:
-        end.close()  # the workers' lifeline threads read EOF: each kills its group
-    for worker in workers:
-        worker.kill()
-    for process in [worker.process for worker in workers] + retired:
-        process.join(timeout=_JOIN_TIMEOUT_S)
 
 
 class ProgramPool:
@@ -231,7 +203,7 @@ class ProgramPool:
         self._workers: list[_Worker] = []
         self._retired: list = []
         """Killed worker processes not yet reaped."""
-        self._finalizer = weakref.finalize(self, _shut_down, self._workers, self._retired, (lifeline, self._lifeline_worker_end))
+        self._finalizer = weakref.finalize(self, shut_down, self._workers, self._retired, (lifeline, self._lifeline_worker_end))
         self._task_ids = itertools.count()
         self._playing = threading.Lock()
         """One :meth:`play` at a time (the workers' pipes and task tables are shared): an async
@@ -258,7 +230,7 @@ class ProgramPool:
             try:
                 status, _, message = worker.results.recv()
             except EOFError:
-                worker.process.join(timeout=_EXIT_CODE_WAIT_S)
+                worker.process.join(timeout=EXIT_CODE_WAIT_S)
                 raise EnvironmentLoadError(f"{where}: an agent program worker exited while importing it (exit code {worker.process.exitcode})") from None
             if status == "error":
                 raise EnvironmentLoadError(message)
@@ -338,7 +310,7 @@ class ProgramPool:
             lost = True  # its end of the pipe is closed: the process is gone, or going
         if not lost and worker.process.is_alive():
             return
-        worker.process.join(timeout=_EXIT_CODE_WAIT_S)
+        worker.process.join(timeout=EXIT_CODE_WAIT_S)
         for position in worker.running.values():
             outcomes[position] = ProgramOutcome(failure="died", message=f"its worker process died (exit code {worker.process.exitcode}); the worker was replaced")
         self._replace(slot)

@@ -19,12 +19,10 @@ its process group when the pool's lifeline pipe closes (the pool closed, or its 
 from __future__ import annotations
 
 import importlib
-import os
-import signal
-import threading
 import traceback
 from typing import Any
 
+from megarl.agents.processes import become_worker
 from megarl.agents.environment import (
     EnvironmentLoadError,
     EnvironmentResultError,
@@ -41,9 +39,7 @@ from megarl.agents.environment import (
 def serve(spec: str, registering_module: str | None, env_kwargs: dict, requests, lifeline) -> None:
     """A worker's main: load the environment class, answer ``("ok", (class name, tool schemas))``
     or ``("error", message)``, then serve requests until the pool closes the pipe."""
-    os.setsid()  # its own process group: killing the group takes whatever the environment started
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    threading.Thread(target=die_with_pool, args=(lifeline,), name="pool-lifeline", daemon=True).start()
+    become_worker(lifeline)
     where = f"agent.environment = {spec!r}"
     try:
         if registering_module is not None:
@@ -67,16 +63,6 @@ def serve(spec: str, registering_module: str | None, env_kwargs: dict, requests,
         reply = host.handle(request)
         if reply is not None:
             requests.send(reply)
-
-
-def die_with_pool(lifeline) -> None:
-    """Block until the pool's end of ``lifeline`` closes (the pool closed, or its process is
-    gone), then kill this worker's process group."""
-    try:
-        lifeline.recv()
-    except (EOFError, OSError):
-        pass
-    os.killpg(os.getpid(), signal.SIGKILL)
 
 
 class _UserCodeError(Exception):

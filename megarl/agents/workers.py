@@ -33,29 +33,19 @@ import copy
 import dataclasses
 import multiprocessing
 import multiprocessing.connection
-import os
 import pickle
-import signal
 import time
 import weakref
 from typing import Any
 
 from megarl.agents.environment import ENVIRONMENTS, EnvironmentLoadError, Messages, StepResult
+from megarl.agents.processes import EXIT_CODE_WAIT_S, START_TIMEOUT_S, kill_group, shut_down
 from megarl.agents.worker_process import serve
 
 KINDS = ("error", "timeout", "died", "replay")
 """How an episode can fail: its environment raised or returned something invalid; a call took
 longer than ``step_timeout_s``; its worker process died; rebuilding it on a replacement failed."""
 
-START_TIMEOUT_S = 60.0
-"""How long a worker may take to start and load the environment: the environment's file may
-import heavy libraries (torch alone takes seconds on a loaded machine)."""
-
-_JOIN_TIMEOUT_S = 5.0
-"""How long closing waits for a killed worker to be reaped."""
-
-_EXIT_CODE_WAIT_S = 1.0
-"""How long a dead worker's exit code is awaited, for the failure message, after its pipe closed."""
 _EXIT_CODE_POLL_S = 0.002
 
 
@@ -94,11 +84,7 @@ class _Worker:
     def kill(self) -> None:
         """SIGKILL its process group (itself and what it started), else the process alone if it
         has not yet made its own group; never waits."""
-        try:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        self.process.kill()
+        kill_group(self.process)
         self.connection.close()
 
 
@@ -114,15 +100,6 @@ class _Episode:
     """Whether its reset has been answered: only started episodes need rebuilding."""
     stale: bool = False
     """Its worker was replaced since it was started: replay it before its next call."""
-
-
-def _shut_down(workers: list[_Worker], retired: list, lifeline_ends: tuple) -> None:
-    for end in lifeline_ends:
-        end.close()  # the workers' lifeline threads read EOF: each kills its group
-    for worker in workers:
-        worker.kill()
-    for process in [worker.process for worker in workers] + retired:
-        process.join(timeout=_JOIN_TIMEOUT_S)
 
 
 class EnvironmentPool:
@@ -158,7 +135,7 @@ class EnvironmentPool:
         self._workers: list[_Worker] = []
         self._retired: list = []
         """Killed worker processes not yet reaped."""
-        self._finalizer = weakref.finalize(self, _shut_down, self._workers, self._retired, (lifeline, self._lifeline_worker_end))
+        self._finalizer = weakref.finalize(self, shut_down, self._workers, self._retired, (lifeline, self._lifeline_worker_end))
         self._episodes: dict[str, _Episode] = {}
         self._load = [0] * num_workers
         """Open episodes per worker."""
@@ -191,7 +168,7 @@ class EnvironmentPool:
                 try:
                     status, value = connection.recv()
                 except EOFError:
-                    worker.process.join(timeout=_EXIT_CODE_WAIT_S)
+                    worker.process.join(timeout=EXIT_CODE_WAIT_S)
                     raise EnvironmentLoadError(f"{where}: an environment worker exited while loading it (exit code {worker.process.exitcode})") from None
                 if status == "error":
                     raise EnvironmentLoadError(value)
@@ -413,7 +390,7 @@ class EnvironmentPool:
 async def _exit_code(process) -> str:
     """``exit code N`` of a process whose pipe closed, awaited briefly: its exit is noticed before
     it can be reaped."""
-    deadline = time.monotonic() + _EXIT_CODE_WAIT_S
+    deadline = time.monotonic() + EXIT_CODE_WAIT_S
     while process.exitcode is None and time.monotonic() < deadline:
         await asyncio.sleep(_EXIT_CODE_POLL_S)
     return f"exit code {process.exitcode}" if process.exitcode is not None else "exit code not known yet"
