@@ -42,7 +42,7 @@ from typing import Any
 
 from megarl.agents.environment import EnvironmentLoadError
 from megarl.agents.processes import EXIT_CODE_WAIT_S, START_TIMEOUT_S, become_worker, kill_group, shut_down
-from megarl.rewards.functions import import_user_file
+from megarl.rewards.functions import import_user_file, named_function
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class ProgramEpisode:
@@ -80,12 +80,7 @@ def load_agent_program(spec: str) -> Callable[[str, dict], Any]:
         raise EnvironmentLoadError(f"{where} is not path/to/agent.py:function (the file, a colon, the function's name)")
     path = Path(path_text)
     module = import_user_file(path, f"megarl_user_agent_{path.stem}", where, EnvironmentLoadError)
-    function = getattr(module, name, None)
-    if function is None:
-        defined = sorted(key for key, value in vars(module).items() if inspect.isfunction(value) and value.__module__ == module.__name__)
-        raise EnvironmentLoadError(f"{where}: {path} has no function named {name!r} (it defines {defined or 'none'})")
-    if not callable(function):
-        raise EnvironmentLoadError(f"{where}: {path}: {name!r} is a {type(function).__name__}, not a function")
+    function = named_function(module, name, path, where, EnvironmentLoadError)
     try:
         signature = inspect.signature(function)
     except (TypeError, ValueError):

@@ -107,12 +107,22 @@ def load_function(spec: str) -> RewardFunction:
         raise RewardFunctionError(f"{where} must look like path/to/file.py:function_name")
     path = Path(path_text)
     module = import_user_file(path, f"megarl_user_reward_{path.stem}", where, RewardFunctionError)
+    return named_function(module, name, path, where, RewardFunctionError)
+
+
+def named_function(module: types.ModuleType, name: str, path: Path, where: str, error: type[Exception]) -> Callable:
+    """The function ``name`` of the user's file ``path``, imported as ``module`` (:func:`import_user_file`).
+
+    Raises:
+        ``error``: its message starts with ``where`` and says that the file defines no such name
+            (listing the callables it defines) or that the name is not callable.
+    """
     function = getattr(module, name, None)
     if function is None:
         defined = sorted(key for key, value in vars(module).items() if callable(value) and getattr(value, "__module__", None) == module.__name__)
-        raise RewardFunctionError(f"{where}: {path} has no function named {name!r} (it defines {defined or 'none'})")
+        raise error(f"{where}: {path} has no function named {name!r} (it defines {defined or 'none'})")
     if not callable(function):
-        raise RewardFunctionError(f"{where}: {path}: {name!r} is a {type(function).__name__}, not a function")
+        raise error(f"{where}: {path}: {name!r} is a {type(function).__name__}, not a function")
     return function
 
 
