@@ -248,15 +248,10 @@ class Run:
         with contextlib.suppress(Exception):
             if self.rollout is not None:
                 self.rollout.join()
-        with contextlib.suppress(Exception):
-            if self.environments is not None:
-                self.environments.close()
-        with contextlib.suppress(Exception):
-            if self.programs is not None:
-                self.programs.close()
-        with contextlib.suppress(Exception):
-            if self.endpoint is not None:
-                self.endpoint.close()
+        for agent_part in (self.environments, self.programs, self.endpoint):
+            with contextlib.suppress(Exception):
+                if agent_part is not None:
+                    agent_part.close()
         with contextlib.suppress(Exception):
             if self.scorer is not None and hasattr(self.scorer, "close"):
                 self.scorer.close()
