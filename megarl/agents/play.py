@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from megarl.agents.episode import EpisodeContext, Trajectory, run_episode
@@ -31,6 +31,15 @@ def environment_row(prompt: Prompt) -> dict[str, Any]:
     """What an environment's ``reset`` gets for a prompt: the row's other fields, the prompt as
     the model reads it (``prompt``) and the reference answer (``answer``)."""
     return {**prompt.metadata, "prompt": prompt.text, "answer": prompt.answer}
+
+
+def round_episodes(prompts: Sequence[Prompt], samples_per_prompt: int, label: str, seed: int | None) -> Iterator[tuple[Prompt, str, int, int | None]]:
+    """``(prompt, episode_id, route, seed)`` of every episode of a round, prompt-major: episode
+    ``(i, j)`` is ``{label}/{i}/{j}``, runs on engine ``i % n`` and draws with
+    ``sample_seed(seed, i, j)`` (None: unseeded), whoever plays it."""
+    for index, prompt in enumerate(prompts):
+        for sample in range(samples_per_prompt):
+            yield prompt, f"{label}/{index}/{sample}", index, None if seed is None else sample_seed(seed, index, sample)
 
 
 def play(context: EpisodeContext, engines, prompts: Sequence[Prompt], *, samples_per_prompt: int, label: str) -> list[Trajectory]:
@@ -49,16 +58,10 @@ def play(context: EpisodeContext, engines, prompts: Sequence[Prompt], *, samples
 def submit_play(context: EpisodeContext, engines, prompts: Sequence[Prompt], *, samples_per_prompt: int, label: str) -> concurrent.futures.Future:
     """:func:`play` without waiting: the future holds the trajectories (``rollout.mode: async``
     keeps rounds in flight while the trainer trains)."""
-    seed = context.sampling.seed
-
     async def all_episodes() -> list[Trajectory]:
         return await asyncio.gather(*(
-            run_episode(
-                context, environment_row(prompt), prompt.prompt_ids, episode_id=f"{label}/{index}/{sample}", route=index,
-                seed=None if seed is None else sample_seed(seed, index, sample),
-            )
-            for index, prompt in enumerate(prompts)
-            for sample in range(samples_per_prompt)
+            run_episode(context, environment_row(prompt), prompt.prompt_ids, episode_id=episode_id, route=route, seed=seed)
+            for prompt, episode_id, route, seed in round_episodes(prompts, samples_per_prompt, label, context.sampling.seed)
         ))
 
     return engines.run(all_episodes())
@@ -81,13 +84,10 @@ def play_programs(endpoint: ChatEndpoint, programs: ProgramPool, prompts: Sequen
         EngineError: an engine failed for good during the round (the endpoint answered the
             program's call with an error and kept it), as :func:`play` raises it.
     """
-    seed = sampling.seed
-    episodes = []
-    for index, prompt in enumerate(prompts):
-        for sample in range(samples_per_prompt):
-            episode_id = f"{label}/{index}/{sample}"
-            base_url = endpoint.open_episode(episode_id, route=index, seed=None if seed is None else sample_seed(seed, index, sample), sampling=sampling)
-            episodes.append(ProgramEpisode(episode_id, base_url, environment_row(prompt)))
+    episodes = [
+        ProgramEpisode(episode_id, endpoint.open_episode(episode_id, route=route, seed=seed, sampling=sampling), environment_row(prompt))
+        for prompt, episode_id, route, seed in round_episodes(prompts, samples_per_prompt, label, sampling.seed)
+    ]
     recorded: dict[str, Trajectory | None] = {}
 
     def close(episode_id: str) -> None:
