@@ -124,6 +124,9 @@ INVALID = [
     (["algorithm.overlong_penalty=true", "algorithm.overlong_buffer_length=9"], 1, "dense", [
         "`algorithm.overlong_buffer_length` (9) must be <= `data.max_response_length` (8)",
     ]),
+    (["algorithm.routing_replay=r3"], 1, "dense", [
+        "`algorithm.routing_replay` (r3) replays MoE routing, but the model is dense: set algorithm.routing_replay=none",
+    ]),
     (["rollout.engine_tensor_parallel=3"], 1, "dense", ["`rollout.engine_tensor_parallel` (3) must divide the model's attention heads (4)"]),
     (["train.global_batch_size=64", "train.mini_batch_size=32"], 1, "dense", [
         "`train.global_batch_size` (64) must be >= `rollout.batch_size` (16) x `rollout.n_samples_per_prompt` (8) = 128",
@@ -192,6 +195,7 @@ def test_world_size_must_be_positive(facts):
         ([], 1, "dense"),
         ([], 1, "moe"),
         (["parallel.expert=2"], 2, "moe"),
+        (["parallel.expert=2", "algorithm.routing_replay=r3"], 2, "moe"),
         (["parallel.expert=8", "train.micro_batch_size=1"], 8, "moe"),
         (["parallel.tensor=2", "parallel.sequence_parallel=true"], 2, "moe"),
         (["parallel.tensor=2", "parallel.sequence_parallel=true", "parallel.expert=2", "parallel.expert_tensor=1"], 2, "moe"),

@@ -124,6 +124,13 @@ class AlgorithmConfig(Section):
     dropped (verl: algorithm.filter_groups.max_num_gen_batches, which stops the run instead)."""
     filter_overlong: bool = False
     """Mask out of the loss the responses cut at the length limit (DAPO overlong filtering)."""
+    routing_replay: Literal["none", "r2", "r3"] = "none"
+    """MoE routing replay (verl: actor.router_replay.mode; slime: --use-rollout-routing-replay).
+    ``r3``: the engines return the experts they routed every token to, and the trainer's
+    old-log-prob, reference and update passes route the same way (megatron-core's
+    ``RouterReplay``), removing the routing part of the train/rollout mismatch. ``r2``: the update
+    replays the routing of the trainer's own old-log-prob pass. ``none``: each pass routes anew.
+    Needs an MoE model."""
 
     def _rule_problems(self) -> Iterator[tuple[str, str]]:
         if self.clip_ratio_c is not None and self.policy_loss == "cispo":

@@ -41,6 +41,11 @@ def _sequence_errors(config: Config, model_facts: ModelFacts) -> list[str]:
             f"`train.max_tokens_per_micro_batch` ({config.train.max_tokens_per_micro_batch}) must hold one full sequence, "
             f"{lengths}: set it to at least {sequence}"
         )
+    if config.algorithm.routing_replay != "none" and model_facts.num_experts == 0:
+        errors.append(
+            f"`algorithm.routing_replay` ({config.algorithm.routing_replay}) replays MoE routing, but the model is dense: "
+            "set algorithm.routing_replay=none"
+        )
     out_of_vocab = [token for token in config.rollout.stop_token_ids if token >= model_facts.vocab_size]
     if out_of_vocab:
         errors.append(f"`rollout.stop_token_ids` {out_of_vocab} are outside the model's vocabulary (size {model_facts.vocab_size}): remove them")
