@@ -36,6 +36,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Protocol, Sequence
 
+import numpy as np
+
 from megarl.agents.rendering import observation_ids, prompt_ids
 from megarl.agents.workers import EpisodeFailure
 from megarl.rollout.sampling import Sample, SamplingParams, WeightSegment, resume_seed
@@ -73,6 +75,11 @@ class Trajectory:
     """Per response token: the engine's log-prob of a model token; 0.0 on observation tokens."""
     weight_segments: list[WeightSegment] = dataclasses.field(default_factory=list)
     """Which weights sampled which model tokens (offsets into ``response_ids``), oldest first."""
+    routed_experts: np.ndarray | None = None
+    """The last model turn's routed experts (``Sample.routed_experts``; routing replay R3): that
+    turn's input was the whole trajectory so far, tool outputs included (they were prefilled), so
+    its array covers every token up to the turn's last generated one; tokens after it (an
+    observation, an end-of-turn token) have none. None: not asked for."""
     turns: int = 0
     """Model turns taken."""
     final_text: str = ""
@@ -101,6 +108,7 @@ class Trajectory:
         self.loss_mask += [True] * len(sample.response_ids)
         self.logprobs += sample.logprobs
         self.weight_segments += [WeightSegment(segment.version, segment.start + offset, segment.end + offset) for segment in sample.weight_segments]
+        self.routed_experts = sample.routed_experts
         self.turns += 1
 
     def add_observation(self, ids: Sequence[int]) -> None:

@@ -29,7 +29,7 @@ from typing import Any, Literal
 import torch
 
 from megarl.rollout import protocol
-from megarl.rollout.errors import EngineDead, EngineError, EngineRequestError, EngineStartError, EngineTimeout
+from megarl.rollout.errors import EngineDead, EngineError, EngineMisconfigured, EngineRequestError, EngineStartError, EngineTimeout
 from megarl.rollout.http_client import EngineClient
 
 _POLL_S = 0.1
@@ -87,6 +87,9 @@ class LaunchOptions:
     """Seconds each ``hf`` engine waits after every decoding step (a GPU engine's latency, modelled)."""
     dtype: str = "auto"
     """Model dtype: ``auto`` (the checkpoint's), ``bfloat16``, ``float32`` ..."""
+    return_routed_experts: bool = False
+    """``--enable-return-routed-experts`` (SGLang's flag, and the ``hf`` server's of the same name):
+    the server captures the experts its router chooses and answers ``return_routed_experts``."""
     extra_args: tuple[str, ...] = ()
     """More command-line arguments for every server."""
     startup_timeout_s: float = 600.0
@@ -192,7 +195,37 @@ class Engine:
                 command.append("--enable-memory-saver")
             if options.deterministic:
                 command.append("--enable-deterministic-inference")
+        if options.return_routed_experts:
+            command.append("--enable-return-routed-experts")
         return command + list(options.extra_args)
+
+    def require_routed_experts(self, timeout: float) -> None:
+        """Check, through ``/server_info`` (SGLang before it: ``/get_server_info``), that the engine
+        returns routed experts.
+
+        Raises:
+            EngineMisconfigured: it does not (or does not say), with the fix.
+        """
+        fix = "restart it with --enable-return-routed-experts, or set algorithm.routing_replay to r2 or none"
+        try:
+            info = self.call("GET", protocol.SERVER_INFO, timeout=timeout)
+        except EngineRequestError as error:
+            if error.status != 404:
+                raise
+            try:
+                info = self.call("GET", protocol.SERVER_INFO_DEPRECATED, timeout=timeout)
+            except EngineRequestError as old_error:
+                if old_error.status != 404:
+                    raise
+                raise EngineMisconfigured(
+                    self.label, f"serves neither {protocol.SERVER_INFO} nor {protocol.SERVER_INFO_DEPRECATED}, so it cannot tell whether it "
+                    f"returns routed experts, which algorithm.routing_replay=r3 needs: {fix}"
+                ) from None
+        if not protocol.returns_routed_experts(info):
+            raise EngineMisconfigured(
+                self.label, f"does not return routed experts ({protocol.SERVER_INFO} reports {protocol.RETURNS_ROUTED_EXPERTS}="
+                f"{info.get(protocol.RETURNS_ROUTED_EXPERTS) if isinstance(info, dict) else None}), which algorithm.routing_replay=r3 needs: {fix}"
+            )
 
     def start(self) -> None:
         """Launch the server and wait until it is healthy.

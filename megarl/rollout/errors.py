@@ -24,7 +24,20 @@ class EngineDead(EngineError):
 
 
 class EngineRequestError(EngineError):
-    """The engine answered with an error (bad request, failed weight update, aborted generation)."""
+    """The engine answered with an error (bad request, failed weight update, aborted generation).
+
+    Attributes:
+        status: the HTTP status of the answer, None when the error is in an answer of status 200.
+    """
+
+    def __init__(self, engine: str, message: str, status: int | None = None):
+        super().__init__(engine, message)
+        self.status = status
+
+
+class EngineMisconfigured(EngineError):
+    """The engine runs without a setting the run needs (it does not return routed experts while
+    ``algorithm.routing_replay`` is ``r3``): bad input, refused at start."""
 
 
 class EngineStartError(EngineError):

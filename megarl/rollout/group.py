@@ -55,6 +55,7 @@ from megarl.rollout import protocol
 from megarl.rollout.engine import Engine, LaunchOptions, resolve_engine
 from megarl.rollout.errors import EngineError, EngineRequestError
 from megarl.rollout.http_client import EngineClient
+from megarl.rollout.routed_experts import RoutingShape
 from megarl.rollout.sampling import Sample, SamplingParams, resume_seed, sample_seed
 from megarl.rollout.snapshot import WeightSnapshot
 from megarl.rollout.supervision import EngineSupervisor
@@ -63,7 +64,7 @@ from megarl.rollout.turns import TurnBatcher
 from megarl.rollout.weight_updates import WeightUpdater
 from megarl.weights.bucket import Bucket
 
-_GROUP_OPTIONS = ("weight_transport", "request_timeout_s", "health_check_interval_s", "health_timeout_s", "restart_budget", "snapshot_root")
+_GROUP_OPTIONS = ("weight_transport", "request_timeout_s", "health_check_interval_s", "health_timeout_s", "restart_budget", "snapshot_root", "return_routed_experts")
 """The keyword arguments of :class:`EngineGroup` itself (the rest of :meth:`EngineGroup.launch`'s are launch options)."""
 
 
@@ -81,6 +82,8 @@ class EngineGroup:
         health_timeout_s: limit of one health check.
         restart_budget: engine restarts allowed during the run.
         snapshot_root: where the latest weights are kept (default ``/dev/shm``, else the temp dir).
+        return_routed_experts: every generation returns its samples' routed experts
+            (``Sample.routed_experts``, routing replay R3); engines are checked to return them at start.
     """
 
     def __init__(
@@ -94,6 +97,7 @@ class EngineGroup:
         health_timeout_s: float = 20.0,
         restart_budget: int = 3,
         snapshot_root: Path | None = None,
+        return_routed_experts: bool = False,
     ):
         if weight_transport not in TRANSPORTS:
             raise ValueError(f"weight_transport {weight_transport!r} must be one of {TRANSPORTS}")
@@ -104,12 +108,15 @@ class EngineGroup:
         self.weight_transport = weight_transport
         """How the next :meth:`update_weights` sends buckets; may be changed between updates."""
         self.request_timeout_s = request_timeout_s
+        self.routing = RoutingShape.from_model_dir(model_path) if return_routed_experts else None
+        """The shape of the routed experts the engines return (from the model's config.json); None: not asked for."""
         self._snapshot = WeightSnapshot(snapshot_root, Path(model_path))
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=2 * len(engines) + 2, thread_name_prefix="megarl-rollout")
         self._updates = WeightUpdater(engines, self._snapshot, self._pool, request_timeout_s)
         self._supervisor = EngineSupervisor(
             engines, pool=self._pool, reload=self._updates.load_snapshot,
             health_check_interval_s=health_check_interval_s, health_timeout_s=health_timeout_s, restart_budget=restart_budget,
+            require_routed_experts=return_routed_experts, check_timeout_s=request_timeout_s,
         )
         self._released: set[str] = set()
         self._client = EngineClient(len(engines))
@@ -121,24 +128,10 @@ class EngineGroup:
 
     @classmethod
     def launch(
-        cls,
-        engine: str,
-        model_path: str | Path,
-        *,
-        num_engines: int = 1,
-        tensor_parallel: int = 1,
-        mem_fraction: float = 0.5,
-        colocate: bool = True,
-        deterministic: bool = False,
-        seed: int = 1,
-        first_gpu: int = 0,
-        hf_threads: int | None = None,
-        hf_step_delay_s: float = 0.0,
-        dtype: str = "auto",
-        extra_args: Sequence[str] = (),
-        startup_timeout_s: float = 600.0,
-        log_dir: Path | None = None,
-        **group_options,
+        cls, engine: str, model_path: str | Path, *, num_engines: int = 1, tensor_parallel: int = 1, mem_fraction: float = 0.5,
+        colocate: bool = True, deterministic: bool = False, seed: int = 1, first_gpu: int = 0, hf_threads: int | None = None,
+        hf_step_delay_s: float = 0.0, dtype: str = "auto", extra_args: Sequence[str] = (), startup_timeout_s: float = 600.0,
+        log_dir: Path | None = None, **group_options,
     ) -> EngineGroup:
         """Start ``num_engines`` servers on this machine and wait until all are healthy.
 
@@ -158,7 +151,7 @@ class EngineGroup:
             engine=kind, model_path=str(model_path), log_dir=Path(log_dir or tempfile.mkdtemp(prefix="megarl-engines-")),
             tensor_parallel=tensor_parallel, first_gpu=first_gpu, mem_fraction=mem_fraction, colocate=colocate,
             deterministic=deterministic, seed=seed, hf_threads=hf_threads, hf_step_delay_s=hf_step_delay_s, dtype=dtype, extra_args=tuple(extra_args),
-            startup_timeout_s=startup_timeout_s,
+            startup_timeout_s=startup_timeout_s, return_routed_experts=group_options.get("return_routed_experts", False),
         )
         engines = [Engine(f"{kind}-{index}", kind, tensor_parallel, launch=options, index=index) for index in range(num_engines)]
         group = cls(engines, model_path=model_path, **group_options)
@@ -183,7 +176,11 @@ class EngineGroup:
         kind = resolve_engine(engine)
         engines = [Engine(f"{kind}-{index}", kind, tensor_parallel, url=url.rstrip("/"), index=index) for index, url in enumerate(urls)]
         group = cls(engines, model_path=model_path, **group_options)
-        group._supervisor.start()
+        try:
+            group._supervisor.start()
+        except BaseException:
+            group.shutdown()
+            raise
         return group
 
     @classmethod
@@ -362,16 +359,18 @@ class EngineGroup:
             protocol.sampling_body(sampling if limit == sampling.max_new_tokens else dataclasses.replace(sampling, max_new_tokens=limit), seed)
             for _, _, _, limit, seed in requests
         ]
-        body = protocol.generate_body([input_ids for _, _, input_ids, _, _ in requests], params)
+        inputs = [input_ids for _, _, input_ids, _, _ in requests]
+        body = protocol.generate_body(inputs, params, return_routed_experts=self.routing is not None)
         answer = await self._supervisor.call_async(engine, "POST", protocol.GENERATE, body, timeout=self.request_timeout_s)
         try:
-            items = protocol.parse_generate_response(answer, len(requests), partial=partial)
+            items = protocol.parse_generate_response(answer, len(requests), partial=partial, routing=self.routing, input_lengths=[len(ids) for ids in inputs])
         except ValueError as error:
             raise EngineRequestError(engine.label, str(error)) from None
         return [
             Sample(
                 prompt_index=prompt_index, sample_index=sample_index, response_ids=item.output_ids, logprobs=item.logprobs,
                 finish_reason=item.finish_reason, weight_version=item.weight_version, weight_segments=item.weight_segments,
+                routed_experts=item.routed_experts,
             )
             for (prompt_index, sample_index, _, _, _), item in zip(requests, items)
         ]

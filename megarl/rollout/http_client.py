@@ -116,7 +116,7 @@ class EngineClient:
         except json.JSONDecodeError:
             answer = text
         if response.status_code >= 400:
-            raise EngineRequestError(engine, f"{method} {path} answered HTTP {response.status_code}: {_message(answer)}")
+            raise EngineRequestError(engine, f"{method} {path} answered HTTP {response.status_code}: {_message(answer)}", status=response.status_code)
         if isinstance(answer, dict) and answer.get("success") is False:
             raise EngineRequestError(engine, f"{method} {path} failed: {answer.get('message')}")
         return answer

@@ -19,6 +19,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal, Sequence
 
+import numpy as np
+
+from megarl.rollout import routed_experts
+from megarl.rollout.routed_experts import RoutingShape
 from megarl.rollout.sampling import SamplingParams, WeightSegment
 from megarl.weights.bucket import TensorMeta, dtype_name
 
@@ -41,6 +45,12 @@ PAUSE_GENERATION = "/pause_generation"
 CONTINUE_GENERATION = "/continue_generation"
 ABORT_REQUEST = "/abort_request"
 UPDATE_WEIGHT_VERSION = "/update_weight_version"
+SERVER_INFO = "/server_info"
+SERVER_INFO_DEPRECATED = "/get_server_info"
+"""SGLang's older name of :data:`SERVER_INFO` (still served, deprecated)."""
+RETURNS_ROUTED_EXPERTS = "enable_return_routed_experts"
+"""The ``/server_info`` field (SGLang's ``ServerArgs`` field, flag ``--enable-return-routed-experts``)
+saying the engine captures routed experts and answers ``return_routed_experts``."""
 
 FLATTENED_BUCKET = "flattened_bucket"
 """``load_format`` of a bucket sent whole: one flat uint8 tensor plus per-tensor metadata."""
@@ -70,7 +80,9 @@ def sampling_body(sampling: SamplingParams, seed: int | None) -> dict[str, Any]:
     return body
 
 
-def generate_body(input_ids: Sequence[Sequence[int]], sampling_params: Sequence[dict[str, Any]], rid: str | None = None) -> dict[str, Any]:
+def generate_body(
+    input_ids: Sequence[Sequence[int]], sampling_params: Sequence[dict[str, Any]], rid: str | None = None, *, return_routed_experts: bool = False
+) -> dict[str, Any]:
     """A batched ``/generate`` request: token ids in, token ids and output log-probs out.
 
     Args:
@@ -78,6 +90,8 @@ def generate_body(input_ids: Sequence[Sequence[int]], sampling_params: Sequence[
         sampling_params: one :func:`sampling_body` per item.
         rid: the request's id, which :func:`abort_body` names; item ``i`` is ``{rid}_{i}``.
             None: the engine picks one per item.
+        return_routed_experts: ask every item's routed experts (:mod:`megarl.rollout.routed_experts`),
+            from its first input token on (SGLang's ``routed_experts_start_len`` 0, its default).
     """
     body = {
         "input_ids": [list(ids) for ids in input_ids],
@@ -86,6 +100,8 @@ def generate_body(input_ids: Sequence[Sequence[int]], sampling_params: Sequence[
     }
     if rid is not None:
         body["rid"] = rid
+    if return_routed_experts:
+        body["return_routed_experts"] = True
     return body
 
 
@@ -100,9 +116,15 @@ class Generated:
     weight_segments: tuple[WeightSegment, ...]
     """``meta_info.weight_versions``; an engine that reports only ``weight_version`` gives one
     segment over every token; none when it reports no version."""
+    routed_experts: np.ndarray | None = None
+    """``[input tokens + len(output_ids) - 1, num_layers, topk]`` uint8 or int16 (``meta_info.routed_experts``,
+    :func:`megarl.rollout.routed_experts.decode`) when asked for; None when not asked for, or for an
+    item aborted before it generated a token."""
 
 
-def parse_generate_response(response: Any, expected_items: int, *, partial: bool = False) -> list[Generated]:
+def parse_generate_response(
+    response: Any, expected_items: int, *, partial: bool = False, routing: RoutingShape | None = None, input_lengths: Sequence[int] = ()
+) -> list[Generated]:
     """Read a batched ``/generate`` response.
 
     Args:
@@ -113,10 +135,14 @@ def parse_generate_response(response: Any, expected_items: int, *, partial: bool
         expected_items: how many items the request had.
         partial: keep an aborted item (``finish_reason`` type ``abort``: a pause or an abort
             stopped it) as a partial sample with its tokens so far, instead of raising.
+        routing: the model's routed-experts shape when the request asked ``return_routed_experts``:
+            every item must then carry ``meta_info.routed_experts`` with one row per input token
+            and per output token but the last.
+        input_lengths: with ``routing``, each item's input tokens.
 
     Raises:
-        ValueError: a malformed response, a count mismatch, or an aborted item (with its message)
-            unless ``partial``.
+        ValueError: a malformed response, a count mismatch, an aborted item (with its message)
+            unless ``partial``, or routed experts asked for and missing or of the wrong size.
     """
     if not isinstance(response, list) or len(response) != expected_items:
         count = len(response) if isinstance(response, list) else type(response).__name__
@@ -137,6 +163,7 @@ def parse_generate_response(response: Any, expected_items: int, *, partial: bool
             version = meta.get("weight_version")
             version = None if version is None else str(version)
             segments = _weight_segments(meta.get("weight_versions"), version, len(output_ids))
+            routes = None if routing is None else _routed_experts(meta, index, routing, input_lengths[index], len(output_ids))
         except (KeyError, TypeError) as missing:
             raise ValueError(f"/generate item {index} lacks {missing}: {str(item)[:300]}") from None
         items.append(
@@ -146,9 +173,33 @@ def parse_generate_response(response: Any, expected_items: int, *, partial: bool
                 finish_reason=kind,
                 weight_version=version,
                 weight_segments=segments,
+                routed_experts=routes,
             )
         )
     return items
+
+
+def _routed_experts(meta: dict, index: int, routing: RoutingShape, input_tokens: int, output_tokens: int) -> np.ndarray | None:
+    """An item's ``meta_info.routed_experts``, decoded and checked to cover its tokens."""
+    encoded = meta.get("routed_experts")
+    if encoded is None:
+        if output_tokens == 0 and meta["finish_reason"].get("type") == "abort":
+            return None  # aborted before it started: nothing ran through the model
+        raise ValueError(
+            f"/generate item {index} lacks meta_info.routed_experts although the request asked return_routed_experts: "
+            "the engine does not return routed experts (start it with --enable-return-routed-experts)"
+        )
+    try:
+        routes = routed_experts.decode(encoded, routing)
+    except ValueError as error:
+        raise ValueError(f"/generate item {index}: {error}") from None
+    rows = routed_experts.expected_rows(input_tokens, output_tokens)
+    if len(routes) != rows:
+        raise ValueError(
+            f"/generate item {index}: routed_experts has {len(routes)} rows for {input_tokens} input and {output_tokens} output "
+            f"tokens; expected {rows} (every input token and every output token but the last)"
+        )
+    return routes
 
 
 def _weight_segments(spans: Any, version: str | None, tokens: int) -> tuple[WeightSegment, ...]:
@@ -162,6 +213,11 @@ def _weight_segments(spans: Any, version: str | None, tokens: int) -> tuple[Weig
     ):
         raise ValueError(f"weight_versions {spans} do not cover the {tokens} output tokens in order")
     return segments
+
+
+def returns_routed_experts(server_info: Any) -> bool:
+    """Whether a ``/server_info`` answer says the engine returns routed experts."""
+    return isinstance(server_info, dict) and server_info.get(RETURNS_ROUTED_EXPERTS) is True
 
 
 def update_from_tensor_body(serialized_named_tensors: list[str], weight_version: str) -> dict[str, Any]:

@@ -31,6 +31,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+import numpy as np
+
 _MASK_64 = (1 << 64) - 1
 
 
@@ -118,10 +120,21 @@ class Sample:
     weight_segments: tuple[WeightSegment, ...]
     """Which weights generated which tokens, oldest first, covering ``response_ids`` without gaps;
     empty when the engine reports no version."""
+    routed_experts: np.ndarray | None = dataclasses.field(default=None, compare=False)
+    """``[N, num_layers, topk]`` uint8 or int16: the experts the engine's router chose for tokens
+    ``[0, N)`` of prompt + response, in every layer (:mod:`megarl.rollout.routed_experts`); for a
+    sample generated in one request ``N = len(prompt) + len(response_ids) - 1`` (the last token was
+    never fed through the model). None unless the engines were asked for them (routing replay R3).
+    Left out of ``==``: arrays do not compare to one truth value."""
 
     def continued_by(self, continuation: Sample) -> Sample:
         """This partial sample followed by the sample that resumed it (its tokens, log-probs and
-        segments shifted past this one's tokens; this one's segments keep their versions)."""
+        segments shifted past this one's tokens; this one's segments keep their versions).
+
+        The routed experts are the continuation's: it was generated from the prompt followed by
+        this sample's tokens, so the engine routed all of them again (under the weights it holds
+        now, the ones the continuation's tokens were sampled with) and its array covers the whole
+        sample; this one's would cover only its own part."""
         offset = len(self.response_ids)
         segments = [segment for segment in self.weight_segments if segment.end > segment.start]
         for segment in continuation.weight_segments:

@@ -48,6 +48,9 @@ class EngineSupervisor:
         health_check_interval_s: seconds between health checks.
         health_timeout_s: limit of one health check.
         restart_budget: engine restarts allowed during the run.
+        require_routed_experts: check that every engine returns routed experts once it is up
+            (:meth:`Engine.require_routed_experts`: one given by URL may run without the flag).
+        check_timeout_s: limit of that check.
     """
 
     def __init__(
@@ -59,6 +62,8 @@ class EngineSupervisor:
         health_check_interval_s: float,
         health_timeout_s: float,
         restart_budget: int,
+        require_routed_experts: bool = False,
+        check_timeout_s: float = 60.0,
     ):
         self.engines = engines
         self.health_check_interval_s = health_check_interval_s
@@ -71,6 +76,8 @@ class EngineSupervisor:
         """Set by :meth:`close`: nothing is restarted any more and every call raises."""
         self._pool = pool
         self._reload = reload
+        self._require_routed_experts = require_routed_experts
+        self._check_timeout_s = check_timeout_s
         self._restart_lock = threading.Lock()
         self._fatal: EngineError | None = None
         self._pauses = 0
@@ -79,14 +86,18 @@ class EngineSupervisor:
         self._monitor: threading.Thread | None = None
 
     def start(self) -> None:
-        """Launch every engine megarl manages, concurrently, wait until all are healthy, then start
-        the health monitor.
+        """Launch every engine megarl manages, concurrently, wait until all are healthy, check them
+        (routed experts), then start the health monitor.
 
         Raises:
             EngineStartError: an engine did not come up (the caller stops the others).
+            EngineMisconfigured: an engine does not return routed experts though they are required.
         """
         for start in [self._pool.submit(engine.start) for engine in self.engines if engine.managed]:
             start.result()
+        if self._require_routed_experts:
+            for engine in self.engines:
+                engine.require_routed_experts(self._check_timeout_s)
         self._monitor = threading.Thread(target=self._watch, name="megarl-engine-health", daemon=True)
         self._monitor.start()
 

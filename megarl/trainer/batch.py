@@ -69,6 +69,10 @@ class ScoredSample:
     loss_mask: list[bool] | None = None
     """Per response token, whether the loss trains on it; None: every one
     (``rollout.mask_offpolicy_in_partial_rollout`` leaves out the tokens of older weights)."""
+    routed_experts: np.ndarray | None = None
+    """``[N, num_layers, topk]`` uint8 or int16: the engine's routed experts of tokens ``[0, N)`` of
+    prompt + response (``Sample.routed_experts``; a trajectory's: its last model turn's), N at most
+    ``len(prompt_ids) + len(response_ids) - 1``; None unless ``algorithm.routing_replay`` is r3."""
 
     @property
     def truncated(self) -> bool:

@@ -90,6 +90,7 @@ def score_samples(run: Run, prompts: Sequence[Prompt], samples: Sequence[Sample]
             score=score,
             weight_version=sample.weight_version,
             weight_segments=sample.weight_segments,
+            routed_experts=sample.routed_experts,
         )
         if mask_older:
             record.loss_mask = newest_version_mask(record)
@@ -153,7 +154,7 @@ def score_trajectories(
             prompt_ids=trajectory.prompt_ids, response_ids=trajectory.response_ids, rollout_log_probs=trajectory.logprobs,
             finish_reason=trajectory.finish_reason, group=first_group + index // samples_per_prompt, score=float(score),
             weight_version=trajectory.weight_segments[-1].version if trajectory.weight_segments else None,
-            weight_segments=tuple(trajectory.weight_segments), loss_mask=trajectory.loss_mask,
+            weight_segments=tuple(trajectory.weight_segments), loss_mask=trajectory.loss_mask, routed_experts=trajectory.routed_experts,
         )
         for index, (trajectory, score) in enumerate(zip(trajectories, scores))
     ]

@@ -38,7 +38,7 @@ BUCKET = Bucket.from_named_tensors([("model.norm.weight", torch.randn(8)), ("lm_
 def payloads() -> dict[str, dict]:
     """Every request body megarl sends, by SGLang request class name."""
     return {
-        "GenerateReqInput": protocol.generate_body([[1, 2, 3], [4, 5]], [protocol.sampling_body(SAMPLING, 7)] * 2, rid="step-3"),
+        "GenerateReqInput": protocol.generate_body([[1, 2, 3], [4, 5]], [protocol.sampling_body(SAMPLING, 7)] * 2, rid="step-3", return_routed_experts=True),
         "UpdateWeightsFromTensorReqInput": protocol.update_from_tensor_body(["cGF5bG9hZA=="], "3"),
         "UpdateWeightsFromDistributedReqInput": protocol.update_from_distributed_body(BUCKET.metas, "3", protocol.FLATTENED_BUCKET),
         "UpdateWeightFromDiskReqInput": protocol.update_from_disk_body("/dev/shm/weights-v3", "3"),
@@ -109,7 +109,9 @@ def test_generate_body_fits_the_http_contract():
     request_fields, _ = class_fields(contract, "GenerateRequest")
     sampling_fields, _ = class_fields(contract, "SamplingParams")
     runtime_sampling_fields, _ = class_fields(SGLANG / "srt" / "sampling" / "sampling_params.py", "SamplingParams")
-    assert set(body) <= request_fields
+    # The HTTP contract ignores unknown keys and lacks return_routed_experts (it has only
+    # routed_experts_start_len); the server reads the flag into GenerateReqInput, checked above.
+    assert set(body) - {"return_routed_experts"} <= request_fields
     for params in body["sampling_params"]:
         assert set(params) <= sampling_fields & runtime_sampling_fields
 
