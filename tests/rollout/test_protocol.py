@@ -174,7 +174,9 @@ def test_memory_tags_and_dtype_names_are_sglangs():
 
 @needs_sglang
 def test_sglang_launch_flags_exist(tmp_path):
-    options = LaunchOptions(engine="sglang", model_path="/models/x", log_dir=tmp_path, tensor_parallel=2, colocate=True, deterministic=True)
+    options = LaunchOptions(
+        engine="sglang", model_path="/models/x", log_dir=tmp_path, tensor_parallel=2, colocate=True, deterministic=True, return_routed_experts=True
+    )
     command = Engine("sglang-1", "sglang", 2, launch=options, index=1).command(30000, tmp_path / "ready")
     assert command[1:3] == ["-m", "megarl.rollout.sglang_entry"]
     flags = {part for part in command[5:] if part.startswith("--")}

@@ -4,13 +4,25 @@ arrays, the request flag against SGLang's request classes, and a partial sample'
 from __future__ import annotations
 
 import base64
+import contextlib
+import dataclasses
 import json
+import re
+import threading
 
+import fastapi
+import httpx
 import numpy as np
 import pytest
 import torch
+import transformers
 
-from megarl.rollout import protocol, routed_experts
+from megarl.config import resolve_model_path
+from megarl.rollout import EngineGroup, EngineRequestError, SamplingParams, protocol, routed_experts
+from megarl.rollout.embedded.hf_engine import HFEngine
+from megarl.rollout.embedded.server import listening_socket, make_app, parse_args, uvicorn_server
+from megarl.rollout.engine import Engine, LaunchOptions
+from megarl.rollout.errors import EngineMisconfigured
 from megarl.rollout.routed_experts import RoutingShape
 from megarl.rollout.sampling import Sample, WeightSegment
 from tests.rollout.sglang_source import SGLANG, class_fields, needs_sglang
@@ -111,3 +123,136 @@ def test_the_request_flag_and_the_server_info_field_are_sglangs():
     assert protocol.RETURNS_ROUTED_EXPERTS in server_fields
     source = (SGLANG / "srt" / "entrypoints" / "http_server.py").read_text()
     assert f'@app.get("{protocol.SERVER_INFO}")' in source and f'@app.get("{protocol.SERVER_INFO_DEPRECATED}")' in source
+
+
+# --- The client against hf engine servers in this process, and against fakes of SGLang's /server_info.
+
+MOE = resolve_model_path("bundled:tiny-moe")
+GROUP = dict(engine="hf", model_path=MOE, request_timeout_s=60, health_check_interval_s=3600, return_routed_experts=True)
+
+
+@contextlib.contextmanager
+def serving(app):
+    """``app`` served on a thread; yields its base URL."""
+    sock = listening_socket("127.0.0.1", 0)
+    server = uvicorn_server(app)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def hf_engines():
+    """Base URLs of two hf engines on tiny-moe: ``recording`` (started with
+    --enable-return-routed-experts) and ``plain`` (without)."""
+    urls = {}
+    with contextlib.ExitStack() as stack:
+        for name, flag in (("recording", True), ("plain", False)):
+            engine = HFEngine(str(MOE), "float32", seed=0, return_routed_experts=flag)
+            engine.scheduler.start()
+            urls[name] = stack.enter_context(serving(make_app(engine)))
+        yield urls
+
+
+@pytest.fixture(scope="module")
+def model():
+    return transformers.AutoModelForCausalLM.from_pretrained(MOE, dtype=torch.float32).eval()
+
+
+def reference_routes(model, tokens: list[int]) -> np.ndarray:
+    """``[len(tokens), layers, topk]``, each token's experts sorted: one plain forward's choices."""
+    captured = {}
+    hooks = [
+        model.model.layers[layer].mlp.gate.register_forward_hook(lambda module, args, output, layer=layer: captured.__setitem__(layer, output[2]))
+        for layer in range(model.config.num_hidden_layers)
+    ]
+    try:
+        with torch.no_grad():
+            model(torch.tensor([tokens]))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return np.sort(np.stack([captured[layer].numpy() for layer in range(model.config.num_hidden_layers)], axis=1), axis=-1)
+
+
+def test_samples_carry_the_routes_of_their_tokens_also_when_resumed(hf_engines, model):
+    prompts, sampling = [[5, 9, 13, 4], [7, 8], [20, 21, 22, 23, 24, 25, 26]], SamplingParams(max_new_tokens=10, n=2, seed=3)
+    with EngineGroup.connect([hf_engines["recording"]], **GROUP) as group:
+        assert group.routing == RoutingShape(num_layers=4, topk=2)
+        samples = group.generate(prompts, sampling)
+        for sample in samples:
+            tokens = prompts[sample.prompt_index] + sample.response_ids[:-1]
+            assert sample.routed_experts.dtype == np.uint8
+            assert np.array_equal(np.sort(sample.routed_experts, axis=-1), reference_routes(model, tokens))
+        # A partial sample (its first 3 tokens) resumed: the continuation's routes cover every token.
+        partial = dataclasses.replace(
+            samples[0], response_ids=samples[0].response_ids[:3], logprobs=samples[0].logprobs[:3], finish_reason="abort",
+            weight_segments=(WeightSegment("default", 0, 3),), routed_experts=samples[0].routed_experts[: len(prompts[0]) + 2],
+        )
+        [resumed] = group.submit_resume(prompts, [partial], sampling).result()
+        assert resumed.response_ids[:3] == partial.response_ids and len(resumed.response_ids) > 3
+        assert np.array_equal(np.sort(resumed.routed_experts, axis=-1), reference_routes(model, prompts[0] + resumed.response_ids[:-1]))
+
+
+def test_an_engine_without_the_flag_fails_the_start_naming_url_and_fix(hf_engines):
+    with pytest.raises(EngineMisconfigured) as refused:
+        EngineGroup.connect([hf_engines["recording"], hf_engines["plain"]], **GROUP)
+    message = str(refused.value)
+    assert "\n" not in message
+    assert re.search(
+        rf"rollout engine hf-1 \({re.escape(hf_engines['plain'])}\): does not return routed experts .*enable_return_routed_experts=False.*"
+        r"restart it with --enable-return-routed-experts, or set algorithm.routing_replay to r2 or none", message,
+    )
+    # Without R3 the same engine is fine.
+    with EngineGroup.connect([hf_engines["plain"]], **{**GROUP, "return_routed_experts": False}) as group:
+        assert group.routing is None and group.generate([[5, 6]], SamplingParams(max_new_tokens=2))[0].routed_experts is None
+
+
+def test_asking_routes_of_an_engine_started_without_the_flag_is_refused(hf_engines):
+    body = protocol.generate_body([[5, 6]], [{"max_new_tokens": 2}], return_routed_experts=True)
+    answer = httpx.post(hf_engines["plain"] + protocol.GENERATE, json=body, timeout=60)
+    assert answer.status_code == 400 and "--enable-return-routed-experts" in answer.json()["error"]["message"]
+
+
+def fake_sglang(server_info: dict | None, old_server_info: dict | None) -> fastapi.FastAPI:
+    """An SGLang stand-in for the start-up checks: /health, and each /server_info name answering
+    its dict or 404."""
+    app = fastapi.FastAPI()
+    app.get(protocol.HEALTH)(lambda: None)
+    for path, answer in ((protocol.SERVER_INFO, server_info), (protocol.SERVER_INFO_DEPRECATED, old_server_info)):
+        if answer is not None:
+            app.get(path)(lambda answer=answer: answer)
+    return app
+
+
+def test_the_check_falls_back_to_get_server_info_and_refuses_an_engine_that_says_nothing():
+    sglang_group = {**GROUP, "engine": "sglang"}
+    with serving(fake_sglang(None, {protocol.RETURNS_ROUTED_EXPERTS: True})) as url:
+        EngineGroup.connect([url], **sglang_group).shutdown()
+    with serving(fake_sglang(None, {protocol.RETURNS_ROUTED_EXPERTS: False})) as url:
+        with pytest.raises(EngineMisconfigured, match="does not return routed experts"):
+            EngineGroup.connect([url], **sglang_group)
+    with serving(fake_sglang(None, None)) as url:
+        with pytest.raises(EngineMisconfigured, match="serves neither /server_info nor /get_server_info.*--enable-return-routed-experts"):
+            EngineGroup.connect([url], **sglang_group)
+
+
+def test_a_missing_answer_field_is_an_error_naming_the_engine():
+    app = fake_sglang({protocol.RETURNS_ROUTED_EXPERTS: True}, None)
+    meta = {"finish_reason": {"type": "length"}, "output_token_logprobs": [[-1.0, 7, None]], "weight_version": "default"}
+    app.post(protocol.GENERATE)(lambda: [{"output_ids": [7], "meta_info": meta}])
+    with serving(app) as url, EngineGroup.connect([url], **{**GROUP, "engine": "sglang"}) as group:
+        with pytest.raises(EngineRequestError, match=rf"rollout engine sglang-0 \({re.escape(url)}\): /generate item 0 lacks meta_info.routed_experts"):
+            group.generate([[5, 6]], SamplingParams(max_new_tokens=1))
+
+
+def test_launched_engines_get_the_flag(tmp_path):
+    for kind in ("hf", "sglang"):
+        options = LaunchOptions(engine=kind, model_path=str(MOE), log_dir=tmp_path, return_routed_experts=True)
+        assert "--enable-return-routed-experts" in Engine(f"{kind}-0", kind, 1, launch=options).command(30000, tmp_path / "ready")
+        assert "--enable-return-routed-experts" not in Engine(f"{kind}-0", kind, 1, launch=dataclasses.replace(options, return_routed_experts=False)).command(30000, tmp_path / "ready")
+    assert parse_args(["--model", "m", "--enable-return-routed-experts"]).enable_return_routed_experts

@@ -16,6 +16,11 @@ engine's generator.
 Between two decoding steps the caller's ``on_step`` sees the batch (:class:`Decoding`): it may
 finish rows early (an abort), block (a pause: the weights may change meanwhile), or drop the KV
 cache, which the next step then recomputes over every token so far (SGLang's retract).
+
+With a :class:`~megarl.rollout.embedded.routing.RouterRecorder` every forward's routed experts are
+filed per token (:class:`~megarl.rollout.embedded.routing.BatchRoutes`), and a row's are copied
+into its :class:`Result` when it finishes: those of the forwards that computed its tokens (after a
+dropped cache, the recomputation's).
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from typing import Callable
 
 import torch
 from transformers import DynamicCache
+
+from megarl.rollout.embedded.routing import BatchRoutes, RouterRecorder
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -51,6 +58,9 @@ class Result:
     finish_reason: dict
     """``{"type": "stop", "matched": token}``, ``{"type": "length", "length": n}``, or what
     :meth:`Decoding.finish` was given (an abort); empty while the row generates."""
+    routed_experts: torch.Tensor | None = None
+    """``[len(input_ids) + len(output_ids) - 1, num_layers, topk]`` int32, set when the row finishes
+    on a generator with a router recorder; None otherwise."""
 
 
 class Decoding:
@@ -58,10 +68,12 @@ class Decoding:
 
     Args:
         results: one per request, in batch order; each grows by one token per step until finished.
+        routes: the batch's routed experts, copied into a row's result when it finishes; None: not recorded.
     """
 
-    def __init__(self, results: list[Result]):
+    def __init__(self, results: list[Result], routes: BatchRoutes | None = None):
         self.results = results
+        self.routes = routes
         self.steps = 0
         """Steps done: every unfinished row holds this many tokens."""
         self.cache_dropped = False
@@ -72,8 +84,11 @@ class Decoding:
 
     def finish(self, row: int, finish_reason: dict) -> None:
         """Stop ``row`` now with ``finish_reason``, keeping its tokens so far (no-op if it finished)."""
-        if not self.results[row].finish_reason:
-            self.results[row].finish_reason = finish_reason
+        result = self.results[row]
+        if not result.finish_reason:
+            result.finish_reason = finish_reason
+            if self.routes is not None:
+                result.routed_experts = self.routes.of_row(row, len(result.output_ids))
 
     def drop_cache(self) -> None:
         """Forget the KV cache: the next step recomputes it over the prompts and every token so far,
@@ -110,10 +125,12 @@ class BatchGenerator:
         context_length: the model's maximum sequence length; responses stop there.
         pad_token_id: filler of the left padding (never attended to).
         random_seed: seed of the generator that unseeded requests draw from.
+        recorder: records the routed experts of every token (the results carry them); None: not recorded.
     """
 
-    def __init__(self, model: torch.nn.Module, context_length: int, pad_token_id: int, random_seed: int):
+    def __init__(self, model: torch.nn.Module, context_length: int, pad_token_id: int, random_seed: int, recorder: RouterRecorder | None = None):
         self.model = model
+        self.recorder = recorder
         self.context_length = context_length
         self.pad_token_id = pad_token_id
         self.generator = torch.Generator().manual_seed(random_seed)
@@ -161,7 +178,8 @@ class BatchGenerator:
         generators = [None if request.seed is None else torch.Generator().manual_seed(request.seed) for request in requests]
         temperatures = torch.tensor([request.temperature if request.temperature > 0 else 1.0 for request in requests], device=device)
         results = [Result(output_ids=[], logprobs=[], finish_reason={}) for _ in requests]
-        decoding = Decoding(results)
+        routes = None if self.recorder is None else BatchRoutes(self.recorder, [len(request.input_ids) for request in requests], width, max(limits))
+        decoding = Decoding(results, routes)
         active = list(range(batch))
 
         cache = DynamicCache(config=self.model.config)
@@ -169,6 +187,8 @@ class BatchGenerator:
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             past_key_values=cache, use_cache=True, logits_to_keep=1,
         )
+        if routes is not None:
+            routes.prefilled(prompt_of, len(distinct))
         if len(distinct) < batch:
             rows = torch.tensor(prompt_of, device=device)
             cache.reorder_cache(rows)
@@ -200,9 +220,9 @@ class BatchGenerator:
                 result.output_ids.append(tokens[row])
                 result.logprobs.append(token_logprobs[row])
                 if tokens[row] in requests[row].stop_token_ids:
-                    result.finish_reason = {"type": "stop", "matched": tokens[row]}
+                    decoding.finish(row, {"type": "stop", "matched": tokens[row]})
                 elif len(result.output_ids) == limits[row]:
-                    result.finish_reason = {"type": "length", "length": limits[row]}
+                    decoding.finish(row, {"type": "length", "length": limits[row]})
             decoding.steps = step + 1
             on_step(decoding)
             active = [row for row in active if not results[row].finish_reason]
@@ -219,9 +239,13 @@ class BatchGenerator:
                     position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0),
                     past_key_values=cache, use_cache=True, logits_to_keep=1,
                 )
+                if routes is not None:
+                    routes.fed(0, attention_mask.shape[1])
                 continue
             output = self.model(
                 input_ids=next_tokens[:, None], attention_mask=attention_mask, position_ids=positions[:, None],
                 past_key_values=cache, use_cache=True, logits_to_keep=1,
             )
+            if routes is not None:
+                routes.fed(width + step, 1)
         return results

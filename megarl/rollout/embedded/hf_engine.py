@@ -9,7 +9,9 @@ fields (:mod:`megarl.rollout.protocol`):
   ``temperature``, ``top_p``, ``top_k``, ``stop_token_ids``, ``n``, ``sampling_seed``,
   ``ignore_eos``), ``return_logprob``, ``rid``; answers ``output_ids`` and ``meta_info`` with
   ``id`` (the rid), ``finish_reason``, ``output_token_logprobs``, ``weight_version`` and
-  ``weight_versions`` (which version produced which tokens). Queued for
+  ``weight_versions`` (which version produced which tokens); with ``return_routed_experts`` (a
+  server started with ``--enable-return-routed-experts``, else refused) ``routed_experts`` in
+  SGLang's format (:mod:`megarl.rollout.routed_experts`, :mod:`megarl.rollout.embedded.routing`). Queued for
   :mod:`megarl.rollout.embedded.scheduler`, which batches what is queued;
   :mod:`megarl.rollout.embedded.generate` generates.
 - ``/pause_generation`` (``mode`` ``abort``, ``in_place``, ``retract``), ``/continue_generation``,
@@ -23,7 +25,8 @@ fields (:mod:`megarl.rollout.protocol`):
   Weights are addressed by HF checkpoint names (:class:`megarl.rollout.embedded.weights.HFWeightMap`).
 - ``/release_memory_occupation`` and ``/resume_memory_occupation``: the CPU engine frees nothing,
   but refuses to generate while its weights are released, as SGLang cannot.
-- ``/flush_cache`` (no cache to flush), ``/health_generate``, ``/get_model_info``.
+- ``/flush_cache`` (no cache to flush), ``/health_generate``, ``/get_model_info``, ``/server_info``
+  (the server's settings under SGLang's ``ServerArgs`` names).
 
 Generation, weight loading and the health probe take turns on one lock (a paused batch releases
 it, so weights load at once while paused, as in SGLang). ``/health_generate`` generates one token
@@ -48,9 +51,10 @@ import torch.distributed as dist
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from megarl.rollout import protocol
+from megarl.rollout import protocol, routed_experts
 from megarl.rollout.bucket_files import open_handle
 from megarl.rollout.embedded.generate import BatchGenerator, Request
+from megarl.rollout.embedded.routing import RouterRecorder
 from megarl.rollout.embedded.scheduler import GenerationScheduler
 from megarl.rollout.embedded.weights import HFWeightMap
 from megarl.rollout.update_group import join_update_group, leave_update_group
@@ -109,11 +113,16 @@ class HFEngine:
         dtype: ``auto`` (the checkpoint's) or a torch dtype name.
         seed: seed of the draws of requests without ``sampling_seed``.
         step_delay_s: seconds to wait after each decoding step (a GPU engine's latency, modelled).
+        return_routed_experts: record the routers' choices of every token and answer
+            ``return_routed_experts`` (SGLang's ``--enable-return-routed-experts``).
     """
 
-    def __init__(self, model_path: str, dtype: str, seed: int, *, step_delay_s: float = 0.0):
+    def __init__(self, model_path: str, dtype: str, seed: int, *, step_delay_s: float = 0.0, return_routed_experts: bool = False):
         self.model_path = model_path
+        self.dtype = dtype
+        self.seed = seed
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype if dtype == "auto" else getattr(torch, dtype)).eval()
+        self.return_routed_experts = return_routed_experts
         self.weights = HFWeightMap(self.model)
         self.eos_token_ids = _eos_token_ids(self.model)
         pad = self.model.generation_config.pad_token_id
@@ -123,6 +132,7 @@ class HFEngine:
             context_length=self.model.config.max_position_embeddings,
             pad_token_id=0 if pad is None else int(pad),
             random_seed=seed,
+            recorder=RouterRecorder(self.model) if return_routed_experts else None,
         )
         self.lock = threading.Lock()
         self.weight_version = "default"
@@ -140,6 +150,10 @@ class HFEngine:
         returns log-probs, whether the body was a single prompt)."""
         if "weights" in self.released:
             raise RequestFailed("the engine's weights are released; call /resume_memory_occupation first")
+        if body.get("return_routed_experts") and not self.return_routed_experts:
+            raise RequestFailed("return_routed_experts needs an engine started with --enable-return-routed-experts; restart it with that flag")
+        if body.get("routed_experts_start_len", 0):
+            raise RequestFailed("the hf engine returns routed experts from the first token only: send routed_experts_start_len 0")
         input_ids = body.get("input_ids")
         if input_ids is None:
             raise RequestFailed("the hf engine takes `input_ids` only (token ids in, token ids out)")
@@ -199,6 +213,8 @@ class HFEngine:
             }
             if logprob:
                 meta["output_token_logprobs"] = [[logprob, token, None] for logprob, token in zip(result.logprobs, result.output_ids)]
+            if body.get("return_routed_experts") and result.routed_experts is not None:
+                meta["routed_experts"] = routed_experts.encode(result.routed_experts.numpy())
             items.append({"output_ids": result.output_ids, "meta_info": meta})
         return items[0] if single and len(items) == 1 else items
 
@@ -253,6 +269,15 @@ class HFEngine:
             "weight_version": self.weight_version,
             "model_type": self.model.config.model_type,
             "architectures": self.model.config.architectures,
+        }
+
+    def server_info(self, body: dict) -> dict:
+        """``/server_info``: the settings megarl reads, under SGLang's ``ServerArgs`` names."""
+        return {
+            "model_path": self.model_path,
+            "dtype": self.dtype,
+            "random_seed": self.seed,
+            protocol.RETURNS_ROUTED_EXPERTS: self.return_routed_experts,
         }
 
     def _load(self, named_tensors: list[tuple[str, torch.Tensor]], weight_version: str | None) -> None:

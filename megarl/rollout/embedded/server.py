@@ -39,6 +39,7 @@ def _routes(engine: HFEngine) -> dict[str, Callable[[dict], Any]]:
     """Every endpoint but ``/generate`` and the health checks: a blocking call on a worker thread."""
     return {
         protocol.MODEL_INFO: engine.model_info,
+        protocol.SERVER_INFO: engine.server_info,
         "/model_info": engine.model_info,
         protocol.BEGIN_WEIGHT_UPDATE: engine.begin_weight_update,
         protocol.END_WEIGHT_UPDATE: engine.end_weight_update,
@@ -168,6 +169,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--step-delay-s", type=float, default=0.0, help="wait after each decoding step (a GPU's latency, modelled)")
     parser.add_argument("--parent-pid", type=int, help="exit when this process is gone")
+    parser.add_argument(
+        "--enable-return-routed-experts", action="store_true", help="record the routers' top-k of every token and answer return_routed_experts (SGLang's flag)"
+    )
     return parser.parse_args(argv)
 
 
@@ -177,7 +181,7 @@ def main(argv: list[str]) -> None:
         start_parent_watchdog(args.parent_pid)
     if args.threads:
         torch.set_num_threads(args.threads)
-    engine = HFEngine(args.model, args.dtype, args.seed, step_delay_s=args.step_delay_s)
+    engine = HFEngine(args.model, args.dtype, args.seed, step_delay_s=args.step_delay_s, return_routed_experts=args.enable_return_routed_experts)
     engine.health_generate()  # warm-up: the first forward of a fresh process is the slowest
     engine.scheduler.start()
     sock = listening_socket(args.host, args.port)
