@@ -78,14 +78,14 @@ def train(config: Config, launched_at: float) -> int:
     from megarl.models.family import UnsupportedModel
     from megarl.models.loader import CheckpointError as ModelError
     from megarl.rewards.pool import RewardError
-    from megarl.rollout.errors import EngineError
+    from megarl.rollout.errors import EngineError, EngineMisconfigured
     from megarl.checkpoint import CheckpointError
     from megarl.trainer.loop import Interrupted, TrainingStopped, fit
     from megarl.trainer.run import setup
 
     try:
         run = setup(config, started, launched_at=launched_at)
-    except (ConfigError, DataError, ModelError, UnsupportedModel, CheckpointError, EnvironmentLoadError) as error:
+    except (ConfigError, DataError, ModelError, UnsupportedModel, CheckpointError, EnvironmentLoadError, EngineMisconfigured) as error:
         # Bad input, named by the message: nothing was trained, nothing saved is touched.
         return refuse(PROGRAM, error)
     except KeyboardInterrupt:

@@ -70,6 +70,11 @@ class RolloutConfig(Section):
     """The ``hf`` engine waits this long after each decoding step, holding its model as a busy GPU
     would: models a GPU engine's per-token latency on CPU, for benchmarks (tools/bench_rollout.py)
     and tests of asynchronous rollout; 0 in real runs."""
+    dtype: Optional[Literal["fp32", "bf16", "fp16"]] = None
+    """The engines' compute dtype: the hf engine loads the model in it and casts the weights it is
+    sent to it, SGLang gets --dtype; null: model.dtype (verl: actor_rollout_ref.rollout.dtype). An
+    engine in another dtype than the trainer (bf16 against fp32) routes some tokens differently,
+    the mismatch algorithm.routing_replay r3 removes. Ignored for engine_urls (they run as started)."""
     deterministic: bool = False
     """SGLang's deterministic inference (--enable-deterministic-inference): per-sample seeds are
     honoured and a rerun samples the same tokens, at some speed cost. The hf engine always is."""

@@ -44,8 +44,7 @@ class EarlyStart:
     def __init__(self, config: Config, run_dir: Path):
         self._executor = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="megarl-engine-start")
         self._engines = self._executor.submit(
-            EngineGroup.from_config, config.rollout, resolve_model_path(config.model.path),
-            log_dir=run_dir / "engines", dtype=DTYPE_NAMES[config.model.dtype],
+            EngineGroup.from_config, config.rollout, resolve_model_path(config.model.path), log_dir=run_dir / "engines", **engine_settings(config),
         )
         agent = config.agent
         self._environments = self._executor.submit(start_environments, agent) if agent.environment is not None else None
@@ -95,6 +94,17 @@ class EarlyStart:
         with contextlib.suppress(Exception):
             if hasattr(self.scorer, "close"):
                 self.scorer.close()
+
+
+def engine_settings(config: Config) -> dict[str, Any]:
+    """What the engines are told beyond the ``rollout`` section (:meth:`EngineGroup.from_config`'s
+    overrides): their dtype (``rollout.dtype``, else ``model.dtype``) and, with
+    ``algorithm.routing_replay`` r3, to return routed experts (launched engines get the flag,
+    engines given by URL are checked for it, every generation asks for them)."""
+    return {
+        "dtype": DTYPE_NAMES[config.rollout.dtype or config.model.dtype],
+        "return_routed_experts": config.algorithm.routing_replay == "r3",
+    }
 
 
 def start_environments(agent: AgentConfig) -> EnvironmentPool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -42,7 +43,9 @@ class ScriptedEngine:
         ids, reason = self.turns.pop(0)
         ids = ids[:max_new_tokens]
         logprobs = [-0.1 * (index + 1) for index in range(len(ids))]
-        return Sample(0, 0, list(ids), logprobs, reason, self.version, (WeightSegment(self.version, 0, len(ids)),))
+        # Routed experts as an engine returns them: every input token and every output token but the last, marked with the turn.
+        routes = np.full((len(input_ids) + len(ids) - 1, 1, 1), len(self.inputs), np.uint8)
+        return Sample(0, 0, list(ids), logprobs, reason, self.version, (WeightSegment(self.version, 0, len(ids)),), routed_experts=routes)
 
 
 class ScriptedEnvironments:
@@ -98,6 +101,9 @@ def test_a_tool_turn_then_an_answer_is_the_sampled_ids_and_the_rendered_observat
     assert (trajectory.turns, trajectory.reward, trajectory.finish_reason, trajectory.failure) == (2, 1.0, "stop", None)
     assert trajectory.weight_segments == [WeightSegment("3", 0, 2), WeightSegment("3", 2 + len(observation), 4 + len(observation))]
     assert trajectory.info == {"tool_calls": 1.0} and environments.closed == ["e0"]
+    # The last turn's routed experts cover the whole trajectory but its last sampled token.
+    assert trajectory.routed_experts.shape[0] == len(trajectory.prompt_ids) + len(trajectory.response_ids) - 1
+    assert (trajectory.routed_experts == 2).all()
 
 
 def test_sampled_ids_are_trained_even_when_their_text_does_not_encode_back_to_them(tokenizer):

@@ -17,6 +17,7 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from megarl.config import load_config
@@ -94,11 +95,16 @@ class ScriptedEngines:
             assert self.sent.wait_for(lambda: len(self.requests) >= count, timeout=10), self.events
 
     def answer(self, index: int, finish_reason: str = "stop") -> None:
-        """Finish request ``index``: two tokens per sample, from the current version."""
+        """Finish request ``index``: two tokens per sample, from the current version; each sample's
+        routed experts ``[prompt + 1, 1, 2]`` name its prompt's first id and its sample index."""
         _, prompts, future = self.requests[index]
         segments = (WeightSegment(self.version, 0, 2),)
         future.set_result([
-            Sample(prompt, sample, [1, 2], [-0.5, -0.5], finish_reason, self.version, segments) for prompt in range(len(prompts)) for sample in range(N)
+            Sample(
+                prompt, sample, [1, 2], [-0.5, -0.5], finish_reason, self.version, segments,
+                routed_experts=np.tile(np.array([prompts[prompt][0], sample], np.uint8), (len(prompts[prompt]) + 1, 1, 1)),
+            )
+            for prompt in range(len(prompts)) for sample in range(N)
         ])
 
 
@@ -218,6 +224,22 @@ def test_groups_dynamic_sampling_drops_give_their_places_back_at_once_and_top_th
         assert len(samples) == 8 and metrics["filter/topped_up_samples"] == 8
         assert metrics["filter/groups_dropped_equal"] == metrics["filter/groups"] >= 16
         assert metrics["reward/mean"] == 1.0 and len(engines.requests) >= 8
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("score", [lambda index: float(index % 4 == 0), lambda index: 1.0], ids=["groups-dropped", "topped-up"])
+def test_routed_experts_travel_with_their_samples_through_dropped_groups_and_top_ups(score):
+    engines = ScriptedEngines(answer_at_once=True)
+    with producing(engines, "rollout.max_staleness=0", "algorithm.dynamic_sampling=true", score=score) as rollout:
+        samples, metrics = rollout.next_batch()
+    assert len(samples) == 8 and metrics["filter/groups_dropped_equal"] > 0
+    groups = {}
+    for sample in samples:
+        # [prompt + response - 1] rows naming the sample's own prompt; a group's samples are 0 .. N-1.
+        assert sample.routed_experts.shape == (len(sample.prompt_ids) + len(sample.response_ids) - 1, 1, 2)
+        assert (sample.routed_experts[..., 0] == sample.prompt_ids[0]).all()
+        groups.setdefault(sample.group, []).append(int(sample.routed_experts[0, 0, 1]))
+    assert all(sorted(indices) == list(range(N)) for indices in groups.values())
 
 
 def one_epoch_of_prompts(path: Path) -> Path:

@@ -24,3 +24,13 @@ def test_the_early_start_imports_nothing_heavy_before_it_launches_the_engines():
         """
     )
     run_python_source(script)
+
+
+def test_engines_are_told_their_dtype_and_to_return_routed_experts_with_r3():
+    from megarl.config import load_config
+    from megarl.trainer.launch import engine_settings
+
+    assert engine_settings(load_config(None, [])) == {"dtype": "float32", "return_routed_experts": False}
+    assert engine_settings(load_config(None, ["model.dtype=bf16"]))["dtype"] == "bfloat16"
+    settings = engine_settings(load_config(None, ["model.dtype=fp32", "rollout.dtype=bf16", "algorithm.routing_replay=r3"]))
+    assert settings == {"dtype": "bfloat16", "return_routed_experts": True}
