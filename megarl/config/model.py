@@ -48,6 +48,17 @@ class ModelConfig(Section):
     moe_aux_loss_coeff: Annotated[float, Range(ge=0)] = 0.0
     """Load-balancing auxiliary loss coefficient; 0 disables it, as RL fine-tuning usually does
     (Megatron/slime: --moe-aux-loss-coeff)."""
+    moe_router_load_balancing_type: Literal["aux_loss", "seq_aux_loss", "global_aux_loss"] = "aux_loss"
+    """Which load-balancing loss ``moe_aux_loss_coeff`` weighs: over the micro-batch's tokens, per
+    sequence (DeepSeek-V3), or over the global batch (Megatron/slime:
+    --moe-router-load-balancing-type)."""
+    moe_z_loss_coeff: Annotated[Optional[float], Range(gt=0)] = None
+    """Router z-loss coefficient (ST-MoE: keeps router logits small); null disables it
+    (Megatron/slime: --moe-z-loss-coeff)."""
+    moe_expert_capacity_factor: Annotated[Optional[float], Range(gt=0)] = None
+    """Tokens an expert takes, as a multiple of its even share; the rest are dropped (counted in
+    ``moe/tokens_dropped``). null: no limit, no token dropped (Megatron/slime:
+    --moe-expert-capacity-factor)."""
     seed: int = 1234
     """Seed of weight initialisation (new heads) and Megatron's RNG tracker (slime: --seed)."""
 
