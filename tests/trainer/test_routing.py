@@ -1,6 +1,7 @@
 """Routing replay on Megatron's routers (real processes on gloo, the ``routing`` check of
 tests/workers/routing_check.py): the experts the routers use equal the engine's token by token and
-layer by layer, R2's recording replays exactly, and replayed log-probs do not depend on the layout."""
+layer by layer, R2's recording replays exactly, replayed log-probs do not depend on the layout, and
+full recomputation (the routers run again in the backward) leaves the replayed gradients as they were."""
 
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ def test_routers_use_the_replayed_experts_under_every_layout(layout, jobs):
     assert max(abs(a - b) for a, b in zip(report["own_log_probs"], report["replayed_record_log_probs"])) <= LOG_PROB_TOLERANCE
     # The random engine routing is not what the routers choose: replay changed the log-probs.
     assert max(abs(a - b) for a, b in zip(report["own_log_probs"], report["replayed_log_probs"])) > 1e-3
+    assert report["gradient_norm"] > 0 and report["recompute_gradient_diff"] <= 1e-6
     metrics = report["replay_metrics"]
     assert metrics["moe/routing_diff"] == 0.0
     assert metrics["moe/routing_diff_recomputed"] > 0.5
