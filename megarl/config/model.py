@@ -48,6 +48,12 @@ class ModelConfig(Section):
     moe_aux_loss_coeff: Annotated[float, Range(ge=0)] = 0.0
     """Load-balancing auxiliary loss coefficient; 0 disables it, as RL fine-tuning usually does
     (Megatron/slime: --moe-aux-loss-coeff)."""
+    moe_router_bias_update_rate: Annotated[float, Range(ge=0)] = 0.0
+    """Aux-loss-free load balancing of routers with an expert bias (DeepSeek-V3, GLM-4.5): after each
+    optimizer step Megatron moves every expert's bias by this much towards equal load
+    (``bias += rate * sign(mean load - load)``). 0 keeps the checkpoint's bias, so the policy routes
+    as it was pretrained to; DeepSeek-V3 pretrained with 1e-3, Megatron's default. Other models
+    have no expert bias and ignore it (Megatron/slime: --moe-router-bias-update-rate)."""
     seed: int = 1234
     """Seed of weight initialisation (new heads) and Megatron's RNG tracker (slime: --seed)."""
 
