@@ -12,13 +12,12 @@ value, naming it, so that a model is converted exactly or not at all.
 
 Llama-style decoders share :func:`decoder_fields`, :func:`decoder_weight_rules` and
 :data:`DECODER_OPTIONS` (``llama.py``: Llama, Qwen2; ``qwen3.py``: Qwen3, Qwen3-MoE;
-``qwen2_moe.py``). The next family,
+``qwen2_moe.py``; ``glm4_moe.py``: GLM-4.5, with the MoE block of ``deepseek_moe.py``: sigmoid
+router with expert bias, group-limited routing, the first dense layers). The next family,
 DeepSeek-V3, adds a module of its own: multi-latent attention (``multi_latent_attention=True`` with
 its q/kv LoRA ranks), MLA mapping rules (``linear_q_down_proj``, ``linear_kv_down_proj``,
-``linear_kv_up_proj`` ... from ``q_a_proj``, ``kv_a_proj_with_mqa``, ``kv_b_proj``), the
-sigmoid router with expert bias (``moe_router_score_function="sigmoid"``,
-``moe_router_enable_expert_bias``), group-limited routing and the first dense layers
-(``first_k_dense_replace``); the layer specs then need Megatron's MLA modules.
+``linear_kv_up_proj`` ... from ``q_a_proj``, ``kv_a_proj_with_mqa``, ``kv_b_proj``) and the
+MoE block of ``deepseek_moe.py``; the layer specs then need Megatron's MLA modules.
 """
 
 from __future__ import annotations
