@@ -59,6 +59,12 @@ class ModelConfig(Section):
     """Tokens an expert takes, as a multiple of its even share; the rest are dropped (counted in
     ``moe/tokens_dropped``). null: no limit, no token dropped (Megatron/slime:
     --moe-expert-capacity-factor)."""
+    moe_router_bias_update_rate: Annotated[float, Range(ge=0)] = 0.0
+    """Aux-loss-free load balancing of routers with an expert bias (DeepSeek-V3, GLM-4.5): after each
+    optimizer step Megatron moves every expert's bias by this much towards equal load
+    (``bias += rate * sign(mean load - load)``). 0 keeps the checkpoint's bias, so the policy routes
+    as it was pretrained to; DeepSeek-V3 pretrained with 1e-3, Megatron's default. Other models
+    have no expert bias and ignore it (Megatron/slime: --moe-router-bias-update-rate)."""
     seed: int = 1234
     """Seed of weight initialisation (new heads) and Megatron's RNG tracker (slime: --seed)."""
 

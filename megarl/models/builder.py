@@ -13,7 +13,7 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megarl.models.families import checked_family
-from megarl.models.family import rope_theta, rotary_inv_freq
+from megarl.models.family import partial_rotary_factor, rope_theta, rotary_inv_freq
 from megarl.models.specs import Backend, decoder_block_spec
 from megarl.config import DTYPE_NAMES, ParallelConfig
 from megarl.platform import current_device
@@ -151,6 +151,7 @@ def build_model(
             share_embeddings_and_output_weights=bool(getattr(hf_config, "tie_word_embeddings", False)),
             position_embedding_type="rope",
             rotary_base=rope_theta(hf_config),
+            rotary_percent=partial_rotary_factor(hf_config),
             pg_collection=pg_collection,
             vp_stage=stage,
         )

@@ -357,7 +357,12 @@ def _micro_batch_loss(objective: Objective, micro: dict[str, torch.Tensor], outp
 
 def _transformer_overrides(model: ModelConfig) -> dict[str, Any]:
     """TransformerConfig fields the ``model`` section sets."""
-    overrides: dict[str, Any] = {"moe_token_dispatcher_type": model.moe_token_dispatcher, "moe_grouped_gemm": model.moe_grouped_gemm}
+    overrides: dict[str, Any] = {
+        "moe_token_dispatcher_type": model.moe_token_dispatcher,
+        "moe_grouped_gemm": model.moe_grouped_gemm,
+        # Read only by routers with an expert bias (megarl.models.deepseek_moe).
+        "moe_router_bias_update_rate": model.moe_router_bias_update_rate,
+    }
     if model.moe_aux_loss_coeff:
         overrides.update(moe_aux_loss_coeff=model.moe_aux_loss_coeff, moe_router_load_balancing_type=model.moe_router_load_balancing_type)
     if model.moe_z_loss_coeff is not None:

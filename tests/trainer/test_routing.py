@@ -12,22 +12,26 @@ from tests.jobs import layout_job
 
 pytestmark = pytest.mark.multirank
 
-MODEL = "bundled:tiny-moe"
-LAYOUTS = ["single", "ep2", "tp2-sp", "tp2-ep2-etp1", "pp2", "pp2-vpp2", "cp2"]
+CASES = [
+    ("bundled:tiny-moe", layout) for layout in ["single", "ep2", "tp2-sp", "tp2-ep2-etp1", "pp2", "pp2-vpp2", "cp2"]
+] + [
+    # Sigmoid router with an expert bias, group-limited top-k, a shared expert, a first dense layer.
+    ("bundled:tiny-glm4-moe", layout) for layout in ["single", "ep2", "tp2-sp"]
+]
 LOG_PROB_TOLERANCE = 1e-5
 
 
-def routing_jobs(directory, layout):
-    jobs = [layout_job(model_dir(directory, MODEL), layout, {"routing": {}})]
+def routing_jobs(directory, model, layout):
+    jobs = [layout_job(model_dir(directory, model), layout, {"routing": {}})]
     if layout != "single":
-        jobs.append(layout_job(model_dir(directory, MODEL), "single", {"routing": {}}))
+        jobs.append(layout_job(model_dir(directory, model), "single", {"routing": {}}))
     return jobs
 
 
 @pytest.mark.jobs(planner=routing_jobs)
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_routers_use_the_replayed_experts_under_every_layout(layout, jobs):
-    report = jobs.report(routing_jobs(jobs.directory, layout)[0].name)["routing"]
+@pytest.mark.parametrize("model,layout", CASES)
+def test_routers_use_the_replayed_experts_under_every_layout(model, layout, jobs):
+    report = jobs.report(routing_jobs(jobs.directory, model, layout)[0].name)["routing"]
     assert report["compared"] == report["expected_compared"], report["compared"]
     assert report["engine_mismatches"] == 0
     assert report["record_mismatches"] == 0
@@ -41,7 +45,7 @@ def test_routers_use_the_replayed_experts_under_every_layout(layout, jobs):
     assert metrics["moe/routing_diff"] == 0.0
     assert metrics["moe/routing_diff_recomputed"] > 0.5
     if layout != "single":
-        single = jobs.report(routing_jobs(jobs.directory, "single")[0].name)["routing"]
+        single = jobs.report(routing_jobs(jobs.directory, model, "single")[0].name)["routing"]
         for name in ("replayed_log_probs", "own_log_probs"):
             assert max(abs(a - b) for a, b in zip(report[name], single[name])) <= LOG_PROB_TOLERANCE, name
         for name, value in single["replay_metrics"].items():
