@@ -33,6 +33,15 @@ CONFIGS = {
         **_COMMON, head_dim=16, num_experts=6, num_experts_per_tok=3, moe_intermediate_size=32, norm_topk_prob=False,
     ),
 }
+# Moonlight-like DeepSeek-V3: queries from one q_proj (q_lora_rank None), MLA keys and values (every
+# head has its own: num_key_value_heads = heads), one dense layer, then 8 experts top 3 without a
+# group limit and two shared experts.
+CONFIGS["moonlight"] = lambda: transformers.DeepseekV3Config(
+    **{**_COMMON, "num_key_value_heads": 4}, q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=16,
+    qk_rope_head_dim=8, v_head_dim=16, first_k_dense_replace=1, n_routed_experts=8, num_experts_per_tok=3,
+    n_group=1, topk_group=1, n_shared_experts=2, moe_intermediate_size=32, routed_scaling_factor=2.446,
+    tie_word_embeddings=False,
+)
 UNSUPPORTED = {
     # An architecture no family serves, and an option value the Llama family does not implement.
     "mistral": lambda: transformers.MistralConfig(**_COMMON),
@@ -42,14 +51,18 @@ UNSUPPORTED = {
 
 
 def make_tiny(name: str, directory: Path) -> None:
-    """Save a random tiny checkpoint of ``CONFIGS[name]`` (or ``UNSUPPORTED[name]``) with random biases (so that a dropped or
-    misplaced bias shows in the logits)."""
+    """Save a random tiny checkpoint of ``CONFIGS[name]`` (or ``UNSUPPORTED[name]``) with random biases, expert
+    biases included (so that a dropped or misplaced bias shows in the logits)."""
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config({**CONFIGS, **UNSUPPORTED}[name]())
     with torch.no_grad():
         for parameter_name, param in model.named_parameters():
             if parameter_name.endswith("bias"):
                 param.normal_()
+        # A sigmoid router's expert bias is a buffer (transformers initialises it to 0).
+        for buffer_name, buffer in model.named_buffers():
+            if buffer_name.endswith("e_score_correction_bias"):
+                buffer.normal_(std=0.05)
     model.save_pretrained(directory)
 
 

@@ -25,6 +25,9 @@ CASES = [
     ("qwen3-attention-bias", ["single", "tp2"]),
     ("llama3-rope", ["single", "pp2"]),
     ("llama-1-kv-head", ["tp2"]),
+    # Multi-latent attention, sigmoid routing with expert bias, group-limited top-k, shared experts.
+    ("bundled:tiny-deepseek-v3", ["single", "tp2-sp", "pp2", "ep2"]),
+    ("moonlight", ["single", "tp2-sp"]),
 ]
 
 
