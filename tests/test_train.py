@@ -165,6 +165,17 @@ def test_tensor_parallel_run_with_dynamic_sampling_trains_and_updates_the_engine
         assert weights.get_tensor("model.layers.0.self_attn.o_proj.weight").tolist() == report["weights"]["after_1"]
 
 
+@pytest.mark.multirank
+def test_deepseek_v3_trains_under_expert_parallelism_and_updates_the_engine(tmp_path):
+    report, rows = train(tmp_path, "deepseek-v3", ["model.path=bundled:tiny-deepseek-v3", "parallel.expert=2", "train.steps=2"])
+    assert report["completed"] and len(rows) == 2
+    assert_finite(rows)
+    assert all(row["mismatch/logprob_diff_abs_max"] <= MISMATCH_TOLERANCE for row in rows)
+    # The multi-latent attention's output projection, as the engine holds it.
+    assert report["weights"]["after_0"] != report["weights"]["initial"]
+    assert report["weights"]["after_1"] != report["weights"]["after_0"]
+
+
 WORKERS = REPO / "tests" / "workers"
 
 
