@@ -12,9 +12,10 @@ value, naming it, so that a model is converted exactly or not at all.
 
 Llama-style decoders share :func:`decoder_fields`, :func:`decoder_weight_rules` and
 :data:`DECODER_OPTIONS` (``llama.py``: Llama, Qwen2; ``qwen3.py``: Qwen3, Qwen3-MoE;
-``qwen2_moe.py``). DeepSeek-V3 (``deepseek_v3.py``) keeps their fields, embedding rules
-(:func:`embedding_rules`) and MLP rules, with multi-latent attention in place of the fused q/k/v
-projection and the DeepSeek MoE block (``deepseek_moe.py``).
+``qwen2_moe.py``; ``glm4_moe.py``: GLM-4.5, with the MoE block of ``deepseek_moe.py``: sigmoid
+router with expert bias, group-limited routing, the first dense layers). DeepSeek-V3
+(``deepseek_v3.py``) keeps their fields, embedding rules (:func:`embedding_rules`) and MLP rules,
+with multi-latent attention in place of the fused q/k/v projection and the same MoE block.
 """
 
 from __future__ import annotations
