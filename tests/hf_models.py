@@ -41,6 +41,15 @@ CONFIGS = {
         partial_rotary_factor=1.0, num_nextn_predict_layers=1,
     ),
 }
+# Moonlight-like DeepSeek-V3: queries from one q_proj (q_lora_rank None), MLA keys and values (every
+# head has its own: num_key_value_heads = heads), one dense layer, then 8 experts top 3 without a
+# group limit and two shared experts.
+CONFIGS["moonlight"] = lambda: transformers.DeepseekV3Config(
+    **{**_COMMON, "num_key_value_heads": 4}, q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=16,
+    qk_rope_head_dim=8, v_head_dim=16, first_k_dense_replace=1, n_routed_experts=8, num_experts_per_tok=3,
+    n_group=1, topk_group=1, n_shared_experts=2, moe_intermediate_size=32, routed_scaling_factor=2.446,
+    tie_word_embeddings=False,
+)
 UNSUPPORTED = {
     # An architecture no family serves, and an option value the Llama family does not implement.
     "mistral": lambda: transformers.MistralConfig(**_COMMON),
@@ -50,8 +59,9 @@ UNSUPPORTED = {
 
 
 def make_tiny(name: str, directory: Path) -> None:
-    """Save a random tiny checkpoint of ``CONFIGS[name]`` (or ``UNSUPPORTED[name]``) with random biases (so that a dropped or
-    misplaced bias shows in the logits), and the multi-token-prediction layers its config announces."""
+    """Save a random tiny checkpoint of ``CONFIGS[name]`` (or ``UNSUPPORTED[name]``) with random biases, expert
+    biases included (so that a dropped or misplaced bias shows in the logits), and the multi-token-prediction
+    layers its config announces."""
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config({**CONFIGS, **UNSUPPORTED}[name]())
     with torch.no_grad():

@@ -185,6 +185,20 @@ def test_glm_run_streams_the_expert_bias_that_megatron_balances(tmp_path):
         assert 0 < max(moves) <= 2 * rate + 1e-6, moves
 
 
+@pytest.mark.multirank
+def test_deepseek_v3_trains_under_expert_parallelism_and_updates_the_engine(tmp_path):
+    # Dynamic sampling keeps only groups with a reward signal: every step has a gradient.
+    report, rows = train(
+        tmp_path, "deepseek-v3", ["model.path=bundled:tiny-deepseek-v3", "parallel.expert=2", "train.steps=2", "algorithm.dynamic_sampling=true"]
+    )
+    assert report["completed"] and len(rows) == 2
+    assert_finite(rows)
+    assert all(row["mismatch/logprob_diff_abs_max"] <= MISMATCH_TOLERANCE for row in rows)
+    # The multi-latent attention's output projection, as the engine holds it.
+    assert report["weights"]["after_0"] != report["weights"]["initial"]
+    assert report["weights"]["after_1"] != report["weights"]["after_0"]
+
+
 WORKERS = REPO / "tests" / "workers"
 
 

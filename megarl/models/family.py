@@ -13,11 +13,9 @@ value, naming it, so that a model is converted exactly or not at all.
 Llama-style decoders share :func:`decoder_fields`, :func:`decoder_weight_rules` and
 :data:`DECODER_OPTIONS` (``llama.py``: Llama, Qwen2; ``qwen3.py``: Qwen3, Qwen3-MoE;
 ``qwen2_moe.py``; ``glm4_moe.py``: GLM-4.5, with the MoE block of ``deepseek_moe.py``: sigmoid
-router with expert bias, group-limited routing, the first dense layers). The next family,
-DeepSeek-V3, adds a module of its own: multi-latent attention (``multi_latent_attention=True`` with
-its q/kv LoRA ranks), MLA mapping rules (``linear_q_down_proj``, ``linear_kv_down_proj``,
-``linear_kv_up_proj`` ... from ``q_a_proj``, ``kv_a_proj_with_mqa``, ``kv_b_proj``) and the
-MoE block of ``deepseek_moe.py``; the layer specs then need Megatron's MLA modules.
+router with expert bias, group-limited routing, the first dense layers). DeepSeek-V3
+(``deepseek_v3.py``) keeps their fields, embedding rules (:func:`embedding_rules`) and MLP rules,
+with multi-latent attention in place of the fused q/k/v projection and the same MoE block.
 """
 
 from __future__ import annotations
@@ -234,6 +232,22 @@ def qwen_moe_fields(hf_config) -> dict[str, Any]:
     }
 
 
+def embedding_rules(hf_config) -> list[Rule]:
+    """Mapping rules outside the decoder layers: the embedding, the final norm, the output layer."""
+    vocab = hf_config.vocab_size
+    return [
+        VocabParallel("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), vocab_size=vocab),
+        Replicated("decoder.final_layernorm.weight", ("model.norm.weight",)),
+        # With tied embeddings the last pipeline stage still holds its own copy of the embedding as
+        # the output layer; it loads from (and exports to) the same HF tensor.
+        VocabParallel(
+            "output_layer.weight",
+            ("model.embed_tokens.weight" if hf_config.tie_word_embeddings else "lm_head.weight",),
+            vocab_size=vocab,
+        ),
+    ]
+
+
 def decoder_weight_rules(
     hf_config,
     moe_layers: list[bool],
@@ -263,18 +277,7 @@ def decoder_weight_rules(
     groups = getattr(hf_config, "num_key_value_heads", None) or heads
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
     qkv = dict(num_query_groups=groups, heads_per_group=heads // groups, head_dim=head_dim)
-    vocab = hf_config.vocab_size
-    rules: list[Rule] = [
-        VocabParallel("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), vocab_size=vocab),
-        Replicated("decoder.final_layernorm.weight", ("model.norm.weight",)),
-        # With tied embeddings the last pipeline stage still holds its own copy of the embedding as
-        # the output layer; it loads from (and exports to) the same HF tensor.
-        VocabParallel(
-            "output_layer.weight",
-            ("model.embed_tokens.weight" if hf_config.tie_word_embeddings else "lm_head.weight",),
-            vocab_size=vocab,
-        ),
-    ]
+    rules = embedding_rules(hf_config)
     for layer, is_moe in enumerate(moe_layers):
         mg, hf = f"decoder.layers.{layer}.", f"model.layers.{layer}."
         attention = [f"{hf}self_attn.{p}_proj" for p in "qkv"]

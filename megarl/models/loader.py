@@ -30,6 +30,9 @@ _IGNORED_HF_TENSORS = re.compile(r"\.rotary_emb\.inv_freq$")
 _TE_NAMES = (
     (re.compile(r"self_attention\.linear_qkv\.layer_norm_weight$"), "input_layernorm.weight"),
     (re.compile(r"mlp\.linear_fc1\.layer_norm_weight$"), "pre_mlp_layernorm.weight"),
+    # Multi-latent attention: the q and kv latents' norms, fused into their up projections.
+    (re.compile(r"self_attention\.linear_q_up_proj\.layer_norm_weight$"), "self_attention.q_layernorm.weight"),
+    (re.compile(r"self_attention\.linear_kv_up_proj\.layer_norm_weight$"), "self_attention.kv_layernorm.weight"),
     (re.compile(r"mlp\.experts\.linear_fc(\d)\.weight(\d+)$"), r"mlp.experts.local_experts.\2.linear_fc\1.weight"),
 )
 _WEIGHT_BUFFERS = re.compile(r"\.router\.expert_bias$")

@@ -27,6 +27,9 @@ CASES = [
     ("llama3-rope", ["single", "pp2"]),
     ("llama-1-kv-head", ["tp2"]),
     ("glm4-moe-variant", ["single", "tp2-sp"]),
+    # Multi-latent attention, sigmoid routing with expert bias, group-limited top-k, shared experts.
+    ("bundled:tiny-deepseek-v3", ["single", "tp2-sp", "pp2", "ep2"]),
+    ("moonlight", ["single", "tp2-sp"]),
 ]
 
 

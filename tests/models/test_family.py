@@ -62,7 +62,7 @@ def test_every_problem_is_named_at_once():
 def test_the_families_of_the_test_models_accept_them(name):
     config = CONFIGS[name]()
     config.architectures = [transformers.AutoModelForCausalLM._model_mapping[type(config)].__name__]
-    assert checked_family(config).name in ("llama", "qwen2", "qwen3", "qwen3_moe", "glm4_moe")
+    assert checked_family(config).name in ("llama", "qwen2", "qwen3", "qwen3_moe", "glm4_moe", "deepseek_v3")
 
 
 def test_rotary_frequencies_are_transformers_own_with_llama3_scaling():
