@@ -17,6 +17,9 @@ CASES = [
 ] + [
     # Sigmoid router with an expert bias, group-limited top-k, a shared expert, a first dense layer.
     ("bundled:tiny-glm4-moe", layout) for layout in ["single", "ep2", "tp2-sp"]
+] + [
+    # Multi-latent attention in front of the same kind of router.
+    ("bundled:tiny-deepseek-v3", layout) for layout in ["single", "tp2-ep2-etp1"]
 ]
 LOG_PROB_TOLERANCE = 1e-5
 
