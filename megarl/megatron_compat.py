@@ -2,7 +2,8 @@
 
 Without Transformer Engine (any machine), :func:`fix_missing_transformer_engine` repairs the
 places megatron-core 0.16.1 breaks: the MoE router's gating GEMM reads a name, ``te_general_gemm``,
-that is only bound when TE imports; and loading a fully reshardable distributed-optimizer
+that is only bound when TE imports; multi-latent attention checks its output projection against
+TE's ``TELinear``, a mock without TE, and raises; and loading a fully reshardable distributed-optimizer
 checkpoint into torch's Adam (the optimizer used without TE or apex) copies a ``step`` entry that
 the checkpoint keeps elsewhere, and gives every parameter the same ``step`` tensor, which Adam
 then advances once per parameter at each step.
@@ -314,13 +315,18 @@ def lean_megatron_import():
 
 def fix_missing_transformer_engine() -> None:
     """Repair megatron-core's paths without TE (idempotent): bind ``te_general_gemm = None`` in the
-    MoE utilities so the router takes its torch path instead of raising ``NameError``, and keep
+    MoE utilities so the router takes its torch path instead of raising ``NameError``, tell
+    multi-latent attention that TE is absent (it takes TE's mock classes for real ones), and keep
     torch Adam's ``step`` (one tensor per parameter) when loading distributed-optimizer checkpoints."""
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+    from megatron.core.transformer import multi_latent_attention
     from megatron.core.transformer.moe import moe_utils
 
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
+    # Megatron's TE extension imports without TE (its classes are mocks), so multi-latent
+    # attention believes TE is there and calls isinstance() with a mock, which raises.
+    multi_latent_attention.HAVE_TE = False
     set_states = DistributedOptimizer._set_main_param_and_optimizer_states
     if not getattr(set_states, "megarl_patched", False):
         DistributedOptimizer._set_main_param_and_optimizer_states = _keep_adam_step(set_states)

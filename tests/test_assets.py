@@ -20,7 +20,7 @@ from tests.distributed import REPO
 pytestmark = pytest.mark.cpu
 
 ASSETS = PACKAGE_DIR / "assets"
-MODELS = ["tiny-dense", "tiny-moe", "tiny-qwen2-moe"]
+MODELS = ["tiny-dense", "tiny-moe", "tiny-qwen2-moe", "tiny-glm4-moe", "tiny-deepseek-v3"]
 
 
 VERSION_STAMPS = {"transformers_version"}
@@ -114,6 +114,23 @@ def test_moe_asset_shape():
     assert config["num_local_experts"] >= 8 and config["num_experts_per_tok"] == 2
     qwen2_moe = json.loads((resolve_model_path("bundled:tiny-qwen2-moe") / "config.json").read_text())
     assert qwen2_moe["shared_expert_intermediate_size"] > 0
+    glm = json.loads((resolve_model_path("bundled:tiny-glm4-moe") / "config.json").read_text())
+    # Group-limited routing, a dense first layer, half the head dims rotary.
+    assert glm["n_group"] > glm["topk_group"] and glm["first_k_dense_replace"] == 1
+    assert glm["rope_parameters"]["partial_rotary_factor"] == 0.5 and glm["n_shared_experts"] == 1
+    bias = load_file(resolve_model_path("bundled:tiny-glm4-moe") / "model.safetensors")["model.layers.1.mlp.gate.e_score_correction_bias"]
+    assert (bias != 0).all()
+
+
+def test_deepseek_v3_asset_routes_with_groups_and_a_non_zero_expert_bias():
+    directory = resolve_model_path("bundled:tiny-deepseek-v3")
+    config = json.loads((directory / "config.json").read_text())
+    assert config["q_lora_rank"] and config["first_k_dense_replace"] == 1 and config["routed_scaling_factor"] != 1
+    assert config["topk_group"] < config["n_group"] and config["n_shared_experts"] == 1
+    with safe_open(directory / "model.safetensors", "pt") as checkpoint:
+        biases = [checkpoint.get_tensor(name) for name in checkpoint.keys() if name.endswith("e_score_correction_bias")]
+    assert len(biases) == config["num_hidden_layers"] - 1 and all(bias.abs().min() > 0 for bias in biases)
+    assert (directory / "model.safetensors").stat().st_size < 2**20
 
 
 def load_rows(name):

@@ -754,6 +754,38 @@ def test_recipe_for_qwen3_30b_a3b_fits_8_gpus():
         validate(config, 4, QWEN3_30B_A3B)
 
 
+MOONLIGHT_16B_A3B = {
+    "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "vocab_size": 163840, "hidden_size": 2048,
+    "intermediate_size": 11264, "moe_intermediate_size": 1408, "num_hidden_layers": 27, "num_attention_heads": 16,
+    "num_key_value_heads": 16, "n_shared_experts": 2, "n_routed_experts": 64, "num_experts_per_tok": 6,
+    "routed_scaling_factor": 2.446, "kv_lora_rank": 512, "q_lora_rank": None, "qk_rope_head_dim": 64,
+    "v_head_dim": 128, "qk_nope_head_dim": 128, "n_group": 1, "topk_group": 1, "first_k_dense_replace": 1,
+    "norm_topk_prob": True, "scoring_func": "sigmoid", "topk_method": "noaux_tc", "hidden_act": "silu",
+    "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 50000.0, "rope_scaling": None,
+    "attention_bias": False, "num_nextn_predict_layers": 0, "tie_word_embeddings": False, "bos_token_id": 163584,
+    "eos_token_id": 163585, "torch_dtype": "bfloat16",
+}
+"""Moonlight-16B-A3B's published config.json (the model itself is not downloaded here)."""
+
+
+def test_recipe_for_moonlight_16b_a3b_fits_8_gpus(tmp_path):
+    import transformers
+
+    from megarl.models.families import checked_family
+
+    (tmp_path / "config.json").write_text(json.dumps(MOONLIGHT_16B_A3B))
+    facts = ModelFacts.from_hf_dir(tmp_path)
+    assert (facts.num_experts, facts.latent_widths) == (64, (576,))
+    config = load_config(REPO / "configs" / "recipes" / "moonlight_16b_a3b_8xh100.yaml")
+    validate(config, 8, facts)
+    assert config.parallel.data_parallel(8) == 4
+    assert config.data.max_prompt_length + config.data.max_response_length <= facts.max_position_embeddings
+    with pytest.raises(ConfigError, match="world size"):
+        validate(config, 4, facts)
+    # megarl's DeepSeek-V3 family builds this model exactly (no option it refuses).
+    assert checked_family(transformers.AutoConfig.from_pretrained(tmp_path)).name == "deepseek_v3"
+
+
 def test_tis_and_icepop_together_are_refused():
     with pytest.raises(ConfigError, match=r"`algorithm.icepop` and algorithm.tis are both true: .* pick one"):
         load_config(None, ["algorithm.tis=true", "algorithm.icepop=true"])

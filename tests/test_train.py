@@ -165,6 +165,40 @@ def test_tensor_parallel_run_with_dynamic_sampling_trains_and_updates_the_engine
         assert weights.get_tensor("model.layers.0.self_attn.o_proj.weight").tolist() == report["weights"]["after_1"]
 
 
+@pytest.mark.multirank
+def test_glm_run_streams_the_expert_bias_that_megatron_balances(tmp_path):
+    # With model.moe_router_bias_update_rate the routers' expert bias moves by the rate per
+    # optimizer step (2 per RL step here) towards equal load; the engine gets it with the weights
+    # and routes as the trainer does.
+    rate = 0.01
+    report, rows = train(
+        tmp_path, "glm",
+        ["model.path=bundled:tiny-glm4-moe", "train.steps=2", f"model.moe_router_bias_update_rate={rate}"],
+        nproc=1, hooks=["--watch", "model.layers.1.mlp.gate.e_score_correction_bias"],
+    )
+    assert report["completed"] and len(rows) == 2
+    assert_finite(rows)
+    assert all(row["mismatch/logprob_diff_abs_max"] <= MISMATCH_TOLERANCE for row in rows)
+    weights = report["weights"]
+    for before, after in ((weights["initial"], weights["after_0"]), (weights["after_0"], weights["after_1"])):
+        moves = [abs(new - old) for old, new in zip(before, after)]
+        assert 0 < max(moves) <= 2 * rate + 1e-6, moves
+
+
+@pytest.mark.multirank
+def test_deepseek_v3_trains_under_expert_parallelism_and_updates_the_engine(tmp_path):
+    # Dynamic sampling keeps only groups with a reward signal: every step has a gradient.
+    report, rows = train(
+        tmp_path, "deepseek-v3", ["model.path=bundled:tiny-deepseek-v3", "parallel.expert=2", "train.steps=2", "algorithm.dynamic_sampling=true"]
+    )
+    assert report["completed"] and len(rows) == 2
+    assert_finite(rows)
+    assert all(row["mismatch/logprob_diff_abs_max"] <= MISMATCH_TOLERANCE for row in rows)
+    # The multi-latent attention's output projection, as the engine holds it.
+    assert report["weights"]["after_0"] != report["weights"]["initial"]
+    assert report["weights"]["after_1"] != report["weights"]["after_0"]
+
+
 WORKERS = REPO / "tests" / "workers"
 
 

@@ -5,7 +5,12 @@
 
 - ``tokenizer/``: a word-level HF tokenizer (each digit a token) with a Qwen-style chat template.
 - ``models/tiny-dense`` (Qwen3: GQA, q/k norm, tied embeddings), ``models/tiny-moe`` (Qwen3-MoE:
-  8 experts, top 2) and ``models/tiny-qwen2-moe`` (Qwen2-MoE with a gated shared expert), fp32.
+  8 experts, top 2), ``models/tiny-qwen2-moe`` (Qwen2-MoE with a gated shared expert),
+  ``models/tiny-glm4-moe`` (GLM-4.5: q/k/v biases, q/k norm, half the head dims rotary, a dense
+  first layer, then a sigmoid router with a random expert bias choosing the top 2 of 8 experts in
+  1 of 2 groups, and a shared expert) and ``models/tiny-deepseek-v3`` (DeepSeek-V3: multi-latent
+  attention, one dense layer, then 8 experts top 2 in 2 groups of which 1 is kept, a shared
+  expert, a random expert bias), fp32.
 - ``data/toy/{train,val}.jsonl``: the toy task, the largest of three digits (800 train and 200
   validation prompts, disjoint), which a random tiny model answers right about one time in ten and
   GRPO teaches it in about a hundred steps; the answer needs comparing the digits, not copying one.
@@ -82,7 +87,9 @@ FIRST_VOCABULARY = len(SPECIAL_TOKENS) + 10 + len(WORDS)
 
 
 def fill_deterministically(model: torch.nn.Module, seed: int) -> None:
-    """Norm weights 1, biases and everything else N(0, INIT_STD) from one seeded generator.
+    """Norm weights 1, biases and everything else N(0, INIT_STD) from one seeded generator; after
+    the parameters, the routers' expert bias (``e_score_correction_bias``, a buffer that
+    transformers initialises to 0) from the same generator, so that a dropped bias shows.
 
     The rows of tokens added after the first release (embeddings, output layer) come from a second
     generator, so every weight the first release had, the rows of its tokens included, keeps its
@@ -100,6 +107,9 @@ def fill_deterministically(model: torch.nn.Module, seed: int) -> None:
                 param.copy_(torch.cat([first, added]) * INIT_STD)
             else:
                 param.copy_(torch.randn(param.shape, generator=generator) * INIT_STD)
+        for name, buffer in sorted(model.named_buffers()):
+            if name.endswith("e_score_correction_bias"):
+                buffer.copy_(torch.randn(buffer.shape, generator=generator) * INIT_STD)
 
 
 def model_configs(vocab_size: int, eos: int, pad: int) -> dict[str, transformers.PretrainedConfig]:
@@ -129,6 +139,19 @@ def model_configs(vocab_size: int, eos: int, pad: int) -> dict[str, transformers
             **common, num_hidden_layers=2, intermediate_size=128, moe_intermediate_size=32,
             shared_expert_intermediate_size=64, num_experts=8, num_experts_per_tok=2,
             norm_topk_prob=False, rope_theta=10000.0, tie_word_embeddings=False,
+        ),
+        "tiny-glm4-moe": transformers.Glm4MoeConfig(
+            **common, num_hidden_layers=4, head_dim=16, intermediate_size=128, moe_intermediate_size=16,
+            n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1, n_shared_experts=1,
+            first_k_dense_replace=1, routed_scaling_factor=2.5, norm_topk_prob=True, partial_rotary_factor=0.5,
+            attention_bias=True, use_qk_norm=True, num_mtp_layers=0, rope_theta=10000.0, tie_word_embeddings=False,
+        ),
+        "tiny-deepseek-v3": transformers.DeepseekV3Config(
+            **{**common, "num_key_value_heads": 4}, num_hidden_layers=4, intermediate_size=128,
+            q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+            first_k_dense_replace=1, n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1,
+            n_shared_experts=1, moe_intermediate_size=32, routed_scaling_factor=2.5, norm_topk_prob=True,
+            num_nextn_predict_layers=0, rope_theta=10000.0, tie_word_embeddings=False,
         ),
     }
 

@@ -48,6 +48,23 @@ class ModelConfig(Section):
     moe_aux_loss_coeff: Annotated[float, Range(ge=0)] = 0.0
     """Load-balancing auxiliary loss coefficient; 0 disables it, as RL fine-tuning usually does
     (Megatron/slime: --moe-aux-loss-coeff)."""
+    moe_router_load_balancing_type: Literal["aux_loss", "seq_aux_loss", "global_aux_loss"] = "aux_loss"
+    """Which load-balancing loss ``moe_aux_loss_coeff`` weighs: over the micro-batch's tokens, per
+    sequence (DeepSeek-V3), or over the global batch (Megatron/slime:
+    --moe-router-load-balancing-type)."""
+    moe_z_loss_coeff: Annotated[Optional[float], Range(gt=0)] = None
+    """Router z-loss coefficient (ST-MoE: keeps router logits small); null disables it
+    (Megatron/slime: --moe-z-loss-coeff)."""
+    moe_expert_capacity_factor: Annotated[Optional[float], Range(gt=0)] = None
+    """Tokens an expert takes, as a multiple of its even share; the rest are dropped (counted in
+    ``moe/tokens_dropped``). null: no limit, no token dropped (Megatron/slime:
+    --moe-expert-capacity-factor)."""
+    moe_router_bias_update_rate: Annotated[float, Range(ge=0)] = 0.0
+    """Aux-loss-free load balancing of routers with an expert bias (DeepSeek-V3, GLM-4.5): after each
+    optimizer step Megatron moves every expert's bias by this much towards equal load
+    (``bias += rate * sign(mean load - load)``). 0 keeps the checkpoint's bias, so the policy routes
+    as it was pretrained to; DeepSeek-V3 pretrained with 1e-3, Megatron's default. Other models
+    have no expert bias and ignore it (Megatron/slime: --moe-router-bias-update-rate)."""
     seed: int = 1234
     """Seed of weight initialisation (new heads) and Megatron's RNG tracker (slime: --seed)."""
 
@@ -116,6 +133,9 @@ class ModelFacts:
     """Vocabulary entries (before Megatron pads it)."""
     max_position_embeddings: int
     """Longest sequence the position embedding covers, tokens."""
+    latent_widths: tuple[int, ...] = ()
+    """Output widths of the multi-latent attention down projections (DeepSeek-V3: ``q_lora_rank``
+    when set, ``kv_lora_rank + qk_rope_head_dim``), which TP splits; empty without MLA."""
 
     @classmethod
     def from_hf_dir(cls, path: str | Path) -> ModelFacts:
@@ -145,7 +165,16 @@ class ModelFacts:
             num_experts=experts,
             vocab_size=hf_config["vocab_size"],
             max_position_embeddings=hf_config["max_position_embeddings"],
+            latent_widths=_latent_widths(hf_config),
         )
+
+
+def _latent_widths(hf_config: dict) -> tuple[int, ...]:
+    """:attr:`ModelFacts.latent_widths` of a config.json's fields."""
+    if hf_config.get("kv_lora_rank") is None:
+        return ()
+    query = (hf_config["q_lora_rank"],) if hf_config.get("q_lora_rank") is not None else ()
+    return (*query, hf_config["kv_lora_rank"] + hf_config.get("qk_rope_head_dim", 0))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -223,6 +252,18 @@ def layout_errors(
         errors.append(
             f"{name('tensor')} ({tp}) and the model's query groups (num_key_value_heads, {groups}) must divide one "
             f"another: set {spelling.names['tensor']} to {_one_of(fitting)}"
+        )
+    if model_facts.latent_widths and any(width % tp for width in model_facts.latent_widths):
+        fitting = [size for size in _divisors(heads) if all(width % size == 0 for width in model_facts.latent_widths)]
+        errors.append(
+            f"{name('tensor')} ({tp}) must divide the widths of the model's multi-latent attention down projections "
+            f"(q_lora_rank, kv_lora_rank + qk_rope_head_dim: {', '.join(map(str, model_facts.latent_widths))}): "
+            f"set {spelling.names['tensor']} to {_one_of(fitting)}"
+        )
+    if model_facts.latent_widths and parallel.context > 1:
+        errors.append(
+            f"{name('context')} ({parallel.context}) > 1 is not available for multi-latent attention models "
+            f"(DeepSeek-V3) in megarl: set {setting('context', 1)}"
         )
     if model_facts.num_experts == 0:
         if ep > 1:

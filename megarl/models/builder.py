@@ -10,10 +10,10 @@ import torch
 from megatron.core.models.gpt import GPTModel
 from megatron.core.pipeline_parallel.utils import is_vp_first_stage, is_vp_last_stage
 from megatron.core.process_groups_config import ProcessGroupCollection
-from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
 from megarl.models.families import checked_family
-from megarl.models.family import rope_theta, rotary_inv_freq
+from megarl.models.family import partial_rotary_factor, rope_theta, rotary_inv_freq
 from megarl.models.specs import Backend, decoder_block_spec
 from megarl.config import DTYPE_NAMES, ParallelConfig
 from megarl.platform import current_device
@@ -104,9 +104,10 @@ def model_spec(
         "batch_p2p_comm": not on_cpu,
     }
     fields.update(overrides)
+    config_class = MLATransformerConfig if fields.get("multi_latent_attention") else TransformerConfig
     return ModelSpec(
         hf_config=hf_config,
-        transformer_config=TransformerConfig(**fields),
+        transformer_config=config_class(**fields),
         moe_layers=family.moe_layers(hf_config),
         padded_vocab_size=padded_vocab_size(hf_config.vocab_size, layout.tensor),
         attention_output_bias=family.attention_output_bias(hf_config),
@@ -151,10 +152,17 @@ def build_model(
             share_embeddings_and_output_weights=bool(getattr(hf_config, "tie_word_embeddings", False)),
             position_embedding_type="rope",
             rotary_base=rope_theta(hf_config),
+            rotary_percent=partial_rotary_factor(hf_config),
             pg_collection=pg_collection,
             vp_stage=stage,
         )
-        chunk.rotary_pos_emb.inv_freq.copy_(inv_freq)
+        if config.multi_latent_attention:
+            # Each multi-latent attention layer has its own rotary embedding (of the rotary part
+            # of its heads), GPTModel none.
+            for layer in chunk.decoder.layers:
+                layer.self_attention.rotary_pos_emb.inv_freq.copy_(inv_freq)
+        else:
+            chunk.rotary_pos_emb.inv_freq.copy_(inv_freq)
         chunks.append(chunk.to(device))
     return chunks
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import functools
 
+from megarl.models.deepseek_v3 import DEEPSEEK_V3
 from megarl.models.family import ModelFamily, UnsupportedModel
+from megarl.models.glm4_moe import GLM4_MOE
 from megarl.models.llama import LLAMA, QWEN2
 from megarl.models.qwen2_moe import QWEN2_MOE
 from megarl.models.qwen3 import QWEN3, QWEN3_MOE
 
-FAMILIES: tuple[ModelFamily, ...] = (LLAMA, QWEN2, QWEN3, QWEN3_MOE, QWEN2_MOE)
+FAMILIES: tuple[ModelFamily, ...] = (LLAMA, QWEN2, QWEN3, QWEN3_MOE, QWEN2_MOE, GLM4_MOE, DEEPSEEK_V3)
 """Every family, each serving the HF ``architectures`` it lists (no architecture twice: the first
 lookup refuses a table that breaks this)."""
 

@@ -12,13 +12,10 @@ value, naming it, so that a model is converted exactly or not at all.
 
 Llama-style decoders share :func:`decoder_fields`, :func:`decoder_weight_rules` and
 :data:`DECODER_OPTIONS` (``llama.py``: Llama, Qwen2; ``qwen3.py``: Qwen3, Qwen3-MoE;
-``qwen2_moe.py``). The next family,
-DeepSeek-V3, adds a module of its own: multi-latent attention (``multi_latent_attention=True`` with
-its q/kv LoRA ranks), MLA mapping rules (``linear_q_down_proj``, ``linear_kv_down_proj``,
-``linear_kv_up_proj`` ... from ``q_a_proj``, ``kv_a_proj_with_mqa``, ``kv_b_proj``), the
-sigmoid router with expert bias (``moe_router_score_function="sigmoid"``,
-``moe_router_enable_expert_bias``), group-limited routing and the first dense layers
-(``first_k_dense_replace``); the layer specs then need Megatron's MLA modules.
+``qwen2_moe.py``; ``glm4_moe.py``: GLM-4.5, with the MoE block of ``deepseek_moe.py``: sigmoid
+router with expert bias, group-limited routing, the first dense layers). DeepSeek-V3
+(``deepseek_v3.py``) keeps their fields, embedding rules (:func:`embedding_rules`) and MLP rules,
+with multi-latent attention in place of the fused q/k/v projection and the same MoE block.
 """
 
 from __future__ import annotations
@@ -87,6 +84,10 @@ class ModelFamily:
     attention_output_bias: Callable[[Any], bool] = lambda hf_config: False
     """HF config -> whether the attention output projection (``o_proj``) has a bias while the MLP
     has none (Megatron's ``add_bias_linear`` would give both one)."""
+    ignored_hf_tensors: Callable[[Any], tuple[str, ...]] = lambda hf_config: ()
+    """HF config -> name prefixes of checkpoint tensors that megarl loads past without building
+    them (multi-token-prediction layers): the loader accepts them, the exporter and the weight
+    stream never produce them."""
 
 
 def rope_parameters(hf_config) -> dict[str, Any]:
@@ -111,8 +112,10 @@ def rope_theta(hf_config) -> float:
 
 
 def rotary_inv_freq(hf_config):
-    """``[head_dim / 2]`` rotary frequencies exactly as transformers computes them for this config
+    """``[rotary_dim / 2]`` rotary frequencies exactly as transformers computes them for this config
     (the default, ``linear`` or ``llama3`` scaling); Megatron's rotary embedding then uses them.
+    ``rotary_dim`` is ``int(head_dim * partial_rotary_factor)``, as in transformers and in
+    Megatron's ``rotary_percent``.
 
     Scaled types come from transformers' own ``ROPE_INIT_FUNCTIONS``; the default is the one line
     of the models' ``compute_default_rope_parameters`` (``LlamaRotaryEmbedding``'s), written out
@@ -123,7 +126,8 @@ def rotary_inv_freq(hf_config):
 
     rope_type = _rope_type(hf_config)
     if rope_type == "default":
-        dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+        head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+        dim = int(head_dim * partial_rotary_factor(hf_config))
         inv_freq, attention_scaling = 1.0 / (rope_theta(hf_config) ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
     else:
         inv_freq, attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config)
@@ -139,7 +143,10 @@ def _rope_type(hf_config) -> str:
     return rope_parameters(hf_config).get("rope_type", "default")
 
 
-def _partial_rotary_factor(hf_config) -> float:
+def partial_rotary_factor(hf_config) -> float:
+    """The fraction of each head's dimensions that rotary embedding rotates (the first ones;
+    Megatron's ``rotary_percent``): ``partial_rotary_factor`` of ``rope_parameters`` or of the
+    config, 1 when neither has it."""
     return float(rope_parameters(hf_config).get("partial_rotary_factor", getattr(hf_config, "partial_rotary_factor", 1.0)))
 
 
@@ -160,7 +167,7 @@ DECODER_OPTIONS = (
     Option("mlp_bias", (False,), default=False),
     # Rope types that only change the frequencies: transformers' own are copied into Megatron.
     Option("rope type", ("default", "linear", "llama3"), read=_rope_type),
-    Option("partial_rotary_factor", (1.0,), read=_partial_rotary_factor),
+    Option("partial_rotary_factor", (1.0,), read=partial_rotary_factor),
     Option("attention layer types", ("full_attention",), read=_attention_layer_types),
 )
 """Options every Llama-style decoder family declares; each family adds its own."""
@@ -225,6 +232,22 @@ def qwen_moe_fields(hf_config) -> dict[str, Any]:
     }
 
 
+def embedding_rules(hf_config) -> list[Rule]:
+    """Mapping rules outside the decoder layers: the embedding, the final norm, the output layer."""
+    vocab = hf_config.vocab_size
+    return [
+        VocabParallel("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), vocab_size=vocab),
+        Replicated("decoder.final_layernorm.weight", ("model.norm.weight",)),
+        # With tied embeddings the last pipeline stage still holds its own copy of the embedding as
+        # the output layer; it loads from (and exports to) the same HF tensor.
+        VocabParallel(
+            "output_layer.weight",
+            ("model.embed_tokens.weight" if hf_config.tie_word_embeddings else "lm_head.weight",),
+            vocab_size=vocab,
+        ),
+    ]
+
+
 def decoder_weight_rules(
     hf_config,
     moe_layers: list[bool],
@@ -233,6 +256,7 @@ def decoder_weight_rules(
     proj_bias: bool = False,
     qk_norm: bool = False,
     shared_expert: bool = False,
+    moe_block_rules: Callable[[str, str], list[Rule]] | None = None,
 ) -> list[Rule]:
     """Mapping rules of a Llama-style decoder (Llama, Qwen2, Qwen3 and their MoE variants).
 
@@ -246,23 +270,14 @@ def decoder_weight_rules(
         proj_bias: the attention output projection has a bias (``attention_bias`` of Llama, Qwen3).
         qk_norm: per-head q/k RMSNorm (Qwen3).
         shared_expert: a shared expert with a sigmoid gate beside the routed experts (Qwen2-MoE).
+        moe_block_rules: the rules of an MoE layer's MLP from the Megatron and HF layer prefixes
+            (``decoder.layers.3.``, ``model.layers.3.``); None: Qwen's (:func:`qwen_moe_rules`).
     """
     heads = hf_config.num_attention_heads
     groups = getattr(hf_config, "num_key_value_heads", None) or heads
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
     qkv = dict(num_query_groups=groups, heads_per_group=heads // groups, head_dim=head_dim)
-    vocab = hf_config.vocab_size
-    rules: list[Rule] = [
-        VocabParallel("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), vocab_size=vocab),
-        Replicated("decoder.final_layernorm.weight", ("model.norm.weight",)),
-        # With tied embeddings the last pipeline stage still holds its own copy of the embedding as
-        # the output layer; it loads from (and exports to) the same HF tensor.
-        VocabParallel(
-            "output_layer.weight",
-            ("model.embed_tokens.weight" if hf_config.tie_word_embeddings else "lm_head.weight",),
-            vocab_size=vocab,
-        ),
-    ]
+    rules = embedding_rules(hf_config)
     for layer, is_moe in enumerate(moe_layers):
         mg, hf = f"decoder.layers.{layer}.", f"model.layers.{layer}."
         attention = [f"{hf}self_attn.{p}_proj" for p in "qkv"]
@@ -284,22 +299,46 @@ def decoder_weight_rules(
                 Replicated(f"{mg}self_attention.k_layernorm.weight", (f"{hf}self_attn.k_norm.weight",)),
             ]
         if not is_moe:
-            rules += [
-                FusedGateUp(f"{mg}mlp.linear_fc1.weight", (f"{hf}mlp.gate_proj.weight", f"{hf}mlp.up_proj.weight")),
-                RowParallel(f"{mg}mlp.linear_fc2.weight", (f"{hf}mlp.down_proj.weight",)),
-            ]
-            continue
-        expert_mg, expert_hf = f"{mg}mlp.experts.local_experts.{{expert}}.", f"{hf}mlp.experts.{{expert}}."
+            rules += swiglu_mlp_rules(f"{mg}mlp.", f"{hf}mlp.")
+        elif moe_block_rules is not None:
+            rules += moe_block_rules(mg, hf)
+        else:
+            rules += qwen_moe_rules(mg, hf, shared_expert=shared_expert)
+    return rules
+
+
+def swiglu_mlp_rules(mg_mlp: str, hf_mlp: str) -> list[Rule]:
+    """A SwiGLU MLP: HF's ``gate_proj`` and ``up_proj`` fused into Megatron's ``linear_fc1``,
+    ``down_proj`` as ``linear_fc2``.
+
+    Args:
+        mg_mlp: the Megatron module prefix (``decoder.layers.0.mlp.``, an expert's
+            ``decoder.layers.1.mlp.experts.local_experts.{expert}.``, ``...mlp.shared_experts.``).
+        hf_mlp: the HF module prefix (``model.layers.0.mlp.``, ``model.layers.1.mlp.experts.{expert}.``).
+    """
+    return [
+        FusedGateUp(f"{mg_mlp}linear_fc1.weight", (f"{hf_mlp}gate_proj.weight", f"{hf_mlp}up_proj.weight")),
+        RowParallel(f"{mg_mlp}linear_fc2.weight", (f"{hf_mlp}down_proj.weight",)),
+    ]
+
+
+def routed_expert_rules(mg_layer: str, hf_layer: str) -> list[Rule]:
+    """The router weight (HF ``mlp.gate``) and the routed experts of one MoE layer, templated on
+    ``{expert}``; ``mg_layer`` / ``hf_layer`` are the layer prefixes (``decoder.layers.1.``,
+    ``model.layers.1.``)."""
+    return [
+        Replicated(f"{mg_layer}mlp.router.weight", (f"{hf_layer}mlp.gate.weight",)),
+        *swiglu_mlp_rules(f"{mg_layer}mlp.experts.local_experts.{{expert}}.", f"{hf_layer}mlp.experts.{{expert}}."),
+    ]
+
+
+def qwen_moe_rules(mg_layer: str, hf_layer: str, *, shared_expert: bool) -> list[Rule]:
+    """A Qwen MoE layer's MLP: router and routed experts, and with ``shared_expert`` Qwen2-MoE's
+    shared expert and its sigmoid gate (``shared_expert_gate``)."""
+    rules = routed_expert_rules(mg_layer, hf_layer)
+    if shared_expert:
         rules += [
-            Replicated(f"{mg}mlp.router.weight", (f"{hf}mlp.gate.weight",)),
-            FusedGateUp(f"{expert_mg}linear_fc1.weight", (f"{expert_hf}gate_proj.weight", f"{expert_hf}up_proj.weight")),
-            RowParallel(f"{expert_mg}linear_fc2.weight", (f"{expert_hf}down_proj.weight",)),
+            *swiglu_mlp_rules(f"{mg_layer}mlp.shared_experts.", f"{hf_layer}mlp.shared_expert."),
+            Replicated(f"{mg_layer}mlp.shared_experts.gate_weight", (f"{hf_layer}mlp.shared_expert_gate.weight",)),
         ]
-        if shared_expert:
-            shared_mg, shared_hf = f"{mg}mlp.shared_experts.", f"{hf}mlp.shared_expert."
-            rules += [
-                FusedGateUp(f"{shared_mg}linear_fc1.weight", (f"{shared_hf}gate_proj.weight", f"{shared_hf}up_proj.weight")),
-                RowParallel(f"{shared_mg}linear_fc2.weight", (f"{shared_hf}down_proj.weight",)),
-                Replicated(f"{shared_mg}gate_weight", (f"{hf}mlp.shared_expert_gate.weight",)),
-            ]
     return rules

@@ -30,8 +30,15 @@ _IGNORED_HF_TENSORS = re.compile(r"\.rotary_emb\.inv_freq$")
 _TE_NAMES = (
     (re.compile(r"self_attention\.linear_qkv\.layer_norm_weight$"), "input_layernorm.weight"),
     (re.compile(r"mlp\.linear_fc1\.layer_norm_weight$"), "pre_mlp_layernorm.weight"),
+    # Multi-latent attention: the q and kv latents' norms, fused into their up projections.
+    (re.compile(r"self_attention\.linear_q_up_proj\.layer_norm_weight$"), "self_attention.q_layernorm.weight"),
+    (re.compile(r"self_attention\.linear_kv_up_proj\.layer_norm_weight$"), "self_attention.kv_layernorm.weight"),
     (re.compile(r"mlp\.experts\.linear_fc(\d)\.weight(\d+)$"), r"mlp.experts.local_experts.\2.linear_fc\1.weight"),
 )
+_WEIGHT_BUFFERS = re.compile(r"\.router\.expert_bias$")
+"""Buffers that are weights of the model: a sigmoid router's expert bias (HF's
+``e_score_correction_bias``) is no parameter (no gradient trains it) but part of the checkpoint,
+and the engines route with it."""
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 _LOCAL_EXPERT = re.compile(r"\.local_experts\.(\d+)\.")
 
@@ -78,7 +85,7 @@ def locate(local_name: str, chunk, ep_rank: int, num_local_experts: int) -> Para
     """Map a parameter name of a model chunk to its global layer and expert.
 
     Args:
-        local_name: the name in ``chunk.named_parameters()``.
+        local_name: the name in ``chunk.named_parameters()`` (or of a buffer, :func:`model_weights`).
         chunk: the GPTModel chunk holding it (its layers know their global numbers).
         ep_rank: this rank in the expert-parallel group.
         num_local_experts: experts per EP rank.
@@ -95,6 +102,16 @@ def locate(local_name: str, chunk, ep_rank: int, num_local_experts: int) -> Para
         expert = ep_rank * num_local_experts + int(expert_match.group(1))
         name = name[: expert_match.start()] + ".local_experts.{expert}." + name[expert_match.end() :]
     return ParamLocation(key=name, layer=layer, expert=expert)
+
+
+def model_weights(chunk) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` of a model chunk's parameters, then of its buffers that are weights
+    (:data:`_WEIGHT_BUFFERS`): what the loader fills, the exporter writes and the weight stream
+    sends."""
+    yield from chunk.named_parameters()
+    for name, buffer in chunk.named_buffers():
+        if _WEIGHT_BUFFERS.search(name):
+            yield name, buffer
 
 
 def expected_hf_names(hf_config) -> set[str]:
@@ -155,13 +172,16 @@ class HFCheckpoint:
     def check_names(self, hf_config) -> None:
         """Every tensor of the checkpoint is one the model reads, and every one it reads is here.
 
-        With tied embeddings transformers ignores a stored ``lm_head.weight``; so does megarl.
+        With tied embeddings transformers ignores a stored ``lm_head.weight``; so does megarl, and
+        it accepts the tensors the family loads past (``ignored_hf_tensors``: multi-token-prediction
+        layers).
 
         Raises:
             CheckpointError: naming the tensors the model would drop or lacks.
         """
         expected = expected_hf_names(hf_config)
-        stored = {name for name in self.files if not _IGNORED_HF_TENSORS.search(name)}
+        ignored = family_of(hf_config).ignored_hf_tensors(hf_config)
+        stored = {name for name in self.files if not _IGNORED_HF_TENSORS.search(name) and not name.startswith(ignored)}
         if getattr(hf_config, "tie_word_embeddings", False):
             stored.discard("lm_head.weight")
         unused, missing = sorted(stored - expected), sorted(expected - stored)
@@ -223,13 +243,14 @@ def shard_from_hf(checkpoint: HFCheckpoint, rule: Rule, param: torch.Tensor, ran
     return shard
 
 
-def local_parameters(chunks, spec, pg_collection) -> Iterator[tuple[ParamLocation, str, torch.nn.Parameter, Rule]]:
-    """Every parameter of this rank's chunks with its global location and its (filled-in) rule."""
+def local_parameters(chunks, spec, pg_collection) -> Iterator[tuple[ParamLocation, str, torch.Tensor, Rule]]:
+    """Every weight of this rank's chunks (:func:`model_weights`: the parameters and the routers'
+    expert bias) with its global location and its (filled-in) rule."""
     rules = {rule.megatron: rule for rule in family_of(spec.hf_config).weight_rules(spec.hf_config)}
     experts = spec.transformer_config.num_moe_experts or 0
     num_local_experts = experts // pg_collection.ep.size() if experts else 0
     for chunk in chunks:
-        for name, param in chunk.named_parameters():
+        for name, param in model_weights(chunk):
             location = locate(name, chunk, pg_collection.ep.rank(), num_local_experts)
             if location.key not in rules:
                 raise KeyError(

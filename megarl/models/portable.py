@@ -139,8 +139,9 @@ class PortableAttention(MegatronModule):
     """Core attention (softmax(QK^T)V) in plain torch, with GQA and context parallelism.
 
     Drop-in for Megatron's ``core_attention`` slot: same constructor and forward signature as
-    ``DotProductAttention``. Inputs ``query: [sq, b, np, hn]``, ``key/value: [sk, b, ng, hn]``
-    (heads local to this TP rank); output ``[sq, b, np * hn]``.
+    ``DotProductAttention``. Inputs ``query: [sq, b, np, hk]``, ``key: [sk, b, ng, hk]``,
+    ``value: [sk, b, ng, hv]`` (heads local to this TP rank; ``hk != hv`` under multi-latent
+    attention); output ``[sq, b, np * hv]``.
     """
 
     def __init__(
@@ -151,6 +152,8 @@ class PortableAttention(MegatronModule):
         attention_type: str,
         attention_dropout: float | None = None,
         softmax_scale: float | None = None,
+        k_channels: int | None = None,
+        v_channels: int | None = None,
         cp_comm_type: str | None = None,
         pg_collection=None,
     ):
@@ -158,8 +161,10 @@ class PortableAttention(MegatronModule):
         self.layer_number = layer_number
         self.attn_mask_type = attn_mask_type
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
-        head_dim = config.kv_channels
-        self.softmax_scale = softmax_scale if softmax_scale is not None else head_dim**-0.5
+        # Multi-latent attention gives queries and keys a wider head than values (k_channels,
+        # v_channels) and passes its softmax scale; scaled_dot_product_attention takes any widths.
+        key_head_dim = k_channels if k_channels is not None else config.kv_channels
+        self.softmax_scale = softmax_scale if softmax_scale is not None else key_head_dim**-0.5
         if pg_collection is not None and getattr(pg_collection, "cp", None) is not None:
             self.cp_group = pg_collection.cp
         else:

@@ -3,7 +3,8 @@
 The portable spec keeps Megatron's own attention, MLP, MoE and parallel linear layers and swaps in
 :class:`~megarl.models.portable.PortableNorm` and
 :class:`~megarl.models.portable.PortableAttention`, which add the sequence- and context-parallel
-support that Megatron's torch fallbacks lack.
+support that Megatron's torch fallbacks lack. Multi-latent attention (DeepSeek-V3) is Megatron's
+``MLASelfAttention`` in both backends (:func:`portable_mla_spec`, :func:`te_mla_spec`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParall
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.multi_latent_attention import MLASelfAttention, MLASelfAttentionSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import (
     TransformerBlockSubmodules,
@@ -72,33 +74,63 @@ def with_bias(linear: type) -> type:
     return LinearWithBias
 
 
-def portable_layer_spec(
-    num_experts: int | None, moe_grouped_gemm: bool, qk_layernorm: bool, attention_output_bias: bool = False
-) -> ModuleSpec:
-    """A transformer layer built from Megatron's modules plus the portable norm and attention.
+def portable_attention_spec(qk_layernorm: bool, attention_output_bias: bool = False) -> ModuleSpec:
+    """Megatron's self-attention (fused q/k/v projection) with the portable core attention.
 
     Args:
-        num_experts: experts of this layer's MoE block; None for a dense MLP.
-        moe_grouped_gemm: grouped expert weights (``GroupedMLP``) instead of one module per expert.
         qk_layernorm: normalise queries and keys per head (Qwen3).
         attention_output_bias: the attention output projection has a bias (:func:`with_bias`).
     """
     qk_norm = PortableNorm if qk_layernorm else IdentityOp
     return ModuleSpec(
+        module=SelfAttention,
+        params={"attn_mask_type": AttnMaskType.causal},
+        submodules=SelfAttentionSubmodules(
+            linear_qkv=ColumnParallelLinear,
+            core_attention=PortableAttention,
+            linear_proj=with_bias(RowParallelLinear) if attention_output_bias else RowParallelLinear,
+            q_layernorm=qk_norm,
+            k_layernorm=qk_norm,
+        ),
+    )
+
+
+def portable_mla_spec() -> ModuleSpec:
+    """Megatron's multi-latent attention (DeepSeek-V3) with the portable norms and core attention.
+
+    Every projection is tensor-parallel, the down projections too (Megatron gathers their
+    output), so one set of mapping rules serves this spec and the TE one (:func:`te_mla_spec`).
+    """
+    return ModuleSpec(
+        module=MLASelfAttention,
+        params={"attn_mask_type": AttnMaskType.causal},
+        submodules=MLASelfAttentionSubmodules(
+            linear_q_proj=ColumnParallelLinear,
+            linear_q_down_proj=ColumnParallelLinear,
+            linear_q_up_proj=ColumnParallelLinear,
+            linear_kv_down_proj=ColumnParallelLinear,
+            linear_kv_up_proj=ColumnParallelLinear,
+            core_attention=PortableAttention,
+            linear_proj=RowParallelLinear,
+            q_layernorm=PortableNorm,
+            kv_layernorm=PortableNorm,
+        ),
+    )
+
+
+def portable_layer_spec(num_experts: int | None, moe_grouped_gemm: bool, self_attention: ModuleSpec) -> ModuleSpec:
+    """A transformer layer built from Megatron's modules plus the portable norm and attention.
+
+    Args:
+        num_experts: experts of this layer's MoE block; None for a dense MLP.
+        moe_grouped_gemm: grouped expert weights (``GroupedMLP``) instead of one module per expert.
+        self_attention: :func:`portable_attention_spec` or :func:`portable_mla_spec`.
+    """
+    return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
             input_layernorm=PortableNorm,
-            self_attention=ModuleSpec(
-                module=SelfAttention,
-                params={"attn_mask_type": AttnMaskType.causal},
-                submodules=SelfAttentionSubmodules(
-                    linear_qkv=ColumnParallelLinear,
-                    core_attention=PortableAttention,
-                    linear_proj=with_bias(RowParallelLinear) if attention_output_bias else RowParallelLinear,
-                    q_layernorm=qk_norm,
-                    k_layernorm=qk_norm,
-                ),
-            ),
+            self_attention=self_attention,
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=PortableNorm,
             mlp=get_mlp_module_spec_for_backend(
@@ -111,9 +143,30 @@ def portable_layer_spec(
     )
 
 
+def te_mla_spec(num_experts: int | None, moe_grouped_gemm: bool) -> ModuleSpec:
+    """Megatron's Transformer Engine layer with multi-latent attention, its q/kv norms fused into
+    the up projections (``linear_q_up_proj.layer_norm_weight``), and column-parallel down
+    projections (TE's default keeps them whole on every rank) so that the mapping rules are those
+    of :func:`portable_mla_spec`."""
+    from megatron.core.extensions.transformer_engine import TEColumnParallelLinear
+
+    spec = get_gpt_layer_with_transformer_engine_spec(
+        num_experts=num_experts, moe_grouped_gemm=moe_grouped_gemm, qk_layernorm=True, multi_latent_attention=True
+    )
+    attention = spec.submodules.self_attention.submodules
+    attention.linear_q_down_proj = TEColumnParallelLinear
+    attention.linear_kv_down_proj = TEColumnParallelLinear
+    return spec
+
+
 def layer_spec(config: TransformerConfig, is_moe: bool, backend: Backend, attention_output_bias: bool = False) -> ModuleSpec:
-    """The spec of one decoder layer (dense or MoE) for ``backend``."""
+    """The spec of one decoder layer (dense or MoE; multi-latent attention when
+    ``config.multi_latent_attention``) for ``backend``."""
     num_experts = config.num_moe_experts if is_moe else None
+    if config.multi_latent_attention:
+        if backend == "te":
+            return te_mla_spec(num_experts, config.moe_grouped_gemm)
+        return portable_layer_spec(num_experts, config.moe_grouped_gemm, portable_mla_spec())
     if backend == "te":
         spec = get_gpt_layer_with_transformer_engine_spec(
             num_experts=num_experts,
@@ -124,7 +177,9 @@ def layer_spec(config: TransformerConfig, is_moe: bool, backend: Backend, attent
             attention = spec.submodules.self_attention.submodules
             attention.linear_proj = with_bias(attention.linear_proj)
         return spec
-    return portable_layer_spec(num_experts, config.moe_grouped_gemm, config.qk_layernorm, attention_output_bias)
+    return portable_layer_spec(
+        num_experts, config.moe_grouped_gemm, portable_attention_spec(config.qk_layernorm, attention_output_bias)
+    )
 
 
 def decoder_block_spec(

@@ -70,9 +70,8 @@ class ScoredSample:
     """Per response token, whether the loss trains on it; None: every one
     (``rollout.mask_offpolicy_in_partial_rollout`` leaves out the tokens of older weights)."""
     routed_experts: np.ndarray | None = None
-    """``[N, num_layers, topk]`` uint8 or int16: the engine's routed experts of tokens ``[0, N)`` of
-    prompt + response (``Sample.routed_experts``; a trajectory's: its last model turn's), N at most
-    ``len(prompt_ids) + len(response_ids) - 1``; None unless ``algorithm.routing_replay`` is r3."""
+    """``[N, num_hidden_layers, k]`` the experts the engine routed tokens ``0 .. N-1`` of prompt +
+    response to (``Sample.routed_experts``); None when the engine was not asked for them."""
 
     @property
     def truncated(self) -> bool:
@@ -95,6 +94,9 @@ class TrainBatch:
             the engine, then what the trainer adds (``old_log_probs``, ``ref_log_probs``,
             ``values``, ``advantages``, ``returns``, ``loss_weights``).
         pad_multiple: ``S`` and every micro-batch's length are multiples of it.
+        routed_experts: ``[B, S, L, k]`` the experts each token is routed to in each of the model's
+            ``L`` MoE layers (token space: row ``t`` is token ``t``), uint8 (int32 beyond 256
+            experts), for routing replay; None without it (:func:`pack_routed_experts`).
     """
 
     tokens: torch.Tensor
@@ -105,11 +107,19 @@ class TrainBatch:
     truncated: torch.Tensor
     token_values: dict[str, torch.Tensor]
     pad_multiple: int
+    routed_experts: torch.Tensor | None = None
 
     @classmethod
-    def from_scored(cls, samples: Sequence[ScoredSample], *, pad_token_id: int, pad_multiple: int) -> TrainBatch:
-        """Pack scored samples (:meth:`from_samples`; the scores stay with the caller)."""
-        return cls.from_samples(
+    def from_scored(
+        cls, samples: Sequence[ScoredSample], *, pad_token_id: int, pad_multiple: int, routing: tuple[Sequence[int], int] | None = None
+    ) -> TrainBatch:
+        """Pack scored samples (:meth:`from_samples`; the scores stay with the caller).
+
+        Args:
+            routing: ``(moe_layers, num_experts)`` to pack the samples' routed experts
+                (:func:`pack_routed_experts`); None leaves ``routed_experts`` None.
+        """
+        batch = cls.from_samples(
             [sample.prompt_ids for sample in samples],
             [sample.response_ids for sample in samples],
             [sample.rollout_log_probs for sample in samples],
@@ -119,6 +129,11 @@ class TrainBatch:
             pad_multiple=pad_multiple,
             loss_masks=[sample.loss_mask for sample in samples],
         )
+        if routing is not None:
+            moe_layers, num_experts = routing
+            arrays = [sample.routed_experts for sample in samples]
+            batch.routed_experts = pack_routed_experts(arrays, batch.sequence_lengths, batch.tokens.shape[1], moe_layers, num_experts)
+        return batch
 
     @classmethod
     def from_samples(
@@ -179,7 +194,11 @@ class TrainBatch:
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor of the batch by name (``token_values`` as ``token_values/<name>``): what
         :meth:`from_tensors` takes back, e.g. after a broadcast."""
-        fields = {field.name: getattr(self, field.name) for field in dataclasses.fields(self) if field.name not in ("token_values", "pad_multiple")}
+        fields = {
+            field.name: getattr(self, field.name)
+            for field in dataclasses.fields(self)
+            if field.name not in ("token_values", "pad_multiple") and getattr(self, field.name) is not None
+        }
         return {**fields, **{f"token_values/{name}": values for name, values in self.token_values.items()}}
 
     @classmethod
@@ -195,7 +214,8 @@ class TrainBatch:
         Returns:
             ``tokens``, ``position_ids``, ``labels`` (the next token), ``response_mask`` and each of
             ``fields``, all ``[b, s]`` (``s`` this rank's columns); ``rows [b]`` and ``columns [s]``
-            (where they sit in the batch); ``response_lengths [b]`` (whole responses).
+            (where they sit in the batch); ``response_lengths [b]`` (whole responses) and
+            ``sequence_lengths [b]``; with routing replay ``routed_experts [b, s, L, k]``.
         """
         rows = torch.as_tensor(list(rows), dtype=torch.int64)
         length = _round_up(int(self.sequence_lengths[rows].max()), self.pad_multiple)
@@ -210,14 +230,56 @@ class TrainBatch:
             "rows": rows,
             "columns": columns,
             "response_lengths": self.response_lengths[rows],
+            "sequence_lengths": self.sequence_lengths[rows],
         }
         for name in fields:
             batch[name] = self.token_values[name][rows][:, columns]
+        if self.routed_experts is not None:
+            batch["routed_experts"] = self.routed_experts[rows][:, columns]
         return batch
 
     def empty_token_values(self) -> torch.Tensor:
         """Zeros shaped like a per-token value, ``[B, S]`` float32."""
         return torch.zeros(self.tokens.shape, dtype=torch.float32)
+
+
+def pack_routed_experts(arrays: Sequence[np.ndarray | None], sequence_lengths: torch.Tensor, length: int, moe_layers: Sequence[int], num_experts: int) -> torch.Tensor:
+    """The routed experts of a batch's samples as one ``[B, S, L, k]`` tensor (``L`` MoE layers).
+
+    Args:
+        arrays: per sample, the engine's ``[N, num_hidden_layers, k]`` experts of tokens ``0 .. N-1``
+            (SGLang's ``routed_experts``: every token but the last one generated).
+        sequence_lengths: ``[B]`` prompt + response tokens of each sample.
+        length: ``S``, the batch's padded length.
+        moe_layers: the indices of the model's MoE layers among its ``num_hidden_layers``.
+        num_experts: routed experts per MoE layer.
+
+    Tokens an array does not cover (the last one, padding) route to experts ``0 .. k-1``: under
+    causal attention no trained log-prob depends on them.
+
+    Raises:
+        ValueError: a sample without routed experts, or with an array of the wrong shape or with
+            experts out of range, naming the sample.
+    """
+    if not arrays or arrays[0] is None:
+        raise ValueError("sample 0 has no routed experts: routing replay needs the engines to return them")
+    topk = arrays[0].shape[-1]
+    dtype = torch.uint8 if num_experts <= 256 else torch.int32
+    packed = torch.arange(topk, dtype=dtype).expand(len(arrays), length, len(moe_layers), topk).clone()
+    for row, array in enumerate(arrays):
+        tokens = int(sequence_lengths[row])
+        if array is None:
+            raise ValueError(f"sample {row} has no routed experts: routing replay needs the engines to return them")
+        if array.ndim != 3 or array.shape[0] > tokens or array.shape[2] != topk or array.shape[1] <= max(moe_layers):
+            raise ValueError(
+                f"sample {row}: routed experts of shape {tuple(array.shape)} for {tokens} tokens; expected "
+                f"[<= {tokens}, > {max(moe_layers)} layers, {topk}]"
+            )
+        chosen = array[:, list(moe_layers), :]
+        if chosen.size and (chosen.min() < 0 or chosen.max() >= num_experts):
+            raise ValueError(f"sample {row}: routed experts outside 0 .. {num_experts - 1}")
+        packed[row, : array.shape[0]] = torch.from_numpy(chosen.astype(np.int64)).to(dtype)
+    return packed
 
 
 def gather_token_values(local: torch.Tensor, pg_collection, *, is_last_stage: bool) -> torch.Tensor:

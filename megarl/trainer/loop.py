@@ -151,33 +151,44 @@ def roll_out(run: Run, step: int) -> tuple[list[ScoredSample], dict[str, float]]
     return kept[:target], metrics
 
 
+_WIRE_KINDS = (torch.int64, torch.float32, torch.uint8)
+"""The buffers :func:`share_batch` broadcasts: integers, floats, and bytes (the routed experts of
+models with up to 256 experts, ``B x S x layers x k`` values, sent without widening them)."""
+
+
+def _wire_kind(dtype: torch.dtype) -> torch.dtype:
+    if dtype.is_floating_point:
+        return torch.float32
+    return torch.uint8 if dtype == torch.uint8 else torch.int64
+
+
 def share_batch(run: Run, work) -> tuple[TrainBatch, torch.Tensor, dict[str, float]]:
     """Run ``work() -> (batch, scores, metrics)`` on the first rank and give the result to every
     rank: a small header through :func:`on_first_rank` (each tensor's name, shape and dtype, the
     metrics, the keep rate; or the first rank's error, raised on every rank), then the batch's
-    tensors and the scores packed into one int64 and one float32 buffer, each sent with one
-    broadcast."""
+    tensors and the scores packed into one int64, one float32 and one uint8 buffer, each sent with
+    one broadcast."""
     buffers: list[torch.Tensor] = []
 
     def header():
         batch, scores, metrics = work()
         named = {**batch.tensors(), "scores": scores.float()}
-        for floating, kind in ((False, torch.int64), (True, torch.float32)):
-            parts = [tensor.reshape(-1).to(kind) for tensor in named.values() if tensor.dtype.is_floating_point == floating]
+        for kind in _WIRE_KINDS:
+            parts = [tensor.reshape(-1).to(kind) for tensor in named.values() if _wire_kind(tensor.dtype) == kind]
             buffers.append(torch.cat(parts) if parts else torch.empty(0, dtype=kind))
-        layout = [(name, tensor.dtype.is_floating_point, tuple(tensor.shape), tensor.dtype) for name, tensor in named.items()]
+        layout = [(name, _WIRE_KINDS.index(_wire_kind(tensor.dtype)), tuple(tensor.shape), tensor.dtype) for name, tensor in named.items()]
         return layout, [buffer.numel() for buffer in buffers], batch.pad_multiple, metrics, run.keep_rate
 
     layout, sizes, pad_multiple, metrics, run.keep_rate = on_first_rank(run, header)
     if not buffers:
-        buffers = [torch.empty(size, dtype=kind) for size, kind in zip(sizes, (torch.int64, torch.float32))]
+        buffers = [torch.empty(size, dtype=kind) for size, kind in zip(sizes, _WIRE_KINDS)]
     for buffer in buffers:
         dist.broadcast(buffer, src=0)
-    offsets, named = [0, 0], {}
-    for name, floating, shape, dtype in layout:
+    offsets, named = [0] * len(_WIRE_KINDS), {}
+    for name, wire, shape, dtype in layout:
         count = math.prod(shape)
-        named[name] = buffers[floating][offsets[floating] : offsets[floating] + count].reshape(shape).to(dtype)
-        offsets[floating] += count
+        named[name] = buffers[wire][offsets[wire] : offsets[wire] + count].reshape(shape).to(dtype)
+        offsets[wire] += count
     scores = named.pop("scores")
     return TrainBatch.from_tensors(named, pad_multiple=pad_multiple), scores, metrics
 
@@ -202,10 +213,11 @@ def train_step(run: Run, step: int, phase=lambda name: None) -> dict[str, float]
     rolled_out = time.perf_counter()
     phase("forward")
 
-    batch.token_values["old_log_probs"], _ = run.policy.log_probs(batch)
+    batch.token_values["old_log_probs"], router_metrics = run.policy.old_log_probs(batch)
+    metrics.update(router_metrics)
     if run.reference is not None:
         with run.reference.swapped_in():
-            batch.token_values["ref_log_probs"], _ = run.policy.log_probs(batch)
+            batch.token_values["ref_log_probs"] = run.policy.reference_log_probs(batch)
     if run.critic is not None:
         batch.token_values["values"] = run.critic.values(batch)
     forwarded = time.perf_counter()

@@ -35,6 +35,7 @@ from megarl.platform import current_device
 from megarl.trainer.batch import TrainBatch, gather_token_values
 from megarl.trainer.objective import Objective
 from megarl.trainer.optim import build_optimizer, build_scheduler
+from megarl.trainer.routing import Routers
 
 UPDATE_SUMS = ("loss_sum", "count", "tokens")
 """What an update adds up for every objective besides the objective's own metrics: the loss sum,
@@ -53,6 +54,7 @@ class TrainModel:
         scheduler: Megatron's learning-rate schedule.
         pg_collection: the process groups.
         train: how batches are cut into mini- and micro-batches, and the epochs over them.
+        routers: the MoE routers (routing replay and router metrics); None for a dense model.
         consecutive_skips: optimizer steps skipped in a row for non-finite gradients (the run
             stops at ``train.max_consecutive_nan_steps``; checkpointed with the train state).
     """
@@ -64,6 +66,7 @@ class TrainModel:
     scheduler: Any
     pg_collection: Any
     train: TrainConfig
+    routers: Routers | None = None
     consecutive_skips: int = 0
 
     @classmethod
@@ -78,6 +81,7 @@ class TrainModel:
         pg_collection,
         backend: Backend,
         after_load: Callable[[list, ModelSpec], None] | None = None,
+        routing_replay: bool = False,
     ) -> TrainModel:
         """Build the chunks for ``layout``, load the HF weights and wrap them for training.
 
@@ -94,6 +98,8 @@ class TrainModel:
             after_load: called with ``(chunks, spec)`` after the HF weights are in, before the
                 chunks are wrapped; it swaps the output layer of the last stage for another head
                 (the policy's hidden-states head, the critic's value head).
+            routing_replay: give the MoE routers megatron-core's ``RouterReplay``
+                (``algorithm.routing_replay``; :mod:`megarl.trainer.routing`).
         """
         from megatron.core.distributed import (
             DistributedDataParallel,
@@ -102,7 +108,10 @@ class TrainModel:
         )
 
         dtype = DTYPES[model.dtype]
-        spec = model_spec(load_hf_config(hf_path), layout, dtype, **_transformer_overrides(model))
+        overrides = _transformer_overrides(model)
+        if routing_replay:
+            overrides["moe_enable_routing_replay"] = True
+        spec = model_spec(load_hf_config(hf_path), layout, dtype, **overrides)
         chunks = build_model(spec, backend, pg_collection)
         load_hf_weights(chunks, spec, pg_collection, hf_path)
         if after_load is not None:
@@ -122,8 +131,10 @@ class TrainModel:
         scheduler = build_scheduler(
             megatron_optimizer, optimizer, style=train.lr_schedule, warmup_steps=train.warmup_steps(), total_steps=train.optimizer_steps()
         )
+        routers = Routers(models, chunks, spec.moe_layers, pg_collection) if any(spec.moe_layers) else None
         return cls(
-            spec=spec, chunks=chunks, models=models, optimizer=megatron_optimizer, scheduler=scheduler, pg_collection=pg_collection, train=train
+            spec=spec, chunks=chunks, models=models, optimizer=megatron_optimizer, scheduler=scheduler, pg_collection=pg_collection, train=train,
+            routers=routers,
         )
 
     @property
@@ -164,7 +175,11 @@ class TrainModel:
         def forward_step(data_iterator, model):
             micro = next(data_iterator)
             device = current_device()
+            if self.routers is not None:
+                self.routers.before_forward(model, micro)
             output = model(micro["tokens"].to(device), micro["position_ids"].to(device), None)
+            if self.routers is not None:
+                self.routers.after_forward(model, micro)
             return output, on_output({name: value.to(device) for name, value in micro.items()})
 
         return forward_step
@@ -342,9 +357,18 @@ def _micro_batch_loss(objective: Objective, micro: dict[str, torch.Tensor], outp
 
 def _transformer_overrides(model: ModelConfig) -> dict[str, Any]:
     """TransformerConfig fields the ``model`` section sets."""
-    overrides: dict[str, Any] = {"moe_token_dispatcher_type": model.moe_token_dispatcher, "moe_grouped_gemm": model.moe_grouped_gemm}
+    overrides: dict[str, Any] = {
+        "moe_token_dispatcher_type": model.moe_token_dispatcher,
+        "moe_grouped_gemm": model.moe_grouped_gemm,
+        # Read only by routers with an expert bias (megarl.models.deepseek_moe).
+        "moe_router_bias_update_rate": model.moe_router_bias_update_rate,
+    }
     if model.moe_aux_loss_coeff:
-        overrides.update(moe_aux_loss_coeff=model.moe_aux_loss_coeff, moe_router_load_balancing_type="aux_loss")
+        overrides.update(moe_aux_loss_coeff=model.moe_aux_loss_coeff, moe_router_load_balancing_type=model.moe_router_load_balancing_type)
+    if model.moe_z_loss_coeff is not None:
+        overrides["moe_z_loss_coeff"] = model.moe_z_loss_coeff
+    if model.moe_expert_capacity_factor is not None:
+        overrides["moe_expert_capacity_factor"] = model.moe_expert_capacity_factor
     if model.recompute != "none":
         overrides["recompute_granularity"] = model.recompute
         if model.recompute == "full":

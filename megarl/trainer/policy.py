@@ -23,6 +23,8 @@ the whole mini-batch's count (:mod:`megarl.trainer.model`). The policy is the up
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from megarl.algorithms.kl import kl_loss
@@ -107,6 +109,42 @@ class Policy(ModelObjective):
 
     # Forward passes.
 
+    def old_log_probs(self, batch: TrainBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        """The log-probs the update's ratios start from, and the router metrics of the pass
+        (``moe/*``, :mod:`megarl.trainer.routing`; none for a dense model).
+
+        With ``algorithm.routing_replay`` ``r3`` the pass replays the engines' routing
+        (``batch.routed_experts``); with ``r2`` it records its own into ``batch.routed_experts``
+        for the update to replay.
+
+        Returns:
+            ``(log_probs [B, S], metrics)``, the same on every rank.
+        """
+        routers = self.model.routers
+        if routers is None:
+            return self.log_probs(batch)[0], {}
+        with contextlib.ExitStack() as passes:
+            metrics = passes.enter_context(routers.measuring())
+            if self.algorithm.routing_replay == "r3":
+                passes.enter_context(routers.replaying_routing())
+            elif self.algorithm.routing_replay == "r2":
+                recorded = passes.enter_context(routers.recording(tuple(batch.tokens.shape)))
+            log_probs, _ = self.log_probs(batch)
+        if self.algorithm.routing_replay == "r2":
+            batch.routed_experts = recorded["routed_experts"]
+        return log_probs, metrics
+
+    def reference_log_probs(self, batch: TrainBatch) -> torch.Tensor:
+        """Log-probs of the weights the caller swapped in (the reference), routed as the engines
+        routed with ``r3``, else by the reference's own routers."""
+        with self._replaying(self.algorithm.routing_replay == "r3"):
+            return self.log_probs(batch)[0]
+
+    def _replaying(self, replay: bool):
+        if replay and self.model.routers is not None:
+            return self.model.routers.replaying_routing()
+        return contextlib.nullcontext()
+
     def log_probs(self, batch: TrainBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-probs of the sampled tokens and the entropy at every position, no gradient.
 
@@ -145,10 +183,14 @@ class Policy(ModelObjective):
 
         Returns:
             Metrics averaged over the mini-batches: ``policy/loss``, ``policy/clip_fraction_low`` ...,
-            ``policy/grad_norm``, ``policy/lr``, ``policy/skipped_steps``.
+            ``policy/grad_norm``, ``policy/lr``, ``policy/skipped_steps``; on an MoE model the
+            router losses Megatron computed (``moe/load_balancing_loss``, ``moe/z_loss`` ... when
+            enabled). With routing replay the update replays ``batch.routed_experts``.
         """
-        metrics = self.model.update(batch, self, seed=self.seed * 1_000_003 + step)
-        return {f"policy/{name}": value for name, value in metrics.items()}
+        routers = self.model.routers
+        with self._replaying(self.algorithm.routing_replay != "none"), routers.tracking_losses() if routers else contextlib.nullcontext({}) as losses:
+            metrics = self.model.update(batch, self, seed=self.seed * 1_000_003 + step)
+        return {**{f"policy/{name}": value for name, value in metrics.items()}, **losses}
 
     def loss(self, micro: dict[str, torch.Tensor], output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """The micro-batch's ``(loss_sum, count, {metric: token sum})`` (:class:`~megarl.trainer.objective.Objective`)."""

@@ -330,7 +330,7 @@ def _setup(config: Config, started: EarlyStart | None, detected: platform.Platfo
         log.warning(warning)
     policy_model = TrainModel.build(
         str(model_dir), config.model, config.parallel, train, train.optimizer, pg_collection=pg_collection, backend=backend,
-        after_load=attach_hidden_states_heads if train.fused_linear_logprob else None,
+        after_load=attach_hidden_states_heads if train.fused_linear_logprob else None, routing_replay=algorithm.routing_replay != "none",
     )
     policy = Policy(policy_model, algorithm, train, temperature=config.rollout.temperature, max_response_length=config.data.max_response_length)
     needs_reference = algorithm.use_kl_loss or algorithm.use_kl_in_reward

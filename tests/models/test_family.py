@@ -62,7 +62,7 @@ def test_every_problem_is_named_at_once():
 def test_the_families_of_the_test_models_accept_them(name):
     config = CONFIGS[name]()
     config.architectures = [transformers.AutoModelForCausalLM._model_mapping[type(config)].__name__]
-    assert checked_family(config).name in ("llama", "qwen2", "qwen3", "qwen3_moe")
+    assert checked_family(config).name in ("llama", "qwen2", "qwen3", "qwen3_moe", "glm4_moe", "deepseek_v3")
 
 
 def test_rotary_frequencies_are_transformers_own_with_llama3_scaling():
@@ -83,3 +83,30 @@ def test_rotary_frequencies_equal_those_of_transformers_rotary_embedding(name):
     assert torch.equal(rotary_inv_freq(config), LlamaRotaryEmbedding(config=config).inv_freq.float())
     scaled = transformers.LlamaConfig(hidden_size=64, num_attention_heads=4, rope_parameters=LLAMA3_ROPE)
     assert torch.equal(rotary_inv_freq(scaled), LlamaRotaryEmbedding(config=scaled).inv_freq.float())
+
+
+def glm4_moe(**options):
+    config = with_architecture(CONFIGS["glm4-moe-variant"](), "Glm4MoeForCausalLM")
+    for key, value in options.items():
+        setattr(config, key, value)
+    return config
+
+
+def test_glm_implements_half_rotary_heads_and_refuses_other_fractions_and_routers():
+    assert checked_family(glm4_moe(rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5})).name == "glm4_moe"
+    refused = "partial_rotary_factor = 0.25 is not supported by megarl's glm4_moe family (it implements 0.5 or 1.0)"
+    with pytest.raises(UnsupportedModel, match=re.escape(refused)):
+        checked_family(glm4_moe(rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.25}))
+    with pytest.raises(UnsupportedModel, match=re.escape("norm_topk_prob = False is not supported by megarl's glm4_moe family")):
+        checked_family(glm4_moe(norm_topk_prob=False))
+    # The Llama-style families rotate whole heads only.
+    with pytest.raises(UnsupportedModel, match=re.escape("partial_rotary_factor = 0.5 is not supported by megarl's llama family")):
+        checked_family(llama(rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}))
+
+
+def test_partial_rotary_frequencies_equal_those_of_glm_rotary_embedding():
+    from transformers.models.glm4_moe.modeling_glm4_moe import Glm4MoeRotaryEmbedding
+
+    config = glm4_moe(rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5})
+    inv_freq = rotary_inv_freq(config)
+    assert inv_freq.shape == (4,) and torch.equal(inv_freq, Glm4MoeRotaryEmbedding(config=config).inv_freq.float())

@@ -3,6 +3,7 @@ complete, and a problem names the directory, file or tensor."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -69,3 +70,18 @@ def test_an_index_naming_an_absent_shard_is_refused(tmp_path):
     (tmp_path / "model.safetensors.index.json").write_text("{")
     with pytest.raises(CheckpointError, match=r"model.safetensors.index.json: not a safetensors index"):
         HFCheckpoint(tmp_path)
+
+
+def test_multi_token_prediction_layers_are_accepted_where_the_config_announces_them(tmp_path):
+    glm = resolve_model_path("bundled:tiny-glm4-moe")
+    for file in glm.iterdir():
+        shutil.copy2(file, tmp_path / file.name)
+    tensors = load_file(glm / "model.safetensors")
+    # The bundled model has 4 layers: GLM-4.5 stores its MTP layer as layer 4.
+    tensors.update({"model.layers.4.eh_proj.weight": torch.zeros(64, 128), "model.layers.4.mlp.gate.weight": torch.zeros(8, 64)})
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((tmp_path / "config.json").read_text())
+    with pytest.raises(CheckpointError, match=r"2 tensor\(s\) the glm4_moe model would not use \(model.layers.4.eh_proj.weight, model.layers.4.mlp.gate.weight\)"):
+        HFCheckpoint(tmp_path).check_names(load_hf_config(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 1}))
+    HFCheckpoint(tmp_path).check_names(load_hf_config(tmp_path))

@@ -7,7 +7,9 @@ import dataclasses
 import pytest
 import torch
 
-from megarl.trainer.batch import ScoredSample, TrainBatch, context_parallel_positions, layout_multiple
+import numpy as np
+
+from megarl.trainer.batch import ScoredSample, TrainBatch, context_parallel_positions, layout_multiple, pack_routed_experts
 
 pytestmark = pytest.mark.cpu
 
@@ -109,3 +111,45 @@ def test_layout_multiple():
     assert layout_multiple(2, True, 3) == 6
     assert layout_multiple(4, True, 2) == 4
 
+
+
+def routed(tokens: int, layers: int = 3, topk: int = 2, offset: int = 0) -> np.ndarray:
+    """Distinct experts per token and layer: ``(token + layer + offset + j) % 8`` for j < k."""
+    grid = np.arange(tokens)[:, None, None] + np.arange(layers)[None, :, None] + np.arange(topk)[None, None, :] + offset
+    return (grid % 8).astype(np.uint8)
+
+
+def test_routed_experts_are_packed_at_their_tokens_and_moe_layers_with_a_filler_past_them():
+    batch = make_batch(pad_multiple=4)
+    # Every token but the last of each sample, as SGLang returns them; layer 1 is dense.
+    arrays = [routed(int(length) - 1, offset=row) for row, length in enumerate(batch.sequence_lengths)]
+    packed = pack_routed_experts(arrays, batch.sequence_lengths, batch.tokens.shape[1], moe_layers=[0, 2], num_experts=8)
+    assert packed.shape == (3, 8, 2, 2) and packed.dtype == torch.uint8
+    for row, array in enumerate(arrays):
+        covered = array.shape[0]
+        assert packed[row, :covered].tolist() == array[:, [0, 2]].tolist()
+        assert (packed[row, covered:] == torch.tensor([0, 1], dtype=torch.uint8)).all()
+
+
+@pytest.mark.parametrize(
+    "arrays,message",
+    [
+        ([routed(4), None, routed(4)], "sample 1 has no routed experts"),
+        ([routed(4), routed(7), routed(4)], r"sample 1: routed experts of shape \(7, 3, 2\) for 6 tokens"),
+        ([routed(4), routed(5, layers=2), routed(4)], r"sample 1: routed experts of shape \(5, 2, 2\)"),
+        ([routed(4), routed(5) + 8, routed(4)], "sample 1: routed experts outside 0 .. 7"),
+    ],
+)
+def test_routed_experts_that_do_not_fit_the_sample_or_the_model_are_refused_naming_it(arrays, message):
+    batch = make_batch()
+    with pytest.raises(ValueError, match=message):
+        pack_routed_experts(arrays, batch.sequence_lengths, batch.tokens.shape[1], moe_layers=[0, 2], num_experts=8)
+
+
+def test_a_micro_batch_carries_the_routed_experts_of_its_rows_and_context_parallel_columns():
+    batch = make_batch(pad_multiple=4)
+    batch.routed_experts = torch.arange(3 * 8 * 2 * 2, dtype=torch.int32).reshape(3, 8, 2, 2).to(torch.uint8)
+    micro = batch.micro_batch([2, 0], fields=(), cp_rank=1, cp_size=2)
+    columns = context_parallel_positions(8, 1, 2)
+    assert torch.equal(micro["routed_experts"], batch.routed_experts[[2, 0]][:, columns])
+    assert micro["sequence_lengths"].tolist() == [5, 5]

@@ -104,6 +104,7 @@ def test_a_batch_survives_its_tensors():
         [[5, 6, 7], [8, 9]], [[20, 21], [22, 23, 24]], [[-0.1, -0.2], [-0.3, -0.4, -0.5]], [0, 1], [False, True], pad_token_id=0, pad_multiple=2
     )
     batch.token_values["old_log_probs"] = torch.randn(batch.tokens.shape)
+    batch.routed_experts = torch.randint(0, 8, (*batch.tokens.shape, 3, 2), dtype=torch.uint8)
     copy = TrainBatch.from_tensors({name: tensor.clone() for name, tensor in batch.tensors().items()}, pad_multiple=2)
     for field in dataclasses.fields(TrainBatch):
         if field.name == "token_values":
@@ -133,6 +134,7 @@ SHARE_WORKER = textwrap.dedent(
             [[5, 6, 7], [8, 9]], [[20, 21], [22, 23, 24]], [[-0.1, -0.2], [-0.3, -0.4, -0.5]], [3, 4], [False, True],
             pad_token_id=0, pad_multiple=4,
         )
+        batch.routed_experts = torch.arange(2 * 8 * 3 * 2, dtype=torch.uint8).reshape(2, 8, 3, 2)
         return batch, torch.tensor([1.0, 0.0]), {"reward/mean": 0.5}
 
     batch, scores, metrics = loop.share_batch(run, work)
@@ -164,6 +166,7 @@ def test_the_batch_and_rank_0s_error_reach_every_rank(tmp_path):
     assert second["tensors"] == first["tensors"] and second["scores"] == first["scores"] == [1.0, 0.0]
     assert second["metrics"] == {"reward/mean": 0.5} and second["keep_rate"] == 0.25 and second["pad_multiple"] == 4
     assert first["tensors"]["truncated"] == ["torch.bool", [False, True]]
+    assert first["tensors"]["routed_experts"] == ["torch.uint8", torch.arange(96).reshape(2, 8, 3, 2).tolist()]
     assert first["error"] == "ValueError: no engine answered"
     assert second["error"] == "TrainingStopped: the first rank failed: ValueError: no engine answered"
 

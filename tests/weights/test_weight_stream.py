@@ -27,6 +27,12 @@ CASES = [
     ("bundled:tiny-moe", "tp2-ep2-etp1"),
     ("bundled:tiny-qwen2-moe", "tp2-sp"),
     ("bundled:tiny-qwen2-moe", "ep2"),
+    # The routers' expert bias (a buffer) travels with the weights; MTP layers do not.
+    ("bundled:tiny-glm4-moe", "tp2-ep2-etp1"),
+    ("glm4-moe-variant", "tp2-sp"),
+    # Multi-latent attention, and the routers' expert bias (a buffer) streamed as a weight.
+    ("bundled:tiny-deepseek-v3", "tp2-sp"),
+    ("bundled:tiny-deepseek-v3", "ep2"),
     # The attention output bias; one key/value head split over two ranks (tests/hf_models.py).
     ("llama-attention-bias", "tp2-sp"),
     ("llama-1-kv-head", "tp2"),

@@ -39,6 +39,9 @@ class TransformerEngineExpertNames:
         for name, param in self.chunk.named_parameters():
             yield _LOCAL_EXPERT.sub(r"experts.linear_fc\2.weight\1", name), param
 
+    def named_buffers(self):
+        return self.chunk.named_buffers()
+
 
 @functools.cache
 def sglang_tensor_bucket():

@@ -30,6 +30,7 @@ if __name__ == "__main__":
     import checkpoint_check
     import head_check
     import layout_step
+    import routing_check
     import stream_check
     from common import add_layout_arguments, initialize, run
     from megarl.models.builder import build_model, model_spec
@@ -50,6 +51,8 @@ def layout_job(model: str, layout, pg_collection, checks: dict) -> dict:
             report["buckets"] = stream_check.check(chunks, spec, pg_collection, **checks["buckets"])
     if "gradients" in checks:
         report["gradients"] = layout_step.check(model, layout, pg_collection, **checks["gradients"])
+    if "routing" in checks:
+        report["routing"] = routing_check.check(model, layout, pg_collection)
     if "head" in checks:
         report["head"] = head_check.check(model, layout, pg_collection, **checks["head"])
     return report
