@@ -18,32 +18,15 @@ from megarl.rollout.embedded.scheduler import ABORTED
 pytestmark = pytest.mark.cpu
 
 EOS = 2
-SMALL = dict(vocab_size=55, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_attention_heads=4, max_position_embeddings=256, eos_token_id=EOS, pad_token_id=0)
-RANDOM_FAMILIES = {
-    # Three layers, the first dense: its rows stay 0. Sigmoid routers with group-limited top-k.
-    "random-deepseek-v3": lambda: transformers.DeepseekV3Config(
-        **SMALL, num_hidden_layers=3, first_k_dense_replace=1, n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1,
-        n_shared_experts=1, num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
-    ),
-    "random-glm4-moe": lambda: transformers.Glm4MoeConfig(
-        **SMALL, num_hidden_layers=3, first_k_dense_replace=1, n_routed_experts=8, num_experts_per_tok=2, n_group=1, topk_group=1,
-        n_shared_experts=1, num_key_value_heads=2,
-    ),
-}
+MODELS = ["bundled:tiny-moe", "bundled:tiny-qwen2-moe", "bundled:tiny-deepseek-v3", "bundled:tiny-glm4-moe"]
+"""Qwen3-MoE, Qwen2-MoE (shared expert), DeepSeek-V3 and GLM-4.5 (sigmoid routers, group-limited
+top-k, first layer dense: its rows stay 0)."""
 
 
-def load(name: str) -> torch.nn.Module:
-    """A bundled model, or (main holds no bundled DeepSeek-V3 or GLM-4.5 yet) a small random one of that family."""
-    if name in RANDOM_FAMILIES:
-        torch.manual_seed(0)
-        return transformers.AutoModelForCausalLM.from_config(RANDOM_FAMILIES[name](), dtype=torch.float32).eval()
-    return transformers.AutoModelForCausalLM.from_pretrained(resolve_model_path(name), dtype=torch.float32).eval()
-
-
-@pytest.fixture(scope="module", params=["bundled:tiny-moe", "bundled:tiny-qwen2-moe", *RANDOM_FAMILIES])
+@pytest.fixture(scope="module", params=MODELS)
 def recorded(request):
     """(model, its recorder): one recorder per model, as the engine holds it."""
-    model = load(request.param)
+    model = transformers.AutoModelForCausalLM.from_pretrained(resolve_model_path(request.param), dtype=torch.float32).eval()
     return model, RouterRecorder(model)
 
 
