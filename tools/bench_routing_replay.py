@@ -6,8 +6,8 @@ engine in bf16: ``rollout.dtype=bf16``), and ``algorithm.routing_replay`` ``none
 Step 0 trains the weights the engine generated with, so the mismatch is the engine's numerics
 alone. The table gives, per case, the median over ``--seeds`` sampling seeds of:
 
-- ``mismatch/logprob_diff_abs_mean`` and ``mismatch/rollout_kl``: the trainer's old log-probs
-  against the engine's (``docs/rl_step.md``, 4d);
+- ``mismatch/logprob_diff_abs_mean``, ``_max`` and ``mismatch/rollout_kl``: the trainer's old
+  log-probs against the engine's (``docs/rl_step.md``, 4d);
 - ``moe/routing_diff``: the share of (token, MoE layer) pairs the trainer's pass routed unlike the
   engine (0 under replay);
 - ``moe/routing_diff_recomputed``: the same for the trainer's own routing, measured in the pass
@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 CASES = [("fp32", "none"), ("fp32", "r3"), ("bf16", "none"), ("bf16", "r3")]
 """(engine dtype, routing replay) of each row."""
-METRICS = ["mismatch/logprob_diff_abs_mean", "mismatch/rollout_kl", "moe/routing_diff", "moe/routing_diff_recomputed"]
+METRICS = ["mismatch/logprob_diff_abs_mean", "mismatch/logprob_diff_abs_max", "mismatch/rollout_kl", "moe/routing_diff", "moe/routing_diff_recomputed"]
 
 
 def step_zero(directory: Path, dtype: str, replay: str, seed: int) -> dict[str, float]:
@@ -73,8 +73,8 @@ def main() -> None:
         f"{datetime.date.today().isoformat()}, commit {commit}, {machine()}; load average (1 min) {load_before:.1f} at the start, "
         f"{os.getloadavg()[0]:.1f} at the end; trainer fp32, medians of {args.seeds} seeds\n"
     )
-    print("| engine | routing replay | log-prob diff, mean abs | rollout KL | routing diff (as trained) | routing diff (trainer's own) |")
-    print("| --- | --- | ---: | ---: | ---: | ---: |")
+    print("| engine | routing replay | log-prob diff, mean abs | max abs | rollout KL | routing diff (as trained) | routing diff (trainer's own) |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for row in rows:
         cells = [f"{row[name]:.3g}" if name in row else "-" for name in METRICS]
         print(f"| {row['engine_dtype']} | {row['routing_replay']} | " + " | ".join(cells) + " |")

@@ -97,6 +97,8 @@ class TrainBatch:
         routed_experts: ``[B, S, L, k]`` the experts each token is routed to in each of the model's
             ``L`` MoE layers (token space: row ``t`` is token ``t``), uint8 (int32 beyond 256
             experts), for routing replay; None without it (:func:`pack_routed_experts`).
+        routed_lengths: ``[B]`` the tokens of each row whose experts came from the engine (or the
+            recording pass); the rest hold a filler (:func:`pack_routed_experts`).
     """
 
     tokens: torch.Tensor
@@ -108,6 +110,7 @@ class TrainBatch:
     token_values: dict[str, torch.Tensor]
     pad_multiple: int
     routed_experts: torch.Tensor | None = None
+    routed_lengths: torch.Tensor | None = None
 
     @classmethod
     def from_scored(
@@ -133,6 +136,7 @@ class TrainBatch:
             moe_layers, num_experts = routing
             arrays = [sample.routed_experts for sample in samples]
             batch.routed_experts = pack_routed_experts(arrays, batch.sequence_lengths, batch.tokens.shape[1], moe_layers, num_experts)
+            batch.routed_lengths = torch.tensor([array.shape[0] for array in arrays], dtype=torch.int64)
         return batch
 
     @classmethod
@@ -215,7 +219,8 @@ class TrainBatch:
             ``tokens``, ``position_ids``, ``labels`` (the next token), ``response_mask`` and each of
             ``fields``, all ``[b, s]`` (``s`` this rank's columns); ``rows [b]`` and ``columns [s]``
             (where they sit in the batch); ``response_lengths [b]`` (whole responses) and
-            ``sequence_lengths [b]``; with routing replay ``routed_experts [b, s, L, k]``.
+            ``sequence_lengths [b]``; with routing replay ``routed_experts [b, s, L, k]`` and
+            ``routed_lengths [b]``.
         """
         rows = torch.as_tensor(list(rows), dtype=torch.int64)
         length = _round_up(int(self.sequence_lengths[rows].max()), self.pad_multiple)
@@ -236,6 +241,7 @@ class TrainBatch:
             batch[name] = self.token_values[name][rows][:, columns]
         if self.routed_experts is not None:
             batch["routed_experts"] = self.routed_experts[rows][:, columns]
+            batch["routed_lengths"] = (self.sequence_lengths if self.routed_lengths is None else self.routed_lengths)[rows]
         return batch
 
     def empty_token_values(self) -> torch.Tensor:

@@ -131,7 +131,7 @@ class Policy(ModelObjective):
                 recorded = passes.enter_context(routers.recording(tuple(batch.tokens.shape)))
             log_probs, _ = self.log_probs(batch)
         if self.algorithm.routing_replay == "r2":
-            batch.routed_experts = recorded["routed_experts"]
+            batch.routed_experts, batch.routed_lengths = recorded["routed_experts"], batch.sequence_lengths.clone()
         return log_probs, metrics
 
     def reference_log_probs(self, batch: TrainBatch) -> torch.Tensor:

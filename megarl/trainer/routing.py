@@ -110,6 +110,8 @@ class Routers:
         """``[s_local * b, L, k]`` the engine's experts of the micro-batch's tokens, when it has them."""
         self._valid: torch.Tensor | None = None
         """``[s_local * b]`` which of the micro-batch's tokens are real (not padding)."""
+        self._covered: torch.Tensor | None = None
+        """``[s_local * b]`` which of them the engine routed (``routed_lengths``)."""
 
     @property
     def can_replay(self) -> bool:
@@ -216,6 +218,9 @@ class Routers:
         self._valid = self._local(micro["columns"][None, :] < micro["sequence_lengths"][:, None]).to(device)
         engine = micro.get("routed_experts")
         self._engine = None if engine is None else self._local(engine.to(torch.int64)).to(device)
+        if engine is not None:
+            # The engine's own experts, not the filler of the tokens it did not route.
+            self._covered = self._valid & self._local(micro["columns"][None, :] < micro["routed_lengths"][:, None]).to(device)
         if self.replaying:
             if engine is None:
                 raise ValueError("routing replay was asked for a batch without routed_experts")
@@ -286,8 +291,10 @@ class Routers:
         measures.entropy[index] += float(entropy[valid].sum())
         if self._engine is None:
             return
-        measures.compared[index] += float(valid.sum())
-        engine = torch.zeros_like(used).scatter_(1, self._engine[:, index, :][valid], True)
+        covered = self._covered
+        measures.compared[index] += float(covered.sum())
+        used = routing_map.reshape(-1, self.num_experts)[covered]
+        engine = torch.zeros_like(used).scatter_(1, self._engine[:, index, :][covered], True)
         measures.routing_diff[index] += float((used != engine).any(dim=-1).sum())
         from megatron.core.transformer.moe.moe_utils import topk_routing_with_score_function
 
@@ -297,7 +304,7 @@ class Routers:
             group_topk=config.moe_router_group_topk, scaling_factor=config.moe_router_topk_scaling_factor,
             score_function=router.score_function, expert_bias=router.expert_bias,
         )
-        measures.routing_diff_recomputed[index] += float((own[valid] != engine).any(dim=-1).sum())
+        measures.routing_diff_recomputed[index] += float((own[covered] != engine).any(dim=-1).sum())
 
 
 def _router_loss_names(config) -> list[str]:

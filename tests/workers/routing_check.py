@@ -49,6 +49,7 @@ def _batch(hf_config, moe_layers: list[int], num_experts: int, topk: int) -> Tra
         for prompt, response in LENGTHS
     ]
     batch.routed_experts = pack_routed_experts(arrays, batch.sequence_lengths, batch.tokens.shape[1], moe_layers, num_experts)
+    batch.routed_lengths = torch.tensor([len(array) for array in arrays])
     return batch
 
 
