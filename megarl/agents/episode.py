@@ -75,11 +75,12 @@ class Trajectory:
     """Per response token: the engine's log-prob of a model token; 0.0 on observation tokens."""
     weight_segments: list[WeightSegment] = dataclasses.field(default_factory=list)
     """Which weights sampled which model tokens (offsets into ``response_ids``), oldest first."""
-    routed_experts: np.ndarray | None = None
+    routed_experts: np.ndarray | None = dataclasses.field(default=None, compare=False)
     """The last model turn's routed experts (``Sample.routed_experts``; routing replay R3): that
     turn's input was the whole trajectory so far, tool outputs included (they were prefilled), so
     its array covers every token up to the turn's last generated one; tokens after it (an
-    observation, an end-of-turn token) have none. None: not asked for."""
+    observation, an end-of-turn token) have none. None: not asked for. Left out of ``==`` (an
+    array has no single truth value)."""
     turns: int = 0
     """Model turns taken."""
     final_text: str = ""
