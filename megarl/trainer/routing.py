@@ -55,7 +55,7 @@ class _Measures:
     load: torch.Tensor
     tokens: torch.Tensor
     entropy: torch.Tensor
-    dropped: torch.Tensor
+    """The negative entropy, summed."""
     compared: torch.Tensor
     """Tokens whose engine routing the batch carries."""
     routing_diff: torch.Tensor
@@ -63,10 +63,13 @@ class _Measures:
 
     @classmethod
     def zeros(cls, layers: int, experts: int) -> _Measures:
-        return cls(torch.zeros(layers, experts, dtype=torch.float64), *(torch.zeros(layers, dtype=torch.float64) for _ in range(6)))
+        device = current_device()
+        return cls(
+            torch.zeros(layers, experts, dtype=torch.float64, device=device), *(torch.zeros(layers, dtype=torch.float64, device=device) for _ in range(5))
+        )
 
     def flat(self) -> torch.Tensor:
-        return torch.cat([self.load.reshape(-1), self.tokens, self.entropy, self.dropped, self.compared, self.routing_diff, self.routing_diff_recomputed])
+        return torch.cat([self.load.reshape(-1), self.tokens, self.entropy, self.compared, self.routing_diff, self.routing_diff_recomputed])
 
 
 class Routers:
@@ -85,6 +88,8 @@ class Routers:
         index_of = {layer: index for index, layer in enumerate(self.moe_layers)}
         self._chunk_of = {id(model): position for position, model in enumerate(models)}
         self._routers: list[list[tuple[int, torch.nn.Module]]] = []
+        self._index_of: dict[int, int] = {}
+        """``id(router)`` -> its MoE layer's index."""
         for chunk in chunks:
             routers = [
                 (index_of[layer.layer_number - 1], layer.mlp.router)
@@ -92,7 +97,8 @@ class Routers:
                 if getattr(layer.mlp, "router", None) is not None
             ]
             self._routers.append(routers)
-            for _, router in routers:
+            for index, router in routers:
+                self._index_of[id(router)] = index
                 self._install(router)
         config = chunks[0].config
         self._config = config
@@ -110,6 +116,7 @@ class Routers:
         """``[s_local * b, L, k]`` the engine's experts of the micro-batch's tokens, when it has them."""
         self._valid: torch.Tensor | None = None
         """``[s_local * b]`` which of the micro-batch's tokens are real (not padding)."""
+        self._valid_count: torch.Tensor | None = None
         self._covered: torch.Tensor | None = None
         """``[s_local * b]`` which of them the engine routed (``routed_lengths``)."""
 
@@ -216,6 +223,7 @@ class Routers:
             return
         device = current_device()
         self._valid = self._local(micro["columns"][None, :] < micro["sequence_lengths"][:, None]).to(device)
+        self._valid_count = self._valid.sum()
         engine = micro.get("routed_experts")
         self._engine = None if engine is None else self._local(engine.to(torch.int64)).to(device)
         if engine is not None:
@@ -271,31 +279,31 @@ class Routers:
             router.router_replay.set_router_replay_action(_action("REPLAY_BACKWARD") if in_backward else _action("REPLAY_FORWARD"))
 
     def _measure(self, router, args, output) -> None:
+        # Masks rather than boolean indexing, and sums kept on the device: no host synchronisation
+        # per router call.
         if self.measures is None or torch._C._current_graph_task_id() != _IN_BACKWARD:
             return
         logits = router.__dict__.pop("megarl_logits").reshape(-1, self.num_experts).float()
-        _, routing_map = output
-        index = next(index for routers in self._routers for index, candidate in routers if candidate is router)
+        routing_map = output[1].reshape(-1, self.num_experts)
+        index = self._index_of[id(router)]
         valid = self._valid
-        used = routing_map.reshape(-1, self.num_experts)[valid]
         measures = self.measures
-        measures.load[index] += used.sum(dim=0).double().cpu()
-        measures.tokens[index] += float(valid.sum())
-        measures.dropped[index] += float(valid.sum()) * self.topk - float(used.sum())
+        measures.load[index] += (routing_map & valid[:, None]).sum(dim=0)
+        measures.tokens[index] += self._valid_count
         if router.score_function == "sigmoid":
-            scores = torch.sigmoid(logits)
-            distribution = scores / scores.sum(dim=-1, keepdim=True)
+            # The sigmoid scores normalised to sum 1: log p = log sigmoid - log sum sigmoid.
+            log_scores = torch.nn.functional.logsigmoid(logits)
+            log_distribution = log_scores - torch.logsumexp(log_scores, dim=-1, keepdim=True)
         else:
-            distribution = torch.softmax(logits, dim=-1)
-        entropy = -(distribution * torch.log(distribution.clamp_min(1e-30))).sum(dim=-1)
-        measures.entropy[index] += float(entropy[valid].sum())
+            log_distribution = torch.log_softmax(logits, dim=-1)
+        # The negative entropy, summed over the real tokens (negated once, in _summarise).
+        measures.entropy[index] += (log_distribution.exp() * log_distribution * valid[:, None]).sum()
         if self._engine is None:
             return
         covered = self._covered
-        measures.compared[index] += float(covered.sum())
-        used = routing_map.reshape(-1, self.num_experts)[covered]
-        engine = torch.zeros_like(used).scatter_(1, self._engine[:, index, :][covered], True)
-        measures.routing_diff[index] += float((used != engine).any(dim=-1).sum())
+        engine = torch.zeros_like(routing_map).scatter_(1, self._engine[:, index, :], True)
+        measures.compared[index] += covered.sum()
+        measures.routing_diff[index] += ((routing_map != engine).any(dim=-1) & covered).sum()
         from megatron.core.transformer.moe.moe_utils import topk_routing_with_score_function
 
         config = router.config
@@ -304,7 +312,7 @@ class Routers:
             group_topk=config.moe_router_group_topk, scaling_factor=config.moe_router_topk_scaling_factor,
             score_function=router.score_function, expert_bias=router.expert_bias,
         )
-        measures.routing_diff_recomputed[index] += float((own[covered] != engine).any(dim=-1).sum())
+        measures.routing_diff_recomputed[index] += ((own != engine).any(dim=-1) & covered).sum()
 
 
 def _router_loss_names(config) -> list[str]:
@@ -320,21 +328,22 @@ def _router_loss_names(config) -> list[str]:
 
 def _summarise(measures: _Measures, topk: int) -> dict[str, float]:
     """The metrics of :class:`Routers` from every rank's sums (a collective over every rank)."""
-    flat = measures.flat().to(current_device())
+    flat = measures.flat()
     if dist.get_world_size() > 1:
         dist.all_reduce(flat)
     flat = flat.cpu()
     layers, experts = measures.load.shape
     load = flat[: layers * experts].reshape(layers, experts)
-    tokens, entropy, dropped, compared, diff, diff_recomputed = flat[layers * experts :].reshape(6, layers)
+    tokens, negative_entropy, compared, diff, diff_recomputed = flat[layers * experts :].reshape(5, layers)
     if not bool((tokens > 0).all()):
         return {}
     balance = load.max(dim=1).values / load.mean(dim=1).clamp_min(1e-12)
     metrics = {
         "moe/expert_load_max_mean": float(balance.mean()),
         "moe/expert_load_max_mean_worst": float(balance.max()),
-        "moe/router_entropy": float((entropy / tokens).mean()),
-        "moe/tokens_dropped": float(dropped.sum() / (tokens.sum() * topk)),
+        "moe/router_entropy": float((-negative_entropy / tokens).mean()),
+        # Every real token has k places; those the capacity factor dropped are missing from the load.
+        "moe/tokens_dropped": float(1 - load.sum() / (tokens.sum() * topk)),
     }
     if bool((compared > 0).all()):
         metrics["moe/routing_diff"] = float(diff.sum() / compared.sum())
