@@ -13,7 +13,7 @@ alone. The table gives, per case, the median over ``--seeds`` sampling seeds of:
 - ``moe/routing_diff_recomputed``: the same for the trainer's own routing, measured in the pass
   (with ``r3`` only: it needs the engine's routing).
 
-    python tools/bench_routing_replay.py [--seeds 3] [--json FILE]
+    python tools/bench_routing_replay.py [--seeds 3] [--override KEY=VALUE] [--json FILE]
 """
 
 from __future__ import annotations
@@ -36,10 +36,10 @@ CASES = [("fp32", "none"), ("fp32", "r3"), ("bf16", "none"), ("bf16", "r3")]
 METRICS = ["mismatch/logprob_diff_abs_mean", "mismatch/logprob_diff_abs_max", "mismatch/rollout_kl", "moe/routing_diff", "moe/routing_diff_recomputed"]
 
 
-def step_zero(directory: Path, dtype: str, replay: str, seed: int) -> dict[str, float]:
-    """The step-0 metrics of one run."""
+def step_zero(directory: Path, dtype: str, replay: str, seed: int, extra: list[str]) -> dict[str, float]:
+    """The step-0 metrics of one run (``extra``: more overrides)."""
     overrides = [
-        "train.steps=1", "train.eval_every=0", "checkpoint.resume=never", f"logging.run_dir={directory}",
+        *extra, "train.steps=1", "train.eval_every=0", "checkpoint.resume=never", f"logging.run_dir={directory}",
         f"rollout.dtype={dtype}", f"algorithm.routing_replay={replay}", f"rollout.seed={seed}",
     ]
     command = [str(BIN / "torchrun"), "--nproc_per_node", "2", "-m", "megarl.train", "--config", "configs/moe_grpo.yaml", *overrides]
@@ -59,19 +59,20 @@ def machine() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=3, help="sampling seeds per case (the table shows medians)")
+    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE", help="a config override for every run (repeatable), e.g. model.path=bundled:tiny-deepseek-v3")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
     load_before = os.getloadavg()[0]
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_routing_replay_") as root:
         for dtype, replay in CASES:
-            runs = [step_zero(Path(root) / f"{dtype}-{replay}-{seed}", dtype, replay, seed) for seed in range(1, args.seeds + 1)]
+            runs = [step_zero(Path(root) / f"{dtype}-{replay}-{seed}", dtype, replay, seed, args.override) for seed in range(1, args.seeds + 1)]
             medians = {name: statistics.median(run[name] for run in runs) for name in METRICS if all(name in run for run in runs)}
             rows.append({"engine_dtype": dtype, "routing_replay": replay, **medians, "runs": runs})
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     print(
         f"{datetime.date.today().isoformat()}, commit {commit}, {machine()}; load average (1 min) {load_before:.1f} at the start, "
-        f"{os.getloadavg()[0]:.1f} at the end; trainer fp32, medians of {args.seeds} seeds\n"
+        f"{os.getloadavg()[0]:.1f} at the end; trainer fp32, medians of {args.seeds} seeds{'; ' + ' '.join(args.override) if args.override else ''}\n"
     )
     print("| engine | routing replay | log-prob diff, mean abs | max abs | rollout KL | routing diff (as trained) | routing diff (trainer's own) |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
