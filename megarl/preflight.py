@@ -12,7 +12,8 @@ file (readable, the prompt and answer fields present); the reward (a user functi
 takes megarl's or verl's arguments; a reward model directory exists; a remote URL is http(s)); the
 optional metric packages asked for. Then, once all of that passed, the two checks that import
 torch: the advantage estimator and the policy loss the config names are registered
-(:mod:`megarl.algorithms`), and the checkpoint a resume would load is whole.
+(:mod:`megarl.algorithms`), the checkpoint a resume would load is whole, and, with routing replay
+(R3), the engines given by URL return routed experts.
 """
 
 from __future__ import annotations
@@ -38,7 +39,42 @@ def check_run(config: Config, world_size: int) -> list[str]:
     problems += _data_problems(config) + _reward_problems(config) + _agent_problems(config) + sink_problems(config.logging)
     if not problems:
         # Last, once every cheap check passed: these import torch (the run imports it next anyway).
-        problems += _algorithm_name_problems(config) + _resume_problems(config)
+        problems += _algorithm_name_problems(config) + _resume_problems(config) + _routing_replay_problems(config)
+    return problems
+
+
+def _routing_replay_problems(config: Config, timeout: float = 5.0) -> list[str]:
+    """With ``algorithm.routing_replay`` r3, every engine of ``rollout.engine_urls`` that answers its
+    server information must say it returns routed experts (SGLang's ``/server_info``, before it
+    ``/get_server_info``). An engine that does not answer is left to the run's start, which waits
+    for it; the run checks the others again when it connects."""
+    if config.algorithm.routing_replay != "r3":
+        return []
+    import urllib.error
+    import urllib.request
+
+    from megarl.rollout import protocol
+
+    problems = []
+    for url in config.rollout.engine_urls:
+        info = None
+        for path in (protocol.SERVER_INFO, protocol.SERVER_INFO_DEPRECATED):
+            try:
+                with urllib.request.urlopen(url.rstrip("/") + path, timeout=timeout) as response:
+                    info = json.loads(response.read())
+                break
+            except urllib.error.HTTPError as error:
+                if error.code != 404:
+                    break
+            except (OSError, ValueError):
+                break
+        if info is not None and not protocol.returns_routed_experts(info):
+            problems.append(
+                f"`rollout.engine_urls`: {url} does not return routed experts ({path} reports "
+                f"{protocol.RETURNS_ROUTED_EXPERTS}={info.get(protocol.RETURNS_ROUTED_EXPERTS) if isinstance(info, dict) else None}), "
+                "which `algorithm.routing_replay` r3 needs: restart it with --enable-return-routed-experts, or set "
+                "algorithm.routing_replay to r2 or none"
+            )
     return problems
 
 
