@@ -173,12 +173,14 @@ def test_glm_run_streams_the_expert_bias_that_megatron_balances(tmp_path):
     rate = 0.01
     report, rows = train(
         tmp_path, "glm",
-        ["model.path=bundled:tiny-glm4-moe", "train.steps=2", f"model.moe_router_bias_update_rate={rate}"],
+        ["model.path=bundled:tiny-glm4-moe", "train.steps=2", f"model.moe_router_bias_update_rate={rate}", "algorithm.routing_replay=r2"],
         nproc=1, hooks=["--watch", "model.layers.1.mlp.gate.e_score_correction_bias"],
     )
     assert report["completed"] and len(rows) == 2
     assert_finite(rows)
     assert all(row["mismatch/logprob_diff_abs_max"] <= MISMATCH_TOLERANCE for row in rows)
+    # R2 replays the old-log-prob pass's routing in the update; the routers are measured every step.
+    assert all(row["moe/tokens_dropped"] == 0.0 and 0 < row["moe/router_entropy"] and "moe/routing_diff" not in row for row in rows)
     weights = report["weights"]
     for before, after in ((weights["initial"], weights["after_0"]), (weights["after_0"], weights["after_1"])):
         moves = [abs(new - old) for old, new in zip(before, after)]
@@ -189,11 +191,14 @@ def test_glm_run_streams_the_expert_bias_that_megatron_balances(tmp_path):
 def test_deepseek_v3_trains_under_expert_parallelism_and_updates_the_engine(tmp_path):
     # Dynamic sampling keeps only groups with a reward signal: every step has a gradient.
     report, rows = train(
-        tmp_path, "deepseek-v3", ["model.path=bundled:tiny-deepseek-v3", "parallel.expert=2", "train.steps=2", "algorithm.dynamic_sampling=true"]
+        tmp_path, "deepseek-v3",
+        ["model.path=bundled:tiny-deepseek-v3", "parallel.expert=2", "train.steps=2", "algorithm.dynamic_sampling=true", "algorithm.routing_replay=r3"],
     )
     assert report["completed"] and len(rows) == 2
     assert_finite(rows)
     assert all(row["mismatch/logprob_diff_abs_max"] <= MISMATCH_TOLERANCE for row in rows)
+    # R3: the engine returned the experts of every sample and the trainer routed exactly so.
+    assert all(row["moe/routing_diff"] == 0.0 and "moe/routing_diff_recomputed" in row for row in rows)
     # The multi-latent attention's output projection, as the engine holds it.
     assert report["weights"]["after_0"] != report["weights"]["initial"]
     assert report["weights"]["after_1"] != report["weights"]["after_0"]
