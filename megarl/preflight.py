@@ -68,13 +68,9 @@ def _routing_replay_problems(config: Config, timeout: float = 5.0) -> list[str]:
                     break
             except (OSError, ValueError):
                 break
-        if info is not None and not protocol.returns_routed_experts(info):
-            problems.append(
-                f"`rollout.engine_urls`: {url} does not return routed experts ({path} reports "
-                f"{protocol.RETURNS_ROUTED_EXPERTS}={info.get(protocol.RETURNS_ROUTED_EXPERTS) if isinstance(info, dict) else None}), "
-                "which `algorithm.routing_replay` r3 needs: restart it with --enable-return-routed-experts, or set "
-                "algorithm.routing_replay to r2 or none"
-            )
+        refusal = None if info is None else protocol.routed_experts_refusal(path, info)
+        if refusal is not None:
+            problems.append(f"`rollout.engine_urls`: {url} {refusal}")
     return problems
 
 

@@ -896,9 +896,9 @@ def test_the_preflight_refuses_an_engine_url_that_does_not_return_routed_experts
         problems = check_run(load_config(moe, [*overrides, "algorithm.routing_replay=r3"]), 2)
         assert problems == [
             f"`rollout.engine_urls`: {servers[0].url} does not return routed experts (/server_info reports enable_return_routed_experts=False), "
-            "which `algorithm.routing_replay` r3 needs: restart it with --enable-return-routed-experts, or set algorithm.routing_replay to r2 or none",
+            "which algorithm.routing_replay=r3 needs: restart it with --enable-return-routed-experts, or set algorithm.routing_replay to r2 or none",
             f"`rollout.engine_urls`: {servers[2].url} does not return routed experts (/get_server_info reports enable_return_routed_experts=False), "
-            "which `algorithm.routing_replay` r3 needs: restart it with --enable-return-routed-experts, or set algorithm.routing_replay to r2 or none",
+            "which algorithm.routing_replay=r3 needs: restart it with --enable-return-routed-experts, or set algorithm.routing_replay to r2 or none",
         ]
         assert check_run(load_config(moe, [*overrides, "algorithm.routing_replay=r2"]), 2) == []
     finally:

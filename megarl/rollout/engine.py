@@ -206,26 +206,25 @@ class Engine:
         Raises:
             EngineMisconfigured: it does not (or does not say), with the fix.
         """
-        fix = "restart it with --enable-return-routed-experts, or set algorithm.routing_replay to r2 or none"
+        path = protocol.SERVER_INFO
         try:
-            info = self.call("GET", protocol.SERVER_INFO, timeout=timeout)
+            info = self.call("GET", path, timeout=timeout)
         except EngineRequestError as error:
             if error.status != 404:
                 raise
+            path = protocol.SERVER_INFO_DEPRECATED
             try:
-                info = self.call("GET", protocol.SERVER_INFO_DEPRECATED, timeout=timeout)
+                info = self.call("GET", path, timeout=timeout)
             except EngineRequestError as old_error:
                 if old_error.status != 404:
                     raise
                 raise EngineMisconfigured(
                     self.label, f"serves neither {protocol.SERVER_INFO} nor {protocol.SERVER_INFO_DEPRECATED}, so it cannot tell whether it "
-                    f"returns routed experts, which algorithm.routing_replay=r3 needs: {fix}"
+                    f"returns routed experts, which algorithm.routing_replay=r3 needs: {protocol.ROUTED_EXPERTS_FIX}"
                 ) from None
-        if not protocol.returns_routed_experts(info):
-            raise EngineMisconfigured(
-                self.label, f"does not return routed experts ({protocol.SERVER_INFO} reports {protocol.RETURNS_ROUTED_EXPERTS}="
-                f"{info.get(protocol.RETURNS_ROUTED_EXPERTS) if isinstance(info, dict) else None}), which algorithm.routing_replay=r3 needs: {fix}"
-            )
+        refusal = protocol.routed_experts_refusal(path, info)
+        if refusal is not None:
+            raise EngineMisconfigured(self.label, refusal)
 
     def start(self) -> None:
         """Launch the server and wait until it is healthy.

@@ -134,7 +134,8 @@ class Sample:
         The routed experts are the continuation's: it was generated from the prompt followed by
         this sample's tokens, so the engine routed all of them again (under the weights it holds
         now, the ones the continuation's tokens were sampled with) and its array covers the whole
-        sample; this one's would cover only its own part."""
+        sample; this one's would cover only its own part. A continuation that has none keeps this
+        one's."""
         offset = len(self.response_ids)
         segments = [segment for segment in self.weight_segments if segment.end > segment.start]
         for segment in continuation.weight_segments:
@@ -151,6 +152,7 @@ class Sample:
             response_ids=self.response_ids + continuation.response_ids,
             logprobs=self.logprobs + continuation.logprobs,
             weight_segments=tuple(segments) or self.weight_segments,
+            routed_experts=self.routed_experts if continuation.routed_experts is None else continuation.routed_experts,
         )
 
 

@@ -69,9 +69,10 @@ class ScoredSample:
     loss_mask: list[bool] | None = None
     """Per response token, whether the loss trains on it; None: every one
     (``rollout.mask_offpolicy_in_partial_rollout`` leaves out the tokens of older weights)."""
-    routed_experts: np.ndarray | None = None
+    routed_experts: np.ndarray | None = dataclasses.field(default=None, compare=False)
     """``[N, num_hidden_layers, k]`` the experts the engine routed tokens ``0 .. N-1`` of prompt +
-    response to (``Sample.routed_experts``); None when the engine was not asked for them."""
+    response to (``Sample.routed_experts``); None when the engine was not asked for them. Left out
+    of ``==`` (an array has no single truth value)."""
 
     @property
     def truncated(self) -> bool:
@@ -95,7 +96,7 @@ class TrainBatch:
             ``values``, ``advantages``, ``returns``, ``loss_weights``).
         pad_multiple: ``S`` and every micro-batch's length are multiples of it.
         routed_experts: ``[B, S, L, k]`` the experts each token is routed to in each of the model's
-            ``L`` MoE layers (token space: row ``t`` is token ``t``), uint8 (int32 beyond 256
+            ``L`` MoE layers (token space: row ``t`` is token ``t``), uint8 (int16 beyond 256
             experts), for routing replay; None without it (:func:`pack_routed_experts`).
         routed_lengths: ``[B]`` the tokens of each row whose experts came from the engine (or the
             recording pass); the rest hold a filler (:func:`pack_routed_experts`).
@@ -260,8 +261,8 @@ def pack_routed_experts(arrays: Sequence[np.ndarray | None], sequence_lengths: t
         moe_layers: the indices of the model's MoE layers among its ``num_hidden_layers``.
         num_experts: routed experts per MoE layer.
 
-    Tokens an array does not cover (the last one, padding) route to experts ``0 .. k-1``: under
-    causal attention no trained log-prob depends on them.
+    Tokens an array does not cover (the last one, padding) get :func:`routing_filler`'s experts:
+    under causal attention no trained log-prob depends on them.
 
     Raises:
         ValueError: a sample without routed experts, or with an array of the wrong shape or with
@@ -270,8 +271,7 @@ def pack_routed_experts(arrays: Sequence[np.ndarray | None], sequence_lengths: t
     if not arrays or arrays[0] is None:
         raise ValueError("sample 0 has no routed experts: routing replay needs the engines to return them")
     topk = arrays[0].shape[-1]
-    dtype = torch.uint8 if num_experts <= 256 else torch.int32
-    packed = torch.arange(topk, dtype=dtype).expand(len(arrays), length, len(moe_layers), topk).clone()
+    packed = routing_filler(length, topk, num_experts)[:, None, :].expand(len(arrays), length, len(moe_layers), topk).clone()
     for row, array in enumerate(arrays):
         tokens = int(sequence_lengths[row])
         if array is None:
@@ -284,8 +284,22 @@ def pack_routed_experts(arrays: Sequence[np.ndarray | None], sequence_lengths: t
         chosen = array[:, list(moe_layers), :]
         if chosen.size and (chosen.min() < 0 or chosen.max() >= num_experts):
             raise ValueError(f"sample {row}: routed experts outside 0 .. {num_experts - 1}")
-        packed[row, : array.shape[0]] = torch.from_numpy(chosen.astype(np.int64)).to(dtype)
+        packed[row, : array.shape[0]] = torch.from_numpy(chosen.astype(np.int64)).to(packed.dtype)
     return packed
+
+
+def routed_experts_dtype(num_experts: int) -> torch.dtype:
+    """The dtype of ``TrainBatch.routed_experts``: uint8 up to 256 experts, else int16."""
+    return torch.uint8 if num_experts <= 256 else torch.int16
+
+
+def routing_filler(length: int, topk: int, num_experts: int) -> torch.Tensor:
+    """``[length, k]`` experts for the tokens no routing was recorded for (each sample's last
+    token, padding): position ``t`` goes to experts ``(t * k + j) mod E``, spread over all of them
+    so that the filler does not load a few experts (capacity, the expert-bias update count tokens
+    per expert)."""
+    positions = torch.arange(length)[:, None] * topk + torch.arange(topk)[None, :]
+    return (positions % num_experts).to(routed_experts_dtype(num_experts))
 
 
 def gather_token_values(local: torch.Tensor, pg_collection, *, is_last_stage: bool) -> torch.Tensor:

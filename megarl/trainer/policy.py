@@ -188,9 +188,16 @@ class Policy(ModelObjective):
             enabled). With routing replay the update replays ``batch.routed_experts``.
         """
         routers = self.model.routers
-        with self._replaying(self.algorithm.routing_replay != "none"), routers.tracking_losses() if routers else contextlib.nullcontext({}) as losses:
+        router_losses = routers.tracking_losses() if routers is not None else contextlib.nullcontext({})
+        with self._replaying(self.algorithm.routing_replay != "none"), router_losses as losses:
             metrics = self.model.update(batch, self, seed=self.seed * 1_000_003 + step)
         return {**{f"policy/{name}": value for name, value in metrics.items()}, **losses}
+
+    @property
+    def routing_layout(self) -> tuple[list[int], int]:
+        """``(moe_layers, num_experts)``: what a batch's routed experts are packed by
+        (:meth:`TrainBatch.from_scored`'s ``routing``)."""
+        return self.model.routers.moe_layers, self.model.routers.num_experts
 
     def loss(self, micro: dict[str, torch.Tensor], output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """The micro-batch's ``(loss_sum, count, {metric: token sum})`` (:class:`~megarl.trainer.objective.Objective`)."""

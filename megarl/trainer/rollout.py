@@ -205,10 +205,7 @@ def batch_of(run: Run, samples: Sequence[ScoredSample], metrics: dict[str, float
         ``(batch, scores [B], metrics)``.
     """
     metrics.update(staleness_metrics(samples, run.weight_version))
-    routing = None
-    if run.config.algorithm.routing_replay == "r3":
-        model = run.policy.model
-        routing = (model.routers.moe_layers, model.routers.num_experts)
+    routing = run.policy.routing_layout if run.config.algorithm.routing_replay == "r3" else None
     batch = TrainBatch.from_scored(samples, pad_token_id=run.tokenizer.pad_token_id, pad_multiple=run.pad_multiple, routing=routing)
     lengths = batch.response_lengths.float()
     metrics.update(

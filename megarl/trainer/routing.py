@@ -22,8 +22,12 @@ tokens each expert of each layer receives, summarised as max / mean per layer
 the entropy of the router's distribution over experts (softmax, or sigmoid scores normalised to
 sum 1), the fraction of token-expert assignments dropped by the capacity factor, and, when the
 batch carries the engines' routing, the fraction of (token, layer) pairs routed differently from
-the engine: as the pass routed them (``moe/routing_diff``: 0 under replay) and as the trainer
-routes them on its own (``moe/routing_diff_recomputed``: what replay removes).
+the engine (only the tokens the engine routed): as the pass routed them (``moe/routing_diff``: 0
+under replay, but for the tokens a capacity factor dropped) and as the trainer routes them on its
+own, in the router's dtype (``moe/routing_diff_recomputed``: what replay removes).
+
+Tokens without recorded routing (each sample's last token, which the engine never ran, and
+padding) replay :func:`megarl.trainer.batch.routing_filler`'s experts, spread over all experts.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 from megarl.platform import current_device
+from megarl.trainer.batch import routed_experts_dtype, routing_filler
 
 
 def _action(name: str):
@@ -44,18 +49,18 @@ def _action(name: str):
 
     return RouterReplayAction[name]
 
+
 _IN_BACKWARD = -1
 """``torch._C._current_graph_task_id()`` outside a backward pass."""
 
 
 @dataclasses.dataclass
 class _Measures:
-    """Sums over this rank's real tokens, per MoE layer ``[L]`` (the load ``[L, E]``)."""
+    """Sums over this rank's real tokens, per MoE layer ``[L]`` (the load ``[L, E]``), on the device."""
 
     load: torch.Tensor
     tokens: torch.Tensor
-    entropy: torch.Tensor
-    """The negative entropy, summed."""
+    negative_entropy: torch.Tensor
     compared: torch.Tensor
     """Tokens whose engine routing the batch carries."""
     routing_diff: torch.Tensor
@@ -64,12 +69,19 @@ class _Measures:
     @classmethod
     def zeros(cls, layers: int, experts: int) -> _Measures:
         device = current_device()
-        return cls(
-            torch.zeros(layers, experts, dtype=torch.float64, device=device), *(torch.zeros(layers, dtype=torch.float64, device=device) for _ in range(5))
-        )
+        return cls(**{
+            field.name: torch.zeros((layers, experts) if field.name == "load" else (layers,), dtype=torch.float64, device=device)
+            for field in dataclasses.fields(cls)
+        })
 
-    def flat(self) -> torch.Tensor:
-        return torch.cat([self.load.reshape(-1), self.tokens, self.entropy, self.compared, self.routing_diff, self.routing_diff_recomputed])
+    def summed_over_ranks(self) -> _Measures:
+        """Every rank's sums added up, on the host (a collective over every rank)."""
+        fields = dataclasses.fields(self)
+        flat = torch.cat([getattr(self, field.name).reshape(-1) for field in fields])
+        if dist.get_world_size() > 1:
+            dist.all_reduce(flat)
+        parts = flat.cpu().split([getattr(self, field.name).numel() for field in fields])
+        return _Measures(**{field.name: part.reshape(getattr(self, field.name).shape) for field, part in zip(fields, parts)})
 
 
 class Routers:
@@ -143,6 +155,8 @@ class Routers:
         """Within the block every forward records its routing; after it ``result["routed_experts"]``
         holds the whole batch's ``[B, S, L, k]`` (a collective over every rank when the block ends)."""
         self._check_replay()
+        # Expert + 1, so that 0 says "not written" and a max over the ranks assembles the batch
+        # (gloo and NCCL reduce no int16: int32 past 255 experts).
         dtype = torch.uint8 if self.num_experts < 256 else torch.int32
         self.recorded = torch.zeros(*batch_shape, len(self.moe_layers), self.topk, dtype=dtype)
         for _, router in self._all_routers():
@@ -156,15 +170,21 @@ class Routers:
         recorded = recorded.to(current_device())
         if dist.get_world_size() > 1:
             dist.all_reduce(recorded, op=dist.ReduceOp.MAX)
-        recorded = recorded.cpu().to(torch.int64) - 1
-        # Entries no rank wrote (padding past every micro-batch's length) route to experts 0 .. k-1.
-        filler = torch.arange(self.topk).expand_as(recorded)
-        result["routed_experts"] = torch.where(recorded < 0, filler, recorded).to(torch.uint8 if self.num_experts <= 256 else torch.int32)
+        # Expert + 1 where a rank wrote it; 0 where none did (padding past every micro-batch's
+        # length), which gets the filler. One batch-sized tensor at a time, in the narrow dtype.
+        recorded = recorded.cpu().to(routed_experts_dtype(self.num_experts))
+        unwritten = recorded == 0
+        recorded -= 1
+        filler = routing_filler(recorded.shape[1], self.topk, self.num_experts)[None, :, None, :].expand_as(recorded)
+        result["routed_experts"] = torch.where(unwritten, filler, recorded)
 
     @contextlib.contextmanager
     def measuring(self) -> Iterator[dict[str, float]]:
         """Within the block every forward adds to the router metrics; after it (a collective over
         every rank) the dict holds them (module docstring)."""
+        from megatron.core.transformer.moe.moe_utils import topk_routing_with_score_function
+
+        self._topk_routing = topk_routing_with_score_function
         self.measures = _Measures.zeros(len(self.moe_layers), self.num_experts)
         metrics: dict[str, float] = {}
         try:
@@ -237,7 +257,11 @@ class Routers:
                 router.router_replay.set_router_replay_action(_action("REPLAY_FORWARD"))
 
     def after_forward(self, model, micro: dict[str, torch.Tensor]) -> None:
-        """Called with each micro-batch after ``model`` ran it: stores what the routers recorded."""
+        """Called with each micro-batch after ``model`` ran it: stores what the routers recorded;
+        drops the replayed experts no backward recomputation will read again."""
+        if self.replaying and not (torch.is_grad_enabled() and self._config.recompute_granularity == "full"):
+            for _, router in self._routers[self._chunk_of[id(model)]]:
+                router.router_replay.replay_backward_list.clear()
         if self.recorded is None:
             return
         rows, columns = micro["rows"], self._sequence_slice(micro["columns"])
@@ -261,6 +285,8 @@ class Routers:
     # Router hooks.
 
     def _install(self, router: torch.nn.Module) -> None:
+        # Megatron's router has no hook point between its gating and its routing, and the metrics
+        # need the logits: this router's gating is wrapped to keep them while measuring.
         gating = router.gating
 
         def gating_keeping_logits(hidden: torch.Tensor) -> torch.Tensor:
@@ -283,7 +309,9 @@ class Routers:
         # per router call.
         if self.measures is None or torch._C._current_graph_task_id() != _IN_BACKWARD:
             return
-        logits = router.__dict__.pop("megarl_logits").reshape(-1, self.num_experts).float()
+        # The logits in the dtype the router routes in (moe_router_dtype), for the recomputed top-k.
+        routing_logits = router.__dict__.pop("megarl_logits").reshape(-1, self.num_experts)
+        logits = routing_logits.float()
         routing_map = output[1].reshape(-1, self.num_experts)
         index = self._index_of[id(router)]
         valid = self._valid
@@ -296,19 +324,16 @@ class Routers:
             log_distribution = log_scores - torch.logsumexp(log_scores, dim=-1, keepdim=True)
         else:
             log_distribution = torch.log_softmax(logits, dim=-1)
-        # The negative entropy, summed over the real tokens (negated once, in _summarise).
-        measures.entropy[index] += (log_distribution.exp() * log_distribution * valid[:, None]).sum()
+        measures.negative_entropy[index] += (log_distribution.exp() * log_distribution * valid[:, None]).sum()
         if self._engine is None:
             return
         covered = self._covered
         engine = torch.zeros_like(routing_map).scatter_(1, self._engine[:, index, :], True)
         measures.compared[index] += covered.sum()
         measures.routing_diff[index] += ((routing_map != engine).any(dim=-1) & covered).sum()
-        from megatron.core.transformer.moe.moe_utils import topk_routing_with_score_function
-
         config = router.config
-        _, own = topk_routing_with_score_function(
-            logits.to(router.weight.dtype), self.topk, use_pre_softmax=config.moe_router_pre_softmax, num_groups=config.moe_router_num_groups,
+        _, own = self._topk_routing(
+            routing_logits, self.topk, use_pre_softmax=config.moe_router_pre_softmax, num_groups=config.moe_router_num_groups,
             group_topk=config.moe_router_group_topk, scaling_factor=config.moe_router_topk_scaling_factor,
             score_function=router.score_function, expert_bias=router.expert_bias,
         )
@@ -328,24 +353,19 @@ def _router_loss_names(config) -> list[str]:
 
 def _summarise(measures: _Measures, topk: int) -> dict[str, float]:
     """The metrics of :class:`Routers` from every rank's sums (a collective over every rank)."""
-    flat = measures.flat()
-    if dist.get_world_size() > 1:
-        dist.all_reduce(flat)
-    flat = flat.cpu()
-    layers, experts = measures.load.shape
-    load = flat[: layers * experts].reshape(layers, experts)
-    tokens, negative_entropy, compared, diff, diff_recomputed = flat[layers * experts :].reshape(5, layers)
+    total = measures.summed_over_ranks()
+    tokens = total.tokens
     if not bool((tokens > 0).all()):
         return {}
-    balance = load.max(dim=1).values / load.mean(dim=1).clamp_min(1e-12)
+    balance = total.load.max(dim=1).values / total.load.mean(dim=1).clamp_min(1e-12)
     metrics = {
         "moe/expert_load_max_mean": float(balance.mean()),
         "moe/expert_load_max_mean_worst": float(balance.max()),
-        "moe/router_entropy": float((-negative_entropy / tokens).mean()),
+        "moe/router_entropy": float((-total.negative_entropy / tokens).mean()),
         # Every real token has k places; those the capacity factor dropped are missing from the load.
-        "moe/tokens_dropped": float(1 - load.sum() / (tokens.sum() * topk)),
+        "moe/tokens_dropped": float(1 - total.load.sum() / (tokens.sum() * topk)),
     }
-    if bool((compared > 0).all()):
-        metrics["moe/routing_diff"] = float(diff.sum() / compared.sum())
-        metrics["moe/routing_diff_recomputed"] = float(diff_recomputed.sum() / compared.sum())
+    if bool((total.compared > 0).all()):
+        metrics["moe/routing_diff"] = float(total.routing_diff.sum() / total.compared.sum())
+        metrics["moe/routing_diff_recomputed"] = float(total.routing_diff_recomputed.sum() / total.compared.sum())
     return metrics

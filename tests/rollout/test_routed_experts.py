@@ -109,6 +109,8 @@ def test_a_resumed_sample_keeps_the_continuations_routes():
     assert whole.routed_experts is continuation.routed_experts
     assert len(whole.routed_experts) == 3 + len(whole.response_ids) - 1
     assert whole == partial.continued_by(continuation)  # arrays stay out of ==
+    # A continuation the engine answered without routed experts keeps the partial sample's.
+    assert partial.continued_by(dataclasses.replace(continuation, routed_experts=None)).routed_experts is partial.routed_experts
 
 
 @needs_sglang

@@ -9,7 +9,7 @@ import torch
 
 import numpy as np
 
-from megarl.trainer.batch import ScoredSample, TrainBatch, context_parallel_positions, layout_multiple, pack_routed_experts
+from megarl.trainer.batch import ScoredSample, TrainBatch, context_parallel_positions, layout_multiple, pack_routed_experts, routing_filler
 
 pytestmark = pytest.mark.cpu
 
@@ -128,7 +128,9 @@ def test_routed_experts_are_packed_at_their_tokens_and_moe_layers_with_a_filler_
     for row, array in enumerate(arrays):
         covered = array.shape[0]
         assert packed[row, :covered].tolist() == array[:, [0, 2]].tolist()
-        assert (packed[row, covered:] == torch.tensor([0, 1], dtype=torch.uint8)).all()
+        # Past them, position t routes to experts 2t and 2t + 1 (mod 8) in every MoE layer.
+        filler = [[[(2 * t) % 8, (2 * t + 1) % 8]] * 2 for t in range(covered, 8)]
+        assert packed[row, covered:].tolist() == filler
 
 
 @pytest.mark.parametrize(
@@ -153,3 +155,12 @@ def test_a_micro_batch_carries_the_routed_experts_of_its_rows_and_context_parall
     columns = context_parallel_positions(8, 1, 2)
     assert torch.equal(micro["routed_experts"], batch.routed_experts[[2, 0]][:, columns])
     assert micro["sequence_lengths"].tolist() == [5, 5]
+
+
+@pytest.mark.parametrize("experts,topk,dtype", [(8, 2, torch.uint8), (6, 4, torch.uint8), (384, 8, torch.int16)])
+def test_the_routing_filler_gives_each_token_distinct_experts_spread_over_all_of_them(experts, topk, dtype):
+    filler = routing_filler(3 * experts, topk, experts)
+    assert filler.dtype == dtype
+    assert all(len(set(row)) == topk for row in filler.tolist())
+    # Over 3 x E tokens every expert is used 3 x k times.
+    assert torch.bincount(filler.long().flatten(), minlength=experts).tolist() == [3 * topk] * experts
