@@ -15,16 +15,21 @@ from typing import Iterator
 
 import torch
 
+from megarl.models.loader import model_weights
+
 
 class ReferencePolicy:
     """A frozen copy of the policy's initial weights.
 
     Args:
-        chunks: the policy's model chunks (unwrapped), holding the initial weights.
+        chunks: the policy's model chunks (unwrapped), holding the initial weights (parameters and
+            weight buffers, :func:`megarl.models.loader.model_weights`).
     """
 
     def __init__(self, chunks: list):
-        self._parameters = [param for chunk in chunks for param in chunk.parameters()]
+        # Parameters and the buffers that are weights (a sigmoid router's expert bias, which
+        # Megatron's aux-loss-free balancing moves with model.moe_router_bias_update_rate).
+        self._parameters = [tensor for chunk in chunks for _, tensor in model_weights(chunk)]
         self._reference = [param.detach().to("cpu", copy=True) for param in self._parameters]
         if torch.cuda.is_available():
             self._reference = [tensor.pin_memory() for tensor in self._reference]
