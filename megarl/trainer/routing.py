@@ -170,13 +170,7 @@ class Routers:
         recorded = recorded.to(current_device())
         if dist.get_world_size() > 1:
             dist.all_reduce(recorded, op=dist.ReduceOp.MAX)
-        # Expert + 1 where a rank wrote it; 0 where none did (padding past every micro-batch's
-        # length), which gets the filler. One batch-sized tensor at a time, in the narrow dtype.
-        recorded = recorded.cpu().to(routed_experts_dtype(self.num_experts))
-        unwritten = recorded == 0
-        recorded -= 1
-        filler = routing_filler(recorded.shape[1], self.topk, self.num_experts)[None, :, None, :].expand_as(recorded)
-        result["routed_experts"] = torch.where(unwritten, filler, recorded)
+        result["routed_experts"] = recorded_experts(recorded.cpu(), self.topk, self.num_experts)
 
     @contextlib.contextmanager
     def measuring(self) -> Iterator[dict[str, float]]:
@@ -338,6 +332,17 @@ class Routers:
             score_function=router.score_function, expert_bias=router.expert_bias,
         )
         measures.routing_diff_recomputed[index] += ((own != engine).any(dim=-1) & covered).sum()
+
+
+def recorded_experts(recorded: torch.Tensor, topk: int, num_experts: int) -> torch.Tensor:
+    """``TrainBatch.routed_experts`` from R2's assembled record: expert + 1 where a rank wrote it,
+    0 where none did (padding past every micro-batch's length), which gets
+    :func:`~megarl.trainer.batch.routing_filler`'s experts."""
+    unwritten = recorded == 0
+    # In uint8 the unwritten entries wrap round; they are replaced below.
+    experts = (recorded - 1).to(routed_experts_dtype(num_experts))
+    filler = routing_filler(recorded.shape[1], topk, num_experts)[None, :, None, :].expand_as(experts)
+    return torch.where(unwritten, filler, experts)
 
 
 def _router_loss_names(config) -> list[str]:
