@@ -213,8 +213,14 @@ class TrainBatch:
         fields = {name: tensor for name, tensor in named.items() if not name.startswith("token_values/")}
         return cls(**fields, token_values=token_values, pad_multiple=pad_multiple)
 
-    def micro_batch(self, rows: Sequence[int], fields: Sequence[str], *, cp_rank: int = 0, cp_size: int = 1) -> dict[str, torch.Tensor]:
+    def micro_batch(
+        self, rows: Sequence[int], fields: Sequence[str], *, cp_rank: int = 0, cp_size: int = 1, length: int | None = None
+    ) -> dict[str, torch.Tensor]:
         """Model inputs and per-token values for ``rows``, on this context-parallel rank.
+
+        Args:
+            length: the columns to keep (a multiple of ``pad_multiple``, at least the rows' longest
+                sequence); None: the rows' longest sequence rounded up to ``pad_multiple``.
 
         Returns:
             ``tokens``, ``position_ids``, ``labels`` (the next token), ``response_mask`` and each of
@@ -224,7 +230,7 @@ class TrainBatch:
             ``routed_lengths [b]``.
         """
         rows = torch.as_tensor(list(rows), dtype=torch.int64)
-        length = _round_up(int(self.sequence_lengths[rows].max()), self.pad_multiple)
+        length = length or self.micro_batch_length(rows)
         columns = context_parallel_positions(length, cp_rank, cp_size)
         tokens = self.tokens[rows, :length]
         labels = torch.cat([tokens[:, 1:], tokens[:, -1:]], dim=1)
@@ -244,6 +250,11 @@ class TrainBatch:
             batch["routed_experts"] = self.routed_experts[rows][:, columns]
             batch["routed_lengths"] = (self.sequence_lengths if self.routed_lengths is None else self.routed_lengths)[rows]
         return batch
+
+    def micro_batch_length(self, rows: Sequence[int] | torch.Tensor) -> int:
+        """The columns a micro-batch of ``rows`` needs: their longest sequence rounded up to
+        ``pad_multiple``."""
+        return _round_up(int(self.sequence_lengths[torch.as_tensor(rows, dtype=torch.int64)].max()), self.pad_multiple)
 
     def empty_token_values(self) -> torch.Tensor:
         """Zeros shaped like a per-token value, ``[B, S]`` float32."""

@@ -154,14 +154,23 @@ class TrainModel:
 
         Each also carries ``row_response_mask [b, S']``: the whole rows' masks, for normalisers
         that must see whole responses under context parallelism.
+
+        With virtual pipeline stages every micro-batch has the length of the longest: the
+        interleaved schedule exchanges forward activations and backward gradients with the same
+        peer in one call, and megatron-core 0.16's shape exchange before it pairs them up wrongly
+        when micro-batches differ in length (gloo reports a size mismatch).
         """
         lengths = batch.sequence_lengths[rows].tolist()
         rows = rows.tolist()
         plan = plan_micro_batches(lengths, self.pg_collection.dp.size(), self.train)[self.pg_collection.dp.rank()]
         cp_rank, cp_size = self.pg_collection.cp.rank(), self.pg_collection.cp.size()
+        plan_rows = [[rows[index] for index in indices] for indices in plan]
+        length = None
+        if len(self.models) > 1:
+            length = max(batch.micro_batch_length(micro_rows) for micro_rows in plan_rows)
         micro_batches = []
-        for indices in plan:
-            micro = batch.micro_batch([rows[index] for index in indices], fields, cp_rank=cp_rank, cp_size=cp_size)
+        for micro_rows in plan_rows:
+            micro = batch.micro_batch(micro_rows, fields, cp_rank=cp_rank, cp_size=cp_size, length=length)
             micro["row_response_mask"] = batch.response_mask[micro["rows"]]
             micro_batches.append(micro)
         return micro_batches

@@ -164,3 +164,12 @@ def test_the_routing_filler_gives_each_token_distinct_experts_spread_over_all_of
     assert all(len(set(row)) == topk for row in filler.tolist())
     # Over 3 x E tokens every expert is used 3 x k times.
     assert torch.bincount(filler.long().flatten(), minlength=experts).tolist() == [3 * topk] * experts
+
+
+def test_a_micro_batch_can_be_given_a_longer_length_than_its_rows_need():
+    # The batch is 6 columns wide (row 1); row 0 needs 5.
+    batch = make_batch()
+    assert batch.micro_batch_length([0]) == 5
+    micro = batch.micro_batch([0], fields=(), length=6)
+    assert micro["tokens"].shape == (1, 6) and micro["columns"].tolist() == list(range(6))
+    assert micro["tokens"][0, 5] == PAD and not micro["response_mask"][0, 4:].any()

@@ -30,9 +30,9 @@ from megarl.config import ModelConfig, TrainConfig
 from megarl.trainer.batch import TrainBatch, pack_routed_experts
 from megarl.trainer.model import TrainModel
 
-LENGTHS = [(5, 7), (9, 3), (4, 7), (6, 4)]
-"""(prompt, response) tokens of the batch's samples: different lengths, one padded length (the
-interleaved pipeline schedule's backward does not take micro-batches of different lengths on gloo)."""
+LENGTHS = [(5, 7), (9, 3), (4, 10), (6, 4)]
+"""(prompt, response) tokens of the batch's samples: micro-batches of different lengths (12 and 16
+padded; under VPP TrainModel pads them all to 16)."""
 
 
 def _batch(hf_config, moe_layers: list[int], num_experts: int, topk: int) -> TrainBatch:
