@@ -58,7 +58,7 @@ def _routing_replay_problems(config: Config, timeout: float = 5.0) -> list[str]:
     problems = []
     for url in config.rollout.engine_urls:
         info = None
-        for path in (protocol.SERVER_INFO, protocol.SERVER_INFO_DEPRECATED):
+        for path in protocol.SERVER_INFO_PATHS:
             try:
                 with urllib.request.urlopen(url.rstrip("/") + path, timeout=timeout) as response:
                     info = json.loads(response.read())

@@ -104,3 +104,23 @@ def model_dir(directory: Path, model: str) -> str:
     if not path.exists():
         make_tiny(model, path)
     return str(path)
+
+
+def router_choices(model, tokens: list[int]) -> dict[int, torch.Tensor]:
+    """Per MoE layer of a transformers model, ``[len(tokens), topk]``: the experts its router
+    (``layers.N.mlp.gate``, which returns ``(logits, weights, indices)``) chose in one forward over
+    ``tokens``."""
+    from megarl.rollout.embedded.routing import _GATE_NAME
+
+    captured, hooks = {}, []
+    for name, module in model.named_modules():
+        match = _GATE_NAME.search(name)
+        if match:
+            hooks.append(module.register_forward_hook(lambda module, args, output, layer=int(match.group(1)): captured.__setitem__(layer, output[2])))
+    try:
+        with torch.no_grad():
+            model(torch.tensor([tokens]))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return captured

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -34,6 +35,7 @@ from megarl.config import (
 )
 from megarl.preflight import check_run
 from tests.distributed import REPO
+from tests.rollout.fake_engines import fake_sglang, serving
 
 pytestmark = pytest.mark.cpu
 
@@ -855,52 +857,22 @@ def test_the_preflight_imports_the_agent_program(tmp_path):
         assert check_run(load_config(moe, [run_dir, f"agent.openai_agent={program}:play", *mode]), 2) == []
 
 
-class _ServerInfo:
-    """An HTTP server on a thread answering GET ``path`` with ``answer`` (JSON) and 404 otherwise."""
-
-    def __init__(self, path: str, answer: dict):
-        import http.server
-        import threading
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                body = json.dumps(answer).encode() if self.path == path else b"{}"
-                self.send_response(200 if self.path == path else 404)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
 def test_the_preflight_refuses_an_engine_url_that_does_not_return_routed_experts(tmp_path):
-    servers = [
-        _ServerInfo("/server_info", {"enable_return_routed_experts": False}),
-        _ServerInfo("/server_info", {"enable_return_routed_experts": True}),
-        # SGLang before /server_info.
-        _ServerInfo("/get_server_info", {"enable_return_routed_experts": False}),
-    ]
-    try:
-        urls = [server.url for server in servers] + ["http://127.0.0.1:9"]  # the last answers nothing: left to the run's start
+    with contextlib.ExitStack() as engines:
+        urls = [
+            engines.enter_context(serving(fake_sglang({"enable_return_routed_experts": False}, None))),
+            engines.enter_context(serving(fake_sglang({"enable_return_routed_experts": True}, None))),
+            # SGLang before /server_info.
+            engines.enter_context(serving(fake_sglang(None, {"enable_return_routed_experts": False}))),
+            "http://127.0.0.1:9",  # answers nothing: left to the run's start
+        ]
         overrides = [f"logging.run_dir={tmp_path / 'run'}", f"rollout.engine_urls=[{', '.join(urls)}]"]
         moe = REPO / "configs" / "moe_grpo.yaml"
         problems = check_run(load_config(moe, [*overrides, "algorithm.routing_replay=r3"]), 2)
         assert problems == [
-            f"`rollout.engine_urls`: {servers[0].url} does not return routed experts (/server_info reports enable_return_routed_experts=False), "
+            f"`rollout.engine_urls`: {urls[0]} does not return routed experts (/server_info reports enable_return_routed_experts=False), "
             "which algorithm.routing_replay=r3 needs: restart it with --enable-return-routed-experts, or set algorithm.routing_replay to r2 or none",
-            f"`rollout.engine_urls`: {servers[2].url} does not return routed experts (/get_server_info reports enable_return_routed_experts=False), "
+            f"`rollout.engine_urls`: {urls[2]} does not return routed experts (/get_server_info reports enable_return_routed_experts=False), "
             "which algorithm.routing_replay=r3 needs: restart it with --enable-return-routed-experts, or set algorithm.routing_replay to r2 or none",
         ]
         assert check_run(load_config(moe, [*overrides, "algorithm.routing_replay=r2"]), 2) == []
-    finally:
-        for server in servers:
-            server.close()

@@ -206,22 +206,18 @@ class Engine:
         Raises:
             EngineMisconfigured: it does not (or does not say), with the fix.
         """
-        path = protocol.SERVER_INFO
-        try:
-            info = self.call("GET", path, timeout=timeout)
-        except EngineRequestError as error:
-            if error.status != 404:
-                raise
-            path = protocol.SERVER_INFO_DEPRECATED
+        for path in protocol.SERVER_INFO_PATHS:
             try:
                 info = self.call("GET", path, timeout=timeout)
-            except EngineRequestError as old_error:
-                if old_error.status != 404:
+                break
+            except EngineRequestError as error:
+                if error.status != 404:
                     raise
-                raise EngineMisconfigured(
-                    self.label, f"serves neither {protocol.SERVER_INFO} nor {protocol.SERVER_INFO_DEPRECATED}, so it cannot tell whether it "
-                    f"returns routed experts, which algorithm.routing_replay=r3 needs: {protocol.ROUTED_EXPERTS_FIX}"
-                ) from None
+        else:
+            raise EngineMisconfigured(
+                self.label, f"serves neither {protocol.SERVER_INFO} nor {protocol.SERVER_INFO_DEPRECATED}, so it cannot tell whether it "
+                f"returns routed experts, which algorithm.routing_replay=r3 needs: {protocol.ROUTED_EXPERTS_FIX}"
+            )
         refusal = protocol.routed_experts_refusal(path, info)
         if refusal is not None:
             raise EngineMisconfigured(self.label, refusal)

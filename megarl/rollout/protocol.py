@@ -48,6 +48,8 @@ UPDATE_WEIGHT_VERSION = "/update_weight_version"
 SERVER_INFO = "/server_info"
 SERVER_INFO_DEPRECATED = "/get_server_info"
 """SGLang's older name of :data:`SERVER_INFO` (still served, deprecated)."""
+SERVER_INFO_PATHS = (SERVER_INFO, SERVER_INFO_DEPRECATED)
+"""Where to ask an engine for its server information, in order: the next only on a 404."""
 RETURNS_ROUTED_EXPERTS = "enable_return_routed_experts"
 """The ``/server_info`` field (SGLang's ``ServerArgs`` field, flag ``--enable-return-routed-experts``)
 saying the engine captures routed experts and answers ``return_routed_experts``."""

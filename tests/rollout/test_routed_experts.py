@@ -8,9 +8,7 @@ import contextlib
 import dataclasses
 import json
 import re
-import threading
 
-import fastapi
 import httpx
 import numpy as np
 import pytest
@@ -20,11 +18,13 @@ import transformers
 from megarl.config import resolve_model_path
 from megarl.rollout import EngineGroup, EngineRequestError, SamplingParams, protocol, routed_experts
 from megarl.rollout.embedded.hf_engine import HFEngine
-from megarl.rollout.embedded.server import listening_socket, make_app, parse_args, uvicorn_server
+from megarl.rollout.embedded.server import make_app, parse_args
 from megarl.rollout.engine import Engine, LaunchOptions
 from megarl.rollout.errors import EngineMisconfigured
 from megarl.rollout.routed_experts import RoutingShape
 from megarl.rollout.sampling import Sample, WeightSegment
+from tests.hf_models import router_choices
+from tests.rollout.fake_engines import fake_sglang, serving
 from tests.rollout.sglang_source import SGLANG, class_fields, needs_sglang
 
 pytestmark = pytest.mark.cpu
@@ -133,20 +133,6 @@ MOE = resolve_model_path("bundled:tiny-moe")
 GROUP = dict(engine="hf", model_path=MOE, request_timeout_s=60, health_check_interval_s=3600, return_routed_experts=True)
 
 
-@contextlib.contextmanager
-def serving(app):
-    """``app`` served on a thread; yields its base URL."""
-    sock = listening_socket("127.0.0.1", 0)
-    server = uvicorn_server(app)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-
-
 @pytest.fixture(scope="module")
 def hf_engines():
     """Base URLs of two hf engines on tiny-moe: ``recording`` (started with
@@ -167,18 +153,8 @@ def model():
 
 def reference_routes(model, tokens: list[int]) -> np.ndarray:
     """``[len(tokens), layers, topk]``, each token's experts sorted: one plain forward's choices."""
-    captured = {}
-    hooks = [
-        model.model.layers[layer].mlp.gate.register_forward_hook(lambda module, args, output, layer=layer: captured.__setitem__(layer, output[2]))
-        for layer in range(model.config.num_hidden_layers)
-    ]
-    try:
-        with torch.no_grad():
-            model(torch.tensor([tokens]))
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return np.sort(np.stack([captured[layer].numpy() for layer in range(model.config.num_hidden_layers)], axis=1), axis=-1)
+    choices = router_choices(model, tokens)
+    return np.sort(np.stack([choices[layer].numpy() for layer in range(model.config.num_hidden_layers)], axis=1), axis=-1)
 
 
 def test_samples_carry_the_routes_of_their_tokens_also_when_resumed(hf_engines, model):
@@ -218,17 +194,6 @@ def test_asking_routes_of_an_engine_started_without_the_flag_is_refused(hf_engin
     body = protocol.generate_body([[5, 6]], [{"max_new_tokens": 2}], return_routed_experts=True)
     answer = httpx.post(hf_engines["plain"] + protocol.GENERATE, json=body, timeout=60)
     assert answer.status_code == 400 and "--enable-return-routed-experts" in answer.json()["error"]["message"]
-
-
-def fake_sglang(server_info: dict | None, old_server_info: dict | None) -> fastapi.FastAPI:
-    """An SGLang stand-in for the start-up checks: /health, and each /server_info name answering
-    its dict or 404."""
-    app = fastapi.FastAPI()
-    app.get(protocol.HEALTH)(lambda: None)
-    for path, answer in ((protocol.SERVER_INFO, server_info), (protocol.SERVER_INFO_DEPRECATED, old_server_info)):
-        if answer is not None:
-            app.get(path)(lambda answer=answer: answer)
-    return app
 
 
 def test_the_check_falls_back_to_get_server_info_and_refuses_an_engine_that_says_nothing():

@@ -14,6 +14,7 @@ from megarl.config import resolve_model_path
 from megarl.rollout.embedded.generate import BatchGenerator, Request
 from megarl.rollout.embedded.routing import _GATE_NAME, RouterRecorder
 from megarl.rollout.embedded.scheduler import ABORTED
+from tests.hf_models import router_choices
 
 pytestmark = pytest.mark.cpu
 
@@ -49,26 +50,10 @@ def moe_layers(model) -> list[int]:
     return sorted(int(_GATE_NAME.search(name).group(1)) for name, _ in model.named_modules() if _GATE_NAME.search(name))
 
 
-def reference_routes(model, tokens: list[int]) -> dict[int, torch.Tensor]:
-    """Per MoE layer, ``[len(tokens), topk]``: the routers' choices in one forward over ``tokens``."""
-    captured, hooks = {}, []
-    for name, module in model.named_modules():
-        match = _GATE_NAME.search(name)
-        if match:
-            hooks.append(module.register_forward_hook(lambda module, args, output, layer=int(match.group(1)): captured.__setitem__(layer, output[2])))
-    try:
-        with torch.no_grad():
-            model(torch.tensor([tokens]))
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return captured
-
-
 def assert_routes_equal(model, routes: torch.Tensor, tokens: list[int]):
     """``routes`` ``[len(tokens), layers, topk]`` equal a plain forward's choices, as sets, in every
     MoE layer, and are 0 in the dense layers."""
-    expected = reference_routes(model, tokens)
+    expected = router_choices(model, tokens)
     assert routes.shape == (len(tokens), model.config.num_hidden_layers, model.config.num_experts_per_tok)
     for layer in range(model.config.num_hidden_layers):
         if layer not in expected:
