@@ -16,6 +16,14 @@ REPO = Path(__file__).resolve().parents[1]
 ENVIRONMENT = {"PYTHONWARNINGS": "ignore"}
 TORCHRUN_ENVIRONMENT = {**ENVIRONMENT, "OMP_NUM_THREADS": "1"}
 """One thread per rank: the ranks share the machine's cores."""
+WORKERS = REPO / "tests" / "workers"
+AGENT_PLAYERS = {
+    # An environment; its episodes count their tool calls (env/tool_calls).
+    "environment": [f"agent.environment={WORKERS / 'agent_env.py'}:ToolThenAnswer"],
+    # An agent program over the OpenAI API: the endpoint records each call's sampled ids.
+    "openai_agent": [f"agent.openai_agent={WORKERS / 'agent_program.py'}:lookup_agent", "agent.tool_parser=compact", "data.apply_chat_template=false"],
+}
+"""The overrides of the two ways the end-to-end tests play multi-turn episodes, by name."""
 
 
 def free_port() -> int:

@@ -17,7 +17,7 @@ from safetensors import safe_open
 
 from megarl.checkpoint import committed_checkpoints
 
-from tests.distributed import REPO, free_port, launch, run_torchrun
+from tests.distributed import AGENT_PLAYERS, REPO, free_port, launch, run_torchrun
 
 WORKER = REPO / "tests" / "workers" / "train_check.py"
 MISMATCH_TOLERANCE = 1e-5
@@ -204,20 +204,8 @@ def test_deepseek_v3_trains_under_expert_parallelism_and_updates_the_engine(tmp_
     assert report["weights"]["after_1"] != report["weights"]["after_0"]
 
 
-WORKERS = REPO / "tests" / "workers"
-
-
 @pytest.mark.multirank
-@pytest.mark.parametrize(
-    "player",
-    [
-        # An environment; its episodes count their tool calls (env/tool_calls).
-        [f"agent.environment={WORKERS / 'agent_env.py'}:ToolThenAnswer"],
-        # An agent program over the OpenAI API: the endpoint records each call's sampled ids.
-        [f"agent.openai_agent={WORKERS / 'agent_program.py'}:lookup_agent", "agent.tool_parser=compact", "data.apply_chat_template=false"],
-    ],
-    ids=["environment", "openai_agent"],
-)
+@pytest.mark.parametrize("player", list(AGENT_PLAYERS.values()), ids=list(AGENT_PLAYERS))
 def test_multi_turn_episodes_train_on_their_sampled_tokens_with_the_engines_log_probs(tmp_path, player):
     report, rows = train(
         tmp_path, "agent",

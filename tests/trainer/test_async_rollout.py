@@ -24,7 +24,7 @@ from megarl.config import load_config
 from megarl.rollout.errors import EngineRequestError
 from megarl.rollout.sampling import Sample, WeightSegment
 from megarl.trainer.async_rollout import AsyncRollout
-from tests.distributed import REPO, run_torchrun
+from tests.distributed import AGENT_PLAYERS, REPO, run_torchrun
 
 WORKER = REPO / "tests" / "workers" / "train_check.py"
 PROMPTS = 24
@@ -299,18 +299,8 @@ def test_async_run_partial_rollouts_staleness_a_killed_engine_and_a_resume_that_
     assert counts == Counter(tuple(prompt) for prompt in second["prompts"]["ids"]), counts
 
 
-WORKERS = Path(__file__).resolve().parents[1] / "workers"
-
-
 @pytest.mark.multirank
-@pytest.mark.parametrize(
-    "player",
-    [
-        [f"agent.environment={WORKERS / 'agent_env.py'}:ToolThenAnswer"],
-        [f"agent.openai_agent={WORKERS / 'agent_program.py'}:lookup_agent", "agent.tool_parser=compact", "data.apply_chat_template=false"],
-    ],
-    ids=["environment", "openai_agent"],
-)
+@pytest.mark.parametrize("player", list(AGENT_PLAYERS.values()), ids=list(AGENT_PLAYERS))
 def test_async_multi_turn_episodes_resume_their_turns_across_weight_updates(tmp_path, player):
     # A slow engine (0.1 s a token): the episodes of a round span the weight updates of several
     # steps, so turns are aborted by the pause and sent again under the new weights. Each turn's
