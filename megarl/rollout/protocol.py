@@ -217,11 +217,6 @@ def _weight_segments(spans: Any, version: str | None, tokens: int) -> tuple[Weig
     return segments
 
 
-def returns_routed_experts(server_info: Any) -> bool:
-    """Whether a ``/server_info`` answer says the engine returns routed experts."""
-    return isinstance(server_info, dict) and server_info.get(RETURNS_ROUTED_EXPERTS) is True
-
-
 ROUTED_EXPERTS_FIX = "restart it with --enable-return-routed-experts, or set algorithm.routing_replay to r2 or none"
 """What to do about an engine that does not return routed experts when R3 needs them."""
 
@@ -229,9 +224,9 @@ ROUTED_EXPERTS_FIX = "restart it with --enable-return-routed-experts, or set alg
 def routed_experts_refusal(path: str, server_info: Any) -> str | None:
     """Why an engine whose ``path`` (``/server_info`` or ``/get_server_info``) answered
     ``server_info`` cannot serve routing replay (R3), with the fix; None when it returns routed experts."""
-    if returns_routed_experts(server_info):
-        return None
     reported = server_info.get(RETURNS_ROUTED_EXPERTS) if isinstance(server_info, dict) else None
+    if reported is True:
+        return None
     return f"does not return routed experts ({path} reports {RETURNS_ROUTED_EXPERTS}={reported}), which algorithm.routing_replay=r3 needs: {ROUTED_EXPERTS_FIX}"
 
 
