@@ -122,6 +122,14 @@ INVALID = [
     (["train.dynamic_batch=true", "train.max_tokens_per_micro_batch=16"], 1, "dense", [
         "`train.max_tokens_per_micro_batch` (16) must hold one full sequence",
     ]),
+    (["train.packing=true", "train.dynamic_batch=true", "train.max_tokens_per_micro_batch=44", "parallel.tensor=4",
+      "parallel.sequence_parallel=true", "parallel.context=2", "data.max_prompt_length=36"], 8, "dense", [
+        "`train.max_tokens_per_micro_batch` (44) must hold one full sequence, `data.max_prompt_length` + `data.max_response_length` "
+        "(36 + 8 = 44), rounded up to the layout's multiple 8: set it to at least 48",
+    ]),
+    (["train.packing=true", "model.moe_aux_loss_coeff=0.01", "model.moe_router_load_balancing_type=seq_aux_loss"], 1, "moe", [
+        "`model.moe_router_load_balancing_type` (seq_aux_loss) balances each sequence, and with `train.packing`",
+    ]),
     (["rollout.stop_token_ids=[3, 60]"], 1, "dense", ["`rollout.stop_token_ids` [60] are outside the model's vocabulary (size 52)"]),
     (["algorithm.overlong_penalty=true", "algorithm.overlong_buffer_length=9"], 1, "dense", [
         "`algorithm.overlong_buffer_length` (9) must be <= `data.max_response_length` (8)",

@@ -31,7 +31,7 @@ from megarl.config.base import (
 from megarl.config.checks import validate
 from megarl.config.data import DataConfig
 from megarl.config.loader import load_config, parse_override, save_config
-from megarl.config.model import CONFIG_SPELLING, DTYPE_NAMES, LayoutSpelling, ModelConfig, ModelFacts, ParallelConfig, layout_errors, world_size_errors
+from megarl.config.model import CONFIG_SPELLING, DTYPE_NAMES, LayoutSpelling, ModelConfig, ModelFacts, ParallelConfig, layout_errors, layout_multiple, world_size_errors
 from megarl.config.reward import RewardConfig
 from megarl.config.rollout import RolloutConfig
 from megarl.config.root import Config
@@ -65,6 +65,7 @@ __all__ = [
     "TrainConfig",
     "did_you_mean",
     "layout_errors",
+    "layout_multiple",
     "load_config",
     "parse_override",
     "resolve_data_path",

@@ -16,7 +16,7 @@ critic (``critic`` against ``algorithm`` and ``train.steps``).
 from __future__ import annotations
 
 from megarl.config.base import ConfigError, _divisors, _one_of
-from megarl.config.model import ModelFacts, layout_errors
+from megarl.config.model import ModelFacts, layout_errors, layout_multiple
 from megarl.config.root import Config
 from megarl.config.train import _steps_named
 
@@ -36,10 +36,20 @@ def _sequence_errors(config: Config, model_facts: ModelFacts) -> list[str]:
         errors.append(
             f"{lengths} exceeds the model's max_position_embeddings ({model_facts.max_position_embeddings}): lower them"
         )
-    if config.train.dynamic_batch and config.train.max_tokens_per_micro_batch < sequence:
+    train, parallel = config.train, config.parallel
+    # Packed, a sample is rounded up to the layout's multiple, and so is a pack of one.
+    multiple = layout_multiple(parallel.tensor, parallel.sequence_parallel, cp) if train.packing else 1
+    longest = -(-sequence // multiple) * multiple
+    if train.dynamic_batch and train.max_tokens_per_micro_batch < longest:
+        rounded = f", rounded up to the layout's multiple {multiple}" if longest != sequence else ""
         errors.append(
-            f"`train.max_tokens_per_micro_batch` ({config.train.max_tokens_per_micro_batch}) must hold one full sequence, "
-            f"{lengths}: set it to at least {sequence}"
+            f"`train.max_tokens_per_micro_batch` ({train.max_tokens_per_micro_batch}) must hold one full sequence, "
+            f"{lengths}{rounded}: set it to at least {longest}"
+        )
+    if train.packing and config.model.moe_aux_loss_coeff and config.model.moe_router_load_balancing_type == "seq_aux_loss":
+        errors.append(
+            "`model.moe_router_load_balancing_type` (seq_aux_loss) balances each sequence, and with `train.packing` Megatron would "
+            "take a whole pack for one sequence: use aux_loss or global_aux_loss, or set train.packing=false"
         )
     if config.algorithm.routing_replay != "none" and model_facts.num_experts == 0:
         errors.append(

@@ -75,6 +75,13 @@ class ModelConfig(Section):
             yield "moe_token_dispatcher", "(allgather) needs fixed sequence lengths in megatron-core 0.16, and RL batches vary: use alltoall"
 
 
+def layout_multiple(tensor_parallel: int, sequence_parallel: bool, context_parallel: int) -> int:
+    """The multiple a micro-batch's sequence length (padded) or a pack's length (packed) is rounded
+    up to: 2 x CP with context parallelism (each rank holds two load-balanced chunks), and CP x TP
+    with sequence parallelism (each CP rank's share is split over the TP ranks)."""
+    return math.lcm(context_parallel * tensor_parallel if sequence_parallel else 1, 2 * context_parallel if context_parallel > 1 else 1)
+
+
 @dataclasses.dataclass(kw_only=True, slots=True)
 class ParallelConfig(Section):
     """The training layout; data parallel is what the world size leaves: world / (TP x PP x CP)."""

@@ -68,8 +68,19 @@ class TrainConfig(Section):
     """Fill micro-batches up to max_tokens_per_micro_batch tokens instead of micro_batch_size samples
     (verl: actor.use_dynamic_bsz, slime: --use-dynamic-batch-size)."""
     max_tokens_per_micro_batch: Annotated[int, Range(ge=1)] = 4096
-    """Token budget of one dynamic micro-batch on each data-parallel rank, padding included (samples
-    x the longest one's length) (verl: ppo_max_token_len_per_gpu, slime: --max-tokens-per-gpu)."""
+    """Token budget of one dynamic micro-batch on each data-parallel rank: with packing its samples'
+    tokens (each rounded up to the layout's multiple, 2 x CP with context parallelism) and the pack's
+    tail; without, padding included (samples x the longest one's length) (verl:
+    ppo_max_token_len_per_gpu, slime: --max-tokens-per-gpu)."""
+    packing: bool = False
+    """Concatenate a micro-batch's samples without padding (THD, one sequence with per-sample
+    bounds: attention never crosses a sample, positions restart per sample) instead of padding each
+    to the longest (verl: model.use_remove_padding, NeMo-RL: sequence_packing.enabled, OpenRLHF:
+    --packing_samples)."""
+    balance_batch: bool = True
+    """With packing, partition samples over data-parallel ranks and into micro-batches by the
+    Karmarkar-Karp method so that their tokens (then their attention cost) are even; false: by
+    length order, as without packing (verl: trainer.balance_batch)."""
     ppo_epochs: Annotated[int, Range(ge=1)] = 1
     """Passes over each train batch (verl: actor.ppo_epochs)."""
     fused_linear_logprob: bool = True

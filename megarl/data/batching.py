@@ -317,31 +317,39 @@ def _check_packable(lengths: Sequence[int], budget: int, sample_multiple: int, p
             )
 
 
-def _balanced_budget_packs(rank_weights: list[list[int]], budget: int, pack_multiple: int) -> list[list[list[int]]]:
+def _balanced_budget_packs(rank_weights: list[list[int]], budget: int, pack_multiple: int, count_multiple: int) -> list[list[list[int]]]:
     """Every rank's samples (by aligned tokens) in the same number of packs of at most ``budget``
     tokens after the tail: the count starts at the most any rank's tokens need, each rank
     partitions by :func:`karmarkar_karp`, and the count grows while any pack overflows.
 
     It stops by the rank's sample count at the latest (one sample per pack, and every sample fits
     alone); a rank that cannot fill the count keeps no empty pack because the ranks hold the same
-    number of samples."""
+    number of samples. The count is kept a multiple of ``count_multiple`` (:func:`_round_count`)."""
     usable = budget // pack_multiple * pack_multiple
-    count = max(1, *(-(-sum(weights) // usable) for weights in rank_weights))
+    samples = len(rank_weights[0])
+    count = _round_count(max(1, *(-(-sum(weights) // usable) for weights in rank_weights)), count_multiple, samples)
     while True:
         local_plans = [karmarkar_karp(weights, count) for weights in rank_weights]
         packs = [(pack, weights) for weights, plan in zip(rank_weights, local_plans) for pack in plan]
-        if all(packed_tokens(pack, weights, pack_multiple=pack_multiple) <= budget for pack, weights in packs):
+        if count == samples or all(packed_tokens(pack, weights, pack_multiple=pack_multiple) <= budget for pack, weights in packs):
             return local_plans
-        count += 1
+        count = _round_count(count + 1, count_multiple, samples)
 
 
-def _balanced_fixed_packs(weights: list[int], micro_batch_size: int) -> list[list[int]]:
-    """``ceil(n / micro_batch_size)`` packs of at most ``micro_batch_size`` samples, balanced by
-    tokens: equal-size :func:`karmarkar_karp` over the samples and as many zero-token stand-ins as
-    fill the last pack, which are then dropped (fewer than one pack's worth, so no pack is left
-    empty)."""
-    count = -(-len(weights) // micro_batch_size)
-    stand_ins = count * micro_batch_size - len(weights)
+def _round_count(count: int, multiple: int, samples: int) -> int:
+    """A rank's micro-batch count rounded up to a multiple of ``multiple`` (Megatron's interleaved
+    schedule wants whole groups of pipeline-size micro-batches), but no more than its ``samples``:
+    no micro-batch may be empty."""
+    return min(-(-count // multiple) * multiple, samples)
+
+
+def _balanced_fixed_packs(weights: list[int], micro_batch_size: int, count_multiple: int) -> list[list[int]]:
+    """``ceil(n / micro_batch_size)`` packs (rounded by :func:`_round_count`) of at most
+    ``micro_batch_size`` samples, balanced by tokens: equal-size :func:`karmarkar_karp` over the
+    samples and as many zero-token stand-ins as make the count divide them, which are then dropped
+    (fewer than one per pack and group of packs, so no pack is left empty)."""
+    count = _round_count(-(-len(weights) // micro_batch_size), count_multiple, len(weights))
+    stand_ins = -(-len(weights) // count) * count - len(weights)
     packs = karmarkar_karp([*weights, *([0] * stand_ins)], count, equal_size=True)
     return [[index for index in pack if index < len(weights)] for pack in packs]
 
@@ -377,6 +385,7 @@ def plan_micro_batches(
     sample_multiple: int = 1,
     pack_multiple: int = 1,
     linear_cost: float = 0.0,
+    count_multiple: int = 1,
 ) -> list[list[list[int]]]:
     """Split one mini-batch over the data-parallel ranks and into micro-batches on each, every rank
     with the same number of micro-batches.
@@ -405,6 +414,11 @@ def plan_micro_batches(
         linear_cost: the linear layers' cost per token in units of the causal attention's per pair
             of tokens (``4h + 3f`` for a dense layer, see the module docstring), for the order of
             the packs; 0 orders them by ``sum(L**2)``.
+        count_multiple: every rank's micro-batch count is rounded up to a multiple of this (the
+            pipeline size under virtual pipelining: Megatron's interleaved schedule runs
+            micro-batches in groups of that many), while the rank's samples allow; the extra
+            micro-batches come from halving the heaviest (padded, greedy) or from a partition into
+            more parts (balanced).
 
     Returns:
         ``plan[rank][micro_batch]``: indices into ``lengths``, ascending within a micro-batch;
@@ -418,12 +432,15 @@ def plan_micro_batches(
     if not packing:
         ranks = split_across_ranks(lengths, data_parallel_size)
         rank_lengths = [[lengths[index] for index in indices] for indices in ranks]
+        samples = len(lengths) // data_parallel_size
         if train.dynamic_batch:
             budget = train.max_tokens_per_micro_batch
-            count = max(len(token_budget_micro_batches(local, budget)) for local in rank_lengths)
+            count = _round_count(max(len(token_budget_micro_batches(local, budget)) for local in rank_lengths), count_multiple, samples)
             local_plans = [token_budget_micro_batches(local, budget, count) for local in rank_lengths]
         else:
             local_plans = [fixed_micro_batches(local, train.micro_batch_size) for local in rank_lengths]
+            count = _round_count(max(map(len, local_plans), default=0), count_multiple, samples)
+            local_plans = [_split_heaviest(plan, local, count) for local, plan in zip(rank_lengths, local_plans)]
         return [[[indices[k] for k in micro] for micro in plan] for indices, plan in zip(ranks, local_plans)]
 
     if min(sample_multiple, pack_multiple) < 1:
@@ -444,13 +461,17 @@ def plan_micro_batches(
     if not lengths:
         local_plans: list[list[list[int]]] = [[] for _ in ranks]
     elif not train.dynamic_batch:
-        make = _balanced_fixed_packs if balanced else fixed_micro_batches
-        local_plans = [make(weights, train.micro_batch_size) for weights in rank_weights]
+        if balanced:
+            local_plans = [_balanced_fixed_packs(weights, train.micro_batch_size, count_multiple) for weights in rank_weights]
+        else:
+            local_plans = [fixed_micro_batches(weights, train.micro_batch_size) for weights in rank_weights]
+            count = _round_count(max(map(len, local_plans)), count_multiple, len(rank_weights[0]))
+            local_plans = [_split_heaviest(plan, weights, count) for weights, plan in zip(rank_weights, local_plans)]
     elif balanced:
-        local_plans = _balanced_budget_packs(rank_weights, budget, pack_multiple)
+        local_plans = _balanced_budget_packs(rank_weights, budget, pack_multiple, count_multiple)
     else:
         local_plans = [_greedy_packs(weights, budget, pack_multiple) for weights in rank_weights]
-        count = max(len(plan) for plan in local_plans)
+        count = _round_count(max(len(plan) for plan in local_plans), count_multiple, len(rank_weights[0]))
         cost = functools.partial(packed_tokens, pack_multiple=pack_multiple)
         local_plans = [_split_heaviest(plan, weights, count, cost) for weights, plan in zip(rank_weights, local_plans)]
     if balanced:

@@ -7,15 +7,14 @@ token ``t + 1``, the token predicted at position ``t`` (its log-prob, advantage,
 last column is always masked. Sequences are right-padded, so causal attention needs no mask.
 
 A micro-batch (:meth:`TrainBatch.micro_batch`) takes some rows, trims the columns to their longest
-sequence rounded up to the layout's multiple (TP with sequence parallelism, 2 x CP with context
-parallelism) and, with context parallelism, keeps this rank's two load-balanced chunks of every
-row. Results of forward passes come back through :func:`gather_token_values`.
+sequence rounded up to the layout's multiple (:func:`megarl.config.layout_multiple`: 2 x CP with
+context parallelism, CP x TP with sequence parallelism) and, with context parallelism, keeps this
+rank's two load-balanced chunks of every row. Results of forward passes come back through :func:`gather_token_values`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -24,12 +23,6 @@ import torch.distributed as dist
 
 from megarl.data.padding import pad_micro_batch
 from megarl.rollout.sampling import WeightSegment
-
-
-def layout_multiple(tensor_parallel: int, sequence_parallel: bool, context_parallel: int) -> int:
-    """The multiple every micro-batch's sequence length is rounded up to: TP with sequence
-    parallelism (the sequence is split over TP ranks), 2 x CP with context parallelism."""
-    return math.lcm(tensor_parallel if sequence_parallel else 1, 2 * context_parallel if context_parallel > 1 else 1)
 
 
 def context_parallel_positions(length: int, cp_rank: int, cp_size: int) -> torch.Tensor:
@@ -161,7 +154,7 @@ class TrainBatch:
             group_ids: the prompt each sample answers.
             truncated: each response hit the length limit.
             pad_token_id: written into padding (never scored).
-            pad_multiple: from :func:`layout_multiple`.
+            pad_multiple: from :func:`megarl.config.layout_multiple`.
             loss_masks: per sample, per response token, whether it is trained (None or none
                 given: every token); an untrained token is left out of ``response_mask``.
         """
@@ -226,8 +219,11 @@ class TrainBatch:
             ``tokens``, ``position_ids``, ``labels`` (the next token), ``response_mask`` and each of
             ``fields``, all ``[b, s]`` (``s`` this rank's columns); ``rows [b]`` and ``columns [s]``
             (where they sit in the batch); ``response_lengths [b]`` (whole responses) and
-            ``sequence_lengths [b]``; with routing replay ``routed_experts [b, s, L, k]`` and
-            ``routed_lengths [b]``.
+            ``sequence_lengths [b]``; per token ``[b, s]``, ``token_rows``/``token_columns`` (its
+            place in the batch) and ``token_valid`` (a real token, not padding); with routing replay
+            ``routed_experts [b, s, L, k]`` and ``token_routed`` (routed by the engine, not filler).
+            :mod:`megarl.trainer.packing` makes the packed micro-batches, with the same per-token
+            names.
         """
         rows = torch.as_tensor(list(rows), dtype=torch.int64)
         length = length or self.micro_batch_length(rows)
@@ -246,9 +242,14 @@ class TrainBatch:
         }
         for name in fields:
             batch[name] = self.token_values[name][rows][:, columns]
+        token_columns = columns.expand(len(rows), -1)
+        batch["token_rows"] = rows[:, None].expand(-1, len(columns))
+        batch["token_columns"] = token_columns
+        batch["token_valid"] = token_columns < self.sequence_lengths[rows][:, None]
         if self.routed_experts is not None:
+            routed_lengths = self.sequence_lengths if self.routed_lengths is None else self.routed_lengths
             batch["routed_experts"] = self.routed_experts[rows][:, columns]
-            batch["routed_lengths"] = (self.sequence_lengths if self.routed_lengths is None else self.routed_lengths)[rows]
+            batch["token_routed"] = batch["token_valid"] & (token_columns < routed_lengths[rows][:, None])
         return batch
 
     def micro_batch_length(self, rows: Sequence[int] | torch.Tensor) -> int:

@@ -24,6 +24,7 @@ from megarl.platform import current_device
 from megarl.trainer.batch import TrainBatch
 from megarl.trainer.model import TrainModel
 from megarl.trainer.objective import ModelObjective, aggregate_micro_batch
+from megarl.trainer.packing import to_grid
 
 
 class ValueHead(torch.nn.Module):
@@ -91,7 +92,7 @@ class Critic(ModelObjective):
     def values(self, batch: TrainBatch) -> torch.Tensor:
         """V at every position, no gradient: ``[B, S]`` float32 in label space on every rank, 0
         outside the response mask."""
-        return self.model.forward(batch, ("values",), lambda micro, output: {"values": output.squeeze(-1)})["values"]
+        return self.model.forward(batch, ("values",), lambda micro, output: {"values": to_grid(micro, output.squeeze(-1))})["values"]
 
     def update(self, batch: TrainBatch, step: int) -> dict[str, float]:
         """Regress the values on ``batch``'s ``returns`` (clipped around ``values``), with the
@@ -109,7 +110,7 @@ class Critic(ModelObjective):
         """The micro-batch's ``(loss_sum, count, {metric: token sum})`` from the values ``[b, s, 1]``
         (:class:`~megarl.trainer.objective.Objective`)."""
         mask = micro["response_mask"]
-        values = values.squeeze(-1).float()
+        values = to_grid(micro, values.squeeze(-1).float())
         per_token, metrics = value_loss(values, micro["values"], micro["returns"], mask, value_clip=self.value_clip)
         loss_sum, count = aggregate_micro_batch(per_token, micro, self.loss_agg_mode, self.max_response_length, self.pg_collection.cp.rank())
         tokens = mask.sum().double()

@@ -27,13 +27,14 @@ import torch
 import torch.distributed as dist
 
 from megarl.config import ModelConfig, OptimizerConfig, ParallelConfig, TrainConfig
-from megarl.data.batching import plan_micro_batches
+from megarl.data.batching import packed_tokens, plan_micro_batches
 from megarl.models.builder import DTYPES, ModelSpec, build_model, model_spec
 from megarl.models.loader import load_hf_config, load_hf_weights
 from megarl.models.specs import Backend
 from megarl.platform import current_device
 from megarl.trainer.batch import TrainBatch, gather_token_values
 from megarl.trainer.objective import Objective
+from megarl.trainer.packing import pack_multiples, packed_micro_batch
 from megarl.trainer.optim import build_optimizer, build_scheduler
 from megarl.trainer.routing import Routers
 
@@ -155,24 +156,42 @@ class TrainModel:
         Each also carries ``row_response_mask [b, S']``: the whole rows' masks, for normalisers
         that must see whole responses under context parallelism.
 
-        With virtual pipeline stages every micro-batch has the length of the longest: the
+        With virtual pipeline stages the count is a multiple of the pipeline size (the interleaved
+        schedule runs micro-batches in groups of that many), and every micro-batch has the length
+        of the longest: the
         interleaved schedule exchanges forward activations and backward gradients with the same
         peer in one call, and megatron-core 0.16's shape exchange before it pairs them up wrongly
         when micro-batches differ in length (gloo reports a size mismatch).
         """
         lengths = batch.sequence_lengths[rows].tolist()
         rows = rows.tolist()
-        plan = plan_micro_batches(lengths, self.pg_collection.dp.size(), self.train)[self.pg_collection.dp.rank()]
         cp_rank, cp_size = self.pg_collection.cp.rank(), self.pg_collection.cp.size()
+        config = self.spec.transformer_config
+        sample_multiple, pack_multiple = pack_multiples(self.pg_collection.tp.size(), config.sequence_parallel, cp_size)
+        plan = plan_micro_batches(
+            lengths, self.pg_collection.dp.size(), self.train, packing=self.train.packing, balanced=self.train.balance_batch,
+            sample_multiple=sample_multiple, pack_multiple=pack_multiple, linear_cost=attention_linear_cost(config),
+            count_multiple=self.pg_collection.pp.size() if len(self.models) > 1 else 1,
+        )[self.pg_collection.dp.rank()]
         plan_rows = [[rows[index] for index in indices] for indices in plan]
-        length = None
-        if len(self.models) > 1:
-            length = max(batch.micro_batch_length(micro_rows) for micro_rows in plan_rows)
-        micro_batches = []
-        for micro_rows in plan_rows:
-            micro = batch.micro_batch(micro_rows, fields, cp_rank=cp_rank, cp_size=cp_size, length=length)
+        if self.train.packing:
+            length = None
+            if len(self.models) > 1:
+                length = max(packed_tokens(indices, lengths, sample_multiple=sample_multiple, pack_multiple=pack_multiple) for indices in plan)
+            micro_batches = [
+                packed_micro_batch(
+                    batch, micro_rows, fields, sample_multiple=sample_multiple, pack_multiple=pack_multiple, cp_rank=cp_rank, cp_size=cp_size,
+                    length=length,
+                )
+                for micro_rows in plan_rows
+            ]
+        else:
+            length = None
+            if len(self.models) > 1:
+                length = max(batch.micro_batch_length(micro_rows) for micro_rows in plan_rows)
+            micro_batches = [batch.micro_batch(micro_rows, fields, cp_rank=cp_rank, cp_size=cp_size, length=length) for micro_rows in plan_rows]
+        for micro in micro_batches:
             micro["row_response_mask"] = batch.response_mask[micro["rows"]]
-            micro_batches.append(micro)
         return micro_batches
 
     def _forward_step(self, on_output: Callable[[dict[str, torch.Tensor]], Callable]) -> Callable:
@@ -186,7 +205,7 @@ class TrainModel:
             device = current_device()
             if self.routers is not None:
                 self.routers.before_forward(model, micro)
-            output = model(micro["tokens"].to(device), micro["position_ids"].to(device), None)
+            output = model(micro["tokens"].to(device), micro["position_ids"].to(device), None, packed_seq_params=_packed_seq_params(micro, device))
             if self.routers is not None:
                 self.routers.after_forward(model, micro)
             return output, on_output({name: value.to(device) for name, value in micro.items()})
@@ -362,6 +381,36 @@ def _micro_batch_loss(objective: Objective, micro: dict[str, torch.Tensor], outp
         )
     sums = {"loss_sum": loss_sum.detach(), "count": count, "tokens": micro["response_mask"].sum(), **metric_sums}
     return loss_sum, count, {name: value.double() for name, value in sums.items()}
+
+
+def _packed_seq_params(micro: dict[str, torch.Tensor], device: torch.device):
+    """Megatron's ``PackedSeqParams`` for a packed micro-batch (its sample bounds, the same padded
+    and unpadded: a sample's alignment padding follows it, which causal attention never reads into
+    its tokens); None for a padded one."""
+    if "cu_seqlens" not in micro:
+        return None
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    bounds = micro["cu_seqlens"].to(device=device, dtype=torch.int32)
+    # A python int (Megatron's rotary embedding sizes its table by it), the longest segment: never
+    # the whole pack, which Megatron's THD rotary would take for one sequence.
+    longest = int(micro["max_seqlen"])
+    return PackedSeqParams(
+        qkv_format="thd", cu_seqlens_q=bounds, cu_seqlens_kv=bounds, cu_seqlens_q_padded=bounds, cu_seqlens_kv_padded=bounds,
+        max_seqlen_q=longest, max_seqlen_kv=longest,
+    )
+
+
+def attention_linear_cost(config) -> float:
+    """The per-token cost of a layer in units of its attention's per-token-pair cost, the linear
+    coefficient of a sample's cost ``c L + L^2`` for balancing (:func:`plan_micro_batches`): the
+    projections and the MLP cost about ``4 h^2 + 3 h f`` multiply-adds a token (``f`` the FFN width,
+    the active experts' with MoE), attention ``2 h`` per pair of tokens."""
+    hidden = config.hidden_size
+    ffn = config.ffn_hidden_size
+    if config.num_moe_experts:
+        ffn = (config.moe_ffn_hidden_size or ffn) * config.moe_router_topk + (config.moe_shared_expert_intermediate_size or 0)
+    return (4 * hidden * hidden + 3 * hidden * ffn) / (2 * hidden)
 
 
 def _transformer_overrides(model: ModelConfig) -> dict[str, Any]:

@@ -43,11 +43,14 @@ class Objective(Protocol):
         """A micro-batch's loss on the last pipeline stage.
 
         Args:
-            micro: the micro-batch on the device (:meth:`TrainModel.micro_batches`), ``[b, s]``
-                tensors on this context-parallel rank's columns.
-            output: what the model's output layer made of it: for the policy the last hidden
-                states ``[b, s, H]`` (with its hidden-states head) or the vocab-parallel logits
-                ``[b, s, V / TP]``, for the critic the values ``[b, s, 1]``.
+            micro: the micro-batch on the device (:meth:`TrainModel.micro_batches`): the model's
+                inputs (``labels``), and the per-token values the loss reads (``response_mask``
+                and ``fields``) as ``[b, s]`` grids, this context-parallel rank's tokens.
+            output: what the model's output layer made of the model's inputs: for the policy the
+                last hidden states ``[b', s', H]`` (with its hidden-states head) or the
+                vocab-parallel logits ``[b', s', V / TP]``, for the critic the values
+                ``[b', s', 1]``; ``[1, T]`` for a packed micro-batch, which
+                :func:`megarl.trainer.packing.to_grid` turns into the grid.
 
         Returns:
             ``(loss_sum, count, sums)``: a differentiable 0-d loss sum, its share of the normaliser

@@ -33,6 +33,7 @@ from megarl.config import AlgorithmConfig, TrainConfig
 from megarl.trainer.batch import TrainBatch
 from megarl.trainer.model import TrainModel
 from megarl.trainer.objective import ModelObjective, aggregate_micro_batch
+from megarl.trainer.packing import to_grid
 
 
 class HiddenStatesHead(torch.nn.Module):
@@ -156,20 +157,23 @@ class Policy(ModelObjective):
         return values["log_probs"], values["entropy"]
 
     def _token_log_probs(self, micro: dict[str, torch.Tensor], output: torch.Tensor) -> dict[str, torch.Tensor]:
-        log_probs, entropy = self._log_probs_and_entropy(output, micro["labels"])
+        log_probs, entropy = self._log_probs_and_entropy(output, micro)
         return {"log_probs": log_probs, "entropy": entropy}
 
-    def _log_probs_and_entropy(self, output: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(log_probs, entropy) [b, s]`` from the last stage's output: the hidden states ``[b, s, H]``
-        with the fused kernel, else the vocab-parallel logits ``[b, s, V/TP]``."""
+    def _log_probs_and_entropy(self, output: torch.Tensor, micro: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(log_probs, entropy)`` in the micro-batch's grid ``[b, s]`` from the last stage's output
+        for its tokens (packed or padded): the hidden states ``[b', s', H]`` with the fused kernel,
+        else the vocab-parallel logits ``[b', s', V/TP]``."""
         options = dict(temperature=self.temperature, vocab_size=self.vocab_size, group=self.pg_collection.tp)
         if not self.fused_linear_logprob:
             from megarl.kernels.logprob_entropy import logprob_entropy
 
-            return logprob_entropy(output, labels, **options)
-        from megarl.kernels.fused_linear_logprob_entropy import fused_linear_logprob_entropy
+            log_probs, entropy = logprob_entropy(output, micro["labels"], **options)
+        else:
+            from megarl.kernels.fused_linear_logprob_entropy import fused_linear_logprob_entropy
 
-        return fused_linear_logprob_entropy(output, self.model.output_weight, labels, **options)
+            log_probs, entropy = fused_linear_logprob_entropy(output, self.model.output_weight, micro["labels"], **options)
+        return to_grid(micro, log_probs), to_grid(micro, entropy)
 
     # The update.
 
@@ -203,7 +207,7 @@ class Policy(ModelObjective):
         """The micro-batch's ``(loss_sum, count, {metric: token sum})`` (:class:`~megarl.trainer.objective.Objective`)."""
         algorithm = self.algorithm
         mask = micro["response_mask"]
-        log_probs, entropy = self._log_probs_and_entropy(output, micro["labels"])
+        log_probs, entropy = self._log_probs_and_entropy(output, micro)
         per_token, loss_metrics = policy_loss(
             algorithm.policy_loss,
             log_probs=log_probs,

@@ -130,7 +130,7 @@ class Routers:
         """``[s_local * b]`` which of the micro-batch's tokens are real (not padding)."""
         self._valid_count: torch.Tensor | None = None
         self._covered: torch.Tensor | None = None
-        """``[s_local * b]`` which of them the engine routed (``routed_lengths``)."""
+        """``[s_local * b]`` which of them the engine routed (``token_routed``)."""
 
     @property
     def can_replay(self) -> bool:
@@ -236,13 +236,13 @@ class Routers:
         if not routers or not (self.replaying or self.recorded is not None or self.measures is not None):
             return
         device = current_device()
-        self._valid = self._local(micro["columns"][None, :] < micro["sequence_lengths"][:, None]).to(device)
+        self._valid = self._local(micro["token_valid"]).to(device)
         self._valid_count = self._valid.sum()
         engine = micro.get("routed_experts")
         self._engine = None if engine is None else self._local(engine.to(torch.int64)).to(device)
         if engine is not None:
             # The engine's own experts, not the filler of the tokens it did not route.
-            self._covered = self._valid & self._local(micro["columns"][None, :] < micro["routed_lengths"][:, None]).to(device)
+            self._covered = self._local(micro["token_routed"]).to(device)
         if self.replaying:
             if engine is None:
                 raise ValueError("routing replay was asked for a batch without routed_experts")
@@ -258,12 +258,13 @@ class Routers:
                 router.router_replay.replay_backward_list.clear()
         if self.recorded is None:
             return
-        rows, columns = micro["rows"], self._sequence_slice(micro["columns"])
+        # Each token's place in the batch, in the routers' order; a pack's tail has none.
+        rows, columns = self._local(micro["token_rows"]), self._local(micro["token_columns"])
+        placed = (rows >= 0).nonzero().squeeze(1)
+        rows, columns = rows[placed], columns[placed]
         for index, router in self._routers[self._chunk_of[id(model)]]:
-            topk = router.router_replay.get_recorded_indices()
-            # [s * b, k] in Megatron's order -> [b, s, k]
-            topk = topk.reshape(len(columns), len(rows), self.topk).transpose(0, 1).cpu()
-            self.recorded[rows[:, None], columns[None, :], index] = (topk + 1).to(self.recorded.dtype)
+            topk = router.router_replay.get_recorded_indices().cpu()
+            self.recorded[rows, columns, index] = (topk[placed] + 1).to(self.recorded.dtype)
 
     def _sequence_slice(self, values: torch.Tensor) -> torch.Tensor:
         """This tensor-parallel rank's part of a ``[s, ...]`` sequence under sequence parallelism."""

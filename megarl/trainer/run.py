@@ -23,12 +23,11 @@ import transformers
 from megarl import parallel, platform
 from megarl.algorithms.kl import kl_controller
 from megarl.algorithms.shaping import RunningMoments
-from megarl.config import Config, ModelFacts, resolve_model_path, resolve_steps, validate
+from megarl.config import Config, ModelFacts, layout_multiple, resolve_model_path, resolve_steps, validate
 from megarl.data.datasets import PromptDataset, PromptLoader, load_prompts
 from megarl.models.builder import DTYPES
 from megarl.models.specs import choose_backend
 from megarl import checkpoint
-from megarl.trainer.batch import layout_multiple
 from megarl.trainer.critic import Critic, attach_value_heads
 from megarl.trainer.launch import EarlyStart, start_chat_endpoint
 from megarl.metrics import MetricsLogger
@@ -132,7 +131,7 @@ class Run:
 
     @property
     def pad_multiple(self) -> int:
-        """Sequence lengths are rounded up to this multiple (:func:`megarl.trainer.batch.layout_multiple`)."""
+        """Sequence lengths are rounded up to this multiple (:func:`megarl.config.layout_multiple`)."""
         parallel = self.config.parallel
         return layout_multiple(parallel.tensor, parallel.sequence_parallel, parallel.context)
 

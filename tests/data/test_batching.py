@@ -329,3 +329,16 @@ def test_balanced_packing_needs_fewer_micro_batches_on_a_long_tail():
         sizes = [packed_tokens(micro, lengths) for rank in balanced for micro in rank]
         greedy_sizes = [packed_tokens(micro, lengths) for rank in greedy for micro in rank]
         assert max(sizes) - min(sizes) <= 0.01 * max(sizes) < max(greedy_sizes) - min(greedy_sizes)
+
+
+@pytest.mark.parametrize("packing,balanced,dynamic", [(False, True, True), (False, True, False), (True, True, True), (True, False, True), (True, True, False), (True, False, False)])
+def test_the_micro_batch_count_is_rounded_to_the_multiple_virtual_pipelining_needs(packing, balanced, dynamic):
+    lengths = [40, 7, 33, 12, 5, 28, 19, 9, 30, 3, 14, 22]
+    train = TrainConfig(dynamic_batch=dynamic, max_tokens_per_micro_batch=100, micro_batch_size=4)
+    plain = plan_micro_batches(lengths, 2, train, packing=packing, balanced=balanced)
+    plan = plan_micro_batches(lengths, 2, train, packing=packing, balanced=balanced, count_multiple=4)
+    assert len(plain[0]) % 4 and len(plan[0]) == len(plan[1]) == 4
+    assert sorted(index for rank in plan for micro in rank for index in micro) == list(range(len(lengths)))
+    assert all(micro for rank in plan for micro in rank)
+    # No more micro-batches than a rank has samples.
+    assert len(plan_micro_batches(lengths[:4], 2, train, packing=packing, balanced=balanced, count_multiple=4)[0]) == 2

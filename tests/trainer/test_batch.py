@@ -9,7 +9,8 @@ import torch
 
 import numpy as np
 
-from megarl.trainer.batch import ScoredSample, TrainBatch, context_parallel_positions, layout_multiple, pack_routed_experts, routing_filler
+from megarl.config import layout_multiple
+from megarl.trainer.batch import ScoredSample, TrainBatch, context_parallel_positions, pack_routed_experts, routing_filler
 
 pytestmark = pytest.mark.cpu
 
@@ -109,7 +110,8 @@ def test_layout_multiple():
     assert layout_multiple(4, False, 1) == 1
     assert layout_multiple(4, True, 1) == 4
     assert layout_multiple(2, True, 3) == 6
-    assert layout_multiple(4, True, 2) == 4
+    # Each CP rank's half of the sequence splits over the 4 TP ranks.
+    assert layout_multiple(4, True, 2) == 8
 
 
 

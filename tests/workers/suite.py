@@ -30,6 +30,7 @@ if __name__ == "__main__":
     import checkpoint_check
     import head_check
     import layout_step
+    import packing_check
     import routing_check
     import stream_check
     from common import add_layout_arguments, initialize, run
@@ -53,6 +54,8 @@ def layout_job(model: str, layout, pg_collection, checks: dict) -> dict:
         report["gradients"] = layout_step.check(model, layout, pg_collection, **checks["gradients"])
     if "routing" in checks:
         report["routing"] = routing_check.check(model, layout, pg_collection)
+    if "packing" in checks:
+        report["packing"] = packing_check.check(model, layout, pg_collection, **checks["packing"])
     if "head" in checks:
         report["head"] = head_check.check(model, layout, pg_collection, **checks["head"])
     return report
