@@ -6,7 +6,10 @@ that is only bound when TE imports; multi-latent attention checks its output pro
 TE's ``TELinear``, a mock without TE, and raises; and loading a fully reshardable distributed-optimizer
 checkpoint into torch's Adam (the optimizer used without TE or apex) copies a ``step`` entry that
 the checkpoint keeps elsewhere, and gives every parameter the same ``step`` tensor, which Adam
-then advances once per parameter at each step.
+then advances once per parameter at each step. It also replaces one slow path: without TE's fused
+rotary embedding, megatron-core applies rotary positions to packed (THD) sequences sample by
+sample in Python, after reading the sample bounds to the host, in every attention layer
+(:func:`_packed_rotary`).
 
 On CPU with gloo, :func:`enable_cpu` does the rest.
 
@@ -313,11 +316,38 @@ def lean_megatron_import():
             del sys.modules["wandb"]
 
 
+def _packed_rotary(loop):
+    """megatron-core's unfused THD rotary embedding (``_apply_rotary_pos_emb_thd``, ``loop``), the
+    same result without the loop: each token's position within its sample is its index minus its
+    sample's start, and the frequencies are gathered at those positions in one indexing op. Only
+    where positions restart at every sample without context parallelism (every pack megarl builds
+    there); the other cases (context parallelism, frequencies for the whole pack) go to ``loop``."""
+
+    @functools.wraps(loop)
+    def apply(t, cu_seqlens, freqs, rotary_interleaved=False, multi_latent_attention=False, mscale=1.0, cp_group=None):
+        if cp_group is None or cp_group.size() > 1 or freqs.size(0) == t.size(0):
+            return loop(t, cu_seqlens, freqs, rotary_interleaved, multi_latent_attention, mscale, cp_group)
+        from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
+
+        starts = cu_seqlens[:-1].long()
+        sample_starts = torch.repeat_interleave(starts, cu_seqlens.diff().long(), output_size=t.size(0))
+        positions = torch.arange(t.size(0), device=t.device) - sample_starts
+        return _apply_rotary_pos_emb_bshd(
+            t.unsqueeze(1), freqs[positions], rotary_interleaved=rotary_interleaved, multi_latent_attention=multi_latent_attention,
+            mscale=mscale,
+        ).squeeze(1)
+
+    apply.megarl_patched = True
+    return apply
+
+
 def fix_missing_transformer_engine() -> None:
     """Repair megatron-core's paths without TE (idempotent): bind ``te_general_gemm = None`` in the
     MoE utilities so the router takes its torch path instead of raising ``NameError``, tell
     multi-latent attention that TE is absent (it takes TE's mock classes for real ones), and keep
-    torch Adam's ``step`` (one tensor per parameter) when loading distributed-optimizer checkpoints."""
+    torch Adam's ``step`` (one tensor per parameter) when loading distributed-optimizer checkpoints,
+    and apply rotary positions to packed sequences without a loop per sample (:func:`_packed_rotary`)."""
+    from megatron.core.models.common.embeddings import rope_utils
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
     from megatron.core.transformer import multi_latent_attention
     from megatron.core.transformer.moe import moe_utils
@@ -332,6 +362,8 @@ def fix_missing_transformer_engine() -> None:
         DistributedOptimizer._set_main_param_and_optimizer_states = _keep_adam_step(set_states)
     if not getattr(DistributedOptimizer.load_state_dict, "megarl_patched", False):
         DistributedOptimizer.load_state_dict = _separate_adam_steps(DistributedOptimizer.load_state_dict)
+    if not getattr(rope_utils._apply_rotary_pos_emb_thd, "megarl_patched", False):
+        rope_utils._apply_rotary_pos_emb_thd = _packed_rotary(rope_utils._apply_rotary_pos_emb_thd)
 
 
 def enable_cpu() -> None:

@@ -218,3 +218,31 @@ def test_training_path_imports_megatron_without_the_compiler_or_wandb():
         """
     )
     run_python_source(script)
+
+
+@pytest.mark.parametrize("interleaved,latent", [(False, False), (True, False), (False, True)])
+def test_packed_rotary_equals_megatrons_loop_over_samples(interleaved, latent):
+    from megatron.core.models.common.embeddings import rope_utils
+
+    class OneRank:
+        def size(self):
+            return 1
+
+        def rank(self):
+            return 0
+
+    loop = getattr(rope_utils._apply_rotary_pos_emb_thd, "__wrapped__", rope_utils._apply_rotary_pos_emb_thd)
+    packed = megatron_compat._packed_rotary(loop)
+    generator = torch.Generator().manual_seed(0)
+    bounds = torch.tensor([0, 5, 6, 13, 16], dtype=torch.int32)
+    tokens = torch.randn(16, 3, 8, generator=generator, dtype=torch.float64, requires_grad=True)
+    freqs = torch.randn(7, 1, 1, 8, generator=generator, dtype=torch.float64)
+    options = dict(rotary_interleaved=interleaved, multi_latent_attention=latent, mscale=1.0, cp_group=OneRank())
+    expected = loop(tokens, bounds, freqs, **options)
+    got = packed(tokens, bounds, freqs, **options)
+    assert torch.equal(got, expected)
+    (gradient,) = torch.autograd.grad(got.square().sum(), tokens)
+    (expected_gradient,) = torch.autograd.grad(expected.square().sum(), tokens)
+    assert torch.equal(gradient, expected_gradient)
+    # Positions restart at every sample: the second sample's first token is rotated as position 0.
+    assert torch.equal(got[5], loop(tokens[5:6], torch.tensor([0, 1], dtype=torch.int32), freqs, **options)[0])

@@ -9,11 +9,15 @@ Qwen3-architecture model made here with transformers, random weights, ``--hidden
 - the log-prob pass over the batch (``Policy.log_probs``), and
 - one update on it (``Policy.update``: one mini-batch, forward, backward, optimizer step),
 
-with token-budget micro-batches of ``--budget`` tokens each (``train.dynamic_batch``):
+with micro-batches cut four ways:
 
-- ``padded``: every micro-batch padded to its longest sample, the budget counting the padding
-  (samples sorted by length, megarl without ``train.packing``);
-- ``packed``: ``train.packing``, micro-batches filled in length order (``train.balance_batch=false``);
+- ``padded-in-order``: ``--micro-batch-size`` samples a micro-batch in the order they come, each
+  padded to its longest sample: what verl and OpenRLHF do without dynamic batch sizes or packing
+  (megarl never cuts this way: the case swaps its planner for this one, for comparison);
+- ``padded``: megarl without ``train.packing``: token-budget micro-batches of ``--budget`` tokens
+  (``train.dynamic_batch``) padding included, samples grouped by length;
+- ``packed``: ``train.packing``, micro-batches of ``--budget`` real tokens filled in length order
+  (``train.balance_batch=false``);
 - ``packed+balanced``: ``train.packing`` with Karmarkar-Karp partitions (the default).
 
 Each case runs in its own process (peak memory: the process's peak RSS on CPU, the allocator's
@@ -39,10 +43,19 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 CASES = {
+    "padded-in-order": {"packing": False, "dynamic_batch": False},
     "padded": {"packing": False},
     "packed": {"packing": True, "balance_batch": False},
     "packed+balanced": {"packing": True, "balance_batch": True},
 }
+"""Each case's ``train`` settings (besides the budget: ``train.dynamic_batch`` unless told)."""
+
+
+def in_order(lengths, data_parallel_size, train, **_) -> list[list[list[int]]]:
+    """The ``padded-in-order`` plan (one data-parallel rank): ``train.micro_batch_size``
+    consecutive samples a micro-batch."""
+    size = train.micro_batch_size
+    return [[list(range(start, min(start + size, len(lengths)))) for start in range(0, len(lengths), size)]]
 
 
 def sample_lengths(samples: int, median: float, sigma: float, seed: int) -> list[tuple[int, int]]:
@@ -90,10 +103,15 @@ def run_case(options: dict) -> dict:
     torch.manual_seed(0)
     model_parallel_cuda_manual_seed(0)
     lengths = [tuple(pair) for pair in options["lengths"]]
+    settings = {"dynamic_batch": True, **CASES[options["case"]]}
     train = TrainConfig(
-        global_batch_size=len(lengths), mini_batch_size=len(lengths), dynamic_batch=True, max_tokens_per_micro_batch=options["budget"],
-        use_distributed_optimizer=False, **CASES[options["case"]],
+        global_batch_size=len(lengths), mini_batch_size=len(lengths), max_tokens_per_micro_batch=options["budget"],
+        micro_batch_size=options["micro_batch_size"], use_distributed_optimizer=False, **settings,
     )
+    if options["case"] == "padded-in-order":
+        import megarl.trainer.model
+
+        megarl.trainer.model.plan_micro_batches = in_order
     model_config = ModelConfig(path=options["model"], dtype=options["dtype"])
     backend = choose_backend("auto", facts.has_transformer_engine)
     model = TrainModel.build(
@@ -156,6 +174,7 @@ def main() -> None:
     parser.add_argument("--median", type=float, default=128.0, help="median response tokens of the log-normal")
     parser.add_argument("--sigma", type=float, default=1.0)
     parser.add_argument("--budget", type=int, default=4096, help="train.max_tokens_per_micro_batch")
+    parser.add_argument("--micro-batch-size", type=int, default=8, help="samples per micro-batch of padded-in-order")
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=4096)
@@ -175,7 +194,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_update_") as root:
         model = make_model(Path(root) / "model", args.hidden, args.layers, args.vocab)
         for case in args.cases.split(","):
-            options = {"case": case, "lengths": lengths, "budget": args.budget, "model": model, "dtype": args.dtype, "repeats": args.repeats}
+            options = {
+                "case": case, "lengths": lengths, "budget": args.budget, "model": model, "dtype": args.dtype, "repeats": args.repeats,
+                "micro_batch_size": args.micro_batch_size,
+            }
             result = subprocess.run(
                 [sys.executable, __file__, "--case-options", json.dumps(options)], cwd=REPO, capture_output=True, text=True,
                 env={**os.environ, "PYTHONWARNINGS": "ignore"},
@@ -190,10 +212,11 @@ def main() -> None:
         f"{datetime.date.today().isoformat()}, commit {commit}, {rows[0]['device']} ({machine()}); load average (1 min) "
         f"{load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end; {args.samples} samples, {real} tokens, responses "
         f"log-normal median {args.median:g} sigma {args.sigma:g} in [16, 1024] (min {responses[0]}, median {responses[len(responses) // 2]}, "
-        f"max {responses[-1]}), prompts 32-128; budget {args.budget} tokens; model hidden {args.hidden}, {args.layers} layers, vocab "
+        f"max {responses[-1]}), prompts 32-128; budget {args.budget} tokens, in-order micro-batches of {args.micro_batch_size}; model hidden {args.hidden}, {args.layers} layers, vocab "
         f"{args.vocab}, {args.dtype}; medians of {args.repeats} rounds\n"
     )
-    base = rows[0]
+    base = next(row for row in rows if row["case"] == "padded") if any(row["case"] == "padded" for row in rows) else rows[0]
+    print(f"x: against {base['case']}\n")
     print("| case | micro-batches | tokens run | update s | update tokens/s | x | log-prob s | log-prob tokens/s | x | peak memory MiB |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for row in rows:

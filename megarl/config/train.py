@@ -72,11 +72,11 @@ class TrainConfig(Section):
     tokens (each rounded up to the layout's multiple, 2 x CP with context parallelism) and the pack's
     tail; without, padding included (samples x the longest one's length) (verl:
     ppo_max_token_len_per_gpu, slime: --max-tokens-per-gpu)."""
-    packing: bool = False
+    packing: bool = True
     """Concatenate a micro-batch's samples without padding (THD, one sequence with per-sample
     bounds: attention never crosses a sample, positions restart per sample) instead of padding each
-    to the longest (verl: model.use_remove_padding, NeMo-RL: sequence_packing.enabled, OpenRLHF:
-    --packing_samples)."""
+    to the longest; the same loss and gradients, less compute and memory; false: padded (verl:
+    model.use_remove_padding, NeMo-RL: sequence_packing.enabled, OpenRLHF: --packing_samples)."""
     balance_batch: bool = True
     """With packing, partition samples over data-parallel ranks and into micro-batches by the
     Karmarkar-Karp method so that their tokens (then their attention cost) are even; false: by

@@ -11,32 +11,33 @@ every parallel layout runs on any machine:
   holds two load-balanced chunks of the sequence (chunks ``r`` and ``2*CP-1-r`` of ``2*CP``), the
   layout Megatron's rotary embedding and data slicing already use.
 
-Packed sequences (THD: samples concatenated without padding, bounds in ``PackedSeqParams``) are
-attended sample by sample: one ``scaled_dot_product_attention(is_causal=True)`` call per sample.
-That is exact, has a backward on every device, costs the sum of the samples' squared lengths (not
-the pack's), and takes GQA (``enable_gqa``) and multi-latent attention's unequal K/V widths as they
-are. The alternatives lose on CPU: one call with a block-diagonal mask is quadratic in the pack
-(430 ms against 33 ms forward+backward for a 4096-token pack of 23 samples, one thread), and
-``flex_attention`` has no CPU backward (torch 2.13) and needs compiling. On a GPU the per-sample
-loop launches one kernel per sample and layer: Transformer Engine's THD attention is the fast path
-there. Under CP each sample is split into ``2*CP`` chunks and rank ``r`` holds chunks ``r`` and
-``2*CP-1-r`` of every sample (:func:`packed_positions`, the layout Megatron's THD rotary embedding
-assumes); K/V are all-gathered and placed at their pack positions, and each sample's local queries
-attend to the sample's keys under a causal mask built from the chunk layout.
+Packed sequences (THD: samples concatenated without padding, bounds in ``PackedSeqParams``;
+:mod:`megarl.models.thd`) are attended sample by sample, never across samples:
+``scaled_dot_product_attention(is_causal=True)`` on the samples of each length group, padded to
+the group's longest, in one call (without CP), or one call per sample (under CP). That is exact, has
+a backward on every device, costs about the sum of the samples' squared lengths (not the pack's),
+and takes GQA (``enable_gqa``) and multi-latent attention's unequal K/V widths as they are. The
+alternatives lose on CPU: one call with a block-diagonal mask is quadratic in the pack (430 ms
+against 33 ms forward+backward for a 4096-token pack of 23 samples, one thread), and
+``flex_attention`` has no CPU backward (torch 2.13) and needs compiling. On a GPU Transformer
+Engine's THD attention is the fast path. Under CP each sample is split into ``2*CP`` chunks and
+rank ``r`` holds chunks ``r`` and ``2*CP-1-r`` of every sample (the layout Megatron's THD rotary
+embedding assumes); K/V are all-gathered and placed at their pack positions, and each sample's
+local queries attend to the sample's keys under a causal mask built from the chunk layout.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megarl.models.thd import context_parallel_order, gather_context_parallel, packed_layout, packed_positions
 
 
 class PortableNorm(torch.nn.Module):
@@ -88,185 +89,6 @@ class PortableNorm(torch.nn.Module):
         if self.bias is not None:
             hidden = hidden + self.bias
         return hidden
-
-
-def _check_bounds(bounds: list[int], cp_size: int) -> None:
-    """Raise ValueError unless ``bounds`` are packed sample bounds that CP can split (see
-    :func:`packed_positions`)."""
-    if not bounds or bounds[0] != 0:
-        raise ValueError(f"packed sample bounds must start at 0, got {bounds[:4]}")
-    for index, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
-        if end < start:
-            raise ValueError(
-                f"packed sample bounds must not decrease: bounds[{index}] = {start} > "
-                f"bounds[{index + 1}] = {end}"
-            )
-        if cp_size > 1 and (end - start) % (2 * cp_size):
-            raise ValueError(
-                f"packed sample {index} (tokens {start}:{end}) has length {end - start}, not a "
-                f"multiple of 2 * context parallel size ({2 * cp_size}): pad each sample to that "
-                f"multiple"
-            )
-
-
-def packed_positions(
-    bounds: list[int], cp_rank: int, cp_size: int, *, device: torch.device | str | None = None
-) -> torch.Tensor:
-    """Global index in the pack of each token that CP rank ``cp_rank`` holds.
-
-    Returns ``[bounds[-1] / cp_size]`` int64, in the order the rank holds its tokens.
-
-    Sample ``i`` is tokens ``bounds[i]:bounds[i+1]`` of the whole pack. Under context parallelism
-    every sample's length is a multiple of ``2 * cp_size``; rank ``r`` holds, sample after sample,
-    the sample's chunks ``r`` and ``2*cp_size-1-r`` of ``2*cp_size`` (Transformer Engine's
-    ``thd_get_partitioned_indices`` layout, which Megatron's THD rotary embedding assumes), so each
-    rank's causal attention work is balanced. ``cp_size == 1`` gives ``arange(bounds[-1])``.
-
-    Args:
-        bounds: sample boundaries of the whole pack, ``[n + 1]``, from 0 to the pack length.
-        cp_rank: the context-parallel rank whose tokens to locate.
-        cp_size: the context-parallel group size.
-        device: where to build the result (``None``: the CPU).
-
-    Raises:
-        ValueError: ``bounds`` does not start at 0, decreases, or has a sample whose length is not
-            a multiple of ``2 * cp_size``.
-    """
-    _check_bounds(bounds, cp_size)
-    if cp_size == 1:
-        return torch.arange(bounds[-1], device=device)
-    pieces = [torch.zeros(0, dtype=torch.long, device=device)]
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        chunk = (end - start) // (2 * cp_size)
-        first = start + cp_rank * chunk
-        second = start + (2 * cp_size - 1 - cp_rank) * chunk
-        pieces += [
-            torch.arange(first, first + chunk, device=device),
-            torch.arange(second, second + chunk, device=device),
-        ]
-    return torch.cat(pieces)
-
-
-def context_parallel_order(
-    bounds: list[int], cp_size: int, device: torch.device | str | None = None
-) -> torch.Tensor:
-    """``[bounds[-1]]``: the global index in the pack of each row of the rank-major all-gather of
-    every CP rank's tokens (see :func:`packed_positions`)."""
-    return torch.cat(
-        [packed_positions(bounds, rank, cp_size, device=device) for rank in range(cp_size)]
-    )
-
-
-class _GatherContextParallel(torch.autograd.Function):
-    """All-gather every CP rank's ``[t/cp, ...]`` rows into the whole ``[t, ...]``, each row at its
-    global index (``order``, from :func:`context_parallel_order`).
-
-    The backward reduce-scatters the gradient: every rank's K/V are read by the queries of all
-    ranks, so each rank's gradient is the sum of what every rank's attention sends back.
-    """
-
-    @staticmethod
-    def forward(
-        ctx, local: torch.Tensor, group: dist.ProcessGroup, order: torch.Tensor
-    ) -> torch.Tensor:
-        ctx.group = group
-        ctx.order = order
-        local = local.contiguous()
-        gathered = torch.empty(
-            (group.size() * local.shape[0], *local.shape[1:]),
-            dtype=local.dtype,
-            device=local.device,
-        )
-        dist.all_gather_into_tensor(gathered, local, group=group)
-        full = torch.empty_like(gathered)
-        full[order] = gathered
-        return full
-
-    @staticmethod
-    def backward(ctx, grad_full: torch.Tensor):
-        rank_major = grad_full[ctx.order].contiguous()
-        grad_local = torch.empty(
-            (rank_major.shape[0] // ctx.group.size(), *rank_major.shape[1:]),
-            dtype=rank_major.dtype,
-            device=rank_major.device,
-        )
-        dist.reduce_scatter_tensor(grad_local, rank_major, group=ctx.group)
-        return grad_local, None, None
-
-
-def gather_context_parallel(
-    local: torch.Tensor, group: dist.ProcessGroup, order: torch.Tensor
-) -> torch.Tensor:
-    """``local: [t/cp, ...]`` (this CP rank's rows) -> ``[t, ...]`` in pack order; ``order``:
-    :func:`context_parallel_order` of the pack, on ``local``'s device."""
-    return _GatherContextParallel.apply(local, group, order)
-
-
-_LAYOUT_ATTRIBUTE = "_megarl_portable_layout"
-"""Where :class:`PortableAttention` caches a ``PackedSeqParams``'s :class:`_PackedLayout`."""
-
-
-@dataclass(frozen=True)
-class _PackedLayout:
-    """Where the samples of one packed (THD) micro-batch lie, for one CP rank.
-
-    Built once per ``PackedSeqParams`` object and cached on it: every layer of the micro-batch
-    reads the same bounds, and reading them from the device tensor (``.tolist()``) is a host sync.
-    """
-
-    cp_rank: int
-    cp_size: int
-    device: torch.device
-    bounds: list[int]
-    """Global sample bounds ``[n + 1]`` of the whole pack."""
-    local_bounds: list[int]
-    """This rank's rows of each sample: ``bounds / cp_size``."""
-    gather_order: torch.Tensor | None
-    """``[t]`` :func:`context_parallel_order` of the pack; None without CP."""
-    allowed: list[torch.Tensor] | None
-    """Per sample ``[L_i / cp, L_i]`` bool, True where a key's position is at most the query's
-    (causal within the sample, queries in the chunk layout); None without CP (``is_causal``)."""
-
-
-def _packed_layout(params, cp_rank: int, cp_size: int, device: torch.device) -> _PackedLayout:
-    """The :class:`_PackedLayout` of ``params`` (a ``PackedSeqParams``), built on first use and
-    cached on ``params``."""
-    cached = getattr(params, _LAYOUT_ATTRIBUTE, None)
-    wanted = (cp_rank, cp_size, device)
-    if cached is not None and (cached.cp_rank, cached.cp_size, cached.device) == wanted:
-        return cached
-    # As Megatron's THD rotary embedding: the padded bounds when given.
-    padded_q, padded_kv = params.cu_seqlens_q_padded, params.cu_seqlens_kv_padded
-    bounds_q = padded_q if padded_q is not None else params.cu_seqlens_q
-    bounds_kv = padded_kv if padded_kv is not None else params.cu_seqlens_kv
-    if bounds_q is None:
-        raise ValueError("THD attention needs PackedSeqParams.cu_seqlens_q_padded or cu_seqlens_q")
-    bounds = bounds_q.tolist()
-    if bounds_kv is not None and bounds_kv is not bounds_q and bounds_kv.tolist() != bounds:
-        raise ValueError(
-            "PortableAttention is self-attention: PackedSeqParams' key bounds "
-            "(cu_seqlens_kv[_padded]) must equal its query bounds (cu_seqlens_q[_padded])"
-        )
-    _check_bounds(bounds, cp_size)
-    gather_order = allowed = None
-    if cp_size > 1:
-        gather_order = context_parallel_order(bounds, cp_size, device=device)
-        allowed = []
-        for start, end in zip(bounds[:-1], bounds[1:]):
-            query_positions = packed_positions([0, end - start], cp_rank, cp_size, device=device)
-            key_positions = torch.arange(end - start, device=device)
-            allowed.append(key_positions[None, :] <= query_positions[:, None])
-    layout = _PackedLayout(
-        cp_rank=cp_rank,
-        cp_size=cp_size,
-        device=device,
-        bounds=bounds,
-        local_bounds=[bound // cp_size for bound in bounds],
-        gather_order=gather_order,
-        allowed=allowed,
-    )
-    setattr(params, _LAYOUT_ATTRIBUTE, layout)
-    return layout
 
 
 class PortableAttention(MegatronModule):
@@ -381,7 +203,7 @@ class PortableAttention(MegatronModule):
                 f"{attn_mask_type}"
             )
         cp_rank, cp_size = self._context_parallel()
-        layout = _packed_layout(packed_seq_params, cp_rank, cp_size, query.device)
+        layout = packed_layout(packed_seq_params, cp_rank, cp_size, query.device)
         if layout.bounds[-1] != query.shape[0] * cp_size:
             raise ValueError(
                 f"packed sample bounds end at {layout.bounds[-1]} but the pack holds "
@@ -389,13 +211,15 @@ class PortableAttention(MegatronModule):
                 f"bound (cu_seqlens_q_padded[-1]) must cover the whole pack, tail padding included "
                 f"as a sample of its own"
             )
-        if cp_size > 1:
-            key = gather_context_parallel(key, self.cp_group, layout.gather_order)
-            value = gather_context_parallel(value, self.cp_group, layout.gather_order)
+        dropout_p = self.dropout_p if self.training else 0.0
+        if layout.groups is not None:
+            with self._dropout_rng(dropout_p):
+                return self._attend_groups(query, key, value, layout, dropout_p)
+        key = gather_context_parallel(key, self.cp_group, layout.gather_order)
+        value = gather_context_parallel(value, self.cp_group, layout.gather_order)
 
         # [t, heads, d] -> [1, heads, t, d]
         q, k, v = (t.permute(1, 0, 2).unsqueeze(0) for t in (query, key, value))
-        dropout_p = self.dropout_p if self.training else 0.0
         contexts = []
         with self._dropout_rng(dropout_p):
             bounds, local_bounds = layout.bounds, layout.local_bounds
@@ -414,6 +238,20 @@ class PortableAttention(MegatronModule):
                 )
         # [1, np, t, hv] -> [t, np * hv]; Megatron reshapes it to [t, 1, np * hv].
         return torch.cat(contexts, dim=2)[0].permute(1, 0, 2).reshape(query.shape[0], -1)
+
+    def _attend_groups(self, query, key, value, layout, dropout_p: float) -> torch.Tensor:
+        """Without CP: each length group of samples (:mod:`megarl.models.thd`) padded into one
+        ``[n, heads, longest, d]`` batch and attended in one causal call -> ``[t, np * hv]``."""
+        contexts = []
+        for group in layout.groups:
+            # [n * longest, heads, d] -> [n, heads, longest, d]
+            q, k, v = (
+                t.index_select(0, group.gather).view(group.count, group.length, *t.shape[1:]).transpose(1, 2)
+                for t in (query, key, value)
+            )
+            context = self._attend(q, k, v, None, causal=True, dropout_p=dropout_p)
+            contexts.append(context.transpose(1, 2).reshape(group.count * group.length, -1).index_select(0, group.kept))
+        return torch.cat(contexts).index_select(0, layout.restore)
 
     def _context_parallel(self) -> tuple[int, int]:
         """This rank's ``(rank, size)`` in the context-parallel group; ``(0, 1)`` without one."""

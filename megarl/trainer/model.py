@@ -221,7 +221,9 @@ class TrainModel:
             batch: the step's samples.
             names: the token values ``compute`` returns.
             compute: ``compute(micro, output)``: the last stage's output for a micro-batch (see
-                :meth:`Objective.loss`) -> ``{name: [b, s]}`` for each of ``names``.
+                :meth:`Objective.loss`) -> ``{name: [b, s]}`` for each of ``names``, in the
+                micro-batch's grid (:func:`megarl.trainer.packing.to_grid` puts a packed
+                micro-batch's results there).
 
         Returns:
             ``{name: [B, S]}``, float32 in label space on every rank, 0 outside the response mask.

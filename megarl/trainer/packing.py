@@ -30,7 +30,7 @@ import torch
 
 from megarl.config import layout_multiple
 from megarl.data.batching import aligned_length
-from megarl.models.portable import packed_positions
+from megarl.models.thd import packed_positions
 from megarl.trainer.batch import TrainBatch
 
 
@@ -99,15 +99,14 @@ def packed_micro_batch(
     bounds = pack_bounds(lengths, sample_multiple, pack_multiple, length)
     total = bounds[-1]
     # Every pack position's batch row and column; the tail (past the samples) has none.
-    token_rows = torch.full((total,), -1, dtype=torch.int64)
-    token_columns = torch.full((total,), -1, dtype=torch.int64)
-    slots = torch.full((total,), -1, dtype=torch.int64)
     width = batch.micro_batch_length(rows_tensor)
-    for index, (row, start) in enumerate(zip(rows_tensor.tolist(), bounds)):
-        aligned = aligned_length(lengths[index], sample_multiple)
-        token_rows[start : start + aligned] = row
-        token_columns[start : start + aligned] = torch.arange(aligned)
-        slots[start : start + aligned] = index * width + torch.arange(aligned)
+    aligned = torch.tensor([aligned_length(length, sample_multiple) for length in lengths], dtype=torch.int64)
+    starts = torch.tensor(bounds[: len(lengths)], dtype=torch.int64)
+    tail = torch.full((total - int(aligned.sum()),), -1, dtype=torch.int64)
+    token_rows = torch.cat([rows_tensor.repeat_interleave(aligned), tail])
+    columns = torch.arange(int(aligned.sum())) - starts.repeat_interleave(aligned)
+    token_columns = torch.cat([columns, tail])
+    slots = torch.cat([(torch.arange(len(lengths)) * width).repeat_interleave(aligned) + columns, tail])
     local = packed_positions(bounds, cp_rank, cp_size)
     token_rows, token_columns, slots = token_rows[local], token_columns[local], slots[local]
     real = token_rows >= 0

@@ -4,23 +4,23 @@ Every rank builds the same whole problem and runs it twice: on one process (a mo
 group) and split over the CP group of both ranks, each rank holding its rows (``packed_positions``).
 Its output and the gradients of its query, key and value rows must equal the single-process ones
 at those rows, for packed (THD) samples and for the padded ``[s, b, h, d]`` batch. Then dropout:
-the packed path draws from Megatron's model-parallel RNG stream, sample by sample, as plain
-per-sample attention under that stream does. Prints one ``ok`` line per rank.
+the packed path draws from Megatron's model-parallel RNG stream, reproducibly, and no sample's
+tokens reach another's. Prints one ``ok`` line per rank.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.process_groups_config import ProcessGroupCollection
-from megatron.core.tensor_parallel import get_cuda_rng_tracker, model_parallel_cuda_manual_seed
+from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megarl import platform
-from megarl.models.portable import PortableAttention, packed_positions
+from megarl.models.portable import PortableAttention
+from megarl.models.thd import packed_positions
 
 HEADS, GROUPS, KEY_WIDTH, VALUE_WIDTH, SOFTMAX_SCALE = 4, 2, 12, 8, 0.3
 BOUNDS = [0, 8, 12, 28, 32]
@@ -88,22 +88,28 @@ def check_padded(rank: int, cp_size: int) -> None:
 
 
 def check_dropout() -> None:
+    """Dropout draws from the model-parallel RNG stream (the default generator is left alone), is
+    reproducible from its seed, and keeps the samples apart."""
     module = attention(None, dropout=0.5)
     query, key, value = problem((BOUNDS[-1],))
     model_parallel_cuda_manual_seed(0, tp_rank=0, ep_rank=0, etp_rank=0)
+    default_state = torch.get_rng_state()
     output = module(query, key, value, None, packed_seq_params=thd_params(BOUNDS))
+    assert torch.equal(torch.get_rng_state(), default_state), "dropout drew from the default generator"
     model_parallel_cuda_manual_seed(0, tp_rank=0, ep_rank=0, etp_rank=0)
-    expected = []
-    with get_cuda_rng_tracker().fork():
-        for start, end in zip(BOUNDS[:-1], BOUNDS[1:]):
-            q, k, v = (t[start:end].transpose(0, 1)[None] for t in (query, key, value))
-            context = F.scaled_dot_product_attention(
-                q, k, v, dropout_p=0.5, is_causal=True, scale=SOFTMAX_SCALE, enable_gqa=True
-            )
-            expected.append(context[0].transpose(0, 1).reshape(end - start, -1))
-    torch.testing.assert_close(output, torch.cat(expected), atol=1e-12, rtol=0)
+    again = module(query, key, value, None, packed_seq_params=thd_params(BOUNDS))
+    torch.testing.assert_close(output, again, atol=0, rtol=0)
     without_dropout = module.eval()(query, key, value, None, packed_seq_params=thd_params(BOUNDS))
     assert not torch.allclose(output, without_dropout), "dropout changed nothing"
+    # Another first sample leaves the other samples' attention as it was (dropout included).
+    changed = [t.clone() for t in (query, key, value)]
+    for tensor in changed:
+        tensor[: BOUNDS[1]] += 1.0
+    module.train()
+    model_parallel_cuda_manual_seed(0, tp_rank=0, ep_rank=0, etp_rank=0)
+    other = module(*changed, None, packed_seq_params=thd_params(BOUNDS))
+    assert not torch.allclose(other[: BOUNDS[1]], output[: BOUNDS[1]])
+    torch.testing.assert_close(other[BOUNDS[1] :], output[BOUNDS[1] :], atol=0, rtol=0)
 
 
 def main() -> None:

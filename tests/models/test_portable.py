@@ -15,7 +15,8 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megarl.models.portable import PortableAttention, packed_positions
+from megarl.models.portable import PortableAttention
+from megarl.models.thd import packed_positions
 from tests.distributed import run_torchrun
 
 WORKER = Path(__file__).with_name("portable_cp_worker.py")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from megarl.trainer.batch import TrainBatch, pack_routed_experts
-from megarl.models.portable import packed_positions
+from megarl.models.thd import packed_positions
 from megarl.trainer.packing import pack_bounds, pack_multiples, packed_micro_batch, to_grid
 
 pytestmark = pytest.mark.cpu

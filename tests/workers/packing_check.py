@@ -63,7 +63,9 @@ def _gradients(model: TrainModel, policy: Policy, batch: TrainBatch) -> dict[str
 
 
 def check(model_dir: str, layout, pg_collection, loss_agg_mode: str = "seq-mean-token-mean", replay: bool = False) -> dict:
-    padded_train = TrainConfig(micro_batch_size=2, mini_batch_size=len(LENGTHS), global_batch_size=len(LENGTHS), use_distributed_optimizer=False)
+    padded_train = TrainConfig(
+        micro_batch_size=2, mini_batch_size=len(LENGTHS), global_batch_size=len(LENGTHS), use_distributed_optimizer=False, packing=False
+    )
     packed_train = dataclasses.replace(padded_train, packing=True, dynamic_batch=True, max_tokens_per_micro_batch=40)
     model = TrainModel.build(
         model_dir, ModelConfig(path=model_dir), layout, padded_train, padded_train.optimizer, pg_collection=pg_collection, backend="torch",

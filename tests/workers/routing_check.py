@@ -29,6 +29,7 @@ import torch.distributed as dist
 from megarl.config import ModelConfig, TrainConfig
 from megarl.trainer.batch import TrainBatch, pack_routed_experts
 from megarl.trainer.model import TrainModel
+from megarl.trainer.packing import to_grid
 
 LENGTHS = [(5, 7), (9, 3), (4, 10), (6, 4)]
 """(prompt, response) tokens of the batch's samples: micro-batches of different lengths (12 and 16
@@ -73,12 +74,13 @@ class _ReadBack:
 
     def _hook(self, index: int, routers):
         def hook(router, args, output):
+            # Each token's place in the batch, in the routers' order (packed or padded).
             micro = self._micro
-            rows, columns = micro["rows"], routers._sequence_slice(micro["columns"])
-            routing_map = output[1].reshape(len(columns), len(rows), -1)
-            for s, column in enumerate(columns.tolist()):
-                for b, row in enumerate(rows.tolist()):
-                    self.used[(row, column, index)] = routing_map[s, b].nonzero().flatten().tolist()
+            rows, columns = routers._local(micro["token_rows"]).tolist(), routers._local(micro["token_columns"]).tolist()
+            routing_map = output[1].reshape(len(rows), -1)
+            for token, (row, column) in enumerate(zip(rows, columns)):
+                if row >= 0:
+                    self.used[(row, column, index)] = routing_map[token].nonzero().flatten().tolist()
 
         return hook
 
@@ -113,7 +115,7 @@ def _replayed_gradients(model: TrainModel, batch: TrainBatch) -> dict[str, torch
     """The gradients of the response log-probs' sum, the batch's routing replayed."""
 
     def loss(micro, output):
-        total = torch.where(micro["response_mask"], _log_probs(model, output, micro["labels"]), 0.0).sum()
+        total = torch.where(micro["response_mask"], to_grid(micro, _log_probs(model, output, micro["labels"])), 0.0).sum()
         return total, micro["response_mask"].sum(), {"loss": total.detach().double()}
 
     with model.routers.replaying_routing():
@@ -130,7 +132,7 @@ def check(model_dir: str, layout, pg_collection) -> dict | None:
     batch = _batch(model.spec.hf_config, routers.moe_layers, config.num_moe_experts, config.moe_router_topk)
 
     def log_probs(micro, output):
-        return {"log_probs": _log_probs(model, output, micro["labels"])}
+        return {"log_probs": to_grid(micro, _log_probs(model, output, micro["labels"]))}
 
     def forward(replay: torch.Tensor | None):
         batch.routed_experts = replay
