@@ -6,10 +6,15 @@ that is only bound when TE imports; multi-latent attention checks its output pro
 TE's ``TELinear``, a mock without TE, and raises; and loading a fully reshardable distributed-optimizer
 checkpoint into torch's Adam (the optimizer used without TE or apex) copies a ``step`` entry that
 the checkpoint keeps elsewhere, and gives every parameter the same ``step`` tensor, which Adam
-then advances once per parameter at each step. It also replaces one slow path: without TE's fused
-rotary embedding, megatron-core applies rotary positions to packed (THD) sequences sample by
-sample in Python, after reading the sample bounds to the host, in every attention layer
-(:func:`_packed_rotary`).
+then advances once per parameter at each step.
+
+On any machine, :func:`repair_padded_and_packed_paths` mends two paths megarl's packed
+micro-batches take: without fused rotary embeddings (megarl builds its models with
+``apply_rope_fusion`` off), megatron-core applies rotary positions to packed (THD) sequences sample
+by sample in Python, after reading the sample bounds to the host, in every attention layer
+(:func:`_packed_rotary`); and a router with an expert bias counts its tokens with the padding mask
+broadcast the wrong way (``[tokens, experts] & [tokens]``), which raises
+(:func:`_expert_bias_with_padding`).
 
 On CPU with gloo, :func:`enable_cpu` does the rest.
 
@@ -345,9 +350,7 @@ def fix_missing_transformer_engine() -> None:
     """Repair megatron-core's paths without TE (idempotent): bind ``te_general_gemm = None`` in the
     MoE utilities so the router takes its torch path instead of raising ``NameError``, tell
     multi-latent attention that TE is absent (it takes TE's mock classes for real ones), and keep
-    torch Adam's ``step`` (one tensor per parameter) when loading distributed-optimizer checkpoints,
-    and apply rotary positions to packed sequences without a loop per sample (:func:`_packed_rotary`)."""
-    from megatron.core.models.common.embeddings import rope_utils
+    torch Adam's ``step`` (one tensor per parameter) when loading distributed-optimizer checkpoints."""
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
     from megatron.core.transformer import multi_latent_attention
     from megatron.core.transformer.moe import moe_utils
@@ -362,8 +365,34 @@ def fix_missing_transformer_engine() -> None:
         DistributedOptimizer._set_main_param_and_optimizer_states = _keep_adam_step(set_states)
     if not getattr(DistributedOptimizer.load_state_dict, "megarl_patched", False):
         DistributedOptimizer.load_state_dict = _separate_adam_steps(DistributedOptimizer.load_state_dict)
+
+
+def _expert_bias_with_padding(apply_expert_bias):
+    """``TopKRouter._apply_expert_bias`` with the padding mask ``[tokens]`` as a column, so that it
+    leaves the padding out of the tokens counted per expert (megatron-core 0.16.1 ands it with the
+    ``[tokens, experts]`` routing map as a row)."""
+
+    @functools.wraps(apply_expert_bias)
+    def apply(self, routing_map, padding_mask=None):
+        if padding_mask is not None and padding_mask.dim() == 1:
+            padding_mask = padding_mask[:, None]
+        return apply_expert_bias(self, routing_map, padding_mask)
+
+    apply.megarl_patched = True
+    return apply
+
+
+def repair_padded_and_packed_paths() -> None:
+    """Rotary positions for packed sequences without megatron-core's loop per sample
+    (:func:`_packed_rotary`), and the expert-bias count with a padding mask
+    (:func:`_expert_bias_with_padding`); idempotent."""
+    from megatron.core.models.common.embeddings import rope_utils
+    from megatron.core.transformer.moe.router import TopKRouter
+
     if not getattr(rope_utils._apply_rotary_pos_emb_thd, "megarl_patched", False):
         rope_utils._apply_rotary_pos_emb_thd = _packed_rotary(rope_utils._apply_rotary_pos_emb_thd)
+    if not getattr(TopKRouter._apply_expert_bias, "megarl_patched", False):
+        TopKRouter._apply_expert_bias = _expert_bias_with_padding(TopKRouter._apply_expert_bias)
 
 
 def enable_cpu() -> None:

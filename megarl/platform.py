@@ -107,6 +107,7 @@ def init_distributed(timeout_minutes: int = 30) -> Platform:
         megatron_compat.enable_cpu()
     if not platform.has_transformer_engine:
         megatron_compat.fix_missing_transformer_engine()
+    megatron_compat.repair_padded_and_packed_paths()
     if dist.is_initialized():
         return platform
     timeout = datetime.timedelta(minutes=timeout_minutes)

@@ -246,3 +246,19 @@ def test_packed_rotary_equals_megatrons_loop_over_samples(interleaved, latent):
     assert torch.equal(gradient, expected_gradient)
     # Positions restart at every sample: the second sample's first token is rotated as position 0.
     assert torch.equal(got[5], loop(tokens[5:6], torch.tensor([0, 1], dtype=torch.int32), freqs, **options)[0])
+
+
+def test_expert_bias_counts_leave_padding_out():
+    import inspect
+    from types import SimpleNamespace
+
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    count = inspect.unwrap(TopKRouter._apply_expert_bias)
+    router = SimpleNamespace(enable_expert_bias=True, local_tokens_per_expert=torch.zeros(3, dtype=torch.long))
+    routing_map = torch.tensor([[True, False, True], [False, True, True], [True, True, False], [False, False, True]])
+    padding = torch.tensor([False, True, False, True])
+    with pytest.raises(RuntimeError):
+        count(router, routing_map, padding)
+    megatron_compat._expert_bias_with_padding(count)(router, routing_map, padding)
+    assert router.local_tokens_per_expert.tolist() == [2, 1, 1]

@@ -113,7 +113,7 @@ def run_case(options: dict) -> dict:
 
         megarl.trainer.model.plan_micro_batches = in_order
     model_config = ModelConfig(path=options["model"], dtype=options["dtype"])
-    backend = choose_backend("auto", facts.has_transformer_engine)
+    backend = choose_backend("auto", facts.has_transformer_engine, packed_fp32=train.packing and options["dtype"] == "fp32")
     model = TrainModel.build(
         options["model"], model_config, layout, train, train.optimizer, pg_collection=pg_collection, backend=backend,
         after_load=attach_hidden_states_heads,

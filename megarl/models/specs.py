@@ -41,15 +41,25 @@ from megarl.models.portable import PortableAttention, PortableNorm
 Backend = Literal["te", "torch"]
 
 
-def choose_backend(requested: str, has_transformer_engine: bool) -> Backend:
+def choose_backend(requested: str, has_transformer_engine: bool, *, packed_fp32: bool = False) -> Backend:
     """The layer implementation for ``model.attention_backend``: ``te``, ``torch``, or ``auto``
     (Transformer Engine when it imports, else the portable torch specs).
 
+    Transformer Engine attends packed (THD) sequences with its flash and fused kernels only, which
+    take fp16/bf16 (its unfused attention refuses THD): ``packed_fp32`` (``train.packing`` with
+    ``model.dtype`` fp32) makes ``auto`` choose the portable specs.
+
     Raises:
-        ConfigError: ``te`` where Transformer Engine does not import (bad input: exit code 2).
+        ConfigError: ``te`` where Transformer Engine does not import, or with ``packed_fp32``
+            (bad input: exit code 2).
     """
     if requested == "auto":
-        return "te" if has_transformer_engine else "torch"
+        return "te" if has_transformer_engine and not packed_fp32 else "torch"
+    if requested == "te" and packed_fp32:
+        raise ConfigError(
+            "model.attention_backend = 'te' with train.packing and model.dtype = fp32: Transformer Engine attends packed "
+            "sequences in bf16/fp16 only; set model.dtype=bf16, model.attention_backend=torch, or train.packing=false"
+        )
     if requested == "te" and not has_transformer_engine:
         raise ConfigError(
             "model.attention_backend = 'te' but Transformer Engine does not import here; install "

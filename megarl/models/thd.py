@@ -139,6 +139,10 @@ def gather_context_parallel(
     return _GatherContextParallel.apply(local, group, order)
 
 
+HOST_BOUNDS_ATTRIBUTE = "megarl_host_bounds"
+"""A ``PackedSeqParams`` may carry its bounds as a python list under this name (the trainer has them
+on the host): :func:`packed_layout` then reads nothing back from the device."""
+
 _LAYOUT_ATTRIBUTE = "_megarl_packed_layout"
 """Where :func:`packed_layout` caches a ``PackedSeqParams``'s :class:`PackedLayout`."""
 
@@ -194,7 +198,7 @@ def packed_layout(params, cp_rank: int, cp_size: int, device: torch.device) -> P
     bounds_kv = padded_kv if padded_kv is not None else params.cu_seqlens_kv
     if bounds_q is None:
         raise ValueError("THD attention needs PackedSeqParams.cu_seqlens_q_padded or cu_seqlens_q")
-    bounds = bounds_q.tolist()
+    bounds = getattr(params, HOST_BOUNDS_ATTRIBUTE, None) or bounds_q.tolist()
     if bounds_kv is not None and bounds_kv is not bounds_q and bounds_kv.tolist() != bounds:
         raise ValueError(
             "PortableAttention is self-attention: PackedSeqParams' key bounds "

@@ -31,6 +31,7 @@ from megarl.data.batching import packed_tokens, plan_micro_batches
 from megarl.models.builder import DTYPES, ModelSpec, build_model, model_spec
 from megarl.models.loader import load_hf_config, load_hf_weights
 from megarl.models.specs import Backend
+from megarl.models.thd import HOST_BOUNDS_ATTRIBUTE
 from megarl.platform import current_device
 from megarl.trainer.batch import TrainBatch, gather_token_values
 from megarl.trainer.objective import Objective
@@ -156,12 +157,15 @@ class TrainModel:
         Each also carries ``row_response_mask [b, S']``: the whole rows' masks, for normalisers
         that must see whole responses under context parallelism.
 
+        Padded (:meth:`TrainBatch.micro_batch`) or, with ``train.packing``, packed
+        (:func:`~megarl.trainer.packing.packed_micro_batch`).
+
         With virtual pipeline stages the count is a multiple of the pipeline size (the interleaved
         schedule runs micro-batches in groups of that many), and every micro-batch has the length
-        of the longest: the
-        interleaved schedule exchanges forward activations and backward gradients with the same
-        peer in one call, and megatron-core 0.16's shape exchange before it pairs them up wrongly
-        when micro-batches differ in length (gloo reports a size mismatch).
+        of the longest: the interleaved schedule exchanges forward activations and backward
+        gradients with the same peer in one call, and megatron-core 0.16's shape exchange before
+        it pairs them up wrongly when micro-batches differ in length (gloo reports a size
+        mismatch).
         """
         lengths = batch.sequence_lengths[rows].tolist()
         rows = rows.tolist()
@@ -175,21 +179,14 @@ class TrainModel:
         )[self.pg_collection.dp.rank()]
         plan_rows = [[rows[index] for index in indices] for indices in plan]
         if self.train.packing:
-            length = None
-            if len(self.models) > 1:
-                length = max(packed_tokens(indices, lengths, sample_multiple=sample_multiple, pack_multiple=pack_multiple) for indices in plan)
-            micro_batches = [
-                packed_micro_batch(
-                    batch, micro_rows, fields, sample_multiple=sample_multiple, pack_multiple=pack_multiple, cp_rank=cp_rank, cp_size=cp_size,
-                    length=length,
-                )
-                for micro_rows in plan_rows
-            ]
+            make = functools.partial(packed_micro_batch, sample_multiple=sample_multiple, pack_multiple=pack_multiple)
+            lengths_of = [packed_tokens(indices, lengths, sample_multiple=sample_multiple, pack_multiple=pack_multiple) for indices in plan]
         else:
-            length = None
-            if len(self.models) > 1:
-                length = max(batch.micro_batch_length(micro_rows) for micro_rows in plan_rows)
-            micro_batches = [batch.micro_batch(micro_rows, fields, cp_rank=cp_rank, cp_size=cp_size, length=length) for micro_rows in plan_rows]
+            make = TrainBatch.micro_batch
+            lengths_of = [batch.micro_batch_length(micro_rows) for micro_rows in plan_rows]
+        # Under VPP every micro-batch of the pass is as long as the longest (see above).
+        length = max(lengths_of) if len(self.models) > 1 else None
+        micro_batches = [make(batch, micro_rows, fields, cp_rank=cp_rank, cp_size=cp_size, length=length) for micro_rows in plan_rows]
         for micro in micro_batches:
             micro["row_response_mask"] = batch.response_mask[micro["rows"]]
         return micro_batches
@@ -203,14 +200,28 @@ class TrainModel:
         def forward_step(data_iterator, model):
             micro = next(data_iterator)
             device = current_device()
+            options = {"packed_seq_params": _packed_seq_params(micro, device)}
             if self.routers is not None:
                 self.routers.before_forward(model, micro)
-            output = model(micro["tokens"].to(device), micro["position_ids"].to(device), None, packed_seq_params=_packed_seq_params(micro, device))
+                options["padding_mask"] = self._padding_mask(model, micro).to(device)
+            output = model(micro["tokens"].to(device), micro["position_ids"].to(device), None, **options)
             if self.routers is not None:
                 self.routers.after_forward(model, micro)
             return output, on_output({name: value.to(device) for name, value in micro.items()})
 
         return forward_step
+
+    def _padding_mask(self, model, micro: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Megatron's ``padding_mask`` for an MoE model (True: not a real token): its router losses
+        (load balancing, z-loss) and the expert-bias token counts leave out padding, a pack's
+        alignment and its tail. The first stage's embedding cuts it along the sequence under
+        sequence parallelism; a later stage gets its TP rank's part directly."""
+        padding = ~micro["token_valid"]
+        chunk = self.chunks[[id(candidate) for candidate in self.models].index(id(model))]
+        tp_size = self.pg_collection.tp.size()
+        if not chunk.pre_process and self.spec.transformer_config.sequence_parallel and tp_size > 1:
+            padding = padding.chunk(tp_size, dim=1)[self.pg_collection.tp.rank()]
+        return padding.contiguous()
 
     def forward(
         self, batch: TrainBatch, names: tuple[str, ...], compute: Callable[[dict[str, torch.Tensor], torch.Tensor], dict[str, torch.Tensor]]
@@ -397,22 +408,25 @@ def _packed_seq_params(micro: dict[str, torch.Tensor], device: torch.device):
     # A python int (Megatron's rotary embedding sizes its table by it), the longest segment: never
     # the whole pack, which Megatron's THD rotary would take for one sequence.
     longest = int(micro["max_seqlen"])
-    return PackedSeqParams(
+    params = PackedSeqParams(
         qkv_format="thd", cu_seqlens_q=bounds, cu_seqlens_kv=bounds, cu_seqlens_q_padded=bounds, cu_seqlens_kv_padded=bounds,
         max_seqlen_q=longest, max_seqlen_kv=longest,
     )
+    # The portable attention's layout then reads no bounds back from the device.
+    setattr(params, HOST_BOUNDS_ATTRIBUTE, micro["cu_seqlens"].tolist())
+    return params
 
 
 def attention_linear_cost(config) -> float:
-    """The per-token cost of a layer in units of its attention's per-token-pair cost, the linear
-    coefficient of a sample's cost ``c L + L^2`` for balancing (:func:`plan_micro_batches`): the
-    projections and the MLP cost about ``4 h^2 + 3 h f`` multiply-adds a token (``f`` the FFN width,
-    the active experts' with MoE), attention ``2 h`` per pair of tokens."""
+    """The linear coefficient ``c`` of a sample's cost ``L (c + L)`` for balancing
+    (:func:`plan_micro_batches`): the projections and the MLP cost about ``4 h^2 + 3 h f``
+    multiply-adds a token (``f`` the FFN width, the active experts' with MoE), causal attention
+    ``2 h`` per pair of tokens over ``L^2 / 2`` pairs, ``h L^2``; so ``c = 4 h + 3 f``."""
     hidden = config.hidden_size
     ffn = config.ffn_hidden_size
     if config.num_moe_experts:
         ffn = (config.moe_ffn_hidden_size or ffn) * config.moe_router_topk + (config.moe_shared_expert_intermediate_size or 0)
-    return (4 * hidden * hidden + 3 * hidden * ffn) / (2 * hidden)
+    return 4 * hidden + 3 * ffn
 
 
 def _transformer_overrides(model: ModelConfig) -> dict[str, Any]:

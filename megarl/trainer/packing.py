@@ -43,8 +43,10 @@ def pack_multiples(tensor_parallel: int, sequence_parallel: bool, context_parall
 
 def pack_bounds(lengths: Sequence[int], sample_multiple: int, pack_multiple: int, length: int | None = None) -> list[int]:
     """The global bounds (``cu_seqlens``) of a pack of samples of ``lengths`` tokens: each rounded up
-    to ``sample_multiple``, then a tail segment up to the next multiple of ``pack_multiple`` (or up
-    to ``length``, a common pack length) when one is needed.
+    to ``sample_multiple``, then a tail up to the next multiple of ``pack_multiple`` (or up to
+    ``length``, a common pack length) when one is needed, in segments no longer than the longest
+    sample (a long tail, under virtual pipelining, would otherwise cost attention of its own
+    length squared).
 
     Raises:
         ValueError: ``length`` is shorter than the pack or not a multiple of ``pack_multiple``.
@@ -55,8 +57,9 @@ def pack_bounds(lengths: Sequence[int], sample_multiple: int, pack_multiple: int
     total = aligned_length(bounds[-1], pack_multiple) if length is None else length
     if total < bounds[-1] or total % pack_multiple:
         raise ValueError(f"a pack of {bounds[-1]} tokens cannot be padded to {total} (a multiple of {pack_multiple} at least as long)")
-    if total > bounds[-1]:
-        bounds.append(total)
+    longest = max((end - start for start, end in zip(bounds[:-1], bounds[1:])), default=sample_multiple)
+    while total > bounds[-1]:
+        bounds.append(min(total, bounds[-1] + longest))
     return bounds
 
 
@@ -93,6 +96,11 @@ def packed_micro_batch(
         ``sequence_lengths``; and ``token_kept``/``token_slots``, the pack tokens that land in
         the grid and their flat grid index (:func:`to_grid`).
     """
+    if batch.pad_multiple % sample_multiple:
+        raise ValueError(
+            f"the batch's columns are a multiple of {batch.pad_multiple}, not of the sample multiple {sample_multiple}: "
+            f"build it with pad_multiple=megarl.config.layout_multiple(...) of the layout it trains under"
+        )
     rows_tensor = torch.as_tensor(list(rows), dtype=torch.int64)
     sequence_lengths = batch.sequence_lengths[rows_tensor]
     lengths = sequence_lengths.tolist()

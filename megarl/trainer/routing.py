@@ -27,7 +27,9 @@ under replay, but for the tokens a capacity factor dropped) and as the trainer r
 own, in the router's dtype (``moe/routing_diff_recomputed``: what replay removes).
 
 Tokens without recorded routing (each sample's last token, which the engine never ran, and
-padding) replay :func:`megarl.trainer.batch.routing_filler`'s experts, spread over all experts.
+padding) replay :func:`megarl.trainer.batch.routing_filler`'s experts, spread over all experts; a
+packed micro-batch's tail replays its first row's (:mod:`megarl.trainer.packing`). Megatron's router
+losses and expert-bias counts leave all of them out (``padding_mask``, :class:`TrainModel`).
 """
 
 from __future__ import annotations

@@ -316,7 +316,9 @@ def _setup(config: Config, started: EarlyStart | None, detected: platform.Platfo
     )
 
     dtype = DTYPES[config.model.dtype]
-    backend = choose_backend(config.model.attention_backend, detected.has_transformer_engine)
+    backend = choose_backend(
+        config.model.attention_backend, detected.has_transformer_engine, packed_fp32=config.train.packing and config.model.dtype == "fp32"
+    )
     log.info(
         "%d processes on %s (%s); layers: %s; layout TP %d, PP %d, CP %d, EP %d, DP %d",
         world_size, detected.device.type, detected.backend, "Transformer Engine" if backend == "te" else "portable torch (SDPA)",

@@ -45,6 +45,8 @@ def test_multiples_and_bounds():
     # Each sample rounded up to 4, then a tail segment to the pack multiple 8.
     assert pack_bounds([3, 5], 4, 8) == [0, 4, 12, 16]
     assert pack_bounds([3, 5], 1, 2, length=12) == [0, 3, 8, 12]
+    # A long tail in segments no longer than the longest sample.
+    assert pack_bounds([3, 5], 1, 1, length=20) == [0, 3, 8, 13, 18, 20]
     with pytest.raises(ValueError, match="cannot be padded"):
         pack_bounds([3, 5], 1, 2, length=6)
 
@@ -72,6 +74,11 @@ def test_tokens_labels_and_values_are_the_padded_micro_batchs(multiples):
     # The longest segment, not the pack.
     segments = packed["cu_seqlens"].diff()
     assert int(packed["max_seqlen"]) == int(segments.max())
+
+
+def test_a_batch_padded_for_another_layout_is_refused():
+    with pytest.raises(ValueError, match="not of the sample multiple 4"):
+        packed_micro_batch(_batch(pad_multiple=2), [0, 1], [], sample_multiple=4, pack_multiple=4, cp_rank=0, cp_size=2)
 
 
 def test_context_parallel_ranks_hold_every_token_once_and_score_their_own():

@@ -8,7 +8,9 @@ first padded (``train.micro_batch_size`` samples a micro-batch), then packed (a 
 micro-batches, other splits over data-parallel ranks). The log-probs, the entropy and every
 gradient must agree: aggregation is exact whatever the split, and packing changes nothing else.
 With ``replay`` (an MoE model) both passes replay a random engine routing, which checks that each
-packed token gets its own experts.
+packed token gets its own experts; with ``router_losses`` Megatron's load-balancing and z-losses
+are on (padding, a pack's alignment and tail count in neither) and the packs hold the padded
+micro-batches' samples (the losses are per micro-batch).
 
 The report (rank 0) gives the largest differences over every rank, and the log-probs.
 """
@@ -62,13 +64,20 @@ def _gradients(model: TrainModel, policy: Policy, batch: TrainBatch) -> dict[str
     return gradients
 
 
-def check(model_dir: str, layout, pg_collection, loss_agg_mode: str = "seq-mean-token-mean", replay: bool = False) -> dict:
+def check(model_dir: str, layout, pg_collection, loss_agg_mode: str = "seq-mean-token-mean", replay: bool = False, router_losses: bool = False) -> dict:
     padded_train = TrainConfig(
         micro_batch_size=2, mini_batch_size=len(LENGTHS), global_batch_size=len(LENGTHS), use_distributed_optimizer=False, packing=False
     )
-    packed_train = dataclasses.replace(padded_train, packing=True, dynamic_batch=True, max_tokens_per_micro_batch=40)
+    if router_losses:
+        # Megatron's load-balancing and z-losses are per micro-batch: the packs hold the padded
+        # micro-batches' samples, and padding must count in neither.
+        packed_train = dataclasses.replace(padded_train, packing=True, balance_batch=False)
+        model_config = ModelConfig(path=model_dir, moe_aux_loss_coeff=0.01, moe_z_loss_coeff=0.001)
+    else:
+        packed_train = dataclasses.replace(padded_train, packing=True, dynamic_batch=True, max_tokens_per_micro_batch=40)
+        model_config = ModelConfig(path=model_dir)
     model = TrainModel.build(
-        model_dir, ModelConfig(path=model_dir), layout, padded_train, padded_train.optimizer, pg_collection=pg_collection, backend="torch",
+        model_dir, model_config, layout, padded_train, padded_train.optimizer, pg_collection=pg_collection, backend="torch",
         after_load=attach_hidden_states_heads, routing_replay=replay,
     )
     algorithm = AlgorithmConfig(loss_agg_mode=loss_agg_mode, entropy_coeff=0.01)
