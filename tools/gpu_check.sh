@@ -10,10 +10,11 @@
 #      (tests/weights/test_copy_plan_cuda.py), the tests marked gpu, the extension's own tests;
 #   3. bench-kernels: tools/bench_kernels.py at its default (H100 target) shapes -> bench_kernels.json;
 #   4. bench-weight-sync: tools/bench_weight_sync.py --device cuda -> bench_weight_sync.json;
-#   5. kernel-tests: the Triton kernels' tests, compiled for the GPU (the CPU runs them interpreted).
+#   5. bench-update: tools/bench_update.py in bf16 (padded vs packed micro-batches) -> bench_update.json;
+#   6. kernel-tests: the Triton kernels' tests, compiled for the GPU (the CPU runs them interpreted).
 # Logs go to $OUT/gpu_check.log (OUT defaults to ./gpu_check), a line per step to $OUT/summary.txt.
 # The whole run stays within GPU_CHECK_SECONDS (default 540): a step gets what is left when it starts.
-# GPU_CHECK_STEPS names the steps to run (default: all five), e.g. "build gpu-tests".
+# GPU_CHECK_STEPS names the steps to run (default: all six), e.g. "build gpu-tests".
 # Exit status: 0 when every step passed, 1 otherwise, 2 without a CUDA device.
 #
 #   bash tools/gpu_check.sh                  # then copy the tables into docs/benchmarks.md
@@ -22,7 +23,7 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 OUT=${OUT:-gpu_check}
 BUDGET=${GPU_CHECK_SECONDS:-540}
-STEPS=${GPU_CHECK_STEPS:-build gpu-tests bench-kernels bench-weight-sync kernel-tests}
+STEPS=${GPU_CHECK_STEPS:-build gpu-tests bench-kernels bench-weight-sync bench-update kernel-tests}
 mkdir -p "$OUT"
 LOG="$OUT/gpu_check.log"
 SUMMARY="$OUT/summary.txt"
@@ -76,6 +77,7 @@ step gpu-tests 120 "$PYTHON" -m pytest -p no:cacheprovider -q -m "gpu or cpu" \
 step bench-kernels 200 "$PYTHON" tools/bench_kernels.py --json "$OUT/bench_kernels.json"
 step bench-weight-sync 90 "$PYTHON" tools/bench_weight_sync.py --device cuda --layers 32 --repeats 5 \
   --json "$OUT/bench_weight_sync.json"
+step bench-update 150 "$PYTHON" tools/bench_update.py --dtype bf16 --samples 128 --repeats 3 --json "$OUT/bench_update.json"
 step kernel-tests 240 "$PYTHON" -m pytest -p no:cacheprovider -q \
   tests/kernels/test_logprob_entropy.py tests/kernels/test_fused_linear_logprob_entropy.py
 echo "total: $((SECONDS - started)) s" | tee -a "$SUMMARY"
