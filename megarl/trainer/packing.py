@@ -4,12 +4,12 @@ per-sample bounds (THD), for ``train.packing``.
 A padded micro-batch (:meth:`TrainBatch.micro_batch`) is ``[b, s]``: every row padded to the
 longest. A packed one is ``[1, T]``: the rows' tokens back to back, each sample rounded up only to
 the layout's *sample multiple* (2 x CP with context parallelism, so that every sample splits into
-the 2 x CP load-balanced chunks), and the pack to its *pack multiple* (also TP under sequence
-parallelism) by a tail segment of its own. Megatron gets the bounds as
+the 2 x CP load-balanced chunks), and the pack to its *pack multiple* (also CP x TP under
+sequence parallelism) by a tail of its own (segments no longer than the longest sample). Megatron gets the bounds as
 ``PackedSeqParams(qkv_format="thd")``: attention stays within a sample (Transformer Engine's THD
 attention, or megarl's portable attention) and rotary positions restart at every bound. With
 context parallelism each rank keeps chunks ``r`` and ``2 CP - 1 - r`` of every sample
-(:func:`megarl.models.portable.packed_positions`, the layout Megatron's THD rotary embedding uses).
+(:func:`megarl.models.thd.packed_positions`, the layout Megatron's THD rotary embedding uses).
 
 Labels are taken per row in label space (token ``t + 1`` of the same row), never by shifting the
 packed stream, so no sample predicts its neighbour's first token.
