@@ -22,19 +22,8 @@ import torch
 import torch.distributed as dist
 
 from megarl.data.padding import pad_micro_batch
+from megarl.models.thd import packed_positions
 from megarl.rollout.sampling import WeightSegment
-
-
-def context_parallel_positions(length: int, cp_rank: int, cp_size: int) -> torch.Tensor:
-    """The columns context-parallel rank ``cp_rank`` keeps of a ``length``-long sequence: chunks
-    ``cp_rank`` and ``2 cp_size - 1 - cp_rank`` of ``2 cp_size`` (Megatron's load balancing for
-    causal attention). ``length`` must be a multiple of ``2 cp_size``."""
-    if cp_size == 1:
-        return torch.arange(length)
-    chunk = length // (2 * cp_size)
-    first = torch.arange(cp_rank * chunk, (cp_rank + 1) * chunk)
-    second = torch.arange((2 * cp_size - 1 - cp_rank) * chunk, (2 * cp_size - cp_rank) * chunk)
-    return torch.cat([first, second])
 
 
 @dataclasses.dataclass(slots=True)
@@ -227,7 +216,8 @@ class TrainBatch:
         """
         rows = torch.as_tensor(list(rows), dtype=torch.int64)
         length = length or self.micro_batch_length(rows)
-        columns = context_parallel_positions(length, cp_rank, cp_size)
+        # Megatron's load balancing for causal attention: chunks r and 2 CP - 1 - r of 2 CP.
+        columns = packed_positions([0, length], cp_rank, cp_size)
         tokens = self.tokens[rows, :length]
         labels = torch.cat([tokens[:, 1:], tokens[:, -1:]], dim=1)
         batch = {

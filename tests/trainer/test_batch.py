@@ -10,7 +10,8 @@ import torch
 import numpy as np
 
 from megarl.config import layout_multiple
-from megarl.trainer.batch import ScoredSample, TrainBatch, context_parallel_positions, pack_routed_experts, routing_filler
+from megarl.models.thd import packed_positions
+from megarl.trainer.batch import ScoredSample, TrainBatch, pack_routed_experts, routing_filler
 
 pytestmark = pytest.mark.cpu
 
@@ -87,11 +88,11 @@ def test_micro_batch_labels_are_the_next_tokens_and_columns_are_trimmed():
 @pytest.mark.parametrize("cp_size", [1, 2, 3])
 def test_context_parallel_ranks_hold_every_column_once_in_balanced_chunks(cp_size):
     length = 2 * cp_size * 5
-    columns = torch.cat([context_parallel_positions(length, rank, cp_size) for rank in range(cp_size)])
+    columns = torch.cat([packed_positions([0, length], rank, cp_size) for rank in range(cp_size)])
     assert sorted(columns.tolist()) == list(range(length))
     if cp_size > 1:
         # Rank 0 holds the first and the last chunk: causal attention work is balanced.
-        first = context_parallel_positions(length, 0, cp_size)
+        first = packed_positions([0, length], 0, cp_size)
         assert first[0] == 0 and first[-1] == length - 1
 
 
@@ -154,7 +155,7 @@ def test_a_micro_batch_carries_the_routed_experts_of_its_rows_and_context_parall
     batch = make_batch(pad_multiple=4)
     batch.routed_experts = torch.arange(3 * 8 * 2 * 2, dtype=torch.int32).reshape(3, 8, 2, 2).to(torch.uint8)
     micro = batch.micro_batch([2, 0], fields=(), cp_rank=1, cp_size=2)
-    columns = context_parallel_positions(8, 1, 2)
+    columns = packed_positions([0, 8], 1, 2)
     assert torch.equal(micro["routed_experts"], batch.routed_experts[[2, 0]][:, columns])
     assert micro["sequence_lengths"].tolist() == [5, 5]
 
