@@ -29,7 +29,7 @@ from collections.abc import Sequence
 import torch
 
 from megarl.config import layout_multiple
-from megarl.data.batching import aligned_length
+from megarl.data.batching import aligned_length, packed_tokens
 from megarl.models.thd import packed_positions
 from megarl.trainer.batch import TrainBatch
 
@@ -54,7 +54,8 @@ def pack_bounds(lengths: Sequence[int], sample_multiple: int, pack_multiple: int
     bounds = [0]
     for sample_length in lengths:
         bounds.append(bounds[-1] + aligned_length(sample_length, sample_multiple))
-    total = aligned_length(bounds[-1], pack_multiple) if length is None else length
+    # The planner's measure of a pack (its budget counts it), so the two cannot disagree.
+    total = packed_tokens(range(len(lengths)), lengths, sample_multiple=sample_multiple, pack_multiple=pack_multiple) if length is None else length
     if total < bounds[-1] or total % pack_multiple:
         raise ValueError(f"a pack of {bounds[-1]} tokens cannot be padded to {total} (a multiple of {pack_multiple} at least as long)")
     longest = max((end - start for start, end in zip(bounds[:-1], bounds[1:])), default=sample_multiple)
@@ -108,7 +109,8 @@ def packed_micro_batch(
     total = bounds[-1]
     # Every pack position's batch row and column; the tail (past the samples) has none.
     width = batch.micro_batch_length(rows_tensor)
-    aligned = torch.tensor([aligned_length(length, sample_multiple) for length in lengths], dtype=torch.int64)
+    # The samples' segments (the rest of the bounds is the tail).
+    aligned = torch.tensor(bounds[: len(lengths) + 1], dtype=torch.int64).diff()
     starts = torch.tensor(bounds[: len(lengths)], dtype=torch.int64)
     tail = torch.full((total - int(aligned.sum()),), -1, dtype=torch.int64)
     token_rows = torch.cat([rows_tensor.repeat_interleave(aligned), tail])
