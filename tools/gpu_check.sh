@@ -59,8 +59,8 @@ check() {
   *" -m megarl.train "*)
     local config=() seen=0 word
     for word in "$@"; do
-      if [ "$seen" = 1 ]; then config+=("$word"); elif [ "$word" = "-m" ]; then :; fi
-      [ "$word" = "megarl.train" ] && seen=1
+      if [ "$seen" = 1 ]; then config+=("$word"); fi
+      if [ "$word" = "megarl.train" ]; then seen=1; fi
     done
     "$PYTHON" -m megarl.config "${config[@]}" --world-size 1 >/dev/null ;;
   *tools/*.py*)

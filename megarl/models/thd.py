@@ -230,7 +230,6 @@ def packed_layout(params, cp_rank: int, cp_size: int, device: torch.device) -> P
     return layout
 
 
-
 def _length_groups(bounds: list[int], device: torch.device) -> tuple[list[LengthGroup], torch.Tensor]:
     """The length groups of a pack's samples (longest first) and the ``restore`` index of
     :class:`PackedLayout`."""
