@@ -118,9 +118,11 @@ def main(argv=None) -> None:
         if not partial_samples:
             return {}
         now = {name: parameter.detach().clone() for name, parameter in parameters().items()}
-        # The same number of samples on every data-parallel rank.
-        del partial_samples[len(partial_samples) - len(partial_samples) % run.pg_collection.dp.size() :]
-        batch = TrainBatch.from_scored(partial_samples, pad_token_id=run.tokenizer.pad_token_id, pad_multiple=run.pad_multiple)
+        # The same number of samples on every data-parallel rank: the last one repeated (checked
+        # once), so that a single multi-version sample is checked too rather than dropped.
+        dp_size = run.pg_collection.dp.size()
+        filled = partial_samples + partial_samples[-1:] * (-len(partial_samples) % dp_size)
+        batch = TrainBatch.from_scored(filled, pad_token_id=run.tokenizer.pad_token_id, pad_multiple=run.pad_multiple)
         found: dict[str, dict[str, float]] = {}
         for version, weights in sorted(weights_at.items()):
             with torch.no_grad():
