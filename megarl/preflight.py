@@ -10,7 +10,8 @@ What is checked: the config against the world size and the model (:func:`megarl.
 the model directories (config.json, safetensors weights, a tokenizer); the first row of every data
 file (readable, the prompt and answer fields present); the reward (a user function imports and
 takes megarl's or verl's arguments; a reward model directory exists; a remote URL is http(s)); the
-optional metric packages asked for. Then, once all of that passed, the two checks that import
+optional metric packages asked for; the router package, and colocated engines that fit a node's
+GPUs. Then, once all of that passed, the two checks that import
 torch: the advantage estimator and the policy loss the config names are registered
 (:mod:`megarl.algorithms`), the checkpoint a resume would load is whole, and, with routing replay
 (R3), the engines given by URL return routed experts.
@@ -36,10 +37,31 @@ def check_run(config: Config, world_size: int) -> list[str]:
             validate(config, world_size, ModelFacts.from_hf_dir(resolve_model_path(config.model.path)))
         except ConfigError as error:
             problems.append(str(error))
-    problems += _data_problems(config) + _reward_problems(config) + _agent_problems(config) + sink_problems(config.logging)
+    problems += _data_problems(config) + _reward_problems(config) + _agent_problems(config) + _engine_problems(config) + sink_problems(config.logging)
     if not problems:
         # Last, once every cheap check passed: these import torch (the run imports it next anyway).
         problems += _algorithm_name_problems(config) + _resume_problems(config) + _routing_replay_problems(config)
+    return problems
+
+
+def _engine_problems(config: Config) -> list[str]:
+    """The router package is installed when ``rollout.router`` asks for it; colocated SGLang engines
+    fit the GPUs of a node (torchrun's ``LOCAL_WORLD_SIZE``, one GPU per rank): every node runs
+    ``rollout.num_engines`` of them."""
+    import importlib.util
+    import os
+
+    rollout, problems = config.rollout, []
+    if rollout.router == "sglang" and importlib.util.find_spec("sglang_router") is None:
+        problems.append("`rollout.router` (sglang): the sglang-router package is not installed: pip install sglang-router==0.3.2 (tools/setup.sh installs it)")
+    gpus = int(os.environ.get("LOCAL_WORLD_SIZE", "0"))
+    launched_gpus = rollout.num_engines * rollout.engine_tensor_parallel
+    if rollout.engine == "sglang" and rollout.colocate and not rollout.engine_urls and 0 < gpus < launched_gpus:
+        problems.append(
+            f"`rollout.num_engines` ({rollout.num_engines}) x `rollout.engine_tensor_parallel` ({rollout.engine_tensor_parallel}) = "
+            f"{launched_gpus} GPUs per node, but a node runs {gpus} ranks (torchrun --nproc_per_node), one GPU each: colocated engines "
+            f"share the node's GPUs; lower rollout.num_engines to {max(gpus // rollout.engine_tensor_parallel, 1)} (it counts engines per node)"
+        )
     return problems
 
 

@@ -28,6 +28,7 @@ from collections.abc import Sequence
 
 from megarl.cli import INTERRUPTED_EXIT_CODE, STOPPED_EXIT_CODE, is_first_rank, refuse, report, world_size
 from megarl.config import Config, ConfigError, load_config
+from megarl.nodes import Node
 
 PROGRAM = "megarl.train"
 
@@ -68,11 +69,12 @@ def train(config: Config, launched_at: float) -> int:
 
     quiet_library_warnings()
     started = None
-    if is_first_rank():
-        # The engines come up on the other cores while this process imports Megatron below.
+    node = Node.from_env()
+    if node.leads:
+        # The node's engines come up on the other cores while this process imports Megatron below.
         from megarl.trainer.launch import EarlyStart
 
-        started = EarlyStart(config, config.logging.resolved_run_dir())
+        started = EarlyStart(config, config.logging.resolved_run_dir(), node)
     from megarl.agents.environment import EnvironmentLoadError
     from megarl.data.datasets import DataError
     from megarl.models.family import UnsupportedModel

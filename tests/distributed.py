@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -78,6 +79,36 @@ def launch(
     if timed_out:
         errors += f"\n[killed after {timeout:g} s]"
     return subprocess.CompletedProcess(command, process.returncode, output, errors)
+
+
+def run_together(commands: list[list[str]], environment: dict[str, str], timeout: float) -> list[subprocess.CompletedProcess]:
+    """Run ``commands`` at the same time (e.g. one torchrun per "node"), each as :func:`launch` runs
+    one; once one fails or ``timeout`` passes, every process group still running is killed."""
+    with contextlib.ExitStack() as files:
+        outputs = [(files.enter_context(tempfile.TemporaryFile("w+")), files.enter_context(tempfile.TemporaryFile("w+"))) for _ in commands]
+        processes = [
+            subprocess.Popen(command, cwd=REPO, env={**os.environ, **environment}, stdout=stdout, stderr=stderr, text=True, start_new_session=True)
+            for command, (stdout, stderr) in zip(commands, outputs)
+        ]
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline and any(process.poll() is None for process in processes):
+                if any(process.poll() not in (None, 0) for process in processes):
+                    break
+                time.sleep(0.1)
+        finally:
+            for process in processes:
+                try:
+                    os.killpg(process.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                process.wait()
+        results = []
+        for command, process, (stdout, stderr) in zip(commands, processes, outputs):
+            stdout.seek(0)
+            stderr.seek(0)
+            results.append(subprocess.CompletedProcess(command, process.returncode, stdout.read(), stderr.read()))
+    return results
 
 
 def _run(command: list[str], environment: dict[str, str], timeout: float) -> subprocess.CompletedProcess:

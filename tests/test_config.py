@@ -764,6 +764,35 @@ def test_recipe_for_qwen3_30b_a3b_fits_8_gpus():
         validate(config, 4, QWEN3_30B_A3B)
 
 
+def test_recipe_for_qwen3_30b_a3b_fits_4_nodes_of_8_gpus(monkeypatch):
+    from megarl.preflight import _engine_problems
+
+    config = load_config(REPO / "configs" / "recipes" / "qwen3_30b_a3b_4x8xh100.yaml")
+    validate(config, 32, QWEN3_30B_A3B)
+    parallel, rollout = config.parallel, config.rollout
+    assert parallel.data_parallel(32) == 8
+    # Megatron's default order (tp-cp-ep-dp-pp) keeps the TP groups (4) and the EP groups (8
+    # consecutive ranks) within a node of 8: every node holds a whole replica for its engines.
+    assert 8 % parallel.tensor == 0 and 8 % parallel.expert == 0
+    # Two TP-4 engines per node fill its 8 GPUs, behind the router; R3 cannot pass the router.
+    assert (rollout.num_engines * rollout.engine_tensor_parallel, rollout.router, config.algorithm.routing_replay) == (8, "sglang", "r2")
+    assert config.train.global_batch_size == rollout.batch_size * rollout.n_samples_per_prompt
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: object())
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert _engine_problems(config) == []
+    # On nodes of 4 GPUs the same engines would not fit beside the ranks.
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert _engine_problems(config) == [
+        "`rollout.num_engines` (2) x `rollout.engine_tensor_parallel` (4) = 8 GPUs per node, but a node runs 4 ranks (torchrun "
+        "--nproc_per_node), one GPU each: colocated engines share the node's GPUs; lower rollout.num_engines to 1 (it counts engines per node)"
+    ]
+
+
+def test_router_needs_launched_engines():
+    with pytest.raises(ConfigError, match=r"`rollout.router` \(sglang\) is for engines megarl launches"):
+        load_config(None, ["rollout.router=sglang", "rollout.engine_urls=[http://127.0.0.1:30000]"])
+
+
 MOONLIGHT_16B_A3B = {
     "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "vocab_size": 163840, "hidden_size": 2048,
     "intermediate_size": 11264, "moe_intermediate_size": 1408, "num_hidden_layers": 27, "num_attention_heads": 16,

@@ -20,8 +20,10 @@ class RolloutConfig(Section):
     """Rollout engine: SGLang on GPUs, the embedded transformers server (``hf``) anywhere; ``auto``
     is sglang when CUDA is present and sglang imports, else hf (verl: actor_rollout_ref.rollout.name)."""
     num_engines: Annotated[int, Range(ge=1)] = 1
-    """Engine servers to launch, each over engine_tensor_parallel devices; ignored when engine_urls
-    is set (OpenRLHF: --vllm_num_engines)."""
+    """Engine servers to launch on each node (torchrun --nnodes N: N x num_engines in all), each
+    over engine_tensor_parallel devices, launched and supervised by the node's first rank;
+    ignored when engine_urls is set (OpenRLHF: --vllm_num_engines, a total; slime:
+    --rollout-num-gpus / --rollout-num-gpus-per-engine, a total)."""
     engine_tensor_parallel: Annotated[int, Range(ge=1)] = 1
     """Tensor parallel size inside each engine (verl: rollout.tensor_model_parallel_size, slime:
     --rollout-num-gpus-per-engine)."""
@@ -54,7 +56,19 @@ class RolloutConfig(Section):
     memory without raising throughput (docs/benchmarks.md, tools/bench_weight_sync.py)
     (slime: --update-weight-buffer-size)."""
     engine_urls: list[str] = dataclasses.field(default_factory=list)
-    """Connect to engines already running at these URLs instead of launching them."""
+    """Connect to engines already running at these URLs instead of launching them (the first rank
+    drives them all and sends them every update)."""
+    router: Literal["none", "sglang"] = "none"
+    """``sglang``: start SGLang's router (the sglang-router package) in front of every engine of
+    every node and send each sample through it (cache-aware routing); weight updates, pauses and
+    memory calls still go to each engine directly. ``none``: the first rank spreads prompts over
+    the engines itself, a prompt's samples on one engine (slime: --use-router / sglang-router)."""
+    router_policy: Literal["cache_aware", "round_robin", "random", "power_of_two", "manual"] = "cache_aware"
+    """The router's --policy: ``cache_aware`` sends a request where its prefix is cached, within
+    load limits; ``manual`` sends every sample of a prompt to one engine by its routing key."""
+    router_args: list[str] = dataclasses.field(default_factory=list)
+    """More command-line arguments for the router (python -m sglang_router.launch_router --help),
+    e.g. ["--cache-threshold", "0.5"]."""
     request_timeout_s: Annotated[float, Range(gt=0)] = 600.0
     """Timeout of one engine request, seconds."""
     health_check_interval_s: Annotated[float, Range(gt=0)] = 10.0
@@ -114,6 +128,11 @@ class RolloutConfig(Section):
     corrected by the loss like every off-policy token (algorithm.use_decoupled_loss)."""
 
     def _rule_problems(self) -> Iterator[tuple[str, str]]:
+        if self.router == "sglang" and self.engine_urls:
+            yield "router", (
+                "(sglang) is for engines megarl launches (it registers and re-registers them); with `rollout.engine_urls` "
+                "give the URL of a router you run as the one engine URL and set rollout.router=none"
+            )
         if self.mode == "async" and self.colocate:
             yield "colocate", (
                 "(true) cannot be used with `rollout.mode` async: the engines generate while the trainer trains, so they "

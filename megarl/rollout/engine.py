@@ -80,7 +80,9 @@ class LaunchOptions:
     seed: int = 1
     """The server's own random seed (requests without a seed draw from it)."""
     host: str = "127.0.0.1"
-    """Interface the servers listen on."""
+    """Interface the servers listen on (``0.0.0.0`` when other nodes call them)."""
+    address: str | None = None
+    """The address the servers are called at (this node's, when they listen on every interface); None: ``host``."""
     hf_threads: int | None = None
     """torch threads of each ``hf`` engine; None keeps torch's default."""
     hf_step_delay_s: float = 0.0
@@ -106,15 +108,24 @@ class Engine:
         url: ``http://host:port`` of an engine megarl did not launch; None with ``launch``.
         launch: how to start (and restart) it; None for an engine given by URL.
         index: its position in its group (which GPUs it uses).
+        remote: launched and supervised on another node (by that node's first rank): a caller
+            here waits for it to come back rather than restart it.
     """
 
-    def __init__(self, name: str, kind: str, tensor_parallel: int, *, url: str | None = None, launch: LaunchOptions | None = None, index: int = 0):
+    def __init__(
+        self, name: str, kind: str, tensor_parallel: int, *, url: str | None = None, launch: LaunchOptions | None = None, index: int = 0,
+        remote: bool = False,
+    ):
         self.name = name
         self.kind = kind
         self.tensor_parallel = tensor_parallel
         self.url = url
         self.launch = launch
         self.index = index
+        self.remote = remote
+        self.port: int | None = None
+        """The port a launched engine listens on; a restart listens there again, so its URL stays
+        valid for whoever holds it (the router, other nodes)."""
         self.process: subprocess.Popen | None = None
         self.incarnation = 0
         """Counts successful starts; a caller that saw incarnation ``k`` fail knows whether it was restarted since."""
@@ -139,7 +150,7 @@ class Engine:
         pid = f", pid {self.process.pid}" if self.process is not None else ""
         return f"{self.name} ({self.url or 'not started'}{pid})"
 
-    async def call_async(self, method: str, path: str, body: Any = None, *, timeout: float) -> Any:
+    async def call_async(self, method: str, path: str, body: Any = None, *, timeout: float, headers: dict[str, str] | None = None) -> Any:
         """One request, on the client's loop; see :meth:`EngineClient.request_async` for the errors.
 
         A failed request to a launched engine whose process has exited raises :class:`EngineDead`.
@@ -147,7 +158,7 @@ class Engine:
         if self.url is None:
             raise EngineDead(self.label, "it is not running")
         try:
-            return await self._client().request_async(self.label, self.url, method, path, body, timeout=timeout)
+            return await self._client().request_async(self.label, self.url, method, path, body, timeout=timeout, headers=headers)
         except (EngineTimeout, EngineRequestError):
             if self.exited():
                 raise EngineDead(self.label, f"its process exited with code {self.process.returncode}") from None
@@ -171,12 +182,12 @@ class Engine:
         return self.process is not None and self.process.poll() is not None
 
     def command(self, port: int, ready_file: Path) -> list[str]:
-        """The server's command line: ``port`` for SGLang; the ``hf`` server picks its own and writes it to ``ready_file``."""
+        """The server's command line: it listens on ``port``; the ``hf`` server given 0 picks its own and writes it to ``ready_file``."""
         options = self.launch
         if options.engine == "hf":
             command = [
                 sys.executable, "-m", "megarl.rollout.embedded.server", "--model", options.model_path,
-                "--host", options.host, "--port", "0", "--ready-file", str(ready_file),
+                "--host", options.host, "--port", str(port), "--ready-file", str(ready_file),
                 "--seed", str(options.seed), "--dtype", options.dtype, "--parent-pid", str(os.getpid()),
             ]
             if options.hf_threads:
@@ -233,26 +244,32 @@ class Engine:
         options.log_dir.mkdir(parents=True, exist_ok=True)
         ready_file = options.log_dir / f"{self.name}.ready"
         ready_file.unlink(missing_ok=True)
-        port = free_port(options.host)
+        if self.port is not None:
+            port = self.port
+        else:
+            port = 0 if options.engine == "hf" else free_port(options.host)
+        address = options.address or options.host
         with open(self.log_path, "ab") as log:
             log.write(f"--- megarl: starting {self.name} at {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
             log.flush()
             self.process = subprocess.Popen(
                 self.command(port, ready_file), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
             )
-        self.url = None if options.engine == "hf" else f"http://{options.host}:{port}"
+        self.url = None if port == 0 else f"http://{address}:{port}"
         deadline = time.monotonic() + options.startup_timeout_s
         while time.monotonic() < deadline:
             if self.exited():
                 raise EngineStartError(self.label, f"exited with code {self.process.returncode} while starting\n{self.log_tail()}")
             if self.url is None and ready_file.exists():
-                self.url = f"http://{options.host}:{json.loads(ready_file.read_text())['port']}"
+                port = json.loads(ready_file.read_text())["port"]
+                self.url = f"http://{address}:{port}"
             if self.url is not None:
                 try:
                     self.call("GET", protocol.HEALTH, timeout=_READY_PROBE_TIMEOUT_S)
                 except EngineError:
                     pass
                 else:
+                    self.port = port
                     self.incarnation += 1
                     return
             time.sleep(_POLL_S)

@@ -10,11 +10,17 @@
             engines.update_weights(weight_stream_buckets, version=step + 1)
 
 Prompts are spread round-robin over the engines, every sample of a prompt on the prompt's engine
-(so SGLang's prefix cache serves the group), one batched ``/generate`` per engine, in parallel.
+(so SGLang's prefix cache serves the group), one batched ``/generate`` per engine, in parallel; or,
+with a router, one request per sample through it (:mod:`megarl.rollout.generation`).
 :meth:`EngineGroup.submit_generate` does the same without waiting: the caller may keep several
 batches in flight and collect them as they complete (``concurrent.futures.as_completed``); a
 sample's seed depends only on its batch's ``sampling.seed`` and its place in the batch, so it is
 the same sample whichever way it was requested.
+
+Several nodes: every node's first rank launches its node's engines in a group of its own, which
+updates their weights, releases and resumes their memory and restarts them; the first rank's group
+also generates on the other nodes' engines (:meth:`EngineGroup.add_remote_engines`) and pauses,
+continues and flushes them, and the router (:meth:`EngineGroup.use_router`) stands in front of all.
 
 Partial rollouts: with ``partial=True`` a sample that a pause (:meth:`EngineGroup.pause_generation`
 in ``abort`` mode) or an abort stopped comes back with its tokens so far and ``finish_reason``
@@ -25,9 +31,10 @@ them whole, their ``weight_segments`` saying which weights generated which token
 Every request goes through one :class:`~megarl.rollout.http_client.EngineClient` per group: an
 asyncio HTTP client on the group's own event-loop thread, many requests in flight over all engines.
 
-Besides the client, the group is three parts, one job each:
+Besides the client, the group is four parts, one job each:
 
-- this client: generation, weight updates, memory release and resume, cache flushes, reads;
+- this client: weight updates, memory release and resume, pauses, cache flushes, reads;
+- :class:`~megarl.rollout.generation.Generation`: where each request goes, and its samples;
 - :class:`~megarl.rollout.weight_updates.WeightUpdater`: how an update reaches every engine over
   the group's transport, through the weight snapshot (:mod:`megarl.rollout.snapshot`);
 - :class:`~megarl.rollout.supervision.EngineSupervisor`: starts the engines, watches their health,
@@ -43,28 +50,29 @@ stops every launched engine, closes the HTTP client (ending its thread), deletes
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import concurrent.futures
-import dataclasses
 import tempfile
 from pathlib import Path
 from typing import Any, Awaitable, Iterable, Literal, Sequence
 
 from megarl.rollout import protocol
 from megarl.rollout.engine import Engine, LaunchOptions, resolve_engine
-from megarl.rollout.errors import EngineError, EngineRequestError
+from megarl.rollout.errors import EngineError
+from megarl.rollout.generation import Generation, gather
 from megarl.rollout.http_client import EngineClient
 from megarl.rollout.routed_experts import RoutingShape
-from megarl.rollout.sampling import Sample, SamplingParams, resume_seed, sample_seed
+from megarl.rollout.sampling import Sample, SamplingParams
 from megarl.rollout.snapshot import WeightSnapshot
 from megarl.rollout.supervision import EngineSupervisor
 from megarl.rollout.transports import TRANSPORTS
-from megarl.rollout.turns import TurnBatcher
 from megarl.rollout.weight_updates import WeightUpdater
 from megarl.weights.bucket import Bucket
 
-_GROUP_OPTIONS = ("weight_transport", "request_timeout_s", "health_check_interval_s", "health_timeout_s", "restart_budget", "snapshot_root", "return_routed_experts")
+_GROUP_OPTIONS = (
+    "weight_transport", "request_timeout_s", "health_check_interval_s", "health_timeout_s", "restart_budget", "snapshot_root", "return_routed_experts",
+    "num_nodes",
+)
 """The keyword arguments of :class:`EngineGroup` itself (the rest of :meth:`EngineGroup.launch`'s are launch options)."""
 
 
@@ -84,6 +92,7 @@ class EngineGroup:
         snapshot_root: where the latest weights are kept (default ``/dev/shm``, else the temp dir).
         return_routed_experts: every generation returns its samples' routed experts
             (``Sample.routed_experts``, routing replay R3); engines are checked to return them at start.
+        num_nodes: nodes with as many engines each (the client's connections are sized for all).
     """
 
     def __init__(
@@ -98,6 +107,7 @@ class EngineGroup:
         restart_budget: int = 3,
         snapshot_root: Path | None = None,
         return_routed_experts: bool = False,
+        num_nodes: int = 1,
     ):
         if weight_transport not in TRANSPORTS:
             raise ValueError(f"weight_transport {weight_transport!r} must be one of {TRANSPORTS}")
@@ -116,12 +126,16 @@ class EngineGroup:
         self._supervisor = EngineSupervisor(
             engines, pool=self._pool, reload=self._updates.load_snapshot,
             health_check_interval_s=health_check_interval_s, health_timeout_s=health_timeout_s, restart_budget=restart_budget,
-            require_routed_experts=return_routed_experts, check_timeout_s=request_timeout_s,
+            require_routed_experts=return_routed_experts, check_timeout_s=request_timeout_s, version=lambda: self._snapshot.version,
         )
         self._released: set[str] = set()
-        self._client = EngineClient(len(engines))
+        self._client = EngineClient(len(engines) * num_nodes)
         self._pauses = 0
-        self._turns = TurnBatcher(lambda engine, requests, sampling: self._generate_share(engine, requests, sampling, True), pauses=lambda: self._pauses)
+        self._generation = Generation(
+            self._supervisor, engines, router=None, request_timeout_s=request_timeout_s, routing=self.routing, pauses=lambda: self._pauses
+        )
+        self.remote_engines: list[Engine] = []
+        """The other nodes' engines (first rank, several nodes): generated on, paused, continued and flushed here."""
         for engine in engines:
             engine.client = self._client
         atexit.register(self.shutdown)
@@ -131,7 +145,7 @@ class EngineGroup:
         cls, engine: str, model_path: str | Path, *, num_engines: int = 1, tensor_parallel: int = 1, mem_fraction: float = 0.5,
         colocate: bool = True, deterministic: bool = False, seed: int = 1, first_gpu: int = 0, hf_threads: int | None = None,
         hf_step_delay_s: float = 0.0, dtype: str = "auto", extra_args: Sequence[str] = (), startup_timeout_s: float = 600.0,
-        log_dir: Path | None = None, **group_options,
+        log_dir: Path | None = None, node: int | None = None, host: str = "127.0.0.1", address: str | None = None, **group_options,
     ) -> EngineGroup:
         """Start ``num_engines`` servers on this machine and wait until all are healthy.
 
@@ -139,8 +153,11 @@ class EngineGroup:
             engine: ``hf``, ``sglang`` or ``auto`` (:func:`resolve_engine`).
             model_path: HF model directory.
             num_engines, tensor_parallel, mem_fraction, colocate, deterministic, seed, first_gpu,
-                hf_threads, hf_step_delay_s, dtype, extra_args, startup_timeout_s: see :class:`LaunchOptions`.
+                hf_threads, hf_step_delay_s, dtype, extra_args, startup_timeout_s, host, address:
+                see :class:`LaunchOptions`.
             log_dir: where engine logs go (default: a new temporary directory).
+            node: this node's index when a run has several: the engines are named
+                ``{kind}-n{node}-{i}`` (their logs and ready files share the run directory).
             **group_options: the keyword arguments of :class:`EngineGroup`.
 
         Raises:
@@ -151,9 +168,10 @@ class EngineGroup:
             engine=kind, model_path=str(model_path), log_dir=Path(log_dir or tempfile.mkdtemp(prefix="megarl-engines-")),
             tensor_parallel=tensor_parallel, first_gpu=first_gpu, mem_fraction=mem_fraction, colocate=colocate,
             deterministic=deterministic, seed=seed, hf_threads=hf_threads, hf_step_delay_s=hf_step_delay_s, dtype=dtype, extra_args=tuple(extra_args),
-            startup_timeout_s=startup_timeout_s, return_routed_experts=group_options.get("return_routed_experts", False),
+            startup_timeout_s=startup_timeout_s, return_routed_experts=group_options.get("return_routed_experts", False), host=host, address=address,
         )
-        engines = [Engine(f"{kind}-{index}", kind, tensor_parallel, launch=options, index=index) for index in range(num_engines)]
+        prefix = kind if node is None else f"{kind}-n{node}"
+        engines = [Engine(f"{prefix}-{index}", kind, tensor_parallel, launch=options, index=index) for index in range(num_engines)]
         group = cls(engines, model_path=model_path, **group_options)
         try:
             group._supervisor.start()
@@ -278,12 +296,7 @@ class EngineGroup:
         started on it finish it regardless.
         """
         self._supervisor.check()
-        requests = [
-            (prompt_index, sample_index, prompt, sampling.max_new_tokens, None if sampling.seed is None else sample_seed(sampling.seed, prompt_index, sample_index))
-            for prompt_index, prompt in enumerate(prompt_token_ids)
-            for sample_index in range(sampling.n)
-        ]
-        return self._client.run(self._generate(requests, sampling, partial))
+        return self._client.run(self._generation.generate(prompt_token_ids, sampling, partial))
 
     def submit_resume(
         self, prompt_token_ids: Sequence[Sequence[int]], samples: Sequence[Sample], sampling: SamplingParams, *, partial: bool = False
@@ -308,72 +321,56 @@ class EngineGroup:
             the samples in the given order, the partial ones continued.
         """
         self._supervisor.check()
-        requests, done = [], {}
-        for position, sample in enumerate(samples):
-            remaining = sampling.max_new_tokens - len(sample.response_ids)
-            if sample.finish_reason != "abort":
-                done[position] = sample
-            elif remaining < 1:
-                done[position] = dataclasses.replace(sample, finish_reason="length")
-            else:
-                seed = None if sampling.seed is None else resume_seed(sample_seed(sampling.seed, sample.prompt_index, sample.sample_index), len(sample.response_ids))
-                prompt = list(prompt_token_ids[sample.prompt_index]) + sample.response_ids
-                requests.append((sample.prompt_index, position, prompt, remaining, seed))
-
-        async def resume() -> list[Sample]:
-            continued = done | {
-                request[1]: samples[request[1]].continued_by(continuation)
-                for request, continuation in zip(requests, await self._generate(requests, sampling, partial, keep_order=True))
-            }
-            return [continued[position] for position in range(len(samples))]
-
-        return self._client.run(resume())
+        return self._client.run(self._generation.resume(prompt_token_ids, samples, sampling, partial))
 
     async def generate_turn(self, input_ids: Sequence[int], sampling: SamplingParams, *, max_new_tokens: int, seed: int | None, route: int) -> Sample:
         """One whole turn of a multi-turn episode (:mod:`megarl.agents.episode`), awaited on the group's
         loop (:meth:`run`), batched with other episodes' and resumed after a pause (:mod:`megarl.rollout.turns`):
         ``input_ids`` hold the earlier turns as sampled; ``sampling``'s ``n`` and ``seed`` are unused
-        (``seed`` is this turn's); the engine is ``route % num_engines`` for every turn of an episode."""
+        (``seed`` is this turn's); every turn of an episode goes where :meth:`route` sends ``route``."""
         self._supervisor.check()
-        return await self._turns.generate(self.engines[route % len(self.engines)], (route, 0, input_ids, max_new_tokens, seed), sampling)
+        return await self._generation.turn(input_ids, sampling, max_new_tokens=max_new_tokens, seed=seed, route=route)
+
+    def route(self, index: int) -> Engine:
+        """Where the requests of prompt (or episode) ``index`` go: the router, else engine ``index %`` the run's engines."""
+        return self._generation.route(index)
 
     def run(self, coroutine: Awaitable) -> concurrent.futures.Future:
         """Run ``coroutine`` on the group's event loop (where :meth:`generate_turn` is awaited)."""
         return self._client.run(coroutine)
 
-    async def _generate(self, requests: list[tuple[int, int, Sequence[int], int, int | None]], sampling: SamplingParams, partial: bool, *, keep_order: bool = False) -> list[Sample]:
-        """Send ``(prompt_index, sample_index, input_ids, max_new_tokens, seed)`` requests, each to
-        its prompt's engine (one batch per engine, in parallel). The samples come back sorted by
-        ``(prompt_index, sample_index)``, or in the order of ``requests`` with ``keep_order``."""
-        shares: dict[Engine, list[int]] = {}
-        for position, request in enumerate(requests):
-            shares.setdefault(self.engines[request[0] % len(self.engines)], []).append(position)
-        answers = await _all(self._generate_share(engine, [requests[position] for position in positions], sampling, partial) for engine, positions in shares.items())
-        by_position = {position: sample for positions, share in zip(shares.values(), answers) for position, sample in zip(positions, share)}
-        if keep_order:
-            return [by_position[position] for position in range(len(requests))]
-        return sorted(by_position.values(), key=lambda sample: (sample.prompt_index, sample.sample_index))
+    def add_remote_engines(self, engines: Sequence[tuple[str, str]]) -> None:
+        """Generate on the other nodes' engines too (first rank of a run on several nodes).
 
-    async def _generate_share(self, engine: Engine, requests: list[tuple[int, int, Sequence[int], int, int | None]], sampling: SamplingParams, partial: bool) -> list[Sample]:
-        params = [
-            protocol.sampling_body(sampling if limit == sampling.max_new_tokens else dataclasses.replace(sampling, max_new_tokens=limit), seed)
-            for _, _, _, limit, seed in requests
-        ]
-        inputs = [input_ids for _, _, input_ids, _, _ in requests]
-        body = protocol.generate_body(inputs, params, return_routed_experts=self.routing is not None)
-        answer = await self._supervisor.call_async(engine, "POST", protocol.GENERATE, body, timeout=self.request_timeout_s)
-        try:
-            items = protocol.parse_generate_response(answer, len(requests), partial=partial, routing=self.routing, input_lengths=[len(ids) for ids in inputs])
-        except ValueError as error:
-            raise EngineRequestError(engine.label, str(error)) from None
-        return [
-            Sample(
-                prompt_index=prompt_index, sample_index=sample_index, response_ids=item.output_ids, logprobs=item.logprobs,
-                finish_reason=item.finish_reason, weight_version=item.weight_version, weight_segments=item.weight_segments,
-                routed_experts=item.routed_experts,
-            )
-            for (prompt_index, sample_index, _, _, _), item in zip(requests, items)
-        ]
+        Args:
+            engines: ``(name, url)`` of each, in node order (their nodes' :meth:`addresses`).
+        """
+        for name, url in engines:
+            engine = Engine(name, self.kind, self.engines[0].tensor_parallel, url=url, index=len(self.remote_engines), remote=True)
+            engine.client = self._client
+            self.remote_engines.append(engine)
+        self._generation.engines = self.engines + self.remote_engines
+
+    def addresses(self) -> list[tuple[str, str]]:
+        """``(name, url)`` of this group's engines (a restarted engine keeps its URL)."""
+        return [(engine.name, engine.url) for engine in self.engines]
+
+    def use_router(self, router, *, generate: bool) -> None:
+        """Register this node's engines with ``router`` (a restarted one is removed and added again).
+
+        Args:
+            router: a :class:`~megarl.rollout.router.Router` (``url``, ``add_worker``, ``remove_worker``).
+            generate: send every generation through it (first rank), one request per sample, with
+                the in-flight slots of all the engines behind it.
+        """
+        for engine in self.engines:
+            router.add_worker(engine.url)
+        self._supervisor.router = router
+        if generate:
+            front = Engine("sglang-router", self.kind, 1, url=router.url)
+            front.client = self._client
+            self._client.set_capacity(router.url, self._client.max_in_flight_per_engine * len(self.engines + self.remote_engines))
+            self._generation.router = front
 
     def pause_generation(self, mode: Literal["abort", "retract", "in_place"] = "abort") -> None:
         """Pause every engine (``/pause_generation``) until :meth:`continue_generation`.
@@ -385,12 +382,12 @@ class EngineGroup:
         """
         self._supervisor.check()
         self._pauses += 1
-        self._on_every_engine(protocol.PAUSE_GENERATION, protocol.pause_body(mode))
+        self._on_every_engine(protocol.PAUSE_GENERATION, protocol.pause_body(mode), remote=True)
 
     def continue_generation(self) -> None:
         """Let paused engines go on (``/continue_generation``): held samples continue, queued ones start."""
         self._supervisor.check()
-        self._on_every_engine(protocol.CONTINUE_GENERATION, protocol.continue_body())
+        self._on_every_engine(protocol.CONTINUE_GENERATION, protocol.continue_body(), remote=True)
 
     def update_weights(self, buckets: Iterable[Bucket], version: int | str) -> None:
         """Load new weights into every engine, bucket by bucket, over the group's transport.
@@ -451,14 +448,16 @@ class EngineGroup:
                 self._supervisor.resume()
 
     def flush_cache(self) -> None:
-        """Drop every engine's prefix cache."""
+        """Drop every engine's prefix cache (the other nodes' too)."""
         self._supervisor.check()
-        self._on_every_engine(protocol.FLUSH_CACHE, None)
+        self._on_every_engine(protocol.FLUSH_CACHE, None, remote=True)
 
-    def _on_every_engine(self, path: str, body: Any) -> None:
-        """POST ``body`` to ``path`` on every engine at once (restarting a dead one); the first error is raised."""
-        calls = (self._supervisor.call_async(engine, "POST", path, body, timeout=self.request_timeout_s) for engine in self.engines)
-        self._client.wait(_all(calls))
+    def _on_every_engine(self, path: str, body: Any, *, remote: bool = False) -> None:
+        """POST ``body`` to ``path`` on every engine of this node (``remote``: and of the other
+        nodes) at once, restarting a dead one (waiting for a remote one); the first error is raised."""
+        engines = self.engines + self.remote_engines if remote else self.engines
+        calls = (self._supervisor.call_async(engine, "POST", path, body, timeout=self.request_timeout_s) for engine in engines)
+        self._client.wait(gather(calls))
 
     def health(self) -> dict[str, bool]:
         """Whether each engine answers ``/health_generate`` within ``health_timeout_s`` (no restarts)."""
@@ -489,11 +488,3 @@ class EngineGroup:
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._snapshot.close()
 
-
-async def _all(calls: Iterable[Awaitable]) -> list:
-    """Every call's result once all have finished; the first error (in order) is raised after all finish."""
-    results = await asyncio.gather(*calls, return_exceptions=True)
-    for result in results:
-        if isinstance(result, BaseException):
-            raise result
-    return results

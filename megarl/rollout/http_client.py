@@ -67,12 +67,19 @@ class EngineClient:
         self._closed = False
         self._close_lock = threading.Lock()
 
+    def set_capacity(self, url: str, max_in_flight: int) -> None:
+        """Let ``url`` serve ``max_in_flight`` requests at once (a router: the slots of every
+        engine behind it). Before its first request."""
+        self._slots[url] = asyncio.Semaphore(max_in_flight)
+
     @property
     def thread(self) -> threading.Thread:
         """The thread that runs the event loop (it ends in :meth:`close`)."""
         return self._thread
 
-    async def request_async(self, engine: str, url: str, method: str, path: str, body: Any = None, *, timeout: float) -> Any:
+    async def request_async(
+        self, engine: str, url: str, method: str, path: str, body: Any = None, *, timeout: float, headers: dict[str, str] | None = None
+    ) -> Any:
         """Send one request and return the decoded JSON answer (or its text when it is not JSON).
 
         Runs on the client's loop (use :meth:`run` or :meth:`wait` from other threads).
@@ -84,6 +91,7 @@ class EngineClient:
             path: e.g. ``/generate``.
             body: JSON-able request body, or None for none.
             timeout: seconds allowed for a slot and a connection, and for each wait on the answer.
+            headers: more request headers (e.g. the router's routing key).
 
         Raises:
             EngineTimeout: no answer within ``timeout`` (the engine is stalled or overloaded).
@@ -91,7 +99,7 @@ class EngineClient:
             EngineRequestError: the engine answered with an HTTP error, or ``"success": false``.
         """
         payload = None if body is None else json.dumps(body).encode()
-        headers = {"Content-Type": "application/json"} if payload is not None else {}
+        headers = {**({"Content-Type": "application/json"} if payload is not None else {}), **(headers or {})}
         stalled = EngineTimeout(engine, f"{method} {path} got no answer within {timeout:g} s; the engine is stalled or overloaded")
         slots = self._slots.get(url)
         if slots is None:

@@ -107,6 +107,15 @@ def generate_body(
     return body
 
 
+def routed_generate_body(input_ids: Sequence[int], sampling_params: dict[str, Any], *, return_routed_experts: bool = False) -> dict[str, Any]:
+    """One sample's ``/generate`` request through SGLang's router: a batch of one item, with one
+    ``sampling_params`` dict (the router parses the body and refuses a list there, HTTP 422). The
+    answer is read like a batch's (:func:`parse_generate_response`)."""
+    body = generate_body([input_ids], [sampling_params], return_routed_experts=return_routed_experts)
+    body["sampling_params"] = sampling_params
+    return body
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Generated:
     """One item of a ``/generate`` response."""

@@ -18,6 +18,13 @@ would have drawn. Restarts count against ``restart_budget`` for the whole run; p
 :class:`EngineDead`. The monitor is paused (:meth:`EngineSupervisor.paused`) during weight
 updates and while memory is released.
 
+Several nodes: each node's first rank supervises its node's engines (the budget is per node). The
+first rank also generates on the other nodes' engines (``remote``): one that dies under a request
+is waited for, up to ``remote_wait_s``, until its own node restarted it (on the same port) and it
+holds the current weights (``/get_model_info``'s ``weight_version``); then the request goes again.
+With a router in front of the engines, a restarted engine is removed from the router before it
+is killed and added again once it holds the current weights.
+
 Shutdown stops the monitor, then every launched engine; engines also exit by themselves when the
 launching process dies (:mod:`megarl.rollout.watchdog`).
 """
@@ -29,6 +36,7 @@ import concurrent.futures
 import contextlib
 import logging
 import threading
+import time
 from typing import Any, Callable
 
 from megarl.rollout import protocol
@@ -36,6 +44,9 @@ from megarl.rollout.engine import Engine
 from megarl.rollout.errors import EngineDead, EngineError, RestartBudgetExhausted
 
 log = logging.getLogger(__name__)
+
+_REMOTE_POLL_S = 0.2
+"""How often a failed remote engine is asked whether it is back."""
 
 
 class EngineSupervisor:
@@ -51,6 +62,9 @@ class EngineSupervisor:
         require_routed_experts: check that every engine returns routed experts once it is up
             (:meth:`Engine.require_routed_experts`: one given by URL may run without the flag).
         check_timeout_s: limit of that check.
+        version: the weight version the engines hold (None before the first update): what a
+            remote engine must report again before it is used after a failure.
+        remote_wait_s: how long to wait for a remote engine to come back.
     """
 
     def __init__(
@@ -64,6 +78,8 @@ class EngineSupervisor:
         restart_budget: int,
         require_routed_experts: bool = False,
         check_timeout_s: float = 60.0,
+        version: Callable[[], str | None] = lambda: None,
+        remote_wait_s: float = 600.0,
     ):
         self.engines = engines
         self.health_check_interval_s = health_check_interval_s
@@ -78,6 +94,10 @@ class EngineSupervisor:
         self._reload = reload
         self._require_routed_experts = require_routed_experts
         self._check_timeout_s = check_timeout_s
+        self._version = version
+        self._remote_wait_s = remote_wait_s
+        self.router: Any = None
+        """The router the engines are registered with (``remove_worker(url)``, ``add_worker(url)``), or None."""
         self._restart_lock = threading.Lock()
         self._fatal: EngineError | None = None
         self._pauses = 0
@@ -101,29 +121,34 @@ class EngineSupervisor:
         self._monitor = threading.Thread(target=self._watch, name="megarl-engine-health", daemon=True)
         self._monitor.start()
 
-    async def call_async(self, engine: Engine, method: str, path: str, body: Any = None, *, timeout: float) -> Any:
+    async def call_async(self, engine: Engine, method: str, path: str, body: Any = None, *, timeout: float, headers: dict[str, str] | None = None) -> Any:
         """One request, on the client's loop; a dead engine is restarted (with the current weights,
         on a worker thread) and the request sent again."""
         while True:
             self.check()
             incarnation = engine.incarnation
             try:
-                return await engine.call_async(method, path, body, timeout=timeout)
+                return await engine.call_async(method, path, body, timeout=timeout, headers=headers)
             except EngineDead as error:
                 await asyncio.get_running_loop().run_in_executor(self._pool, self.recover, engine, incarnation, error)
 
     def recover(self, engine: Engine, seen_incarnation: int, cause: EngineError) -> None:
         """Restart ``engine`` and reload the current weights, unless it was restarted since ``seen_incarnation``.
 
+        A remote engine is waited for instead (see the module docstring).
+
         Raises:
             RestartBudgetExhausted: no restarts left (the group is then unusable).
-            EngineDead: the engine was not launched by megarl.
+            EngineDead: the engine was not launched by megarl, or a remote one did not come back.
             EngineStartError: the restarted engine did not come up.
         """
         with engine.lock:
             if engine.incarnation != seen_incarnation or self.closed:
                 return
             self.check()
+            if engine.remote:
+                self._await_remote(engine, cause)
+                return
             if not engine.managed:
                 self._fatal = EngineDead(engine.label, f"failed and was not launched by megarl, so it cannot be restarted: {cause}")
                 raise self._fatal
@@ -137,13 +162,37 @@ class EngineSupervisor:
                     raise self._fatal
                 self.restarts += 1
             log.warning("restarting rollout engine %s (restart %d of %d): %s", engine.label, self.restarts, self.restart_budget, cause)
+            if self.router is not None:
+                self.router.remove_worker(engine.url)
             engine.kill()
             try:
                 engine.start()
                 self._reload(engine)
+                if self.router is not None:
+                    self.router.add_worker(engine.url)
             except EngineError as error:
                 self._fatal = error
                 raise
+
+    def _await_remote(self, engine: Engine, cause: EngineError) -> None:
+        """Wait until a remote engine answers again with the current weights."""
+        log.warning("rollout engine %s failed (%s); waiting for its node to restart it", engine.label, cause)
+        deadline = time.monotonic() + self._remote_wait_s
+        while time.monotonic() < deadline and not self.closed:
+            try:
+                info = engine.call("GET", protocol.MODEL_INFO, timeout=self.health_timeout_s)
+                if self._version() in (None, info.get("weight_version")):
+                    engine.call("GET", protocol.HEALTH_GENERATE, timeout=self.health_timeout_s)
+                    engine.incarnation += 1
+                    return
+            except EngineError:
+                pass
+            time.sleep(_REMOTE_POLL_S)
+        self._fatal = EngineDead(
+            engine.label, f"failed ({cause}) and did not come back with the current weights within {self._remote_wait_s:g} s; "
+            "its node's first rank restarts it: see that node's engine logs (run_dir/engines)"
+        )
+        raise self._fatal
 
     def check(self) -> None:
         """Raise the error that made the group unusable, if any.

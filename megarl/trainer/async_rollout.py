@@ -226,9 +226,8 @@ class AsyncRollout:
                     resent_during = self.pauses
                 if not paused_since:
                     aborted = next(sample for sample in samples if sample.finish_reason == "abort")
-                    engines = self.run.engines.engines
                     raise EngineRequestError(
-                        engines[aborted.prompt_index % len(engines)].label,
+                        self.run.engines.route(aborted.prompt_index).label,
                         f"a sample of round {round_index} came back aborted although no weight update paused the engines since "
                         "it was sent (an /abort_request from elsewhere?); megarl sends again only what its own pauses abort",
                     )

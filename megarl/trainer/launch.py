@@ -1,5 +1,5 @@
-"""What the first rank starts before it imports Megatron and builds the model: the rollout engines,
-the reward scorer and (``agent.environment``) the environment workers or (``agent.openai_agent``)
+"""What a node's first rank starts before it imports Megatron and builds the model: the node's rollout
+engines, and on the first rank the reward scorer and (``agent.environment``) the environment workers or (``agent.openai_agent``)
 the agent program workers; and, once the engines and the tokenizer are there, the chat endpoint the
 programs call (:func:`start_chat_endpoint`).
 
@@ -20,11 +20,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from megarl.config import DTYPE_NAMES, AgentConfig, Config, resolve_model_path
+from megarl.nodes import Node
 from megarl.rewards.scorer import build_scorer
 from megarl.rollout.group import EngineGroup
 from megarl.rollout.sampling import SamplingParams
 
 if TYPE_CHECKING:
+    from megarl.rollout.router import Router
     # Imported where they start: this module is imported before the engines launch, and the chat
     # endpoint's server stack (FastAPI, transformers) would delay them by seconds.
     from megarl.agents.episode import EpisodeLimits
@@ -34,32 +36,38 @@ if TYPE_CHECKING:
 
 
 class EarlyStart:
-    """The engines, launching on a background thread, and the scorer (first rank).
+    """The engines, launching on a background thread (every node's first rank; engines given by
+    ``rollout.engine_urls``: the first rank's), and the scorer and workers (first rank).
 
     Args:
         config: the run's config (checked).
         run_dir: the run directory; the engines' logs go to its ``engines/``.
+        node: this process's node (it leads it).
     """
 
-    def __init__(self, config: Config, run_dir: Path):
+    def __init__(self, config: Config, run_dir: Path, node: Node):
+        first = node.index == 0
         self._executor = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="megarl-engine-start")
-        self._engines = self._executor.submit(
-            EngineGroup.from_config, config.rollout, resolve_model_path(config.model.path), log_dir=run_dir / "engines", **engine_settings(config),
-        )
+        self._engines = None
+        if first or not config.rollout.engine_urls:
+            self._engines = self._executor.submit(
+                EngineGroup.from_config, config.rollout, resolve_model_path(config.model.path), log_dir=run_dir / "engines",
+                **engine_settings(config), **node_settings(config, node),
+            )
         agent = config.agent
-        self._environments = self._executor.submit(start_environments, agent) if agent.environment is not None else None
-        self._programs = self._executor.submit(start_programs, agent) if agent.openai_agent is not None else None
+        self._environments = self._executor.submit(start_environments, agent) if first and agent.environment is not None else None
+        self._programs = self._executor.submit(start_programs, agent) if first and agent.openai_agent is not None else None
         self._executor.shutdown(wait=False)
-        self.scorer: Any = build_scorer(config.reward)
-        """The reward scorer (``score(samples) -> ScoredBatch``)."""
+        self.scorer: Any = build_scorer(config.reward) if first else None
+        """The reward scorer (``score(samples) -> ScoredBatch``; first rank)."""
 
-    def engines(self) -> EngineGroup:
-        """The engine group, once every engine is healthy.
+    def engines(self) -> EngineGroup | None:
+        """This node's engine group, once every engine is healthy; None on a node without engines.
 
         Raises:
             EngineStartError: an engine did not come up (the others were stopped).
         """
-        return self._engines.result()
+        return None if self._engines is None else self._engines.result()
 
     def environments(self) -> EnvironmentPool | None:
         """The environment workers of ``agent.environment``, once they loaded it; None without one.
@@ -86,7 +94,8 @@ class EarlyStart:
         """Stop what was started, for a set-up that fails before the run owns it: waits for the
         engines' start to end, then shuts them down."""
         with contextlib.suppress(Exception):
-            self._engines.result().shutdown()
+            if self._engines is not None:
+                self._engines.result().shutdown()
         for pool in (self._environments, self._programs):
             with contextlib.suppress(Exception):
                 if pool is not None:
@@ -105,6 +114,64 @@ def engine_settings(config: Config) -> dict[str, Any]:
         "dtype": DTYPE_NAMES[config.rollout.dtype or config.model.dtype],
         "return_routed_experts": config.algorithm.routing_replay == "r3",
     }
+
+
+def node_settings(config: Config, node: Node) -> dict[str, Any]:
+    """Where this node's launched engines listen and what they are called, with several nodes:
+    ``{kind}-n{node}-{i}``, on every interface, called at this node's address (one node: as before,
+    the loopback)."""
+    if node.count == 1 or config.rollout.engine_urls:
+        return {}
+    host, address = node.engine_host()
+    return {"node": node.index, "host": host, "address": address, "num_nodes": node.count}
+
+
+def connect_nodes(config: Config, engines: EngineGroup | None, nodes: list[list[int]]) -> Router | None:
+    """Join the nodes' engines into one rollout (collective; after every node's engines are up).
+
+    On several nodes the first rank's group learns every other node's engines
+    (:meth:`EngineGroup.add_remote_engines`). With ``rollout.router: sglang`` the first rank starts
+    the router, every node's first rank registers its engines with it, and the first rank's
+    generation goes through it; with ``algorithm.routing_replay: r3`` the router is checked to pass
+    routed experts on.
+
+    Args:
+        engines: this node's engine group (each node's first rank), else None.
+        nodes: the global ranks of each node that has engines (one node: ``[[0]]``).
+
+    Returns:
+        the router (first rank, ``rollout.router: sglang``), else None.
+
+    Raises:
+        EngineMisconfigured: the router cannot be started, or cannot serve routing replay.
+    """
+    import torch.distributed as dist
+
+    first = dist.get_rank() == 0
+    if len(nodes) > 1:
+        addresses: list = [None] * dist.get_world_size()
+        dist.all_gather_object(addresses, engines.addresses() if engines is not None else None)
+        if first:
+            engines.add_remote_engines([address for ranks in nodes[1:] for address in addresses[ranks[0]]])
+    if config.rollout.router != "sglang":
+        return None
+    from megarl.rollout.router import Router, check_routed_experts
+
+    router, url = None, [None]
+    if first:
+        host, address = Node.from_env().engine_host()
+        router = Router.launch(
+            policy=config.rollout.router_policy, extra_args=config.rollout.router_args, log_dir=config.logging.resolved_run_dir() / "engines",
+            host=host, address=address, request_timeout_s=config.rollout.request_timeout_s,
+        )
+        url = [router.url]
+    dist.broadcast_object_list(url, src=0)
+    if engines is not None:
+        engines.use_router(router if first else Router.connect(url[0]), generate=first)
+    dist.barrier()
+    if first and config.algorithm.routing_replay == "r3":
+        check_routed_experts(router.url, config.rollout.request_timeout_s)
+    return router
 
 
 def start_environments(agent: AgentConfig) -> EnvironmentPool:

@@ -1,9 +1,11 @@
 """Everything a training run holds, built once: :func:`setup` and :class:`Run`.
 
-Every rank builds its shard of the policy (and critic), the weight stream and the data loader; the
-first rank alone also runs the rollout engines, the reward scorer and the metric sinks (it
-broadcasts what it generates and scores, see :mod:`megarl.train`). A resumed run loads its
-checkpoint here and streams the restored weights into the engines before the first rollout.
+Every rank builds its shard of the policy (and critic), the weight streams and the data loader;
+every node's first rank runs that node's rollout engines (weight updates, memory, restarts); the
+first rank alone generates on all of them (through the router with ``rollout.router: sglang``),
+runs the reward scorer and the metric sinks (it broadcasts what it generates and scores, see
+:mod:`megarl.train`). A resumed run loads its checkpoint here and streams the restored weights
+into the engines before the first rollout.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch.distributed as dist
 import transformers
 
 from megarl import parallel, platform
+from megarl.nodes import Node, node_ranks
 from megarl.algorithms.kl import kl_controller
 from megarl.algorithms.shaping import RunningMoments
 from megarl.config import Config, ModelFacts, layout_multiple, resolve_model_path, resolve_steps, validate
@@ -29,7 +32,7 @@ from megarl.models.builder import DTYPES
 from megarl.models.specs import choose_backend
 from megarl import checkpoint
 from megarl.trainer.critic import Critic, attach_value_heads
-from megarl.trainer.launch import EarlyStart, start_chat_endpoint
+from megarl.trainer.launch import EarlyStart, connect_nodes, start_chat_endpoint
 from megarl.metrics import MetricsLogger
 from megarl.trainer.model import TrainModel
 from megarl.trainer.policy import Policy, attach_hidden_states_heads
@@ -55,8 +58,10 @@ class Run:
         policy: the policy under training.
         reference: the initial policy for KL terms, or None when no KL term needs it.
         critic: the value model with GAE, else None.
-        stream: the weight stream from the policy's shards to the engines.
-        engines: the rollout engines (first rank only; None elsewhere).
+        streams: the weight streams from the policy's shards to the engines: one to each node's
+            first rank (one node, or engines given by URL: one, to the first rank).
+        engines: this node's rollout engines (each node's first rank; None elsewhere); the first
+            rank's also generates on every other node's.
         scorer: the reward scorer (first rank only).
         logger: the metric sinks (writes on the first rank only).
         kl_controller: the reward KL penalty's coefficient.
@@ -76,7 +81,7 @@ class Run:
     policy: Policy
     reference: ReferencePolicy | None
     critic: Critic | None
-    stream: WeightStream
+    streams: list[WeightStream]
     engines: Any
     scorer: Any
     logger: MetricsLogger
@@ -119,6 +124,8 @@ class Run:
     (:class:`megarl.agents.openai_server.ChatEndpoint`, first rank)."""
     environment_failure_shown: bool = False
     """Whether the first episode an environment or agent program failed has been shown (once per run)."""
+    router: Any = None
+    """``rollout.router: sglang``: the router process in front of every engine (first rank)."""
 
     @property
     def plays_episodes(self) -> bool:
@@ -154,7 +161,7 @@ class Run:
             "reward_moments": dataclasses.asdict(self.reward_moments),
             "consecutive_skips": self.policy.consecutive_skips,
             "critic_consecutive_skips": self.critic.consecutive_skips if self.critic is not None else 0,
-            "engine_restarts": self.engines.restarts if self.engines is not None else 0,
+            "engine_restarts": self._restarts_by_node(),
             "keep_rate": self.keep_rate,
         }
 
@@ -169,8 +176,12 @@ class Run:
         if self.critic is not None:
             self.critic.consecutive_skips = state["critic_consecutive_skips"]
         if self.engines is not None:
-            # rollout.restart_budget is for the whole run, resumed or not.
-            self.engines.restarts = state["engine_restarts"]
+            # rollout.restart_budget is for the whole run (per node), resumed or not; a checkpoint
+            # written before runs on several nodes holds one count.
+            restarts = state["engine_restarts"]
+            by_node = restarts if isinstance(restarts, list) else [restarts]
+            node = Node.from_env().index
+            self.engines.restarts = by_node[node] if node < len(by_node) else 0
 
     def save(self, step: int) -> Path:
         """Save a checkpoint after ``step`` (collective)."""
@@ -215,25 +226,44 @@ class Run:
         return {"critic": (model.models, model.optimizer, model.scheduler)}
 
     def sync_weights(self, version: int) -> dict[str, float]:
-        """Stream the policy's weights into the engines (collective: every rank drives the stream,
-        the first rank hands the buckets to the engines).
+        """Stream the policy's weights into the engines (collective: every rank drives the streams,
+        each node's first rank hands its stream's buckets to its engines). On several nodes the
+        update starts once every rank is here (the first rank paused generation before) and
+        ends once every node's engines hold it (the first rank then lets generation go on).
 
         Returns:
-            ``weights/sync_s`` and ``weights/sync_gbps`` (GB/s of bucket bytes).
+            ``weights/sync_s`` and ``weights/sync_gbps`` (GB/s of bucket bytes, per node).
         """
         start = time.perf_counter()
-        buckets = self.stream.buckets()
-        if self.engines is not None:
-            self.engines.update_weights(buckets, version=version)
+        if len(self.streams) > 1:
+            dist.barrier()
+        for stream in self.streams:
+            buckets = stream.buckets()
+            if stream.is_destination and self.engines is not None:
+                self.engines.update_weights(buckets, version=version)
+            for _ in buckets:
+                pass  # ranks without engines: the iteration drives the transfers
+            if self.config.rollout.colocate:
+                # The engines share the devices: the bucket buffers go back to them between updates.
+                stream.release_buffers()
+        if len(self.streams) > 1:
+            dist.barrier()
         self.weight_version = version
-        for _ in buckets:
-            pass  # ranks without engines: the iteration drives the transfers
-        if self.config.rollout.colocate:
-            # The engines share the devices: the bucket buffers go back to them between updates.
-            self.stream.release_buffers()
         seconds = time.perf_counter() - start
-        total = sum(meta.end - meta.start for metas in self.stream.bucket_metas for meta in metas)
+        total = sum(meta.end - meta.start for metas in self.streams[0].bucket_metas for meta in metas)
         return {"weights/sync_s": seconds, "weights/sync_gbps": total / max(seconds, 1e-9) / 1e9}
+
+    def _restarts_by_node(self) -> list[int]:
+        """Engine restarts so far on each node (collective on several nodes)."""
+        mine = self.engines.restarts if self.engines is not None else 0
+        if len(self.streams) == 1:
+            return [mine]
+        gathered: list[tuple[int, int]] = [None] * dist.get_world_size()  # type: ignore[list-item]
+        dist.all_gather_object(gathered, (Node.from_env().index, mine))
+        by_node = [0] * (max(node for node, _ in gathered) + 1)
+        for node, restarts in gathered:
+            by_node[node] = max(by_node[node], restarts)
+        return by_node
 
     def close(self) -> None:
         """Stop the producer, the engines and the scorer and close the sinks (also on errors).
@@ -244,6 +274,9 @@ class Run:
         with contextlib.suppress(Exception):
             if self.engines is not None:
                 self.engines.shutdown()
+        with contextlib.suppress(Exception):
+            if self.router is not None:
+                self.router.stop()
         with contextlib.suppress(Exception):
             if self.rollout is not None:
                 self.rollout.join()
@@ -266,19 +299,21 @@ def setup(config: Config, started: EarlyStart | None = None, *, launched_at: flo
 
     Args:
         launched_at: unix time the command started (:attr:`Run.launched_at`).
-        started: on the first rank, the engines, the scorer and the environment (or agent program) workers, started
-            before the heavy imports (:mod:`megarl.trainer.launch`); None there starts them once
-            the process groups are up. The run owns them from here on (a set-up that fails stops them).
+        started: on each node's first rank, the node's engines (and on the first rank the scorer
+            and the environment or agent program workers), started before the heavy imports
+            (:mod:`megarl.trainer.launch`); None there starts them once the process groups are
+            up. The run owns them from here on (a set-up that fails stops them).
 
     Raises:
         ConfigError: the config does not fit the world size or the model.
     """
     try:
         detected = platform.init_distributed()
-        if dist.get_rank() == 0 and started is None:
+        node = Node.from_env()
+        if node.leads and started is None:
             run_dir = config.logging.resolved_run_dir()
             run_dir.mkdir(parents=True, exist_ok=True)
-            started = EarlyStart(config, run_dir)
+            started = EarlyStart(config, run_dir, node)
         return _setup(config, started, detected, launched_at)
     except BaseException:
         if started is not None:
@@ -348,15 +383,25 @@ def _setup(config: Config, started: EarlyStart | None, detected: platform.Platfo
         )
     # Buckets handed to SGLang over CUDA IPC must not be rewritten while it may still read them.
     cuda_ipc = config.rollout.weight_transport == "tensor" and detected.device.type == "cuda"
-    stream = WeightStream(
-        policy_model.chunks, policy_model.spec, pg_collection, bucket_mb=config.rollout.bucket_mb, dtype=dtype, dst=0, recycle_buffers=not cuda_ipc
-    )
+    # Engines on every node (launched, several nodes): a stream to each node's first rank, fed from
+    # its own node where it can be; engines given by URL are the first rank's alone.
+    nodes = node_ranks()
+    targets = nodes if len(nodes) > 1 and not config.rollout.engine_urls else [[0]]
+    streams = [
+        WeightStream(
+            policy_model.chunks, policy_model.spec, pg_collection, bucket_mb=config.rollout.bucket_mb, dtype=dtype, dst=ranks[0],
+            recycle_buffers=not cuda_ipc, nearby=ranks,
+        )
+        for ranks in targets
+    ]
 
-    engines = scorer = None
+    scorer = None
     logger = MetricsLogger(config.logging, run_dir, enabled=first, run_settings=config.to_dict())
     environments = programs = endpoint = None
+    engines = started.engines() if started is not None else None
+    router = connect_nodes(config, engines, targets)
     if first:
-        engines, scorer, environments, programs = started.engines(), started.scorer, started.environments(), started.programs()
+        scorer, environments, programs = started.scorer, started.environments(), started.programs()
         endpoint = start_chat_endpoint(config, engines, tokenizer) if programs is not None else None
     run = Run(
         config=config,
@@ -369,8 +414,9 @@ def _setup(config: Config, started: EarlyStart | None, detected: platform.Platfo
         policy=policy,
         reference=reference,
         critic=critic,
-        stream=stream,
+        streams=streams,
         engines=engines,
+        router=router,
         scorer=scorer,
         environments=environments,
         programs=programs,

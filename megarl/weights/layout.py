@@ -8,6 +8,7 @@ dtype); one ``all_gather_object`` gives every rank the same list, in the exporte
 from __future__ import annotations
 
 import dataclasses
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -99,7 +100,15 @@ def gather_model_layout(chunks, spec, pg_collection) -> ModelLayout:
     return ModelLayout(parameters=parameters, holders=holders, local=local, local_parameters=params)
 
 
-def choose_senders(holders: dict[ShardKey, tuple[int, ...]], dst: int) -> dict[ShardKey, int]:
+def choose_senders(holders: dict[ShardKey, tuple[int, ...]], dst: int, nearby: Sequence[int] = ()) -> dict[ShardKey, int]:
     """The rank that provides each shard: the destination itself when it holds one (no transfer),
-    else the lowest rank holding it."""
-    return {key: dst if dst in ranks else ranks[0] for key, ranks in holders.items()}
+    else the lowest rank of ``nearby`` (the destination's node: no bytes between nodes) holding
+    it, else the lowest rank holding it."""
+    near = set(nearby)
+
+    def sender(ranks: tuple[int, ...]) -> int:
+        if dst in ranks:
+            return dst
+        return next((rank for rank in ranks if rank in near), ranks[0])
+
+    return {key: sender(ranks) for key, ranks in holders.items()}

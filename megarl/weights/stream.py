@@ -71,6 +71,9 @@ class WeightStream:
         dst: the global rank that assembles the buckets and yields them.
         recycle_buffers: refill the two bucket buffers (false: a fresh buffer for every bucket,
             for consumers that pass buckets over CUDA IPC).
+        nearby: the ranks on the destination's node: a shard the destination lacks is sent from
+            one of them when one holds it (a run on several nodes streams to every node's first
+            rank, each from its own node where the node holds a whole replica).
 
     Attributes:
         planning_seconds: time spent building the plans (once, at construction).
@@ -86,6 +89,7 @@ class WeightStream:
         dtype: torch.dtype | None = None,
         dst: int = 0,
         recycle_buffers: bool = True,
+        nearby: Sequence[int] = (),
     ):
         if bucket_mb <= 0:
             raise ValueError(f"bucket_mb ({bucket_mb}) must be positive")
@@ -100,7 +104,7 @@ class WeightStream:
         self._recycle = recycle_buffers
         self._plans: list[BucketPlan] = plan_rank(
             layout.parameters,
-            choose_senders(layout.holders, dst),
+            choose_senders(layout.holders, dst, nearby),
             layout.local,
             rank=self._rank,
             dst=dst,

@@ -205,3 +205,51 @@ def test_launched_engines_watch_the_launching_process(tmp_path):
     options = LaunchOptions(engine="hf", model_path=str(MODEL), log_dir=tmp_path)
     command = Engine("hf-0", "hf", 1, launch=options).command(0, tmp_path / "ready")
     assert command[command.index("--parent-pid") + 1] == str(os.getpid())
+
+
+def _remote_engine_serving(versions: list[str]):
+    """A remote engine stand-in whose ``/get_model_info`` answers ``versions`` in turn (the last one from then on)."""
+    import fastapi
+
+    from megarl.rollout import protocol
+
+    app, answers = fastapi.FastAPI(), iter(versions)
+    last = {"version": versions[0]}
+
+    def model_info():
+        last["version"] = next(answers, last["version"])
+        return {"weight_version": last["version"]}
+
+    app.get(protocol.MODEL_INFO)(model_info)
+    app.get(protocol.HEALTH_GENERATE)(lambda: None)
+    return app
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("comes_back", [True, False])
+def test_a_remote_engine_is_waited_for_until_it_holds_the_current_weights(comes_back):
+    import concurrent.futures
+
+    from megarl.rollout.errors import EngineDead
+    from megarl.rollout.http_client import EngineClient
+    from megarl.rollout.supervision import EngineSupervisor
+    from tests.rollout.fake_engines import serving
+
+    versions = ["default", "2", "3"] if comes_back else ["2"]
+    with serving(_remote_engine_serving(versions)) as url, concurrent.futures.ThreadPoolExecutor(2) as pool:
+        client = EngineClient(1)
+        engine = Engine("hf-n1-0", "hf", 1, url=url, remote=True)
+        engine.client = client
+        supervisor = EngineSupervisor([], pool=pool, reload=lambda engine: None, health_check_interval_s=60, health_timeout_s=5, restart_budget=0,
+                                      version=lambda: "3", remote_wait_s=5 if comes_back else 0.5)
+        try:
+            cause = EngineDead(engine.label, "connection refused")
+            if comes_back:
+                supervisor.recover(engine, 0, cause)
+                # Waited for, not restarted: no budget is spent (it is 0 here).
+                assert (engine.incarnation, supervisor.restarts) == (1, 0)
+            else:
+                with pytest.raises(EngineDead, match="did not come back with the current weights within 0.5 s; its node's first rank restarts it"):
+                    supervisor.recover(engine, 0, cause)
+        finally:
+            client.close()

@@ -193,3 +193,12 @@ def test_a_rule_that_does_not_match_the_shape_is_reported():
     layout = ParameterLayout(rule=rule, shard_shape=(5, 4), dtype=torch.float32, num_shards=1)
     with pytest.raises(ValueError, match="cover 4 of the shard's 5 entries"):
         plan_rank([layout], {(0, 0): 0}, {(0, 0): 0}, rank=0, dst=0, dtype=None, bucket_bytes=1 << 20)
+
+
+def test_senders_come_from_the_destinations_node_where_it_holds_a_copy():
+    from megarl.weights.layout import choose_senders
+
+    holders = {(0, 0): (0, 4), (1, 0): (1, 5), (2, 0): (2,), (3, 0): (4, 5)}
+    # Destination rank 4 leads the node of ranks 4-7.
+    assert choose_senders(holders, 4, nearby=range(4, 8)) == {(0, 0): 4, (1, 0): 5, (2, 0): 2, (3, 0): 4}
+    assert choose_senders(holders, 4) == {(0, 0): 4, (1, 0): 1, (2, 0): 2, (3, 0): 4}
