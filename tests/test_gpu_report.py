@@ -46,6 +46,7 @@ total: 316 s
 """
 
 LOG = """===== gpu-tests (limit 40 s): python3 -m pytest -q tests/weights/test_copy_plan_cuda.py
+===== short test summary info =====
 FAILED tests/weights/test_copy_plan_cuda.py::test_dtypes - AssertionError
 1 failed, 30 passed, 2 skipped in 12.30s
 ===== kernel-tests (limit 50 s): python3 -m pytest -q tests/kernels/test_logprob_entropy.py

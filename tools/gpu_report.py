@@ -85,7 +85,10 @@ def pytest_counts(log: Path, step: str) -> str | None:
     """The last pytest summary (``12 passed, 1 skipped``) in ``step``'s section of ``gpu_check.log``."""
     if not log.is_file():
         return None
-    section = re.search(rf"^===== {re.escape(step)} \(limit .*?(?=^===== |\Z)", log.read_text(errors="replace"), re.M | re.S)
+    # Sections start with the script's "===== STEP (limit ...)" (the report's: "===== report:").
+    section = re.search(
+        rf"^===== {re.escape(step)} \(limit .*?(?=^===== [a-z-]+(?: \(limit |: )|\Z)", log.read_text(errors="replace"), re.M | re.S
+    )
     counts = PYTEST_COUNTS.findall(section.group(0)) if section else []
     return counts[-1] if counts else None
 
