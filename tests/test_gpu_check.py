@@ -29,7 +29,7 @@ def test_the_dry_run_lists_and_checks_every_step(tmp_path):
     result = dry_run(REPO / "tools" / "gpu_check.sh", tmp_path)
     assert result.returncode == 0, result.stdout + (tmp_path / "gpu_check.log").read_text()[-3000:]
     lines = [line for line in result.stdout.splitlines() if " -- " in line]
-    assert [line.split(" ", 1)[0] for line in lines] == STEPS
+    assert [line.split(" ", 1)[0] for line in lines] == [*STEPS, "report"]
     assert all(line.endswith("-- checked") for line in lines), lines
     # Nothing ran: no benchmark wrote its JSON, no training run its directory.
     assert sorted(path.name for path in tmp_path.iterdir()) == ["gpu_check.log", "summary.txt"]

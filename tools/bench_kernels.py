@@ -14,7 +14,10 @@ rate, and the fraction of the device's floor reached:
   where the torch path multiplies in fp32).
 
 The providers: ``megarl`` (the public functions, ``backend="auto"``: the Triton kernels on CUDA,
-the chunked torch path on the CPU), ``torch`` (the naive reference: whole logits in fp32,
+the chunked torch path on the CPU), ``megarl-tp1`` (the same functions called as the trainer
+calls them, ``megarl/trainer/policy.py``: a micro-batch ``[1, N, ...]``, ``vocab_size`` given and
+the tensor-parallel group, here a process group of this one process, gloo on the CPU and NCCL on
+CUDA; not in the default list), ``torch`` (the naive reference: whole logits in fp32,
 ``log_softmax``, gather, ``-sum p log p``) and ``liger`` (op 2 only, CUDA only, when
 ``liger-kernel`` is installed: its fused linear cross-entropy, which computes no entropy).
 
@@ -22,6 +25,7 @@ Examples::
 
     python tools/bench_kernels.py --json bench.json       # CUDA: the shapes of docs/benchmarks.md
     python tools/bench_kernels.py --device cpu --shapes 512,512,32768 --json bench_cpu.json
+    python tools/bench_kernels.py --shapes 16384,4096,151936 --providers megarl megarl-tp1 torch liger
 """
 
 from __future__ import annotations
@@ -30,18 +34,21 @@ import argparse
 import json
 import os
 import platform
+import socket
 import statistics
 import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import triton
 
 from megarl.kernels.fused_linear_logprob_entropy import fused_linear_logprob_entropy
 from megarl.kernels.logprob_entropy import logprob_entropy
 
 OPS = ("logprob_entropy", "fused_linear_logprob_entropy")
-PROVIDERS = ("megarl", "torch", "liger")
+PROVIDERS = ("megarl", "megarl-tp1", "torch", "liger")
+DEFAULT_PROVIDERS = ("megarl", "torch", "liger")
 PASSES = ("forward", "forward+backward")
 DEFAULT_SHAPES = ("16384,4096,151936", "8192,2048,151936")
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -73,11 +80,41 @@ def liger_fused_linear_cross_entropy():
     return lambda hidden, weight, targets: loss(weight, hidden, targets)
 
 
-def providers(op: str, device: torch.device) -> tuple[dict, dict]:
-    """``({name: function}, {name: why it is skipped})`` for ``op`` on ``device``."""
+def one_rank_group(device: torch.device) -> dist.ProcessGroup:
+    """A tensor-parallel group of this process alone, made as Megatron makes its groups
+    (``new_group``) inside a default group of one rank (NCCL on CUDA, gloo on the CPU) on a free
+    local port."""
+    if not dist.is_initialized():
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", world_size=1, rank=0)
+    return dist.new_group([dist.get_rank()])
+
+
+def trainer_call(op: str, group: dist.ProcessGroup):
+    """``megarl-tp1``: the op as the trainer calls it (``Policy._log_probs_and_entropy``): the
+    rows as one packed micro-batch ``[1, N, ...]``, the vocabulary size and the tensor-parallel
+    ``group`` given, the logits divided by the sampling temperature (1 here)."""
     if op == "logprob_entropy":
-        return {"megarl": logprob_entropy, "torch": torch_logprob_entropy}, {"liger": "no log-prob + entropy op"}
-    functions = {"megarl": fused_linear_logprob_entropy, "torch": torch_fused}
+        def call(logits, targets):
+            return logprob_entropy(logits[None], targets[None], temperature=1.0, vocab_size=logits.shape[-1], group=group)
+    else:
+        def call(hidden, weight, targets):
+            return fused_linear_logprob_entropy(
+                hidden[None], weight, targets[None], temperature=1.0, vocab_size=weight.shape[0], group=group
+            )
+    return call
+
+
+def providers(op: str, device: torch.device, group: dist.ProcessGroup | None = None) -> tuple[dict, dict]:
+    """``({name: function}, {name: why it is skipped})`` for ``op`` on ``device``; ``megarl-tp1``
+    among them when a one-rank tensor-parallel ``group`` is given."""
+    trainer = {"megarl-tp1": trainer_call(op, group)} if group is not None else {}
+    if op == "logprob_entropy":
+        return {"megarl": logprob_entropy, **trainer, "torch": torch_logprob_entropy}, {"liger": "no log-prob + entropy op"}
+    functions = {"megarl": fused_linear_logprob_entropy, **trainer, "torch": torch_fused}
     liger = liger_fused_linear_cross_entropy()
     if device.type != "cuda":
         return functions, {"liger": "CUDA only"}
@@ -263,7 +300,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         metavar="N,H,V", help="tokens, hidden size, vocabulary (op 1 ignores H)")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="bfloat16")
     parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
-    parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
+    parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(DEFAULT_PROVIDERS),
+                        help="megarl-tp1: the trainer's vocab-parallel call with a one-rank group (default: "
+                        + " ".join(DEFAULT_PROVIDERS) + ")")
     parser.add_argument("--warmup", type=int, default=None, help="runs before timing (default 3 on CUDA, 1 on CPU)")
     parser.add_argument("--iters", type=int, default=None, help="timed runs (default 10 on CUDA, 3 on CPU)")
     parser.add_argument("--json", type=Path, help="also write the results here")
@@ -318,10 +357,11 @@ def main(argv=None) -> None:
         "matmul_flop_per_s": measure_matmul(device, matmul_dtype, args.warmup, args.iters),
         "matmul_dtype": str(matmul_dtype).removeprefix("torch."),
     }
+    group = one_rank_group(device) if "megarl-tp1" in args.providers else None
     results, skipped = [], []
     for shape in args.shapes:
         for op in args.ops:
-            functions, unavailable = providers(op, device)
+            functions, unavailable = providers(op, device, group)
             skipped += [{"op": op, "provider": name, "reason": why} for name, why in unavailable.items()
                         if name in args.providers]
             for name in args.providers:
@@ -330,6 +370,8 @@ def main(argv=None) -> None:
                                           args.iters)
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
+    if group is not None:
+        dist.destroy_process_group()
     report = {
         "device": device_name(device),
         "dtype": args.dtype,

@@ -58,6 +58,14 @@ def in_order(lengths, data_parallel_size, train, **_) -> list[list[list[int]]]:
     return [[list(range(start, min(start + size, len(lengths)))) for start in range(0, len(lengths), size)]]
 
 
+def case_list(text: str) -> str:
+    """``--cases``: comma-separated names of :data:`CASES`, checked when the arguments are parsed."""
+    unknown = [case for case in text.split(",") if case not in CASES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown case(s) {', '.join(map(repr, unknown))}: choose among {', '.join(CASES)}")
+    return text
+
+
 def sample_lengths(samples: int, median: float, sigma: float, seed: int) -> list[tuple[int, int]]:
     """``(prompt, response)`` tokens of each sample."""
     import numpy as np
@@ -180,7 +188,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds per case after one warm-up (the table shows medians)")
-    parser.add_argument("--cases", default=",".join(CASES), help="comma-separated, of " + ", ".join(CASES))
+    parser.add_argument("--cases", type=case_list, default=",".join(CASES), help="comma-separated, of " + ", ".join(CASES))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--case-options", help=argparse.SUPPRESS)

@@ -8,14 +8,24 @@
 #      CXX and CUDAHOSTCXX to one that does not (on the project's device machine, /usr/bin/g++);
 #   2. gpu-tests: the CUDA copy kernel against the CPU engine and torch
 #      (tests/weights/test_copy_plan_cuda.py), the tests marked gpu, the extension's own tests;
-#   3. bench-kernels: tools/bench_kernels.py at its default (H100 target) shapes -> bench_kernels.json;
+#   3. bench-kernels: tools/bench_kernels.py at the issue's shape (N, H, V = 16384, 4096, 151936),
+#      the public functions, the trainer's vocab-parallel call with a one-rank tensor-parallel group
+#      (megarl-tp1), the torch path and Liger where installed -> bench_kernels.json;
 #   4. bench-weight-sync: tools/bench_weight_sync.py --device cuda -> bench_weight_sync.json;
-#   5. bench-update: tools/bench_update.py in bf16 (padded vs packed micro-batches) -> bench_update.json;
+#   5. bench-update: tools/bench_update.py in bf16, megarl's padded micro-batches against its default
+#      packed + balanced ones -> bench_update.json;
 #   6. kernel-tests: the Triton kernels' tests, compiled for the GPU (the CPU runs them interpreted);
-#   7. train-moe: 20 steps of the README's main job (tiny MoE, GRPO) on one GPU, one process.
-# Logs go to $OUT/gpu_check.log (OUT defaults to ./gpu_check), a line per step to $OUT/summary.txt.
-# The whole run stays within GPU_CHECK_SECONDS (default 540): a step gets what is left when it starts.
-# GPU_CHECK_STEPS names the steps to run (default: all seven), e.g. "build gpu-tests".
+#   7. train-moe: 20 steps of the README's main job (tiny MoE, GRPO) on one GPU, one process
+#      -> train_moe/metrics.jsonl;
+#   then report: tools/gpu_report.py prints one markdown table of all of it (verdicts, seconds, the
+#      benchmarks' headline numbers, the run's steps, step time and reward) and writes
+#      $OUT/gpu_check.json; it runs after failed steps too (what is missing shows as "—").
+# Logs go to $OUT/gpu_check.log (OUT defaults to ./gpu_check), a line per step to $OUT/summary.txt;
+# a run first removes what an earlier run left there, so the table shows this run's numbers only.
+# The whole run stays within GPU_CHECK_SECONDS (default 480, the issue's 8 minutes): a step gets at
+# most its limit and never more than what is left when it starts. The limits sum to 470 s, so with
+# the default every step gets its whole limit, and the machine lines and the report fit in the rest.
+# GPU_CHECK_STEPS names the steps to run (default: all seven and the report), e.g. "build gpu-tests".
 # Exit status: 0 when every step passed, 1 otherwise, 2 without a CUDA device.
 #
 # --dry-run (any machine, no GPU needed): lists each step's command and checks it without running
@@ -23,17 +33,19 @@
 # it names is collected by pytest, the training run's config validates, the package builds from
 # pyproject.toml. Exit status 0 when all of them check out, 1 otherwise.
 #
-#   bash tools/gpu_check.sh                  # then copy the tables into docs/benchmarks.md
+#   bash tools/gpu_check.sh                  # then paste the table into docs/benchmarks.md
 #   bash tools/gpu_check.sh --dry-run        # what it would run, checked
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 OUT=${OUT:-gpu_check}
-BUDGET=${GPU_CHECK_SECONDS:-540}
-STEPS=${GPU_CHECK_STEPS:-build gpu-tests bench-kernels bench-weight-sync bench-update kernel-tests train-moe}
+BUDGET=${GPU_CHECK_SECONDS:-480}
+STEPS=${GPU_CHECK_STEPS:-build gpu-tests bench-kernels bench-weight-sync bench-update kernel-tests train-moe report}
 DRY_RUN=0
 if [ "${1:-}" = "--dry-run" ]; then DRY_RUN=1; fi
 mkdir -p "$OUT"
+[ "$DRY_RUN" = 1 ] || rm -rf "$OUT"/bench_kernels.json "$OUT"/bench_weight_sync.json "$OUT"/bench_update.json \
+  "$OUT"/train_moe "$OUT"/gpu_check.json
 LOG="$OUT/gpu_check.log"
 SUMMARY="$OUT/summary.txt"
 : >"$LOG"
@@ -118,18 +130,34 @@ step() {
 } | tee -a "$SUMMARY" >>"$LOG"
 
 arch=$([ "$DRY_RUN" = 1 ] && echo 90 || nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d ' .')
-step build 300 "$PYTHON" -m pip install --quiet --no-deps --no-build-isolation --no-index \
+step build 90 "$PYTHON" -m pip install --quiet --no-deps --no-build-isolation --no-index \
   -C "cmake.define.CMAKE_CUDA_ARCHITECTURES=${arch}" -e .
-step gpu-tests 120 "$PYTHON" -m pytest -p no:cacheprovider -q -m "gpu or cpu" \
+step gpu-tests 40 "$PYTHON" -m pytest -p no:cacheprovider -q -m "gpu or cpu" \
   tests/weights/test_copy_plan_cuda.py tests/weights/test_copy_plan.py tests/test_extension.py \
   tests/test_megatron_compat.py::test_enable_cpu_refuses_on_cuda_machines
-step bench-kernels 200 "$PYTHON" tools/bench_kernels.py --json "$OUT/bench_kernels.json"
+step bench-kernels 80 "$PYTHON" tools/bench_kernels.py --shapes 16384,4096,151936 \
+  --providers megarl megarl-tp1 torch liger --json "$OUT/bench_kernels.json"
 step bench-weight-sync 90 "$PYTHON" tools/bench_weight_sync.py --device cuda --layers 32 --repeats 5 \
   --json "$OUT/bench_weight_sync.json"
-step bench-update 150 "$PYTHON" tools/bench_update.py --dtype bf16 --samples 128 --repeats 3 --json "$OUT/bench_update.json"
-step kernel-tests 240 "$PYTHON" -m pytest -p no:cacheprovider -q \
+step bench-update 60 "$PYTHON" tools/bench_update.py --dtype bf16 --cases padded,packed+balanced --samples 128 --repeats 3 --json "$OUT/bench_update.json"
+step kernel-tests 50 "$PYTHON" -m pytest -p no:cacheprovider -q \
   tests/kernels/test_logprob_entropy.py tests/kernels/test_fused_linear_logprob_entropy.py
-step train-moe 180 "$PYTHON" -m torch.distributed.run --nproc_per_node 1 -m megarl.train --config configs/moe_grpo.yaml \
+step train-moe 60 "$PYTHON" -m torch.distributed.run --nproc_per_node 1 -m megarl.train --config configs/moe_grpo.yaml \
   parallel.expert=1 train.steps=20 train.eval_every=0 checkpoint.resume=never checkpoint.save_every=0 logging.run_dir="$OUT/train_moe"
 echo "total: $((SECONDS - started)) s" | tee -a "$SUMMARY"
+
+# The report: one table of what the steps left in $OUT, after failed or skipped steps too.
+case " $STEPS " in *" report "*)
+  report=("$PYTHON" tools/gpu_report.py "$OUT")
+  if [ "$DRY_RUN" = 1 ]; then
+    verdict="checked"
+    check "${report[@]}" >>"$LOG" 2>&1 || { verdict="FAILED the check"; failed=1; }
+    echo "report (limit 30 s): ${report[*]} -- $verdict" | tee -a "$SUMMARY"
+  else
+    echo "===== report: ${report[*]}" >>"$LOG"
+    echo
+    timeout --kill-after=5 30 "${report[@]}" 2>>"$LOG" | tee -a "$LOG" || { echo "report: failed, see $LOG"; failed=1; }
+  fi
+  ;;
+esac
 exit "$failed"

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
+import torch
+import torch.distributed as dist
 
 from tests.distributed import REPO, run_python
 
@@ -52,3 +55,26 @@ def test_cpu_run_writes_the_json_report(tmp_path):
         fused = results["fused_linear_logprob_entropy", "megarl", pass_name]["extra_bytes"]
         reference = results["fused_linear_logprob_entropy", "torch", pass_name]["extra_bytes"]
         assert 4 * fused < reference, (pass_name, fused, reference)
+
+
+def test_the_trainer_call_computes_what_the_plain_call_computes():
+    # megarl-tp1 times the op as the trainer calls it (a [1, N] micro-batch, the vocabulary size and a
+    # one-rank tensor-parallel group): the same numbers as the plain call, so its rows time the same op.
+    spec = importlib.util.spec_from_file_location("bench_kernels", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    device = torch.device("cpu")
+    group = bench.one_rank_group(device)
+    try:
+        assert dist.get_world_size(group) == 1
+        for op in bench.OPS:
+            functions, _ = bench.providers(op, device, group)
+            assert list(functions) == ["megarl", "megarl-tp1", "torch"]
+            tensors, targets, _ = bench.make_inputs(op, 16, 8, 64, torch.float32, device)
+            plain = functions["megarl"](*tensors, targets)
+            trainer = functions["megarl-tp1"](*tensors, targets)
+            for trainer_values, plain_values in zip(trainer, plain):
+                assert trainer_values.shape == (1, 16)
+                torch.testing.assert_close(trainer_values[0], plain_values)
+    finally:
+        dist.destroy_process_group()
