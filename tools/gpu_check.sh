@@ -130,16 +130,16 @@ step() {
 } | tee -a "$SUMMARY" >>"$LOG"
 
 arch=$([ "$DRY_RUN" = 1 ] && echo 90 || nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d ' .')
-step build 90 "$PYTHON" -m pip install --quiet --no-deps --no-build-isolation --no-index \
+step build 150 "$PYTHON" -m pip install --quiet --no-deps --no-build-isolation --no-index \
   -C "cmake.define.CMAKE_CUDA_ARCHITECTURES=${arch}" -e .
 step gpu-tests 40 "$PYTHON" -m pytest -p no:cacheprovider -q -m "gpu or cpu" \
   tests/weights/test_copy_plan_cuda.py tests/weights/test_copy_plan.py tests/test_extension.py \
   tests/test_megatron_compat.py::test_enable_cpu_refuses_on_cuda_machines
-step bench-kernels 80 "$PYTHON" tools/bench_kernels.py --shapes 16384,4096,151936 \
+step bench-kernels 70 "$PYTHON" tools/bench_kernels.py --shapes 16384,4096,151936 \
   --providers megarl megarl-tp1 torch liger --json "$OUT/bench_kernels.json"
-step bench-weight-sync 90 "$PYTHON" tools/bench_weight_sync.py --device cuda --layers 32 --repeats 5 \
+step bench-weight-sync 60 "$PYTHON" tools/bench_weight_sync.py --device cuda --layers 32 --repeats 5 \
   --json "$OUT/bench_weight_sync.json"
-step bench-update 60 "$PYTHON" tools/bench_update.py --dtype bf16 --cases padded,packed+balanced --samples 128 --repeats 3 --json "$OUT/bench_update.json"
+step bench-update 40 "$PYTHON" tools/bench_update.py --dtype bf16 --cases padded,packed+balanced --samples 128 --repeats 3 --json "$OUT/bench_update.json"
 step kernel-tests 50 "$PYTHON" -m pytest -p no:cacheprovider -q \
   tests/kernels/test_logprob_entropy.py tests/kernels/test_fused_linear_logprob_entropy.py
 step train-moe 60 "$PYTHON" -m torch.distributed.run --nproc_per_node 1 -m megarl.train --config configs/moe_grpo.yaml \
