@@ -2,7 +2,7 @@
 
 ::
 
-    router = Router.launch(log_dir=run_dir / "engines")     # no workers yet
+    router = Router.launch(log_dir=run_dir / "engines")     # no workers yet; Router.connect(url) elsewhere
     router.add_worker("http://127.0.0.1:30001", timeout_s=60)
     answer = urllib.request.urlopen(router.url + "/generate", ...)   # routed to one worker
     router.remove_worker("http://127.0.0.1:30001")
@@ -143,20 +143,29 @@ def router_version() -> str:
 
 
 class Router:
-    """A launched sglang-router process; see the module docstring. Made by :meth:`launch`.
+    """An sglang-router: one this process launched (:meth:`launch`), or one it only calls
+    (:meth:`connect`); see the module docstring.
 
     Args:
-        process: the ``router_entry`` process (leader of the router's process group).
         url: ``http://host:port`` the router serves.
-        log_path: where its output goes.
+        process: the ``router_entry`` process (leader of the router's process group) when this
+            process launched it; stopped at exit.
+        log_path: where a launched router's output goes.
     """
 
-    def __init__(self, process: subprocess.Popen, url: str, log_path: Path):
-        self.process = process
+    def __init__(self, url: str, *, process: subprocess.Popen | None = None, log_path: Path | None = None):
         self._url = url
+        self.process = process
         self.log_path = log_path
-        self._stopped = False
-        atexit.register(self.stop)
+        self._stopped = process is None
+        if process is not None:
+            atexit.register(self.stop)
+
+    @classmethod
+    def connect(cls, url: str) -> Router:
+        """The router at ``url``, launched elsewhere (by the first rank, for another node's engines):
+        its workers can be added and removed; :meth:`stop` leaves it running."""
+        return cls(url.rstrip("/"))
 
     @classmethod
     def launch(
@@ -166,6 +175,7 @@ class Router:
         extra_args: Sequence[str] = (),
         log_dir: Path,
         host: str = "127.0.0.1",
+        address: str | None = None,
         startup_timeout_s: float = 60.0,
         request_timeout_s: float = 600.0,
     ) -> Router:
@@ -180,7 +190,10 @@ class Router:
                 :data:`DEFAULT_ARGS` and the free ``--prometheus-port``; never
                 :data:`FIXED_ARGS`.
             log_dir: where ``router.log`` goes.
-            host: the interface it listens on (and that workers must be reachable from).
+            host: the interface it listens on (``0.0.0.0``: every one); workers must be
+                reachable from it.
+            address: the host in :attr:`url`, where other nodes reach it (this node's address when
+                ``host`` is ``0.0.0.0``); None: ``host``.
             startup_timeout_s: limit from process start to ``/health`` 200.
             request_timeout_s: ``--request-timeout-secs`` (whole seconds, rounded up): the router's
                 limit on one request to a worker.
@@ -213,7 +226,7 @@ class Router:
             log.write(f"--- megarl: starting {PACKAGE} {version} at {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(command)}\n".encode())
             log.flush()
             process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-        router = cls(process, f"http://{host}:{port}", log_path)
+        router = cls(f"http://{address or host}:{port}", process=process, log_path=log_path)
         deadline = time.monotonic() + startup_timeout_s
         while time.monotonic() < deadline:
             if process.poll() is not None:
@@ -234,8 +247,9 @@ class Router:
 
     @property
     def label(self) -> str:
-        """Name, URL and pid, for messages."""
-        return f"{PACKAGE} ({self._url}, pid {self.process.pid})"
+        """Name, URL and (for a launched router) pid, for messages."""
+        pid = f", pid {self.process.pid}" if self.process is not None else ""
+        return f"{PACKAGE} ({self._url}{pid})"
 
     def _call(self, method: str, path: str, body: Any = None, *, timeout: float) -> Any:
         return _request(self.label, self._url, method, path, body, timeout=timeout)
@@ -284,15 +298,16 @@ class Router:
             time.sleep(_POLL_S)
 
     def log_tail(self) -> str:
-        """The end of its log, for error messages."""
-        if not self.log_path.exists():
+        """The end of a launched router's log, for error messages."""
+        if self.log_path is None or not self.log_path.exists():
             return ""
         with open(self.log_path, "rb") as log:
             log.seek(max(0, self.log_path.stat().st_size - _LOG_TAIL_BYTES))
             return f"--- last lines of {self.log_path} ---\n" + _ANSI_ESCAPE.sub("", log.read().decode(errors="replace"))
 
     def stop(self) -> None:
-        """SIGTERM the router's process group, SIGKILL what is left after a few seconds. Idempotent."""
+        """SIGTERM a launched router's process group, SIGKILL what is left after a few seconds.
+        Idempotent; nothing for a connected router."""
         if self._stopped:
             return
         self._stopped = True

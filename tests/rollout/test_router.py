@@ -144,10 +144,15 @@ def test_flush_cache_through_the_router_reaches_every_engine(registered, engines
 
 
 def test_a_removed_worker_is_gone_and_removing_it_again_is_no_error(registered, engines):
+    """Through a handle of the kind other nodes' first ranks hold (Router.connect), whose stop()
+    leaves the router running."""
     removed, kept = list(engines)
-    registered.remove_worker(removed)
+    handle = Router.connect(registered.url + "/")
+    handle.remove_worker(removed)
     assert registered.workers() == {kept: True}
-    registered.remove_worker(removed)
+    handle.remove_worker(removed)
+    handle.stop()
+    assert handle.workers() == {kept: True}
 
 
 def test_a_worker_that_never_answers_fails_its_registration_naming_its_url(router):
