@@ -26,7 +26,7 @@ fields (:mod:`megarl.rollout.protocol`):
 - ``/release_memory_occupation`` and ``/resume_memory_occupation``: the CPU engine frees nothing,
   but refuses to generate while its weights are released, as SGLang cannot.
 - ``/flush_cache`` (no cache to flush), ``/health_generate``, ``/get_model_info``, ``/server_info``
-  (the server's settings under SGLang's ``ServerArgs`` names).
+  and its older name ``/get_server_info`` (the server's settings under SGLang's ``ServerArgs`` names).
 
 Generation, weight loading and the health probe take turns on one lock (a paused batch releases
 it, so weights load at once while paused, as in SGLang). ``/health_generate`` generates one token
@@ -272,7 +272,7 @@ class HFEngine:
         }
 
     def server_info(self, body: dict) -> dict:
-        """``/server_info``: the settings megarl reads, under SGLang's ``ServerArgs`` names."""
+        """``/server_info`` (and ``/get_server_info``): the settings megarl reads, under SGLang's ``ServerArgs`` names."""
         return {
             "model_path": self.model_path,
             "dtype": self.dtype,

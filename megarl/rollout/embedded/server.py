@@ -40,6 +40,7 @@ def _routes(engine: HFEngine) -> dict[str, Callable[[dict], Any]]:
     return {
         protocol.MODEL_INFO: engine.model_info,
         protocol.SERVER_INFO: engine.server_info,
+        protocol.SERVER_INFO_DEPRECATED: engine.server_info,
         "/model_info": engine.model_info,
         protocol.BEGIN_WEIGHT_UPDATE: engine.begin_weight_update,
         protocol.END_WEIGHT_UPDATE: engine.end_weight_update,

@@ -236,6 +236,12 @@ def test_bad_controls_are_refused_by_name(served):
     assert post(url, "/no_such_endpoint") == (404, {"error": {"message": "the hf engine does not serve /no_such_endpoint"}})
 
 
+def test_server_info_is_served_under_both_of_sglangs_names(served):
+    """sglang-router asks /server_info, then /get_server_info, when it registers a worker."""
+    engine, url = served
+    assert post(url, protocol.SERVER_INFO, method="GET") == post(url, protocol.SERVER_INFO_DEPRECATED, method="GET") == (200, engine.server_info({}))
+
+
 def sglang_answers() -> dict[str, dict]:
     """What SGLang's http_server.py answers on /pause_generation and /continue_generation."""
     answers = {}
