@@ -63,9 +63,11 @@ class RolloutConfig(Section):
     every node and send each sample through it (cache-aware routing); weight updates, pauses and
     memory calls still go to each engine directly. ``none``: the first rank spreads prompts over
     the engines itself, a prompt's samples on one engine (slime: --use-router / sglang-router)."""
-    router_policy: Literal["cache_aware", "round_robin", "random", "power_of_two", "manual"] = "cache_aware"
+    router_policy: Literal["cache_aware", "round_robin", "random", "manual"] = "cache_aware"
     """The router's --policy: ``cache_aware`` sends a request where its prefix is cached, within
-    load limits; ``manual`` sends every sample of a prompt to one engine by its routing key."""
+    load limits; ``manual`` sends every sample of a prompt to one engine by its routing key
+    (``power_of_two`` is not offered: the router refuses it with fewer than two engines, and megarl
+    starts it with none and adds them)."""
     router_args: list[str] = dataclasses.field(default_factory=list)
     """More command-line arguments for the router (python -m sglang_router.launch_router --help),
     e.g. ["--cache-threshold", "0.5"]."""

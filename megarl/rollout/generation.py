@@ -9,7 +9,9 @@ Where a request goes:
   (it takes one ``sampling_params`` per request), carrying the header
   :data:`ROUTING_KEY_HEADER` ``{seed}-{prompt}`` (episodes: their route): the router's
   ``cache_aware`` policy keeps a prompt's samples together through their common prefix, its
-  ``manual`` policy by the key. The engine batches the concurrent requests itself.
+  ``manual`` policy by the key. The engine batches the concurrent requests itself. A request the
+  router could not deliver (an engine died under it; its node restarts it and the router gets it
+  back) is sent again, for up to ``redeliver_s``.
 
 A sample's seed depends only on its batch's ``sampling.seed`` and its place in the batch, so it
 is the same sample whichever engine draws it and however the requests were grouped.
@@ -19,19 +21,23 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from typing import Awaitable, Callable, Iterable, Sequence
+import logging
+import time
+from typing import Any, Awaitable, Callable, Iterable, Sequence
 
 from megarl.rollout import protocol
 from megarl.rollout.engine import Engine
 from megarl.rollout.errors import EngineRequestError
 from megarl.rollout.routed_experts import RoutingShape
+from megarl.rollout.router import ROUTING_KEY_HEADER, undelivered
 from megarl.rollout.sampling import Sample, SamplingParams, resume_seed, sample_seed
 from megarl.rollout.supervision import EngineSupervisor
 from megarl.rollout.turns import Request, TurnBatcher
+log = logging.getLogger(__name__)
 
-ROUTING_KEY_HEADER = "X-SMG-Routing-Key"
-"""The header by which sglang-router's ``manual`` policy sends requests with one key to one
-engine (other policies ignore it)."""
+_REDELIVER_PAUSE_S = 0.2
+"""Wait before a request the router could not deliver goes again (the router takes a dead engine
+out, or its node restarts it, within seconds)."""
 
 
 class Generation:
@@ -44,16 +50,18 @@ class Generation:
         request_timeout_s: limit of one request.
         routing: the routed experts' shape when every generation returns them, else None.
         pauses: how many pauses the engines have been through (:class:`TurnBatcher`).
+        redeliver_s: how long a request the router could not deliver is sent again.
     """
 
     def __init__(
         self, supervisor: EngineSupervisor, engines: Sequence[Engine], *, router: Engine | None, request_timeout_s: float,
-        routing: RoutingShape | None, pauses: Callable[[], int],
+        routing: RoutingShape | None, pauses: Callable[[], int], redeliver_s: float = 600.0,
     ):
         self.engines = list(engines)
         self.router = router
         self._supervisor = supervisor
         self._request_timeout_s = request_timeout_s
+        self._redeliver_s = redeliver_s
         self._routing = routing
         self._turns = TurnBatcher(lambda engine, requests, sampling: self._generate_share(engine, requests, sampling, True), pauses=pauses)
 
@@ -129,7 +137,7 @@ class Generation:
         else:
             body = protocol.routed_generate_body(inputs[0], params[0], return_routed_experts=self._routing is not None)
             headers = {ROUTING_KEY_HEADER: routing_key}
-        answer = await self._supervisor.call_async(engine, "POST", protocol.GENERATE, body, timeout=self._request_timeout_s, headers=headers)
+        answer = await self._post(engine, body, headers)
         try:
             items = protocol.parse_generate_response(answer, len(requests), partial=partial, routing=self._routing, input_lengths=[len(ids) for ids in inputs])
         except ValueError as error:
@@ -142,6 +150,19 @@ class Generation:
             )
             for (prompt_index, sample_index, _, _, _), item in zip(requests, items)
         ]
+
+
+    async def _post(self, engine: Engine, body: dict, headers: dict[str, str] | None) -> Any:
+        """``/generate`` on ``engine``; through the router, again while it cannot deliver it (see the module docstring)."""
+        give_up = time.monotonic() + self._redeliver_s
+        while True:
+            try:
+                return await self._supervisor.call_async(engine, "POST", protocol.GENERATE, body, timeout=self._request_timeout_s, headers=headers)
+            except EngineRequestError as error:
+                if engine is not self.router or not undelivered(error) or time.monotonic() > give_up:
+                    raise
+                log.info("%s; sending it again", error)
+                await asyncio.sleep(_REDELIVER_PAUSE_S)
 
 
 async def gather(calls: Iterable[Awaitable]) -> list:

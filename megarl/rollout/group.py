@@ -132,7 +132,7 @@ class EngineGroup:
         self._client = EngineClient(len(engines) * num_nodes)
         self._pauses = 0
         self._generation = Generation(
-            self._supervisor, engines, router=None, request_timeout_s=request_timeout_s, routing=self.routing, pauses=lambda: self._pauses
+            self._supervisor, engines, router=None, request_timeout_s=request_timeout_s, routing=self.routing, pauses=lambda: self._pauses,
         )
         self.remote_engines: list[Engine] = []
         """The other nodes' engines (first rank, several nodes): generated on, paused, continued and flushed here."""

@@ -107,11 +107,14 @@ def generate_body(
     return body
 
 
-def routed_generate_body(input_ids: Sequence[int], sampling_params: dict[str, Any], *, return_routed_experts: bool = False) -> dict[str, Any]:
+def routed_generate_body(
+    input_ids: Sequence[int], sampling_params: dict[str, Any], rid: str | None = None, *, return_routed_experts: bool = False
+) -> dict[str, Any]:
     """One sample's ``/generate`` request through SGLang's router: a batch of one item, with one
-    ``sampling_params`` dict (the router parses the body and refuses a list there, HTTP 422). The
-    answer is read like a batch's (:func:`parse_generate_response`)."""
-    body = generate_body([input_ids], [sampling_params], return_routed_experts=return_routed_experts)
+    ``sampling_params`` dict and ``rid`` one string (the router parses the body and refuses lists
+    there, HTTP 422; it drops fields it does not know, ``return_routed_experts`` among them in
+    sglang-router 0.3.2). The answer is read like a batch's (:func:`parse_generate_response`)."""
+    body = generate_body([input_ids], [sampling_params], rid, return_routed_experts=return_routed_experts)
     body["sampling_params"] = sampling_params
     return body
 

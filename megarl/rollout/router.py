@@ -15,7 +15,7 @@ its process group when the launching process is gone, like the engines
 
 What the router does with requests (measured with 0.3.2): ``/generate`` is parsed and re-sent, so
 a body must have ONE ``sampling_params`` dict (a list is refused with 422) and one ``rid`` string
-(:func:`sample_body`: one request per sample); unknown fields are dropped, among them
+(:func:`megarl.rollout.protocol.routed_generate_body`: one request per sample); unknown fields are dropped, among them
 ``return_routed_experts`` (:func:`check_routed_experts`). ``/flush_cache`` reaches every worker.
 Weight updates, memory release, pause / continue and ``/abort_request`` are not routed (404): they
 go to the engines directly. The ``X-SMG-Routing-Key`` header keeps requests with one key on one
@@ -48,6 +48,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Sequence
 
+from megarl.rollout import protocol
 from megarl.rollout.engine import free_port
 from megarl.rollout.errors import EngineDead, EngineMisconfigured, EngineRequestError, EngineStartError, EngineTimeout
 
@@ -76,27 +77,6 @@ _LOG_TAIL_BYTES = 4000
 _PROBE_TIMEOUT_S = 5.0
 _ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 """The router colours its log whatever the terminal (``NO_COLOR`` is ignored); quoted logs drop it."""
-
-
-def sample_body(input_ids: Sequence[int], sampling_params: dict[str, Any], rid: str | None = None, *, return_routed_experts: bool = False) -> dict[str, Any]:
-    """The ``/generate`` body of one sample sent through the router.
-
-    A batch of one prompt, so the answer is a list of one item, as
-    :func:`megarl.rollout.protocol.parse_generate_response` reads it; ``sampling_params`` is one
-    dict (:func:`megarl.rollout.protocol.sampling_body`), the only form the router accepts.
-
-    Args:
-        input_ids: the prompt's token ids.
-        sampling_params: this sample's SGLang sampling parameters, its ``sampling_seed`` included.
-        rid: the request's id (one string), which ``/abort_request`` on an engine names.
-        return_routed_experts: ask the routed experts (sglang-router 0.3.2 drops the field).
-    """
-    body: dict[str, Any] = {"input_ids": [list(input_ids)], "sampling_params": dict(sampling_params), "return_logprob": True}
-    if rid is not None:
-        body["rid"] = rid
-    if return_routed_experts:
-        body["return_routed_experts"] = True
-    return body
 
 
 def _request(label: str, url: str, method: str, path: str, body: Any = None, *, timeout: float, headers: dict[str, str] | None = None) -> Any:
@@ -328,6 +308,13 @@ def _signal_group(group: int, signum: int) -> None:
         pass
 
 
+def undelivered(error: EngineRequestError) -> bool:
+    """Whether the router answered ``error`` because it could not reach an engine (one died and is
+    not yet taken out, or none is healthy: HTTP 503; sglang-router 0.3.2 answers a request it could
+    not send with HTTP 500 "error sending request for url ..."), not because an engine refused it."""
+    return error.status == 503 or (error.status is not None and error.status >= 500 and "error sending request" in str(error))
+
+
 def check_routed_experts(router_url: str, timeout_s: float = 60.0) -> None:
     """Check that generations through the router carry routed experts (routing replay R3 needs
     them): one 1-token ``/generate`` with ``return_routed_experts`` through it.
@@ -341,7 +328,7 @@ def check_routed_experts(router_url: str, timeout_s: float = 60.0) -> None:
         EngineError: the request failed (no healthy worker: 503).
     """
     label = f"{PACKAGE} ({router_url})"
-    body = sample_body([0], {"max_new_tokens": 1, "temperature": 0.0}, return_routed_experts=True)
+    body = protocol.routed_generate_body([0], {"max_new_tokens": 1, "temperature": 0.0}, return_routed_experts=True)
     answer = _request(label, router_url.rstrip("/"), "POST", "/generate", body, timeout=timeout_s)
     item = answer[0] if isinstance(answer, list) and answer else answer
     meta = item.get("meta_info", {}) if isinstance(item, dict) else {}

@@ -24,7 +24,7 @@ from megarl.rollout.embedded.hf_engine import HFEngine
 from megarl.rollout.embedded.server import make_app
 from megarl.rollout.engine import free_port
 from megarl.rollout.errors import EngineMisconfigured, EngineStartError
-from megarl.rollout.router import ROUTING_KEY_HEADER, Router, check_routed_experts, sample_body
+from megarl.rollout.router import ROUTING_KEY_HEADER, Router, check_routed_experts
 from tests.distributed import REPO
 from tests.rollout.fake_engines import serving
 
@@ -123,7 +123,7 @@ def test_both_engines_register_healthy(registered, engines):
 def test_a_sample_through_the_router_equals_the_same_request_to_an_engine(registered, engines):
     direct_url = next(iter(engines))
     for seed in (3, 4, 5):
-        body = sample_body([5, 6, 7, 8], {**SAMPLING, "sampling_seed": seed}, rid=f"step0_0_{seed}")
+        body = protocol.routed_generate_body([5, 6, 7, 8], {**SAMPLING, "sampling_seed": seed}, rid=f"step0_0_{seed}")
         [routed] = protocol.parse_generate_response(post(registered.url, protocol.GENERATE, body), 1)
         [direct] = protocol.parse_generate_response(post(direct_url, protocol.GENERATE, body), 1)
         assert (routed.output_ids, routed.logprobs, routed.finish_reason) == (direct.output_ids, direct.logprobs, direct.finish_reason)
@@ -131,7 +131,7 @@ def test_a_sample_through_the_router_equals_the_same_request_to_an_engine(regist
 
 
 def test_the_routing_key_header_is_accepted(registered):
-    body = sample_body([9, 10], {**SAMPLING, "sampling_seed": 1})
+    body = protocol.routed_generate_body([9, 10], {**SAMPLING, "sampling_seed": 1})
     answers = [post(registered.url, protocol.GENERATE, body, headers={ROUTING_KEY_HEADER: "1-0"}) for _ in range(2)]
     assert answers[0][0]["output_ids"] == answers[1][0]["output_ids"]
 
@@ -165,7 +165,7 @@ def test_routed_experts_do_not_pass_sglang_router_0_3_2(registered, engines):
     """The engines return routed experts when asked directly, but sglang-router 0.3.2 re-serialises
     /generate into its own request type, which has no return_routed_experts field: the answer
     through it carries none, so routing replay R3 cannot run behind it (the check refuses it)."""
-    body = sample_body([5, 6], {"max_new_tokens": 1, "temperature": 0.0}, return_routed_experts=True)
+    body = protocol.routed_generate_body([5, 6], {"max_new_tokens": 1, "temperature": 0.0}, return_routed_experts=True)
     assert "routed_experts" in post(next(iter(engines)), protocol.GENERATE, body)[0]["meta_info"]
     with pytest.raises(EngineMisconfigured) as refused:
         check_routed_experts(registered.url, timeout_s=30)

@@ -41,8 +41,11 @@ def test_two_nodes_with_router_train_and_restart_engines_on_their_node(tmp_path)
     # One engine per node, named for its node; the first rank generates on the other's too, and
     # the router lists both.
     assert [[name for name, _ in report["engines"]] for report in reports] == [["hf-n0-0"], ["hf-n1-0"]]
-    assert reports[0]["generates_on"] == ["hf-n1-0"]
-    assert sorted(reports[0]["router"]) == sorted(url for report in reports for _, url in report["engines"])
+    assert reports[0]["generates_on"] == ["hf-n1-0"] and reports[0]["route"] == "sglang-router"
+    urls = {url: True for report in reports for _, url in report["engines"]}
+    assert reports[0]["router"] == urls
+    # The restarted engine was taken out of the router and put back: both serve at the end.
+    assert reports[0]["router_after"] == urls
     # After every update both engines hold exactly the exporter's weights.
     for report in reports:
         assert report["differing"] == {f"after_{step}": [] for step in range(STEPS)}

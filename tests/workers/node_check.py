@@ -3,8 +3,8 @@
 Every node's first rank writes ``--report-dir/node{N}.json``: its engines' names and URLs, for each
 step the names of the HF weights its engines hold that differ from the exporter's tensors
 (``export_hf_tensors`` to that rank, after the step's weight update), its engines' pids before the
-first step and at the end, its restarts, and, on the first rank, the engines it generates on and
-the router's workers. With ``--kill-engine-after K`` the last node's first rank SIGKILLs its
+first step and at the end, its restarts, and, on the first rank, the engines it generates on, where
+its requests go and the router's workers at the start and the end. With ``--kill-engine-after K`` the last node's first rank SIGKILLs its
 engines after step K: its own supervisor restarts them, on its node, with the current weights.
 """
 
@@ -47,6 +47,7 @@ def main(argv=None) -> None:
     if run.is_first_rank:
         report["generates_on"] = [engine.name for engine in run.engines.remote_engines]
         report["router"] = run.router.workers() if run.router is not None else None
+        report["route"] = run.engines.route(0).name
 
     def check_engines(label: str) -> None:
         """Each node's engines against the exporter (collective: one export to every node's first rank)."""
@@ -75,6 +76,8 @@ def main(argv=None) -> None:
         loop.fit(run)
         report["completed"] = True
     finally:
+        if run.is_first_rank and run.router is not None:
+            report["router_after"] = run.router.workers()
         if run.engines is not None:
             report["restarts"] = run.engines.restarts
             report["pids_after"] = run.engines.pids()
