@@ -26,13 +26,15 @@ class Node:
     """Nodes in the launch."""
     leads: bool
     """This process is its node's first (local rank 0): it launches and supervises the node's engines."""
+    ranks: int = 1
+    """Ranks on this node (``torchrun --nproc_per_node``), one GPU each on CUDA machines."""
 
     @classmethod
     def from_env(cls) -> Node:
         """This process's node, from torchrun's environment."""
         return cls(
             index=int(os.environ.get("GROUP_RANK", "0")), count=int(os.environ.get("GROUP_WORLD_SIZE", "1")),
-            leads=os.environ.get("LOCAL_RANK", "0") == "0",
+            leads=os.environ.get("LOCAL_RANK", "0") == "0", ranks=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
         )
 
     def engine_host(self) -> tuple[str, str | None]:

@@ -10,7 +10,7 @@ pytestmark = pytest.mark.cpu
 
 
 def test_a_plain_process_is_the_one_rank_of_one_node(monkeypatch):
-    for name in ("GROUP_RANK", "GROUP_WORLD_SIZE", "LOCAL_RANK"):
+    for name in ("GROUP_RANK", "GROUP_WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
     node = Node.from_env()
     assert node == Node(index=0, count=1, leads=True)
@@ -22,7 +22,8 @@ def test_torchrun_names_the_node_and_its_first_rank(monkeypatch, local_rank, lea
     monkeypatch.setenv("GROUP_RANK", "1")
     monkeypatch.setenv("GROUP_WORLD_SIZE", "4")
     monkeypatch.setenv("LOCAL_RANK", local_rank)
-    assert Node.from_env() == Node(index=1, count=4, leads=leads)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert Node.from_env() == Node(index=1, count=4, leads=leads, ranks=8)
 
 
 def test_engines_of_several_nodes_listen_everywhere_at_the_address_that_reaches_the_first_node(monkeypatch):

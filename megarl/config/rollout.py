@@ -46,7 +46,8 @@ class RolloutConfig(Section):
     verl: rollout.gpu_memory_utilization, slime: --sglang-mem-fraction-static)."""
     colocate: bool = True
     """Engines share the training devices and release their memory during the update (verl: hybrid
-    engine, slime: --colocate)."""
+    engine, slime: --colocate); false: each node's engines take its GPUs after the training ranks'
+    (torchrun --nproc_per_node 4 on 8 GPUs: GPUs 4-7 generate)."""
     weight_transport: Literal["tensor", "nccl", "disk"] = "tensor"
     """How new weights reach the engines: same-host tensor handles (CUDA IPC, shared-memory files on
     CPU), an NCCL broadcast group (disaggregated engines), or safetensors files (the fallback)

@@ -117,13 +117,18 @@ def engine_settings(config: Config) -> dict[str, Any]:
 
 
 def node_settings(config: Config, node: Node) -> dict[str, Any]:
-    """Where this node's launched engines listen and what they are called, with several nodes:
-    ``{kind}-n{node}-{i}``, on every interface, called at this node's address (one node: as before,
-    the loopback)."""
-    if node.count == 1 or config.rollout.engine_urls:
+    """Where this node's launched engines run, listen and what they are called. Not colocated,
+    they take the node's GPUs after its ranks' (rank ``i`` of the node computes on GPU ``i``):
+    ``torchrun --nproc_per_node 4`` with two TP-2 engines uses GPUs 0-3 to train and 4-7 to
+    generate. With several nodes they are named ``{kind}-n{node}-{i}``, listen on every interface
+    and are called at this node's address (one node: the loopback)."""
+    if config.rollout.engine_urls:
         return {}
-    host, address = node.engine_host()
-    return {"node": node.index, "host": host, "address": address, "num_nodes": node.count}
+    settings: dict[str, Any] = {} if config.rollout.colocate else {"first_gpu": node.ranks}
+    if node.count > 1:
+        host, address = node.engine_host()
+        settings.update(node=node.index, host=host, address=address, num_nodes=node.count)
+    return settings
 
 
 def connect_nodes(config: Config, engines: EngineGroup | None, nodes: list[list[int]]) -> Router | None:

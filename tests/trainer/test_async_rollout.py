@@ -65,7 +65,6 @@ class ScriptedEngines:
         self.requests: list[tuple[str, list[list[int]], concurrent.futures.Future]] = []
         self.events: list[str] = []
         self.restarts = 0
-        self.engines = [types.SimpleNamespace(label="hf-0")]
         self.sent = threading.Condition()
 
     def _submit(self, kind, prompt_ids):
@@ -77,6 +76,9 @@ class ScriptedEngines:
         if self.answer_at_once:
             self.answer(len(self.requests) - 1)
         return future
+
+    def route(self, index):
+        return types.SimpleNamespace(label="hf-0")
 
     def submit_generate(self, prompt_ids, sampling, partial=False):
         return self._submit("generate", prompt_ids)
