@@ -16,9 +16,7 @@ import socket
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Node:
-    """The machine this process runs on, among the launch's nodes (torchrun's environment: ``GROUP_RANK``,
-    ``GROUP_WORLD_SIZE``, ``LOCAL_RANK``; a plain process is the one rank of one node). Known before
-    torch.distributed starts: the engines launch that early (:mod:`megarl.trainer.launch`)."""
+    """The machine this process runs on (:meth:`from_env`)."""
 
     index: int
     """This node's index (``torchrun --nnodes``: the order the rendezvous gave, not ``--node-rank``)."""
@@ -39,13 +37,36 @@ class Node:
 
     def engine_host(self) -> tuple[str, str | None]:
         """``(interface, address)`` the node's engines listen on and are called at: the loopback
-        on one node; on several, every interface and the address this node reaches the launch's
-        first node at (``MASTER_ADDR``) from."""
+        on one node; on several, every interface and the address this node reaches the rendezvous
+        host (``MASTER_ADDR``) from, the one the other nodes reach it at."""
         if self.count == 1:
             return "127.0.0.1", None
+        master = os.environ.get("MASTER_ADDR", "127.0.0.1")
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-            probe.connect((os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", "29500"))))
-            return "0.0.0.0", probe.getsockname()[0]
+            probe.connect((master, int(os.environ.get("MASTER_PORT", "29500"))))
+            probed = probe.getsockname()[0]
+        own = [info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)]
+        return "0.0.0.0", routable_address(probed, master, own)
+
+
+def routable_address(probed: str, master: str, own: list[str]) -> str:
+    """The address other nodes call this node's engines at: ``probed`` (this node's side of a route
+    to ``master``), unless that is a loopback address while ``master`` is not (the rendezvous host's
+    name maps to 127.0.1.1 in its own /etc/hosts): then the first of this host's ``own`` addresses
+    that is not a loopback one.
+
+    Raises:
+        RuntimeError: this host has no other address to give.
+    """
+    if not probed.startswith("127.") or master == "localhost" or master.startswith("127."):
+        return probed
+    for address in own:
+        if not address.startswith("127."):
+            return address
+    raise RuntimeError(
+        f"this node reaches the rendezvous host {master} over the loopback ({probed}) and has no other address for the other nodes "
+        "to call its engines at: give torchrun an --rdzv-endpoint address that other nodes reach this one by"
+    )
 
 
 def node_ranks() -> list[list[int]]:

@@ -10,11 +10,11 @@ What is checked: the config against the world size and the model (:func:`megarl.
 the model directories (config.json, safetensors weights, a tokenizer); the first row of every data
 file (readable, the prompt and answer fields present); the reward (a user function imports and
 takes megarl's or verl's arguments; a reward model directory exists; a remote URL is http(s)); the
-optional metric packages asked for; the router package, and colocated engines that fit a node's
-GPUs. Then, once all of that passed, the two checks that import
+optional metric packages asked for; colocated engines that fit a node's GPUs. Then, once all of that passed, the two checks that import
 torch: the advantage estimator and the policy loss the config names are registered
 (:mod:`megarl.algorithms`), the checkpoint a resume would load is whole, and, with routing replay
-(R3), the engines given by URL return routed experts.
+(R3), the engines given by URL return routed experts; with SGLang's router, its package and flags,
+and no R3 behind it.
 """
 
 from __future__ import annotations
@@ -40,20 +40,16 @@ def check_run(config: Config, world_size: int) -> list[str]:
     problems += _data_problems(config) + _reward_problems(config) + _agent_problems(config) + _engine_problems(config) + sink_problems(config.logging)
     if not problems:
         # Last, once every cheap check passed: these import torch (the run imports it next anyway).
-        problems += _algorithm_name_problems(config) + _resume_problems(config) + _routing_replay_problems(config)
+        problems += _algorithm_name_problems(config) + _resume_problems(config) + _routing_replay_problems(config) + _router_problems(config) + _reserved_gpu_problems(config)
     return problems
 
 
 def _engine_problems(config: Config) -> list[str]:
-    """The router package is installed when ``rollout.router`` asks for it; colocated SGLang engines
-    fit the GPUs of a node (torchrun's ``LOCAL_WORLD_SIZE``, one GPU per rank): every node runs
-    ``rollout.num_engines`` of them."""
-    import importlib.util
+    """Colocated SGLang engines fit the GPUs of a node (torchrun's ``LOCAL_WORLD_SIZE``, one GPU per
+    rank): every node runs ``rollout.num_engines`` of them."""
     import os
 
     rollout, problems = config.rollout, []
-    if rollout.router == "sglang" and importlib.util.find_spec("sglang_router") is None:
-        problems.append("`rollout.router` (sglang): the sglang-router package is not installed: pip install sglang-router==0.3.2 (tools/setup.sh installs it)")
     gpus = int(os.environ.get("LOCAL_WORLD_SIZE", "0"))
     launched_gpus = rollout.num_engines * rollout.engine_tensor_parallel
     if rollout.engine == "sglang" and rollout.colocate and not rollout.engine_urls and 0 < gpus < launched_gpus:
@@ -61,6 +57,55 @@ def _engine_problems(config: Config) -> list[str]:
             f"`rollout.num_engines` ({rollout.num_engines}) x `rollout.engine_tensor_parallel` ({rollout.engine_tensor_parallel}) = "
             f"{launched_gpus} GPUs per node, but a node runs {gpus} ranks (torchrun --nproc_per_node), one GPU each: colocated engines "
             f"share the node's GPUs; lower rollout.num_engines to {max(gpus // rollout.engine_tensor_parallel, 1)} (it counts engines per node)"
+        )
+    return problems
+
+
+def _reserved_gpu_problems(config: Config) -> list[str]:
+    """SGLang engines that are not colocated take a node's GPUs after its ranks' (one each): the
+    node must have that many."""
+    rollout = config.rollout
+    if rollout.colocate or rollout.engine_urls:
+        return []
+    import os
+
+    import torch
+
+    from megarl.rollout.engine import resolve_engine
+
+    if resolve_engine(rollout.engine) != "sglang":
+        return []
+    ranks, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.cuda.device_count()
+    needed = ranks + rollout.num_engines * rollout.engine_tensor_parallel
+    if needed <= gpus:
+        return []
+    return [
+        f"`rollout.colocate` (false): the engines take the GPUs after the node's {ranks} ranks', {rollout.num_engines} x "
+        f"`rollout.engine_tensor_parallel` ({rollout.engine_tensor_parallel}) of them, {needed} GPUs in all, but this node has {gpus}: "
+        "lower torchrun --nproc_per_node or rollout.num_engines, or set rollout.colocate=true"
+    ]
+
+
+def _router_problems(config: Config) -> list[str]:
+    """``rollout.router: sglang``: the package is installed, ``rollout.router_args`` leave megarl's
+    own flags alone, and routing replay R3 is not asked for (sglang-router drops
+    ``return_routed_experts`` from every request it forwards: tests/rollout/test_router.py)."""
+    if config.rollout.router != "sglang":
+        return []
+    import importlib.util
+
+    from megarl.rollout.router import FIXED_ARGS, INSTALL_HINT, PACKAGE, VERSION
+
+    problems = []
+    if importlib.util.find_spec("sglang_router") is None:
+        problems.append(f"`rollout.router` (sglang): the {PACKAGE} package is not installed: {INSTALL_HINT}")
+    fixed = [arg for arg in config.rollout.router_args if arg.split("=")[0] in FIXED_ARGS]
+    if fixed:
+        problems.append(f"`rollout.router_args`: {' '.join(fixed)} is set by megarl (the router's address and its engines); remove it")
+    if config.algorithm.routing_replay == "r3":
+        problems.append(
+            f"`algorithm.routing_replay` (r3) cannot run behind `rollout.router` (sglang): {PACKAGE} {VERSION} drops return_routed_experts "
+            "from the requests it forwards; set algorithm.routing_replay=r2 (the trainer's own routing, replayed) or rollout.router=none"
         )
     return problems
 

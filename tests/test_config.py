@@ -913,3 +913,32 @@ def test_the_preflight_refuses_an_engine_url_that_does_not_return_routed_experts
             "which algorithm.routing_replay=r3 needs: restart it with --enable-return-routed-experts, or set algorithm.routing_replay to r2 or none",
         ]
         assert check_run(load_config(moe, [*overrides, "algorithm.routing_replay=r2"]), 2) == []
+
+
+def test_engines_that_are_not_colocated_need_gpus_beside_the_ranks(monkeypatch):
+    import torch
+
+    from megarl.preflight import _reserved_gpu_problems
+
+    config = load_config(None, ["rollout.engine=sglang", "rollout.colocate=false", "rollout.mode=async", "rollout.num_engines=2",
+                                "rollout.engine_tensor_parallel=2"])
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    assert _reserved_gpu_problems(config) == []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 6)
+    assert _reserved_gpu_problems(config) == [
+        "`rollout.colocate` (false): the engines take the GPUs after the node's 4 ranks', 2 x `rollout.engine_tensor_parallel` (2) of "
+        "them, 8 GPUs in all, but this node has 6: lower torchrun --nproc_per_node or rollout.num_engines, or set rollout.colocate=true"
+    ]
+
+
+def test_the_router_refuses_routing_replay_r3_and_megarls_own_flags():
+    from megarl.preflight import _router_problems
+
+    config = load_config(None, ["rollout.router=sglang", "algorithm.routing_replay=r3", "rollout.router_args=[--port=9000]"])
+    problems = _router_problems(config)
+    assert problems == [
+        "`rollout.router_args`: --port=9000 is set by megarl (the router's address and its engines); remove it",
+        "`algorithm.routing_replay` (r3) cannot run behind `rollout.router` (sglang): sglang-router 0.3.2 drops return_routed_experts "
+        "from the requests it forwards; set algorithm.routing_replay=r2 (the trainer's own routing, replayed) or rollout.router=none",
+    ]

@@ -30,3 +30,26 @@ def test_engines_of_several_nodes_listen_everywhere_at_the_address_that_reaches_
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", "29500")
     assert Node(index=1, count=2, leads=True).engine_host() == ("0.0.0.0", "127.0.0.1")
+
+
+@pytest.mark.parametrize(
+    ("probed", "master", "own", "expected"),
+    [
+        ("10.0.0.7", "head", ["127.0.1.1", "10.0.0.7"], "10.0.0.7"),
+        # The rendezvous host itself, whose name its /etc/hosts maps to 127.0.1.1.
+        ("127.0.1.1", "head", ["127.0.1.1", "10.0.0.1"], "10.0.0.1"),
+        # Every "node" on this machine (the tests): the loopback is right.
+        ("127.0.0.1", "127.0.0.1", ["127.0.1.1"], "127.0.0.1"),
+    ],
+)
+def test_engines_are_called_at_an_address_other_nodes_reach(probed, master, own, expected):
+    from megarl.nodes import routable_address
+
+    assert routable_address(probed, master, own) == expected
+
+
+def test_a_node_with_only_a_loopback_address_is_refused():
+    from megarl.nodes import routable_address
+
+    with pytest.raises(RuntimeError, match="over the loopback .* give torchrun an --rdzv-endpoint address"):
+        routable_address("127.0.1.1", "head", ["127.0.1.1"])

@@ -4,8 +4,8 @@
 the engines batch the turns that are waiting (SGLang and the ``hf`` engine both batch whatever is
 queued), the environment workers serve the steps, and an episode never waits for another.
 Episode ``(prompt i, sample j)`` runs on engine ``i % num_engines`` (all of a prompt's episodes
-share its prefix; with a router, every turn goes through it with that route as its key) with seed ``sample_seed(sampling.seed, i, j)``, so a rerun plays the same
-episodes.
+share its prefix; with a router, every turn goes through it keyed by ``i``) with seed
+``sample_seed(sampling.seed, i, j)``, so a rerun plays the same episodes.
 
 :func:`play_programs` plays them with an agent program instead (``agent.openai_agent``): each
 episode is opened on the chat endpoint with the same engine, seed and the round's sampling, the

@@ -288,14 +288,14 @@ class Engine:
         """SIGKILL its process group (works on a stopped process too) and reap it."""
         if self.process is None:
             return
-        _signal_group(self.process.pid, signal.SIGKILL)
+        signal_group(self.process.pid, signal.SIGKILL)
         self.process.wait()
 
     def stop(self) -> None:
         """SIGTERM its process group, then SIGKILL what is left after a grace period."""
         if self.process is None:
             return
-        _signal_group(self.process.pid, signal.SIGTERM)
+        signal_group(self.process.pid, signal.SIGTERM)
         try:
             self.process.wait(timeout=_STOP_GRACE_S)
         except subprocess.TimeoutExpired:
@@ -303,7 +303,8 @@ class Engine:
         self.kill()
 
 
-def _signal_group(group: int, signum: int) -> None:
+def signal_group(group: int, signum: int) -> None:
+    """Send ``signum`` to process group ``group`` (gone already: nothing to do)."""
     try:
         os.killpg(group, signum)
     except ProcessLookupError:

@@ -33,6 +33,7 @@ from megarl.rollout.router import ROUTING_KEY_HEADER, undelivered
 from megarl.rollout.sampling import Sample, SamplingParams, resume_seed, sample_seed
 from megarl.rollout.supervision import EngineSupervisor
 from megarl.rollout.turns import Request, TurnBatcher
+
 log = logging.getLogger(__name__)
 
 _REDELIVER_PAUSE_S = 0.2
@@ -64,6 +65,14 @@ class Generation:
         self._redeliver_s = redeliver_s
         self._routing = routing
         self._turns = TurnBatcher(lambda engine, requests, sampling: self._generate_share(engine, requests, sampling, True), pauses=pauses)
+
+    def spread_over(self, engines: Sequence[Engine]) -> None:
+        """Spread requests over ``engines`` from now on (every node's, once they are known)."""
+        self.engines = list(engines)
+
+    def send_through(self, router: Engine) -> None:
+        """Send every request through ``router`` from now on."""
+        self.router = router
 
     def route(self, index: int) -> Engine:
         """Where request group ``index`` (a prompt, an episode) goes: the router, else engine ``index % num_engines``."""
@@ -150,7 +159,6 @@ class Generation:
             )
             for (prompt_index, sample_index, _, _, _), item in zip(requests, items)
         ]
-
 
     async def _post(self, engine: Engine, body: dict, headers: dict[str, str] | None) -> Any:
         """``/generate`` on ``engine``; through the router, again while it cannot deliver it (see the module docstring)."""

@@ -9,13 +9,9 @@
             ...                                                      # rewards, training
             engines.update_weights(weight_stream_buckets, version=step + 1)
 
-Prompts are spread round-robin over the engines, every sample of a prompt on the prompt's engine
-(so SGLang's prefix cache serves the group), one batched ``/generate`` per engine, in parallel; or,
-with a router, one request per sample through it (:mod:`megarl.rollout.generation`).
-:meth:`EngineGroup.submit_generate` does the same without waiting: the caller may keep several
-batches in flight and collect them as they complete (``concurrent.futures.as_completed``); a
-sample's seed depends only on its batch's ``sampling.seed`` and its place in the batch, so it is
-the same sample whichever way it was requested.
+Where requests go (a prompt's samples on one engine, or through the router) is
+:mod:`megarl.rollout.generation`'s. :meth:`EngineGroup.submit_generate` generates without waiting:
+the caller may keep several batches in flight and collect them as they complete.
 
 Several nodes: every node's first rank launches its node's engines in a group of its own, which
 updates their weights, releases and resumes their memory and restarts them; the first rank's group
@@ -28,10 +24,8 @@ in ``abort`` mode) or an abort stopped comes back with its tokens so far and ``f
 rest of ``max_new_tokens``, seeds from :func:`~megarl.rollout.sampling.resume_seed`) and returns
 them whole, their ``weight_segments`` saying which weights generated which tokens.
 
-Every request goes through one :class:`~megarl.rollout.http_client.EngineClient` per group: an
-asyncio HTTP client on the group's own event-loop thread, many requests in flight over all engines.
-
-Besides the client, the group is four parts, one job each:
+Every request goes through the group's :class:`~megarl.rollout.http_client.EngineClient` (asyncio,
+on the group's own thread). Besides the client, the group is four parts, one job each:
 
 - this client: weight updates, memory release and resume, pauses, cache flushes, reads;
 - :class:`~megarl.rollout.generation.Generation`: where each request goes, and its samples;
@@ -54,7 +48,7 @@ import atexit
 import concurrent.futures
 import tempfile
 from pathlib import Path
-from typing import Any, Awaitable, Iterable, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Awaitable, Iterable, Literal, Sequence
 
 from megarl.rollout import protocol
 from megarl.rollout.engine import Engine, LaunchOptions, resolve_engine
@@ -69,9 +63,12 @@ from megarl.rollout.transports import TRANSPORTS
 from megarl.rollout.weight_updates import WeightUpdater
 from megarl.weights.bucket import Bucket
 
+if TYPE_CHECKING:
+    from megarl.rollout.router import Router
+
 _GROUP_OPTIONS = (
     "weight_transport", "request_timeout_s", "health_check_interval_s", "health_timeout_s", "restart_budget", "snapshot_root", "return_routed_experts",
-    "num_nodes",
+    "num_nodes", "remote_wait_s",
 )
 """The keyword arguments of :class:`EngineGroup` itself (the rest of :meth:`EngineGroup.launch`'s are launch options)."""
 
@@ -93,6 +90,8 @@ class EngineGroup:
         return_routed_experts: every generation returns its samples' routed experts
             (``Sample.routed_experts``, routing replay R3); engines are checked to return them at start.
         num_nodes: nodes with as many engines each (the client's connections are sized for all).
+        remote_wait_s: how long a request waits for another node's engine, or the router's, to
+            serve again after a failure (its node restarts it).
     """
 
     def __init__(
@@ -108,6 +107,7 @@ class EngineGroup:
         snapshot_root: Path | None = None,
         return_routed_experts: bool = False,
         num_nodes: int = 1,
+        remote_wait_s: float = 600.0,
     ):
         if weight_transport not in TRANSPORTS:
             raise ValueError(f"weight_transport {weight_transport!r} must be one of {TRANSPORTS}")
@@ -121,18 +121,21 @@ class EngineGroup:
         self.routing = RoutingShape.from_model_dir(model_path) if return_routed_experts else None
         """The shape of the routed experts the engines return (from the model's config.json); None: not asked for."""
         self._snapshot = WeightSnapshot(snapshot_root, Path(model_path))
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=2 * len(engines) + 2, thread_name_prefix="megarl-rollout")
+        # Starts, restarts, updates; on the first rank also the waits for other nodes' engines.
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=2 * len(engines) * num_nodes + 2, thread_name_prefix="megarl-rollout")
         self._updates = WeightUpdater(engines, self._snapshot, self._pool, request_timeout_s)
         self._supervisor = EngineSupervisor(
             engines, pool=self._pool, reload=self._updates.load_snapshot,
             health_check_interval_s=health_check_interval_s, health_timeout_s=health_timeout_s, restart_budget=restart_budget,
             require_routed_experts=return_routed_experts, check_timeout_s=request_timeout_s, version=lambda: self._snapshot.version,
+            remote_wait_s=remote_wait_s,
         )
         self._released: set[str] = set()
         self._client = EngineClient(len(engines) * num_nodes)
         self._pauses = 0
         self._generation = Generation(
             self._supervisor, engines, router=None, request_timeout_s=request_timeout_s, routing=self.routing, pauses=lambda: self._pauses,
+            redeliver_s=remote_wait_s,
         )
         self.remote_engines: list[Engine] = []
         """The other nodes' engines (first rank, several nodes): generated on, paused, continued and flushed here."""
@@ -219,6 +222,8 @@ class EngineGroup:
             health_check_interval_s=rollout.health_check_interval_s,
             health_timeout_s=rollout.health_timeout_s,
             restart_budget=rollout.restart_budget,
+            # Another node's restart: a start, then the weights.
+            remote_wait_s=rollout.startup_timeout_s + rollout.request_timeout_s,
         )
         if rollout.engine_urls:
             # Launch options (dtype, hf_threads ...) do not apply to engines that are already running.
@@ -349,13 +354,13 @@ class EngineGroup:
             engine = Engine(name, self.kind, self.engines[0].tensor_parallel, url=url, index=len(self.remote_engines), remote=True)
             engine.client = self._client
             self.remote_engines.append(engine)
-        self._generation.engines = self.engines + self.remote_engines
+        self._generation.spread_over(self.engines + self.remote_engines)
 
     def addresses(self) -> list[tuple[str, str]]:
         """``(name, url)`` of this group's engines (a restarted engine keeps its URL)."""
         return [(engine.name, engine.url) for engine in self.engines]
 
-    def use_router(self, router, *, generate: bool) -> None:
+    def use_router(self, router: Router, *, generate: bool) -> None:
         """Register this node's engines with ``router`` (a restarted one is removed and added again).
 
         Args:
@@ -365,12 +370,12 @@ class EngineGroup:
         """
         for engine in self.engines:
             router.add_worker(engine.url)
-        self._supervisor.router = router
+        self._supervisor.re_register_with(router)
         if generate:
             front = Engine("sglang-router", self.kind, 1, url=router.url)
             front.client = self._client
             self._client.set_capacity(router.url, self._client.max_in_flight_per_engine * len(self.engines + self.remote_engines))
-            self._generation.router = front
+            self._generation.send_through(front)
 
     def pause_generation(self, mode: Literal["abort", "retract", "in_place"] = "abort") -> None:
         """Pause every engine (``/pause_generation``) until :meth:`continue_generation`.

@@ -50,15 +50,17 @@ class EngineClient:
     """An HTTP client for a group of engines, with its event loop on its own thread.
 
     Args:
-        num_engines: engines in the group; the connection pool holds
-            ``num_engines * max_in_flight_per_engine`` connections.
+        num_engines: engines in the group; the connection pool keeps up to
+            ``num_engines * max_in_flight_per_engine`` connections alive. The pool itself sets no
+            limit: the slots of each URL bound its connections, so a busy URL (a router with a
+            whole batch in flight) never holds up a call to another (a health check).
         max_in_flight_per_engine: requests one engine serves at once (more wait for a slot).
     """
 
     def __init__(self, num_engines: int, *, max_in_flight_per_engine: int = MAX_IN_FLIGHT_PER_ENGINE):
         self.max_in_flight_per_engine = max_in_flight_per_engine
         connections = num_engines * max_in_flight_per_engine
-        self._http = httpx.AsyncClient(limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections))
+        self._http = httpx.AsyncClient(limits=httpx.Limits(max_connections=None, max_keepalive_connections=connections))
         self._slots: dict[str, asyncio.Semaphore] = {}
         """Per engine URL (a restarted engine may listen on a new port); touched only on the loop."""
         self._loop = asyncio.new_event_loop()

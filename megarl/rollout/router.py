@@ -16,7 +16,8 @@ its process group when the launching process is gone, like the engines
 What the router does with requests (measured with 0.3.2): ``/generate`` is parsed and re-sent, so
 a body must have ONE ``sampling_params`` dict (a list is refused with 422) and one ``rid`` string
 (:func:`megarl.rollout.protocol.routed_generate_body`: one request per sample); unknown fields are dropped, among them
-``return_routed_experts`` (:func:`check_routed_experts`). ``/flush_cache`` reaches every worker.
+``return_routed_experts`` (so routing replay R3 cannot run behind it: :mod:`megarl.preflight` refuses
+it). ``/flush_cache`` reaches every worker.
 Weight updates, memory release, pause / continue and ``/abort_request`` are not routed (404): they
 go to the engines directly. The ``X-SMG-Routing-Key`` header keeps requests with one key on one
 worker under ``--policy manual``; other policies ignore it.
@@ -48,8 +49,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Sequence
 
-from megarl.rollout import protocol
-from megarl.rollout.engine import free_port
+from megarl.rollout.engine import free_port, signal_group
 from megarl.rollout.errors import EngineDead, EngineMisconfigured, EngineRequestError, EngineStartError, EngineTimeout
 
 PACKAGE = "sglang-router"
@@ -292,20 +292,13 @@ class Router:
             return
         self._stopped = True
         atexit.unregister(self.stop)
-        _signal_group(self.process.pid, signal.SIGTERM)
+        signal_group(self.process.pid, signal.SIGTERM)
         try:
             self.process.wait(timeout=_STOP_GRACE_S)
         except subprocess.TimeoutExpired:
             pass
-        _signal_group(self.process.pid, signal.SIGKILL)
+        signal_group(self.process.pid, signal.SIGKILL)
         self.process.wait()
-
-
-def _signal_group(group: int, signum: int) -> None:
-    try:
-        os.killpg(group, signum)
-    except ProcessLookupError:
-        pass
 
 
 def undelivered(error: EngineRequestError) -> bool:
@@ -313,32 +306,3 @@ def undelivered(error: EngineRequestError) -> bool:
     not yet taken out, or none is healthy: HTTP 503; sglang-router 0.3.2 answers a request it could
     not send with HTTP 500 "error sending request for url ..."), not because an engine refused it."""
     return error.status == 503 or (error.status is not None and error.status >= 500 and "error sending request" in str(error))
-
-
-def check_routed_experts(router_url: str, timeout_s: float = 60.0) -> None:
-    """Check that generations through the router carry routed experts (routing replay R3 needs
-    them): one 1-token ``/generate`` with ``return_routed_experts`` through it.
-
-    sglang-router 0.3.2 drops the field from the request it re-sends, so with it this always raises;
-    the engines behind it must return routed experts themselves
-    (:meth:`megarl.rollout.engine.Engine.require_routed_experts`).
-
-    Raises:
-        EngineMisconfigured: the answer has no ``meta_info.routed_experts``, with the fix.
-        EngineError: the request failed (no healthy worker: 503).
-    """
-    label = f"{PACKAGE} ({router_url})"
-    body = protocol.routed_generate_body([0], {"max_new_tokens": 1, "temperature": 0.0}, return_routed_experts=True)
-    answer = _request(label, router_url.rstrip("/"), "POST", "/generate", body, timeout=timeout_s)
-    item = answer[0] if isinstance(answer, list) and answer else answer
-    meta = item.get("meta_info", {}) if isinstance(item, dict) else {}
-    if "routed_experts" not in meta:
-        try:
-            version = importlib.metadata.version(PACKAGE)
-        except importlib.metadata.PackageNotFoundError:
-            version = "not installed here"
-        raise EngineMisconfigured(
-            label,
-            f"rollout.router: sglang ({PACKAGE} {version}) does not forward return_routed_experts, which "
-            "algorithm.routing_replay: r3 needs: use routing_replay r2 / none, or rollout.router: none",
-        )

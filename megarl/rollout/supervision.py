@@ -96,8 +96,7 @@ class EngineSupervisor:
         self._check_timeout_s = check_timeout_s
         self._version = version
         self._remote_wait_s = remote_wait_s
-        self.router: Any = None
-        """The router the engines are registered with (``remove_worker(url)``, ``add_worker(url)``), or None."""
+        self._router: Any = None
         self._restart_lock = threading.Lock()
         self._fatal: EngineError | None = None
         self._pauses = 0
@@ -162,14 +161,14 @@ class EngineSupervisor:
                     raise self._fatal
                 self.restarts += 1
             log.warning("restarting rollout engine %s (restart %d of %d): %s", engine.label, self.restarts, self.restart_budget, cause)
-            if self.router is not None:
-                self.router.remove_worker(engine.url)
-            engine.kill()
             try:
+                if self._router is not None:
+                    self._router.remove_worker(engine.url)
+                engine.kill()
                 engine.start()
                 self._reload(engine)
-                if self.router is not None:
-                    self.router.add_worker(engine.url)
+                if self._router is not None:
+                    self._router.add_worker(engine.url)
             except EngineError as error:
                 self._fatal = error
                 raise
@@ -193,6 +192,11 @@ class EngineSupervisor:
             "its node's first rank restarts it: see that node's engine logs (run_dir/engines)"
         )
         raise self._fatal
+
+    def re_register_with(self, router: Any) -> None:
+        """Take a restarted engine out of ``router`` before it is killed, and add it again once it
+        holds the current weights (``router``: a :class:`~megarl.rollout.router.Router`)."""
+        self._router = router
 
     def check(self) -> None:
         """Raise the error that made the group unusable, if any.

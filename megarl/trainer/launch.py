@@ -137,8 +137,7 @@ def connect_nodes(config: Config, engines: EngineGroup | None, nodes: list[list[
     On several nodes the first rank's group learns every other node's engines
     (:meth:`EngineGroup.add_remote_engines`). With ``rollout.router: sglang`` the first rank starts
     the router, every node's first rank registers its engines with it, and the first rank's
-    generation goes through it; with ``algorithm.routing_replay: r3`` the router is checked to pass
-    routed experts on.
+    generation goes through it.
 
     Args:
         engines: this node's engine group (each node's first rank), else None.
@@ -148,7 +147,8 @@ def connect_nodes(config: Config, engines: EngineGroup | None, nodes: list[list[
         the router (first rank, ``rollout.router: sglang``), else None.
 
     Raises:
-        EngineMisconfigured: the router cannot be started, or cannot serve routing replay.
+        EngineMisconfigured: the router package is not installed.
+        EngineStartError: the router did not start, or an engine did not register.
     """
     import torch.distributed as dist
 
@@ -160,7 +160,7 @@ def connect_nodes(config: Config, engines: EngineGroup | None, nodes: list[list[
             engines.add_remote_engines([address for ranks in nodes[1:] for address in addresses[ranks[0]]])
     if config.rollout.router != "sglang":
         return None
-    from megarl.rollout.router import Router, check_routed_experts
+    from megarl.rollout.router import Router
 
     router, url = None, [None]
     if first:
@@ -174,8 +174,6 @@ def connect_nodes(config: Config, engines: EngineGroup | None, nodes: list[list[
     if engines is not None:
         engines.use_router(router if first else Router.connect(url[0]), generate=first)
     dist.barrier()
-    if first and config.algorithm.routing_replay == "r3":
-        check_routed_experts(router.url, config.rollout.request_timeout_s)
     return router
 
 

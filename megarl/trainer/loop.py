@@ -242,6 +242,9 @@ def train_step(run: Run, step: int, phase=lambda name: None) -> dict[str, float]
         metrics.update(run.sync_weights(version=step + 1))
     if colocated:
         run.engines.resume_memory()
+    if config.rollout.colocate:
+        # The first rank generates on every node's engines next: all must have their memory back.
+        run.wait_for_nodes()
     end = time.perf_counter()
     tokens = int(batch.sequence_lengths.sum())
     metrics.update(

@@ -235,8 +235,7 @@ class Run:
             ``weights/sync_s`` and ``weights/sync_gbps`` (GB/s of bucket bytes, per node).
         """
         start = time.perf_counter()
-        if len(self.streams) > 1:
-            dist.barrier()
+        self.wait_for_nodes()
         for stream in self.streams:
             buckets = stream.buckets()
             if stream.is_destination and self.engines is not None:
@@ -246,17 +245,26 @@ class Run:
             if self.config.rollout.colocate:
                 # The engines share the devices: the bucket buffers go back to them between updates.
                 stream.release_buffers()
-        if len(self.streams) > 1:
-            dist.barrier()
+        self.wait_for_nodes()
         self.weight_version = version
         seconds = time.perf_counter() - start
         total = sum(meta.end - meta.start for metas in self.streams[0].bucket_metas for meta in metas)
         return {"weights/sync_s": seconds, "weights/sync_gbps": total / max(seconds, 1e-9) / 1e9}
 
+    @property
+    def several_nodes(self) -> bool:
+        """Whether every node's first rank runs engines of its own (a stream to each)."""
+        return len(self.streams) > 1
+
+    def wait_for_nodes(self) -> None:
+        """Return once every rank got here (collective), on several nodes; at once on one."""
+        if self.several_nodes:
+            dist.barrier()
+
     def _restarts_by_node(self) -> list[int]:
         """Engine restarts so far on each node (collective on several nodes)."""
         mine = self.engines.restarts if self.engines is not None else 0
-        if len(self.streams) == 1:
+        if not self.several_nodes:
             return [mine]
         gathered: list[tuple[int, int]] = [None] * dist.get_world_size()  # type: ignore[list-item]
         dist.all_gather_object(gathered, (Node.from_env().index, mine))

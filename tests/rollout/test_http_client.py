@@ -212,6 +212,21 @@ def test_requests_past_the_per_engine_limit_wait_for_a_slot_within_their_timeout
         client.close()
 
 
+def test_a_url_with_more_slots_than_the_pool_keeps_does_not_hold_up_calls_to_others(server):
+    # A router with a batch in flight holds the slots of every engine behind it; a health check
+    # of one engine (here the same server under another name) still gets a connection at once.
+    client = EngineClient(num_engines=1, max_in_flight_per_engine=2)
+    try:
+        client.set_capacity(server, 4)
+        busy = [client.run(client.request_async(ENGINE, server, "POST", "/slow", {}, timeout=30)) for _ in range(4)]
+        time.sleep(SLOW_S / 4)
+        other = server.replace("127.0.0.1", "localhost")
+        assert request(client, other, "/echo", {"a": 1}, timeout=SLOW_S / 2)["got"] == {"a": 1}
+        assert all(future.result()["got"] == {} for future in busy)
+    finally:
+        client.close()
+
+
 def test_a_blocking_call_on_the_loop_itself_is_refused(client, server):
     async def blocking_inside_the_loop():
         return client.wait(client.request_async(ENGINE, server, "POST", "/echo", {}, timeout=5))
