@@ -1,7 +1,8 @@
-"""What a node's first rank starts before it imports Megatron and builds the model: the node's rollout
-engines, and on the first rank the reward scorer and (``agent.environment``) the environment workers or (``agent.openai_agent``)
-the agent program workers; and, once the engines and the tokenizer are there, the chat endpoint the
-programs call (:func:`start_chat_endpoint`).
+"""What a node's first rank starts before it imports Megatron and builds the model: the node's
+rollout engines, and on the first rank the reward scorer and (``agent.environment``) the
+environment workers or (``agent.openai_agent``) the agent program workers; and, once the engines
+and the tokenizer are there, the chat endpoint the programs call (:func:`start_chat_endpoint`) and
+the joining of the nodes' engines, behind SGLang's router where asked (:func:`connect_nodes`).
 
 An engine is a process of its own that imports torch and its model library, loads the model and
 only then answers its health check; launched after the trainer's model was built, its start-up

@@ -12,7 +12,6 @@ import select
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from megarl.rollout.embedded.server import make_app
 from megarl.rollout.engine import free_port
 from megarl.rollout.errors import EngineMisconfigured, EngineStartError
 from megarl.rollout.router import ROUTING_KEY_HEADER, Router
-from tests.distributed import REPO
+from tests.distributed import REPO, wait_until
 from tests.rollout.fake_engines import serving
 
 pytestmark = pytest.mark.cpu
@@ -88,15 +87,6 @@ def group_members(group: int) -> list[int]:
             if int(fields[2]) == group and fields[0] != "Z":
                 members.append(int(entry.name))
     return members
-
-
-def wait_until(condition, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return condition()
 
 
 def post(url: str, path: str, body: dict | None = None, headers: dict | None = None):

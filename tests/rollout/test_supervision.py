@@ -19,7 +19,7 @@ from megarl.config import resolve_model_path
 from megarl.rollout import EngineGroup, EngineTimeout, RestartBudgetExhausted, SamplingParams
 from megarl.rollout.engine import Engine, LaunchOptions
 from megarl.weights.bucket import Bucket
-from tests.distributed import REPO
+from tests.distributed import REPO, wait_until
 from tests.workers.engine_weights import read_weights
 
 pytestmark = pytest.mark.multirank
@@ -39,15 +39,6 @@ def gone(pid: int) -> bool:
             return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
     except FileNotFoundError:
         return True
-
-
-def wait_until(condition, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return condition()
 
 
 def launch(log_dir: Path, **options) -> EngineGroup:

@@ -2,7 +2,7 @@
 rendezvous): expert parallelism across them, one ``hf`` engine per node launched and supervised by
 its node, SGLang's router in front of both.
 
-tests/workers/node_check.py runs three GRPO steps of the bundled tiny MoE; after every step each
+tests/workers/node_check.py runs two GRPO steps of the bundled tiny MoE; after every step each
 node's engine must hold exactly the exporter's weights, and the engine that the second node's
 rank kills after step 0 is restarted by that node, not by the first.
 """
@@ -19,7 +19,7 @@ from tests.distributed import REPO, TORCHRUN_ENVIRONMENT, WORKERS, free_port, ru
 
 pytestmark = pytest.mark.multirank
 
-STEPS = 3
+STEPS = 2
 
 
 def test_two_nodes_with_router_train_and_restart_engines_on_their_node(tmp_path):
