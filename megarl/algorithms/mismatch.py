@@ -41,8 +41,8 @@ The weight composes with any token-level loss: with ``cispo`` the update directi
 -sg(clip(u_t) w_t) A grad log pi_theta, the clip acting on the proximal ratio only. ``gspo`` is
 refused: its ratio is one per sequence and a per-token behaviour weight would mix the two levels.
 
-Sequence-level importance sampling (verl's ``algorithm.rollout_correction.rollout_is``; Yao et al.
-2025 and "When Speed Kills Stability", Li et al. 2025). One weight per sequence i from the same
+Sequence-level importance sampling (verl's ``algorithm.rollout_correction.rollout_is``; "When Speed
+Kills Stability", Li et al. 2025). One weight per sequence i from the same
 token log-ratios log w_t = old_log_probs - rollout_log_probs over its valid tokens T_i, truncated
 at C (``algorithm.rollout_is_threshold``) and put on each of its tokens, stop-gradient:
 
@@ -50,7 +50,8 @@ at C (``algorithm.rollout_is_threshold``) and put on each of its tokens, stop-gr
     geometric:  rho_i = min(exp(clamp(mean_{t in T_i} log w_t, +-20)), C)           (geometric mean)
 
 The product is the unbiased sequence importance ratio, with a variance that grows with the length;
-the geometric mean is a length-normalised, biased, low-variance form. Source: verl's
+the geometric mean is a length-normalised, biased, low-variance form. Being one weight per
+sequence, it also composes with ``gspo``. Source: verl's
 ``compute_rollout_correction_weights`` (rollout_corr_helper.py, rollout_is = "sequence") and, for
 ``geometric``, the level of the same name in its earlier ``compute_rollout_importance_weights``
 (mismatch_helper.py, verl 0.6).
@@ -74,7 +75,7 @@ Departures from verl, all deliberate: one rejection criterion per run (verl chai
 separated); k1's bounds are two numbers (verl: one ``"lower_upper"`` string); verl's "token" level
 of importance sampling is ``algorithm.tis`` here; the sequence fractions and extremes of the
 metrics count the sequences with at least one valid token (verl: every row, empty ones included);
-the metrics are a subset of verl's, with its names, under ``mismatch/`` (verl: ``rollout_corr/``).
+``rollout_is_min`` is bounded below by exp(-20) as the weight is (verl's is not); the metrics are a subset of verl's, with its names, under ``mismatch/`` (verl: ``rollout_corr/``).
 
 Metrics are detached 0-d tensors over valid tokens, or over valid sequences where they say so.
 """
