@@ -837,6 +837,42 @@ def test_decoupled_ppo_with_tis_or_icepop_is_refused(correction):
         load_config(None, ["algorithm.use_decoupled_loss=true", f"algorithm.{correction}=true"])
 
 
+@pytest.mark.parametrize("correction", ["tis", "icepop", "use_decoupled_loss"])
+def test_sequence_level_importance_sampling_with_a_token_level_weight_is_refused(correction):
+    expected = rf"`algorithm.rollout_is` \(sequence\) and algorithm.{correction} are both set: .* apply it twice; pick one"
+    with pytest.raises(ConfigError, match=expected):
+        load_config(None, ["algorithm.rollout_is=sequence", f"algorithm.{correction}=true"])
+
+
+@pytest.mark.parametrize(
+    "overrides,expected",
+    [
+        (["algorithm.rollout_rs=seq_mean_k3"], r"`algorithm.rollout_rs_threshold` is null but algorithm.rollout_rs is seq_mean_k3"),
+        (
+            ["algorithm.rollout_rs=token_k2", "algorithm.rollout_rs_threshold=0.1", "algorithm.rollout_rs_threshold_lower=0.05"],
+            r"`algorithm.rollout_rs_threshold_lower` \(0.05\) is set but algorithm.rollout_rs token_k2 has no lower bound",
+        ),
+        (
+            ["algorithm.rollout_rs=seq_sum_k1", "algorithm.rollout_rs_threshold=2", "algorithm.rollout_rs_threshold_lower=3"],
+            r"`algorithm.rollout_rs_threshold_lower` \(3.0\) must be < rollout_rs_threshold \(2.0\)",
+        ),
+        (["algorithm.rollout_rs=seq_max_k1"], r"`algorithm.rollout_rs` = 'seq_max_k1' must be null or one of"),
+        (["algorithm.rollout_is=token"], r"`algorithm.rollout_is` = 'token' must be null or one of 'sequence', 'geometric'"),
+    ],
+)
+def test_bad_rejection_sampling_settings_are_refused(overrides, expected):
+    with pytest.raises(ConfigError, match=expected):
+        load_config(None, overrides)
+
+
+def test_rollout_corrections_are_off_by_default_and_combine_with_tis():
+    assert load_config(None).algorithm.rollout_is is None and load_config(None).algorithm.rollout_rs is None
+    options = ["algorithm.tis=true", "algorithm.rollout_rs=seq_mean_k1", "algorithm.rollout_rs_threshold=1.01"]
+    algorithm = load_config(None, options).algorithm
+    assert (algorithm.rollout_rs, algorithm.rollout_rs_threshold, algorithm.rollout_rs_threshold_lower) == ("seq_mean_k1", 1.01, None)
+    assert load_config(None, ["algorithm.rollout_is=geometric", "algorithm.policy_loss=gspo"]).algorithm.rollout_is == "geometric"
+
+
 def test_decoupled_ppo_with_gspo_is_refused_and_is_off_by_default():
     with pytest.raises(ConfigError, match=r"`algorithm.use_decoupled_loss` is not available with algorithm.policy_loss = gspo"):
         load_config(None, ["algorithm.use_decoupled_loss=true", "algorithm.policy_loss=gspo"])

@@ -17,6 +17,16 @@ from megarl.config.base import Range, Section
 KLEstimator = Literal["k1", "k2", "k3", "abs"]
 """The KL estimators :mod:`megarl.algorithms.kl` registers."""
 
+RolloutISLevel = Literal["sequence", "geometric"]
+"""The sequence-level importance sampling weights of :mod:`megarl.algorithms.mismatch`."""
+RolloutRSCriterion = Literal[
+    "token_k1", "token_k2", "token_k3",
+    "seq_sum_k1", "seq_sum_k2", "seq_sum_k3",
+    "seq_mean_k1", "seq_mean_k2", "seq_mean_k3",
+    "seq_max_k2", "seq_max_k3",
+]  # fmt: skip
+"""The rejection sampling criteria of :mod:`megarl.algorithms.mismatch` (verl's names)."""
+
 
 @dataclasses.dataclass(kw_only=True, slots=True)
 class AlgorithmConfig(Section):
@@ -100,6 +110,33 @@ class AlgorithmConfig(Section):
     """Decoupled PPO: tokens whose behaviour weight pi_prox / pi_behav exceeds this leave the
     gradient (weight 0; they still count in the aggregation normaliser); > 1, null for no cap
     (AReaL: actor.behav_imp_weight_cap, null by default there; its example configs use 5)."""
+    rollout_is: Optional[RolloutISLevel] = None
+    """Sequence-level truncated importance sampling of the train/rollout mismatch: each token of a
+    sequence is weighted by min(rho, rollout_is_threshold), no gradient through it, with rho the
+    product (``sequence``) or geometric mean (``geometric``) of its tokens' pi_old / pi_rollout;
+    null: off. Metrics mismatch/rollout_is_*. Another truncation of the same ratio as tis, icepop
+    and use_decoupled_loss: pick one of the four. verl's ``token`` level is algorithm.tis with
+    tis_threshold_low 0. Maths in :mod:`megarl.algorithms.mismatch` (verl:
+    algorithm.rollout_correction.rollout_is)."""
+    rollout_is_threshold: Annotated[float, Range(gt=0)] = 2.0
+    """Sequence-level importance sampling: the weight's upper truncation (verl:
+    algorithm.rollout_correction.rollout_is_threshold)."""
+    rollout_rs: Optional[RolloutRSCriterion] = None
+    """Rejection sampling: tokens (``token_k*``) or whole sequences (``seq_sum_k*``, ``seq_mean_k*``,
+    ``seq_max_k*``) whose train/rollout divergence leaves the threshold(s) leave response_mask (no
+    gradient, no place in the normalisers); k1 = -log w, k2 = (log w)^2 / 2, k3 = w - 1 - log w of
+    the token ratio w = pi_old / pi_rollout, summed, averaged or maxed over the sequence; null:
+    off. Combines with any of the weights above. Metrics mismatch/rollout_rs_*. Maths in
+    :mod:`megarl.algorithms.mismatch` (verl: algorithm.rollout_correction.rollout_rs, one criterion
+    here where verl takes a comma-separated list)."""
+    rollout_rs_threshold: Annotated[Optional[float], Range(gt=0)] = None
+    """Rejection sampling's upper bound, needed with rollout_rs: k2 / k3 statistics above it are
+    rejected; for k1, the rollout/train probability ratio exp(k1) (its product for seq_sum, geometric
+    mean for seq_mean) above it, e.g. 2.0 (verl: algorithm.rollout_correction.rollout_rs_threshold,
+    the upper part of its "lower_upper" string for k1)."""
+    rollout_rs_threshold_lower: Annotated[Optional[float], Range(gt=0)] = None
+    """k1 rejection sampling only: exp(k1) below it is rejected; null is 1 / rollout_rs_threshold
+    (verl: the lower part of algorithm.rollout_correction.rollout_rs_threshold's "lower_upper")."""
     reward_clip: Annotated[Optional[float], Range(gt=0)] = None
     """Clip scores to [-reward_clip, reward_clip]; null disables it (OpenRLHF: --reward_clip)."""
     reward_norm: Literal["none", "batch", "group", "running"] = "none"
@@ -156,6 +193,26 @@ class AlgorithmConfig(Section):
                     "is not available with algorithm.policy_loss = gspo: the behaviour weight is per token and GSPO's ratio "
                     "per sequence; use ppo or cispo"
                 )
+        if self.rollout_is is not None:
+            for correction in ("tis", "icepop", "use_decoupled_loss"):
+                if getattr(self, correction):
+                    yield "rollout_is", (
+                        f"({self.rollout_is}) and algorithm.{correction} are both set: each weights a token by pi_old / pi_rollout "
+                        "(one per sequence, one per token), so together they apply it twice; pick one"
+                    )
+        if self.rollout_rs is not None:
+            if self.rollout_rs_threshold is None:
+                yield "rollout_rs_threshold", f"is null but algorithm.rollout_rs is {self.rollout_rs}: set the upper bound, e.g. 2.0"
+            if self.rollout_rs_threshold_lower is not None and not self.rollout_rs.endswith("k1"):
+                yield "rollout_rs_threshold_lower", (
+                    f"({self.rollout_rs_threshold_lower}) is set but algorithm.rollout_rs {self.rollout_rs} has no lower bound "
+                    "(only k1 criteria do); set it to null"
+                )
+            elif self.rollout_rs_threshold_lower is not None and self.rollout_rs_threshold is not None:
+                if self.rollout_rs_threshold_lower >= self.rollout_rs_threshold:
+                    yield "rollout_rs_threshold_lower", (
+                        f"({self.rollout_rs_threshold_lower}) must be < rollout_rs_threshold ({self.rollout_rs_threshold})"
+                    )
         if self.dynamic_sampling_mean_range is not None:
             low, high = self.dynamic_sampling_mean_range
             if low > high:

@@ -10,8 +10,9 @@ Each function is one stage of the RL step in ``docs/rl_step.md`` and works on th
    shaped score without a KL penalty (verl's convention).
 3. DAPO's overlong filtering: the truncated responses leave the loss (after the advantages, so
    that their scores still count in their group's baseline).
-4. :func:`loss_weights`: the train/rollout mismatch correction (TIS, ICEPOP or decoupled PPO's
-   behaviour weight) per token, and the mismatch metrics.
+4. :func:`loss_weights`: the train/rollout mismatch correction (TIS, ICEPOP, decoupled PPO's
+   behaviour weight or sequence-level importance sampling) per token, rejection sampling, and the
+   mismatch metrics.
 
 :func:`prepare_update` runs the four in order.
 """
@@ -23,7 +24,14 @@ import torch
 from megarl.algorithms.advantages import compute_advantages as run_estimator
 from megarl.algorithms.advantages import outcome_token_rewards
 from megarl.algorithms.kl import apply_kl_penalty, estimate_kl
-from megarl.algorithms.mismatch import decoupled_weights, icepop_weights, mismatch_metrics, tis_weights
+from megarl.algorithms.mismatch import (
+    decoupled_weights,
+    icepop_weights,
+    mismatch_metrics,
+    rejection_mask,
+    sequence_is_weights,
+    tis_weights,
+)
 from megarl.algorithms.shaping import RunningMoments, clip_rewards, normalize_rewards, overlong_filter, overlong_penalty
 from megarl.config import AlgorithmConfig
 from megarl.trainer.batch import TrainBatch
@@ -33,7 +41,8 @@ def prepare_update(
     batch: TrainBatch, scores: torch.Tensor, algorithm: AlgorithmConfig, running: RunningMoments, kl_controller, *, max_response_length: int
 ) -> dict[str, float]:
     """Shape ``scores [B]``, fill the batch's advantages, returns and loss weights, and (with
-    ``algorithm.filter_overlong``) take the truncated responses out of ``batch.response_mask``.
+    ``algorithm.filter_overlong``) take the truncated responses, and (with ``algorithm.rollout_rs``)
+    the rejected tokens, out of ``batch.response_mask``.
 
     Args:
         batch: the step's samples, with the forward passes' token values.
@@ -136,8 +145,11 @@ def compute_advantages(batch: TrainBatch, scores: torch.Tensor, algorithm: Algor
 
 
 def loss_weights(batch: TrainBatch, algorithm: AlgorithmConfig) -> dict[str, float]:
-    """Fill ``batch.token_values["loss_weights"]`` (1, or the TIS / ICEPOP / decoupled PPO weights)
-    and measure how far the trainer's log-probs are from the engine's.
+    """Fill ``batch.token_values["loss_weights"]`` (1, or the TIS / ICEPOP / decoupled PPO /
+    sequence-level importance weights), take the tokens that rejection sampling rejects out of
+    ``batch.response_mask``, and measure how far the trainer's log-probs are from the engine's.
+    Every rank computes this on the whole batch, so a sequence's weight does not depend on its
+    micro-batch or rank.
 
     Returns:
         ``mismatch/*`` metrics (mean and max absolute log-prob difference, the rollout KL) and
@@ -157,5 +169,15 @@ def loss_weights(batch: TrainBatch, algorithm: AlgorithmConfig) -> dict[str, flo
     if algorithm.use_decoupled_loss:
         weights, decoupled_metrics = decoupled_weights(old, rollout, mask, cap=algorithm.behav_imp_weight_cap)
         metrics.update({f"mismatch/{name}": value.item() for name, value in decoupled_metrics.items()})
+    if algorithm.rollout_is is not None:
+        weights, is_metrics = sequence_is_weights(old, rollout, mask, level=algorithm.rollout_is, threshold=algorithm.rollout_is_threshold)
+        metrics.update({f"mismatch/{name}": value.item() for name, value in is_metrics.items()})
+    if algorithm.rollout_rs is not None:
+        keep, rs_metrics = rejection_mask(
+            old, rollout, mask, criterion=algorithm.rollout_rs, upper=algorithm.rollout_rs_threshold, lower=algorithm.rollout_rs_threshold_lower
+        )
+        batch.response_mask = keep.to(mask.dtype)
+        weights = torch.where(keep, weights, 0.0)
+        metrics.update({f"mismatch/{name}": value.item() for name, value in rs_metrics.items()})
     batch.token_values["loss_weights"] = weights.float()
     return metrics

@@ -115,6 +115,33 @@ def test_decoupled_loss_weights_by_prox_over_behaviour_and_masks_above_the_cap()
     assert metrics["mismatch/behav_imp_weight_mean"] == pytest.approx(math.exp(0.5) * mask[:4].sum().item() / tokens, rel=1e-6)
 
 
+def test_sequence_is_weights_each_sequence_and_rejection_sampling_leaves_the_response_mask():
+    batch = make_batch()
+    mask = batch.response_mask.clone()
+    rollout = batch.token_values["rollout_log_probs"]
+    # Every token of row i is off by 0.1 * (i - 3): rows 0-2 lower, 4-7 higher on the trainer's side.
+    shift = 0.1 * (torch.arange(8.0) - 3)[:, None]
+    batch.token_values["old_log_probs"] = torch.where(mask, rollout + shift, 0.0)
+    options = ["algorithm.rollout_is=geometric", "algorithm.rollout_is_threshold=1.3", "algorithm.rollout_rs=token_k2"]
+    metrics = loss_weights(batch, load_config(None, options + ["algorithm.rollout_rs_threshold=0.1"]).algorithm)
+    # Geometric mean of a constant shift: exp(0.1 (i - 3)), truncated at 1.3 (rows 6, 7);
+    # no token has k2 = shift^2 / 2 > 0.1.
+    expected = torch.where(mask, torch.exp(shift).clamp(max=1.3), 0.0)
+    assert torch.allclose(batch.token_values["loss_weights"], expected)
+    assert torch.equal(batch.response_mask, mask)
+    assert metrics["mismatch/rollout_is_ratio_fraction_high"] == pytest.approx(2 / 8)
+    assert metrics["mismatch/rollout_rs_masked_fraction"] == 0.0
+    # k2 = 0.5 (0.1 (i - 3))^2 > 0.03 for rows 0, 6 and 7 (|i - 3| >= 3): they leave the loss and the mask.
+    batch.response_mask = mask.clone()
+    metrics = loss_weights(batch, load_config(None, options + ["algorithm.rollout_rs_threshold=0.03"]).algorithm)
+    rejected = torch.tensor([True, False, False, False, False, False, True, True])
+    assert torch.equal(batch.response_mask, mask & ~rejected[:, None])
+    assert not batch.token_values["loss_weights"][rejected].any()
+    assert torch.allclose(batch.token_values["loss_weights"][~rejected], expected[~rejected])
+    assert metrics["mismatch/rollout_rs_seq_masked_fraction"] == pytest.approx(3 / 8)
+    assert metrics["mismatch/rollout_rs_masked_fraction"] == pytest.approx(mask[rejected].sum().item() / mask.sum().item())
+
+
 def test_overlong_filtering_keeps_the_truncated_score_in_the_group_baseline():
     # Row 7 is truncated with score 1: it leaves the loss, but its group's other advantages are the
     # ones computed with its score.
