@@ -163,6 +163,15 @@ INVALID = [
         1, "dense",
         ["`algorithm.advantage_estimator` (rloo)", "`algorithm.reward_norm` (group)", "`algorithm.dynamic_sampling` drops groups"],
     ),
+    (
+        ["algorithm.advantage_estimator=grpo_passk", "rollout.n_samples_per_prompt=1", "train.global_batch_size=16", "train.mini_batch_size=16"],
+        1, "dense",
+        ["`algorithm.advantage_estimator` (grpo_passk) compares the samples of a prompt"],
+    ),
+    (["algorithm.advantage_estimator=optimal_token_baseline"], 1, "dense", [
+        "`algorithm.advantage_estimator` (optimal_token_baseline) needs the policy's sum of squared probabilities",
+    ]),
+    (["algorithm.advantage_estimator=remax"], 1, "dense", ["`algorithm.advantage_estimator` (remax) needs one greedy answer per prompt"]),
     (["data.val_files=[]"], 1, "dense", ["`train.eval_every` (10) needs `data.val_files`"]),
     (["data.val_files=[]", "train.eval_every=0", "train.val_before_train=true"], 1, "dense", ["`train.val_before_train` needs `data.val_files`"]),
     (["algorithm.advantage_estimator=gae", "train.steps=20", "critic.warmup_steps=20"], 1, "dense", [
@@ -377,12 +386,12 @@ def test_unregistered_algorithm_names_are_refused_once_the_cheap_checks_pass(tmp
     moe = REPO / "configs" / "moe_grpo.yaml"
     run_dir = f"logging.run_dir={tmp_path / 'run'}"
     assert check_run(load_config(moe, [run_dir, "algorithm.advantage_estimator=ppo"]), 2) == [
-        "`algorithm.advantage_estimator` = 'ppo' is not a registered advantage estimator — did you mean `grpo`? Registered: gae, grpo, "
-        "reinforce_pp, reinforce_pp_baseline, rloo; a new one is a function decorated with @register_advantage in megarl/algorithms/advantages.py"
+        "`algorithm.advantage_estimator` = 'ppo' is not a registered advantage estimator — did you mean `opo`? Registered: gae, gpg, grpo, "
+        "grpo_passk, opo, optimal_token_baseline, reinforce_pp, reinforce_pp_baseline, remax, rloo; a new one is a function decorated with @register_advantage in megarl/algorithms/advantages.py"
     ]
     assert check_run(load_config(moe, [run_dir, "algorithm.advantage_estimator=xyz", "algorithm.policy_loss=ppoo"]), 2) == [
-        "`algorithm.advantage_estimator` = 'xyz' is not a registered advantage estimator. Registered: gae, grpo, reinforce_pp, "
-        "reinforce_pp_baseline, rloo; a new one is a function decorated with @register_advantage in megarl/algorithms/advantages.py",
+        "`algorithm.advantage_estimator` = 'xyz' is not a registered advantage estimator. Registered: gae, gpg, grpo, grpo_passk, "
+        "opo, optimal_token_baseline, reinforce_pp, reinforce_pp_baseline, remax, rloo; a new one is a function decorated with @register_advantage in megarl/algorithms/advantages.py",
         "`algorithm.policy_loss` = 'ppoo' is not a registered policy loss — did you mean `ppo`? Registered: cispo, gspo, ppo; a new one "
         "is a function decorated with @register_policy_loss in megarl/algorithms/policy_losses.py",
     ]

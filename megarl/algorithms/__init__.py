@@ -1,7 +1,8 @@
 """RL algorithms as registries of pure tensor functions: tensors and masks in, tensors and metric
 dicts out; no model, no process group, no global state.
 
-- ``advantages``: advantage estimators (gae, grpo / Dr. GRPO, rloo, reinforce_pp, reinforce_pp_baseline)
+- ``advantages``: advantage estimators (gae, grpo / Dr. GRPO, rloo, reinforce_pp, reinforce_pp_baseline, opo,
+  gpg, grpo_passk, remax, optimal_token_baseline)
 - ``policy_losses``: per-token policy losses (ppo with clip-higher and dual clip, gspo, cispo), entropy bonus
 - ``value_loss``: the critic's (clipped) loss
 - ``aggregation``: per-token losses -> scalar, exact across micro-batches and parallel ranks

@@ -68,6 +68,13 @@ def _sequence_errors(config: Config, model_facts: ModelFacts) -> list[str]:
     return errors
 
 
+UNWIRED_ESTIMATORS = {
+    "optimal_token_baseline": "the policy's sum of squared probabilities over the vocabulary at every token (verl: actor.calculate_sum_pi_squared)",
+    "remax": "one greedy answer per prompt, scored, as each response's baseline",
+}
+"""Registered estimators whose inputs the trainer does not produce yet, and what they need."""
+
+
 def _batch_errors(config: Config, data_parallel: int) -> list[str]:
     train, rollout, algorithm = config.train, config.rollout, config.algorithm
     group = rollout.n_samples_per_prompt
@@ -103,13 +110,18 @@ def _batch_errors(config: Config, data_parallel: int) -> list[str]:
         )
     if group < 2:
         reasons = []
-        if algorithm.advantage_estimator in ("grpo", "rloo", "reinforce_pp_baseline"):
+        if algorithm.advantage_estimator in ("grpo", "rloo", "reinforce_pp_baseline", "opo", "gpg", "grpo_passk", "optimal_token_baseline"):
             reasons.append(f"`algorithm.advantage_estimator` ({algorithm.advantage_estimator}) compares the samples of a prompt")
         if algorithm.reward_norm == "group":
             reasons.append("`algorithm.reward_norm` (group) normalises within each prompt's samples")
         if algorithm.dynamic_sampling:
             reasons.append("`algorithm.dynamic_sampling` drops groups whose scores are all equal")
         errors += [f"{reason}: `rollout.n_samples_per_prompt` ({group}) must be >= 2" for reason in reasons]
+    if algorithm.advantage_estimator in UNWIRED_ESTIMATORS:
+        errors.append(
+            f"`algorithm.advantage_estimator` ({algorithm.advantage_estimator}) needs "
+            f"{UNWIRED_ESTIMATORS[algorithm.advantage_estimator]}, which the trainer does not compute yet: choose another estimator"
+        )
     if train.eval_every and not config.data.val_files:
         errors.append(f"`train.eval_every` ({train.eval_every}) needs `data.val_files`: list validation files or set train.eval_every=0")
     if train.val_before_train and not config.data.val_files:

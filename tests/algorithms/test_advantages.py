@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 
 import pytest
 import torch
 from algorithm_batches import response_mask, with_garbage
 
-from megarl.algorithms.advantages import ADVANTAGES, EPS, compute_advantages, outcome_token_rewards
+from megarl.algorithms.advantages import ADVANTAGES, EPS, OTB_EPS, compute_advantages, outcome_token_rewards
 
 pytestmark = pytest.mark.cpu
 
@@ -25,6 +26,10 @@ def batch(holes=(), seed=0):
         scores=torch.randn(len(LENGTHS), generator=generator),
         token_rewards=torch.randn(len(LENGTHS), HORIZON, generator=generator),
         values=torch.randn(len(LENGTHS), HORIZON, generator=generator),
+        reward_baselines=torch.randn(len(LENGTHS), generator=generator),
+        old_log_probs=-torch.rand(len(LENGTHS), HORIZON, generator=generator) * 3,
+        sum_pi_squared=torch.rand(len(LENGTHS), HORIZON, generator=generator),
+        rollout_is_weights=torch.rand(len(LENGTHS), HORIZON, generator=generator) * 2,
         response_mask=mask,
         group_ids=torch.tensor(GROUP_IDS),
         gamma=0.9,
@@ -178,6 +183,9 @@ def test_masked_positions_change_nothing(name, holes):
         **inputs,
         "token_rewards": with_garbage(inputs["token_rewards"], mask, 1),
         "values": with_garbage(inputs["values"], mask, 2),
+        "old_log_probs": with_garbage(inputs["old_log_probs"], mask, 3),
+        "sum_pi_squared": with_garbage(inputs["sum_pi_squared"], mask, 4),
+        "rollout_is_weights": with_garbage(inputs["rollout_is_weights"], mask, 5),
     }
     for clean, dirty in zip(compute_advantages(name, **inputs), compute_advantages(name, **noisy)):
         assert torch.equal(clean, dirty)
@@ -187,19 +195,37 @@ def test_masked_positions_change_nothing(name, holes):
 
 @pytest.mark.parametrize(
     "name,options",
-    [("grpo", {"norm_by_std": True}), ("grpo", {"norm_by_std": False}), ("rloo", {}), ("reinforce_pp_baseline", {})],
+    [
+        ("grpo", {"norm_by_std": True}),
+        ("grpo", {"norm_by_std": False}),
+        ("rloo", {}),
+        ("reinforce_pp_baseline", {}),
+        ("opo", {}),
+        ("gpg", {}),
+        ("grpo_passk", {"norm_by_std": True}),
+        ("grpo_passk", {"norm_by_std": False}),
+        ("optimal_token_baseline", {}),
+    ],
 )
 def test_all_equal_groups_get_exactly_zero(name, options):
     inputs = batch()
     # group 10 all 0.1 (its float mean is not exactly 0.1), group 99 alone, group 4 varies, group 7 all 1.
     inputs["scores"] = torch.tensor([0.1, 0.1, 0.1, 1.0, 0.0, 0.7, 1.0, 1.0])
+    inputs["token_rewards"] = outcome_token_rewards(inputs["scores"], inputs["response_mask"])
     advantages, _ = compute_advantages(name, **{**inputs, **options})
     assert torch.isfinite(advantages).all()
     constant_rows = [0, 1, 2, 5, 6, 7]
     assert torch.equal(advantages[constant_rows], torch.zeros_like(advantages[constant_rows]))
-    assert (advantages[[3, 4]][inputs["response_mask"][[3, 4]].bool()] != 0).all()
+    learning = inputs["response_mask"].bool().clone()
+    learning[[0, 1, 2, 5, 6, 7]] = False
+    if name == "grpo_passk":
+        learning[4] = False  # only the group's best response learns
+    if name == "optimal_token_baseline":
+        learning[4, 4:] = False  # row 4 (score 0) alone past row 3's length: return 0, no baseline
+    assert (advantages[learning] != 0).all()
     # A batch where every group is constant (the batch std is 0 too).
     inputs["scores"] = torch.tensor([0.3] * 3 + [1.0] * 2 + [5.0] + [0.0] * 2)
+    inputs["token_rewards"] = outcome_token_rewards(inputs["scores"], inputs["response_mask"])
     advantages, _ = compute_advantages(name, **{**inputs, **options})
     assert torch.equal(advantages, torch.zeros_like(advantages))
 
@@ -210,3 +236,126 @@ def test_dtypes():
     assert advantages.dtype == torch.float64
     advantages, _ = compute_advantages("rloo", **{**inputs, "scores": torch.tensor([1, 0, 1, 1, 0, 1, 0, 0])})
     assert advantages.dtype == torch.float32
+
+
+def reference_opo(inputs):
+    scores, mask = inputs["scores"].double().tolist(), inputs["response_mask"].tolist()
+    lengths = [sum(row) for row in mask]
+    out = [0.0] * len(scores)
+    for rows in groups(inputs).values():
+        if len({scores[i] for i in rows}) == 1:
+            continue
+        baseline = sum(lengths[i] * scores[i] for i in rows) / sum(lengths[i] for i in rows)
+        for i in rows:
+            out[i] = scores[i] - baseline
+    return out
+
+
+def test_opo_matches_loop():
+    inputs = batch(HOLES)
+    advantages, returns = compute_advantages("opo", **inputs)
+    assert max_error(advantages, expand(reference_opo(inputs), inputs)) <= 1e-6
+    assert torch.equal(returns, advantages)
+
+
+def test_opo_weighs_longer_responses_more():
+    inputs = dict(scores=torch.tensor([1.0, 0.0]), response_mask=response_mask((3, 1), 3), group_ids=torch.tensor([0, 0]))
+    advantages, _ = compute_advantages("opo", **inputs)
+    assert advantages[:, 0].tolist() == pytest.approx([0.25, -0.75])  # baseline (3 * 1 + 1 * 0) / 4
+
+
+@pytest.mark.parametrize("zeros", [0, 3, 8])
+def test_gpg_matches_loop(zeros):
+    inputs = batch()
+    inputs["scores"][:zeros] = 0.0
+    advantages, _ = compute_advantages("gpg", **inputs)
+    nonzero = sum(score != 0 for score in inputs["scores"].tolist())
+    alpha = len(LENGTHS) / max(1, nonzero)
+    expected = [alpha * value for value in reference_grpo(inputs, norm_by_std=False)]
+    assert max_error(advantages, expand(expected, inputs)) <= 1e-6
+
+
+def reference_passk(inputs, norm_by_std):
+    scores = inputs["scores"].double().tolist()
+    out = [0.0] * len(scores)
+    for rows in groups(inputs).values():
+        if len(rows) < 2:
+            continue
+        ranked = sorted(rows, key=lambda i: -scores[i])
+        best, second = ranked[0], ranked[1]
+        gap = scores[best] - scores[second]
+        out[best] = gap / (statistics.stdev(scores[i] for i in rows) + EPS) if norm_by_std else gap
+    return out
+
+
+@pytest.mark.parametrize("norm_by_std", [True, False])
+def test_grpo_passk_matches_loop(norm_by_std):
+    inputs = batch()
+    advantages, _ = compute_advantages("grpo_passk", **{**inputs, "norm_by_std": norm_by_std})
+    assert max_error(advantages, expand(reference_passk(inputs, norm_by_std), inputs)) <= 1e-6
+
+
+def test_grpo_passk_tie_for_the_best_gives_zero():
+    inputs = dict(scores=torch.tensor([1.0, 1.0, 0.0]), response_mask=torch.ones(3, 2), group_ids=torch.tensor([0, 0, 0]))
+    advantages, _ = compute_advantages("grpo_passk", **inputs, norm_by_std=True)
+    assert torch.equal(advantages, torch.zeros(3, 2))
+
+
+@pytest.mark.parametrize("holes", [(), HOLES])
+def test_remax_matches_loop(holes):
+    inputs = batch(holes)
+    advantages, returns = compute_advantages("remax", **inputs)
+    expected_returns = reference_returns(inputs, gamma=1.0)
+    baselines = inputs["reward_baselines"].double().tolist()
+    mask = inputs["response_mask"].tolist()
+    expected = [[g - b if keep else 0.0 for g, keep in zip(row, m)] for row, b, m in zip(expected_returns, baselines, mask)]
+    assert max_error(returns, expected_returns) <= 1e-6
+    assert max_error(advantages, expected) <= 1e-6
+
+
+def reference_otb(inputs, with_is_weights):
+    rewards, old, pi2, rho, mask = (
+        inputs[k].double().tolist() for k in ("token_rewards", "old_log_probs", "sum_pi_squared", "rollout_is_weights", "response_mask")
+    )
+    returns = reference_returns(inputs, gamma=1.0)
+    energy = []
+    for i in range(len(rewards)):
+        row, total = [0.0] * HORIZON, 0.0
+        for t in range(HORIZON):
+            if mask[i][t]:
+                w = 1 - 2 * math.exp(old[i][t]) + pi2[i][t]
+                total += w * rho[i][t] ** 2 if with_is_weights else w
+                row[t] = total
+        energy.append(row)
+    out = [[0.0] * HORIZON for _ in rewards]
+    for rows in groups(inputs).values():
+        for t in range(HORIZON):
+            valid = [i for i in rows if mask[i][t]]
+            if len({returns[i][t] for i in valid}) <= 1:
+                continue
+            baseline = sum(returns[i][t] * energy[i][t] for i in valid) / (sum(energy[i][t] for i in valid) + OTB_EPS)
+            for i in valid:
+                out[i][t] = returns[i][t] - baseline
+    return out, returns
+
+
+@pytest.mark.parametrize("with_is_weights", [False, True])
+@pytest.mark.parametrize("holes", [(), HOLES])
+def test_optimal_token_baseline_matches_loop(holes, with_is_weights):
+    inputs = batch(holes)
+    if not with_is_weights:
+        inputs["rollout_is_weights"] = None
+    advantages, returns = compute_advantages("optimal_token_baseline", **inputs)
+    expected, expected_returns = reference_otb({**batch(holes)}, with_is_weights)
+    assert max_error(advantages, expected) <= 1e-6
+    assert max_error(returns, expected_returns) <= 1e-6
+
+
+@pytest.mark.parametrize("name", ADVANTAGES.names())
+def test_estimators_follow_the_rows_when_the_batch_is_reordered(name):
+    # Every rank computes the advantages of the whole batch, so only the order of its rows may differ.
+    inputs = batch(HOLES)
+    order = torch.randperm(len(LENGTHS), generator=torch.Generator().manual_seed(3))
+    shuffled = {key: value[order] if isinstance(value, torch.Tensor) else value for key, value in inputs.items()}
+    for original, reordered in zip(compute_advantages(name, **inputs), compute_advantages(name, **shuffled)):
+        assert (original[order].double() - reordered.double()).abs().max().item() <= 1e-6
