@@ -41,7 +41,7 @@ def test_duplicate_name_is_refused():
 @pytest.mark.parametrize(
     "registry,expected",
     [
-        (ADVANTAGES, "gae, grpo, reinforce_pp, reinforce_pp_baseline, rloo"),
+        (ADVANTAGES, "gae, gpg, grpo, grpo_passk, opo, optimal_token_baseline, reinforce_pp, reinforce_pp_baseline, remax, rloo"),
         (POLICY_LOSSES, "cispo, gspo, ppo"),
         (KL_ESTIMATORS, "abs, k1, k2, k3, low_var_kl, mse"),
     ],
