@@ -171,7 +171,10 @@ INVALID = [
     (["algorithm.advantage_estimator=optimal_token_baseline"], 1, "dense", [
         "`algorithm.advantage_estimator` (optimal_token_baseline) needs the policy's sum of squared probabilities",
     ]),
-    (["algorithm.advantage_estimator=remax"], 1, "dense", ["`algorithm.advantage_estimator` (remax) needs one greedy answer per prompt"]),
+    (["algorithm.advantage_estimator=remax", "rollout.mode=async", "rollout.colocate=false", "algorithm.reward_norm=group"], 1, "dense", [
+        "`algorithm.advantage_estimator` (remax) generates its greedy baselines in synchronous rounds: set rollout.mode=sync",
+        "`algorithm.reward_norm` (group) would put the scores on another scale than remax's greedy baselines",
+    ]),
     (["data.val_files=[]"], 1, "dense", ["`train.eval_every` (10) needs `data.val_files`"]),
     (["data.val_files=[]", "train.eval_every=0", "train.val_before_train=true"], 1, "dense", ["`train.val_before_train` needs `data.val_files`"]),
     (["algorithm.advantage_estimator=gae", "train.steps=20", "critic.warmup_steps=20"], 1, "dense", [

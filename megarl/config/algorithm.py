@@ -35,11 +35,12 @@ class AlgorithmConfig(Section):
     advantage_estimator: str = "grpo"
     """How advantages are computed: a name in :data:`megarl.algorithms.advantages.ADVANTAGES`,
     built in ``grpo``, ``gae``, ``rloo``, ``reinforce_pp``, ``reinforce_pp_baseline``, ``opo``
-    (verl: opo), ``gpg`` (verl: gpg), ``grpo_passk`` (verl: grpo_passk), ``remax`` (verl: remax; needs
-    the score of one greedy answer per prompt) and ``optimal_token_baseline`` (verl:
-    optimal_token_baseline; needs the policy's per-token sum of squared probabilities): the trainer
-    does not produce the inputs of these two yet and the preflight refuses them
-    (``UNWIRED_ESTIMATORS`` in :mod:`megarl.config.checks`); gae trains a critic. A new one is a function decorated with ``@register_advantage(name)`` in
+    (verl: opo), ``gpg`` (verl: gpg), ``grpo_passk`` (verl: grpo_passk), ``remax`` (verl: remax;
+    each round also generates one greedy answer per prompt, scored, as the baseline of the prompt's
+    samples; synchronous single-turn rollouts, reward_norm none) and ``optimal_token_baseline``
+    (verl: optimal_token_baseline; needs the policy's per-token sum of squared probabilities, which
+    the trainer does not compute yet: the preflight refuses it, ``UNWIRED_ESTIMATORS`` in
+    :mod:`megarl.config.checks`); gae trains a critic. A new one is a function decorated with ``@register_advantage(name)`` in
     ``megarl/algorithms/advantages.py``; the name is checked against the registry before the run
     starts (:mod:`megarl.preflight`) (verl: algorithm.adv_estimator, slime: --advantage-estimator)."""
     gamma: Annotated[float, Range(ge=0, le=1)] = 1.0

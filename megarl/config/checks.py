@@ -70,7 +70,6 @@ def _sequence_errors(config: Config, model_facts: ModelFacts) -> list[str]:
 
 UNWIRED_ESTIMATORS = {
     "optimal_token_baseline": "the policy's sum of squared probabilities over the vocabulary at every token (verl: actor.calculate_sum_pi_squared)",
-    "remax": "one greedy answer per prompt, scored, as each response's baseline",
 }
 """Registered estimators whose inputs the trainer does not produce yet, and what they need."""
 
@@ -122,6 +121,17 @@ def _batch_errors(config: Config, data_parallel: int) -> list[str]:
             f"`algorithm.advantage_estimator` ({algorithm.advantage_estimator}) needs "
             f"{UNWIRED_ESTIMATORS[algorithm.advantage_estimator]}, which the trainer does not compute yet: choose another estimator"
         )
+    if algorithm.advantage_estimator == "remax":
+        # The greedy baselines are generated with each synchronous single-turn round.
+        if rollout.mode == "async":
+            errors.append("`algorithm.advantage_estimator` (remax) generates its greedy baselines in synchronous rounds: set rollout.mode=sync")
+        if config.agent.enabled:
+            errors.append("`algorithm.advantage_estimator` (remax) has no greedy baseline for multi-turn episodes: choose grpo or rloo")
+        if algorithm.reward_norm != "none":
+            errors.append(
+                f"`algorithm.reward_norm` ({algorithm.reward_norm}) would put the scores on another scale than remax's greedy "
+                "baselines (the reward function's own): set algorithm.reward_norm=none"
+            )
     if train.eval_every and not config.data.val_files:
         errors.append(f"`train.eval_every` ({train.eval_every}) needs `data.val_files`: list validation files or set train.eval_every=0")
     if train.val_before_train and not config.data.val_files:

@@ -55,6 +55,9 @@ class ScoredSample:
     """``[N, num_hidden_layers, k]`` the experts the engine routed tokens ``0 .. N-1`` of prompt +
     response to (``Sample.routed_experts``); None when the engine was not asked for them. Left out
     of ``==`` (an array has no single truth value)."""
+    baseline: float | None = None
+    """``algorithm.advantage_estimator: remax``: the score of one greedy answer to its prompt, the
+    baseline its advantage subtracts; None otherwise."""
 
     @property
     def truncated(self) -> bool:
@@ -82,6 +85,7 @@ class TrainBatch:
             experts), for routing replay; None without it (:func:`pack_routed_experts`).
         routed_lengths: ``[B]`` the tokens of each row whose experts came from the engine (or the
             recording pass); the rest hold a filler (:func:`pack_routed_experts`).
+        reward_baselines: ``[B]`` ReMax's baselines (``ScoredSample.baseline``); None without them.
     """
 
     tokens: torch.Tensor
@@ -94,12 +98,14 @@ class TrainBatch:
     pad_multiple: int
     routed_experts: torch.Tensor | None = None
     routed_lengths: torch.Tensor | None = None
+    reward_baselines: torch.Tensor | None = None
 
     @classmethod
     def from_scored(
         cls, samples: Sequence[ScoredSample], *, pad_token_id: int, pad_multiple: int, routing: tuple[Sequence[int], int] | None = None
     ) -> TrainBatch:
-        """Pack scored samples (:meth:`from_samples`; the scores stay with the caller).
+        """Pack scored samples (:meth:`from_samples`; the scores stay with the caller, ReMax's
+        baselines go into ``reward_baselines``).
 
         Args:
             routing: ``(moe_layers, num_experts)`` to pack the samples' routed experts
@@ -120,6 +126,8 @@ class TrainBatch:
             arrays = [sample.routed_experts for sample in samples]
             batch.routed_experts = pack_routed_experts(arrays, batch.sequence_lengths, batch.tokens.shape[1], moe_layers, num_experts)
             batch.routed_lengths = torch.tensor([array.shape[0] for array in arrays], dtype=torch.int64)
+        if samples and samples[0].baseline is not None:
+            batch.reward_baselines = torch.tensor([sample.baseline for sample in samples], dtype=torch.float32)
         return batch
 
     @classmethod

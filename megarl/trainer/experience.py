@@ -128,6 +128,7 @@ def compute_advantages(batch: TrainBatch, scores: torch.Tensor, algorithm: Algor
         gamma=algorithm.gamma,
         lam=algorithm.lam,
         norm_by_std=algorithm.norm_adv_by_std,
+        reward_baselines=batch.reward_baselines,
     )
     batch.token_values["advantages"] = advantages.float()
     batch.token_values["returns"] = returns.float()

@@ -190,11 +190,30 @@ def generate_round(run: Run, step: int, round_index: int, *, batches: int = 1, f
         metrics = {"time/generate_s": RoundMetric(time.perf_counter() - start, adds_up=True)}
         records, scoring = score_samples(run, prompts, samples, first_group=first_group, label=f"step {step}")
         metrics.update(scoring)
+        if run.config.algorithm.advantage_estimator == "remax":
+            records, metrics["reward/greedy_mean"] = with_greedy_baselines(run, prompts, records, sampling, first_group=first_group, label=f"step {step}")
     return {
         "rollout/engine_restarts": RoundMetric(run.engines.restarts, adds_up=False),
         "rollout/prompts": RoundMetric(len(prompts), adds_up=True),
         **metrics,
     }, records
+
+
+def with_greedy_baselines(
+    run: Run, prompts: Sequence[Prompt], records: Sequence[ScoredSample], sampling: SamplingParams, *, first_group: int, label: str
+) -> tuple[list[ScoredSample], RoundMetric]:
+    """ReMax's baselines (first rank): one greedy answer to every prompt (temperature 0, the round's
+    length limit), scored by the same reward; each record gets its prompt's greedy score as
+    ``baseline``. The greedy answers are not trained on.
+
+    Returns:
+        the records with their baselines, and the greedy answers' mean score.
+    """
+    greedy = run.engines.generate([prompt.prompt_ids for prompt in prompts], dataclasses.replace(sampling, temperature=0.0, n=1))
+    scored, _ = score_samples(run, prompts, greedy, first_group=first_group, label=f"{label} (greedy baselines)")
+    baselines = [record.score for record in scored]
+    with_baselines = [dataclasses.replace(record, baseline=baselines[record.group - first_group]) for record in records]
+    return with_baselines, RoundMetric(sum(baselines) / len(baselines), adds_up=False)
 
 
 def batch_of(run: Run, samples: Sequence[ScoredSample], metrics: dict[str, float]) -> tuple[TrainBatch, torch.Tensor, dict[str, float]]:
