@@ -14,8 +14,9 @@ from typing import Annotated, Literal, Optional
 
 from megarl.config.base import Range, Section
 
-KLEstimator = Literal["k1", "k2", "k3", "abs"]
-"""The KL estimators :mod:`megarl.algorithms.kl` registers."""
+KLEstimator = Literal["k1", "k2", "k3", "abs", "k1+", "k3+", "abs+"]
+"""The KL estimators :mod:`megarl.algorithms.kl` registers; with ``+``, the straight-through variant
+(the estimator's value, k2's gradient; verl: ``k1+``, ``k3+`` / ``low_var_kl+``, ``abs+``)."""
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)
@@ -50,14 +51,17 @@ class AlgorithmConfig(Section):
     clip_ratio_c: Annotated[Optional[float], Range(gt=1)] = None
     """Dual-clip bound (> 1, e.g. 3.0) for negative advantages; null disables it. Off by default,
     where verl's is on at 3.0: set 3.0 to match verl (verl: actor.clip_ratio_c, slime: --eps-clip-c)."""
-    loss_agg_mode: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
-    """How per-token losses become one number (verl: actor.loss_agg_mode)."""
+    loss_agg_mode: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm", "token-sum"] = "token-mean"
+    """How per-token losses become one number (verl: actor.loss_agg_mode). ``token-sum``: the plain
+    sum over the mini-batch's valid tokens, no normaliser (its scale grows with batch and length).
+    Definitions in :mod:`megarl.algorithms.aggregation`."""
     entropy_coeff: Annotated[float, Range(ge=0)] = 0.0
     """Entropy bonus coefficient (verl: actor.entropy_coeff, slime: --entropy-coef)."""
     use_kl_in_reward: bool = False
     """Subtract a KL-to-reference penalty from the token rewards (verl: algorithm.use_kl_in_reward)."""
     kl_estimator: KLEstimator = "k1"
-    """KL estimator of the reward penalty (verl: algorithm.kl_penalty)."""
+    """KL estimator of the reward penalty (verl: algorithm.kl_penalty); a ``+`` variant has the same
+    value as its base here (no gradient flows through the reward)."""
     kl_ctrl: Literal["fixed", "adaptive"] = "fixed"
     """Controller of the reward penalty's coefficient (verl: algorithm.kl_ctrl.type)."""
     kl_coef: Annotated[float, Range(ge=0)] = 0.001
@@ -71,8 +75,9 @@ class AlgorithmConfig(Section):
     kl_loss_coef: Annotated[float, Range(ge=0)] = 0.001
     """Coefficient of the KL loss term (verl: actor.kl_loss_coef, slime: --kl-loss-coef)."""
     kl_loss_estimator: KLEstimator = "k3"
-    """KL estimator of the loss term; k3 is verl's low_var_kl (verl: actor.kl_loss_type, slime:
-    --kl-loss-type)."""
+    """KL estimator of the loss term; k3 is verl's low_var_kl. ``k1+``, ``k3+``, ``abs+``: the value
+    of k1, k3, abs with the gradient of k2, d = log pi - log pi_ref (verl's k1+, k3+ /
+    low_var_kl+) (verl: actor.kl_loss_type, slime: --kl-loss-type)."""
     tis: bool = False
     """Truncated importance sampling: weight each token by its train/rollout probability ratio,
     clipped to [tis_threshold_low, tis_threshold_high] (slime: --use-tis)."""
