@@ -37,11 +37,21 @@ class AlgorithmConfig(Section):
     """GRPO: divide by the group's reward std; false is Dr. GRPO (verl: algorithm.norm_adv_by_std_in_grpo)."""
     policy_loss: str = "ppo"
     """Policy objective: a name in :data:`megarl.algorithms.policy_losses.POLICY_LOSSES`, built in
-    ``ppo`` (token-level PPO clip), ``gspo`` (sequence-level ratio) and ``cispo`` (clipped importance
-    weight, gradient through every token). A new one is a function decorated with
+    ``ppo`` (token-level PPO clip), ``gspo`` (sequence-level ratio), ``cispo`` (clipped importance
+    weight, gradient through every token), ``gpg`` (-A log pi, no ratio), ``sapo`` (soft gate,
+    tau_pos / tau_neg), ``gmpo`` (geometric-mean ratio, verl: geo_mean), ``dppo_tv`` / ``dppo_kl``
+    (DPPO's probability trust region: clip_ratio_low / high are its TV or binary-KL bounds,
+    clip_ratio_c its importance-weight truncation). verl aggregates sapo, gspo and geo_mean per
+    sequence: use loss_agg_mode seq-mean-token-mean to match it. Maths in
+    :mod:`megarl.algorithms.policy_losses`. A new one is a function decorated with
     ``@register_policy_loss(name)`` in ``megarl/algorithms/policy_losses.py``; the name is checked
     against the registry before the run starts (:mod:`megarl.preflight`) (verl:
     actor.policy_loss.loss_mode)."""
+    tau_pos: Annotated[float, Range(gt=0)] = 1.0
+    """SAPO: temperature of the soft gate where the advantage is positive (verl: actor.tau_pos)."""
+    tau_neg: Annotated[float, Range(gt=0)] = 1.05
+    """SAPO: temperature of the soft gate where the advantage is <= 0; above tau_pos, negative
+    updates fade faster (verl: actor.tau_neg)."""
     clip_ratio_low: Annotated[float, Range(ge=0, lt=1)] = 0.2
     """PPO clip below 1: the ratio is kept >= 1 - clip_ratio_low (verl: actor.clip_ratio_low, slime:
     --eps-clip)."""
