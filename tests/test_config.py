@@ -383,7 +383,7 @@ def test_unregistered_algorithm_names_are_refused_once_the_cheap_checks_pass(tmp
     assert check_run(load_config(moe, [run_dir, "algorithm.advantage_estimator=xyz", "algorithm.policy_loss=ppoo"]), 2) == [
         "`algorithm.advantage_estimator` = 'xyz' is not a registered advantage estimator. Registered: gae, grpo, reinforce_pp, "
         "reinforce_pp_baseline, rloo; a new one is a function decorated with @register_advantage in megarl/algorithms/advantages.py",
-        "`algorithm.policy_loss` = 'ppoo' is not a registered policy loss — did you mean `ppo`? Registered: cispo, gspo, ppo; a new one "
+        "`algorithm.policy_loss` = 'ppoo' is not a registered policy loss — did you mean `ppo`? Registered: cispo, dppo_kl, dppo_tv, gmpo, gpg, gspo, ppo, sapo; a new one "
         "is a function decorated with @register_policy_loss in megarl/algorithms/policy_losses.py",
     ]
     # A cheap problem is reported alone: the registries are not imported for a run that cannot start.
