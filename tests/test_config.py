@@ -722,8 +722,8 @@ def test_cli_refuses_an_unregistered_policy_loss_in_one_line():
     refused = run_cli("--config", "configs/moe_grpo.yaml", "algorithm.policy_loss=ppoo", world_size="2")
     assert (refused.returncode, refused.stdout) == (2, "")
     assert refused.stderr.splitlines() == [
-        "megarl.config: `algorithm.policy_loss` = 'ppoo' is not a registered policy loss — did you mean `ppo`? Registered: cispo, gspo, "
-        "ppo; a new one is a function decorated with @register_policy_loss in megarl/algorithms/policy_losses.py"
+        "megarl.config: `algorithm.policy_loss` = 'ppoo' is not a registered policy loss — did you mean `ppo`? Registered: cispo, "
+        "dppo_kl, dppo_tv, gmpo, gpg, gspo, ppo, sapo; a new one is a function decorated with @register_policy_loss in megarl/algorithms/policy_losses.py"
     ]
 
 
