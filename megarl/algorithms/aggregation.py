@@ -16,6 +16,7 @@ one valid token, L the maximum response length (the configured budget):
 - ``seq-mean-token-sum``:      c_i = sum_t m l,          Z = S      (mean over responses of their sums)
 - ``seq-mean-token-mean``:     c_i = (sum_t m l) / |i|,  Z = S      (mean over responses of their means)
 - ``seq-mean-token-sum-norm``: c_i = sum_t m l,          Z = S * L  (Dr. GRPO's constant normaliser)
+- ``token-sum``:               c_i = sum_t m l,          Z = 1      (the sum over all valid tokens)
 
 Z is additive over responses, so :func:`normalizer` of each rank's share of the mini-batch (all of
 its micro-batches) summed over data-parallel ranks (an all-reduce) is the global Z. A response
@@ -25,6 +26,13 @@ whose mask is all 0 (filtered out) counts in no denominator.
 does. The one difference is L: megarl's is ``data.max_response_length``, a constant over the run
 as Dr. GRPO means it; verl's default is the width of the batch's response mask (its padded
 response length), which can change from step to step.
+
+``token-sum`` is verl's mode of that name: the mini-batch's loss is the plain sum of its valid
+tokens' losses, so its scale grows with the batch and the response lengths (pick the learning rate
+for it). Its Z is 1 for the whole mini-batch, which no additive share expresses: :func:`normalizer`
+gives 0 for every part and :func:`aggregate_loss` divides by max(Z, 1) = 1, so each micro-batch
+contributes its plain sum; Megatron, whose total count is then 0, leaves the summed gradients
+unscaled (it divides only by a positive count), which is the gradient of the sum.
 
 What the caller must know:
 
@@ -44,7 +52,7 @@ from __future__ import annotations
 
 import torch
 
-MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm", "token-sum")
 
 
 def _check_mode(mode: str) -> None:
@@ -63,11 +71,14 @@ def normalizer(mode: str, response_mask: torch.Tensor, max_response_length: int)
         max_response_length: L, the configured response length budget.
 
     Returns:
-        A 0-d float64 tensor on the mask's device: N, S or S * L. Sum it over data-parallel ranks
+        A 0-d float64 tensor on the mask's device: N, S or S * L, and 0 for ``token-sum`` (whose
+        global Z of 1 is :func:`aggregate_loss`'s floor). Sum it over data-parallel ranks
         (all-reduce) to get the global Z.
     """
     _check_mode(mode)
     mask = response_mask.bool()
+    if mode == "token-sum":
+        return torch.zeros((), dtype=torch.float64, device=mask.device)
     if mode == "token-mean":
         return mask.sum().double()
     responses = mask.any(-1).sum().double()
@@ -91,7 +102,8 @@ def aggregate_loss(
         response_mask: ``[B, T]``.
         mode: one of :data:`MODES`.
         global_normalizer: Z, :func:`normalizer` summed over the whole mini-batch (all
-            micro-batches, all data-parallel ranks). A Z of 0 (nothing to train on) gives loss 0.
+            micro-batches, all data-parallel ranks). It is floored at 1: a Z of 0 (nothing to
+            train on, or ``token-sum``) leaves the plain sum.
         sequence_lengths: ``[B]`` |i| for ``seq-mean-token-mean`` when this rank holds only part of
             each response (context parallelism); by default the mask's row sums.
 

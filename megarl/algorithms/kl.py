@@ -11,6 +11,17 @@ KL divergence", 2020), each an estimate of KL(pi || pi_ref):
   never negative), so one token with an extreme ratio cannot dominate the batch.
 - ``abs``:                  |d|
 
+Straight-through variants: a registered name followed by ``+`` (``k1+``, ``k3+``,
+``low_var_kl+``, ``abs+``; verl's ``kl_penalty`` names ending in ``+``) has the value of that
+estimator and the gradient of k2,
+
+    k+_t = k2_t - sg(k2_t) + sg(k_t),   so   d k+_t / d log pi = d,
+
+because k1 and k3 are unbiased estimates of KL's value but their gradients are not unbiased
+estimates of KL's gradient, and k2's is (Schulman 2020; verl ``kl_penalty``). The value, and so
+the reward penalty, equals the base estimator's: only the KL loss term
+(``algorithm.kl_loss_estimator``) sees the difference. ``k2+`` is k2.
+
 KL in the reward (verl ``use_kl_in_reward``): r_t <- r_t - beta kl_t, then token rewards go to a
 token-level estimator (gae, reinforce_pp). KL as a loss (verl ``use_kl_loss``): beta kl_t is added
 to the per-token policy loss before aggregation.
@@ -38,6 +49,9 @@ ADAPTIVE_ERROR_LIMIT = 0.2
 
 KL_ESTIMATORS: Registry = Registry("KL estimator")
 register_kl = KL_ESTIMATORS.register
+
+STRAIGHT_THROUGH_SUFFIX = "+"
+"""Appended to an estimator's name: its value with k2's gradient (module docstring)."""
 
 
 @register_kl("k1")
@@ -71,15 +85,21 @@ def estimate_kl(
     """The per-token KL estimate registered as ``estimator``, 0 where masked (never read there).
 
     Args:
-        estimator: a name of :data:`KL_ESTIMATORS` (``algorithm.kl_estimator``).
+        estimator: a name of :data:`KL_ESTIMATORS` (``algorithm.kl_estimator``), or one followed
+            by ``+`` for its straight-through variant (value of the estimator, gradient of k2).
         log_probs, ref_log_probs, response_mask: ``[B, T]``.
 
     Returns:
         ``[B, T]``, differentiable in ``log_probs``.
     """
-    function = KL_ESTIMATORS.get(estimator)
+    straight_through = estimator.endswith(STRAIGHT_THROUGH_SUFFIX)
+    function = KL_ESTIMATORS.get(estimator.removesuffix(STRAIGHT_THROUGH_SUFFIX))
     mask = response_mask.bool()
-    estimate = function(torch.where(mask, log_probs, 0.0), torch.where(mask, ref_log_probs, 0.0))
+    log_probs, ref_log_probs = torch.where(mask, log_probs, 0.0), torch.where(mask, ref_log_probs, 0.0)
+    estimate = function(log_probs, ref_log_probs)
+    if straight_through:
+        surrogate = k2(log_probs, ref_log_probs)
+        estimate = surrogate - surrogate.detach() + estimate.detach()
     return torch.where(mask, estimate, 0.0)
 
 

@@ -22,15 +22,47 @@ the weight its behaviour importance weight). With r_t = pi(a_t) / pi_old(a_t) an
 - ``cispo`` (MiniMax-M1, 2025): l_t = -sg(clip(r, 1 - eps_low, 1 + eps_high)) A log pi: the clipped
   importance weight scales the REINFORCE gradient and never zeroes it. The paper clips only above
   (pass clip_ratio_low close to 1 for that); a dual clip has no meaning here and is refused.
+- ``gpg`` (GPG, Chu et al. 2025; verl ``compute_policy_loss_gpg``): l_t = -A log pi_t, plain
+  REINFORCE: no ratio, no clip, no metrics.
+- ``sapo`` (SAPO, Gao et al. 2025, arXiv 2511.20347; verl ``compute_policy_loss_sapo``): a soft
+  gate replaces the clip, l_t = -A f_tau(r) with f_tau(r) = (4 / tau) sigmoid(tau (r - 1)),
+  tau = tau_pos where A > 0 and tau_neg otherwise. Its gradient -A 4 sigma (1 - sigma) r equals
+  PPO's -A r at r = 1 and fades smoothly away from it. verl always aggregates SAPO with
+  ``seq-mean-token-mean``; here the aggregation is ``algorithm.loss_agg_mode`` (set
+  seq-mean-token-mean to match).
+- ``gmpo`` (GMPO, Zhao et al. 2025, arXiv 2507.20673; verl ``compute_policy_loss_geo_mean``): the
+  geometric mean of the token ratios, clipped per token in log space. With x_t = log r_t and
+  s = sign(A_i), x'_t = s min(s x_t, s clip(x_t, -eps_low, eps_high)) (a clip on the side that
+  would grow the objective only), rho_i = exp(mean_t x'_t), A_i = mean_t A_t and the sequence loss
+  l_i = -A_i rho_i, put on each of response i's valid tokens: ``seq-mean-token-mean`` aggregation
+  gives verl's mean over responses (verl ignores its loss_agg_mode for GMPO).
+- ``dppo_tv`` and ``dppo_kl`` (DPPO, "Rethinking the Trust Region in LLM RL", arXiv 2602.04879;
+  verl ``compute_policy_loss_dppo_tv`` / ``_dppo_kl``): a trust region on the sampled token's
+  probability p = pi(a), q = pi_old(a), instead of a clip on the ratio. A token outside the
+  region has loss 0 (no gradient); inside, l_t = -A sg(min(r, c)) log pi_t, with c =
+  ``clip_ratio_c`` (no truncation when None). TV: inside when p - q <= eps_high (A > 0) or
+  p - q >= -eps_low (A <= 0). KL: with the binary KL D = q log(q / p) + (1 - q) log((1 - q + 1e-8) /
+  (1 - p + 1e-8)), inside when D <= eps_high or p <= q (A > 0), D <= eps_low or p >= q (A <= 0).
+  eps_low / eps_high are ``clip_ratio_low`` / ``clip_ratio_high``, read as divergence bounds.
 
 Before exp, as verl 0.9 does: the token log-ratio (ppo, cispo) is clamped to [-20, 20]; GSPO's
 log-ratio sg(log s_i) + log pi_t - sg(log pi_t) is clamped above at 10 only (no gradient past
 it), so one response cannot overflow the loss.
 
+Departures from verl, all deliberate: gmpo clamps the token log-ratio to [-20, 20] before its
+clip (verl leaves the clamp commented out) and divides by |y_i|, not |y_i| + 1e-8; a response with
+no valid token counts in no mean (verl's GMPO mean counts it, with loss 0); dppo's truncation is off
+when ``clip_ratio_c`` is None (verl reads its actor's clip_ratio_c, 3.0 unless set; the paper
+recommends a large value such as 20). verl's ``pg_clipfrac`` of gmpo counts every token whose
+log-ratio lies outside the bounds; here ``clip_fraction_low/high`` count those the clip holds (no
+gradient), as for ppo.
+
 Metrics are detached 0-d tensors, means over valid tokens: ``clip_fraction_low`` (A < 0 and the
 ratio is clipped at 1 - eps_low: no gradient), ``clip_fraction_high`` (A > 0, clipped at
 1 + eps_high), ``dual_clip_fraction``, ``approx_kl`` (k3 estimate of KL(pi_old || pi):
-r - 1 - log r with the token ratio r), ``ratio_mean`` (the ratio the loss uses).
+r - 1 - log r with the token ratio r), ``ratio_mean`` (the ratio the loss uses); dppo reports
+``trust_region_masked_fraction`` (tokens outside the region) and ``truncated_fraction`` (inside,
+weight truncated at c) instead of the clip fractions; sapo and gmpo no dual clip fraction.
 """
 
 from __future__ import annotations
@@ -213,6 +245,174 @@ def cispo(
         "dual_clip_fraction": zero,
     }
     return loss, {**metrics, **_ratio_metrics(log_ratio, ratio, response_mask)}
+
+
+@register_policy_loss("gpg")
+def gpg(log_probs: torch.Tensor, advantages: torch.Tensor, response_mask: torch.Tensor):
+    """REINFORCE without ratio or clip: l_t = -A_t log pi_t.
+
+    Args:
+        log_probs: ``[B, T]``, differentiable.
+        advantages, response_mask: ``[B, T]``.
+
+    Returns:
+        ``(per_token_loss [B, T], {})``.
+    """
+    mask = response_mask.bool()
+    loss = -torch.where(mask, advantages, 0.0) * torch.where(mask, log_probs, 0.0)
+    return torch.where(mask, loss, 0.0), {}
+
+
+@register_policy_loss("sapo")
+def sapo(
+    log_probs: torch.Tensor,
+    old_log_probs: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    tau_pos: float,
+    tau_neg: float,
+):
+    """Soft gate of the token ratio: l_t = -A (4 / tau) sigmoid(tau (r - 1)).
+
+    Args:
+        log_probs: ``[B, T]``, differentiable.
+        old_log_probs, advantages, response_mask: ``[B, T]``.
+        tau_pos, tau_neg: the gate's temperature where A > 0 and where A <= 0.
+
+    Returns:
+        ``(per_token_loss [B, T], metrics)``.
+    """
+    mask = response_mask.bool()
+    log_ratio = _token_log_ratio(log_probs, old_log_probs, response_mask)
+    ratio = torch.exp(log_ratio)
+    advantages = torch.where(mask, advantages, 0.0)
+    tau = torch.where(advantages > 0, tau_pos, tau_neg).to(ratio.dtype)
+    gate = torch.sigmoid(tau * (ratio - 1)) * (4 / tau)
+    return torch.where(mask, -advantages * gate, 0.0), _ratio_metrics(log_ratio, ratio, response_mask)
+
+
+@register_policy_loss("gmpo")
+def gmpo(
+    log_probs: torch.Tensor,
+    old_log_probs: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    clip_ratio_low: float,
+    clip_ratio_high: float,
+):
+    """Geometric-mean ratio per response, clipped per token in log space (module docstring).
+
+    Args:
+        log_probs: ``[B, T]``, differentiable.
+        old_log_probs, advantages, response_mask: ``[B, T]``; the paper's advantages are per
+            response (the same on every token), A_i is their mean over valid tokens.
+        clip_ratio_low, clip_ratio_high: the log-ratio bounds -eps_low, eps_high.
+
+    Returns:
+        ``(per_token_loss [B, T], metrics)``: l_i on each valid token of response i.
+    """
+    mask = response_mask.bool()
+    log_ratio = _token_log_ratio(log_probs, old_log_probs, response_mask)
+    advantages = torch.where(mask, advantages, 0.0)
+    sign = torch.sign(advantages)
+    bounded = log_ratio.clamp(-clip_ratio_low, clip_ratio_high)
+    clipped_log_ratio = sign * torch.minimum(sign * log_ratio, sign * bounded)
+    lengths = mask.sum(-1).clamp(min=1).to(log_ratio.dtype)
+    ratio = torch.exp(clipped_log_ratio.sum(-1) / lengths)
+    sequence_loss = -(advantages.sum(-1) / lengths) * ratio
+    loss = torch.where(mask, sequence_loss[:, None], 0.0)
+    held = (sign * bounded < sign * log_ratio).to(log_ratio.dtype)
+    metrics = {
+        "clip_fraction_low": masked_mean(held * (advantages < 0), response_mask),
+        "clip_fraction_high": masked_mean(held * (advantages > 0), response_mask),
+    }
+    return loss, {**metrics, **_ratio_metrics(log_ratio, ratio[:, None].expand_as(log_ratio), response_mask)}
+
+
+def _total_variation_region(log_prob, old_log_prob, advantages, clip_ratio_low, clip_ratio_high):
+    """DPPO-TV's trust region: p - q <= eps_high where A > 0, p - q >= -eps_low elsewhere."""
+    prob, old_prob = torch.exp(log_prob), torch.exp(old_log_prob)
+    return torch.where(advantages > 0, prob - old_prob <= clip_ratio_high, prob - old_prob >= -clip_ratio_low)
+
+
+def _binary_kl_region(log_prob, old_log_prob, advantages, clip_ratio_low, clip_ratio_high):
+    """DPPO-KL's trust region: binary KL(q || p) <= eps, or p moved against the advantage's push."""
+    prob, old_prob = torch.exp(log_prob), torch.exp(old_log_prob)
+    divergence = old_prob * (old_log_prob - log_prob) + (1 - old_prob) * torch.log((1 - old_prob + 1e-8) / (1 - prob + 1e-8))
+    return torch.where(
+        advantages > 0, (divergence <= clip_ratio_high) | (prob <= old_prob), (divergence <= clip_ratio_low) | (prob >= old_prob)
+    )
+
+
+def _dppo(region, log_probs, old_log_probs, advantages, response_mask, clip_ratio_low, clip_ratio_high, clip_ratio_c):
+    """DPPO's per-token loss with the trust region ``region`` (module docstring) and its metrics."""
+    mask = response_mask.bool()
+    log_ratio = _token_log_ratio(log_probs, old_log_probs, response_mask)
+    ratio = torch.exp(log_ratio)
+    weight = (ratio if clip_ratio_c is None else ratio.clamp(max=clip_ratio_c)).detach()
+    valid_log_probs = torch.where(mask, log_probs, 0.0)
+    advantages = torch.where(mask, advantages, 0.0)
+    valid_old_log_probs = torch.where(mask, old_log_probs, 0.0)
+    inside = region(valid_log_probs.detach(), valid_old_log_probs, advantages, clip_ratio_low, clip_ratio_high) & mask
+    loss = torch.where(inside, -advantages * weight * valid_log_probs, 0.0)
+    truncated = torch.zeros_like(inside) if clip_ratio_c is None else inside & (ratio > clip_ratio_c)
+    metrics = {
+        "trust_region_masked_fraction": masked_mean((~inside).to(ratio.dtype), response_mask),
+        "truncated_fraction": masked_mean(truncated.to(ratio.dtype), response_mask),
+    }
+    return loss, {**metrics, **_ratio_metrics(log_ratio, weight, response_mask)}
+
+
+@register_policy_loss("dppo_tv")
+def dppo_tv(
+    log_probs: torch.Tensor,
+    old_log_probs: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    clip_ratio_low: float,
+    clip_ratio_high: float,
+    clip_ratio_c: float | None = None,
+):
+    """DPPO-Binary-TV: l_t = -A sg(min(r, c)) log pi_t inside |pi - pi_old| bounds, 0 outside.
+
+    Args:
+        log_probs: ``[B, T]``, differentiable.
+        old_log_probs, advantages, response_mask: ``[B, T]``.
+        clip_ratio_low, clip_ratio_high: the probability-difference bounds eps_low, eps_high.
+        clip_ratio_c: truncation c of the importance weight, or None.
+
+    Returns:
+        ``(per_token_loss [B, T], metrics)``.
+    """
+    return _dppo(_total_variation_region, log_probs, old_log_probs, advantages, response_mask, clip_ratio_low, clip_ratio_high, clip_ratio_c)
+
+
+@register_policy_loss("dppo_kl")
+def dppo_kl(
+    log_probs: torch.Tensor,
+    old_log_probs: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    clip_ratio_low: float,
+    clip_ratio_high: float,
+    clip_ratio_c: float | None = None,
+):
+    """DPPO-Binary-KL: l_t = -A sg(min(r, c)) log pi_t inside a binary-KL bound, 0 outside.
+
+    Args:
+        log_probs: ``[B, T]``, differentiable.
+        old_log_probs, advantages, response_mask: ``[B, T]``.
+        clip_ratio_low, clip_ratio_high: the binary-KL bounds eps_low (A <= 0), eps_high (A > 0).
+        clip_ratio_c: truncation c of the importance weight, or None.
+
+    Returns:
+        ``(per_token_loss [B, T], metrics)``.
+    """
+    return _dppo(_binary_kl_region, log_probs, old_log_probs, advantages, response_mask, clip_ratio_low, clip_ratio_high, clip_ratio_c)
 
 
 def entropy_bonus(entropy: torch.Tensor, response_mask: torch.Tensor, coefficient: float) -> torch.Tensor:

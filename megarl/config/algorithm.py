@@ -14,8 +14,9 @@ from typing import Annotated, Literal, Optional
 
 from megarl.config.base import Range, Section
 
-KLEstimator = Literal["k1", "k2", "k3", "abs"]
-"""The KL estimators :mod:`megarl.algorithms.kl` registers."""
+KLEstimator = Literal["k1", "k2", "k3", "abs", "k1+", "k3+", "abs+"]
+"""The KL estimators :mod:`megarl.algorithms.kl` registers; with ``+``, the straight-through variant
+(the estimator's value, k2's gradient; verl: ``k1+``, ``k3+`` / ``low_var_kl+``, ``abs+``)."""
 
 RolloutISLevel = Literal["sequence", "geometric"]
 """The sequence-level importance sampling weights of :mod:`megarl.algorithms.mismatch`."""
@@ -51,11 +52,21 @@ class AlgorithmConfig(Section):
     """GRPO: divide by the group's reward std; false is Dr. GRPO (verl: algorithm.norm_adv_by_std_in_grpo)."""
     policy_loss: str = "ppo"
     """Policy objective: a name in :data:`megarl.algorithms.policy_losses.POLICY_LOSSES`, built in
-    ``ppo`` (token-level PPO clip), ``gspo`` (sequence-level ratio) and ``cispo`` (clipped importance
-    weight, gradient through every token). A new one is a function decorated with
+    ``ppo`` (token-level PPO clip), ``gspo`` (sequence-level ratio), ``cispo`` (clipped importance
+    weight, gradient through every token), ``gpg`` (-A log pi, no ratio), ``sapo`` (soft gate,
+    tau_pos / tau_neg), ``gmpo`` (geometric-mean ratio, verl: geo_mean), ``dppo_tv`` / ``dppo_kl``
+    (DPPO's probability trust region: clip_ratio_low / high are its TV or binary-KL bounds,
+    clip_ratio_c its importance-weight truncation). verl aggregates sapo, gspo and geo_mean per
+    sequence: use loss_agg_mode seq-mean-token-mean to match it. Maths in
+    :mod:`megarl.algorithms.policy_losses`. A new one is a function decorated with
     ``@register_policy_loss(name)`` in ``megarl/algorithms/policy_losses.py``; the name is checked
     against the registry before the run starts (:mod:`megarl.preflight`) (verl:
     actor.policy_loss.loss_mode)."""
+    tau_pos: Annotated[float, Range(gt=0)] = 1.0
+    """SAPO: temperature of the soft gate where the advantage is positive (verl: actor.tau_pos)."""
+    tau_neg: Annotated[float, Range(gt=0)] = 1.05
+    """SAPO: temperature of the soft gate where the advantage is <= 0; above tau_pos, negative
+    updates fade faster (verl: actor.tau_neg)."""
     clip_ratio_low: Annotated[float, Range(ge=0, lt=1)] = 0.2
     """PPO clip below 1: the ratio is kept >= 1 - clip_ratio_low (verl: actor.clip_ratio_low, slime:
     --eps-clip)."""
@@ -65,14 +76,17 @@ class AlgorithmConfig(Section):
     clip_ratio_c: Annotated[Optional[float], Range(gt=1)] = None
     """Dual-clip bound (> 1, e.g. 3.0) for negative advantages; null disables it. Off by default,
     where verl's is on at 3.0: set 3.0 to match verl (verl: actor.clip_ratio_c, slime: --eps-clip-c)."""
-    loss_agg_mode: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
-    """How per-token losses become one number (verl: actor.loss_agg_mode)."""
+    loss_agg_mode: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm", "token-sum"] = "token-mean"
+    """How per-token losses become one number (verl: actor.loss_agg_mode). ``token-sum``: the plain
+    sum over the mini-batch's valid tokens, no normaliser (its scale grows with batch and length).
+    Definitions in :mod:`megarl.algorithms.aggregation`."""
     entropy_coeff: Annotated[float, Range(ge=0)] = 0.0
     """Entropy bonus coefficient (verl: actor.entropy_coeff, slime: --entropy-coef)."""
     use_kl_in_reward: bool = False
     """Subtract a KL-to-reference penalty from the token rewards (verl: algorithm.use_kl_in_reward)."""
     kl_estimator: KLEstimator = "k1"
-    """KL estimator of the reward penalty (verl: algorithm.kl_penalty)."""
+    """KL estimator of the reward penalty (verl: algorithm.kl_penalty); a ``+`` variant has the same
+    value as its base here (no gradient flows through the reward)."""
     kl_ctrl: Literal["fixed", "adaptive"] = "fixed"
     """Controller of the reward penalty's coefficient (verl: algorithm.kl_ctrl.type)."""
     kl_coef: Annotated[float, Range(ge=0)] = 0.001
@@ -86,8 +100,9 @@ class AlgorithmConfig(Section):
     kl_loss_coef: Annotated[float, Range(ge=0)] = 0.001
     """Coefficient of the KL loss term (verl: actor.kl_loss_coef, slime: --kl-loss-coef)."""
     kl_loss_estimator: KLEstimator = "k3"
-    """KL estimator of the loss term; k3 is verl's low_var_kl (verl: actor.kl_loss_type, slime:
-    --kl-loss-type)."""
+    """KL estimator of the loss term; k3 is verl's low_var_kl. ``k1+``, ``k3+``, ``abs+``: the value
+    of k1, k3, abs with the gradient of k2, d = log pi - log pi_ref (verl's k1+, k3+ /
+    low_var_kl+) (verl: actor.kl_loss_type, slime: --kl-loss-type)."""
     tis: bool = False
     """Truncated importance sampling: weight each token by its train/rollout probability ratio,
     clipped to [tis_threshold_low, tis_threshold_high] (slime: --use-tis)."""

@@ -217,6 +217,8 @@ class Policy(ModelObjective):
             clip_ratio_low=algorithm.clip_ratio_low,
             clip_ratio_high=algorithm.clip_ratio_high,
             clip_ratio_c=algorithm.clip_ratio_c,
+            tau_pos=algorithm.tau_pos,
+            tau_neg=algorithm.tau_neg,
         )
         per_token = per_token * micro["loss_weights"]
         if algorithm.entropy_coeff:
@@ -249,5 +251,7 @@ def metric_names(algorithm: AlgorithmConfig) -> tuple[str, ...]:
         clip_ratio_low=algorithm.clip_ratio_low,
         clip_ratio_high=algorithm.clip_ratio_high,
         clip_ratio_c=algorithm.clip_ratio_c,
+        tau_pos=algorithm.tau_pos,
+        tau_neg=algorithm.tau_neg,
     )
     return (*loss_metrics, "entropy", "kl_loss")

@@ -89,6 +89,8 @@ def reference_loss(mode):
         return sum(sums.values()) / len(rows)
     if mode == "seq-mean-token-mean":
         return sum(sums[row] / LENGTHS[row] for row in rows) / len(rows)
+    if mode == "token-sum":
+        return sum(sums.values())
     return sum(sums.values()) / (len(rows) * HORIZON)
 
 
@@ -105,9 +107,11 @@ def test_splits_give_the_full_batch_loss_and_gradient(mode, split):
     gradient, loss = split_gradient(mode, SPLITS[split])
     assert (gradient - full_gradient).abs().max().item() <= 1e-6
     assert loss == pytest.approx(full_loss, abs=1e-6)
-    # The test has teeth: normalising each micro-batch by its own count is not the same.
+    # The test has teeth: normalising each micro-batch by its own count is not the same (token-sum
+    # has no count: there the two are the same by definition).
     naive_gradient, _ = split_gradient(mode, SPLITS[split], local_normalizer=True)
-    assert (naive_gradient - full_gradient).abs().max().item() > 1e-3
+    if mode != "token-sum":
+        assert (naive_gradient - full_gradient).abs().max().item() > 1e-3
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -141,7 +145,7 @@ def test_normalizer_is_additive_over_micro_batches(mode):
         parts = sum(normalizer(mode, mask[rows, : max(1, max(LENGTHS[r] for r in rows))], HORIZON) for rows in micro_batches)
         assert torch.equal(parts, normalizer(mode, mask, HORIZON))
     responses = 9  # row 8 is empty
-    expected = {"token-mean": sum(LENGTHS), "seq-mean-token-sum-norm": responses * HORIZON}
+    expected = {"token-mean": sum(LENGTHS), "seq-mean-token-sum-norm": responses * HORIZON, "token-sum": 0}
     assert normalizer(mode, mask, HORIZON).item() == expected.get(mode, responses)
 
 
@@ -169,6 +173,20 @@ def test_unknown_mode_lists_the_valid_ones():
         normalizer("mean", torch.ones(1, 1), 1)
     with pytest.raises(ValueError, match="unknown loss aggregation mode 'sum'"):
         aggregate_loss(torch.ones(1, 1), torch.ones(1, 1), "sum", 1.0)
+
+
+def test_token_sum_is_the_plain_sum_over_every_split():
+    """token-sum's normaliser is 0 in every part (Megatron then leaves the gradient unscaled) and
+    each micro-batch adds its plain sum: the split gives the sum of the whole mini-batch."""
+    inputs = data()
+    mask = inputs["mask"]
+    assert all(normalizer("token-sum", mask[rows], HORIZON).item() == 0 for rows in SPLITS["4 micro-batches"][0])
+    losses = per_token_loss(inputs["weight"], inputs, ALL, HORIZON)
+    expected = sum(losses[row, t].item() for row, length in enumerate(LENGTHS) for t in range(length))
+    assert aggregate_loss(losses, mask, "token-sum", 0.0).item() == pytest.approx(expected, abs=1e-5)
+    # A mini-batch twice as large has twice the loss: no normaliser.
+    doubled = aggregate_loss(torch.cat([losses, losses]), torch.cat([mask, mask]), "token-sum", 0.0)
+    assert doubled.item() == pytest.approx(2 * expected, abs=1e-5)
 
 
 def test_masked_mean():

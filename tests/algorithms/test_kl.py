@@ -56,6 +56,42 @@ def test_estimators_match_formulas(name):
     assert torch.equal(estimate[mask == 0], torch.zeros_like(estimate[mask == 0]))
 
 
+@pytest.mark.parametrize("name", ["k1", "k3", "low_var_kl", "abs", "k2"])
+def test_straight_through_has_the_value_of_its_estimator_and_the_gradient_of_k2(name):
+    log_probs, ref_log_probs, mask = batch()
+    log_probs.requires_grad_()
+    estimate = estimate_kl(name + "+", log_probs, ref_log_probs, mask)
+    estimate.sum().backward()
+    for i, t in valid_cells(mask):
+        d = log_probs[i, t].item() - ref_log_probs[i, t].item()
+        assert estimate[i, t].item() == pytest.approx(FORMULAS[name](d), abs=1e-6)
+        assert log_probs.grad[i, t].item() == pytest.approx(d, abs=1e-6)  # d (d^2 / 2) / d log pi
+    assert torch.equal(log_probs.grad[mask == 0], torch.zeros_like(log_probs.grad[mask == 0]))
+    dirty_log_probs = with_garbage(log_probs.detach(), mask, 1).requires_grad_()
+    dirty = estimate_kl(name + "+", dirty_log_probs, with_garbage(ref_log_probs, mask, 2), mask)
+    dirty.sum().backward()
+    assert torch.equal(estimate, dirty) and torch.equal(log_probs.grad, dirty_log_probs.grad)
+
+
+def test_straight_through_kl_loss_and_unknown_base():
+    log_probs, ref_log_probs, mask = batch()
+    loss = kl_loss(log_probs, ref_log_probs, mask, estimator="k3+", coefficient=0.5)
+    assert torch.equal(loss, 0.5 * estimate_kl("k3", log_probs, ref_log_probs, mask))
+    with pytest.raises(KeyError, match="unknown KL estimator 'k4'"):
+        estimate_kl("k4+", log_probs, ref_log_probs, mask)
+
+
+def test_config_names_every_straight_through_variant():
+    from typing import get_args
+
+    from megarl.algorithms.kl import KL_ESTIMATORS, STRAIGHT_THROUGH_SUFFIX
+    from megarl.config.algorithm import KLEstimator
+
+    for name in get_args(KLEstimator):
+        KL_ESTIMATORS.get(name.removesuffix(STRAIGHT_THROUGH_SUFFIX))
+    assert {"k1+", "k3+"} <= set(get_args(KLEstimator))
+
+
 def test_kl_loss_is_the_scaled_masked_estimate():
     log_probs, ref_log_probs, mask = batch()
     loss = kl_loss(log_probs, ref_log_probs, mask, estimator="low_var_kl", coefficient=0.5)

@@ -26,6 +26,11 @@ SETTINGS = {
     "ppo": dict(clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=1.5),
     "gspo": dict(clip_ratio_low=0.03, clip_ratio_high=0.04, clip_ratio_c=None),
     "cispo": dict(clip_ratio_low=0.2, clip_ratio_high=0.28),
+    "gpg": dict(),
+    "sapo": dict(tau_pos=1.0, tau_neg=1.05),
+    "gmpo": dict(clip_ratio_low=0.4, clip_ratio_high=0.4),
+    "dppo_tv": dict(clip_ratio_low=0.05, clip_ratio_high=0.05, clip_ratio_c=1.5),
+    "dppo_kl": dict(clip_ratio_low=0.02, clip_ratio_high=0.02, clip_ratio_c=1.5),
 }
 
 
@@ -237,3 +242,118 @@ def test_entropy_bonus_lowers_the_loss_of_high_entropy():
     entropy = torch.tensor([[1.0, 2.0, 1e6]])
     bonus = entropy_bonus(entropy, torch.tensor([[1.0, 1.0, 0.0]]), 0.1)
     assert torch.equal(bonus, torch.tensor([[-0.1, -0.2, 0.0]]))
+
+
+def probability_batch(name, **options):
+    """``batch`` whose log-probs are those of probabilities (<= 0), as DPPO's trust region reads p."""
+    inputs = batch(**options)
+    if name.startswith("dppo"):
+        inputs["log_probs"] = inputs["log_probs"].detach().clamp(max=-1e-3).requires_grad_()
+    return inputs
+
+
+def sigmoid(x):
+    return 1 / (1 + math.exp(-x))
+
+
+def new_loss_reference(name, inputs, settings):
+    """Per-token losses and gradients w.r.t. log_probs of gpg, sapo, gmpo, dppo_*, token by token
+    (gmpo: the gradient of the sum over response i's tokens of its sequence loss)."""
+    log_probs, old, advantages = (inputs[k].detach().double().tolist() for k in ("log_probs", "old_log_probs", "advantages"))
+    mask = inputs["response_mask"].tolist()
+    losses, gradients = {}, {}
+    for i, t in valid_cells(inputs["response_mask"]):
+        a, x = advantages[i][t], clip(log_probs[i][t] - old[i][t], -LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
+        ratio = math.exp(x)
+        if name == "gpg":
+            losses[i, t], gradients[i, t] = -a * log_probs[i][t], -a
+        elif name == "sapo":
+            tau = settings["tau_pos"] if a > 0 else settings["tau_neg"]
+            gate = sigmoid(tau * (ratio - 1))
+            losses[i, t], gradients[i, t] = -a * 4 / tau * gate, -a * 4 * gate * (1 - gate) * ratio
+        elif name == "gmpo":
+            low, high = settings["clip_ratio_low"], settings["clip_ratio_high"]
+            row = [s for s in range(HORIZON) if mask[i][s]]
+            clipped, free = [], {}
+            for s in row:
+                y = clip(log_probs[i][s] - old[i][s], -LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
+                bounded = clip(y, -low, high)
+                sign = (advantages[i][s] > 0) - (advantages[i][s] < 0)
+                clipped.append(sign * min(sign * y, sign * bounded))
+                free[s] = sign != 0 and sign * bounded >= sign * y
+            rho = math.exp(sum(clipped) / len(row))
+            advantage = sum(advantages[i][s] for s in row) / len(row)
+            losses[i, t] = -advantage * rho
+            gradients[i, t] = -advantage * rho if free[t] else 0.0
+        else:
+            low, high, c = settings["clip_ratio_low"], settings["clip_ratio_high"], settings["clip_ratio_c"]
+            p, q = math.exp(log_probs[i][t]), math.exp(old[i][t])
+            if name == "dppo_tv":
+                inside = p - q <= high if a > 0 else p - q >= -low
+            else:
+                divergence = q * (old[i][t] - log_probs[i][t]) + (1 - q) * math.log((1 - q + 1e-8) / (1 - p + 1e-8))
+                inside = (divergence <= high or p <= q) if a > 0 else (divergence <= low or p >= q)
+            weight = min(ratio, c)
+            losses[i, t], gradients[i, t] = (-a * weight * log_probs[i][t], -a * weight) if inside else (0.0, 0.0)
+    return as_tensor(losses), as_tensor(gradients)
+
+
+@pytest.mark.parametrize("name", ["gpg", "sapo", "gmpo", "dppo_tv", "dppo_kl"])
+def test_new_losses_and_gradients_match_loop(name):
+    inputs = probability_batch(name, spread=0.3 if name == "gmpo" else 1.0, sequence_advantages=name == "gmpo")
+    loss, metrics = policy_loss(name, **inputs, **SETTINGS[name])
+    expected_loss, expected_gradient = new_loss_reference(name, inputs, SETTINGS[name])
+    assert (loss.detach().double() - expected_loss).abs().max() <= 1e-6
+    loss.sum().backward()
+    assert (inputs["log_probs"].grad.double() - expected_gradient).abs().max() <= 1e-6
+    assert all(value.ndim == 0 and not value.requires_grad for value in metrics.values())
+    # The batch reaches the branches under test.
+    if name == "gmpo":
+        assert metrics["clip_fraction_low"] > 0 and metrics["clip_fraction_high"] > 0
+    if name.startswith("dppo"):
+        assert 0 < metrics["trust_region_masked_fraction"] < 1 and metrics["truncated_fraction"] > 0
+
+
+def test_dppo_metrics_and_no_truncation_without_clip_ratio_c():
+    inputs = probability_batch("dppo_tv", spread=1.0)
+    settings = {**SETTINGS["dppo_tv"], "clip_ratio_c": None}
+    loss, metrics = policy_loss("dppo_tv", **inputs, **settings)
+    mask = inputs["response_mask"].bool()
+    expected, _ = new_loss_reference("dppo_tv", inputs, {**settings, "clip_ratio_c": math.inf})
+    assert (loss.detach().double() - expected).abs().max() <= 1e-6
+    assert metrics["truncated_fraction"] == 0
+    assert metrics["trust_region_masked_fraction"].item() == pytest.approx((loss.detach()[mask] == 0).double().mean().item(), abs=1e-6)
+
+
+def test_gmpo_with_seq_mean_token_mean_is_verls_mean_over_responses():
+    inputs = batch(spread=0.3, sequence_advantages=True)
+    mask = inputs["response_mask"]
+    loss, _ = policy_loss("gmpo", **inputs, **SETTINGS["gmpo"])
+    aggregated = aggregate_loss(loss, mask, "seq-mean-token-mean", normalizer("seq-mean-token-mean", mask, HORIZON))
+    expected, _ = new_loss_reference("gmpo", inputs, SETTINGS["gmpo"])
+    per_response = [expected[i, 0].item() for i in range(len(LENGTHS))]
+    assert aggregated.item() == pytest.approx(sum(per_response) / len(per_response), abs=1e-6)
+
+
+@pytest.mark.parametrize("name", ["gpg", "sapo", "gmpo", "dppo_tv", "dppo_kl"])
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "token-sum"])
+def test_micro_batch_and_rank_splits_give_the_full_batch_gradient(name, mode):
+    """Rows split over micro-batches / ranks, each cut to its own padded length, with the global
+    normaliser: the summed gradient is the full batch's."""
+    inputs = probability_batch(name, spread=0.5, sequence_advantages=name == "gmpo")
+    mask = inputs["response_mask"]
+    total = normalizer(mode, mask, HORIZON)
+
+    def gradient(parts):
+        log_probs = inputs["log_probs"].detach().clone().requires_grad_()
+        for rows in parts:
+            length = max(LENGTHS[row] for row in rows)
+            part = {key: value[rows, :length] for key, value in {**inputs, "log_probs": log_probs}.items()}
+            loss, _ = policy_loss(name, **part, **SETTINGS[name])
+            aggregate_loss(loss, part["response_mask"], mode, total).backward()
+        return log_probs.grad
+
+    full = gradient([list(range(len(LENGTHS)))])
+    assert full.abs().max() > 0
+    for parts in ([[0, 1, 2], [3, 4, 5, 6, 7]], [[0], [1, 2, 3, 4], [5, 6], [7]]):
+        assert (gradient(parts) - full).abs().max() <= 1e-6
