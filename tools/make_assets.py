@@ -236,6 +236,13 @@ def build_data(out: Path, splits: tuple[list[dict[str, str]], list[dict[str, str
         write_jsonl(out / f"{name}.jsonl", split)
 
 
+def build_toy_data(out: Path) -> None:
+    """The toy task's ``train.jsonl`` and ``val.jsonl`` and its SFT conversations, ``sft.jsonl``."""
+    train, val = split_at_random(toy_rows())
+    build_data(out, (train, val))
+    write_jsonl(out / "sft.jsonl", sft_rows(train))
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     """Write ``rows``, one JSON object a line."""
     with open(path, "w") as handle:
@@ -251,9 +258,7 @@ def main() -> None:
         shutil.rmtree(args.out / part, ignore_errors=True)
     tokenizer = build_tokenizer(args.out / "tokenizer")
     build_models(args.out / "models", args.out / "tokenizer", tokenizer)
-    toy_train, toy_val = split_at_random(toy_rows())
-    build_data(args.out / "data" / "toy", (toy_train, toy_val))
-    write_jsonl(args.out / "data" / "toy" / "sft.jsonl", sft_rows(toy_train))
+    build_toy_data(args.out / "data" / "toy")
     build_data(args.out / "data" / "lookup", lookup_rows())
     print(f"wrote {args.out}: vocabulary {len(tokenizer)} tokens")
 
