@@ -62,7 +62,7 @@ def test_assets_regenerate_with_the_same_tensors_configs_and_files(tmp_path):
     make_assets = load_make_assets()
     tokenizer = make_assets.build_tokenizer(tmp_path / "tokenizer")
     make_assets.build_models(tmp_path / "models", tmp_path / "tokenizer", tokenizer)
-    make_assets.build_data(tmp_path / "data" / "toy", make_assets.split_at_random(make_assets.toy_rows()))
+    make_assets.build_toy_data(tmp_path / "data" / "toy")
     make_assets.build_data(tmp_path / "data" / "lookup", make_assets.lookup_rows())
     generated, bundled = tree(tmp_path), tree(ASSETS)
     assert generated.keys() == bundled.keys()

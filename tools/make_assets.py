@@ -14,6 +14,8 @@
 - ``data/toy/{train,val}.jsonl``: the toy task, the largest of three digits (800 train and 200
   validation prompts, disjoint), which a random tiny model answers right about one time in ten and
   GRPO teaches it in about a hundred steps; the answer needs comparing the digits, not copying one.
+- ``data/toy/sft.jsonl``: the first 400 training prompts of the toy task as chat conversations
+  with the correct answer as the assistant turn, for supervised fine-tuning (``configs/sft.yaml``).
 - ``data/lookup/{train,val}.jsonl``: the multi-turn toy task (``configs/moe_agent.yaml``): the
   digit hidden behind a key, which only the ``lookup`` tool of ``megarl.agents.toy`` reveals.
 
@@ -214,13 +216,38 @@ def split_at_random(rows: list[dict[str, str]], val_size: int = 200) -> tuple[li
     return shuffled[val_size:], shuffled[:val_size]
 
 
+SFT_ROWS = 400
+"""Conversations in ``data/toy/sft.jsonl``: a few hundred, enough to teach the tiny model the task."""
+
+
+def sft_rows(train: list[dict[str, str]]) -> list[dict[str, list[dict[str, str]]]]:
+    """The first :data:`SFT_ROWS` training rows as conversations: the prompt from the user, the
+    right answer from the assistant."""
+    return [
+        {"messages": [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["answer"]}]}
+        for row in train[:SFT_ROWS]
+    ]
+
+
 def build_data(out: Path, splits: tuple[list[dict[str, str]], list[dict[str, str]]]) -> None:
     """Write the ``(train, val)`` rows as ``train.jsonl`` and ``val.jsonl``."""
     out.mkdir(parents=True, exist_ok=True)
     for name, split in zip(("train", "val"), splits):
-        with open(out / f"{name}.jsonl", "w") as handle:
-            for row in split:
-                handle.write(json.dumps(row) + "\n")
+        write_jsonl(out / f"{name}.jsonl", split)
+
+
+def build_toy_data(out: Path) -> None:
+    """The toy task's ``train.jsonl`` and ``val.jsonl`` and its SFT conversations, ``sft.jsonl``."""
+    train, val = split_at_random(toy_rows())
+    build_data(out, (train, val))
+    write_jsonl(out / "sft.jsonl", sft_rows(train))
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    """Write ``rows``, one JSON object a line."""
+    with open(path, "w") as handle:
+        for row in rows:
+            handle.write(json.dumps(row) + "\n")
 
 
 def main() -> None:
@@ -231,7 +258,7 @@ def main() -> None:
         shutil.rmtree(args.out / part, ignore_errors=True)
     tokenizer = build_tokenizer(args.out / "tokenizer")
     build_models(args.out / "models", args.out / "tokenizer", tokenizer)
-    build_data(args.out / "data" / "toy", split_at_random(toy_rows()))
+    build_toy_data(args.out / "data" / "toy")
     build_data(args.out / "data" / "lookup", lookup_rows())
     print(f"wrote {args.out}: vocabulary {len(tokenizer)} tokens")
 

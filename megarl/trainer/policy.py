@@ -102,7 +102,6 @@ class Policy(ModelObjective):
         self.fused_linear_logprob = train.fused_linear_logprob
         self.temperature = temperature
         self.max_response_length = max_response_length
-        self.vocab_size = model.spec.hf_config.vocab_size
         self.pg_collection = model.pg_collection
         self.fields = ("old_log_probs", "advantages", "loss_weights") + (("ref_log_probs",) if algorithm.use_kl_loss else ())
         self.metrics = metric_names(algorithm)
@@ -164,16 +163,7 @@ class Policy(ModelObjective):
         """``(log_probs, entropy)`` in the micro-batch's grid ``[b, s]`` from the last stage's output
         for its tokens (packed or padded): the hidden states ``[b', s', H]`` with the fused kernel,
         else the vocab-parallel logits ``[b', s', V/TP]``."""
-        options = dict(temperature=self.temperature, vocab_size=self.vocab_size, group=self.pg_collection.tp)
-        if not self.fused_linear_logprob:
-            from megarl.kernels.logprob_entropy import logprob_entropy
-
-            log_probs, entropy = logprob_entropy(output, micro["labels"], **options)
-        else:
-            from megarl.kernels.fused_linear_logprob_entropy import fused_linear_logprob_entropy
-
-            log_probs, entropy = fused_linear_logprob_entropy(output, self.model.output_weight, micro["labels"], **options)
-        return to_grid(micro, log_probs), to_grid(micro, entropy)
+        return token_log_probs_and_entropy(self.model, output, micro, temperature=self.temperature, fused_linear_logprob=self.fused_linear_logprob)
 
     # The update.
 
@@ -235,6 +225,26 @@ class Policy(ModelObjective):
         sums["entropy"] = torch.where(valid, entropy.detach(), 0.0).sum().double()
         sums["kl_loss"] = torch.where(valid, kl.detach(), 0.0).sum().double()
         return loss_sum, count, sums
+
+
+def token_log_probs_and_entropy(
+    model: TrainModel, output: torch.Tensor, micro: dict[str, torch.Tensor], *, temperature: float, fused_linear_logprob: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log_probs, entropy)`` of ``micro["labels"]`` in the micro-batch's grid ``[b, s]``, from the
+    last stage's output of ``model`` for its tokens (packed or padded): the hidden states
+    ``[b', s', H]`` with ``fused_linear_logprob`` (the model built with
+    :func:`attach_hidden_states_heads`), else the vocab-parallel logits ``[b', s', V/TP]``; the
+    logits divided by ``temperature``."""
+    options = dict(temperature=temperature, vocab_size=model.spec.hf_config.vocab_size, group=model.pg_collection.tp)
+    if not fused_linear_logprob:
+        from megarl.kernels.logprob_entropy import logprob_entropy
+
+        log_probs, entropy = logprob_entropy(output, micro["labels"], **options)
+    else:
+        from megarl.kernels.fused_linear_logprob_entropy import fused_linear_logprob_entropy
+
+        log_probs, entropy = fused_linear_logprob_entropy(output, model.output_weight, micro["labels"], **options)
+    return to_grid(micro, log_probs), to_grid(micro, entropy)
 
 
 def metric_names(algorithm: AlgorithmConfig) -> tuple[str, ...]:
