@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -60,6 +61,19 @@ def quiet_library_warnings() -> None:
     """Silence the libraries' warnings that are noise to a megarl user (:data:`QUIET_WARNINGS`)."""
     for message in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
+
+
+def parse_run_command(program: str, description: str, argv) -> argparse.Namespace:
+    """The command line of megarl's run commands (``--config FILE key.sub=value ...``), and their
+    logging: megarl's own messages on the first rank; from libraries (Megatron lists every
+    parameter at INFO), warnings only."""
+    parser = argparse.ArgumentParser(prog=f"python -m {program}", description=description)
+    parser.add_argument("--config", help="YAML file; omit for the defaults")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="overrides applied after the file")
+    args = parser.parse_intermixed_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    logging.getLogger("megarl").setLevel(logging.INFO if is_first_rank() else logging.WARNING)
+    return args
 
 
 def is_first_rank() -> bool:

@@ -9,12 +9,10 @@ ends the run with one line and exit code 2; exit codes: see :mod:`megarl.cli`.
 
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
 from collections.abc import Sequence
 
-from megarl.cli import INTERRUPTED_EXIT_CODE, STOPPED_EXIT_CODE, is_first_rank, refuse, report
+from megarl.cli import INTERRUPTED_EXIT_CODE, STOPPED_EXIT_CODE, parse_run_command, refuse, report
 from megarl.config import ConfigError, load_config
 from megarl.config.sft import SFTConfig
 
@@ -22,12 +20,7 @@ PROGRAM = "megarl.sft"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m megarl.sft", description="Supervised fine-tuning with megarl.")
-    parser.add_argument("--config", help="YAML file; omit for the defaults")
-    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="overrides applied after the file")
-    args = parser.parse_intermixed_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
-    logging.getLogger("megarl").setLevel(logging.INFO if is_first_rank() else logging.WARNING)
+    args = parse_run_command(PROGRAM, "Supervised fine-tuning with megarl.", argv)
     try:
         config = load_config(args.config, args.overrides, root=SFTConfig)
     except ConfigError as error:

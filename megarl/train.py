@@ -20,13 +20,12 @@ processes that import this module again, and they need none of the rest. Exit co
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 import time
 from collections.abc import Sequence
 
-from megarl.cli import INTERRUPTED_EXIT_CODE, STOPPED_EXIT_CODE, is_first_rank, refuse, report, world_size
+from megarl.cli import INTERRUPTED_EXIT_CODE, STOPPED_EXIT_CODE, is_first_rank, parse_run_command, refuse, report, world_size
 from megarl.config import Config, ConfigError, load_config
 from megarl.nodes import Node
 
@@ -38,14 +37,7 @@ log = logging.getLogger("megarl")
 def main(argv: Sequence[str] | None = None) -> int:
     # The run's summary counts from here (time to the first step, wall time).
     launched_at = time.time()
-    parser = argparse.ArgumentParser(prog="python -m megarl.train", description="RL training with megarl.")
-    parser.add_argument("--config", help="YAML file; omit for the defaults")
-    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="overrides applied after the file")
-    args = parser.parse_intermixed_args(argv)
-    # megarl's own messages on the first rank; from libraries (Megatron lists every parameter at
-    # INFO), warnings only.
-    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
-    logging.getLogger("megarl").setLevel(logging.INFO if is_first_rank() else logging.WARNING)
+    args = parse_run_command(PROGRAM, "RL training with megarl.", argv)
     try:
         config = load_config(args.config, args.overrides)
     except ConfigError as error:

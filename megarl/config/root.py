@@ -16,8 +16,25 @@ from megarl.config.rollout import RolloutConfig
 from megarl.config.run import CheckpointConfig, LoggingConfig
 from megarl.config.train import CriticConfig, TrainConfig
 
+class RunRoot:
+    """What the roots of a run's config (RL's :class:`Config`, SFT's ``SFTConfig``) share; each
+    has ``checkpoint`` and ``logging`` sections."""
+
+    __slots__ = ()
+
+    def resolved_checkpoint_dir(self) -> Path:
+        """``checkpoint.dir``, or ``<run dir>/checkpoints`` when it is null."""
+        if self.checkpoint.dir is not None:
+            return Path(self.checkpoint.dir)
+        return self.logging.resolved_run_dir() / "checkpoints"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field, defaults included, as plain YAML-safe values (tuples become lists)."""
+        return _plain(self)
+
+
 @dataclasses.dataclass(kw_only=True, slots=True)
-class Config:
+class Config(RunRoot):
     """A whole run: one section per component."""
 
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
@@ -48,15 +65,6 @@ class Config:
         """Whether the run trains a critic: derived from the estimator (gae needs values)."""
         return self.algorithm.advantage_estimator == "gae"
 
-    def resolved_checkpoint_dir(self) -> Path:
-        """``checkpoint.dir``, or ``<run dir>/checkpoints`` when it is null."""
-        if self.checkpoint.dir is not None:
-            return Path(self.checkpoint.dir)
-        return self.logging.resolved_run_dir() / "checkpoints"
-
-    def to_dict(self) -> dict[str, Any]:
-        """Every field, defaults included, as plain YAML-safe values (tuples become lists)."""
-        return _plain(self)
 
 
 def _plain(value: Any) -> Any:

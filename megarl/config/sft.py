@@ -11,12 +11,11 @@ The RL-only fields of ``train`` (``eval_every``, ``val_before_train``) are not r
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 from megarl.config.base import ConfigError, Range, Section
 from megarl.config.model import ModelConfig, ModelFacts, ParallelConfig, layout_errors
-from megarl.config.root import _plain
+from megarl.config.root import RunRoot
 from megarl.config.run import CheckpointConfig, LoggingConfig
 from megarl.config.train import TrainConfig
 
@@ -41,7 +40,7 @@ class SFTDataConfig(Section):
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)
-class SFTConfig:
+class SFTConfig(RunRoot):
     """A whole supervised fine-tuning run."""
 
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
@@ -56,16 +55,6 @@ class SFTConfig:
     """Saving and resuming, in the RL checkpoints' format."""
     logging: LoggingConfig = dataclasses.field(default_factory=lambda: LoggingConfig(name="megarl_sft"))
     """Metrics sinks and the run directory."""
-
-    def resolved_checkpoint_dir(self) -> Path:
-        """``checkpoint.dir``, or ``<run dir>/checkpoints`` when it is null."""
-        if self.checkpoint.dir is not None:
-            return Path(self.checkpoint.dir)
-        return self.logging.resolved_run_dir() / "checkpoints"
-
-    def to_dict(self) -> dict[str, Any]:
-        """Every field, defaults included, as plain YAML-safe values."""
-        return _plain(self)
 
 
 def validate_sft(config: SFTConfig, world_size: int, model_facts: ModelFacts) -> None:
