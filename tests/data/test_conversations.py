@@ -11,7 +11,6 @@ from megarl.config import resolve_model_path
 from megarl.config.sft import SFTDataConfig
 from megarl.data.conversations import ConversationLoader, load_conversations
 from megarl.data.datasets import DataError
-from megarl.trainer.sft import conversation_batch
 
 pytestmark = pytest.mark.cpu
 
@@ -42,6 +41,10 @@ def test_only_assistant_tokens_carry_loss(tmp_path, tokenizer):
     untrained = tokenizer.decode([token for token, mask in zip(loaded.token_ids, loaded.loss_mask) if not mask])
     assert "max 1 2 3" in untrained and "min 4 5 6" in untrained and "ok" in untrained
     assert loaded.token_ids == tokenizer(tokenizer.apply_chat_template(rows[0]["messages"], tokenize=False), add_special_tokens=False)["input_ids"]
+
+    # Imported here: megarl.trainer imports Megatron, and with it Triton, which must not happen before
+    # tests/kernels/conftest.py switches Triton to its interpreter.
+    from megarl.trainer.sft import conversation_batch
 
     batch = conversation_batch([loaded], pad_token_id=tokenizer.pad_token_id, pad_multiple=4)
     # Label space: column t is trained where token t + 1 is an assistant token.

@@ -13,11 +13,15 @@ import sys
 import torch
 
 if not torch.cuda.is_available():
-    imported = sorted(name for name in sys.modules if name.startswith("megarl.kernels."))
+    # Triton's own library functions (tl.cdiv ...) are decorated when triton.language is imported:
+    # Megatron imports it, so a test module collected before this one that imports Megatron at its
+    # top breaks every kernel test as surely as an early megarl.kernels does.
+    imported = sorted(name for name in sys.modules if name.startswith("megarl.kernels.") or name == "triton.language")
     if imported:
         raise RuntimeError(
             f"{imported} were imported before tests/kernels/conftest.py could set TRITON_INTERPRET=1; "
-            "their kernels are compiled-only and cannot run on this CPU machine: import megarl.kernels "
-            "lazily (inside functions) in the code those earlier tests load"
+            "their kernels are compiled-only and cannot run on this CPU machine: import megarl.kernels, "
+            "and whatever imports Megatron or Triton, lazily (inside the test functions) in the test "
+            "modules collected before tests/kernels"
         )
     os.environ["TRITON_INTERPRET"] = "1"

@@ -106,6 +106,7 @@ def test_a_batch_survives_its_tensors():
     batch.token_values["old_log_probs"] = torch.randn(batch.tokens.shape)
     batch.routed_experts = torch.randint(0, 8, (*batch.tokens.shape, 3, 2), dtype=torch.uint8)
     batch.routed_lengths = torch.tensor([4, 4])
+    batch.reward_baselines = torch.tensor([0.5, -1.0])
     copy = TrainBatch.from_tensors({name: tensor.clone() for name, tensor in batch.tensors().items()}, pad_multiple=2)
     for field in dataclasses.fields(TrainBatch):
         if field.name == "token_values":
