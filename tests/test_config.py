@@ -885,9 +885,10 @@ def test_rollout_corrections_are_off_by_default_and_combine_with_tis():
     assert load_config(None, ["algorithm.rollout_is=geometric", "algorithm.policy_loss=gspo"]).algorithm.rollout_is == "geometric"
 
 
-def test_decoupled_ppo_with_gspo_is_refused_and_is_off_by_default():
-    with pytest.raises(ConfigError, match=r"`algorithm.use_decoupled_loss` is not available with algorithm.policy_loss = gspo"):
-        load_config(None, ["algorithm.use_decoupled_loss=true", "algorithm.policy_loss=gspo"])
+@pytest.mark.parametrize("loss", ["gspo", "gmpo"])
+def test_decoupled_ppo_with_a_sequence_level_ratio_is_refused_and_is_off_by_default(loss):
+    with pytest.raises(ConfigError, match=rf"`algorithm.use_decoupled_loss` is not available with algorithm.policy_loss = {loss}"):
+        load_config(None, ["algorithm.use_decoupled_loss=true", f"algorithm.policy_loss={loss}"])
     assert load_config(None).algorithm.use_decoupled_loss is False
     algorithm = load_config(None, ["algorithm.use_decoupled_loss=true", "algorithm.policy_loss=cispo", "algorithm.behav_imp_weight_cap=null"]).algorithm
     assert algorithm.use_decoupled_loss and algorithm.behav_imp_weight_cap is None

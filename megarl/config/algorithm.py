@@ -124,7 +124,7 @@ class AlgorithmConfig(Section):
     pi_prox / pi_behav (pi_behav: the engine's log-probs), no gradient through it, 0 above
     behav_imp_weight_cap. Metrics mismatch/behav_imp_weight_mean and
     mismatch/behav_imp_weight_capped_fraction. TIS and ICEPOP are the same weight truncated
-    otherwise: pick one of the three; gspo is refused (its ratio is per sequence). Maths in
+    otherwise: pick one of the three; gspo and gmpo are refused (their ratio is per sequence). Maths in
     :mod:`megarl.algorithms.mismatch` (AReaL: actor.use_decoupled_loss)."""
     behav_imp_weight_cap: Annotated[Optional[float], Range(gt=1)] = 5.0
     """Decoupled PPO: tokens whose behaviour weight pi_prox / pi_behav exceeds this leave the
@@ -208,10 +208,10 @@ class AlgorithmConfig(Section):
                         f"(decoupled PPO's behaviour weight, {correction.upper()} truncates it otherwise), "
                         "so together they apply it twice; pick one"
                     )
-            if self.policy_loss == "gspo":
+            if self.policy_loss in ("gspo", "gmpo"):
                 yield "use_decoupled_loss", (
-                    "is not available with algorithm.policy_loss = gspo: the behaviour weight is per token and GSPO's ratio "
-                    "per sequence; use ppo or cispo"
+                    f"is not available with algorithm.policy_loss = {self.policy_loss}: the behaviour weight is per token and "
+                    f"{self.policy_loss.upper()}'s ratio per sequence; use ppo or cispo"
                 )
         if self.rollout_is is not None:
             for correction in ("tis", "icepop", "use_decoupled_loss"):
