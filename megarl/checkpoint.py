@@ -108,6 +108,14 @@ def hf_files(path: str | Path) -> Path:
     return folder
 
 
+def agreed_resume(resume: str, root: str | Path) -> Path | None:
+    """:func:`resolve_resume` on the first rank (which may set a damaged checkpoint aside), its
+    choice given to every rank (collective)."""
+    choice = [resolve_resume(resume, root) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(choice, src=0)
+    return choice[0]
+
+
 def resolve_resume(resume: str, root: str | Path, *, set_aside: bool = True) -> Path | None:
     """The checkpoint to resume from, its files checked (:func:`check_checkpoint`). Call it on one
     process only (the first rank): with ``auto`` it may set damaged checkpoints aside.

@@ -51,6 +51,16 @@ def initialize(layout: ParallelConfig, timeout_minutes: int = 30) -> ProcessGrou
     return ProcessGroupCollection.use_mpu_process_groups()
 
 
+def seed(value: int) -> None:
+    """Seed torch and Megatron's model-parallel random states (the same on every rank; Megatron
+    offsets the tensor- and expert-parallel streams itself)."""
+    import torch
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    torch.manual_seed(value)
+    model_parallel_cuda_manual_seed(value)
+
+
 def destroy() -> None:
     """Tear down Megatron's process groups (torch.distributed itself stays up)."""
     if parallel_state.model_parallel_is_initialized():

@@ -21,12 +21,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 
-from megarl.config import ModelConfig, OptimizerConfig, ParallelConfig, TrainConfig
+from megarl.config import ModelConfig, OptimizerConfig, ParallelConfig, TrainConfig, resolve_model_path
 from megarl.data.batching import packed_tokens, plan_micro_batches
 from megarl.models.builder import DTYPES, ModelSpec, build_model, model_spec
 from megarl.models.loader import load_hf_config, load_hf_weights
@@ -149,6 +150,16 @@ class TrainModel:
         tied); only on the last pipeline stage."""
         chunk = next(chunk for chunk in self.chunks if chunk.post_process)
         return chunk.shared_embedding_or_output_weight() if chunk.share_embeddings_and_output_weights else chunk.output_layer.weight
+
+    def export_hf(self, directory: Path, model: ModelConfig) -> Path:
+        """Write the model as a HF model directory in ``model.dtype``, the config and tokenizer
+        files from ``model.path`` (collective)."""
+        from megarl.models.convert import export_hf_dir
+
+        return export_hf_dir(
+            self.chunks, self.spec, self.pg_collection, directory, resolve_model_path(model.path), dtype=DTYPES[model.dtype],
+            tokenizer_dir=model.tokenizer_path,
+        )
 
     def micro_batches(self, batch: TrainBatch, rows: torch.Tensor, fields) -> list[dict[str, torch.Tensor]]:
         """This rank's micro-batches of ``rows`` (indices into ``batch``), with the token values

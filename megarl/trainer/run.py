@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
 import torch.distributed as dist
 import transformers
 
@@ -211,13 +210,7 @@ class Run:
 
     def export_hf(self) -> Path:
         """Write the policy as a HF model directory, ``<run_dir>/hf`` (collective)."""
-        from megarl.models.convert import export_hf_dir
-
-        model = self.policy.model
-        return export_hf_dir(
-            model.chunks, model.spec, self.pg_collection, self.run_dir / "hf", resolve_model_path(self.config.model.path),
-            dtype=DTYPES[self.config.model.dtype], tokenizer_dir=self.config.model.tokenizer_path,
-        )
+        return self.policy.model.export_hf(self.run_dir / "hf", self.config.model)
 
     def _extra_models(self) -> dict[str, tuple] | None:
         if self.critic is None:
@@ -335,7 +328,7 @@ def _setup(config: Config, started: EarlyStart | None, detected: platform.Platfo
     model_facts = ModelFacts.from_hf_dir(model_dir)
     validate(config, world_size, model_facts)
     pg_collection = parallel.initialize(config.parallel)
-    _seed(config.model.seed)
+    parallel.seed(config.model.seed)
     first = dist.get_rank() == 0
     run_dir = config.logging.resolved_run_dir()
     if first:
@@ -436,10 +429,7 @@ def _setup(config: Config, started: EarlyStart | None, detected: platform.Platfo
         launched_at=launched_at,
     )
     try:
-        # The first rank chooses (and may set a damaged checkpoint aside); every rank loads its choice.
-        choice = [checkpoint.resolve_resume(config.checkpoint.resume, run.checkpoint_dir) if first else None]
-        dist.broadcast_object_list(choice, src=0)
-        resume_from = choice[0]
+        resume_from = checkpoint.agreed_resume(config.checkpoint.resume, run.checkpoint_dir)
         if resume_from is not None:
             state = checkpoint.load_checkpoint(
                 resume_from,
@@ -468,11 +458,3 @@ def _setup(config: Config, started: EarlyStart | None, detected: platform.Platfo
         run.close()
         raise
     return run
-
-
-def _seed(seed: int) -> None:
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
-    torch.manual_seed(seed)
-    model_parallel_cuda_manual_seed(seed)
-

@@ -33,7 +33,6 @@ from megarl.config import ModelFacts, layout_multiple, resolve_model_path, save_
 from megarl.config.sft import SFTConfig, validate_sft
 from megarl.data.conversations import Conversation, ConversationLoader, load_conversations
 from megarl.metrics import MetricsLogger
-from megarl.models.builder import DTYPES
 from megarl.models.specs import choose_backend
 from megarl.trainer.batch import TrainBatch
 from megarl.trainer.model import TrainModel
@@ -130,13 +129,7 @@ class SFTRun:
 
     def export_hf(self) -> Path:
         """Write the model as a HF model directory, ``<run_dir>/hf`` (collective)."""
-        from megarl.models.convert import export_hf_dir
-
-        config = self.config
-        return export_hf_dir(
-            self.model.chunks, self.model.spec, self.model.pg_collection, self.run_dir / "hf", resolve_model_path(config.model.path),
-            dtype=DTYPES[config.model.dtype], tokenizer_dir=config.model.tokenizer_path,
-        )
+        return self.model.export_hf(self.run_dir / "hf", self.config.model)
 
     def close(self) -> None:
         self.logger.close()
@@ -156,10 +149,7 @@ def setup_sft(config: SFTConfig) -> SFTRun:
     world_size = dist.get_world_size()
     validate_sft(config, world_size, ModelFacts.from_hf_dir(model_dir))
     pg_collection = parallel.initialize(config.parallel)
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
-    torch.manual_seed(config.model.seed)
-    model_parallel_cuda_manual_seed(config.model.seed)
+    parallel.seed(config.model.seed)
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(config.model.tokenizer_path or model_dir), local_files_only=True)
     conversations = load_conversations(config.data, tokenizer)
     train = config.train
@@ -188,15 +178,13 @@ def setup_sft(config: SFTConfig) -> SFTRun:
         len(conversations), config.parallel.tensor, config.parallel.pipeline, config.parallel.context, config.parallel.expert,
         config.parallel.data_parallel(world_size),
     )
-    # The first rank chooses (and may set a damaged checkpoint aside); every rank loads its choice.
-    choice = [checkpoint.resolve_resume(config.checkpoint.resume, config.resolved_checkpoint_dir()) if first else None]
-    dist.broadcast_object_list(choice, src=0)
-    if choice[0] is not None:
-        state = checkpoint.load_checkpoint(choice[0], model.models, model.optimizer, model.scheduler)
+    resume_from = checkpoint.agreed_resume(config.checkpoint.resume, config.resolved_checkpoint_dir())
+    if resume_from is not None:
+        state = checkpoint.load_checkpoint(resume_from, model.models, model.optimizer, model.scheduler)
         run.loader.load_state_dict(state["data"])
         model.consecutive_skips = state["consecutive_skips"]
         run.start_step = state["step"] + 1
-        log.info("resumed from %s: the run goes on at step %d", choice[0], run.start_step)
+        log.info("resumed from %s: the run goes on at step %d", resume_from, run.start_step)
     return run
 
 
