@@ -94,12 +94,12 @@ def _router_problems(config: Config) -> list[str]:
         return []
     import importlib.util
 
-    from megarl.rollout.router import FIXED_ARGS, INSTALL_HINT, PACKAGE, VERSION
+    from megarl.rollout.router import INSTALL_HINT, PACKAGE, VERSION, fixed_args
 
     problems = []
     if importlib.util.find_spec("sglang_router") is None:
         problems.append(f"`rollout.router` (sglang): the {PACKAGE} package is not installed: {INSTALL_HINT}")
-    fixed = [arg for arg in config.rollout.router_args if arg.split("=")[0] in FIXED_ARGS]
+    fixed = fixed_args(config.rollout.router_args)
     if fixed:
         problems.append(f"`rollout.router_args`: {' '.join(fixed)} is set by megarl (the router's address and its engines); remove it")
     if config.algorithm.routing_replay == "r3":

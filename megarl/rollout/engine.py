@@ -278,11 +278,7 @@ class Engine:
 
     def log_tail(self) -> str:
         """The end of its log, for error messages."""
-        if self.log_path is None or not self.log_path.exists():
-            return ""
-        with open(self.log_path, "rb") as log:
-            log.seek(max(0, self.log_path.stat().st_size - _LOG_TAIL_BYTES))
-            return f"--- last lines of {self.log_path} ---\n" + log.read().decode(errors="replace")
+        return log_tail(self.log_path)
 
     def kill(self) -> None:
         """SIGKILL its process group (works on a stopped process too) and reap it."""
@@ -293,14 +289,28 @@ class Engine:
 
     def stop(self) -> None:
         """SIGTERM its process group, then SIGKILL what is left after a grace period."""
-        if self.process is None:
-            return
-        signal_group(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=_STOP_GRACE_S)
-        except subprocess.TimeoutExpired:
-            pass
-        self.kill()
+        if self.process is not None:
+            stop_group(self.process, _STOP_GRACE_S)
+
+
+def log_tail(path: Path | None) -> str:
+    """The end of a process's log (its last few thousand bytes), for error messages; empty without one."""
+    if path is None or not path.exists():
+        return ""
+    with open(path, "rb") as log:
+        log.seek(max(0, path.stat().st_size - _LOG_TAIL_BYTES))
+        return f"--- last lines of {path} ---\n" + log.read().decode(errors="replace")
+
+
+def stop_group(process: subprocess.Popen, grace_s: float) -> None:
+    """SIGTERM the process group ``process`` leads, SIGKILL what is left after ``grace_s``, and reap it."""
+    signal_group(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        pass
+    signal_group(process.pid, signal.SIGKILL)
+    process.wait()
 
 
 def signal_group(group: int, signum: int) -> None:

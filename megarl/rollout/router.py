@@ -39,7 +39,6 @@ import json
 import math
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -49,7 +48,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Sequence
 
-from megarl.rollout.engine import free_port, signal_group
+from megarl.rollout.engine import free_port, log_tail, stop_group
 from megarl.rollout.errors import EngineDead, EngineMisconfigured, EngineRequestError, EngineStartError, EngineTimeout
 
 PACKAGE = "sglang-router"
@@ -73,13 +72,12 @@ workers are added at run time."""
 
 _POLL_S = 0.05
 _STOP_GRACE_S = 5.0
-_LOG_TAIL_BYTES = 4000
 _PROBE_TIMEOUT_S = 5.0
 _ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 """The router colours its log whatever the terminal (``NO_COLOR`` is ignored); quoted logs drop it."""
 
 
-def _request(label: str, url: str, method: str, path: str, body: Any = None, *, timeout: float, headers: dict[str, str] | None = None) -> Any:
+def _request(label: str, url: str, method: str, path: str, body: Any = None, *, timeout: float) -> Any:
     """One JSON request; the decoded answer (its text when it is not JSON, None when empty).
 
     Raises:
@@ -88,7 +86,7 @@ def _request(label: str, url: str, method: str, path: str, body: Any = None, *, 
         EngineRequestError: an HTTP error status.
     """
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url + path, data=data, method=method, headers={"Content-Type": "application/json", **(headers or {})})
+    request = urllib.request.Request(url + path, data=data, method=method, headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             raw = response.read()
@@ -109,6 +107,11 @@ def _request(label: str, url: str, method: str, path: str, body: Any = None, *, 
         return json.loads(raw)
     except json.JSONDecodeError:
         return raw.decode(errors="replace")
+
+
+def fixed_args(extra_args: Sequence[str]) -> list[str]:
+    """The arguments among ``extra_args`` that set one of :data:`FIXED_ARGS` (``--port 9000`` or ``--port=9000``)."""
+    return [arg for arg in extra_args if arg.split("=", 1)[0] in FIXED_ARGS]
 
 
 def router_version() -> str:
@@ -190,7 +193,7 @@ class Router:
                 f"rollout.router_policy: {policy!r} is not one of {list(POLICIES)} (power_of_two: sglang-router refuses to start it "
                 "without workers, and megarl adds them after the start)"
             )
-        fixed = [arg for arg in extra_args if arg.split("=", 1)[0] in FIXED_ARGS]
+        fixed = fixed_args(extra_args)
         if fixed:
             raise ValueError(f"rollout.router_args: {fixed} are set by megarl (Router.launch: host, a free port, workers added at run time); remove them")
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -278,12 +281,8 @@ class Router:
             time.sleep(_POLL_S)
 
     def log_tail(self) -> str:
-        """The end of a launched router's log, for error messages."""
-        if self.log_path is None or not self.log_path.exists():
-            return ""
-        with open(self.log_path, "rb") as log:
-            log.seek(max(0, self.log_path.stat().st_size - _LOG_TAIL_BYTES))
-            return f"--- last lines of {self.log_path} ---\n" + _ANSI_ESCAPE.sub("", log.read().decode(errors="replace"))
+        """The end of a launched router's log, for error messages (its colour codes dropped)."""
+        return _ANSI_ESCAPE.sub("", log_tail(self.log_path))
 
     def stop(self) -> None:
         """SIGTERM a launched router's process group, SIGKILL what is left after a few seconds.
@@ -292,13 +291,7 @@ class Router:
             return
         self._stopped = True
         atexit.unregister(self.stop)
-        signal_group(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=_STOP_GRACE_S)
-        except subprocess.TimeoutExpired:
-            pass
-        signal_group(self.process.pid, signal.SIGKILL)
-        self.process.wait()
+        stop_group(self.process, _STOP_GRACE_S)
 
 
 def undelivered(error: EngineRequestError) -> bool:
