@@ -324,15 +324,14 @@ def grpo_passk(scores: torch.Tensor, response_mask: torch.Tensor, group_ids: tor
     _, index = torch.unique(group_ids, return_inverse=True)
     num_groups = int(index.max()) + 1 if index.numel() else 0
     values = scores.double()
-    highs = values.new_full((num_groups,), -torch.inf).scatter_reduce(0, index, values, "amax")[index]
+    groups = group_statistics(scores, group_ids)
     positions = torch.arange(values.numel(), device=values.device)
-    candidates = torch.where(values == highs, positions, values.numel())
+    candidates = torch.where(values == groups.max, positions, values.numel())
     first_best = candidates.new_full((num_groups,), values.numel()).scatter_reduce(0, index, candidates, "amin")[index]
     best = positions == first_best
     others = torch.where(best, -torch.inf, values)
     second = values.new_full((num_groups,), -torch.inf).scatter_reduce(0, index, others, "amax")[index]
-    groups = group_statistics(scores, group_ids)
-    gap = highs - second
+    gap = groups.max - second
     if norm_by_std:
         gap = gap / (groups.std + EPS)
     advantages = torch.where(best & ~groups.all_equal, gap, 0.0)

@@ -29,10 +29,12 @@ class GroupStatistics:
     """int64, n_g."""
     all_equal: torch.Tensor
     """bool, every value of the group is the same (always true for a group of one)."""
+    max: torch.Tensor
+    """float64, the group's largest value."""
 
 
 def group_statistics(values: torch.Tensor, group_ids: torch.Tensor) -> GroupStatistics:
-    """Mean, unbiased std, size and all-equal flag of each sample's group.
+    """Mean, unbiased std, size, all-equal flag and largest value of each sample's group.
 
     Args:
         values: ``[B]`` one number per response (a score).
@@ -47,4 +49,4 @@ def group_statistics(values: torch.Tensor, group_ids: torch.Tensor) -> GroupStat
     stds = torch.sqrt(squares / (sizes - 1).clamp(min=1))
     highs = values64.new_full((num_groups,), -torch.inf).scatter_reduce(0, index, values64, "amax")
     lows = values64.new_full((num_groups,), torch.inf).scatter_reduce(0, index, values64, "amin")
-    return GroupStatistics(mean=means[index], std=stds[index], size=sizes[index], all_equal=(highs == lows)[index])
+    return GroupStatistics(mean=means[index], std=stds[index], size=sizes[index], all_equal=(highs == lows)[index], max=highs[index])
