@@ -230,6 +230,13 @@ def _valid_sequences(response_mask: torch.Tensor) -> torch.Tensor:
     return response_mask.bool().any(dim=-1)
 
 
+def _valid_max_min(values: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The largest and smallest of ``values`` where ``valid`` (same shape), both 0 when none is."""
+    if not valid.any():
+        return values.new_zeros(()), values.new_zeros(())
+    return torch.where(valid, values, -math.inf).amax(), torch.where(valid, values, math.inf).amin()
+
+
 def _sequence_log_ratio_sum(old_log_probs, rollout_log_probs, response_mask) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of old - rollout over each sequence's valid tokens and their count, both ``[B]``."""
     mask = response_mask.bool()
@@ -277,10 +284,11 @@ def sequence_is_weights(
     normalised = bounded / (masked_mean(bounded, response_mask) + 1e-8)
     second_moment = masked_mean(normalised.square(), response_mask)
     sequences = valid.sum().clamp(min=1)
+    largest, smallest = _valid_max_min(untruncated, valid)
     metrics = {
         "rollout_is_mean": masked_mean(per_token, response_mask),
-        "rollout_is_max": torch.where(valid, untruncated, -math.inf).amax() if valid.any() else untruncated.new_zeros(()),
-        "rollout_is_min": torch.where(valid, untruncated, math.inf).amin() if valid.any() else untruncated.new_zeros(()),
+        "rollout_is_max": largest,
+        "rollout_is_min": smallest,
         "rollout_is_ratio_fraction_high": (valid & (log_weight > math.log(threshold))).sum() / sequences,
         "rollout_is_ratio_fraction_low": (valid & (log_weight < -math.log(threshold))).sum() / sequences,
         "rollout_is_eff_sample_size": second_moment.reciprocal() if valid.any() else second_moment,
@@ -353,12 +361,13 @@ def rejection_mask(
     count = valid.sum().clamp(min=1)
     per_token = statistic if statistic.dim() == 2 else statistic[:, None].expand_as(divergence)
     prefix = f"rollout_rs_{criterion}"
+    largest, smallest = _valid_max_min(statistic, valid)
     metrics = {
         "rollout_rs_masked_fraction": masked_mean((mask & ~keep).to(divergence.dtype), response_mask),
         "rollout_rs_seq_masked_fraction": (mask & ~keep).any(dim=-1).sum() / _valid_sequences(response_mask).sum().clamp(min=1),
         f"{prefix}_mean": masked_mean(per_token, response_mask),
-        f"{prefix}_max": torch.where(valid, statistic, -math.inf).amax() if valid.any() else statistic.new_zeros(()),
-        f"{prefix}_min": torch.where(valid, statistic, math.inf).amin() if valid.any() else statistic.new_zeros(()),
+        f"{prefix}_max": largest,
+        f"{prefix}_min": smallest,
         f"{prefix}_fraction_high": (valid & above).sum() / count,
     }
     if estimator == "k1":
