@@ -19,6 +19,9 @@
 - ``data/lookup/{train,val}.jsonl``: the multi-turn toy task (``configs/moe_agent.yaml``): the
   digit hidden behind a key, which only the ``lookup`` tool of ``megarl.agents.toy`` reveals.
 
+``models/tiny-teacher`` is trained, not generated: ``tools/make_teacher.py`` makes it from this
+file's settings (:func:`common_config`, :func:`fill_deterministically`, :func:`save_model`).
+
 Weights come from one seeded generator filled in a fixed parameter order, not from transformers'
 initialisers, so they do not change with the transformers version.
 """
@@ -114,8 +117,11 @@ def fill_deterministically(model: torch.nn.Module, seed: int) -> None:
                 buffer.copy_(torch.randn(buffer.shape, generator=generator) * INIT_STD)
 
 
-def model_configs(vocab_size: int, eos: int, pad: int) -> dict[str, transformers.PretrainedConfig]:
-    common = dict(
+def common_config(vocab_size: int, eos: int, pad: int) -> dict[str, object]:
+    """The settings every bundled model shares (and the teacher of ``tools/make_teacher.py``):
+    the tokenizer's vocabulary and special tokens, the width (64, 4 heads sharing 2 key/value
+    heads), 256 positions, :data:`INIT_STD`. A model overrides what it needs."""
+    return dict(
         vocab_size=vocab_size,
         hidden_size=64,
         num_attention_heads=4,
@@ -127,6 +133,10 @@ def model_configs(vocab_size: int, eos: int, pad: int) -> dict[str, transformers
         bos_token_id=None,
         initializer_range=INIT_STD,
     )
+
+
+def model_configs(vocab_size: int, eos: int, pad: int) -> dict[str, transformers.PretrainedConfig]:
+    common = common_config(vocab_size, eos, pad)
     return {
         "tiny-dense": transformers.Qwen3Config(
             **common, num_hidden_layers=4, head_dim=16, intermediate_size=128, rope_theta=10000.0,
@@ -158,16 +168,29 @@ def model_configs(vocab_size: int, eos: int, pad: int) -> dict[str, transformers
     }
 
 
-def build_models(out: Path, tokenizer_dir: Path, tokenizer) -> None:
+def special_token_ids(tokenizer) -> tuple[int, int]:
+    """``(eos, pad)``: the ids of ``<|im_end|>`` and ``<|endoftext|>``."""
     eos, pad = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    return eos, pad
+
+
+def save_model(model: transformers.PreTrainedModel, directory: Path, tokenizer_dir: Path) -> None:
+    """Write ``model`` (safetensors, config, a generation config that stops at the tokenizer's
+    end of turn) and copy the tokenizer's files beside it."""
+    eos, pad = model.config.eos_token_id, model.config.pad_token_id
+    model.generation_config = transformers.GenerationConfig(eos_token_id=eos, pad_token_id=pad)
+    model.save_pretrained(directory, safe_serialization=True)
+    for file in tokenizer_dir.iterdir():
+        shutil.copy2(file, directory / file.name)
+
+
+def build_models(out: Path, tokenizer_dir: Path, tokenizer) -> None:
+    eos, pad = special_token_ids(tokenizer)
     for seed, (name, config) in enumerate(model_configs(len(tokenizer), eos, pad).items()):
         model = transformers.AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
         fill_deterministically(model, seed)
-        model.generation_config = transformers.GenerationConfig(eos_token_id=eos, pad_token_id=pad)
-        directory = out / name
-        model.save_pretrained(directory, safe_serialization=True)
-        for file in tokenizer_dir.iterdir():
-            shutil.copy2(file, directory / file.name)
+        shutil.rmtree(out / name, ignore_errors=True)
+        save_model(model, out / name, tokenizer_dir)
 
 
 def toy_rows() -> list[dict[str, str]]:
@@ -220,12 +243,12 @@ SFT_ROWS = 400
 """Conversations in ``data/toy/sft.jsonl``: a few hundred, enough to teach the tiny model the task."""
 
 
-def sft_rows(train: list[dict[str, str]]) -> list[dict[str, list[dict[str, str]]]]:
-    """The first :data:`SFT_ROWS` training rows as conversations: the prompt from the user, the
-    right answer from the assistant."""
+def sft_rows(train: list[dict[str, str]], count: int = SFT_ROWS) -> list[dict[str, list[dict[str, str]]]]:
+    """The first ``count`` training rows as conversations: the prompt from the user, the right
+    answer from the assistant."""
     return [
         {"messages": [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["answer"]}]}
-        for row in train[:SFT_ROWS]
+        for row in train[:count]
     ]
 
 
@@ -254,7 +277,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ASSETS, help="assets root (default: megarl/assets)")
     args = parser.parse_args()
-    for part in ("tokenizer", "models", "data"):
+    # Not the whole models/: tiny-teacher is trained (tools/make_teacher.py), build_models replaces the others.
+    for part in ("tokenizer", "data"):
         shutil.rmtree(args.out / part, ignore_errors=True)
     tokenizer = build_tokenizer(args.out / "tokenizer")
     build_models(args.out / "models", args.out / "tokenizer", tokenizer)
