@@ -395,7 +395,7 @@ def test_unregistered_algorithm_names_are_refused_once_the_cheap_checks_pass(tmp
     assert check_run(load_config(moe, [run_dir, "algorithm.advantage_estimator=xyz", "algorithm.policy_loss=ppoo"]), 2) == [
         "`algorithm.advantage_estimator` = 'xyz' is not a registered advantage estimator. Registered: gae, gpg, grpo, grpo_passk, "
         "opo, optimal_token_baseline, reinforce_pp, reinforce_pp_baseline, remax, rloo; a new one is a function decorated with @register_advantage in megarl/algorithms/advantages.py",
-        "`algorithm.policy_loss` = 'ppoo' is not a registered policy loss — did you mean `ppo`? Registered: cispo, dppo_kl, dppo_tv, gmpo, gpg, gspo, ppo, sapo; a new one "
+        "`algorithm.policy_loss` = 'ppoo' is not a registered policy loss — did you mean `ppo`? Registered: cispo, clip_cov, dppo_kl, dppo_tv, gmpo, gpg, gspo, kl_cov, ppo, sapo; a new one "
         "is a function decorated with @register_policy_loss in megarl/algorithms/policy_losses.py",
     ]
     # A cheap problem is reported alone: the registries are not imported for a run that cannot start.
@@ -734,8 +734,8 @@ def test_cli_refuses_an_unregistered_policy_loss_in_one_line():
     refused = run_cli("--config", "configs/moe_grpo.yaml", "algorithm.policy_loss=ppoo", world_size="2")
     assert (refused.returncode, refused.stdout) == (2, "")
     assert refused.stderr.splitlines() == [
-        "megarl.config: `algorithm.policy_loss` = 'ppoo' is not a registered policy loss — did you mean `ppo`? Registered: cispo, "
-        "dppo_kl, dppo_tv, gmpo, gpg, gspo, ppo, sapo; a new one is a function decorated with @register_policy_loss in megarl/algorithms/policy_losses.py"
+        "megarl.config: `algorithm.policy_loss` = 'ppoo' is not a registered policy loss — did you mean `ppo`? Registered: cispo, clip_cov, "
+        "dppo_kl, dppo_tv, gmpo, gpg, gspo, kl_cov, ppo, sapo; a new one is a function decorated with @register_policy_loss in megarl/algorithms/policy_losses.py"
     ]
 
 

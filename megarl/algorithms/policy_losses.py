@@ -44,6 +44,8 @@ the weight its behaviour importance weight). With r_t = pi(a_t) / pi_old(a_t) an
   p - q >= -eps_low (A <= 0). KL: with the binary KL D = q log(q / p) + (1 - q) log((1 - q + 1e-8) /
   (1 - p + 1e-8)), inside when D <= eps_high or p <= q (A > 0), D <= eps_low or p >= q (A <= 0).
   eps_low / eps_high are ``clip_ratio_low`` / ``clip_ratio_high``, read as divergence bounds.
+- ``clip_cov`` and ``kl_cov`` (Cui et al. 2025): in :mod:`megarl.algorithms.covariance_losses`, which
+  registers them here.
 
 Before exp, as verl 0.9 does: the token log-ratio (ppo, cispo) is clamped to [-20, 20]; GSPO's
 log-ratio sg(log s_i) + log pi_t - sg(log pi_t) is clamped above at 10 only (no gradient past
@@ -102,7 +104,7 @@ def sequence_log_ratio(log_probs: torch.Tensor, old_log_probs: torch.Tensor, res
     return difference.sum(-1) / mask.sum(-1).clamp(min=1)
 
 
-def _clipped_surrogate(ratio, advantages, response_mask, clip_ratio_low, clip_ratio_high, clip_ratio_c):
+def clipped_surrogate(ratio, advantages, response_mask, clip_ratio_low, clip_ratio_high, clip_ratio_c):
     """PPO's per-token loss for a given ratio (see the module docstring) and its clip metrics."""
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1 - clip_ratio_low, 1 + clip_ratio_high)
@@ -122,16 +124,18 @@ def _clipped_surrogate(ratio, advantages, response_mask, clip_ratio_low, clip_ra
     return torch.where(response_mask.bool(), loss, 0.0), metrics
 
 
-def _token_log_ratio(log_probs, old_log_probs, response_mask):
+def token_log_ratio(log_probs, old_log_probs, response_mask):
     """log r_t = log pi - log pi_old, 0 where masked, clamped to +-LOG_RATIO_LIMIT: ``[B, T]``."""
     log_ratio = torch.where(response_mask.bool(), log_probs - old_log_probs, 0.0)
     return log_ratio.clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
 
 
-def _ratio_metrics(token_log_ratio, ratio, response_mask) -> dict[str, torch.Tensor]:
-    token_log_ratio, ratio = token_log_ratio.detach(), ratio.detach()
+def ratio_metrics(log_ratio, ratio, response_mask) -> dict[str, torch.Tensor]:
+    """``approx_kl`` (k3 of the token log-ratio ``log_ratio``) and ``ratio_mean`` (of the ratio the
+    loss uses), means over the valid tokens, detached."""
+    log_ratio, ratio = log_ratio.detach(), ratio.detach()
     return {
-        "approx_kl": masked_mean(torch.exp(token_log_ratio) - 1 - token_log_ratio, response_mask),
+        "approx_kl": masked_mean(torch.exp(log_ratio) - 1 - log_ratio, response_mask),
         "ratio_mean": masked_mean(ratio, response_mask),
     }
 
@@ -161,11 +165,11 @@ def ppo(
     Returns:
         ``(per_token_loss [B, T], metrics)``.
     """
-    log_ratio = _token_log_ratio(log_probs, old_log_probs, response_mask)
+    log_ratio = token_log_ratio(log_probs, old_log_probs, response_mask)
     ratio = torch.exp(log_ratio)
     advantages = torch.where(response_mask.bool(), advantages, 0.0)
-    loss, metrics = _clipped_surrogate(ratio, advantages, response_mask, clip_ratio_low, clip_ratio_high, clip_ratio_c)
-    return loss, {**metrics, **_ratio_metrics(log_ratio, ratio, response_mask)}
+    loss, metrics = clipped_surrogate(ratio, advantages, response_mask, clip_ratio_low, clip_ratio_high, clip_ratio_c)
+    return loss, {**metrics, **ratio_metrics(log_ratio, ratio, response_mask)}
 
 
 @register_policy_loss("gspo")
@@ -198,9 +202,9 @@ def gspo(
     valid_log_probs = torch.where(mask, log_probs, 0.0)
     ratio = torch.exp((sequence.detach()[:, None] + valid_log_probs - valid_log_probs.detach()).clamp(max=GSPO_LOG_RATIO_MAX))
     advantages = torch.where(mask, advantages, 0.0)
-    loss, metrics = _clipped_surrogate(ratio, advantages, response_mask, clip_ratio_low, clip_ratio_high, clip_ratio_c)
-    token_log_ratio = _token_log_ratio(log_probs, old_log_probs, response_mask)
-    return loss, {**metrics, **_ratio_metrics(token_log_ratio, ratio, response_mask)}
+    loss, metrics = clipped_surrogate(ratio, advantages, response_mask, clip_ratio_low, clip_ratio_high, clip_ratio_c)
+    log_ratio = token_log_ratio(log_probs, old_log_probs, response_mask)
+    return loss, {**metrics, **ratio_metrics(log_ratio, ratio, response_mask)}
 
 
 @register_policy_loss("cispo")
@@ -233,7 +237,7 @@ def cispo(
     if clip_ratio_c is not None:
         raise ValueError(f"cispo has no dual clip; set algorithm.clip_ratio_c (now {clip_ratio_c}) to null")
     mask = response_mask.bool()
-    log_ratio = _token_log_ratio(log_probs, old_log_probs, response_mask)
+    log_ratio = token_log_ratio(log_probs, old_log_probs, response_mask)
     ratio = torch.exp(log_ratio)
     weight = torch.clamp(ratio, 1 - clip_ratio_low, 1 + clip_ratio_high).detach()
     advantages = torch.where(mask, advantages, 0.0)
@@ -244,7 +248,7 @@ def cispo(
         "clip_fraction_high": masked_mean((ratio > 1 + clip_ratio_high).to(ratio.dtype), response_mask),
         "dual_clip_fraction": zero,
     }
-    return loss, {**metrics, **_ratio_metrics(log_ratio, ratio, response_mask)}
+    return loss, {**metrics, **ratio_metrics(log_ratio, ratio, response_mask)}
 
 
 @register_policy_loss("gpg")
@@ -284,12 +288,12 @@ def sapo(
         ``(per_token_loss [B, T], metrics)``.
     """
     mask = response_mask.bool()
-    log_ratio = _token_log_ratio(log_probs, old_log_probs, response_mask)
+    log_ratio = token_log_ratio(log_probs, old_log_probs, response_mask)
     ratio = torch.exp(log_ratio)
     advantages = torch.where(mask, advantages, 0.0)
     tau = torch.where(advantages > 0, tau_pos, tau_neg).to(ratio.dtype)
     gate = torch.sigmoid(tau * (ratio - 1)) * (4 / tau)
-    return torch.where(mask, -advantages * gate, 0.0), _ratio_metrics(log_ratio, ratio, response_mask)
+    return torch.where(mask, -advantages * gate, 0.0), ratio_metrics(log_ratio, ratio, response_mask)
 
 
 @register_policy_loss("gmpo")
@@ -314,7 +318,7 @@ def gmpo(
         ``(per_token_loss [B, T], metrics)``: l_i on each valid token of response i.
     """
     mask = response_mask.bool()
-    log_ratio = _token_log_ratio(log_probs, old_log_probs, response_mask)
+    log_ratio = token_log_ratio(log_probs, old_log_probs, response_mask)
     advantages = torch.where(mask, advantages, 0.0)
     sign = torch.sign(advantages)
     bounded = log_ratio.clamp(-clip_ratio_low, clip_ratio_high)
@@ -328,7 +332,7 @@ def gmpo(
         "clip_fraction_low": masked_mean(held * (advantages < 0), response_mask),
         "clip_fraction_high": masked_mean(held * (advantages > 0), response_mask),
     }
-    return loss, {**metrics, **_ratio_metrics(log_ratio, ratio[:, None].expand_as(log_ratio), response_mask)}
+    return loss, {**metrics, **ratio_metrics(log_ratio, ratio[:, None].expand_as(log_ratio), response_mask)}
 
 
 def _total_variation_region(log_prob, old_log_prob, advantages, clip_ratio_low, clip_ratio_high):
@@ -349,7 +353,7 @@ def _binary_kl_region(log_prob, old_log_prob, advantages, clip_ratio_low, clip_r
 def _dppo(region, log_probs, old_log_probs, advantages, response_mask, clip_ratio_low, clip_ratio_high, clip_ratio_c):
     """DPPO's per-token loss with the trust region ``region`` (module docstring) and its metrics."""
     mask = response_mask.bool()
-    log_ratio = _token_log_ratio(log_probs, old_log_probs, response_mask)
+    log_ratio = token_log_ratio(log_probs, old_log_probs, response_mask)
     ratio = torch.exp(log_ratio)
     weight = (ratio if clip_ratio_c is None else ratio.clamp(max=clip_ratio_c)).detach()
     valid_log_probs = torch.where(mask, log_probs, 0.0)
@@ -362,7 +366,7 @@ def _dppo(region, log_probs, old_log_probs, advantages, response_mask, clip_rati
         "trust_region_masked_fraction": masked_mean((~inside).to(ratio.dtype), response_mask),
         "truncated_fraction": masked_mean(truncated.to(ratio.dtype), response_mask),
     }
-    return loss, {**metrics, **_ratio_metrics(log_ratio, weight, response_mask)}
+    return loss, {**metrics, **ratio_metrics(log_ratio, weight, response_mask)}
 
 
 @register_policy_loss("dppo_tv")

@@ -28,6 +28,9 @@ RolloutRSCriterion = Literal[
 ]  # fmt: skip
 """The rejection sampling criteria of :mod:`megarl.algorithms.mismatch` (verl's names)."""
 
+DUAL_CLIP_FREE = {"cispo": "CISPO has no dual clip", "clip_cov": "Clip-Cov has no dual clip", "kl_cov": "KL-Cov has no clip"}
+"""The policy losses that refuse ``clip_ratio_c``, and why."""
+
 
 @dataclasses.dataclass(kw_only=True, slots=True)
 class AlgorithmConfig(Section):
@@ -56,9 +59,13 @@ class AlgorithmConfig(Section):
     weight, gradient through every token), ``gpg`` (-A log pi, no ratio), ``sapo`` (soft gate,
     tau_pos / tau_neg), ``gmpo`` (geometric-mean ratio, verl: geo_mean), ``dppo_tv`` / ``dppo_kl``
     (DPPO's probability trust region: clip_ratio_low / high are its TV or binary-KL bounds,
-    clip_ratio_c its importance-weight truncation). verl aggregates sapo, gspo and geo_mean per
-    sequence: use loss_agg_mode seq-mean-token-mean to match it. Maths in
-    :mod:`megarl.algorithms.policy_losses`. A new one is a function decorated with
+    clip_ratio_c its importance-weight truncation), ``clip_cov`` (PPO clip, the loss of a random
+    few high-covariance tokens set to 0: clip_cov_ratio, clip_cov_lb, clip_cov_ub) and ``kl_cov``
+    (no clip, a |log ratio| penalty on the top high-covariance tokens: kl_cov_ratio, ppo_kl_coef);
+    those two select per micro-batch, as verl, so their loss depends on how a mini-batch is split.
+    verl aggregates sapo, gspo and geo_mean per sequence: use loss_agg_mode seq-mean-token-mean to
+    match it. Maths in :mod:`megarl.algorithms.policy_losses` and
+    :mod:`megarl.algorithms.covariance_losses`. A new one is a function decorated with
     ``@register_policy_loss(name)`` in ``megarl/algorithms/policy_losses.py``; the name is checked
     against the registry before the run starts (:mod:`megarl.preflight`) (verl:
     actor.policy_loss.loss_mode)."""
@@ -67,6 +74,19 @@ class AlgorithmConfig(Section):
     tau_neg: Annotated[float, Range(gt=0)] = 1.05
     """SAPO: temperature of the soft gate where the advantage is <= 0; above tau_pos, negative
     updates fade faster (verl: actor.tau_neg)."""
+    clip_cov_ratio: Annotated[float, Range(gt=0, le=1)] = 0.0002
+    """Clip-Cov: the share of a micro-batch's valid tokens whose loss may be set to 0 (at least
+    one), drawn among the candidates (verl: actor.policy_loss.clip_cov_ratio)."""
+    clip_cov_lb: float = 1.0
+    """Clip-Cov: a candidate's covariance (A - mean A)(log pi - mean log pi) lies above this
+    (verl: actor.policy_loss.clip_cov_lb)."""
+    clip_cov_ub: float = 5.0
+    """Clip-Cov: ... and below this; > clip_cov_lb (verl: actor.policy_loss.clip_cov_ub)."""
+    kl_cov_ratio: Annotated[float, Range(gt=0, le=1)] = 0.0002
+    """KL-Cov: the share of a micro-batch's valid tokens, those of largest covariance, that take
+    the |log ratio| penalty (at least one) (verl: actor.policy_loss.kl_cov_ratio)."""
+    ppo_kl_coef: Annotated[float, Range(ge=0)] = 0.1
+    """KL-Cov: the penalty's coefficient (verl: actor.policy_loss.ppo_kl_coef)."""
     clip_ratio_low: Annotated[float, Range(ge=0, lt=1)] = 0.2
     """PPO clip below 1: the ratio is kept >= 1 - clip_ratio_low (verl: actor.clip_ratio_low, slime:
     --eps-clip)."""
@@ -190,8 +210,13 @@ class AlgorithmConfig(Section):
     Needs an MoE model."""
 
     def _rule_problems(self) -> Iterator[tuple[str, str]]:
-        if self.clip_ratio_c is not None and self.policy_loss == "cispo":
-            yield "clip_ratio_c", f"({self.clip_ratio_c}) must be null with algorithm.policy_loss = cispo (CISPO has no dual clip)"
+        if self.clip_ratio_c is not None and self.policy_loss in DUAL_CLIP_FREE:
+            yield "clip_ratio_c", (
+                f"({self.clip_ratio_c}) must be null with algorithm.policy_loss = {self.policy_loss} "
+                f"({DUAL_CLIP_FREE[self.policy_loss]})"
+            )
+        if self.clip_cov_lb >= self.clip_cov_ub:
+            yield "clip_cov_lb", f"({self.clip_cov_lb}) must be < clip_cov_ub ({self.clip_cov_ub}): no covariance would lie between them"
         if self.tis_threshold_low >= self.tis_threshold_high:
             yield "tis_threshold_low", f"({self.tis_threshold_low}) must be < tis_threshold_high ({self.tis_threshold_high})"
         if self.icepop_low >= self.icepop_high:

@@ -14,7 +14,8 @@ The update: ``train.ppo_epochs`` passes over the batch; each pass shuffles it (s
 and cuts it into mini-batches of ``train.mini_batch_size`` samples, one optimizer step each; a
 mini-batch is split over the data-parallel ranks and into micro-batches
 (:func:`megarl.data.batching.plan_micro_batches`). The loss of a micro-batch is the policy loss
-(:mod:`megarl.algorithms.policy_losses`) times the train/rollout correction weights (TIS, ICEPOP
+(:mod:`megarl.algorithms.policy_losses`; a loss that draws at random, ``clip_cov``, gets a seed
+per micro-batch) times the train/rollout correction weights (TIS, ICEPOP
 or decoupled PPO's behaviour weight, :mod:`megarl.algorithms.mismatch`), plus the
 entropy bonus and the KL loss, aggregated per ``algorithm.loss_agg_mode``; Megatron normalises by
 the whole mini-batch's count (:mod:`megarl.trainer.model`). The policy is the update's
@@ -106,6 +107,9 @@ class Policy(ModelObjective):
         self.fields = ("old_log_probs", "advantages", "loss_weights") + (("ref_log_probs",) if algorithm.use_kl_loss else ())
         self.metrics = metric_names(algorithm)
         """Token sums of the per-token metrics: the policy loss's own, the entropy and the KL loss."""
+        self._draw_step, self._draws = 0, 0
+        """The step being trained and the micro-batches whose loss this rank has computed in it
+        (:meth:`_next_draw_seed`)."""
 
     # Forward passes.
 
@@ -183,9 +187,22 @@ class Policy(ModelObjective):
         """
         routers = self.model.routers
         router_losses = routers.tracking_losses() if routers is not None else contextlib.nullcontext({})
+        self._draw_step, self._draws = step, 0
         with self._replaying(self.algorithm.routing_replay != "none"), router_losses as losses:
             metrics = self.model.update(batch, self, seed=self.seed * 1_000_003 + step)
         return {**{f"policy/{name}": value for name, value in metrics.items()}, **losses}
+
+    def _next_draw_seed(self) -> int:
+        """The seed of the random draws of the next micro-batch's loss (``clip_cov``'s subset): one
+        per (``train.seed``, step, data-parallel rank, micro-batch of this rank's update). The ranks
+        that share a micro-batch (tensor and context parallel) count the same micro-batches, so they
+        draw alike; a step trained again after a resume draws the same."""
+        parts = (self.seed, self._draw_step, self.pg_collection.dp.rank(), self._draws)
+        self._draws += 1
+        seed = 0
+        for part in parts:
+            seed = (seed * 1_000_003 + part) % 2**63
+        return seed
 
     @property
     def routing_layout(self) -> tuple[list[int], int]:
@@ -204,11 +221,8 @@ class Policy(ModelObjective):
             old_log_probs=micro["old_log_probs"],
             advantages=micro["advantages"],
             response_mask=mask,
-            clip_ratio_low=algorithm.clip_ratio_low,
-            clip_ratio_high=algorithm.clip_ratio_high,
-            clip_ratio_c=algorithm.clip_ratio_c,
-            tau_pos=algorithm.tau_pos,
-            tau_neg=algorithm.tau_neg,
+            seed=self._next_draw_seed(),
+            **loss_settings(algorithm),
         )
         per_token = per_token * micro["loss_weights"]
         if algorithm.entropy_coeff:
@@ -258,10 +272,20 @@ def metric_names(algorithm: AlgorithmConfig) -> tuple[str, ...]:
         old_log_probs=token,
         advantages=token,
         response_mask=torch.ones(1, 1, dtype=torch.bool),
-        clip_ratio_low=algorithm.clip_ratio_low,
-        clip_ratio_high=algorithm.clip_ratio_high,
-        clip_ratio_c=algorithm.clip_ratio_c,
-        tau_pos=algorithm.tau_pos,
-        tau_neg=algorithm.tau_neg,
+        seed=0,
+        **loss_settings(algorithm),
     )
     return (*loss_metrics, "entropy", "kl_loss")
+
+
+LOSS_SETTINGS = (
+    "clip_ratio_low", "clip_ratio_high", "clip_ratio_c", "tau_pos", "tau_neg",
+    "clip_cov_ratio", "clip_cov_lb", "clip_cov_ub", "kl_cov_ratio", "ppo_kl_coef",
+)  # fmt: skip
+"""The ``algorithm`` fields the policy losses declare as keyword settings."""
+
+
+def loss_settings(algorithm: AlgorithmConfig) -> dict[str, float | None]:
+    """``{field: value}`` of :data:`LOSS_SETTINGS`: every policy loss takes those it declares
+    (:meth:`megarl.algorithms.registry.Registry.call`)."""
+    return {name: getattr(algorithm, name) for name in LOSS_SETTINGS}

@@ -31,6 +31,9 @@ SETTINGS = {
     "gmpo": dict(clip_ratio_low=0.4, clip_ratio_high=0.4),
     "dppo_tv": dict(clip_ratio_low=0.05, clip_ratio_high=0.05, clip_ratio_c=1.5),
     "dppo_kl": dict(clip_ratio_low=0.02, clip_ratio_high=0.02, clip_ratio_c=1.5),
+    # Bounds and ratios that select a few tokens of `batch` (tests/algorithms/test_covariance_losses.py).
+    "clip_cov": dict(clip_ratio_low=0.2, clip_ratio_high=0.28, clip_cov_ratio=0.2, clip_cov_lb=0.0, clip_cov_ub=5.0, seed=3),
+    "kl_cov": dict(kl_cov_ratio=0.2, ppo_kl_coef=0.5),
 }
 
 

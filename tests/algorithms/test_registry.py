@@ -42,7 +42,7 @@ def test_duplicate_name_is_refused():
     "registry,expected",
     [
         (ADVANTAGES, "gae, gpg, grpo, grpo_passk, opo, optimal_token_baseline, reinforce_pp, reinforce_pp_baseline, remax, rloo"),
-        (POLICY_LOSSES, "cispo, dppo_kl, dppo_tv, gmpo, gpg, gspo, ppo, sapo"),
+        (POLICY_LOSSES, "cispo, clip_cov, dppo_kl, dppo_tv, gmpo, gpg, gspo, kl_cov, ppo, sapo"),
         (KL_ESTIMATORS, "abs, k1, k2, k3, low_var_kl, mse"),
     ],
 )
