@@ -110,6 +110,26 @@ class Generation:
         """One turn of episode ``route`` (:meth:`EngineGroup.generate_turn`), batched with other episodes' turns."""
         return await self._turns.generate(self.route(route), (route, 0, input_ids, max_new_tokens, seed), sampling)
 
+    async def prompt_log_probs(self, token_ids: Sequence[Sequence[int]], starts: Sequence[int]) -> list[list[float]]:
+        """The log-probs of every sequence's tokens after position ``starts[i]``
+        (:meth:`EngineGroup.prompt_log_probs`): the sequences split into contiguous shares, one per
+        engine (a prompt's samples, next to each other, share an engine's prefix cache), each one
+        prompt-scoring ``/generate`` (:func:`~megarl.rollout.protocol.prompt_logprobs_body`), in parallel."""
+        share = -(-len(token_ids) // len(self.engines))
+        bounds = [(first, min(first + share, len(token_ids))) for first in range(0, len(token_ids), share)]
+        answers = await gather(
+            self._prompt_log_probs(engine, token_ids[first:end], starts[first:end]) for engine, (first, end) in zip(self.engines, bounds)
+        )
+        return [values for answer in answers for values in answer]
+
+    async def _prompt_log_probs(self, engine: Engine, token_ids: Sequence[Sequence[int]], starts: Sequence[int]) -> list[list[float]]:
+        body = protocol.prompt_logprobs_body(token_ids, starts)
+        answer = await self._supervisor.call_async(engine, "POST", protocol.GENERATE, body, timeout=self._request_timeout_s)
+        try:
+            return protocol.parse_prompt_logprobs_response(answer, token_ids, starts)
+        except ValueError as error:
+            raise EngineRequestError(engine.label, str(error)) from None
+
     async def _generate(self, requests: list[Request], sampling: SamplingParams, partial: bool, *, keep_order: bool = False) -> list[Sample]:
         """Send the requests, each to its prompt's engine (one batch per engine, in parallel). The
         samples come back sorted by ``(prompt_index, sample_index)``, or in the order of

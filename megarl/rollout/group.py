@@ -10,8 +10,7 @@
             engines.update_weights(weight_stream_buckets, version=step + 1)
 
 Where requests go (a prompt's samples on one engine, or through the router) is
-:mod:`megarl.rollout.generation`'s. :meth:`EngineGroup.submit_generate` generates without waiting:
-the caller may keep several batches in flight and collect them as they complete.
+:mod:`megarl.rollout.generation`'s; with :meth:`EngineGroup.submit_generate` several batches are in flight.
 
 Several nodes: every node's first rank launches its node's engines in a group of its own, which
 updates their weights, releases and resumes their memory and restarts them; the first rank's group
@@ -19,10 +18,9 @@ also generates on the other nodes' engines (:meth:`EngineGroup.add_remote_engine
 continues and flushes them, and the router (:meth:`EngineGroup.use_router`) stands in front of all.
 
 Partial rollouts: with ``partial=True`` a sample that a pause (:meth:`EngineGroup.pause_generation`
-in ``abort`` mode) or an abort stopped comes back with its tokens so far and ``finish_reason``
-``abort``; :meth:`EngineGroup.submit_resume` resumes such samples (prompt + their tokens, the
-rest of ``max_new_tokens``, seeds from :func:`~megarl.rollout.sampling.resume_seed`) and returns
-them whole, their ``weight_segments`` saying which weights generated which tokens.
+in ``abort`` mode) or an abort stopped comes back with its tokens so far and ``finish_reason`` ``abort``;
+:meth:`EngineGroup.submit_resume` resumes such samples (prompt + their tokens, the rest of ``max_new_tokens``,
+seeds from :func:`~megarl.rollout.sampling.resume_seed`), their ``weight_segments`` saying which weights generated which tokens.
 
 Every request goes through the group's :class:`~megarl.rollout.http_client.EngineClient` (asyncio,
 on the group's own thread). Besides the client, the group is four parts, one job each:
@@ -34,9 +32,8 @@ on the group's own thread). Besides the client, the group is four parts, one job
 - :class:`~megarl.rollout.supervision.EngineSupervisor`: starts the engines, watches their health,
   restarts a failed one with the current weights within ``restart_budget``, and stops them.
 
-Faults. Every call has a timeout and raises a typed :class:`~megarl.rollout.errors.EngineError`
-naming the engine; a request that outlasts ``request_timeout_s`` raises :class:`EngineTimeout`.
-A request to an engine that dies under it is sent again once the supervisor restarted it.
+Faults. Every call raises a typed :class:`~megarl.rollout.errors.EngineError` naming the engine
+(:class:`EngineTimeout` past ``request_timeout_s``); one to an engine that dies under it is sent again once it is restarted.
 
 Shutdown: :meth:`EngineGroup.shutdown` (also on leaving ``with``, at exit, when a launch fails)
 stops every launched engine, closes the HTTP client (ending its thread), deletes the snapshot.
@@ -148,7 +145,7 @@ class EngineGroup:
         cls, engine: str, model_path: str | Path, *, num_engines: int = 1, tensor_parallel: int = 1, mem_fraction: float = 0.5,
         colocate: bool = True, deterministic: bool = False, seed: int = 1, first_gpu: int = 0, hf_threads: int | None = None,
         hf_step_delay_s: float = 0.0, dtype: str = "auto", extra_args: Sequence[str] = (), startup_timeout_s: float = 600.0,
-        log_dir: Path | None = None, node: int | None = None, host: str = "127.0.0.1", address: str | None = None, **group_options,
+        log_dir: Path | None = None, node: int | None = None, host: str = "127.0.0.1", address: str | None = None, name: str | None = None, **group_options,
     ) -> EngineGroup:
         """Start ``num_engines`` servers on this machine and wait until all are healthy.
 
@@ -161,6 +158,7 @@ class EngineGroup:
             log_dir: where engine logs go (default: a new temporary directory).
             node: this node's index when a run has several: the engines are named
                 ``{kind}-n{node}-{i}`` (their logs and ready files share the run directory).
+            name: the engines' names before ``-{i}`` instead (``teacher``: another model's engines).
             **group_options: the keyword arguments of :class:`EngineGroup`.
 
         Raises:
@@ -173,7 +171,7 @@ class EngineGroup:
             deterministic=deterministic, seed=seed, hf_threads=hf_threads, hf_step_delay_s=hf_step_delay_s, dtype=dtype, extra_args=tuple(extra_args),
             startup_timeout_s=startup_timeout_s, return_routed_experts=group_options.get("return_routed_experts", False), host=host, address=address,
         )
-        prefix = kind if node is None else f"{kind}-n{node}"
+        prefix = name or (kind if node is None else f"{kind}-n{node}")
         engines = [Engine(f"{prefix}-{index}", kind, tensor_parallel, launch=options, index=index) for index in range(num_engines)]
         group = cls(engines, model_path=model_path, **group_options)
         try:
@@ -327,6 +325,13 @@ class EngineGroup:
         """
         self._supervisor.check()
         return self._client.run(self._generation.resume(prompt_token_ids, samples, sampling, partial))
+
+    def prompt_log_probs(self, token_ids: Sequence[Sequence[int]], starts: Sequence[int]) -> list[list[float]]:
+        """Score sequences without generating (a distillation teacher): the raw log-probs of each one's
+        tokens after position ``starts[i]`` (``len(prompt) - 1``: its response's), spread over the
+        engines (:meth:`Generation.prompt_log_probs`); raises as :meth:`generate` does."""
+        self._supervisor.check()
+        return self._client.run(self._generation.prompt_log_probs(token_ids, starts)).result()
 
     async def generate_turn(self, input_ids: Sequence[int], sampling: SamplingParams, *, max_new_tokens: int, seed: int | None, route: int) -> Sample:
         """One whole turn of a multi-turn episode (:mod:`megarl.agents.episode`), awaited on the group's

@@ -193,6 +193,60 @@ def parse_generate_response(
     return items
 
 
+def prompt_logprobs_body(input_ids: Sequence[Sequence[int]], logprob_start_lens: Sequence[int]) -> dict[str, Any]:
+    """A batched ``/generate`` that generates nothing and answers the log-probs of the input
+    tokens: SGLang's prompt scoring (``max_new_tokens`` 0, ``return_logprob``,
+    ``logprob_start_len``), how a distillation teacher scores the policy's sequences.
+
+    Args:
+        input_ids: one token sequence per item (prompt + response, exactly as sampled).
+        logprob_start_lens: per item, the first position answered: item ``i`` gets the log-probs
+            of its tokens ``logprob_start_lens[i] + 1`` to the last (SGLang answers ``None`` for
+            the token at the start itself, having nothing before it to condition on when it is 0);
+            ``len(prompt) - 1`` gives a response's tokens.
+    """
+    return {
+        "input_ids": [list(ids) for ids in input_ids],
+        "sampling_params": [{"max_new_tokens": 0} for _ in input_ids],
+        "return_logprob": True,
+        "logprob_start_len": list(logprob_start_lens),
+    }
+
+
+def parse_prompt_logprobs_response(response: Any, input_ids: Sequence[Sequence[int]], logprob_start_lens: Sequence[int]) -> list[list[float]]:
+    """Read the answer to :func:`prompt_logprobs_body`.
+
+    Args:
+        response: the decoded JSON: one object per item, each with ``meta_info.input_token_logprobs``,
+            ``[logprob, token_id, text]`` for tokens ``logprob_start_len`` to the last, the first
+            logprob ``None`` (SGLang's ``[None] + logprobs[:-1]``: ``logprob_start_len`` is the
+            position whose logits predict the next token).
+        input_ids, logprob_start_lens: the request's.
+
+    Returns:
+        per item, the log-probs of its tokens ``logprob_start_lens[i] + 1`` to the last.
+
+    Raises:
+        ValueError: a count mismatch, a missing field, or token ids other than those sent.
+    """
+    if not isinstance(response, list) or len(response) != len(input_ids):
+        count = len(response) if isinstance(response, list) else type(response).__name__
+        raise ValueError(f"/generate answered {count} items for a prompt-scoring batch of {len(input_ids)}")
+    values = []
+    for index, (item, ids, start) in enumerate(zip(response, input_ids, logprob_start_lens)):
+        try:
+            triples = item["meta_info"]["input_token_logprobs"]
+            if [int(triple[1]) for triple in triples] != list(ids[start:]):
+                raise ValueError(
+                    f"/generate item {index}: input_token_logprobs name {len(triples)} tokens that are not the {len(ids) - start} "
+                    f"sent from position {start}: the engine does not answer prompt log-probs as SGLang does"
+                )
+            values.append([float(triple[0]) for triple in triples[1:]])
+        except (KeyError, TypeError) as missing:
+            raise ValueError(f"/generate item {index} lacks {missing}: {str(item)[:300]}") from None
+    return values
+
+
 def _routed_experts(meta: dict, index: int, routing: RoutingShape, input_tokens: int, output_tokens: int) -> np.ndarray | None:
     """An item's ``meta_info.routed_experts``, decoded and checked to cover its tokens."""
     encoded = meta.get("routed_experts")

@@ -34,6 +34,10 @@ from transformers import DynamicCache
 from megarl.rollout.embedded.routing import BatchRoutes, RouterRecorder
 
 
+SCORED_LOGITS = 1 << 26
+"""Prompt scoring computes at most this many logits in one forward (256 MiB in fp32)."""
+
+
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Request:
     """One sample to generate."""
@@ -143,6 +147,42 @@ class BatchGenerator:
                     f"request {index}: prompt of {len(request.input_ids)} tokens; it must hold 1 to "
                     f"{self.context_length - 1} tokens (the model's context is {self.context_length})"
                 )
+
+    @torch.inference_mode()
+    def prompt_logprobs(self, sequences: list[list[int]], starts: list[int]) -> list[list[float]]:
+        """The log-prob of each sequence's tokens after position ``start`` given the tokens before
+        them, ``log_softmax(logits[t - 1])[token_t]`` for ``t`` in ``start + 1 .. len - 1``, in fp32
+        from the raw logits (SGLang's ``input_token_logprobs``: no temperature). The sequences go
+        right-padded through one forward per group of rows (at most :data:`SCORED_LOGITS` logits
+        at once), each row at positions ``0 .. len - 1`` and its padding masked.
+
+        Raises:
+            ValueError: an empty sequence, one longer than the context, or a start outside it.
+        """
+        for index, (sequence, start) in enumerate(zip(sequences, starts)):
+            if not 0 < len(sequence) <= self.context_length or not 0 <= start < len(sequence):
+                raise ValueError(
+                    f"item {index}: {len(sequence)} tokens from logprob_start_len {start}; it needs 1 to {self.context_length} tokens "
+                    f"(the model's context) and 0 <= logprob_start_len < its length"
+                )
+        device = next(self.model.parameters()).device
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        rows_per_forward = max(1, SCORED_LOGITS // (vocab * max(len(sequence) for sequence in sequences)))
+        values = []
+        for first in range(0, len(sequences), rows_per_forward):
+            group = sequences[first : first + rows_per_forward]
+            width = max(len(sequence) for sequence in group)
+            input_ids = torch.full((len(group), width), self.pad_token_id, dtype=torch.long)
+            attention_mask = torch.zeros(len(group), width, dtype=torch.long)
+            for row, sequence in enumerate(group):
+                input_ids[row, : len(sequence)] = torch.tensor(sequence)
+                attention_mask[row, : len(sequence)] = 1
+            input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+            positions = torch.arange(width, device=device).expand(len(group), -1)
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions).logits[:, :-1].float()
+            logprobs = torch.log_softmax(logits, dim=-1).gather(-1, input_ids[:, 1:, None])[..., 0].cpu()
+            values += [logprobs[row, start : len(sequence) - 1].tolist() for row, (sequence, start) in enumerate(zip(group, starts[first:]))]
+        return values
 
     @torch.inference_mode()
     def generate(self, requests: list[Request], on_step: Callable[[Decoding], None] = lambda decoding: None) -> list[Result]:

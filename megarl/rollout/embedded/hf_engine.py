@@ -13,7 +13,9 @@ fields (:mod:`megarl.rollout.protocol`):
   server started with ``--enable-return-routed-experts``, else refused) ``routed_experts`` in
   SGLang's format (:mod:`megarl.rollout.routed_experts`, :mod:`megarl.rollout.embedded.routing`). Queued for
   :mod:`megarl.rollout.embedded.scheduler`, which batches what is queued;
-  :mod:`megarl.rollout.embedded.generate` generates.
+  :mod:`megarl.rollout.embedded.generate` generates. With ``max_new_tokens`` 0 in every item it
+  scores the prompts instead (SGLang's ``logprob_start_len`` -> ``input_token_logprobs``, what a
+  distillation teacher answers), in one forward outside the scheduler.
 - ``/pause_generation`` (``mode`` ``abort``, ``in_place``, ``retract``), ``/continue_generation``,
   ``/abort_request`` (``rid`` or ``abort_all``): an aborted request answers with its tokens so
   far and ``finish_reason`` type ``abort``. ``/update_weight_version`` renames the weights held.
@@ -91,6 +93,13 @@ def _eos_token_ids(model) -> set[int]:
         eos = getattr(source, "eos_token_id", None)
         ids.update([eos] if isinstance(eos, int) else eos or [])
     return ids
+
+
+def _scores_prompts(body: dict) -> bool:
+    """Whether a ``/generate`` body asks for no new token in any item (prompt scoring)."""
+    sampling = body.get("sampling_params") or {}
+    items = [sampling] if isinstance(sampling, dict) else sampling
+    return bool(items) and all(isinstance(params, dict) and params.get("max_new_tokens") == 0 for params in items)
 
 
 def _request_ids(rid: Any, prompts: int, single: bool) -> list[str]:
@@ -196,7 +205,12 @@ class HFEngine:
         return requests, sample_rids, sample_logprob, single
 
     async def generate(self, body: dict) -> Any:
-        """``/generate``: queued for the scheduler, which may batch it with other queued requests."""
+        """``/generate``: queued for the scheduler, which may batch it with other queued requests;
+        with ``max_new_tokens`` 0 for every item, prompt scoring (:meth:`score_prompts`)."""
+        if _scores_prompts(body):
+            return await asyncio.to_thread(self.score_prompts, body)
+        if body.get("logprob_start_len", -1) not in (-1, None):
+            raise RequestFailed("the hf engine answers input log-probs (logprob_start_len) only with max_new_tokens 0 for every item")
         requests, rids, return_logprob, single = self.generate_requests(body)
         completions = await asyncio.wrap_future(self.scheduler.submit(requests, rids))
         items = []
@@ -217,6 +231,44 @@ class HFEngine:
                 meta["routed_experts"] = routed_experts.encode(result.routed_experts.numpy())
             items.append({"output_ids": result.output_ids, "meta_info": meta})
         return items[0] if single and len(items) == 1 else items
+
+    def score_prompts(self, body: dict) -> Any:
+        """``/generate`` with ``max_new_tokens`` 0 for every item (SGLang's prompt scoring): nothing
+        is generated; with ``return_logprob`` and ``logprob_start_len`` ``s`` >= 0 (one, or one per
+        item) an item's ``meta_info.input_token_logprobs`` holds ``[logprob, token_id, None]`` for
+        its tokens from position ``s`` on, the first logprob None as SGLang answers it, the others
+        from one batched forward (:meth:`BatchGenerator.prompt_logprobs`)."""
+        if "weights" in self.released:
+            raise RequestFailed("the engine's weights are released; call /resume_memory_occupation first")
+        input_ids = body.get("input_ids")
+        if not input_ids:
+            raise RequestFailed("the hf engine takes `input_ids` only (token ids in, token ids out)")
+        single = isinstance(input_ids[0], int)
+        prompts = [[int(token) for token in prompt] for prompt in ([input_ids] if single else input_ids)]
+        starts = body.get("logprob_start_len", -1)
+        starts = [-1 if starts is None else int(starts)] * len(prompts) if not isinstance(starts, list) else [int(start) for start in starts]
+        if len(starts) != len(prompts):
+            raise RequestFailed(f"{len(starts)} logprob_start_len for {len(prompts)} prompts")
+        scored = [row for row, start in enumerate(starts) if start >= 0] if body.get("return_logprob") else []
+        with self.lock:
+            self._progress()
+            try:
+                values = self.generator.prompt_logprobs([prompts[row] for row in scored], [starts[row] for row in scored]) if scored else []
+            except ValueError as error:
+                raise RequestFailed(str(error)) from None
+            self._progress()
+        logprobs = dict(zip(scored, values))
+        items = []
+        for row, (prompt, rid) in enumerate(zip(prompts, _request_ids(body.get("rid"), len(prompts), single))):
+            meta = {
+                "id": rid, "finish_reason": {"type": "length", "length": 0}, "prompt_tokens": len(prompt), "completion_tokens": 0,
+                "cached_tokens": 0, "weight_version": self.weight_version, "output_token_logprobs": [],
+            }
+            if row in logprobs:
+                tokens = prompt[starts[row] :]
+                meta["input_token_logprobs"] = [[value, token, None] for value, token in zip([None, *logprobs[row]], tokens)]
+            items.append({"output_ids": [], "meta_info": meta})
+        return items[0] if single else items
 
     def pause_generation(self, body: dict) -> dict:
         """``/pause_generation``: ``mode`` ``abort`` (default), ``in_place`` or ``retract``."""
