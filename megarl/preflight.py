@@ -10,7 +10,8 @@ What is checked: the config against the world size and the model (:func:`megarl.
 the model directories (config.json, safetensors weights, a tokenizer); the first row of every data
 file (readable, the prompt and answer fields present); the reward (a user function imports and
 takes megarl's or verl's arguments; a reward model directory exists; a remote URL is http(s)); the
-optional metric packages asked for; colocated engines that fit a node's GPUs. Then, once all of that passed, the two checks that import
+optional metric packages asked for; colocated engines that fit a node's GPUs; the distillation
+teacher's directory and its tokenizer against the policy's. Then, once all of that passed, the two checks that import
 torch: the advantage estimator and the policy loss the config names are registered
 (:mod:`megarl.algorithms`), the checkpoint a resume would load is whole, and, with routing replay
 (R3), the engines given by URL return routed experts; with SGLang's router, its package and flags,
@@ -37,7 +38,8 @@ def check_run(config: Config, world_size: int) -> list[str]:
             validate(config, world_size, ModelFacts.from_hf_dir(resolve_model_path(config.model.path)))
         except ConfigError as error:
             problems.append(str(error))
-    problems += _data_problems(config) + _reward_problems(config) + _agent_problems(config) + _engine_problems(config) + sink_problems(config.logging)
+    problems += _data_problems(config) + _reward_problems(config) + _agent_problems(config) + _engine_problems(config) + _teacher_problems(config)
+    problems += sink_problems(config.logging)
     if not problems:
         # Last, once every cheap check passed: these import torch (the run imports it next anyway).
         problems += _algorithm_name_problems(config) + _resume_problems(config) + _routing_replay_problems(config) + _router_problems(config) + _reserved_gpu_problems(config)
@@ -62,10 +64,10 @@ def _engine_problems(config: Config) -> list[str]:
 
 
 def _reserved_gpu_problems(config: Config) -> list[str]:
-    """SGLang engines that are not colocated take a node's GPUs after its ranks' (one each): the
-    node must have that many."""
+    """SGLang engines that are not colocated take a node's GPUs after its ranks' (one each), and
+    the distillation teacher's engines the first node's GPUs after those: the node must have that many."""
     rollout = config.rollout
-    if rollout.colocate or rollout.engine_urls:
+    if (rollout.colocate or rollout.engine_urls) and not (config.algorithm.use_opd and config.teacher.path is not None):
         return []
     import os
 
@@ -76,14 +78,81 @@ def _reserved_gpu_problems(config: Config) -> list[str]:
     if resolve_engine(rollout.engine) != "sglang":
         return []
     ranks, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.cuda.device_count()
-    needed = ranks + rollout.num_engines * rollout.engine_tensor_parallel
-    if needed <= gpus:
+    launched = not rollout.colocate and not rollout.engine_urls
+    needed = ranks + (rollout.num_engines * rollout.engine_tensor_parallel if launched else 0)
+    if launched and needed > gpus:
+        return [
+            f"`rollout.colocate` (false): the engines take the GPUs after the node's {ranks} ranks', {rollout.num_engines} x "
+            f"`rollout.engine_tensor_parallel` ({rollout.engine_tensor_parallel}) of them, {needed} GPUs in all, but this node has {gpus}: "
+            "lower torchrun --nproc_per_node or rollout.num_engines, or set rollout.colocate=true"
+        ]
+    teacher = config.teacher
+    teacher_gpus = teacher.num_engines * teacher.engine_tensor_parallel if config.algorithm.use_opd and teacher.path is not None else 0
+    if teacher_gpus and needed + teacher_gpus > gpus:
+        return [
+            f"`teacher.num_engines` ({teacher.num_engines}) x `teacher.engine_tensor_parallel` ({teacher.engine_tensor_parallel}): the teacher's "
+            f"engines take the first node's GPUs after the {needed} of its ranks and rollout engines, {needed + teacher_gpus} GPUs in all, "
+            f"but it has {gpus}: lower torchrun --nproc_per_node, rollout.num_engines or teacher.num_engines, or give teacher.engine_urls"
+        ]
+    return []
+
+
+def _teacher_problems(config: Config) -> list[str]:
+    """``teacher.path``: a model directory whose engines can split its heads, and whose tokenizer
+    is the policy's (the teacher scores the policy's token ids as they are): the same
+    ``tokenizer.json`` vocabulary and added tokens when both directories hold one (else the same
+    vocabulary size and special token ids in config.json), and a vocabulary that holds every id
+    the policy can emit (a larger, padded one is fine). Engines given by URL are not read."""
+    teacher = config.teacher
+    if teacher.path is None or not config.algorithm.use_opd:
         return []
-    return [
-        f"`rollout.colocate` (false): the engines take the GPUs after the node's {ranks} ranks', {rollout.num_engines} x "
-        f"`rollout.engine_tensor_parallel` ({rollout.engine_tensor_parallel}) of them, {needed} GPUs in all, but this node has {gpus}: "
-        "lower torchrun --nproc_per_node or rollout.num_engines, or set rollout.colocate=true"
-    ]
+    problems = model_dir_problems(teacher.path, "teacher.path", needs_tokenizer=False, needs_safetensors=False)
+    if problems:
+        return problems
+    where = f"teacher.path = {teacher.path!r}"
+    teacher_dir, policy_dir = resolve_model_path(teacher.path), resolve_model_path(config.model.path)
+    facts = ModelFacts.from_hf_dir(teacher_dir)
+    if facts.num_attention_heads % teacher.engine_tensor_parallel:
+        problems.append(f"`teacher.engine_tensor_parallel` ({teacher.engine_tensor_parallel}) must divide the teacher's attention heads ({facts.num_attention_heads})")
+    policy_vocab = ModelFacts.from_hf_dir(policy_dir).vocab_size
+    if facts.vocab_size < policy_vocab:
+        problems.append(
+            f"{where}: its vocabulary ({facts.vocab_size}) is smaller than the policy's ({policy_vocab}), so it cannot score every token "
+            "the policy samples: the teacher must share the policy's tokenizer"
+        )
+    policy_tokenizer = resolve_model_path(config.model.tokenizer_path) if config.model.tokenizer_path else policy_dir
+    mismatch = _tokenizer_mismatch(teacher_dir, policy_tokenizer, policy_dir, same_vocab=facts.vocab_size == policy_vocab)
+    if mismatch:
+        problems.append(f"{where}: {mismatch}: the teacher must share the policy's tokenizer (it scores the policy's token ids); choose a teacher of the policy's family")
+    return problems
+
+
+def _tokenizer_mismatch(teacher_dir, policy_tokenizer_dir, policy_dir, *, same_vocab: bool) -> str | None:
+    """How the teacher's tokenizer differs from the policy's, or None when it does not (see
+    :func:`_teacher_problems`)."""
+    teacher_file, policy_file = teacher_dir / "tokenizer.json", policy_tokenizer_dir / "tokenizer.json"
+    if teacher_file.is_file() and policy_file.is_file():
+        def tokens(path):
+            loaded = json.loads(path.read_text())
+            vocab = loaded.get("model", {}).get("vocab", {})
+            pairs = vocab.items() if isinstance(vocab, dict) else ((entry[0], index) for index, entry in enumerate(vocab))
+            return {int(index): token for token, index in pairs} | {int(added["id"]): added["content"] for added in loaded.get("added_tokens", [])}
+
+        teacher_tokens, policy_tokens = tokens(teacher_file), tokens(policy_file)
+        differing = sorted(index for index in teacher_tokens.keys() | policy_tokens.keys() if teacher_tokens.get(index) != policy_tokens.get(index))
+        if differing:
+            first = differing[0]
+            return (
+                f"its tokenizer.json differs from the policy's in {len(differing)} token ids (id {first}: "
+                f"{teacher_tokens.get(first)!r} against the policy's {policy_tokens.get(first)!r})"
+            )
+        return None
+    teacher_config, policy_config = (json.loads((directory / "config.json").read_text()) for directory in (teacher_dir, policy_dir))
+    special = [key for key in ("bos_token_id", "eos_token_id", "pad_token_id") if teacher_config.get(key) != policy_config.get(key)]
+    if not same_vocab or special:
+        what = ", ".join(f"{key} {teacher_config.get(key)} against {policy_config.get(key)}" for key in special) or "its vocabulary size differs"
+        return f"without a tokenizer.json on both sides to compare, its config.json differs from the policy's ({what})"
+    return None
 
 
 def _router_problems(config: Config) -> list[str]:

@@ -12,10 +12,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from safetensors import safe_open
+from transformers import AutoModelForCausalLM
 
 from megarl.checkpoint import committed_checkpoints
+from megarl.config import resolve_model_path
 
 from tests.distributed import AGENT_PLAYERS, REPO, free_port, launch, run_torchrun
 
@@ -93,6 +96,23 @@ def launch_readme_command(run_dir: Path, overrides: list[str], **options) -> sub
     return launch(command, {}, timeout=600, **options)
 
 
+def check_teacher(report: dict, rows: list[dict]) -> None:
+    """A run with ``algorithm.use_opd`` and ``bundled:tiny-dense`` as the teacher logged the
+    distillation metrics, kept its teacher's log, and scored a sample as transformers does."""
+    for row in rows:
+        # The policy (tiny MoE) and the teacher (tiny dense) are different models: a KL per token.
+        assert row["opd/reverse_kl"] != 0 and row["opd/teacher_log_prob"] < 0 and row["time/teacher_s"] > 0
+    assert (Path(report["run_dir"]) / "engines" / "teacher-0.log").is_file()
+    # The teacher's log-probs are transformers' own of the sample, token by token, given the prompt.
+    sample = report["teacher_sample"]
+    sequence = sample["prompt_ids"] + sample["response_ids"]
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path("bundled:tiny-dense"), dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([sequence])).logits[0, len(sample["prompt_ids"]) - 1 : -1]
+    expected = torch.log_softmax(logits, dim=-1).gather(-1, torch.tensor(sample["response_ids"])[:, None])[:, 0]
+    torch.testing.assert_close(torch.tensor(sample["teacher_log_probs"]), expected, atol=1e-5, rtol=1e-5)
+
+
 def assert_finite(rows: list[dict], expected_nan: dict[int, set[str]] | None = None) -> None:
     """Every float metric is finite, but those ``expected_nan`` names per step, which are NaN."""
     expected_nan = expected_nan or {}
@@ -142,13 +162,19 @@ def test_expert_parallel_run_survives_a_killed_engine_a_failing_reward_and_a_nan
 
 
 @pytest.mark.multirank
-def test_tensor_parallel_run_with_dynamic_sampling_trains_and_updates_the_engine(tmp_path):
+def test_tensor_parallel_run_with_dynamic_sampling_and_a_distillation_teacher_trains_and_updates_the_engine(tmp_path):
+    # On-policy distillation rides along (CI time): the bundled dense model, of the same tokenizer,
+    # stands in for the bundled teacher.
     report, rows = train(
         tmp_path, "tp2",
-        ["parallel.tensor=2", "parallel.sequence_parallel=true", "train.steps=2", "algorithm.dynamic_sampling=true", "checkpoint.save_hf=true"],
+        [
+            "parallel.tensor=2", "parallel.sequence_parallel=true", "train.steps=2", "algorithm.dynamic_sampling=true", "checkpoint.save_hf=true",
+            "algorithm.use_opd=true", "teacher.path=bundled:tiny-dense",
+        ],
     )
     assert report["completed"] and len(rows) == 2
     assert_finite(rows)
+    check_teacher(report, rows)
     # Groups without signal were dropped and rolled out again (or topped up after 4 rounds).
     for row in rows:
         assert row["filter/groups_dropped_equal"] > 0 and 1 <= row["rollout/rounds"] <= 4
@@ -416,3 +442,4 @@ def test_a_bad_dataset_row_exits_with_the_file_and_line_named(tmp_path):
     )
     assert result.returncode == 2, result.stderr
     assert f"{data}:2: not valid JSON" in result.stderr and "Traceback" not in result.stderr
+

@@ -8,7 +8,7 @@ Loading is strict (:mod:`~megarl.config.loader`): an unknown key is an error tha
 valid key, and every value is checked against its field's type. Each section checks, when it is
 built, the :class:`Range` declared on its numeric fields (``Annotated[float, Range(ge=0, le=1)]``)
 and its own cross-field rules (its module: ``model``, ``data``, ``rollout``, ``algorithm``,
-``reward``, ``train``, ``run``; ``root`` gathers them); the loader reports every violation at once.
+``reward``, ``train``, ``run``, ``teacher``; ``root`` gathers them); the loader reports every violation at once.
 :func:`validate` (:mod:`~megarl.config.checks`) then checks the sections against each other, the
 model and the world size before anything is built, and lists every violation with its fix.
 """
@@ -36,6 +36,7 @@ from megarl.config.reward import RewardConfig
 from megarl.config.rollout import RolloutConfig
 from megarl.config.root import Config
 from megarl.config.run import CheckpointConfig, LoggingConfig
+from megarl.config.teacher import TeacherConfig
 from megarl.config.train import CriticConfig, OptimizerConfig, TrainConfig, resolve_steps
 
 __all__ = [
@@ -62,6 +63,7 @@ __all__ = [
     "RewardConfig",
     "RolloutConfig",
     "Section",
+    "TeacherConfig",
     "TrainConfig",
     "did_you_mean",
     "layout_errors",

@@ -201,6 +201,19 @@ class AlgorithmConfig(Section):
     dropped (verl: algorithm.filter_groups.max_num_gen_batches, which stops the run instead)."""
     filter_overlong: bool = False
     """Mask out of the loss the responses cut at the length limit (DAPO overlong filtering)."""
+    use_opd: bool = False
+    """On-policy distillation: a teacher (the ``teacher`` section) scores every trained response
+    token with its log-prob given the prompt and the tokens before it, and each valid token's
+    advantage gets -opd_kl_coef x (log pi_old - log pi_teacher), the sampled token's reverse KL to
+    the teacher; maths in :mod:`megarl.algorithms.distillation`. Needs rollout.temperature 1 (the
+    teacher's log-probs are the engine's raw prompt log-probs) (slime: --use-opd with --opd-type
+    sglang; its megatron mode, a teacher loaded into Megatron, is not built here)."""
+    opd_kl_coef: Annotated[float, Range(ge=0)] = 1.0
+    """On-policy distillation: the weight of the reverse-KL term in the advantage (slime: --opd-kl-coef)."""
+    opd_task_reward: bool = True
+    """On-policy distillation: true adds the distillation term to the estimator's advantages (as
+    slime); false makes it the whole advantage, the task reward still scored and logged (pure
+    distillation, as Thinking Machines' on-policy distillation)."""
     routing_replay: Literal["none", "r2", "r3"] = "none"
     """MoE routing replay (verl: actor.router_replay.mode; slime: --use-rollout-routing-replay).
     ``r3``: the engines return the experts they routed every token to, and the trainer's
@@ -258,6 +271,8 @@ class AlgorithmConfig(Section):
                     yield "rollout_rs_threshold_lower", (
                         f"({self.rollout_rs_threshold_lower}) must be < rollout_rs_threshold ({self.rollout_rs_threshold})"
                     )
+        if self.use_opd and not self.opd_task_reward and self.opd_kl_coef == 0:
+            yield "opd_kl_coef", "(0) with algorithm.opd_task_reward false leaves every advantage 0: raise it (e.g. 1.0) or set opd_task_reward=true"
         if self.dynamic_sampling_mean_range is not None:
             low, high = self.dynamic_sampling_mean_range
             if low > high:

@@ -10,7 +10,8 @@ here belong to no one section: the sequence (``data``'s lengths against ``parall
 model's positions, ``train``'s token budget, ``rollout``'s stop tokens and ``algorithm``'s overlong
 penalty), the batch hierarchy (``train``'s sizes against ``rollout``'s groups, the data-parallel
 size and what ``algorithm`` needs of a group, ``data.val_files`` for ``train.eval_every``) and the
-critic (``critic`` against ``algorithm`` and ``train.steps``).
+critic (``critic`` against ``algorithm`` and ``train.steps``) and the distillation teacher (``teacher``
+against ``algorithm.use_opd`` and ``rollout.temperature``).
 """
 
 from __future__ import annotations
@@ -158,6 +159,26 @@ def _critic_errors(config: Config) -> list[str]:
     return []
 
 
+def _teacher_errors(config: Config) -> list[str]:
+    """On-policy distillation and its teacher: one needs the other, and the teacher's log-probs
+    (SGLang's ``input_token_logprobs``, taken from the raw logits) compare with the policy's only
+    at temperature 1 (the trainer divides its logits by ``rollout.temperature``)."""
+    algorithm, teacher = config.algorithm, config.teacher
+    if not algorithm.use_opd:
+        if teacher.configured:
+            return ["the `teacher` section is set but `algorithm.use_opd` is false: set algorithm.use_opd=true or remove teacher.path / teacher.engine_urls"]
+        return []
+    errors = []
+    if not teacher.configured:
+        errors.append("`algorithm.use_opd` needs a teacher: set teacher.path (a HF model directory or bundled:NAME) or teacher.engine_urls")
+    if config.rollout.temperature != 1:
+        errors.append(
+            f"`rollout.temperature` ({config.rollout.temperature}) must be 1 with `algorithm.use_opd`: the teacher's log-probs are its "
+            "engine's prompt log-probs of the raw logits (SGLang applies no temperature to them), the policy's are at the sampling temperature"
+        )
+    return errors
+
+
 def validate(config: Config, world_size: int, model_facts: ModelFacts) -> None:
     """Check the config against itself, the model and the world size, before anything is built.
 
@@ -183,6 +204,7 @@ def validate(config: Config, world_size: int, model_facts: ModelFacts) -> None:
         + _sequence_errors(config, model_facts)
         + _batch_errors(config, data_parallel)
         + _critic_errors(config)
+        + _teacher_errors(config)
     )
     if errors:
         raise ConfigError(f"invalid configuration for world size {world_size}:\n  - " + "\n  - ".join(errors))

@@ -14,6 +14,7 @@ from megarl.config.model import ModelConfig, ParallelConfig
 from megarl.config.reward import RewardConfig
 from megarl.config.rollout import RolloutConfig
 from megarl.config.run import CheckpointConfig, LoggingConfig
+from megarl.config.teacher import TeacherConfig
 from megarl.config.train import CriticConfig, TrainConfig
 
 class RunRoot:
@@ -55,6 +56,8 @@ class Config(RunRoot):
     """The policy update: batch sizes, optimizer, schedule."""
     critic: CriticConfig = dataclasses.field(default_factory=CriticConfig)
     """The value model; trained only when algorithm.advantage_estimator is gae."""
+    teacher: TeacherConfig = dataclasses.field(default_factory=TeacherConfig)
+    """The on-policy distillation teacher (algorithm.use_opd): its model or its engines."""
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     """Saving and resuming."""
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)

@@ -58,6 +58,10 @@ class ScoredSample:
     baseline: float | None = None
     """``algorithm.advantage_estimator: remax``: the score of one greedy answer to its prompt, the
     baseline its advantage subtracts; None otherwise."""
+    teacher_log_probs: list[float] | None = None
+    """``algorithm.use_opd``: the distillation teacher's log-prob of each response token given the
+    prompt and the tokens before it (:meth:`EngineGroup.prompt_log_probs
+    <megarl.rollout.group.EngineGroup.prompt_log_probs>`); None otherwise."""
 
     @property
     def truncated(self) -> bool:
@@ -77,7 +81,7 @@ class TrainBatch:
         group_ids: ``[B]`` the prompt each sample answers (GRPO's groups).
         truncated: ``[B]`` bool, the response hit the length limit.
         token_values: named ``[B, S]`` float tensors in label space: ``rollout_log_probs`` from
-            the engine, then what the trainer adds (``old_log_probs``, ``ref_log_probs``,
+            the engine (and ``teacher_log_probs`` from the distillation teacher), then what the trainer adds (``old_log_probs``, ``ref_log_probs``,
             ``values``, ``advantages``, ``returns``, ``loss_weights``).
         pad_multiple: ``S`` and every micro-batch's length are multiples of it.
         routed_experts: ``[B, S, L, k]`` the experts each token is routed to in each of the model's
@@ -128,6 +132,13 @@ class TrainBatch:
             batch.routed_lengths = torch.tensor([array.shape[0] for array in arrays], dtype=torch.int64)
         if samples and samples[0].baseline is not None:
             batch.reward_baselines = torch.tensor([sample.baseline for sample in samples], dtype=torch.float32)
+        if samples and samples[0].teacher_log_probs is not None:
+            batch.token_values["teacher_log_probs"] = torch.from_numpy(
+                _label_space(
+                    [sample.prompt_ids for sample in samples], [sample.response_ids for sample in samples],
+                    [sample.teacher_log_probs for sample in samples], batch.tokens.shape, "teacher log-probs",
+                )
+            )
         return batch
 
     @classmethod
@@ -160,17 +171,14 @@ class TrainBatch:
         # Filled in numpy, one torch tensor at the end (see pad_micro_batch).
         response_mask = np.zeros((batch_size, length), dtype=np.bool_)
         response_mask[:, :-1] = padded.loss_mask[:, 1:].numpy()
-        log_probs = np.zeros((batch_size, length), dtype=np.float32)
-        for row, (prompt, values) in enumerate(zip(prompt_ids, rollout_log_probs)):
-            if len(values) != len(response_ids[row]):
-                raise ValueError(f"sample {row}: {len(values)} rollout log-probs for {len(response_ids[row])} response tokens")
-            start = len(prompt) - 1
-            log_probs[row, start : start + len(values)] = values
+        log_probs = _label_space(prompt_ids, response_ids, rollout_log_probs, (batch_size, length), "rollout log-probs")
+        for row, (prompt, response) in enumerate(zip(prompt_ids, response_ids)):
             trained = loss_masks[row] if loss_masks else None
             if trained is not None:
-                if len(trained) != len(values):
-                    raise ValueError(f"sample {row}: a loss mask of {len(trained)} tokens for {len(values)} response tokens")
-                response_mask[row, start : start + len(values)] &= np.asarray(trained, dtype=np.bool_)
+                if len(trained) != len(response):
+                    raise ValueError(f"sample {row}: a loss mask of {len(trained)} tokens for {len(response)} response tokens")
+                start = len(prompt) - 1
+                response_mask[row, start : start + len(response)] &= np.asarray(trained, dtype=np.bool_)
         return cls(
             tokens=padded.tokens,
             response_mask=torch.from_numpy(response_mask),
@@ -258,6 +266,24 @@ class TrainBatch:
     def empty_token_values(self) -> torch.Tensor:
         """Zeros shaped like a per-token value, ``[B, S]`` float32."""
         return torch.zeros(self.tokens.shape, dtype=torch.float32)
+
+
+def _label_space(
+    prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]], values: Sequence[Sequence[float]], shape: tuple[int, int], what: str
+) -> np.ndarray:
+    """Per-response-token values as a ``[B, S]`` float32 array in label space (a response's token
+    ``j`` in column ``len(prompt) - 1 + j``), 0 elsewhere.
+
+    Raises:
+        ValueError: a sample with another number of values than response tokens, naming ``what``.
+    """
+    placed = np.zeros(shape, dtype=np.float32)
+    for row, (prompt, response, row_values) in enumerate(zip(prompt_ids, response_ids, values)):
+        if len(row_values) != len(response):
+            raise ValueError(f"sample {row}: {len(row_values)} {what} for {len(response)} response tokens")
+        start = len(prompt) - 1
+        placed[row, start : start + len(row_values)] = row_values
+    return placed
 
 
 def pack_routed_experts(arrays: Sequence[np.ndarray | None], sequence_lengths: torch.Tensor, length: int, moe_layers: Sequence[int], num_experts: int) -> torch.Tensor:

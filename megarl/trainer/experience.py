@@ -7,7 +7,9 @@ Each function is one stage of the RL step in ``docs/rl_step.md`` and works on th
 2. :func:`compute_advantages`: the outcome score on each response's last token, minus the KL
    penalty when ``algorithm.use_kl_in_reward``, through the configured estimator. Outcome
    estimators (grpo, rloo, ...) score a response by the sum of its token rewards, which is the
-   shaped score without a KL penalty (verl's convention).
+   shaped score without a KL penalty (verl's convention). With ``algorithm.use_opd``, the
+   distillation term -opd_kl_coef x (old - teacher log-prob) on each token, added to the
+   estimator's advantages or alone (:mod:`megarl.algorithms.distillation`).
 3. DAPO's overlong filtering: the truncated responses leave the loss (after the advantages, so
    that their scores still count in their group's baseline).
 4. :func:`loss_weights`: the train/rollout mismatch correction (TIS, ICEPOP, decoupled PPO's
@@ -23,6 +25,7 @@ import torch
 
 from megarl.algorithms.advantages import compute_advantages as run_estimator
 from megarl.algorithms.advantages import outcome_token_rewards
+from megarl.algorithms.distillation import opd_advantages
 from megarl.algorithms.kl import apply_kl_penalty, estimate_kl
 from megarl.algorithms.mismatch import (
     decoupled_weights,
@@ -98,13 +101,15 @@ def compute_advantages(batch: TrainBatch, scores: torch.Tensor, algorithm: Algor
     """Fill ``batch.token_values["advantages"]`` and ``["returns"]``.
 
     Args:
-        batch: with ``old_log_probs`` (and ``ref_log_probs`` with a KL penalty, ``values`` for gae).
+        batch: with ``old_log_probs`` (and ``ref_log_probs`` with a KL penalty, ``values`` for gae,
+            ``teacher_log_probs`` with on-policy distillation).
         scores: ``[B]`` shaped scores.
         algorithm: the estimator and the reward KL penalty's settings.
         kl_controller: the reward KL penalty's coefficient controller (updated here).
 
     Returns:
-        Metrics: advantage statistics, and the penalty's KL and coefficient when it is on.
+        Metrics: advantage statistics, the penalty's KL and coefficient when it is on, and with
+        on-policy distillation ``opd/reverse_kl`` and ``opd/teacher_log_prob`` (means over valid tokens).
     """
     mask = batch.response_mask
     token_rewards = outcome_token_rewards(scores, mask)
@@ -130,6 +135,12 @@ def compute_advantages(batch: TrainBatch, scores: torch.Tensor, algorithm: Algor
         norm_by_std=algorithm.norm_adv_by_std,
         reward_baselines=batch.reward_baselines,
     )
+    if algorithm.use_opd:
+        advantages, opd_metrics = opd_advantages(
+            advantages, batch.token_values["old_log_probs"], batch.token_values["teacher_log_probs"], mask,
+            kl_coef=algorithm.opd_kl_coef, task_reward=algorithm.opd_task_reward,
+        )
+        metrics.update({f"opd/{name}": value.item() for name, value in opd_metrics.items()})
     batch.token_values["advantages"] = advantages.float()
     batch.token_values["returns"] = returns.float()
     valid = advantages[mask.bool()]

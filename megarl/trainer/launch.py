@@ -1,5 +1,5 @@
 """What a node's first rank starts before it imports Megatron and builds the model: the node's
-rollout engines, and on the first rank the reward scorer and (``agent.environment``) the
+rollout engines, and on the first rank the distillation teacher's engines, the reward scorer and (``agent.environment``) the
 environment workers or (``agent.openai_agent``) the agent program workers; and, once the engines
 and the tokenizer are there, the chat endpoint the programs call (:func:`start_chat_endpoint`) and
 the joining of the nodes' engines, behind SGLang's router where asked (:func:`connect_nodes`).
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -48,13 +49,14 @@ class EarlyStart:
 
     def __init__(self, config: Config, run_dir: Path, node: Node):
         first = node.index == 0
-        self._executor = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="megarl-engine-start")
+        self._executor = concurrent.futures.ThreadPoolExecutor(3, thread_name_prefix="megarl-engine-start")
         self._engines = None
         if first or not config.rollout.engine_urls:
             self._engines = self._executor.submit(
                 EngineGroup.from_config, config.rollout, resolve_model_path(config.model.path), log_dir=run_dir / "engines",
                 **engine_settings(config), **node_settings(config, node),
             )
+        self._teacher = self._executor.submit(start_teacher, config, run_dir, node) if first and config.algorithm.use_opd else None
         agent = config.agent
         self._environments = self._executor.submit(start_environments, agent) if first and agent.environment is not None else None
         self._programs = self._executor.submit(start_programs, agent) if first and agent.openai_agent is not None else None
@@ -69,6 +71,14 @@ class EarlyStart:
             EngineStartError: an engine did not come up (the others were stopped).
         """
         return None if self._engines is None else self._engines.result()
+
+    def teacher(self) -> EngineGroup | None:
+        """The distillation teacher's engines (``algorithm.use_opd``, first rank), once healthy; else None.
+
+        Raises:
+            EngineStartError: a teacher engine did not come up (the others were stopped).
+        """
+        return None if self._teacher is None else self._teacher.result()
 
     def environments(self) -> EnvironmentPool | None:
         """The environment workers of ``agent.environment``, once they loaded it; None without one.
@@ -94,9 +104,10 @@ class EarlyStart:
     def close(self) -> None:
         """Stop what was started, for a set-up that fails before the run owns it: waits for the
         engines' start to end, then shuts them down."""
-        with contextlib.suppress(Exception):
-            if self._engines is not None:
-                self._engines.result().shutdown()
+        for engines in (self._engines, self._teacher):
+            with contextlib.suppress(Exception):
+                if engines is not None:
+                    engines.result().shutdown()
         for pool in (self._environments, self._programs):
             with contextlib.suppress(Exception):
                 if pool is not None:
@@ -130,6 +141,25 @@ def node_settings(config: Config, node: Node) -> dict[str, Any]:
         host, address = node.engine_host()
         settings.update(node=node.index, host=host, address=address, num_nodes=node.count)
     return settings
+
+
+def start_teacher(config: Config, run_dir: Path, node: Node) -> EngineGroup:
+    """The distillation teacher's engines (first rank): ``teacher.num_engines`` of
+    ``rollout.engine``'s kind on ``teacher.path``, named ``teacher-{i}`` (logs in the run's
+    ``engines/``), in the rollout engines' dtype, never colocated and never sent weights (a dead
+    one is restarted on its model's own weights within ``rollout.restart_budget``), on this node's
+    GPUs after the training ranks' and, not colocated, the rollout engines'; or ``teacher.engine_urls``."""
+    teacher, rollout = config.teacher, config.rollout
+    served = dataclasses.replace(
+        rollout, num_engines=teacher.num_engines, engine_tensor_parallel=teacher.engine_tensor_parallel, engine_urls=list(teacher.engine_urls),
+        colocate=False, router="none",
+    )
+    rollout_gpus = 0 if rollout.colocate or rollout.engine_urls else rollout.num_engines * rollout.engine_tensor_parallel
+    # Engines given by URL need no directory; the snapshot's base model is never written for a teacher.
+    model_dir = resolve_model_path(teacher.path or config.model.path)
+    return EngineGroup.from_config(
+        served, model_dir, log_dir=run_dir / "engines", dtype=engine_settings(config)["dtype"], name="teacher", first_gpu=node.ranks + rollout_gpus,
+    )
 
 
 def connect_nodes(config: Config, engines: EngineGroup | None, nodes: list[list[int]]) -> Router | None:

@@ -25,7 +25,7 @@ from megarl.report import finish_run
 from megarl.rollout.sampling import SamplingParams
 from megarl.trainer.batch import ScoredSample, TrainBatch
 from megarl.trainer.experience import prepare_update
-from megarl.trainer.rollout import add_round_metrics, batch_of, generate_round, play_and_score, sampling_seed
+from megarl.trainer.rollout import add_round_metrics, add_teacher_log_probs, batch_of, generate_round, play_and_score, sampling_seed
 
 if TYPE_CHECKING:
     from megarl.trainer.run import Run
@@ -78,8 +78,9 @@ def round_batches(missing_samples: int, n_samples_per_prompt: int, batch_size: i
 def collect_batch(run: Run, step: int) -> tuple[TrainBatch, torch.Tensor, dict[str, float]]:
     """The step's train batch, rolled out and packed on the first rank (:func:`roll_out`, or in
     ``rollout.mode: async`` the producer's :meth:`AsyncRollout.next_batch
-    <megarl.trainer.async_rollout.AsyncRollout.next_batch>`), and sent to every rank as tensors
-    (:func:`share_batch`).
+    <megarl.trainer.async_rollout.AsyncRollout.next_batch>`; with on-policy distillation scored by
+    the teacher, :func:`~megarl.trainer.rollout.add_teacher_log_probs`), and sent to every rank as
+    tensors (:func:`share_batch`).
 
     Returns:
         ``(batch, scores [B], metrics)``, the same on every rank.
@@ -87,6 +88,8 @@ def collect_batch(run: Run, step: int) -> tuple[TrainBatch, torch.Tensor, dict[s
 
     def first_rank_batch():
         samples, metrics = run.rollout.next_batch() if run.config.rollout.mode == "async" else roll_out(run, step)
+        if run.teacher is not None:
+            add_teacher_log_probs(run, samples, metrics)
         return batch_of(run, samples, metrics)
 
     return share_batch(run, first_rank_batch)

@@ -216,6 +216,21 @@ def with_greedy_baselines(
     return with_baselines, RoundMetric(sum(baselines) / len(baselines), adds_up=False)
 
 
+def add_teacher_log_probs(run: Run, samples: Sequence[ScoredSample], metrics: dict[str, float]) -> None:
+    """On-policy distillation (first rank): the teacher's log-prob of every response token of the
+    step's samples, given its prompt and the tokens before it, exactly as sampled, into each
+    record's ``teacher_log_probs``; ``time/teacher_s`` into ``metrics``. Works on whatever the step
+    trains, so synchronous and asynchronous rollouts and episodes (whose observation tokens are
+    scored too, and masked later) take the same path."""
+    start = time.perf_counter()
+    scored = run.teacher.prompt_log_probs(
+        [list(sample.prompt_ids) + list(sample.response_ids) for sample in samples], [len(sample.prompt_ids) - 1 for sample in samples]
+    )
+    for sample, values in zip(samples, scored):
+        sample.teacher_log_probs = values
+    metrics["time/teacher_s"] = time.perf_counter() - start
+
+
 def batch_of(run: Run, samples: Sequence[ScoredSample], metrics: dict[str, float]) -> tuple[TrainBatch, torch.Tensor, dict[str, float]]:
     """Pack the samples a step trains on (every rank), adding their staleness and length metrics to
     ``metrics``.

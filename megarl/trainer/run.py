@@ -125,6 +125,8 @@ class Run:
     """Whether the first episode an environment or agent program failed has been shown (once per run)."""
     router: Any = None
     """``rollout.router: sglang``: the router process in front of every engine (first rank)."""
+    teacher: Any = None
+    """``algorithm.use_opd``: the distillation teacher's engines (an :class:`~megarl.rollout.group.EngineGroup`, first rank)."""
 
     @property
     def plays_episodes(self) -> bool:
@@ -267,7 +269,7 @@ class Run:
         return by_node
 
     def close(self) -> None:
-        """Stop the producer, the engines and the scorer and close the sinks (also on errors).
+        """Stop the producer, the engines (the teacher's too) and the scorer and close the sinks (also on errors).
         The scorer closes last: the async producer may be scoring a round until its engines are gone."""
         with contextlib.suppress(Exception):
             if self.rollout is not None:
@@ -278,6 +280,9 @@ class Run:
         with contextlib.suppress(Exception):
             if self.router is not None:
                 self.router.stop()
+        with contextlib.suppress(Exception):
+            if self.teacher is not None:
+                self.teacher.shutdown()
         with contextlib.suppress(Exception):
             if self.rollout is not None:
                 self.rollout.join()
@@ -398,11 +403,11 @@ def _setup(config: Config, started: EarlyStart | None, detected: platform.Platfo
 
     scorer = None
     logger = MetricsLogger(config.logging, run_dir, enabled=first, run_settings=config.to_dict())
-    environments = programs = endpoint = None
+    environments = programs = endpoint = teacher = None
     engines = started.engines() if started is not None else None
     router = connect_nodes(config, engines, targets)
     if first:
-        scorer, environments, programs = started.scorer, started.environments(), started.programs()
+        scorer, environments, programs, teacher = started.scorer, started.environments(), started.programs(), started.teacher()
         endpoint = start_chat_endpoint(config, engines, tokenizer) if programs is not None else None
     run = Run(
         config=config,
@@ -418,6 +423,7 @@ def _setup(config: Config, started: EarlyStart | None, detected: platform.Platfo
         streams=streams,
         engines=engines,
         router=router,
+        teacher=teacher,
         scorer=scorer,
         environments=environments,
         programs=programs,

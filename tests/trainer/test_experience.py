@@ -11,7 +11,7 @@ from megarl.algorithms.advantages import compute_advantages as estimator
 from megarl.algorithms.kl import FixedKLController
 from megarl.algorithms.shaping import RunningMoments
 from megarl.config import load_config
-from megarl.trainer.batch import TrainBatch
+from megarl.trainer.batch import ScoredSample, TrainBatch
 from megarl.trainer.experience import compute_advantages, loss_weights, prepare_update, shape_scores
 
 pytestmark = pytest.mark.cpu
@@ -155,3 +155,28 @@ def test_overlong_filtering_keeps_the_truncated_score_in_the_group_baseline():
     kept = filtered.response_mask
     assert torch.equal(filtered.token_values["advantages"][kept], unfiltered.token_values["advantages"][kept])
     assert not filtered.token_values["loss_weights"][7].any()
+
+
+@pytest.mark.parametrize("task_reward", [True, False])
+def test_on_policy_distillation_shapes_the_estimators_advantages_with_the_packed_teacher_log_probs(task_reward):
+    samples = [
+        ScoredSample(prompt_ids=[1, 2, 3], response_ids=[6] * length, rollout_log_probs=[-0.5] * length, finish_reason="stop",
+                     group=index // 2, score=float(index % 2), teacher_log_probs=[-0.1 * (j + 1) for j in range(length)])
+        for index, length in enumerate((1, 2, 3, 2))
+    ]
+    batch = TrainBatch.from_scored(samples, pad_token_id=0, pad_multiple=4)
+    teacher = batch.token_values["teacher_log_probs"]
+    # Label space: response token j of a sample with a 3-token prompt sits in column 2 + j.
+    assert teacher[2, 2:5].tolist() == pytest.approx([-0.1, -0.2, -0.3]) and not teacher[~batch.response_mask].any()
+    batch.token_values["old_log_probs"] = torch.where(batch.response_mask, -0.4, 0.0)
+    scores = torch.tensor([sample.score for sample in samples])
+    plain = load_config(None).algorithm
+    compute_advantages(batch, scores, plain, FixedKLController(0.0))
+    task = batch.token_values["advantages"].clone()
+    distilled = load_config(None, ["algorithm.use_opd=true", "algorithm.opd_kl_coef=0.5", f"algorithm.opd_task_reward={str(task_reward).lower()}"]).algorithm
+    metrics = compute_advantages(batch, scores, distilled, FixedKLController(0.0))
+    expected = torch.where(batch.response_mask, (task if task_reward else 0.0) - 0.5 * (-0.4 - teacher), 0.0)
+    torch.testing.assert_close(batch.token_values["advantages"], expected)
+    valid = batch.response_mask
+    assert metrics["opd/reverse_kl"] == pytest.approx((-0.4 - teacher[valid]).mean().item())
+    assert metrics["opd/teacher_log_prob"] == pytest.approx(teacher[valid].mean().item())

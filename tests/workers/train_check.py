@@ -15,7 +15,8 @@ Rank 0 writes ``--report`` (JSON): the engine's copy of ``--watch`` (one HF weig
 first step and after every step, the engine restarts, whether the run completed, the prompts
 each step trained on (``trained``: step -> the prompt token ids of its groups) and, with
 ``--check-segments``, ``segments``: per version, the tokens checked and the largest difference
-between the engine's log-probs and the trainer's.
+between the engine's log-probs and the trainer's; with a distillation teacher, ``teacher_sample``:
+the first step's last sample's prompt, response and teacher log-probs.
 
 The reward workers and Megatron's checkpoint writer are spawned processes, and each runs this
 file's top level again before its own work: torch and megarl are imported in :func:`main`, so that
@@ -82,6 +83,9 @@ def main(argv=None) -> None:
     def recording_batch_of(run_, samples, metrics):
         groups = {sample.group: sample.prompt_ids for sample in samples}
         report["trained"][str(current["step"])] = list(groups.values())
+        if samples[0].teacher_log_probs is not None and "teacher_sample" not in report:
+            sample = samples[-1]
+            report["teacher_sample"] = {"prompt_ids": sample.prompt_ids, "response_ids": sample.response_ids, "teacher_log_probs": sample.teacher_log_probs}
         if args.check_segments:
             partial_samples.extend(sample for sample in samples if len({segment.version for segment in sample.weight_segments}) > 1)
         return original_batch_of(run_, samples, metrics)

@@ -1,0 +1,79 @@
+"""The distillation teacher's config: what ``algorithm.use_opd`` and the ``teacher`` section refuse,
+each in one line naming the field and the fix, and the preflight's tokenizer check."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+
+import pytest
+
+from megarl.config import ConfigError, load_config, resolve_model_path
+from megarl.preflight import check_run
+from tests.distributed import REPO
+
+pytestmark = pytest.mark.cpu
+
+MOE_GRPO = REPO / "configs" / "moe_grpo.yaml"
+TEACHER = ["algorithm.use_opd=true", "teacher.path=bundled:tiny-dense"]
+
+
+def problems(tmp_path, overrides: list[str]) -> list[str]:
+    return check_run(load_config(MOE_GRPO, [f"logging.run_dir={tmp_path / 'run'}", *overrides]), 2)
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    (["algorithm.use_opd=true"], "`algorithm.use_opd` needs a teacher: set teacher.path"),
+    (["teacher.path=bundled:tiny-dense"], "the `teacher` section is set but `algorithm.use_opd` is false"),
+    ([*TEACHER, "rollout.temperature=0.7"], "`rollout.temperature` (0.7) must be 1 with `algorithm.use_opd`"),
+])
+def test_use_opd_and_the_teacher_need_each_other_and_temperature_one(tmp_path, overrides, expected):
+    [problem] = problems(tmp_path, overrides)
+    assert problem.count("\n") == 1 and expected in problem  # the header line, then the one violation
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    ([*TEACHER, "teacher.engine_urls=[http://127.0.0.1:1]"], "`teacher.engine_urls` and teacher.path are both set"),
+    (["algorithm.use_opd=true", "algorithm.opd_task_reward=false", "algorithm.opd_kl_coef=0"], "`algorithm.opd_kl_coef` (0) with algorithm.opd_task_reward false"),
+    ([*TEACHER, "teacher.num_engines=0"], "`teacher.num_engines` (0) must be >= 1"),
+])
+def test_section_rules_are_refused_when_the_config_loads(overrides, expected):
+    with pytest.raises(ConfigError) as error:
+        load_config(MOE_GRPO, overrides)
+    assert expected in str(error.value)
+
+
+def test_a_teacher_of_the_same_tokenizer_passes_the_preflight(tmp_path):
+    assert problems(tmp_path, TEACHER) == []
+
+
+def test_a_teacher_with_another_tokenizer_or_a_smaller_vocabulary_is_refused_in_one_line(tmp_path):
+    teacher = tmp_path / "teacher"
+    shutil.copytree(resolve_model_path("bundled:tiny-dense"), teacher)
+    tokenizer = json.loads((teacher / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    first, second = sorted(vocab, key=vocab.get)[10:12]
+    vocab[first], vocab[second] = vocab[second], vocab[first]
+    (teacher / "tokenizer.json").write_text(json.dumps(tokenizer))
+    [problem] = problems(tmp_path, ["algorithm.use_opd=true", f"teacher.path={teacher}"])
+    assert f"teacher.path = '{teacher}': its tokenizer.json differs from the policy's in 2 token ids" in problem
+    assert "the teacher must share the policy's tokenizer" in problem and "\n" not in problem
+    config = json.loads((teacher / "config.json").read_text())
+    (teacher / "config.json").write_text(json.dumps({**config, "vocab_size": config["vocab_size"] - 1}))
+    (teacher / "tokenizer.json").unlink()
+    assert [problem.split(":")[1] for problem in problems(tmp_path, ["algorithm.use_opd=true", f"teacher.path={teacher}"])] == [
+        " its vocabulary (54) is smaller than the policy's (55), so it cannot score every token the policy samples",
+        " without a tokenizer.json on both sides to compare, its config.json differs from the policy's (its vocabulary size differs)",
+    ]
+
+
+def test_the_distillation_config_is_the_main_job_plus_a_teacher(tmp_path):
+    # tiny-dense (the same tokenizer) stands in until the bundled teacher lands.
+    distill = load_config(REPO / "configs" / "moe_distill.yaml", ["teacher.path=bundled:tiny-dense"])
+    main = load_config(MOE_GRPO)
+    assert distill.algorithm.use_opd and distill.teacher.path == "bundled:tiny-dense"
+    for section in ("model", "parallel", "data", "rollout", "train"):
+        assert getattr(distill, section) == getattr(main, section), section
+    assert dataclasses.replace(distill.algorithm, use_opd=False) == main.algorithm
+    assert check_run(load_config(REPO / "configs" / "moe_distill.yaml", ["teacher.path=bundled:tiny-dense", f"logging.run_dir={tmp_path}"]), 2) == []
