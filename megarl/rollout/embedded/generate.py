@@ -17,6 +17,10 @@ Between two decoding steps the caller's ``on_step`` sees the batch (:class:`Deco
 finish rows early (an abort), block (a pause: the weights may change meanwhile), or drop the KV
 cache, which the next step then recomputes over every token so far (SGLang's retract).
 
+:meth:`BatchGenerator.prompt_logprobs` scores sequences instead of extending them (a distillation
+teacher's ``input_token_logprobs``): one right-padded forward, ``log_softmax`` of the raw logits
+gathered at each next token.
+
 With a :class:`~megarl.rollout.embedded.routing.RouterRecorder` every forward's routed experts are
 filed per token (:class:`~megarl.rollout.embedded.routing.BatchRoutes`), and a row's are copied
 into its :class:`Result` when it finishes: those of the forwards that computed its tokens (after a
