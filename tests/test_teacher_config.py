@@ -69,11 +69,12 @@ def test_a_teacher_with_another_tokenizer_or_a_smaller_vocabulary_is_refused_in_
 
 
 def test_the_distillation_config_is_the_main_job_plus_a_teacher(tmp_path):
-    # tiny-dense (the same tokenizer) stands in until the bundled teacher lands.
+    # tiny-dense has the same tokenizer too.
     distill = load_config(REPO / "configs" / "moe_distill.yaml", ["teacher.path=bundled:tiny-dense"])
     main = load_config(MOE_GRPO)
     assert distill.algorithm.use_opd and distill.teacher.path == "bundled:tiny-dense"
     for section in ("model", "parallel", "data", "rollout", "train"):
         assert getattr(distill, section) == getattr(main, section), section
     assert dataclasses.replace(distill.algorithm, use_opd=False) == main.algorithm
-    assert check_run(load_config(REPO / "configs" / "moe_distill.yaml", ["teacher.path=bundled:tiny-dense", f"logging.run_dir={tmp_path}"]), 2) == []
+    for teacher in ("bundled:tiny-dense", "bundled:tiny-teacher"):
+        assert check_run(load_config(REPO / "configs" / "moe_distill.yaml", [f"teacher.path={teacher}", f"logging.run_dir={tmp_path}"]), 2) == []

@@ -97,16 +97,16 @@ def launch_readme_command(run_dir: Path, overrides: list[str], **options) -> sub
 
 
 def check_teacher(report: dict, rows: list[dict]) -> None:
-    """A run with ``algorithm.use_opd`` and ``bundled:tiny-dense`` as the teacher logged the
+    """A run with ``algorithm.use_opd`` and ``bundled:tiny-teacher`` as the teacher logged the
     distillation metrics, kept its teacher's log, and scored a sample as transformers does."""
     for row in rows:
-        # The policy (tiny MoE) and the teacher (tiny dense) are different models: a KL per token.
+        # The policy (tiny MoE) and the teacher (a dense model) are different models: a KL per token.
         assert row["opd/reverse_kl"] != 0 and row["opd/teacher_log_prob"] < 0 and row["time/teacher_s"] > 0
     assert (Path(report["run_dir"]) / "engines" / "teacher-0.log").is_file()
     # The teacher's log-probs are transformers' own of the sample, token by token, given the prompt.
     sample = report["teacher_sample"]
     sequence = sample["prompt_ids"] + sample["response_ids"]
-    model = AutoModelForCausalLM.from_pretrained(resolve_model_path("bundled:tiny-dense"), dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path("bundled:tiny-teacher"), dtype=torch.float32).eval()
     with torch.no_grad():
         logits = model(torch.tensor([sequence])).logits[0, len(sample["prompt_ids"]) - 1 : -1]
     expected = torch.log_softmax(logits, dim=-1).gather(-1, torch.tensor(sample["response_ids"])[:, None])[:, 0]
@@ -163,13 +163,12 @@ def test_expert_parallel_run_survives_a_killed_engine_a_failing_reward_and_a_nan
 
 @pytest.mark.multirank
 def test_tensor_parallel_run_with_dynamic_sampling_and_a_distillation_teacher_trains_and_updates_the_engine(tmp_path):
-    # On-policy distillation rides along (CI time): the bundled dense model, of the same tokenizer,
-    # stands in for the bundled teacher.
+    # On-policy distillation rides along (CI time), from the bundled teacher.
     report, rows = train(
         tmp_path, "tp2",
         [
             "parallel.tensor=2", "parallel.sequence_parallel=true", "train.steps=2", "algorithm.dynamic_sampling=true", "checkpoint.save_hf=true",
-            "algorithm.use_opd=true", "teacher.path=bundled:tiny-dense",
+            "algorithm.use_opd=true", "teacher.path=bundled:tiny-teacher",
         ],
     )
     assert report["completed"] and len(rows) == 2
