@@ -142,13 +142,17 @@ def test_expert_parallel_run_survives_a_killed_engine_a_failing_reward_and_a_nan
 
 
 @pytest.mark.multirank
-def test_tensor_parallel_run_with_dynamic_sampling_trains_and_updates_the_engine(tmp_path):
+def test_tensor_parallel_run_with_dynamic_sampling_and_the_optimal_token_baseline_trains_and_updates_the_engine(tmp_path):
+    # The optimal token baseline's sum of squared probabilities comes from the old-log-prob pass,
+    # the vocabulary split over the two ranks.
     report, rows = train(
         tmp_path, "tp2",
-        ["parallel.tensor=2", "parallel.sequence_parallel=true", "train.steps=2", "algorithm.dynamic_sampling=true", "checkpoint.save_hf=true"],
+        ["parallel.tensor=2", "parallel.sequence_parallel=true", "train.steps=2", "algorithm.dynamic_sampling=true", "checkpoint.save_hf=true",
+         "algorithm.advantage_estimator=optimal_token_baseline"],
     )
     assert report["completed"] and len(rows) == 2
     assert_finite(rows)
+    assert all(row["advantages/std"] > 0 for row in rows)
     # Groups without signal were dropped and rolled out again (or topped up after 4 rounds).
     for row in rows:
         assert row["filter/groups_dropped_equal"] > 0 and 1 <= row["rollout/rounds"] <= 4
