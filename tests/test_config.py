@@ -168,9 +168,11 @@ INVALID = [
         1, "dense",
         ["`algorithm.advantage_estimator` (grpo_passk) compares the samples of a prompt"],
     ),
-    (["algorithm.advantage_estimator=optimal_token_baseline"], 1, "dense", [
-        "`algorithm.advantage_estimator` (optimal_token_baseline) needs the policy's sum of squared probabilities",
-    ]),
+    (
+        ["algorithm.advantage_estimator=optimal_token_baseline", "rollout.n_samples_per_prompt=1", "train.global_batch_size=16", "train.mini_batch_size=16"],
+        1, "dense",
+        ["`algorithm.advantage_estimator` (optimal_token_baseline) compares the samples of a prompt"],
+    ),
     (["algorithm.advantage_estimator=remax", "rollout.mode=async", "rollout.colocate=false", "algorithm.reward_norm=group"], 1, "dense", [
         "`algorithm.advantage_estimator` (remax) generates its greedy baselines in synchronous rounds: set rollout.mode=sync",
         "`algorithm.reward_norm` (group) would put the scores on another scale than remax's greedy baselines",
@@ -232,6 +234,10 @@ def test_world_size_must_be_positive(facts):
         (["algorithm.advantage_estimator=reinforce_pp", "rollout.n_samples_per_prompt=1", "train.global_batch_size=16", "train.mini_batch_size=16"], 1, "dense"),
         (["algorithm.overlong_penalty=true", "algorithm.overlong_buffer_length=8"], 1, "dense"),
         (["data.val_files=[]", "train.eval_every=0"], 1, "dense"),
+        # The trainer computes its sum of squared probabilities in either rollout mode, under any layout.
+        (["algorithm.advantage_estimator=optimal_token_baseline", "parallel.tensor=2", "algorithm.tis=true"], 2, "dense"),
+        (["algorithm.advantage_estimator=optimal_token_baseline", "rollout.mode=async", "rollout.colocate=false",
+          "algorithm.use_decoupled_loss=true", "algorithm.reward_norm=group"], 1, "dense"),
     ],
 )
 def test_valid_configs_pass(overrides, world_size, model, facts):

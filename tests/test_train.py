@@ -162,17 +162,20 @@ def test_expert_parallel_run_survives_a_killed_engine_a_failing_reward_and_a_nan
 
 
 @pytest.mark.multirank
-def test_tensor_parallel_run_with_dynamic_sampling_and_a_distillation_teacher_trains_and_updates_the_engine(tmp_path):
-    # On-policy distillation rides along (CI time), from the bundled teacher.
+def test_tensor_parallel_run_with_dynamic_sampling_the_optimal_token_baseline_and_a_distillation_teacher_trains_and_updates_the_engine(tmp_path):
+    # The optimal token baseline's sum of squared probabilities comes from the old-log-prob pass,
+    # the vocabulary split over the two ranks; on-policy distillation rides along (CI time), from
+    # the bundled teacher.
     report, rows = train(
         tmp_path, "tp2",
         [
             "parallel.tensor=2", "parallel.sequence_parallel=true", "train.steps=2", "algorithm.dynamic_sampling=true", "checkpoint.save_hf=true",
-            "algorithm.use_opd=true", "teacher.path=bundled:tiny-teacher",
+            "algorithm.advantage_estimator=optimal_token_baseline", "algorithm.use_opd=true", "teacher.path=bundled:tiny-teacher",
         ],
     )
     assert report["completed"] and len(rows) == 2
     assert_finite(rows)
+    assert all(row["advantages/std"] > 0 for row in rows)
     check_teacher(report, rows)
     # Groups without signal were dropped and rolled out again (or topped up after 4 rounds).
     for row in rows:

@@ -66,6 +66,11 @@ class Registry(Generic[F]):
         """Every registered name (aliases included), sorted."""
         return sorted(self._functions)
 
+    def takes(self, name: str, input_name: str) -> bool:
+        """Whether the function registered as ``name`` declares the input ``input_name`` (so that
+        a caller computes an expensive input only for the functions that read it)."""
+        return input_name in _parameters(self.get(name))
+
     def call(self, name: str, **inputs: Any) -> Any:
         """Call the function registered as ``name`` with the keyword ``inputs`` it declares.
 

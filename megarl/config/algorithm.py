@@ -42,9 +42,10 @@ class AlgorithmConfig(Section):
     (verl: opo), ``gpg`` (verl: gpg), ``grpo_passk`` (verl: grpo_passk), ``remax`` (verl: remax;
     each round also generates one greedy answer per prompt, scored, as the baseline of the prompt's
     samples; synchronous single-turn rollouts, reward_norm none) and ``optimal_token_baseline``
-    (verl: optimal_token_baseline; needs the policy's per-token sum of squared probabilities, which
-    the trainer does not compute yet: the preflight refuses it, ``UNWIRED_ESTIMATORS`` in
-    :mod:`megarl.config.checks`); gae trains a critic. A new one is a function decorated with ``@register_advantage(name)`` in
+    (verl: optimal_token_baseline; the old-log-prob pass then also computes each token's sum of
+    squared probabilities over the vocabulary, verl's actor.calculate_sum_pi_squared, which this
+    turns on by itself, from the logits or the fused path's hidden states alike; with a
+    train/rollout correction its weights are the rollout IS weights); gae trains a critic. A new one is a function decorated with ``@register_advantage(name)`` in
     ``megarl/algorithms/advantages.py``; the name is checked against the registry before the run
     starts (:mod:`megarl.preflight`) (verl: algorithm.adv_estimator, slime: --advantage-estimator)."""
     gamma: Annotated[float, Range(ge=0, le=1)] = 1.0

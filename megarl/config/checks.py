@@ -69,12 +69,6 @@ def _sequence_errors(config: Config, model_facts: ModelFacts) -> list[str]:
     return errors
 
 
-UNWIRED_ESTIMATORS = {
-    "optimal_token_baseline": "the policy's sum of squared probabilities over the vocabulary at every token (verl: actor.calculate_sum_pi_squared)",
-}
-"""Registered estimators whose inputs the trainer does not produce yet, and what they need."""
-
-
 def _batch_errors(config: Config, data_parallel: int) -> list[str]:
     train, rollout, algorithm = config.train, config.rollout, config.algorithm
     group = rollout.n_samples_per_prompt
@@ -117,11 +111,6 @@ def _batch_errors(config: Config, data_parallel: int) -> list[str]:
         if algorithm.dynamic_sampling:
             reasons.append("`algorithm.dynamic_sampling` drops groups whose scores are all equal")
         errors += [f"{reason}: `rollout.n_samples_per_prompt` ({group}) must be >= 2" for reason in reasons]
-    if algorithm.advantage_estimator in UNWIRED_ESTIMATORS:
-        errors.append(
-            f"`algorithm.advantage_estimator` ({algorithm.advantage_estimator}) needs "
-            f"{UNWIRED_ESTIMATORS[algorithm.advantage_estimator]}, which the trainer does not compute yet: choose another estimator"
-        )
     if algorithm.advantage_estimator == "remax":
         # The greedy baselines are generated with each synchronous single-turn round.
         if rollout.mode == "async":

@@ -81,8 +81,9 @@ class TrainBatch:
         group_ids: ``[B]`` the prompt each sample answers (GRPO's groups).
         truncated: ``[B]`` bool, the response hit the length limit.
         token_values: named ``[B, S]`` float tensors in label space: ``rollout_log_probs`` from
-            the engine (and ``teacher_log_probs`` from the distillation teacher), then what the trainer adds (``old_log_probs``, ``ref_log_probs``,
-            ``values``, ``advantages``, ``returns``, ``loss_weights``).
+            the engine (and ``teacher_log_probs`` from the distillation teacher), then what the
+            trainer adds (``old_log_probs``, ``sum_pi_squared`` for the optimal token baseline,
+            ``ref_log_probs``, ``values``, ``advantages``, ``returns``, ``loss_weights``).
         pad_multiple: ``S`` and every micro-batch's length are multiples of it.
         routed_experts: ``[B, S, L, k]`` the experts each token is routed to in each of the model's
             ``L`` MoE layers (token space: row ``t`` is token ``t``), uint8 (int16 beyond 256

@@ -7,7 +7,11 @@ Each function is one stage of the RL step in ``docs/rl_step.md`` and works on th
 2. :func:`compute_advantages`: the outcome score on each response's last token, minus the KL
    penalty when ``algorithm.use_kl_in_reward``, through the configured estimator. Outcome
    estimators (grpo, rloo, ...) score a response by the sum of its token rewards, which is the
-   shaped score without a KL penalty (verl's convention). With ``algorithm.use_opd``, the
+   shaped score without a KL penalty (verl's convention). An estimator that reads the rollout
+   importance weights (``rollout_is_weights``: the optimal token baseline) gets the loss weights
+   of stage 4 as they would be on the responses before the overlong filter, rejected tokens 0
+   (verl computes its rollout correction before the advantages, and its rejection sampling takes
+   the rejected tokens out of the mask the estimator reads). With ``algorithm.use_opd``, the
    distillation term -opd_kl_coef x (old - teacher log-prob) on each token, added to the
    estimator's advantages or alone (:mod:`megarl.algorithms.distillation`).
 3. DAPO's overlong filtering: the truncated responses leave the loss (after the advantages, so
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import torch
 
+from megarl.algorithms.advantages import ADVANTAGES
 from megarl.algorithms.advantages import compute_advantages as run_estimator
 from megarl.algorithms.advantages import outcome_token_rewards
 from megarl.algorithms.distillation import opd_advantages
@@ -101,7 +106,8 @@ def compute_advantages(batch: TrainBatch, scores: torch.Tensor, algorithm: Algor
     """Fill ``batch.token_values["advantages"]`` and ``["returns"]``.
 
     Args:
-        batch: with ``old_log_probs`` (and ``ref_log_probs`` with a KL penalty, ``values`` for gae,
+        batch: with ``old_log_probs`` and ``rollout_log_probs`` (and ``ref_log_probs`` with a KL
+            penalty, ``values`` for gae, ``sum_pi_squared`` for the optimal token baseline,
             ``teacher_log_probs`` with on-policy distillation).
         scores: ``[B]`` shaped scores.
         algorithm: the estimator and the reward KL penalty's settings.
@@ -134,6 +140,9 @@ def compute_advantages(batch: TrainBatch, scores: torch.Tensor, algorithm: Algor
         lam=algorithm.lam,
         norm_by_std=algorithm.norm_adv_by_std,
         reward_baselines=batch.reward_baselines,
+        old_log_probs=batch.token_values.get("old_log_probs"),
+        sum_pi_squared=batch.token_values.get("sum_pi_squared"),
+        rollout_is_weights=_estimator_importance_weights(batch, algorithm),
     )
     if algorithm.use_opd:
         advantages, opd_metrics = opd_advantages(
@@ -156,6 +165,17 @@ def compute_advantages(batch: TrainBatch, scores: torch.Tensor, algorithm: Algor
     return metrics
 
 
+def _estimator_importance_weights(batch: TrainBatch, algorithm: AlgorithmConfig) -> torch.Tensor | None:
+    """``rollout_is_weights [B, T]`` for an estimator that reads them: the train/rollout correction
+    weights of :func:`loss_weights` on the current response mask, rejected tokens 0 (all 1 without
+    a correction); None for the other estimators, which are spared computing them."""
+    if not ADVANTAGES.takes(algorithm.advantage_estimator, "rollout_is_weights"):
+        return None
+    values = batch.token_values
+    weights, _, _ = _corrections(values["old_log_probs"], values["rollout_log_probs"], batch.response_mask, algorithm)
+    return weights
+
+
 def loss_weights(batch: TrainBatch, algorithm: AlgorithmConfig) -> dict[str, float]:
     """Fill ``batch.token_values["loss_weights"]`` (1, or the TIS / ICEPOP / decoupled PPO /
     sequence-level importance weights), take the tokens that rejection sampling rejects out of
@@ -170,26 +190,39 @@ def loss_weights(batch: TrainBatch, algorithm: AlgorithmConfig) -> dict[str, flo
     mask = batch.response_mask
     old, rollout = batch.token_values["old_log_probs"], batch.token_values["rollout_log_probs"]
     metrics = {f"mismatch/{name}": value.item() for name, value in mismatch_metrics(old, rollout, mask).items()}
-    weights = torch.where(mask, 1.0, 0.0)
+    weights, keep, correction_metrics = _corrections(old, rollout, mask, algorithm)
+    metrics.update({f"mismatch/{name}": value.item() for name, value in correction_metrics.items()})
+    if keep is not None:
+        batch.response_mask = keep.to(mask.dtype)
+    batch.token_values["loss_weights"] = weights.float()
+    return metrics
+
+
+def _corrections(
+    old: torch.Tensor, rollout: torch.Tensor, mask: torch.Tensor, algorithm: AlgorithmConfig
+) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
+    """The configured train/rollout corrections of log-probs ``old`` and ``rollout`` on ``mask``,
+    all ``[B, T]``: ``(weights, keep, metrics)``, the weights 0 where rejection sampling rejects
+    (``keep`` false; None without rejection sampling)."""
+    metrics: dict[str, torch.Tensor] = {}
+    weights, keep = torch.where(mask, 1.0, 0.0), None
     if algorithm.tis:
         weights, tis_metrics = tis_weights(old, rollout, mask, low=algorithm.tis_threshold_low, high=algorithm.tis_threshold_high)
-        metrics.update({f"mismatch/{name}": value.item() for name, value in tis_metrics.items()})
+        metrics.update(tis_metrics)
     if algorithm.icepop:
         icepop, icepop_metrics = icepop_weights(old, rollout, mask, low=algorithm.icepop_low, high=algorithm.icepop_high)
         weights = weights * icepop
-        metrics.update({f"mismatch/{name}": value.item() for name, value in icepop_metrics.items()})
+        metrics.update(icepop_metrics)
     if algorithm.use_decoupled_loss:
         weights, decoupled_metrics = decoupled_weights(old, rollout, mask, cap=algorithm.behav_imp_weight_cap)
-        metrics.update({f"mismatch/{name}": value.item() for name, value in decoupled_metrics.items()})
+        metrics.update(decoupled_metrics)
     if algorithm.rollout_is is not None:
         weights, is_metrics = sequence_is_weights(old, rollout, mask, level=algorithm.rollout_is, threshold=algorithm.rollout_is_threshold)
-        metrics.update({f"mismatch/{name}": value.item() for name, value in is_metrics.items()})
+        metrics.update(is_metrics)
     if algorithm.rollout_rs is not None:
         keep, rs_metrics = rejection_mask(
             old, rollout, mask, criterion=algorithm.rollout_rs, upper=algorithm.rollout_rs_threshold, lower=algorithm.rollout_rs_threshold_lower
         )
-        batch.response_mask = keep.to(mask.dtype)
         weights = torch.where(keep, weights, 0.0)
-        metrics.update({f"mismatch/{name}": value.item() for name, value in rs_metrics.items()})
-    batch.token_values["loss_weights"] = weights.float()
-    return metrics
+        metrics.update(rs_metrics)
+    return weights, keep, metrics

@@ -216,7 +216,8 @@ def train_step(run: Run, step: int, phase=lambda name: None) -> dict[str, float]
     rolled_out = time.perf_counter()
     phase("forward")
 
-    batch.token_values["old_log_probs"], router_metrics = run.policy.old_log_probs(batch)
+    old_values, router_metrics = run.policy.old_log_probs(batch)
+    batch.token_values.update(old_values)
     metrics.update(router_metrics)
     if run.reference is not None:
         with run.reference.swapped_in():

@@ -8,7 +8,9 @@ output weight's vocab shard tile by tile, never holding the ``[tokens, V/TP]`` l
 the vocab-parallel logits ``[b, s, V/TP]`` go into :mod:`megarl.kernels.logprob_entropy`. Both
 reduce over the tensor-parallel group without gathering the vocabulary (Triton on CUDA, the torch
 path on CPU). The logits are divided by the sampling temperature there, so the trainer's log-probs
-are those of the distribution the engine sampled from.
+are those of the distribution the engine sampled from. When the advantage estimator reads it
+(``optimal_token_baseline``), the old-log-prob pass also computes each token's sum of squared
+probabilities over the vocabulary from the same output (:mod:`megarl.trainer.sum_pi_squared`).
 
 The update: ``train.ppo_epochs`` passes over the batch; each pass shuffles it (seeded by the step)
 and cuts it into mini-batches of ``train.mini_batch_size`` samples, one optimizer step each; a
@@ -28,6 +30,7 @@ import contextlib
 
 import torch
 
+from megarl.algorithms.advantages import ADVANTAGES
 from megarl.algorithms.kl import kl_loss
 from megarl.algorithms.policy_losses import entropy_bonus, policy_loss
 from megarl.config import AlgorithmConfig, TrainConfig
@@ -110,33 +113,44 @@ class Policy(ModelObjective):
         self._draw_step, self._draws = 0, 0
         """The step being trained and the micro-batches whose loss this rank has computed in it
         (:meth:`_next_draw_seed`)."""
+        self.computes_sum_pi_squared = ADVANTAGES.takes(algorithm.advantage_estimator, "sum_pi_squared")
+        """Whether the old-log-prob pass also gives ``sum_pi_squared`` (the estimator reads it)."""
 
     # Forward passes.
 
-    def old_log_probs(self, batch: TrainBatch) -> tuple[torch.Tensor, dict[str, float]]:
-        """The log-probs the update's ratios start from, and the router metrics of the pass
-        (``moe/*``, :mod:`megarl.trainer.routing`; none for a dense model).
+    def old_log_probs(self, batch: TrainBatch) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """The log-probs the update's ratios start from (with ``sum_pi_squared`` when the advantage
+        estimator reads it), and the router metrics of the pass (``moe/*``,
+        :mod:`megarl.trainer.routing`; none for a dense model).
 
         With ``algorithm.routing_replay`` ``r3`` the pass replays the engines' routing
         (``batch.routed_experts``); with ``r2`` it records its own into ``batch.routed_experts``
         for the update to replay.
 
         Returns:
-            ``(log_probs [B, S], metrics)``, the same on every rank.
+            ``(token_values, metrics)``, the same on every rank: ``token_values`` holds
+            ``old_log_probs`` and, with :attr:`computes_sum_pi_squared`, ``sum_pi_squared``, each
+            ``[B, S]`` float32 in label space, 0 outside the response mask.
         """
         routers = self.model.routers
         if routers is None:
-            return self.log_probs(batch)[0], {}
+            return self._old_token_values(batch), {}
         with contextlib.ExitStack() as passes:
             metrics = passes.enter_context(routers.measuring())
             if self.algorithm.routing_replay == "r3":
                 passes.enter_context(routers.replaying_routing())
             elif self.algorithm.routing_replay == "r2":
                 recorded = passes.enter_context(routers.recording(tuple(batch.tokens.shape)))
-            log_probs, _ = self.log_probs(batch)
+            values = self._old_token_values(batch)
         if self.algorithm.routing_replay == "r2":
             batch.routed_experts, batch.routed_lengths = recorded["routed_experts"], batch.sequence_lengths.clone()
-        return log_probs, metrics
+        return values, metrics
+
+    def _old_token_values(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
+        if not self.computes_sum_pi_squared:
+            return {"old_log_probs": self.log_probs(batch)[0]}
+        values = self.model.forward(batch, ("log_probs", "sum_pi_squared"), self._token_log_probs_and_sum_pi_squared)
+        return {"old_log_probs": values["log_probs"], "sum_pi_squared": values["sum_pi_squared"]}
 
     def reference_log_probs(self, batch: TrainBatch) -> torch.Tensor:
         """Log-probs of the weights the caller swapped in (the reference), routed as the engines
@@ -162,6 +176,11 @@ class Policy(ModelObjective):
     def _token_log_probs(self, micro: dict[str, torch.Tensor], output: torch.Tensor) -> dict[str, torch.Tensor]:
         log_probs, entropy = self._log_probs_and_entropy(output, micro)
         return {"log_probs": log_probs, "entropy": entropy}
+
+    def _token_log_probs_and_sum_pi_squared(self, micro: dict[str, torch.Tensor], output: torch.Tensor) -> dict[str, torch.Tensor]:
+        options = dict(temperature=self.temperature, fused_linear_logprob=self.fused_linear_logprob)
+        log_probs, _ = token_log_probs_and_entropy(self.model, output, micro, **options)
+        return {"log_probs": log_probs, "sum_pi_squared": token_sum_pi_squared(self.model, output, micro, **options)}
 
     def _log_probs_and_entropy(self, output: torch.Tensor, micro: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(log_probs, entropy)`` in the micro-batch's grid ``[b, s]`` from the last stage's output
@@ -259,6 +278,23 @@ def token_log_probs_and_entropy(
 
         log_probs, entropy = fused_linear_logprob_entropy(output, model.output_weight, micro["labels"], **options)
     return to_grid(micro, log_probs), to_grid(micro, entropy)
+
+
+def token_sum_pi_squared(
+    model: TrainModel, output: torch.Tensor, micro: dict[str, torch.Tensor], *, temperature: float, fused_linear_logprob: bool
+) -> torch.Tensor:
+    """``sum_v pi(v)^2`` at every token in the micro-batch's grid ``[b, s]``, from the same last-stage
+    output as :func:`token_log_probs_and_entropy` (hidden states ``[b', s', H]`` with the output
+    weight's shard, or vocab-parallel logits ``[b', s', V/TP]``), the logits divided by
+    ``temperature`` and the padded vocabulary left out (:mod:`megarl.trainer.sum_pi_squared`)."""
+    from megarl.trainer.sum_pi_squared import sum_pi_squared, sum_pi_squared_from_hidden
+
+    options = dict(temperature=temperature, vocab_size=model.spec.hf_config.vocab_size, group=model.pg_collection.tp)
+    if fused_linear_logprob:
+        values = sum_pi_squared_from_hidden(output, model.output_weight, **options)
+    else:
+        values = sum_pi_squared(output, **options)
+    return to_grid(micro, values)
 
 
 def metric_names(algorithm: AlgorithmConfig) -> tuple[str, ...]:

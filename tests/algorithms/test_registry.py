@@ -57,6 +57,15 @@ def test_call_passes_only_the_declared_inputs():
     assert registry.call("shift", x=3, offset=1, scale=5) == 4
 
 
+def test_takes_tells_the_declared_inputs():
+    registry = small_registry()
+    assert registry.takes("twice", "scale") and registry.takes("shift", "offset")
+    assert not registry.takes("double", "offset")
+    assert ADVANTAGES.takes("optimal_token_baseline", "sum_pi_squared") and not ADVANTAGES.takes("grpo", "sum_pi_squared")
+    with pytest.raises(KeyError, match="unknown thing 'nope'"):
+        registry.takes("nope", "x")
+
+
 def test_call_refuses_an_input_no_function_takes():
     with pytest.raises(TypeError, match="no thing takes ofset; known inputs: offset, scale, x"):
         small_registry().call("shift", x=3, ofset=1)

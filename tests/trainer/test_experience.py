@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from megarl.algorithms.advantages import compute_advantages as estimator
+from megarl.algorithms.advantages import outcome_token_rewards
 from megarl.algorithms.kl import FixedKLController
 from megarl.algorithms.shaping import RunningMoments
 from megarl.config import load_config
@@ -140,6 +141,34 @@ def test_sequence_is_weights_each_sequence_and_rejection_sampling_leaves_the_res
     assert torch.allclose(batch.token_values["loss_weights"][~rejected], expected[~rejected])
     assert metrics["mismatch/rollout_rs_seq_masked_fraction"] == pytest.approx(3 / 8)
     assert metrics["mismatch/rollout_rs_masked_fraction"] == pytest.approx(mask[rejected].sum().item() / mask.sum().item())
+
+
+def test_the_optimal_token_baseline_reads_the_old_pass_and_the_loss_weights_before_rejection():
+    """It gets old_log_probs and sum_pi_squared from the batch and, as rollout_is_weights, the loss
+    weights stage 4 computes (rejected tokens 0), while the response mask stays whole until then."""
+    options = [
+        "algorithm.advantage_estimator=optimal_token_baseline", "algorithm.rollout_is=geometric", "algorithm.rollout_is_threshold=1.3",
+        "algorithm.rollout_rs=token_k2", "algorithm.rollout_rs_threshold=0.03",
+    ]
+    algorithm = load_config(None, options).algorithm
+    batch = make_batch()
+    mask = batch.response_mask.clone()
+    shift = 0.1 * (torch.arange(8.0) - 3)[:, None]
+    batch.token_values["old_log_probs"] = torch.where(mask, batch.token_values["rollout_log_probs"] + shift, 0.0)
+    batch.token_values["sum_pi_squared"] = torch.where(mask, torch.rand(mask.shape, generator=torch.Generator().manual_seed(1)), 0.0)
+    compute_advantages(batch, SCORES, algorithm, FixedKLController(0.0))
+    assert torch.equal(batch.response_mask, mask)
+    loss_weights(batch, algorithm)
+    rejected = torch.tensor([True, False, False, False, False, False, True, True])
+    assert not batch.token_values["loss_weights"][rejected].any() and batch.token_values["loss_weights"][~rejected & mask.any(-1)].any()
+    inputs = dict(
+        token_rewards=outcome_token_rewards(SCORES, mask), response_mask=mask, group_ids=batch.group_ids,
+        old_log_probs=batch.token_values["old_log_probs"], sum_pi_squared=batch.token_values["sum_pi_squared"],
+    )
+    weighted, _ = estimator("optimal_token_baseline", **inputs, rollout_is_weights=batch.token_values["loss_weights"])
+    unweighted, _ = estimator("optimal_token_baseline", **inputs)
+    assert torch.equal(batch.token_values["advantages"], weighted.float())
+    assert not torch.allclose(weighted, unweighted)
 
 
 def test_overlong_filtering_keeps_the_truncated_score_in_the_group_baseline():

@@ -1,4 +1,5 @@
-"""Packed micro-batches give the padded ones' log-probs, entropy and gradients under every layout
+"""Packed micro-batches give the padded ones' log-probs, entropy, sum of squared probabilities
+(within [1 / V, 1]) and gradients under every layout
 (real processes on gloo, the ``packing`` check of tests/workers/packing_check.py): dense and MoE,
 single rank, TP2 with sequence parallelism, PP2 (and VPP), EP2, CP2; the MoE cases replay a random
 engine routing, which each packed token must get, or train with Megatron's router losses, which
@@ -34,5 +35,7 @@ def test_packed_equals_padded(model, layout, options, jobs):
     report = jobs.report(packing_jobs(jobs.directory, model, layout, options)[0].name)["packing"]
     assert report["log_prob_diff"] <= TOLERANCE
     assert report["entropy_diff"] <= TOLERANCE
+    assert report["sum_pi_squared_diff"] <= TOLERANCE
+    assert all(1 / report["vocab_size"] - TOLERANCE <= value <= 1 + TOLERANCE for value in report["sum_pi_squared"])
     assert report["gradient_max"] > 1e-4
     assert report["gradient_diff"] <= TOLERANCE, report

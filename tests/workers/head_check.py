@@ -5,8 +5,11 @@ Loads a model under a layout, records its parameters, its sharded checkpoint lay
 stage's logits shard, swaps the output layer for :class:`~megarl.trainer.policy.HiddenStatesHead`
 and runs the same tokens again. The report (rank 0, every rank's findings): whether each rank's
 parameters are the same objects under the same names, whether the checkpoint layout is the same
-(keys, global shapes, offsets, replicas), and the largest difference between the logits and the
-hidden states times :attr:`TrainModel.output_weight` on the last stage.
+(keys, global shapes, offsets, replicas), the largest difference between the logits and the
+hidden states times :attr:`TrainModel.output_weight` on the last stage, and the largest error of
+the sum of squared probabilities from either (:mod:`megarl.trainer.sum_pi_squared`, the
+vocabulary split over the tensor-parallel group) against the float64 reference on the gathered
+logits.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from megarl.models.builder import build_model, model_spec
 from megarl.models.loader import load_hf_config, load_hf_weights
 from megarl.trainer.model import TrainModel
 from megarl.trainer.policy import attach_hidden_states_heads
+from megarl.trainer.sum_pi_squared import sum_pi_squared, sum_pi_squared_from_hidden
+from sum_pi_squared_check import TEMPERATURE, reference
 
 BATCH = 2
 SEQ_LENGTH = 16
@@ -77,9 +82,16 @@ def check(model_dir: str, layout, pg_collection) -> dict | None:
         (name, id(param)) for chunk in chunks for name, param in chunk.named_parameters()
     ]
     model = TrainModel(spec=spec, chunks=chunks, models=[], optimizer=None, scheduler=None, pg_collection=pg_collection, train=None)
-    worst = 0.0
+    worst = worst_sum_pi_squared = 0.0
+    tp, vocab_size = pg_collection.tp, spec.hf_config.vocab_size
+    options = dict(temperature=TEMPERATURE, vocab_size=vocab_size, group=tp)
     for before, after in zip(logits, hidden):
         worst = max(worst, (torch.nn.functional.linear(after, model.output_weight) - before).abs().max().item())
+        shards = [torch.empty_like(before) for _ in range(tp.size())]
+        dist.all_gather(shards, before.contiguous(), group=tp)
+        expected = reference(torch.cat(shards, dim=-1), vocab_size, TEMPERATURE)
+        for found in (sum_pi_squared(before, **options), sum_pi_squared_from_hidden(after, model.output_weight, **options)):
+            worst_sum_pi_squared = max(worst_sum_pi_squared, (found.double() - expected).abs().max().item())
     found = {
         "same_parameters": same_parameters,
         "same_checkpoint_layout": layout_before == checkpoint_layout(chunks),
@@ -87,6 +99,7 @@ def check(model_dir: str, layout, pg_collection) -> dict | None:
         "outputs": len(hidden),
         "hidden_size": hidden[0].shape[-1] if hidden else None,
         "max_logit_diff": worst,
+        "max_sum_pi_squared_error": worst_sum_pi_squared,
     }
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, found)

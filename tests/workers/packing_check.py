@@ -5,8 +5,9 @@ The policy is built as the trainer builds it (the hidden-states head and the fus
 kernel). One batch of samples of different lengths goes through the log-prob pass and through one
 update's forward and backward (the PPO loss aggregated per ``loss_agg_mode``, no optimizer step),
 first padded (``train.micro_batch_size`` samples a micro-batch), then packed (a token budget: other
-micro-batches, other splits over data-parallel ranks). The log-probs, the entropy and every
-gradient must agree: aggregation is exact whatever the split, and packing changes nothing else.
+micro-batches, other splits over data-parallel ranks). The log-probs, the entropy, the sum of
+squared probabilities of the old-log-prob pass (the policy's estimator is the optimal token
+baseline) and every gradient must agree: aggregation is exact whatever the split, and packing changes nothing else.
 With ``replay`` (an MoE model) both passes replay a random engine routing, which checks that each
 packed token gets its own experts; with ``router_losses`` Megatron's load-balancing and z-losses
 are on (padding, a pack's alignment and tail count in neither) and the packs hold the padded
@@ -80,7 +81,7 @@ def check(model_dir: str, layout, pg_collection, loss_agg_mode: str = "seq-mean-
         model_dir, model_config, layout, padded_train, padded_train.optimizer, pg_collection=pg_collection, backend="torch",
         after_load=attach_hidden_states_heads, routing_replay=replay,
     )
-    algorithm = AlgorithmConfig(loss_agg_mode=loss_agg_mode, entropy_coeff=0.01)
+    algorithm = AlgorithmConfig(loss_agg_mode=loss_agg_mode, entropy_coeff=0.01, advantage_estimator="optimal_token_baseline")
     policy = Policy(model, algorithm, padded_train, temperature=1.0, max_response_length=MAX_RESPONSE)
     batch = _batch(model, layout, replay)
     generator = torch.Generator().manual_seed(5)
@@ -89,6 +90,7 @@ def check(model_dir: str, layout, pg_collection, loss_agg_mode: str = "seq-mean-
         model.train = train
         with policy._replaying(replay):
             log_probs, entropy = policy.log_probs(batch)
+            sum_pi_squared = policy.old_log_probs(batch)[0]["sum_pi_squared"]
         if mode == "padded":
             noise = 0.05 * torch.randn(batch.tokens.shape, generator=generator)
             batch.token_values.update(
@@ -98,13 +100,16 @@ def check(model_dir: str, layout, pg_collection, loss_agg_mode: str = "seq-mean-
             )
         with policy._replaying(replay):
             gradients = _gradients(model, policy, batch)
-        results[mode] = (log_probs, entropy, gradients)
-    (padded_log_probs, padded_entropy, padded_gradients), (packed_log_probs, packed_entropy, packed_gradients) = results["padded"], results["packed"]
+        results[mode] = (log_probs, entropy, sum_pi_squared, gradients)
+    padded, packed = results["padded"], results["packed"]
+    (padded_log_probs, padded_entropy, padded_sum_pi_squared, padded_gradients) = padded
+    (packed_log_probs, packed_entropy, packed_sum_pi_squared, packed_gradients) = packed
     mask = batch.response_mask
     largest = torch.tensor(
         [
             float((padded_log_probs - packed_log_probs)[mask].abs().max()),
             float((padded_entropy - packed_entropy)[mask].abs().max()),
+            float((padded_sum_pi_squared - packed_sum_pi_squared)[mask].abs().max()),
             max(float((padded_gradients[name] - packed_gradients[name]).abs().max()) for name in padded_gradients),
             max(float(gradient.abs().max()) for gradient in padded_gradients.values()),
         ],
@@ -114,7 +119,10 @@ def check(model_dir: str, layout, pg_collection, loss_agg_mode: str = "seq-mean-
     return {
         "log_prob_diff": float(largest[0]),
         "entropy_diff": float(largest[1]),
-        "gradient_diff": float(largest[2]),
-        "gradient_max": float(largest[3]),
+        "sum_pi_squared_diff": float(largest[2]),
+        "gradient_diff": float(largest[3]),
+        "gradient_max": float(largest[4]),
         "log_probs": padded_log_probs[mask].tolist(),
+        "sum_pi_squared": padded_sum_pi_squared[mask].tolist(),
+        "vocab_size": model.spec.hf_config.vocab_size,
     }
