@@ -114,6 +114,12 @@ def _teacher_problems(config: Config) -> list[str]:
     facts = ModelFacts.from_hf_dir(teacher_dir)
     if facts.num_attention_heads % teacher.engine_tensor_parallel:
         problems.append(f"`teacher.engine_tensor_parallel` ({teacher.engine_tensor_parallel}) must divide the teacher's attention heads ({facts.num_attention_heads})")
+    longest = config.data.max_prompt_length + config.data.max_response_length
+    if facts.max_position_embeddings < longest:
+        problems.append(
+            f"{where}: its context ({facts.max_position_embeddings} positions) is shorter than a prompt and its response "
+            f"(data.max_prompt_length + data.max_response_length = {longest}): choose a teacher with a longer context or lower them"
+        )
     policy_vocab = ModelFacts.from_hf_dir(policy_dir).vocab_size
     if facts.vocab_size < policy_vocab:
         problems.append(

@@ -78,3 +78,13 @@ def test_the_distillation_config_is_the_main_job_plus_a_teacher(tmp_path):
     assert dataclasses.replace(distill.algorithm, use_opd=False) == main.algorithm
     for teacher in ("bundled:tiny-dense", "bundled:tiny-teacher"):
         assert check_run(load_config(REPO / "configs" / "moe_distill.yaml", [f"teacher.path={teacher}", f"logging.run_dir={tmp_path}"]), 2) == []
+
+
+def test_a_teacher_with_a_shorter_context_than_a_sequence_is_refused_in_one_line(tmp_path):
+    teacher = tmp_path / "teacher"
+    shutil.copytree(resolve_model_path("bundled:tiny-dense"), teacher)
+    config = json.loads((teacher / "config.json").read_text())
+    (teacher / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 30}))
+    [problem] = problems(tmp_path, ["algorithm.use_opd=true", f"teacher.path={teacher}"])
+    assert "its context (30 positions) is shorter than a prompt and its response (data.max_prompt_length + data.max_response_length = 36)" in problem
+    assert "\n" not in problem

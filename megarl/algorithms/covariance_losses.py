@@ -28,7 +28,7 @@ generator seeded with ``seed`` (the trainer's seed per run, step, data-parallel 
 micro-batch, :class:`megarl.trainer.policy.Policy`), and S is the k candidates of lowest priority.
 Masked positions take no draw, so how many of them sit around a token never changes its priority;
 a packed and a padded micro-batch list their valid tokens in the same order and draw the same S.
-Reading N costs one device-to-host copy per micro-batch (verl reads it too).
+Reading N costs a device-to-host copy per micro-batch (verl reads it too).
 
 The means, N and k are those of the micro-batch, as in verl: the loss depends on how a mini-batch
 is cut into micro-batches and data-parallel ranks (``train.micro_batch_size``, the DP size, the

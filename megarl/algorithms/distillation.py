@@ -1,7 +1,8 @@
 """On-policy distillation (OPD): the student samples, a teacher scores the sampled tokens, and the
 per-token reverse KL to the teacher becomes part of the advantage.
 
-With pi the policy that sampled (its log-probs the trainer's ``old_log_probs``), pi_T the teacher,
+With pi the policy (its log-probs the trainer's ``old_log_probs``: the sampling policy in synchronous
+rollouts, the weights before the update in asynchronous ones, as slime), pi_T the teacher,
 y_t the sampled token and c = ``algorithm.opd_kl_coef``, on every valid token t:
 
     k_t = log pi(y_t | y_<t) - log pi_T(y_t | y_<t)        (the sampled-token estimate of KL(pi || pi_T))

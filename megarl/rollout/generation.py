@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import logging
 import time
 from typing import Any, Awaitable, Callable, Iterable, Sequence
@@ -113,10 +114,15 @@ class Generation:
     async def prompt_log_probs(self, token_ids: Sequence[Sequence[int]], starts: Sequence[int]) -> list[list[float]]:
         """The log-probs of every sequence's tokens after position ``starts[i]``
         (:meth:`EngineGroup.prompt_log_probs`): the sequences split into contiguous shares, one per
-        engine (a prompt's samples, next to each other, share an engine's prefix cache), each one
+        engine, as even as the count allows (a prompt's samples, next to each other, share an
+        engine's prefix cache), each one
         prompt-scoring ``/generate`` (:func:`~megarl.rollout.protocol.prompt_logprobs_body`), in parallel."""
-        share = -(-len(token_ids) // len(self.engines))
-        bounds = [(first, min(first + share, len(token_ids))) for first in range(0, len(token_ids), share)]
+        if not token_ids:
+            return []
+        share, extra = divmod(len(token_ids), len(self.engines))
+        sizes = [share + (index < extra) for index in range(len(self.engines))]
+        ends = list(itertools.accumulate(sizes))
+        bounds = [(end - size, end) for size, end in zip(sizes, ends) if size]
         answers = await gather(
             self._prompt_log_probs(engine, token_ids[first:end], starts[first:end]) for engine, (first, end) in zip(self.engines, bounds)
         )

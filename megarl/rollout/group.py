@@ -182,18 +182,18 @@ class EngineGroup:
         return group
 
     @classmethod
-    def connect(cls, urls: Sequence[str], *, engine: str, model_path: str | Path, tensor_parallel: int = 1, **group_options) -> EngineGroup:
+    def connect(cls, urls: Sequence[str], *, engine: str, model_path: str | Path, tensor_parallel: int = 1, name: str | None = None, **group_options) -> EngineGroup:
         """Drive engines that are already running (not restarted by megarl when they fail).
 
         Args:
             urls: ``http://host:port`` of each engine.
-            engine: their kind, ``hf`` or ``sglang`` (``auto``: :func:`resolve_engine`).
+            engine: their kind, ``hf`` or ``sglang`` (``auto``: :func:`resolve_engine`); ``name``: theirs (``{name}-{i}``; default the kind).
             model_path: the model they serve.
             tensor_parallel: their tensor-parallel size.
             **group_options: the keyword arguments of :class:`EngineGroup`.
         """
         kind = resolve_engine(engine)
-        engines = [Engine(f"{kind}-{index}", kind, tensor_parallel, url=url.rstrip("/"), index=index) for index, url in enumerate(urls)]
+        engines = [Engine(f"{name or kind}-{index}", kind, tensor_parallel, url=url.rstrip("/"), index=index) for index, url in enumerate(urls)]
         group = cls(engines, model_path=model_path, **group_options)
         try:
             group._supervisor.start()
@@ -228,7 +228,7 @@ class EngineGroup:
             group_overrides = {key: value for key, value in overrides.items() if key in _GROUP_OPTIONS}
             return cls.connect(
                 rollout.engine_urls, engine=rollout.engine, model_path=model_path, tensor_parallel=rollout.engine_tensor_parallel,
-                **{**group_options, **group_overrides},
+                name=overrides.get("name"), **{**group_options, **group_overrides},
             )
         return cls.launch(
             rollout.engine, model_path, num_engines=rollout.num_engines, tensor_parallel=rollout.engine_tensor_parallel,

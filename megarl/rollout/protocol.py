@@ -227,7 +227,8 @@ def parse_prompt_logprobs_response(response: Any, input_ids: Sequence[Sequence[i
         per item, the log-probs of its tokens ``logprob_start_lens[i] + 1`` to the last.
 
     Raises:
-        ValueError: a count mismatch, a missing field, or token ids other than those sent.
+        ValueError: a count mismatch, a missing field, or token ids other than those sent (0 stands
+            for any: SGLang answers 0 for the vocabulary's last ids).
     """
     if not isinstance(response, list) or len(response) != len(input_ids):
         count = len(response) if isinstance(response, list) else type(response).__name__
@@ -236,7 +237,10 @@ def parse_prompt_logprobs_response(response: Any, input_ids: Sequence[Sequence[i
     for index, (item, ids, start) in enumerate(zip(response, input_ids, logprob_start_lens)):
         try:
             triples = item["meta_info"]["input_token_logprobs"]
-            if [int(triple[1]) for triple in triples] != list(ids[start:]):
+            # SGLang reports id 0 for the vocabulary's last ids (its input_token_logprobs_idx
+            # clips ids >= vocab_size - 1), so a 0 stands for any sent id.
+            answered = [int(triple[1]) for triple in triples]
+            if len(answered) != len(ids) - start or any(got not in (0, sent) for got, sent in zip(answered, ids[start:])):
                 raise ValueError(
                     f"/generate item {index}: input_token_logprobs name {len(triples)} tokens that are not the {len(ids) - start} "
                     f"sent from position {start}: the engine does not answer prompt log-probs as SGLang does"

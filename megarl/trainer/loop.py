@@ -88,7 +88,7 @@ def collect_batch(run: Run, step: int) -> tuple[TrainBatch, torch.Tensor, dict[s
 
     def first_rank_batch():
         samples, metrics = run.rollout.next_batch() if run.config.rollout.mode == "async" else roll_out(run, step)
-        if run.teacher is not None:
+        if run.config.algorithm.use_opd:
             add_teacher_log_probs(run, samples, metrics)
         return batch_of(run, samples, metrics)
 

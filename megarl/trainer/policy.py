@@ -214,8 +214,9 @@ class Policy(ModelObjective):
     def _next_draw_seed(self) -> int:
         """The seed of the random draws of the next micro-batch's loss (``clip_cov``'s subset): one
         per (``train.seed``, step, data-parallel rank, micro-batch of this rank's update). The ranks
-        that share a micro-batch (tensor and context parallel) count the same micro-batches, so they
-        draw alike; a step trained again after a resume draws the same."""
+        that share a micro-batch count the same micro-batches, so tensor-parallel ranks draw alike
+        (context-parallel ranks draw with the same seed over their own tokens); a step trained
+        again after a resume draws the same."""
         parts = (self.seed, self._draw_step, self.pg_collection.dp.rank(), self._draws)
         self._draws += 1
         seed = 0

@@ -222,6 +222,8 @@ def add_teacher_log_probs(run: Run, samples: Sequence[ScoredSample], metrics: di
     record's ``teacher_log_probs``; ``time/teacher_s`` into ``metrics``. Works on whatever the step
     trains, so synchronous and asynchronous rollouts and episodes (whose observation tokens are
     scored too, and masked later) take the same path."""
+    if run.teacher is None:
+        raise RuntimeError("algorithm.use_opd is on but this run started no teacher engines (teacher.path or teacher.engine_urls)")
     start = time.perf_counter()
     scored = run.teacher.prompt_log_probs(
         [list(sample.prompt_ids) + list(sample.response_ids) for sample in samples], [len(sample.prompt_ids) - 1 for sample in samples]

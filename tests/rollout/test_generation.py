@@ -74,3 +74,39 @@ def test_an_engines_refusal_through_the_router_is_not_sent_again():
         with pytest.raises(EngineRequestError, match="HTTP 400: the prompt is longer"):
             generate_through(url, [[1, 2]], SamplingParams(n=1, max_new_tokens=1, seed=7))
     assert len(received) == 1
+
+
+def prompt_scorer(name: str, received: list):
+    """Answers a prompt-scoring ``/generate`` as SGLang does, each log-prob -token / 100."""
+    app = fastapi.FastAPI()
+
+    @app.post(protocol.GENERATE)
+    async def generate(request: fastapi.Request):
+        body = await request.json()
+        received.append((name, len(body["input_ids"])))
+        return [
+            {"output_ids": [], "meta_info": {"input_token_logprobs": [[None, ids[start], None]] + [[-token / 100, token, None] for token in ids[start + 1 :]]}}
+            for ids, start in zip(body["input_ids"], body["logprob_start_len"])
+        ]
+
+    return app
+
+
+def test_prompt_scoring_splits_the_sequences_into_contiguous_even_shares_and_keeps_their_order():
+    received: list = []
+    sequences = [[1, 2, 3 + index] for index in range(5)]
+    client = EngineClient(3)
+    with serving(prompt_scorer("a", received)) as a, serving(prompt_scorer("b", received)) as b, serving(prompt_scorer("c", received)) as c:
+        engines = [Engine(f"teacher-{index}", "hf", 1, url=url, index=index) for index, url in enumerate((a, b, c))]
+        for engine in engines:
+            engine.client = client
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            supervisor = EngineSupervisor(engines, pool=pool, reload=lambda engine: None, health_check_interval_s=60, health_timeout_s=5, restart_budget=0)
+            generation = Generation(supervisor, engines, router=None, request_timeout_s=10, routing=None, pauses=lambda: 0, redeliver_s=5)
+            try:
+                scored = client.run(generation.prompt_log_probs(sequences, [1] * 5)).result()
+                assert client.run(generation.prompt_log_probs([], [])).result() == []
+            finally:
+                client.close()
+    assert sorted(received) == [("a", 2), ("b", 2), ("c", 1)]
+    assert scored == [[-(3 + index) / 100] for index in range(5)]

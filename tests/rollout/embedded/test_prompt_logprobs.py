@@ -66,6 +66,12 @@ def test_the_parser_refuses_token_ids_other_than_those_sent_and_short_answers():
         protocol.parse_prompt_logprobs_response([item], [[5, 9, 13], [5, 9]], [1, 1])
     with pytest.raises(ValueError, match="lacks 'input_token_logprobs'"):
         protocol.parse_prompt_logprobs_response([{"meta_info": {}}], [[5, 9, 13]], [1])
+    # SGLang answers id 0 for the vocabulary's last ids; any other id that differs is refused.
+    clipped = {"output_ids": [], "meta_info": {"input_token_logprobs": [[None, 9, None], [-0.5, 0, None]]}}
+    assert protocol.parse_prompt_logprobs_response([clipped], [[5, 9, 54]], [1]) == [[-0.5]]
+    other = {"output_ids": [], "meta_info": {"input_token_logprobs": [[None, 9, None], [-0.5, 7, None]]}}
+    with pytest.raises(ValueError, match="not the 2 sent from position 1"):
+        protocol.parse_prompt_logprobs_response([other], [[5, 9, 13]], [1])
 
 
 @needs_sglang
