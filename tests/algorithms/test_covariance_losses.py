@@ -13,7 +13,6 @@ from algorithm_batches import response_mask, valid_cells
 from megarl.algorithms.aggregation import aggregate_loss, normalizer
 from megarl.algorithms.policy_losses import LOG_RATIO_LIMIT, policy_loss
 from megarl.config import ConfigError, load_config
-from megarl.trainer.policy import metric_names
 
 pytestmark = pytest.mark.cpu
 
@@ -264,6 +263,8 @@ def test_clip_cov_refuses_a_dual_clip():
 
 @pytest.mark.parametrize("name", ["clip_cov", "kl_cov"])
 def test_metric_names_are_those_of_every_input(name):
+    from megarl.trainer.policy import metric_names  # lazily: it imports Megatron (tests/kernels/conftest.py)
+
     algorithm = load_config(None, [f"algorithm.policy_loss={name}"]).algorithm
     _, metrics = policy_loss(name, **batch(), **SETTINGS[name])
     assert metric_names(algorithm) == (*metrics, "entropy", "kl_loss")
