@@ -16,6 +16,10 @@ torch: the advantage estimator and the policy loss the config names are register
 (:mod:`megarl.algorithms`), the checkpoint a resume would load is whole, and, with routing replay
 (R3), the engines given by URL return routed experts; with SGLang's router, its package and flags,
 and no R3 behind it.
+
+``megarl.sft`` runs :func:`check_sft_run` the same way: the model directory, the config
+(:func:`megarl.config.sft.validate_sft`), every row of every conversation file, the metric
+packages, then the checkpoint a resume would load.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import json
 
 from megarl.config import Config, ConfigError, ModelFacts, did_you_mean, resolve_data_path, resolve_model_path, validate
+from megarl.config.sft import SFTConfig, validate_sft
 from megarl.metrics import sink_problems
 
 _TOKENIZER_FILES = (("tokenizer.json",), ("tokenizer.model",), ("vocab.json", "merges.txt"), ("vocab.txt",))
@@ -43,6 +48,33 @@ def check_run(config: Config, world_size: int) -> list[str]:
     if not problems:
         # Last, once every cheap check passed: these import torch (the run imports it next anyway).
         problems += _algorithm_name_problems(config) + _resume_problems(config) + _routing_replay_problems(config) + _router_problems(config) + _reserved_gpu_problems(config)
+    return problems
+
+
+def check_sft_run(config: SFTConfig, world_size: int) -> list[str]:
+    """Every problem with a fine-tuning run's inputs (``megarl.sft``) for ``world_size`` processes,
+    one line each, as :func:`check_run` finds them for RL; empty: the run can start. Every row of
+    ``data.train_files`` is read here (a conversation is a few hundred bytes of JSON: reading all of
+    them costs little beside tokenizing them), each file's first bad row named by file and line;
+    token counts (``data.max_length``) need the tokenizer and are checked when the run loads them."""
+    from megarl.data.conversations import check_conversation_file
+    from megarl.data.datasets import DataError
+
+    problems = model_dir_problems(config.model.path, "model.path", tokenizer_dir=config.model.tokenizer_path)
+    if not problems:
+        try:
+            validate_sft(config, world_size, ModelFacts.from_hf_dir(resolve_model_path(config.model.path)))
+        except ConfigError as error:
+            problems.append(str(error))
+    for name in config.data.train_files:
+        try:
+            check_conversation_file(resolve_data_path(name), config.data.messages_key)
+        except DataError as error:
+            problems.append(f"data.train_files: {error}")
+    problems += sink_problems(config.logging)
+    if not problems:
+        # Last, once every cheap check passed: it imports torch (the run imports it next anyway).
+        problems += _resume_problems(config)
     return problems
 
 
@@ -238,7 +270,7 @@ def _algorithm_name_problems(config: Config) -> list[str]:
     return problems
 
 
-def _resume_problems(config: Config) -> list[str]:
+def _resume_problems(config: Config | SFTConfig) -> list[str]:
     """The checkpoint a resume would load, read far enough to know it is whole (imports torch to
     read its index)."""
     from megarl.checkpoint import CheckpointError, resolve_resume

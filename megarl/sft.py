@@ -3,8 +3,10 @@
 Trains the model of ``model.path`` on chat-format conversations (``data.train_files``, one
 ``{"messages": [...]}`` a row), the loss on the assistant tokens only, on the RL trainer's stack
 (:mod:`megarl.trainer.sft`): the same layouts, packing, optimizer, checkpoints, conversion tools
-and metrics. The config's sections are in :mod:`megarl.config.sft`. A config or dataset problem
-ends the run with one line and exit code 2; exit codes: see :mod:`megarl.cli`.
+and metrics. The config's sections are in :mod:`megarl.config.sft`. As ``megarl.train`` does, the
+first rank checks the config and the inputs it names (:func:`megarl.preflight.check_sft_run`)
+before torch or Megatron is imported; a config, dataset or checkpoint problem ends the run with one
+line per problem and exit code 2; exit codes: see :mod:`megarl.cli`.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from megarl.cli import INTERRUPTED_EXIT_CODE, STOPPED_EXIT_CODE, parse_run_command, refuse, report
+from megarl.cli import INTERRUPTED_EXIT_CODE, STOPPED_EXIT_CODE, is_first_rank, parse_run_command, refuse, report, world_size
 from megarl.config import ConfigError, load_config
 from megarl.config.sft import SFTConfig
 
@@ -25,6 +27,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(args.config, args.overrides, root=SFTConfig)
     except ConfigError as error:
         return refuse(PROGRAM, *str(error).splitlines())
+    if is_first_rank():
+        from megarl.preflight import check_sft_run
+
+        problems = check_sft_run(config, world_size())
+        if problems:
+            return refuse(PROGRAM, *problems)
     from torch.distributed.elastic.multiprocessing.errors import record
 
     return record(fine_tune)(config)

@@ -101,6 +101,18 @@ def tokenize_conversation(messages: Sequence[dict[str, str]], tokenizer, locatio
     return rendered, loss_mask
 
 
+def check_conversation_file(path: Path, messages_key: str) -> None:
+    """A look before the run builds anything (:func:`megarl.preflight.check_sft_run`): ``path``
+    exists in a known format and every row holds a conversation under ``messages_key`` with an
+    assistant turn. Tokens are counted by :func:`load_conversations`.
+
+    Raises:
+        DataError: naming the file and the first bad row, what is wrong and the fix.
+    """
+    for location, row in _read_rows(path):
+        _messages_of(row, location, messages_key)
+
+
 def load_conversations(config: SFTDataConfig, tokenizer) -> list[Conversation]:
     """Every conversation of ``data.train_files``, files in the order listed, rows in file order.
 
