@@ -240,6 +240,22 @@ def _unwrap(model):
     return getattr(model, "module", model)
 
 
+def _write_results_in_process() -> None:
+    """Hand the torch_dist writer's results over through a plain queue.
+
+    megarl saves synchronously, so the writer's results never leave this process, but megatron-core
+    0.16 passes them through a queue served by a ``multiprocessing`` Manager that it starts, at a
+    process's first save, in a *spawned* process: a fresh interpreter, 4-6 s per rank on the CPU
+    machine, paid by every run's first checkpoint. (Asynchronous saving, which megarl does not use,
+    needs the Manager's queue.)"""
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", False) is None:
+        filesystem_async._results_queue = queue.Queue()
+
+
 def _sharded_state_dict(models, optimizer, is_loading: bool) -> dict:
     models = [_unwrap(model) for model in models]
     # A new dict each time: Megatron stores the current data-parallel group in it, which must not
@@ -343,6 +359,7 @@ def save_checkpoint(
                 (temporary / name / "weights").mkdir(parents=True)
     dist.barrier()
 
+    _write_results_in_process()
     for name, (part_models, part_optimizer, part_scheduler) in parts.items():
         dist_checkpointing.save(_sharded_state_dict(part_models, part_optimizer, is_loading=False), str(temporary / name / "weights"))
         if rank == 0 and part_scheduler is not None:
