@@ -75,7 +75,9 @@ def test_the_distillation_config_is_the_main_job_plus_a_teacher(tmp_path):
     assert distill.algorithm.use_opd and distill.teacher.path == "bundled:tiny-dense"
     for section in ("model", "parallel", "data", "rollout", "train"):
         assert getattr(distill, section) == getattr(main, section), section
-    assert dataclasses.replace(distill.algorithm, use_opd=False) == main.algorithm
+    # The teacher's term, and no entropy bonus (the term's -coef x log pi part is one).
+    assert dataclasses.replace(distill.algorithm, use_opd=False, opd_kl_coef=main.algorithm.opd_kl_coef, entropy_coeff=main.algorithm.entropy_coeff) == main.algorithm
+    assert (distill.algorithm.opd_kl_coef, distill.algorithm.entropy_coeff) == (0.05, 0.0)
     for teacher in ("bundled:tiny-dense", "bundled:tiny-teacher"):
         assert check_run(load_config(REPO / "configs" / "moe_distill.yaml", [f"teacher.path={teacher}", f"logging.run_dir={tmp_path}"]), 2) == []
 

@@ -304,13 +304,16 @@ def test_async_run_partial_rollouts_staleness_a_killed_engine_and_a_resume_that_
 @pytest.mark.multirank
 @pytest.mark.parametrize("player", list(AGENT_PLAYERS.values()), ids=list(AGENT_PLAYERS))
 def test_async_multi_turn_episodes_resume_their_turns_across_weight_updates(tmp_path, player):
-    # A slow engine (0.1 s a token): the episodes of a round span the weight updates of several
-    # steps, so turns are aborted by the pause and sent again under the new weights. Each turn's
-    # part is checked against the trainer's log-probs under the weights of its version.
+    # A slow engine: the episodes of a round span the weight updates of several steps, so turns
+    # are aborted by the pause and sent again under the new weights. Each turn's part is checked
+    # against the trainer's log-probs under the weights of its version. Agent programs' episodes
+    # (HTTP turns) need the slower engine: at 0.1 s a token they all finished between two updates
+    # on a machine whose trainer steps took 1.8x as long (2026-12-05).
+    delay = 0.6 if player == AGENT_PLAYERS["openai_agent"] else 0.1
     report, rows = launch(
         tmp_path, "agent", tmp_path / "run",
         [
-            "train.steps=4", "rollout.hf_step_delay_s=0.1", *player, "agent.max_turns=2",
+            "train.steps=4", f"rollout.hf_step_delay_s={delay}", *player, "agent.max_turns=2",
             "agent.max_tokens_per_turn=4", "data.max_response_length=16", "data.train_files=[bundled:lookup/train.jsonl]",
         ],
         ["--check-segments"],
