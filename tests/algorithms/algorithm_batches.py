@@ -29,3 +29,19 @@ def valid_cells(mask: torch.Tensor):
         for position, keep in enumerate(values):
             if keep:
                 yield row, position
+
+
+def split_gradient(inputs: dict, loss, parts, lengths, mode: str, horizon: int) -> torch.Tensor:
+    """The gradient of a batch's loss with respect to its log-probs when its rows are cut into
+    ``parts`` (micro-batches or ranks), each part cut to its own padded length (``lengths`` per
+    row) and aggregated under ``mode`` with the whole batch's normaliser (``horizon``: the
+    ``seq-mean-token-sum-norm`` length). ``loss(part)`` is the per-token loss of a part."""
+    from megarl.algorithms.aggregation import aggregate_loss, normalizer
+
+    total = normalizer(mode, inputs["response_mask"], horizon)
+    log_probs = inputs["log_probs"].detach().clone().requires_grad_()
+    for rows in parts:
+        length = max(lengths[row] for row in rows)
+        part = {key: value[rows, :length] for key, value in {**inputs, "log_probs": log_probs}.items()}
+        aggregate_loss(loss(part), part["response_mask"], mode, total).backward()
+    return log_probs.grad

@@ -8,9 +8,8 @@ import math
 
 import pytest
 import torch
-from algorithm_batches import response_mask, valid_cells
+from algorithm_batches import response_mask, split_gradient, valid_cells
 
-from megarl.algorithms.aggregation import aggregate_loss, normalizer
 from megarl.algorithms.policy_losses import LOG_RATIO_LIMIT, policy_loss
 from megarl.config import ConfigError, load_config
 
@@ -194,17 +193,9 @@ def test_kl_cov_adds_the_penalty_on_the_top_covariance_tokens_only():
 def split_gradients(name, inputs, settings, mode="token-mean"):
     """The gradient of the batch's loss in one micro-batch, then in two splits of its rows (each cut
     to its own padded length), with the whole batch's normaliser."""
-    mask = inputs["response_mask"]
-    total = normalizer(mode, mask, HORIZON)
 
     def gradient(parts):
-        log_probs = inputs["log_probs"].detach().clone().requires_grad_()
-        for rows in parts:
-            length = max(LENGTHS[row] for row in rows)
-            part = {key: value[rows, :length] for key, value in {**inputs, "log_probs": log_probs}.items()}
-            loss, _ = policy_loss(name, **part, **settings)
-            aggregate_loss(loss, part["response_mask"], mode, total).backward()
-        return log_probs.grad
+        return split_gradient(inputs, lambda part: policy_loss(name, **part, **settings)[0], parts, LENGTHS, mode, HORIZON)
 
     rows = list(range(len(LENGTHS)))
     return gradient([rows]), [gradient(parts) for parts in ([rows[:3], rows[3:]], [[0], rows[1:5], rows[5:8], rows[8:]])]

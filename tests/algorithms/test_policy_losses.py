@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from algorithm_batches import response_mask, valid_cells, with_garbage
+from algorithm_batches import response_mask, split_gradient, valid_cells, with_garbage
 
 from megarl.algorithms.aggregation import MODES, aggregate_loss, normalizer
 from megarl.algorithms.policy_losses import (
@@ -344,17 +344,9 @@ def test_micro_batch_and_rank_splits_give_the_full_batch_gradient(name, mode):
     """Rows split over micro-batches / ranks, each cut to its own padded length, with the global
     normaliser: the summed gradient is the full batch's."""
     inputs = probability_batch(name, spread=0.5, sequence_advantages=name == "gmpo")
-    mask = inputs["response_mask"]
-    total = normalizer(mode, mask, HORIZON)
 
     def gradient(parts):
-        log_probs = inputs["log_probs"].detach().clone().requires_grad_()
-        for rows in parts:
-            length = max(LENGTHS[row] for row in rows)
-            part = {key: value[rows, :length] for key, value in {**inputs, "log_probs": log_probs}.items()}
-            loss, _ = policy_loss(name, **part, **SETTINGS[name])
-            aggregate_loss(loss, part["response_mask"], mode, total).backward()
-        return log_probs.grad
+        return split_gradient(inputs, lambda part: policy_loss(name, **part, **SETTINGS[name])[0], parts, LENGTHS, mode, HORIZON)
 
     full = gradient([list(range(len(LENGTHS)))])
     assert full.abs().max() > 0
