@@ -142,6 +142,11 @@ class RolloutConfig(Section):
                 "cannot give their memory back during the update; set rollout.colocate=false (engines on their own devices)"
             )
 
+    def reserved_gpus(self) -> int:
+        """The GPUs of a node that its launched engines take after the ranks' (one each): none when
+        they are colocated or given by URL, else ``num_engines`` x ``engine_tensor_parallel``."""
+        return 0 if self.colocate or self.engine_urls else self.num_engines * self.engine_tensor_parallel
+
     def layout_errors(self, model_facts: ModelFacts) -> list[str]:
         """What keeps the engines from serving ``model_facts``' model: each engine splits the
         attention heads over its tensor-parallel ranks."""

@@ -154,11 +154,10 @@ def start_teacher(config: Config, run_dir: Path, node: Node) -> EngineGroup:
         rollout, num_engines=teacher.num_engines, engine_tensor_parallel=teacher.engine_tensor_parallel, engine_urls=list(teacher.engine_urls),
         colocate=False, router="none",
     )
-    rollout_gpus = 0 if rollout.colocate or rollout.engine_urls else rollout.num_engines * rollout.engine_tensor_parallel
     # Engines given by URL need no directory; the snapshot's base model is never written for a teacher.
     model_dir = resolve_model_path(teacher.path or config.model.path)
     return EngineGroup.from_config(
-        served, model_dir, log_dir=run_dir / "engines", dtype=engine_settings(config)["dtype"], name="teacher", first_gpu=node.ranks + rollout_gpus,
+        served, model_dir, log_dir=run_dir / "engines", dtype=engine_settings(config)["dtype"], name="teacher", first_gpu=node.ranks + rollout.reserved_gpus(),
     )
 
 
