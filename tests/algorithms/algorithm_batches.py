@@ -45,3 +45,17 @@ def split_gradient(inputs: dict, loss, parts, lengths, mode: str, horizon: int) 
         part = {key: value[rows, :length] for key, value in {**inputs, "log_probs": log_probs}.items()}
         aggregate_loss(loss(part), part["response_mask"], mode, total).backward()
     return log_probs.grad
+
+
+def assert_matches_reference(loss, metrics: dict, inputs: dict, expected_loss, expected_gradient, expected_metrics: dict) -> None:
+    """A policy loss's per-token loss, its gradient (``loss.sum()`` backwards into
+    ``inputs["log_probs"]``) and its metrics (0-d, detached) equal a naive loop's to 1e-6."""
+    import pytest
+
+    assert (loss.detach().double() - expected_loss).abs().max() <= 1e-6
+    loss.sum().backward()
+    assert (inputs["log_probs"].grad.double() - expected_gradient).abs().max() <= 1e-6
+    assert metrics.keys() == expected_metrics.keys()
+    for key, value in expected_metrics.items():
+        assert metrics[key].item() == pytest.approx(value, abs=1e-6), key
+        assert metrics[key].ndim == 0 and not metrics[key].requires_grad
