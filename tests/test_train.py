@@ -99,6 +99,10 @@ def launch_readme_command(run_dir: Path, overrides: list[str], **options) -> sub
 TEACHER_MODES_TOLERANCE = 1e-4
 """The engine teacher's log-probs against the Megatron teacher's: rounding (fp32; 1e-5 is enough on CPU)."""
 MEGATRON_TEACHER = ["algorithm.use_opd=true", "algorithm.opd_type=megatron", "teacher.path=bundled:tiny-teacher"]
+SELF_TEACHER = ["algorithm.use_opd=true", "algorithm.opd_type=megatron", "teacher.path=bundled:tiny-moe"]
+"""The policy's own model (``SMALL``'s) as its teacher, in Megatron."""
+SELF_TEACHER_TOLERANCE = 1e-5
+"""fp32: the same model's log-probs, in the policy and in the teacher, differ by rounding only."""
 
 
 def check_distillation_metrics(rows: list[dict]) -> None:
@@ -260,11 +264,16 @@ def test_multi_turn_episodes_train_on_their_sampled_tokens_with_the_engines_log_
         [
             "train.steps=2", "train.eval_every=2", *player, "agent.max_turns=2", "agent.max_tokens_per_turn=4",
             "data.max_response_length=16", "data.train_files=[bundled:lookup/train.jsonl]",
-            "data.val_files=[bundled:lookup/val.jsonl]", "data.val_max_samples=8",
+            "data.val_files=[bundled:lookup/val.jsonl]", "data.val_max_samples=8", *SELF_TEACHER,
         ],
     )
     assert report["completed"] and len(rows) == 2
     assert_finite(rows)
+    # On-policy distillation from the policy's own model, in Megatron, rides along (CI time): at
+    # step 0 its log-probs of the model's tokens are the old log-probs, the reverse KL 0.
+    teacher = report["megatron_teacher"]
+    assert teacher["tokens"] > 0 and teacher["old_diff"] <= SELF_TEACHER_TOLERANCE, teacher
+    assert abs(rows[0]["opd/reverse_kl"]) <= SELF_TEACHER_TOLERANCE and all(row["time/teacher_s"] > 0 for row in rows)
     # Episodes of two turns with a tool message between them: the trainer's log-probs of the model's
     # tokens, read in the whole sequence, equal the engine's, turn by turn.
     assert all(row["mismatch/logprob_diff_abs_max"] <= MISMATCH_TOLERANCE for row in rows)

@@ -331,6 +331,8 @@ class TrainModel:
             ``loss`` and the objective's metrics, ``grad_norm`` and ``lr``, averaged over the
             mini-batches, and ``skipped_steps``, the optimizer steps skipped for non-finite gradients.
         """
+        if self.optimizer is None:
+            raise RuntimeError("this model was built by TrainModel.build_forward_only: it has no optimizer to update")
         names = (*UPDATE_SUMS, *objective.metrics)
         forward_step = self._forward_step(lambda micro: functools.partial(_micro_batch_loss, objective, micro))
         generator = torch.Generator().manual_seed(seed)

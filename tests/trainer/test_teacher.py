@@ -51,5 +51,6 @@ def test_the_megatron_teacher_scores_the_batch_as_transformers_and_as_the_policy
     # A dense teacher is built without the layout's expert parallelism, an MoE one with it.
     expert_parallel = 2 if layout == "ep2" and teacher == "bundled:tiny-moe" else 1
     for rank in report["ranks"]:
-        assert rank["frozen"] and rank["eval"] and rank["no_optimizer"] and rank["no_ddp"] and rank["own_parameters"], report
+        assert rank["frozen"] and rank["eval"] and rank["no_optimizer"] and rank["update_refused"] and rank["no_ddp"], report
+        assert rank["own_parameters"], report
         assert rank["expert_parallel"] == expert_parallel and rank["fused"] == ((model, layout) not in UNFUSED), report

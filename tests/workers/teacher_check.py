@@ -10,7 +10,8 @@ path (the hidden-states head) or both from the logits. The report (rank 0): the 
 difference between the teacher's log-probs and the policy's (equal when the teacher is the policy's
 own model) and transformers' of the same tokens on the teacher's HF model; that the values are 0
 outside the response mask; and what the teacher holds on every rank: no parameter that takes a
-gradient, no optimizer, no DDP wrapper, in eval mode, none of the policy's parameters.
+gradient, no optimizer (an update is refused), no DDP wrapper, in eval mode, none of the policy's
+parameters.
 """
 
 from __future__ import annotations
@@ -81,6 +82,11 @@ def _against_policy(teacher_model: MegatronTeacher, teacher: str, batch, old: to
         "expert_parallel": teacher_model.model.spec.transformer_config.expert_model_parallel_size,
         "fused": teacher_model.fused_linear_logprob and any(isinstance(chunk.output_layer, HiddenStatesHead) for chunk in chunks if chunk.post_process),
     }
+    try:
+        teacher_model.model.update(batch, objective=None, seed=0)
+        holds["update_refused"] = False
+    except RuntimeError:
+        holds["update_refused"] = True
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, holds)
     return {
