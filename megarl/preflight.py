@@ -11,7 +11,8 @@ the model directories (config.json, safetensors weights, a tokenizer); the first
 file (readable, the prompt and answer fields present); the reward (a user function imports and
 takes megarl's or verl's arguments; a reward model directory exists; a remote URL is http(s)); the
 optional metric packages asked for; colocated engines that fit a node's GPUs; the distillation
-teacher's directory and its tokenizer against the policy's. Then, once all of that passed, the two checks that import
+teacher's directory, its tokenizer against the policy's and, built in Megatron, the training layout
+against it. Then, once all of that passed, the two checks that import
 torch: the advantage estimator and the policy loss the config names are registered
 (:mod:`megarl.algorithms`), the checkpoint a resume would load is whole, and, with routing replay
 (R3), the engines given by URL return routed experts; with SGLang's router, its package and flags,
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 import json
 
-from megarl.config import Config, ConfigError, ModelFacts, did_you_mean, resolve_data_path, resolve_model_path, validate
+from megarl.config import Config, ConfigError, ModelFacts, did_you_mean, layout_errors, resolve_data_path, resolve_model_path, validate
 from megarl.config.sft import SFTConfig, validate_sft
 from megarl.metrics import sink_problems
 
@@ -43,7 +44,7 @@ def check_run(config: Config, world_size: int) -> list[str]:
             validate(config, world_size, ModelFacts.from_hf_dir(resolve_model_path(config.model.path)))
         except ConfigError as error:
             problems.append(str(error))
-    problems += _data_problems(config) + _reward_problems(config) + _agent_problems(config) + _engine_problems(config) + _teacher_problems(config)
+    problems += _data_problems(config) + _reward_problems(config) + _agent_problems(config) + _engine_problems(config) + _teacher_problems(config, world_size)
     problems += sink_problems(config.logging)
     if not problems:
         # Last, once every cheap check passed: these import torch (the run imports it next anyway).
@@ -97,9 +98,11 @@ def _engine_problems(config: Config) -> list[str]:
 
 def _reserved_gpu_problems(config: Config) -> list[str]:
     """SGLang engines that are not colocated take a node's GPUs after its ranks' (one each), and
-    the distillation teacher's engines the first node's GPUs after those: the node must have that many."""
+    the distillation teacher's engines (``algorithm.opd_type`` sglang) the first node's GPUs after
+    those: the node must have that many. A Megatron teacher takes none of its own."""
     rollout = config.rollout
-    if (rollout.colocate or rollout.engine_urls) and not (config.algorithm.use_opd and config.teacher.path is not None):
+    launches_teacher = config.algorithm.teacher_in_engines and config.teacher.path is not None
+    if (rollout.colocate or rollout.engine_urls) and not launches_teacher:
         return []
     import os
 
@@ -118,7 +121,7 @@ def _reserved_gpu_problems(config: Config) -> list[str]:
             "lower torchrun --nproc_per_node or rollout.num_engines, or set rollout.colocate=true"
         ]
     teacher = config.teacher
-    teacher_gpus = teacher.num_engines * teacher.engine_tensor_parallel if config.algorithm.use_opd and teacher.path is not None else 0
+    teacher_gpus = teacher.num_engines * teacher.engine_tensor_parallel if launches_teacher else 0
     if teacher_gpus and needed + teacher_gpus > gpus:
         return [
             f"`teacher.num_engines` ({teacher.num_engines}) x `teacher.engine_tensor_parallel` ({teacher.engine_tensor_parallel}): the teacher's "
@@ -128,12 +131,13 @@ def _reserved_gpu_problems(config: Config) -> list[str]:
     return []
 
 
-def _teacher_problems(config: Config) -> list[str]:
-    """``teacher.path``: a model directory whose engines can split its heads, and whose tokenizer
-    is the policy's (the teacher scores the policy's token ids as they are): the same
-    ``tokenizer.json`` vocabulary and added tokens when both directories hold one (else the same
-    vocabulary size and special token ids in config.json), and a vocabulary that holds every id
-    the policy can emit (a larger, padded one is fine). Engines given by URL are not read."""
+def _teacher_problems(config: Config, world_size: int) -> list[str]:
+    """``teacher.path``: a model directory whose engines can split its heads (``algorithm.opd_type``
+    sglang) or that the training layout fits (megatron: :func:`_megatron_teacher_problems`), and
+    whose tokenizer is the policy's (the teacher scores the policy's token ids as they are): the
+    same ``tokenizer.json`` vocabulary and added tokens when both directories hold one (else the
+    same vocabulary size and special token ids in config.json), and a vocabulary that holds every
+    id the policy can emit (a larger, padded one is fine). Engines given by URL are not read."""
     teacher = config.teacher
     if teacher.path is None or not config.algorithm.use_opd:
         return []
@@ -142,8 +146,10 @@ def _teacher_problems(config: Config) -> list[str]:
         return problems
     where = f"teacher.path = {teacher.path!r}"
     teacher_dir, policy_dir = resolve_model_path(teacher.path), resolve_model_path(config.model.path)
-    facts = ModelFacts.from_hf_dir(teacher_dir)
-    if facts.num_attention_heads % teacher.engine_tensor_parallel:
+    facts, policy_facts = ModelFacts.from_hf_dir(teacher_dir), ModelFacts.from_hf_dir(policy_dir)
+    if config.algorithm.teacher_in_megatron:
+        problems += _megatron_teacher_problems(config, world_size, facts, policy_facts)
+    elif facts.num_attention_heads % teacher.engine_tensor_parallel:
         problems.append(f"`teacher.engine_tensor_parallel` ({teacher.engine_tensor_parallel}) must divide the teacher's attention heads ({facts.num_attention_heads})")
     longest = config.data.max_prompt_length + config.data.max_response_length
     if facts.max_position_embeddings < longest:
@@ -151,7 +157,7 @@ def _teacher_problems(config: Config) -> list[str]:
             f"{where}: its context ({facts.max_position_embeddings} positions) is shorter than a prompt and its response "
             f"(data.max_prompt_length + data.max_response_length = {longest}): choose a teacher with a longer context or lower them"
         )
-    policy_vocab = ModelFacts.from_hf_dir(policy_dir).vocab_size
+    policy_vocab = policy_facts.vocab_size
     if facts.vocab_size < policy_vocab:
         problems.append(
             f"{where}: its vocabulary ({facts.vocab_size}) is smaller than the policy's ({policy_vocab}), so it cannot score every token "
@@ -162,6 +168,20 @@ def _teacher_problems(config: Config) -> list[str]:
     if mismatch:
         problems.append(f"{where}: {mismatch}: the teacher must share the policy's tokenizer (it scores the policy's token ids); choose a teacher of the policy's family")
     return problems
+
+
+def _megatron_teacher_problems(config: Config, world_size: int, facts: ModelFacts, policy_facts: ModelFacts) -> list[str]:
+    """``algorithm.opd_type: megatron``: the teacher is built under the training layout
+    (:meth:`ParallelConfig.for_model`: without expert parallelism when it is dense), so that layout
+    must fit its heads, query groups, layers and experts as it fits the policy's. A rule the policy
+    breaks in the same words is the policy's problem, reported once by :func:`validate`."""
+    policy_errors = set(layout_errors(config.parallel, world_size, policy_facts))
+    where = f"teacher.path = {config.teacher.path!r}"
+    return [
+        f"{where} (algorithm.opd_type megatron, built under the training layout): {error}"
+        for error in layout_errors(config.parallel.for_model(facts), world_size, facts)
+        if error not in policy_errors
+    ]
 
 
 def _tokenizer_mismatch(teacher_dir, policy_tokenizer_dir, policy_dir, *, same_vocab: bool) -> str | None:

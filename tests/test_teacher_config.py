@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from megarl.config import ConfigError, load_config, resolve_model_path
+from megarl.config import ConfigError, ModelFacts, load_config, resolve_model_path
 from megarl.preflight import check_run
 from tests.distributed import REPO
 
@@ -90,3 +90,65 @@ def test_a_teacher_with_a_shorter_context_than_a_sequence_is_refused_in_one_line
     [problem] = problems(tmp_path, ["algorithm.use_opd=true", f"teacher.path={teacher}"])
     assert "its context (30 positions) is shorter than a prompt and its response (data.max_prompt_length + data.max_response_length = 36)" in problem
     assert "\n" not in problem
+
+
+MEGATRON = ["algorithm.use_opd=true", "algorithm.opd_type=megatron"]
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    ([], ["`algorithm.opd_type` (megatron) builds the teacher in the trainer from its weights: set teacher.path (a HF model directory or bundled:NAME)"]),
+    (["teacher.engine_urls=[http://127.0.0.1:1]"], [
+        "`algorithm.opd_type` (megatron) builds the teacher in the trainer from its weights: set teacher.path",
+        "`teacher.engine_urls` is set but `algorithm.opd_type` (megatron) runs the teacher in the trainer, not in engines: remove teacher.engine_urls",
+    ]),
+    (["teacher.path=bundled:tiny-teacher", "teacher.num_engines=2"], [
+        "`teacher.num_engines` (2) sets the teacher's engines, but `algorithm.opd_type` (megatron) launches none (the teacher takes the "
+        "training layout): remove teacher.num_engines or set algorithm.opd_type=sglang",
+    ]),
+    (["teacher.path=bundled:tiny-teacher", "teacher.engine_tensor_parallel=2"], [
+        "`teacher.engine_tensor_parallel` (2) sets the teacher's engines, but `algorithm.opd_type` (megatron) launches none",
+    ]),
+])
+def test_a_megatron_teacher_needs_its_path_and_refuses_the_engine_settings(tmp_path, overrides, expected):
+    [problem] = problems(tmp_path, [*MEGATRON, *overrides])
+    lines = problem.splitlines()[1:]  # after the header line, one violation a line
+    assert len(lines) == len(expected) and all(fragment in line for fragment, line in zip(expected, lines)), lines
+
+
+def test_a_megatron_teacher_of_another_architecture_passes_the_preflight_under_expert_parallelism(tmp_path):
+    # The dense teacher is built without the MoE policy's expert parallelism (parallel.expert 2).
+    config = load_config(MOE_GRPO, [f"logging.run_dir={tmp_path}", *MEGATRON, "teacher.path=bundled:tiny-teacher"])
+    assert config.parallel.expert == 2 and check_run(config, 2) == []
+    assert config.parallel.for_model(ModelFacts.from_hf_dir(resolve_model_path("bundled:tiny-teacher"))).expert == 1
+    assert not config.algorithm.teacher_in_engines and config.algorithm.teacher_in_megatron
+
+
+def test_a_megatron_teacher_the_training_layout_does_not_fit_is_refused_a_line_a_rule(tmp_path):
+    teacher = tmp_path / "teacher"
+    shutil.copytree(resolve_model_path("bundled:tiny-teacher"), teacher)
+    config = json.loads((teacher / "config.json").read_text())
+    (teacher / "config.json").write_text(json.dumps({**config, "num_attention_heads": 3, "num_key_value_heads": 3}))
+    layout = ["parallel.expert=1", "parallel.tensor=2", "parallel.sequence_parallel=true"]
+    found = problems(tmp_path, [*MEGATRON, f"teacher.path={teacher}", *layout])
+    where = f"teacher.path = '{teacher}' (algorithm.opd_type megatron, built under the training layout): "
+    assert found == [
+        where + "`parallel.tensor` (2) must divide the model's attention heads (3): set parallel.tensor to 1 or 3",
+        where + "`parallel.tensor` (2) and the model's query groups (num_key_value_heads, 3) must divide one another: set parallel.tensor to 1 or 3",
+    ]
+    # In engines the training layout does not concern it; a rule the policy breaks is the policy's alone.
+    assert problems(tmp_path, ["algorithm.use_opd=true", f"teacher.path={teacher}", *layout]) == []
+    [policy_problem] = problems(tmp_path, [*MEGATRON, "teacher.path=bundled:tiny-moe", "parallel.pipeline=3", "parallel.expert=1"])
+    assert "teacher.path" not in policy_problem and "`parallel.pipeline` (3) must divide the model's layers (4)" in policy_problem
+
+
+def test_a_megatron_teacher_takes_no_gpus_of_its_own(monkeypatch):
+    import torch
+
+    from megarl.preflight import _reserved_gpu_problems
+
+    engine_teacher = ["rollout.engine=sglang", "rollout.colocate=true", "algorithm.use_opd=true", "teacher.path=bundled:tiny-teacher"]
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    [problem] = _reserved_gpu_problems(load_config(None, engine_teacher))
+    assert problem.startswith("`teacher.num_engines` (1) x `teacher.engine_tensor_parallel` (1): the teacher's engines take the first node's GPUs")
+    assert _reserved_gpu_problems(load_config(None, [*engine_teacher, "algorithm.opd_type=megatron"])) == []

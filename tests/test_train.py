@@ -96,12 +96,27 @@ def launch_readme_command(run_dir: Path, overrides: list[str], **options) -> sub
     return launch(command, {}, timeout=600, **options)
 
 
-def check_teacher(report: dict, rows: list[dict]) -> None:
-    """A run with ``algorithm.use_opd`` and ``bundled:tiny-teacher`` as the teacher logged the
-    distillation metrics, kept its teacher's log, and scored a sample as transformers does."""
+TEACHER_MODES_TOLERANCE = 1e-4
+"""The engine teacher's log-probs against the Megatron teacher's: rounding (fp32; 1e-5 is enough on CPU)."""
+MEGATRON_TEACHER = ["algorithm.use_opd=true", "algorithm.opd_type=megatron", "teacher.path=bundled:tiny-teacher"]
+SELF_TEACHER = ["algorithm.use_opd=true", "algorithm.opd_type=megatron", "teacher.path=bundled:tiny-moe"]
+"""The policy's own model (``SMALL``'s) as its teacher, in Megatron."""
+SELF_TEACHER_TOLERANCE = 1e-5
+"""fp32: the same model's log-probs, in the policy and in the teacher, differ by rounding only."""
+
+
+def check_distillation_metrics(rows: list[dict]) -> None:
+    """Every step logged the distillation metrics of a teacher that is another model than the policy."""
     for row in rows:
         # The policy (tiny MoE) and the teacher (a dense model) are different models: a KL per token.
         assert row["opd/reverse_kl"] != 0 and row["opd/teacher_log_prob"] < 0 and row["time/teacher_s"] > 0
+
+
+def check_teacher(report: dict, rows: list[dict]) -> None:
+    """A run with ``algorithm.use_opd`` and ``bundled:tiny-teacher`` as the teacher logged the
+    distillation metrics, kept its teacher engine's log, and that engine scored a sample as
+    transformers does."""
+    check_distillation_metrics(rows)
     assert (Path(report["run_dir"]) / "engines" / "teacher-0.log").is_file()
     # The teacher's log-probs are transformers' own of the sample, token by token, given the prompt.
     sample = report["teacher_sample"]
@@ -135,12 +150,16 @@ def test_expert_parallel_run_survives_a_killed_engine_a_failing_reward_and_a_nan
             "parallel.expert=2", "train.steps=3", "train.eval_every=2", "train.val_before_train=true", "reward.type=function",
             f"reward.function={REPO}/tests/workers/flaky_reward.py:reward",
             "train.mini_batch_size=16", "train.lr_warmup_steps=0", "algorithm.entropy_coeff=0.01",
+            # The moe_distill layout, the teacher in Megatron: dense, beside the MoE under EP 2 (CI time).
+            *MEGATRON_TEACHER,
         ],
         hooks=["--kill-engine-after", "0", "--nan-step", "1"],
     )
     assert report["completed"] and [row["step"] for row in rows] == [0, 1, 2]
     # The NaN in step 1's first micro-batch shows in its gradient norm, and nowhere else.
     assert_finite(rows, expected_nan={1: {"policy/grad_norm"}})
+    check_distillation_metrics(rows)
+    assert not (Path(report["run_dir"]) / "engines" / "teacher-0.log").exists()  # no teacher engine
     # Validation after every 2 steps (after step 1) and after the last; before training too
     # (train.val_before_train), logged with step 0.
     assert ["val/accuracy" in row for row in rows] == [False, True, True]
@@ -165,18 +184,23 @@ def test_expert_parallel_run_survives_a_killed_engine_a_failing_reward_and_a_nan
 def test_tensor_parallel_run_with_dynamic_sampling_the_optimal_token_baseline_and_a_distillation_teacher_trains_and_updates_the_engine(tmp_path):
     # The optimal token baseline's sum of squared probabilities comes from the old-log-prob pass,
     # the vocabulary split over the two ranks; on-policy distillation rides along (CI time), from
-    # the bundled teacher.
+    # the bundled teacher in Megatron, split over the two ranks too; the teacher's engine scores
+    # the first step's samples as well.
     report, rows = train(
         tmp_path, "tp2",
         [
             "parallel.tensor=2", "parallel.sequence_parallel=true", "train.steps=2", "algorithm.dynamic_sampling=true", "checkpoint.save_hf=true",
-            "algorithm.advantage_estimator=optimal_token_baseline", "algorithm.use_opd=true", "teacher.path=bundled:tiny-teacher",
+            "algorithm.advantage_estimator=optimal_token_baseline", *MEGATRON_TEACHER,
         ],
+        hooks=["--teacher-engine"],
     )
     assert report["completed"] and len(rows) == 2
     assert_finite(rows)
     assert all(row["advantages/std"] > 0 for row in rows)
     check_teacher(report, rows)
+    # Both teacher modes give the same log-probs: the engine's (transformers') and Megatron's.
+    teacher = report["megatron_teacher"]
+    assert teacher["tokens"] > 0 and teacher["engine_diff"] <= TEACHER_MODES_TOLERANCE and teacher["old_diff"] > 0.1, teacher
     # Groups without signal were dropped and rolled out again (or topped up after 4 rounds).
     for row in rows:
         assert row["filter/groups_dropped_equal"] > 0 and 1 <= row["rollout/rounds"] <= 4
@@ -240,11 +264,16 @@ def test_multi_turn_episodes_train_on_their_sampled_tokens_with_the_engines_log_
         [
             "train.steps=2", "train.eval_every=2", *player, "agent.max_turns=2", "agent.max_tokens_per_turn=4",
             "data.max_response_length=16", "data.train_files=[bundled:lookup/train.jsonl]",
-            "data.val_files=[bundled:lookup/val.jsonl]", "data.val_max_samples=8",
+            "data.val_files=[bundled:lookup/val.jsonl]", "data.val_max_samples=8", *SELF_TEACHER,
         ],
     )
     assert report["completed"] and len(rows) == 2
     assert_finite(rows)
+    # On-policy distillation from the policy's own model, in Megatron, rides along (CI time): at
+    # step 0 its log-probs of the model's tokens are the old log-probs, the reverse KL 0.
+    teacher = report["megatron_teacher"]
+    assert teacher["tokens"] > 0 and teacher["old_diff"] <= SELF_TEACHER_TOLERANCE, teacher
+    assert abs(rows[0]["opd/reverse_kl"]) <= SELF_TEACHER_TOLERANCE and all(row["time/teacher_s"] > 0 for row in rows)
     # Episodes of two turns with a tool message between them: the trainer's log-probs of the model's
     # tokens, read in the whole sequence, equal the engine's, turn by turn.
     assert all(row["mismatch/logprob_diff_abs_max"] <= MISMATCH_TOLERANCE for row in rows)

@@ -207,8 +207,16 @@ class AlgorithmConfig(Section):
     token with its log-prob given the prompt and the tokens before it, and each valid token's
     advantage gets -opd_kl_coef x (log pi_old - log pi_teacher), the sampled token's reverse KL to
     the teacher; maths in :mod:`megarl.algorithms.distillation`. Needs rollout.temperature 1 (the
-    teacher's log-probs are the engine's raw prompt log-probs) (slime: --use-opd with --opd-type
-    sglang; its megatron mode, a teacher loaded into Megatron, is not built here)."""
+    teacher's log-probs are its raw log-softmax, no temperature) (slime: --use-opd)."""
+    opd_type: Literal["sglang", "megatron"] = "sglang"
+    """On-policy distillation: where the teacher runs. ``sglang``: in engines of its own, of
+    ``rollout.engine``'s kind (SGLang on GPUs, the embedded ``hf`` engine on CPU), launched on
+    ``teacher.path`` on GPUs after the training ranks' and the rollout engines' (or given by
+    ``teacher.engine_urls``), asked for the prompt log-probs of every trained sample before the
+    batch is packed. ``megatron``: a second Megatron model built from ``teacher.path`` under the
+    training layout, forward only (no optimizer, no gradients), its weights resident on the
+    training devices beside the policy's; its log-probs come after the old log-probs each step
+    (:mod:`megarl.trainer.teacher`) (slime: --opd-type)."""
     opd_kl_coef: Annotated[float, Range(ge=0)] = 1.0
     """On-policy distillation: the weight of the reverse-KL term in the advantage (slime: --opd-kl-coef)."""
     opd_task_reward: bool = True
@@ -222,6 +230,16 @@ class AlgorithmConfig(Section):
     ``RouterReplay``), removing the routing part of the train/rollout mismatch. ``r2``: the update
     replays the routing of the trainer's own old-log-prob pass. ``none``: each pass routes anew.
     Needs an MoE model."""
+
+    @property
+    def teacher_in_engines(self) -> bool:
+        """Whether on-policy distillation asks a teacher in engines of its own (``opd_type`` sglang)."""
+        return self.use_opd and self.opd_type == "sglang"
+
+    @property
+    def teacher_in_megatron(self) -> bool:
+        """Whether on-policy distillation's teacher is a Megatron model of the trainer (``opd_type`` megatron)."""
+        return self.use_opd and self.opd_type == "megatron"
 
     def _rule_problems(self) -> Iterator[tuple[str, str]]:
         if self.clip_ratio_c is not None and self.policy_loss in DUAL_CLIP_FREE:

@@ -11,7 +11,7 @@ model's positions, ``train``'s token budget, ``rollout``'s stop tokens and ``alg
 penalty), the batch hierarchy (``train``'s sizes against ``rollout``'s groups, the data-parallel
 size and what ``algorithm`` needs of a group, ``data.val_files`` for ``train.eval_every``) and the
 critic (``critic`` against ``algorithm`` and ``train.steps``) and the distillation teacher (``teacher``
-against ``algorithm.use_opd`` and ``rollout.temperature``).
+against ``algorithm.use_opd``, ``algorithm.opd_type`` and ``rollout.temperature``).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from __future__ import annotations
 from megarl.config.base import ConfigError, _divisors, _one_of
 from megarl.config.model import ModelFacts, layout_errors, layout_multiple
 from megarl.config.root import Config
+from megarl.config.teacher import TeacherConfig
 from megarl.config.train import _steps_named
 
 
@@ -149,22 +150,51 @@ def _critic_errors(config: Config) -> list[str]:
 
 
 def _teacher_errors(config: Config) -> list[str]:
-    """On-policy distillation and its teacher: one needs the other, and the teacher's log-probs
-    (SGLang's ``input_token_logprobs``, taken from the raw logits) compare with the policy's only
-    at temperature 1 (the trainer divides its logits by ``rollout.temperature``)."""
+    """On-policy distillation and its teacher: one needs the other, in the form ``algorithm.opd_type``
+    runs it in, and the teacher's log-probs (SGLang's ``input_token_logprobs``, or the Megatron
+    teacher's, both of the raw logits) compare with the policy's only at temperature 1 (the
+    trainer divides its logits by ``rollout.temperature``)."""
     algorithm, teacher = config.algorithm, config.teacher
     if not algorithm.use_opd:
         if teacher.configured:
             return ["the `teacher` section is set but `algorithm.use_opd` is false: set algorithm.use_opd=true or remove teacher.path / teacher.engine_urls"]
         return []
     errors = []
-    if not teacher.configured:
+    if algorithm.opd_type == "megatron":
+        errors += _megatron_teacher_errors(teacher)
+    elif not teacher.configured:
         errors.append("`algorithm.use_opd` needs a teacher: set teacher.path (a HF model directory or bundled:NAME) or teacher.engine_urls")
     if config.rollout.temperature != 1:
         errors.append(
-            f"`rollout.temperature` ({config.rollout.temperature}) must be 1 with `algorithm.use_opd`: the teacher's log-probs are its "
-            "engine's prompt log-probs of the raw logits (SGLang applies no temperature to them), the policy's are at the sampling temperature"
+            f"`rollout.temperature` ({config.rollout.temperature}) must be 1 with `algorithm.use_opd`: the teacher's log-probs are "
+            "those of its raw logits (SGLang's prompt log-probs apply no temperature, nor does the Megatron teacher), the policy's are at "
+            "the sampling temperature"
         )
+    return errors
+
+
+def _megatron_teacher_errors(teacher: TeacherConfig) -> list[str]:
+    """``algorithm.opd_type: megatron`` builds the teacher from its weights inside the trainer: it
+    needs ``teacher.path``, and the engine settings have nothing to act on."""
+    errors = []
+    if teacher.path is None:
+        errors.append(
+            "`algorithm.opd_type` (megatron) builds the teacher in the trainer from its weights: set teacher.path "
+            "(a HF model directory or bundled:NAME)"
+        )
+    if teacher.engine_urls:
+        errors.append(
+            "`teacher.engine_urls` is set but `algorithm.opd_type` (megatron) runs the teacher in the trainer, not in engines: "
+            "remove teacher.engine_urls and set teacher.path, or set algorithm.opd_type=sglang"
+        )
+    defaults = TeacherConfig()
+    for name in ("num_engines", "engine_tensor_parallel"):
+        value = getattr(teacher, name)
+        if value != getattr(defaults, name):
+            errors.append(
+                f"`teacher.{name}` ({value}) sets the teacher's engines, but `algorithm.opd_type` (megatron) launches none "
+                f"(the teacher takes the training layout): remove teacher.{name} or set algorithm.opd_type=sglang"
+            )
     return errors
 
 

@@ -118,6 +118,13 @@ class ParallelConfig(Section):
         """DP = world size // (TP x PP x CP); :func:`validate` checks that the division is exact."""
         return world_size // self.model_parallel()
 
+    def for_model(self, model_facts: ModelFacts) -> ParallelConfig:
+        """The layout ``model_facts``' model is built under on this layout's process groups: this one
+        for an MoE model; for a dense one, this one without expert parallelism (EP 1, ETP unset:
+        Megatron refuses EP > 1 without experts), as a dense distillation teacher beside an MoE
+        policy is built."""
+        return self if model_facts.num_experts else dataclasses.replace(self, expert=1, expert_tensor=None)
+
     def min_world_size(self) -> int:
         """The smallest world size this layout fits: a multiple of TP x PP x CP (the dense model)
         and of EP x ETP x PP (the experts)."""

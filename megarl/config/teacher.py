@@ -1,10 +1,12 @@
 """The ``teacher`` section: the model that on-policy distillation (``algorithm.use_opd``) asks for
 the log-probs of the policy's sampled tokens.
 
-The teacher is served by engines of ``rollout.engine``'s kind: launched by the first rank on its
-node, never colocated with training and never sent weights, on the GPUs after the training ranks'
-and the (not colocated) rollout engines'; or already running (``engine_urls``). It must share the
-policy's tokenizer, which the preflight checks.
+Where it runs is ``algorithm.opd_type``'s choice. ``sglang``: engines of ``rollout.engine``'s kind,
+launched by the first rank on its node, never colocated with training and never sent weights, on
+the GPUs after the training ranks' and the (not colocated) rollout engines'; or already running
+(``engine_urls``). ``megatron``: a second Megatron model on every training rank, built from
+``path`` under the training layout, forward only; the engine settings below then stay at their
+defaults. Either way it must share the policy's tokenizer, which the preflight checks.
 """
 
 from __future__ import annotations
@@ -22,16 +24,19 @@ class TeacherConfig(Section):
 
     path: Optional[str] = None
     """The teacher's HF model directory, or ``bundled:NAME`` for one in ``megarl/assets/models``;
-    megarl launches ``num_engines`` engines on it (slime: the teacher server given by --rm-url,
-    started by hand)."""
+    with ``algorithm.opd_type`` sglang megarl launches ``num_engines`` engines on it (slime: the
+    teacher server given by --rm-url, started by hand), with megatron the trainer loads it (slime:
+    --opd-teacher-load, a Megatron checkpoint there)."""
     engine_urls: list[str] = dataclasses.field(default_factory=list)
     """SGLang servers of the teacher that are already running, instead of ``path``; they are not
-    restarted, and the preflight cannot read their tokenizer (slime: --rm-url)."""
+    restarted, and the preflight cannot read their tokenizer (slime: --rm-url). ``algorithm.opd_type``
+    sglang only."""
     num_engines: Annotated[int, Range(ge=1)] = 1
     """Teacher engines to launch (on the first rank's node); the batch's sequences are split
-    evenly between them."""
+    evenly between them. ``algorithm.opd_type`` sglang only."""
     engine_tensor_parallel: Annotated[int, Range(ge=1)] = 1
-    """Tensor parallel size inside each teacher engine (SGLang's --tp-size)."""
+    """Tensor parallel size inside each teacher engine (SGLang's --tp-size). ``algorithm.opd_type``
+    sglang only: the Megatron teacher takes ``parallel.tensor``."""
 
     @property
     def configured(self) -> bool:

@@ -1,6 +1,7 @@
 """What a node's first rank starts before it imports Megatron and builds the model: the node's
-rollout engines, and on the first rank the distillation teacher's engines, the reward scorer and (``agent.environment``) the
-environment workers or (``agent.openai_agent``) the agent program workers; and, once the engines
+rollout engines, and on the first rank the distillation teacher's engines (``algorithm.opd_type``
+sglang), the reward scorer and (``agent.environment``) the environment workers or
+(``agent.openai_agent``) the agent program workers; and, once the engines
 and the tokenizer are there, the chat endpoint the programs call (:func:`start_chat_endpoint`) and
 the joining of the nodes' engines, behind SGLang's router where asked (:func:`connect_nodes`).
 
@@ -56,7 +57,7 @@ class EarlyStart:
                 EngineGroup.from_config, config.rollout, resolve_model_path(config.model.path), log_dir=run_dir / "engines",
                 **engine_settings(config), **node_settings(config, node),
             )
-        self._teacher = self._executor.submit(start_teacher, config, run_dir, node) if first and config.algorithm.use_opd else None
+        self._teacher = self._executor.submit(start_teacher, config, run_dir, node) if first and config.algorithm.teacher_in_engines else None
         agent = config.agent
         self._environments = self._executor.submit(start_environments, agent) if first and agent.environment is not None else None
         self._programs = self._executor.submit(start_programs, agent) if first and agent.openai_agent is not None else None
@@ -73,7 +74,8 @@ class EarlyStart:
         return None if self._engines is None else self._engines.result()
 
     def teacher(self) -> EngineGroup | None:
-        """The distillation teacher's engines (``algorithm.use_opd``, first rank), once healthy; else None.
+        """The distillation teacher's engines (``algorithm.use_opd`` with ``opd_type`` sglang, first
+        rank), once healthy; else None.
 
         Raises:
             EngineStartError: a teacher engine did not come up (the others were stopped).

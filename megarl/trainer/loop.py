@@ -78,9 +78,10 @@ def round_batches(missing_samples: int, n_samples_per_prompt: int, batch_size: i
 def collect_batch(run: Run, step: int) -> tuple[TrainBatch, torch.Tensor, dict[str, float]]:
     """The step's train batch, rolled out and packed on the first rank (:func:`roll_out`, or in
     ``rollout.mode: async`` the producer's :meth:`AsyncRollout.next_batch
-    <megarl.trainer.async_rollout.AsyncRollout.next_batch>`; with on-policy distillation scored by
-    the teacher, :func:`~megarl.trainer.rollout.add_teacher_log_probs`), and sent to every rank as
-    tensors (:func:`share_batch`).
+    <megarl.trainer.async_rollout.AsyncRollout.next_batch>`; with on-policy distillation from the
+    teacher's engines scored by them, :func:`~megarl.trainer.rollout.add_teacher_log_probs`; a
+    Megatron teacher scores the batch in :func:`train_step`), and sent to every rank as tensors
+    (:func:`share_batch`).
 
     Returns:
         ``(batch, scores [B], metrics)``, the same on every rank.
@@ -88,7 +89,7 @@ def collect_batch(run: Run, step: int) -> tuple[TrainBatch, torch.Tensor, dict[s
 
     def first_rank_batch():
         samples, metrics = run.rollout.next_batch() if run.config.rollout.mode == "async" else roll_out(run, step)
-        if run.config.algorithm.use_opd:
+        if run.config.algorithm.teacher_in_engines:
             add_teacher_log_probs(run, samples, metrics)
         return batch_of(run, samples, metrics)
 
@@ -219,6 +220,8 @@ def train_step(run: Run, step: int, phase=lambda name: None) -> dict[str, float]
     old_values, router_metrics = run.policy.old_log_probs(batch)
     batch.token_values.update(old_values)
     metrics.update(router_metrics)
+    if run.teacher_model is not None:
+        metrics.update(run.teacher_model.score(batch))
     if run.reference is not None:
         with run.reference.swapped_in():
             batch.token_values["ref_log_probs"] = run.policy.reference_log_probs(batch)

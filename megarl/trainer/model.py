@@ -52,7 +52,8 @@ class TrainModel:
     Attributes:
         spec: the HF config and Megatron's TransformerConfig.
         chunks: this rank's GPTModel chunks (one per virtual pipeline stage), unwrapped.
-        models: the same chunks inside Megatron's DistributedDataParallel.
+        models: the same chunks inside Megatron's DistributedDataParallel (the chunks themselves
+            built by :meth:`build_forward_only`, whose optimizer and scheduler are None).
         optimizer: Megatron's optimizer over ``models``.
         scheduler: Megatron's learning-rate schedule.
         pg_collection: the process groups.
@@ -110,15 +111,11 @@ class TrainModel:
             finalize_model_grads,
         )
 
-        dtype = DTYPES[model.dtype]
         overrides = _transformer_overrides(model)
         if routing_replay:
             overrides["moe_enable_routing_replay"] = True
-        spec = model_spec(load_hf_config(hf_path), layout, dtype, **overrides)
-        chunks = build_model(spec, backend, pg_collection)
-        load_hf_weights(chunks, spec, pg_collection, hf_path)
-        if after_load is not None:
-            after_load(chunks, spec)
+        spec, chunks = _load_chunks(hf_path, model, layout, pg_collection=pg_collection, backend=backend, after_load=after_load, **overrides)
+        dtype = DTYPES[model.dtype]
         config = spec.transformer_config
         config.finalize_model_grads_func = finalize_model_grads
         ddp_config = DistributedDataParallelConfig(
@@ -139,6 +136,25 @@ class TrainModel:
             spec=spec, chunks=chunks, models=models, optimizer=megatron_optimizer, scheduler=scheduler, pg_collection=pg_collection, train=train,
             routers=routers,
         )
+
+    @classmethod
+    def build_forward_only(
+        cls, hf_path: str, model: ModelConfig, layout: ParallelConfig, train: TrainConfig, *, pg_collection, backend: Backend, after_load=None
+    ) -> TrainModel:
+        """Build the chunks for ``layout`` and load the HF weights, for :meth:`forward` only: no DDP
+        wrapper (``models`` are the chunks: no gradient buffers), no optimizer or schedule (None),
+        every parameter frozen and the chunks in eval mode; :meth:`update` is not for it.
+
+        Args are :meth:`build`'s; of ``model`` only the dtype and the MoE execution settings
+        (token dispatcher, grouped GEMM) are read: recomputation, router losses, expert-bias
+        updates and the capacity factor act on training (no token is dropped, as in an engine).
+        """
+        overrides = {"moe_token_dispatcher_type": model.moe_token_dispatcher, "moe_grouped_gemm": model.moe_grouped_gemm}
+        spec, chunks = _load_chunks(hf_path, model, layout, pg_collection=pg_collection, backend=backend, after_load=after_load, **overrides)
+        for chunk in chunks:
+            chunk.requires_grad_(False)
+            chunk.eval()
+        return cls(spec=spec, chunks=chunks, models=chunks, optimizer=None, scheduler=None, pg_collection=pg_collection, train=train)
 
     @property
     def is_last_stage(self) -> bool:
@@ -315,6 +331,8 @@ class TrainModel:
             ``loss`` and the objective's metrics, ``grad_norm`` and ``lr``, averaged over the
             mini-batches, and ``skipped_steps``, the optimizer steps skipped for non-finite gradients.
         """
+        if self.optimizer is None:
+            raise RuntimeError("this model was built by TrainModel.build_forward_only: it has no optimizer to update")
         names = (*UPDATE_SUMS, *objective.metrics)
         forward_step = self._forward_step(lambda micro: functools.partial(_micro_batch_loss, objective, micro))
         generator = torch.Generator().manual_seed(seed)
@@ -392,6 +410,20 @@ class TrainModel:
     @property
     def learning_rate(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
+
+
+def _load_chunks(
+    hf_path: str, model: ModelConfig, layout: ParallelConfig, *, pg_collection, backend: Backend, after_load, **overrides: Any
+) -> tuple[ModelSpec, list]:
+    """This rank's chunks of the HF model at ``hf_path`` under ``layout`` in ``model.dtype``, its
+    weights loaded and ``after_load(chunks, spec)`` applied: what :meth:`TrainModel.build` and
+    :meth:`TrainModel.build_forward_only` share (``overrides``: further TransformerConfig fields)."""
+    spec = model_spec(load_hf_config(hf_path), layout, DTYPES[model.dtype], **overrides)
+    chunks = build_model(spec, backend, pg_collection)
+    load_hf_weights(chunks, spec, pg_collection, hf_path)
+    if after_load is not None:
+        after_load(chunks, spec)
+    return spec, chunks
 
 
 def _micro_batch_loss(objective: Objective, micro: dict[str, torch.Tensor], output: torch.Tensor):

@@ -217,11 +217,12 @@ def with_greedy_baselines(
 
 
 def add_teacher_log_probs(run: Run, samples: Sequence[ScoredSample], metrics: dict[str, float]) -> None:
-    """On-policy distillation (first rank): the teacher's log-prob of every response token of the
-    step's samples, given its prompt and the tokens before it, exactly as sampled, into each
-    record's ``teacher_log_probs``; ``time/teacher_s`` into ``metrics``. Works on whatever the step
-    trains, so synchronous and asynchronous rollouts and episodes (whose observation tokens are
-    scored too, and masked later) take the same path."""
+    """On-policy distillation from the teacher's engines (``algorithm.opd_type`` sglang, first rank;
+    a Megatron teacher is :mod:`megarl.trainer.teacher`'s): the teacher's log-prob of every
+    response token of the step's samples, given its prompt and the tokens before it, exactly as
+    sampled, into each record's ``teacher_log_probs``; ``time/teacher_s`` into ``metrics``. Works
+    on whatever the step trains, so synchronous and asynchronous rollouts and episodes (whose
+    observation tokens are scored too, and masked later) take the same path."""
     if run.teacher is None:
         raise RuntimeError("algorithm.use_opd is on but this run started no teacher engines (teacher.path or teacher.engine_urls)")
     start = time.perf_counter()

@@ -36,6 +36,7 @@ from megarl.metrics import MetricsLogger
 from megarl.trainer.model import TrainModel
 from megarl.trainer.policy import Policy, attach_hidden_states_heads
 from megarl.trainer.reference import ReferencePolicy
+from megarl.trainer.teacher import MegatronTeacher
 from megarl.weights.stream import WeightStream
 
 if TYPE_CHECKING:
@@ -126,7 +127,11 @@ class Run:
     router: Any = None
     """``rollout.router: sglang``: the router process in front of every engine (first rank)."""
     teacher: Any = None
-    """``algorithm.use_opd``: the distillation teacher's engines (an :class:`~megarl.rollout.group.EngineGroup`, first rank)."""
+    """``algorithm.use_opd`` with ``opd_type`` sglang: the distillation teacher's engines (an
+    :class:`~megarl.rollout.group.EngineGroup`, first rank)."""
+    teacher_model: MegatronTeacher | None = None
+    """``algorithm.use_opd`` with ``opd_type`` megatron: the distillation teacher's Megatron shard
+    (every rank), which scores each step's batch after the old log-probs."""
 
     @property
     def plays_episodes(self) -> bool:
@@ -387,6 +392,7 @@ def _setup(config: Config, started: EarlyStart | None, detected: platform.Platfo
         critic = Critic(
             critic_model, config.critic, loss_agg_mode=algorithm.loss_agg_mode, max_response_length=config.data.max_response_length, seed=train.seed
         )
+    teacher_model = MegatronTeacher.build(config, pg_collection=pg_collection, backend=backend) if algorithm.teacher_in_megatron else None
     # Buckets handed to SGLang over CUDA IPC must not be rewritten while it may still read them.
     cuda_ipc = config.rollout.weight_transport == "tensor" and detected.device.type == "cuda"
     # Engines on every node (launched, several nodes): a stream to each node's first rank, fed from
@@ -424,6 +430,7 @@ def _setup(config: Config, started: EarlyStart | None, detected: platform.Platfo
         engines=engines,
         router=router,
         teacher=teacher,
+        teacher_model=teacher_model,
         scorer=scorer,
         environments=environments,
         programs=programs,

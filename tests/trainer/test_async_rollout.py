@@ -54,6 +54,8 @@ ASYNC = [
 ]
 SEGMENT_TOLERANCE = 1e-5
 """fp32: the engine's log-probs and the trainer's differ by rounding only, segment by segment."""
+INITIAL_TEACHER = ["algorithm.use_opd=true", "algorithm.opd_type=megatron", "teacher.path=bundled:tiny-moe"]
+"""On-policy distillation from the policy's initial weights, in Megatron."""
 
 
 class ScriptedEngines:
@@ -286,8 +288,14 @@ def test_async_run_partial_rollouts_staleness_a_killed_engine_and_a_resume_that_
     assert all(entry["tokens"] > 0 and entry["max_diff"] <= SEGMENT_TOLERANCE for entry in segments.values()), segments
 
     # Resumed with a slow trainer (1 s a step): generation runs ahead as far as the bound allows.
-    second, rows = launch(tmp_path, "second", run_dir, [f"data.train_files=[{data}]"], ["--slow-step-s", "1"])
+    # On-policy distillation from the policy's initial weights, in Megatron, rides along (CI time;
+    # not in the first segment, whose partial rollouts need steps shorter than a round): the
+    # asynchronous batches are scored by the Megatron teacher, no engine of its own, loaded from
+    # teacher.path and not from the checkpoint, so away from the resumed policy.
+    second, rows = launch(tmp_path, "second", run_dir, [f"data.train_files=[{data}]", *INITIAL_TEACHER], ["--slow-step-s", "1"])
     assert second["completed"] and [row["step"] for row in rows] == [0, 1, 2, 3, 4, 5]
+    assert second["megatron_teacher"]["tokens"] > 0 and second["megatron_teacher"]["old_diff"] > 0, second["megatron_teacher"]
+    assert all(row["opd/reverse_kl"] != 0 and row["time/teacher_s"] > 0 for row in rows[2:])
     for row in first_rows + rows:
         assert row["rollout/staleness_max"] <= 1 and row["rollout/dropped_stale"] == 0, row
         assert row["mismatch/behav_imp_weight_mean"] > 0

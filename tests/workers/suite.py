@@ -33,6 +33,7 @@ if __name__ == "__main__":
     import packing_check
     import routing_check
     import stream_check
+    import teacher_check
     from common import add_layout_arguments, initialize, run
     from megarl.models.builder import build_model, model_spec
     from megarl.models.loader import load_hf_config, load_hf_weights
@@ -58,6 +59,8 @@ def layout_job(model: str, layout, pg_collection, checks: dict) -> dict:
         report["packing"] = packing_check.check(model, layout, pg_collection, **checks["packing"])
     if "head" in checks:
         report["head"] = head_check.check(model, layout, pg_collection, **checks["head"])
+    if "teacher" in checks:
+        report["teacher"] = teacher_check.check(model, layout, pg_collection, **checks["teacher"])
     return report
 
 

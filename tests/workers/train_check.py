@@ -9,14 +9,20 @@ and overrides), with optional faults injected through ``megarl.trainer.loop.trai
 ``--slow-step-s S``   the trainer sleeps S seconds before each step (a slow trainer);
 ``--check-segments``  keep the policy's weights of every version the run trains at, and at the
                       end recompute the log-probs of the trained samples that several weight
-                      versions generated, each segment under its own version.
+                      versions generated, each segment under its own version;
+``--teacher-engine``  with ``algorithm.opd_type: megatron``, also launch the teacher's engine (as
+                      ``sglang`` would) and let it score the first step's samples before they
+                      are packed, for the Megatron teacher to be compared with.
 
 Rank 0 writes ``--report`` (JSON): the engine's copy of ``--watch`` (one HF weight) before the
 first step and after every step, the engine restarts, whether the run completed, the prompts
 each step trained on (``trained``: step -> the prompt token ids of its groups) and, with
 ``--check-segments``, ``segments``: per version, the tokens checked and the largest difference
 between the engine's log-probs and the trainer's; with a distillation teacher, ``teacher_sample``:
-the first step's last sample's prompt, response and teacher log-probs.
+the first step's last sample's prompt, response and teacher log-probs (the engine's); with a
+Megatron teacher, ``megatron_teacher``: over the first step's trained tokens, the largest
+difference between its log-probs and the old log-probs and (``--teacher-engine``) the engine
+teacher's, and the tokens compared.
 
 The reward workers and Megatron's checkpoint writer are spawned processes, and each runs this
 file's top level again before its own work: torch and megarl are imported in :func:`main`, so that
@@ -46,6 +52,7 @@ def parse_args(argv):
     parser.add_argument("--kill-engine-after", type=int)
     parser.add_argument("--slow-step-s", type=float, default=0.0)
     parser.add_argument("--check-segments", action="store_true")
+    parser.add_argument("--teacher-engine", action="store_true")
     parser.add_argument("overrides", nargs="*")
     return parser.parse_intermixed_args(argv)
 
@@ -54,15 +61,27 @@ def main(argv=None) -> None:
     launched_at = time.time()
     import torch
 
+    from concurrent.futures import ThreadPoolExecutor
+
     from megarl.config import load_config
+    from megarl.nodes import Node
     from megarl.trainer import loop
     from megarl.trainer.batch import TrainBatch
+    from megarl.trainer.launch import start_teacher
+    from megarl.trainer.rollout import add_teacher_log_probs
     from megarl.trainer.run import setup
     from megarl.trainer.staleness import version_number
 
     args = parse_args(argv)
-    run = setup(load_config(args.config, args.overrides), launched_at=launched_at)
+    config = load_config(args.config, args.overrides)
+    teacher_engine = None
+    if args.teacher_engine and os.environ.get("RANK", "0") == "0":
+        # Launched while the ranks build their models, as the engine mode's EarlyStart does.
+        teacher_engine = ThreadPoolExecutor(1).submit(start_teacher, config, config.logging.resolved_run_dir(), Node.from_env())
+    run = setup(config, launched_at=launched_at)
     first = run.is_first_rank
+    if teacher_engine is not None:
+        run.teacher = teacher_engine.result()  # closed with the run
     report = {"weights": {}, "completed": False}
 
     def watch(label: str) -> None:
@@ -83,6 +102,8 @@ def main(argv=None) -> None:
     def recording_batch_of(run_, samples, metrics):
         groups = {sample.group: sample.prompt_ids for sample in samples}
         report["trained"][str(current["step"])] = list(groups.values())
+        if run_.teacher is not None and run_.teacher_model is not None and current["step"] == run_.start_step:
+            add_teacher_log_probs(run_, samples, {})
         if samples[0].teacher_log_probs is not None and "teacher_sample" not in report:
             sample = samples[-1]
             report["teacher_sample"] = {"prompt_ids": sample.prompt_ids, "response_ids": sample.response_ids, "teacher_log_probs": sample.teacher_log_probs}
@@ -148,6 +169,21 @@ def main(argv=None) -> None:
                 parameter.copy_(now[name])
         return found
 
+    def compared_teacher_log_probs(batch):
+        """The Megatron teacher's log-probs; on the first step, compared with the old log-probs and
+        the engine teacher's that the batch holds then (``--teacher-engine``)."""
+        values = original_teacher_log_probs(batch)
+        if current["step"] == run.start_step and "megatron_teacher" not in report:
+            mask = batch.response_mask
+            compared = {"tokens": int(mask.sum()), "old_diff": float((values - batch.token_values["old_log_probs"])[mask].abs().max())}
+            if "teacher_log_probs" in batch.token_values:
+                compared["engine_diff"] = float((values - batch.token_values["teacher_log_probs"])[mask].abs().max())
+            report["megatron_teacher"] = compared
+        return values
+
+    if run.teacher_model is not None:
+        original_teacher_log_probs = run.teacher_model.log_probs
+        run.teacher_model.log_probs = compared_teacher_log_probs
     run.policy.loss = loss_with_nan
     loop.train_step = step_with_faults
     loop.batch_of = recording_batch_of
