@@ -65,7 +65,8 @@ def test_assets_regenerate_with_the_same_tensors_configs_and_files(tmp_path):
     make_assets = load_make_assets()
     tokenizer = make_assets.build_tokenizer(tmp_path / "tokenizer")
     make_assets.build_models(tmp_path / "models", tmp_path / "tokenizer", tokenizer)
-    make_assets.build_toy_data(tmp_path / "data" / "toy")
+    make_assets.build_toy_data(tmp_path / "data" / "toy", make_assets.toy_rows())
+    make_assets.build_toy_data(tmp_path / "data" / "minmax", make_assets.minmax_rows())
     make_assets.build_data(tmp_path / "data" / "lookup", make_assets.lookup_rows())
     generated = tree(tmp_path)
     bundled = {name: value for name, value in tree(ASSETS).items() if not name.startswith(tuple(TRAINED))}
@@ -152,6 +153,17 @@ def test_toy_datasets():
     assert all(row["answer"] == max(row["prompt"].split()[1:]) for row in train + val)
 
 
+def test_the_minmax_task_asks_two_numbers_of_the_same_prompts_split_as_the_toy_task():
+    train, val = load_rows("bundled:minmax/train.jsonl"), load_rows("bundled:minmax/val.jsonl")
+    toy_val = load_rows("bundled:toy/val.jsonl")
+    assert (len(train), len(val)) == (800, 200)
+    assert [row["prompt"].split()[2:] for row in val] == [row["prompt"].split()[1:] for row in toy_val]
+    for row in train + val:
+        digits = row["prompt"].split()[2:]
+        assert row["task"] == "minmax" and row["answer"] == f"{min(digits)} {max(digits)}"
+        assert toy_reward(row["answer"], row["answer"]) == 1.0 and toy_reward(row["answer"].split()[1], row["answer"]) == 0.0
+
+
 def test_lookup_dataset_hides_the_answer_behind_a_key():
     train, val = load_rows("bundled:lookup/train.jsonl"), load_rows("bundled:lookup/val.jsonl")
     assert (len(train), len(val)) == (800, 200)
@@ -211,14 +223,15 @@ def test_the_teacher_is_a_larger_dense_model_with_the_students_tokenizer_that_me
     HFCheckpoint(teacher).check_names(load_hf_config(teacher))
 
 
-def test_the_teacher_answers_the_toy_validation_prompts_greedily():
-    # The README's claim, in transformers: greedy decoding answers at least 95 % of the 200
-    # validation prompts, which it never trained on (every toy prompt has the same length, so one
-    # batch needs no padding).
+@pytest.mark.parametrize("task", ["toy", "minmax"])
+def test_the_teacher_answers_the_toy_validation_prompts_greedily(task):
+    # The README's claim, in transformers: greedy decoding answers at least 95 % of each task's 200
+    # validation prompts, which it never trained on (every prompt of a task has the same length, so
+    # one batch needs no padding).
     directory = resolve_model_path("bundled:tiny-teacher")
     tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
     model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
-    rows = load_rows("bundled:toy/val.jsonl")
+    rows = load_rows(f"bundled:{task}/val.jsonl")
     prompts = torch.tensor([
         tokenizer.apply_chat_template([{"role": "user", "content": row["prompt"]}], add_generation_prompt=True, tokenize=True, return_dict=False)
         for row in rows

@@ -16,6 +16,9 @@
   GRPO teaches it in about a hundred steps; the answer needs comparing the digits, not copying one.
 - ``data/toy/sft.jsonl``: the first 400 training prompts of the toy task as chat conversations
   with the correct answer as the assistant turn, for supervised fine-tuning (``configs/sft.yaml``).
+- ``data/minmax/{train,val,sft}.jsonl``: the two-number toy task, the smallest and the largest of
+  the same three digits (``min max 3 8 1``: ``1 8``; the same split), whose reward needs both: a
+  random model is never right and GRPO learns it slowly; the task of ``configs/moe_distill.yaml``.
 - ``data/lookup/{train,val}.jsonl``: the multi-turn toy task (``configs/moe_agent.yaml``): the
   digit hidden behind a key, which only the ``lookup`` tool of ``megarl.agents.toy`` reveals.
 
@@ -203,6 +206,19 @@ def toy_rows() -> list[dict[str, str]]:
     ]
 
 
+def minmax_rows() -> list[dict[str, str]]:
+    """Every prompt of the two-number toy task, the smallest and the largest of three digits
+    (``min max 3 8 1``: ``1 8``), with its answer. Its reward needs both numbers right, so a model
+    that has the format but guesses is right one time in a hundred: the task on which a teacher's
+    per-token signal (on-policy distillation) says more than the reward does."""
+    return [
+        {"prompt": f"min max {a} {b} {c}", "answer": f"{min(a, b, c)} {max(a, b, c)}", "task": "minmax"}
+        for a in range(10)
+        for b in range(10)
+        for c in range(10)
+    ]
+
+
 KEY_WORDS = "first last next answer the is of digit number what which a an and or to from in out yes no ok".split()
 """The words keys are made of: none is a digit, so once the model called ``lookup`` the tool's
 answer is the only digit it has read."""
@@ -259,9 +275,10 @@ def build_data(out: Path, splits: tuple[list[dict[str, str]], list[dict[str, str
         write_jsonl(out / f"{name}.jsonl", split)
 
 
-def build_toy_data(out: Path) -> None:
-    """The toy task's ``train.jsonl`` and ``val.jsonl`` and its SFT conversations, ``sft.jsonl``."""
-    train, val = split_at_random(toy_rows())
+def build_toy_data(out: Path, rows: list[dict[str, str]]) -> None:
+    """A toy task's ``train.jsonl`` and ``val.jsonl`` (the same prompts' digits in each split for
+    every task: the split is by position) and its SFT conversations, ``sft.jsonl``."""
+    train, val = split_at_random(rows)
     build_data(out, (train, val))
     write_jsonl(out / "sft.jsonl", sft_rows(train))
 
@@ -282,7 +299,8 @@ def main() -> None:
         shutil.rmtree(args.out / part, ignore_errors=True)
     tokenizer = build_tokenizer(args.out / "tokenizer")
     build_models(args.out / "models", args.out / "tokenizer", tokenizer)
-    build_toy_data(args.out / "data" / "toy")
+    build_toy_data(args.out / "data" / "toy", toy_rows())
+    build_toy_data(args.out / "data" / "minmax", minmax_rows())
     build_data(args.out / "data" / "lookup", lookup_rows())
     print(f"wrote {args.out}: vocabulary {len(tokenizer)} tokens")
 

@@ -1,6 +1,7 @@
 """Train megarl's bundled teacher, ``megarl/assets/models/tiny-teacher``, for on-policy distillation
 (issue 23): a dense Qwen3 wider and larger than the student ``bundled:tiny-moe``, with exactly the
-student's tokenizer and vocabulary, fine-tuned on the toy task (the largest of three digits).
+student's tokenizer and vocabulary, fine-tuned on the two toy tasks: ``bundled:toy`` (the largest of
+three digits, one number) and ``bundled:minmax`` (the smallest and the largest, two numbers).
 
     python tools/make_teacher.py                       # writes megarl/assets/models/tiny-teacher
     python tools/make_teacher.py --out DIR --work WORK # elsewhere, keeping the runs in WORK
@@ -10,13 +11,13 @@ Every stage is megarl itself, ``torchrun --nproc_per_node 2`` on the CPU:
 1. **init**: :data:`TEACHER_CONFIG` on ``make_assets``' shared settings (:func:`common_config`:
    vocabulary, special tokens, positions), weights from ``make_assets``' seeded
    :func:`fill_deterministically` (seed :data:`TEACHER_SEED`), written with the bundled tokenizer.
-2. **sft**: ``megarl.sft --config configs/sft.yaml`` on all 800 training prompts of the toy task as
-   conversations (the bundled ``sft.jsonl`` holds the first 400), data parallel over the 2 ranks
+2. **sft**: ``megarl.sft --config configs/sft.yaml`` on all 800 training prompts of each task as
+   conversations (the bundled ``sft.jsonl`` files hold the first 400), data parallel over the 2 ranks
    (``parallel.expert=1``: the teacher is dense), exported as a HF directory
    (``checkpoint.save_hf``).
 3. **validation**: ``megarl.train --config configs/moe_grpo.yaml`` for one step with
    ``train.val_before_train=true``, whose ``val/accuracy_before_train`` is the RL job's own
-   validation (greedy, ``bundled:toy/val.jsonl``: 200 prompts the teacher never trained on), for
+   validation (greedy, each task's ``val.jsonl``: 200 prompts the teacher never trained on), for
    the teacher and, for contrast, the untrained student.
 
 The teacher (``hf/`` of the SFT run, fp32 safetensors) is copied to ``--out`` with a README.md
@@ -56,8 +57,10 @@ TEACHER_CONFIG = dict(
 )
 """Twice the student's width, a dense MLP of 256 in every layer, untied output layer like the
 student's: about 0.6 M parameters, 2.4 MB in fp32 (the student: 0.26 M, 1 MB)."""
-SFT_STEPS = 80
-"""SFT steps of 64 conversations (configs/sft.yaml's batch): 6.4 epochs over the 800 prompts."""
+SFT_STEPS = 160
+"""SFT steps of 64 conversations (configs/sft.yaml's batch): 6.4 epochs over the 1600 prompts."""
+TASKS = ("toy", "minmax")
+"""The bundled toy tasks the teacher learns (``megarl/assets/data/NAME``)."""
 MIN_ACCURACY = 0.95
 """The teacher's greedy validation accuracy the tool requires before it writes the asset."""
 
@@ -96,14 +99,25 @@ def validation_accuracy(model_path: str, run_dir: Path, overrides: list[str]) ->
     return {"accuracy": first_step["val/accuracy_before_train"], "sampled_reward": first_step["reward/mean"]}, command
 
 
+def task_data(task: str) -> list[str]:
+    """The overrides that point the RL job at ``task``'s training and validation sets."""
+    return [f"data.train_files=[bundled:{task}/train.jsonl]", f"data.val_files=[bundled:{task}/val.jsonl]"]
+
+
 def write_readme(out: Path, facts: dict) -> None:
-    """The teacher's README.md: what it is, the commands that made it, its accuracy."""
-    teacher, student, shape = facts["teacher"], facts["student"], TEACHER_CONFIG
+    """The teacher's README.md: what it is, the commands that made it, its accuracy on each task."""
+    shape = TEACHER_CONFIG
     parameters = sum(tensor.numel() for tensor in transformers.AutoModelForCausalLM.from_pretrained(out).state_dict().values())
+    rows = "\n".join(
+        f"| {model} | `bundled:{task}` | {scores['accuracy']:.3f} | {scores['sampled_reward']:.3f} |"
+        for task in TASKS
+        for model, scores in (("tiny-teacher", facts["teacher"][task]), ("tiny-moe, untrained (the student at the start)", facts["student"][task]))
+    )
     (out / "README.md").write_text(
         f"""# tiny-teacher
 
-The teacher of on-policy distillation on the bundled toy task (the largest of three digits):
+The teacher of on-policy distillation on the bundled toy tasks, `bundled:toy` (the largest of three
+digits) and `bundled:minmax` (the smallest and the largest):
 a dense Qwen3 (hidden {shape['hidden_size']}, {shape['num_hidden_layers']} layers, {shape['num_attention_heads']} attention heads sharing \
 {shape['num_key_value_heads']} key/value heads of {shape['head_dim']}, MLP {shape['intermediate_size']}, untied output layer; \
 {parameters:,} parameters, fp32) with exactly the tokenizer and vocabulary of
@@ -111,21 +125,20 @@ the student `bundled:tiny-moe`. Made by `python tools/make_teacher.py` (seeds fi
 `tools/make_assets.py`: it is trained.
 
 1. Random initialisation: make_assets' settings and seeded fill (seed {TEACHER_SEED}).
-2. Supervised fine-tuning on the {facts['conversations']} training prompts of `bundled:toy/train.jsonl` as
+2. Supervised fine-tuning on the {facts['conversations']} training prompts of both tasks as
    conversations ({facts['sft_seconds']:.0f} s on {facts['machine']}; `$WORK` is make_teacher's
    working directory, `$WORK/init` the initial model, `$WORK/sft.jsonl` the conversations):
 
        {facts['sft_command']}
 
-3. Validation as the RL job validates (greedy, the 200 prompts of `bundled:toy/val.jsonl`, never
-   trained on), `val/accuracy_before_train` of a one-step run:
+3. Validation as the RL job validates (greedy, the 200 prompts of each task's `val.jsonl`, never
+   trained on), `val/accuracy_before_train` of a one-step run, here for `bundled:minmax`:
 
        {facts['teacher_command']}
 
-| model | greedy accuracy, bundled:toy/val.jsonl | mean reward of the step's 128 samples (temperature 1, training prompts) |
-| --- | --- | --- |
-| tiny-teacher | {teacher['accuracy']:.3f} | {teacher['sampled_reward']:.3f} |
-| tiny-moe, untrained (the student at the start) | {student['accuracy']:.3f} | {student['sampled_reward']:.3f} |
+| model | task | greedy accuracy, its val.jsonl | mean reward of the step's 128 samples (temperature 1, training prompts) |
+| --- | --- | --- | --- |
+{rows}
 """
     )
 
@@ -135,32 +148,41 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ASSETS / "models" / "tiny-teacher", help="where the teacher goes (default: megarl/assets/models/tiny-teacher)")
     parser.add_argument("--work", type=Path, default=None, help="where the runs go (default: a temporary directory, removed after)")
     parser.add_argument("--sft-steps", type=int, default=SFT_STEPS, help=f"SFT steps of 64 conversations (default {SFT_STEPS})")
-    parser.add_argument("--min-accuracy", type=float, default=MIN_ACCURACY, help=f"refuse a teacher below this accuracy (default {MIN_ACCURACY})")
+    parser.add_argument("--min-accuracy", type=float, default=MIN_ACCURACY, help=f"refuse a teacher below this accuracy on a task (default {MIN_ACCURACY})")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="megarl_teacher_") as temporary:
         work = (args.work or Path(temporary)).resolve()
         shutil.rmtree(work / "runs", ignore_errors=True)
         initial = make_initial_model(work / "init")
-        train = [json.loads(line) for line in (ASSETS / "data" / "toy" / "train.jsonl").read_text().splitlines()]
-        write_jsonl(work / "sft.jsonl", sft_rows(train, count=len(train)))
+        conversations = []
+        for task in TASKS:
+            train = [json.loads(line) for line in (ASSETS / "data" / task / "train.jsonl").read_text().splitlines()]
+            conversations += sft_rows(train, count=len(train))
+        write_jsonl(work / "sft.jsonl", conversations)
         sft_command, sft_seconds = torchrun("megarl.sft", "configs/sft.yaml", [
             f"model.path={initial}", "parallel.expert=1", f"data.train_files=[{work / 'sft.jsonl'}]", f"train.steps={args.sft_steps}",
             "checkpoint.resume=never", f"logging.run_dir={work / 'runs' / 'sft'}",
         ])
         machine = f"a {os.cpu_count()}-core CPU, 1-minute load {os.getloadavg()[0]:.1f} at its end"
         teacher = work / "runs" / "sft" / "hf"
-        teacher_scores, teacher_command = validation_accuracy(str(teacher), work / "runs" / "val_teacher", ["parallel.expert=1"])
-        student_scores, _ = validation_accuracy("bundled:tiny-moe", work / "runs" / "val_student", [])
-        print(f"greedy validation accuracy: teacher {teacher_scores['accuracy']:.3f}, untrained student {student_scores['accuracy']:.3f}")
-        if teacher_scores["accuracy"] < args.min_accuracy:
-            print(f"make_teacher: the teacher's accuracy {teacher_scores['accuracy']:.3f} is below --min-accuracy {args.min_accuracy}: raise --sft-steps", file=sys.stderr)
+        teacher_scores, student_scores = {}, {}
+        for task in TASKS:
+            teacher_scores[task], teacher_command = validation_accuracy(str(teacher), work / "runs" / f"val_teacher_{task}", ["parallel.expert=1", *task_data(task)])
+            student_scores[task], _ = validation_accuracy("bundled:tiny-moe", work / "runs" / f"val_student_{task}", task_data(task))
+            print(f"{task}: greedy validation accuracy: teacher {teacher_scores[task]['accuracy']:.3f}, untrained student {student_scores[task]['accuracy']:.3f}")
+        weakest = min(TASKS, key=lambda task: teacher_scores[task]["accuracy"])
+        if teacher_scores[weakest]["accuracy"] < args.min_accuracy:
+            print(
+                f"make_teacher: the teacher's accuracy on {weakest}, {teacher_scores[weakest]['accuracy']:.3f}, is below --min-accuracy {args.min_accuracy}: raise --sft-steps",
+                file=sys.stderr,
+            )
             return 1
         shutil.rmtree(args.out, ignore_errors=True)
         # copyfile: the files get the usual permissions, not the export's private ones.
         shutil.copytree(teacher, args.out, copy_function=shutil.copyfile)
         write_readme(args.out, {
             "sft_command": " ".join(sft_command).replace(str(work), "$WORK"), "sft_seconds": sft_seconds, "machine": machine,
-            "conversations": len(train), "teacher_command": " ".join(teacher_command).replace(str(work), "$WORK"),
+            "conversations": len(conversations), "teacher_command": " ".join(teacher_command).replace(str(work), "$WORK"),
             "teacher": teacher_scores, "student": student_scores,
         })
     print(f"wrote {args.out}")

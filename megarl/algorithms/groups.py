@@ -50,3 +50,30 @@ def group_statistics(values: torch.Tensor, group_ids: torch.Tensor) -> GroupStat
     highs = values64.new_full((num_groups,), -torch.inf).scatter_reduce(0, index, values64, "amax")
     lows = values64.new_full((num_groups,), torch.inf).scatter_reduce(0, index, values64, "amin")
     return GroupStatistics(mean=means[index], std=stds[index], size=sizes[index], all_equal=(highs == lows)[index], max=highs[index])
+
+
+def leave_one_out_token_means(values: torch.Tensor, valid: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """Each token's mean of the same position's values over the other responses of its group.
+
+    With g(i) the group of response i and V_t(i) = {j in g(i), j != i : valid[j, t]}:
+    out[i, t] = sum_{j in V_t(i)} values[j, t] / |V_t(i)|, and 0 where V_t(i) is empty. It does
+    not read response i itself, so as a baseline for response i it adds no bias (the responses of a
+    group are sampled independently).
+
+    Args:
+        values: ``[B, T]`` a number per token (anything where ``valid`` is 0).
+        valid: ``[B, T]`` 1 (or true) on the tokens that count.
+        group_ids: ``[B]`` integer id of the prompt each response answers.
+
+    Returns:
+        ``[B, T]`` float64.
+    """
+    _, index = torch.unique(group_ids, return_inverse=True)
+    num_groups = int(index.max()) + 1 if index.numel() else 0
+    present = valid.bool()
+    counted = torch.where(present, values.double(), 0.0)
+    weights = present.double()
+    sums = counted.new_zeros(num_groups, values.shape[1]).index_add_(0, index, counted)
+    counts = counted.new_zeros(num_groups, values.shape[1]).index_add_(0, index, weights)
+    others = counts[index] - weights
+    return torch.where(others > 0, (sums[index] - counted) / others.clamp(min=1), 0.0)

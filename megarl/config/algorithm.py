@@ -223,6 +223,11 @@ class AlgorithmConfig(Section):
     """On-policy distillation: true adds the distillation term to the estimator's advantages (as
     slime); false makes it the whole advantage, the task reward still scored and logged (pure
     distillation, as Thinking Machines' on-policy distillation)."""
+    opd_baseline: Literal["none", "leave_one_out"] = "none"
+    """On-policy distillation: ``leave_one_out`` centres each token's reverse-KL term on the mean of
+    the same position's terms in the other responses to its prompt, a baseline that lowers the
+    gradient's variance without biasing it; ``none`` is slime's term as it is. Maths in
+    :mod:`megarl.algorithms.distillation` (slime, verl: no such option)."""
     routing_replay: Literal["none", "r2", "r3"] = "none"
     """MoE routing replay (verl: actor.router_replay.mode; slime: --use-rollout-routing-replay).
     ``r3``: the engines return the experts they routed every token to, and the trainer's

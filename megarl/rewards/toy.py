@@ -1,18 +1,21 @@
-"""The bundled toy tasks' verifier (``megarl/assets/data/toy``)."""
+"""The bundled toy tasks' verifier (``megarl/assets/data/toy``, ``data/minmax``, ``data/lookup``)."""
 
 from __future__ import annotations
 
 import re
 
-_FIRST_NUMBER = re.compile(r"-?\d+")
+_NUMBER = re.compile(r"-?\d+")
 
 
 def toy_reward(response: str, answer: str) -> float:
-    """1.0 when the first number in ``response`` equals ``answer``, else 0.0.
+    """1.0 when the first numbers in ``response``, as many as ``answer`` holds, equal them in order,
+    else 0.0.
 
-    The response may carry anything around the number (words, the end-of-turn token, a cut-off
-    tail); only the first run of digits counts, so a response without digits scores 0. Every toy
-    answer is a single digit.
+    A toy answer is one digit (``max 3 8 1``: ``8``) or several separated by spaces (``min max 3 8
+    1``: ``1 8``). The response may carry anything around and between the numbers (words, the
+    end-of-turn token, a cut-off tail); only its first runs of digits count, so a response with
+    fewer numbers than the answer scores 0, and numbers after them are not read.
     """
-    match = _FIRST_NUMBER.search(response)
-    return 1.0 if match is not None and match.group() == answer.strip() else 0.0
+    expected = _NUMBER.findall(answer)
+    found = _NUMBER.findall(response)[: len(expected)]
+    return 1.0 if expected and found == expected else 0.0

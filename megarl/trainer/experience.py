@@ -148,6 +148,7 @@ def compute_advantages(batch: TrainBatch, scores: torch.Tensor, algorithm: Algor
         advantages, opd_metrics = opd_advantages(
             advantages, batch.token_values["old_log_probs"], batch.token_values["teacher_log_probs"], mask,
             kl_coef=algorithm.opd_kl_coef, task_reward=algorithm.opd_task_reward,
+            group_ids=batch.group_ids if algorithm.opd_baseline == "leave_one_out" else None,
         )
         metrics.update({f"opd/{name}": value.item() for name, value in opd_metrics.items()})
     batch.token_values["advantages"] = advantages.float()

@@ -20,7 +20,15 @@ pytestmark = pytest.mark.cpu
         ("max the", "7", 0.0),
         ("17", "7", 0.0),
         ("7 8 9 9 9", "7", 1.0),
+        # Answers of several numbers: the response's first ones, in order.
+        ("1 8", "1 8", 1.0),
+        (" 1 8 <|im_end|>", "1 8", 1.0),
+        ("1 , 8 3", "1 8", 1.0),
+        ("8 1", "1 8", 0.0),
+        ("1", "1 8", 0.0),
+        ("1 88", "1 8", 0.0),
+        ("answer 1 is 8", "1 8", 1.0),
     ],
 )
-def test_first_number_decides(response, answer, expected):
+def test_first_numbers_decide(response, answer, expected):
     assert toy_reward(response, answer) == expected
