@@ -68,16 +68,22 @@ def test_a_teacher_with_another_tokenizer_or_a_smaller_vocabulary_is_refused_in_
     ]
 
 
-def test_the_distillation_config_is_the_main_job_plus_a_teacher(tmp_path):
+def test_the_distillation_config_is_the_main_job_on_the_minmax_task_plus_a_teacher(tmp_path):
     # tiny-dense has the same tokenizer too.
     distill = load_config(REPO / "configs" / "moe_distill.yaml", ["teacher.path=bundled:tiny-dense"])
     main = load_config(MOE_GRPO)
     assert distill.algorithm.use_opd and distill.teacher.path == "bundled:tiny-dense"
-    for section in ("model", "parallel", "data", "rollout", "train"):
+    for section in ("model", "parallel", "rollout"):
         assert getattr(distill, section) == getattr(main, section), section
-    # The teacher's term, and no entropy bonus (the term's -coef x log pi part is one).
-    assert dataclasses.replace(distill.algorithm, use_opd=False, opd_kl_coef=main.algorithm.opd_kl_coef, entropy_coeff=main.algorithm.entropy_coeff) == main.algorithm
-    assert (distill.algorithm.opd_kl_coef, distill.algorithm.entropy_coeff) == (0.05, 0.0)
+    # The two-number task, for twice the steps.
+    assert dataclasses.replace(distill.data, train_files=main.data.train_files, val_files=main.data.val_files) == main.data
+    assert (distill.data.train_files, distill.data.val_files) == (["bundled:minmax/train.jsonl"], ["bundled:minmax/val.jsonl"])
+    assert dataclasses.replace(distill.train, steps=main.train.steps) == main.train and distill.train.steps == 2 * main.train.steps
+    # The teacher's term with its baseline, no entropy bonus (the term's -coef x log pi part is
+    # one), and no dynamic sampling (it would drop the all-wrong groups the teacher grades).
+    changed = dict(use_opd=False, opd_kl_coef=main.algorithm.opd_kl_coef, opd_baseline="none", entropy_coeff=main.algorithm.entropy_coeff, dynamic_sampling=True)
+    assert dataclasses.replace(distill.algorithm, **changed) == main.algorithm
+    assert (distill.algorithm.opd_kl_coef, distill.algorithm.opd_baseline, distill.algorithm.entropy_coeff, distill.algorithm.dynamic_sampling) == (1.0, "leave_one_out", 0.0, False)
     for teacher in ("bundled:tiny-dense", "bundled:tiny-teacher"):
         assert check_run(load_config(REPO / "configs" / "moe_distill.yaml", [f"teacher.path={teacher}", f"logging.run_dir={tmp_path}"]), 2) == []
 
