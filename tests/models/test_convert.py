@@ -3,10 +3,12 @@ re-exports replace the directory whole; bad input is refused in one line, exit c
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -117,11 +119,26 @@ BAD_HF_DIRS = {
 }
 
 
+def run_tool_in_process(tool, capsys, *args: str) -> types.SimpleNamespace:
+    """The tool's ``main`` called in this process, as :func:`run_tool`'s result: its exit code and
+    what it printed. For checks that refuse before anything is built (no process group, no
+    model), this spares a fresh interpreter's imports per case; one case still runs the tool as
+    a process (the exit code and stderr a user sees)."""
+    spec = importlib.util.spec_from_file_location(f"megarl_tool_{tool.stem}", tool)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    capsys.readouterr()
+    code = module.main(list(args))
+    printed = capsys.readouterr()
+    return types.SimpleNamespace(returncode=code, stdout=printed.out, stderr=printed.err)
+
+
 @pytest.mark.cpu
 @pytest.mark.parametrize("case", sorted(BAD_HF_DIRS))
-def test_bad_hf_directories_are_refused_in_one_line_before_anything_is_built(case, tmp_path):
+def test_bad_hf_directories_are_refused_in_one_line_before_anything_is_built(case, tmp_path, capsys):
     make, flags, expected = BAD_HF_DIRS[case]
-    result = run_tool(FROM_HF, "--hf", str(make(tmp_path / "model")), "--out", str(tmp_path / "out"), *flags)
+    arguments = ("--hf", str(make(tmp_path / "model")), "--out", str(tmp_path / "out"), *flags)
+    result = run_tool(FROM_HF, *arguments) if case == "no-config" else run_tool_in_process(FROM_HF, capsys, *arguments)
     assert_refused(result, "convert_from_hf", expected)
     assert not (tmp_path / "out").exists()
 
