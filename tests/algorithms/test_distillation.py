@@ -24,18 +24,23 @@ def naive(advantages, old, teacher, mask, kl_coef, task_reward):
     return torch.tensor(out), sum(kls) / len(kls), sum(teacher_values) / len(teacher_values)
 
 
+def random_case(seed, shape, *, scales, masked, empty_row):
+    """``(advantages, old, teacher, mask)``: log-probs in [-scale, 0], a ``masked`` share of tokens
+    out of the mask and row ``empty_row`` without a trained token; NaN where the mask is 0, which
+    must not leak in."""
+    generator = torch.Generator().manual_seed(seed)
+    advantages = torch.randn(shape, generator=generator)
+    old, teacher = (-torch.rand(shape, generator=generator) * scale for scale in scales)
+    mask = torch.rand(shape, generator=generator) > masked
+    mask[empty_row] = False
+    advantages, old, teacher = (torch.where(mask, tensor, float("nan")) for tensor in (advantages, old, teacher))
+    return advantages, old, teacher, mask
+
+
 @pytest.mark.parametrize("task_reward", [True, False])
 @pytest.mark.parametrize("kl_coef", [1.0, 0.3])
 def test_opd_advantages_follow_the_naive_loop_on_valid_tokens_only(task_reward, kl_coef):
-    generator = torch.Generator().manual_seed(3)
-    shape = (5, 7)
-    advantages = torch.randn(shape, generator=generator)
-    old = -torch.rand(shape, generator=generator) * 3
-    teacher = -torch.rand(shape, generator=generator) * 3
-    mask = torch.rand(shape, generator=generator) > 0.4
-    mask[0] = False  # a row without a trained token
-    # Garbage where the mask is 0 must not leak in.
-    advantages, old, teacher = (torch.where(mask, tensor, float("nan")) for tensor in (advantages, old, teacher))
+    advantages, old, teacher, mask = random_case(3, (5, 7), scales=(3, 3), masked=0.4, empty_row=0)
     shaped, metrics = opd_advantages(advantages, old, teacher, mask, kl_coef=kl_coef, task_reward=task_reward)
     expected, reverse_kl, teacher_mean = naive(advantages, old, teacher, mask, kl_coef, task_reward)
     torch.testing.assert_close(shaped, expected)
@@ -64,17 +69,9 @@ def naive_leave_one_out(values, mask, group_ids):
 
 
 def baseline_case(seed):
-    generator = torch.Generator().manual_seed(seed)
-    shape = (9, 6)
-    advantages = torch.randn(shape, generator=generator)
-    old = -torch.rand(shape, generator=generator) * 4
-    teacher = -torch.rand(shape, generator=generator) * 9
-    mask = torch.rand(shape, generator=generator) > 0.3
-    mask[4] = False  # a response without a trained token
     # Groups of 4, 3 (one of them empty) and 1, ids neither sorted nor contiguous.
     group_ids = torch.tensor([7, 2, 7, 2, 2, 7, 40, 7, 2])
-    advantages, old, teacher = (torch.where(mask, tensor, float("nan")) for tensor in (advantages, old, teacher))
-    return advantages, old, teacher, mask, group_ids
+    return (*random_case(seed, (9, 6), scales=(4, 9), masked=0.3, empty_row=4), group_ids)
 
 
 @pytest.mark.parametrize("task_reward", [True, False])
