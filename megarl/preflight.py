@@ -113,8 +113,9 @@ def _reserved_gpu_problems(config: Config) -> list[str]:
     if resolve_engine(rollout.engine) != "sglang":
         return []
     ranks, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.cuda.device_count()
-    needed = ranks + rollout.reserved_gpus()
-    if rollout.reserved_gpus() and needed > gpus:
+    engine_gpus = rollout.reserved_gpus()
+    needed = ranks + engine_gpus
+    if engine_gpus and needed > gpus:
         return [
             f"`rollout.colocate` (false): the engines take the GPUs after the node's {ranks} ranks', {rollout.num_engines} x "
             f"`rollout.engine_tensor_parallel` ({rollout.engine_tensor_parallel}) of them, {needed} GPUs in all, but this node has {gpus}: "
