@@ -10,6 +10,13 @@ from tests.jobs import Jobs
 
 
 def pytest_collection_modifyitems(config, items):
+    # The session's jobs run in the set-up of the first test that asks for them. Their launches
+    # have timeouts of their own, scaled by their number of jobs (tests/jobs.py), and a launch
+    # that times out names the job it was running; pytest-timeout's 600 s for that one test would
+    # instead end the whole session's jobs at once on a starved machine (all their tests error).
+    users = [item for item in items if "jobs" in getattr(item, "fixturenames", ())]
+    if users:
+        users[0].add_marker(pytest.mark.timeout(0))
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs CUDA")
