@@ -1,7 +1,7 @@
 // The copy-plan kernel and its host-side description of a plan (see copy_plan_cuda.cu), apart
 // from torch's CUDA runtime: tests/weights/test_copy_plan_kernel.py compiles this header for the
 // host, with CUDA's few built-ins emulated, and runs the kernel's index maths thread by thread on
-// the CPU. Functions here are `inline` or templates: the header is included once per program.
+// the CPU. Its functions are inline or templates.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -22,7 +22,6 @@
 
 namespace megarl {
 namespace copy_kernel {
-
 
 constexpr int kThreads = 256;
 // Slots a thread handles per tile, their loads all issued before the first store.
@@ -94,8 +93,9 @@ struct Traits<Bytes> {
   static constexpr int kSize = 1;
 };
 
-// Loads the kBytes bytes at `address` (any alignment) into `words`, with loads of min(kBytes, 16)
-// bytes at aligned addresses: `raw` holds them until `shift_into` puts the bytes in place.
+// The kBytes bytes at an address of any alignment: `issue` starts loads of min(kBytes, 16) bytes
+// at aligned addresses into `raw` (one more than kBytes needs when the address is misaligned),
+// and `shift_into`, once they have arrived, funnel-shifts the wanted bytes into place.
 template <int kBytes>
 struct AlignedLoad {
   static constexpr int kGranule = kBytes < 16 ? kBytes : 16;
