@@ -9,7 +9,12 @@ each tensor as a view: ``buffer[start:end].view(dtype).reshape(shape)``.
 
 Tensors are packed without alignment padding, as SGLang does; a view of a ``dtype`` whose offset
 is not a multiple of its element size needs a copy (:meth:`Bucket.named_tensors` makes one only
-then).
+then). Padding each tensor to 16 bytes is not an option: SGLang's ``/update_weights_from_tensor``
+reads each tensor's ``start_idx``/``end_idx`` from the metadata, but
+``/update_weights_from_distributed`` with ``load_format: flattened_bucket`` rebuilds the layout
+from names, dtypes and shapes alone, back to back (``FlattenedTensorBucket(named_tensors=...)``),
+and a safetensors file (the snapshot) may hold no gaps. The CUDA copy engine moves a tensor that
+starts off a 16-byte boundary in 16-byte words all the same (``csrc/copy_plan_cuda.cu``).
 """
 
 from __future__ import annotations

@@ -1,4 +1,10 @@
-"""The C++ copy engine (`torch.ops.megarl.execute_copy_plan`) against a torch reference."""
+"""The C++ copy engine (`torch.ops.megarl.execute_copy_plan`) against a torch reference.
+
+The plans' tests run on the CPU engine and on the CUDA kernel (``device`` ``cuda``: marked gpu,
+skipped without CUDA); tests/weights/test_copy_plan_kernel.py runs the same checks on the CUDA
+kernel compiled for the host. The ``check_*`` functions take ``run(plan, sources, out_bytes) ->
+out`` (on the CPU) so that all three share them.
+"""
 
 from __future__ import annotations
 
@@ -64,17 +70,117 @@ def run_on_cpu(plan: torch.Tensor, sources: list[torch.Tensor], out_bytes: int) 
     return out
 
 
+def run_on_cuda(plan: torch.Tensor, sources: list[torch.Tensor], out_bytes: int) -> torch.Tensor:
+    """``plan`` executed by the CUDA kernel into a fresh zeroed ``out``, brought back to the CPU."""
+    if not torch.ops.megarl.built_with_cuda():
+        pytest.fail("megarl._C was built without its CUDA kernels on a machine with CUDA: rebuild it with nvcc on PATH")
+    out = torch.zeros(out_bytes, dtype=torch.uint8, device="cuda")
+    execute_copy_plan(plan, [source.cuda() for source in sources], out)
+    torch.cuda.synchronize()
+    return out.cpu()
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def run(request):
+    """The engine of one device: ``run(plan, sources, out_bytes) -> out`` on the CPU."""
+    return run_on_cpu if request.param == "cpu" else run_on_cuda
+
+
+def expected_bytes(plan: torch.Tensor, sources: list[torch.Tensor], out_bytes: int) -> torch.Tensor:
+    expected = torch.zeros(out_bytes, dtype=torch.uint8)
+    reference(plan, sources, expected)
+    return expected
+
+
+def check_matches_reference(plan: torch.Tensor, sources: list[torch.Tensor], out_bytes: int, run) -> None:
+    assert torch.equal(run(plan, sources, out_bytes), expected_bytes(plan, sources, out_bytes))
+
+
+def check_strided_conversions(source_dtype: torch.dtype, out_dtype: torch.dtype, run) -> None:
+    """Random 2-D copies of odd widths (rows neither aligned nor a multiple of anything)."""
+    generator = torch.Generator().manual_seed(3 * DTYPES.index(source_dtype) + DTYPES.index(out_dtype))
+    sources = [torch.randn(shape, generator=generator).to(source_dtype) for shape in ((7, 13), (5, 33), (64, 257))]
+    plan = random_plan(generator, sources, 1 << 22, out_dtype, count=40)
+    check_matches_reference(plan, sources, 1 << 22, run)
+
+
+def raw_bytes(values: torch.Tensor, offset: int) -> torch.Tensor:
+    """A uint8 staging buffer holding ``values``' bytes from byte ``offset`` (and a few spare bytes)."""
+    raw = torch.zeros(offset + values.numel() * values.element_size() + 32, dtype=torch.uint8)
+    raw[offset : offset + values.numel() * values.element_size()] = values.reshape(-1).view(torch.uint8)
+    return raw
+
+
+# (source byte offset, out byte offset, rows, out row stride padding in bytes): the same or
+# different misalignments of source and output, 2 bytes off (a bf16 tensor after an odd-sized
+# one in a bucket), strides that move each row's alignment, and odd addresses.
+MISALIGNMENTS = [(2, 0, 1, 0), (0, 2, 1, 0), (2, 2, 1, 0), (10, 6, 1, 0), (2, 4, 3, 2), (16, 14, 5, 6), (3, 1, 2, 1)]
+
+
+def check_misaligned_copies(source_dtype: torch.dtype, out_dtype: torch.dtype, run) -> None:
+    """Long rows whose source and output start off 16-byte boundaries (most bytes still move in
+    the kernel's 16-byte words, shifted into place)."""
+    generator = torch.Generator().manual_seed(17 + DTYPES.index(source_dtype))
+    length = 4099
+    values = torch.randn(5 * length, generator=generator).to(source_dtype)
+    rows, out_bytes = [], 0
+    sources = []
+    for index, (source_offset, out_offset, count, padding) in enumerate(MISALIGNMENTS):
+        sources.append(raw_bytes(values, source_offset))
+        out_stride = length * out_dtype.itemsize + padding
+        rows.append([index, source_offset, length * source_dtype.itemsize, out_bytes + out_offset, out_stride, count,
+                     length, dtype_code(source_dtype), dtype_code(out_dtype)])
+        out_bytes += out_offset + count * out_stride + 16
+    check_matches_reference(torch.tensor(rows, dtype=torch.int64), sources, out_bytes, run)
+
+
+def check_odd_sizes(run) -> None:
+    """Every length from 1 to 40 elements, every dtype pair, at offsets that walk through a slot."""
+    rows, out_bytes = [], 2
+    sources = [torch.randn(64, generator=torch.Generator().manual_seed(23)).to(dtype) for dtype in DTYPES]
+    for length in range(1, 41):
+        for source_index, source_dtype in enumerate(DTYPES):
+            for out_dtype in DTYPES:
+                rows.append([source_index, (length % 9) * source_dtype.itemsize, 0, out_bytes, 0, 1, length,
+                             dtype_code(source_dtype), dtype_code(out_dtype)])
+                out_bytes += length * out_dtype.itemsize + 2
+    check_matches_reference(torch.tensor(rows, dtype=torch.int64), sources, out_bytes + 64, run)
+
+
+def check_many_small_copies(run, count: int = 3000) -> None:
+    """Thousands of small copies of mixed dtype pairs (several per kernel tile, kinds interleaved)."""
+    generator = torch.Generator().manual_seed(29)
+    sources = [torch.randn(4096, generator=generator).to(dtype) for dtype in DTYPES]
+    rows, out_bytes = [], 0
+    for _ in range(count):
+        source_index, out_index = (int(value) for value in torch.randint(0, 3, (2,), generator=generator))
+        length = int(torch.randint(1, 300, (), generator=generator))
+        first = int(torch.randint(0, 4096 - length, (), generator=generator))
+        out_bytes += 2 * int(torch.randint(0, 9, (), generator=generator))
+        rows.append([source_index, first * DTYPES[source_index].itemsize, 0, out_bytes, 0, 1, length,
+                     source_index, out_index])
+        out_bytes += length * DTYPES[out_index].itemsize
+    check_matches_reference(torch.tensor(rows, dtype=torch.int64), sources, out_bytes, run)
+
+
 @pytest.mark.parametrize("out_dtype", DTYPES)
 @pytest.mark.parametrize("source_dtype", DTYPES)
-def test_strided_copies_with_conversion_match_torch(source_dtype, out_dtype):
-    generator = torch.Generator().manual_seed(3 * DTYPES.index(source_dtype) + DTYPES.index(out_dtype))
-    # Odd widths: rows neither aligned nor a multiple of anything.
-    sources = [torch.randn(shape, generator=generator).to(source_dtype) for shape in ((7, 13), (5, 33))]
-    plan = random_plan(generator, sources, 1 << 16, out_dtype, count=40)
-    out, expected = torch.zeros(1 << 16, dtype=torch.uint8), torch.zeros(1 << 16, dtype=torch.uint8)
-    execute_copy_plan(plan, sources, out)
-    reference(plan, sources, expected)
-    assert torch.equal(out, expected)
+def test_strided_copies_with_conversion_match_torch(source_dtype, out_dtype, run):
+    check_strided_conversions(source_dtype, out_dtype, run)
+
+
+@pytest.mark.parametrize("out_dtype", DTYPES)
+@pytest.mark.parametrize("source_dtype", DTYPES)
+def test_copies_misaligned_against_16_bytes(source_dtype, out_dtype, run):
+    check_misaligned_copies(source_dtype, out_dtype, run)
+
+
+def test_odd_sizes_of_every_dtype_pair(run):
+    check_odd_sizes(run)
+
+
+def test_many_small_copies(run):
+    check_many_small_copies(run)
 
 
 def special_values(dtype: torch.dtype) -> torch.Tensor:
@@ -97,8 +203,8 @@ def check_special_values(source_dtype: torch.dtype, out_dtype: torch.dtype, run)
 
 @pytest.mark.parametrize("out_dtype", DTYPES)
 @pytest.mark.parametrize("source_dtype", DTYPES)
-def test_special_values_round_like_torch(source_dtype, out_dtype):
-    check_special_values(source_dtype, out_dtype, run_on_cpu)
+def test_special_values_round_like_torch(source_dtype, out_dtype, run):
+    check_special_values(source_dtype, out_dtype, run)
 
 
 def check_nan_stays_nan(run) -> None:
@@ -110,8 +216,8 @@ def check_nan_stays_nan(run) -> None:
         assert torch.equal(out.view(out_dtype).float().isnan(), source.isnan())
 
 
-def test_nan_stays_nan():
-    check_nan_stays_nan(run_on_cpu)
+def test_nan_stays_nan(run):
+    check_nan_stays_nan(run)
 
 
 def test_raw_byte_source_holding_several_dtypes():
@@ -184,9 +290,9 @@ def check_shards_side_by_side(source_dtype: torch.dtype, run) -> None:
 
 
 @pytest.mark.parametrize("source_dtype", [torch.float32, torch.bfloat16])
-def test_shards_side_by_side_in_the_output_rows(source_dtype):
+def test_shards_side_by_side_in_the_output_rows(source_dtype, run):
     """Row-parallel shards, as one group on the CPU engine's threads."""
-    check_shards_side_by_side(source_dtype, run_on_cpu)
+    check_shards_side_by_side(source_dtype, run)
 
 
 def test_empty_plan_and_empty_copies_write_nothing():
