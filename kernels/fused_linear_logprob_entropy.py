@@ -101,24 +101,26 @@ def _stats_torch(hidden, weight, targets, vocab_start, vocab_size, temperature):
 
 
 def _backward_torch(hidden, weight, targets, log_sum_exp, entropy, grad_log_prob, grad_entropy,
-                    vocab_start, vocab_size, temperature):
+                    vocab_start, vocab_size, temperature, need_grad_hidden=True, need_grad_weight=True):
     n_rows = hidden.shape[0]
     valid_cols = valid_columns(weight.shape[0], vocab_start, vocab_size)
-    grad_weight = torch.zeros_like(weight)
-    if valid_cols == 0 or n_rows == 0:
-        return torch.zeros_like(hidden), grad_weight
+    grad_weight = torch.zeros_like(weight) if need_grad_weight else weight.new_empty(0)
+    if valid_cols == 0 or n_rows == 0 or not (need_grad_hidden or need_grad_weight):
+        return (torch.zeros_like(hidden) if need_grad_hidden else hidden.new_empty(0)), grad_weight
     if _in_one_pass(n_rows, valid_cols):
         hidden_fp32, weight_fp32 = hidden.float(), weight[:valid_cols].float()
         grad_logits = grad_logits_torch(
             hidden_fp32 @ weight_fp32.T, targets, log_sum_exp, entropy, grad_log_prob, grad_entropy,
             vocab_start, vocab_size, temperature,
         )
-        grad_weight[:valid_cols] = grad_logits.T @ hidden_fp32
-        return (grad_logits @ weight_fp32).to(hidden.dtype), grad_weight
-    grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+        if need_grad_weight:
+            grad_weight[:valid_cols] = grad_logits.T @ hidden_fp32
+        grad_hidden = (grad_logits @ weight_fp32).to(hidden.dtype) if need_grad_hidden else hidden.new_empty(0)
+        return grad_hidden, grad_weight
+    grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_grad_hidden else None
     for cols, row_chunks in _torch_chunks(n_rows, valid_cols):
         weight_chunk = weight[cols].float()
-        grad_weight_chunk = torch.zeros_like(weight_chunk)
+        grad_weight_chunk = torch.zeros_like(weight_chunk) if need_grad_weight else None
         for rows in row_chunks:
             hidden_chunk = hidden[rows].float()
             grad_logits = grad_logits_torch(
@@ -127,10 +129,13 @@ def _backward_torch(hidden, weight, targets, log_sum_exp, entropy, grad_log_prob
             )
             # Each product is summed from zero and then added: addmm_ would continue a BLAS sum
             # from the running total, rounding every one of its small terms against that total.
-            grad_hidden[rows] += grad_logits @ weight_chunk
-            grad_weight_chunk += grad_logits.T @ hidden_chunk
-        grad_weight[cols] = grad_weight_chunk
-    return grad_hidden.to(hidden.dtype), grad_weight
+            if need_grad_hidden:
+                grad_hidden[rows] += grad_logits @ weight_chunk
+            if need_grad_weight:
+                grad_weight_chunk += grad_logits.T @ hidden_chunk
+        if need_grad_weight:
+            grad_weight[cols] = grad_weight_chunk
+    return (grad_hidden.to(hidden.dtype) if need_grad_hidden else hidden.new_empty(0)), grad_weight
 
 
 # ----------------------------------------------------------------------------------------------
@@ -162,20 +167,24 @@ def fused_linear_logprob_entropy_backward(
     hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, log_sum_exp: torch.Tensor,
     entropy: torch.Tensor, grad_log_probs: torch.Tensor, grad_entropy: torch.Tensor,
     vocab_start: int, vocab_size: int, temperature: float, backend: str,
+    need_grad_hidden: bool = True, need_grad_weight: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(dL/dhidden [N, H], dL/dweight [V/TP, H])`` from the reduced ``log_sum_exp``/``entropy: [N]``
-    and the upstream gradients ``[N]``; ``dL/dhidden`` is this shard's part, padded rows of ``dW`` 0."""
+    and the upstream gradients ``[N]``; ``dL/dhidden`` is this shard's part, padded rows of ``dW`` 0.
+    A gradient whose ``need_grad_*`` is false is not computed (no ``dX`` or ``dW`` product) and
+    comes back as an empty tensor."""
     args = (
         hidden, weight, targets, log_sum_exp, entropy, grad_log_probs.contiguous(), grad_entropy.contiguous(),
-        vocab_start, vocab_size, temperature,
+        vocab_start, vocab_size, temperature, need_grad_hidden, need_grad_weight,
     )
     return backward_triton(*args) if use_triton(hidden, backend) else _backward_torch(*args)
 
 
 @fused_linear_logprob_entropy_backward.register_fake
 def _(hidden, weight, targets, log_sum_exp, entropy, grad_log_probs, grad_entropy, vocab_start, vocab_size,
-      temperature, backend):
-    return torch.empty_like(hidden), torch.empty_like(weight)
+      temperature, backend, need_grad_hidden=True, need_grad_weight=True):
+    return (torch.empty_like(hidden) if need_grad_hidden else hidden.new_empty(0),
+            torch.empty_like(weight) if need_grad_weight else weight.new_empty(0))
 
 
 @torch.library.custom_op("megarl::fused_linear_logprob_entropy_finalize", mutates_args=())
@@ -190,7 +199,9 @@ def fused_linear_logprob_entropy_finalize(
     return log_probs, entropy
 
 
-register_finalize(fused_linear_logprob_entropy_finalize, torch.ops.megarl.fused_linear_logprob_entropy_backward)
+register_finalize(
+    fused_linear_logprob_entropy_finalize, torch.ops.megarl.fused_linear_logprob_entropy_backward, grad_flags=True
+)
 
 
 class _SumGradientOverGroup(torch.autograd.Function):

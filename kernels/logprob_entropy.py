@@ -186,7 +186,7 @@ def _stats_of_rows(logits: torch.Tensor, local_targets: torch.Tensor, owned: tor
     """Stats ``[4, R]`` of valid logits ``[R, C]`` (no padding column); ``local_targets: [R]`` index
     them where ``owned: [R]``."""
     z = logits.to(torch.float32, copy=True).mul_(1.0 / temperature)
-    target_logit = z.gather(1, local_targets.clamp(0, z.shape[1] - 1)[:, None])[:, 0]
+    target_logit = z.gather(1, local_targets.clamp(0, z.shape[1] - 1).long()[:, None])[:, 0]
     row_max = z.amax(dim=1).clamp_min(EMPTY_ROW_MAX.value)
     shifted = z.sub_(row_max[:, None])
     exp_shifted = shifted.exp()
@@ -250,7 +250,7 @@ def _grad_of_rows(
     # -p (a + b (log p + H)), in place; p is 0 exactly where log p may be -inf (nan -> 0).
     grad = log_p.add_(entropy[:, None]).mul_(grad_entropy[:, None]).add_(grad_log_prob[:, None])
     grad.mul_(p).neg_().nan_to_num_(nan=0.0)
-    target_cols = local_targets.clamp(0, grad.shape[1] - 1)[:, None]
+    target_cols = local_targets.clamp(0, grad.shape[1] - 1).long()[:, None]
     grad.scatter_add_(1, target_cols, torch.where(owned, grad_log_prob, 0.0)[:, None])
     return grad.mul_(1.0 / temperature)
 
