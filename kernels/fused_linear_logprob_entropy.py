@@ -14,8 +14,10 @@ column-parallel output layer) and the gradient returned for it is the full one: 
 (the sum over its own vocabulary shard) is all-reduced over the group in backward, as Megatron's
 ``copy_to_tensor_model_parallel_region`` does in front of its output layer. Under sequence
 parallelism, gather the sequence-sharded hidden states with
-``gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)``: its backward
-then keeps this rank's slice of the already reduced gradient. The gradient of ``weight`` reaches
+``gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=True)`` and pass
+``sum_hidden_grad=False``: the gather's backward then reduce-scatters the ranks' parts, so that each
+rank receives the sum of its own sequence slice only (half the bytes of an all-reduce followed by
+a split, as Megatron's own sequence-parallel output layer does). The gradient of ``weight`` reaches
 ``weight.grad`` through autograd as for any parameter, so a weight tied to the input embedding
 accumulates both uses.
 
@@ -236,6 +238,7 @@ def fused_linear_logprob_entropy(
     vocab_size: int | None = None,
     group: dist.ProcessGroup | None = None,
     backend: str = "auto",
+    sum_hidden_grad: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probability of each target and entropy of each row under ``softmax(hidden @ weight.T / T)``.
 
@@ -253,6 +256,9 @@ def fused_linear_logprob_entropy(
             ranks the statistics are all-reduced in forward and the gradient of ``hidden`` in
             backward (see the module docstring for sequence parallelism).
         backend: ``"auto"`` (Triton on CUDA tensors, torch otherwise), ``"triton"`` or ``"torch"``.
+        sum_hidden_grad: all-reduce the gradient of ``hidden`` over ``group`` in backward (the
+            default); ``False`` hands back this rank's part, for a caller whose own backward
+            reduces it (the reduce-scatter of a sequence-parallel gather, see the module docstring).
 
     Returns:
         ``(log_probs, entropy)``, both ``[...]`` fp32, differentiable in ``hidden`` and ``weight``.
@@ -264,7 +270,7 @@ def fused_linear_logprob_entropy(
         )
     vocab_start, vocab_size = vocab_range(weight.shape[0], vocab_size, group)
     flat_hidden = hidden.reshape(-1, hidden.shape[-1]).contiguous()
-    if has_peers(group):
+    if sum_hidden_grad and has_peers(group):
         flat_hidden = _SumGradientOverGroup.apply(flat_hidden, group)
     return run_split_op(
         torch.ops.megarl.fused_linear_logprob_entropy_stats, torch.ops.megarl.fused_linear_logprob_entropy_finalize,
