@@ -20,8 +20,10 @@ arguments, the three steps above (:func:`run_split_op`) and the finalize op's fa
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Callable
+import time
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -141,6 +143,66 @@ def use_triton(tensor: torch.Tensor, backend: str) -> bool:
             "under Triton's interpreter, set TRITON_INTERPRET=1 before importing megarl.kernels"
         )
     return True
+
+
+# ----------------------------------------------------------------------------------------------
+# Phase timing (tools/bench_kernels.py --phases)
+# ----------------------------------------------------------------------------------------------
+
+PHASES = ("stats", "grad-logits", "dW", "dX")
+"""The ops' phases: the stats pass, the logit gradients (recomputed logits and their gradient;
+op 1: the gradient of the given logits), the ``dW`` products and the ``dX`` products (op 2)."""
+
+
+class PhaseTimer:
+    """The spans of each phase the ops ran while it was active: CUDA events on CUDA tensors
+    (read after a synchronize), ``time.perf_counter`` on the CPU."""
+
+    def __init__(self) -> None:
+        self.spans: list[tuple[str, object, object]] = []
+
+    def seconds(self) -> dict[str, float]:
+        """``{phase: seconds}`` summed over its spans (synchronizes CUDA first)."""
+        totals: dict[str, float] = {}
+        if any(not isinstance(start, float) for _, start, _ in self.spans):
+            torch.cuda.synchronize()
+        for name, start, end in self.spans:
+            elapsed = end - start if isinstance(start, float) else start.elapsed_time(end) / 1e3
+            totals[name] = totals.get(name, 0.0) + elapsed
+        return totals
+
+
+_PHASE_TIMER: PhaseTimer | None = None
+
+
+@contextlib.contextmanager
+def timing_phases() -> Iterator[PhaseTimer]:
+    """Record the ops' phases while the ``with`` block runs (one timer at a time)."""
+    global _PHASE_TIMER
+    _PHASE_TIMER = PhaseTimer()
+    try:
+        yield _PHASE_TIMER
+    finally:
+        _PHASE_TIMER = None
+
+
+@contextlib.contextmanager
+def phase(name: str, device: torch.device) -> Iterator[None]:
+    """One span of phase ``name`` on ``device``, recorded when :func:`timing_phases` is active."""
+    timer = _PHASE_TIMER
+    if timer is None:
+        yield
+        return
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        yield
+        end.record()
+    else:
+        start = time.perf_counter()
+        yield
+        end = time.perf_counter()
+    timer.spans.append((name, start, end))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ from megarl.kernels.common import (
     empty_stats,
     finalize_stats,
     has_peers,
+    phase,
     register_finalize,
     run_split_op,
     use_triton,
@@ -109,32 +110,41 @@ def _backward_torch(hidden, weight, targets, log_sum_exp, entropy, grad_log_prob
     grad_weight = torch.zeros_like(weight) if need_grad_weight else weight.new_empty(0)
     if valid_cols == 0 or n_rows == 0 or not (need_grad_hidden or need_grad_weight):
         return (torch.zeros_like(hidden) if need_grad_hidden else hidden.new_empty(0)), grad_weight
+    device = hidden.device
     if _in_one_pass(n_rows, valid_cols):
-        hidden_fp32, weight_fp32 = hidden.float(), weight[:valid_cols].float()
-        grad_logits = grad_logits_torch(
-            hidden_fp32 @ weight_fp32.T, targets, log_sum_exp, entropy, grad_log_prob, grad_entropy,
-            vocab_start, vocab_size, temperature,
-        )
+        with phase("grad-logits", device):
+            hidden_fp32, weight_fp32 = hidden.float(), weight[:valid_cols].float()
+            grad_logits = grad_logits_torch(
+                hidden_fp32 @ weight_fp32.T, targets, log_sum_exp, entropy, grad_log_prob, grad_entropy,
+                vocab_start, vocab_size, temperature,
+            )
         if need_grad_weight:
-            grad_weight[:valid_cols] = grad_logits.T @ hidden_fp32
-        grad_hidden = (grad_logits @ weight_fp32).to(hidden.dtype) if need_grad_hidden else hidden.new_empty(0)
+            with phase("dW", device):
+                grad_weight[:valid_cols] = grad_logits.T @ hidden_fp32
+        grad_hidden = hidden.new_empty(0)
+        if need_grad_hidden:
+            with phase("dX", device):
+                grad_hidden = (grad_logits @ weight_fp32).to(hidden.dtype)
         return grad_hidden, grad_weight
     grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_grad_hidden else None
     for cols, row_chunks in _torch_chunks(n_rows, valid_cols):
         weight_chunk = weight[cols].float()
         grad_weight_chunk = torch.zeros_like(weight_chunk) if need_grad_weight else None
         for rows in row_chunks:
-            hidden_chunk = hidden[rows].float()
-            grad_logits = grad_logits_torch(
-                hidden_chunk @ weight_chunk.T, targets[rows], log_sum_exp[rows], entropy[rows],
-                grad_log_prob[rows], grad_entropy[rows], vocab_start + cols.start, vocab_size, temperature,
-            )
+            with phase("grad-logits", device):
+                hidden_chunk = hidden[rows].float()
+                grad_logits = grad_logits_torch(
+                    hidden_chunk @ weight_chunk.T, targets[rows], log_sum_exp[rows], entropy[rows],
+                    grad_log_prob[rows], grad_entropy[rows], vocab_start + cols.start, vocab_size, temperature,
+                )
             # Each product is summed from zero and then added: addmm_ would continue a BLAS sum
             # from the running total, rounding every one of its small terms against that total.
             if need_grad_hidden:
-                grad_hidden[rows] += grad_logits @ weight_chunk
+                with phase("dX", device):
+                    grad_hidden[rows] += grad_logits @ weight_chunk
             if need_grad_weight:
-                grad_weight_chunk += grad_logits.T @ hidden_chunk
+                with phase("dW", device):
+                    grad_weight_chunk += grad_logits.T @ hidden_chunk
         if need_grad_weight:
             grad_weight[cols] = grad_weight_chunk
     return (grad_hidden.to(hidden.dtype) if need_grad_hidden else hidden.new_empty(0)), grad_weight
@@ -151,12 +161,13 @@ def fused_linear_logprob_entropy_stats(
     vocab_start: int, vocab_size: int, temperature: float, backend: str,
 ) -> torch.Tensor:
     """Stats pass on one shard: ``hidden: [N, H]``, ``weight: [V/TP, H]``, ``targets: [N]`` -> ``[4, N]``."""
-    if not use_triton(hidden, backend):
-        return _stats_torch(hidden, weight, targets, vocab_start, vocab_size, temperature)
-    valid_cols = valid_columns(weight.shape[0], vocab_start, vocab_size)
-    if valid_cols == 0 or hidden.shape[0] == 0:
-        return empty_stats(hidden.shape[0], hidden.device)
-    return stats_triton(hidden, weight, targets, vocab_start, valid_cols, temperature)
+    with phase("stats", hidden.device):
+        if not use_triton(hidden, backend):
+            return _stats_torch(hidden, weight, targets, vocab_start, vocab_size, temperature)
+        valid_cols = valid_columns(weight.shape[0], vocab_start, vocab_size)
+        if valid_cols == 0 or hidden.shape[0] == 0:
+            return empty_stats(hidden.shape[0], hidden.device)
+        return stats_triton(hidden, weight, targets, vocab_start, valid_cols, temperature)
 
 
 @fused_linear_logprob_entropy_stats.register_fake

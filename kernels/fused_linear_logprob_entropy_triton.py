@@ -69,6 +69,7 @@ from megarl.kernels.common import (
     grouped_block,
     interpreter_block_v,
     online_softmax_update,
+    phase,
     rows_bucket,
     valid_columns,
 )
@@ -455,19 +456,22 @@ def backward_triton(hidden, weight, targets, log_sum_exp, entropy, grad_log_prob
     for chunk_start in range(0, valid_cols, chunk):
         chunk_cols = min(chunk, valid_cols - chunk_start)
         weight_chunk = weight[chunk_start:chunk_start + chunk_cols]
-        grad_kernel[_grad_grid(n_rows, chunk_cols, programs)](
-            hidden, weight_chunk, targets, log_sum_exp, entropy, grad_log_prob, grad_entropy, grad_logits,
-            n_rows, hidden_size, chunk_start, chunk_cols, vocab_start, vocab_size, 1.0 / temperature,
-            hidden.stride(0), weight.stride(0), grad_logits.stride(0), bucket,
-            int(_tma_aligned(hidden, weight_chunk)),
-            **grad_options, **dot_options,
-        )
+        with phase("grad-logits", hidden.device):
+            grad_kernel[_grad_grid(n_rows, chunk_cols, programs)](
+                hidden, weight_chunk, targets, log_sum_exp, entropy, grad_log_prob, grad_entropy, grad_logits,
+                n_rows, hidden_size, chunk_start, chunk_cols, vocab_start, vocab_size, 1.0 / temperature,
+                hidden.stride(0), weight.stride(0), grad_logits.stride(0), bucket,
+                int(_tma_aligned(hidden, weight_chunk)),
+                **grad_options, **dot_options,
+            )
         chunk_grad = grad_logits[:, :chunk_cols]
         if need_grad_weight:
-            torch.mm(chunk_grad.t(), hidden, out=grad_weight[chunk_start:chunk_start + chunk_cols])
+            with phase("dW", hidden.device):
+                torch.mm(chunk_grad.t(), hidden, out=grad_weight[chunk_start:chunk_start + chunk_cols])
         if need_grad_hidden:
-            accumulate_product(
-                grad_hidden, chunk_grad, weight_chunk, rows_bucket=bucket,
-                triton_options={**accumulate_options, **dot_options},
-            )
+            with phase("dX", hidden.device):
+                accumulate_product(
+                    grad_hidden, chunk_grad, weight_chunk, rows_bucket=bucket,
+                    triton_options={**accumulate_options, **dot_options},
+                )
     return (grad_hidden.to(hidden.dtype) if need_grad_hidden else hidden.new_empty(0)), grad_weight

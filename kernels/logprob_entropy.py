@@ -66,6 +66,7 @@ from megarl.kernels.common import (
     grad_from_logits,
     interpreter_block_v,
     online_softmax_update,
+    phase,
     register_finalize,
     run_split_op,
     use_triton,
@@ -295,12 +296,13 @@ def logprob_entropy_stats(
 
     Rows: running max ``m``, ``sum exp(z - m)``, ``sum exp(z - m)(z - m)``, the target's ``z`` if owned.
     """
-    if not use_triton(logits, backend):
-        return partial_stats_torch(logits, targets, vocab_start, vocab_size, temperature)
-    valid_cols = valid_columns(logits.shape[1], vocab_start, vocab_size)
-    if valid_cols == 0 or logits.shape[0] == 0:
-        return empty_stats(logits.shape[0], logits.device)
-    return _stats_triton(logits, targets, vocab_start, valid_cols, temperature)
+    with phase("stats", logits.device):
+        if not use_triton(logits, backend):
+            return partial_stats_torch(logits, targets, vocab_start, vocab_size, temperature)
+        valid_cols = valid_columns(logits.shape[1], vocab_start, vocab_size)
+        if valid_cols == 0 or logits.shape[0] == 0:
+            return empty_stats(logits.shape[0], logits.device)
+        return _stats_triton(logits, targets, vocab_start, valid_cols, temperature)
 
 
 @logprob_entropy_stats.register_fake
@@ -316,14 +318,16 @@ def logprob_entropy_backward(
 ) -> torch.Tensor:
     """``dL/dlogits: [N, V/TP]`` (``logits.dtype``) from the reduced ``log_sum_exp``/``entropy: [N]``
     and the upstream ``grad_log_probs``/``grad_entropy: [N]``; padded columns get 0."""
-    if not use_triton(logits, backend):
-        return grad_logits_torch(
-            logits, targets, log_sum_exp, entropy, grad_log_probs, grad_entropy, vocab_start, vocab_size, temperature
+    with phase("grad-logits", logits.device):
+        if not use_triton(logits, backend):
+            return grad_logits_torch(
+                logits, targets, log_sum_exp, entropy, grad_log_probs, grad_entropy, vocab_start, vocab_size,
+                temperature,
+            )
+        return _backward_triton(
+            logits, targets, log_sum_exp, entropy, grad_log_probs.contiguous(), grad_entropy.contiguous(),
+            vocab_start, vocab_size, temperature,
         )
-    return _backward_triton(
-        logits, targets, log_sum_exp, entropy, grad_log_probs.contiguous(), grad_entropy.contiguous(),
-        vocab_start, vocab_size, temperature,
-    )
 
 
 @logprob_entropy_backward.register_fake
