@@ -60,6 +60,7 @@ import triton.language as tl
 from megarl.kernels.common import (
     EMPTY_ROW_MAX,
     LAUNCH_OPTIONS,
+    autotune_configs,
     check_arguments,
     empty_stats,
     finalize_stats,
@@ -68,6 +69,7 @@ from megarl.kernels.common import (
     online_softmax_update,
     phase,
     register_finalize,
+    rows_bucket,
     run_split_op,
     use_triton,
     valid_columns,
@@ -83,20 +85,20 @@ TORCH_CHUNK_ELEMENTS = 1 << 22
 def _stats_configs() -> list[triton.Config]:
     # Memory-bound row reduction on H100: 4-8K columns per step keep enough bytes in flight per
     # SM to approach HBM bandwidth; more stages deepen the load pipeline.
-    return [
+    return autotune_configs([
         triton.Config({"BLOCK_V": block}, num_warps=warps, num_stages=stages)
         for block, warps, stages in (
             (2048, 4, 3), (4096, 8, 3), (4096, 8, 4), (8192, 8, 3), (8192, 16, 3), (16384, 16, 2),
         )
-    ]
+    ])
 
 
 def _backward_configs() -> list[triton.Config]:
     # Reads and writes one block per program (no loop): large blocks amortise the per-row loads.
-    return [
+    return autotune_configs([
         triton.Config({"BLOCK_V": block}, num_warps=warps)
         for block, warps in ((1024, 4), (2048, 4), (2048, 8), (4096, 8), (8192, 16))
-    ]
+    ])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -107,9 +109,10 @@ def _backward_configs() -> list[triton.Config]:
 @triton.jit
 def _stats_kernel(
     logits_ptr, targets_ptr, stats_ptr,
-    n_rows, row_stride, valid_cols, vocab_start, inv_temperature,
+    n_rows, row_stride, valid_cols, vocab_start, inv_temperature, rows_bucket,
     BLOCK_V: tl.constexpr,
 ):
+    # rows_bucket: the autotuner's key only (one program per row: N sets the grid).
     row = tl.program_id(0)
     row_logits = logits_ptr + row.to(tl.int64) * row_stride
     row_max = tl.full((1,), EMPTY_ROW_MAX, tl.float32)
@@ -132,7 +135,7 @@ def _stats_kernel(
 @triton.jit
 def _backward_kernel(
     logits_ptr, grad_logits_ptr, targets_ptr, log_sum_exp_ptr, entropy_ptr, grad_log_prob_ptr, grad_entropy_ptr,
-    n_cols, logits_row_stride, grad_row_stride, valid_cols, vocab_start, vocab_size, inv_temperature,
+    n_cols, logits_row_stride, grad_row_stride, valid_cols, vocab_start, vocab_size, inv_temperature, rows_bucket,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0)
@@ -156,8 +159,9 @@ def _backward_kernel(
     tl.store(out, grad.to(grad_logits_ptr.dtype.element_ty), mask=cols[None, :] < n_cols)
 
 
-_stats_kernel_tuned = triton.autotune(configs=_stats_configs(), key=["valid_cols"])(_stats_kernel)
-_backward_kernel_tuned = triton.autotune(configs=_backward_configs(), key=["n_cols"])(_backward_kernel)
+# Keyed on the shard's width and the token-count bucket (megarl.kernels.common.rows_bucket).
+_stats_kernel_tuned = triton.autotune(configs=_stats_configs(), key=["valid_cols", "rows_bucket"])(_stats_kernel)
+_backward_kernel_tuned = triton.autotune(configs=_backward_configs(), key=["n_cols", "rows_bucket"])(_backward_kernel)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -168,7 +172,9 @@ _backward_kernel_tuned = triton.autotune(configs=_backward_configs(), key=["n_co
 def _stats_triton(logits, targets, vocab_start, valid_cols, temperature):
     n_rows = logits.shape[0]
     stats = torch.empty(4, n_rows, dtype=torch.float32, device=logits.device)
-    args = (logits, targets, stats, n_rows, logits.stride(0), valid_cols, vocab_start, 1.0 / temperature)
+    args = (
+        logits, targets, stats, n_rows, logits.stride(0), valid_cols, vocab_start, 1.0 / temperature, rows_bucket(n_rows)
+    )
     if logits.is_cuda:
         _stats_kernel_tuned[(n_rows,)](*args, **LAUNCH_OPTIONS)
     else:
@@ -229,7 +235,7 @@ def _backward_triton(logits, targets, log_sum_exp, entropy, grad_log_prob, grad_
     args = (
         logits, grad_logits, targets, log_sum_exp, entropy, grad_log_prob, grad_entropy,
         n_cols, logits.stride(0), grad_logits.stride(0), valid_columns(n_cols, vocab_start, vocab_size),
-        vocab_start, vocab_size, 1.0 / temperature,
+        vocab_start, vocab_size, 1.0 / temperature, rows_bucket(n_rows),
     )
     if logits.is_cuda:
         _backward_kernel_tuned[lambda meta: (n_rows, triton.cdiv(n_cols, meta["BLOCK_V"]))](*args, **LAUNCH_OPTIONS)

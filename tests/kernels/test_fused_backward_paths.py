@@ -11,6 +11,7 @@ import torch
 from megarl.kernels import common
 from megarl.kernels import fused_linear_logprob_entropy as module
 from megarl.kernels import fused_linear_logprob_entropy_triton as kernels_module
+from megarl.kernels import logprob_entropy as logits_module
 from megarl.kernels import matmul_accumulate
 from megarl.kernels.fused_linear_logprob_entropy import fused_linear_logprob_entropy
 from tests.kernels.reference import IGNORED_TARGET, TEMPERATURE, TOLERANCES, make_problem
@@ -142,7 +143,8 @@ def test_autotune_lists_trimmed_by_the_environment(monkeypatch):
     }
     assert any(config.kwargs["USE_TMA"] for config in kernels_module._stats_configs())
     monkeypatch.setenv(common.AUTOTUNE_ENV, "first")
-    for make in (kernels_module._stats_configs, kernels_module._grad_configs, matmul_accumulate._accumulate_configs):
+    for make in (kernels_module._stats_configs, kernels_module._grad_configs, matmul_accumulate._accumulate_configs,
+                 logits_module._stats_configs, logits_module._backward_configs):
         first = make()
         assert len(first) == 1 and not first[0].kwargs.get("USE_TMA") and not first[0].kwargs.get("PERSISTENT")
     assert kernels_module._grad_configs()[0].kwargs == every[0].kwargs
@@ -156,7 +158,8 @@ def test_autotune_keys_include_the_token_bucket():
         256, 256, 256, 512, 1024, 16384, 16384,
     ]
     for kernel in (kernels_module._stats_kernel_tuned, kernels_module._grad_logits_kernel_tuned,
-                   matmul_accumulate._matmul_accumulate_kernel_tuned):
+                   matmul_accumulate._matmul_accumulate_kernel_tuned, logits_module._stats_kernel_tuned,
+                   logits_module._backward_kernel_tuned):
         assert "rows_bucket" in kernel.keys
 
 
