@@ -20,13 +20,14 @@ from tests.kernels.test_fused_linear_logprob_entropy import HIDDEN, PADDING, VOC
 pytestmark = pytest.mark.cpu
 
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# Two 16-row interpreter blocks, the last ragged (the interpreter's cost is per program).
+# Two 16-row interpreter blocks, the last ragged (the interpreter's cost is per program); one
+# block where the rows do not matter.
 ROWS = 20
+FEW_ROWS = 5
 
 
 @pytest.mark.parametrize("mode,dtype", [
     pytest.param("cublas", torch.bfloat16, id="cublas-bfloat16"),
-    pytest.param("cublas", torch.float32, id="cublas-float32"),
     pytest.param("triton", torch.bfloat16, id="triton-bfloat16"),
 ])
 def test_dx_paths_match_the_reference(monkeypatch, mode, dtype):
@@ -49,6 +50,15 @@ def test_dx_paths_match_the_reference(monkeypatch, mode, dtype):
     else:
         expected = {matmul_accumulate.torch_accumulate(torch.device("cuda"), dtype) or "triton"}
     assert set(taken) == expected and len(taken) == 2, taken  # two grad chunks
+
+
+def test_fp32_operands_take_the_plain_product(monkeypatch):
+    monkeypatch.setenv(matmul_accumulate.FUSED_DX_ENV, "cublas")
+    generator = torch.Generator().manual_seed(0)
+    a, b, acc = (torch.randn(*shape, generator=generator) for shape in ((5, 7), (7, 3), (5, 3)))
+    expected = acc.double() + a.double() @ b.double()
+    assert matmul_accumulate.accumulate_product(acc, a, b, rows_bucket=256, triton_options={}) == "fp32"
+    torch.testing.assert_close(acc.double(), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_bad_dx_mode_names_the_variable(monkeypatch):
@@ -78,7 +88,7 @@ def test_a_gradient_not_needed_is_not_computed(monkeypatch, backend, device, fro
         monkeypatch.setattr(module, name, spy)
     products = []
     monkeypatch.setattr(kernels_module, "accumulate_product", lambda *args, **kwargs: products.append("dX"))
-    problem = make_problem(ROWS, VOCAB, VOCAB - PADDING, torch.float32, hidden_size=HIDDEN)
+    problem = make_problem(FEW_ROWS, VOCAB, VOCAB - PADDING, torch.float32, hidden_size=HIDDEN)
     hidden = problem.hidden.to(device, copy=True).requires_grad_(frozen != "hidden")
     weight = problem.weight.to(device, copy=True).requires_grad_(frozen != "weight")
     log_probs, entropy = fused_linear_logprob_entropy(
@@ -107,18 +117,18 @@ def test_targets_reach_the_ops_as_int32_and_huge_ids_stay_ignored(monkeypatch, b
         return original(hidden, weight, targets, *options)
 
     monkeypatch.setattr(module, name, spy)
-    problem = make_problem(ROWS, VOCAB, VOCAB - PADDING, torch.float32, hidden_size=HIDDEN)
+    problem = make_problem(FEW_ROWS, VOCAB, VOCAB - PADDING, torch.float32, hidden_size=HIDDEN)
     huge = problem.targets.clone()
-    huge[3], huge[5] = 2**40, -(2**40)  # wrap to valid ids if narrowed before the range check
+    huge[0], huge[4] = 2**40, -(2**40)  # wrap to valid ids if narrowed before the range check
     ignored = problem.targets.clone()
-    ignored[3] = ignored[5] = IGNORED_TARGET
+    ignored[0] = ignored[4] = IGNORED_TARGET
     hidden, weight = problem.hidden.to(device), problem.weight.to(device)
     options = dict(temperature=TEMPERATURE, vocab_size=problem.vocab_size, backend=backend)
     got = fused_linear_logprob_entropy(hidden, weight, huge.to(device), **options)
     expected = fused_linear_logprob_entropy(hidden, weight, ignored.to(device), **options)
     for actual, wanted in zip(got, expected):
         torch.testing.assert_close(actual, wanted, atol=0, rtol=0)
-    assert got[0][3] == 0 and got[0][5] == 0
+    assert got[0][0] == 0 and got[0][4] == 0
     assert seen == [torch.int32, torch.int32]
 
 

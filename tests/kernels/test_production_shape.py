@@ -6,11 +6,11 @@ split over two emulated tensor-parallel ranks (each shard's stats, then what the
 compute, then each shard's finalize and backward, the hidden gradient summed over the shards as
 the backward's all-reduce sums it), bf16, the grad workspace shrunk so that each shard's
 backward takes 5 chunks. Under the interpreter on the CPU the same code paths at shapes that fit:
-H = 32 (two whole 16-deep K blocks: the ``EVEN_K`` path), 40 rows (three 16-row blocks, the last
-ragged), 3300 tokens padded to 3328 over two shards of 1664 rows (4 grad chunks and 4 stats
-splits of 512 columns each, the last tile ragged, 28 padded rows on the second shard; the logits
-op, which has no chunks and a program per row and column block, on 8 rows of 997 tokens padded to
-1000). Also the
+H = 16 (one whole 16-deep K block: the ``EVEN_K`` path); 40 rows (three 16-row blocks, the last
+ragged, in groups of two: the last group ragged too); 1780 tokens padded to 1792 over two shards
+of 896 rows, in grad chunks and stats splits of one 256-column block (4 of each a shard, the last
+tile ragged, 12 padded rows on the second shard). The logits op, which has no chunks and one
+program per row and column block, runs on 8 rows of 997 tokens padded to 1000. Also the
 peaked/flat-row check of the fused op (``test_logprob_entropy.py`` has the logits op's).
 """
 
@@ -38,7 +38,7 @@ TP = 2
 # (rows, hidden, vocab_size, padded vocabulary, grad workspace bytes): 5 grad chunks of 4096
 # columns per GPU shard (16512 rows); the interpreter's chunks are 2 column blocks whatever the workspace.
 GPU_SHAPE = (600, 256, 33000, 33024, 600 * 2 * 4096)
-INTERPRETER_SHAPE = (40, 32, 3300, 3328, None)
+INTERPRETER_SHAPE = (40, 16, 1780, 1792, None)
 
 
 def reference(problem: Problem):
@@ -131,7 +131,8 @@ def test_production_shape_on_gpu(monkeypatch, make):
 @pytest.mark.cpu
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's shapes: the GPU test covers CUDA")
 @pytest.mark.parametrize("make", [logits_problem, fused_problem], ids=["logits", "fused"])
-def test_production_shape_under_the_interpreter(make):
+def test_production_shape_under_the_interpreter(monkeypatch, make):
+    monkeypatch.setattr(kernels_module, "INTERPRETER_BLOCKS_PER_CHUNK", 1)
     n_rows, hidden_size, vocab_size, padded, _ = INTERPRETER_SHAPE
     shard_rows = padded // TP
     chunk = kernels_module.INTERPRETER_BLOCKS_PER_CHUNK * interpreter_block_v(shard_rows)
