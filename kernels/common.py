@@ -20,7 +20,10 @@ arguments, the three steps above (:func:`run_split_op`) and the finalize op's fa
 
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+import os
+import time
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -47,6 +50,20 @@ INTERPRETER_MAX_BLOCKS = 8
 # gets ``p > 1``: on an H200, 1.5e-4 in dL/dx at logits of 5e3 (tests/kernels: test_peaked_and_flat_rows).
 # Passed to the compiled launches only: the interpreter's numpy never contracts.
 LAUNCH_OPTIONS = {"enable_fp_fusion": False}
+
+# MEGARL_AUTOTUNE=all (the default) autotunes every kernel over its whole list of configurations;
+# MEGARL_AUTOTUNE=first keeps the first configuration of each list (no timing runs: a quick check
+# such as tools/gpu_check.sh's, whose minutes the tuning of every kernel at every shape would take).
+AUTOTUNE_ENV = "MEGARL_AUTOTUNE"
+AUTOTUNE_MODES = ("all", "first")
+
+# The autotuners' token-count key: N rounded up to a power of two, at least one 256-row bucket and
+# at most 16384 (past it every configuration fills the GPU many times over). The best tiles and
+# stages change with N (a 100-row micro-batch gives a 16-program dX grid, a 16k-row one
+# thousands), while retuning for every packed micro-batch's exact N would stall training: at most
+# 7 buckets are tuned per hidden size.
+ROWS_BUCKET_MIN = 256
+ROWS_BUCKET_MAX = 16384
 
 
 # ----------------------------------------------------------------------------------------------
@@ -79,6 +96,34 @@ def grad_from_logits(z, is_target, log_sum_exp, entropy, grad_log_prob, grad_ent
     return grad * inv_temperature
 
 
+@triton.jit
+def grouped_block(pid, n_row_blocks, n_col_blocks, GROUP: tl.constexpr):
+    """``(row block, column block)`` of program ``pid`` in grouped order: ``GROUP`` consecutive row
+    blocks sweep the column blocks together, so that each column tile is read from HBM once and
+    then from L2."""
+    programs_per_group = GROUP * n_col_blocks
+    first_row_block = (pid // programs_per_group) * GROUP
+    group_rows = tl.minimum(n_row_blocks - first_row_block, GROUP)
+    row_block = first_row_block + (pid % programs_per_group) % group_rows
+    return row_block, (pid % programs_per_group) // group_rows
+
+
+def autotune_configs(configs: list[triton.Config]) -> list[triton.Config]:
+    """``configs`` as ``MEGARL_AUTOTUNE`` trims them (read when ``megarl.kernels`` is imported)."""
+    mode = os.environ.get(AUTOTUNE_ENV, "all")
+    if mode not in AUTOTUNE_MODES:
+        raise ValueError(
+            f"{AUTOTUNE_ENV}={mode!r} is not one of {AUTOTUNE_MODES}: set it to 'all' (autotune over every "
+            "configuration, the default) or 'first' (the first configuration of each kernel, no tuning)"
+        )
+    return configs[:1] if mode == "first" else configs
+
+
+def rows_bucket(n_rows: int) -> int:
+    """The autotuners' token-count key for ``n_rows`` rows (see ``ROWS_BUCKET_MIN``)."""
+    return min(ROWS_BUCKET_MAX, max(ROWS_BUCKET_MIN, triton.next_power_of_2(n_rows)))
+
+
 def interpreter_block_v(n_cols: int) -> int:
     """The column block of the interpreted kernels for a shard of ``n_cols`` columns."""
     return max(INTERPRETER_MIN_BLOCK_V, triton.next_power_of_2(triton.cdiv(n_cols, INTERPRETER_MAX_BLOCKS)))
@@ -98,6 +143,70 @@ def use_triton(tensor: torch.Tensor, backend: str) -> bool:
             "under Triton's interpreter, set TRITON_INTERPRET=1 before importing megarl.kernels"
         )
     return True
+
+
+# ----------------------------------------------------------------------------------------------
+# Phase timing (tools/bench_kernels.py --phases)
+# ----------------------------------------------------------------------------------------------
+
+PHASES = ("stats", "grad-logits", "dW", "dX")
+"""The ops' phases: the stats pass, the logit gradients (recomputed logits and their gradient;
+op 1: the gradient of the given logits), the ``dW`` products and the ``dX`` products (op 2)."""
+
+
+class PhaseTimer:
+    """The spans of each phase the ops ran while it was active: CUDA events on CUDA tensors
+    (read after a synchronize), ``time.perf_counter`` on the CPU."""
+
+    def __init__(self) -> None:
+        self.spans: list[tuple[str, object, object]] = []
+
+    def seconds(self) -> dict[str, float]:
+        """``{phase: seconds}`` summed over its spans (synchronizes CUDA first)."""
+        totals: dict[str, float] = {}
+        if any(not isinstance(start, float) for _, start, _ in self.spans):
+            torch.cuda.synchronize()
+        for name, start, end in self.spans:
+            elapsed = end - start if isinstance(start, float) else start.elapsed_time(end) / 1e3
+            totals[name] = totals.get(name, 0.0) + elapsed
+        return totals
+
+
+_PHASE_TIMER: PhaseTimer | None = None
+
+
+@contextlib.contextmanager
+def timing_phases() -> Iterator[PhaseTimer]:
+    """Record the ops' phases while the ``with`` block runs (one timer at a time)."""
+    global _PHASE_TIMER
+    _PHASE_TIMER = PhaseTimer()
+    try:
+        yield _PHASE_TIMER
+    finally:
+        _PHASE_TIMER = None
+
+
+_NO_PHASE = contextlib.nullcontext()
+
+
+def phase(name: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """One span of phase ``name`` on ``device``, recorded when :func:`timing_phases` is active
+    (otherwise a shared no-op context: a fraction of a microsecond per call)."""
+    return _NO_PHASE if _PHASE_TIMER is None else _timed_phase(_PHASE_TIMER, name, device)
+
+
+@contextlib.contextmanager
+def _timed_phase(timer: PhaseTimer, name: str, device: torch.device) -> Iterator[None]:
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        yield
+        end.record()
+    else:
+        start = time.perf_counter()
+        yield
+        end = time.perf_counter()
+    timer.spans.append((name, start, end))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -215,12 +324,16 @@ def run_split_op(
         stats_op, finalize_op: one op's ``torch.ops.megarl.<op>_stats`` and ``<op>_finalize``.
         inputs: the op's differentiable inputs, their rows flattened (``[N, ...]``) and laid out as
             its kernels read them.
-        targets: ``[...]`` global token ids, ``N`` of them.
+        targets: ``[...]`` global token ids, ``N`` of them (handed to the ops as int32, ids outside
+            ``[0, vocab_size)`` as -1).
 
     Returns:
         ``(log_probs, entropy)``, both shaped as ``targets``, fp32, differentiable in ``inputs``.
     """
-    flat_targets = targets.reshape(-1).long().contiguous()
+    # int32 ids inside the kernels (narrower index arithmetic and compares than int64); ids outside
+    # the vocabulary, whatever their width, become -1 first (they stay ignored).
+    flat_targets = targets.reshape(-1)
+    flat_targets = torch.where((flat_targets >= 0) & (flat_targets < vocab_size), flat_targets, -1).to(torch.int32)
     options = (vocab_start, vocab_size, float(temperature), backend)
     stats = stats_op(*(tensor.detach() for tensor in inputs), flat_targets, *options)
     stats = reduce_partial_stats(stats, group)
@@ -228,12 +341,16 @@ def run_split_op(
     return log_probs.view(targets.shape), entropy.view(targets.shape)
 
 
-def register_finalize(finalize_op: torch.library.CustomOpDef, backward_op: Callable) -> None:
+def register_finalize(finalize_op: torch.library.CustomOpDef, backward_op: Callable, *, grad_flags: bool = False) -> None:
     """Register ``finalize_op``'s fake and its autograd formula, which calls ``backward_op``.
 
     ``finalize_op`` takes ``(*inputs, targets, stats, vocab_start, vocab_size, temperature,
     backend)`` and returns ``(log_probs [N], entropy [N])``; ``backward_op`` returns the gradient
-    of each of ``inputs`` (one tensor, or a tuple of them).
+    of each of ``inputs`` (one tensor, or a tuple of them). With ``grad_flags``, ``backward_op``
+    also takes one bool per input after the options, whether that input needs its gradient
+    (``ctx.needs_input_grad``), and may return an empty tensor for one that does not (it becomes
+    ``None``): a frozen output weight costs no ``dW`` product, hidden states that need no
+    gradient no ``dX``.
     """
 
     def fake(*arguments):
@@ -248,9 +365,14 @@ def register_finalize(finalize_op: torch.library.CustomOpDef, backward_op: Calla
     def backward(ctx, grad_log_probs, grad_entropy):
         *differentiable, targets, stats, entropy = ctx.saved_tensors
         log_sum_exp = stats[0] + stats[1].log()
-        grads = backward_op(*differentiable, targets, log_sum_exp, entropy, grad_log_probs, grad_entropy, *ctx.options)
+        needed = tuple(ctx.needs_input_grad[: len(differentiable)])
+        flags = needed if grad_flags else ()
+        grads = backward_op(
+            *differentiable, targets, log_sum_exp, entropy, grad_log_probs, grad_entropy, *ctx.options, *flags
+        )
         if isinstance(grads, torch.Tensor):
             grads = (grads,)
+        grads = tuple(grad if need else None for grad, need in zip(grads, needed))
         # No gradient for targets, stats and the four options.
         return (*grads, None, None, None, None, None, None)
 

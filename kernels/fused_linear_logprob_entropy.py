@@ -14,8 +14,10 @@ column-parallel output layer) and the gradient returned for it is the full one: 
 (the sum over its own vocabulary shard) is all-reduced over the group in backward, as Megatron's
 ``copy_to_tensor_model_parallel_region`` does in front of its output layer. Under sequence
 parallelism, gather the sequence-sharded hidden states with
-``gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)``: its backward
-then keeps this rank's slice of the already reduced gradient. The gradient of ``weight`` reaches
+``gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=True)`` and pass
+``sum_hidden_grad=False``: the gather's backward then reduce-scatters the ranks' parts, so that each
+rank receives the sum of its own sequence slice only (half the bytes of an all-reduce followed by
+a split, as Megatron's own sequence-parallel output layer does). The gradient of ``weight`` reaches
 ``weight.grad`` through autograd as for any parameter, so a weight tied to the input embedding
 accumulates both uses.
 
@@ -39,6 +41,7 @@ from megarl.kernels.common import (
     empty_stats,
     finalize_stats,
     has_peers,
+    phase,
     register_finalize,
     run_split_op,
     use_triton,
@@ -101,36 +104,50 @@ def _stats_torch(hidden, weight, targets, vocab_start, vocab_size, temperature):
 
 
 def _backward_torch(hidden, weight, targets, log_sum_exp, entropy, grad_log_prob, grad_entropy,
-                    vocab_start, vocab_size, temperature):
+                    vocab_start, vocab_size, temperature, need_grad_hidden=True, need_grad_weight=True):
     n_rows = hidden.shape[0]
     valid_cols = valid_columns(weight.shape[0], vocab_start, vocab_size)
-    grad_weight = torch.zeros_like(weight)
-    if valid_cols == 0 or n_rows == 0:
-        return torch.zeros_like(hidden), grad_weight
+    grad_weight = torch.zeros_like(weight) if need_grad_weight else weight.new_empty(0)
+    if valid_cols == 0 or n_rows == 0 or not (need_grad_hidden or need_grad_weight):
+        return (torch.zeros_like(hidden) if need_grad_hidden else hidden.new_empty(0)), grad_weight
+    device = hidden.device
     if _in_one_pass(n_rows, valid_cols):
-        hidden_fp32, weight_fp32 = hidden.float(), weight[:valid_cols].float()
-        grad_logits = grad_logits_torch(
-            hidden_fp32 @ weight_fp32.T, targets, log_sum_exp, entropy, grad_log_prob, grad_entropy,
-            vocab_start, vocab_size, temperature,
-        )
-        grad_weight[:valid_cols] = grad_logits.T @ hidden_fp32
-        return (grad_logits @ weight_fp32).to(hidden.dtype), grad_weight
-    grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+        with phase("grad-logits", device):
+            hidden_fp32, weight_fp32 = hidden.float(), weight[:valid_cols].float()
+            grad_logits = grad_logits_torch(
+                hidden_fp32 @ weight_fp32.T, targets, log_sum_exp, entropy, grad_log_prob, grad_entropy,
+                vocab_start, vocab_size, temperature,
+            )
+        if need_grad_weight:
+            with phase("dW", device):
+                grad_weight[:valid_cols] = grad_logits.T @ hidden_fp32
+        grad_hidden = hidden.new_empty(0)
+        if need_grad_hidden:
+            with phase("dX", device):
+                grad_hidden = (grad_logits @ weight_fp32).to(hidden.dtype)
+        return grad_hidden, grad_weight
+    grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_grad_hidden else None
     for cols, row_chunks in _torch_chunks(n_rows, valid_cols):
         weight_chunk = weight[cols].float()
-        grad_weight_chunk = torch.zeros_like(weight_chunk)
+        grad_weight_chunk = torch.zeros_like(weight_chunk) if need_grad_weight else None
         for rows in row_chunks:
-            hidden_chunk = hidden[rows].float()
-            grad_logits = grad_logits_torch(
-                hidden_chunk @ weight_chunk.T, targets[rows], log_sum_exp[rows], entropy[rows],
-                grad_log_prob[rows], grad_entropy[rows], vocab_start + cols.start, vocab_size, temperature,
-            )
+            with phase("grad-logits", device):
+                hidden_chunk = hidden[rows].float()
+                grad_logits = grad_logits_torch(
+                    hidden_chunk @ weight_chunk.T, targets[rows], log_sum_exp[rows], entropy[rows],
+                    grad_log_prob[rows], grad_entropy[rows], vocab_start + cols.start, vocab_size, temperature,
+                )
             # Each product is summed from zero and then added: addmm_ would continue a BLAS sum
             # from the running total, rounding every one of its small terms against that total.
-            grad_hidden[rows] += grad_logits @ weight_chunk
-            grad_weight_chunk += grad_logits.T @ hidden_chunk
-        grad_weight[cols] = grad_weight_chunk
-    return grad_hidden.to(hidden.dtype), grad_weight
+            if need_grad_hidden:
+                with phase("dX", device):
+                    grad_hidden[rows] += grad_logits @ weight_chunk
+            if need_grad_weight:
+                with phase("dW", device):
+                    grad_weight_chunk += grad_logits.T @ hidden_chunk
+        if need_grad_weight:
+            grad_weight[cols] = grad_weight_chunk
+    return (grad_hidden.to(hidden.dtype) if need_grad_hidden else hidden.new_empty(0)), grad_weight
 
 
 # ----------------------------------------------------------------------------------------------
@@ -144,12 +161,13 @@ def fused_linear_logprob_entropy_stats(
     vocab_start: int, vocab_size: int, temperature: float, backend: str,
 ) -> torch.Tensor:
     """Stats pass on one shard: ``hidden: [N, H]``, ``weight: [V/TP, H]``, ``targets: [N]`` -> ``[4, N]``."""
-    if not use_triton(hidden, backend):
-        return _stats_torch(hidden, weight, targets, vocab_start, vocab_size, temperature)
-    valid_cols = valid_columns(weight.shape[0], vocab_start, vocab_size)
-    if valid_cols == 0 or hidden.shape[0] == 0:
-        return empty_stats(hidden.shape[0], hidden.device)
-    return stats_triton(hidden, weight, targets, vocab_start, valid_cols, temperature)
+    with phase("stats", hidden.device):
+        if not use_triton(hidden, backend):
+            return _stats_torch(hidden, weight, targets, vocab_start, vocab_size, temperature)
+        valid_cols = valid_columns(weight.shape[0], vocab_start, vocab_size)
+        if valid_cols == 0 or hidden.shape[0] == 0:
+            return empty_stats(hidden.shape[0], hidden.device)
+        return stats_triton(hidden, weight, targets, vocab_start, valid_cols, temperature)
 
 
 @fused_linear_logprob_entropy_stats.register_fake
@@ -162,20 +180,24 @@ def fused_linear_logprob_entropy_backward(
     hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, log_sum_exp: torch.Tensor,
     entropy: torch.Tensor, grad_log_probs: torch.Tensor, grad_entropy: torch.Tensor,
     vocab_start: int, vocab_size: int, temperature: float, backend: str,
+    need_grad_hidden: bool = True, need_grad_weight: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(dL/dhidden [N, H], dL/dweight [V/TP, H])`` from the reduced ``log_sum_exp``/``entropy: [N]``
-    and the upstream gradients ``[N]``; ``dL/dhidden`` is this shard's part, padded rows of ``dW`` 0."""
+    and the upstream gradients ``[N]``; ``dL/dhidden`` is this shard's part, padded rows of ``dW`` 0.
+    A gradient whose ``need_grad_*`` is false is not computed (no ``dX`` or ``dW`` product) and
+    comes back as an empty tensor."""
     args = (
         hidden, weight, targets, log_sum_exp, entropy, grad_log_probs.contiguous(), grad_entropy.contiguous(),
-        vocab_start, vocab_size, temperature,
+        vocab_start, vocab_size, temperature, need_grad_hidden, need_grad_weight,
     )
     return backward_triton(*args) if use_triton(hidden, backend) else _backward_torch(*args)
 
 
 @fused_linear_logprob_entropy_backward.register_fake
 def _(hidden, weight, targets, log_sum_exp, entropy, grad_log_probs, grad_entropy, vocab_start, vocab_size,
-      temperature, backend):
-    return torch.empty_like(hidden), torch.empty_like(weight)
+      temperature, backend, need_grad_hidden=True, need_grad_weight=True):
+    return (torch.empty_like(hidden) if need_grad_hidden else hidden.new_empty(0),
+            torch.empty_like(weight) if need_grad_weight else weight.new_empty(0))
 
 
 @torch.library.custom_op("megarl::fused_linear_logprob_entropy_finalize", mutates_args=())
@@ -190,7 +212,9 @@ def fused_linear_logprob_entropy_finalize(
     return log_probs, entropy
 
 
-register_finalize(fused_linear_logprob_entropy_finalize, torch.ops.megarl.fused_linear_logprob_entropy_backward)
+register_finalize(
+    fused_linear_logprob_entropy_finalize, torch.ops.megarl.fused_linear_logprob_entropy_backward, grad_flags=True
+)
 
 
 class _SumGradientOverGroup(torch.autograd.Function):
@@ -225,6 +249,7 @@ def fused_linear_logprob_entropy(
     vocab_size: int | None = None,
     group: dist.ProcessGroup | None = None,
     backend: str = "auto",
+    sum_hidden_grad: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probability of each target and entropy of each row under ``softmax(hidden @ weight.T / T)``.
 
@@ -242,6 +267,9 @@ def fused_linear_logprob_entropy(
             ranks the statistics are all-reduced in forward and the gradient of ``hidden`` in
             backward (see the module docstring for sequence parallelism).
         backend: ``"auto"`` (Triton on CUDA tensors, torch otherwise), ``"triton"`` or ``"torch"``.
+        sum_hidden_grad: all-reduce the gradient of ``hidden`` over ``group`` in backward (the
+            default); ``False`` hands back this rank's part, for a caller whose own backward
+            reduces it (the reduce-scatter of a sequence-parallel gather, see the module docstring).
 
     Returns:
         ``(log_probs, entropy)``, both ``[...]`` fp32, differentiable in ``hidden`` and ``weight``.
@@ -253,7 +281,7 @@ def fused_linear_logprob_entropy(
         )
     vocab_start, vocab_size = vocab_range(weight.shape[0], vocab_size, group)
     flat_hidden = hidden.reshape(-1, hidden.shape[-1]).contiguous()
-    if has_peers(group):
+    if sum_hidden_grad and has_peers(group):
         flat_hidden = _SumGradientOverGroup.apply(flat_hidden, group)
     return run_split_op(
         torch.ops.megarl.fused_linear_logprob_entropy_stats, torch.ops.megarl.fused_linear_logprob_entropy_finalize,

@@ -60,13 +60,16 @@ import triton.language as tl
 from megarl.kernels.common import (
     EMPTY_ROW_MAX,
     LAUNCH_OPTIONS,
+    autotune_configs,
     check_arguments,
     empty_stats,
     finalize_stats,
     grad_from_logits,
     interpreter_block_v,
     online_softmax_update,
+    phase,
     register_finalize,
+    rows_bucket,
     run_split_op,
     use_triton,
     valid_columns,
@@ -82,20 +85,20 @@ TORCH_CHUNK_ELEMENTS = 1 << 22
 def _stats_configs() -> list[triton.Config]:
     # Memory-bound row reduction on H100: 4-8K columns per step keep enough bytes in flight per
     # SM to approach HBM bandwidth; more stages deepen the load pipeline.
-    return [
+    return autotune_configs([
         triton.Config({"BLOCK_V": block}, num_warps=warps, num_stages=stages)
         for block, warps, stages in (
             (2048, 4, 3), (4096, 8, 3), (4096, 8, 4), (8192, 8, 3), (8192, 16, 3), (16384, 16, 2),
         )
-    ]
+    ])
 
 
 def _backward_configs() -> list[triton.Config]:
     # Reads and writes one block per program (no loop): large blocks amortise the per-row loads.
-    return [
+    return autotune_configs([
         triton.Config({"BLOCK_V": block}, num_warps=warps)
         for block, warps in ((1024, 4), (2048, 4), (2048, 8), (4096, 8), (8192, 16))
-    ]
+    ])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -106,9 +109,10 @@ def _backward_configs() -> list[triton.Config]:
 @triton.jit
 def _stats_kernel(
     logits_ptr, targets_ptr, stats_ptr,
-    n_rows, row_stride, valid_cols, vocab_start, inv_temperature,
+    n_rows, row_stride, valid_cols, vocab_start, inv_temperature, rows_bucket,
     BLOCK_V: tl.constexpr,
 ):
+    # rows_bucket: the autotuner's key only (one program per row: N sets the grid).
     row = tl.program_id(0)
     row_logits = logits_ptr + row.to(tl.int64) * row_stride
     row_max = tl.full((1,), EMPTY_ROW_MAX, tl.float32)
@@ -131,7 +135,7 @@ def _stats_kernel(
 @triton.jit
 def _backward_kernel(
     logits_ptr, grad_logits_ptr, targets_ptr, log_sum_exp_ptr, entropy_ptr, grad_log_prob_ptr, grad_entropy_ptr,
-    n_cols, logits_row_stride, grad_row_stride, valid_cols, vocab_start, vocab_size, inv_temperature,
+    n_cols, logits_row_stride, grad_row_stride, valid_cols, vocab_start, vocab_size, inv_temperature, rows_bucket,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0)
@@ -155,8 +159,9 @@ def _backward_kernel(
     tl.store(out, grad.to(grad_logits_ptr.dtype.element_ty), mask=cols[None, :] < n_cols)
 
 
-_stats_kernel_tuned = triton.autotune(configs=_stats_configs(), key=["valid_cols"])(_stats_kernel)
-_backward_kernel_tuned = triton.autotune(configs=_backward_configs(), key=["n_cols"])(_backward_kernel)
+# Keyed on the shard's width and the token-count bucket (megarl.kernels.common.rows_bucket).
+_stats_kernel_tuned = triton.autotune(configs=_stats_configs(), key=["valid_cols", "rows_bucket"])(_stats_kernel)
+_backward_kernel_tuned = triton.autotune(configs=_backward_configs(), key=["n_cols", "rows_bucket"])(_backward_kernel)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -167,7 +172,9 @@ _backward_kernel_tuned = triton.autotune(configs=_backward_configs(), key=["n_co
 def _stats_triton(logits, targets, vocab_start, valid_cols, temperature):
     n_rows = logits.shape[0]
     stats = torch.empty(4, n_rows, dtype=torch.float32, device=logits.device)
-    args = (logits, targets, stats, n_rows, logits.stride(0), valid_cols, vocab_start, 1.0 / temperature)
+    args = (
+        logits, targets, stats, n_rows, logits.stride(0), valid_cols, vocab_start, 1.0 / temperature, rows_bucket(n_rows)
+    )
     if logits.is_cuda:
         _stats_kernel_tuned[(n_rows,)](*args, **LAUNCH_OPTIONS)
     else:
@@ -186,7 +193,7 @@ def _stats_of_rows(logits: torch.Tensor, local_targets: torch.Tensor, owned: tor
     """Stats ``[4, R]`` of valid logits ``[R, C]`` (no padding column); ``local_targets: [R]`` index
     them where ``owned: [R]``."""
     z = logits.to(torch.float32, copy=True).mul_(1.0 / temperature)
-    target_logit = z.gather(1, local_targets.clamp(0, z.shape[1] - 1)[:, None])[:, 0]
+    target_logit = z.gather(1, local_targets.clamp(0, z.shape[1] - 1).long()[:, None])[:, 0]
     row_max = z.amax(dim=1).clamp_min(EMPTY_ROW_MAX.value)
     shifted = z.sub_(row_max[:, None])
     exp_shifted = shifted.exp()
@@ -228,7 +235,7 @@ def _backward_triton(logits, targets, log_sum_exp, entropy, grad_log_prob, grad_
     args = (
         logits, grad_logits, targets, log_sum_exp, entropy, grad_log_prob, grad_entropy,
         n_cols, logits.stride(0), grad_logits.stride(0), valid_columns(n_cols, vocab_start, vocab_size),
-        vocab_start, vocab_size, 1.0 / temperature,
+        vocab_start, vocab_size, 1.0 / temperature, rows_bucket(n_rows),
     )
     if logits.is_cuda:
         _backward_kernel_tuned[lambda meta: (n_rows, triton.cdiv(n_cols, meta["BLOCK_V"]))](*args, **LAUNCH_OPTIONS)
@@ -250,7 +257,7 @@ def _grad_of_rows(
     # -p (a + b (log p + H)), in place; p is 0 exactly where log p may be -inf (nan -> 0).
     grad = log_p.add_(entropy[:, None]).mul_(grad_entropy[:, None]).add_(grad_log_prob[:, None])
     grad.mul_(p).neg_().nan_to_num_(nan=0.0)
-    target_cols = local_targets.clamp(0, grad.shape[1] - 1)[:, None]
+    target_cols = local_targets.clamp(0, grad.shape[1] - 1).long()[:, None]
     grad.scatter_add_(1, target_cols, torch.where(owned, grad_log_prob, 0.0)[:, None])
     return grad.mul_(1.0 / temperature)
 
@@ -295,12 +302,13 @@ def logprob_entropy_stats(
 
     Rows: running max ``m``, ``sum exp(z - m)``, ``sum exp(z - m)(z - m)``, the target's ``z`` if owned.
     """
-    if not use_triton(logits, backend):
-        return partial_stats_torch(logits, targets, vocab_start, vocab_size, temperature)
-    valid_cols = valid_columns(logits.shape[1], vocab_start, vocab_size)
-    if valid_cols == 0 or logits.shape[0] == 0:
-        return empty_stats(logits.shape[0], logits.device)
-    return _stats_triton(logits, targets, vocab_start, valid_cols, temperature)
+    with phase("stats", logits.device):
+        if not use_triton(logits, backend):
+            return partial_stats_torch(logits, targets, vocab_start, vocab_size, temperature)
+        valid_cols = valid_columns(logits.shape[1], vocab_start, vocab_size)
+        if valid_cols == 0 or logits.shape[0] == 0:
+            return empty_stats(logits.shape[0], logits.device)
+        return _stats_triton(logits, targets, vocab_start, valid_cols, temperature)
 
 
 @logprob_entropy_stats.register_fake
@@ -316,14 +324,16 @@ def logprob_entropy_backward(
 ) -> torch.Tensor:
     """``dL/dlogits: [N, V/TP]`` (``logits.dtype``) from the reduced ``log_sum_exp``/``entropy: [N]``
     and the upstream ``grad_log_probs``/``grad_entropy: [N]``; padded columns get 0."""
-    if not use_triton(logits, backend):
-        return grad_logits_torch(
-            logits, targets, log_sum_exp, entropy, grad_log_probs, grad_entropy, vocab_start, vocab_size, temperature
+    with phase("grad-logits", logits.device):
+        if not use_triton(logits, backend):
+            return grad_logits_torch(
+                logits, targets, log_sum_exp, entropy, grad_log_probs, grad_entropy, vocab_start, vocab_size,
+                temperature,
+            )
+        return _backward_triton(
+            logits, targets, log_sum_exp, entropy, grad_log_probs.contiguous(), grad_entropy.contiguous(),
+            vocab_start, vocab_size, temperature,
         )
-    return _backward_triton(
-        logits, targets, log_sum_exp, entropy, grad_log_probs.contiguous(), grad_entropy.contiguous(),
-        vocab_start, vocab_size, temperature,
-    )
 
 
 @logprob_entropy_backward.register_fake

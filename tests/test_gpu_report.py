@@ -76,7 +76,7 @@ def full_run(tmp_path_factory):
     (out / "gpu_check.log").write_text(LOG)
     load_tool("bench_kernels").main([
         "--device", "cpu", "--shapes", "64,32,128", "16,32,64", "--warmup", "0", "--iters", "1",
-        "--providers", "megarl", "megarl-tp1", "torch", "liger", "--json", str(out / "bench_kernels.json"),
+        "--providers", "megarl", "megarl-tp1", "torch", "liger", "--phases", "--json", str(out / "bench_kernels.json"),
     ])
     load_tool("bench_weight_sync").main([
         "--layers", "1", "--experts", "2", "--hidden", "64", "--moe-ffn", "32", "--heads", "2", "--kv-heads", "1",
@@ -104,16 +104,26 @@ def test_the_table_shows_every_step_and_its_headline_numbers(full_run, capsys):
     assert by_step["gpu-tests"] == [["gpu-tests", "failed (exit 1)", "22", "pytest", "1 failed, 30 passed, 2 skipped"]]
     assert by_step["kernel-tests"] == [["kernel-tests", "timed out", "50", "pytest", "—"]]
 
-    # Kernels: both ops, both passes, both megarl providers, at the larger of the two shapes only.
+    # Kernels: both ops, both passes, both megarl providers, at the larger of the two shapes only;
+    # after each forward+backward row, its phases (--phases).
     kernels = by_step["bench-kernels"]
-    assert [row[1:3] for row in kernels] == [["passed", "64"]] + [["", ""]] * 7
+    assert [row[1:3] for row in kernels] == [["passed", "64"]] + [["", ""]] * 11
     measures = [row[3] for row in kernels]
     assert measures == [
-        f"{op} {pass_name}, {provider}, {shape}"
+        measure
         for op, shape in (("logprob_entropy", "N,V 64,128"), ("fused_linear_logprob_entropy", "N,H,V 64,32,128"))
         for provider in ("megarl", "megarl-tp1")
-        for pass_name in ("forward", "forward+backward")
+        for measure in (f"{op} forward, {provider}, {shape}", f"{op} forward+backward, {provider}, {shape}",
+                        f"{op} forward+backward phases, {provider}, {shape}")
     ]
+    phases = [row for row in kernels if " phases, " in row[3]]
+    kernels = [row for row in kernels if " phases, " not in row[3]]
+    for row in phases:
+        unit = "GB/s" if row[3].startswith("logprob") else "TFLOP/s"
+        names = ["stats", "grad-logits"] if row[3].startswith("logprob") else ["stats", "grad-logits", "dW", "dX"]
+        assert re.fullmatch(
+            "; ".join([*(rf"{name} [\d.e+-]+ ms [\d.e+-]+ {unit}" for name in names), rf"total [\d.e+-]+ {unit}"]), row[4]
+        ), row
     for row in kernels:
         unit = "GB/s" if row[3].startswith("logprob") else "TFLOP/s"
         assert re.fullmatch(rf"[\d.e+-]+ {unit}, [\d.]+ % of floor, [\d.]+x vs torch", row[4]), row

@@ -13,6 +13,14 @@ rate, and the fraction of the device's floor reached:
   forward+backward; floor = FLOPs / the matmul rate measured here (bf16 on CUDA; fp32 on the CPU,
   where the torch path multiplies in fp32).
 
+``--phases``: the ``megarl`` providers' passes also timed phase by phase (``stats``,
+``grad-logits``, ``dW``, ``dX``: :data:`megarl.kernels.common.PHASES`, recorded by the ops
+themselves with CUDA events on CUDA and ``time.perf_counter`` on the CPU; the median of each over
+``--iters`` runs), each with its rate: op 2's phases are one ``2 N H V`` product each (the logits,
+recomputed in ``grad-logits``), op 1's ``stats`` reads ``N x V x s`` bytes and its ``grad-logits``
+moves ``2 x N x V x s``. On CUDA the JSON also names the configuration each autotuner chose
+(``autotune``; ``MEGARL_AUTOTUNE=first`` leaves one candidate per kernel).
+
 The providers: ``megarl`` (the public functions, ``backend="auto"``: the Triton kernels on CUDA,
 the chunked torch path on the CPU), ``megarl-tp1`` (the same functions called as the trainer
 calls them, ``megarl/trainer/policy.py``: a micro-batch ``[1, N, ...]``, ``vocab_size`` given and
@@ -26,6 +34,7 @@ Examples::
     python tools/bench_kernels.py --json bench.json       # CUDA: the shapes of docs/benchmarks.md
     python tools/bench_kernels.py --device cpu --shapes 512,512,32768 --json bench_cpu.json
     python tools/bench_kernels.py --shapes 16384,4096,151936 --providers megarl megarl-tp1 torch liger
+    MEGARL_AUTOTUNE=first python tools/bench_kernels.py --shapes 16384,4096,151936 --phases --providers megarl
 """
 
 from __future__ import annotations
@@ -43,6 +52,10 @@ import torch
 import torch.distributed as dist
 import triton
 
+from megarl.kernels import fused_linear_logprob_entropy_triton as fused_kernels
+from megarl.kernels import logprob_entropy as logits_kernels
+from megarl.kernels import matmul_accumulate
+from megarl.kernels.common import timing_phases
 from megarl.kernels.fused_linear_logprob_entropy import fused_linear_logprob_entropy
 from megarl.kernels.logprob_entropy import logprob_entropy
 
@@ -52,6 +65,14 @@ DEFAULT_PROVIDERS = ("megarl", "torch", "liger")
 PASSES = ("forward", "forward+backward")
 DEFAULT_SHAPES = ("16384,4096,151936", "8192,2048,151936")
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+PHASED_PROVIDERS = ("megarl", "megarl-tp1")
+TUNED_KERNELS = {
+    "logprob_entropy._stats_kernel": logits_kernels._stats_kernel_tuned,
+    "logprob_entropy._backward_kernel": logits_kernels._backward_kernel_tuned,
+    "fused._stats_kernel": fused_kernels._stats_kernel_tuned,
+    "fused._grad_logits_kernel": fused_kernels._grad_logits_kernel_tuned,
+    "matmul_accumulate._matmul_accumulate_kernel": matmul_accumulate._matmul_accumulate_kernel_tuned,
+}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -246,7 +267,42 @@ def work(op: str, n: int, hidden_size: int, vocab: int, element_size: int, backw
     return (8 if backward else 2) * n * hidden_size * vocab, "flop"
 
 
-def bench_case(op, provider, function, shape, dtype, device, floors, warmup, iters) -> dict:
+def phase_work(op: str, phase_name: str, n: int, hidden_size: int, vocab: int, element_size: int) -> tuple[float, str]:
+    """One phase's ideal work (see ``--phases`` in the module docstring)."""
+    if op == "logprob_entropy":
+        return (1 if phase_name == "stats" else 2) * n * vocab * element_size, "bytes"
+    return 2 * n * hidden_size * vocab, "flop"
+
+
+def measure_phases(op, step, shape, element_size, iters: int) -> dict:
+    """``{phase: {"time_ms", "work", "work_unit", "achieved", "achieved_unit"}}``: the median of
+    each phase's time over ``iters`` runs of ``step`` (already warm)."""
+    runs = []
+    for _ in range(iters):
+        with timing_phases() as timer:
+            step()
+            runs.append(timer.seconds())
+    phases = {}
+    for name in dict.fromkeys(name for run in runs for name in run):
+        seconds = statistics.median(run.get(name, 0.0) for run in runs)
+        amount, unit = phase_work(op, name, *shape, element_size)
+        phases[name] = {
+            "time_ms": seconds * 1e3, "work": amount, "work_unit": unit,
+            "achieved": amount / seconds / (1e9 if unit == "bytes" else 1e12) if seconds > 0 else 0.0,
+            "achieved_unit": "GB/s" if unit == "bytes" else "TFLOP/s",
+        }
+    return phases
+
+
+def autotune_choices() -> dict[str, list[dict[str, str]]]:
+    """The configuration each autotuner chose, per key it has seen (empty before any CUDA run)."""
+    return {
+        name: [{"key": str(key), "config": str(config)} for key, config in kernel.cache.items()]
+        for name, kernel in TUNED_KERNELS.items() if kernel.cache
+    }
+
+
+def bench_case(op, provider, function, shape, dtype, device, floors, warmup, iters, phases: bool = False) -> dict:
     n, hidden_size, vocab = shape
     tensors, targets, loss_weights = make_inputs(op, n, hidden_size, vocab, dtype, device)
     element_size = tensors[0].element_size()
@@ -277,6 +333,8 @@ def bench_case(op, provider, function, shape, dtype, device, floors, warmup, ite
             "floor_ms": amount / floor_rate * 1e3,
             "fraction_of_floor": amount / floor_rate / seconds,
         })
+        if phases and provider in PHASED_PROVIDERS:
+            results[-1]["phases"] = measure_phases(op, step, shape, element_size, iters)
     return results
 
 
@@ -305,6 +363,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         + " ".join(DEFAULT_PROVIDERS) + ")")
     parser.add_argument("--warmup", type=int, default=None, help="runs before timing (default 3 on CUDA, 1 on CPU)")
     parser.add_argument("--iters", type=int, default=None, help="timed runs (default 10 on CUDA, 3 on CPU)")
+    parser.add_argument("--phases", action="store_true",
+                        help="also time the megarl providers phase by phase (stats, grad-logits, dW, dX)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -341,9 +401,27 @@ def format_table(results: list[dict]) -> str:
             f"{result['time_ms']:.3f}", f"{result['peak_bytes'] / 2**20:.1f}", f"{result['extra_bytes'] / 2**20:.1f}",
             f"{result['achieved']:.3g} {result['achieved_unit']}", f"{100 * result['fraction_of_floor']:.1f} %",
         ))
+    return aligned_table(header, rows)
+
+
+def aligned_table(header: tuple, rows: list[tuple]) -> str:
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)) for row in [header, *rows]]
     return "\n".join([lines[0], "  ".join("-" * width for width in widths), *lines[1:]])
+
+
+def format_phases(results: list[dict]) -> str:
+    """The ``--phases`` table: each phase's time, rate and share of its pass's median time."""
+    header = ("op", "N,H,V", "provider", "pass", "phase", "time ms", "achieved", "of pass")
+    rows = []
+    for result in results:
+        for name, entry in result.get("phases", {}).items():
+            rows.append((
+                result["op"], f"{result['n']},{result['hidden']},{result['vocab']}", result["provider"], result["pass"],
+                name, f"{entry['time_ms']:.3f}", f"{entry['achieved']:.3g} {entry['achieved_unit']}",
+                f"{100 * entry['time_ms'] / result['time_ms']:.1f} %",
+            ))
+    return aligned_table(header, rows)
 
 
 def main(argv=None) -> None:
@@ -367,7 +445,7 @@ def main(argv=None) -> None:
             for name in args.providers:
                 if name in functions:
                     results += bench_case(op, name, functions[name], shape, dtype, device, floors, args.warmup,
-                                          args.iters)
+                                          args.iters, args.phases)
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
     if group is not None:
@@ -382,11 +460,15 @@ def main(argv=None) -> None:
         "floors": floors,
         "results": results,
         "skipped": skipped,
+        "autotune_mode": os.environ.get("MEGARL_AUTOTUNE", "all"),
+        "autotune": autotune_choices(),
     }
     print(f"device: {report['device']}; torch {report['torch']}, triton {report['triton']}; {args.dtype}")
     print(f"floors: copy bandwidth {floors['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s, "
           f"{floors['matmul_dtype']} matmul {floors['matmul_flop_per_s'] / 1e12:.3f} TFLOP/s")
     print(format_table(results))
+    if args.phases:
+        print(format_phases(results))
     for entry in skipped:
         print(f"skipped: {entry['provider']} for {entry['op']}: {entry['reason']}")
     if args.json:

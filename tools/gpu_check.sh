@@ -10,11 +10,14 @@
 #      (tests/weights/test_copy_plan_cuda.py), the tests marked gpu, the extension's own tests;
 #   3. bench-kernels: tools/bench_kernels.py at the issue's shape (N, H, V = 16384, 4096, 151936),
 #      the public functions, the trainer's vocab-parallel call with a one-rank tensor-parallel group
-#      (megarl-tp1), the torch path and Liger where installed -> bench_kernels.json;
+#      (megarl-tp1), the torch path and Liger where installed, with --phases (stats, grad-logits,
+#      dW, dX timed with CUDA events, TFLOP/s each) -> bench_kernels.json;
 #   4. bench-weight-sync: tools/bench_weight_sync.py --device cuda -> bench_weight_sync.json;
 #   5. bench-update: tools/bench_update.py in bf16, megarl's padded micro-batches against its default
 #      packed + balanced ones -> bench_update.json;
-#   6. kernel-tests: the Triton kernels' tests, compiled for the GPU (the CPU runs them interpreted);
+#   6. kernel-tests: the Triton kernels' tests, compiled for the GPU (the CPU runs them interpreted),
+#      the production-shape ones (tests/kernels/test_production_shape.py) and the backward's
+#      variants (cuBLAS and Triton dX, skipped gradients) among them;
 #   7. train-moe: 20 steps of the README's main job (tiny MoE, GRPO) on one GPU, one process
 #      -> train_moe/metrics.jsonl;
 #   then report: tools/gpu_report.py prints one markdown table of all of it (verdicts, seconds, the
@@ -26,6 +29,10 @@
 # most its limit and never more than what is left when it starts. The limits sum to 470 s, so with
 # the default every step gets its whole limit, and the machine lines and the report fit in the rest.
 # GPU_CHECK_STEPS names the steps to run (default: all seven and the report), e.g. "build gpu-tests".
+# Every step runs with MEGARL_AUTOTUNE=first unless the caller sets it: each Triton kernel takes the
+# first configuration of its autotuning list instead of compiling and timing them all (minutes at
+# the bench's shape); `MEGARL_AUTOTUNE=all python tools/bench_kernels.py --phases` compares them
+# (its JSON names each autotuner's choice).
 # Exit status: 0 when every step passed, 1 otherwise, 2 without a CUDA device.
 #
 # --dry-run (any machine, no GPU needed): lists each step's command and checks it without running
@@ -51,6 +58,7 @@ SUMMARY="$OUT/summary.txt"
 : >"$LOG"
 : >"$SUMMARY"
 export PYTHONUNBUFFERED=1
+export MEGARL_AUTOTUNE=${MEGARL_AUTOTUNE:-first}
 started=$SECONDS
 failed=0
 
@@ -130,18 +138,19 @@ step() {
 } | tee -a "$SUMMARY" >>"$LOG"
 
 arch=$([ "$DRY_RUN" = 1 ] && echo 90 || nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d ' .')
-step build 150 "$PYTHON" -m pip install --quiet --no-deps --no-build-isolation --no-index \
+step build 130 "$PYTHON" -m pip install --quiet --no-deps --no-build-isolation --no-index \
   -C "cmake.define.CMAKE_CUDA_ARCHITECTURES=${arch}" -e .
 step gpu-tests 40 "$PYTHON" -m pytest -p no:cacheprovider -q -m "gpu or cpu" \
   tests/weights/test_copy_plan_cuda.py tests/weights/test_copy_plan.py tests/test_extension.py \
   tests/test_megatron_compat.py::test_enable_cpu_refuses_on_cuda_machines
 step bench-kernels 70 "$PYTHON" tools/bench_kernels.py --shapes 16384,4096,151936 \
-  --providers megarl megarl-tp1 torch liger --json "$OUT/bench_kernels.json"
+  --providers megarl megarl-tp1 torch liger --phases --json "$OUT/bench_kernels.json"
 step bench-weight-sync 60 "$PYTHON" tools/bench_weight_sync.py --device cuda --layers 32 --repeats 5 \
   --json "$OUT/bench_weight_sync.json"
 step bench-update 40 "$PYTHON" tools/bench_update.py --dtype bf16 --cases padded,packed+balanced --samples 128 --repeats 3 --json "$OUT/bench_update.json"
-step kernel-tests 50 "$PYTHON" -m pytest -p no:cacheprovider -q \
-  tests/kernels/test_logprob_entropy.py tests/kernels/test_fused_linear_logprob_entropy.py
+step kernel-tests 70 "$PYTHON" -m pytest -p no:cacheprovider -q \
+  tests/kernels/test_logprob_entropy.py tests/kernels/test_fused_linear_logprob_entropy.py \
+  tests/kernels/test_production_shape.py tests/kernels/test_fused_backward_paths.py
 step train-moe 60 "$PYTHON" -m torch.distributed.run --nproc_per_node 1 -m megarl.train --config configs/moe_grpo.yaml \
   parallel.expert=1 train.steps=20 train.eval_every=0 checkpoint.resume=never checkpoint.save_every=0 logging.run_dir="$OUT/train_moe"
 echo "total: $((SECONDS - started)) s" | tee -a "$SUMMARY"

@@ -8,7 +8,9 @@ Reads, from ``OUT_DIR``:
 - ``gpu_check.log``: the pytest summary (``12 passed, 1 skipped``) of each test step, from its section;
 - ``bench_kernels.json`` (``tools/bench_kernels.py``): per op, pass and megarl provider at the
   largest shape measured, the achieved rate (GB/s or TFLOP/s), its share of the measured floor,
-  and how many times faster than the torch path and Liger (their time over this one's);
+  and how many times faster than the torch path and Liger (their time over this one's); with
+  ``--phases``, a row per provider with each forward+backward phase's time and rate (stats,
+  grad-logits, dW, dX) and the pass's total rate;
 - ``bench_weight_sync.json`` (``tools/bench_weight_sync.py``): the copy engine's GB/s, its share
   of the memcpy floor, how many times faster than the torch path;
 - ``bench_update.json`` (``tools/bench_update.py``): tokens/s of the update and of the log-prob
@@ -145,7 +147,18 @@ def kernel_rows(report: dict) -> list[tuple[str, str]]:
                     times = ratio(other_result, result)
                     parts.append(f"{times:.2f}x vs {other}" if times is not None else f"{other}: {other_result.get('error', MISSING)}")
             rows.append((measure, ", ".join(parts)))
+            if result.get("phases") and pass_name == "forward+backward":
+                rows.append((f"{op} {pass_name} phases, {provider}, {shape_text}", phase_text(result)))
     return rows
+
+
+def phase_text(result: dict) -> str:
+    """``stats 1.2 ms 512 TFLOP/s; ...; total 581 TFLOP/s``: a pass's phases (``--phases``)."""
+    parts = [
+        f"{name} {entry['time_ms']:.3g} ms {entry['achieved']:.3g} {entry['achieved_unit']}"
+        for name, entry in result["phases"].items()
+    ]
+    return "; ".join([*parts, f"total {result['achieved']:.3g} {result['achieved_unit']}"])
 
 
 def weight_sync_rows(report: dict) -> list[tuple[str, str]]:

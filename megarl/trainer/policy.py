@@ -49,8 +49,10 @@ class HiddenStatesHead(torch.nn.Module):
     chunk ties it to its own word embedding), and the output layer's checkpoint layout: the
     optimizer, the weight stream and checkpoints see the model unchanged. Under sequence
     parallelism the hidden states arrive split along the sequence over ``tp_group`` and are
-    gathered; the fused kernel reduces their gradient over the tensor-parallel ranks itself, so
-    the gather's backward only splits it.
+    gathered; the gather's backward reduce-scatters their gradient (each rank's part from its
+    vocabulary shard, summed over the ranks, each keeping its own sequence slice), so the fused
+    kernel is called with ``sum_hidden_grad=False`` (:func:`token_log_probs_and_entropy`): half
+    the bytes of an all-reduce followed by a split.
 
     Args:
         output_layer: the ``ColumnParallelLinear`` it replaces.
@@ -66,7 +68,7 @@ class HiddenStatesHead(torch.nn.Module):
         if self.sequence_parallel:
             from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 
-            hidden_states = gather_from_sequence_parallel_region(hidden_states, tensor_parallel_output_grad=False, group=self.tp_group)
+            hidden_states = gather_from_sequence_parallel_region(hidden_states, tensor_parallel_output_grad=True, group=self.tp_group)
         return hidden_states, None
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None) -> dict:
@@ -277,7 +279,11 @@ def token_log_probs_and_entropy(
     else:
         from megarl.kernels.fused_linear_logprob_entropy import fused_linear_logprob_entropy
 
-        log_probs, entropy = fused_linear_logprob_entropy(output, model.output_weight, micro["labels"], **options)
+        # Under sequence parallelism the head's gather reduce-scatters the hidden gradient (HiddenStatesHead).
+        sequence_parallel = model.spec.transformer_config.sequence_parallel
+        log_probs, entropy = fused_linear_logprob_entropy(
+            output, model.output_weight, micro["labels"], sum_hidden_grad=not sequence_parallel, **options
+        )
     return to_grid(micro, log_probs), to_grid(micro, entropy)
 
 

@@ -5,7 +5,9 @@ ranks, targets on every shard and one ignored), runs the public function on its 
 ``group=WORLD`` and checks, against the float64 reference on the whole problem: the values, its
 shard's gradient (of the logits, or of the weight) and the full gradient of ``hidden`` (the
 function all-reduces it). Each op runs on the torch path and on the Triton kernels under Triton's
-interpreter, in fp32 and bf16. Prints one ``ok`` line per rank when every check passed.
+interpreter, in fp32 and bf16. Then the fused op under sequence parallelism as the policy's head
+runs it (Megatron's gather, whose backward reduce-scatters the hidden gradient; torch fp32 and
+Triton bf16). Prints one ``ok`` line per rank when every check passed.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from megarl.kernels.fused_linear_logprob_entropy import fused_linear_logprob_ent
 from megarl.kernels.logprob_entropy import logprob_entropy  # noqa: E402
 
 N_ROWS, PADDED_VOCAB, VOCAB, HIDDEN = 9, 1024, 1000, 40
+SP_ROWS = 10  # the sequence, split evenly over the ranks under sequence parallelism
 
 
 def problem_with_targets_everywhere(dtype: torch.dtype, hidden_size: int | None) -> Problem:
@@ -81,6 +84,55 @@ def check_fused(backend: str, dtype: torch.dtype, rank: int, world_size: int) ->
     assert_matches(shard.grad, weight.grad[rows], atol, rtol)
 
 
+def check_fused_sequence_parallel(backend: str, dtype: torch.dtype, rank: int, world_size: int) -> None:
+    """The policy's sequence-parallel head: each rank holds a slice of the sequence, Megatron's
+    gather (``tensor_parallel_output_grad=True``) assembles it, the op leaves the hidden gradient
+    unreduced (``sum_hidden_grad=False``) and the gather's backward reduce-scatters it: one
+    reduce-scatter and no all-reduce in backward, and each rank's slice gets the full gradient."""
+    from megatron.core.tensor_parallel import gather_from_sequence_parallel_region, mappings
+
+    atol, rtol = TOLERANCES[dtype]
+    problem = make_problem(SP_ROWS, PADDED_VOCAB, VOCAB, dtype, hidden_size=HIDDEN)
+    sequence = slice(rank * SP_ROWS // world_size, (rank + 1) * SP_ROWS // world_size)
+    vocabulary = slice(rank * PADDED_VOCAB // world_size, (rank + 1) * PADDED_VOCAB // world_size)
+    local_hidden = problem.hidden[sequence].clone().requires_grad_()
+    shard = problem.weight[vocabulary].clone().requires_grad_()
+    hidden = gather_from_sequence_parallel_region(local_hidden, tensor_parallel_output_grad=True, group=dist.group.WORLD)
+    log_probs, entropy = fused_linear_logprob_entropy(
+        hidden, shard, problem.targets, temperature=TEMPERATURE, vocab_size=VOCAB, group=dist.group.WORLD,
+        backend=backend, sum_hidden_grad=False,
+    )
+    # The collectives backward issues: torch's all-reduce (the op's), Megatron's reduce-scatter
+    # (bound at its import as mappings.dist_reduce_scatter_func).
+    sites = {"all_reduce": (dist, "all_reduce"), "reduce_scatter": (mappings, "dist_reduce_scatter_func")}
+    calls = dict.fromkeys(sites, 0)
+    originals = {name: getattr(owner, attribute) for name, (owner, attribute) in sites.items()}
+
+    def counting(name):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return originals[name](*args, **kwargs)
+        return call
+
+    for name, (owner, attribute) in sites.items():
+        setattr(owner, attribute, counting(name))
+    try:
+        problem.loss(log_probs, entropy).backward()
+    finally:
+        for name, (owner, attribute) in sites.items():
+            setattr(owner, attribute, originals[name])
+    assert calls == {"all_reduce": 0, "reduce_scatter": 1}, calls
+
+    expected_hidden = problem.hidden.double().requires_grad_()
+    weight = problem.weight.double().requires_grad_()
+    expected_log_probs, expected_entropy = fused_reference(expected_hidden, weight, problem.targets, VOCAB)
+    problem.loss(expected_log_probs, expected_entropy).backward()
+    assert_matches(log_probs, expected_log_probs, atol, rtol)
+    assert_matches(entropy, expected_entropy, atol, rtol)
+    assert_matches(local_hidden.grad, expected_hidden.grad[sequence], atol, rtol)
+    assert_matches(shard.grad, weight.grad[vocabulary], atol, rtol)
+
+
 def main() -> None:
     dist.init_process_group("gloo")
     try:
@@ -91,6 +143,13 @@ def main() -> None:
                 for dtype in TOLERANCES:
                     check(backend, dtype, rank, world_size)
                     cases += 1
+        # Megatron's mappings allocate on "the current CUDA device": megarl's CPU patches first.
+        from megarl.megatron_compat import enable_cpu
+
+        enable_cpu()
+        for backend, dtype in (("torch", torch.float32), ("triton", torch.bfloat16)):
+            check_fused_sequence_parallel(backend, dtype, rank, world_size)
+            cases += 1
         print(f"rank {rank}/{world_size}: {cases} cases ok", flush=True)
     finally:
         dist.destroy_process_group()

@@ -78,3 +78,38 @@ def test_the_trainer_call_computes_what_the_plain_call_computes():
                 torch.testing.assert_close(trainer_values[0], plain_values)
     finally:
         dist.destroy_process_group()
+
+
+def test_phases_time_every_phase_of_the_megarl_providers(tmp_path, capsys):
+    # --phases on a tiny CPU shape: the ops record their own phases (perf_counter on the CPU).
+    spec = importlib.util.spec_from_file_location("bench_kernels", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    n, hidden_size, vocab = 16, 8, 64
+    report_path = tmp_path / "bench.json"
+    bench.main([
+        "--device", "cpu", "--shapes", f"{n},{hidden_size},{vocab}", "--warmup", "0", "--iters", "2",
+        "--providers", "megarl", "torch", "--phases", "--json", str(report_path),
+    ])
+    printed = capsys.readouterr().out
+    assert "phase" in printed and "grad-logits" in printed and "of pass" in printed
+    report = json.loads(report_path.read_text())
+    assert report["autotune"] == {}  # no CUDA kernel ran
+    expected = {
+        ("logprob_entropy", "forward"): {"stats"},
+        ("logprob_entropy", "forward+backward"): {"stats", "grad-logits"},
+        ("fused_linear_logprob_entropy", "forward"): {"stats"},
+        ("fused_linear_logprob_entropy", "forward+backward"): {"stats", "grad-logits", "dW", "dX"},
+    }
+    for entry in report["results"]:
+        if entry["provider"] == "torch":
+            assert "phases" not in entry
+            continue
+        phases = entry["phases"]
+        assert set(phases) == expected[entry["op"], entry["pass"]]
+        for name, phase in phases.items():
+            assert phase["time_ms"] > 0 and phase["achieved"] > 0
+            if entry["op"] == "fused_linear_logprob_entropy":
+                assert phase["work"] == 2 * n * hidden_size * vocab and phase["achieved_unit"] == "TFLOP/s"
+            else:
+                assert phase["work"] == (1 if name == "stats" else 2) * n * vocab * 2 and phase["achieved_unit"] == "GB/s"

@@ -16,6 +16,7 @@ import torch
 from megarl.kernels import fused_linear_logprob_entropy as module
 from megarl.kernels import fused_linear_logprob_entropy_triton as kernels_module
 from megarl.kernels import logprob_entropy as logits_module
+from megarl.kernels import matmul_accumulate
 from megarl.kernels.common import combine_partial_stats, interpreter_block_v
 from megarl.kernels.fused_linear_logprob_entropy import fused_linear_logprob_entropy
 from megarl.kernels.fused_linear_logprob_entropy_triton import grad_chunk_columns
@@ -58,7 +59,7 @@ def test_interpreter_runs_the_kernels_on_cpu():
     from triton.runtime.interpreter import InterpretedFunction
 
     for kernel in (kernels_module._stats_kernel, kernels_module._grad_logits_kernel,
-                   kernels_module._matmul_accumulate_kernel):
+                   matmul_accumulate._matmul_accumulate_kernel):
         assert isinstance(kernel.fn, InterpretedFunction)  # under the EVEN_K heuristic
     assert HIDDEN % kernels_module.INTERPRETER_BLOCK_K and HIDDEN > kernels_module.INTERPRETER_BLOCK_K, "a ragged K loop"
     chunk = kernels_module.INTERPRETER_BLOCKS_PER_CHUNK * interpreter_block_v(VOCAB - PADDING)
