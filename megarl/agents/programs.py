@@ -13,7 +13,8 @@ the episode's reward, or None to leave scoring to the reward section.
   one thread per episode (programs spend their time waiting on HTTP).
 - An episode whose program raises, or returns something that is not a finite number or None,
   fails with kind ``error``; one still running ``episode_timeout_s`` after the round started fails
-  with ``timeout`` (the caller is told at once, to close the episode on the endpoint so that the
+  with ``timeout``, the clock of a worker still starting (a replacement) running from when it is
+  ready, not before: its start-up is not the program's time (the caller is told at once, to close the episode on the endpoint so that the
   program's next call is refused), and its worker is replaced once the round is over (a thread
   cannot be stopped otherwise); one whose worker dies fails with ``died`` and the worker is
   replaced.
@@ -166,7 +167,17 @@ class _Worker:
         worker_results.close()
         self.running: dict[int, int] = {}
         """Task id -> the episode's position in the round."""
-        self.ready = False
+        self.started_at = time.monotonic()
+        self.ready_at: float | None = None
+        """When it answered that it imported the program; None: not yet."""
+
+    def deadline(self, round_start: float, timeout_s: float) -> float:
+        """When its episodes of a round that started at ``round_start`` time out: ``timeout_s``
+        after the round started or after it became ready, whichever is later; a worker still
+        starting is given :data:`START_TIMEOUT_S` to become ready on top."""
+        if self.ready_at is None:
+            return self.started_at + START_TIMEOUT_S + timeout_s
+        return max(round_start, self.ready_at) + timeout_s
 
     def kill(self) -> None:
         """SIGKILL its process group (itself and what its programs started), else the process
@@ -229,7 +240,7 @@ class ProgramPool:
                 raise EnvironmentLoadError(f"{where}: an agent program worker exited while importing it (exit code {worker.process.exitcode})") from None
             if status == "error":
                 raise EnvironmentLoadError(message)
-            worker.ready = True
+            worker.ready_at = time.monotonic()
 
     @property
     def alive(self) -> int:
@@ -264,22 +275,31 @@ class ProgramPool:
                 worker.running[task_id] = position
             except (OSError, ValueError) as error:
                 outcomes[position] = ProgramOutcome(failure="died", message=f"its worker process is gone ({error}); the worker is replaced")
-        deadline = time.monotonic() + self.episode_timeout_s
+        round_start = time.monotonic()
         overran: list[int] = []
         while any(worker.running for worker in self._workers):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                for slot, worker in enumerate(self._workers):
-                    if worker.running:
-                        overran.append(slot)
+            now = time.monotonic()
+            deadlines = {slot: worker.deadline(round_start, self.episode_timeout_s) for slot, worker in enumerate(self._workers) if worker.running}
+            for slot, deadline in deadlines.items():
+                if deadline <= now:
+                    worker = self._workers[slot]
+                    overran.append(slot)
+                    if worker.ready_at is None:
+                        message = f"its worker (a replacement) did not import the program within {START_TIMEOUT_S:g} s"
+                    else:
+                        message = f"the program did not return within agent.episode_timeout_s ({self.episode_timeout_s:g} s)"
                     for position in worker.running.values():
-                        outcomes[position] = ProgramOutcome(failure="timeout", message=f"the program did not return within agent.episode_timeout_s ({self.episode_timeout_s:g} s)")
+                        outcomes[position] = ProgramOutcome(failure="timeout", message=message)
                         on_timeout(episodes[position].episode_id)
                     worker.running.clear()
+            if not any(worker.running for worker in self._workers):
                 break
-            watched = [worker.results for worker in self._workers] + [worker.process.sentinel for worker in self._workers]
-            multiprocessing.connection.wait(watched, timeout=remaining)
-            for slot in range(len(self._workers)):
+            # A worker whose programs overran is left alone until it is replaced after the round.
+            listening = [slot for slot in range(len(self._workers)) if slot not in overran]
+            watched = [self._workers[slot].results for slot in listening] + [self._workers[slot].process.sentinel for slot in listening]
+            remaining = min(deadline for slot, deadline in deadlines.items() if self._workers[slot].running) - now
+            multiprocessing.connection.wait(watched, timeout=max(remaining, 0.0))
+            for slot in listening:
                 self._collect(slot, outcomes)
         for slot in overran:
             self._replace(slot)
@@ -296,7 +316,7 @@ class ProgramPool:
                 if task_id is None:
                     if status == "error":  # a replacement could not import the program again
                         raise EnvironmentLoadError(value)
-                    worker.ready = True
+                    worker.ready_at = time.monotonic()
                     continue
                 position = worker.running.pop(task_id, None)
                 if position is not None:

@@ -88,6 +88,20 @@ def test_a_worker_that_dies_fails_its_episodes_and_is_replaced(pool):
     assert [outcome.reward for outcome in pool.play(episodes({"mode": "reward", "reward": 3.0}, {"mode": "none"}))] == [3.0, None]
 
 
+def test_a_replacements_start_up_is_not_counted_against_its_episodes(tmp_path):
+    # The program takes 1 s to import, twice the episode timeout: a replacement worker's episodes
+    # are timed from when it is ready, not from when the round started.
+    slow = tmp_path / "slow_agent.py"
+    slow.write_text(PROGRAM + "\ntime.sleep(1.0)\n")
+    with ProgramPool(f"{slow}:play", num_workers=1, episode_timeout_s=0.5) as slow_pool:
+        outcomes = slow_pool.play(episodes({"mode": "exit"}))
+        assert [outcome.failure for outcome in outcomes] == ["died"] and slow_pool.replaced == 1
+        start = time.monotonic()
+        outcomes = slow_pool.play(episodes({"mode": "reward", "reward": 4.0}, {"mode": "reward", "reward": 5.0}))
+        assert [(outcome.failure, outcome.reward) for outcome in outcomes] == [(None, 4.0), (None, 5.0)]
+        assert time.monotonic() - start >= 1.0  # the replacement was still importing when the round began
+
+
 def test_close_stops_every_worker(program_file):
     pool = ProgramPool(f"{program_file}:play", num_workers=1, episode_timeout_s=1.0)
     pool.close()
