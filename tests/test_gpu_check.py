@@ -15,7 +15,7 @@ from tests.distributed import REPO
 
 pytestmark = pytest.mark.cpu
 
-STEPS = ["build", "gpu-tests", "bench-kernels", "bench-weight-sync", "bench-update", "kernel-tests", "train-moe"]
+STEPS = ["build", "gpu-tests", "bench-kernels", "bench-weight-sync", "bench-copy", "bench-update", "kernel-tests", "train-moe"]
 
 
 def dry_run(script, out, steps=None):
@@ -49,6 +49,6 @@ def test_a_step_whose_tool_refuses_its_arguments_fails_the_dry_run(tmp_path):
     (copy / "tools" / "gpu_check.sh").write_text(script)
     result = dry_run(copy / "tools" / "gpu_check.sh", tmp_path / "out", steps="bench-weight-sync bench-kernels")
     assert result.returncode == 1
-    assert "bench-weight-sync (limit 60 s)" in result.stdout and "-- FAILED the check" in result.stdout
+    assert "bench-weight-sync (limit 45 s)" in result.stdout and "-- FAILED the check" in result.stdout
     assert "bench-kernels" in result.stdout and result.stdout.count("-- checked") == 1
     assert "unrecognized arguments: --layer-count" in (tmp_path / "out" / "gpu_check.log").read_text()

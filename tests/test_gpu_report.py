@@ -19,7 +19,7 @@ from tests.distributed import REPO
 
 pytestmark = pytest.mark.cpu
 
-STEPS = ["build", "gpu-tests", "bench-kernels", "bench-weight-sync", "bench-update", "kernel-tests", "train-moe"]
+STEPS = ["build", "gpu-tests", "bench-kernels", "bench-weight-sync", "bench-copy", "bench-update", "kernel-tests", "train-moe"]
 
 
 def load_tool(name: str):
@@ -39,6 +39,7 @@ build: passed in 71 s
 gpu-tests: failed (exit 1) in 22 s
 bench-kernels: passed in 64 s
 bench-weight-sync: passed in 18 s
+bench-copy: passed in 12 s
 bench-update: passed in 41 s
 kernel-tests: timed out in 50 s
 train-moe: passed in 47 s
@@ -82,6 +83,7 @@ def full_run(tmp_path_factory):
         "--layers", "1", "--experts", "2", "--hidden", "64", "--moe-ffn", "32", "--heads", "2", "--kv-heads", "1",
         "--vocab", "128", "--repeats", "1", "--bucket-mb", "0.0625", "--json", str(out / "bench_weight_sync.json"),
     ])
+    load_tool("bench_copy").main(["--device", "cpu", "--mib", "0.25", "--small-count", "16", "--repeats", "1", "--json", str(out / "bench_copy.json")])
     (out / "bench_update.json").write_text(json.dumps(update_report(), indent=1))
     logger = MetricsLogger(LoggingConfig(console=False), out / "train_moe", enabled=True)
     for step in range(20):
@@ -132,6 +134,13 @@ def test_the_table_shows_every_step_and_its_headline_numbers(full_run, capsys):
     assert sync[3].startswith("copy engine, 0.00 GiB in ") and sync[3].endswith(", cpu")
     assert re.fullmatch(r"[\d.]+ GB/s, [\d.]+ % of the (copy_|memmove) floor \([\d.]+ GB/s\), [\d.]+x vs torch", sync[4])
 
+    copies = by_step["bench-copy"]
+    assert [row[1:3] for row in copies] == [["passed", "12"]] + [["", ""]] * 3
+    assert [row[3].split(",")[1].strip() for row in copies] == ["aligned", "misaligned2", "fp32->bf16", "small"]
+    for row in copies:
+        assert re.fullmatch(r"copy engine, [a-z0-9>-]+, \d+ MiB in \d+ copies, CPU \(.*\)", row[3]), row
+        assert re.fullmatch(r"[\d.]+ GB/s, [\d.]+x copy_ \([\d.]+ GB/s\)", row[4]), row
+
     assert [row[3:] for row in by_step["bench-update"]] == [
         ["update tokens/s, x vs padded", "padded 19,048; packed+balanced 38,095 (2.00x)"],
         ["log-prob pass tokens/s, x vs padded", "padded 80,000; packed+balanced 160,000 (2.00x)"],
@@ -168,6 +177,7 @@ def test_missing_and_broken_files_give_dashes_not_a_crash(tmp_path, capsys):
         "| gpu-tests | passed | 20 | pytest | — |",
         "| bench-kernels | timed out | 80 | bench_kernels.json | — |",
         "| bench-weight-sync | skipped | — | bench_weight_sync.json | — |",
+        "| bench-copy | not run | — | bench_copy.json | — |",
         "| bench-update | not run | — | bench_update.json | — |",
         "| kernel-tests | not run | — | pytest | — |",
         "| train-moe | not run | — | train_moe/metrics.jsonl | — |",
@@ -176,7 +186,7 @@ def test_missing_and_broken_files_give_dashes_not_a_crash(tmp_path, capsys):
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert report["errors"]["bench-kernels"].startswith("bench_kernels.json: JSONDecodeError")
     assert report["errors"]["train-moe"] == "train_moe/metrics.jsonl: missing"
-    assert report["outputs"] == {"bench-kernels": None, "bench-weight-sync": None, "bench-update": None, "train-moe": None}
+    assert report["outputs"] == {"bench-kernels": None, "bench-weight-sync": None, "bench-copy": None, "bench-update": None, "train-moe": None}
 
     # An empty folder (the script stopped before its first step): every step "not run".
     empty = tmp_path / "empty"

@@ -13,12 +13,14 @@
 #      (megarl-tp1), the torch path and Liger where installed, with --phases (stats, grad-logits,
 #      dW, dX timed with CUDA events, TFLOP/s each) -> bench_kernels.json;
 #   4. bench-weight-sync: tools/bench_weight_sync.py --device cuda -> bench_weight_sync.json;
-#   5. bench-update: tools/bench_update.py in bf16, megarl's padded micro-batches against its default
+#   5. bench-copy: tools/bench_copy.py --device cuda, the copy engine against copy_ (aligned, 2 bytes
+#      misaligned, fp32->bf16, many small tensors) -> bench_copy.json;
+#   6. bench-update: tools/bench_update.py in bf16, megarl's padded micro-batches against its default
 #      packed + balanced ones -> bench_update.json;
-#   6. kernel-tests: the Triton kernels' tests, compiled for the GPU (the CPU runs them interpreted),
+#   7. kernel-tests: the Triton kernels' tests, compiled for the GPU (the CPU runs them interpreted),
 #      the production-shape ones (tests/kernels/test_production_shape.py) and the backward's
 #      variants (cuBLAS and Triton dX, skipped gradients) among them;
-#   7. train-moe: 20 steps of the README's main job (tiny MoE, GRPO) on one GPU, one process
+#   8. train-moe: 20 steps of the README's main job (tiny MoE, GRPO) on one GPU, one process
 #      -> train_moe/metrics.jsonl;
 #   then report: tools/gpu_report.py prints one markdown table of all of it (verdicts, seconds, the
 #      benchmarks' headline numbers, the run's steps, step time and reward) and writes
@@ -28,7 +30,7 @@
 # The whole run stays within GPU_CHECK_SECONDS (default 480, the issue's 8 minutes): a step gets at
 # most its limit and never more than what is left when it starts. The limits sum to 470 s, so with
 # the default every step gets its whole limit, and the machine lines and the report fit in the rest.
-# GPU_CHECK_STEPS names the steps to run (default: all seven and the report), e.g. "build gpu-tests".
+# GPU_CHECK_STEPS names the steps to run (default: all eight and the report), e.g. "build gpu-tests".
 # Every step runs with MEGARL_AUTOTUNE=first unless the caller sets it: each Triton kernel takes the
 # first configuration of its autotuning list instead of compiling and timing them all (minutes at
 # the bench's shape); `MEGARL_AUTOTUNE=all python tools/bench_kernels.py --phases` compares them
@@ -47,11 +49,11 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 OUT=${OUT:-gpu_check}
 BUDGET=${GPU_CHECK_SECONDS:-480}
-STEPS=${GPU_CHECK_STEPS:-build gpu-tests bench-kernels bench-weight-sync bench-update kernel-tests train-moe report}
+STEPS=${GPU_CHECK_STEPS:-build gpu-tests bench-kernels bench-weight-sync bench-copy bench-update kernel-tests train-moe report}
 DRY_RUN=0
 if [ "${1:-}" = "--dry-run" ]; then DRY_RUN=1; fi
 mkdir -p "$OUT"
-[ "$DRY_RUN" = 1 ] || rm -rf "$OUT"/bench_kernels.json "$OUT"/bench_weight_sync.json "$OUT"/bench_update.json \
+[ "$DRY_RUN" = 1 ] || rm -rf "$OUT"/bench_kernels.json "$OUT"/bench_weight_sync.json "$OUT"/bench_copy.json "$OUT"/bench_update.json \
   "$OUT"/train_moe "$OUT"/gpu_check.json
 LOG="$OUT/gpu_check.log"
 SUMMARY="$OUT/summary.txt"
@@ -145,13 +147,14 @@ step gpu-tests 40 "$PYTHON" -m pytest -p no:cacheprovider -q -m "gpu or cpu" \
   tests/test_megatron_compat.py::test_enable_cpu_refuses_on_cuda_machines
 step bench-kernels 70 "$PYTHON" tools/bench_kernels.py --shapes 16384,4096,151936 \
   --providers megarl megarl-tp1 torch liger --phases --json "$OUT/bench_kernels.json"
-step bench-weight-sync 60 "$PYTHON" tools/bench_weight_sync.py --device cuda --layers 32 --repeats 5 \
+step bench-weight-sync 45 "$PYTHON" tools/bench_weight_sync.py --device cuda --layers 32 --repeats 5 \
   --json "$OUT/bench_weight_sync.json"
-step bench-update 40 "$PYTHON" tools/bench_update.py --dtype bf16 --cases padded,packed+balanced --samples 128 --repeats 3 --json "$OUT/bench_update.json"
+step bench-copy 30 "$PYTHON" tools/bench_copy.py --device cuda --mib 256 --repeats 10 --json "$OUT/bench_copy.json"
+step bench-update 35 "$PYTHON" tools/bench_update.py --dtype bf16 --cases padded,packed+balanced --samples 128 --repeats 3 --json "$OUT/bench_update.json"
 step kernel-tests 70 "$PYTHON" -m pytest -p no:cacheprovider -q \
   tests/kernels/test_logprob_entropy.py tests/kernels/test_fused_linear_logprob_entropy.py \
   tests/kernels/test_production_shape.py tests/kernels/test_fused_backward_paths.py
-step train-moe 60 "$PYTHON" -m torch.distributed.run --nproc_per_node 1 -m megarl.train --config configs/moe_grpo.yaml \
+step train-moe 50 "$PYTHON" -m torch.distributed.run --nproc_per_node 1 -m megarl.train --config configs/moe_grpo.yaml \
   parallel.expert=1 train.steps=20 train.eval_every=0 checkpoint.resume=never checkpoint.save_every=0 logging.run_dir="$OUT/train_moe"
 echo "total: $((SECONDS - started)) s" | tee -a "$SUMMARY"
 

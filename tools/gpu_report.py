@@ -13,6 +13,8 @@ Reads, from ``OUT_DIR``:
   grad-logits, dW, dX) and the pass's total rate;
 - ``bench_weight_sync.json`` (``tools/bench_weight_sync.py``): the copy engine's GB/s, its share
   of the memcpy floor, how many times faster than the torch path;
+- ``bench_copy.json`` (``tools/bench_copy.py``): per case, the copy engine's GB/s against ``copy_``'s
+  of the same bytes (the issue's goal: >= 0.9 of it in every case);
 - ``bench_update.json`` (``tools/bench_update.py``): tokens/s of the update and of the log-prob
   pass per micro-batch plan, each against the padded plan;
 - ``train_moe/metrics.jsonl`` (the train-moe run, ``megarl/metrics.py``): steps logged, median
@@ -36,12 +38,13 @@ import statistics
 import sys
 from pathlib import Path
 
-STEPS = ("build", "gpu-tests", "bench-kernels", "bench-weight-sync", "bench-update", "kernel-tests", "train-moe")
+STEPS = ("build", "gpu-tests", "bench-kernels", "bench-weight-sync", "bench-copy", "bench-update", "kernel-tests", "train-moe")
 """tools/gpu_check.sh's steps, in its order."""
 
 OUTPUTS = {
     "bench-kernels": "bench_kernels.json",
     "bench-weight-sync": "bench_weight_sync.json",
+    "bench-copy": "bench_copy.json",
     "bench-update": "bench_update.json",
     "train-moe": "train_moe/metrics.jsonl",
 }
@@ -172,6 +175,18 @@ def weight_sync_rows(report: dict) -> list[tuple[str, str]]:
     return [(measure, result)]
 
 
+def copy_rows(report: dict) -> list[tuple[str, str]]:
+    """Per case, the copy engine's rate against ``copy_`` of the same bytes."""
+    device = report["machine"]["device"]
+    return [
+        (
+            f"copy engine, {entry['case']}, {entry['bytes'] / 2**20:.0f} MiB in {entry['copies']} copies, {device}",
+            f"{entry['engine_gbps']:.1f} GB/s, {entry['ratio']:.2f}x copy_ ({entry['copy_gbps']:.1f} GB/s)",
+        )
+        for entry in report["results"]
+    ]
+
+
 def update_rows(report: dict) -> list[tuple[str, str]]:
     """Tokens/s of the update and the log-prob pass per plan, against the padded plan."""
     rows = report["rows"]
@@ -201,6 +216,7 @@ def train_rows(rows: list[dict[str, float]]) -> list[tuple[str, str]]:
 HEADLINES = {
     "bench-kernels": (read_json, kernel_rows),
     "bench-weight-sync": (read_json, weight_sync_rows),
+    "bench-copy": (read_json, copy_rows),
     "bench-update": (read_json, update_rows),
     "train-moe": (read_metrics, train_rows),
 }
