@@ -23,7 +23,8 @@ def initialize(layout: ParallelConfig, timeout_minutes: int = 30) -> ProcessGrou
     """Create Megatron's process groups for ``layout`` over the initialised world.
 
     Requires :func:`megarl.platform.init_distributed` first. Re-initialising with another layout
-    destroys the previous groups first.
+    destroys the previous groups first, Megatron's and any other but the default one
+    (:func:`destroy`).
 
     Returns:
         The process groups, to be passed explicitly to the model and the schedules.
@@ -38,7 +39,7 @@ def initialize(layout: ParallelConfig, timeout_minutes: int = 30) -> ProcessGrou
     if problems:
         raise ConfigError("\n".join(problems))
     if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
+        destroy()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=layout.tensor,
         pipeline_model_parallel_size=layout.pipeline,
@@ -62,6 +63,14 @@ def seed(value: int) -> None:
 
 
 def destroy() -> None:
-    """Tear down Megatron's process groups (torch.distributed itself stays up)."""
+    """Tear down Megatron's process groups, and every other group but the default one: each is
+    shut down now, its communication threads with it (gloo keeps two or three per group; Megatron's
+    own teardown only forgets its groups, so a process that re-initialised for many layouts kept
+    thousands of threads, which went on polling). torch.distributed itself stays up."""
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        # torch lists the groups it made only in this private registry.
+        for group in list(dist.distributed_c10d._world.pg_map):
+            if group is not dist.GroupMember.WORLD:
+                dist.destroy_process_group(group)

@@ -1,5 +1,6 @@
 """Every parallel layout computes the single-rank loss and gradients (2 processes on gloo, shared
-with the other layout checks: tests/jobs.py).
+with the other layout checks: tests/jobs.py); re-initialising for another layout releases the
+previous layout's groups.
 
 Each model's single-rank run records its initial weights, loss and gradients; each layout then
 loads the same weights (every rank slicing what it owns), runs one global batch through Megatron's
@@ -9,12 +10,16 @@ and each rank's gradient shards with the matching slices of the single-rank grad
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 
+from tests.distributed import ENVIRONMENT, REPO
 from tests.hf_models import model_dir
 from tests.jobs import layout_job
-
-pytestmark = pytest.mark.multirank
 
 LOSS_TOLERANCE = 1e-5
 GRAD_TOLERANCE = 1e-5
@@ -40,6 +45,7 @@ def gradient_jobs(directory, model, layout):
     ]
 
 
+@pytest.mark.multirank
 @pytest.mark.jobs(planner=gradient_jobs)
 @pytest.mark.parametrize(
     "model,layout",
@@ -52,3 +58,27 @@ def test_layout_matches_single_rank(model, layout, jobs):
     assert report["max_grad_diff"] <= GRAD_TOLERANCE, report
     # Every rank held parameters (nothing silently skipped).
     assert all(count > 0 for count in report["params_per_rank"]), report
+
+
+RE_INITIALISE = """
+import json, os, sys
+from megarl import parallel, platform
+from megarl.config import ParallelConfig
+platform.init_distributed()
+counts = []
+for _ in range(4):
+    parallel.initialize(ParallelConfig())
+    counts.append(len(os.listdir("/proc/self/task")))
+parallel.destroy()
+print(json.dumps(counts))
+"""
+
+
+@pytest.mark.cpu
+def test_reinitialising_releases_the_previous_groups_and_their_threads():
+    # Megatron's own teardown only forgot its groups: each layout left ~50 gloo threads behind,
+    # which kept polling (a job suite of 40 layouts per rank spent most of a core on them).
+    result = subprocess.run([sys.executable, "-c", RE_INITIALISE], cwd=REPO, env={**os.environ, **ENVIRONMENT}, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    counts = json.loads(result.stdout.splitlines()[-1])
+    assert counts == [counts[0]] * 4, counts
