@@ -1,12 +1,35 @@
 """Shared pytest setup: GPU-only tests skip cleanly on machines without CUDA; the tests marked
-``jobs`` share their processes (tests/jobs.py)."""
+``jobs`` share their processes (tests/jobs.py); under pytest-xdist (``-n 2``, the README's test
+command) a test file runs whole on one worker, and all the files with ``jobs`` tests on the same one."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
 
 from tests.jobs import Jobs
+
+REPO = Path(__file__).resolve().parents[1]
+JOBS_FILES = frozenset(
+    str(path.relative_to(REPO)) for path in (REPO / "tests").rglob("test_*.py") if "@pytest.mark.jobs(" in path.read_text()
+)
+"""The test files with tests marked ``jobs``, as pytest names them (from the repository root)."""
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """pytest-xdist's scheduling by scope, a scope being a test file (its module fixtures are built
+    once), except that every file with ``jobs`` tests is one scope: the session's jobs then run
+    once, on one worker (the ``jobs`` fixture plans them from every collected test)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FilesAndJobs(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return "jobs" if path in JOBS_FILES else path
+
+    return FilesAndJobs(config, log)
 
 
 def pytest_collection_modifyitems(config, items):
