@@ -88,11 +88,13 @@ def torch_accumulate(device: torch.device, dtype: torch.dtype) -> str | None:
 
 def _accumulate_configs() -> list[triton.Config]:
     # A plain GEMM epilogue (load, add, store fp32): the largest tiles whose fp32 accumulator
-    # still fits two warpgroups' registers.
+    # still fits two warpgroups' registers. First (the one MEGARL_AUTOTUNE=first keeps) the only
+    # tile ptxas compiles without spills for sm_90 with Triton 3.6: 128 x 128 on 8 warps (the
+    # 128 x 256 tiles spill 176 bytes, 256 x 128 96, 4 warps 132; docs/benchmarks.md).
     return autotune_configs([
         triton.Config({"BLOCK_M": rows, "BLOCK_N": cols, "BLOCK_K": 64}, num_warps=warps, num_stages=stages)
         for rows, cols, warps, stages in (
-            (128, 256, 8, 3), (128, 256, 8, 4), (256, 128, 8, 3), (128, 128, 8, 4), (128, 128, 4, 4),
+            (128, 128, 8, 4), (128, 256, 8, 3), (128, 256, 8, 4), (256, 128, 8, 3), (128, 128, 4, 4),
         )
     ])
 

@@ -35,3 +35,11 @@ def test_a_failed_job_fails_with_its_traceback_and_the_next_runs_in_a_new_launch
         jobs.report(broken.name)
     assert jobs.report(sound.name)["logits"]["max_logit_diff"] <= 1e-4
     assert sorted(path.name for path in tmp_path.iterdir()) == ["launch-1", "launch-2"]
+
+
+def test_the_xdist_scopes_named_first_exist_and_the_jobs_files_are_found():
+    from tests.conftest import JOBS_FILES, REPO, SLOW_FIRST
+
+    assert {"tests/test_parallel.py", "tests/test_checkpoint.py", "tests/models/test_bridge.py"} <= JOBS_FILES
+    for scope in SLOW_FIRST:
+        assert scope == "jobs" or ((REPO / scope).is_file() and scope not in JOBS_FILES), scope
