@@ -1,5 +1,5 @@
 // The copy-plan kernel and its host-side description of a plan (see copy_plan_cuda.cu), apart
-// from torch's CUDA runtime: tests/weights/test_copy_plan_kernel.py compiles this header for the
+// from torch's CUDA runtime: tests/weights/test_copy_plan.py (emulated-*) compiles this header for the
 // host, with CUDA's few built-ins emulated, and runs the kernel's index maths thread by thread on
 // the CPU. Its functions are inline or templates.
 #pragma once

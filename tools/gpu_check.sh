@@ -142,7 +142,7 @@ step() {
 arch=$([ "$DRY_RUN" = 1 ] && echo 90 || nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d ' .')
 step build 130 "$PYTHON" -m pip install --quiet --no-deps --no-build-isolation --no-index \
   -C "cmake.define.CMAKE_CUDA_ARCHITECTURES=${arch}" -e .
-step gpu-tests 40 "$PYTHON" -m pytest -p no:cacheprovider -q -m "gpu or cpu" \
+step gpu-tests 40 "$PYTHON" -m pytest -p no:cacheprovider -q -m "gpu or cpu" -k "not emulated" \
   tests/weights/test_copy_plan_cuda.py tests/weights/test_copy_plan.py tests/test_extension.py \
   tests/test_megatron_compat.py::test_enable_cpu_refuses_on_cuda_machines
 step bench-kernels 70 "$PYTHON" tools/bench_kernels.py --shapes 16384,4096,151936 \

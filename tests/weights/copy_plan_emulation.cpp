@@ -2,7 +2,7 @@
 // are emulated below, and `emulate` runs every thread of every block one after another (the
 // kernel's threads never communicate, so any order gives the GPU's result). It also counts the
 // 16- and 8-byte accesses that are not aligned, which a GPU would refuse.
-// tests/weights/test_copy_plan_kernel.py builds it with the host compiler.
+// tests/weights/test_copy_plan.py builds it with the host compiler (its emulated-* engines).
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>

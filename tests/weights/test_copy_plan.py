@@ -1,15 +1,26 @@
 """The C++ copy engine (`torch.ops.megarl.execute_copy_plan`) against a torch reference.
 
-The plans' tests run on the CPU engine and on the CUDA kernel (``device`` ``cuda``: marked gpu,
-skipped without CUDA); tests/weights/test_copy_plan_kernel.py runs the same checks on the CUDA
-kernel compiled for the host. The ``check_*`` functions take ``run(plan, sources, out_bytes) ->
-out`` (on the CPU) so that all three share them.
+The plans' tests run (the ``run`` fixture) on the CPU engine, on the CUDA kernel (``cuda``: marked
+gpu, skipped without CUDA), and on the CUDA kernel's logic compiled for the host
+(``emulated-*``): tests/weights/copy_plan_emulation.cpp emulates the few CUDA built-ins
+csrc/copy_plan_kernel.cuh uses and runs its threads one after another, with 1 block or 3 (which
+stride over the tiles), so its slot and tile index maths, the split of each row into 16-byte words
+and element-wise heads and tails, the funnel shifts of misaligned sources and the conversions in
+registers run here; it also counts 16- and 8-byte accesses at misaligned addresses (a GPU would
+fault on them). What the emulation cannot check is the GPU itself: memory ordering, speed, the
+launch (tests/weights/test_copy_plan_cuda.py, on a GPU).
 """
 
 from __future__ import annotations
 
+import ctypes
+import shutil
+import subprocess
+from pathlib import Path
+
 import pytest
 import torch
+import torch.utils.cpp_extension
 
 from megarl.weights.copy_plan import (
     OUT_OFFSET,
@@ -80,9 +91,48 @@ def run_on_cuda(plan: torch.Tensor, sources: list[torch.Tensor], out_bytes: int)
     return out.cpu()
 
 
-@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+HARNESS = Path(__file__).resolve().parent / "copy_plan_emulation.cpp"
+CSRC = Path(__file__).resolve().parents[2] / "csrc"
+
+
+@pytest.fixture(scope="module")
+def emulation(tmp_path_factory) -> ctypes.CDLL:
+    """tests/weights/copy_plan_emulation.cpp built with the host's C++ compiler."""
+    compiler = shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        pytest.skip("no host C++ compiler")
+    library = tmp_path_factory.mktemp("copy_kernel") / "copy_plan_emulation.so"
+    includes = [f"-I{path}" for path in torch.utils.cpp_extension.include_paths()]
+    command = [compiler, "-std=c++17", "-O1", "-shared", "-fPIC", "-w", *includes, f"-I{CSRC}", str(HARNESS), "-o", str(library)]
+    built = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr[-4000:]
+    loaded = ctypes.CDLL(str(library))
+    loaded.emulate.restype = ctypes.c_int64
+    loaded.emulate.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    return loaded
+
+
+def run_emulated(emulation: ctypes.CDLL, blocks: int):
+    """``run(plan, sources, out_bytes) -> out`` through the emulated kernel with ``blocks`` blocks;
+    fails on any misaligned wide access."""
+
+    def run(plan: torch.Tensor, sources: list[torch.Tensor], out_bytes: int) -> torch.Tensor:
+        plan = plan.contiguous()
+        sources = [source.contiguous() for source in sources]
+        pointers = (ctypes.c_void_p * max(len(sources), 1))(*[source.data_ptr() for source in sources])
+        out = torch.zeros(out_bytes, dtype=torch.uint8)
+        misaligned = emulation.emulate(plan.data_ptr(), plan.shape[0], pointers, out.data_ptr(), blocks)
+        assert misaligned == 0, f"{misaligned} 16- or 8-byte accesses at misaligned addresses"
+        return out
+
+    return run
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu), "emulated-1-block", "emulated-3-blocks"])
 def run(request):
-    """The engine of one device: ``run(plan, sources, out_bytes) -> out`` on the CPU."""
+    """One engine: ``run(plan, sources, out_bytes) -> out`` on the CPU."""
+    if request.param.startswith("emulated"):
+        return run_emulated(request.getfixturevalue("emulation"), 1 if request.param == "emulated-1-block" else 3)
     return run_on_cpu if request.param == "cpu" else run_on_cuda
 
 
@@ -293,6 +343,23 @@ def check_shards_side_by_side(source_dtype: torch.dtype, run) -> None:
 def test_shards_side_by_side_in_the_output_rows(source_dtype, run):
     """Row-parallel shards, as one group on the CPU engine's threads."""
     check_shards_side_by_side(source_dtype, run)
+
+
+def test_long_rows_over_many_tiles(run):
+    # Rows many tiles long, strided, at odd output offsets: every tile's first-copy lookup.
+    generator = torch.Generator().manual_seed(3)
+    wide = torch.randn(3, 70_000, generator=generator)
+    narrow = torch.randn(500, 96, generator=generator).to(torch.bfloat16)
+    plan = torch.tensor(
+        [
+            [0, 0, 0, 0, 0, 1, 200_000, 0, 1],
+            [0, 4, 280_000, 400_002, 200_006, 3, 50_000, 0, 0],
+            [1, 64, 192, 1_000_100, 100, 500, 48, 1, 1],
+        ],
+        dtype=torch.int64,
+    )
+    out_bytes = 1_000_100 + 500 * 100
+    assert torch.equal(run(plan, [wide, narrow], out_bytes), expected_bytes(plan, [wide, narrow], out_bytes))
 
 
 def test_empty_plan_and_empty_copies_write_nothing():
