@@ -73,15 +73,20 @@ def check_fused(backend: str, dtype: torch.dtype, rank: int, world_size: int) ->
         temperature=TEMPERATURE, vocab_size=VOCAB, group=dist.group.WORLD, backend=backend,
     )
     problem.loss(log_probs, entropy).backward()
+    assert_fused_matches_reference(problem, log_probs, entropy, (hidden.grad, slice(None)), (shard.grad, rows), atol, rtol)
 
+
+def assert_fused_matches_reference(problem, log_probs, entropy, hidden_grad, shard_grad, atol, rtol) -> None:
+    """The fused op's values and gradients against float64 on the whole problem: ``hidden_grad``
+    and ``shard_grad`` are ``(gradient, its slice of the full one)``."""
     expected_hidden = problem.hidden.double().requires_grad_()
     weight = problem.weight.double().requires_grad_()
     expected_log_probs, expected_entropy = fused_reference(expected_hidden, weight, problem.targets, VOCAB)
     problem.loss(expected_log_probs, expected_entropy).backward()
     assert_matches(log_probs, expected_log_probs, atol, rtol)
     assert_matches(entropy, expected_entropy, atol, rtol)
-    assert_matches(hidden.grad, expected_hidden.grad, atol, rtol)
-    assert_matches(shard.grad, weight.grad[rows], atol, rtol)
+    assert_matches(hidden_grad[0], expected_hidden.grad[hidden_grad[1]], atol, rtol)
+    assert_matches(shard_grad[0], weight.grad[shard_grad[1]], atol, rtol)
 
 
 def check_fused_sequence_parallel(backend: str, dtype: torch.dtype, rank: int, world_size: int) -> None:
@@ -122,15 +127,7 @@ def check_fused_sequence_parallel(backend: str, dtype: torch.dtype, rank: int, w
         for name, (owner, attribute) in sites.items():
             setattr(owner, attribute, originals[name])
     assert calls == {"all_reduce": 0, "reduce_scatter": 1}, calls
-
-    expected_hidden = problem.hidden.double().requires_grad_()
-    weight = problem.weight.double().requires_grad_()
-    expected_log_probs, expected_entropy = fused_reference(expected_hidden, weight, problem.targets, VOCAB)
-    problem.loss(expected_log_probs, expected_entropy).backward()
-    assert_matches(log_probs, expected_log_probs, atol, rtol)
-    assert_matches(entropy, expected_entropy, atol, rtol)
-    assert_matches(local_hidden.grad, expected_hidden.grad[sequence], atol, rtol)
-    assert_matches(shard.grad, weight.grad[vocabulary], atol, rtol)
+    assert_fused_matches_reference(problem, log_probs, entropy, (local_hidden.grad, sequence), (shard.grad, vocabulary), atol, rtol)
 
 
 def main() -> None:
