@@ -297,15 +297,13 @@ def test_large_copies_split_over_threads(threads):
         dtype=torch.int64,
     )
     out_bytes = 2_400_000 + 4096 * 100
-    out, expected = torch.zeros(out_bytes, dtype=torch.uint8), torch.zeros(out_bytes, dtype=torch.uint8)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        execute_copy_plan(plan, [wide, narrow], out)
+        out = run_on_cpu(plan, [wide, narrow], out_bytes)
     finally:
         torch.set_num_threads(previous)
-    reference(plan, [wide, narrow], expected)
-    assert torch.equal(out, expected)
+    assert torch.equal(out, expected_bytes(plan, [wide, narrow], out_bytes))
 
 
 def test_streaming_stores_for_large_outputs():
@@ -316,10 +314,7 @@ def test_streaming_stores_for_large_outputs():
         dtype=torch.int64,
     )
     out_bytes = 17_920_010 + 64 * 120_006
-    out, expected = torch.zeros(out_bytes, dtype=torch.uint8), torch.zeros(out_bytes, dtype=torch.uint8)
-    execute_copy_plan(plan, [source], out)
-    reference(plan, [source], expected)
-    assert torch.equal(out, expected)
+    assert torch.equal(run_on_cpu(plan, [source], out_bytes), expected_bytes(plan, [source], out_bytes))
 
 
 def check_shards_side_by_side(source_dtype: torch.dtype, run) -> None:
