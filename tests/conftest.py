@@ -4,14 +4,12 @@ command) a test file runs whole on one worker, and all the files with ``jobs`` t
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
+from tests.distributed import REPO
 from tests.jobs import Jobs
 
-REPO = Path(__file__).resolve().parents[1]
 JOBS_FILES = frozenset(
     str(path.relative_to(REPO)) for path in (REPO / "tests").rglob("test_*.py") if "@pytest.mark.jobs(" in path.read_text()
 )

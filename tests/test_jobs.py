@@ -38,7 +38,8 @@ def test_a_failed_job_fails_with_its_traceback_and_the_next_runs_in_a_new_launch
 
 
 def test_the_xdist_scopes_named_first_exist_and_the_jobs_files_are_found():
-    from tests.conftest import JOBS_FILES, REPO, SLOW_FIRST
+    from tests.conftest import JOBS_FILES, SLOW_FIRST
+    from tests.distributed import REPO
 
     assert {"tests/test_parallel.py", "tests/test_checkpoint.py", "tests/models/test_bridge.py"} <= JOBS_FILES
     for scope in SLOW_FIRST:
