@@ -4,6 +4,8 @@ command) a test file runs whole on one worker, and all the files with ``jobs`` t
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -23,6 +25,22 @@ SLOW_FIRST = (
 )
 """The scopes that take longest (a suite's ``--durations`` on the project's machine, 2026-12-05),
 handed out first so that no long file starts last; the others follow, the larger first."""
+
+
+def _share_the_cores() -> None:
+    """In a pytest-xdist worker, a share of the machine's cores for torch in this process and in
+    every process it starts (launches, engines, workers inherit ``OMP_NUM_THREADS``): with two
+    workers on two cores, a second thread per process only contends (OpenMP threads spin while they
+    wait), which costs the suite CPU time and wall time."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if not workers:
+        return
+    threads = max(1, len(os.sched_getaffinity(0)) // workers)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
+
+
+_share_the_cores()
 
 
 def pytest_xdist_make_scheduler(config, log):

@@ -44,3 +44,21 @@ def test_the_xdist_scopes_named_first_exist_and_the_jobs_files_are_found():
     assert {"tests/test_parallel.py", "tests/test_checkpoint.py", "tests/models/test_bridge.py"} <= JOBS_FILES
     for scope in SLOW_FIRST:
         assert scope == "jobs" or ((REPO / scope).is_file() and scope not in JOBS_FILES), scope
+
+
+def test_an_xdist_worker_and_what_it_starts_share_the_cores(monkeypatch):
+    import os
+
+    import torch
+
+    from tests.conftest import _share_the_cores
+
+    monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "2")
+    monkeypatch.setenv("OMP_NUM_THREADS", "8")
+    threads = torch.get_num_threads()
+    try:
+        _share_the_cores()
+        expected = max(1, len(os.sched_getaffinity(0)) // 2)
+        assert torch.get_num_threads() == expected and os.environ["OMP_NUM_THREADS"] == str(expected)
+    finally:
+        torch.set_num_threads(threads)
