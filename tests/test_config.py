@@ -122,6 +122,9 @@ INVALID = [
     (["train.dynamic_batch=true", "train.max_tokens_per_micro_batch=16"], 1, "dense", [
         "`train.max_tokens_per_micro_batch` (16) must hold one full sequence",
     ]),
+    (["train.dynamic_batch=true", "train.forward_max_tokens_per_micro_batch=16"], 1, "dense", [
+        "`train.forward_max_tokens_per_micro_batch` (16) must hold one full sequence",
+    ]),
     (["train.packing=true", "train.dynamic_batch=true", "train.max_tokens_per_micro_batch=44", "parallel.tensor=4",
       "parallel.sequence_parallel=true", "parallel.context=2", "data.max_prompt_length=36"], 8, "dense", [
         "`train.max_tokens_per_micro_batch` (44) must hold one full sequence, `data.max_prompt_length` + `data.max_response_length` "
@@ -221,6 +224,7 @@ def test_world_size_must_be_positive(facts):
         (["parallel.expert=2"], 2, "moe"),
         (["parallel.expert=2", "algorithm.routing_replay=r3"], 2, "moe"),
         (["parallel.expert=8", "train.micro_batch_size=1"], 8, "moe"),
+        (["train.forward_micro_batch_size=32", "train.forward_max_tokens_per_micro_batch=64"], 1, "moe"),
         (["parallel.tensor=2", "parallel.sequence_parallel=true"], 2, "moe"),
         (["parallel.tensor=2", "parallel.sequence_parallel=true", "parallel.expert=2", "parallel.expert_tensor=1"], 2, "moe"),
         (["parallel.context=2"], 2, "dense"),
@@ -350,6 +354,7 @@ def test_yaml_type_errors_name_the_file(tmp_path):
         ("parallel.tensor=0", "`parallel.tensor` (0) must be >= 1"),
         ("parallel.virtual_pipeline=0", "`parallel.virtual_pipeline` (0) must be >= 1, or null"),
         ("train.micro_batch_size=0", "`train.micro_batch_size` (0) must be >= 1"),
+        ("train.forward_micro_batch_size=0", "`train.forward_micro_batch_size` (0) must be >= 1, or null"),
         ("algorithm.clip_ratio_low=1.5", "`algorithm.clip_ratio_low` (1.5) must be in [0, 1)"),
         ("algorithm.clip_ratio_c=0.5", "`algorithm.clip_ratio_c` (0.5) must be > 1, or null"),
         ("algorithm.dynamic_sampling_mean_range=[0.9, 0.1]", "`algorithm.dynamic_sampling_mean_range` ([0.9, 0.1]) must be [low, high]"),
