@@ -140,6 +140,9 @@ INVALID = [
     (["algorithm.routing_replay=r3"], 1, "dense", [
         "`algorithm.routing_replay` (r3) replays MoE routing, but the model is dense: set algorithm.routing_replay=none",
     ]),
+    (["model.freeze_moe_router=true"], 1, "dense", [
+        "`model.freeze_moe_router` freezes MoE routers, but the model is dense: set model.freeze_moe_router=false",
+    ]),
     (["rollout.engine_tensor_parallel=3"], 1, "dense", ["`rollout.engine_tensor_parallel` (3) must divide the model's attention heads (4)"]),
     (["train.global_batch_size=64", "train.mini_batch_size=32"], 1, "dense", [
         "`train.global_batch_size` (64) must be >= `rollout.batch_size` (16) x `rollout.n_samples_per_prompt` (8) = 128",
@@ -224,7 +227,7 @@ def test_world_size_must_be_positive(facts):
         (["parallel.expert=2"], 2, "moe"),
         (["parallel.expert=2", "algorithm.routing_replay=r3"], 2, "moe"),
         (["parallel.expert=8", "train.micro_batch_size=1"], 8, "moe"),
-        (["train.forward_micro_batch_size=32", "train.forward_max_tokens_per_micro_batch=64"], 1, "moe"),
+        (["model.freeze_moe_router=true", "train.forward_micro_batch_size=32", "train.forward_max_tokens_per_micro_batch=64"], 1, "moe"),
         (["parallel.tensor=2", "parallel.sequence_parallel=true"], 2, "moe"),
         (["parallel.tensor=2", "parallel.sequence_parallel=true", "parallel.expert=2", "parallel.expert_tensor=1"], 2, "moe"),
         (["parallel.context=2"], 2, "dense"),
@@ -442,6 +445,13 @@ def test_range_error_names_where_the_value_came_from(tmp_path):
     with pytest.raises(ConfigError) as error:
         load_config(path, ["reward.num_workers=1", "reward.type=function"])
     assert str(error.value).startswith("override `reward.type=function`: `reward.function` must be set")
+
+
+def test_a_frozen_router_keeps_its_expert_bias():
+    with pytest.raises(ConfigError) as error:
+        load_config(None, ["model.freeze_moe_router=true", "model.moe_router_bias_update_rate=0.001"])
+    assert "`model.moe_router_bias_update_rate` (0.001) would move the expert bias of routers that model.freeze_moe_router freezes" in str(error.value)
+    assert load_config(None, ["model.freeze_moe_router=true"]).model.freeze_moe_router
 
 
 def test_mixing_weights_must_be_positive():

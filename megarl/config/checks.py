@@ -57,6 +57,8 @@ def _sequence_errors(config: Config, model_facts: ModelFacts) -> list[str]:
             f"`algorithm.routing_replay` ({config.algorithm.routing_replay}) replays MoE routing, but the model is dense: "
             "set algorithm.routing_replay=none"
         )
+    if config.model.freeze_moe_router and model_facts.num_experts == 0:
+        errors.append("`model.freeze_moe_router` freezes MoE routers, but the model is dense: set model.freeze_moe_router=false")
     out_of_vocab = [token for token in config.rollout.stop_token_ids if token >= model_facts.vocab_size]
     if out_of_vocab:
         errors.append(f"`rollout.stop_token_ids` {out_of_vocab} are outside the model's vocabulary (size {model_facts.vocab_size}): remove them")

@@ -37,7 +37,7 @@ from megarl.trainer.batch import TrainBatch, gather_token_values
 from megarl.trainer.micro_batches import rank_micro_batches
 from megarl.trainer.objective import Objective
 from megarl.trainer.optim import build_optimizer, build_scheduler
-from megarl.trainer.routing import Routers
+from megarl.trainer.routing import Routers, freeze_routers
 
 UPDATE_SUMS = ("loss_sum", "count", "tokens")
 """What an update adds up for every objective besides the objective's own metrics: the loss sum,
@@ -90,8 +90,9 @@ class TrainModel:
 
         Args:
             hf_path: the HF model directory the weights come from.
-            model: the parameter dtype and the TransformerConfig fields it sets (recompute, MoE
-                settings); its ``path`` is not read (``hf_path`` is).
+            model: the parameter dtype, the TransformerConfig fields it sets (recompute, MoE
+                settings) and whether the MoE routers are frozen
+                (:func:`~megarl.trainer.routing.freeze_routers`); its ``path`` is not read (``hf_path`` is).
             layout: the parallel layout.
             train: the micro-batching, the learning-rate schedule over the run's optimizer steps,
                 and whether the optimizer state is sharded over data-parallel ranks.
@@ -114,6 +115,8 @@ class TrainModel:
         if routing_replay:
             overrides["moe_enable_routing_replay"] = True
         spec, chunks = _load_chunks(hf_path, model, layout, pg_collection=pg_collection, backend=backend, after_load=after_load, **overrides)
+        if model.freeze_moe_router:
+            freeze_routers(chunks)
         dtype = DTYPES[model.dtype]
         config = spec.transformer_config
         config.finalize_model_grads_func = finalize_model_grads
