@@ -358,6 +358,7 @@ def test_yaml_type_errors_name_the_file(tmp_path):
         ("parallel.virtual_pipeline=0", "`parallel.virtual_pipeline` (0) must be >= 1, or null"),
         ("train.micro_batch_size=0", "`train.micro_batch_size` (0) must be >= 1"),
         ("train.forward_micro_batch_size=0", "`train.forward_micro_batch_size` (0) must be >= 1, or null"),
+        ("algorithm.advantage_clip=0", "`algorithm.advantage_clip` (0.0) must be > 0, or null"),
         ("algorithm.clip_ratio_low=1.5", "`algorithm.clip_ratio_low` (1.5) must be in [0, 1)"),
         ("algorithm.clip_ratio_c=0.5", "`algorithm.clip_ratio_c` (0.5) must be > 1, or null"),
         ("algorithm.dynamic_sampling_mean_range=[0.9, 0.1]", "`algorithm.dynamic_sampling_mean_range` ([0.9, 0.1]) must be [low, high]"),
@@ -417,6 +418,16 @@ def test_unregistered_algorithm_names_are_refused_once_the_cheap_checks_pass(tmp
     assert check_run(load_config(moe, [run_dir, f"data.train_files=[{missing}]", "algorithm.policy_loss=ppoo"]), 2) == [
         f"data.train_files: {missing} does not exist"
     ]
+
+
+def test_turning_whitening_off_is_refused_for_an_estimator_without_it(tmp_path):
+    moe = REPO / "configs" / "moe_grpo.yaml"
+    run_dir = f"logging.run_dir={tmp_path / 'run'}"
+    assert check_run(load_config(moe, [run_dir, "algorithm.whiten_advantages=false"]), 2) == [
+        "`algorithm.whiten_advantages` (false) changes nothing for `algorithm.advantage_estimator` grpo, which has no batch normalisation "
+        "(only gae, reinforce_pp, reinforce_pp_baseline do): drop it (for grpo's group std, set algorithm.norm_adv_by_std=false)"
+    ]
+    assert check_run(load_config(moe, [run_dir, "algorithm.whiten_advantages=false", "algorithm.advantage_estimator=reinforce_pp_baseline"]), 2) == []
 
 
 def test_cispo_refuses_a_dual_clip():
