@@ -1,6 +1,5 @@
-"""The forward-only passes' micro-batches: their own size and token budget, the update's when null;
-and a sample's log-probs the same whatever micro-batch the pass puts it in (a tiny MoE policy in
-the single-process job suite, tests/workers/forward_check.py)."""
+"""The forward-only passes' micro-batches: their own size and token budget, the update's when null
+(a sample's log-probs under them: tests/trainer/test_forward_log_probs.py)."""
 
 from __future__ import annotations
 
@@ -12,8 +11,6 @@ import torch
 from megarl.config import TrainConfig
 from megarl.trainer.batch import TrainBatch
 from megarl.trainer.micro_batches import rank_micro_batches
-from tests.hf_models import model_dir
-from tests.jobs import layout_job
 
 pytestmark = pytest.mark.cpu
 
@@ -73,20 +70,3 @@ def test_forward_only_micro_batches_are_cut_by_their_own_token_budget(packing):
     assert len(forward) == 1
     assert sorted(row for micro in update for row in micro["rows"].tolist()) == list(range(8))
 
-
-def forward_jobs(directory):
-    return [layout_job(model_dir(directory, "bundled:tiny-moe"), "single", {"forward": {}})]
-
-
-@pytest.mark.jobs(planner=forward_jobs)
-def test_a_samples_log_probs_do_not_depend_on_its_forward_micro_batch(jobs):
-    # The pass runs the forward sizes' micro-batches (largest first when packed), and each sample's
-    # log-probs are its own: other micro-batches change them by rounding at most.
-    report = jobs.report(forward_jobs(jobs.directory)[0].name)["forward"]
-    assert report["update"]["sizes"] == [2, 2, 2, 2]
-    assert report["padded_8"]["sizes"] == [8]
-    assert report["packed_1"]["sizes"] == [1] * 8
-    assert report["packed_budget"]["sizes"] == [8]
-    assert report["log_prob_min"] < -1.0
-    for name in ("padded_8", "packed_1", "packed_budget"):
-        assert report[name]["diff"] <= 1e-6, (name, report[name])
