@@ -271,7 +271,7 @@ def _routing_replay_problems(config: Config, timeout: float = 5.0) -> list[str]:
 def _algorithm_name_problems(config: Config) -> list[str]:
     """The advantage estimator and the policy loss ``config`` names, against the registries of
     :mod:`megarl.algorithms` (torch code: the config holds plain names so that it imports without
-    torch)."""
+    torch), and ``algorithm.whiten_advantages`` false against an estimator without a ``whiten``."""
     from megarl.algorithms.advantages import ADVANTAGES
     from megarl.algorithms.policy_losses import POLICY_LOSSES
 
@@ -287,6 +287,13 @@ def _algorithm_name_problems(config: Config) -> list[str]:
                 f"`{key}` = {name!r} is not a registered {registry.kind}{did_you_mean(name, registered) or '.'} "
                 f"Registered: {', '.join(registered)}; a new one is a function decorated with {how_to_add}"
             )
+    estimator = config.algorithm.advantage_estimator
+    if not config.algorithm.whiten_advantages and estimator in ADVANTAGES.names() and not ADVANTAGES.takes(estimator, "whiten"):
+        whitening = [name for name in ADVANTAGES.names() if ADVANTAGES.takes(name, "whiten")]
+        problems.append(
+            f"`algorithm.whiten_advantages` (false) changes nothing for `algorithm.advantage_estimator` {estimator}, which has no batch "
+            f"normalisation (only {', '.join(whitening)} do): drop it (for grpo's group std, set algorithm.norm_adv_by_std=false)"
+        )
     return problems
 
 

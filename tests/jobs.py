@@ -35,8 +35,8 @@ class Job:
     name: str
     """Unique in a session; jobs of the same name are one job with the union of their checks."""
     kind: str
-    """``layout`` (checks: ``logits``, ``gradients``, ``buckets``, ``head``, ``routing``, ``packing``, ``teacher``) or ``checkpoint``
-    (``save`` or ``load``); see tests/workers/suite.py."""
+    """``layout`` (checks: ``logits``, ``gradients``, ``buckets``, ``head``, ``routing``, ``packing``, ``teacher``, ``forward``,
+    ``router_freeze``) or ``checkpoint`` (``save`` or ``load``); see tests/workers/suite.py."""
     model: str
     """HF model directory."""
     checks: dict

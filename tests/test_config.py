@@ -122,6 +122,9 @@ INVALID = [
     (["train.dynamic_batch=true", "train.max_tokens_per_micro_batch=16"], 1, "dense", [
         "`train.max_tokens_per_micro_batch` (16) must hold one full sequence",
     ]),
+    (["train.dynamic_batch=true", "train.forward_max_tokens_per_micro_batch=16"], 1, "dense", [
+        "`train.forward_max_tokens_per_micro_batch` (16) must hold one full sequence",
+    ]),
     (["train.packing=true", "train.dynamic_batch=true", "train.max_tokens_per_micro_batch=44", "parallel.tensor=4",
       "parallel.sequence_parallel=true", "parallel.context=2", "data.max_prompt_length=36"], 8, "dense", [
         "`train.max_tokens_per_micro_batch` (44) must hold one full sequence, `data.max_prompt_length` + `data.max_response_length` "
@@ -136,6 +139,9 @@ INVALID = [
     ]),
     (["algorithm.routing_replay=r3"], 1, "dense", [
         "`algorithm.routing_replay` (r3) replays MoE routing, but the model is dense: set algorithm.routing_replay=none",
+    ]),
+    (["model.freeze_moe_router=true"], 1, "dense", [
+        "`model.freeze_moe_router` freezes MoE routers, but the model is dense: set model.freeze_moe_router=false",
     ]),
     (["rollout.engine_tensor_parallel=3"], 1, "dense", ["`rollout.engine_tensor_parallel` (3) must divide the model's attention heads (4)"]),
     (["train.global_batch_size=64", "train.mini_batch_size=32"], 1, "dense", [
@@ -221,6 +227,7 @@ def test_world_size_must_be_positive(facts):
         (["parallel.expert=2"], 2, "moe"),
         (["parallel.expert=2", "algorithm.routing_replay=r3"], 2, "moe"),
         (["parallel.expert=8", "train.micro_batch_size=1"], 8, "moe"),
+        (["model.freeze_moe_router=true", "train.forward_micro_batch_size=32", "train.forward_max_tokens_per_micro_batch=64"], 1, "moe"),
         (["parallel.tensor=2", "parallel.sequence_parallel=true"], 2, "moe"),
         (["parallel.tensor=2", "parallel.sequence_parallel=true", "parallel.expert=2", "parallel.expert_tensor=1"], 2, "moe"),
         (["parallel.context=2"], 2, "dense"),
@@ -350,6 +357,8 @@ def test_yaml_type_errors_name_the_file(tmp_path):
         ("parallel.tensor=0", "`parallel.tensor` (0) must be >= 1"),
         ("parallel.virtual_pipeline=0", "`parallel.virtual_pipeline` (0) must be >= 1, or null"),
         ("train.micro_batch_size=0", "`train.micro_batch_size` (0) must be >= 1"),
+        ("train.forward_micro_batch_size=0", "`train.forward_micro_batch_size` (0) must be >= 1, or null"),
+        ("algorithm.advantage_clip=0", "`algorithm.advantage_clip` (0.0) must be > 0, or null"),
         ("algorithm.clip_ratio_low=1.5", "`algorithm.clip_ratio_low` (1.5) must be in [0, 1)"),
         ("algorithm.clip_ratio_c=0.5", "`algorithm.clip_ratio_c` (0.5) must be > 1, or null"),
         ("algorithm.dynamic_sampling_mean_range=[0.9, 0.1]", "`algorithm.dynamic_sampling_mean_range` ([0.9, 0.1]) must be [low, high]"),
@@ -411,6 +420,16 @@ def test_unregistered_algorithm_names_are_refused_once_the_cheap_checks_pass(tmp
     ]
 
 
+def test_turning_whitening_off_is_refused_for_an_estimator_without_it(tmp_path):
+    moe = REPO / "configs" / "moe_grpo.yaml"
+    run_dir = f"logging.run_dir={tmp_path / 'run'}"
+    assert check_run(load_config(moe, [run_dir, "algorithm.whiten_advantages=false"]), 2) == [
+        "`algorithm.whiten_advantages` (false) changes nothing for `algorithm.advantage_estimator` grpo, which has no batch normalisation "
+        "(only gae, reinforce_pp, reinforce_pp_baseline do): drop it (for grpo's group std, set algorithm.norm_adv_by_std=false)"
+    ]
+    assert check_run(load_config(moe, [run_dir, "algorithm.whiten_advantages=false", "algorithm.advantage_estimator=reinforce_pp_baseline"]), 2) == []
+
+
 def test_cispo_refuses_a_dual_clip():
     with pytest.raises(ConfigError) as error:
         load_config(None, ["algorithm.clip_ratio_c=3", "algorithm.policy_loss=cispo"])
@@ -437,6 +456,13 @@ def test_range_error_names_where_the_value_came_from(tmp_path):
     with pytest.raises(ConfigError) as error:
         load_config(path, ["reward.num_workers=1", "reward.type=function"])
     assert str(error.value).startswith("override `reward.type=function`: `reward.function` must be set")
+
+
+def test_a_frozen_router_keeps_its_expert_bias():
+    with pytest.raises(ConfigError) as error:
+        load_config(None, ["model.freeze_moe_router=true", "model.moe_router_bias_update_rate=0.001"])
+    assert "`model.moe_router_bias_update_rate` (0.001) would move the expert bias of routers that model.freeze_moe_router freezes" in str(error.value)
+    assert load_config(None, ["model.freeze_moe_router=true"]).model.freeze_moe_router
 
 
 def test_mixing_weights_must_be_positive():

@@ -16,12 +16,13 @@ With g the group of response i, n_g its size, mean_g and std_g (unbiased) its sc
 - ``reinforce_pp`` (REINFORCE++, Hu 2025): G_t = r_t + gamma G_{t+1} over the token rewards (the
   score on the last token, see :func:`outcome_token_rewards`, plus the per-token KL penalty of
   :func:`megarl.algorithms.kl.apply_kl_penalty`), then whitened over all valid tokens of the batch:
-  A = (G - mean) / (std + eps). ``returns`` are G.
+  A = (G - mean) / (std + eps); without ``whiten``, A = G. ``returns`` are G.
 - ``reinforce_pp_baseline`` (Hu 2025): A_i = (r_i - mean_g) / (std + eps), std over all valid
-  tokens of the batch of the group-centred advantages.
+  tokens of the batch of the group-centred advantages; without ``whiten``, A_i = r_i - mean_g.
 - ``gae`` (Schulman et al. 2016): delta_t = r_t + gamma V_{t+1} - V_t, with V = 0 after the last
   token (the response ended), A_t = delta_t + gamma lam A_{t+1}; returns = A + V (before
-  whitening); with ``whiten`` (verl's behaviour) A is whitened over the batch's valid tokens.
+  whitening); with ``whiten`` (verl's behaviour, which has no switch) A is whitened over the
+  batch's valid tokens.
 - ``opo`` (On-Policy RL with Optimal reward baseline, Hao et al. 2025; verl
   ``compute_opo_outcome_advantage``): A_i = r_i - b_g with the length-weighted baseline
   b_g = sum_{j in g} |o_j| r_j / sum_{j in g} |o_j|, |o_j| the number of valid tokens of response j.
@@ -43,6 +44,14 @@ With g the group of response i, n_g its size, mean_g and std_g (unbiased) its sc
   w = (1 - 2 pi_s + sum_v pi(v)^2) rho_s^2: pi_s = exp(old log-prob) of the sampled token,
   sum_v pi(v)^2 the policy's squared probabilities summed over the vocabulary (``sum_pi_squared``)
   and rho the rollout importance weight (1 without one). Returns are G.
+
+``whiten`` (``algorithm.whiten_advantages``, default true) is the batch normalisation that gae,
+reinforce_pp and reinforce_pp_baseline end with; the other estimators have none (grpo's and
+grpo_passk's division by the group std is ``norm_by_std``, ``algorithm.norm_adv_by_std``).
+
+After any estimator (and the distillation term of :mod:`megarl.algorithms.distillation`),
+:func:`clip_advantages` with ``algorithm.advantage_clip`` c: A <- min(max(A, -c), c) on every valid
+token (LightRFT's and ROLL's ``advantage_clip``); the returns are not clipped.
 
 Batch statistics (whitening) use the unbiased std over valid tokens; eps = 1e-6 is added to every
 std, as verl's GRPO does (verl's whitening divides by sqrt(var + 1e-8) instead; the two differ by
@@ -87,6 +96,26 @@ def compute_advantages(name: str, **inputs) -> tuple[torch.Tensor, torch.Tensor]
     ones it declares (see :meth:`megarl.algorithms.registry.Registry.call`).
     """
     return ADVANTAGES.call(name, **inputs)
+
+
+def clip_advantages(advantages: torch.Tensor, response_mask: torch.Tensor, clip: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A <- min(max(A, -clip), clip) (``algorithm.advantage_clip``; None: unchanged).
+
+    Args:
+        advantages: ``[B, T]``, 0 where ``response_mask`` is 0.
+        response_mask: ``[B, T]``.
+        clip: c > 0, or None.
+
+    Returns:
+        ``(advantages, clip_fraction)``: the clipped ``[B, T]`` in the input's dtype, and the share
+        of valid tokens whose advantage lay outside [-c, c] (a 0-dim float64; 0 without ``clip``).
+    """
+    if clip is None:
+        return advantages, torch.zeros((), dtype=torch.float64)
+    valid = response_mask.bool()
+    outside = (advantages.abs() > clip) & valid
+    fraction = outside.sum().double() / valid.sum().clamp(min=1)
+    return advantages.clamp(-clip, clip), fraction
 
 
 def outcome_token_rewards(scores: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
@@ -189,24 +218,26 @@ def _discounted_returns(token_rewards: torch.Tensor, response_mask: torch.Tensor
 
 
 @register_advantage("reinforce_pp")
-def reinforce_pp(token_rewards: torch.Tensor, response_mask: torch.Tensor, *, gamma: float):
+def reinforce_pp(token_rewards: torch.Tensor, response_mask: torch.Tensor, *, gamma: float, whiten: bool = True):
     """REINFORCE++: discounted returns of the token rewards, whitened over the batch's valid tokens.
 
     Args:
         token_rewards: ``[B, T]``, the outcome score on the last token plus per-token KL penalties.
         response_mask: ``[B, T]``.
         gamma: discount.
+        whiten: whiten G into A; False: A = G.
 
     Returns:
-        ``(advantages, returns)``, ``[B, T]``: A = (G - mean) / (std + eps) and G.
+        ``(advantages, returns)``, ``[B, T]``: A = (G - mean) / (std + eps) (or G) and G.
     """
     returns = _discounted_returns(token_rewards, response_mask, gamma)
     dtype = _result_dtype(token_rewards)
-    return _whiten(returns, response_mask).to(dtype), returns.to(dtype)
+    advantages = _whiten(returns, response_mask) if whiten else returns
+    return advantages.to(dtype), returns.to(dtype)
 
 
 @register_advantage("reinforce_pp_baseline")
-def reinforce_pp_baseline(scores: torch.Tensor, response_mask: torch.Tensor, group_ids: torch.Tensor):
+def reinforce_pp_baseline(scores: torch.Tensor, response_mask: torch.Tensor, group_ids: torch.Tensor, *, whiten: bool = True):
     """REINFORCE++-baseline: A_i = (r_i - mean_g) / (std + eps), std over the batch's valid tokens
     of r_i - mean_g (not re-centred; see the module docstring).
 
@@ -214,14 +245,17 @@ def reinforce_pp_baseline(scores: torch.Tensor, response_mask: torch.Tensor, gro
         scores: ``[B]``.
         response_mask: ``[B, T]``.
         group_ids: ``[B]``.
+        whiten: divide by the batch std; False: A_i = r_i - mean_g.
 
     Returns:
         ``(advantages, returns)``, ``[B, T]``; returns = advantages.
     """
     groups = group_statistics(scores, group_ids)
     centred = torch.where(groups.all_equal, 0.0, scores.double() - groups.mean)
-    _, std = _masked_mean_std(_broadcast(centred, response_mask), response_mask)
-    return _per_sample_outputs(centred / (std + EPS), response_mask, _result_dtype(scores))
+    if whiten:
+        _, std = _masked_mean_std(_broadcast(centred, response_mask), response_mask)
+        centred = centred / (std + EPS)
+    return _per_sample_outputs(centred, response_mask, _result_dtype(scores))
 
 
 @register_advantage("gae")

@@ -54,6 +54,17 @@ class AlgorithmConfig(Section):
     """GAE lambda, in [0, 1] (verl: algorithm.lam)."""
     norm_adv_by_std: bool = True
     """GRPO: divide by the group's reward std; false is Dr. GRPO (verl: algorithm.norm_adv_by_std_in_grpo)."""
+    whiten_advantages: bool = True
+    """The batch normalisation three estimators end with, over the batch's valid tokens: gae and
+    reinforce_pp whiten, A <- (A - mean) / (std + eps), reinforce_pp_baseline divides by the std;
+    false leaves it out (gae's raw advantages, reinforce_pp's discounted returns,
+    reinforce_pp_baseline's group-centred scores). The other estimators have no batch
+    normalisation (grpo's group std is norm_adv_by_std), and the run refuses false with them. Maths
+    in :mod:`megarl.algorithms.advantages` (ROLL: whiten_advantages; verl's GAE always whitens)."""
+    advantage_clip: Annotated[Optional[float], Range(gt=0)] = None
+    """Clip every advantage to [-advantage_clip, advantage_clip], after the estimator and the
+    distillation term; the returns (the critic's targets) are not clipped; null: off. Metric
+    advantages/clip_fraction (LightRFT: --advantage_clip, ROLL: advantage_clip; 0 is off there)."""
     policy_loss: str = "ppo"
     """Policy objective: a name in :data:`megarl.algorithms.policy_losses.POLICY_LOSSES`, built in
     ``ppo`` (token-level PPO clip), ``gspo`` (sequence-level ratio), ``cispo`` (clipped importance

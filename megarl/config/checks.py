@@ -42,12 +42,11 @@ def _sequence_errors(config: Config, model_facts: ModelFacts) -> list[str]:
     # Packed, a sample is rounded up to the layout's multiple, and so is a pack of one.
     multiple = layout_multiple(parallel.tensor, parallel.sequence_parallel, cp) if train.packing else 1
     longest = -(-sequence // multiple) * multiple
-    if train.dynamic_batch and train.max_tokens_per_micro_batch < longest:
-        rounded = f", rounded up to the layout's multiple {multiple}" if longest != sequence else ""
-        errors.append(
-            f"`train.max_tokens_per_micro_batch` ({train.max_tokens_per_micro_batch}) must hold one full sequence, "
-            f"{lengths}{rounded}: set it to at least {longest}"
-        )
+    for budget in ("max_tokens_per_micro_batch", "forward_max_tokens_per_micro_batch"):
+        tokens = getattr(train, budget)
+        if train.dynamic_batch and tokens is not None and tokens < longest:
+            rounded = f", rounded up to the layout's multiple {multiple}" if longest != sequence else ""
+            errors.append(f"`train.{budget}` ({tokens}) must hold one full sequence, {lengths}{rounded}: set it to at least {longest}")
     if train.packing and config.model.moe_aux_loss_coeff and config.model.moe_router_load_balancing_type == "seq_aux_loss":
         errors.append(
             "`model.moe_router_load_balancing_type` (seq_aux_loss) balances each sequence, and with `train.packing` Megatron would "
@@ -58,6 +57,8 @@ def _sequence_errors(config: Config, model_facts: ModelFacts) -> list[str]:
             f"`algorithm.routing_replay` ({config.algorithm.routing_replay}) replays MoE routing, but the model is dense: "
             "set algorithm.routing_replay=none"
         )
+    if config.model.freeze_moe_router and model_facts.num_experts == 0:
+        errors.append("`model.freeze_moe_router` freezes MoE routers, but the model is dense: set model.freeze_moe_router=false")
     out_of_vocab = [token for token in config.rollout.stop_token_ids if token >= model_facts.vocab_size]
     if out_of_vocab:
         errors.append(f"`rollout.stop_token_ids` {out_of_vocab} are outside the model's vocabulary (size {model_facts.vocab_size}): remove them")

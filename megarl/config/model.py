@@ -65,12 +65,24 @@ class ModelConfig(Section):
     (``bias += rate * sign(mean load - load)``). 0 keeps the checkpoint's bias, so the policy routes
     as it was pretrained to; DeepSeek-V3 pretrained with 1e-3, Megatron's default. Other models
     have no expert bias and ignore it (Megatron/slime: --moe-router-bias-update-rate)."""
+    freeze_moe_router: bool = False
+    """Train every weight but the MoE routing: the routers' gating weights (and biases) and the
+    shared experts' gates get no gradient, no gradient buffer and no optimizer state, so the
+    experts a token goes to change only as the layers before the router change. Applies to every
+    model built from this section (the policy; the critic too when it is trained, and SFT). A dense
+    model is refused, and so is moe_router_bias_update_rate > 0, which would still move a frozen
+    router's expert bias (verl: actor_rollout_ref.model.override_config.moe_config.freeze_moe_router)."""
     seed: int = 1234
     """Seed of weight initialisation (new heads) and Megatron's RNG tracker (slime: --seed)."""
 
     def _rule_problems(self) -> Iterator[tuple[str, str]]:
         if not self.path:
             yield "path", "must name a HF model directory or bundled:NAME"
+        if self.freeze_moe_router and self.moe_router_bias_update_rate:
+            yield "moe_router_bias_update_rate", (
+                f"({self.moe_router_bias_update_rate}) would move the expert bias of routers that model.freeze_moe_router "
+                "freezes: set it to 0, or model.freeze_moe_router=false"
+            )
         if self.moe_token_dispatcher == "allgather":
             yield "moe_token_dispatcher", "(allgather) needs fixed sequence lengths in megatron-core 0.16, and RL batches vary: use alltoall"
 

@@ -72,6 +72,17 @@ class TrainConfig(Section):
     tokens (each rounded up to the layout's multiple, 2 x CP with context parallelism) and the pack's
     tail; without, padding included (samples x the longest one's length) (verl:
     ppo_max_token_len_per_gpu, slime: --max-tokens-per-gpu)."""
+    forward_micro_batch_size: Annotated[Optional[int], Range(ge=1)] = None
+    """Samples per micro-batch of the passes without gradients on each data-parallel rank: old and
+    reference log-probs, the critic's values, a Megatron teacher's log-probs. They keep no
+    activations for a backward, so they can take more than the update's; null: micro_batch_size
+    (verl: rollout.log_prob_micro_batch_size_per_gpu, ref.log_prob_micro_batch_size_per_gpu,
+    critic.forward_micro_batch_size_per_gpu)."""
+    forward_max_tokens_per_micro_batch: Annotated[Optional[int], Range(ge=1)] = None
+    """With dynamic_batch, the token budget of a micro-batch of those passes, counted as
+    max_tokens_per_micro_batch is; null: max_tokens_per_micro_batch (verl:
+    rollout.log_prob_max_token_len_per_gpu, ref.log_prob_max_token_len_per_gpu,
+    critic.forward_max_token_len_per_gpu)."""
     packing: bool = True
     """Concatenate a micro-batch's samples without padding (THD, one sequence with per-sample
     bounds: attention never crosses a sample, positions restart per sample) instead of padding each
@@ -127,6 +138,15 @@ class TrainConfig(Section):
                 "and `train.total_epochs` are both null: set train.steps to the RL steps to run, or "
                 "train.total_epochs to the passes over the training prompts"
             )
+
+    def forward_only(self) -> TrainConfig:
+        """This config with the forward-only passes' micro-batch size and token budget in place of
+        the update's (each null one: the update's), for :func:`megarl.data.batching.plan_micro_batches`."""
+        return dataclasses.replace(
+            self,
+            micro_batch_size=self.forward_micro_batch_size or self.micro_batch_size,
+            max_tokens_per_micro_batch=self.forward_max_tokens_per_micro_batch or self.max_tokens_per_micro_batch,
+        )
 
     def optimizer_steps(self) -> int:
         """Optimizer steps in the whole run: steps x ppo_epochs x (global / mini batch).

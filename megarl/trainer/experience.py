@@ -13,7 +13,8 @@ Each function is one stage of the RL step in ``docs/rl_step.md`` and works on th
    (verl computes its rollout correction before the advantages, and its rejection sampling takes
    the rejected tokens out of the mask the estimator reads). With ``algorithm.use_opd``, the
    distillation term -opd_kl_coef x (old - teacher log-prob) on each token, added to the
-   estimator's advantages or alone (:mod:`megarl.algorithms.distillation`).
+   estimator's advantages or alone (:mod:`megarl.algorithms.distillation`). Then, with
+   ``algorithm.advantage_clip``, the advantages are clipped to [-c, c].
 3. DAPO's overlong filtering: the truncated responses leave the loss (after the advantages, so
    that their scores still count in their group's baseline).
 4. :func:`loss_weights`: the train/rollout mismatch correction (TIS, ICEPOP, decoupled PPO's
@@ -27,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from megarl.algorithms.advantages import ADVANTAGES
+from megarl.algorithms.advantages import ADVANTAGES, clip_advantages
 from megarl.algorithms.advantages import compute_advantages as run_estimator
 from megarl.algorithms.advantages import outcome_token_rewards
 from megarl.algorithms.distillation import opd_advantages
@@ -114,7 +115,8 @@ def compute_advantages(batch: TrainBatch, scores: torch.Tensor, algorithm: Algor
         kl_controller: the reward KL penalty's coefficient controller (updated here).
 
     Returns:
-        Metrics: advantage statistics, the penalty's KL and coefficient when it is on, and with
+        Metrics: advantage statistics (after clipping; ``advantages/clip_fraction`` with
+        ``algorithm.advantage_clip``), the penalty's KL and coefficient when it is on, and with
         on-policy distillation ``opd/reverse_kl`` and ``opd/teacher_log_prob`` (means over valid tokens).
     """
     mask = batch.response_mask
@@ -139,6 +141,7 @@ def compute_advantages(batch: TrainBatch, scores: torch.Tensor, algorithm: Algor
         gamma=algorithm.gamma,
         lam=algorithm.lam,
         norm_by_std=algorithm.norm_adv_by_std,
+        whiten=algorithm.whiten_advantages,
         reward_baselines=batch.reward_baselines,
         old_log_probs=batch.token_values.get("old_log_probs"),
         sum_pi_squared=batch.token_values.get("sum_pi_squared"),
@@ -151,6 +154,9 @@ def compute_advantages(batch: TrainBatch, scores: torch.Tensor, algorithm: Algor
             group_ids=batch.group_ids if algorithm.opd_baseline == "leave_one_out" else None,
         )
         metrics.update({f"opd/{name}": value.item() for name, value in opd_metrics.items()})
+    if algorithm.advantage_clip is not None:
+        advantages, clip_fraction = clip_advantages(advantages, mask, algorithm.advantage_clip)
+        metrics["advantages/clip_fraction"] = clip_fraction.item()
     batch.token_values["advantages"] = advantages.float()
     batch.token_values["returns"] = returns.float()
     valid = advantages[mask.bool()]

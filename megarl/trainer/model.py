@@ -28,17 +28,16 @@ import torch
 import torch.distributed as dist
 
 from megarl.config import ModelConfig, OptimizerConfig, ParallelConfig, TrainConfig, resolve_model_path
-from megarl.data.batching import packed_tokens, plan_micro_batches
 from megarl.models.builder import DTYPES, ModelSpec, build_model, model_spec
 from megarl.models.loader import load_hf_config, load_hf_weights
 from megarl.models.specs import Backend
 from megarl.models.thd import HOST_BOUNDS_ATTRIBUTE
 from megarl.platform import current_device
 from megarl.trainer.batch import TrainBatch, gather_token_values
+from megarl.trainer.micro_batches import rank_micro_batches
 from megarl.trainer.objective import Objective
-from megarl.trainer.packing import pack_multiples, packed_micro_batch
 from megarl.trainer.optim import build_optimizer, build_scheduler
-from megarl.trainer.routing import Routers
+from megarl.trainer.routing import Routers, freeze_routers
 
 UPDATE_SUMS = ("loss_sum", "count", "tokens")
 """What an update adds up for every objective besides the objective's own metrics: the loss sum,
@@ -91,8 +90,9 @@ class TrainModel:
 
         Args:
             hf_path: the HF model directory the weights come from.
-            model: the parameter dtype and the TransformerConfig fields it sets (recompute, MoE
-                settings); its ``path`` is not read (``hf_path`` is).
+            model: the parameter dtype, the TransformerConfig fields it sets (recompute, MoE
+                settings) and whether the MoE routers are frozen
+                (:func:`~megarl.trainer.routing.freeze_routers`); its ``path`` is not read (``hf_path`` is).
             layout: the parallel layout.
             train: the micro-batching, the learning-rate schedule over the run's optimizer steps,
                 and whether the optimizer state is sharded over data-parallel ranks.
@@ -115,6 +115,8 @@ class TrainModel:
         if routing_replay:
             overrides["moe_enable_routing_replay"] = True
         spec, chunks = _load_chunks(hf_path, model, layout, pg_collection=pg_collection, backend=backend, after_load=after_load, **overrides)
+        if model.freeze_moe_router:
+            freeze_routers(chunks)
         dtype = DTYPES[model.dtype]
         config = spec.transformer_config
         config.finalize_model_grads_func = finalize_model_grads
@@ -177,46 +179,15 @@ class TrainModel:
             tokenizer_dir=model.tokenizer_path,
         )
 
-    def micro_batches(self, batch: TrainBatch, rows: torch.Tensor, fields) -> list[dict[str, torch.Tensor]]:
-        """This rank's micro-batches of ``rows`` (indices into ``batch``), with the token values
-        named in ``fields``; every data-parallel rank gets the same number of them.
-
-        Each also carries ``row_response_mask [b, S']``: the whole rows' masks, for normalisers
-        that must see whole responses under context parallelism.
-
-        Padded (:meth:`TrainBatch.micro_batch`) or, with ``train.packing``, packed
-        (:func:`~megarl.trainer.packing.packed_micro_batch`).
-
-        With virtual pipeline stages the count is a multiple of the pipeline size (the interleaved
-        schedule runs micro-batches in groups of that many), and every micro-batch has the length
-        of the longest: the interleaved schedule exchanges forward activations and backward
-        gradients with the same peer in one call, and megatron-core 0.16's shape exchange before
-        it pairs them up wrongly when micro-batches differ in length (gloo reports a size
-        mismatch).
-        """
-        lengths = batch.sequence_lengths[rows].tolist()
-        rows = rows.tolist()
-        cp_rank, cp_size = self.pg_collection.cp.rank(), self.pg_collection.cp.size()
-        config = self.spec.transformer_config
-        sample_multiple, pack_multiple = pack_multiples(self.pg_collection.tp.size(), config.sequence_parallel, cp_size)
-        plan = plan_micro_batches(
-            lengths, self.pg_collection.dp.size(), self.train, packing=self.train.packing, balanced=self.train.balance_batch,
-            sample_multiple=sample_multiple, pack_multiple=pack_multiple, linear_cost=attention_linear_cost(config),
-            count_multiple=self.pg_collection.pp.size() if len(self.models) > 1 else 1,
-        )[self.pg_collection.dp.rank()]
-        plan_rows = [[rows[index] for index in indices] for indices in plan]
-        if self.train.packing:
-            make = functools.partial(packed_micro_batch, sample_multiple=sample_multiple, pack_multiple=pack_multiple)
-            lengths_of = [packed_tokens(indices, lengths, sample_multiple=sample_multiple, pack_multiple=pack_multiple) for indices in plan]
-        else:
-            make = TrainBatch.micro_batch
-            lengths_of = [batch.micro_batch_length(micro_rows) for micro_rows in plan_rows]
-        # Under VPP every micro-batch of the pass is as long as the longest (see above).
-        length = max(lengths_of) if len(self.models) > 1 else None
-        micro_batches = [make(batch, micro_rows, fields, cp_rank=cp_rank, cp_size=cp_size, length=length) for micro_rows in plan_rows]
-        for micro in micro_batches:
-            micro["row_response_mask"] = batch.response_mask[micro["rows"]]
-        return micro_batches
+    def micro_batches(self, batch: TrainBatch, rows: torch.Tensor, fields, *, forward_only: bool = False) -> list[dict[str, torch.Tensor]]:
+        """This rank's micro-batches of ``rows`` (indices into ``batch``) with the token values named
+        in ``fields`` (:func:`~megarl.trainer.micro_batches.rank_micro_batches`), cut as the update
+        cuts them or, ``forward_only``, by the forward-only passes' size or token budget
+        (:meth:`TrainConfig.forward_only`)."""
+        return rank_micro_batches(
+            batch, rows, fields, train=self.train.forward_only() if forward_only else self.train, pg_collection=self.pg_collection,
+            transformer_config=self.spec.transformer_config, interleaved=len(self.models) > 1,
+        )
 
     def _forward_step(self, on_output: Callable[[dict[str, torch.Tensor]], Callable]) -> Callable:
         """Megatron's ``forward_step_func`` for this model, the one every pass uses: it takes the
@@ -253,7 +224,8 @@ class TrainModel:
     def forward(
         self, batch: TrainBatch, names: tuple[str, ...], compute: Callable[[dict[str, torch.Tensor], torch.Tensor], dict[str, torch.Tensor]]
     ) -> dict[str, torch.Tensor]:
-        """A pass over the whole batch without gradients.
+        """A pass over the whole batch without gradients, in the forward-only micro-batches
+        (``train.forward_micro_batch_size`` / ``train.forward_max_tokens_per_micro_batch``).
 
         Args:
             batch: the step's samples.
@@ -271,7 +243,7 @@ class TrainModel:
             values = compute(micro, output)
             return {"rows": micro["rows"].cpu(), "columns": micro["columns"].cpu(), **{name: values[name].float().cpu() for name in names}}
 
-        micro_batches = self.micro_batches(batch, torch.arange(batch.size), fields=())
+        micro_batches = self.micro_batches(batch, torch.arange(batch.size), fields=(), forward_only=True)
         outputs = self.run(micro_batches, self._forward_step(lambda micro: functools.partial(collect, micro)), forward_only=True)
         local = torch.stack([batch.empty_token_values() for _ in names])
         for output in outputs:
@@ -458,18 +430,6 @@ def _packed_seq_params(micro: dict[str, torch.Tensor], device: torch.device):
     # The portable attention's layout then reads no bounds back from the device.
     setattr(params, HOST_BOUNDS_ATTRIBUTE, micro["cu_seqlens"].tolist())
     return params
-
-
-def attention_linear_cost(config) -> float:
-    """The linear coefficient ``c`` of a sample's cost ``L (c + L)`` for balancing
-    (:func:`plan_micro_batches`): the projections and the MLP cost about ``4 h^2 + 3 h f``
-    multiply-adds a token (``f`` the FFN width, the active experts' with MoE), causal attention
-    ``2 h`` per pair of tokens over ``L^2 / 2`` pairs, ``h L^2``; so ``c = 4 h + 3 f``."""
-    hidden = config.hidden_size
-    ffn = config.ffn_hidden_size
-    if config.num_moe_experts:
-        ffn = (config.moe_ffn_hidden_size or ffn) * config.moe_router_topk + (config.moe_shared_expert_intermediate_size or 0)
-    return 4 * hidden + 3 * ffn
 
 
 def _transformer_overrides(model: ModelConfig) -> dict[str, Any]:

@@ -337,6 +337,36 @@ class Routers:
         measures.routing_diff_recomputed[index] += ((own != engine).any(dim=-1) & covered).sum()
 
 
+def freeze_routers(chunks: list) -> list[str]:
+    """Take the routing out of training (``model.freeze_moe_router``): every MoE router's gating
+    weight (and bias, where it has one) and every shared expert's gate (Qwen2-MoE's
+    ``shared_expert_gate``) stop requiring gradients. Called before the chunks are wrapped in
+    Megatron's DDP, they then get no gradient buffer and no place in the optimizer, so an update
+    leaves them as they are; a router's expert bias is a buffer that only
+    ``model.moe_router_bias_update_rate`` moves (0 with a frozen router: :mod:`megarl.config.checks`).
+    A dense model has nothing to freeze.
+
+    Returns:
+        The names of the frozen parameters (``chunk index.parameter name``), in model order.
+    """
+    from megatron.core.transformer.moe.router import Router
+    from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
+
+    frozen = []
+    for position, chunk in enumerate(chunks):
+        for name, module in chunk.named_modules():
+            if isinstance(module, Router):
+                parameters = list(module.named_parameters(recurse=False))
+            elif isinstance(module, SharedExpertMLP) and module.gate_weight is not None:
+                parameters = [("gate_weight", module.gate_weight)]
+            else:
+                continue
+            for parameter_name, parameter in parameters:
+                parameter.requires_grad_(False)
+                frozen.append(f"{position}.{name}.{parameter_name}")
+    return frozen
+
+
 def recorded_experts(recorded: torch.Tensor, topk: int, num_experts: int) -> torch.Tensor:
     """``TrainBatch.routed_experts`` from R2's assembled record: expert + 1 where a rank wrote it,
     0 where none did (padding past every micro-batch's length), which gets

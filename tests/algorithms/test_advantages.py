@@ -9,7 +9,7 @@ import pytest
 import torch
 from algorithm_batches import response_mask, with_garbage
 
-from megarl.algorithms.advantages import ADVANTAGES, EPS, OTB_EPS, compute_advantages, outcome_token_rewards
+from megarl.algorithms.advantages import ADVANTAGES, EPS, OTB_EPS, clip_advantages, compute_advantages, outcome_token_rewards
 
 pytestmark = pytest.mark.cpu
 
@@ -191,6 +191,52 @@ def test_masked_positions_change_nothing(name, holes):
         assert torch.equal(clean, dirty)
         assert torch.equal(clean[mask == 0], torch.zeros_like(clean[mask == 0]))
         assert torch.isfinite(clean).all()
+
+
+def test_gae_known_values_whitened_and_not():
+    # gamma = lam = 1, V = (0.5, 0.25), reward 1 on the last token: delta = (0 + 0.25 - 0.5, 1 + 0 - 0.25)
+    # = (-0.25, 0.75), A = (-0.25 + 0.75, 0.75) = (0.5, 0.75), R = A + V = (1, 1).
+    inputs = dict(token_rewards=torch.tensor([[0.0, 1.0]]), values=torch.tensor([[0.5, 0.25]]), response_mask=torch.ones(1, 2), gamma=1.0, lam=1.0)
+    raw, returns = compute_advantages("gae", **inputs, whiten=False)
+    assert raw.tolist() == [[0.5, 0.75]]
+    assert returns.tolist() == [[1.0, 1.0]]
+    # Whitened: mean 0.625, unbiased std sqrt(2 x 0.125^2) = 0.125 sqrt(2).
+    whitened, whitened_returns = compute_advantages("gae", **inputs, whiten=True)
+    std = 0.125 * math.sqrt(2)
+    assert whitened[0].tolist() == pytest.approx([-0.125 / (std + EPS), 0.125 / (std + EPS)], abs=1e-6)
+    assert whitened_returns.tolist() == [[1.0, 1.0]]
+
+
+def test_reinforce_pp_known_values_whitened_and_not():
+    # gamma 0.5, reward 1 on the last of three tokens: G = (0.25, 0.5, 1).
+    inputs = dict(token_rewards=torch.tensor([[0.0, 0.0, 1.0]]), response_mask=torch.ones(1, 3), gamma=0.5)
+    raw, returns = compute_advantages("reinforce_pp", **inputs, whiten=False)
+    assert raw.tolist() == returns.tolist() == [[0.25, 0.5, 1.0]]
+    # Whitened: mean 7/12, unbiased std sqrt(((-1/3)^2 + (-1/12)^2 + (5/12)^2) / 2) = sqrt(7/48).
+    whitened, _ = compute_advantages("reinforce_pp", **inputs, whiten=True)
+    std = math.sqrt(7 / 48)
+    assert whitened[0].tolist() == pytest.approx([(g - 7 / 12) / (std + EPS) for g in (0.25, 0.5, 1.0)], abs=1e-6)
+
+
+def test_reinforce_pp_baseline_known_values_scaled_and_not():
+    # Group 0 scores (1, 0): centred (0.5, -0.5); group 1 (2, 2) all equal: 0. One token each.
+    inputs = dict(scores=torch.tensor([1.0, 0.0, 2.0, 2.0]), response_mask=torch.ones(4, 1), group_ids=torch.tensor([0, 0, 1, 1]))
+    centred, _ = compute_advantages("reinforce_pp_baseline", **inputs, whiten=False)
+    assert centred[:, 0].tolist() == [0.5, -0.5, 0.0, 0.0]
+    # Scaled by the unbiased std of (0.5, -0.5, 0, 0): sqrt(0.5 / 3); not re-centred.
+    scaled, _ = compute_advantages("reinforce_pp_baseline", **inputs, whiten=True)
+    std = math.sqrt(0.5 / 3)
+    assert scaled[:, 0].tolist() == pytest.approx([0.5 / (std + EPS), -0.5 / (std + EPS), 0.0, 0.0], abs=1e-6)
+
+
+def test_clip_advantages_known_values():
+    advantages = torch.tensor([[2.0, -3.0, 0.5], [0.0, -0.75, 1.0]])
+    mask = torch.tensor([[1, 1, 1], [0, 1, 1]])
+    clipped, fraction = clip_advantages(advantages, mask, 1.0)
+    assert clipped.tolist() == [[1.0, -1.0, 0.5], [0.0, -0.75, 1.0]]
+    assert fraction.item() == 2 / 5  # 2 and -3 lay outside [-1, 1]; 1.0 on the bound does not count
+    same, none = clip_advantages(advantages, mask, None)
+    assert same is advantages and none.item() == 0.0
 
 
 @pytest.mark.parametrize(

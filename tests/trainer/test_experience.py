@@ -44,6 +44,24 @@ def test_grpo_advantages_are_the_estimator_on_the_scores():
     assert math.isclose(metrics["advantages/max"], expected[batch.response_mask].max().item(), rel_tol=1e-6)
 
 
+def test_whitening_off_reaches_the_estimator_and_the_clip_comes_last():
+    # reinforce_pp without whitening: A = G = the score on every token (gamma 1); clipped to 0.5.
+    config = load_config(None, ["algorithm.advantage_estimator=reinforce_pp", "algorithm.whiten_advantages=false", "algorithm.advantage_clip=0.5"])
+    batch = make_batch()
+    metrics = compute_advantages(batch, SCORES, config.algorithm, FixedKLController(0.0))
+    mask = batch.response_mask
+    expected = torch.where(mask, 0.5 * SCORES[:, None], 0.0)
+    assert torch.equal(batch.token_values["advantages"], expected)
+    assert torch.equal(batch.token_values["returns"], torch.where(mask, SCORES[:, None], 0.0))  # returns are not clipped
+    # Responses 0, 3 and 7 (1, 4 and 1 tokens) score 1: 6 of the 20 valid tokens lay above the clip.
+    assert metrics["advantages/clip_fraction"] == pytest.approx(6 / 20)
+    assert metrics["advantages/max"] == 0.5
+    whitened = make_batch()
+    default = load_config(None, ["algorithm.advantage_estimator=reinforce_pp"]).algorithm
+    assert "advantages/clip_fraction" not in compute_advantages(whitened, SCORES, default, FixedKLController(0.0))
+    assert not torch.equal(whitened.token_values["advantages"], torch.where(mask, SCORES[:, None], 0.0))
+
+
 def test_kl_penalty_in_the_reward_lowers_the_scores_and_reaches_the_controller():
     config = load_config(None, ["algorithm.use_kl_in_reward=true", "algorithm.advantage_estimator=reinforce_pp", "algorithm.kl_coef=0.5"])
     batch = make_batch()

@@ -28,9 +28,11 @@ if __name__ == "__main__":
 
     import bridge_check
     import checkpoint_check
+    import forward_check
     import head_check
     import layout_step
     import packing_check
+    import router_freeze_check
     import routing_check
     import stream_check
     import teacher_check
@@ -61,6 +63,10 @@ def layout_job(model: str, layout, pg_collection, checks: dict) -> dict:
         report["head"] = head_check.check(model, layout, pg_collection, **checks["head"])
     if "teacher" in checks:
         report["teacher"] = teacher_check.check(model, layout, pg_collection, **checks["teacher"])
+    if "forward" in checks:
+        report["forward"] = forward_check.check(model, layout, pg_collection)
+    if "router_freeze" in checks:
+        report["router_freeze"] = router_freeze_check.check(model, layout, pg_collection)
     return report
 
 
