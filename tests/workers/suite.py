@@ -30,6 +30,7 @@ if __name__ == "__main__":
     import checkpoint_check
     import head_check
     import layout_step
+    import offload_check
     import packing_check
     import routing_check
     import stream_check
@@ -59,6 +60,8 @@ def layout_job(model: str, layout, pg_collection, checks: dict) -> dict:
         report["packing"] = packing_check.check(model, layout, pg_collection, **checks["packing"])
     if "head" in checks:
         report["head"] = head_check.check(model, layout, pg_collection, **checks["head"])
+    if "offload" in checks:
+        report["offload"] = offload_check.check(model, layout, pg_collection)
     if "teacher" in checks:
         report["teacher"] = teacher_check.check(model, layout, pg_collection, **checks["teacher"])
     return report
