@@ -102,10 +102,10 @@ class Offload:
         the optimizer's leave out what the parameters and gradients hold)."""
         model_storages: set[int] = set()
         if kind == "optimizer":
-            model_storages = {_storage_key(tensor) for name in ("params", "grads") for tensor in self._gathered(name)}
+            model_storages = {_storage_key(tensor) for name in ("params", "grads") for tensor in self.views(name)}
         seen: set[int] = set()
         unique = []
-        for tensor in self._gathered(kind):
+        for tensor in self.views(kind):
             key = _storage_key(tensor)
             if tensor.device != self.device or key == 0 or key in seen or key in model_storages:
                 continue
@@ -113,7 +113,9 @@ class Offload:
             unique.append(tensor)
         return unique
 
-    def _gathered(self, kind: str) -> Iterator[torch.Tensor]:
+    def views(self, kind: str) -> Iterator[torch.Tensor]:
+        """Every tensor ``kind`` covers, views included (each parameter and ``main_grad`` beside
+        the buffers they live in, an fp32 main weight beside the buffer it may be a view of)."""
         for model in self.models:
             buffers = [buffer for ddp in model.models for buffer in ddp.buffers + ddp.expert_parallel_buffers]
             parameters = [parameter for ddp in model.models for parameter in ddp.parameters()]
@@ -126,6 +128,8 @@ class Offload:
             else:
                 for megatron_optimizer in getattr(model.optimizer, "chained_optimizers", [model.optimizer]):
                     adam = megatron_optimizer.optimizer
+                    if adam is None:
+                        continue  # a chained optimizer's part with no parameters on this rank
                     for group in adam.param_groups:
                         yield from group["params"]
                     for state in adam.state.values():

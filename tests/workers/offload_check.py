@@ -53,7 +53,7 @@ def _batch(model: TrainModel, layout) -> TrainBatch:
 
 def _state(offload: Offload) -> list[torch.Tensor]:
     """Copies of every tensor the round trip touches, views included (each parameter, each main_grad)."""
-    return [tensor.detach().clone() for kind in KINDS for tensor in offload._gathered(kind)]
+    return [tensor.detach().clone() for kind in KINDS for tensor in offload.views(kind)]
 
 
 def _bits(tensor: torch.Tensor) -> torch.Tensor:
@@ -90,7 +90,7 @@ def _setup(model_dir: str, layout, pg_collection, dtype: str, distributed: bool)
     offload = Offload([offloaded], KINDS)
     before = _state(offload)
     storages = [tensor for kind in KINDS for tensor in offload.tensors(kind)]
-    views = [tensor for kind in KINDS for tensor in offload._gathered(kind)]
+    views = [tensor for kind in KINDS for tensor in offload.views(kind)]
     offload.to_host()
     still_held = sum(tensor.untyped_storage().size() != 0 for tensor in storages + views)
     offload.to_device()
