@@ -50,7 +50,10 @@ def test_bytes_per_gpu_follow_the_hand_count_on_the_tiny_moe():
     assert rows["parameters"].bytes == 2 * (dense + expert) and rows["parameters"].offloaded
     assert rows["gradients"].bytes == 4 * (dense + expert) and not rows["gradients"].offloaded
     # fp32 main weights and two moments, over DP 4 (8 / TP 2) for dense weights, 2 (8 / EP 4) for experts.
-    assert rows["optimizer"].bytes == 12 * (dense / 4 + expert / 2) and rows["optimizer"].offloaded
+    assert rows["optimizer: main weights"].bytes == 4 * (dense / 4 + expert / 2) and rows["optimizer: main weights"].offloaded
+    assert rows["optimizer: Adam moments"].bytes == 8 * (dense / 4 + expert / 2) and rows["optimizer: Adam moments"].offloaded
+    # An fp32 model's parameters are the main weights.
+    assert "optimizer: main weights" not in {row.name for row in memory_rows(load_config(None, []), 2, config)}
     tokens = run.train.micro_batch_size * (run.data.max_prompt_length + run.data.max_response_length)
     assert rows["activations"].bytes == activation_bytes(run, config) == layers * 34 * tokens * h
 
@@ -67,11 +70,14 @@ def test_megarl_config_prints_the_recipes_memory_table_from_the_architecture_bes
     table = {line[2:33].strip(): float(line[33:].split("GiB")[0]) for line in lines[2:]}
     # 30.53B parameters (Qwen3-30B-A3B's published 30.5B), 4.02B on each GPU.
     assert "4.02B of 30.53B, bf16; offloaded" in result.stdout
-    assert table["engines (rollout.mem_fraction)"] == 0.7 * 80
-    trainer = table["parameters"] + table["gradients"] + table["optimizer"]
-    assert table["generation, no offload"] == pytest.approx(trainer + 56.0, abs=0.15) and table["generation, no offload"] > 80
-    assert table["generation, train.offload"] == 56.0
+    assert table["engines (rollout.mem_fraction)"] == 0.45 * 80
+    trainer = table["parameters"] + table["gradients"] + table["optimizer: main weights"] + table["optimizer: Adam moments"]
+    assert table["generation, no offload"] == pytest.approx(trainer + 36.0, abs=0.15) and table["generation, no offload"] > 80
+    assert table["generation, train.offload"] == 36.0
     assert table["training peak"] == pytest.approx(trainer + table["activations"], abs=0.15) and table["training peak"] < 80
+    assert table["start-up"] == pytest.approx(trainer - table["optimizer: Adam moments"] + 36.0, abs=0.15) and table["start-up"] < 80
+    # What does not fit is marked: here only the generation without offload.
+    assert [line.split()[0] for line in lines if " OVER " in line] == ["generation,"]
     # An absent model without an architecture beside the config: one line saying what is needed.
     missing = subprocess.run(
         [sys.executable, "-m", "megarl.config", "--world-size", "8", "--memory", "model.path=/nowhere/Model"], cwd=REPO, capture_output=True, text=True, timeout=120

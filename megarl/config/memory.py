@@ -40,7 +40,10 @@ flash attention: no ``a s^2`` term) at 2 bytes a value, t = TP with sequence par
 An estimate: MoE layers hold the routed tokens' expert activations (top-k copies of the MLP's part)
 and allocator fragmentation is not counted; the measured peak belongs in docs/benchmarks.md.
 The engines' share is ``rollout.mem_fraction`` of the device (SGLang's ``mem_fraction_static``:
-their weights, ``2 x parameters / engine_tensor_parallel`` in bf16, and the KV cache).
+their weights, ``2 x parameters / engine_tensor_parallel`` in bf16, and the KV cache), taken when
+they launch, which is while the model is built: at start-up the engines, the parameters, the
+gradients and the main weights are on the device together (Adam's moments appear at the first
+optimizer step, when the engines have released their memory).
 """
 
 from __future__ import annotations
@@ -136,8 +139,8 @@ class MemoryRow:
 
 def memory_rows(config, world_size: int, hf_config: dict[str, Any]) -> list[MemoryRow]:
     """The trainer's memory per GPU (the most loaded one) under ``config``'s layout and
-    ``world_size`` (module docstring), one row per kind: parameters, gradients, optimizer state,
-    activations."""
+    ``world_size`` (module docstring), one row per kind: parameters, gradients, the optimizer's fp32
+    main weights (bf16 and fp16 models) and Adam moments, activations."""
     parallel, train = config.parallel, config.train
     counts = parameter_counts(hf_config)
     tp, pp, ep, etp = parallel.tensor, parallel.pipeline, parallel.expert, parallel.expert_tensor_size
@@ -146,15 +149,19 @@ def memory_rows(config, world_size: int, hf_config: dict[str, Any]) -> list[Memo
     params = dense_per_gpu + experts_per_gpu
     dense_replicas = world_size // (tp * pp) if train.use_distributed_optimizer else 1
     expert_replicas = world_size // (ep * etp * pp) if train.use_distributed_optimizer else 1
-    state_bytes = (0 if config.model.dtype == "fp32" else 4) + 8
-    optimizer = state_bytes * (dense_per_gpu / dense_replicas + experts_per_gpu / expert_replicas)
-    sharding = f", sharded over DP {dense_replicas} (dense) and {expert_replicas} (experts)" if train.use_distributed_optimizer else ""
-    return [
+    sharded = dense_per_gpu / dense_replicas + experts_per_gpu / expert_replicas
+    sharding = f"over DP {dense_replicas} (dense) and {expert_replicas} (experts)" if train.use_distributed_optimizer else "not sharded"
+    rows = [
         MemoryRow("parameters", BYTES[config.model.dtype] * params, "params" in train.offload, f"{params / 1e9:.2f}B of {counts.total / 1e9:.2f}B, {config.model.dtype}"),
         MemoryRow("gradients", 4 * params, "grads" in train.offload, "fp32"),
-        MemoryRow("optimizer", optimizer, "optimizer" in train.offload, f"{'fp32 main weights + ' if state_bytes == 12 else ''}Adam moments{sharding}"),
+    ]
+    if config.model.dtype != "fp32":
+        rows.append(MemoryRow("optimizer: main weights", 4 * sharded, "optimizer" in train.offload, f"fp32, {sharding}"))
+    rows += [
+        MemoryRow("optimizer: Adam moments", 8 * sharded, "optimizer" in train.offload, f"fp32, {sharding}; made at the first step"),
         MemoryRow("activations", activation_bytes(config, hf_config), False, f"estimate, recompute {config.model.recompute}"),
     ]
+    return rows
 
 
 def activation_bytes(config, hf_config: dict[str, Any]) -> float:
@@ -180,7 +187,9 @@ def memory_table(config, world_size: int, hf_config: dict[str, Any], device_gib:
     """The table ``python -m megarl.config --memory`` prints: the trainer's rows, the engines' share
     of a ``device_gib`` GiB device, and the two sums that matter for colocated engines: the
     training peak (trainer alone: the engines released their memory) and the generation phase
-    (engines + what the trainer keeps), with and without ``train.offload``."""
+    (engines + what the trainer keeps), with and without ``train.offload``, and the start-up (the
+    model built beside the engines, which launch first, before Adam's moments exist); a sum over
+    the device is marked ``OVER``."""
     rows = memory_rows(config, world_size, hf_config)
     rollout = config.rollout
     engine = rollout.mem_fraction * device_gib * GIB
@@ -188,18 +197,29 @@ def memory_table(config, world_size: int, hf_config: dict[str, Any], device_gib:
     state = [row for row in rows if row.name != "activations"]
     lines = [f"per GPU, world size {world_size} (TP {config.parallel.tensor}, PP {config.parallel.pipeline}, EP {config.parallel.expert}, "
              f"ETP {config.parallel.expert_tensor_size}, DP {config.parallel.data_parallel(world_size)}), device {device_gib:g} GiB:"]
-    lines += [f"  {row.name:<31}{row.bytes / GIB:8.1f} GiB  {row.note}{'; offloaded' if row.offloaded else ''}" for row in rows]
-    lines.append(
-        f"  {'engines (rollout.mem_fraction)':<31}{engine / GIB:8.1f} GiB  {rollout.mem_fraction:g} of the device: weights "
-        f"{engine_weights / GIB:.1f} GiB (bf16, engine TP {rollout.engine_tensor_parallel}), KV cache {max(engine - engine_weights, 0) / GIB:.1f} GiB"
-    )
+    lines += [_line(row.name, row.bytes, None, f"{row.note}{'; offloaded' if row.offloaded else ''}") for row in rows]
+    lines.append(_line(
+        "engines (rollout.mem_fraction)", engine, None, f"{rollout.mem_fraction:g} of the device: weights "
+        f"{engine_weights / GIB:.1f} GiB (bf16, engine TP {rollout.engine_tensor_parallel}), KV cache {max(engine - engine_weights, 0) / GIB:.1f} GiB",
+    ))
     training = sum(row.bytes for row in rows)
     kept = sum(row.bytes for row in state)
     kept_offloaded = sum(row.bytes for row in state if not row.offloaded)
-    lines.append(f"  {'training peak':<31}{training / GIB:8.1f} GiB  parameters + gradients + optimizer + activations (engines released)")
-    lines.append(f"  {'generation, no offload':<31}{(kept + engine) / GIB:8.1f} GiB  engines + {kept / GIB:.1f} GiB the trainer keeps")
-    lines.append(
-        f"  {'generation, train.offload':<31}{(kept_offloaded + engine) / GIB:8.1f} GiB  engines + {kept_offloaded / GIB:.1f} GiB "
-        f"(train.offload: {list(config.train.offload)}; {(kept - kept_offloaded) / GIB:.1f} GiB in host memory)"
-    )
+    # The engines launch first and hold their share while the model is built; Adam's moments come later.
+    start_up = sum(row.bytes for row in state if row.name != "optimizer: Adam moments") + engine
+    lines += [
+        _line("start-up", start_up, device_gib, "engines + parameters, gradients, main weights (the model is built beside the launched engines)"),
+        _line("training peak", training, device_gib, "parameters + gradients + optimizer + activations (engines released)"),
+        _line("generation, no offload", kept + engine, device_gib, f"engines + {kept / GIB:.1f} GiB the trainer keeps"),
+        _line(
+            "generation, train.offload", kept_offloaded + engine, device_gib,
+            f"engines + {kept_offloaded / GIB:.1f} GiB (train.offload: {list(config.train.offload)}; {(kept - kept_offloaded) / GIB:.1f} GiB in host memory)",
+        ),
+    ]
     return "\n".join(lines)
+
+
+def _line(name: str, size: float, device_gib: float | None, note: str) -> str:
+    """A row of the table; a sum over the device (``device_gib``) is marked ``OVER``."""
+    over = "OVER " if device_gib is not None and size > device_gib * GIB else ""
+    return f"  {name:<31}{size / GIB:8.1f} GiB  {over}{note}"
