@@ -410,11 +410,12 @@ def test_the_readme_command_trains_ctrl_c_names_the_last_checkpoint_a_failed_sta
     """The README's first command, a few steps of it, is the uninterrupted run. The same run
     interrupted by Ctrl-C once a checkpoint is committed, then started with a bad dataset row (which
     must change nothing), then started again with the README's command (which resumes from the last
-    checkpoint) must log the same metrics, bit for bit."""
-    overrides = [*SMALL, "logging.console=true", "train.steps=4", "checkpoint.save_every=1"]
-    straight = readme_command(tmp_path / "straight", overrides)
+    checkpoint) must log the same metrics, bit for bit. Those three runs move the trained state to
+    the host and back every step (``train.offload``), the uninterrupted one does not."""
+    straight = readme_command(tmp_path / "straight", [*SMALL, "logging.console=true", "train.steps=4", "checkpoint.save_every=1"])
     assert [row["step"] for row in straight] == [0, 1, 2, 3]
     assert_finite(straight)
+    overrides = [*SMALL, "logging.console=true", "train.steps=4", "checkpoint.save_every=1", "train.offload=[params,grads,optimizer]"]
 
     run_dir = tmp_path / "run"
     checkpoints = run_dir / "checkpoints"
@@ -445,6 +446,9 @@ def test_the_readme_command_trains_ctrl_c_names_the_last_checkpoint_a_failed_sta
     # kept beside the first.
     resumed = readme_command(run_dir, overrides)
     assert [row["step"] for row in resumed] == [0, 1, 2, 3]
+    # Every step released parameters, gradients and the optimizer state (Adam's from step 0's update on).
+    assert all(row["offload/bytes_to_host"] > 0 and row["offload/bytes_released"] > row["offload/bytes_to_host"] for row in resumed)
+    assert all(row["offload/bytes_to_device"] > 0 for row in resumed)
     for expected, got in zip(straight, resumed):
         for name in RESUMED_METRICS:
             assert got[name] == expected[name], f"step {expected['step']}: {name} {got[name]!r} != {expected[name]!r}"

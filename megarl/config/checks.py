@@ -199,6 +199,18 @@ def _megatron_teacher_errors(teacher: TeacherConfig) -> list[str]:
     return errors
 
 
+def _offload_errors(config: Config) -> list[str]:
+    """``train.offload`` frees the devices for engines that share them; engines on devices of their
+    own (``rollout.colocate`` false, which ``rollout.mode: async`` needs) would gain nothing and
+    every step would pay the copies, so the setting is refused rather than ignored."""
+    if config.train.offload and not config.rollout.colocate:
+        return [
+            f"`train.offload` ({config.train.offload}) frees the GPUs for colocated engines, but `rollout.colocate` is false: "
+            "set train.offload=[] (the engines have devices of their own)"
+        ]
+    return []
+
+
 def validate(config: Config, world_size: int, model_facts: ModelFacts) -> None:
     """Check the config against itself, the model and the world size, before anything is built.
 
@@ -225,6 +237,7 @@ def validate(config: Config, world_size: int, model_facts: ModelFacts) -> None:
         + _batch_errors(config, data_parallel)
         + _critic_errors(config)
         + _teacher_errors(config)
+        + _offload_errors(config)
     )
     if errors:
         raise ConfigError(f"invalid configuration for world size {world_size}:\n  - " + "\n  - ".join(errors))

@@ -111,6 +111,14 @@ class TrainConfig(Section):
     (verl: optim.lr_warmup_steps_ratio)."""
     use_distributed_optimizer: bool = True
     """Shard the optimizer state over data-parallel ranks (Megatron/slime: --use-distributed-optimizer)."""
+    offload: list[Literal["params", "grads", "optimizer"]] = dataclasses.field(default_factory=list)
+    """State of the policy and the critic moved to host memory while the colocated engines
+    generate: after each weight sync (and before the first rollout) until the step's forward
+    passes (:mod:`megarl.trainer.offload`): ``params`` (the DDP parameter buffers), ``grads``
+    (the gradient buffers, zeros between steps: released, not copied), ``optimizer`` (fp32 main
+    parameters and Adam moments, this rank's shard with the distributed optimizer). Needs
+    rollout.colocate; the same training bit for bit (verl: actor.megatron.param_offload,
+    grad_offload, optimizer_offload; OpenRLHF: --deepspeed_enable_sleep; slime: --offload-train)."""
     max_consecutive_nan_steps: Annotated[int, Range(ge=1)] = 3
     """Optimizer steps with a NaN/inf gradient are skipped; this many in a row stop the run."""
     eval_every: Annotated[int, Range(ge=0)] = 10
@@ -123,6 +131,8 @@ class TrainConfig(Section):
     """Seed of batch shuffling between mini-batches."""
 
     def _rule_problems(self) -> Iterator[tuple[str, str]]:
+        if len(set(self.offload)) != len(self.offload):
+            yield "offload", f"({self.offload}) names a choice twice: list each of params, grads, optimizer at most once"
         if self.lr_warmup_ratio and self.lr_warmup_steps:
             yield "lr_warmup_ratio", (
                 f"({self.lr_warmup_ratio}) and `train.lr_warmup_steps` ({self.lr_warmup_steps}) both set the warm-up: "

@@ -209,6 +209,9 @@ def train_step(run: Run, step: int, phase=lambda name: None) -> dict[str, float]
     config = run.config
     start = time.perf_counter()
     phase("rollout")
+    # train.offload: the trained state is on the host while the engines generate (moved there
+    # after the previous sync, and here before the first step or after a checkpoint save).
+    run.offload.to_host()
     batch, scores, metrics = collect_batch(run, step)
     colocated = run.engines is not None and config.rollout.colocate
     if colocated:
@@ -216,6 +219,7 @@ def train_step(run: Run, step: int, phase=lambda name: None) -> dict[str, float]
         run.engines.release_memory()
     rolled_out = time.perf_counter()
     phase("forward")
+    run.offload.to_device()
 
     old_values, router_metrics = run.policy.old_log_probs(batch)
     batch.token_values.update(old_values)
@@ -247,6 +251,9 @@ def train_step(run: Run, step: int, phase=lambda name: None) -> dict[str, float]
         run.engines.resume_memory(["weights"])
     with run.rollout.weight_update(step + 1) if run.rollout is not None else contextlib.nullcontext():
         metrics.update(run.sync_weights(version=step + 1))
+    # Before the engines take their KV cache back: it fills the memory the trained state leaves.
+    run.offload.to_host()
+    metrics.update(run.offload.metrics())
     if colocated:
         run.engines.resume_memory()
     if config.rollout.colocate:

@@ -34,6 +34,7 @@ from megarl.trainer.critic import Critic, attach_value_heads
 from megarl.trainer.launch import EarlyStart, connect_nodes, start_chat_endpoint
 from megarl.metrics import MetricsLogger
 from megarl.trainer.model import TrainModel
+from megarl.trainer.offload import Offload
 from megarl.trainer.policy import Policy, attach_hidden_states_heads
 from megarl.trainer.reference import ReferencePolicy
 from megarl.trainer.teacher import MegatronTeacher
@@ -129,6 +130,8 @@ class Run:
     teacher: Any = None
     """``algorithm.use_opd`` with ``opd_type`` sglang: the distillation teacher's engines (an
     :class:`~megarl.rollout.group.EngineGroup`, first rank)."""
+    offload: Offload = dataclasses.field(default_factory=lambda: Offload([], ()))
+    """``train.offload``: moves the policy's and the critic's state to the host and back (every rank)."""
     teacher_model: MegatronTeacher | None = None
     """``algorithm.use_opd`` with ``opd_type`` megatron: the distillation teacher's Megatron shard
     (every rank), which scores each step's batch after the old log-probs."""
@@ -190,20 +193,22 @@ class Run:
             self.engines.restarts = by_node[node] if node < len(by_node) else 0
 
     def save(self, step: int) -> Path:
-        """Save a checkpoint after ``step`` (collective)."""
+        """Save a checkpoint after ``step`` (collective); state offloaded to the host
+        (``train.offload``) comes back to the device for it."""
         self.saving = self.checkpoint_dir / checkpoint.checkpoint_name(step)
-        self.last_checkpoint = checkpoint.save_checkpoint(
-            self.checkpoint_dir,
-            step,
-            self.policy.model.models,
-            self.policy.model.optimizer,
-            self.policy.model.scheduler,
-            train_state=self.train_state(),
-            hf_dir=resolve_model_path(self.config.model.path),
-            tokenizer_dir=self.config.model.tokenizer_path,
-            keep_last=self.config.checkpoint.keep_last,
-            extra_models=self._extra_models(),
-        )
+        with self.offload.resident():
+            self.last_checkpoint = checkpoint.save_checkpoint(
+                self.checkpoint_dir,
+                step,
+                self.policy.model.models,
+                self.policy.model.optimizer,
+                self.policy.model.scheduler,
+                train_state=self.train_state(),
+                hf_dir=resolve_model_path(self.config.model.path),
+                tokenizer_dir=self.config.model.tokenizer_path,
+                keep_last=self.config.checkpoint.keep_last,
+                extra_models=self._extra_models(),
+            )
         self.saving = None
         return self.last_checkpoint
 
@@ -217,7 +222,8 @@ class Run:
 
     def export_hf(self) -> Path:
         """Write the policy as a HF model directory, ``<run_dir>/hf`` (collective)."""
-        return self.policy.model.export_hf(self.run_dir / "hf", self.config.model)
+        with self.offload.resident():
+            return self.policy.model.export_hf(self.run_dir / "hf", self.config.model)
 
     def _extra_models(self) -> dict[str, tuple] | None:
         if self.critic is None:
@@ -431,6 +437,7 @@ def _setup(config: Config, started: EarlyStart | None, detected: platform.Platfo
         router=router,
         teacher=teacher,
         teacher_model=teacher_model,
+        offload=Offload([policy_model] + ([critic.model] if critic is not None else []), train.offload),
         scorer=scorer,
         environments=environments,
         programs=programs,

@@ -31,6 +31,7 @@ if __name__ == "__main__":
     import forward_check
     import head_check
     import layout_step
+    import offload_check
     import packing_check
     import router_freeze_check
     import routing_check
@@ -61,6 +62,8 @@ def layout_job(model: str, layout, pg_collection, checks: dict) -> dict:
         report["packing"] = packing_check.check(model, layout, pg_collection, **checks["packing"])
     if "head" in checks:
         report["head"] = head_check.check(model, layout, pg_collection, **checks["head"])
+    if "offload" in checks:
+        report["offload"] = offload_check.check(model, layout, pg_collection)
     if "teacher" in checks:
         report["teacher"] = teacher_check.check(model, layout, pg_collection, **checks["teacher"])
     if "forward" in checks:
