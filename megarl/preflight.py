@@ -310,9 +310,14 @@ def _resume_problems(config: Config | SFTConfig) -> list[str]:
     from megarl.checkpoint import CheckpointError, resolve_resume
 
     try:
-        resolve_resume(config.checkpoint.resume, config.resolved_checkpoint_dir(), set_aside=False)
+        path = resolve_resume(config.checkpoint.resume, config.resolved_checkpoint_dir(), set_aside=False)
     except CheckpointError as error:
         return [str(error)]
+    if config.checkpoint.load_contents == "model" and path is not None and path.resolve().parent == config.resolved_checkpoint_dir().resolve():
+        return [
+            f"`checkpoint.load_contents` (model) starts a new run at step 0, whose first save would set {path.name} aside in the same "
+            f"directory ({path.parent}): give this run another checkpoint.dir or logging.name, or copy the checkpoint elsewhere"
+        ]
     return []
 
 
