@@ -321,7 +321,7 @@ def engine_kwargs_problems(engine: str, kwargs: Mapping[str, Any], sglang: SGLan
                 problems.append(f"{key} {problem}")
         elif name not in known.arguments:
             nearest = did_you_mean(name, sorted(known.arguments)) or " (python -m sglang.launch_server --help lists them)"
-            problems.append(f"{key} is not an argument of SGLang's server, by {known.source}{nearest}")
+            problems.append(f"{key} is not an argument of SGLang's server (as read from {known.source}){nearest}")
         elif (problem := _value_problem(known.arguments[name], value)) is not None:
             problems.append(f"{key} {problem}")
     return problems

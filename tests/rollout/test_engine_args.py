@@ -85,8 +85,8 @@ def test_settings_reach_the_command_line_and_sglangs_parser_reads_them_back(sgla
 @pytest.mark.parametrize(
     "settings,expected",
     [
-        ({"max_runing_requests": 8}, "`rollout.engine_kwargs.max_runing_requests` is not an argument of SGLang's server, by the ServerArgs fields of "
-         "SGLang 0.5.23's source — did you mean `max_running_requests`?"),
+        ({"max_runing_requests": 8}, "`rollout.engine_kwargs.max_runing_requests` is not an argument of SGLang's server (as read from the ServerArgs fields of "
+         "SGLang 0.5.23's source) — did you mean `max_running_requests`?"),
         ({"attention_backnd": "fa3"}, "did you mean `attention_backend`?"),
         ({"zzz_qqq": 1}, "(python -m sglang.launch_server --help lists them)"),
         ({"tp_size": 2}, "`rollout.engine_kwargs.tp_size` is set by megarl: use rollout.engine_tensor_parallel instead"),
