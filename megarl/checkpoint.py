@@ -454,18 +454,21 @@ def check_files(path: str | Path) -> None:
 
 
 def load_checkpoint(
-    path: str | Path, models: list, optimizer=None, scheduler=None, extra_models: dict[str, tuple] | None = None
+    path: str | Path, models: list, optimizer=None, scheduler=None, extra_models: dict[str, tuple] | None = None, contents: str = "all",
 ) -> dict[str, Any]:
     """Load a checkpoint into this layout's models (resharding as needed). Collective.
 
     RNG states are restored when the world size matches the save's (each rank its own), and
-    skipped otherwise: a different layout draws different random streams anyway.
+    skipped otherwise: a different layout draws different random streams anyway. With
+    ``contents`` ``model`` (``checkpoint.load_contents``) only the weights are loaded, of every
+    part: optimizers, schedulers and RNG states stay as they are (verl: checkpoint.load_contents).
 
     Args:
         path: a committed checkpoint directory.
         models, optimizer, scheduler: what :func:`save_checkpoint` saved first (optimizer and
             scheduler may be None to load weights only).
         extra_models: the further models, by name, as given to :func:`save_checkpoint`.
+        contents: ``all`` or ``model`` (the weights only).
 
     Returns:
         The saved ``train_state`` (with ``step``).
@@ -474,17 +477,21 @@ def load_checkpoint(
         CheckpointError: ``path`` is not a committed checkpoint, or a file of it is damaged
             (:func:`check_files`).
     """
+    if contents not in ("all", "model"):
+        raise ValueError(f"contents ({contents!r}) must be 'all' or 'model'")
     path = Path(path)
     check_checkpoint(path)
     for name, (part_models, part_optimizer, part_scheduler) in {"": (models, optimizer, scheduler), **(extra_models or {})}.items():
         if not (path / name / "weights").is_dir():
             raise CheckpointError(f"{path}: holds no {name} weights ({path / name / 'weights'} is missing); was it saved by a run without a {name}?")
+        if contents == "model":
+            part_optimizer = part_scheduler = None
         try:
             _load_part(path / name, part_models, part_optimizer, part_scheduler)
         except Exception as error:  # noqa: BLE001 - damage the file checks cannot see (bytes changed in place)
             raise CheckpointError(f"checkpoint {path} could not be loaded: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}") from error
     train_state = json.loads((path / "train_state.json").read_text())
     rng_file = path / "rng" / f"rank_{dist.get_rank()}.pt"
-    if train_state.get("world_size") == dist.get_world_size() and rng_file.exists():
+    if contents == "all" and train_state.get("world_size") == dist.get_world_size() and rng_file.exists():
         _set_rng_state(torch.load(rng_file, weights_only=False))
     return train_state

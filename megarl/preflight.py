@@ -16,7 +16,7 @@ against it. Then, once all of that passed, the two checks that import
 torch: the advantage estimator and the policy loss the config names are registered
 (:mod:`megarl.algorithms`), the checkpoint a resume would load is whole, and, with routing replay
 (R3), the engines given by URL return routed experts; with SGLang's router, its package and flags,
-and no R3 behind it.
+and no R3 behind it; ``rollout.engine_kwargs`` against the engine's own arguments.
 
 ``megarl.sft`` runs :func:`check_sft_run` the same way: the model directory, the config
 (:func:`megarl.config.sft.validate_sft`), every row of every conversation file, the metric
@@ -49,6 +49,7 @@ def check_run(config: Config, world_size: int) -> list[str]:
     if not problems:
         # Last, once every cheap check passed: these import torch (the run imports it next anyway).
         problems += _algorithm_name_problems(config) + _resume_problems(config) + _routing_replay_problems(config) + _router_problems(config) + _reserved_gpu_problems(config)
+        problems += _engine_kwargs_problems(config)
     return problems
 
 
@@ -94,6 +95,19 @@ def _engine_problems(config: Config) -> list[str]:
             f"share the node's GPUs; lower rollout.num_engines to {max(gpus // rollout.engine_tensor_parallel, 1)} (it counts engines per node)"
         )
     return problems
+
+
+def _engine_kwargs_problems(config: Config) -> list[str]:
+    """``rollout.engine_kwargs`` against the engine the run launches (``auto`` resolved, which
+    imports torch): SGLang's own arguments, or what the ``hf`` engine honours
+    (:func:`megarl.rollout.engine_args.engine_kwargs_problems`)."""
+    rollout = config.rollout
+    if not rollout.engine_kwargs or rollout.engine_urls:
+        return []
+    from megarl.rollout.engine import resolve_engine
+    from megarl.rollout.engine_args import engine_kwargs_problems
+
+    return engine_kwargs_problems(resolve_engine(rollout.engine), rollout.engine_kwargs)
 
 
 def _reserved_gpu_problems(config: Config) -> list[str]:
@@ -303,9 +317,14 @@ def _resume_problems(config: Config | SFTConfig) -> list[str]:
     from megarl.checkpoint import CheckpointError, resolve_resume
 
     try:
-        resolve_resume(config.checkpoint.resume, config.resolved_checkpoint_dir(), set_aside=False)
+        path = resolve_resume(config.checkpoint.resume, config.resolved_checkpoint_dir(), set_aside=False)
     except CheckpointError as error:
         return [str(error)]
+    if config.checkpoint.load_contents == "model" and path is not None and path.resolve().parent == config.resolved_checkpoint_dir().resolve():
+        return [
+            f"`checkpoint.load_contents` (model) starts a new run at step 0, whose first save would set {path.name} aside in the same "
+            f"directory ({path.parent}): give this run another checkpoint.dir or logging.name, or copy the checkpoint elsewhere"
+        ]
     return []
 
 

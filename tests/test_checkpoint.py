@@ -62,6 +62,11 @@ def test_save_under_one_layout_load_under_another(jobs, save_layout, load_layout
         # Adam resumes after one step, each parameter with its own step count.
         assert set(state["adam_steps"]) == {1.0}
         assert state["adam_step_tensors_distinct"]
+        assert not state["rng_kept"]  # same world size: each rank's RNG restored
+    else:
+        # checkpoint.load_contents=model: the same weights, but the schedule at its start (init_lr),
+        # Adam without state and the RNG untouched, as a new run has them.
+        assert state["lr"] == pytest.approx(1e-3) and state["adam_steps"] == [] and state["rng_kept"]
 
 
 def killed_save_jobs(directory):

@@ -59,6 +59,12 @@ def _sequence_errors(config: Config, model_facts: ModelFacts) -> list[str]:
         )
     if config.model.freeze_moe_router and model_facts.num_experts == 0:
         errors.append("`model.freeze_moe_router` freezes MoE routers, but the model is dense: set model.freeze_moe_router=false")
+    context_length = config.rollout.engine_kwargs.get("context_length")
+    if isinstance(context_length, int) and not isinstance(context_length, bool) and not sequence <= context_length <= model_facts.max_position_embeddings:
+        errors.append(
+            f"`rollout.engine_kwargs.context_length` ({context_length}) must be >= {lengths} (the engines serve no longer sequence) "
+            f"and <= the model's max_position_embeddings ({model_facts.max_position_embeddings})"
+        )
     out_of_vocab = [token for token in config.rollout.stop_token_ids if token >= model_facts.vocab_size]
     if out_of_vocab:
         errors.append(f"`rollout.stop_token_ids` {out_of_vocab} are outside the model's vocabulary (size {model_facts.vocab_size}): remove them")

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import string
 from collections.abc import Iterator
 from typing import Annotated, Literal, Optional
 
@@ -40,6 +41,12 @@ class DataConfig(Section):
     of each row, slime: --label-key)."""
     apply_chat_template: bool = True
     """Wrap prompts with the tokenizer's chat template (slime/OpenRLHF: --apply-chat-template)."""
+    input_template: Optional[str] = None
+    """With apply_chat_template false, the text each string prompt is put into at its one ``{}``,
+    e.g. ``"User: {}\nAssistant: "`` (written as str.format reads it: ``{{`` and ``}}`` are literal
+    braces); null: the prompt as it is. Refused with apply_chat_template true: the chat template
+    already wraps the prompt, and one of the two would be silently dropped (OpenRLHF:
+    --input_template, which it ignores under --apply_chat_template)."""
     max_prompt_length: Annotated[int, Range(ge=1)] = 64
     """Prompt length limit, tokens (verl: data.max_prompt_length)."""
     max_response_length: Annotated[int, Range(ge=1)] = 16
@@ -66,8 +73,30 @@ class DataConfig(Section):
                 f"(length {len(self.train_file_weights)}) must have the length of `data.train_files` ({len(self.train_files)}): "
                 f"one positive weight per file, or an empty list to concatenate the files"
             )
+        if self.input_template is not None:
+            problem = _template_problem(self.input_template)
+            if problem:
+                yield "input_template", f"({self.input_template!r}) {problem}"
+            elif self.apply_chat_template:
+                yield "input_template", (
+                    "is set but so is `data.apply_chat_template` (true, the default): the chat template already wraps each prompt; "
+                    "set data.apply_chat_template=false to use the input template, or remove data.input_template"
+                )
         if self.truncation != "error" and self.filter_overlong_prompts:
             yield "truncation", (
                 f"({self.truncation}) has no effect while data.filter_overlong_prompts is true (it drops every prompt "
                 f"over the limit): set data.filter_overlong_prompts=false to truncate them"
             )
+
+
+def _template_problem(template: str) -> str | None:
+    """What keeps ``template`` from taking a prompt at exactly one ``{}`` (read as str.format reads
+    it), worded for :class:`~megarl.config.base.FieldError`; None when it can."""
+    try:
+        fields = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(template) if name is not None]
+    except ValueError as error:
+        return f"is not a format string ({error}): write literal braces as {{{{ and }}}}"
+    if fields != [("", "", None)]:
+        found = ", ".join("{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}" for name, spec, conversion in fields)
+        return f"must hold exactly one {{}} where the prompt goes, found {found or 'none'}: write literal braces as {{{{ and }}}}"
+    return None

@@ -203,7 +203,7 @@ def _instantiate(
         return cls(**kwargs)
     except FieldError as error:
         for section_key, problem in error.problems:
-            key = prefix + section_key.rsplit(".", 1)[-1]
+            key = prefix + section_key.split(".", 1)[-1]  # the section name off: `rollout.engine_kwargs.x` keeps its own dots
             problems.append(f"{_origin(key, prefix, origins, fallback_source)}: `{key}` {problem}")
         return base
 

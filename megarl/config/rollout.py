@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 from megarl.config.base import Range, Section, _divisors, _one_of
 from megarl.config.model import ModelFacts
@@ -95,6 +95,18 @@ class RolloutConfig(Section):
     deterministic: bool = False
     """SGLang's deterministic inference (--enable-deterministic-inference): per-sample seeds are
     honoured and a rerun samples the same tokens, at some speed cost. The hf engine always is."""
+    engine_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """More settings for the engines megarl launches, by SGLang ``ServerArgs`` name, put on
+    ``sglang.launch_server``'s command line: ``max_running_requests: 64`` -> ``--max-running-requests
+    64``, true -> the bare flag, false -> left out, a list -> the flag and its items; e.g.
+    chunked_prefill_size, context_length, attention_backend, disable_cuda_graph (CUDA graphs off
+    for debugging, what vLLM's enforce_eager does). Checked at start against the installed SGLang's own
+    argument parser (else the fields of its source): an unknown name is refused with the nearest
+    valid one, a value its type or choices refuse too, and so is a setting megarl makes itself
+    (tp_size, mem_fraction_static, dtype ...: named with the knob to use). The ``hf`` engine honours
+    context_length (the longest prompt + response it serves) and disable_cuda_graph (it captures no
+    CUDA graphs) and refuses the rest. The distillation teacher's engines get them too
+    (megarl.rollout.engine_args; verl: actor_rollout_ref.rollout.engine_kwargs.sglang)."""
     restart_budget: Annotated[int, Range(ge=0)] = 3
     """Engine restarts allowed during the run before it stops."""
     val_temperature: Annotated[float, Range(ge=0, note="0 is greedy")] = 0.0
@@ -136,6 +148,18 @@ class RolloutConfig(Section):
                 "(sglang) is for engines megarl launches (it registers and re-registers them); with `rollout.engine_urls` "
                 "give the URL of a router you run as the one engine URL and set rollout.router=none"
             )
+        if self.engine_kwargs and self.engine_urls:
+            yield "engine_kwargs", (
+                "sets the engines megarl launches, but the `rollout.engine_urls` engines run as they were started: "
+                "start them with these settings and remove rollout.engine_kwargs"
+            )
+        for name, value in self.engine_kwargs.items():
+            items = value if isinstance(value, list) else [value]
+            if not items or not all(isinstance(item, (bool, int, float, str)) for item in items):
+                yield f"engine_kwargs.{name}", (
+                    f"({value!r}) must be a number, a string, true/false or a list of numbers or strings "
+                    "(null or an empty list: remove the key to keep the engine's default)"
+                )
         if self.mode == "async" and self.colocate:
             yield "colocate", (
                 "(true) cannot be used with `rollout.mode` async: the engines generate while the trainer trains, so they "

@@ -24,12 +24,25 @@ class CheckpointConfig(Section):
     resume: str = "auto"
     """``auto``: the latest committed checkpoint if there is one; ``never``; or a checkpoint path
     (verl: trainer.resume_mode / resume_from_path, slime: --load)."""
+    load_contents: Literal["all", "model"] = "all"
+    """What a resume loads: ``all`` goes on where the checkpoint stopped (weights, optimizer state,
+    LR schedule, step, data position, counters, RNG); ``model`` loads only the weights (the
+    policy's, and the critic's with one) and starts a new run at step 0: fresh optimizer and
+    schedule, the data from its start, the config's seeds. Needs ``resume`` to name the checkpoint
+    (``auto`` would start over from the same weights after every restart) (verl:
+    checkpoint.load_contents, a list of model / optimizer / extra; the mixes between these two would
+    pair Adam's moments with a schedule at step 0, or a data position with weights that never saw it)."""
     save_hf: bool = False
     """Also export the final policy as a HF directory (OpenRLHF: --save_hf_ckpt)."""
 
     def _rule_problems(self) -> Iterator[tuple[str, str]]:
         if not self.resume:
             yield "resume", "must be 'auto', 'never' or a checkpoint path"
+        elif self.load_contents == "model" and self.resume in ("auto", "never"):
+            yield "load_contents", (
+                f"(model) starts a new run from a checkpoint's weights, so `checkpoint.resume` ({self.resume}) must name that checkpoint: "
+                "set checkpoint.resume=<path>/step_NNNNNNNN (with auto a restart would start over from the same weights)"
+            )
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)

@@ -12,8 +12,8 @@ to the reward as keyword arguments::
 
 With ``data.apply_chat_template`` the prompt is rendered by the tokenizer's chat template with the
 generation prompt appended (a string prompt becomes one user message) and tokenized without adding
-special tokens, since the template writes them; otherwise the string is tokenized as it is, with the
-tokenizer's usual special tokens. A prompt over ``data.max_prompt_length`` tokens is dropped, cut
+special tokens, since the template writes them; otherwise the string (put into ``data.input_template``
+at its ``{}`` when one is set) is tokenized as it is, with the tokenizer's usual special tokens. A prompt over ``data.max_prompt_length`` tokens is dropped, cut
 to the limit, or refused (``data.filter_overlong_prompts``, ``data.truncation``);
 ``data.max_samples`` then keeps the first usable prompts in file order.
 """
@@ -219,7 +219,7 @@ def _parse_row(row: Any, location: str, config: DataConfig, tokenizer, tools: Se
     if config.apply_chat_template:
         text = tokenizer.apply_chat_template(messages, tools=tools or None, add_generation_prompt=True, tokenize=False)
     else:
-        text = prompt
+        text = prompt if config.input_template is None else config.input_template.format(prompt)
     metadata = {key: value for key, value in row.items() if key not in (config.prompt_key, config.answer_key)}
     return text, answer, metadata
 

@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 import torch
 
-from megarl.rollout import protocol
+from megarl.rollout import engine_args, protocol
 from megarl.rollout.errors import EngineDead, EngineError, EngineMisconfigured, EngineRequestError, EngineStartError, EngineTimeout
 from megarl.rollout.http_client import EngineClient
 
@@ -92,6 +92,9 @@ class LaunchOptions:
     return_routed_experts: bool = False
     """``--enable-return-routed-experts`` (SGLang's flag, and the ``hf`` server's of the same name):
     the server captures the experts its router chooses and answers ``return_routed_experts``."""
+    engine_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """``rollout.engine_kwargs``: settings by SGLang ``ServerArgs`` name, on every server's command
+    line (:func:`megarl.rollout.engine_args.command_line`)."""
     extra_args: tuple[str, ...] = ()
     """More command-line arguments for every server."""
     startup_timeout_s: float = 600.0
@@ -208,7 +211,7 @@ class Engine:
                 command.append("--enable-deterministic-inference")
         if options.return_routed_experts:
             command.append("--enable-return-routed-experts")
-        return command + list(options.extra_args)
+        return command + engine_args.command_line(options.engine, options.engine_kwargs) + list(options.extra_args)
 
     def require_routed_experts(self, timeout: float) -> None:
         """Check, through ``/server_info`` (SGLang before it: ``/get_server_info``), that the engine

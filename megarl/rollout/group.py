@@ -144,7 +144,7 @@ class EngineGroup:
     def launch(
         cls, engine: str, model_path: str | Path, *, num_engines: int = 1, tensor_parallel: int = 1, mem_fraction: float = 0.5,
         colocate: bool = True, deterministic: bool = False, seed: int = 1, first_gpu: int = 0, hf_threads: int | None = None,
-        hf_step_delay_s: float = 0.0, dtype: str = "auto", extra_args: Sequence[str] = (), startup_timeout_s: float = 600.0,
+        hf_step_delay_s: float = 0.0, dtype: str = "auto", engine_kwargs: dict | None = None, extra_args: Sequence[str] = (), startup_timeout_s: float = 600.0,
         log_dir: Path | None = None, node: int | None = None, host: str = "127.0.0.1", address: str | None = None, name: str | None = None, **group_options,
     ) -> EngineGroup:
         """Start ``num_engines`` servers on this machine and wait until all are healthy.
@@ -153,7 +153,7 @@ class EngineGroup:
             engine: ``hf``, ``sglang`` or ``auto`` (:func:`resolve_engine`).
             model_path: HF model directory.
             num_engines, tensor_parallel, mem_fraction, colocate, deterministic, seed, first_gpu,
-                hf_threads, hf_step_delay_s, dtype, extra_args, startup_timeout_s, host, address:
+                hf_threads, hf_step_delay_s, dtype, engine_kwargs, extra_args, startup_timeout_s, host, address:
                 see :class:`LaunchOptions`.
             log_dir: where engine logs go (default: a new temporary directory).
             node: this node's index when a run has several: the engines are named
@@ -169,7 +169,8 @@ class EngineGroup:
             engine=kind, model_path=str(model_path), log_dir=Path(log_dir or tempfile.mkdtemp(prefix="megarl-engines-")),
             tensor_parallel=tensor_parallel, first_gpu=first_gpu, mem_fraction=mem_fraction, colocate=colocate,
             deterministic=deterministic, seed=seed, hf_threads=hf_threads, hf_step_delay_s=hf_step_delay_s, dtype=dtype, extra_args=tuple(extra_args),
-            startup_timeout_s=startup_timeout_s, return_routed_experts=group_options.get("return_routed_experts", False), host=host, address=address,
+            engine_kwargs=dict(engine_kwargs or {}), startup_timeout_s=startup_timeout_s, return_routed_experts=group_options.get("return_routed_experts", False),
+            host=host, address=address,
         )
         prefix = name or (kind if node is None else f"{kind}-n{node}")
         engines = [Engine(f"{prefix}-{index}", kind, tensor_parallel, launch=options, index=index) for index in range(num_engines)]
@@ -234,8 +235,7 @@ class EngineGroup:
             rollout.engine, model_path, num_engines=rollout.num_engines, tensor_parallel=rollout.engine_tensor_parallel,
             mem_fraction=rollout.mem_fraction, colocate=rollout.colocate, seed=rollout.seed, log_dir=log_dir,
             deterministic=rollout.deterministic, hf_threads=rollout.engine_threads, hf_step_delay_s=rollout.hf_step_delay_s,
-            startup_timeout_s=rollout.startup_timeout_s,
-            **{**group_options, **overrides},
+            startup_timeout_s=rollout.startup_timeout_s, engine_kwargs=rollout.engine_kwargs, **{**group_options, **overrides},
         )
 
     @property

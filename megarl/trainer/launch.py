@@ -154,7 +154,7 @@ def start_teacher(config: Config, run_dir: Path, node: Node) -> EngineGroup:
     teacher, rollout = config.teacher, config.rollout
     served = dataclasses.replace(
         rollout, num_engines=teacher.num_engines, engine_tensor_parallel=teacher.engine_tensor_parallel, engine_urls=list(teacher.engine_urls),
-        colocate=False, router="none",
+        colocate=False, router="none", engine_kwargs={} if teacher.engine_urls else rollout.engine_kwargs,
     )
     # Engines given by URL need no directory; the snapshot's base model is never written for a teacher.
     model_dir = resolve_model_path(teacher.path or config.model.path)

@@ -451,20 +451,26 @@ def _setup(config: Config, started: EarlyStart | None, detected: platform.Platfo
     try:
         resume_from = checkpoint.agreed_resume(config.checkpoint.resume, run.checkpoint_dir)
         if resume_from is not None:
+            contents = config.checkpoint.load_contents
             state = checkpoint.load_checkpoint(
                 resume_from,
                 policy_model.models,
                 policy_model.optimizer,
                 policy_model.scheduler,
                 extra_models=run._extra_models(),
+                contents=contents,
             )
-            run.load_train_state(state)
-            run.start_step = state["step"] + 1
-            run.last_checkpoint = resume_from
+            if contents == "all":
+                run.load_train_state(state)
+                run.start_step = state["step"] + 1
+                run.last_checkpoint = resume_from
             # The engines start from the HF weights; give them the restored policy (the version the
-            # step after the checkpoint's would have synced).
-            run.sync_weights(version=state["step"] + 1)
-            log.info("resumed from %s: the run goes on at step %d", resume_from, run.start_step)
+            # step to run would have synced: 0 for a new run from the weights alone).
+            run.sync_weights(version=run.start_step)
+            log.info(
+                "resumed from %s: the run goes on at step %d" if contents == "all" else "loaded the weights of %s: a new run starts at step %d",
+                resume_from, run.start_step,
+            )
         if first and config.rollout.mode == "async":
             from megarl.trainer.async_rollout import AsyncRollout
 

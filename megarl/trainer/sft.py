@@ -180,11 +180,16 @@ def setup_sft(config: SFTConfig) -> SFTRun:
     )
     resume_from = checkpoint.agreed_resume(config.checkpoint.resume, config.resolved_checkpoint_dir())
     if resume_from is not None:
-        state = checkpoint.load_checkpoint(resume_from, model.models, model.optimizer, model.scheduler)
-        run.loader.load_state_dict(state["data"])
-        model.consecutive_skips = state["consecutive_skips"]
-        run.start_step = state["step"] + 1
-        log.info("resumed from %s: the run goes on at step %d", resume_from, run.start_step)
+        contents = config.checkpoint.load_contents
+        state = checkpoint.load_checkpoint(resume_from, model.models, model.optimizer, model.scheduler, contents=contents)
+        if contents == "all":
+            run.loader.load_state_dict(state["data"])
+            model.consecutive_skips = state["consecutive_skips"]
+            run.start_step = state["step"] + 1
+        log.info(
+            "resumed from %s: the run goes on at step %d" if contents == "all" else "loaded the weights of %s: a new run starts at step %d",
+            resume_from, run.start_step,
+        )
     return run
 
 

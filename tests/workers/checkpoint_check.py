@@ -4,8 +4,9 @@ checkpoint job, tests/workers/suite.py; for tests/trainer/test_checkpoint.py).
 ``save``: load the HF weights, take one optimizer step, save a checkpoint at ``step`` under
 ``root`` and write the exported HF tensors to ``export``. ``crash_after_weights`` kills the
 process in the middle of the save (after the weights, before the commit). ``load``: resume
-(``resume``: auto, never or a path) into a fresh model of this job's layout (the optimizer and
-scheduler too unless ``model_only``) and write its exported HF tensors to ``export``.
+(``resume``: auto, never or a path) into a fresh model, optimizer and scheduler of this job's
+layout (``model_only``: the weights alone, ``checkpoint.load_contents`` model) and write its
+exported HF tensors to ``export``.
 """
 
 from __future__ import annotations
@@ -79,10 +80,11 @@ def save(model_dir: str, layout, pg_collection, root: str, export: str, step: in
 def load(model_dir: str, layout, pg_collection, root: str, export: str, resume: str = "auto", model_only: bool = False) -> dict | None:
     spec, chunks, models, optimizer, scheduler = build(model_dir, pg_collection, layout)
     path = checkpoint.resolve_resume(resume, root)
-    if model_only:
-        optimizer = scheduler = None
-    state = checkpoint.load_checkpoint(path, models, optimizer, scheduler) if path else {"step": 0}
+    torch.manual_seed(12345)  # a state the saving process never had: whether the load restores its RNG shows
+    rng_before = torch.get_rng_state()
+    state = checkpoint.load_checkpoint(path, models, optimizer, scheduler, contents="model" if model_only else "all") if path else {"step": 0}
     state["path"] = str(path)
+    state["rng_kept"] = torch.equal(rng_before, torch.get_rng_state())
     if optimizer is not None:
         state["lr"] = optimizer.param_groups[0]["lr"]
         steps = [

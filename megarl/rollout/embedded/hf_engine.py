@@ -124,9 +124,18 @@ class HFEngine:
         step_delay_s: seconds to wait after each decoding step (a GPU engine's latency, modelled).
         return_routed_experts: record the routers' choices of every token and answer
             ``return_routed_experts`` (SGLang's ``--enable-return-routed-experts``).
+        context_length: the longest prompt + response it serves (SGLang's ``--context-length``:
+            a longer prompt is refused, a response stops there); None: the model's
+            ``max_position_embeddings``.
+
+    Raises:
+        ValueError: ``context_length`` exceeds the model's ``max_position_embeddings`` (positions
+            past it were never trained; SGLang refuses it too).
     """
 
-    def __init__(self, model_path: str, dtype: str, seed: int, *, step_delay_s: float = 0.0, return_routed_experts: bool = False):
+    def __init__(
+        self, model_path: str, dtype: str, seed: int, *, step_delay_s: float = 0.0, return_routed_experts: bool = False, context_length: int | None = None,
+    ):
         self.model_path = model_path
         self.dtype = dtype
         self.seed = seed
@@ -136,9 +145,12 @@ class HFEngine:
         self.eos_token_ids = _eos_token_ids(self.model)
         pad = self.model.generation_config.pad_token_id
         pad = self.model.config.pad_token_id if pad is None else pad
+        longest = self.model.config.max_position_embeddings
+        if context_length is not None and not 1 <= context_length <= longest:
+            raise ValueError(f"context_length ({context_length}) must be in [1, {longest}], the model's max_position_embeddings")
         self.generator = BatchGenerator(
             self.model,
-            context_length=self.model.config.max_position_embeddings,
+            context_length=longest if context_length is None else context_length,
             pad_token_id=0 if pad is None else int(pad),
             random_seed=seed,
             recorder=RouterRecorder(self.model) if return_routed_experts else None,
@@ -329,6 +341,7 @@ class HFEngine:
             "model_path": self.model_path,
             "dtype": self.dtype,
             "random_seed": self.seed,
+            "context_length": self.generator.context_length,
             protocol.RETURNS_ROUTED_EXPERTS: self.return_routed_experts,
         }
 

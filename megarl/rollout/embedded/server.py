@@ -170,6 +170,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--step-delay-s", type=float, default=0.0, help="wait after each decoding step (a GPU's latency, modelled)")
     parser.add_argument("--parent-pid", type=int, help="exit when this process is gone")
+    parser.add_argument("--context-length", type=int, help="the longest prompt + response served (SGLang's flag); default the model's max_position_embeddings")
     parser.add_argument(
         "--enable-return-routed-experts", action="store_true", help="record the routers' top-k of every token and answer return_routed_experts (SGLang's flag)"
     )
@@ -182,7 +183,10 @@ def main(argv: list[str]) -> None:
         start_parent_watchdog(args.parent_pid)
     if args.threads:
         torch.set_num_threads(args.threads)
-    engine = HFEngine(args.model, args.dtype, args.seed, step_delay_s=args.step_delay_s, return_routed_experts=args.enable_return_routed_experts)
+    engine = HFEngine(
+        args.model, args.dtype, args.seed, step_delay_s=args.step_delay_s, return_routed_experts=args.enable_return_routed_experts,
+        context_length=args.context_length,
+    )
     engine.health_generate()  # warm-up: the first forward of a fresh process is the slowest
     engine.scheduler.start()
     sock = listening_socket(args.host, args.port)
