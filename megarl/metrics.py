@@ -133,6 +133,28 @@ class MetricsLogger:
         if self.logging_config.console and step % self.logging_config.log_every == 0:
             tqdm.write(console_line(step, values, self.logging_config.console_metrics))
 
+    def log_table(self, step: int, name: str, rows: list[dict[str, Any]]) -> None:
+        """A few samples of a generation file (:mod:`megarl.trainer.generations`; ``rows``: records
+        with the same keys) as a table under ``name`` (``generations/rollout``): a ``wandb.Table``
+        on W&B, a markdown table (``add_text``) on TensorBoard; nothing on other sinks. A nested
+        value (the reward's extras) shows as its JSON."""
+        if not self.enabled or not rows:
+            return
+        if self._jsonl is None:
+            self.start(0)
+        if self._tensorboard is None and self._wandb is None:
+            return
+        columns = list(rows[0])
+        cells = [[value if isinstance(value, (int, float, str)) else json.dumps(value) for value in row.values()] for row in rows]
+        if self._tensorboard is not None:
+            lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+            lines += ["| " + " | ".join(_markdown_cell(cell) for cell in row) + " |" for row in cells]
+            self._tensorboard.add_text(name, "\n".join(lines), global_step=step)
+        if self._wandb is not None:
+            import wandb
+
+            self._wandb.log({name: wandb.Table(columns=columns, data=cells)}, step=step)
+
     def close(self) -> None:
         if self._jsonl is None:
             return
@@ -258,6 +280,11 @@ def json_number(value: float) -> float | str:
     if math.isfinite(value):
         return value
     return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+
+
+def _markdown_cell(value: Any) -> str:
+    """A table cell on one line: line breaks as ``<br>``, pipes escaped."""
+    return str(value).replace("|", "\\|").replace("\n", "<br>")
 
 
 def _number(value: Any) -> float:

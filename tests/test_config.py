@@ -185,6 +185,7 @@ INVALID = [
     ]),
     (["data.val_files=[]"], 1, "dense", ["`train.eval_every` (10) needs `data.val_files`"]),
     (["data.val_files=[]", "train.eval_every=0", "train.val_before_train=true"], 1, "dense", ["`train.val_before_train` needs `data.val_files`"]),
+    (["data.val_files=[]", "train.eval_every=0", "train.val_only=true"], 1, "dense", ["`train.val_only` needs `data.val_files`"]),
     (["algorithm.advantage_estimator=gae", "train.steps=20", "critic.warmup_steps=20"], 1, "dense", [
         "`critic.warmup_steps` (20) must be < `train.steps` (20)",
     ]),
@@ -376,6 +377,9 @@ def test_yaml_type_errors_name_the_file(tmp_path):
         ("algorithm.behav_imp_weight_cap=1", "`algorithm.behav_imp_weight_cap` (1.0) must be > 1, or null"),
         ("rollout.max_staleness=-1", "`rollout.max_staleness` (-1) must be >= 0 (0 is on-policy)"),
         ("rollout.hf_step_delay_s=-0.1", "`rollout.hf_step_delay_s` (-0.1) must be >= 0"),
+        ("rollout.val_top_p=0", "`rollout.val_top_p` (0.0) must be in (0, 1]"),
+        ("rollout.val_top_k=0", "`rollout.val_top_k` (0) must be"),
+        ("logging.rollout_dir=''", "`logging.rollout_dir` must be a directory (relative: under the run directory) or null"),
         (
             "rollout.mode=async",
             "`rollout.colocate` (true) cannot be used with `rollout.mode` async: the engines generate while the trainer "

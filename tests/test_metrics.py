@@ -160,3 +160,33 @@ def test_read_rows_names_the_file_and_line_of_a_bad_metrics_file(tmp_path, conte
     with pytest.raises(MetricsFileError) as raised:
         read_rows(path)
     assert str(raised.value) == f"{path}{'' if problem.startswith(':') else ': '}{problem}"
+
+
+def test_a_few_generations_go_to_tensorboard_and_wandb_as_a_table(tmp_path, monkeypatch):
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("wandb")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    config = load_config(None, ["logging.tensorboard=true", "logging.wandb=true", "logging.wandb_mode=offline", "logging.console=false"])
+    logger = MetricsLogger(config.logging, tmp_path, enabled=True, run_settings=config.to_dict())
+    rows = [
+        {"step": 2, "prompt": "max 1 | 2", "response": "2\nok", "score": 1.0, "reward_extras": {"length": 1.0}},
+        {"step": 2, "prompt": "min 3 4", "response": "4", "score": 0.0, "reward_extras": {}},
+    ]
+    logger.log_table(2, "generations/rollout", rows)
+    logger.log(2, METRICS)
+    logger.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"tensors": 0})
+    events.Reload()
+    (event,) = events.Tensors("generations/rollout/text_summary")
+    assert event.step == 2
+    assert event.tensor_proto.string_val[0].decode().splitlines() == [
+        "| step | prompt | response | score | reward_extras |",
+        "| --- | --- | --- | --- | --- |",
+        '| 2 | max 1 \\| 2 | 2<br>ok | 1.0 | {"length": 1.0} |',
+        "| 2 | min 3 4 | 4 | 0.0 | {} |",
+    ]
+    (table,) = (tmp_path / "wandb").glob("offline-run-*/files/media/table/generations/rollout_*.table.json")
+    saved = json.loads(table.read_text())
+    assert saved["columns"] == list(rows[0]) and saved["data"][1] == [2, "min 3 4", "4", 0.0, "{}"]

@@ -138,23 +138,52 @@ def assert_finite(rows: list[dict], expected_nan: dict[int, set[str]] | None = N
         assert all(math.isnan(row[name]) for name in nan), f"step {row['step']}: {sorted(nan)} should be NaN"
 
 
+VALIDATION_SOURCES = {"first": ["max 1 5 3", "max 7 2 4", "min 3 8 6", "max 2 9 1"], "plain": ["max 4 6 5", "min 9 8 7", "max 3 1 2", "max 5 5 6"]}
+"""Two validation files: ``first.jsonl``'s rows name their data_source, ``plain.jsonl``'s do not
+(its name is their source)."""
+
+
+def validation_files(directory: Path) -> list[Path]:
+    files = []
+    for source, prompts in VALIDATION_SOURCES.items():
+        answers = [str(max(map(int, prompt.split()[1:])) if prompt.startswith("max") else min(map(int, prompt.split()[1:]))) for prompt in prompts]
+        rows = [{"prompt": prompt, "answer": answer, **({"data_source": source} if source == "first" else {})} for prompt, answer in zip(prompts, answers)]
+        files.append(write_jsonl(directory / f"{source}.jsonl", rows))
+    return files
+
+
+def generation_files(directory: Path) -> dict[str, list[dict]]:
+    """``<step>.jsonl`` -> its records (strict JSON), for every file of a generation directory."""
+    return {path.name: [strict_json(line) for line in path.read_text().splitlines()] for path in sorted(directory.iterdir())}
+
+
+def check_validation_metrics(row: dict, suffix: str = "") -> None:
+    """Per-source and pass@k metrics of 4 + 4 prompts, 2 samples each, scores 0 or 1."""
+    sources = [row[f"val/{source}/accuracy{suffix}"] for source in VALIDATION_SOURCES]
+    assert row[f"val/accuracy{suffix}"] == pytest.approx(sum(sources) / 2)
+    # Scores are 0 or 1 and correct means >= 1: pass@1 is the accuracy; pass@2 is at least that.
+    assert row[f"val/pass@1{suffix}"] == pytest.approx(row[f"val/accuracy{suffix}"])
+    assert row[f"val/pass@1{suffix}"] <= row[f"val/pass@2{suffix}"] <= 1
+    assert all(f"val/{source}/pass@2{suffix}" in row for source in VALIDATION_SOURCES)
+
+
 @pytest.mark.multirank
 def test_expert_parallel_run_survives_a_killed_engine_a_failing_reward_and_a_nan_step(tmp_path):
     # One optimizer step per RL step, so the skipped step is the whole update; no warm-up, whose
     # first step has learning rate 0; an entropy bonus, so that every step that is not skipped
     # moves the weights even when all of its 16 samples score the same (zero advantages).
-    report, rows = train(
-        tmp_path,
-        "ep2",
-        [
-            "parallel.expert=2", "train.steps=3", "train.eval_every=2", "train.val_before_train=true", "reward.type=function",
-            f"reward.function={REPO}/tests/workers/flaky_reward.py:reward",
-            "train.mini_batch_size=16", "train.lr_warmup_steps=0", "algorithm.entropy_coeff=0.01",
-            # The moe_distill layout, the teacher in Megatron: dense, beside the MoE under EP 2 (CI time).
-            *MEGATRON_TEACHER,
-        ],
-        hooks=["--kill-engine-after", "0", "--nan-step", "1"],
-    )
+    # Validation of two sources, two samples a prompt; the generations saved.
+    val_files = ",".join(str(path) for path in validation_files(tmp_path))
+    overrides = [
+        "parallel.expert=2", "train.steps=3", "train.eval_every=2", "train.val_before_train=true", "reward.type=function",
+        f"reward.function={REPO}/tests/workers/flaky_reward.py:reward",
+        "train.mini_batch_size=16", "train.lr_warmup_steps=0", "algorithm.entropy_coeff=0.01",
+        f"data.val_files=[{val_files}]", "rollout.val_n_samples=2", "rollout.val_temperature=1.0",
+        "logging.rollout_dir=generations", f"logging.validation_dir={tmp_path / 'validation'}",
+        # The moe_distill layout, the teacher in Megatron: dense, beside the MoE under EP 2 (CI time).
+        *MEGATRON_TEACHER,
+    ]
+    report, rows = train(tmp_path, "ep2", overrides, hooks=["--kill-engine-after", "0", "--nan-step", "1"])
     assert report["completed"] and [row["step"] for row in rows] == [0, 1, 2]
     # The NaN in step 1's first micro-batch shows in its gradient norm, and nowhere else.
     assert_finite(rows, expected_nan={1: {"policy/grad_norm"}})
@@ -166,6 +195,10 @@ def test_expert_parallel_run_survives_a_killed_engine_a_failing_reward_and_a_nan
     assert all(("time/validation_s" in row) == ("val/accuracy" in row) for row in rows)
     assert ["val/accuracy_before_train" in row for row in rows] == [True, False, False]
     assert 0 <= rows[0]["val/accuracy_before_train"] <= 1 and rows[0]["time/validation_before_train_s"] > 0
+    check_validation_metrics(rows[0], "_before_train")
+    for row in rows[1:]:
+        check_validation_metrics(row)
+    check_generations(Path(report["run_dir"]), tmp_path / "validation", rows)
     # The engine killed after step 0 was restarted, with the weights of step 0's update: step 1's
     # rollout log-probs still match the trainer's.
     assert report["engine_restarts"] == 1 and rows[1]["rollout/engine_restarts"] == 1
@@ -178,6 +211,42 @@ def test_expert_parallel_run_survives_a_killed_engine_a_failing_reward_and_a_nan
     assert weights["after_0"] != weights["initial"] and weights["after_2"] != weights["after_1"]
     assert weights["after_1"] == weights["after_0"]
     assert (Path(report["run_dir"]) / "checkpoints" / "step_00000002" / "weights").is_dir()
+
+    # train.val_only on the same run directory: the last checkpoint validated as the run did
+    # after its last step (the same weights, prompts and seeds), logged as step 3, nothing trained.
+    # Validation needs no teacher: the launch builds none (CI time).
+    validated = generation_files(tmp_path / "validation")["2.jsonl"]
+    report, rows = train(tmp_path, "ep2", [*[value for value in overrides if value not in MEGATRON_TEACHER], "train.val_only=true"])
+    assert report["completed"] and report["weights"] == {"initial": weights["after_2"]}
+    assert [row["step"] for row in rows] == [0, 1, 2, 3]
+    assert {name: value for name, value in rows[3].items() if name.startswith("val/")} == {
+        name: value for name, value in rows[2].items() if name.startswith("val/")
+    }
+    assert rows[3]["time/validation_s"] > 0 and "policy/loss" not in rows[3]
+    assert generation_files(tmp_path / "validation")["2.jsonl"] == validated
+    assert [path.name for path in committed_checkpoints(Path(report["run_dir"]) / "checkpoints")][-1] == "step_00000002"
+
+
+def check_generations(run_dir: Path, validation_dir: Path, rows: list[dict]) -> None:
+    """The generation files of the ep2 run: every trained sample of every step, every validation
+    sample, their scores those the metrics summarise."""
+    rollouts = generation_files(run_dir / "generations")
+    assert list(rollouts) == ["0.jsonl", "1.jsonl", "2.jsonl"]
+    for name, records in rollouts.items():
+        assert len(records) == 16 and {record["step"] for record in records} == {int(name.split(".")[0])}
+        assert {record["data_source"] for record in records} == {"train"}  # the bundled toy train.jsonl
+        # GRPO's advantage plus the distillation term, read at the first response token (the
+        # prompt's columns and the padding hold 0).
+        assert all(math.isfinite(record["advantage"]) for record in records) and any(record["advantage"] != 0 for record in records)
+        # The flaky reward's extra number, for the samples it scored (a failed one has none).
+        assert all(record["reward_extras"] in ({}, {"characters": float(len(record["response"]))}) for record in records)
+        assert any(record["reward_extras"] for record in records)
+    validations = generation_files(validation_dir)
+    assert list(validations) == ["-1.jsonl", "1.jsonl", "2.jsonl"]  # before training, after steps 1 and 2
+    for (name, records), row, suffix in zip(validations.items(), rows, ["_before_train", "", ""]):
+        assert [(record["index"], record["sample"]) for record in records] == [(index, sample) for index in range(8) for sample in range(2)]
+        assert [record["data_source"] for record in records] == ["first"] * 8 + ["plain"] * 8
+        assert sum(record["score"] for record in records) / 16 == pytest.approx(row[f"val/accuracy{suffix}"])
 
 
 @pytest.mark.multirank

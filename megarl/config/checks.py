@@ -134,6 +134,8 @@ def _batch_errors(config: Config, data_parallel: int) -> list[str]:
         errors.append(f"`train.eval_every` ({train.eval_every}) needs `data.val_files`: list validation files or set train.eval_every=0")
     if train.val_before_train and not config.data.val_files:
         errors.append("`train.val_before_train` needs `data.val_files`: list validation files or set train.val_before_train=false")
+    if train.val_only and not config.data.val_files:
+        errors.append("`train.val_only` needs `data.val_files`: list validation files or set train.val_only=false")
     return errors
 
 

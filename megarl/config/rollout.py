@@ -112,7 +112,14 @@ class RolloutConfig(Section):
     val_temperature: Annotated[float, Range(ge=0, note="0 is greedy")] = 0.0
     """Sampling temperature of validation; 0 is greedy (verl: rollout.val_kwargs.temperature)."""
     val_n_samples: Annotated[int, Range(ge=1)] = 1
-    """Responses per validation prompt (verl: rollout.val_kwargs.n, slime: --n-samples-per-eval-prompt)."""
+    """Responses per validation prompt; above 1 validation also reports pass@k (verl:
+    rollout.val_kwargs.n, slime: --n-samples-per-eval-prompt)."""
+    val_top_p: Annotated[float, Range(gt=0, le=1)] = 1.0
+    """Nucleus threshold of validation, in (0, 1]; 1 disables it. Validation never uses the
+    training top_p (verl: rollout.val_kwargs.top_p)."""
+    val_top_k: Annotated[int, Range(ge=1, off=-1)] = -1
+    """Top-k of validation; -1 disables it. Validation never uses the training top_k (verl:
+    rollout.val_kwargs.top_k)."""
     seed: int = 1
     """Sampling seed (slime: --rollout-seed)."""
     mode: Literal["sync", "async"] = "sync"

@@ -70,13 +70,32 @@ class LoggingConfig(Section):
     console_metrics: list[str] = dataclasses.field(default_factory=list)
     """More metrics for the console line, by name (e.g. ``reward/length``, an extra number a reward
     function returns); metrics.jsonl has them all either way."""
+    rollout_dir: Optional[str] = None
+    """Save what each step trained on as ``<rollout_dir>/<step>.jsonl``, one JSON object per sample
+    (prompt, response, score, reward extras, advantage, data source; README "Saved generations");
+    a relative path is under the run directory; null: not saved (verl: trainer.rollout_data_dir)."""
+    validation_dir: Optional[str] = None
+    """Save every validation's samples as ``<validation_dir>/<step>.jsonl`` (the policy after step
+    ``step``; ``-1``: the initial one), as rollout_dir does; a relative path is under the run
+    directory; null: not saved (verl: trainer.validation_data_dir)."""
 
     def _rule_problems(self) -> Iterator[tuple[str, str]]:
         if not self.name or "/" in self.name:
             yield "name", f"({self.name!r}) must be a non-empty name without '/'"
         if not self.run_dir:
             yield "run_dir", "must be a directory, e.g. runs/{name}"
+        for field in ("rollout_dir", "validation_dir"):
+            if getattr(self, field) == "":
+                yield field, "must be a directory (relative: under the run directory) or null"
 
     def resolved_run_dir(self) -> Path:
         """``run_dir`` with ``{name}`` replaced by the run name."""
         return Path(self.run_dir.replace("{name}", self.name))
+
+    def generations_dir(self, directory: str | None) -> Path | None:
+        """``rollout_dir`` or ``validation_dir`` as a path: an absolute one as it is, a relative one
+        under the run directory; None when it is null."""
+        if directory is None:
+            return None
+        path = Path(directory)
+        return path if path.is_absolute() else self.resolved_run_dir() / path

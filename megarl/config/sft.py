@@ -5,7 +5,8 @@ datasets.
 In ``train`` a step is ``global_batch_size`` conversations, cut into mini-batches of
 ``mini_batch_size`` (one optimizer step each) and micro-batches as in RL; ``ppo_epochs`` passes
 over each step's conversations; ``train.steps`` or ``train.total_epochs`` sets the run's length.
-The RL-only fields of ``train`` (``eval_every``, ``val_before_train``) are not read.
+The RL-only fields of ``train`` (``eval_every``, ``val_before_train``, ``val_only``,
+``val_pass_threshold``) and ``logging.rollout_dir`` / ``validation_dir`` are not read.
 """
 
 from __future__ import annotations

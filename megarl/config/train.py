@@ -126,7 +126,16 @@ class TrainConfig(Section):
     last; 0: never (verl: trainer.test_freq, slime: --eval-interval)."""
     val_before_train: bool = False
     """Also validate the initial policy before the first step (verl: trainer.val_before_train); its
-    accuracy is logged with the first step as ``val/accuracy_before_train``."""
+    metrics are logged with the first step, each name with ``_before_train`` appended
+    (``val/accuracy_before_train``, ``val/<source>/accuracy_before_train``, ...)."""
+    val_only: bool = False
+    """Validate the policy (the checkpoint checkpoint.resume finds, else the initial weights), log
+    the metrics as the row of the step the run would train next, and stop without training
+    (verl: trainer.val_only)."""
+    val_pass_threshold: float = 1.0
+    """A validation sample counts as correct for pass@k when its score is at least this. 1.0 fits
+    rule rewards that give 1 for a right answer, whether a wrong one scores 0, -1 or a small
+    format credit (megarl's rules, verl's math rewards, DAPO's -1/1)."""
     seed: int = 42
     """Seed of batch shuffling between mini-batches."""
 

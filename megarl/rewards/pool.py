@@ -42,6 +42,8 @@ class ScoredBatch:
     """One score per sample; 0.0 where scoring failed."""
     extras: dict[str, float]
     """Mean of each extra number the function returned (over the samples that returned it)."""
+    sample_extras: list[dict[str, float]]
+    """Each sample's extra numbers, in input order (empty where it returned none or failed)."""
     failures: int
     """Samples that raised, timed out, or returned something that is not a finite score."""
     timeouts: int
@@ -206,8 +208,8 @@ class BatchTally:
     def __init__(self, size: int):
         self.scores: list[float | None] = [None] * size
         """One entry per sample, None until it is scored or failed."""
-        self.extras: dict[str, list[float]] = {}
-        """Each extra number the function returned, per key, over the samples that returned it."""
+        self.extras: list[dict[str, float]] = [{} for _ in range(size)]
+        """Each sample's extra numbers, empty until it is scored (and where it failed)."""
         self.failures = 0
         self.timeouts = 0
         """Of the failures, those that hit the timeout (counted by the caller, which knows)."""
@@ -217,6 +219,7 @@ class BatchTally:
     def fail(self, index: int, message: str) -> None:
         """Sample ``index`` failed (``message`` says how): it scores 0 and is counted."""
         self.scores[index] = 0.0
+        self.extras[index] = {}
         self.failures += 1
         if self.first_failed is None or index < self.first_failed:
             self.first_error, self.first_failed = f"sample {index}: {message}", index
@@ -230,8 +233,7 @@ class BatchTally:
             self.fail(index, str(error))
             return
         self.scores[index] = score
-        for key, number in extra.items():
-            self.extras.setdefault(key, []).append(number)
+        self.extras[index] = extra
 
     def finish(self, max_failure_rate: float) -> ScoredBatch:
         """The batch (:func:`finish_batch`); raises :class:`RewardError` above ``max_failure_rate``."""
@@ -239,15 +241,21 @@ class BatchTally:
 
 
 def finish_batch(scores, extras, failures, timeouts, first_error, max_failure_rate, first_failed=None) -> ScoredBatch:
-    """Assemble a :class:`ScoredBatch`; raise :class:`RewardError` above ``max_failure_rate``."""
+    """Assemble a :class:`ScoredBatch` from the scores and each sample's extras (a dict per
+    sample); raise :class:`RewardError` above ``max_failure_rate``."""
     if scores and failures / len(scores) > max_failure_rate:
         raise RewardError(
             f"{failures} of {len(scores)} samples failed to score (reward.max_failure_rate = "
             f"{max_failure_rate}); first error:\n{first_error}"
         )
+    by_key: dict[str, list[float]] = {}
+    for sample in extras:
+        for key, number in sample.items():
+            by_key.setdefault(key, []).append(number)
     return ScoredBatch(
         scores=[float(s) for s in scores],
-        extras={key: sum(values) / len(values) for key, values in extras.items()},
+        extras={key: sum(values) / len(values) for key, values in by_key.items()},
+        sample_extras=list(extras),
         failures=failures,
         timeouts=timeouts,
         first_error=first_error,

@@ -59,7 +59,7 @@ class RemoteReward:
 
     def score(self, samples: list[dict[str, Any]]) -> ScoredBatch:
         scores: list[float] = []
-        extras: dict[str, list[float]] = {}
+        extras: list[dict[str, float]] = []
         failures, timeouts, first_error, first_failed = 0, 0, None, None
         for start in range(0, len(samples), self.batch_size):
             chunk = samples[start : start + self.batch_size]
@@ -72,6 +72,7 @@ class RemoteReward:
                 if first_error is None:
                     first_error, first_failed = f"samples {start}-{start + len(chunk) - 1}: {self.url}: {error}", start
                 scores += [0.0] * len(chunk)
+                extras += [{} for _ in chunk]
                 continue
             for offset, value in enumerate(values):
                 try:
@@ -82,6 +83,5 @@ class RemoteReward:
                         first_error, first_failed = f"sample {start + offset}: {error}", start + offset
                     score, extra = 0.0, {}
                 scores.append(score)
-                for key, number in extra.items():
-                    extras.setdefault(key, []).append(number)
+                extras.append(extra)
         return finish_batch(scores, extras, failures, timeouts, first_error, self.max_failure_rate, first_failed)

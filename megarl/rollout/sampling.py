@@ -76,13 +76,14 @@ class SamplingParams:
             max_new_tokens: ``data.max_response_length``.
             seed: this call's seed, e.g. ``rollout.seed`` combined with the step, so that steps
                 draw different noise and a rerun draws the same.
-            validation: use ``val_temperature`` and ``val_n_samples`` (greedy by default).
+            validation: use ``val_temperature``, ``val_top_p``, ``val_top_k`` and
+                ``val_n_samples`` (greedy by default) instead of the training ones.
         """
         return cls(
             max_new_tokens=max_new_tokens,
             temperature=rollout.val_temperature if validation else rollout.temperature,
-            top_p=rollout.top_p,
-            top_k=rollout.top_k,
+            top_p=rollout.val_top_p if validation else rollout.top_p,
+            top_k=rollout.val_top_k if validation else rollout.top_k,
             stop_token_ids=tuple(rollout.stop_token_ids),
             n=rollout.val_n_samples if validation else rollout.n_samples_per_prompt,
             seed=seed,

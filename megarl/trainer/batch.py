@@ -21,9 +21,22 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megarl.data.datasets import Prompt
 from megarl.data.padding import pad_micro_batch
 from megarl.models.thd import packed_positions
 from megarl.rollout.sampling import WeightSegment
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SampleText:
+    """A sample as a person reads it (the generation files, :mod:`megarl.trainer.generations`)."""
+
+    prompt: Prompt
+    """The prompt it answers (its text, row fields and file)."""
+    response: str
+    """The response decoded; for an episode every turn after the prompt, observations included."""
+    reward_extras: dict[str, float]
+    """The extra numbers the reward function returned for it (empty: none, or it failed)."""
 
 
 @dataclasses.dataclass(slots=True)
@@ -62,6 +75,9 @@ class ScoredSample:
     """``algorithm.use_opd``: the distillation teacher's log-prob of each response token given the
     prompt and the tokens before it (:meth:`EngineGroup.prompt_log_probs
     <megarl.rollout.group.EngineGroup.prompt_log_probs>`); None otherwise."""
+    text: SampleText | None = dataclasses.field(default=None, compare=False)
+    """Its prompt and response as text and the reward's extras, kept on the first rank for the
+    generation files and validation; None for samples built without scoring."""
 
     @property
     def truncated(self) -> bool:

@@ -22,10 +22,11 @@ from tqdm import tqdm
 from megarl.algorithms.shaping import dynamic_sampling_keep
 from megarl.config import save_config
 from megarl.report import finish_run
-from megarl.rollout.sampling import SamplingParams
-from megarl.trainer.batch import ScoredSample, TrainBatch
+from megarl.trainer.batch import SampleText, ScoredSample, TrainBatch
 from megarl.trainer.experience import prepare_update
-from megarl.trainer.rollout import add_round_metrics, add_teacher_log_probs, batch_of, generate_round, play_and_score, sampling_seed
+from megarl.trainer.generations import SHOWN, rollout_records, write_generations
+from megarl.trainer.rollout import add_round_metrics, add_teacher_log_probs, batch_of, generate_round
+from megarl.trainer.validation import validate
 
 if TYPE_CHECKING:
     from megarl.trainer.run import Run
@@ -75,7 +76,7 @@ def round_batches(missing_samples: int, n_samples_per_prompt: int, batch_size: i
     return max(1, math.ceil(groups / (max(keep_rate, 1e-3) * batch_size)))
 
 
-def collect_batch(run: Run, step: int) -> tuple[TrainBatch, torch.Tensor, dict[str, float]]:
+def collect_batch(run: Run, step: int) -> tuple[TrainBatch, torch.Tensor, dict[str, float], list[SampleText]]:
     """The step's train batch, rolled out and packed on the first rank (:func:`roll_out`, or in
     ``rollout.mode: async`` the producer's :meth:`AsyncRollout.next_batch
     <megarl.trainer.async_rollout.AsyncRollout.next_batch>`; with on-policy distillation from the
@@ -84,16 +85,21 @@ def collect_batch(run: Run, step: int) -> tuple[TrainBatch, torch.Tensor, dict[s
     (:func:`share_batch`).
 
     Returns:
-        ``(batch, scores [B], metrics)``, the same on every rank.
+        ``(batch, scores [B], metrics, texts)``, the first three the same on every rank; ``texts``:
+        with ``logging.rollout_dir`` on the first rank, each trained sample's
+        :class:`~megarl.trainer.batch.SampleText` in batch order, else empty.
     """
+    texts: list[SampleText] = []
 
     def first_rank_batch():
         samples, metrics = run.rollout.next_batch() if run.config.rollout.mode == "async" else roll_out(run, step)
         if run.config.algorithm.teacher_in_engines:
             add_teacher_log_probs(run, samples, metrics)
+        if run.config.logging.rollout_dir is not None:
+            texts.extend(sample.text for sample in samples)
         return batch_of(run, samples, metrics)
 
-    return share_batch(run, first_rank_batch)
+    return *share_batch(run, first_rank_batch), texts
 
 
 def roll_out(run: Run, step: int) -> tuple[list[ScoredSample], dict[str, float]]:
@@ -212,7 +218,7 @@ def train_step(run: Run, step: int, phase=lambda name: None) -> dict[str, float]
     # train.offload: the trained state is on the host while the engines generate (moved there
     # after the previous sync, and here before the first step or after a checkpoint save).
     run.offload.to_host()
-    batch, scores, metrics = collect_batch(run, step)
+    batch, scores, metrics, texts = collect_batch(run, step)
     colocated = run.engines is not None and config.rollout.colocate
     if colocated:
         # The engines share the devices with training: they give their memory back until the sync.
@@ -237,6 +243,11 @@ def train_step(run: Run, step: int, phase=lambda name: None) -> dict[str, float]
     metrics.update(
         prepare_update(batch, scores, config.algorithm, run.reward_moments, run.kl_controller, max_response_length=config.data.max_response_length)
     )
+    if texts:
+        # The advantages are known from here; the texts only on the first rank.
+        records = rollout_records(step, texts, scores, batch, config.data.train_files)
+        write_generations(config.logging.generations_dir(config.logging.rollout_dir), step, records)
+        run.logger.log_table(step, "generations/rollout", records[:SHOWN])
 
     if run.critic is not None:
         metrics.update(run.critic.update(batch, step))
@@ -284,26 +295,11 @@ def _stop_on_non_finite(run: Run, step: int, model: str, skips: int) -> None:
         )
 
 
-def evaluate(run: Run, step: int) -> dict[str, float]:
-    """Mean score of the validation prompts (greedy by default), computed on the first rank."""
-
-    def generate_and_score():
-        config = run.config
-        sampling = SamplingParams.from_config(
-            config.rollout, max_new_tokens=config.data.max_response_length, seed=sampling_seed(config.rollout.seed, step, -1), validation=True
-        )
-        scores = []
-        for index, prompts in enumerate(run.val_set.batches(config.rollout.batch_size)):
-            if run.plays_episodes:
-                records, _ = play_and_score(run, prompts, sampling, first_group=0, label=f"validation {step} batch {index}")
-                scores += [record.score for record in records]
-                continue
-            samples = run.engines.generate([prompt.prompt_ids for prompt in prompts], sampling)
-            texts = [run.tokenizer.decode(sample.response_ids, skip_special_tokens=True) for sample in samples]
-            scores += run.score([prompts[sample.prompt_index].reward_kwargs(text) for sample, text in zip(samples, texts)]).scores
-        return {"val/accuracy": sum(scores) / len(scores)}
-
-    return on_first_rank(run, generate_and_score)
+def evaluate(run: Run, step: int, *, logged_at: int | None = None) -> dict[str, float]:
+    """The validation metrics of the policy after step ``step`` (``-1``: the initial one), computed
+    on the first rank (:func:`megarl.trainer.validation.validate`) and given to every rank;
+    ``logged_at``: the metrics row they go to (default ``step``)."""
+    return on_first_rank(run, lambda: validate(run, step, logged_at=step if logged_at is None else logged_at))
 
 
 def fit(run: Run) -> None:
@@ -313,11 +309,15 @@ def fit(run: Run) -> None:
     terminal only (in a log file the per-step lines say the same without the redraws). The run
     directory gets the config once training starts (``config.yaml``; ``config.step_N.yaml`` for a
     run resumed at step N), so that a start that fails leaves the record of the last run as it was.
+    With ``train.val_only`` it validates and trains nothing (:func:`validate_only`).
 
     Raises:
         Interrupted: on Ctrl-C, naming the step under way (or the final export).
     """
     config = run.config
+    if config.train.val_only:
+        validate_only(run)
+        return
     if run.start_step >= config.train.steps:
         length = "train.steps" if config.train.total_epochs is None else "train.total_epochs"
         log.info(
@@ -343,7 +343,8 @@ def fit(run: Run) -> None:
             if run.val_set is not None and config.train.val_before_train:
                 progress.set_description("validation before training")
                 started = time.perf_counter()
-                before_train = {"val/accuracy_before_train": evaluate(run, step - 1)["val/accuracy"], "time/validation_before_train_s": time.perf_counter() - started}
+                before_train = {f"{name}_before_train": value for name, value in evaluate(run, step - 1, logged_at=step).items()}
+                before_train["time/validation_before_train_s"] = time.perf_counter() - started
             for step in range(run.start_step, config.train.steps):
                 metrics = train_step(run, step, lambda phase: progress.set_description(f"step {step}: {phase}"))
                 metrics.update(before_train)
@@ -369,3 +370,28 @@ def fit(run: Run) -> None:
             raise Interrupted("the HF export after the last step (the run itself is complete)") from None
     if run.is_first_rank:
         log.info("%s", finish_run(run.run_dir, launched_at=run.launched_at, start_step=run.start_step))
+
+
+def validate_only(run: Run) -> None:
+    """``train.val_only``: validate the policy as set up (resumed from ``checkpoint.resume``'s
+    checkpoint: the policy after step ``start_step - 1``), log its metrics with
+    ``time/validation_s`` as the row of step ``start_step`` (the step a run would train next; a
+    training run that goes on from the same checkpoint sets that row aside, as it does every row
+    from its first step on), and stop: no step, no checkpoint, no config file.
+
+    Raises:
+        Interrupted: on Ctrl-C.
+    """
+    run.logger.start(run.start_step)
+    started = time.perf_counter()
+    try:
+        metrics = evaluate(run, run.start_step - 1, logged_at=run.start_step)
+    except KeyboardInterrupt:
+        raise Interrupted("validation (train.val_only)") from None
+    metrics["time/validation_s"] = time.perf_counter() - started
+    run.logger.log(run.start_step, metrics)
+    if run.is_first_rank:
+        log.info(
+            "train.val_only: the policy after step %d validated, nothing trained: %s",
+            run.start_step - 1, ", ".join(f"{name} {value:.4g}" for name, value in metrics.items() if name.startswith("val/")),
+        )

@@ -19,7 +19,7 @@ from megarl.agents.episode import EpisodeContext, Trajectory
 from megarl.agents.play import episode_metrics, play, play_programs
 from megarl.data.datasets import Prompt
 from megarl.rollout.sampling import Sample, SamplingParams
-from megarl.trainer.batch import ScoredSample, TrainBatch
+from megarl.trainer.batch import SampleText, ScoredSample, TrainBatch
 from megarl.trainer.launch import episode_limits
 from megarl.trainer.staleness import newest_version_mask, staleness_metrics
 
@@ -80,9 +80,10 @@ def score_samples(run: Run, prompts: Sequence[Prompt], samples: Sequence[Sample]
         )
     mask_older = run.config.rollout.mask_offpolicy_in_partial_rollout
     records = []
-    for sample, score in zip(samples, scored.scores):
+    for sample, score, text, extras in zip(samples, scored.scores, texts, scored.sample_extras):
+        prompt = prompts[sample.prompt_index]
         record = ScoredSample(
-            prompt_ids=prompts[sample.prompt_index].prompt_ids,
+            prompt_ids=prompt.prompt_ids,
             response_ids=sample.response_ids,
             rollout_log_probs=sample.logprobs,
             finish_reason=sample.finish_reason,
@@ -91,6 +92,7 @@ def score_samples(run: Run, prompts: Sequence[Prompt], samples: Sequence[Sample]
             weight_version=sample.weight_version,
             weight_segments=sample.weight_segments,
             routed_experts=sample.routed_experts,
+            text=SampleText(prompt, text, extras),
         )
         if mask_older:
             record.loss_mask = newest_version_mask(record)
@@ -147,16 +149,23 @@ def score_trajectories(
     to_score = [index for index, trajectory in enumerate(trajectories) if trajectory.reward is None and trajectory.failure is None]
     scored = run.score([prompts[index // samples_per_prompt].reward_kwargs(trajectories[index].final_text) for index in to_score]) if to_score else None
     scores = [0.0 if trajectory.failure is not None else trajectory.reward for trajectory in trajectories]
+    extras: list[dict[str, float]] = [{} for _ in trajectories]
     for position, index in enumerate(to_score):
-        scores[index] = scored.scores[position]
+        scores[index], extras[index] = scored.scores[position], scored.sample_extras[position]
+    # The episode as text: every turn after the prompt, with the chat template's turn markers.
+    texts = [
+        SampleText(prompts[index // samples_per_prompt], run.tokenizer.decode(trajectory.response_ids, skip_special_tokens=False), extras[index])
+        for index, trajectory in enumerate(trajectories)
+    ]
     records = [
         ScoredSample(
             prompt_ids=trajectory.prompt_ids, response_ids=trajectory.response_ids, rollout_log_probs=trajectory.logprobs,
             finish_reason=trajectory.finish_reason, group=first_group + index // samples_per_prompt, score=float(score),
             weight_version=trajectory.weight_segments[-1].version if trajectory.weight_segments else None,
             weight_segments=tuple(trajectory.weight_segments), loss_mask=trajectory.loss_mask, routed_experts=trajectory.routed_experts,
+            text=text,
         )
-        for index, (trajectory, score) in enumerate(zip(trajectories, scores))
+        for index, (trajectory, score, text) in enumerate(zip(trajectories, scores, texts))
     ]
     if run.config.rollout.mask_offpolicy_in_partial_rollout:
         for record in records:

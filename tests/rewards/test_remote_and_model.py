@@ -66,7 +66,7 @@ def test_remote_batches_and_retries():
     finally:
         service.close()
     assert batch.scores == pytest.approx([i / 10 for i in range(7)]) and batch.failures == 0
-    assert batch.extras == {"words": 1.0}
+    assert batch.extras == {"words": 1.0} and batch.sample_extras == [{"words": 1.0}] * 7
     # 2 refused + 3 batches (3, 3, 1 samples).
     assert [len(r["samples"]) for r in service.requests] == [3, 3, 3, 3, 1]
 

@@ -52,6 +52,8 @@ def test_scores_and_extra_metrics(scorer):
         batch = rewards.score(samples("a", "b", "abc"))
     assert batch.scores == [1.0, 0.0, 0.0] and batch.failures == 0
     assert batch.extras == {"length": pytest.approx(5 / 3)}
+    # Each sample's own, in input order (the generation files record them).
+    assert batch.sample_extras == [{"length": 1.0}, {"length": 1.0}, {"length": 3.0}]
 
 
 def test_scores_keep_input_order_and_the_lowest_failure_is_reported(scorer):

@@ -135,7 +135,7 @@ def producing(engines: ScriptedEngines, *overrides: str, pending=(), version: in
         def state_dict(self):
             return {"position": self.position}
 
-    scored = lambda samples: types.SimpleNamespace(scores=[score(index) for index in range(len(samples))], failures=0, timeouts=0, extras={})  # noqa: E731
+    scored = lambda samples: types.SimpleNamespace(scores=[score(index) for index in range(len(samples))], failures=0, timeouts=0, extras={}, sample_extras=[{}] * len(samples))  # noqa: E731
     run = types.SimpleNamespace(
         config=config, weight_version=version, pending_prompts=list(pending), rollout_rounds=0, loader=Loader(),
         train_set=types.SimpleNamespace(prompts=prompts), engines=engines, reward_failure_shown=False,

@@ -36,7 +36,7 @@ def test_every_sample_gets_its_prompts_greedy_score_as_the_remax_baseline():
     config = load_config(None, ["algorithm.advantage_estimator=remax"])
     engines = GreedyEngines()
     # The reward of a greedy answer "[10 + i]" is i / 4: prompt i's baseline.
-    scorer = lambda kwargs: SimpleNamespace(scores=[(int(k["response"].strip("[]")) - 10) / 4 for k in kwargs], failures=0, timeouts=0, extras={})
+    scorer = lambda kwargs: SimpleNamespace(scores=[(int(k["response"].strip("[]")) - 10) / 4 for k in kwargs], failures=0, timeouts=0, extras={}, sample_extras=[{}] * len(kwargs))
     run = SimpleNamespace(config=config, engines=engines, score=scorer, tokenizer=SimpleNamespace(decode=lambda ids, **_: str(ids)))
     prompts = [Prompt(prompt_ids=[1 + index], text=f"p{index}", answer=None, metadata={}, source=f"x:{index}") for index in range(3)]
     sampled = [
