@@ -325,6 +325,15 @@ def _resume_problems(config: Config | SFTConfig) -> list[str]:
             f"`checkpoint.load_contents` (model) starts a new run at step 0, whose first save would set {path.name} aside in the same "
             f"directory ({path.parent}): give this run another checkpoint.dir or logging.name, or copy the checkpoint elsewhere"
         ]
+    if config.checkpoint.load_contents == "all" and path is not None:
+        # A frozen router has no optimizer state: the checkpoint's optimizer and this run's must agree.
+        saved = bool(json.loads((path / "train_state.json").read_text()).get("freeze_moe_router", False))
+        if saved != config.model.freeze_moe_router:
+            return [
+                f"checkpoint {path} was saved with `model.freeze_moe_router` {str(saved).lower()}, so its optimizer state "
+                f"{'lacks' if saved else 'has'} the routers': set model.freeze_moe_router={str(saved).lower()} to resume it, or "
+                f"checkpoint.load_contents=model (with checkpoint.resume={path}) to start a new run from its weights"
+            ]
     return []
 
 

@@ -53,3 +53,24 @@ def test_weights_only_from_the_runs_own_directory_is_refused(tmp_path):
 def test_an_unknown_content_is_refused_before_anything_loads(tmp_path):
     with pytest.raises(ValueError, match=r"contents \('optimizer'\) must be 'all' or 'model'"):
         load_checkpoint(tmp_path, [], contents="optimizer")
+
+
+def test_a_checkpoint_saved_with_the_routers_frozen_resumes_only_frozen_or_as_weights(tmp_path):
+    """A frozen router has no optimizer state, so a full resume must keep model.freeze_moe_router
+    as the checkpoint was saved with; its weights alone (load_contents model) load either way."""
+    frozen = committed_checkpoint(tmp_path / "frozen", 7)
+    state = json.loads((frozen / "train_state.json").read_text())
+    (frozen / "train_state.json").write_text(json.dumps({**state, "freeze_moe_router": True}))
+    trained = committed_checkpoint(tmp_path / "trained", 7)  # saved before the flag was recorded: not frozen
+    run = [f"logging.run_dir={tmp_path}/runs/{{name}}", "model.path=bundled:tiny-moe"]
+    assert _resume_problems(load_config(None, [*run, f"checkpoint.resume={frozen}", "model.freeze_moe_router=true"])) == []
+    assert _resume_problems(load_config(None, [*run, f"checkpoint.resume={trained}"])) == []
+    assert _resume_problems(load_config(None, [*run, f"checkpoint.resume={frozen}", "checkpoint.load_contents=model"])) == []
+    (problem,) = _resume_problems(load_config(None, [*run, f"checkpoint.resume={frozen}"]))
+    assert problem == (
+        f"checkpoint {frozen} was saved with `model.freeze_moe_router` true, so its optimizer state lacks the routers': set "
+        f"model.freeze_moe_router=true to resume it, or checkpoint.load_contents=model (with checkpoint.resume={frozen}) to start a "
+        "new run from its weights"
+    )
+    (problem,) = _resume_problems(load_config(None, [*run, f"checkpoint.resume={trained}", "model.freeze_moe_router=true"]))
+    assert "saved with `model.freeze_moe_router` false, so its optimizer state has the routers'" in problem

@@ -71,7 +71,9 @@ class ModelConfig(Section):
     experts a token goes to change only as the layers before the router change. Applies to every
     model built from this section (the policy; the critic too when it is trained, and SFT). A dense
     model is refused, and so is moe_router_bias_update_rate > 0, which would still move a frozen
-    router's expert bias (verl: actor_rollout_ref.model.override_config.moe_config.freeze_moe_router)."""
+    router's expert bias. A checkpoint resumes whole only with the setting it was saved with (its
+    optimizer state has the routers' or not); checkpoint.load_contents=model starts from its weights
+    under either (verl: actor_rollout_ref.model.override_config.moe_config.freeze_moe_router)."""
     seed: int = 1234
     """Seed of weight initialisation (new heads) and Megatron's RNG tracker (slime: --seed)."""
 

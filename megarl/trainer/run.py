@@ -172,6 +172,7 @@ class Run:
             "critic_consecutive_skips": self.critic.consecutive_skips if self.critic is not None else 0,
             "engine_restarts": self._restarts_by_node(),
             "keep_rate": self.keep_rate,
+            "freeze_moe_router": self.config.model.freeze_moe_router,
         }
 
     def load_train_state(self, state: dict[str, Any]) -> None:

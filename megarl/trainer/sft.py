@@ -123,7 +123,10 @@ class SFTRun:
         config = self.config
         return checkpoint.save_checkpoint(
             config.resolved_checkpoint_dir(), step, self.model.models, self.model.optimizer, self.model.scheduler,
-            train_state={"data": self.loader.state_dict(), "consecutive_skips": self.model.consecutive_skips},
+            train_state={
+                "data": self.loader.state_dict(), "consecutive_skips": self.model.consecutive_skips,
+                "freeze_moe_router": config.model.freeze_moe_router,
+            },
             hf_dir=resolve_model_path(config.model.path), tokenizer_dir=config.model.tokenizer_path, keep_last=config.checkpoint.keep_last,
         )
 
