@@ -4,6 +4,7 @@ run's length in steps once the data is counted (:func:`resolve_steps`).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 from collections.abc import Iterator
@@ -160,12 +161,13 @@ class TrainConfig(Section):
 
     def forward_only(self) -> TrainConfig:
         """This config with the forward-only passes' micro-batch size and token budget in place of
-        the update's (each null one: the update's), for :func:`megarl.data.batching.plan_micro_batches`."""
-        return dataclasses.replace(
-            self,
-            micro_batch_size=self.forward_micro_batch_size or self.micro_batch_size,
-            max_tokens_per_micro_batch=self.forward_max_tokens_per_micro_batch or self.max_tokens_per_micro_batch,
-        )
+        the update's (each null one: the update's), for :func:`megarl.data.batching.plan_micro_batches`.
+        A copy with the two fields set, not re-validated: a run counted in epochs has ``steps``
+        resolved beside ``total_epochs`` (:func:`resolve_steps`), which a new config would refuse."""
+        forward = copy.copy(self)
+        forward.micro_batch_size = self.forward_micro_batch_size or self.micro_batch_size
+        forward.max_tokens_per_micro_batch = self.forward_max_tokens_per_micro_batch or self.max_tokens_per_micro_batch
+        return forward
 
     def optimizer_steps(self) -> int:
         """Optimizer steps in the whole run: steps x ppo_epochs x (global / mini batch).

@@ -51,6 +51,11 @@ def test_forward_only_takes_the_forward_sizes_and_the_updates_where_they_are_nul
     train = TrainConfig(micro_batch_size=2, max_tokens_per_micro_batch=64, forward_micro_batch_size=8, forward_max_tokens_per_micro_batch=256)
     assert (train.forward_only().micro_batch_size, train.forward_only().max_tokens_per_micro_batch) == (8, 256)
     assert (train.micro_batch_size, train.max_tokens_per_micro_batch) == (2, 64)
+    # A run counted in epochs, its steps resolved once the data is loaded (as megarl.trainer.run does).
+    epochs = TrainConfig(steps=None, total_epochs=1, micro_batch_size=2, forward_micro_batch_size=8)
+    epochs.steps = 2
+    forward = epochs.forward_only()
+    assert (forward.micro_batch_size, forward.steps, forward.total_epochs, epochs.micro_batch_size) == (8, 2, 1, 2)
 
 
 @pytest.mark.parametrize("packing", [False, True])
