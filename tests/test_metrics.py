@@ -50,12 +50,17 @@ def test_disabled_logger_writes_nothing(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_tensorboard_and_offline_wandb_write_under_the_run_directory(tmp_path, monkeypatch):
+def both_sinks(tmp_path, monkeypatch) -> MetricsLogger:
+    """A logger with TensorBoard and offline W&B on, writing under ``tmp_path``."""
     pytest.importorskip("tensorboard")
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_SILENT", "true")
     config = load_config(None, ["logging.tensorboard=true", "logging.wandb=true", "logging.wandb_mode=offline", "logging.console=false"])
-    logger = MetricsLogger(config.logging, tmp_path, enabled=True, run_settings=config.to_dict())
+    return MetricsLogger(config.logging, tmp_path, enabled=True, run_settings=config.to_dict())
+
+
+def test_tensorboard_and_offline_wandb_write_under_the_run_directory(tmp_path, monkeypatch):
+    logger = both_sinks(tmp_path, monkeypatch)
     logger.log(3, METRICS)
     logger.close()
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
@@ -163,13 +168,9 @@ def test_read_rows_names_the_file_and_line_of_a_bad_metrics_file(tmp_path, conte
 
 
 def test_a_few_generations_go_to_tensorboard_and_wandb_as_a_table(tmp_path, monkeypatch):
-    pytest.importorskip("tensorboard")
-    pytest.importorskip("wandb")
+    logger = both_sinks(tmp_path, monkeypatch)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    config = load_config(None, ["logging.tensorboard=true", "logging.wandb=true", "logging.wandb_mode=offline", "logging.console=false"])
-    logger = MetricsLogger(config.logging, tmp_path, enabled=True, run_settings=config.to_dict())
     rows = [
         {"step": 2, "prompt": "max 1 | 2", "response": "2\nok", "score": 1.0, "reward_extras": {"length": 1.0}},
         {"step": 2, "prompt": "min 3 4", "response": "4", "score": 0.0, "reward_extras": {}},
