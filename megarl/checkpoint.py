@@ -108,12 +108,28 @@ def hf_files(path: str | Path) -> Path:
     return folder
 
 
-def agreed_resume(resume: str, root: str | Path) -> Path | None:
-    """:func:`resolve_resume` on the first rank (which may set a damaged checkpoint aside), its
-    choice given to every rank (collective)."""
-    choice = [resolve_resume(resume, root) if dist.get_rank() == 0 else None]
+def agreed_resume(resume: str, root: str | Path, contents: str = "all") -> tuple[Path | None, str]:
+    """:func:`resolve_resume` of :func:`resume_choice` on the first rank (which may set a damaged
+    checkpoint aside), its choice given to every rank (collective): the checkpoint to load, or
+    None, and what to load from it (``all`` or ``model``)."""
+    choice = [None]
+    if dist.get_rank() == 0:
+        resume, contents = resume_choice(resume, contents, root)
+        choice = [(resolve_resume(resume, root), contents)]
     dist.broadcast_object_list(choice, src=0)
     return choice[0]
+
+
+def resume_choice(resume: str, contents: str, root: str | Path) -> tuple[str, str]:
+    """``checkpoint.resume`` and ``checkpoint.load_contents`` as a start uses them: as given, except
+    that a run started from another checkpoint's weights (``model``) that has committed checkpoints
+    of its own under ``root`` goes on from its newest one, whole (``auto``, ``all``): the same
+    command restarts a stopped run where it stopped, not from those weights at step 0 again (a
+    source under ``root`` itself is left as given: the preflight refuses it)."""
+    own = Path(root).resolve()
+    if contents == "model" and Path(resume).resolve().parent != own and committed_checkpoints(own):
+        return "auto", "all"
+    return resume, contents
 
 
 def resolve_resume(resume: str, root: str | Path, *, set_aside: bool = True) -> Path | None:

@@ -314,18 +314,20 @@ def _algorithm_name_problems(config: Config) -> list[str]:
 def _resume_problems(config: Config | SFTConfig) -> list[str]:
     """The checkpoint a resume would load, read far enough to know it is whole (imports torch to
     read its index)."""
-    from megarl.checkpoint import CheckpointError, resolve_resume
+    from megarl.checkpoint import CheckpointError, resolve_resume, resume_choice
 
+    root = config.resolved_checkpoint_dir()
+    resume, contents = resume_choice(config.checkpoint.resume, config.checkpoint.load_contents, root)
     try:
-        path = resolve_resume(config.checkpoint.resume, config.resolved_checkpoint_dir(), set_aside=False)
+        path = resolve_resume(resume, root, set_aside=False)
     except CheckpointError as error:
         return [str(error)]
-    if config.checkpoint.load_contents == "model" and path is not None and path.resolve().parent == config.resolved_checkpoint_dir().resolve():
+    if contents == "model" and path is not None and path.resolve().parent == root.resolve():
         return [
             f"`checkpoint.load_contents` (model) starts a new run at step 0, whose first save would set {path.name} aside in the same "
             f"directory ({path.parent}): give this run another checkpoint.dir or logging.name, or copy the checkpoint elsewhere"
         ]
-    if config.checkpoint.load_contents == "all" and path is not None:
+    if contents == "all" and path is not None:
         # A frozen router has no optimizer state: the checkpoint's optimizer and this run's must agree.
         saved = bool(json.loads((path / "train_state.json").read_text()).get("freeze_moe_router", False))
         if saved != config.model.freeze_moe_router:

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from megarl.checkpoint import load_checkpoint
+from megarl.checkpoint import load_checkpoint, resume_choice
 from megarl.config import CheckpointConfig, FieldError, load_config
 from megarl.preflight import _resume_problems
 
@@ -74,3 +74,21 @@ def test_a_checkpoint_saved_with_the_routers_frozen_resumes_only_frozen_or_as_we
     )
     (problem,) = _resume_problems(load_config(None, [*run, f"checkpoint.resume={trained}", "model.freeze_moe_router=true"]))
     assert "saved with `model.freeze_moe_router` false, so its optimizer state has the routers'" in problem
+
+
+def test_a_run_started_from_weights_restarts_from_its_own_checkpoint(tmp_path):
+    """The same command after the new run saved: its own newest checkpoint, whole, not the source's
+    weights at step 0 again; a source in the run's own directory is left for the preflight to refuse."""
+    source = committed_checkpoint(tmp_path / "runs" / "sft" / "checkpoints", 100)
+    own = tmp_path / "runs" / "rl" / "checkpoints"
+    assert resume_choice(str(source), "model", own) == (str(source), "model")
+    assert resume_choice(str(source), "all", own) == (str(source), "all")
+    saved = committed_checkpoint(own, 3)
+    assert resume_choice(str(source), "model", own) == ("auto", "all")
+    assert resume_choice(str(saved), "model", own) == (str(saved), "model")
+    run = [f"logging.run_dir={tmp_path}/runs/{{name}}", "logging.name=rl", "checkpoint.load_contents=model", f"checkpoint.resume={source}"]
+    assert _resume_problems(load_config(None, run)) == []
+    (saved / "train_state.json").write_text(json.dumps({"step": 3, "world_size": 1, "freeze_moe_router": True}))
+    # The restart loads the run's own checkpoint whole: its settings are checked, not the source's.
+    (problem,) = _resume_problems(load_config(None, run))
+    assert problem.startswith(f"checkpoint {saved} was saved with `model.freeze_moe_router` true")

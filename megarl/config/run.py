@@ -28,8 +28,9 @@ class CheckpointConfig(Section):
     """What a resume loads: ``all`` goes on where the checkpoint stopped (weights, optimizer state,
     LR schedule, step, data position, counters, RNG); ``model`` loads only the weights (the
     policy's, and the critic's with one) and starts a new run at step 0: fresh optimizer and
-    schedule, the data from its start, the config's seeds. Needs ``resume`` to name the checkpoint
-    (``auto`` would start over from the same weights after every restart) (verl:
+    schedule, the data from its start, the config's seeds; once that run has saved a checkpoint of
+    its own, the same command goes on from it, whole (a restart does not start over). Needs
+    ``resume`` to name the checkpoint (the weights' source, which ``auto`` cannot be) (verl:
     checkpoint.load_contents, a list of model / optimizer / extra; the mixes between these two would
     pair Adam's moments with a schedule at step 0, or a data position with weights that never saw it)."""
     save_hf: bool = False

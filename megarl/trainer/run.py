@@ -450,9 +450,8 @@ def _setup(config: Config, started: EarlyStart | None, detected: platform.Platfo
         launched_at=launched_at,
     )
     try:
-        resume_from = checkpoint.agreed_resume(config.checkpoint.resume, run.checkpoint_dir)
+        resume_from, contents = checkpoint.agreed_resume(config.checkpoint.resume, run.checkpoint_dir, config.checkpoint.load_contents)
         if resume_from is not None:
-            contents = config.checkpoint.load_contents
             state = checkpoint.load_checkpoint(
                 resume_from,
                 policy_model.models,

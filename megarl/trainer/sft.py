@@ -181,9 +181,8 @@ def setup_sft(config: SFTConfig) -> SFTRun:
         len(conversations), config.parallel.tensor, config.parallel.pipeline, config.parallel.context, config.parallel.expert,
         config.parallel.data_parallel(world_size),
     )
-    resume_from = checkpoint.agreed_resume(config.checkpoint.resume, config.resolved_checkpoint_dir())
+    resume_from, contents = checkpoint.agreed_resume(config.checkpoint.resume, config.resolved_checkpoint_dir(), config.checkpoint.load_contents)
     if resume_from is not None:
-        contents = config.checkpoint.load_contents
         state = checkpoint.load_checkpoint(resume_from, model.models, model.optimizer, model.scheduler, contents=contents)
         if contents == "all":
             run.loader.load_state_dict(state["data"])
