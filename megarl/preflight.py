@@ -314,7 +314,7 @@ def _algorithm_name_problems(config: Config) -> list[str]:
 def _resume_problems(config: Config | SFTConfig) -> list[str]:
     """The checkpoint a resume would load, read far enough to know it is whole (imports torch to
     read its index)."""
-    from megarl.checkpoint import CheckpointError, resolve_resume, resume_choice
+    from megarl.resume import CheckpointError, resolve_resume, resume_choice
 
     root = config.resolved_checkpoint_dir()
     resume, contents = resume_choice(config.checkpoint.resume, config.checkpoint.load_contents, root)

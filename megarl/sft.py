@@ -43,7 +43,7 @@ def fine_tune(config: SFTConfig) -> int:
     from megarl.cli import quiet_library_warnings
 
     quiet_library_warnings()
-    from megarl.checkpoint import CheckpointError
+    from megarl.resume import CheckpointError
     from megarl.data.datasets import DataError
     from megarl.models.family import UnsupportedModel
     from megarl.models.loader import CheckpointError as ModelError

@@ -73,7 +73,7 @@ def train(config: Config, launched_at: float) -> int:
     from megarl.models.loader import CheckpointError as ModelError
     from megarl.rewards.pool import RewardError
     from megarl.rollout.errors import EngineError, EngineMisconfigured
-    from megarl.checkpoint import CheckpointError
+    from megarl.resume import CheckpointError
     from megarl.trainer.loop import Interrupted, TrainingStopped, fit
     from megarl.trainer.run import setup
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from megarl.config import resolve_model_path
-from megarl.checkpoint import CheckpointError, check_files, committed_checkpoints, resolve_resume
+from megarl.resume import CheckpointError, check_files, committed_checkpoints, resolve_resume
 from tests.distributed import REPO
 from tests.jobs import LAYOUTS, Job, JobFailed
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from megarl.checkpoint import load_checkpoint, resume_choice
+from megarl.checkpoint import load_checkpoint
+from megarl.resume import resume_choice
 from megarl.config import CheckpointConfig, FieldError, load_config
 from megarl.preflight import _resume_problems
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from megarl.checkpoint import committed_checkpoints
+from megarl.resume import committed_checkpoints
 from megarl.config import load_config
 from megarl.config.sft import SFTConfig
 from megarl.preflight import check_run, check_sft_run

@@ -17,7 +17,7 @@ import yaml
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from megarl.checkpoint import committed_checkpoints
+from megarl.resume import committed_checkpoints
 from megarl.config import resolve_model_path
 
 from tests.distributed import AGENT_PLAYERS, REPO, free_port, launch, run_torchrun

@@ -41,7 +41,8 @@ def main(argv: list[str]) -> int:
     from megarl.models.families import checked_family
     from megarl.models.family import UnsupportedModel
     from megarl.models.loader import CheckpointError as ModelError, load_hf_config
-    from megarl.checkpoint import CheckpointError, check_files, committed_checkpoint, hf_files
+    from megarl.checkpoint import hf_files
+    from megarl.resume import CheckpointError, check_files, committed_checkpoint
 
     layout = ParallelConfig(tensor=args.tp, pipeline=args.pp, expert=args.ep, sequence_parallel=args.tp > 1)
 

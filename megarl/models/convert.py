@@ -24,6 +24,7 @@ from megarl.models.builder import DTYPES, build_model, model_spec
 from megarl.models.exporter import export_hf_tensors
 from megarl.models.loader import load_hf_config, load_hf_weights
 from megarl import checkpoint
+from megarl.resume import CheckpointError, committed_checkpoint
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 """HF's own default shard size for ``save_pretrained`` (5 GB)."""
@@ -91,7 +92,7 @@ def check_export_target(out_dir: str | Path) -> None:
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not _is_hf_model_dir(out_dir))):
-        raise checkpoint.CheckpointError(
+        raise CheckpointError(
             f"{out_dir}: exists and is not an empty directory or a HF model directory (config.json and "
             f"safetensors), which an export replaces whole: choose a new directory"
         )
@@ -189,7 +190,7 @@ def checkpoint_to_hf(
         max_shard_bytes: largest safetensors shard.
     """
     check_export_target(out_dir)
-    path = checkpoint.committed_checkpoint(checkpoint_path)
+    path = committed_checkpoint(checkpoint_path)
     hf_files = checkpoint.hf_files(path)
     layout = layout or ParallelConfig()
     _, pg_collection = _layout_and_groups(layout)

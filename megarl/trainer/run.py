@@ -30,6 +30,7 @@ from megarl.data.datasets import PromptDataset, PromptLoader, load_prompts
 from megarl.models.builder import DTYPES
 from megarl.models.specs import choose_backend
 from megarl import checkpoint
+from megarl.resume import agreed_resume, checkpoint_name
 from megarl.trainer.critic import Critic, attach_value_heads
 from megarl.trainer.launch import EarlyStart, connect_nodes, start_chat_endpoint
 from megarl.metrics import MetricsLogger
@@ -196,7 +197,7 @@ class Run:
     def save(self, step: int) -> Path:
         """Save a checkpoint after ``step`` (collective); state offloaded to the host
         (``train.offload``) comes back to the device for it."""
-        self.saving = self.checkpoint_dir / checkpoint.checkpoint_name(step)
+        self.saving = self.checkpoint_dir / checkpoint_name(step)
         with self.offload.resident():
             self.last_checkpoint = checkpoint.save_checkpoint(
                 self.checkpoint_dir,
@@ -450,7 +451,7 @@ def _setup(config: Config, started: EarlyStart | None, detected: platform.Platfo
         launched_at=launched_at,
     )
     try:
-        resume_from, contents = checkpoint.agreed_resume(config.checkpoint.resume, run.checkpoint_dir, config.checkpoint.load_contents)
+        resume_from, contents = agreed_resume(config.checkpoint.resume, run.checkpoint_dir, config.checkpoint.load_contents)
         if resume_from is not None:
             state = checkpoint.load_checkpoint(
                 resume_from,

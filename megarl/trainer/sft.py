@@ -29,6 +29,7 @@ import torch.distributed as dist
 import transformers
 
 from megarl import checkpoint, parallel, platform
+from megarl.resume import agreed_resume
 from megarl.config import ModelFacts, layout_multiple, resolve_model_path, save_config
 from megarl.config.sft import SFTConfig, validate_sft
 from megarl.data.conversations import Conversation, ConversationLoader, load_conversations
@@ -181,7 +182,7 @@ def setup_sft(config: SFTConfig) -> SFTRun:
         len(conversations), config.parallel.tensor, config.parallel.pipeline, config.parallel.context, config.parallel.expert,
         config.parallel.data_parallel(world_size),
     )
-    resume_from, contents = checkpoint.agreed_resume(config.checkpoint.resume, config.resolved_checkpoint_dir(), config.checkpoint.load_contents)
+    resume_from, contents = agreed_resume(config.checkpoint.resume, config.resolved_checkpoint_dir(), config.checkpoint.load_contents)
     if resume_from is not None:
         state = checkpoint.load_checkpoint(resume_from, model.models, model.optimizer, model.scheduler, contents=contents)
         if contents == "all":

@@ -20,6 +20,7 @@ from megarl.models.builder import build_model, model_spec
 from megarl.models.exporter import export_hf_tensors
 from megarl.models.loader import load_hf_config, load_hf_weights
 from megarl import checkpoint
+from megarl.resume import resolve_resume
 
 
 def build(model_dir: str, pg_collection, layout):
@@ -79,7 +80,7 @@ def save(model_dir: str, layout, pg_collection, root: str, export: str, step: in
 
 def load(model_dir: str, layout, pg_collection, root: str, export: str, resume: str = "auto", model_only: bool = False) -> dict | None:
     spec, chunks, models, optimizer, scheduler = build(model_dir, pg_collection, layout)
-    path = checkpoint.resolve_resume(resume, root)
+    path = resolve_resume(resume, root)
     torch.manual_seed(12345)  # a state the saving process never had: whether the load restores its RNG shows
     rng_before = torch.get_rng_state()
     state = checkpoint.load_checkpoint(path, models, optimizer, scheduler, contents="model" if model_only else "all") if path else {"step": 0}
