@@ -5,6 +5,7 @@ command) a test file runs whole on one worker, and all the files with ``jobs`` t
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
@@ -12,15 +13,18 @@ import torch
 from tests.distributed import REPO
 from tests.jobs import Jobs
 
+_USES_JOBS = re.compile(r"@pytest\.mark\.jobs\(|def test_\w+\([^)]*\bjobs\b")
 JOBS_FILES = frozenset(
-    str(path.relative_to(REPO)) for path in (REPO / "tests").rglob("test_*.py") if "@pytest.mark.jobs(" in path.read_text()
+    str(path.relative_to(REPO)) for path in (REPO / "tests").rglob("test_*.py") if _USES_JOBS.search(path.read_text())
 )
-"""The test files with tests marked ``jobs``, as pytest names them (from the repository root)."""
+"""The test files with tests marked ``jobs`` or asking for the ``jobs`` fixture (to run a job of
+their own), as pytest names them (from the repository root): the fixture runs every planned job of
+the session, so a file that asks for it on another worker would run them all a second time."""
 
 
 SLOW_FIRST = (
     "jobs", "tests/test_train.py", "tests/trainer/test_async_rollout.py", "tests/test_sft.py",
-    "tests/models/test_convert.py", "tests/trainer/test_two_nodes.py", "tests/rollout/test_supervision.py",
+    "tests/trainer/test_two_nodes.py", "tests/rollout/test_supervision.py",
     "tests/test_gpu_check.py", "tests/test_megatron_compat.py", "tests/rollout/test_client.py",
 )
 """The scopes that take longest (a suite's ``--durations`` on the project's machine, 2026-12-05),

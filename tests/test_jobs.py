@@ -42,6 +42,8 @@ def test_the_xdist_scopes_named_first_exist_and_the_jobs_files_are_found():
     from tests.distributed import REPO
 
     assert {"tests/test_parallel.py", "tests/test_checkpoint.py", "tests/models/test_bridge.py"} <= JOBS_FILES
+    # A test that asks for the fixture to run a job of its own shares the worker that runs them all.
+    assert "tests/models/test_convert.py" in JOBS_FILES
     for scope in SLOW_FIRST:
         assert scope == "jobs" or ((REPO / scope).is_file() and scope not in JOBS_FILES), scope
 
